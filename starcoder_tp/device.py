@@ -1,0 +1,95 @@
+"""One small layer per device kind: which backend, how to synchronise, how much memory was used."""
+from __future__ import annotations
+
+import importlib
+import resource
+import sys
+from dataclasses import dataclass
+
+import torch
+
+DEVICE_KINDS = ("cpu", "cuda", "npu")
+BACKENDS = {"cpu": "gloo", "cuda": "nccl", "npu": "hccl"}
+
+
+def import_torch_npu():
+    """Import torch_npu (Ascend) on demand, with an error that says how to get it."""
+    try:
+        return importlib.import_module("torch_npu")
+    except ImportError as err:
+        raise RuntimeError(
+            "--device npu needs the Ascend adapter torch_npu, which is not importable here "
+            f"({err}). Install the CANN toolkit and the torch_npu build matching torch "
+            f"{torch.__version__} (see requirements-npu.txt and the README's Ascend section)."
+        ) from None
+
+
+@dataclass(frozen=True)
+class Device:
+    """The device kind a run uses; rank r runs on device index `device_id + r` (local rank)."""
+
+    kind: str
+    device_id: int = 0
+
+    def __post_init__(self) -> None:
+        if self.kind not in DEVICE_KINDS:
+            raise ValueError(f"device {self.kind!r} is not supported; choose one of {', '.join(DEVICE_KINDS)}")
+        if self.device_id < 0:
+            raise ValueError(f"device id must be >= 0, got {self.device_id}")
+
+    @property
+    def backend(self) -> str:
+        return BACKENDS[self.kind]
+
+    def check_available(self, world_size: int) -> None:
+        """Raise before any rank is spawned when the device cannot host `world_size` local ranks."""
+        if self.kind == "cpu":
+            return
+        if self.kind == "npu":
+            import_torch_npu()  # registers torch.npu
+        module = getattr(torch, self.kind)
+        if not module.is_available():
+            raise RuntimeError(f"--device {self.kind}: no {self.kind} device is available on this machine")
+        count = module.device_count()
+        if self.device_id + world_size > count:
+            raise ValueError(
+                f"--device-id {self.device_id} with {world_size} rank(s) needs devices "
+                f"{self.device_id}..{self.device_id + world_size - 1}, but only {count} {self.kind} device(s) exist"
+            )
+
+    def torch_device(self, local_rank: int) -> torch.device:
+        if self.kind == "cpu":
+            return torch.device("cpu")
+        return torch.device(self.kind, self.device_id + local_rank)
+
+    def bind(self, local_rank: int) -> torch.device:
+        """Make this process use its own device; returns it."""
+        dev = self.torch_device(local_rank)
+        if self.kind == "cuda":
+            torch.cuda.set_device(dev)
+        elif self.kind == "npu":
+            import_torch_npu()
+            torch.npu.set_device(dev)
+        return dev
+
+    def synchronize(self) -> None:
+        """Wait for queued device work: a clock read is only honest after this."""
+        if self.kind == "cuda":
+            torch.cuda.synchronize()
+        elif self.kind == "npu":
+            torch.npu.synchronize()
+
+    def reset_peak_memory(self) -> None:
+        if self.kind == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        elif self.kind == "npu":
+            torch.npu.reset_peak_memory_stats()
+
+    def peak_memory_bytes(self) -> int:
+        """Peak device memory on cuda/npu; the process's peak RSS on cpu."""
+        if self.kind == "cuda":
+            return int(torch.cuda.max_memory_allocated())
+        if self.kind == "npu":
+            return int(torch.npu.max_memory_allocated())
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return int(peak if sys.platform == "darwin" else peak * 1024)

@@ -1,0 +1,235 @@
+"""A lean tensor-parallel GPTBigCode (StarCoder) with a static KV cache.
+
+Each rank holds its part as cut by shard.py: its query heads (plus the whole single K/V head
+of multi-query attention), its slice of the MLP, its rows of the padded vocabulary. Two
+all-reduces per layer (after the row-parallel `c_proj`s, before their replicated bias), one
+in the vocabulary-parallel embedding, and a small all-gather for the distributed argmax.
+Parameter names are Hugging Face's, so a part loads with `load_state_dict(strict=True)`.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+
+
+class TPGroup:
+    """Rank, world size and the collectives the model needs; no-ops at world size 1."""
+
+    def __init__(self, rank: int = 0, world_size: int = 1):
+        self.rank, self.world_size = rank, world_size
+
+    def all_reduce_(self, t: torch.Tensor) -> torch.Tensor:
+        if self.world_size > 1:
+            dist.all_reduce(t)
+        return t
+
+    def all_gather(self, t: torch.Tensor) -> torch.Tensor:
+        """[N, *t.shape]: every rank's `t`, in rank order."""
+        if self.world_size == 1:
+            return t.unsqueeze(0)
+        out = [torch.empty_like(t) for _ in range(self.world_size)]
+        dist.all_gather(out, t.contiguous())
+        return torch.stack(out)
+
+    def all_reduce_max_(self, t: torch.Tensor) -> torch.Tensor:
+        if self.world_size > 1:
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return t
+
+
+def _activation(name: str):
+    if name in ("gelu_pytorch_tanh", "gelu_new", "gelu_fast"):
+        return lambda x: F.gelu(x, approximate="tanh")
+    if name == "gelu":
+        return F.gelu
+    return F.relu
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, tp: TPGroup):
+        super().__init__()
+        self.tp = tp
+        self.head_dim = config.head_dim
+        self.local_heads = config.n_head // tp.world_size
+        self.local_kv_heads = 1 if config.multi_query else self.local_heads
+        self.multi_query = config.multi_query
+        qkv_rows = (self.local_heads + 2 * self.local_kv_heads) * self.head_dim
+        self.c_attn = nn.Linear(config.n_embd, qkv_rows)
+        self.c_proj = nn.Linear(self.local_heads * self.head_dim, config.n_embd)
+        self.scale = 1.0 / math.sqrt(self.head_dim) if config.scale_attn_weights else 1.0
+        self.k_cache: torch.Tensor | None = None  # [B, KV, S_max, D]
+        self.v_cache: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor, start: int, mask: torch.Tensor) -> torch.Tensor:
+        # x: [B, T, E]; start: first cache slot written; mask: [B, 1, T*G or 1, S] with S = start + T
+        b, t, _ = x.shape
+        h, kv, d = self.local_heads, self.local_kv_heads, self.head_dim
+        qkv = self.c_attn(x)
+        if self.multi_query:
+            q = qkv[..., : h * d].view(b, t, h, d)
+            k = qkv[..., h * d : (h + 1) * d].view(b, t, 1, d)
+            v = qkv[..., (h + 1) * d :].view(b, t, 1, d)
+        else:  # HF's per-head interleaved [q_h | k_h | v_h]
+            per_head = qkv.view(b, t, h, 3 * d)
+            q, k, v = per_head[..., :d], per_head[..., d : 2 * d], per_head[..., 2 * d :]
+        end = start + t
+        self.k_cache[:, :, start:end] = k.transpose(1, 2)
+        self.v_cache[:, :, start:end] = v.transpose(1, 2)
+        keys, values = self.k_cache[:, :, :end], self.v_cache[:, :, :end]  # [B, KV, S, D]
+        # Fold the G query heads that share a K/V head into the query length, so the single
+        # K/V head of multi-query attention is never repeated in memory.
+        g = h // kv
+        q = q.reshape(b, t, kv, g, d).permute(0, 2, 1, 3, 4).reshape(b, kv, t * g, d)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scale)
+        out = out.view(b, kv, t, g, d).permute(0, 2, 1, 3, 4).reshape(b, t, h * d)
+        # Row-parallel: partial sums all-reduced, then the bias added once.
+        return self.tp.all_reduce_(F.linear(out, self.c_proj.weight)) + self.c_proj.bias
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig, tp: TPGroup):
+        super().__init__()
+        self.tp = tp
+        local_inner = config.n_inner // tp.world_size
+        self.c_fc = nn.Linear(config.n_embd, local_inner)
+        self.c_proj = nn.Linear(local_inner, config.n_embd)
+        self.act = _activation(config.activation_function)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = self.act(self.c_fc(x))
+        return self.tp.all_reduce_(F.linear(hidden, self.c_proj.weight)) + self.c_proj.bias
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, tp: TPGroup):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.attn = Attention(config, tp)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.mlp = MLP(config, tp)
+
+    def forward(self, x: torch.Tensor, start: int, mask: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), start, mask)
+        return x + self.mlp(self.ln_2(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig, tp: TPGroup):
+        super().__init__()
+        local_vocab = config.padded_vocab_size(tp.world_size) // tp.world_size
+        self.wte = nn.Embedding(local_vocab, config.n_embd)
+        self.wpe = nn.Embedding(config.n_positions, config.n_embd)
+        self.h = nn.ModuleList(Block(config, tp) for _ in range(config.n_layer))
+        self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+
+
+class TPGPTBigCode(nn.Module):
+    """One rank's part of a GPTBigCodeForCausalLM."""
+
+    def __init__(self, config: ModelConfig, tp: TPGroup):
+        super().__init__()
+        self.config, self.tp = config, tp
+        self.transformer = Transformer(config, tp)
+        if not config.tie_word_embeddings:
+            self.lm_head = nn.Linear(config.n_embd, self.transformer.wte.num_embeddings, bias=False)
+        self.local_vocab = self.transformer.wte.num_embeddings
+        self.vocab_start = tp.rank * self.local_vocab
+        # Padding rows past the real vocabulary must never win the argmax.
+        self.valid_local_vocab = max(0, min(self.local_vocab, config.vocab_size - self.vocab_start))
+        self.cache_batch = 0
+        self.cache_len = 0
+
+    @property
+    def lm_head_weight(self) -> torch.Tensor:
+        return self.transformer.wte.weight if self.config.tie_word_embeddings else self.lm_head.weight
+
+    def setup_cache(self, batch: int, max_seq_len: int) -> None:
+        """Allocate the static KV cache once; later calls with a fitting shape reuse it."""
+        if batch == self.cache_batch and max_seq_len <= self.cache_len:
+            return
+        weight = self.transformer.ln_f.weight
+        for block in self.transformer.h:
+            attn = block.attn
+            shape = (batch, attn.local_kv_heads, max_seq_len, attn.head_dim)
+            attn.k_cache = torch.zeros(shape, dtype=weight.dtype, device=weight.device)
+            attn.v_cache = torch.zeros(shape, dtype=weight.dtype, device=weight.device)
+        self.cache_batch, self.cache_len = batch, max_seq_len
+
+    def embed(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        # input_ids, position_ids: [B, T] -> [B, T, E]
+        wte = self.transformer.wte.weight
+        if self.tp.world_size == 1:
+            tokens = F.embedding(input_ids, wte)
+        else:
+            local = input_ids - self.vocab_start
+            outside = (local < 0) | (local >= self.local_vocab)
+            tokens = F.embedding(local.masked_fill(outside, 0), wte)
+            tokens.masked_fill_(outside.unsqueeze(-1), 0.0)
+            self.tp.all_reduce_(tokens)
+        return tokens + self.transformer.wpe(position_ids)
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, start: int,
+                key_valid: torch.Tensor) -> torch.Tensor:
+        """Run T new tokens written at cache slots [start, start+T); returns this rank's logits
+        for the last position, [B, local_vocab] (padding columns at -inf).
+
+        key_valid: [B, S_max] bool, False for left-padding slots.
+        """
+        b, t = input_ids.shape
+        end = start + t
+        mask = self._attention_mask(key_valid[:, :end], start, t)
+        x = self.embed(input_ids, position_ids)
+        for block in self.transformer.h:
+            x = block(x, start, mask)
+        last = self.transformer.ln_f(x[:, -1])  # [B, E]
+        logits = F.linear(last, self.lm_head_weight)  # [B, V_local]
+        if self.valid_local_vocab < self.local_vocab:
+            logits[:, self.valid_local_vocab :] = float("-inf")
+        return logits
+
+    def _attention_mask(self, key_valid: torch.Tensor, start: int, t: int) -> torch.Tensor:
+        # key_valid: [B, S]. Query i (slot start+i) sees valid slots <= its own, and always
+        # itself, so that a padding row is never fully masked (SDPA would give NaN).
+        b, s = key_valid.shape
+        slots = torch.arange(s, device=key_valid.device)
+        query_slots = torch.arange(start, start + t, device=key_valid.device).unsqueeze(-1)  # [T, 1]
+        mask = (key_valid[:, None, :] & (slots <= query_slots)) | (slots == query_slots)  # [B, T, S]
+        if t == 1:
+            return mask.unsqueeze(1)  # [B, 1, 1, S]: broadcast over the folded query heads
+        g = self.transformer.h[0].attn.local_heads // self.transformer.h[0].attn.local_kv_heads
+        return mask[:, None, :, None, :].expand(b, 1, t, g, s).reshape(b, 1, t * g, s)
+
+    def pick_greedy(self, logits: torch.Tensor) -> torch.Tensor:
+        """The global argmax over the vocabulary shards, without gathering the logits: [B].
+
+        Ties go to the lowest token id, as torch.argmax over the full logits does.
+        """
+        local_idx = logits.argmax(dim=-1)  # [B]
+        if self.tp.world_size == 1:
+            return local_idx
+        local_val = logits.gather(-1, local_idx.unsqueeze(-1)).squeeze(-1)
+        packed = torch.stack([local_val.double(), (local_idx + self.vocab_start).double()], dim=-1)  # [B, 2]
+        gathered = self.tp.all_gather(packed)  # [N, B, 2]
+        best_rank = gathered[..., 0].argmax(dim=0)  # [B]; first maximum = lowest rank = lowest id
+        return gathered[best_rank, torch.arange(logits.shape[0]), 1].long()
+
+    def topk(self, logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Global top-k (log-probabilities, token ids), [B, k] each; for comparisons in tests."""
+        local_max = logits.float().max(dim=-1, keepdim=True).values
+        global_max = self.tp.all_reduce_max_(local_max.clone())
+        sum_exp = self.tp.all_reduce_((logits.float() - global_max).exp().sum(-1, keepdim=True))
+        logprobs = logits.float() - global_max - sum_exp.log()
+        vals, idx = logprobs.topk(min(k, self.local_vocab), dim=-1)
+        packed = torch.cat([vals.double(), (idx + self.vocab_start).double()], dim=-1)  # [B, 2k]
+        gathered = self.tp.all_gather(packed)  # [N, B, 2k]
+        kk = vals.shape[-1]
+        all_vals = gathered[..., :kk].permute(1, 0, 2).reshape(logits.shape[0], -1)
+        all_ids = gathered[..., kk:].permute(1, 0, 2).reshape(logits.shape[0], -1)
+        top_vals, pos = all_vals.topk(k, dim=-1)
+        return top_vals.float(), all_ids.gather(-1, pos).long()

@@ -1,0 +1,242 @@
+"""Process groups: a local worker group that the runtime spawns itself, or torchrun's.
+
+The local group is persistent: ranks start once, load their parts, then serve requests over
+pipes until closed, so a test suite pays the start-up once. Every wait has a timeout, and a
+failure names the rank, its exit code or signal, and its traceback when it sent one; the
+group is then torn down so that no rank is left running.
+"""
+from __future__ import annotations
+
+import datetime
+import multiprocessing as mp
+import os
+import signal
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from multiprocessing.connection import Connection, wait
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from .device import Device
+from .generate import GenerationResult, load_model, timed_generate
+from .model import TPGroup
+
+DEFAULT_START_TIMEOUT_S = 300.0
+DEFAULT_CALL_TIMEOUT_S = 600.0
+
+
+class RankFailure(RuntimeError):
+    """A rank died, hung or raised; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class GroupSpec:
+    """Everything a rank needs to start."""
+
+    shard_dir: str
+    world_size: int
+    device: Device = Device("cpu")
+    threads_per_rank: int | None = None  # None: the machine's cores shared evenly
+    pin_cores: bool = True
+    timeout_s: float = DEFAULT_CALL_TIMEOUT_S
+
+
+def default_threads(world_size: int) -> int:
+    return max(1, (os.cpu_count() or 1) // world_size)
+
+
+def configure_threads(rank: int, spec: GroupSpec) -> int:
+    """One slice of the cores per rank: oversubscribed ranks slow each other down badly."""
+    threads = spec.threads_per_rank or default_threads(spec.world_size)
+    torch.set_num_threads(threads)
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if spec.pin_cores and spec.device.kind == "cpu" and len(cores) >= threads * spec.world_size:
+        os.sched_setaffinity(0, cores[rank * threads:(rank + 1) * threads])
+    return threads
+
+
+def init_from_torchrun(device: Device, timeout_s: float = DEFAULT_CALL_TIMEOUT_S) -> tuple[TPGroup, int]:
+    """Join the process group torchrun set up (RANK, WORLD_SIZE, MASTER_ADDR, ...).
+
+    Returns the group and the local rank, which picks the device.
+    """
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    device.bind(local_rank)
+    dist.init_process_group(device.backend, init_method="env://", rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(seconds=timeout_s))
+    return TPGroup(rank, world_size), local_rank
+
+
+def launched_by_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ
+
+
+def _worker_main(rank: int, spec: GroupSpec, store_port: int, conn: Connection) -> None:
+    """A rank of a local worker group: start, load, then serve requests until told to stop."""
+    try:
+        started = time.perf_counter()
+        configure_threads(rank, spec)
+        torch_device = spec.device.bind(rank)
+        if spec.world_size > 1:
+            store = dist.TCPStore("127.0.0.1", store_port, spec.world_size + 1, is_master=False,
+                                  timeout=datetime.timedelta(seconds=spec.timeout_s))
+            dist.init_process_group(spec.device.backend, store=store, rank=rank, world_size=spec.world_size,
+                                    timeout=datetime.timedelta(seconds=spec.timeout_s))
+        tp = TPGroup(rank, spec.world_size)
+        model = load_model(spec.shard_dir, tp, torch_device)
+        conn.send(("ready", {"load_s": time.perf_counter() - started, "pid": os.getpid()}))
+        while True:
+            command, kwargs = conn.recv()
+            if command == "stop":
+                break
+            if command != "generate":
+                raise ValueError(f"unknown command {command!r}")
+            spec.device.reset_peak_memory()
+            result = timed_generate(model, spec.device, **kwargs)
+            reply = {"peak_memory_bytes": spec.device.peak_memory_bytes()}
+            if rank == 0:
+                reply["result"] = result
+            conn.send(("ok", reply))
+    except (KeyboardInterrupt, EOFError, BrokenPipeError):
+        pass  # the parent went away or asked us to stop: nothing to report to
+    except BaseException:
+        try:
+            conn.send(("error", traceback.format_exc()))
+        except (BrokenPipeError, OSError):
+            traceback.print_exc()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _describe_exit(proc: mp.Process) -> str:
+    code = proc.exitcode
+    if code is None:
+        return "is still running"
+    if code < 0:
+        try:
+            return f"was killed by signal {signal.Signals(-code).name} (exit code {code})"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with code {code}"
+
+
+class WorkerGroup:
+    """A persistent local group of `world_size` ranks serving generation requests."""
+
+    def __init__(self, spec: GroupSpec, start_timeout_s: float = DEFAULT_START_TIMEOUT_S):
+        self.spec = spec
+        self.start_timeout_s = start_timeout_s
+        self.procs: list[mp.Process] = []
+        self.conns: list[Connection] = []
+        self.ready_info: list[dict] = []
+        self.start_s = 0.0
+        self._store = None
+
+    def start(self) -> "WorkerGroup":
+        if not Path(self.spec.shard_dir, "manifest.json").is_file():
+            raise FileNotFoundError(f"{self.spec.shard_dir} has no manifest.json: not a complete shard set")
+        self.spec.device.check_available(self.spec.world_size)
+        started = time.perf_counter()
+        port = 0
+        if self.spec.world_size > 1:
+            # The parent owns the rendezvous store on a port the OS picked: no port races
+            # between two suites running at once on one machine.
+            self._store = dist.TCPStore("127.0.0.1", 0, self.spec.world_size + 1, is_master=True,
+                                        wait_for_workers=False,
+                                        timeout=datetime.timedelta(seconds=self.spec.timeout_s))
+            port = self._store.port
+        ctx = mp.get_context("spawn")
+        for rank in range(self.spec.world_size):
+            parent_end, child_end = ctx.Pipe()
+            proc = ctx.Process(target=_worker_main, args=(rank, self.spec, port, child_end),
+                               name=f"starcoder_tp-rank{rank}", daemon=True)
+            proc.start()
+            child_end.close()
+            self.procs.append(proc)
+            self.conns.append(parent_end)
+        self.ready_info = self._collect("start", self.start_timeout_s)
+        self.start_s = time.perf_counter() - started
+        return self
+
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, *, ignore_eos: bool = True,
+                 max_seq_len: int | None = None, topk: int = 0) -> tuple[GenerationResult, list[int]]:
+        """Run one request on every rank; returns rank 0's result and each rank's peak memory."""
+        if not self.procs:
+            raise RuntimeError("the worker group is not running (start() it first)")
+        request = {"prompts": [list(map(int, p)) for p in prompts], "max_new_tokens": max_new_tokens,
+                   "ignore_eos": ignore_eos, "max_seq_len": max_seq_len, "topk": topk}
+        for rank, conn in enumerate(self.conns):
+            try:
+                conn.send(("generate", request))
+            except (BrokenPipeError, OSError):
+                self._fail(f"rank {rank} {_describe_exit(self.procs[rank])} before it could take the request")
+        replies = self._collect("generate", self.spec.timeout_s)
+        return replies[0]["result"], [r["peak_memory_bytes"] for r in replies]
+
+    def _collect(self, what: str, timeout_s: float) -> list[dict]:
+        replies: dict[int, dict] = {}
+        deadline = time.monotonic() + timeout_s
+        while len(replies) < len(self.procs):
+            pending = {r: c for r, c in enumerate(self.conns) if r not in replies}
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                late = ", ".join(str(r) for r in pending)
+                self._fail(f"rank(s) {late} did not answer '{what}' within {timeout_s:.0f}s (hung?)")
+            sentinels = {self.procs[r].sentinel: r for r in pending}
+            ready = wait(list(pending.values()) + list(sentinels), timeout=min(remaining, 1.0))
+            for obj in ready:
+                rank = sentinels.get(obj)
+                if rank is None:
+                    rank = next(r for r, c in pending.items() if c is obj)
+                    try:
+                        status, payload = self.conns[rank].recv()
+                    except (EOFError, OSError):
+                        self.procs[rank].join(5)
+                        self._fail(f"rank {rank} {_describe_exit(self.procs[rank])} during '{what}'")
+                    if status == "error":
+                        self._fail(f"rank {rank} failed during '{what}':\n{payload}")
+                    replies[rank] = payload
+                elif rank not in replies and not self.conns[rank].poll():
+                    self.procs[rank].join(5)
+                    self._fail(f"rank {rank} {_describe_exit(self.procs[rank])} during '{what}'")
+        return [replies[r] for r in range(len(self.procs))]
+
+    def _fail(self, message: str) -> None:
+        self.close(graceful=False)
+        raise RankFailure(message)
+
+    def close(self, graceful: bool = True, timeout_s: float = 10.0) -> None:
+        """Stop every rank; those that do not stop in time are killed. Safe to call twice."""
+        if graceful:
+            for conn in self.conns:
+                try:
+                    conn.send(("stop", {}))
+                except (BrokenPipeError, OSError):
+                    pass
+            deadline = time.monotonic() + timeout_s
+            for proc in self.procs:
+                proc.join(max(0.0, deadline - time.monotonic()))
+        for proc in self.procs:
+            if proc.is_alive():
+                proc.kill()
+            proc.join(5)
+        for conn in self.conns:
+            conn.close()
+        self.procs, self.conns = [], []
+        self._store = None
+
+    def __enter__(self) -> "WorkerGroup":
+        return self.start() if not self.procs else self
+
+    def __exit__(self, *exc) -> None:
+        self.close(graceful=exc[0] is None)
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)

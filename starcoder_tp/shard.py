@@ -1,0 +1,292 @@
+"""Cutting a checkpoint into one part per rank ("part_model/{rank}") and reading a part back.
+
+The rules are those of vLLM's gpt_bigcode.py and TGI's flash_santacoder: query heads are split
+across ranks, the ONE key/value head of multi-query attention is kept whole on every rank
+(multi-head configs split their K/V heads with the queries), `c_fc` is column-parallel,
+`c_proj` row-parallel with its bias replicated (added once, after the all-reduce), `wte` and
+an untied `lm_head` vocabulary-parallel with the vocabulary padded to a multiple of the world
+size, and `wpe` and the layer norms replicated.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from . import __version__
+from .checkpoint import CheckpointReader, file_sha256
+from .config import ModelConfig
+
+FORMAT_VERSION = 1
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+    "merges.txt", "added_tokens.json", "generation_config.json",
+)
+PART_INDEX = "model.safetensors.index.json"
+DEFAULT_MAX_FILE_BYTES = 1 << 30
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ValueError(f"dtype {name!r} is not supported; choose one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+@dataclass(frozen=True)
+class ShardRule:
+    """How one full tensor maps to one rank: the [start, stop) ranges along `dim` to read and
+    concatenate, and the number of rows the result is zero-padded to (vocabulary padding)."""
+
+    dim: int
+    ranges: tuple[tuple[int, int], ...] | None  # None: replicated whole
+    pad_rows_to: int | None = None
+
+
+def shard_rule(name: str, config: ModelConfig, rank: int, world_size: int) -> ShardRule:
+    """The rule that cuts tensor `name` for `rank` of `world_size`."""
+    n = world_size
+    if name in ("transformer.wte.weight", "lm_head.weight"):
+        rows = config.padded_vocab_size(n) // n
+        return ShardRule(0, ((rank * rows, (rank + 1) * rows),), pad_rows_to=rows)
+    if name.endswith(("attn.c_attn.weight", "attn.c_attn.bias")):
+        d = config.head_dim
+        local_heads = config.n_head // n
+        if config.multi_query:
+            # rows: [q of all heads (n_embd) | k (d) | v (d)]; every rank keeps k and v whole.
+            q = (rank * local_heads * d, (rank + 1) * local_heads * d)
+            return ShardRule(0, (q, (config.n_embd, config.n_embd + 2 * d)))
+        # multi-head rows are interleaved per head as [q_h | k_h | v_h] (HF's layout), so a
+        # rank's heads are one contiguous block of rows.
+        block = local_heads * 3 * d
+        return ShardRule(0, ((rank * block, (rank + 1) * block),))
+    if name.endswith("mlp.c_fc.weight") or name.endswith("mlp.c_fc.bias"):
+        rows = config.n_inner // n
+        return ShardRule(0, ((rank * rows, (rank + 1) * rows),))
+    if name.endswith("attn.c_proj.weight"):
+        cols = config.n_embd // n
+        return ShardRule(1, ((rank * cols, (rank + 1) * cols),))
+    if name.endswith("mlp.c_proj.weight"):
+        cols = config.n_inner // n
+        return ShardRule(1, ((rank * cols, (rank + 1) * cols),))
+    # wpe, layer norms, row-parallel biases: replicated.
+    return ShardRule(0, None)
+
+
+def rank_tensor(reader: CheckpointReader, name: str, rank: int, world_size: int, dtype: torch.dtype) -> torch.Tensor:
+    """Read only this rank's piece of `name` from the checkpoint, in `dtype`."""
+    rule = shard_rule(name, reader.config, rank, world_size)
+    if rule.ranges is None:
+        return reader.read(name).to(dtype).contiguous()
+    pieces = [reader.read(name, rule.dim, start, stop) for start, stop in rule.ranges]
+    tensor = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=rule.dim)
+    if rule.pad_rows_to is not None and tensor.shape[0] < rule.pad_rows_to:
+        pad = tensor.new_zeros((rule.pad_rows_to - tensor.shape[0],) + tuple(tensor.shape[1:]))
+        tensor = torch.cat([tensor, pad], dim=0)
+    return tensor.to(dtype).contiguous()
+
+
+def merge_rank_tensors(name: str, parts: list[torch.Tensor], config: ModelConfig) -> torch.Tensor:
+    """Put one tensor back together from its per-rank pieces (the inverse of `rank_tensor`)."""
+    n = len(parts)
+    rule = shard_rule(name, config, 0, n)
+    if rule.ranges is None:
+        for rank, part in enumerate(parts[1:], start=1):
+            if not torch.equal(part, parts[0]):
+                raise ValueError(f"replicated tensor {name} differs between rank 0 and rank {rank}")
+        return parts[0]
+    if name.endswith(("attn.c_attn.weight", "attn.c_attn.bias")) and config.multi_query:
+        q_rows = config.n_embd // n
+        for rank, part in enumerate(parts[1:], start=1):
+            if not torch.equal(part[q_rows:], parts[0][q_rows:]):
+                raise ValueError(f"the K/V head of {name} differs between rank 0 and rank {rank}")
+        return torch.cat([p[:q_rows] for p in parts] + [parts[0][q_rows:]], dim=0)
+    full = torch.cat(parts, dim=rule.dim)
+    if rule.pad_rows_to is not None:
+        full = full[: config.vocab_size]
+    return full
+
+
+def _group_by_size(sizes: list[tuple[str, int]], max_bytes: int) -> list[list[str]]:
+    groups: list[list[str]] = [[]]
+    used = 0
+    for name, nbytes in sizes:
+        if groups[-1] and used + nbytes > max_bytes:
+            groups.append([])
+            used = 0
+        groups[-1].append(name)
+        used += nbytes
+    return groups
+
+
+def _write_rank(reader: CheckpointReader, rank: int, world_size: int, dtype_name: str,
+                rank_dir: Path, max_file_bytes: int) -> None:
+    config, dtype = reader.config, DTYPES[dtype_name]
+    rank_dir.mkdir(parents=True)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    sizes = []
+    for name in reader.names():
+        shape = list(reader.shape(name))
+        rule = shard_rule(name, config, rank, world_size)
+        if rule.ranges is not None:
+            shape[rule.dim] = rule.pad_rows_to or sum(stop - start for start, stop in rule.ranges)
+        sizes.append((name, int(torch.Size(shape).numel()) * itemsize))
+    groups = _group_by_size(sizes, max_file_bytes)
+    weight_map = {}
+    for k, names in enumerate(groups, start=1):
+        file_name = f"model-{k:05d}-of-{len(groups):05d}.safetensors"
+        # One file's tensors at a time: peak memory is one file, not one rank's whole part.
+        tensors = {name: rank_tensor(reader, name, rank, world_size, dtype) for name in names}
+        save_file(tensors, str(rank_dir / file_name), metadata={"format": "pt"})
+        del tensors
+        weight_map.update({name: file_name for name in names})
+    (rank_dir / PART_INDEX).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1))
+    part_config = dict(reader.raw_config)
+    part_config["starcoder_tp"] = {
+        "format_version": FORMAT_VERSION, "rank": rank, "world_size": world_size, "dtype": dtype_name,
+        "padded_vocab_size": config.padded_vocab_size(world_size),
+    }
+    (rank_dir / "config.json").write_text(json.dumps(part_config, indent=2))
+    for tok_file in TOKENIZER_FILES:
+        if (reader.model_dir / tok_file).is_file():
+            shutil.copyfile(reader.model_dir / tok_file, rank_dir / tok_file)
+
+
+def _manifest_matches(manifest: dict, fingerprint: str, world_size: int, dtype_name: str) -> str | None:
+    """None when the manifest describes the requested shards, else what differs."""
+    wanted = {"format_version": FORMAT_VERSION, "world_size": world_size, "dtype": dtype_name}
+    for key, value in wanted.items():
+        if manifest.get(key) != value:
+            return f"{key} is {manifest.get(key)!r}, wanted {value!r}"
+    if manifest.get("source", {}).get("fingerprint") != fingerprint:
+        return "it was cut from another checkpoint (source fingerprint differs)"
+    return None
+
+
+def read_manifest(shard_dir: str | Path) -> dict:
+    path = Path(shard_dir) / "manifest.json"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} is missing: {shard_dir} is not a complete shard set "
+            "(cut one with `python -m starcoder_tp shard`)"
+        )
+    return json.loads(path.read_text())
+
+
+def shard_checkpoint(model_dir: str | Path, out_dir: str | Path, world_size: int, dtype: str = "float32",
+                     *, force: bool = False, max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
+                     log: Callable[[str], None] | None = None) -> dict:
+    """Cut `model_dir` into `out_dir/part_model/{rank}` and write `out_dir/manifest.json`.
+
+    Returns the manifest. A matching manifest already in `out_dir` means nothing to do. The
+    set is built in a temporary sibling directory and renamed into place, so an interrupted
+    run never leaves something that passes for a complete shard set.
+    """
+    log = log or (lambda msg: print(msg, file=sys.stderr))
+    parse_dtype(dtype)
+    reader = CheckpointReader(model_dir)
+    reader.config.check_world_size(world_size)
+    out_dir = Path(out_dir)
+    fingerprint = reader.fingerprint()
+    if (out_dir / "manifest.json").is_file():
+        existing = read_manifest(out_dir)
+        why = _manifest_matches(existing, fingerprint, world_size, dtype)
+        if why is None:
+            log(f"[shard] {out_dir} already holds these shards (manifest matches); nothing to do")
+            return existing
+        if not force:
+            raise ValueError(f"{out_dir} already holds other shards: {why}. Use --force to replace them, or another --out")
+    elif out_dir.exists() and any(out_dir.iterdir()):
+        if not force:
+            raise ValueError(f"{out_dir} exists, is not empty and has no manifest.json; refusing to write into it")
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    started = time.perf_counter()
+    try:
+        for rank in range(world_size):
+            _write_rank(reader, rank, world_size, dtype, tmp / "part_model" / str(rank), max_file_bytes)
+            log(f"[shard] rank {rank + 1}/{world_size} written ({time.perf_counter() - started:.1f}s)")
+        files = {}
+        for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
+            files[str(path.relative_to(tmp))] = {"sha256": file_sha256(path), "bytes": path.stat().st_size}
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "starcoder_tp_version": __version__,
+            "world_size": world_size,
+            "dtype": dtype,
+            "source": {"path": str(Path(model_dir).resolve()), "format": reader.format, "fingerprint": fingerprint},
+            "config": {k: getattr(reader.config, k) for k in ("vocab_size", "n_embd", "n_layer", "n_head", "multi_query")},
+            "padded_vocab_size": reader.config.padded_vocab_size(world_size),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "files": files,
+        }
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+        _move_into_place(tmp, out_dir, fingerprint, world_size, dtype)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log(f"[shard] {model_dir} -> {out_dir}: {world_size} part(s), {dtype}, {time.perf_counter() - started:.1f}s")
+    return read_manifest(out_dir)
+
+
+def _move_into_place(tmp: Path, out_dir: Path, fingerprint: str, world_size: int, dtype: str) -> None:
+    trash = None
+    if out_dir.exists():
+        trash = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
+        os.rename(out_dir, trash)
+    try:
+        os.rename(tmp, out_dir)
+    except OSError:
+        # Another process finished the same shard set first: keep theirs if it matches.
+        if (out_dir / "manifest.json").is_file() and _manifest_matches(read_manifest(out_dir), fingerprint, world_size, dtype) is None:
+            return
+        raise
+    finally:
+        if trash is not None:
+            shutil.rmtree(trash, ignore_errors=True)
+
+
+def load_part(shard_dir: str | Path, rank: int, world_size: int, device: torch.device | str = "cpu") -> tuple[dict, dict[str, torch.Tensor]]:
+    """This rank's config dict and tensors, read straight onto `device` (one copy in memory)."""
+    manifest = read_manifest(shard_dir)
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{shard_dir}: shard format {manifest.get('format_version')} is not {FORMAT_VERSION}; re-shard")
+    if manifest["world_size"] != world_size:
+        raise ValueError(
+            f"{shard_dir} was cut for world size {manifest['world_size']}, not {world_size}; "
+            f"run with --world-size {manifest['world_size']} or re-shard"
+        )
+    rank_dir = Path(shard_dir) / "part_model" / str(rank)
+    raw_config = json.loads((rank_dir / "config.json").read_text())
+    meta = raw_config.get("starcoder_tp", {})
+    if meta.get("rank") != rank or meta.get("world_size") != world_size:
+        raise ValueError(f"{rank_dir}/config.json describes rank {meta.get('rank')} of {meta.get('world_size')}, not rank {rank} of {world_size}")
+    weight_map = json.loads((rank_dir / PART_INDEX).read_text())["weight_map"]
+    state: dict[str, torch.Tensor] = {}
+    for file_name in sorted(set(weight_map.values())):
+        state.update(load_file(str(rank_dir / file_name), device=str(device)))
+    return raw_config, state
+
+
+def default_shard_cache() -> Path:
+    return Path(os.environ.get("STARCODER_TP_CACHE", Path.home() / ".cache" / "starcoder_tp")) / "shards"
+
+
+def ensure_shards(model_dir: str | Path, world_size: int, dtype: str = "float32",
+                  cache_dir: str | Path | None = None, log: Callable[[str], None] | None = None) -> Path:
+    """The shard set of `model_dir` for this world size and dtype, cut into the cache when
+    missing; keyed by the source's fingerprint, so a changed checkpoint is cut again."""
+    parse_dtype(dtype)
+    fingerprint = CheckpointReader(model_dir).fingerprint()
+    out = Path(cache_dir or default_shard_cache()) / f"{Path(model_dir).resolve().name}-{fingerprint[:16]}-ws{world_size}-{dtype}"
+    shard_checkpoint(model_dir, out, world_size, dtype, log=log)
+    return out
