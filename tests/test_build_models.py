@@ -1,0 +1,29 @@
+import hashlib
+
+from starcoder_tp.build_models import EMBEDDED_MODEL_DIR, build_embedded
+from starcoder_tp.config import ModelConfig
+
+
+def digest(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_embedded_model_is_rebuilt_bit_for_bit(tmp_path):
+    rebuilt = build_embedded(tmp_path / "m")
+    committed = sorted(p.name for p in EMBEDDED_MODEL_DIR.iterdir())
+    assert sorted(p.name for p in rebuilt.iterdir()) == committed
+    for name in committed:
+        assert digest(rebuilt / name) == digest(EMBEDDED_MODEL_DIR / name), name
+
+
+def test_embedded_model_has_starcoders_architecture_and_loads_offline():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    config = ModelConfig.from_dir(EMBEDDED_MODEL_DIR)
+    assert config.multi_query and config.n_kv_head == 1 and config.tie_word_embeddings
+    tokenizer = AutoTokenizer.from_pretrained(str(EMBEDDED_MODEL_DIR))
+    assert tokenizer.convert_tokens_to_ids(["<|endoftext|>", "<fim_prefix>", "<fim_middle>", "<fim_suffix>"]) == [0, 1, 2, 3]
+    assert tokenizer.decode(tokenizer("def fib(n):\n    return 42").input_ids) == "def fib(n):\n    return 42"
+    model = AutoModelForCausalLM.from_pretrained(str(EMBEDDED_MODEL_DIR))
+    assert type(model).__name__ == "GPTBigCodeForCausalLM"
+    assert 2e6 < sum(p.numel() for p in model.parameters()) < 10e6

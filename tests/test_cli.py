@@ -1,0 +1,86 @@
+"""`python -m starcoder_tp ...` as a user runs it: separate processes, stdout and exit codes."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import write_small_model
+from starcoder_tp.runners import HFRunner
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run_cli(*args, timeout=300):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", "starcoder_tp", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env=env, cwd=REPO)
+
+
+def test_generate_json_matches_transformers(embedded_dir):
+    proc = run_cli("generate", "--model-dir", embedded_dir, "--world-size", 2, "--prompt", "def fib(n):",
+                   "--max-new-tokens", 32, "--json")
+    assert proc.returncode == 0, proc.stderr
+    payload = json.loads(proc.stdout)  # stdout holds exactly one JSON object
+    from transformers import AutoTokenizer
+
+    ids = AutoTokenizer.from_pretrained(str(embedded_dir))("def fib(n):").input_ids
+    reference = HFRunner(embedded_dir).generate_greedy([ids], 32, ignore_eos=False)
+    assert payload["output_ids"] == reference.output_ids
+    assert isinstance(payload["texts"][0], str) and payload["texts"][0]
+    assert payload["first_token_ms"] > 0 and payload["decode_ms_per_token"] > 0
+    assert "ready in" in proc.stderr
+
+
+def test_generate_plain_output_names_each_completion(embedded_dir):
+    proc = run_cli("generate", "--model-dir", embedded_dir, "--world-size", 1, "--prompt", "def a():",
+                   "--prompt", "import os", "--max-new-tokens", 8)
+    assert proc.returncode == 0, proc.stderr
+    assert "--- completion 0 ---" in proc.stdout and "--- completion 1 ---" in proc.stdout
+
+
+def test_checkpoint_without_tokenizer_takes_input_ids_file(tmp_path):
+    src = write_small_model(tmp_path / "m", multi_query=True)
+    ids_file = tmp_path / "ids.json"
+    ids_file.write_text(json.dumps([[1, 2, 3, 4, 5], [7, 8]]))
+    assert run_cli("shard", "--model-dir", src, "--out", tmp_path / "s", "--world-size", 2).returncode == 0
+    proc = run_cli("generate", "--shards", tmp_path / "s", "--input-ids-file", ids_file, "--max-new-tokens", 10,
+                   "--ignore-eos", "--json")
+    assert proc.returncode == 0, proc.stderr
+    payload = json.loads(proc.stdout)
+    assert payload["texts"] is None
+    assert payload["output_ids"] == HFRunner(src).generate_greedy([[1, 2, 3, 4, 5], [7, 8]], 10).output_ids
+
+    proc = run_cli("generate", "--shards", tmp_path / "s", "--prompt", "hello", "--max-new-tokens", 4)
+    assert proc.returncode == 2 and "has no tokenizer files; give token ids with --input-ids-file" in proc.stderr
+
+
+def test_shard_cli_writes_once_then_does_nothing(tmp_path, embedded_dir):
+    first = run_cli("shard", "--model-dir", embedded_dir, "--out", tmp_path / "out", "--world-size", 2,
+                    "--dtype", "bfloat16")
+    assert first.returncode == 0, first.stderr
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert (manifest["world_size"], manifest["dtype"]) == (2, "bfloat16")
+    assert (tmp_path / "out" / "part_model" / "1" / "tokenizer.json").is_file()
+    again = run_cli("shard", "--model-dir", embedded_dir, "--out", tmp_path / "out", "--world-size", 2,
+                    "--dtype", "bfloat16")
+    assert again.returncode == 0 and "nothing to do" in again.stderr
+
+
+@pytest.mark.parametrize("args,message", [
+    (["shard", "--model-dir", "fixtures/tiny-starcoder", "--out", "{tmp}/x", "--world-size", "3"],
+     "world size 3 does not divide the number of attention heads n_head=8"),
+    (["shard", "--model-dir", "{tmp}/nowhere", "--out", "{tmp}/x", "--world-size", "2"],
+     "does not exist"),
+    (["generate", "--model-dir", "fixtures/tiny-starcoder", "--max-new-tokens", "4"],
+     "no input: give --prompt"),
+    (["generate", "--model-dir", "fixtures/tiny-starcoder", "--prompt", "x", "--max-new-tokens", "0"],
+     "expected a number >= 1, got 0"),
+    (["generate", "--model-dir", "fixtures/tiny-starcoder", "--prompt", "x", "--max-new-tokens", "4",
+      "--dtype", "float64"], "invalid choice: 'float64'"),
+])
+def test_bad_input_exits_non_zero_naming_the_value(tmp_path, args, message):
+    proc = run_cli(*[a.format(tmp=tmp_path) for a in args])
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr

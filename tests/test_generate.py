@@ -1,0 +1,72 @@
+"""Timed greedy generation in one process (world size 1): timing record, EOS, request checks."""
+import dataclasses
+
+import pytest
+import torch
+
+from starcoder_tp.device import Device
+from starcoder_tp.generate import left_pad, load_model, timed_generate
+from starcoder_tp.model import TPGroup
+from starcoder_tp.runners import HFRunner
+from starcoder_tp.shard import shard_checkpoint
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory, embedded_dir):
+    out = tmp_path_factory.mktemp("ws1") / "s"
+    shard_checkpoint(embedded_dir, out, 1)
+    return load_model(out, TPGroup(0, 1), torch.device("cpu"))
+
+
+def test_left_padding_and_mask():
+    ids, mask = left_pad([[1, 2, 3], [4]], pad_id=0)
+    assert ids.tolist() == [[1, 2, 3], [0, 0, 4]]
+    assert mask.tolist() == [[True, True, True], [False, False, True]]
+
+
+def test_timed_generation_records_every_step(model, prompts):
+    result = timed_generate(model, Device("cpu"), prompts, 12)
+    assert result.output_ids.shape == (len(prompts), 12)
+    assert result.first_token_ms > 0 and len(result.decode_ms) == 11
+    assert all(t > 0 for t in result.decode_ms)
+    assert result.total_ms == pytest.approx(result.first_token_ms + sum(result.decode_ms))
+
+
+def test_ignore_eos_false_stops_at_eos_like_transformers(model, embedded_dir, prompts):
+    free_run = timed_generate(model, Device("cpu"), prompts[:2], 20).output_ids
+    eos = int(free_run[0, 5])  # make the 6th token of row 0 the "EOS" of this run
+    model.config = dataclasses.replace(model.config, eos_token_id=eos)
+    try:
+        stopped = timed_generate(model, Device("cpu"), prompts[:2], 20, ignore_eos=False).output_ids
+        ignored = timed_generate(model, Device("cpu"), prompts[:2], 20, ignore_eos=True).output_ids
+    finally:
+        model.config = dataclasses.replace(model.config, eos_token_id=0)
+    assert torch.equal(ignored, free_run), "ignore_eos must not touch the logits"
+    assert stopped[0, :6].tolist() == free_run[0, :6].tolist() and set(stopped[0, 6:].tolist()) <= {eos}
+    hf = HFRunner(embedded_dir)
+    ids, mask = left_pad(prompts[:2], pad_id=eos)
+    reference = hf.model.generate(input_ids=ids, attention_mask=mask.long(), max_new_tokens=20, do_sample=False,
+                                  eos_token_id=eos, pad_token_id=eos)[:, ids.shape[1]:]
+    assert stopped.tolist() == reference[:, : stopped.shape[1]].tolist()
+
+
+def test_static_cache_is_reused_between_requests(model, prompts):
+    timed_generate(model, Device("cpu"), [[5] * 20] * 2, 10)
+    cache = model.transformer.h[0].attn.k_cache
+    timed_generate(model, Device("cpu"), [[7] * 10] * 2, 10)
+    assert model.transformer.h[0].attn.k_cache is cache
+    result = timed_generate(model, Device("cpu"), [[7] * 10] * 2, 10, max_seq_len=64)
+    assert model.transformer.h[0].attn.k_cache.shape[2] == 64 and result.output_ids.shape == (2, 10)
+
+
+@pytest.mark.parametrize("prompts,new,max_len,message", [
+    ([[1, 2]], 0, None, "max_new_tokens must be >= 1, got 0"),
+    ([], 4, None, "no prompts given"),
+    ([[1, 6144]], 4, None, "token id 6144 is outside the vocabulary"),
+    ([[1, -1]], 4, None, "token id -1 is outside"),
+    ([[1] * 10], 10, 15, "max_seq_len=15 is shorter than input \\+ output = 20"),
+    ([[1] * 4000], 200, None, "needs 4200 positions .* n_positions=4096"),
+])
+def test_bad_requests_are_refused_with_the_bad_value(model, prompts, new, max_len, message):
+    with pytest.raises(ValueError, match=message):
+        timed_generate(model, Device("cpu"), prompts, new, max_seq_len=max_len)

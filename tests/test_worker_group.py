@@ -1,0 +1,55 @@
+"""The persistent worker group: a dead or failing rank is named, and nothing is left running."""
+import os
+import signal
+import time
+
+import psutil
+import pytest
+
+from starcoder_tp.parallel import GroupSpec, RankFailure, WorkerGroup
+from starcoder_tp.shard import shard_checkpoint
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory, embedded_dir):
+    out = tmp_path_factory.mktemp("wg") / "s"
+    shard_checkpoint(embedded_dir, out, 2)
+    return out
+
+
+def children():
+    return [p for p in psutil.Process().children(recursive=True) if p.is_running() and p.status() != "zombie"]
+
+
+def test_killed_rank_is_named_with_its_signal(shards):
+    group = WorkerGroup(GroupSpec(str(shards), 2, timeout_s=60)).start()
+    pids = [info["pid"] for info in group.ready_info]
+    os.kill(pids[1], signal.SIGKILL)
+    started = time.monotonic()
+    with pytest.raises(RankFailure, match=r"rank 1 was killed by signal SIGKILL"):
+        group.generate([[1, 2, 3]], 4)
+    assert time.monotonic() - started < 30
+    assert not any(p.pid in pids for p in children())
+
+
+def test_rank_error_carries_its_traceback_and_tears_the_group_down(shards):
+    group = WorkerGroup(GroupSpec(str(shards), 2, timeout_s=60)).start()
+    pids = [info["pid"] for info in group.ready_info]
+    with pytest.raises(RankFailure, match=r"(?s)rank \d failed during 'generate'.*token id 99999 is outside the vocabulary"):
+        group.generate([[1, 99999]], 4)
+    time.sleep(0.5)
+    assert not any(p.pid in pids for p in children())
+
+
+def test_group_serves_many_requests_and_closes_cleanly(shards):
+    with WorkerGroup(GroupSpec(str(shards), 2)) as group:
+        pids = [info["pid"] for info in group.ready_info]
+        for batch in (1, 3):
+            result, memory = group.generate([[9] * 7] * batch, 5)
+            assert result.output_ids.shape == (batch, 5) and len(memory) == 2 and min(memory) > 0
+    assert not any(p.pid in pids for p in children())
+
+
+def test_missing_shard_set_is_refused_before_spawning(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no manifest.json"):
+        WorkerGroup(GroupSpec(str(tmp_path), 2)).start()
