@@ -1,0 +1,250 @@
+"""The performance grid: cases, their inputs, one measured case, and the perf session that the
+pytest suite (tests_perf/) and `python -m starcoder_tp bench` share.
+
+A case is measured exactly as its name says: B sequences of exactly `seq_in` tokens (random
+ids from the vocabulary, no padding, no truncation) generating exactly `seq_out` tokens with
+EOS ignored; times are read after a device synchronisation and are the slowest rank's.
+"""
+from __future__ import annotations
+
+import math
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .config import ModelConfig
+from .device import Device
+from .parallel import GroupSpec, WorkerGroup
+from .shard import DTYPES, ensure_shards
+
+DEFAULT_BATCH_SIZES = (1, 4, 8, 16, 32)
+DEFAULT_SEQ_LENS = (32, 64, 128, 256, 512, 1024)  # the Ascend guide's 2^5 .. 2^10
+FIRST_REGULAR_TOKEN = 19  # past StarCoder's special tokens, so that inputs are ordinary text ids
+
+
+@dataclass(frozen=True, order=True)
+class Case:
+    batch: int
+    seq_in: int
+    seq_out: int
+
+    @property
+    def id(self) -> str:
+        # "-k bs1-" selects batch 1 alone ("-k bs1" would also match bs16).
+        return f"bs{self.batch}-in{self.seq_in}-out{self.seq_out}"
+
+
+def parse_int_list(option: str, text: str) -> list[int]:
+    """'1,4,8' -> [1, 4, 8]; a ValueError naming the option and the bad value otherwise."""
+    values = []
+    for item in str(text).split(","):
+        item = item.strip()
+        try:
+            value = int(item)
+        except ValueError:
+            raise ValueError(f"{option}: {item!r} in {text!r} is not a whole number") from None
+        if value < 1:
+            raise ValueError(f"{option}: {value} in {text!r} must be >= 1")
+        values.append(value)
+    if len(set(values)) != len(values):
+        raise ValueError(f"{option}: {text!r} lists a value twice")
+    return values
+
+
+def parse_case_pairs(text: str, option: str = "--case-pairs") -> list[tuple[int, int]]:
+    """'256:64,512:512' -> [(256, 64), (512, 512)]: the Ascend guide's set_case_pair mode."""
+    pairs = []
+    for item in str(text).split(","):
+        parts = item.strip().split(":")
+        if len(parts) != 2:
+            raise ValueError(f"{option}: {item.strip()!r} is not of the form IN:OUT (e.g. 256:64)")
+        seq_in, seq_out = (parse_int_list(option, p)[0] for p in parts)
+        pairs.append((seq_in, seq_out))
+    return pairs
+
+
+def build_cases(batch_sizes, seq_in, seq_out, case_pairs=None) -> list[Case]:
+    """The cross product of batch × in × out, or batch × the given (in, out) pairs; sorted by
+    batch so that each batch size is warmed up once and then measured in one run."""
+    pairs = case_pairs if case_pairs else [(i, o) for i in seq_in for o in seq_out]
+    return sorted({Case(b, i, o) for b in batch_sizes for i, o in pairs})
+
+
+def check_cases(cases: list[Case], config: ModelConfig, max_seq_len: int | None) -> None:
+    """Refuse, before any rank starts, a case the model or the cache cannot hold."""
+    for case in cases:
+        needed = case.seq_in + case.seq_out
+        if max_seq_len is not None and needed > max_seq_len:
+            raise ValueError(f"case {case.id}: input + output = {needed} tokens exceeds --max-seq-len {max_seq_len}")
+        if needed > config.n_positions:
+            raise ValueError(f"case {case.id}: input + output = {needed} tokens exceeds the model's "
+                             f"n_positions={config.n_positions}")
+
+
+def make_prompts(case: Case, vocab_size: int, seed: int = 0) -> list[list[int]]:
+    """Exactly `batch` rows of exactly `seq_in` token ids, the same for every run of the case."""
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + case.batch * 10_007 + case.seq_in)
+    low = FIRST_REGULAR_TOKEN if vocab_size > 2 * FIRST_REGULAR_TOKEN else 0
+    return torch.randint(low, vocab_size, (case.batch, case.seq_in), generator=gen).tolist()
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Linear-interpolated percentile (numpy's default), q in [0, 100]."""
+    if not values:
+        return math.nan
+    return float(np.percentile(np.asarray(values, dtype=np.float64), q))
+
+
+@dataclass
+class CaseResult:
+    """All rounds of one case. Per round: first-token ms and every decode step's ms."""
+
+    case: Case
+    first_token_ms_rounds: list[float] = field(default_factory=list)
+    decode_ms_rounds: list[list[float]] = field(default_factory=list)
+    peak_memory_bytes: list[int] = field(default_factory=list)  # per rank, max over rounds
+
+    def add_round(self, first_token_ms: float, decode_ms: list[float], output_shape: tuple, memory: list[int]) -> None:
+        expected = (self.case.batch, self.case.seq_out)
+        if tuple(output_shape) != expected:
+            raise RuntimeError(f"case {self.case.id}: output shape {tuple(output_shape)}, expected {expected}")
+        times = [first_token_ms, *decode_ms]
+        if len(decode_ms) != self.case.seq_out - 1:
+            raise RuntimeError(f"case {self.case.id}: {len(decode_ms)} decode steps timed, expected {self.case.seq_out - 1}")
+        bad = [t for t in times if not (math.isfinite(t) and t > 0)]
+        if bad:
+            raise RuntimeError(f"case {self.case.id}: garbage time {bad[0]!r} ms (non-finite or non-positive)")
+        self.first_token_ms_rounds.append(first_token_ms)
+        self.decode_ms_rounds.append(list(decode_ms))
+        self.peak_memory_bytes = [max(a, b) for a, b in zip(self.peak_memory_bytes, memory)] or list(memory)
+
+    @property
+    def rounds(self) -> int:
+        return len(self.first_token_ms_rounds)
+
+    @property
+    def first_token_ms(self) -> float:
+        return statistics.median(self.first_token_ms_rounds)
+
+    @property
+    def decode_steps(self) -> list[float]:
+        return [t for steps in self.decode_ms_rounds for t in steps]
+
+    @property
+    def decode_ms_mean(self) -> float:
+        steps = self.decode_steps
+        return statistics.fmean(steps) if steps else 0.0
+
+    def decode_ms_percentile(self, q: float) -> float:
+        return percentile(self.decode_steps, q) if self.decode_steps else 0.0
+
+    @property
+    def total_s(self) -> float:
+        totals = [f + sum(d) for f, d in zip(self.first_token_ms_rounds, self.decode_ms_rounds)]
+        return statistics.median(totals) / 1e3
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.case.batch * self.case.seq_out / self.total_s
+
+
+@dataclass(frozen=True)
+class PerfOptions:
+    model_dir: str
+    device: str = "cpu"
+    device_id: int = 0
+    world_size: int = 2
+    dtype: str = "float32"
+    batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES
+    seq_in: tuple[int, ...] = DEFAULT_SEQ_LENS
+    seq_out: tuple[int, ...] = DEFAULT_SEQ_LENS
+    case_pairs: tuple[tuple[int, int], ...] | None = None
+    max_seq_len: int | None = None
+    rounds: int = 1
+    warmup: int = 1
+    results_dir: str = "results"
+    model_name: str = "starcoder"
+    threads_per_rank: int | None = None
+    timeout_s: float = 600.0
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"--dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
+        if self.rounds < 1:
+            raise ValueError(f"--perf-rounds must be >= 1, got {self.rounds}")
+        if self.warmup < 0:
+            raise ValueError(f"--perf-warmup must be >= 0, got {self.warmup}")
+        Device(self.device, self.device_id)  # validates both
+        config = ModelConfig.from_dir(self.model_dir)
+        config.check_world_size(self.world_size)
+        check_cases(self.cases(), config, self.max_seq_len)
+
+    def cases(self) -> list[Case]:
+        return build_cases(self.batch_sizes, self.seq_in, self.seq_out, self.case_pairs)
+
+    @property
+    def config(self) -> ModelConfig:
+        return ModelConfig.from_dir(self.model_dir)
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+class PerfRunner:
+    """Shards once (cached), spawns the ranks once, warms up once per batch size, measures cases."""
+
+    def __init__(self, options: PerfOptions, log: Callable[[str], None] = _log):
+        self.options, self.log = options, log
+        self.config = options.config
+        self.group: WorkerGroup | None = None
+        self.warmed: set[int] = set()
+        self.setup_times: dict[str, float] = {}
+
+    def start(self) -> "PerfRunner":
+        o = self.options
+        t0 = time.perf_counter()
+        self.shard_dir = ensure_shards(o.model_dir, o.world_size, o.dtype, log=self.log)
+        t1 = time.perf_counter()
+        spec = GroupSpec(str(self.shard_dir), o.world_size, Device(o.device, o.device_id), o.threads_per_rank,
+                         timeout_s=o.timeout_s)
+        self.group = WorkerGroup(spec).start()
+        t2 = time.perf_counter()
+        self.setup_times = {"shard_s": t1 - t0, "spawn_and_load_s": t2 - t1,
+                            "load_s": max(info["load_s"] for info in self.group.ready_info)}
+        self.log(f"[perf] set-up: shard {t1 - t0:.1f}s (cached when unchanged), spawn + load of "
+                 f"{o.world_size} rank(s) {t2 - t1:.1f}s (slowest rank loaded in {self.setup_times['load_s']:.1f}s)")
+        return self
+
+    def warm_up(self, batch: int) -> None:
+        """The Ascend guide's warm-up: a short generation once per batch size before measuring."""
+        if batch in self.warmed or self.options.warmup == 0:
+            return
+        seq_in = min(min(self.options.seq_in), 32)
+        for _ in range(self.options.warmup):
+            self.group.generate(make_prompts(Case(batch, seq_in, 8), self.config.vocab_size, seed=99), 8)
+        self.warmed.add(batch)
+
+    def run_round(self, case: Case, result: CaseResult) -> None:
+        prompts = make_prompts(case, self.config.vocab_size)
+        generation, memory = self.group.generate(prompts, case.seq_out, ignore_eos=True,
+                                                 max_seq_len=self.options.max_seq_len)
+        result.add_round(generation.first_token_ms, generation.decode_ms, tuple(generation.output_ids.shape), memory)
+
+    def measure(self, case: Case) -> CaseResult:
+        self.warm_up(case.batch)
+        result = CaseResult(case)
+        for _ in range(self.options.rounds):
+            self.run_round(case, result)
+        return result
+
+    def close(self) -> None:
+        if self.group is not None:
+            self.group.close()
+            self.group = None
