@@ -60,6 +60,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ignore-eos", action="store_true", help="generate exactly --max-new-tokens tokens")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout (logs go to stderr)")
 
+    p = sub.add_parser("bench", help="the latency grid without pytest (the Ascend guide's run.sh flow)")
+    p.add_argument("--model-dir", default=None, help="Default: the embedded model (fixtures/tiny-starcoder)")
+    p.add_argument("--world-size", type=_positive_int, default=2, help="Default: %(default)r")
+    p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="Default: %(default)r")
+    p.add_argument("--device", choices=DEVICE_KINDS, default="cpu", help="Default: %(default)r")
+    p.add_argument("--device-id", type=int, default=0, help="Default: %(default)r")
+    p.add_argument("--multicase", type=int, choices=[0, 1], default=0,
+                   help="0: one case (--batch --seq-in --seq-out); 1: the grid. Default: %(default)r")
+    p.add_argument("--batch", type=_positive_int, default=1, help="multicase 0. Default: %(default)r")
+    p.add_argument("--batch-sizes", default=None, help="multicase 1, comma-separated. Default: 1,4,8,16,32")
+    p.add_argument("--seq-in", default=None, help="comma-separated. Default: 128 (multicase 0), 32,...,1024 (1)")
+    p.add_argument("--seq-out", default=None, help="comma-separated. Default: 128 (multicase 0), 32,...,1024 (1)")
+    p.add_argument("--case-pairs", default=None, help="multicase 1: IN:OUT pairs instead of the product")
+    p.add_argument("--max-seq-len", type=_positive_int, default=None, help="Default: each case's input + output")
+    p.add_argument("--perf-rounds", type=_positive_int, default=1, help="Default: %(default)r")
+    p.add_argument("--perf-warmup", type=int, default=1, help="Default: %(default)r")
+    p.add_argument("--results-dir", default="results", help="Default: %(default)r")
+    p.add_argument("--model-name", default="starcoder", help="Default: %(default)r")
+    p.add_argument("--threads-per-rank", type=_positive_int, default=None)
+    p.add_argument("--timeout", type=float, default=600.0, help="Default: %(default)r")
+
     p = sub.add_parser("build-model", help="build the embedded fixture model or the bench-size model")
     p.add_argument("which", choices=["embedded", "bench"])
     p.add_argument("--out", default=None, help="Default: fixtures/tiny-starcoder (embedded), the cache (bench)")
@@ -205,9 +226,15 @@ def cmd_build_model(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from .bench import run_bench
+
+    return run_bench(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = {"shard": cmd_shard, "generate": cmd_generate, "build-model": cmd_build_model}
+    handlers = {"shard": cmd_shard, "generate": cmd_generate, "bench": cmd_bench, "build-model": cmd_build_model}
     try:
         return handlers[args.command](args)
     except (ValueError, FileNotFoundError, RankFailure, RuntimeError) as err:

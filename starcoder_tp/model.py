@@ -19,27 +19,39 @@ from .config import ModelConfig
 
 
 class TPGroup:
-    """Rank, world size and the collectives the model needs; no-ops at world size 1."""
+    """Rank, world size and the collectives the model needs; no-ops at world size 1.
 
-    def __init__(self, rank: int = 0, world_size: int = 1):
-        self.rank, self.world_size = rank, world_size
+    Collectives go through torch.distributed (gloo, nccl, hccl), or through a shared-memory
+    communicator (shm_comm.ShmComm) when the ranks share one CPU host.
+    """
+
+    def __init__(self, rank: int = 0, world_size: int = 1, shm=None):
+        self.rank, self.world_size, self.shm = rank, world_size, shm
 
     def all_reduce_(self, t: torch.Tensor) -> torch.Tensor:
         if self.world_size > 1:
-            dist.all_reduce(t)
+            if self.shm is not None:
+                self.shm.all_reduce_(t)
+            else:
+                dist.all_reduce(t)
         return t
 
     def all_gather(self, t: torch.Tensor) -> torch.Tensor:
         """[N, *t.shape]: every rank's `t`, in rank order."""
         if self.world_size == 1:
             return t.unsqueeze(0)
+        if self.shm is not None:
+            return self.shm.all_gather(t)
         out = [torch.empty_like(t) for _ in range(self.world_size)]
         dist.all_gather(out, t.contiguous())
         return torch.stack(out)
 
     def all_reduce_max_(self, t: torch.Tensor) -> torch.Tensor:
         if self.world_size > 1:
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            if self.shm is not None:
+                t.copy_(self.shm.all_gather(t).amax(dim=0))
+            else:
+                dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return t
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import multiprocessing as mp
 import os
+import platform
 import signal
 import sys
 import time
@@ -21,6 +22,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from . import shm_comm
 from .device import Device
 from .generate import GenerationResult, load_model, timed_generate
 from .model import TPGroup
@@ -43,6 +45,20 @@ class GroupSpec:
     threads_per_rank: int | None = None  # None: the machine's cores shared evenly
     pin_cores: bool = True
     timeout_s: float = DEFAULT_CALL_TIMEOUT_S
+    comm: str = "auto"  # "shm": shared-memory collectives; "dist": the backend's; "auto": shm on one CPU host
+
+    def __post_init__(self) -> None:
+        if self.comm not in ("auto", "shm", "dist"):
+            raise ValueError(f"comm {self.comm!r} is not one of 'auto', 'shm', 'dist'")
+        if self.comm == "shm" and (self.device.kind != "cpu" or not shm_comm.supported()):
+            raise ValueError(f"comm 'shm' needs --device cpu on x86-64 with /dev/shm, not {self.device.kind} "
+                             f"on {platform.machine()}")
+
+    @property
+    def use_shm(self) -> bool:
+        if self.world_size == 1 or self.comm == "dist":
+            return False
+        return self.comm == "shm" or (self.device.kind == "cpu" and shm_comm.supported())
 
 
 def default_threads(world_size: int) -> int:
@@ -76,8 +92,9 @@ def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ
 
 
-def _worker_main(rank: int, spec: GroupSpec, store_port: int, conn: Connection) -> None:
+def _worker_main(rank: int, spec: GroupSpec, store_port: int, shm_path: str | None, conn: Connection) -> None:
     """A rank of a local worker group: start, load, then serve requests until told to stop."""
+    exit_code = 0
     try:
         started = time.perf_counter()
         configure_threads(rank, spec)
@@ -87,7 +104,8 @@ def _worker_main(rank: int, spec: GroupSpec, store_port: int, conn: Connection) 
                                   timeout=datetime.timedelta(seconds=spec.timeout_s))
             dist.init_process_group(spec.device.backend, store=store, rank=rank, world_size=spec.world_size,
                                     timeout=datetime.timedelta(seconds=spec.timeout_s))
-        tp = TPGroup(rank, spec.world_size)
+        shm = shm_comm.ShmComm(shm_path, rank, spec.world_size, spec.timeout_s) if shm_path else None
+        tp = TPGroup(rank, spec.world_size, shm)
         model = load_model(spec.shard_dir, tp, torch_device)
         conn.send(("ready", {"load_s": time.perf_counter() - started, "pid": os.getpid()}))
         while True:
@@ -105,6 +123,7 @@ def _worker_main(rank: int, spec: GroupSpec, store_port: int, conn: Connection) 
     except (KeyboardInterrupt, EOFError, BrokenPipeError):
         pass  # the parent went away or asked us to stop: nothing to report to
     except BaseException:
+        exit_code = 1
         try:
             conn.send(("error", traceback.format_exc()))
         except (BrokenPipeError, OSError):
@@ -112,6 +131,8 @@ def _worker_main(rank: int, spec: GroupSpec, store_port: int, conn: Connection) 
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+        sys.stdout.flush(), sys.stderr.flush()
+        os._exit(exit_code)  # skip the interpreter's slow teardown of torch; nothing is left to flush
 
 
 def _describe_exit(proc: mp.Process) -> str:
@@ -137,6 +158,7 @@ class WorkerGroup:
         self.ready_info: list[dict] = []
         self.start_s = 0.0
         self._store = None
+        self._shm_path: str | None = None
 
     def start(self) -> "WorkerGroup":
         if not Path(self.spec.shard_dir, "manifest.json").is_file():
@@ -151,16 +173,19 @@ class WorkerGroup:
                                         wait_for_workers=False,
                                         timeout=datetime.timedelta(seconds=self.spec.timeout_s))
             port = self._store.port
+        if self.spec.use_shm:
+            self._shm_path = shm_comm.create_segment(self.spec.world_size)
         ctx = mp.get_context("spawn")
         for rank in range(self.spec.world_size):
             parent_end, child_end = ctx.Pipe()
-            proc = ctx.Process(target=_worker_main, args=(rank, self.spec, port, child_end),
+            proc = ctx.Process(target=_worker_main, args=(rank, self.spec, port, self._shm_path, child_end),
                                name=f"starcoder_tp-rank{rank}", daemon=True)
             proc.start()
             child_end.close()
             self.procs.append(proc)
             self.conns.append(parent_end)
         self.ready_info = self._collect("start", self.start_timeout_s)
+        self._unlink_shm()  # every rank has it mapped: nothing is left in /dev/shm, whatever happens
         self.start_s = time.perf_counter() - started
         return self
 
@@ -230,6 +255,15 @@ class WorkerGroup:
             conn.close()
         self.procs, self.conns = [], []
         self._store = None
+        self._unlink_shm()
+
+    def _unlink_shm(self) -> None:
+        if self._shm_path is not None:
+            try:
+                os.unlink(self._shm_path)
+            except FileNotFoundError:
+                pass
+            self._shm_path = None
 
     def __enter__(self) -> "WorkerGroup":
         return self.start() if not self.procs else self

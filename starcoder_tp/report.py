@@ -123,7 +123,7 @@ def summary_lines(rows: list[dict]) -> list[str]:
         decode = statistics.fmean(float(r["avg_token_time(ms)"]) for r in cases)
         tag = "headline (the Ascend guide's row)" if batch == 1 else "mean"
         lines.append(f"batch {batch} {tag}: first token {first:.2f} ms, per-token decode {decode:.3f} ms "
-                     f"(mean over {len(cases)} cases)")
+                     f"(mean over {len(cases)} case{'s' if len(cases) != 1 else ''})")
     return lines
 
 

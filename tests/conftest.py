@@ -90,12 +90,12 @@ def tp_runners(tmp_path_factory, embedded_dir):
     """One persistent worker group per world size over the embedded model, made on demand."""
     runners: dict[tuple, TPRunner] = {}
 
-    def get(world_size: int, dtype: str = "float32", model_dir: Path | None = None) -> TPRunner:
-        key = (world_size, dtype, str(model_dir or embedded_dir))
+    def get(world_size: int, dtype: str = "float32", model_dir: Path | None = None, comm: str = "auto") -> TPRunner:
+        key = (world_size, dtype, str(model_dir or embedded_dir), comm)
         if key not in runners:
             out = tmp_path_factory.mktemp(f"shards-ws{world_size}-{dtype}")
             shard_checkpoint(model_dir or embedded_dir, out / "s", world_size, dtype)
-            runners[key] = TPRunner(out / "s", world_size)
+            runners[key] = TPRunner(out / "s", world_size, comm=comm)
         return runners[key]
 
     yield get

@@ -84,3 +84,25 @@ def test_shard_cli_writes_once_then_does_nothing(tmp_path, embedded_dir):
 def test_bad_input_exits_non_zero_naming_the_value(tmp_path, args, message):
     proc = run_cli(*[a.format(tmp=tmp_path) for a in args])
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+
+
+def test_bench_single_case_and_grid_share_the_csv(tmp_path):
+    proc = run_cli("bench", "--multicase", 0, "--batch", 2, "--seq-in", 24, "--seq-out", 5, "--results-dir", tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    proc = run_cli("bench", "--multicase", 1, "--batch-sizes", 1, "--case-pairs", "16:4,32:4", "--results-dir", tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "[bench] 2/2 bs1-in32-out4" in proc.stderr and "batch 1 headline" in proc.stdout
+    lines = (tmp_path / "multibatch_performance_starcoder_0.csv").read_text().splitlines()
+    assert lines[0].startswith("Batch,Input_seq_len,Output_seq_len,TotalTime(s),first_token_time(ms),avg_token_time(ms)")
+    assert [line.split(",")[:3] for line in lines[1:]] == [["2", "24", "5"], ["1", "16", "4"], ["1", "32", "4"]]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--seq-in", "32,64"], "--multicase 0 runs one case"),
+    (["--multicase", "1", "--batch-sizes", "1,-4"], "--batch-sizes: -4 in '1,-4' must be >= 1"),
+    (["--multicase", "1", "--batch-sizes", "1", "--case-pairs", "8:4096"], "exceeds the model's n_positions=4096"),
+])
+def test_bench_refuses_bad_cases_before_spawning(tmp_path, args, message):
+    proc = run_cli("bench", "--results-dir", tmp_path, *args)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+    assert "set-up" not in proc.stderr and not list(tmp_path.glob("*.csv"))

@@ -15,6 +15,12 @@ def test_fp32_tokens_identical_to_transformers(tp_runners, hf_reference, prompts
     check_outputs_equal(outputs_0=hf_reference, outputs_1=out, name_0="transformers", name_1=f"tp{world_size}")
 
 
+def test_fp32_tokens_identical_over_torch_distributed_collectives(tp_runners, hf_reference, prompts):
+    """The same with gloo's collectives instead of the shared-memory ones (as under torchrun)."""
+    out = tp_runners(2, comm="dist").generate_greedy(prompts, NEW_TOKENS)
+    check_outputs_equal(outputs_0=hf_reference, outputs_1=out, name_0="transformers", name_1="tp2-gloo")
+
+
 def test_batch_rows_do_not_depend_on_each_other(tp_runners, hf_reference, prompts):
     """Each prompt alone gives what it gives inside the padded batch."""
     runner = tp_runners(2)

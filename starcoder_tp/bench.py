@@ -1,0 +1,64 @@
+"""`python -m starcoder_tp bench`: the Ascend guide's run.sh flow (shard when needed, warm up,
+one case or the grid, the multi-case CSV) with the same functions as the pytest suite."""
+from __future__ import annotations
+
+import time
+
+from .build_models import EMBEDDED_MODEL_DIR
+from .parallel import log
+from .perf import DEFAULT_BATCH_SIZES, DEFAULT_SEQ_LENS, PerfOptions, PerfRunner, parse_case_pairs, parse_int_list
+from .report import ResultsCSV, csv_path, git_commit, result_row, summary_lines, write_heatmaps
+
+
+def options_from_args(args) -> PerfOptions:
+    if args.multicase == 0:
+        if args.batch_sizes or args.case_pairs:
+            raise ValueError("--batch-sizes and --case-pairs go with --multicase 1; use --batch for one case")
+        batch_sizes = (args.batch,)
+        seq_in = tuple(parse_int_list("--seq-in", args.seq_in or "128"))
+        seq_out = tuple(parse_int_list("--seq-out", args.seq_out or "128"))
+        if len(seq_in) != 1 or len(seq_out) != 1:
+            raise ValueError(f"--multicase 0 runs one case: give one --seq-in and one --seq-out, "
+                             f"not {args.seq_in!r} / {args.seq_out!r}")
+    else:
+        batch_sizes = tuple(parse_int_list("--batch-sizes", args.batch_sizes or ",".join(map(str, DEFAULT_BATCH_SIZES))))
+        default_lens = ",".join(map(str, DEFAULT_SEQ_LENS))
+        seq_in = tuple(parse_int_list("--seq-in", args.seq_in or default_lens))
+        seq_out = tuple(parse_int_list("--seq-out", args.seq_out or default_lens))
+    return PerfOptions(
+        model_dir=args.model_dir or str(EMBEDDED_MODEL_DIR), device=args.device, device_id=args.device_id,
+        world_size=args.world_size, dtype=args.dtype, batch_sizes=batch_sizes, seq_in=seq_in, seq_out=seq_out,
+        case_pairs=tuple(parse_case_pairs(args.case_pairs)) if args.case_pairs else None,
+        max_seq_len=args.max_seq_len, rounds=args.perf_rounds, warmup=args.perf_warmup,
+        results_dir=args.results_dir, model_name=args.model_name, threads_per_rank=args.threads_per_rank,
+        timeout_s=args.timeout,
+    )
+
+
+def run_bench(args) -> int:
+    options = options_from_args(args)  # every check before any rank is spawned
+    started = time.perf_counter()
+    results = ResultsCSV(csv_path(options.results_dir, options.model_name, options.device_id), log=log)
+    commit = git_commit()
+    cases = options.cases()
+    rows = []
+    runner = PerfRunner(options, log=log)
+    try:
+        runner.start()
+        for index, case in enumerate(cases, start=1):
+            result = runner.measure(case)
+            row = result_row(result, world_size=options.world_size, dtype=options.dtype, device=options.device,
+                             model=options.model_name, commit=commit)
+            results.append(row)
+            rows.append(row)
+            log(f"[bench] {index}/{len(cases)} {case.id}: first token {result.first_token_ms:.2f} ms, "
+                f"decode {result.decode_ms_mean:.3f} ms/token, {result.tokens_per_s:.1f} tokens/s")
+    finally:
+        runner.close()
+        if rows:
+            for line in summary_lines(rows):
+                print(line)
+            heatmaps = write_heatmaps(rows, options.results_dir, options.model_name, options.device_id)
+            print(f"CSV: {results.path} ({len(rows)} rows); heatmaps: {', '.join(map(str, heatmaps))}")
+            print(f"wall time: {time.perf_counter() - started:.1f}s")
+    return 0
