@@ -159,15 +159,9 @@ def build_embedded(out: str | Path = EMBEDDED_MODEL_DIR, seed: int = 1234) -> Pa
 
 def save_index_sharded(weights: dict[str, torch.Tensor], out: Path, max_file_bytes: int) -> None:
     """Write weights as HF does for large models: model-0000k-of-0000n.safetensors + index."""
-    groups: list[list[str]] = [[]]
-    used = 0
-    for name, tensor in weights.items():
-        nbytes = tensor.numel() * tensor.element_size()
-        if groups[-1] and used + nbytes > max_file_bytes:
-            groups.append([])
-            used = 0
-        groups[-1].append(name)
-        used += nbytes
+    from .shard import group_by_size
+
+    groups = group_by_size([(n, t.numel() * t.element_size()) for n, t in weights.items()], max_file_bytes)
     weight_map = {}
     for k, names in enumerate(groups, start=1):
         file_name = f"model-{k:05d}-of-{len(groups):05d}.safetensors"

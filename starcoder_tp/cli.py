@@ -82,8 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=600.0, help="Default: %(default)r")
 
     p = sub.add_parser("build-model", help="build the embedded fixture model or the bench-size model")
-    p.add_argument("which", choices=["embedded", "bench"])
-    p.add_argument("--out", default=None, help="Default: fixtures/tiny-starcoder (embedded), the cache (bench)")
+    p.add_argument("which", choices=["embedded", "bench", "oracle"])
+    p.add_argument("--out", default=None,
+                   help="Default: fixtures/tiny-starcoder (embedded), fixtures/oracle-starcoder (oracle), the cache (bench)")
+    p.add_argument("--epochs", type=_positive_int, default=50, help="oracle only. Default: %(default)r")
+    p.add_argument("--threads", type=_positive_int, default=1, help="oracle only: training threads. Default: %(default)r")
     return parser
 
 
@@ -220,8 +223,14 @@ def cmd_shard(args) -> int:
 
 def cmd_build_model(args) -> int:
     from .build_models import build_bench, build_embedded
+    from .oracle import ORACLE_MODEL_DIR, train_oracle
 
-    out = build_embedded(args.out) if args.which == "embedded" else build_bench(args.out)
+    if args.which == "oracle":
+        out = train_oracle(args.out or ORACLE_MODEL_DIR, epochs=args.epochs, threads=args.threads, log=log)
+    elif args.which == "embedded":
+        out = build_embedded(args.out) if args.out else build_embedded()
+    else:
+        out = build_bench(args.out)
     log(f"[build-model] {args.which} model written to {out}")
     return 0
 

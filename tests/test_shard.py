@@ -4,7 +4,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import write_small_model
+from model_files import write_small_model
 from starcoder_tp import shard as shard_mod
 from starcoder_tp.checkpoint import CheckpointReader, expected_shapes, file_sha256
 from starcoder_tp.shard import load_part, merge_rank_tensors, rank_tensor, read_manifest, shard_checkpoint

@@ -1,6 +1,6 @@
 """One test per case of the grid, id bs{B}-in{I}-out{O}: `pytest tests_perf -k bs16`,
 `-k "bs1-"` for batch 1 alone (or --batch-sizes 1)."""
-from conftest import record_result
+from starcoder_tp.pytest_plugin import record_result
 from starcoder_tp.perf import CaseResult
 
 

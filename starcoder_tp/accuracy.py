@@ -1,0 +1,101 @@
+"""One accuracy run: HumanEval completed by the TP runtime and by the single-device reference
+(transformers, or this runtime at world size 1), both executed in the sandboxed pool, with the
+outputs written and the figures summarised. Used by the pytest suite (tests_accuracy/)."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from .device import Device
+from .humaneval import SideResult, complete, execute, write_outputs
+from .runners import GreedyOutput, HFRunner, TPRunner
+from .shard import ensure_shards
+
+
+@dataclass(frozen=True)
+class AccuracyOptions:
+    model_dir: str
+    problems: dict
+    device: Device = Device("cpu")
+    world_size: int = 2
+    dtype: str = "float32"
+    reference: str = "transformers"  # or "tp1"
+    max_new_tokens: int = 320
+    batch_size: int = 8
+    timeout_s: float = 3.0
+    workers: int = 2
+    memory_mb: int = 1024
+    tolerance: float = 0.02
+    results_dir: str = "results"
+    threads_per_rank: int | None = None
+
+
+@dataclass
+class AccuracyRun:
+    options: AccuracyOptions
+    tp: SideResult
+    reference: SideResult
+    summary: dict
+    jsonl: Path
+    summary_path: Path
+
+
+def as_greedy_output(side: SideResult) -> GreedyOutput:
+    return GreedyOutput(side.output_ids, side.topk_logprobs, side.topk_ids)
+
+
+def run_accuracy(o: AccuracyOptions, log: Callable[[str], None] = print) -> AccuracyRun:
+    from transformers import AutoTokenizer
+
+    started = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(o.model_dir)
+    gen = dict(max_new_tokens=o.max_new_tokens, batch_size=o.batch_size, progress=log)
+    runner = TPRunner(ensure_shards(o.model_dir, o.world_size, o.dtype, log=log), o.world_size, o.device,
+                      threads_per_rank=o.threads_per_rank)
+    try:
+        tp = complete(runner, f"tp{o.world_size}", tokenizer, o.problems, **gen)
+    finally:
+        runner.close()
+    if o.reference == "tp1":
+        runner = TPRunner(ensure_shards(o.model_dir, 1, o.dtype, log=log), 1, o.device)
+        try:
+            reference = complete(runner, "tp1", tokenizer, o.problems, **gen)
+        finally:
+            runner.close()
+    else:
+        device = "cpu" if o.device.kind == "cpu" else str(o.device.torch_device(0))
+        reference = complete(HFRunner(o.model_dir, o.dtype, device), "transformers", tokenizer, o.problems, **gen)
+    log(f"[humaneval] executing the completions ({o.workers} sandboxed workers, {o.timeout_s:g}s each)")
+    execute([tp, reference], o.problems, timeout_s=o.timeout_s, workers=o.workers, memory_mb=o.memory_mb)
+    n = len(o.problems)
+    summary = {
+        "n_problems": n,
+        "pass_at_1": {"tp": tp.pass_at_1, "reference": reference.pass_at_1},
+        "token_agreement": sum(a == b for a, b in zip(tp.output_ids, reference.output_ids)) / n,
+        "task_pass_agreement": sum(a["passed"] == b["passed"] for a, b in zip(tp.results, reference.results)) / n,
+        "dtype": o.dtype,
+        "world_size": o.world_size,
+        "device": o.device.kind,
+        "reference": reference.name,
+        "model_dir": str(o.model_dir),
+        "max_new_tokens": o.max_new_tokens,
+        "generate_s": {"tp": round(tp.generate_s, 1), "reference": round(reference.generate_s, 1)},
+        "wall_s": round(time.perf_counter() - started, 1),
+    }
+    jsonl, summary_path = write_outputs(o.results_dir, o.problems, tp, reference, summary)
+    return AccuracyRun(o, tp, reference, summary, jsonl, summary_path)
+
+
+def summary_lines(run: AccuracyRun) -> list[str]:
+    s = run.summary
+    return [
+        f"{'':<14}{'pass@1':>8}{'generate s':>12}",
+        f"{run.tp.name:<14}{s['pass_at_1']['tp']:>8.4f}{s['generate_s']['tp']:>12.1f}",
+        f"{run.reference.name:<14}{s['pass_at_1']['reference']:>8.4f}{s['generate_s']['reference']:>12.1f}",
+        f"{s['n_problems']} problems, {s['dtype']}, world size {s['world_size']}, model {s['model_dir']}",
+        f"identical tokens on {s['token_agreement']:.1%} of problems, same verdict on {s['task_pass_agreement']:.1%}; "
+        f"wall time {s['wall_s']:.0f}s",
+        f"completions: {run.jsonl}; summary: {run.summary_path}",
+    ]
