@@ -93,13 +93,16 @@ def check_request(config: ModelConfig, prompts: list[list[int]], max_new_tokens:
 
 @torch.inference_mode()
 def timed_generate(model: TPGPTBigCode, device: Device, prompts: list[list[int]], max_new_tokens: int, *,
-                   ignore_eos: bool = True, max_seq_len: int | None = None, topk: int = 0) -> GenerationResult:
+                   ignore_eos: bool = True, max_seq_len: int | None = None, topk: int = 0,
+                   inject_prefill_ms: float = 0.0, inject_decode_ms: float = 0.0) -> GenerationResult:
     """Greedy decoding of `max_new_tokens` tokens for a (ragged) batch, timed step by step.
 
     Every clock read follows a device synchronisation; the step times are reduced to the
     maximum over ranks at the end (not in the loop, which would add a collective per step).
     With ignore_eos the logits are left alone and exactly `max_new_tokens` are produced;
     otherwise finished rows are filled with EOS and the loop stops when all have finished.
+    inject_prefill_ms / inject_decode_ms add a fixed delay inside the timed regions: a test-only
+    knob that proves the regression gate catches a slowdown.
     """
     config = model.config
     cache_len = check_request(config, prompts, max_new_tokens, max_seq_len)
@@ -122,6 +125,8 @@ def timed_generate(model: TPGPTBigCode, device: Device, prompts: list[list[int]]
     started = time.perf_counter()
     logits = model(ids, position_ids, 0, key_valid)
     token = model.pick_greedy(logits)
+    if inject_prefill_ms:
+        time.sleep(inject_prefill_ms / 1e3)
     device.synchronize()
     step_ms.append((time.perf_counter() - started) * 1e3)
     generated = 1
@@ -139,6 +144,8 @@ def timed_generate(model: TPGPTBigCode, device: Device, prompts: list[list[int]]
         started = time.perf_counter()
         logits = model(token.unsqueeze(-1), next_position, prompt_len + generated - 1, key_valid)
         token = model.pick_greedy(logits)
+        if inject_decode_ms:
+            time.sleep(inject_decode_ms / 1e3)
         device.synchronize()
         step_ms.append((time.perf_counter() - started) * 1e3)
         next_position += 1

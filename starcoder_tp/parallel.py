@@ -190,12 +190,14 @@ class WorkerGroup:
         return self
 
     def generate(self, prompts: list[list[int]], max_new_tokens: int, *, ignore_eos: bool = True,
-                 max_seq_len: int | None = None, topk: int = 0) -> tuple[GenerationResult, list[int]]:
+                 max_seq_len: int | None = None, topk: int = 0, inject_prefill_ms: float = 0.0,
+                 inject_decode_ms: float = 0.0) -> tuple[GenerationResult, list[int]]:
         """Run one request on every rank; returns rank 0's result and each rank's peak memory."""
         if not self.procs:
             raise RuntimeError("the worker group is not running (start() it first)")
         request = {"prompts": [list(map(int, p)) for p in prompts], "max_new_tokens": max_new_tokens,
-                   "ignore_eos": ignore_eos, "max_seq_len": max_seq_len, "topk": topk}
+                   "ignore_eos": ignore_eos, "max_seq_len": max_seq_len, "topk": topk,
+                   "inject_prefill_ms": inject_prefill_ms, "inject_decode_ms": inject_decode_ms}
         for rank, conn in enumerate(self.conns):
             try:
                 conn.send(("generate", request))

@@ -172,8 +172,12 @@ class PerfOptions:
     model_name: str = "starcoder"
     threads_per_rank: int | None = None
     timeout_s: float = 600.0
+    inject_prefill_ms: float = 0.0  # test-only: proves that the regression gate catches a slowdown
+    inject_decode_ms: float = 0.0
 
     def __post_init__(self) -> None:
+        if self.inject_prefill_ms < 0 or self.inject_decode_ms < 0:
+            raise ValueError(f"injected delays must be >= 0 ms, got {self.inject_prefill_ms}, {self.inject_decode_ms}")
         if self.dtype not in DTYPES:
             raise ValueError(f"--dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
         if self.rounds < 1:
@@ -234,7 +238,9 @@ class PerfRunner:
     def run_round(self, case: Case, result: CaseResult) -> None:
         prompts = make_prompts(case, self.config.vocab_size)
         generation, memory = self.group.generate(prompts, case.seq_out, ignore_eos=True,
-                                                 max_seq_len=self.options.max_seq_len)
+                                                 max_seq_len=self.options.max_seq_len,
+                                                 inject_prefill_ms=self.options.inject_prefill_ms,
+                                                 inject_decode_ms=self.options.inject_decode_ms)
         result.add_round(generation.first_token_ms, generation.decode_ms, tuple(generation.output_ids.shape), memory)
 
     def measure(self, case: Case) -> CaseResult:

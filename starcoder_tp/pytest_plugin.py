@@ -16,7 +16,9 @@ from starcoder_tp.build_models import EMBEDDED_MODEL_DIR
 from starcoder_tp.device import DEVICE_KINDS, Device
 from starcoder_tp.humaneval import load_problems
 from starcoder_tp.oracle import ORACLE_MODEL_DIR
-from starcoder_tp.perf import (DEFAULT_BATCH_SIZES, DEFAULT_SEQ_LENS, CaseResult, PerfOptions, PerfRunner,
+from starcoder_tp.gate import (MIN_ROUNDS, Baseline, Verdict, measure_calibration, parse_thresholds, write_baseline,
+                               write_comparison_png)
+from starcoder_tp.perf import (DEFAULT_BATCH_SIZES, DEFAULT_SEQ_LENS, Case, CaseResult, PerfOptions, PerfRunner,
                                parse_case_pairs, parse_int_list)
 from starcoder_tp.report import ResultsCSV, csv_path, git_commit, result_row, summary_lines, write_heatmaps
 from starcoder_tp.shard import DTYPES
@@ -50,6 +52,21 @@ def pytest_addoption(parser):
     group.addoption("--model-name", default="starcoder", help="suffix of the result files. Default: %(default)r")
     group.addoption("--threads-per-rank", default=None, help="CPU threads per rank. Default: the cores shared evenly")
     group.addoption("--rank-timeout", default="600", help="seconds a rank may take for one request. Default: %(default)r")
+    # Gating on latency regressions against a stored baseline.
+    group.addoption("--perf-baseline", default=None,
+                    help="a results CSV of an earlier run (e.g. fixtures/baselines/...): fail cases that regressed. Default: %(default)r")
+    group.addoption("--perf-save-baseline", default=None, help="write this run's rows to this CSV. Default: %(default)r")
+    group.addoption("--perf-max-regression", default="first_token=10%,decode=10%",
+                    help="per-metric thresholds on the median. Default: %(default)r")
+    group.addoption("--perf-alpha", default="0.05",
+                    help="significance level of the Mann-Whitney test on the rounds. Default: %(default)r")
+    group.addoption("--perf-normalize", action="store_true", default=False,
+                    help="compare in machine-speed-calibrated units (a baseline from another machine of the same kind). "
+                         "Default: %(default)r")
+    group.addoption("--perf-inject-decode-delay-ms", default="0",
+                    help="test-only: add this delay to every decode step. Default: %(default)r")
+    group.addoption("--perf-inject-prefill-delay-ms", default="0",
+                    help="test-only: add this delay to the prefill. Default: %(default)r")
     # The accuracy suite (tests_accuracy/); without --model-dir it runs the oracle fixture model.
     group.addoption("--humaneval-limit", default=None, help="the first N problems only. Default: all 164")
     group.addoption("--humaneval-tasks", default=None, help="comma-separated task ids, e.g. HumanEval/0,HumanEval/7. Default: all")
@@ -78,6 +95,14 @@ def _int_option(config, name: str, minimum: int = 1) -> int | None:
     return value
 
 
+def _float_option(config, name: str) -> float:
+    text = config.getoption(name)
+    try:
+        return float(text)
+    except ValueError:
+        raise pytest.UsageError(f"--{name.replace('_', '-')}: {text!r} is not a number") from None
+
+
 def options_from_config(config) -> PerfOptions:
     """The suite's options, checked; a bad value stops the run at start-up, naming it."""
     try:
@@ -100,6 +125,8 @@ def options_from_config(config) -> PerfOptions:
             model_name=config.getoption("model_name"),
             threads_per_rank=_int_option(config, "threads_per_rank"),
             timeout_s=float(_int_option(config, "rank_timeout")),
+            inject_prefill_ms=_float_option(config, "perf_inject_prefill_delay_ms"),
+            inject_decode_ms=_float_option(config, "perf_inject_decode_delay_ms"),
         )
     except (ValueError, FileNotFoundError) as err:
         raise pytest.UsageError(str(err)) from None
@@ -107,7 +134,7 @@ def options_from_config(config) -> PerfOptions:
 
 @dataclass
 class PerfState:
-    """What one pytest session measured."""
+    """What one pytest session measured, and the gate it is held to."""
 
     options: PerfOptions
     csv: ResultsCSV | None = None
@@ -115,6 +142,32 @@ class PerfState:
     setup_times: dict[str, float] = field(default_factory=dict)
     commit: str = ""
     started: float = field(default_factory=time.perf_counter)
+    calibration: dict[str, float] = field(default_factory=dict)
+    baseline: Baseline | None = None
+    thresholds: dict[str, float] = field(default_factory=dict)
+    alpha: float = 0.05
+    normalize: bool = False
+    verdicts: dict[Case, list[Verdict]] = field(default_factory=dict)
+    new_cases: list[Case] = field(default_factory=list)
+
+
+def gate_options(config, state: PerfState) -> None:
+    """Load the baseline and thresholds at start-up: a bad file or option stops the run now."""
+    try:
+        state.thresholds = parse_thresholds(config.getoption("perf_max_regression"))
+        state.alpha = float(config.getoption("perf_alpha"))
+        if not 0 < state.alpha < 1:
+            raise ValueError(f"--perf-alpha must be within (0, 1), got {state.alpha}")
+        state.normalize = config.getoption("perf_normalize")
+        path = config.getoption("perf_baseline")
+        if path:
+            o = state.options
+            if o.rounds < MIN_ROUNDS:
+                raise ValueError(f"--perf-baseline needs --perf-rounds >= {MIN_ROUNDS} (got {o.rounds}): "
+                                 "fewer rounds cannot show a significant difference")
+            state.baseline = Baseline.load(path, world_size=o.world_size, dtype=o.dtype, device=o.device)
+    except (ValueError, FileNotFoundError) as err:
+        raise pytest.UsageError(str(err)) from None
 
 
 perf_state_key = pytest.StashKey[PerfState]()
@@ -149,6 +202,7 @@ def accuracy_options_from_config(config) -> AccuracyOptions:
 def pytest_configure(config):
     config.addinivalue_line("markers", "perf: a latency case of the performance grid (tests_perf/)")
     config.stash[perf_state_key] = PerfState(options_from_config(config))
+    gate_options(config, config.stash[perf_state_key])
     if any("tests_accuracy" in str(arg) for arg in config.args):
         accuracy_options_from_config(config)  # bad values stop the run now, not after the set-up
 
@@ -197,6 +251,7 @@ def perf_state(request) -> PerfState:
     o = state.options
     state.csv = ResultsCSV(csv_path(o.results_dir, o.model_name, o.device_id), log=lambda m: _say(request.config, m))
     state.commit = git_commit()
+    state.calibration = measure_calibration()
     return state
 
 
@@ -226,10 +281,40 @@ def accuracy_run(request, accuracy_options) -> AccuracyRun:
 def record_result(state: PerfState, result: CaseResult) -> dict:
     o = state.options
     row = result_row(result, world_size=o.world_size, dtype=o.dtype, device=o.device, model=o.model_name,
-                     commit=state.commit)
+                     commit=state.commit, calibration=state.calibration)
     state.csv.append(row)
     state.rows.append(row)
     return row
+
+
+def gate_case(state: PerfState, case: Case, row: dict) -> list[Verdict]:
+    """The case's verdicts against the baseline ([] without one); kept for the summary."""
+    if state.baseline is None:
+        return []
+    verdicts = state.baseline.compare(case, row, state.thresholds, state.alpha, state.normalize)
+    if verdicts is None:
+        state.new_cases.append(case)
+        return []
+    state.verdicts[case] = verdicts
+    return verdicts
+
+
+def measure_and_gate(runner: PerfRunner, state: PerfState, case: Case, benchmark) -> tuple[CaseResult, list[Verdict]]:
+    """Measure the case's rounds (timed by pytest-benchmark too), record the row and gate it; a
+    case that regresses is measured once more, and only a second regression counts."""
+    rounds = state.options.rounds
+    runner.warm_up(case.batch)
+    result = CaseResult(case)
+    benchmark.pedantic(runner.run_round, args=(case, result), rounds=rounds, iterations=1, warmup_rounds=0)
+    while result.rounds < rounds:  # --benchmark-disable runs the function once
+        runner.run_round(case, result)
+    verdicts = gate_case(state, case, record_result(state, result))
+    if any(v.kind == "regression" for v in verdicts):
+        result = CaseResult(case)
+        for _ in range(rounds):
+            runner.run_round(case, result)
+        verdicts = gate_case(state, case, record_result(state, result))
+    return result, verdicts
 
 
 def pytest_terminal_summary(terminalreporter, config):
@@ -250,6 +335,25 @@ def pytest_terminal_summary(terminalreporter, config):
     for line in summary_lines(state.rows):
         terminalreporter.write_line(line)
     heatmaps = write_heatmaps(state.rows, o.results_dir, o.model_name, o.device_id)
+    if state.baseline is not None:
+        terminalreporter.write_line(f"regression gate against {state.baseline.path} "
+                                    f"(thresholds {state.thresholds}, alpha {state.alpha}"
+                                    f"{', machine-speed normalised' if state.normalize else ''}):")
+        verdicts = [v for vs in state.verdicts.values() for v in vs]
+        for kind in ("regression", "improvement"):
+            found = [v for v in verdicts if v.kind == kind]
+            terminalreporter.write_line(f"  {len(found)} {kind}(s)" + (":" if found else ""),
+                                        red=kind == "regression" and bool(found))
+            for v in found:
+                terminalreporter.write_line("    " + v.message())
+        if state.new_cases:
+            terminalreporter.write_line(f"  not in the baseline (not gated): {', '.join(c.id for c in state.new_cases)}")
+        if verdicts:
+            png = write_comparison_png(verdicts, Path(o.results_dir) / f"perf_comparison_{o.model_name}_{o.device_id}.png")
+            terminalreporter.write_line(f"  comparison plot: {png}")
+    save = config.getoption("perf_save_baseline")
+    if save:
+        terminalreporter.write_line(f"baseline saved: {write_baseline(state.rows, save)}")
     terminalreporter.write_line(f"CSV: {state.csv.path} ({len(state.rows)} rows this session)")
     bench = getattr(config, "_benchmarksession", None)
     if bench is not None and bench.json:

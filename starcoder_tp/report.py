@@ -16,7 +16,7 @@ ASCEND_COLUMNS = ["Batch", "Input_seq_len", "Output_seq_len", "TotalTime(s)", "f
                   "avg_token_time(ms)"]
 OUR_COLUMNS = ["world_size", "dtype", "device", "model", "decode_p50_ms", "decode_p90_ms", "decode_p99_ms",
                "tokens_per_s", "peak_memory_mb", "peak_memory_mb_per_rank", "rounds", "first_token_ms_rounds",
-               "decode_ms_rounds", "git_commit", "timestamp"]
+               "decode_ms_rounds", "calib_bandwidth_gbs", "calib_matmul_gflops", "git_commit", "timestamp"]
 COLUMNS = ASCEND_COLUMNS + OUR_COLUMNS
 
 
@@ -33,7 +33,8 @@ def git_commit(repo: Path = Path(__file__).resolve().parent.parent) -> str:
         return "unknown"
 
 
-def result_row(result: CaseResult, *, world_size: int, dtype: str, device: str, model: str, commit: str) -> dict:
+def result_row(result: CaseResult, *, world_size: int, dtype: str, device: str, model: str, commit: str,
+               calibration: dict[str, float] | None = None) -> dict:
     mb = 1 << 20
     return {
         "Batch": result.case.batch,
@@ -56,6 +57,10 @@ def result_row(result: CaseResult, *, world_size: int, dtype: str, device: str, 
         # Per-round figures, kept so that a later run can test its difference for significance.
         "first_token_ms_rounds": ";".join(f"{t:.4f}" for t in result.first_token_ms_rounds),
         "decode_ms_rounds": ";".join(f"{statistics.fmean(d) if d else 0.0:.4f}" for d in result.decode_ms_rounds),
+        # The machine's speed when this row was measured (gate.measure_calibration), for
+        # comparisons across machines of one kind (--perf-normalize).
+        "calib_bandwidth_gbs": f"{calibration['calib_bandwidth_gbs']:.3f}" if calibration else "",
+        "calib_matmul_gflops": f"{calibration['calib_matmul_gflops']:.3f}" if calibration else "",
         "git_commit": commit,
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }

@@ -1,18 +1,13 @@
 """One test per case of the grid, id bs{B}-in{I}-out{O}: `pytest tests_perf -k bs16`,
-`-k "bs1-"` for batch 1 alone (or --batch-sizes 1)."""
-from starcoder_tp.pytest_plugin import record_result
-from starcoder_tp.perf import CaseResult
+`-k "bs1-"` for batch 1 alone (or --batch-sizes 1). With --perf-baseline a case also fails when
+it regressed (see starcoder_tp/gate.py)."""
+import pytest
+
+from starcoder_tp.pytest_plugin import measure_and_gate
 
 
 def test_latency(perf_case, perf_runner, perf_state, benchmark):
-    rounds = perf_state.options.rounds
-    perf_runner.warm_up(perf_case.batch)
-    result = CaseResult(perf_case)
-    # pytest-benchmark times each whole generation; our own clocks give first-token and decode.
-    benchmark.pedantic(perf_runner.run_round, args=(perf_case, result), rounds=rounds, iterations=1, warmup_rounds=0)
-    while result.rounds < rounds:  # --benchmark-disable runs the function once
-        perf_runner.run_round(perf_case, result)
-    row = record_result(perf_state, result)
+    result, verdicts = measure_and_gate(perf_runner, perf_state, perf_case, benchmark)
     benchmark.extra_info.update({
         "case": perf_case.id,
         "first_token_ms": result.first_token_ms,
@@ -25,6 +20,10 @@ def test_latency(perf_case, perf_runner, perf_state, benchmark):
         "peak_memory_bytes_per_rank": result.peak_memory_bytes,
         "world_size": perf_state.options.world_size,
         "dtype": perf_state.options.dtype,
+        "verdicts": {v.metric: v.kind for v in verdicts},
     })
-    assert result.rounds == rounds
-    assert int(row["Batch"]) == perf_case.batch and int(row["Output_seq_len"]) == perf_case.seq_out
+    assert result.rounds == perf_state.options.rounds
+    regressions = [v for v in verdicts if v.kind == "regression"]
+    if regressions:
+        pytest.fail("latency regression (confirmed by a second measurement):\n" + "\n".join(
+            v.message() for v in regressions), pytrace=False)

@@ -1,0 +1,212 @@
+"""Gating on latency regressions against a stored baseline, without crying wolf.
+
+A case regresses on a metric only when BOTH hold (asv's rule, per metric):
+- its median over R rounds is beyond baseline × (1 + threshold), and
+- its rounds are significantly slower than the baseline's rounds (one-sided Mann-Whitney U,
+  p < alpha), so one noisy round cannot fail a build.
+A case that fails is measured once more before it is declared a regression (the test does that).
+Improvements beyond the threshold are reported too: a stale baseline is worth knowing.
+
+With `normalize`, latencies are first scaled by the machine-speed calibration stored with both
+runs (memory bandwidth for decode, matmul throughput for the first token), so that a baseline
+taken on another machine of the same kind stays meaningful.
+"""
+from __future__ import annotations
+
+import csv
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .perf import Case
+from .report import COLUMNS
+
+METRICS = {"first_token": "first_token_ms_rounds", "decode": "decode_ms_rounds"}
+CALIBRATION_OF = {"first_token": "calib_matmul_gflops", "decode": "calib_bandwidth_gbs"}
+MIN_ROUNDS = 4  # exact Mann-Whitney, 3 vs 3 rounds: p >= 0.05 however far apart; 4 vs 4: down to 0.014
+
+
+def parse_thresholds(text: str) -> dict[str, float]:
+    """'first_token=10%,decode=15%' -> {'first_token': 0.10, 'decode': 0.15}."""
+    thresholds = {}
+    for item in text.split(","):
+        name, sep, value = item.strip().partition("=")
+        if not sep or name not in METRICS:
+            raise ValueError(f"--perf-max-regression: {item.strip()!r} is not METRIC=N% with METRIC one of "
+                             f"{', '.join(METRICS)}")
+        try:
+            number = float(value.rstrip("%")) / (100 if value.endswith("%") else 1)
+        except ValueError:
+            raise ValueError(f"--perf-max-regression: {value!r} is not a number or percentage") from None
+        if not 0 < number < 10:
+            raise ValueError(f"--perf-max-regression: {item.strip()!r} must be > 0")
+        thresholds[name] = number
+    return thresholds
+
+
+def measure_calibration(repeats: int = 5) -> dict[str, float]:
+    """Machine speed on one thread: memory copy bandwidth (GB/s) and fp32 matmul (GFLOP/s)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        src = torch.ones(32 << 20)  # 128 MB: far beyond the caches
+        dst = torch.empty_like(src)
+        a, b = torch.randn(512, 512), torch.randn(512, 512)
+        best_copy = best_mm = float("inf")
+        for _ in range(repeats):
+            t = time.perf_counter()
+            dst.copy_(src)
+            best_copy = min(best_copy, time.perf_counter() - t)
+            t = time.perf_counter()
+            for _ in range(8):
+                torch.mm(a, b)
+            best_mm = min(best_mm, (time.perf_counter() - t) / 8)
+    finally:
+        torch.set_num_threads(threads)
+    return {"calib_bandwidth_gbs": 2 * src.numel() * 4 / best_copy / 1e9,  # read + write
+            "calib_matmul_gflops": 2 * 512 ** 3 / best_mm / 1e9}
+
+
+def mann_whitney_p(now: list[float], baseline: list[float], alternative: str) -> float:
+    from scipy.stats import mannwhitneyu
+
+    return float(mannwhitneyu(now, baseline, alternative=alternative).pvalue)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    case: Case
+    metric: str
+    kind: str  # "regression", "improvement", "ok"
+    baseline_ms: float
+    now_ms: float
+    threshold: float
+    p_value: float | None
+
+    @property
+    def ratio(self) -> float:
+        return self.now_ms / self.baseline_ms
+
+    def message(self) -> str:
+        p = "" if self.p_value is None else f", Mann-Whitney p={self.p_value:.3g}"
+        return (f"{self.case.id} {self.metric}: baseline {self.baseline_ms:.3f} ms, now {self.now_ms:.3f} ms, "
+                f"ratio {self.ratio:.3f} (threshold {self.threshold:.0%}{p}): {self.kind}")
+
+
+def compare_metric(case: Case, metric: str, now: list[float], baseline: list[float], threshold: float,
+                   alpha: float, scale: float = 1.0) -> Verdict:
+    """`scale` multiplies the current figures (machine-speed normalisation); medians compared."""
+    now = [t * scale for t in now]
+    now_med, base_med = statistics.median(now), statistics.median(baseline)
+    ratio = now_med / base_med
+    if ratio > 1 + threshold:
+        p = mann_whitney_p(now, baseline, "greater")
+        return Verdict(case, metric, "regression" if p < alpha else "ok", base_med, now_med, threshold, p)
+    if ratio < 1 - threshold:
+        p = mann_whitney_p(now, baseline, "less")
+        return Verdict(case, metric, "improvement" if p < alpha else "ok", base_med, now_med, threshold, p)
+    return Verdict(case, metric, "ok", base_med, now_med, threshold, None)
+
+
+def _rounds(text: str) -> list[float]:
+    return [float(x) for x in text.split(";") if x]
+
+
+@dataclass
+class Baseline:
+    path: Path
+    rows: dict[Case, dict]  # the last row of each case
+
+    @classmethod
+    def load(cls, path: str | Path, *, world_size: int, dtype: str, device: str) -> "Baseline":
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"--perf-baseline {path}: no such file")
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            missing = [c for c in ("first_token_ms_rounds", "decode_ms_rounds", "world_size", "dtype")
+                       if c not in (reader.fieldnames or [])]
+            if missing:
+                raise ValueError(f"--perf-baseline {path}: not a results CSV of this suite (no column {missing[0]!r})")
+            rows = list(reader)
+        if not rows:
+            raise ValueError(f"--perf-baseline {path}: holds no measured case")
+        for row in rows:
+            theirs = (int(row["world_size"]), row["dtype"], row["device"])
+            if theirs != (world_size, dtype, device):
+                raise ValueError(
+                    f"--perf-baseline {path} was measured at world size {theirs[0]}, {theirs[1]}, {theirs[2]}; "
+                    f"this run is world size {world_size}, {dtype}, {device}: compare like with like "
+                    "(or take a new baseline with --perf-save-baseline)")
+            if int(row["rounds"]) < MIN_ROUNDS:
+                raise ValueError(f"--perf-baseline {path}: case bs{row['Batch']}-in{row['Input_seq_len']}-out"
+                                 f"{row['Output_seq_len']} has {row['rounds']} round(s); a baseline needs >= "
+                                 f"{MIN_ROUNDS} (take it with --perf-rounds {MIN_ROUNDS} or more)")
+        by_case = {Case(int(r["Batch"]), int(r["Input_seq_len"]), int(r["Output_seq_len"])): r for r in rows}
+        return cls(path, by_case)
+
+    def compare(self, case: Case, row: dict, thresholds: dict[str, float], alpha: float,
+                normalize: bool = False) -> list[Verdict] | None:
+        """Verdicts for each gated metric of a freshly measured row; None if the case is new."""
+        base = self.rows.get(case)
+        if base is None:
+            return None
+        verdicts = []
+        for metric, threshold in thresholds.items():
+            column = METRICS[metric]
+            scale = 1.0
+            if normalize:
+                calib = CALIBRATION_OF[metric]
+                scale = float(row[calib]) / float(base[calib])
+            verdicts.append(compare_metric(case, metric, _rounds(row[column]), _rounds(base[column]), threshold,
+                                           alpha, scale))
+        return verdicts
+
+
+def write_baseline(rows: list[dict], path: str | Path) -> Path:
+    """This session's rows as a baseline file, written atomically."""
+    import os
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
+    return path
+
+
+def write_comparison_png(verdicts: list[Verdict], path: str | Path) -> Path:
+    """Now / baseline per case and metric, with the threshold drawn: red = regression."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = sorted({v.metric for v in verdicts})
+    fig, axes = plt.subplots(len(metrics), 1, figsize=(max(6, 0.5 * len(verdicts) + 3), 3 * len(metrics)),
+                             squeeze=False)
+    colors = {"regression": "tab:red", "improvement": "tab:green", "ok": "tab:blue"}
+    for ax, metric in zip(axes[:, 0], metrics):
+        chosen = sorted((v for v in verdicts if v.metric == metric), key=lambda v: v.case)
+        ax.bar(range(len(chosen)), [v.ratio for v in chosen], color=[colors[v.kind] for v in chosen])
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        if chosen:
+            ax.axhline(1 + chosen[0].threshold, color="tab:red", linestyle="--", linewidth=0.8)
+        ax.set_xticks(range(len(chosen)), [v.case.id for v in chosen], rotation=45, ha="right", fontsize=7)
+        ax.set_ylabel("now / baseline")
+        ax.set_title(f"{metric} (median over rounds)")
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+    import os
+
+    os.replace(tmp, path)
+    return path

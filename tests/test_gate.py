@@ -1,0 +1,109 @@
+"""The regression gate's comparison and statistics on synthetic numbers."""
+import random
+
+import pytest
+
+from starcoder_tp.gate import Baseline, compare_metric, parse_thresholds, write_baseline
+from starcoder_tp.perf import Case, CaseResult
+from starcoder_tp.report import result_row
+
+CASE = Case(1, 32, 32)
+
+
+def test_thresholds_are_per_metric():
+    assert parse_thresholds("first_token=10%,decode=15%") == {"first_token": 0.10, "decode": 0.15}
+    assert parse_thresholds("decode=0.2") == {"decode": 0.2}
+    for bad, message in [("latency=10%", "'latency=10%' is not METRIC=N%"), ("decode=fast", "'fast' is not a number"),
+                         ("decode=0%", "must be > 0"), ("decode", "is not METRIC=N%")]:
+        with pytest.raises(ValueError, match=message):
+            parse_thresholds(bad)
+
+
+def test_a_clear_slowdown_is_a_regression_and_a_speedup_an_improvement():
+    base = [10.0, 10.2, 9.9, 10.1, 10.0]
+    slow = [12.5, 12.6, 12.4, 12.7, 12.5]
+    verdict = compare_metric(CASE, "decode", slow, base, threshold=0.10, alpha=0.05)
+    assert verdict.kind == "regression" and verdict.ratio == pytest.approx(1.25) and verdict.p_value < 0.05
+    assert "bs1-in32-out32 decode: baseline 10.000 ms, now 12.500 ms, ratio 1.250 (threshold 10%" in verdict.message()
+    fast = [7.0, 7.1, 6.9, 7.0, 7.2]
+    assert compare_metric(CASE, "decode", fast, base, threshold=0.10, alpha=0.05).kind == "improvement"
+
+
+def test_a_slowdown_within_the_threshold_passes_however_significant():
+    base = [10.0, 10.01, 10.02, 10.0, 10.01]
+    now = [10.5, 10.51, 10.52, 10.5, 10.51]  # +5%: significant, but under 10%
+    assert compare_metric(CASE, "decode", now, base, 0.10, 0.05).kind == "ok"
+
+
+def test_one_noisy_round_does_not_fail_the_build():
+    base = [10.0, 10.1, 9.9, 10.0, 10.1]
+    now = [10.0, 30.0, 30.0, 9.9, 10.2]  # median 10.2... two outliers
+    assert compare_metric(CASE, "first_token", now, base, 0.10, 0.05).kind == "ok"
+    # Over the threshold on the median, but the rounds overlap: not significant.
+    overlapping = [9.5, 11.3, 11.4, 9.8, 11.5]
+    base_wide = [9.6, 11.0, 9.7, 11.2, 9.9]
+    verdict = compare_metric(CASE, "first_token", overlapping, base_wide, 0.10, 0.05)
+    assert verdict.ratio > 1.10 and verdict.kind == "ok" and verdict.p_value >= 0.05
+
+
+def test_noisy_a_a_comparisons_rarely_alarm():
+    """Both sides from one distribution with 8% noise (5 rounds each): one comparison alarms
+    less often than alpha, and with the re-measurement (both must alarm) almost never; a real
+    +25% slowdown is still caught almost always."""
+    rng = random.Random(0)
+
+    def rounds(scale):
+        return [10.0 * scale * rng.gauss(1, 0.08) for _ in range(5)]
+
+    def gate(scale):  # one measurement, and a second one only if the first alarms
+        base = rounds(1.0)
+        return all(compare_metric(CASE, "decode", rounds(scale), base, 0.10, 0.05).kind == "regression"
+                   for _ in range(2))
+
+    trials = 2000
+    single = sum(compare_metric(CASE, "decode", rounds(1.0), rounds(1.0), 0.10, 0.05).kind == "regression"
+                 for _ in range(trials)) / trials
+    assert single < 0.05, single
+    assert sum(gate(1.0) for _ in range(trials)) / trials < 0.005
+    assert sum(gate(1.25) for _ in range(trials)) / trials > 0.8
+
+
+def test_normalisation_scales_by_the_machine_speed():
+    base = [10.0, 10.1, 9.9, 10.0, 10.1]
+    on_slower_machine = [15.0, 15.1, 14.9, 15.0, 15.2]  # a machine with 2/3 of the bandwidth
+    assert compare_metric(CASE, "decode", on_slower_machine, base, 0.10, 0.05).kind == "regression"
+    assert compare_metric(CASE, "decode", on_slower_machine, base, 0.10, 0.05, scale=2 / 3).kind == "ok"
+
+
+def row(case=CASE, world_size=2, dtype="float32", first=(10.0, 10.1, 9.9, 10.0), decode=((2.0, 2.0),) * 4, bw=20.0):
+    result = CaseResult(case)
+    for f, d in zip(first, decode):
+        result.add_round(f, [d[0]] * (case.seq_out - 1), (case.batch, case.seq_out), [1 << 20])
+    return result_row(result, world_size=world_size, dtype=dtype, device="cpu", model="m", commit="c",
+                      calibration={"calib_bandwidth_gbs": bw, "calib_matmul_gflops": 50.0})
+
+
+def test_baseline_file_edge_cases(tmp_path):
+    path = write_baseline([row(), row(Case(4, 32, 32))], tmp_path / "base.csv")
+    baseline = Baseline.load(path, world_size=2, dtype="float32", device="cpu")
+    thresholds = {"first_token": 0.1, "decode": 0.1}
+    assert baseline.compare(Case(16, 32, 32), row(Case(16, 32, 32)), thresholds, 0.05) is None  # a new case
+    same = baseline.compare(CASE, row(), thresholds, 0.05)
+    assert [v.kind for v in same] == ["ok", "ok"]
+    slow = baseline.compare(CASE, row(decode=((3.0, 3.0), (3.1, 3.1), (3.05, 3.05), (3.0, 3.0))), {"decode": 0.1}, 0.05)
+    assert [(v.metric, v.kind) for v in slow] == [("decode", "regression")]
+    # --perf-normalize: the same slowdown on a machine with 2/3 of the bandwidth is no regression.
+    slower_machine = row(decode=((3.0, 3.0), (3.1, 3.1), (3.05, 3.05), (3.0, 3.0)), bw=20.0 * 2 / 3)
+    assert baseline.compare(CASE, slower_machine, {"decode": 0.1}, 0.05, normalize=True)[0].kind == "ok"
+    with pytest.raises(ValueError, match="measured at world size 2, float32, cpu; this run is world size 4, float32"):
+        Baseline.load(path, world_size=4, dtype="float32", device="cpu")
+    with pytest.raises(ValueError, match="world size 2, float32, cpu; this run is world size 2, bfloat16"):
+        Baseline.load(path, world_size=2, dtype="bfloat16", device="cpu")
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        Baseline.load(tmp_path / "none.csv", world_size=2, dtype="float32", device="cpu")
+    (tmp_path / "other.csv").write_text("a,b\n1,2\n")
+    with pytest.raises(ValueError, match="not a results CSV of this suite"):
+        Baseline.load(tmp_path / "other.csv", world_size=2, dtype="float32", device="cpu")
+    one_round = write_baseline([row(first=(10.0,), decode=((2.0, 2.0),))], tmp_path / "one.csv")
+    with pytest.raises(ValueError, match="has 1 round\\(s\\); a baseline needs >= 4"):
+        Baseline.load(one_round, world_size=2, dtype="float32", device="cpu")

@@ -1,0 +1,64 @@
+"""The regression gate end to end on the embedded model: a baseline taken moments before, then
+an unchanged run (passes), an injected +25% decode slowdown (fails on decode) and a first-token
+slowdown (fails on the first-token metric alone)."""
+import csv
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+GRID = ["--batch-sizes", "1", "--seq-in", "128", "--seq-out", "32", "--perf-rounds", "5"]
+
+
+def run_perf(tmp, *args):
+    return subprocess.run([sys.executable, "-m", "pytest", "tests_perf", "-p", "no:cacheprovider", *GRID,
+                           "--results-dir", str(tmp / "results"), *map(str, args)],
+                          capture_output=True, text=True, timeout=600, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("gate")
+    proc = run_perf(tmp, "--perf-save-baseline", tmp / "baseline.csv")
+    assert proc.returncode == 0, proc.stdout[-2000:]
+    row = list(csv.DictReader(open(tmp / "baseline.csv")))[0]
+    first = statistics.median(float(x) for x in row["first_token_ms_rounds"].split(";"))
+    decode = statistics.median(float(x) for x in row["decode_ms_rounds"].split(";"))
+    return tmp, first, decode
+
+
+def test_unchanged_run_passes_the_gate(baseline):
+    tmp, _, _ = baseline
+    proc = run_perf(tmp, "--perf-baseline", tmp / "baseline.csv")
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert "0 regression(s)" in proc.stdout
+
+
+def test_injected_decode_slowdown_of_25_percent_fails_the_gate(baseline):
+    tmp, _, decode = baseline
+    proc = run_perf(tmp, "--perf-baseline", tmp / "baseline.csv", "--perf-inject-decode-delay-ms", f"{0.25 * decode:.3f}")
+    assert proc.returncode == 1, proc.stdout[-3000:]
+    assert "latency regression (confirmed by a second measurement)" in proc.stdout
+    assert "bs1-in128-out32 decode: baseline" in proc.stdout and "first_token: baseline" not in proc.stdout
+    assert (tmp / "results" / "perf_comparison_starcoder_0.png").is_file()
+
+
+def test_first_token_slowdown_is_caught_on_the_first_token_metric_alone(baseline):
+    tmp, first, _ = baseline
+    proc = run_perf(tmp, "--perf-baseline", tmp / "baseline.csv", "--perf-max-regression", "first_token=10%",
+                    "--perf-inject-prefill-delay-ms", f"{0.5 * first:.3f}")
+    assert proc.returncode == 1, proc.stdout[-3000:]
+    assert "bs1-in128-out32 first_token: baseline" in proc.stdout and "decode: baseline" not in proc.stdout
+
+
+def test_a_baseline_of_another_world_size_is_refused_at_start_up(baseline):
+    tmp, _, _ = baseline
+    proc = run_perf(tmp, "--perf-baseline", tmp / "baseline.csv", "--world-size", "1")
+    assert proc.returncode == 4
+    assert "was measured at world size 2, float32, cpu; this run is world size 1" in proc.stderr
+    proc = run_perf(tmp, "--perf-baseline", tmp / "baseline.csv", "--perf-rounds", "2")
+    assert proc.returncode == 4 and "--perf-baseline needs --perf-rounds >= 4 (got 2)" in proc.stderr
