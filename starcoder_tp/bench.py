@@ -37,6 +37,7 @@ def options_from_args(args) -> PerfOptions:
 
 def run_bench(args) -> int:
     options = options_from_args(args)  # every check before any rank is spawned
+    options.check_cases()
     started = time.perf_counter()
     results = ResultsCSV(csv_path(options.results_dir, options.model_name, options.device_id), log=log)
     commit = git_commit()

@@ -185,9 +185,12 @@ class PerfOptions:
         if self.warmup < 0:
             raise ValueError(f"--perf-warmup must be >= 0, got {self.warmup}")
         Device(self.device, self.device_id)  # validates both
-        config = ModelConfig.from_dir(self.model_dir)
-        config.check_world_size(self.world_size)
-        check_cases(self.cases(), config, self.max_seq_len)
+        ModelConfig.from_dir(self.model_dir).check_world_size(self.world_size)
+
+    def check_cases(self) -> None:
+        """Refuse the grid's impossible cases (kept apart: a grid that does not fit a model
+        must not block an accuracy run on it)."""
+        check_cases(self.cases(), self.config, self.max_seq_len)
 
     def cases(self) -> list[Case]:
         return build_cases(self.batch_sizes, self.seq_in, self.seq_out, self.case_pairs)
@@ -213,6 +216,7 @@ class PerfRunner:
 
     def start(self) -> "PerfRunner":
         o = self.options
+        o.check_cases()
         t0 = time.perf_counter()
         self.shard_dir = ensure_shards(o.model_dir, o.world_size, o.dtype, log=self.log)
         t1 = time.perf_counter()

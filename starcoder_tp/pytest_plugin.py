@@ -219,6 +219,10 @@ def pytest_collection_modifyitems(config, items):
     if not perf_items:
         return
     o = state.options
+    try:
+        o.check_cases()  # before any rank is spawned
+    except ValueError as err:
+        raise pytest.UsageError(str(err)) from None
     if config.getoption("perf_resume") and csv_path(o.results_dir, o.model_name, o.device_id).is_file():
         done = ResultsCSV(csv_path(o.results_dir, o.model_name, o.device_id)).measured_cases(
             world_size=o.world_size, dtype=o.dtype, device=o.device, model=o.model_name)

@@ -51,6 +51,8 @@ def test_cases_beyond_positions_or_cache_are_refused_naming_the_case():
         check_cases([Case(1, 4000, 200)], config, None)
     with pytest.raises(ValueError, match="case bs4-in512-out512: input \\+ output = 1024 tokens exceeds --max-seq-len 1000"):
         check_cases([Case(4, 512, 512)], config, 1000)
+    with pytest.raises(ValueError, match="case bs1-in512-out1024: input \\+ output = 1536 tokens exceeds --max-seq-len 1500"):
+        PerfOptions(model_dir=str(EMBEDDED_MODEL_DIR), max_seq_len=1500).check_cases()
     with pytest.raises(ValueError, match="world size 3 does not divide"):
         PerfOptions(model_dir=str(EMBEDDED_MODEL_DIR), world_size=3)
     with pytest.raises(ValueError, match="--perf-rounds must be >= 1, got 0"):
