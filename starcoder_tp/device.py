@@ -60,6 +60,8 @@ class Device:
     def torch_device(self, local_rank: int) -> torch.device:
         if self.kind == "cpu":
             return torch.device("cpu")
+        if self.kind == "npu":
+            import_torch_npu()  # registers the "npu" device type with torch
         return torch.device(self.kind, self.device_id + local_rank)
 
     def bind(self, local_rank: int) -> torch.device:
@@ -68,7 +70,6 @@ class Device:
         if self.kind == "cuda":
             torch.cuda.set_device(dev)
         elif self.kind == "npu":
-            import_torch_npu()
             torch.npu.set_device(dev)
         return dev
 

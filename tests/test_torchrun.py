@@ -21,3 +21,32 @@ def test_torchrun_two_ranks_match_transformers(embedded_dir, prompts):
     assert proc.returncode == 0, proc.stderr[-3000:]
     payload = json.loads(proc.stdout)  # only rank 0 prints
     assert payload["output_ids"] == HFRunner(embedded_dir).generate_greedy(prompts, 24).output_ids
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_on_loopback_match_the_single_node_run(embedded_dir, prompts, tmp_path):
+    """2 nodes × 1 rank: two torchrun processes with --node-rank 0/1, c10d rendezvous on 127.0.0.1."""
+    ids_file = tmp_path / "ids.json"
+    ids_file.write_text(json.dumps(prompts))
+    endpoint = f"127.0.0.1:{free_port()}"
+    procs = []
+    for node_rank in (0, 1):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+               "--node-rank", str(node_rank), "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint,
+               "--rdzv-id", "starcoder-tp-test", "-m", "starcoder_tp", "generate", "--model-dir", str(embedded_dir),
+               "--input-ids-file", str(ids_file), "--max-new-tokens", "24", "--ignore-eos", "--json", "--timeout", "120"]
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                                      env={**os.environ, "PYTHONPATH": str(REPO)}))
+    outputs = [p.communicate(timeout=300) for p in procs]
+    for p, (out, err) in zip(procs, outputs):
+        assert p.returncode == 0, err[-3000:]
+    payloads = [json.loads(out) for out, _ in outputs if out.strip()]
+    assert len(payloads) == 1  # only global rank 0 prints
+    assert payloads[0]["output_ids"] == HFRunner(embedded_dir).generate_greedy(prompts, 24).output_ids
