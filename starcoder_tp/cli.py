@@ -9,7 +9,9 @@ from pathlib import Path
 
 import torch
 
+from .config import ModelConfig
 from .device import DEVICE_KINDS, Device
+from .generate import check_request
 from .parallel import GroupSpec, RankFailure, WorkerGroup, init_from_torchrun, launched_by_torchrun, log
 from .shard import DTYPES, TOKENIZER_FILES, ensure_shards, read_manifest, shard_checkpoint
 
@@ -170,6 +172,7 @@ def cmd_generate(args) -> int:
     shard_dir, world_size = _resolve_shards(args)
     tokenizer = _load_tokenizer(shard_dir / "part_model" / "0")
     prompts = _read_prompts(args, tokenizer)
+    check_request(ModelConfig.from_dir(shard_dir / "part_model" / "0"), prompts, args.max_new_tokens, args.max_seq_len)
     spec = GroupSpec(str(shard_dir), world_size, device, args.threads_per_rank, timeout_s=args.timeout)
     with WorkerGroup(spec) as group:
         setup_s = time.perf_counter() - started

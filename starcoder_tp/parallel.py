@@ -24,7 +24,8 @@ import torch.distributed as dist
 
 from . import shm_comm
 from .device import Device
-from .generate import GenerationResult, load_model, timed_generate
+from .config import ModelConfig
+from .generate import GenerationResult, check_request, load_model, timed_generate
 from .model import TPGroup
 
 DEFAULT_START_TIMEOUT_S = 300.0
@@ -164,6 +165,7 @@ class WorkerGroup:
         if not Path(self.spec.shard_dir, "manifest.json").is_file():
             raise FileNotFoundError(f"{self.spec.shard_dir} has no manifest.json: not a complete shard set")
         self.spec.device.check_available(self.spec.world_size)
+        self.config = ModelConfig.from_dir(Path(self.spec.shard_dir) / "part_model" / "0")
         started = time.perf_counter()
         port = 0
         if self.spec.world_size > 1:
@@ -195,16 +197,22 @@ class WorkerGroup:
         """Run one request on every rank; returns rank 0's result and each rank's peak memory."""
         if not self.procs:
             raise RuntimeError("the worker group is not running (start() it first)")
-        request = {"prompts": [list(map(int, p)) for p in prompts], "max_new_tokens": max_new_tokens,
+        prompts = [list(map(int, p)) for p in prompts]
+        # A bad request is refused here, naming the bad value, and the ranks keep running.
+        check_request(self.config, prompts, max_new_tokens, max_seq_len)
+        request = {"prompts": prompts, "max_new_tokens": max_new_tokens,
                    "ignore_eos": ignore_eos, "max_seq_len": max_seq_len, "topk": topk,
                    "inject_prefill_ms": inject_prefill_ms, "inject_decode_ms": inject_decode_ms}
+        replies = self._request("generate", request)
+        return replies[0]["result"], [r["peak_memory_bytes"] for r in replies]
+
+    def _request(self, command: str, payload: dict) -> list[dict]:
         for rank, conn in enumerate(self.conns):
             try:
-                conn.send(("generate", request))
+                conn.send((command, payload))
             except (BrokenPipeError, OSError):
                 self._fail(f"rank {rank} {_describe_exit(self.procs[rank])} before it could take the request")
-        replies = self._collect("generate", self.spec.timeout_s)
-        return replies[0]["result"], [r["peak_memory_bytes"] for r in replies]
+        return self._collect(command, self.spec.timeout_s)
 
     def _collect(self, what: str, timeout_s: float) -> list[dict]:
         replies: dict[int, dict] = {}

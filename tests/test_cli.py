@@ -80,6 +80,8 @@ def test_shard_cli_writes_once_then_does_nothing(tmp_path, embedded_dir):
      "expected a number >= 1, got 0"),
     (["generate", "--model-dir", "fixtures/tiny-starcoder", "--prompt", "x", "--max-new-tokens", "4",
       "--dtype", "float64"], "invalid choice: 'float64'"),
+    (["generate", "--model-dir", "fixtures/tiny-starcoder", "--prompt", "x", "--max-new-tokens", "5000"],
+     "needs 5001 positions (max_seq_len), but the model has n_positions=4096"),
 ])
 def test_bad_input_exits_non_zero_naming_the_value(tmp_path, args, message):
     proc = run_cli(*[a.format(tmp=tmp_path) for a in args])

@@ -32,11 +32,20 @@ def test_killed_rank_is_named_with_its_signal(shards):
     assert not any(p.pid in pids for p in children())
 
 
+def test_bad_request_is_refused_in_the_parent_and_the_group_keeps_serving(shards):
+    with WorkerGroup(GroupSpec(str(shards), 2, timeout_s=60)) as group:
+        with pytest.raises(ValueError, match="token id 99999 is outside the vocabulary"):
+            group.generate([[1, 99999]], 4)
+        with pytest.raises(ValueError, match="max_seq_len=5 is shorter than input \\+ output = 6"):
+            group.generate([[1, 2]], 4, max_seq_len=5)
+        assert group.generate([[1, 2]], 4)[0].output_ids.shape == (1, 4)
+
+
 def test_rank_error_carries_its_traceback_and_tears_the_group_down(shards):
     group = WorkerGroup(GroupSpec(str(shards), 2, timeout_s=60)).start()
     pids = [info["pid"] for info in group.ready_info]
-    with pytest.raises(RankFailure, match=r"(?s)rank \d failed during 'generate'.*token id 99999 is outside the vocabulary"):
-        group.generate([[1, 99999]], 4)
+    with pytest.raises(RankFailure, match=r"(?s)rank \d failed during 'explode'.*unknown command 'explode'"):
+        group._request("explode", {})
     time.sleep(0.5)
     assert not any(p.pid in pids for p in children())
 
