@@ -47,27 +47,33 @@ def parse_thresholds(text: str) -> dict[str, float]:
     return thresholds
 
 
-def measure_calibration(repeats: int = 5) -> dict[str, float]:
-    """Machine speed on one thread: memory copy bandwidth (GB/s) and fp32 matmul (GFLOP/s)."""
+def measure_calibration(samples: int = 3) -> dict[str, float]:
+    """Machine speed on one thread: memory copy bandwidth (GB/s) and fp32 matmul (GFLOP/s).
+
+    Each figure is the median over `samples` fresh allocations of the best of three runs, after
+    a warm-up: single runs on these machines vary by 10-20% with placement and clock state.
+    """
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    copies, matmuls = [], []
     try:
-        src = torch.ones(32 << 20)  # 128 MB: far beyond the caches
-        dst = torch.empty_like(src)
-        a, b = torch.randn(512, 512), torch.randn(512, 512)
-        best_copy = best_mm = float("inf")
-        for _ in range(repeats):
-            t = time.perf_counter()
-            dst.copy_(src)
-            best_copy = min(best_copy, time.perf_counter() - t)
-            t = time.perf_counter()
-            for _ in range(8):
-                torch.mm(a, b)
-            best_mm = min(best_mm, (time.perf_counter() - t) / 8)
+        for _ in range(samples):
+            src = torch.ones(32 << 20)  # 128 MB: far beyond the caches
+            dst = torch.empty_like(src)
+            a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+            dst.copy_(src), torch.mm(a, b)  # warm-up: page faults, kernel selection
+            copies.append(min(_timed(lambda: dst.copy_(src)) for _ in range(3)))
+            matmuls.append(min(_timed(lambda: torch.mm(a, b)) for _ in range(3)))
     finally:
         torch.set_num_threads(threads)
-    return {"calib_bandwidth_gbs": 2 * src.numel() * 4 / best_copy / 1e9,  # read + write
-            "calib_matmul_gflops": 2 * 512 ** 3 / best_mm / 1e9}
+    return {"calib_bandwidth_gbs": 2 * (32 << 20) * 4 / statistics.median(copies) / 1e9,  # read + write
+            "calib_matmul_gflops": 2 * 1024 ** 3 / statistics.median(matmuls) / 1e9}
+
+
+def _timed(fn) -> float:
+    started = time.perf_counter()
+    fn()
+    return time.perf_counter() - started
 
 
 def mann_whitney_p(now: list[float], baseline: list[float], alternative: str) -> float:
