@@ -107,3 +107,11 @@ def test_baseline_file_edge_cases(tmp_path):
     one_round = write_baseline([row(first=(10.0,), decode=((2.0, 2.0),))], tmp_path / "one.csv")
     with pytest.raises(ValueError, match="has 1 round\\(s\\); a baseline needs >= 4"):
         Baseline.load(one_round, world_size=2, dtype="float32", device="cpu")
+
+
+def test_the_committed_baseline_loads():
+    from starcoder_tp.build_models import FIXTURES
+
+    baseline = Baseline.load(FIXTURES / "baselines" / "tiny-starcoder-ws2-float32-cpu.csv", world_size=2,
+                             dtype="float32", device="cpu")
+    assert set(baseline.rows) == {Case(1, 128, 32), Case(4, 128, 32)}
