@@ -151,7 +151,8 @@ def timed_generate(model: TPGPTBigCode, device: Device, prompts: list[list[int]]
         next_position += 1
         generated += 1
 
-    times = model.tp.all_reduce_max_(torch.tensor(step_ms, dtype=torch.float64))
+    # On the model's device: nccl/hccl reduce device tensors only.
+    times = model.tp.all_reduce_max_(torch.tensor(step_ms, dtype=torch.float64, device=dev)).cpu()
     return GenerationResult(
         output_ids=out[:, :generated].cpu(),
         first_token_ms=float(times[0]),

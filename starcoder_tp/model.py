@@ -229,7 +229,7 @@ class TPGPTBigCode(nn.Module):
         packed = torch.stack([local_val.double(), (local_idx + self.vocab_start).double()], dim=-1)  # [B, 2]
         gathered = self.tp.all_gather(packed)  # [N, B, 2]
         best_rank = gathered[..., 0].argmax(dim=0)  # [B]; first maximum = lowest rank = lowest id
-        return gathered[best_rank, torch.arange(logits.shape[0]), 1].long()
+        return gathered[best_rank, torch.arange(logits.shape[0], device=logits.device), 1].long()
 
     def topk(self, logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Global top-k (log-probabilities, token ids), [B, k] each; for comparisons in tests."""
