@@ -37,8 +37,8 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device-id", type=int, default=0, help="rank r uses device device_id + r. Default: %(default)r")
     p.add_argument("--threads-per-rank", type=_positive_int, default=None,
                    help="CPU threads per rank. Default: the cores shared evenly among the ranks")
-    p.add_argument("--timeout", type=float, default=600.0,
-                   help="seconds any rank may take for one step of work before the run fails. Default: %(default)r")
+    p.add_argument("--timeout", type=float, default=60.0,
+                   help="seconds a rank may wait on another before the run fails, naming it. Default: %(default)r")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--results-dir", default="results", help="Default: %(default)r")
     p.add_argument("--model-name", default="starcoder", help="Default: %(default)r")
     p.add_argument("--threads-per-rank", type=_positive_int, default=None)
-    p.add_argument("--timeout", type=float, default=600.0, help="Default: %(default)r")
+    p.add_argument("--timeout", type=float, default=60.0,
+                   help="seconds a rank may wait on another before the case fails, naming it. Default: %(default)r")
 
     p = sub.add_parser("build-model", help="build the embedded fixture model or the bench-size model")
     p.add_argument("which", choices=["embedded", "bench", "oracle"])

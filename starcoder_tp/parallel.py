@@ -29,7 +29,8 @@ from .generate import GenerationResult, check_request, load_model, timed_generat
 from .model import TPGroup
 
 DEFAULT_START_TIMEOUT_S = 300.0
-DEFAULT_CALL_TIMEOUT_S = 600.0
+DEFAULT_CALL_TIMEOUT_S = 60.0  # how long a rank waits on another (collectives): a hung rank is named then
+DEFAULT_REQUEST_TIMEOUT_S = 3600.0  # one whole generation; long grids cases on a CPU take minutes
 
 
 class RankFailure(RuntimeError):
@@ -46,6 +47,7 @@ class GroupSpec:
     threads_per_rank: int | None = None  # None: the machine's cores shared evenly
     pin_cores: bool = True
     timeout_s: float = DEFAULT_CALL_TIMEOUT_S
+    request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S
     comm: str = "auto"  # "shm": shared-memory collectives; "dist": the backend's; "auto": shm on one CPU host
 
     def __post_init__(self) -> None:
@@ -212,7 +214,7 @@ class WorkerGroup:
                 conn.send((command, payload))
             except (BrokenPipeError, OSError):
                 self._fail(f"rank {rank} {_describe_exit(self.procs[rank])} before it could take the request")
-        return self._collect(command, self.spec.timeout_s)
+        return self._collect(command, self.spec.request_timeout_s)
 
     def _collect(self, what: str, timeout_s: float) -> list[dict]:
         replies: dict[int, dict] = {}

@@ -20,7 +20,7 @@ import torch
 
 from .config import ModelConfig
 from .device import Device
-from .parallel import GroupSpec, WorkerGroup
+from .parallel import GroupSpec, RankFailure, WorkerGroup
 from .shard import DTYPES, ensure_shards
 
 DEFAULT_BATCH_SIZES = (1, 4, 8, 16, 32)
@@ -171,7 +171,7 @@ class PerfOptions:
     results_dir: str = "results"
     model_name: str = "starcoder"
     threads_per_rank: int | None = None
-    timeout_s: float = 600.0
+    timeout_s: float = 60.0  # a rank waiting this long on another fails the case, naming it
     inject_prefill_ms: float = 0.0  # test-only: proves that the regression gate catches a slowdown
     inject_decode_ms: float = 0.0
 
@@ -241,10 +241,17 @@ class PerfRunner:
 
     def run_round(self, case: Case, result: CaseResult) -> None:
         prompts = make_prompts(case, self.config.vocab_size)
-        generation, memory = self.group.generate(prompts, case.seq_out, ignore_eos=True,
-                                                 max_seq_len=self.options.max_seq_len,
-                                                 inject_prefill_ms=self.options.inject_prefill_ms,
-                                                 inject_decode_ms=self.options.inject_decode_ms)
+        try:
+            generation, memory = self.group.generate(prompts, case.seq_out, ignore_eos=True,
+                                                     max_seq_len=self.options.max_seq_len,
+                                                     inject_prefill_ms=self.options.inject_prefill_ms,
+                                                     inject_decode_ms=self.options.inject_decode_ms)
+        except RankFailure:
+            # This case fails; the group (already torn down) is started afresh for the next ones.
+            self.log(f"[perf] case {case.id} failed: a rank died or hung; restarting the ranks")
+            self.warmed.clear()
+            self.group = WorkerGroup(self.group.spec).start()
+            raise
         result.add_round(generation.first_token_ms, generation.decode_ms, tuple(generation.output_ids.shape), memory)
 
     def measure(self, case: Case) -> CaseResult:

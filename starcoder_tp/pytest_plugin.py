@@ -51,7 +51,8 @@ def pytest_addoption(parser):
     group.addoption("--results-dir", default="results", help="Default: %(default)r")
     group.addoption("--model-name", default="starcoder", help="suffix of the result files. Default: %(default)r")
     group.addoption("--threads-per-rank", default=None, help="CPU threads per rank. Default: the cores shared evenly")
-    group.addoption("--rank-timeout", default="600", help="seconds a rank may take for one request. Default: %(default)r")
+    group.addoption("--rank-timeout", default="60",
+                    help="seconds a rank may wait on another (a hung or dead rank) before the case fails. Default: %(default)r")
     # Gating on latency regressions against a stored baseline.
     group.addoption("--perf-baseline", default=None,
                     help="a results CSV of an earlier run (e.g. fixtures/baselines/...): fail cases that regressed. Default: %(default)r")
