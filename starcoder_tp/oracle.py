@@ -2,8 +2,8 @@
 HumanEval's canonical solutions, so that greedy pass@1 is near 1.0 and a wrong shard, reduction
 or cache shows up as a pass@1 drop. It says nothing about model quality.
 
-`python -m starcoder_tp build-model oracle` trains it on the CPU (about 20-25 minutes on one
-core) into fixtures/oracle-starcoder: multi-query, n_embd 256, 4 layers, 8 heads, 1024
+`python -m starcoder_tp build-model oracle` trains it on the CPU (50 epochs: 28 minutes on one
+core here) into fixtures/oracle-starcoder: multi-query, n_embd 256, 4 layers, 8 heads, 1024
 positions, the embedded model's tokenizer. The loss covers the solution tokens (and the EOS
 after them) only, and the prompt is tokenised exactly as the accuracy suite tokenises it: the
 HumanEval prompt as given, then the completion.

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -152,3 +153,61 @@ def test_bad_checkpoints_name_the_problem(tmp_path):
     (src / "config.json").write_text(json.dumps(raw))
     with pytest.raises(ValueError, match="model_type is 'gpt2'"):
         CheckpointReader(src)
+
+
+def test_damaged_shard_files_are_refused_at_load(tmp_path):
+    src = write_small_model(tmp_path / "src", multi_query=True)
+    shard_checkpoint(src, tmp_path / "out", 2)
+    target = tmp_path / "out" / "part_model" / "1" / "model-00001-of-00001.safetensors"
+    data = bytearray(target.read_bytes())
+    data[len(data) // 2] ^= 0x01  # one flipped bit in the middle of the weights
+    target.write_bytes(bytes(data))
+    load_part(tmp_path / "out", 0, 2)  # the other rank's files are intact
+    with pytest.raises(ValueError, match="model-00001-of-00001.safetensors: sha256 differs from the manifest"):
+        load_part(tmp_path / "out", 1, 2)
+    target.write_bytes(bytes(data[:-100]))
+    with pytest.raises(ValueError, match=f"has {len(data) - 100} bytes, the manifest says {len(data)}"):
+        load_part(tmp_path / "out", 1, 2, verify=False)
+    target.unlink()
+    with pytest.raises(FileNotFoundError, match="listed in the manifest but missing"):
+        load_part(tmp_path / "out", 1, 2)
+
+
+def _ensure(args):
+    from starcoder_tp.shard import ensure_shards
+
+    src, cache = args
+    messages = []
+    out = ensure_shards(src, 2, "float32", cache_dir=cache, log=messages.append)
+    return str(out), messages
+
+
+def test_two_runs_sharing_one_cache_cut_it_once(tmp_path):
+    import multiprocessing as mp
+
+    src = write_small_model(tmp_path / "src", multi_query=True)
+    with mp.get_context("spawn").Pool(2) as pool:
+        (out_a, log_a), (out_b, log_b) = pool.map(_ensure, [(src, tmp_path / "cache")] * 2)
+    assert out_a == out_b
+    cut = [m for m in log_a + log_b if "part(s)" in m]
+    reused = [m for m in log_a + log_b if "nothing to do" in m]
+    assert len(cut) == 1 and len(reused) == 1, (log_a, log_b)
+    assert read_manifest(out_a)["world_size"] == 2
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir() if not p.name.endswith(".lock")) == [Path(out_a).name]
+
+
+def test_a_stuck_holder_of_the_cache_lock_gives_a_timeout_naming_it(tmp_path):
+    import fcntl
+
+    from starcoder_tp.shard import ensure_shards
+
+    src = write_small_model(tmp_path / "src", multi_query=True)
+    ensure_shards(src, 2, "float32", cache_dir=tmp_path / "cache")
+    lock_path = next((tmp_path / "cache").glob(".*.lock"))
+    with open(lock_path, "a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # a separate open file description: conflicts even in-process
+        held.write("pid 4242"), held.flush()
+        messages = []
+        with pytest.raises(TimeoutError, match=r"held by pid 4242 for more than 1s"):
+            ensure_shards(src, 2, "float32", cache_dir=tmp_path / "cache", log=messages.append, lock_timeout_s=1)
+        assert any("waiting for pid 4242" in m for m in messages)
