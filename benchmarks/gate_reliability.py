@@ -26,47 +26,63 @@ def measure(runner: PerfRunner, case: Case, rounds: int, calibration: dict) -> d
                       model="gate-reliability", commit="", calibration=calibration)
 
 
-def gated(runner: PerfRunner, baseline: Baseline, case: Case, rounds: int, calibration: dict, thresholds) -> bool:
-    """True when the suite would report a regression (two failing measurements in a row)."""
+def gated(runner: PerfRunner, baseline: Baseline, case: Case, rounds: int, calibration: dict, thresholds) -> set[str]:
+    """The metrics the suite would report as regressed (two failing measurements in a row)."""
+    failing = set(thresholds)
     for _ in range(2):
         verdicts = baseline.compare(case, measure(runner, case, rounds, calibration), thresholds, 0.05)
-        if not any(v.kind == "regression" for v in verdicts):
-            return False
-    return True
+        failing &= {v.metric for v in verdicts if v.kind == "regression"}
+        if not failing:
+            break
+    return failing
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repetitions", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--slowdown", type=float, default=0.25, help="injected decode slowdown. Default: %(default)r")
+    parser.add_argument("--slowdown", type=float, default=0.25,
+                        help="injected slowdown of the metric, as a fraction of its baseline. Default: %(default)r")
+    parser.add_argument("--metric", choices=["decode", "first_token", "both"], default="both",
+                        help="which metric to slow down. Default: %(default)r")
+    parser.add_argument("--threshold", type=float, default=0.10,
+                        help="the gate's threshold for both metrics. Default: %(default)r")
     parser.add_argument("--out", default="results/gate_baseline.csv")
     args = parser.parse_args()
     case = Case(1, 128, 32)
-    thresholds = {"first_token": 0.10, "decode": 0.10}
+    thresholds = {"first_token": args.threshold, "decode": args.threshold}
     options = PerfOptions(model_dir=str(EMBEDDED_MODEL_DIR), batch_sizes=(1,), seq_in=(128,), seq_out=(32,),
                           rounds=args.rounds)
+    metrics = ["decode", "first_token"] if args.metric == "both" else [args.metric]
     calibration = measure_calibration()
     runner = PerfRunner(options, log=lambda m: None).start()
     started = time.perf_counter()
+    n = args.repetitions
+    lines = []
     try:
-        runner.warm_up(case.batch)
+        runner.warm_up(case)
         path = write_baseline([measure(runner, case, args.rounds, calibration)], args.out)
         baseline = Baseline.load(path, world_size=2, dtype="float32", device="cpu")
-        decode = statistics.median(float(x) for x in baseline.rows[case]["decode_ms_rounds"].split(";"))
-        false_alarms = sum(gated(runner, baseline, case, args.rounds, calibration, thresholds)
-                           for _ in range(args.repetitions))
-        delay = args.slowdown * decode
-        runner.options = dataclasses.replace(options, inject_decode_ms=delay)
-        detections = sum(gated(runner, baseline, case, args.rounds, calibration, thresholds)
-                         for _ in range(args.repetitions))
+        medians = {m: statistics.median(float(x) for x in baseline.rows[case][f"{m}_ms_rounds"].split(";"))
+                   for m in ("first_token", "decode")}
+        alarms = [gated(runner, baseline, case, args.rounds, calibration, thresholds) for _ in range(n)]
+        false_alarms = sum(bool(a) for a in alarms)
+        by_metric = ", ".join(f"{m} {sum(m in a for a in alarms)}" for m in thresholds)
+        lines.append(f"false alarms (unchanged runs): {false_alarms}/{n} = {false_alarms / n:.0%} ({by_metric})")
+        for metric in metrics:
+            delay = args.slowdown * medians[metric]
+            inject = {"inject_decode_ms" if metric == "decode" else "inject_prefill_ms": delay}
+            runner.options = dataclasses.replace(options, **inject)
+            detections = sum(bool(gated(runner, baseline, case, args.rounds, calibration, {metric: thresholds[metric]}))
+                             for _ in range(n))
+            lines.append(f"detections, {metric} +{args.slowdown:.0%} (+{delay:.3f} ms): {detections}/{n} = "
+                         f"{detections / n:.0%}")
     finally:
         runner.close()
-    n = args.repetitions
     print(f"case {case.id}, {args.rounds} rounds, thresholds {thresholds}, alpha 0.05, re-measure once")
-    print(f"baseline decode {decode:.3f} ms/token; injected {delay:.3f} ms per step (+{args.slowdown:.0%})")
-    print(f"false alarms (unchanged runs): {false_alarms}/{n} = {false_alarms / n:.0%}")
-    print(f"detections (+{args.slowdown:.0%} decode):    {detections}/{n} = {detections / n:.0%}")
+    print(f"baseline medians: first token {medians['first_token']:.3f} ms, decode {medians['decode']:.3f} ms/token")
+    for line in lines:
+        print(line)
     print(f"wall time {time.perf_counter() - started:.0f}s")
 
 

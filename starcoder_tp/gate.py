@@ -96,6 +96,11 @@ class Verdict:
     def ratio(self) -> float:
         return self.now_ms / self.baseline_ms
 
+    @property
+    def inconclusive(self) -> bool:
+        """Beyond the threshold by its median, but not significantly (too few or too noisy rounds)."""
+        return self.kind == "ok" and self.p_value is not None
+
     def message(self) -> str:
         p = "" if self.p_value is None else f", Mann-Whitney p={self.p_value:.3g}"
         return (f"{self.case.id} {self.metric}: baseline {self.baseline_ms:.3f} ms, now {self.now_ms:.3f} ms, "

@@ -308,7 +308,7 @@ def measure_and_gate(runner: PerfRunner, state: PerfState, case: Case, benchmark
     """Measure the case's rounds (timed by pytest-benchmark too), record the row and gate it; a
     case that regresses is measured once more, and only a second regression counts."""
     rounds = state.options.rounds
-    runner.warm_up(case.batch)
+    runner.warm_up(case)
     result = CaseResult(case)
     benchmark.pedantic(runner.run_round, args=(case, result), rounds=rounds, iterations=1, warmup_rounds=0)
     while result.rounds < rounds:  # --benchmark-disable runs the function once
@@ -350,6 +350,12 @@ def pytest_terminal_summary(terminalreporter, config):
             terminalreporter.write_line(f"  {len(found)} {kind}(s)" + (":" if found else ""),
                                         red=kind == "regression" and bool(found))
             for v in found:
+                terminalreporter.write_line("    " + v.message())
+        unsure = [v for v in verdicts if v.inconclusive]
+        if unsure:
+            terminalreporter.write_line(f"  {len(unsure)} beyond the threshold but not significant at alpha "
+                                        f"{state.alpha} (not failed; more --perf-rounds give the test more power):")
+            for v in unsure:
                 terminalreporter.write_line("    " + v.message())
         if state.new_cases:
             terminalreporter.write_line(f"  not in the baseline (not gated): {', '.join(c.id for c in state.new_cases)}")

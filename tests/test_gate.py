@@ -44,6 +44,8 @@ def test_one_noisy_round_does_not_fail_the_build():
     base_wide = [9.6, 11.0, 9.7, 11.2, 9.9]
     verdict = compare_metric(CASE, "first_token", overlapping, base_wide, 0.10, 0.05)
     assert verdict.ratio > 1.10 and verdict.kind == "ok" and verdict.p_value >= 0.05
+    assert verdict.inconclusive  # listed apart in the summary, not silently "ok"
+    assert not compare_metric(CASE, "first_token", base, base, 0.10, 0.05).inconclusive
 
 
 def test_noisy_a_a_comparisons_rarely_alarm():

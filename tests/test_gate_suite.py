@@ -1,8 +1,13 @@
 """The regression gate end to end on the embedded model: a baseline taken moments before, then
-an unchanged run (passes), an injected +25% decode slowdown (fails on decode) and a first-token
-slowdown (fails on the first-token metric alone)."""
+an unchanged run (passes), an injected decode slowdown (fails on decode alone) and a first-token
+slowdown (fails on the first-token metric alone).
+
+Thresholds are 25% and the injected slowdowns 2.5x that: a CI runner's speed drifts by 10-20%
+within minutes, and benchmarks/gate_reliability.py measures the gate's rates at tighter settings.
+10 rounds: with 5, one outlier among the baseline's rounds makes a shift undetectable (p >= 0.075)."""
 import csv
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -11,13 +16,19 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-GRID = ["--batch-sizes", "1", "--seq-in", "128", "--seq-out", "32", "--perf-rounds", "5"]
+GRID = ["--batch-sizes", "1", "--seq-in", "128", "--seq-out", "32", "--perf-rounds", "10"]
+THRESHOLDS = ["--perf-max-regression", "first_token=25%,decode=25%"]
 
 
 def run_perf(tmp, *args):
     return subprocess.run([sys.executable, "-m", "pytest", "tests_perf", "-p", "no:cacheprovider", *GRID,
                            "--results-dir", str(tmp / "results"), *map(str, args)],
                           capture_output=True, text=True, timeout=600, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+def regressed(stdout: str) -> set[str]:
+    """The metrics of the summary's regression lines (not its 'not significant' ones)."""
+    return set(re.findall(r"bs1-in128-out32 (\w+): baseline .*: regression$", stdout, re.MULTILINE))
 
 
 @pytest.fixture(scope="module")
@@ -33,26 +44,27 @@ def baseline(tmp_path_factory):
 
 def test_unchanged_run_passes_the_gate(baseline):
     tmp, _, _ = baseline
-    proc = run_perf(tmp, "--perf-baseline", tmp / "baseline.csv")
+    proc = run_perf(tmp, "--perf-baseline", tmp / "baseline.csv", *THRESHOLDS)
     assert proc.returncode == 0, proc.stdout[-3000:]
     assert "0 regression(s)" in proc.stdout
 
 
-def test_injected_decode_slowdown_of_25_percent_fails_the_gate(baseline):
+def test_injected_decode_slowdown_fails_the_gate_on_decode_alone(baseline):
     tmp, _, decode = baseline
-    proc = run_perf(tmp, "--perf-baseline", tmp / "baseline.csv", "--perf-inject-decode-delay-ms", f"{0.25 * decode:.3f}")
+    proc = run_perf(tmp, "--perf-baseline", tmp / "baseline.csv", *THRESHOLDS,
+                    "--perf-inject-decode-delay-ms", f"{0.625 * decode:.3f}")
     assert proc.returncode == 1, proc.stdout[-3000:]
     assert "latency regression (confirmed by a second measurement)" in proc.stdout
-    assert "bs1-in128-out32 decode: baseline" in proc.stdout and "first_token: baseline" not in proc.stdout
+    assert regressed(proc.stdout) == {"decode"}, proc.stdout[-3000:]
     assert (tmp / "results" / "perf_comparison_starcoder_0.png").is_file()
 
 
 def test_first_token_slowdown_is_caught_on_the_first_token_metric_alone(baseline):
     tmp, first, _ = baseline
-    proc = run_perf(tmp, "--perf-baseline", tmp / "baseline.csv", "--perf-max-regression", "first_token=10%",
-                    "--perf-inject-prefill-delay-ms", f"{0.5 * first:.3f}")
+    proc = run_perf(tmp, "--perf-baseline", tmp / "baseline.csv", *THRESHOLDS,
+                    "--perf-inject-prefill-delay-ms", f"{0.625 * first:.3f}")
     assert proc.returncode == 1, proc.stdout[-3000:]
-    assert "bs1-in128-out32 first_token: baseline" in proc.stdout and "decode: baseline" not in proc.stdout
+    assert regressed(proc.stdout) == {"first_token"}, proc.stdout[-3000:]
 
 
 def test_a_baseline_of_another_world_size_is_refused_at_start_up(baseline):
