@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 from .build_models import EMBEDDED_MODEL_DIR
-from .parallel import log
+from .parallel import RankFailure, log
 from .perf import DEFAULT_BATCH_SIZES, DEFAULT_SEQ_LENS, PerfOptions, PerfRunner, parse_case_pairs, parse_int_list
 from .report import ResultsCSV, csv_path, git_commit, result_row, summary_lines, write_heatmaps
 
@@ -42,12 +42,18 @@ def run_bench(args) -> int:
     results = ResultsCSV(csv_path(options.results_dir, options.model_name, options.device_id), log=log)
     commit = git_commit()
     cases = options.cases()
-    rows = []
+    rows, failed = [], []
     runner = PerfRunner(options, log=log)
     try:
         runner.start()
         for index, case in enumerate(cases, start=1):
-            result = runner.measure(case)
+            try:
+                result = runner.measure(case)
+            except RankFailure as err:
+                # As in the pytest suite: this case fails, the ranks restart, the next cases run.
+                log(f"[bench] {index}/{len(cases)} {case.id} FAILED: {err}")
+                failed.append(case)
+                continue
             row = result_row(result, world_size=options.world_size, dtype=options.dtype, device=options.device,
                              model=options.model_name, commit=commit)
             results.append(row)
@@ -62,4 +68,7 @@ def run_bench(args) -> int:
             heatmaps = write_heatmaps(rows, options.results_dir, options.model_name, options.device_id)
             print(f"CSV: {results.path} ({len(rows)} rows); heatmaps: {', '.join(map(str, heatmaps))}")
             print(f"wall time: {time.perf_counter() - started:.1f}s")
+    if failed:
+        raise RankFailure(f"{len(failed)} of {len(cases)} case(s) failed: {', '.join(c.id for c in failed)} "
+                          "(each one's error is above)")
     return 0

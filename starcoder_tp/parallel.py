@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import multiprocessing as mp
 import os
+import re
 import platform
 import signal
 import sys
@@ -150,6 +151,16 @@ def _describe_exit(proc: mp.Process) -> str:
     return f"exited with code {code}"
 
 
+def _error_message(rank: int, what: str, payload: str) -> str:
+    """A rank's exception as the parent reports it; a collective timeout leads with the rank(s)
+    that hung, since the one reporting it is the healthy one."""
+    last = payload.strip().splitlines()[-1] if payload.strip() else ""
+    hung = re.search(r"rank\(s\) \[[\d, ]+\] did not reach collective .*", last)
+    if hung:
+        return f"{hung.group(0)} during '{what}' (hung or stopped?); rank {rank}'s traceback:\n{payload}"
+    return f"rank {rank} failed during '{what}':\n{payload}"
+
+
 class WorkerGroup:
     """A persistent local group of `world_size` ranks serving generation requests."""
 
@@ -237,7 +248,7 @@ class WorkerGroup:
                         self.procs[rank].join(5)
                         self._fail(f"rank {rank} {_describe_exit(self.procs[rank])} during '{what}'")
                     if status == "error":
-                        self._fail(f"rank {rank} failed during '{what}':\n{payload}")
+                        self._fail(_error_message(rank, what, payload))
                     replies[rank] = payload
                 elif rank not in replies and not self.conns[rank].poll():
                     self.procs[rank].join(5)

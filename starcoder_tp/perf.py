@@ -220,9 +220,9 @@ class PerfRunner:
         t0 = time.perf_counter()
         self.shard_dir = ensure_shards(o.model_dir, o.world_size, o.dtype, log=self.log)
         t1 = time.perf_counter()
-        spec = GroupSpec(str(self.shard_dir), o.world_size, Device(o.device, o.device_id), o.threads_per_rank,
-                         timeout_s=o.timeout_s)
-        self.group = WorkerGroup(spec).start()
+        self.spec = GroupSpec(str(self.shard_dir), o.world_size, Device(o.device, o.device_id), o.threads_per_rank,
+                              timeout_s=o.timeout_s)
+        self.group = WorkerGroup(self.spec).start()
         t2 = time.perf_counter()
         self.setup_times = {"shard_s": t1 - t0, "spawn_and_load_s": t2 - t1,
                             "load_s": max(info["load_s"] for info in self.group.ready_info)}
@@ -254,13 +254,16 @@ class PerfRunner:
         result.add_round(generation.first_token_ms, generation.decode_ms, tuple(generation.output_ids.shape), memory)
 
     def _generate(self, case: Case, prompts: list[list[int]], new_tokens: int, **kwargs):
+        if self.group is None:  # the last case lost a rank: start afresh, and warm up again
+            self.log(f"[perf] restarting the {self.options.world_size} rank(s) after the failure")
+            self.group = WorkerGroup(self.spec).start()
         try:
             return self.group.generate(prompts, new_tokens, **kwargs)
         except RankFailure:
-            # This case fails; the group (already torn down) is started afresh for the next ones.
-            self.log(f"[perf] case {case.id} failed: a rank died or hung; restarting the ranks")
+            # This case fails; the group is already torn down, and the next case starts a new one.
+            self.log(f"[perf] case {case.id} failed: a rank died or hung")
+            self.group = None
             self.warmed.clear()
-            self.group = WorkerGroup(self.group.spec).start()
             raise
 
     def measure(self, case: Case) -> CaseResult:

@@ -3,6 +3,7 @@ naming the rank; the ranks are restarted for the following cases; nothing measur
 nothing is left running."""
 import csv
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -59,23 +60,28 @@ def test_hung_rank_is_named_after_the_rank_timeout(shards):
     assert not any(psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie" for pid in pids)
 
 
-def _ranks_running() -> set[int]:
-    """Processes started by multiprocessing's spawn (our ranks), wherever they were re-parented."""
+def _ranks_running(tag: str) -> set[int]:
+    """Our ranks (started by multiprocessing's spawn) that carry this test's environment tag,
+    wherever they were re-parented, and whatever else runs on the machine (another CI job)."""
     found = set()
     for p in psutil.process_iter(["cmdline", "status"]):
-        if p.info["status"] != "zombie" and "spawn_main" in " ".join(p.info["cmdline"] or []):
-            found.add(p.pid)
+        try:
+            if (p.info["status"] != psutil.STATUS_ZOMBIE and "spawn_main" in " ".join(p.info["cmdline"] or [])
+                    and p.environ().get("STARCODER_TP_TEST_TAG") == tag):
+                found.add(p.pid)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
     return found
 
 
 def test_perf_suite_survives_a_killed_rank(tmp_path):
     """The case in flight fails naming the rank, the ranks restart, the later cases pass, the
     rows measured before stay in the CSV, and no process is left behind."""
-    before = _ranks_running()
+    tag = f"perf-suite-{os.getpid()}-{time.time_ns()}"
     proc = subprocess.Popen([sys.executable, "-m", "pytest", "tests_perf", "-p", "no:cacheprovider",
                              "--batch-sizes", "1", "--seq-in", "16,32", "--seq-out", "8,1500",
                              "--results-dir", str(tmp_path)],
-                            cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+                            cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO), "STARCODER_TP_TEST_TAG": tag},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     csv_file = tmp_path / "multibatch_performance_starcoder_0.csv"
     deadline = time.monotonic() + 120
@@ -85,6 +91,7 @@ def test_perf_suite_survives_a_killed_rank(tmp_path):
     seen = psutil.Process(proc.pid).children(recursive=True)
     workers = [p for p in seen if "spawn_main" in " ".join(p.cmdline())]
     assert len(workers) == 2, [p.cmdline() for p in seen]
+    assert _ranks_running(tag) == {w.pid for w in workers}  # the final check below can see our ranks
     os.kill(workers[-1].pid, signal.SIGKILL)
     output, _ = proc.communicate(timeout=300)
     assert proc.returncode == 1, output[-3000:]
@@ -94,5 +101,118 @@ def test_perf_suite_survives_a_killed_rank(tmp_path):
     rows = list(csv.DictReader(open(csv_file)))
     assert [(r["Input_seq_len"], r["Output_seq_len"]) for r in rows] == [("16", "8"), ("32", "8"), ("32", "1500")]
     time.sleep(0.5)
-    mine = {p.pid for p in psutil.Process().children(recursive=True)}
-    assert not _ranks_running() - before - mine, "ranks left running after the session"
+    assert _ranks_running(tag) == set(), "ranks left running after the session"
+
+
+class _Lines:
+    """A child's merged output, read on a thread, so that a test can wait for a line with a deadline."""
+
+    def __init__(self, proc: subprocess.Popen):
+        import threading
+
+        self.proc, self.lines = proc, []
+        self.thread = threading.Thread(target=lambda: self.lines.extend(iter(proc.stdout.readline, "")), daemon=True)
+        self.thread.start()
+
+    def wait_for(self, text: str, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while not any(text in line for line in self.lines):
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                raise AssertionError(f"{text!r} never came:\n{''.join(self.lines)[-3000:]}")
+            time.sleep(0.05)
+
+    def finish(self, timeout: float) -> str:
+        self.proc.wait(timeout=timeout)
+        self.thread.join(timeout=10)
+        return "".join(self.lines)
+
+
+def _cli(*args) -> tuple[subprocess.Popen, _Lines]:
+    proc = subprocess.Popen([sys.executable, "-m", "starcoder_tp", *map(str, args)], cwd=REPO,
+                            env={**os.environ, "PYTHONPATH": str(REPO)},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return proc, _Lines(proc)
+
+
+def _ranks_of(proc: subprocess.Popen) -> list[psutil.Process]:
+    ranks = []
+    for child in psutil.Process(proc.pid).children(recursive=True):
+        try:
+            if "spawn_main" in " ".join(child.cmdline()):
+                ranks.append(child)
+        except psutil.NoSuchProcess:
+            pass
+    return ranks
+
+
+def _assert_gone(ranks: list[psutil.Process]) -> None:
+    time.sleep(0.5)
+    alive = [p.pid for p in ranks if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert not alive, f"ranks left running: {alive}"
+
+
+@pytest.mark.parametrize("fault", ["kill", "hang"])
+def test_generate_cli_exits_non_zero_naming_the_rank(shards, fault):
+    proc, out = _cli("generate", "--shards", shards, "--prompt", "def f(", "--max-new-tokens", 2000,
+                     "--ignore-eos", "--timeout", 4)
+    out.wait_for("rank(s) ready")
+    time.sleep(1.0)  # decoding now
+    ranks = _ranks_of(proc)
+    assert len(ranks) == 2
+    started = time.monotonic()
+    os.kill(ranks[1].pid, signal.SIGKILL if fault == "kill" else signal.SIGSTOP)
+    output = out.finish(timeout=60)
+    elapsed = time.monotonic() - started
+    print(f"generate CLI, {fault}: exit {proc.returncode} after {elapsed:.2f}s")
+    assert proc.returncode == 1, output[-3000:]
+    expected = (r"error: rank 1 was killed by signal SIGKILL|error: rank\(s\) \[1\] did not reach" if fault == "kill"
+                else r"error: rank\(s\) \[1\] did not reach collective #\d+ within 4s \(rank 0 waited\) during "
+                     r"'generate' \(hung or stopped\?\)")
+    assert re.search(expected, output), output[-3000:]
+    assert elapsed < (20 if fault == "kill" else 4 + 20)
+    _assert_gone(ranks)
+
+
+def test_bench_cli_survives_a_killed_rank_and_keeps_the_rows(tmp_path):
+    proc, out = _cli("bench", "--multicase", 1, "--batch-sizes", 1, "--seq-in", "16,32", "--seq-out", "8,1500",
+                     "--results-dir", tmp_path)
+    out.wait_for("[bench] 1/4 bs1-in16-out8")
+    time.sleep(1.0)  # bs1-in16-out1500 is decoding now
+    ranks = _ranks_of(proc)
+    assert len(ranks) == 2
+    os.kill(ranks[1].pid, signal.SIGKILL)
+    output = out.finish(timeout=300)
+    assert proc.returncode == 1, output[-3000:]
+    assert re.search(r"\[bench\] 2/4 bs1-in16-out1500 FAILED: rank 1 was killed by signal SIGKILL", output), output
+    assert "error: 1 of 4 case(s) failed: bs1-in16-out1500" in output
+    assert "[bench] 4/4 bs1-in32-out1500" in output  # the ranks were restarted for the later cases
+    rows = list(csv.DictReader(open(tmp_path / "multibatch_performance_starcoder_0.csv")))
+    assert [(r["Input_seq_len"], r["Output_seq_len"]) for r in rows] == [("16", "8"), ("32", "8"), ("32", "1500")]
+    _assert_gone(ranks + _ranks_of(proc) if proc.poll() is None else ranks)
+
+
+def test_two_suite_runs_at_once_share_the_cache_without_collisions(tmp_path):
+    """Two CI jobs on one machine: one shard cache (cut once, under a lock), free ports, their own
+    results; both pass and nothing is left running."""
+    tag = f"two-suites-{os.getpid()}-{time.time_ns()}"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "STARCODER_TP_CACHE": str(tmp_path / "cache"),
+           "STARCODER_TP_TEST_TAG": tag}
+    procs = [subprocess.Popen([sys.executable, "-m", "pytest", "tests_perf", "-p", "no:cacheprovider",
+                               "--batch-sizes", "1", "--seq-in", "16,32", "--seq-out", "8",
+                               "--results-dir", str(tmp_path / f"results{i}")],
+                              cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in range(2)]
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    for proc, output in zip(procs, outputs):
+        assert proc.returncode == 0, output[-3000:]
+        assert "2 passed" in output
+    both = "".join(outputs)
+    assert len(re.findall(r"\[shard\] .* -> .*: 2 part\(s\), float32", both)) == 1, both[-4000:]
+    assert both.count("already holds these shards") == 1
+    for i in range(2):
+        rows = list(csv.DictReader(open(tmp_path / f"results{i}" / "multibatch_performance_starcoder_0.csv")))
+        assert [(r["Input_seq_len"], r["Output_seq_len"]) for r in rows] == [("16", "8"), ("32", "8")]
+    shard_sets = [p for p in (tmp_path / "cache" / "shards").iterdir() if not p.name.startswith(".")]
+    assert len(shard_sets) == 1
+    time.sleep(0.5)
+    assert _ranks_running(tag) == set()

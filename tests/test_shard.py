@@ -155,6 +155,31 @@ def test_bad_checkpoints_name_the_problem(tmp_path):
         CheckpointReader(src)
 
 
+class _RunsCodeWhenUnpickled:
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import pathlib
+
+        return (pathlib.Path.touch, (pathlib.Path(self.marker),))
+
+
+def test_truncated_weights_and_code_in_a_pickle_are_refused(tmp_path):
+    src = write_small_model(tmp_path / "src", multi_query=True)
+    weights = src / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])  # a download cut half-way: header intact, data short
+    with pytest.raises(ValueError, match="model.safetensors: not a readable safetensors file"):
+        CheckpointReader(src)
+    weights.unlink()
+    marker = tmp_path / "code-ran"
+    torch.save({"transformer.wte.weight": _RunsCodeWhenUnpickled(marker)}, src / "pytorch_model.bin")
+    with pytest.raises(ValueError, match="pytorch_model.bin: cannot be loaded as a weights-only PyTorch file"):
+        CheckpointReader(src)
+    assert not marker.exists(), "loading a checkpoint ran code from its pickle"
+
+
 def test_damaged_shard_files_are_refused_at_load(tmp_path):
     src = write_small_model(tmp_path / "src", multi_query=True)
     shard_checkpoint(src, tmp_path / "out", 2)
