@@ -96,7 +96,8 @@ def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ
 
 
-def _worker_main(rank: int, spec: GroupSpec, store_port: int, shm_path: str | None, conn: Connection) -> None:
+def _worker_main(rank: int, spec: GroupSpec, store_port: int, shm_path: str | None, conn: Connection,
+                 progress=None) -> None:
     """A rank of a local worker group: start, load, then serve requests until told to stop."""
     exit_code = 0
     try:
@@ -111,6 +112,14 @@ def _worker_main(rank: int, spec: GroupSpec, store_port: int, shm_path: str | No
         shm = shm_comm.ShmComm(shm_path, rank, spec.world_size, spec.timeout_s) if shm_path else None
         tp = TPGroup(rank, spec.world_size, shm)
         model = load_model(spec.shard_dir, tp, torch_device)
+        if progress is not None:
+            # A heartbeat the parent watches: one tick per layer forward, so that a rank that
+            # stops computing is caught even where no peer waits on it (world size 1).
+            def tick(*_):
+                progress[rank] += 1
+
+            for block in model.transformer.h:
+                block.register_forward_pre_hook(tick)
         conn.send(("ready", {"load_s": time.perf_counter() - started, "pid": os.getpid()}))
         while True:
             command, kwargs = conn.recv()
@@ -173,6 +182,7 @@ class WorkerGroup:
         self.start_s = 0.0
         self._store = None
         self._shm_path: str | None = None
+        self._progress = None
 
     def start(self) -> "WorkerGroup":
         if not Path(self.spec.shard_dir, "manifest.json").is_file():
@@ -191,9 +201,11 @@ class WorkerGroup:
         if self.spec.use_shm:
             self._shm_path = shm_comm.create_segment(self.spec.world_size)
         ctx = mp.get_context("spawn")
+        self._progress = ctx.Array("q", self.spec.world_size, lock=False)  # shared memory, one writer each
         for rank in range(self.spec.world_size):
             parent_end, child_end = ctx.Pipe()
-            proc = ctx.Process(target=_worker_main, args=(rank, self.spec, port, self._shm_path, child_end),
+            proc = ctx.Process(target=_worker_main, args=(rank, self.spec, port, self._shm_path, child_end,
+                                                          self._progress),
                                name=f"starcoder_tp-rank{rank}", daemon=True)
             proc.start()
             child_end.close()
@@ -225,17 +237,33 @@ class WorkerGroup:
                 conn.send((command, payload))
             except (BrokenPipeError, OSError):
                 self._fail(f"rank {rank} {_describe_exit(self.procs[rank])} before it could take the request")
-        return self._collect(command, self.spec.request_timeout_s)
+        return self._collect(command, self.spec.request_timeout_s, watch_progress=True)
 
-    def _collect(self, what: str, timeout_s: float) -> list[dict]:
+    def stall_timeout_s(self) -> float:
+        """How long a rank may go without a layer forward during a request. With peers, longer
+        than their collective timeout, so that a peer names the hung rank precisely first."""
+        return self.spec.timeout_s * (1.5 if self.spec.world_size > 1 else 1.0)
+
+    def _collect(self, what: str, timeout_s: float, watch_progress: bool = False) -> list[dict]:
         replies: dict[int, dict] = {}
         deadline = time.monotonic() + timeout_s
+        seen = list(self._progress) if self._progress is not None else []
+        moved_at = [time.monotonic()] * len(seen)
         while len(replies) < len(self.procs):
             pending = {r: c for r, c in enumerate(self.conns) if r not in replies}
-            remaining = deadline - time.monotonic()
+            now = time.monotonic()
+            remaining = deadline - now
             if remaining <= 0:
                 late = ", ".join(str(r) for r in pending)
                 self._fail(f"rank(s) {late} did not answer '{what}' within {timeout_s:.0f}s (hung?)")
+            if watch_progress and seen:
+                for r in pending:
+                    if self._progress[r] != seen[r]:
+                        seen[r], moved_at[r] = self._progress[r], now
+                stalled = [r for r in pending if now - moved_at[r] > self.stall_timeout_s()]
+                if stalled:
+                    self._fail(f"rank(s) {stalled} made no progress for {self.stall_timeout_s():.0f}s during "
+                               f"'{what}' (hung or stopped?)")
             sentinels = {self.procs[r].sentinel: r for r in pending}
             ready = wait(list(pending.values()) + list(sentinels), timeout=min(remaining, 1.0))
             for obj in ready:

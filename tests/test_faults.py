@@ -60,6 +60,28 @@ def test_hung_rank_is_named_after_the_rank_timeout(shards):
     assert not any(psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie" for pid in pids)
 
 
+def test_hung_rank_at_world_size_one_is_caught_by_its_heartbeat(tmp_path, embedded_dir):
+    """No peer waits on a lone rank: the parent watches its per-layer heartbeat instead. A long
+    but live request outlasts the same timeout without a false alarm."""
+    shard_checkpoint(embedded_dir, tmp_path / "s1", 1)
+    group = WorkerGroup(GroupSpec(str(tmp_path / "s1"), 1, timeout_s=3)).start()
+    started = time.monotonic()
+    group.generate([[5] * 16], 1500)
+    assert time.monotonic() - started > 3, "the live request was too short to prove anything"
+    pid = group.ready_info[0]["pid"]
+    stopper = subprocess.Popen([sys.executable, "-c",
+                                f"import os, signal, time; time.sleep(2); os.kill({pid}, signal.SIGSTOP)"])
+    started = time.monotonic()
+    with pytest.raises(RankFailure, match=r"rank\(s\) \[0\] made no progress for 3s during 'generate'"):
+        group.generate([[5] * 16], 3000)
+    elapsed = time.monotonic() - started - 2
+    stopper.wait()
+    print(f"world size 1, SIGSTOP to error: {elapsed:.2f}s")
+    assert elapsed < 3 + 5
+    time.sleep(0.5)
+    assert not (psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE)
+
+
 def _ranks_running(tag: str) -> set[int]:
     """Our ranks (started by multiprocessing's spawn) that carry this test's environment tag,
     wherever they were re-parented, and whatever else runs on the machine (another CI job)."""
