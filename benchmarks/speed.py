@@ -1,0 +1,284 @@
+"""Our runtime at world size 1 and 2 against transformers' generate, on the same weights, dtype
+and cases, in one run; and against the machine's own limits (roofline).
+
+- transformers: `model.generate` (greedy, exactly seq_out tokens) in this process, one thread;
+  each forward's end is timed by a logits processor, so first token = prefill + first token and
+  decode = the median time between consecutive tokens.
+- ours: the perf suite's runner, one thread per rank (ws1: one core, ws2: two cores).
+- all three loaded at once and measured round-robin per case, each warmed up on the case first.
+- limits: memory read bandwidth (a sum over 512 MB) and matmul throughput per dtype, on one
+  thread and on all cores. Decode bound = bytes read per step (weights, and the KV cache, which
+  multi-query attention keeps whole on every rank) / bandwidth; prefill bound = FLOPs / matmul peak.
+
+Run: python benchmarks/speed.py [--model bench|embedded|DIR] [--dtypes float32,bfloat16]
+Writes benchmarks/RESULTS.md (a section per model; other models' sections are kept).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import re
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from starcoder_tp.build_models import EMBEDDED_MODEL_DIR, build_bench
+from starcoder_tp.config import ModelConfig
+from starcoder_tp.perf import Case, CaseResult, PerfOptions, PerfRunner, make_prompts
+
+RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def _best(fn, repeats: int = 5) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return min(times)
+
+
+def machine_limits(dtypes: list[str]) -> dict[str, float]:
+    """Read bandwidth (GB/s) and matmul GFLOP/s per dtype, on 1 thread and on all cores."""
+    limits = {}
+    saved = torch.get_num_threads()
+    cores = os.cpu_count() or 1
+    try:
+        for threads in sorted({1, cores}):
+            torch.set_num_threads(threads)
+            x = torch.ones(128 << 20)  # 512 MB
+            limits[f"bw_{threads}"] = x.numel() * 4 / _best(lambda: x.sum()) / 1e9
+            del x
+            for name in dtypes:
+                # F.linear, the model's own path (oneDNN); torch.mm in bf16 without AVX-512 BF16
+                # falls back to a reference kernel ten times slower still.
+                x = torch.randn(2048, 2048).to(DTYPES[name])
+                w = torch.randn(2048, 2048).to(DTYPES[name])
+                limits[f"mm_{name}_{threads}"] = 2 * 2048 ** 3 / _best(lambda: F.linear(x, w), 3) / 1e9
+    finally:
+        torch.set_num_threads(saved)
+    return limits
+
+
+def matmul_params(c: ModelConfig) -> int:
+    """Weights multiplied per token by the layers (biases and norms are negligible)."""
+    kv = 2 * c.n_kv_head * c.head_dim
+    return c.n_layer * (c.n_embd * (c.n_embd + kv) + c.n_embd * c.n_embd + 2 * c.n_embd * c.n_inner)
+
+
+def decode_bytes(c: ModelConfig, case: Case, dtype: str, world_size: int) -> float:
+    """Bytes read per decode step, all ranks together, at the middle of the output."""
+    size = torch.finfo(DTYPES[dtype]).bits // 8
+    context = case.seq_in + case.seq_out // 2
+    kv_cache = case.batch * c.n_layer * 2 * c.n_kv_head * context * c.head_dim * size
+    # MQA: the single K/V head, and so its cache, is whole on every rank.
+    replicas = world_size if c.multi_query else 1
+    return (matmul_params(c) + c.vocab_size * c.n_embd) * size + kv_cache * replicas
+
+
+def decode_flops(c: ModelConfig, case: Case) -> float:
+    """FLOPs of one decode step (all ranks together), at the middle of the output."""
+    context = case.seq_in + case.seq_out // 2
+    attention = 4 * case.batch * c.n_head * context * c.head_dim
+    return 2 * case.batch * (matmul_params(c) + c.vocab_size * c.n_embd) + attention
+
+
+def decode_bound_ms(c: ModelConfig, case: Case, dtype: str, world_size: int, bandwidth_gbs: float,
+                    gflops: float) -> tuple[float, str]:
+    """The roofline: the slower of streaming the bytes and doing the FLOPs, and which one it is."""
+    memory = decode_bytes(c, case, dtype, world_size) / (bandwidth_gbs * 1e9) * 1e3
+    compute = decode_flops(c, case) / (gflops * 1e9) * 1e3
+    return (memory, "memory") if memory >= compute else (compute, "compute")
+
+
+def prefill_flops(c: ModelConfig, case: Case) -> float:
+    tokens = case.batch * case.seq_in
+    attention = 2 * case.batch * c.n_head * case.seq_in ** 2 * c.head_dim  # QK^T and PV, causal half
+    return 2 * tokens * matmul_params(c) + attention + 2 * case.batch * c.vocab_size * c.n_embd
+
+
+@dataclass
+class Timing:
+    first_token_ms: float
+    decode_ms: float  # median time between consecutive tokens
+
+
+class TransformersRunner:
+    """transformers' `generate` on one thread; each forward's end is stamped by a logits processor."""
+
+    def __init__(self, model_dir: str, dtype: str, vocab: int):
+        from transformers import AutoModelForCausalLM
+
+        torch.set_num_threads(1)
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[dtype]).eval()
+        self.vocab = vocab
+
+    def warm_up(self, case: Case) -> None:
+        self.run_round(case)
+
+    def run_round(self, case: Case) -> tuple[float, list[float]]:
+        from transformers import LogitsProcessor, LogitsProcessorList
+
+        stamps: list[float] = []
+
+        class Clock(LogitsProcessor):
+            def __call__(self, input_ids, scores):
+                stamps.append(time.perf_counter())
+                return scores
+
+        ids = torch.tensor(make_prompts(case, self.vocab))
+        with torch.inference_mode():
+            started = time.perf_counter()
+            out = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=case.seq_out,
+                                      min_new_tokens=case.seq_out, do_sample=False,
+                                      logits_processor=LogitsProcessorList([Clock()]))
+        assert out.shape == (case.batch, case.seq_in + case.seq_out), out.shape
+        return (stamps[0] - started) * 1e3, [(b - a) * 1e3 for a, b in zip(stamps, stamps[1:])]
+
+
+def measure_side_by_side(model_dir: str, dtype: str, cases: list[Case], rounds: int,
+                         vocab: int) -> dict[Case, dict[str, Timing]]:
+    """transformers, ours at ws1 and ours at ws2, all loaded at once and measured round-robin
+    (hf, ws1, ws2, hf, ...) per case, so that the machine's drift hits all three alike."""
+    def options(world_size: int) -> PerfOptions:
+        return PerfOptions(model_dir=model_dir, world_size=world_size, dtype=dtype,
+                           batch_sizes=tuple(sorted({c.batch for c in cases})),
+                           seq_in=tuple(sorted({c.seq_in for c in cases})),
+                           seq_out=tuple(sorted({c.seq_out for c in cases})), rounds=rounds, threads_per_rank=1)
+
+    hf = TransformersRunner(model_dir, dtype, vocab)
+    ours = {ws: PerfRunner(options(ws), log=lambda m: None).start() for ws in (1, 2)}
+    timings = {}
+    try:
+        for case in cases:
+            hf.warm_up(case)
+            results = {ws: CaseResult(case) for ws in ours}
+            for runner in ours.values():
+                runner.warm_up(case)
+            firsts, steps = [], []
+            for _ in range(rounds):
+                first, decode = hf.run_round(case)
+                firsts.append(first), steps.extend(decode)
+                for ws, runner in ours.items():
+                    runner.run_round(case, results[ws])
+            timings[case] = {"hf": Timing(statistics.median(firsts), statistics.median(steps))}
+            for ws, result in results.items():
+                timings[case][f"ws{ws}"] = Timing(result.first_token_ms, result.decode_ms_percentile(50))
+            t = timings[case]
+            print(f"  {dtype} {case.id}: " + "  ".join(f"{k} {v.first_token_ms:.1f}/{v.decode_ms:.2f}" for k, v in t.items())
+                  + " ms (first/decode)", flush=True)
+    finally:
+        for runner in ours.values():
+            runner.close()
+    return timings
+
+
+def cpu_name() -> str:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        name = re.search(r"model name\s*:\s*(.+)", text).group(1).strip()
+        flags = re.search(r"flags\s*:\s*(.+)", text).group(1).split()
+        extras = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+        return f"{name} ({', '.join(extras)})"
+    except (OSError, AttributeError):
+        return platform.processor() or "unknown CPU"
+
+
+def section(title: str, model_dir: str, c: ModelConfig, limits: dict, rows: list[dict], wall_s: float) -> str:
+    cores = os.cpu_count() or 1
+    lines = [f"## {title}", "",
+             f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} by `benchmarks/speed.py` in {wall_s:.0f} s. "
+             f"Machine: {cpu_name()}, {cores} cores, torch {torch.__version__}. Model: `{model_dir}` "
+             f"({c.n_layer} layers, n_embd {c.n_embd}, {c.n_head} heads, {'MQA' if c.multi_query else 'MHA'}, "
+             f"vocab {c.vocab_size}).",
+             "",
+             "Limits: read bandwidth " + ", ".join(f"{limits[f'bw_{t}']:.1f} GB/s ({t} thread{'s' if t > 1 else ''})"
+                                                  for t in sorted({1, cores}))
+             + "; matmul (`F.linear`, 2048²) " + ", ".join(
+                 f"{k[3:].rsplit('_', 1)[0]} {v:.1f} GFLOP/s ({k.rsplit('_', 1)[1]} thr.)"
+                 for k, v in limits.items() if k.startswith("mm_")) + ".", "",
+             "Milliseconds: first token (prefill + first token), decode (median between consecutive tokens). "
+             "`hf` = transformers `generate`, one thread; `ws1` = ours, one rank, one thread; `ws2` = ours, two "
+             "ranks, one thread each. Efficiency = roofline bound / measured. Decode bound = the larger of "
+             "bytes read per step / read bandwidth (`mem`) and FLOPs per step / matmul peak (`cmp`); "
+             "first-token bound = prefill FLOPs / matmul peak; ws1 against one thread's limits, ws2 against "
+             "all cores'.", "",
+             "| dtype | case | hf first | ws1 first | ws2 first | hf decode | ws1 decode | ws2 decode | "
+             "ws1/hf first | ws1/hf decode | ws2/ws1 first | ws2/ws1 decode | ws1 decode bound (eff) | "
+             "ws2 decode bound (eff) | ws1 prefill eff | ws2 prefill eff |",
+             "|" + "---|" * 16]
+    for r in rows:
+        lines.append(
+            f"| {r['dtype']} | {r['case']} | {r['hf'].first_token_ms:.1f} | {r['ws1'].first_token_ms:.1f} | "
+            f"{r['ws2'].first_token_ms:.1f} | {r['hf'].decode_ms:.2f} | {r['ws1'].decode_ms:.2f} | "
+            f"{r['ws2'].decode_ms:.2f} | {r['ws1'].first_token_ms / r['hf'].first_token_ms:.2f} | "
+            f"{r['ws1'].decode_ms / r['hf'].decode_ms:.2f} | {r['ws2'].first_token_ms / r['ws1'].first_token_ms:.2f} | "
+            f"{r['ws2'].decode_ms / r['ws1'].decode_ms:.2f} | {r['bound1']:.2f} {r['kind1'][:3]} ({r['eff_dec1']:.0%}) | "
+            f"{r['bound2']:.2f} {r['kind2'][:3]} ({r['eff_dec2']:.0%}) | "
+            f"{r['eff_pre1']:.0%} | {r['eff_pre2']:.0%} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_results(title: str, text: str) -> None:
+    """Replace this model's section of RESULTS.md, keep the others; atomically."""
+    head = "# Speed results\n\nRegenerated by `python benchmarks/speed.py --model NAME`; one section per model.\n\n"
+    old = RESULTS.read_text() if RESULTS.is_file() else head
+    sections = re.split(r"(?m)^(?=## )", old)
+    kept = [s for s in sections[1:] if not s.startswith(f"## {title}\n")]
+    new = sections[0] + "".join(kept) + text + "\n"
+    tmp = RESULTS.with_suffix(".tmp")
+    tmp.write_text(new.rstrip() + "\n")
+    os.replace(tmp, RESULTS)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="bench", help="bench, embedded or a checkpoint directory. Default: %(default)r")
+    parser.add_argument("--dtypes", default="float32,bfloat16", help="Default: %(default)r")
+    parser.add_argument("--cases", default="1:128:32,16:128:32,1:512:32,16:512:32",
+                        help="batch:seq_in:seq_out,... Default: %(default)r")
+    parser.add_argument("--rounds", type=int, default=2, help="Default: %(default)r")
+    args = parser.parse_args()
+    dtypes = [d for d in args.dtypes.split(",") if d]
+    bad = [d for d in dtypes if d not in DTYPES]
+    if bad:
+        raise SystemExit(f"--dtypes: {bad[0]!r} is not one of {', '.join(DTYPES)}")
+    cases = [Case(*map(int, item.split(":"))) for item in args.cases.split(",")]
+    model_dir = {"bench": lambda: str(build_bench()), "embedded": lambda: str(EMBEDDED_MODEL_DIR)}.get(
+        args.model, lambda: args.model)()
+    title = {"bench": "bench-size model (~138M parameters)", "embedded": "embedded model"}.get(args.model, model_dir)
+    title += f", {', '.join(dtypes)}"
+    config = ModelConfig.from_dir(model_dir)
+    started = time.perf_counter()
+    limits = machine_limits(dtypes)
+    cores = os.cpu_count() or 1
+    rows = []
+    for dtype in dtypes:
+        print(f"[speed] {dtype}: transformers, ours at world size 1 and 2, side by side", flush=True)
+        measured = measure_side_by_side(model_dir, dtype, cases, args.rounds, config.vocab_size)
+        for case in cases:
+            hf, ws1, ws2 = (measured[case][k] for k in ("hf", "ws1", "ws2"))
+            bound1, kind1 = decode_bound_ms(config, case, dtype, 1, limits["bw_1"], limits[f"mm_{dtype}_1"])
+            bound2, kind2 = decode_bound_ms(config, case, dtype, 2, limits[f"bw_{cores}"], limits[f"mm_{dtype}_{cores}"])
+            rows.append({
+                "dtype": dtype, "case": case.id, "hf": hf, "ws1": ws1, "ws2": ws2,
+                "bound1": bound1, "kind1": kind1, "bound2": bound2, "kind2": kind2,
+                "eff_dec1": bound1 / ws1.decode_ms, "eff_dec2": bound2 / ws2.decode_ms,
+                "eff_pre1": prefill_flops(config, case) / (limits[f"mm_{dtype}_1"] * 1e9) * 1e3 / ws1.first_token_ms,
+                "eff_pre2": prefill_flops(config, case) / (limits[f"mm_{dtype}_{cores}"] * 1e9) * 1e3 / ws2.first_token_ms,
+            })
+    text = section(title, model_dir, config, limits, rows, time.perf_counter() - started)
+    write_results(title, text)
+    print(text)
+    print(f"written: {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()
