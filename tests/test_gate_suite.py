@@ -2,9 +2,13 @@
 an unchanged run (passes), an injected decode slowdown (fails on decode alone) and a first-token
 slowdown (fails on the first-token metric alone).
 
-The unchanged run and the injected +25% decode slowdown use the default 10% thresholds; the
-metric that must NOT fire in each slowdown test gets 25%, since a CI runner's speed can drift by
-10-20% within minutes (benchmarks/gate_reliability.py measures the rates over 20 repetitions).
+The unchanged run and the injected +25% decode slowdown use the default 10% thresholds. Each
+test takes its own baseline just before it: a CI runner's speed drifts by 10-30% within a minute
+(one CI run saw decode 27% slower a minute after its baseline, with only the prefill injected).
+For the same reason the metric that must NOT fire in each slowdown test gets a 50% threshold:
+the test shows that the injection lands in its own metric, not that the runner holds still.
+(The injections busy-wait, so they do not leak into the other metric through an idle core; the
+false-alarm and detection rates over 20 repetitions are measured by benchmarks/gate_reliability.py.)
 10 rounds: with 5, one outlier among the baseline's rounds makes a shift undetectable (p >= 0.075)."""
 import csv
 import os
@@ -31,9 +35,9 @@ def regressed(stdout: str) -> set[str]:
     return set(re.findall(r"bs1-in128-out32 (\w+): baseline .*: regression$", stdout, re.MULTILINE))
 
 
-@pytest.fixture(scope="module")
-def baseline(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("gate")
+@pytest.fixture
+def baseline(tmp_path):
+    tmp = tmp_path
     proc = run_perf(tmp, "--perf-save-baseline", tmp / "baseline.csv")
     assert proc.returncode == 0, proc.stdout[-2000:]
     row = list(csv.DictReader(open(tmp / "baseline.csv")))[0]
@@ -51,7 +55,7 @@ def test_unchanged_run_passes_the_gate(baseline):
 
 def test_injected_decode_slowdown_of_25_percent_fails_the_gate_on_decode(baseline):
     tmp, _, decode = baseline
-    proc = run_perf(tmp, "--perf-baseline", tmp / "baseline.csv", "--perf-max-regression", "decode=10%,first_token=25%",
+    proc = run_perf(tmp, "--perf-baseline", tmp / "baseline.csv", "--perf-max-regression", "decode=10%,first_token=50%",
                     "--perf-inject-decode-delay-ms", f"{0.25 * decode:.3f}")
     assert proc.returncode == 1, proc.stdout[-3000:]
     assert "latency regression (confirmed by a second measurement)" in proc.stdout
@@ -61,14 +65,16 @@ def test_injected_decode_slowdown_of_25_percent_fails_the_gate_on_decode(baselin
 
 def test_first_token_slowdown_is_caught_on_the_first_token_metric_alone(baseline):
     tmp, first, _ = baseline
-    proc = run_perf(tmp, "--perf-baseline", tmp / "baseline.csv", "--perf-max-regression", "first_token=10%,decode=25%",
+    proc = run_perf(tmp, "--perf-baseline", tmp / "baseline.csv", "--perf-max-regression", "first_token=10%,decode=50%",
                     "--perf-inject-prefill-delay-ms", f"{0.5 * first:.3f}")
     assert proc.returncode == 1, proc.stdout[-3000:]
     assert regressed(proc.stdout) == {"first_token"}, proc.stdout[-3000:]
 
 
-def test_a_baseline_of_another_world_size_is_refused_at_start_up(baseline):
-    tmp, _, _ = baseline
+def test_a_baseline_of_another_world_size_is_refused_at_start_up(tmp_path):
+    tmp = tmp_path
+    proc = run_perf(tmp, "--perf-save-baseline", tmp / "baseline.csv", "--perf-rounds", "4")
+    assert proc.returncode == 0, proc.stdout[-2000:]
     proc = run_perf(tmp, "--perf-baseline", tmp / "baseline.csv", "--world-size", "1")
     assert proc.returncode == 4
     assert "was measured at world size 2, float32, cpu; this run is world size 1" in proc.stderr
