@@ -30,6 +30,7 @@ class AccuracyOptions:
     tolerance: float = 0.02
     results_dir: str = "results"
     threads_per_rank: int | None = None
+    prepack: bool = True
 
 
 @dataclass
@@ -53,7 +54,7 @@ def run_accuracy(o: AccuracyOptions, log: Callable[[str], None] = print) -> Accu
     tokenizer = AutoTokenizer.from_pretrained(o.model_dir)
     gen = dict(max_new_tokens=o.max_new_tokens, batch_size=o.batch_size, progress=log)
     runner = TPRunner(ensure_shards(o.model_dir, o.world_size, o.dtype, log=log), o.world_size, o.device,
-                      threads_per_rank=o.threads_per_rank)
+                      threads_per_rank=o.threads_per_rank, prepack=o.prepack)
     try:
         tp = complete(runner, f"tp{o.world_size}", tokenizer, o.problems, **gen)
     finally:

@@ -31,7 +31,7 @@ def options_from_args(args) -> PerfOptions:
         case_pairs=tuple(parse_case_pairs(args.case_pairs)) if args.case_pairs else None,
         max_seq_len=args.max_seq_len, rounds=args.perf_rounds, warmup=args.perf_warmup,
         results_dir=args.results_dir, model_name=args.model_name, threads_per_rank=args.threads_per_rank,
-        timeout_s=args.timeout,
+        timeout_s=args.timeout, prepack=not args.no_prepack,
     )
 
 

@@ -14,9 +14,10 @@ from .model import TPGPTBigCode, TPGroup
 from .shard import load_part
 
 
-def load_model(shard_dir: str | Path, tp: TPGroup, device: torch.device) -> TPGPTBigCode:
+def load_model(shard_dir: str | Path, tp: TPGroup, device: torch.device, prepack: bool = True) -> TPGPTBigCode:
     """Build this rank's model straight from its part: created on the meta device, then the
-    loaded tensors are assigned, so the weights exist once in memory."""
+    loaded tensors are assigned, so the weights exist once in memory. With `prepack`, the linear
+    weights are then re-laid out for oneDNN where it can take them (CPU; see linear.py)."""
     raw_config, state = load_part(shard_dir, tp.rank, tp.world_size, device="cpu" if device.type == "npu" else device)
     config = ModelConfig.from_hf_dict(raw_config, source=f"{shard_dir}/part_model/{tp.rank}/config.json")
     with torch.device("meta"):
@@ -35,6 +36,9 @@ def load_model(shard_dir: str | Path, tp: TPGroup, device: torch.device) -> TPGP
     if device.type == "npu":
         state = {name: t.to(device) for name, t in state.items()}
     model.load_state_dict(state, assign=True, strict=True)
+    del state
+    if prepack:
+        model.prepack()
     return model.eval()
 
 

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
+from .linear import Linear, pack_weight, packed_linear, prepack_model
 
 
 class TPGroup:
@@ -72,8 +73,8 @@ class Attention(nn.Module):
         self.local_kv_heads = 1 if config.multi_query else self.local_heads
         self.multi_query = config.multi_query
         qkv_rows = (self.local_heads + 2 * self.local_kv_heads) * self.head_dim
-        self.c_attn = nn.Linear(config.n_embd, qkv_rows)
-        self.c_proj = nn.Linear(self.local_heads * self.head_dim, config.n_embd)
+        self.c_attn = Linear(config.n_embd, qkv_rows)
+        self.c_proj = Linear(self.local_heads * self.head_dim, config.n_embd)
         self.scale = 1.0 / math.sqrt(self.head_dim) if config.scale_attn_weights else 1.0
         self.k_cache: torch.Tensor | None = None  # [B, KV, S_max, D]
         self.v_cache: torch.Tensor | None = None
@@ -101,7 +102,7 @@ class Attention(nn.Module):
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scale)
         out = out.view(b, kv, t, g, d).permute(0, 2, 1, 3, 4).reshape(b, t, h * d)
         # Row-parallel: partial sums all-reduced, then the bias added once.
-        return self.tp.all_reduce_(F.linear(out, self.c_proj.weight)) + self.c_proj.bias
+        return self.tp.all_reduce_(self.c_proj(out, add_bias=False)) + self.c_proj.bias
 
 
 class MLP(nn.Module):
@@ -109,13 +110,13 @@ class MLP(nn.Module):
         super().__init__()
         self.tp = tp
         local_inner = config.n_inner // tp.world_size
-        self.c_fc = nn.Linear(config.n_embd, local_inner)
-        self.c_proj = nn.Linear(local_inner, config.n_embd)
+        self.c_fc = Linear(config.n_embd, local_inner)
+        self.c_proj = Linear(local_inner, config.n_embd)
         self.act = _activation(config.activation_function)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         hidden = self.act(self.c_fc(x))
-        return self.tp.all_reduce_(F.linear(hidden, self.c_proj.weight)) + self.c_proj.bias
+        return self.tp.all_reduce_(self.c_proj(hidden, add_bias=False)) + self.c_proj.bias
 
 
 class Block(nn.Module):
@@ -149,13 +150,30 @@ class TPGPTBigCode(nn.Module):
         self.config, self.tp = config, tp
         self.transformer = Transformer(config, tp)
         if not config.tie_word_embeddings:
-            self.lm_head = nn.Linear(config.n_embd, self.transformer.wte.num_embeddings, bias=False)
+            self.lm_head = Linear(config.n_embd, self.transformer.wte.num_embeddings, bias=False)
         self.local_vocab = self.transformer.wte.num_embeddings
         self.vocab_start = tp.rank * self.local_vocab
         # Padding rows past the real vocabulary must never win the argmax.
         self.valid_local_vocab = max(0, min(self.local_vocab, config.vocab_size - self.vocab_start))
         self.cache_batch = 0
         self.cache_len = 0
+        self.lm_head_packed: torch.Tensor | None = None
+
+    def prepack(self) -> int:
+        """Pre-pack the linear weights for oneDNN (see linear.py); the lm_head tied to the
+        embedding gets a packed copy, since the embedding still needs the plain rows. Returns
+        how many weights were packed (0 where oneDNN cannot take this dtype or device)."""
+        count = prepack_model(self)
+        if self.config.tie_word_embeddings:
+            self.lm_head_packed = pack_weight(self.transformer.wte.weight)
+            count += self.lm_head_packed is not None
+        return count
+
+    def packed_weights(self):
+        """The oneDNN-packed weights (empty when not pre-packed)."""
+        yield from (m.packed for m in self.modules() if getattr(m, "packed", None) is not None)
+        if self.lm_head_packed is not None:
+            yield self.lm_head_packed
 
     @property
     def lm_head_weight(self) -> torch.Tensor:
@@ -200,7 +218,12 @@ class TPGPTBigCode(nn.Module):
         for block in self.transformer.h:
             x = block(x, start, mask)
         last = self.transformer.ln_f(x[:, -1])  # [B, E]
-        logits = F.linear(last, self.lm_head_weight)  # [B, V_local]
+        if self.lm_head_packed is not None:
+            logits = packed_linear(last, self.lm_head_packed, None)  # [B, V_local]
+        elif self.config.tie_word_embeddings:
+            logits = F.linear(last, self.transformer.wte.weight)
+        else:
+            logits = self.lm_head(last)
         if self.valid_local_vocab < self.local_vocab:
             logits[:, self.valid_local_vocab :] = float("-inf")
         return logits

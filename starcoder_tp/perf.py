@@ -171,6 +171,7 @@ class PerfOptions:
     results_dir: str = "results"
     model_name: str = "starcoder"
     threads_per_rank: int | None = None
+    prepack: bool = True  # linear weights pre-packed for oneDNN on CPU (see linear.py)
     timeout_s: float = 60.0  # a rank waiting this long on another fails the case, naming it
     inject_prefill_ms: float = 0.0  # test-only: proves that the regression gate catches a slowdown
     inject_decode_ms: float = 0.0
@@ -221,7 +222,7 @@ class PerfRunner:
         self.shard_dir = ensure_shards(o.model_dir, o.world_size, o.dtype, log=self.log)
         t1 = time.perf_counter()
         self.spec = GroupSpec(str(self.shard_dir), o.world_size, Device(o.device, o.device_id), o.threads_per_rank,
-                              timeout_s=o.timeout_s)
+                              timeout_s=o.timeout_s, prepack=o.prepack)
         self.group = WorkerGroup(self.spec).start()
         t2 = time.perf_counter()
         self.setup_times = {"shard_s": t1 - t0, "spawn_and_load_s": t2 - t1,

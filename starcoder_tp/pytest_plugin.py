@@ -51,6 +51,9 @@ def pytest_addoption(parser):
     group.addoption("--results-dir", default="results", help="Default: %(default)r")
     group.addoption("--model-name", default="starcoder", help="suffix of the result files. Default: %(default)r")
     group.addoption("--threads-per-rank", default=None, help="CPU threads per rank. Default: the cores shared evenly")
+    group.addoption("--no-prepack", action="store_true", default=False,
+                    help="keep the linear weights in their plain layout (F.linear) instead of pre-packing them for "
+                         "oneDNN on CPU. Default: %(default)r")
     group.addoption("--rank-timeout", default="60",
                     help="seconds a rank may wait on another (a hung or dead rank) before the case fails. Default: %(default)r")
     # Gating on latency regressions against a stored baseline.
@@ -125,6 +128,7 @@ def options_from_config(config) -> PerfOptions:
             results_dir=config.getoption("results_dir"),
             model_name=config.getoption("model_name"),
             threads_per_rank=_int_option(config, "threads_per_rank"),
+            prepack=not config.getoption("no_prepack"),
             timeout_s=float(_int_option(config, "rank_timeout")),
             inject_prefill_ms=_float_option(config, "perf_inject_prefill_delay_ms"),
             inject_decode_ms=_float_option(config, "perf_inject_decode_delay_ms"),
@@ -197,7 +201,8 @@ def accuracy_options_from_config(config) -> AccuracyOptions:
         max_new_tokens=_int_option(config, "humaneval_max_new_tokens"),
         batch_size=_int_option(config, "humaneval_batch_size"), timeout_s=timeout_s,
         workers=_int_option(config, "humaneval_workers"), memory_mb=_int_option(config, "humaneval_memory_mb"),
-        tolerance=tolerance, results_dir=perf.results_dir, threads_per_rank=perf.threads_per_rank)
+        tolerance=tolerance, results_dir=perf.results_dir, threads_per_rank=perf.threads_per_rank,
+        prepack=perf.prepack)
 
 
 def pytest_configure(config):

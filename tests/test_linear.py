@@ -1,0 +1,56 @@
+"""The linear layers: pre-packed (oneDNN) against F.linear, the bias left out for row-parallel
+layers, the fallback where oneDNN cannot pack, and a whole model packed against unpacked."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from starcoder_tp.device import Device
+from starcoder_tp.generate import load_model, timed_generate
+from starcoder_tp.linear import Linear, pack_weight
+from starcoder_tp.model import TPGroup
+from starcoder_tp.shard import shard_checkpoint
+
+needs_onednn = pytest.mark.skipif(pack_weight(torch.ones(2, 2)) is None, reason="oneDNN cannot pack fp32 here")
+
+
+@needs_onednn
+@pytest.mark.parametrize("shape", [(1, 64), (3, 1, 64), (2, 7, 64)])
+def test_packed_linear_matches_f_linear_with_and_without_bias(shape):
+    torch.manual_seed(0)
+    layer = Linear(64, 96)
+    weight, bias = layer.weight.detach().clone(), layer.bias.detach().clone()
+    x = torch.randn(*shape)
+    assert layer.prepack()
+    assert layer.weight.numel() == 0, "the plain weight must be released once packed"
+    torch.testing.assert_close(layer(x), F.linear(x, weight, bias), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer(x, add_bias=False), F.linear(x, weight), rtol=1e-5, atol=1e-5)
+    assert layer(x).shape == (*shape[:-1], 96)
+
+
+def test_unpacked_linear_can_leave_out_its_bias():
+    layer = Linear(8, 4)
+    x = torch.randn(2, 8)
+    torch.testing.assert_close(layer(x, add_bias=False), x @ layer.weight.T)
+    torch.testing.assert_close(layer(x), x @ layer.weight.T + layer.bias)
+
+
+def test_a_weight_oneDNN_cannot_take_stays_plain():
+    layer = Linear(8, 4).to(torch.float64)  # oneDNN has no fp64 linear
+    assert not layer.prepack()
+    assert layer.packed is None and layer.weight.shape == (4, 8)
+    x = torch.randn(2, 8, dtype=torch.float64)
+    torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias))
+
+
+@needs_onednn
+def test_a_packed_model_generates_the_same_tokens_and_logits(tmp_path, embedded_dir, prompts):
+    shard_checkpoint(embedded_dir, tmp_path / "s", 1)
+    plain = load_model(tmp_path / "s", TPGroup(0, 1), torch.device("cpu"), prepack=False)
+    packed = load_model(tmp_path / "s", TPGroup(0, 1), torch.device("cpu"))
+    assert sum(1 for _ in plain.packed_weights()) == 0
+    n_layers = plain.config.n_layer
+    assert sum(1 for _ in packed.packed_weights()) == 4 * n_layers + 1  # c_attn, 2x c_proj, c_fc; lm_head
+    a = timed_generate(plain, Device("cpu"), prompts, 16, topk=5)
+    b = timed_generate(packed, Device("cpu"), prompts, 16, topk=5)
+    assert torch.equal(a.output_ids, b.output_ids)
+    torch.testing.assert_close(a.topk_logprobs, b.topk_logprobs, rtol=1e-4, atol=1e-4)
