@@ -147,30 +147,33 @@ def measure_side_by_side(model_dir: str, dtype: str, cases: list[Case], rounds: 
                          vocab: int) -> dict[Case, dict[str, Timing]]:
     """transformers, ours at ws1 and ours at ws2, all loaded at once and measured round-robin
     (hf, ws1, ws2, hf, ...) per case, so that the machine's drift hits all three alike."""
-    def options(world_size: int) -> PerfOptions:
+    def options(world_size: int, prepack: bool = True) -> PerfOptions:
         return PerfOptions(model_dir=model_dir, world_size=world_size, dtype=dtype,
                            batch_sizes=tuple(sorted({c.batch for c in cases})),
                            seq_in=tuple(sorted({c.seq_in for c in cases})),
-                           seq_out=tuple(sorted({c.seq_out for c in cases})), rounds=rounds, threads_per_rank=1)
+                           seq_out=tuple(sorted({c.seq_out for c in cases})), rounds=rounds, threads_per_rank=1,
+                           prepack=prepack)
 
     hf = TransformersRunner(model_dir, dtype, vocab)
-    ours = {ws: PerfRunner(options(ws), log=lambda m: None).start() for ws in (1, 2)}
+    # "ws1-plain": world size 1 without the oneDNN pre-packing, to measure that lever alone.
+    ours = {name: PerfRunner(options(ws, prepack), log=lambda m: None).start()
+            for name, ws, prepack in (("ws1", 1, True), ("ws1-plain", 1, False), ("ws2", 2, True))}
     timings = {}
     try:
         for case in cases:
             hf.warm_up(case)
-            results = {ws: CaseResult(case) for ws in ours}
+            results = {name: CaseResult(case) for name in ours}
             for runner in ours.values():
                 runner.warm_up(case)
             firsts, steps = [], []
             for _ in range(rounds):
                 first, decode = hf.run_round(case)
                 firsts.append(first), steps.extend(decode)
-                for ws, runner in ours.items():
-                    runner.run_round(case, results[ws])
+                for name, runner in ours.items():
+                    runner.run_round(case, results[name])
             timings[case] = {"hf": Timing(statistics.median(firsts), statistics.median(steps))}
-            for ws, result in results.items():
-                timings[case][f"ws{ws}"] = Timing(result.first_token_ms, result.decode_ms_percentile(50))
+            for name, result in results.items():
+                timings[case][name] = Timing(result.first_token_ms, result.decode_ms_percentile(50))
             t = timings[case]
             print(f"  {dtype} {case.id}: " + "  ".join(f"{k} {v.first_token_ms:.1f}/{v.decode_ms:.2f}" for k, v in t.items())
                   + " ms (first/decode)", flush=True)
@@ -206,14 +209,16 @@ def section(title: str, model_dir: str, c: ModelConfig, limits: dict, rows: list
                  for k, v in limits.items() if k.startswith("mm_")) + ".", "",
              "Milliseconds: first token (prefill + first token), decode (median between consecutive tokens). "
              "`hf` = transformers `generate`, one thread; `ws1` = ours, one rank, one thread; `ws2` = ours, two "
-             "ranks, one thread each. Efficiency = roofline bound / measured. Decode bound = the larger of "
+             "ranks, one thread each; `ws1 unpacked` = ws1 with `--no-prepack` (plain `F.linear`): the "
+             "oneDNN pre-packing lever alone (the same where oneDNN cannot pack the dtype). Efficiency = roofline bound / measured. Decode bound = the larger of "
              "bytes read per step / read bandwidth (`mem`) and FLOPs per step / matmul peak (`cmp`); "
              "first-token bound = prefill FLOPs / matmul peak; ws1 against one thread's limits, ws2 against "
              "all cores'.", "",
              "| dtype | case | hf first | ws1 first | ws2 first | hf decode | ws1 decode | ws2 decode | "
              "ws1/hf first | ws1/hf decode | ws2/ws1 first | ws2/ws1 decode | ws1 decode bound (eff) | "
-             "ws2 decode bound (eff) | ws1 prefill eff | ws2 prefill eff |",
-             "|" + "---|" * 16]
+             "ws2 decode bound (eff) | ws1 prefill eff | ws2 prefill eff | ws1 unpacked first | "
+             "ws1 unpacked decode | packed/unpacked first | packed/unpacked decode |",
+             "|" + "---|" * 20]
     for r in rows:
         lines.append(
             f"| {r['dtype']} | {r['case']} | {r['hf'].first_token_ms:.1f} | {r['ws1'].first_token_ms:.1f} | "
@@ -222,7 +227,9 @@ def section(title: str, model_dir: str, c: ModelConfig, limits: dict, rows: list
             f"{r['ws1'].decode_ms / r['hf'].decode_ms:.2f} | {r['ws2'].first_token_ms / r['ws1'].first_token_ms:.2f} | "
             f"{r['ws2'].decode_ms / r['ws1'].decode_ms:.2f} | {r['bound1']:.2f} {r['kind1'][:3]} ({r['eff_dec1']:.0%}) | "
             f"{r['bound2']:.2f} {r['kind2'][:3]} ({r['eff_dec2']:.0%}) | "
-            f"{r['eff_pre1']:.0%} | {r['eff_pre2']:.0%} |")
+            f"{r['eff_pre1']:.0%} | {r['eff_pre2']:.0%} | {r['ws1-plain'].first_token_ms:.1f} | "
+            f"{r['ws1-plain'].decode_ms:.2f} | {r['ws1'].first_token_ms / r['ws1-plain'].first_token_ms:.2f} | "
+            f"{r['ws1'].decode_ms / r['ws1-plain'].decode_ms:.2f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -264,11 +271,11 @@ def main() -> None:
         print(f"[speed] {dtype}: transformers, ours at world size 1 and 2, side by side", flush=True)
         measured = measure_side_by_side(model_dir, dtype, cases, args.rounds, config.vocab_size)
         for case in cases:
-            hf, ws1, ws2 = (measured[case][k] for k in ("hf", "ws1", "ws2"))
+            hf, ws1, ws2, plain = (measured[case][k] for k in ("hf", "ws1", "ws2", "ws1-plain"))
             bound1, kind1 = decode_bound_ms(config, case, dtype, 1, limits["bw_1"], limits[f"mm_{dtype}_1"])
             bound2, kind2 = decode_bound_ms(config, case, dtype, 2, limits[f"bw_{cores}"], limits[f"mm_{dtype}_{cores}"])
             rows.append({
-                "dtype": dtype, "case": case.id, "hf": hf, "ws1": ws1, "ws2": ws2,
+                "dtype": dtype, "case": case.id, "hf": hf, "ws1": ws1, "ws2": ws2, "ws1-plain": plain,
                 "bound1": bound1, "kind1": kind1, "bound2": bound2, "kind2": kind2,
                 "eff_dec1": bound1 / ws1.decode_ms, "eff_dec2": bound2 / ws2.decode_ms,
                 "eff_pre1": prefill_flops(config, case) / (limits[f"mm_{dtype}_1"] * 1e9) * 1e3 / ws1.first_token_ms,

@@ -123,10 +123,13 @@ def timed_generate(model: TPGPTBigCode, device: Device, prompts: list[list[int]]
     dev = model.transformer.ln_f.weight.device
     ids, mask = left_pad(prompts, pad_id=eos)
     batch, prompt_len = ids.shape
+    padded = not bool(mask.all())
     ids, mask = ids.to(dev), mask.to(dev)
     model.setup_cache(batch, cache_len)
-    key_valid = torch.ones((batch, cache_len), dtype=torch.bool, device=dev)
-    key_valid[:, :prompt_len] = mask
+    key_valid = None  # no padding (equal-length prompts, as in every perf case): no mask at all
+    if padded:
+        key_valid = torch.ones((batch, cache_len), dtype=torch.bool, device=dev)
+        key_valid[:, :prompt_len] = mask
     position_ids = (mask.long().cumsum(-1) - 1).clamp_(min=0)  # [B, L]
     next_position = position_ids[:, -1:] + 1  # [B, 1]
     out = torch.full((batch, max_new_tokens), eos, dtype=torch.long, device=dev)

@@ -1,20 +1,37 @@
 """The model's linear layers: nn.Linear that can leave out its bias (row-parallel layers add it
 once, after the all-reduce) and can pre-pack its weight once into oneDNN's blocked layout.
 
-Why pre-pack: `F.linear` hands a plain [N, K] weight to the BLAS on every call, which at decode
-shapes (M = batch, 1-32 rows) re-reads it in a cache-unfriendly order. Measured on one thread of
-an AVX2 EPYC (fp32, ms per call, F.linear -> packed): [1024 -> 4096] M=1 1.03 -> 0.91, M=16
-5.82 -> 4.36; the 49152-row lm_head M=1 17.6 -> 15.7, M=16 99 -> 55; at prefill shapes
-(M = 512-2048) the two are within +-10% of each other. The packing is done for M=1 because a
-weight packed for M=16 or more lost 40-60% at M=1 while one packed for M=1 lost nothing at
-M=16. oneDNN packs bf16 only on CPUs with AVX-512 (BW/VL/DQ) or AVX-NE-CONVERT; elsewhere, and
-on GPUs/NPUs, the layer stays on F.linear.
+Why pre-pack, and which weights: `F.linear` hands a plain [N, K] weight to the BLAS on every
+call. For tall weights (N >= 2K: the MLP's c_fc, the lm_head) at decode shapes (M = batch rows)
+oneDNN's layout pays; elsewhere its ~25 us more per call loses. Measured on one thread of an AVX2
+EPYC, fp32, interleaved, median us per call, F.linear -> packed:
+  [4096 x 1024]  M=1 1497 -> 1575   M=16 7374 -> 5432
+  [49152 x 1024] M=1 15891 -> 14437 M=16 82457 -> 51050 (the lm_head)
+  [24576 x 1024] M=1 9327 -> 8886   M=16 45419 -> 27046
+  [1024 x 4096]  M=1 1185 -> 1322   M=16 4661 -> 4641
+  [1024 x 1024]  M=1 169 -> 208     M=16 1031 -> 1060
+  [6144 x 256]   M=1 260 -> 246     M=16 1607 -> 2159 (small K: the fixed cost dominates)
+while at prefill shapes the packed weight loses ([4096 x 1024] M=512 53.8 -> 63.5 ms, M=2048
+237 -> 268): from PREFILL_ROWS rows on, the packed weight is unpacked for the call (`to_dense`,
+4-11 ms, exact; 57.4 and 244 ms). Only weights with N >= 2K and K >= 1024 are packed
+(`worth_packing`). They are packed for M=1: packed for M=16 they lost
+40-60% at M=1, packed for M=1 they lost nothing at M=16. oneDNN packs bf16 only on CPUs with
+AVX-512 (BW/VL/DQ) or AVX-NE-CONVERT; elsewhere, and on GPUs/NPUs, layers stay on F.linear.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+PREFILL_ROWS = 512  # from this many rows (batch x tokens) on, F.linear beats the packed weight
+
+
+def worth_packing(weight: torch.Tensor) -> bool:
+    """Tall and large enough for oneDNN's layout to beat F.linear at decode shapes (see above)."""
+    n, k = weight.shape
+    return k >= 1024 and n >= 2 * k
 
 
 def _pack(weight: torch.Tensor) -> torch.Tensor | None:
@@ -42,12 +59,16 @@ class Linear(nn.Linear):
     def forward(self, x: torch.Tensor, add_bias: bool = True) -> torch.Tensor:
         bias = self.bias if add_bias else None
         if self.packed is not None:
+            if x.numel() >= PREFILL_ROWS * x.shape[-1]:
+                return F.linear(x, self.packed.to_dense(), bias)
             return packed_linear(x, self.packed, bias)
         return F.linear(x, self.weight, bias)
 
-    def prepack(self) -> bool:
-        """Pack the weight for oneDNN and drop the plain copy; False (nothing changed) where
-        oneDNN cannot take this dtype/device."""
+    def prepack(self, force: bool = False) -> bool:
+        """Pack the weight for oneDNN and drop the plain copy; False (nothing changed) where it
+        does not pay (`worth_packing`, unless `force`) or oneDNN cannot take this dtype/device."""
+        if not (force or worth_packing(self.weight)):
+            return False
         packed = _pack(self.weight)
         if packed is None:
             return False
@@ -58,11 +79,12 @@ class Linear(nn.Linear):
         return True
 
 
-def prepack_model(model: nn.Module) -> int:
-    """Pre-pack every Linear of `model`; returns how many were packed."""
-    return sum(m.prepack() for m in model.modules() if isinstance(m, Linear))
+def prepack_model(model: nn.Module, force: bool = False) -> int:
+    """Pre-pack the Linears of `model` where it pays (all with `force`); returns how many."""
+    return sum(m.prepack(force) for m in model.modules() if isinstance(m, Linear))
 
 
-def pack_weight(weight: torch.Tensor) -> torch.Tensor | None:
-    """A packed copy of a weight that must also stay plain (the lm_head tied to the embedding)."""
-    return _pack(weight)
+def pack_weight(weight: torch.Tensor, force: bool = False) -> torch.Tensor | None:
+    """A packed copy of a weight that must also stay plain (the lm_head tied to the embedding),
+    or None where it does not pay or oneDNN cannot take it."""
+    return _pack(weight) if force or worth_packing(weight) else None

@@ -79,8 +79,9 @@ class Attention(nn.Module):
         self.k_cache: torch.Tensor | None = None  # [B, KV, S_max, D]
         self.v_cache: torch.Tensor | None = None
 
-    def forward(self, x: torch.Tensor, start: int, mask: torch.Tensor) -> torch.Tensor:
-        # x: [B, T, E]; start: first cache slot written; mask: [B, 1, T*G or 1, S] with S = start + T
+    def forward(self, x: torch.Tensor, start: int, mask: torch.Tensor | None) -> torch.Tensor:
+        # x: [B, T, E]; start: first cache slot written; mask: [B, 1, T*G or 1, S] with S = start + T,
+        # or None when no slot is padding (then T > 1 only at start 0: plain causal attention)
         b, t, _ = x.shape
         h, kv, d = self.local_heads, self.local_kv_heads, self.head_dim
         qkv = self.c_attn(x)
@@ -95,12 +96,20 @@ class Attention(nn.Module):
         self.k_cache[:, :, start:end] = k.transpose(1, 2)
         self.v_cache[:, :, start:end] = v.transpose(1, 2)
         keys, values = self.k_cache[:, :, :end], self.v_cache[:, :, :end]  # [B, KV, S, D]
-        # Fold the G query heads that share a K/V head into the query length, so the single
-        # K/V head of multi-query attention is never repeated in memory.
-        g = h // kv
-        q = q.reshape(b, t, kv, g, d).permute(0, 2, 1, 3, 4).reshape(b, kv, t * g, d)
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scale)
-        out = out.view(b, kv, t, g, d).permute(0, 2, 1, 3, 4).reshape(b, t, h * d)
+        if mask is None:
+            # No padding: SDPA's own causal masking (flash path, no mask in memory). The K/V
+            # head is broadcast to the query heads by expand, a view: nothing is repeated.
+            q = q.transpose(1, 2)  # [B, H, T, D]
+            keys, values = keys.expand(b, h, end, d), values.expand(b, h, end, d)
+            out = F.scaled_dot_product_attention(q, keys, values, is_causal=t > 1, scale=self.scale)
+            out = out.transpose(1, 2).reshape(b, t, h * d)
+        else:
+            # Padding: fold the G query heads that share a K/V head into the query length and
+            # mask explicitly, so the single K/V head of multi-query attention is never repeated.
+            g = h // kv
+            q = q.reshape(b, t, kv, g, d).permute(0, 2, 1, 3, 4).reshape(b, kv, t * g, d)
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scale)
+            out = out.view(b, kv, t, g, d).permute(0, 2, 1, 3, 4).reshape(b, t, h * d)
         # Row-parallel: partial sums all-reduced, then the bias added once.
         return self.tp.all_reduce_(self.c_proj(out, add_bias=False)) + self.c_proj.bias
 
@@ -127,7 +136,7 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.mlp = MLP(config, tp)
 
-    def forward(self, x: torch.Tensor, start: int, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, start: int, mask: torch.Tensor | None) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x), start, mask)
         return x + self.mlp(self.ln_2(x))
 
@@ -159,13 +168,13 @@ class TPGPTBigCode(nn.Module):
         self.cache_len = 0
         self.lm_head_packed: torch.Tensor | None = None
 
-    def prepack(self) -> int:
-        """Pre-pack the linear weights for oneDNN (see linear.py); the lm_head tied to the
-        embedding gets a packed copy, since the embedding still needs the plain rows. Returns
-        how many weights were packed (0 where oneDNN cannot take this dtype or device)."""
-        count = prepack_model(self)
+    def prepack(self, force: bool = False) -> int:
+        """Pre-pack the linear weights for oneDNN where it pays (every one with `force`; see
+        linear.py); the lm_head tied to the embedding gets a packed copy, since the embedding
+        still needs the plain rows. Returns how many weights were packed."""
+        count = prepack_model(self, force)
         if self.config.tie_word_embeddings:
-            self.lm_head_packed = pack_weight(self.transformer.wte.weight)
+            self.lm_head_packed = pack_weight(self.transformer.wte.weight, force)
             count += self.lm_head_packed is not None
         return count
 
@@ -205,15 +214,18 @@ class TPGPTBigCode(nn.Module):
         return tokens + self.transformer.wpe(position_ids)
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, start: int,
-                key_valid: torch.Tensor) -> torch.Tensor:
+                key_valid: torch.Tensor | None = None) -> torch.Tensor:
         """Run T new tokens written at cache slots [start, start+T); returns this rank's logits
         for the last position, [B, local_vocab] (padding columns at -inf).
 
-        key_valid: [B, S_max] bool, False for left-padding slots.
+        key_valid: [B, S_max] bool, False for left-padding slots; None when there is no padding
+        (then no mask is built: causal attention by SDPA itself, the fast path).
         """
         b, t = input_ids.shape
         end = start + t
-        mask = self._attention_mask(key_valid[:, :end], start, t)
+        if key_valid is None and t > 1 and start > 0:  # SDPA's is_causal aligns top-left: wrong here
+            key_valid = torch.ones((b, end), dtype=torch.bool, device=input_ids.device)
+        mask = None if key_valid is None else self._attention_mask(key_valid[:, :end], start, t)
         x = self.embed(input_ids, position_ids)
         for block in self.transformer.h:
             x = block(x, start, mask)

@@ -70,3 +70,19 @@ def test_static_cache_is_reused_between_requests(model, prompts):
 def test_bad_requests_are_refused_with_the_bad_value(model, prompts, new, max_len, message):
     with pytest.raises(ValueError, match=message):
         timed_generate(model, Device("cpu"), prompts, new, max_seq_len=max_len)
+
+
+def test_unpadded_fast_path_matches_the_masked_path(model):
+    """Equal-length prompts take SDPA's own causal masking (no mask built); the same inputs
+    through the explicit-mask path (an all-valid key mask) give the same logits, prefill and decode."""
+    torch.manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (3, 20))
+    positions = torch.arange(20).expand(3, 20)
+    results = []
+    for key_valid in (None, torch.ones(3, 24, dtype=torch.bool)):
+        model.setup_cache(3, 24)
+        prefill = model(ids, positions, 0, key_valid)
+        step = model(prefill.argmax(-1, keepdim=True), torch.full((3, 1), 20), 20, key_valid)
+        results.append((prefill, step))
+    for fast, masked in zip(*results):
+        torch.testing.assert_close(fast, masked, rtol=1e-4, atol=1e-4)

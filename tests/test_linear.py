@@ -6,25 +6,33 @@ import torch.nn.functional as F
 
 from starcoder_tp.device import Device
 from starcoder_tp.generate import load_model, timed_generate
-from starcoder_tp.linear import Linear, pack_weight
+from starcoder_tp.linear import Linear, pack_weight, worth_packing
 from starcoder_tp.model import TPGroup
 from starcoder_tp.shard import shard_checkpoint
 
-needs_onednn = pytest.mark.skipif(pack_weight(torch.ones(2, 2)) is None, reason="oneDNN cannot pack fp32 here")
+needs_onednn = pytest.mark.skipif(pack_weight(torch.ones(2, 2), force=True) is None, reason="oneDNN cannot pack fp32 here")
 
 
 @needs_onednn
-@pytest.mark.parametrize("shape", [(1, 64), (3, 1, 64), (2, 7, 64)])
+@pytest.mark.parametrize("shape", [(1, 64), (3, 1, 64), (2, 7, 64), (2, 300, 64)])  # the last: prefill rows
 def test_packed_linear_matches_f_linear_with_and_without_bias(shape):
     torch.manual_seed(0)
     layer = Linear(64, 96)
     weight, bias = layer.weight.detach().clone(), layer.bias.detach().clone()
     x = torch.randn(*shape)
-    assert layer.prepack()
+    assert not layer.prepack(), "a small, square-ish weight is not worth packing"
+    assert layer.prepack(force=True)
     assert layer.weight.numel() == 0, "the plain weight must be released once packed"
     torch.testing.assert_close(layer(x), F.linear(x, weight, bias), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(layer(x, add_bias=False), F.linear(x, weight), rtol=1e-5, atol=1e-5)
     assert layer(x).shape == (*shape[:-1], 96)
+
+
+def test_only_tall_large_weights_are_worth_packing():
+    assert worth_packing(torch.empty(4096, 1024)) and worth_packing(torch.empty(49152, 1024))
+    assert not worth_packing(torch.empty(1024, 4096))  # c_proj: wide
+    assert not worth_packing(torch.empty(1152, 1024))  # c_attn of MQA: square-ish
+    assert not worth_packing(torch.empty(6144, 256))  # tall but small K
 
 
 def test_unpacked_linear_can_leave_out_its_bias():
@@ -36,7 +44,7 @@ def test_unpacked_linear_can_leave_out_its_bias():
 
 def test_a_weight_oneDNN_cannot_take_stays_plain():
     layer = Linear(8, 4).to(torch.float64)  # oneDNN has no fp64 linear
-    assert not layer.prepack()
+    assert not layer.prepack(force=True)
     assert layer.packed is None and layer.weight.shape == (4, 8)
     x = torch.randn(2, 8, dtype=torch.float64)
     torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias))
@@ -46,7 +54,10 @@ def test_a_weight_oneDNN_cannot_take_stays_plain():
 def test_a_packed_model_generates_the_same_tokens_and_logits(tmp_path, embedded_dir, prompts):
     shard_checkpoint(embedded_dir, tmp_path / "s", 1)
     plain = load_model(tmp_path / "s", TPGroup(0, 1), torch.device("cpu"), prepack=False)
-    packed = load_model(tmp_path / "s", TPGroup(0, 1), torch.device("cpu"))
+    assert sum(1 for _ in load_model(tmp_path / "s", TPGroup(0, 1), torch.device("cpu")).packed_weights()) == 0, \
+        "the embedded model's weights (n_embd 256) are too small to be worth packing"
+    packed = load_model(tmp_path / "s", TPGroup(0, 1), torch.device("cpu"), prepack=False)
+    packed.prepack(force=True)
     assert sum(1 for _ in plain.packed_weights()) == 0
     n_layers = plain.config.n_layer
     assert sum(1 for _ in packed.packed_weights()) == 4 * n_layers + 1  # c_attn, 2x c_proj, c_fc; lm_head
