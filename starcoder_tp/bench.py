@@ -2,10 +2,11 @@
 one case or the grid, the multi-case CSV) with the same functions as the pytest suite."""
 from __future__ import annotations
 
+import os
 import time
 
 from .build_models import EMBEDDED_MODEL_DIR
-from .parallel import RankFailure, log
+from .parallel import RankFailure, launched_by_torchrun, log
 from .perf import DEFAULT_BATCH_SIZES, DEFAULT_SEQ_LENS, PerfOptions, PerfRunner, parse_case_pairs, parse_int_list
 from .report import ResultsCSV, csv_path, git_commit, result_row, summary_lines, write_heatmaps
 
@@ -25,9 +26,14 @@ def options_from_args(args) -> PerfOptions:
         default_lens = ",".join(map(str, DEFAULT_SEQ_LENS))
         seq_in = tuple(parse_int_list("--seq-in", args.seq_in or default_lens))
         seq_out = tuple(parse_int_list("--seq-out", args.seq_out or default_lens))
+    world_size = args.world_size or 2
+    if launched_by_torchrun():
+        world_size = int(os.environ["WORLD_SIZE"])
+        if args.world_size and args.world_size != world_size:
+            raise ValueError(f"--world-size {args.world_size} differs from torchrun's WORLD_SIZE={world_size}")
     return PerfOptions(
         model_dir=args.model_dir or str(EMBEDDED_MODEL_DIR), device=args.device, device_id=args.device_id,
-        world_size=args.world_size, dtype=args.dtype, batch_sizes=batch_sizes, seq_in=seq_in, seq_out=seq_out,
+        world_size=world_size, dtype=args.dtype, batch_sizes=batch_sizes, seq_in=seq_in, seq_out=seq_out,
         case_pairs=tuple(parse_case_pairs(args.case_pairs)) if args.case_pairs else None,
         max_seq_len=args.max_seq_len, rounds=args.perf_rounds, warmup=args.perf_warmup,
         results_dir=args.results_dir, model_name=args.model_name, threads_per_rank=args.threads_per_rank,
@@ -38,12 +44,50 @@ def options_from_args(args) -> PerfOptions:
 def run_bench(args) -> int:
     options = options_from_args(args)  # every check before any rank is spawned
     options.check_cases()
+    if launched_by_torchrun():
+        return _bench_under_torchrun(options)
+    return _bench(options, PerfRunner(options, log=log), writer=True)
+
+
+def _bench_under_torchrun(options: PerfOptions) -> int:
+    """This process is one of torchrun's ranks (one node or several): every rank loads its part
+    and runs the same cases in step; global rank 0 alone writes the CSV and prints."""
+    import torch.distributed as dist
+
+    from .device import Device
+    from .generate import load_model
+    from .parallel import GroupSpec, TorchrunGroup, configure_threads, init_from_torchrun
+    from .shard import ensure_shards
+
     started = time.perf_counter()
-    results = ResultsCSV(csv_path(options.results_dir, options.model_name, options.device_id), log=log)
+    device = Device(options.device, options.device_id)
+    tp, local_rank = init_from_torchrun(device, options.timeout_s)
+    try:
+        if local_rank == 0:  # one cut per node, into that node's cache
+            ensure_shards(options.model_dir, tp.world_size, options.dtype, log=log)
+        dist.barrier()
+        shard_dir = ensure_shards(options.model_dir, tp.world_size, options.dtype, log=lambda m: None)
+        if device.kind == "cpu":
+            configure_threads(local_rank, GroupSpec(str(shard_dir), tp.world_size, device, options.threads_per_rank,
+                                                    pin_cores=False))
+        model = load_model(shard_dir, tp, device.torch_device(local_rank), prepack=options.prepack)
+        quiet = tp.rank != 0
+        if not quiet:
+            log(f"[bench] {tp.world_size} torchrun rank(s) ready in {time.perf_counter() - started:.1f}s")
+        runner = PerfRunner(options, log=(lambda m: None) if quiet else log, group=TorchrunGroup(model, device, tp))
+        return _bench(options, runner, writer=not quiet)
+    finally:
+        dist.destroy_process_group()
+
+
+def _bench(options: PerfOptions, runner: PerfRunner, writer: bool) -> int:
+    """Measure every case; the writer keeps the rows (CSV, heatmaps, summary)."""
+    started = time.perf_counter()
+    say = log if writer else (lambda m: None)
+    results = ResultsCSV(csv_path(options.results_dir, options.model_name, options.device_id), log=log) if writer else None
     commit = git_commit()
     cases = options.cases()
     rows, failed = [], []
-    runner = PerfRunner(options, log=log)
     try:
         runner.start()
         for index, case in enumerate(cases, start=1):
@@ -51,14 +95,15 @@ def run_bench(args) -> int:
                 result = runner.measure(case)
             except RankFailure as err:
                 # As in the pytest suite: this case fails, the ranks restart, the next cases run.
-                log(f"[bench] {index}/{len(cases)} {case.id} FAILED: {err}")
+                say(f"[bench] {index}/{len(cases)} {case.id} FAILED: {err}")
                 failed.append(case)
                 continue
             row = result_row(result, world_size=options.world_size, dtype=options.dtype, device=options.device,
                              model=options.model_name, commit=commit)
-            results.append(row)
-            rows.append(row)
-            log(f"[bench] {index}/{len(cases)} {case.id}: first token {result.first_token_ms:.2f} ms, "
+            if writer:
+                results.append(row)
+                rows.append(row)
+            say(f"[bench] {index}/{len(cases)} {case.id}: first token {result.first_token_ms:.2f} ms, "
                 f"decode {result.decode_ms_mean:.3f} ms/token, {result.tokens_per_s:.1f} tokens/s")
     finally:
         runner.close()

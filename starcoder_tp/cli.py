@@ -66,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="the latency grid without pytest (the Ascend guide's run.sh flow)")
     p.add_argument("--model-dir", default=None, help="Default: the embedded model (fixtures/tiny-starcoder)")
-    p.add_argument("--world-size", type=_positive_int, default=2, help="Default: %(default)r")
+    p.add_argument("--world-size", type=_positive_int, default=None,
+                   help="number of ranks. Default: 2, or torchrun's WORLD_SIZE under torchrun")
     p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="Default: %(default)r")
     p.add_argument("--device", choices=DEVICE_KINDS, default="cpu", help="Default: %(default)r")
     p.add_argument("--device-id", type=int, default=0, help="Default: %(default)r")

@@ -97,6 +97,29 @@ def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ
 
 
+class TorchrunGroup:
+    """The ranks torchrun started (this process is one of them), behind WorkerGroup's
+    `generate`, so that the perf runner drives them alike. Every rank runs the same requests in
+    the same order (the perf loop and its prompts are deterministic); the collectives inside
+    keep them in step, and a dead peer surfaces as a collective error after `--timeout`."""
+
+    def __init__(self, model, device: Device, tp: TPGroup):
+        self.model, self.device, self.tp = model, device, tp
+
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, *, max_seq_len: int | None = None,
+                 **kwargs) -> tuple[GenerationResult, list[int]]:
+        """This rank's result (its times are already the slowest rank's) and every rank's peak memory."""
+        check_request(self.model.config, prompts, max_new_tokens, max_seq_len)
+        self.device.reset_peak_memory()
+        result = timed_generate(self.model, self.device, prompts, max_new_tokens, max_seq_len=max_seq_len, **kwargs)
+        dev = self.model.transformer.ln_f.weight.device
+        peak = torch.tensor([float(self.device.peak_memory_bytes())], dtype=torch.float64, device=dev)
+        return result, [int(m) for m in self.tp.all_gather(peak).flatten().tolist()]
+
+    def close(self) -> None:
+        """Nothing to stop: torchrun owns the processes (the caller destroys the process group)."""
+
+
 def _worker_main(rank: int, spec: GroupSpec, store_port: int, shm_path: str | None, conn: Connection,
                  progress=None) -> None:
     """A rank of a local worker group: start, load, then serve requests until told to stop."""

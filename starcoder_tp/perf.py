@@ -208,16 +208,20 @@ def _log(message: str) -> None:
 class PerfRunner:
     """Shards once (cached), spawns the ranks once, warms up once per batch size, measures cases."""
 
-    def __init__(self, options: PerfOptions, log: Callable[[str], None] = _log):
+    def __init__(self, options: PerfOptions, log: Callable[[str], None] = _log, group=None):
+        """`group`: ranks already running (parallel.TorchrunGroup) instead of a local worker group."""
         self.options, self.log = options, log
         self.config = options.config
-        self.group: WorkerGroup | None = None
+        self.group: WorkerGroup | None = group
+        self.attached = group is not None
         self.warmed: set[int] = set()
         self.setup_times: dict[str, float] = {}
 
     def start(self) -> "PerfRunner":
         o = self.options
         o.check_cases()
+        if self.attached:
+            return self
         t0 = time.perf_counter()
         self.shard_dir = ensure_shards(o.model_dir, o.world_size, o.dtype, log=self.log)
         t1 = time.perf_counter()
@@ -256,6 +260,7 @@ class PerfRunner:
 
     def _generate(self, case: Case, prompts: list[list[int]], new_tokens: int, **kwargs):
         if self.group is None:  # the last case lost a rank: start afresh, and warm up again
+            assert not self.attached, "ranks that torchrun started cannot be restarted from here"
             self.log(f"[perf] restarting the {self.options.world_size} rank(s) after the failure")
             self.group = WorkerGroup(self.spec).start()
         try:

@@ -50,3 +50,32 @@ def test_two_nodes_on_loopback_match_the_single_node_run(embedded_dir, prompts, 
     payloads = [json.loads(out) for out, _ in outputs if out.strip()]
     assert len(payloads) == 1  # only global rank 0 prints
     assert payloads[0]["output_ids"] == HFRunner(embedded_dir).generate_greedy(prompts, 24).output_ids
+
+
+def test_bench_over_two_torchrun_nodes_on_loopback_writes_one_csv(embedded_dir, tmp_path):
+    """`torchrun ... -m starcoder_tp bench`: every rank runs the grid in step, global rank 0
+    alone writes the CSV (one row per case, world size from torchrun) and prints the summary."""
+    endpoint = f"127.0.0.1:{free_port()}"
+    results = tmp_path / "results"
+    procs = []
+    for node_rank in (0, 1):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+               "--node-rank", str(node_rank), "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint,
+               "--rdzv-id", "starcoder-tp-bench", "-m", "starcoder_tp", "bench", "--model-dir", str(embedded_dir),
+               "--multicase", "1", "--batch-sizes", "1,2", "--seq-in", "16", "--seq-out", "8", "--perf-rounds", "2",
+               "--results-dir", str(results), "--timeout", "120"]
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                                      env={**os.environ, "PYTHONPATH": str(REPO)}))
+    outputs = [p.communicate(timeout=300) for p in procs]
+    for p, (out, err) in zip(procs, outputs):
+        assert p.returncode == 0, err[-3000:]
+    assert sum("CSV:" in out for out, _ in outputs) == 1, "only global rank 0 reports"
+    csvs = list(results.glob("*.csv"))
+    assert len(csvs) == 1, csvs
+    import csv
+
+    rows = list(csv.DictReader(open(csvs[0])))
+    assert [(r["Batch"], r["Input_seq_len"], r["Output_seq_len"]) for r in rows] == [("1", "16", "8"), ("2", "16", "8")]
+    assert {r["world_size"] for r in rows} == {"2"} and {r["rounds"] for r in rows} == {"2"}
+    assert all(float(r["first_token_time(ms)"]) > 0 and float(r["avg_token_time(ms)"]) > 0 for r in rows)
+    assert all(len(r["peak_memory_mb_per_rank"].split(";")) == 2 for r in rows), rows[0]["peak_memory_mb_per_rank"]
