@@ -47,6 +47,10 @@ def main() -> None:
                         help="which metric to slow down. Default: %(default)r")
     parser.add_argument("--threshold", type=float, default=0.10,
                         help="the gate's threshold for both metrics. Default: %(default)r")
+    parser.add_argument("--fresh-baseline", action="store_true",
+                        help="re-take the baseline just before every repetition, as the CI tests do (otherwise one "
+                             "baseline serves all repetitions, and the machine's drift over minutes adds up). "
+                             "Default: %(default)r")
     parser.add_argument("--out", default="results/gate_baseline.csv")
     args = parser.parse_args()
     case = Case(1, 128, 32)
@@ -61,11 +65,22 @@ def main() -> None:
     lines = []
     try:
         runner.warm_up(case)
-        path = write_baseline([measure(runner, case, args.rounds, calibration)], args.out)
-        baseline = Baseline.load(path, world_size=2, dtype="float32", device="cpu")
+
+        def take_baseline() -> Baseline:
+            saved = runner.options
+            runner.options = options  # never with an injection
+            path = write_baseline([measure(runner, case, args.rounds, calibration)], args.out)
+            runner.options = saved
+            return Baseline.load(path, world_size=2, dtype="float32", device="cpu")
+
+        baseline = take_baseline()
         medians = {m: statistics.median(float(x) for x in baseline.rows[case][f"{m}_ms_rounds"].split(";"))
                    for m in ("first_token", "decode")}
-        alarms = [gated(runner, baseline, case, args.rounds, calibration, thresholds) for _ in range(n)]
+
+        def current() -> Baseline:
+            return take_baseline() if args.fresh_baseline else baseline
+
+        alarms = [gated(runner, current(), case, args.rounds, calibration, thresholds) for _ in range(n)]
         false_alarms = sum(bool(a) for a in alarms)
         by_metric = ", ".join(f"{m} {sum(m in a for a in alarms)}" for m in thresholds)
         lines.append(f"false alarms (unchanged runs): {false_alarms}/{n} = {false_alarms / n:.0%} ({by_metric})")
@@ -73,13 +88,14 @@ def main() -> None:
             delay = args.slowdown * medians[metric]
             inject = {"inject_decode_ms" if metric == "decode" else "inject_prefill_ms": delay}
             runner.options = dataclasses.replace(options, **inject)
-            detections = sum(bool(gated(runner, baseline, case, args.rounds, calibration, {metric: thresholds[metric]}))
+            detections = sum(bool(gated(runner, current(), case, args.rounds, calibration, {metric: thresholds[metric]}))
                              for _ in range(n))
             lines.append(f"detections, {metric} +{args.slowdown:.0%} (+{delay:.3f} ms): {detections}/{n} = "
                          f"{detections / n:.0%}")
     finally:
         runner.close()
-    print(f"case {case.id}, {args.rounds} rounds, thresholds {thresholds}, alpha 0.05, re-measure once")
+    print(f"case {case.id}, {args.rounds} rounds, thresholds {thresholds}, alpha 0.05, re-measure once, "
+          f"{'a fresh baseline before every repetition' if args.fresh_baseline else 'one baseline for all'}")
     print(f"baseline medians: first token {medians['first_token']:.3f} ms, decode {medians['decode']:.3f} ms/token")
     for line in lines:
         print(line)

@@ -1,15 +1,17 @@
-"""The regression gate end to end on the embedded model: a baseline taken moments before, then
-an unchanged run (passes), an injected decode slowdown (fails on decode alone) and a first-token
-slowdown (fails on the first-token metric alone).
+"""The regression gate end to end on the embedded model: a baseline taken just before each
+test, then an unchanged run (passes), an injected +25% decode slowdown (fails on decode alone)
+and a first-token slowdown (fails on the first-token metric alone).
 
-The unchanged run and the injected +25% decode slowdown use the default 10% thresholds. Each
-test takes its own baseline just before it: a CI runner's speed drifts by 10-30% within a minute
-(one CI run saw decode 27% slower a minute after its baseline, with only the prefill injected).
-For the same reason the metric that must NOT fire in each slowdown test gets a 50% threshold:
-the test shows that the injection lands in its own metric, not that the runner holds still.
-(The injections busy-wait, so they do not leak into the other metric through an idle core; the
-false-alarm and detection rates over 20 repetitions are measured by benchmarks/gate_reliability.py.)
-10 rounds: with 5, one outlier among the baseline's rounds makes a shift undetectable (p >= 0.075)."""
+Thresholds are set by what this kind of runner does between two runs seconds apart, measured by
+benchmarks/gate_reliability.py (10 rounds, a fresh baseline before every repetition): its speed
+moves in phases of a few seconds by up to +-20% (per-round decode 3.0-4.7 ms within 80 rounds of
+one process). At 10% thresholds an unchanged run false-alarmed 0-4 times in 20 and a +25% decode
+injection was confirmed 16-17 times in 20, depending on the hour. So that these tests fail only
+when the gate is wrong, not when the runner hiccups: the unchanged run is gated at 25% (the
+README's advice for shared VMs), the +25% decode injection at 5%, and the metric that must NOT
+fire in each slowdown test at 50%. The injections busy-wait, so they do not leak into the other
+metric through an idle core. 10 rounds: with 5, one outlier among the baseline's rounds makes a
+shift undetectable (p >= 0.075)."""
 import csv
 import os
 import re
@@ -48,14 +50,14 @@ def baseline(tmp_path):
 
 def test_unchanged_run_passes_the_gate(baseline):
     tmp, _, _ = baseline
-    proc = run_perf(tmp, "--perf-baseline", tmp / "baseline.csv")  # default thresholds: 10% each
+    proc = run_perf(tmp, "--perf-baseline", tmp / "baseline.csv", "--perf-max-regression", "first_token=25%,decode=25%")
     assert proc.returncode == 0, proc.stdout[-3000:]
     assert "0 regression(s)" in proc.stdout
 
 
 def test_injected_decode_slowdown_of_25_percent_fails_the_gate_on_decode(baseline):
     tmp, _, decode = baseline
-    proc = run_perf(tmp, "--perf-baseline", tmp / "baseline.csv", "--perf-max-regression", "decode=10%,first_token=50%",
+    proc = run_perf(tmp, "--perf-baseline", tmp / "baseline.csv", "--perf-max-regression", "decode=5%,first_token=50%",
                     "--perf-inject-decode-delay-ms", f"{0.25 * decode:.3f}")
     assert proc.returncode == 1, proc.stdout[-3000:]
     assert "latency regression (confirmed by a second measurement)" in proc.stdout
