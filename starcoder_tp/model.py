@@ -184,10 +184,6 @@ class TPGPTBigCode(nn.Module):
         if self.lm_head_packed is not None:
             yield self.lm_head_packed
 
-    @property
-    def lm_head_weight(self) -> torch.Tensor:
-        return self.transformer.wte.weight if self.config.tie_word_embeddings else self.lm_head.weight
-
     def setup_cache(self, batch: int, max_seq_len: int) -> None:
         """Allocate the static KV cache once; later calls with a fitting shape reuse it."""
         if batch == self.cache_batch and max_seq_len <= self.cache_len:
