@@ -9,6 +9,9 @@ and cases, in one run; and against the machine's own limits (roofline).
 - limits: memory read bandwidth (a sum over 512 MB) and matmul throughput per dtype, on one
   thread and on all cores. Decode bound = bytes read per step (weights, and the KV cache, which
   multi-query attention keeps whole on every rank) / bandwidth; prefill bound = FLOPs / matmul peak.
+- start-up of each of ours once its shards are cached (shard check + spawn + load), and the
+  harness overhead per case: 1 - (the round's timed first token + decode steps) / wall time
+  around the round as the perf suite runs it (prompts, requests to the ranks, replies).
 
 Run: python benchmarks/speed.py [--model bench|embedded|DIR] [--dtypes float32,bfloat16]
 Writes benchmarks/RESULTS.md (a section per model; other models' sections are kept).
@@ -30,6 +33,7 @@ import torch.nn.functional as F
 from starcoder_tp.build_models import EMBEDDED_MODEL_DIR, build_bench
 from starcoder_tp.config import ModelConfig
 from starcoder_tp.perf import Case, CaseResult, PerfOptions, PerfRunner, make_prompts
+from starcoder_tp.shard import ensure_shards
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -108,6 +112,7 @@ def prefill_flops(c: ModelConfig, case: Case) -> float:
 class Timing:
     first_token_ms: float
     decode_ms: float  # median time between consecutive tokens
+    overhead: float = 0.0  # the harness's share of a round: 1 - timed / wall, around run_round
 
 
 class TransformersRunner:
@@ -155,10 +160,14 @@ def measure_side_by_side(model_dir: str, dtype: str, cases: list[Case], rounds: 
                            prepack=prepack)
 
     hf = TransformersRunner(model_dir, dtype, vocab)
+    # Start-up as users see it once the shards are cached: the cut itself is a one-off.
+    for world_size in (1, 2):
+        ensure_shards(model_dir, world_size, dtype, log=lambda m: None)
     # "ws1-plain": world size 1 without the oneDNN pre-packing, to measure that lever alone.
     ours = {name: PerfRunner(options(ws, prepack), log=lambda m: None).start()
             for name, ws, prepack in (("ws1", 1, True), ("ws1-plain", 1, False), ("ws2", 2, True))}
-    timings = {}
+    timings: dict = {"startup_s": {name: r.setup_times["shard_s"] + r.setup_times["spawn_and_load_s"]
+                                   for name, r in ours.items()}}
     try:
         for case in cases:
             hf.warm_up(case)
@@ -166,17 +175,22 @@ def measure_side_by_side(model_dir: str, dtype: str, cases: list[Case], rounds: 
             for runner in ours.values():
                 runner.warm_up(case)
             firsts, steps = [], []
+            wall = {name: 0.0 for name in ours}
             for _ in range(rounds):
                 first, decode = hf.run_round(case)
                 firsts.append(first), steps.extend(decode)
                 for name, runner in ours.items():
+                    started = time.perf_counter()
                     runner.run_round(case, results[name])
+                    wall[name] += (time.perf_counter() - started) * 1e3
             timings[case] = {"hf": Timing(statistics.median(firsts), statistics.median(steps))}
             for name, result in results.items():
-                timings[case][name] = Timing(result.first_token_ms, result.decode_ms_percentile(50))
+                timed = sum(result.first_token_ms_rounds) + sum(result.decode_steps)
+                timings[case][name] = Timing(result.first_token_ms, result.decode_ms_percentile(50), 1 - timed / wall[name])
             t = timings[case]
             print(f"  {dtype} {case.id}: " + "  ".join(f"{k} {v.first_token_ms:.1f}/{v.decode_ms:.2f}" for k, v in t.items())
-                  + " ms (first/decode)", flush=True)
+                  + " ms (first/decode); harness overhead " + ", ".join(f"{k} {v.overhead:.1%}" for k, v in t.items()
+                                                                         if k != "hf"), flush=True)
     finally:
         for runner in ours.values():
             runner.close()
@@ -194,7 +208,8 @@ def cpu_name() -> str:
         return platform.processor() or "unknown CPU"
 
 
-def section(title: str, model_dir: str, c: ModelConfig, limits: dict, rows: list[dict], wall_s: float) -> str:
+def section(title: str, model_dir: str, c: ModelConfig, limits: dict, rows: list[dict], wall_s: float,
+            startup: dict[str, dict[str, float]]) -> str:
     cores = os.cpu_count() or 1
     lines = [f"## {title}", "",
              f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} by `benchmarks/speed.py` in {wall_s:.0f} s. "
@@ -219,6 +234,12 @@ def section(title: str, model_dir: str, c: ModelConfig, limits: dict, rows: list
              "ws2 decode bound (eff) | ws1 prefill eff | ws2 prefill eff | ws1 unpacked first | "
              "ws1 unpacked decode | packed/unpacked first | packed/unpacked decode |",
              "|" + "---|" * 20]
+    tail = ["", "Start-up (shards already cached, as every run after the first: shard check + spawn + load, "
+            "seconds), per dtype: " + "; ".join(f"{dtype}: " + ", ".join(f"{k} {v:.1f}" for k, v in s.items())
+                                                  for dtype, s in startup.items()) + ".", "",
+            "Harness overhead per case (1 - timed / wall time around one round, through the worker group): "
+            + "; ".join(f"{r['dtype']} {r['case']} " + ", ".join(f"{k} {r[k].overhead:.1%}" for k in ("ws1", "ws1-plain", "ws2"))
+                        for r in rows) + "."]
     for r in rows:
         lines.append(
             f"| {r['dtype']} | {r['case']} | {r['hf'].first_token_ms:.1f} | {r['ws1'].first_token_ms:.1f} | "
@@ -230,7 +251,7 @@ def section(title: str, model_dir: str, c: ModelConfig, limits: dict, rows: list
             f"{r['eff_pre1']:.0%} | {r['eff_pre2']:.0%} | {r['ws1-plain'].first_token_ms:.1f} | "
             f"{r['ws1-plain'].decode_ms:.2f} | {r['ws1'].first_token_ms / r['ws1-plain'].first_token_ms:.2f} | "
             f"{r['ws1'].decode_ms / r['ws1-plain'].decode_ms:.2f} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + tail) + "\n"
 
 
 def write_results(title: str, text: str) -> None:
@@ -266,10 +287,12 @@ def main() -> None:
     started = time.perf_counter()
     limits = machine_limits(dtypes)
     cores = os.cpu_count() or 1
-    rows = []
+    rows, startup = [], {}
     for dtype in dtypes:
         print(f"[speed] {dtype}: transformers, ours at world size 1 and 2, side by side", flush=True)
         measured = measure_side_by_side(model_dir, dtype, cases, args.rounds, config.vocab_size)
+        startup[dtype] = measured.pop("startup_s")
+        print(f"  {dtype} start-up (cached shards): " + ", ".join(f"{k} {v:.1f}s" for k, v in startup[dtype].items()), flush=True)
         for case in cases:
             hf, ws1, ws2, plain = (measured[case][k] for k in ("hf", "ws1", "ws2", "ws1-plain"))
             bound1, kind1 = decode_bound_ms(config, case, dtype, 1, limits["bw_1"], limits[f"mm_{dtype}_1"])
@@ -281,7 +304,7 @@ def main() -> None:
                 "eff_pre1": prefill_flops(config, case) / (limits[f"mm_{dtype}_1"] * 1e9) * 1e3 / ws1.first_token_ms,
                 "eff_pre2": prefill_flops(config, case) / (limits[f"mm_{dtype}_{cores}"] * 1e9) * 1e3 / ws2.first_token_ms,
             })
-    text = section(title, model_dir, config, limits, rows, time.perf_counter() - started)
+    text = section(title, model_dir, config, limits, rows, time.perf_counter() - started, startup)
     write_results(title, text)
     print(text)
     print(f"written: {RESULTS}")

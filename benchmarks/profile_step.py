@@ -1,0 +1,271 @@
+"""Where a step's time goes, for the speed targets that are missed: a per-operator profile
+(torch.profiler) of one prefill and of decode steps of our runtime at world size 1 on one thread,
+each matmul's achieved GFLOP/s against the machine's matmul peak; then, at the decode shapes,
+every matmul kernel the libraries offer side by side (is there a faster one we do not use?);
+and, with --compile, the torch.compile lever on a static-shape decode step.
+
+- profile: the model as the perf suite runs it (pre-packed weights, no mask without padding).
+- kernels, per weight shape [N, K] of the model, M = batch rows, `n_layer` copies of the weight
+  rotated so that it comes from memory as in the model, not from the cache: `F.linear` (MKL),
+  oneDNN packed for M=1 (what linear.py uses) and for M=batch, MKL's packed sgemm.
+- compile (fp32 only): torch.compile needs shapes that do not change from step to step, so the
+  step here attends over the whole static cache with a mask and writes its K/V at a slot held in
+  a tensor (gpt-fast's way); measured eager and compiled (inductor, freezing), with compile time.
+
+Run: python benchmarks/profile_step.py [--model bench|embedded|DIR] [--batches 1,16] [--compile]
+Writes its section of benchmarks/RESULTS.md.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from speed import cpu_name, machine_limits, write_results  # noqa: E402
+
+from starcoder_tp.build_models import EMBEDDED_MODEL_DIR, build_bench  # noqa: E402
+from starcoder_tp.generate import load_model  # noqa: E402
+from starcoder_tp.model import TPGPTBigCode, TPGroup  # noqa: E402
+from starcoder_tp.shard import ensure_shards  # noqa: E402
+
+MATMULS = ("aten::mm", "aten::addmm", "mkldnn::_linear_pointwise", "mkl::_mkl_linear")
+
+
+def matmul_flops(name: str, shapes: list) -> float:
+    """FLOPs of one call of a matmul operator, from the profiler's input shapes."""
+    if name == "aten::mm":
+        (m, k), (_, n) = shapes[0], shapes[1]
+    elif name == "aten::addmm":
+        (m, k), (_, n) = shapes[1], shapes[2]
+    else:  # x [..., K], weight [N, K]
+        m, k, n = math.prod(shapes[0][:-1]), shapes[0][-1], shapes[1][0]
+    return 2.0 * m * k * n
+
+
+def profile_rows(model: TPGPTBigCode, batch: int, seq_in: int, steps: int, peak: float) -> tuple[list[str], dict]:
+    """Markdown rows (operator, shape, ms per step, share, GFLOP/s, % of peak) for the prefill
+    and for a decode step, and the totals."""
+    vocab = model.config.vocab_size
+    ids = torch.randint(1, vocab, (batch, seq_in), generator=torch.Generator().manual_seed(0))
+    pos = torch.arange(seq_in).expand(batch, seq_in)
+    model.setup_cache(batch, seq_in + steps + 8)
+    token = ids[:, -1:]
+
+    def decode(i: int) -> None:
+        model.pick_greedy(model(token, torch.full((batch, 1), seq_in + i), seq_in + i))
+
+    rows, totals = [], {}
+    with torch.inference_mode():
+        model(ids, pos, 0)  # warm: kernel selection at these shapes
+        for i in range(3):
+            decode(i)
+        for phase, fn, count in (("prefill", lambda: model.pick_greedy(model(ids, pos, 0)), 1),
+                                 ("decode", lambda: [decode(3 + i) for i in range(steps)], steps)):
+            with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+                started = time.perf_counter()
+                fn()
+                wall_ms = (time.perf_counter() - started) * 1e3 / count
+            events = prof.key_averages(group_by_input_shape=True)
+            total_us = sum(e.self_cpu_time_total for e in events) / count
+            mm_us = mm_flops = 0.0
+            for e in sorted(events, key=lambda e: -e.self_cpu_time_total):
+                us = e.self_cpu_time_total / count
+                if us < 0.01 * total_us:
+                    continue
+                shape = " x ".join(str(list(s)) for s in e.input_shapes if s)
+                cells = ["", ""]
+                if e.key in MATMULS:
+                    flops = matmul_flops(e.key, e.input_shapes) * e.count / count
+                    gflops = flops / (us * 1e3)
+                    cells = [f"{gflops:.1f}", f"{gflops / peak:.0%}"]
+                rows.append(f"| {phase} | `{e.key}` | {shape} | {us / 1e3:.2f} | {us / total_us:.0%} | " + " | ".join(cells) + " |")
+            for e in events:
+                if e.key in MATMULS:
+                    mm_us += e.self_cpu_time_total / count
+                    mm_flops += matmul_flops(e.key, e.input_shapes) * e.count / count
+            totals[phase] = {"wall_ms": wall_ms, "profiled_ms": total_us / 1e3, "matmul_share": mm_us / total_us,
+                             "matmul_gflops": mm_flops / (mm_us * 1e3)}
+    return rows, totals
+
+
+def _median_us(fn, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times) * 1e6
+
+
+def kernel_rows(model: TPGPTBigCode, batch: int, dtype: torch.dtype) -> list[str]:
+    """Every matmul kernel at hand, at this batch's decode shapes: µs per call and GFLOP/s."""
+    c = model.config
+    kv = 2 * c.n_kv_head * c.head_dim
+    shapes = [(c.n_embd + kv, c.n_embd), (c.n_embd, c.n_embd), (c.n_inner, c.n_embd), (c.n_embd, c.n_inner),
+              (c.padded_vocab_size(1), c.n_embd)]
+    rows = []
+    for n, k in shapes:
+        copies = 1 if n == c.padded_vocab_size(1) else c.n_layer
+        weights = [torch.randn(n, k).to(dtype) for _ in range(copies)]
+        x, bias = torch.randn(batch, k).to(dtype), torch.randn(n).to(dtype)
+        kernels = {"F.linear": lambda w: F.linear(x, w, bias)}
+        for rows_hint, label in ((1, "oneDNN packed (M=1)"), (batch, f"oneDNN packed (M={batch})")):
+            try:
+                packed = {id(w): torch.ops.mkldnn._reorder_linear_weight(w, rows_hint) for w in weights}
+            except RuntimeError:
+                continue
+            kernels[label] = (lambda p: lambda w: torch.ops.mkldnn._linear_pointwise(x, p[id(w)], bias, "none", [], ""))(packed)
+        if dtype == torch.float32 and torch._C.has_mkl:
+            packed_mkl = {id(w): torch.ops.mkl._mkl_reorder_linear_weight(w, batch) for w in weights}
+            kernels["MKL packed"] = lambda w: torch.ops.mkl._mkl_linear(x, packed_mkl[id(w)], w, bias, batch)
+        cells = []
+        for label, kernel in kernels.items():
+            us = _median_us(lambda: [kernel(w) for w in weights], 7) / copies
+            cells.append(f"{label} {us:.0f} µs ({2 * batch * n * k / (us * 1e3):.1f} GFLOP/s)")
+        rows.append(f"| {batch} | [{n} x {k}] | " + "; ".join(cells) + " |")
+    return rows
+
+
+def static_decode_step(model: TPGPTBigCode):
+    """A decode step with the same shapes at every position (what torch.compile needs): the new
+    K/V written at `slot` (a tensor), attention over the whole static cache with a mask.
+    World size 1 only: this measures the compiler, not the collectives."""
+    blocks = model.transformer.h
+    slots = torch.arange(model.cache_len)
+
+    def step(token: torch.Tensor, position: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
+        b = token.shape[0]
+        mask = (slots <= slot)[None, None, None, :]  # [1, 1, 1, S_max]
+        x = model.embed(token, position)  # [B, 1, E]
+        for block in blocks:
+            attn = block.attn
+            h, d = attn.local_heads, attn.head_dim
+            qkv = attn.c_attn(block.ln_1(x))
+            q = qkv[..., : h * d].view(b, 1, h, d)  # the heads as the query length of the one K/V head
+            attn.k_cache.index_copy_(2, slot, qkv[..., h * d : (h + 1) * d].view(b, 1, 1, d))
+            attn.v_cache.index_copy_(2, slot, qkv[..., (h + 1) * d :].view(b, 1, 1, d))
+            out = F.scaled_dot_product_attention(q, attn.k_cache, attn.v_cache, attn_mask=mask, scale=attn.scale)
+            x = x + attn.c_proj(out.reshape(b, 1, h * d))
+            x = x + block.mlp(block.ln_2(x))
+        return F.linear(model.transformer.ln_f(x[:, -1]), model.transformer.wte.weight).argmax(-1)
+
+    return step
+
+
+def compile_rows(shard_dir: Path, batches: list[int], seq_in: int, steps: int) -> list[str]:
+    import torch._inductor.config as inductor_config
+
+    inductor_config.freezing = True  # weights become constants, pre-packed by inductor itself
+    rows = []
+    for batch in batches:
+        model = load_model(shard_dir, TPGroup(0, 1), torch.device("cpu"), prepack=False)
+        if not model.config.multi_query or not model.config.tie_word_embeddings:
+            return ["| - | static step written for MQA with a tied lm_head only | | | |"]
+        model.setup_cache(batch, seq_in + steps + 8)
+        ids = torch.randint(1, model.config.vocab_size, (batch, seq_in), generator=torch.Generator().manual_seed(0))
+        packed = load_model(shard_dir, TPGroup(0, 1), torch.device("cpu"))
+        packed.setup_cache(batch, seq_in + steps + 8)
+        eager = static_decode_step(model)
+        measured = {}
+        with torch.inference_mode():
+            model(ids, torch.arange(seq_in).expand(batch, seq_in), 0)
+            packed(ids, torch.arange(seq_in).expand(batch, seq_in), 0)
+            token = ids[:, -1:]
+            runtime = lambda tok, position, slot: packed.pick_greedy(packed(tok, position, int(slot)))  # noqa: E731
+            for label, fn in (("runtime", runtime), ("eager", eager),
+                              ("compiled", torch.compile(eager, mode="max-autotune-no-cudagraphs"))):
+                for m in (model, packed):  # the decode slots start empty for every variant
+                    for block in m.transformer.h:
+                        block.attn.k_cache[:, :, seq_in:].zero_(), block.attn.v_cache[:, :, seq_in:].zero_()
+                times, tokens = [], []
+                for i in range(steps):
+                    started = time.perf_counter()
+                    tokens.append(fn(token, torch.full((batch, 1), seq_in + i), torch.tensor([seq_in + i])))
+                    times.append((time.perf_counter() - started) * 1e3)
+                measured[label] = (statistics.median(times[3:]), times[0] / 1e3, torch.stack(tokens))
+        (runtime_ms, _, runtime_ids), (eager_ms, _, eager_ids), (comp_ms, compile_s, comp_ids) = (
+            measured["runtime"], measured["eager"], measured["compiled"])
+        same = "yes" if torch.equal(runtime_ids, eager_ids) and torch.equal(eager_ids, comp_ids) else "NO"
+        rows.append(f"| {batch} | {runtime_ms:.2f} | {eager_ms:.2f} | {comp_ms:.2f} | {comp_ms / runtime_ms:.2f} | "
+                    f"{compile_s:.1f} | {same} |")
+        del packed
+        torch._dynamo.reset()
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="bench", help="bench, embedded or a checkpoint directory. Default: %(default)r")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="Default: %(default)r")
+    parser.add_argument("--batches", default="1,16", help="Default: %(default)r")
+    parser.add_argument("--seq-in", type=int, default=128, help="Default: %(default)r")
+    parser.add_argument("--steps", type=int, default=16, help="decode steps profiled. Default: %(default)r")
+    parser.add_argument("--compile", action="store_true", help="also measure torch.compile of a static decode step")
+    args = parser.parse_args()
+    batches = [int(b) for b in args.batches.split(",") if b]
+    if not batches or min(batches) < 1:
+        raise SystemExit(f"--batches: {args.batches!r} is not a comma-separated list of positive integers")
+    model_dir = {"bench": lambda: str(build_bench()), "embedded": lambda: str(EMBEDDED_MODEL_DIR)}.get(
+        args.model, lambda: args.model)()
+    torch.set_num_threads(1)
+    started = time.perf_counter()
+    limits = machine_limits([args.dtype])
+    torch.set_num_threads(1)
+    peak = limits[f"mm_{args.dtype}_1"]
+    shard_dir = ensure_shards(model_dir, 1, args.dtype)
+    model = load_model(shard_dir, TPGroup(0, 1), torch.device("cpu"))
+    profile_lines, kernel_lines, summary = [], [], []
+    for batch in batches:
+        print(f"[profile] batch {batch}: prefill of {args.seq_in} tokens and {args.steps} decode steps", flush=True)
+        rows, totals = profile_rows(model, batch, args.seq_in, args.steps, peak)
+        profile_lines += [r.replace("| prefill |", f"| {batch} | prefill |").replace("| decode |", f"| {batch} | decode |")
+                          for r in rows]
+        for phase, t in totals.items():
+            summary.append(f"| {batch} | {phase} | {t['wall_ms']:.1f} | {t['matmul_share']:.0%} | "
+                           f"{t['matmul_gflops']:.1f} | {t['matmul_gflops'] / peak:.0%} |")
+        print(f"[profile] batch {batch}: matmul kernels at the decode shapes", flush=True)
+        kernel_lines += kernel_rows(model, batch, getattr(torch, args.dtype))
+    compile_lines = []
+    if args.compile and args.dtype == "float32":
+        print("[profile] torch.compile of a static decode step (compiling takes a while)", flush=True)
+        compile_lines = compile_rows(shard_dir, batches, args.seq_in, args.steps)
+    title = {"bench": "bench-size model", "embedded": "embedded model"}.get(args.model, model_dir)
+    title = f"profile: {title}, {args.dtype}"
+    c = model.config
+    text = "\n".join([
+        f"## {title}", "",
+        f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} by `benchmarks/profile_step.py` in "
+        f"{time.perf_counter() - started:.0f} s. Machine: {cpu_name()}, torch {torch.__version__}; one thread. "
+        f"Model: `{model_dir}` ({c.n_layer} layers, n_embd {c.n_embd}). Matmul peak (`F.linear`, 2048², one "
+        f"thread): {peak:.1f} GFLOP/s; read bandwidth {limits['bw_1']:.1f} GB/s.", "",
+        f"Summary (input {args.seq_in}): wall ms of one prefill / one decode step (profiler on), the matmuls' share "
+        "of the operator time and their throughput.", "",
+        "| batch | phase | ms | matmul share | matmul GFLOP/s | of peak |", "|---|---|---|---|---|---|", *summary, "",
+        "Operators above 1% of the time (self time per step):", "",
+        "| batch | phase | operator | input shapes | ms | share | GFLOP/s | of peak |", "|---|---|---|---|---|---|---|---|",
+        *profile_lines, "",
+        "Matmul kernels at the decode shapes (weights rotated over the layers' copies, as the model reads them):", "",
+        "| M | weight | kernels |", "|---|---|---|", *kernel_lines, "",
+    ] + ([
+        "torch.compile (inductor, `max-autotune-no-cudagraphs`, freezing) of a static-shape decode step, ms per step "
+        "(median): the runtime's own eager step (pre-packed weights, attention over the filled slots), the static "
+        "step eager (plain weights, attention over the whole cache with a mask) and compiled; and the compiled "
+        "step's first call in seconds (compilation); and whether the three gave the same tokens at every step:", "",
+        "| batch | runtime eager | static eager | static compiled | compiled/runtime | compile s | same tokens |",
+        "|---|---|---|---|---|---|---|", *compile_lines, "",
+    ] if compile_lines else []))
+    write_results(title, text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
