@@ -4,7 +4,8 @@ and cases, in one run; and against the machine's own limits (roofline).
 - transformers: `model.generate` (greedy, exactly seq_out tokens) in this process, one thread;
   each forward's end is timed by a logits processor, so first token = prefill + first token and
   decode = the median time between consecutive tokens.
-- ours: the perf suite's runner, one thread per rank (ws1: one core, ws2: two cores).
+- ours: the perf suite's runner, one thread per rank (ws1: one core, ws2: two cores); ws1 also
+  without pre-packing (`--no-prepack`) and with compiled decode steps (`--compile`).
 - all three loaded at once and measured round-robin per case, each warmed up on the case first.
 - limits: memory read bandwidth (a sum over 512 MB) and matmul throughput per dtype, on one
   thread and on all cores. Decode bound = bytes read per step (weights, and the KV cache, which
@@ -152,20 +153,22 @@ def measure_side_by_side(model_dir: str, dtype: str, cases: list[Case], rounds: 
                          vocab: int) -> dict[Case, dict[str, Timing]]:
     """transformers, ours at ws1 and ours at ws2, all loaded at once and measured round-robin
     (hf, ws1, ws2, hf, ...) per case, so that the machine's drift hits all three alike."""
-    def options(world_size: int, prepack: bool = True) -> PerfOptions:
+    def options(world_size: int, prepack: bool = True, compile: bool = False) -> PerfOptions:
         return PerfOptions(model_dir=model_dir, world_size=world_size, dtype=dtype,
                            batch_sizes=tuple(sorted({c.batch for c in cases})),
                            seq_in=tuple(sorted({c.seq_in for c in cases})),
                            seq_out=tuple(sorted({c.seq_out for c in cases})), rounds=rounds, threads_per_rank=1,
-                           prepack=prepack)
+                           prepack=prepack, compile=compile)
 
     hf = TransformersRunner(model_dir, dtype, vocab)
     # Start-up as users see it once the shards are cached: the cut itself is a one-off.
     for world_size in (1, 2):
         ensure_shards(model_dir, world_size, dtype, log=lambda m: None)
-    # "ws1-plain": world size 1 without the oneDNN pre-packing, to measure that lever alone.
-    ours = {name: PerfRunner(options(ws, prepack), log=lambda m: None).start()
-            for name, ws, prepack in (("ws1", 1, True), ("ws1-plain", 1, False), ("ws2", 2, True))}
+    # "ws1-plain": world size 1 without the oneDNN pre-packing, to measure that lever alone;
+    # "ws1-compiled": decode steps through torch.compile (compiled in each case's warm-up).
+    ours = {name: PerfRunner(options(ws, prepack, compile), log=lambda m: None).start()
+            for name, ws, prepack, compile in (("ws1", 1, True, False), ("ws1-plain", 1, False, False),
+                                               ("ws2", 2, True, False), ("ws1-compiled", 1, False, True))}
     timings: dict = {"startup_s": {name: r.setup_times["shard_s"] + r.setup_times["spawn_and_load_s"]
                                    for name, r in ours.items()}}
     try:
@@ -225,20 +228,22 @@ def section(title: str, model_dir: str, c: ModelConfig, limits: dict, rows: list
              "Milliseconds: first token (prefill + first token), decode (median between consecutive tokens). "
              "`hf` = transformers `generate`, one thread; `ws1` = ours, one rank, one thread; `ws2` = ours, two "
              "ranks, one thread each; `ws1 unpacked` = ws1 with `--no-prepack` (plain `F.linear`): the "
-             "oneDNN pre-packing lever alone (the same where oneDNN cannot pack the dtype). Efficiency = roofline bound / measured. Decode bound = the larger of "
+             "oneDNN pre-packing lever alone (the same where oneDNN cannot pack the dtype); `ws1 compiled` = ws1 with "
+             "`--compile` (decode steps through torch.compile, compiled in each case's warm-up). Efficiency = roofline bound / measured. Decode bound = the larger of "
              "bytes read per step / read bandwidth (`mem`) and FLOPs per step / matmul peak (`cmp`); "
              "first-token bound = prefill FLOPs / matmul peak; ws1 against one thread's limits, ws2 against "
              "all cores'.", "",
              "| dtype | case | hf first | ws1 first | ws2 first | hf decode | ws1 decode | ws2 decode | "
              "ws1/hf first | ws1/hf decode | ws2/ws1 first | ws2/ws1 decode | ws1 decode bound (eff) | "
              "ws2 decode bound (eff) | ws1 prefill eff | ws2 prefill eff | ws1 unpacked first | "
-             "ws1 unpacked decode | packed/unpacked first | packed/unpacked decode |",
-             "|" + "---|" * 20]
+             "ws1 unpacked decode | packed/unpacked first | packed/unpacked decode | ws1 compiled decode | "
+             "compiled/ws1 decode | compiled/hf decode |",
+             "|" + "---|" * 23]
     tail = ["", "Start-up (shards already cached, as every run after the first: shard check + spawn + load, "
             "seconds), per dtype: " + "; ".join(f"{dtype}: " + ", ".join(f"{k} {v:.1f}" for k, v in s.items())
                                                   for dtype, s in startup.items()) + ".", "",
             "Harness overhead per case (1 - timed / wall time around one round, through the worker group): "
-            + "; ".join(f"{r['dtype']} {r['case']} " + ", ".join(f"{k} {r[k].overhead:.1%}" for k in ("ws1", "ws1-plain", "ws2"))
+            + "; ".join(f"{r['dtype']} {r['case']} " + ", ".join(f"{k} {r[k].overhead:.1%}" for k in ("ws1", "ws1-plain", "ws2", "ws1-compiled"))
                         for r in rows) + "."]
     for r in rows:
         lines.append(
@@ -250,7 +255,8 @@ def section(title: str, model_dir: str, c: ModelConfig, limits: dict, rows: list
             f"{r['bound2']:.2f} {r['kind2'][:3]} ({r['eff_dec2']:.0%}) | "
             f"{r['eff_pre1']:.0%} | {r['eff_pre2']:.0%} | {r['ws1-plain'].first_token_ms:.1f} | "
             f"{r['ws1-plain'].decode_ms:.2f} | {r['ws1'].first_token_ms / r['ws1-plain'].first_token_ms:.2f} | "
-            f"{r['ws1'].decode_ms / r['ws1-plain'].decode_ms:.2f} |")
+            f"{r['ws1'].decode_ms / r['ws1-plain'].decode_ms:.2f} | {r['ws1-compiled'].decode_ms:.2f} | "
+            f"{r['ws1-compiled'].decode_ms / r['ws1'].decode_ms:.2f} | {r['ws1-compiled'].decode_ms / r['hf'].decode_ms:.2f} |")
     return "\n".join(lines + tail) + "\n"
 
 
@@ -294,11 +300,11 @@ def main() -> None:
         startup[dtype] = measured.pop("startup_s")
         print(f"  {dtype} start-up (cached shards): " + ", ".join(f"{k} {v:.1f}s" for k, v in startup[dtype].items()), flush=True)
         for case in cases:
-            hf, ws1, ws2, plain = (measured[case][k] for k in ("hf", "ws1", "ws2", "ws1-plain"))
+            hf, ws1, ws2, plain, compiled = (measured[case][k] for k in ("hf", "ws1", "ws2", "ws1-plain", "ws1-compiled"))
             bound1, kind1 = decode_bound_ms(config, case, dtype, 1, limits["bw_1"], limits[f"mm_{dtype}_1"])
             bound2, kind2 = decode_bound_ms(config, case, dtype, 2, limits[f"bw_{cores}"], limits[f"mm_{dtype}_{cores}"])
             rows.append({
-                "dtype": dtype, "case": case.id, "hf": hf, "ws1": ws1, "ws2": ws2, "ws1-plain": plain,
+                "dtype": dtype, "case": case.id, "hf": hf, "ws1": ws1, "ws2": ws2, "ws1-plain": plain, "ws1-compiled": compiled,
                 "bound1": bound1, "kind1": kind1, "bound2": bound2, "kind2": kind2,
                 "eff_dec1": bound1 / ws1.decode_ms, "eff_dec2": bound2 / ws2.decode_ms,
                 "eff_pre1": prefill_flops(config, case) / (limits[f"mm_{dtype}_1"] * 1e9) * 1e3 / ws1.first_token_ms,

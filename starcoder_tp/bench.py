@@ -37,7 +37,7 @@ def options_from_args(args) -> PerfOptions:
         case_pairs=tuple(parse_case_pairs(args.case_pairs)) if args.case_pairs else None,
         max_seq_len=args.max_seq_len, rounds=args.perf_rounds, warmup=args.perf_warmup,
         results_dir=args.results_dir, model_name=args.model_name, threads_per_rank=args.threads_per_rank,
-        timeout_s=args.timeout, prepack=not args.no_prepack,
+        timeout_s=args.timeout, prepack=not args.no_prepack, compile=args.compile,
     )
 
 
@@ -70,7 +70,8 @@ def _bench_under_torchrun(options: PerfOptions) -> int:
         if device.kind == "cpu":
             configure_threads(local_rank, GroupSpec(str(shard_dir), tp.world_size, device, options.threads_per_rank,
                                                     pin_cores=False))
-        model = load_model(shard_dir, tp, device.torch_device(local_rank), prepack=options.prepack)
+        model = load_model(shard_dir, tp, device.torch_device(local_rank), prepack=options.prepack,
+                           compile=options.compile)
         quiet = tp.rank != 0
         if not quiet:
             log(f"[bench] {tp.world_size} torchrun rank(s) ready in {time.perf_counter() - started:.1f}s")

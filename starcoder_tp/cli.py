@@ -39,6 +39,8 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                    help="CPU threads per rank. Default: the cores shared evenly among the ranks")
     p.add_argument("--no-prepack", action="store_true", default=False,
                    help="keep the linear weights in their plain layout (F.linear) instead of pre-packing them for oneDNN on CPU. Default: %(default)r")
+    p.add_argument("--compile", action="store_true", default=False,
+                   help="run decode steps through torch.compile (inductor): compiles per batch size and cache length. Default: %(default)r")
     p.add_argument("--timeout", type=float, default=60.0,
                    help="seconds a rank may wait on another before the run fails, naming it. Default: %(default)r")
 
@@ -86,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads-per-rank", type=_positive_int, default=None)
     p.add_argument("--no-prepack", action="store_true", default=False,
                    help="keep the linear weights in their plain layout (F.linear) instead of pre-packing them for oneDNN on CPU. Default: %(default)r")
+    p.add_argument("--compile", action="store_true", default=False,
+                   help="run decode steps through torch.compile (inductor): compiles per batch size and cache length. Default: %(default)r")
     p.add_argument("--timeout", type=float, default=60.0,
                    help="seconds a rank may wait on another before the case fails, naming it. Default: %(default)r")
 
@@ -180,7 +184,7 @@ def cmd_generate(args) -> int:
     prompts = _read_prompts(args, tokenizer)
     check_request(ModelConfig.from_dir(shard_dir / "part_model" / "0"), prompts, args.max_new_tokens, args.max_seq_len)
     spec = GroupSpec(str(shard_dir), world_size, device, args.threads_per_rank, timeout_s=args.timeout,
-                     prepack=not args.no_prepack)
+                     prepack=not args.no_prepack, compile=args.compile)
     with WorkerGroup(spec) as group:
         setup_s = time.perf_counter() - started
         log(f"[generate] {world_size} rank(s) ready in {setup_s:.1f}s (shard + spawn + load)")
@@ -213,7 +217,8 @@ def _generate_under_torchrun(args, device: Device) -> int:
         spec = GroupSpec(str(shard_dir), tp.world_size, device, args.threads_per_rank, pin_cores=False)
         if device.kind == "cpu":
             configure_threads(local_rank, spec)
-        model = load_model(shard_dir, tp, device.torch_device(local_rank), prepack=not args.no_prepack)
+        model = load_model(shard_dir, tp, device.torch_device(local_rank), prepack=not args.no_prepack,
+                           compile=args.compile)
         tokenizer = _load_tokenizer(shard_dir / "part_model" / str(tp.rank))
         prompts = _read_prompts(args, tokenizer)
         setup_s = time.perf_counter() - started

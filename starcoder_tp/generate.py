@@ -14,10 +14,12 @@ from .model import TPGPTBigCode, TPGroup
 from .shard import load_part
 
 
-def load_model(shard_dir: str | Path, tp: TPGroup, device: torch.device, prepack: bool = True) -> TPGPTBigCode:
+def load_model(shard_dir: str | Path, tp: TPGroup, device: torch.device, prepack: bool = True,
+               compile: bool = False) -> TPGPTBigCode:
     """Build this rank's model straight from its part: created on the meta device, then the
     loaded tensors are assigned, so the weights exist once in memory. With `prepack`, the linear
-    weights are then re-laid out for oneDNN where it can take them (CPU; see linear.py)."""
+    weights are then re-laid out for oneDNN where it can take them (CPU; see linear.py). With
+    `compile`, decode steps run through torch.compile instead (which packs weights itself)."""
     raw_config, state = load_part(shard_dir, tp.rank, tp.world_size, device="cpu" if device.type == "npu" else device)
     config = ModelConfig.from_hf_dict(raw_config, source=f"{shard_dir}/part_model/{tp.rank}/config.json")
     with torch.device("meta"):
@@ -37,7 +39,9 @@ def load_model(shard_dir: str | Path, tp: TPGroup, device: torch.device, prepack
         state = {name: t.to(device) for name, t in state.items()}
     model.load_state_dict(state, assign=True, strict=True)
     del state
-    if prepack:
+    if compile:
+        model.compile_decode()
+    elif prepack:
         model.prepack()
     return model.eval()
 
@@ -136,6 +140,13 @@ def timed_generate(model: TPGPTBigCode, device: Device, prompts: list[list[int]]
     finished = torch.zeros(batch, dtype=torch.bool, device=dev)
     top_vals, top_ids = [], []
     step_ms: list[float] = []
+    compiled = model.compiled_decode
+    if compiled is not None:
+        # Static shapes: the validity of every slot of the cache as allocated (it may be longer
+        # than this request, when reused), and the slot written as a tensor.
+        all_valid = torch.ones((batch, model.cache_len), dtype=torch.bool, device=dev)
+        all_valid[:, :prompt_len] = mask
+        slot = torch.zeros(1, dtype=torch.long, device=dev)
 
     device.synchronize()
     started = time.perf_counter()
@@ -158,12 +169,17 @@ def timed_generate(model: TPGPTBigCode, device: Device, prompts: list[list[int]]
             break
         device.synchronize()
         started = time.perf_counter()
-        logits = model(token.unsqueeze(-1), next_position, prompt_len + generated - 1, key_valid)
+        if compiled is not None:
+            logits = compiled(token.unsqueeze(-1), next_position, slot.fill_(prompt_len + generated - 1), all_valid)
+        else:
+            logits = model(token.unsqueeze(-1), next_position, prompt_len + generated - 1, key_valid)
         token = model.pick_greedy(logits)
         if inject_decode_ms:
             _spin(inject_decode_ms)
         device.synchronize()
         step_ms.append((time.perf_counter() - started) * 1e3)
+        if model.step_hook is not None:
+            model.step_hook()
         next_position += 1
         generated += 1
 

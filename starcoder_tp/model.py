@@ -31,16 +31,26 @@ class TPGroup:
 
     def all_reduce_(self, t: torch.Tensor) -> torch.Tensor:
         if self.world_size > 1:
-            if self.shm is not None:
-                self.shm.all_reduce_(t)
-            else:
-                dist.all_reduce(t)
+            self._all_reduce(t)
         return t
+
+    # Collectives stay outside torch.compile's graphs (the shared-memory one is plain Python):
+    # a compiled decode step breaks its graph there, and at world size 1 they are not reached.
+    @torch.compiler.disable
+    def _all_reduce(self, t: torch.Tensor) -> None:
+        if self.shm is not None:
+            self.shm.all_reduce_(t)
+        else:
+            dist.all_reduce(t)
 
     def all_gather(self, t: torch.Tensor) -> torch.Tensor:
         """[N, *t.shape]: every rank's `t`, in rank order."""
         if self.world_size == 1:
             return t.unsqueeze(0)
+        return self._all_gather(t)
+
+    @torch.compiler.disable
+    def _all_gather(self, t: torch.Tensor) -> torch.Tensor:
         if self.shm is not None:
             return self.shm.all_gather(t)
         out = [torch.empty_like(t) for _ in range(self.world_size)]
@@ -79,19 +89,29 @@ class Attention(nn.Module):
         self.k_cache: torch.Tensor | None = None  # [B, KV, S_max, D]
         self.v_cache: torch.Tensor | None = None
 
-    def forward(self, x: torch.Tensor, start: int, mask: torch.Tensor | None) -> torch.Tensor:
-        # x: [B, T, E]; start: first cache slot written; mask: [B, 1, T*G or 1, S] with S = start + T,
-        # or None when no slot is padding (then T > 1 only at start 0: plain causal attention)
+    def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        # x: [B, T, E] -> q [B, T, H, D], k and v [B, T, KV, D]
         b, t, _ = x.shape
-        h, kv, d = self.local_heads, self.local_kv_heads, self.head_dim
+        h, d = self.local_heads, self.head_dim
         qkv = self.c_attn(x)
         if self.multi_query:
             q = qkv[..., : h * d].view(b, t, h, d)
             k = qkv[..., h * d : (h + 1) * d].view(b, t, 1, d)
             v = qkv[..., (h + 1) * d :].view(b, t, 1, d)
-        else:  # HF's per-head interleaved [q_h | k_h | v_h]
-            per_head = qkv.view(b, t, h, 3 * d)
-            q, k, v = per_head[..., :d], per_head[..., d : 2 * d], per_head[..., 2 * d :]
+            return q, k, v
+        per_head = qkv.view(b, t, h, 3 * d)  # HF's per-head interleaved [q_h | k_h | v_h]
+        return per_head[..., :d], per_head[..., d : 2 * d], per_head[..., 2 * d :]
+
+    def _output(self, out: torch.Tensor) -> torch.Tensor:
+        # Row-parallel: partial sums all-reduced, then the bias added once.
+        return self.tp.all_reduce_(self.c_proj(out, add_bias=False)) + self.c_proj.bias
+
+    def forward(self, x: torch.Tensor, start: int, mask: torch.Tensor | None) -> torch.Tensor:
+        # x: [B, T, E]; start: first cache slot written; mask: [B, 1, T*G or 1, S] with S = start + T,
+        # or None when no slot is padding (then T > 1 only at start 0: plain causal attention)
+        b, t, _ = x.shape
+        h, kv, d = self.local_heads, self.local_kv_heads, self.head_dim
+        q, k, v = self._qkv(x)
         end = start + t
         self.k_cache[:, :, start:end] = k.transpose(1, 2)
         self.v_cache[:, :, start:end] = v.transpose(1, 2)
@@ -110,8 +130,22 @@ class Attention(nn.Module):
             q = q.reshape(b, t, kv, g, d).permute(0, 2, 1, 3, 4).reshape(b, kv, t * g, d)
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scale)
             out = out.view(b, kv, t, g, d).permute(0, 2, 1, 3, 4).reshape(b, t, h * d)
-        # Row-parallel: partial sums all-reduced, then the bias added once.
-        return self.tp.all_reduce_(self.c_proj(out, add_bias=False)) + self.c_proj.bias
+        return self._output(out)
+
+    def forward_static(self, x: torch.Tensor, slot: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """One decode step with the same shapes at every position, for torch.compile: the new
+        K/V written at `slot` ([1] long, a tensor, not a Python int), attention over the whole
+        static cache, the slots not yet written masked out.
+        x: [B, 1, E]; mask: [B, 1, 1, S_max] bool."""
+        b = x.shape[0]
+        h, kv, d = self.local_heads, self.local_kv_heads, self.head_dim
+        q, k, v = self._qkv(x)
+        self.k_cache.index_copy_(2, slot, k.transpose(1, 2))
+        self.v_cache.index_copy_(2, slot, v.transpose(1, 2))
+        g = h // kv
+        q = q.reshape(b, kv, g, d)  # the G query heads of a K/V head as its query length
+        out = F.scaled_dot_product_attention(q, self.k_cache, self.v_cache, attn_mask=mask, scale=self.scale)
+        return self._output(out.reshape(b, 1, h * d))
 
 
 class MLP(nn.Module):
@@ -138,6 +172,10 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, start: int, mask: torch.Tensor | None) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x), start, mask)
+        return x + self.mlp(self.ln_2(x))
+
+    def forward_static(self, x: torch.Tensor, slot: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn.forward_static(self.ln_1(x), slot, mask)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -167,6 +205,8 @@ class TPGPTBigCode(nn.Module):
         self.cache_batch = 0
         self.cache_len = 0
         self.lm_head_packed: torch.Tensor | None = None
+        self.compiled_decode = None  # set by compile_decode: decode steps go through decode_static
+        self.step_hook = None  # called after every decode step (a heartbeat where layer hooks do not run)
 
     def prepack(self, force: bool = False) -> int:
         """Pre-pack the linear weights for oneDNN where it pays (every one with `force`; see
@@ -177,6 +217,19 @@ class TPGPTBigCode(nn.Module):
             self.lm_head_packed = pack_weight(self.transformer.wte.weight, force)
             count += self.lm_head_packed is not None
         return count
+
+    def compile_decode(self, mode: str | None = None) -> None:
+        """Run decode steps through torch.compile (inductor) of `decode_static`. Compiling takes
+        seconds to minutes per batch size and cache length (the second shape seen compiles a
+        dynamic-shape version for the rest); pays where a profile says the step is overhead- or
+        fusion-bound (benchmarks/profile_step.py). Not with pre-packed weights: inductor packs
+        the weights itself (freezing), and cannot take oneDNN's opaque tensors."""
+        if any(True for _ in self.packed_weights()):
+            raise ValueError("compile_decode: the model's weights are pre-packed; load it with prepack=False")
+        import torch._inductor.config as inductor_config
+
+        inductor_config.freezing = True  # weights as constants: inductor re-lays them out for its GEMMs
+        self.compiled_decode = torch.compile(self.decode_static, mode=mode)
 
     def packed_weights(self):
         """The oneDNN-packed weights (empty when not pre-packed)."""
@@ -225,7 +278,22 @@ class TPGPTBigCode(nn.Module):
         x = self.embed(input_ids, position_ids)
         for block in self.transformer.h:
             x = block(x, start, mask)
-        last = self.transformer.ln_f(x[:, -1])  # [B, E]
+        return self._logits(self.transformer.ln_f(x[:, -1]))
+
+    def decode_static(self, token: torch.Tensor, position: torch.Tensor, slot: torch.Tensor,
+                      key_valid: torch.Tensor) -> torch.Tensor:
+        """One decode step whose shapes do not change from step to step (what torch.compile and
+        CUDA graphs need): token, position [B, 1]; slot [1] long, the cache slot written;
+        key_valid [B, S_max] bool, False on left padding. Returns this rank's logits [B, V_local]."""
+        slots = torch.arange(key_valid.shape[1], device=key_valid.device)
+        mask = (key_valid & (slots <= slot))[:, None, None, :]  # [B, 1, 1, S_max]
+        x = self.embed(token, position)
+        for block in self.transformer.h:
+            x = block.forward_static(x, slot, mask)
+        return self._logits(self.transformer.ln_f(x[:, -1]))
+
+    def _logits(self, last: torch.Tensor) -> torch.Tensor:
+        # last: [B, E] -> [B, V_local]
         if self.lm_head_packed is not None:
             logits = packed_linear(last, self.lm_head_packed, None)  # [B, V_local]
         elif self.config.tie_word_embeddings:

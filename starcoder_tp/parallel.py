@@ -32,6 +32,7 @@ from .model import TPGroup
 DEFAULT_START_TIMEOUT_S = 300.0
 DEFAULT_CALL_TIMEOUT_S = 60.0  # how long a rank waits on another (collectives): a hung rank is named then
 DEFAULT_REQUEST_TIMEOUT_S = 3600.0  # one whole generation; long grids cases on a CPU take minutes
+COMPILE_ALLOWANCE_S = 600.0  # with --compile, a first step at a new shape compiles for up to this long, silently
 
 
 class RankFailure(RuntimeError):
@@ -51,6 +52,7 @@ class GroupSpec:
     request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S
     comm: str = "auto"  # "shm": shared-memory collectives; "dist": the backend's; "auto": shm on one CPU host
     prepack: bool = True  # linear weights pre-packed for oneDNN where it can (CPU): faster decode
+    compile: bool = False  # decode steps through torch.compile (see TPGPTBigCode.compile_decode)
 
     def __post_init__(self) -> None:
         if self.comm not in ("auto", "shm", "dist"):
@@ -135,15 +137,17 @@ def _worker_main(rank: int, spec: GroupSpec, store_port: int, shm_path: str | No
                                     timeout=datetime.timedelta(seconds=spec.timeout_s))
         shm = shm_comm.ShmComm(shm_path, rank, spec.world_size, spec.timeout_s) if shm_path else None
         tp = TPGroup(rank, spec.world_size, shm)
-        model = load_model(spec.shard_dir, tp, torch_device, prepack=spec.prepack)
+        model = load_model(spec.shard_dir, tp, torch_device, prepack=spec.prepack, compile=spec.compile)
         if progress is not None:
-            # A heartbeat the parent watches: one tick per layer forward, so that a rank that
-            # stops computing is caught even where no peer waits on it (world size 1).
+            # A heartbeat the parent watches: one tick per layer forward (and per decode step,
+            # where a compiled step runs no layer hooks), so that a rank that stops computing is
+            # caught even where no peer waits on it (world size 1).
             def tick(*_):
                 progress[rank] += 1
 
             for block in model.transformer.h:
                 block.register_forward_pre_hook(tick)
+            model.step_hook = tick
         conn.send(("ready", {"load_s": time.perf_counter() - started, "pid": os.getpid(),
                              "packed_weights": sum(1 for _ in model.packed_weights())}))
         while True:
@@ -267,7 +271,8 @@ class WorkerGroup:
     def stall_timeout_s(self) -> float:
         """How long a rank may go without a layer forward during a request. With peers, longer
         than their collective timeout, so that a peer names the hung rank precisely first."""
-        return self.spec.timeout_s * (1.5 if self.spec.world_size > 1 else 1.0)
+        stall = self.spec.timeout_s * (1.5 if self.spec.world_size > 1 else 1.0)
+        return stall + (COMPILE_ALLOWANCE_S if self.spec.compile else 0.0)
 
     def _collect(self, what: str, timeout_s: float, watch_progress: bool = False) -> list[dict]:
         replies: dict[int, dict] = {}

@@ -172,6 +172,7 @@ class PerfOptions:
     model_name: str = "starcoder"
     threads_per_rank: int | None = None
     prepack: bool = True  # linear weights pre-packed for oneDNN on CPU (see linear.py)
+    compile: bool = False  # decode steps through torch.compile (compiled per case, in its warm-up)
     timeout_s: float = 60.0  # a rank waiting this long on another fails the case, naming it
     inject_prefill_ms: float = 0.0  # test-only: proves that the regression gate catches a slowdown
     inject_decode_ms: float = 0.0
@@ -226,7 +227,7 @@ class PerfRunner:
         self.shard_dir = ensure_shards(o.model_dir, o.world_size, o.dtype, log=self.log)
         t1 = time.perf_counter()
         self.spec = GroupSpec(str(self.shard_dir), o.world_size, Device(o.device, o.device_id), o.threads_per_rank,
-                              timeout_s=o.timeout_s, prepack=o.prepack)
+                              timeout_s=o.timeout_s, prepack=o.prepack, compile=o.compile)
         self.group = WorkerGroup(self.spec).start()
         t2 = time.perf_counter()
         self.setup_times = {"shard_s": t1 - t0, "spawn_and_load_s": t2 - t1,
@@ -247,7 +248,9 @@ class PerfRunner:
             for _ in range(self.options.warmup):
                 self._generate(case, make_prompts(Case(case.batch, seq_in, 8), self.config.vocab_size, seed=99), 8)
             self.warmed.add(case.batch)
-        self._generate(case, make_prompts(case, self.config.vocab_size, seed=98), 1,
+        # Compiled decode steps are compiled for the case's shape here, outside the timed rounds.
+        self._generate(case, make_prompts(case, self.config.vocab_size, seed=98),
+                       min(3, case.seq_out) if self.options.compile else 1,
                        max_seq_len=self.options.max_seq_len or case.seq_in + case.seq_out)
 
     def run_round(self, case: Case, result: CaseResult) -> None:

@@ -54,6 +54,9 @@ def pytest_addoption(parser):
     group.addoption("--no-prepack", action="store_true", default=False,
                     help="keep the linear weights in their plain layout (F.linear) instead of pre-packing them for "
                          "oneDNN on CPU. Default: %(default)r")
+    group.addoption("--compile", action="store_true", default=False,
+                    help="run decode steps through torch.compile (inductor; compiled per case during its warm-up, "
+                         "seconds to minutes each; needs a C++ compiler on CPU). Default: %(default)r")
     group.addoption("--rank-timeout", default="60",
                     help="seconds a rank may wait on another (a hung or dead rank) before the case fails. Default: %(default)r")
     # Gating on latency regressions against a stored baseline.
@@ -129,6 +132,7 @@ def options_from_config(config) -> PerfOptions:
             model_name=config.getoption("model_name"),
             threads_per_rank=_int_option(config, "threads_per_rank"),
             prepack=not config.getoption("no_prepack"),
+            compile=config.getoption("compile"),
             timeout_s=float(_int_option(config, "rank_timeout")),
             inject_prefill_ms=_float_option(config, "perf_inject_prefill_delay_ms"),
             inject_decode_ms=_float_option(config, "perf_inject_decode_delay_ms"),
@@ -341,7 +345,8 @@ def pytest_terminal_summary(terminalreporter, config):
     t = state.setup_times
     if t:
         terminalreporter.write_line(f"set-up: shard {t['shard_s']:.1f}s, spawn + load {t['spawn_and_load_s']:.1f}s; "
-                                    f"world size {o.world_size}, {o.dtype}, {o.device}, model {o.model_dir}")
+                                    f"world size {o.world_size}, {o.dtype}, {o.device}, model {o.model_dir}"
+                                    + ("; decode steps compiled (torch.compile)" if o.compile else ""))
     for line in summary_lines(state.rows):
         terminalreporter.write_line(line)
     heatmaps = write_heatmaps(state.rows, o.results_dir, o.model_name, o.device_id)

@@ -1,0 +1,61 @@
+"""torch.compile of the decode step (--compile): the static-shape step gives the eager tokens,
+in one process and across two ranks whose collectives break the compiled graph."""
+import shutil
+
+import pytest
+import torch
+
+from starcoder_tp.device import Device
+from starcoder_tp.generate import load_model, timed_generate
+from starcoder_tp.model import TPGroup
+from starcoder_tp.parallel import GroupSpec, WorkerGroup
+from starcoder_tp.shard import shard_checkpoint
+
+pytestmark = pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
+                                reason="torch.compile on CPU (inductor) needs a C++ compiler, none is installed")
+
+
+@pytest.fixture(scope="module")
+def ws1(tmp_path_factory, embedded_dir):
+    out = tmp_path_factory.mktemp("compile") / "s1"
+    shard_checkpoint(embedded_dir, out, 1)
+    return out
+
+
+def random_prompts(vocab: int, batch: int, length: int, seed: int) -> list[list[int]]:
+    return torch.randint(1, vocab, (batch, length), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def test_compiled_decode_gives_the_eager_tokens_across_requests(ws1):
+    eager = load_model(ws1, TPGroup(0, 1), torch.device("cpu"))
+    compiled = load_model(ws1, TPGroup(0, 1), torch.device("cpu"), compile=True)
+    assert compiled.compiled_decode is not None
+    vocab = eager.config.vocab_size
+    ragged = random_prompts(vocab, 2, 24, seed=3)
+    ragged[0] = ragged[0][:9]  # left padding: the mask over the static cache must hide it
+    # Two requests of one shape (the second must not see the first's cache), a ragged one, and
+    # a shorter one that reuses the longer cache (its unused slots must stay masked).
+    for prompts in (random_prompts(vocab, 2, 16, seed=1), random_prompts(vocab, 2, 16, seed=2), ragged,
+                    random_prompts(vocab, 2, 8, seed=5)):
+        want = timed_generate(eager, Device("cpu"), prompts, 10)
+        got = timed_generate(compiled, Device("cpu"), prompts, 10)
+        assert torch.equal(got.output_ids, want.output_ids), (got.output_ids, want.output_ids)
+        assert len(got.decode_ms) == 9 and all(t > 0 for t in got.decode_ms)
+
+
+def test_two_ranks_with_compiled_decode_match_one_eager_rank(ws1, embedded_dir, tmp_path):
+    shard_checkpoint(embedded_dir, tmp_path / "s2", 2)
+    eager = load_model(ws1, TPGroup(0, 1), torch.device("cpu"))
+    prompts = random_prompts(eager.config.vocab_size, 2, 12, seed=4)
+    want = timed_generate(eager, Device("cpu"), prompts, 8).output_ids
+    with WorkerGroup(GroupSpec(str(tmp_path / "s2"), 2, compile=True)) as group:
+        result, _ = group.generate(prompts, 8)
+    assert torch.equal(result.output_ids, want), (result.output_ids, want)
+
+
+def test_compile_refuses_prepacked_weights(ws1):
+    model = load_model(ws1, TPGroup(0, 1), torch.device("cpu"), prepack=False)
+    if model.prepack(force=True) == 0:
+        pytest.skip("oneDNN cannot pack weights on this machine")
+    with pytest.raises(ValueError, match="pre-packed; load it with prepack=False"):
+        model.compile_decode()
