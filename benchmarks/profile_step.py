@@ -8,9 +8,9 @@ and, with --compile, the torch.compile lever on a static-shape decode step.
 - kernels, per weight shape [N, K] of the model, M = batch rows, `n_layer` copies of the weight
   rotated so that it comes from memory as in the model, not from the cache: `F.linear` (MKL),
   oneDNN packed for M=1 (what linear.py uses) and for M=batch, MKL's packed sgemm.
-- compile (fp32 only): torch.compile needs shapes that do not change from step to step, so the
-  step here attends over the whole static cache with a mask and writes its K/V at a slot held in
-  a tensor (gpt-fast's way); measured eager and compiled (inductor, freezing), with compile time.
+- compile (fp32 only): the runtime's `--compile` lever, `decode_static` (the static-shape step
+  torch.compile needs) eager and compiled by `compile_decode`, against the eager runtime step,
+  with the compile time and a check that all three give the same tokens.
 
 Run: python benchmarks/profile_step.py [--model bench|embedded|DIR] [--batches 1,16] [--compile]
 Writes its section of benchmarks/RESULTS.md.
@@ -32,7 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from speed import cpu_name, machine_limits, write_results  # noqa: E402
 
 from starcoder_tp.build_models import EMBEDDED_MODEL_DIR, build_bench  # noqa: E402
-from starcoder_tp.generate import load_model  # noqa: E402
+from starcoder_tp.device import Device  # noqa: E402
+from starcoder_tp.generate import load_model, timed_generate  # noqa: E402
 from starcoder_tp.model import TPGPTBigCode, TPGroup  # noqa: E402
 from starcoder_tp.shard import ensure_shards  # noqa: E402
 
@@ -135,69 +136,34 @@ def kernel_rows(model: TPGPTBigCode, batch: int, dtype: torch.dtype) -> list[str
     return rows
 
 
-def static_decode_step(model: TPGPTBigCode):
-    """A decode step with the same shapes at every position (what torch.compile needs): the new
-    K/V written at `slot` (a tensor), attention over the whole static cache with a mask.
-    World size 1 only: this measures the compiler, not the collectives."""
-    blocks = model.transformer.h
-    slots = torch.arange(model.cache_len)
-
-    def step(token: torch.Tensor, position: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
-        b = token.shape[0]
-        mask = (slots <= slot)[None, None, None, :]  # [1, 1, 1, S_max]
-        x = model.embed(token, position)  # [B, 1, E]
-        for block in blocks:
-            attn = block.attn
-            h, d = attn.local_heads, attn.head_dim
-            qkv = attn.c_attn(block.ln_1(x))
-            q = qkv[..., : h * d].view(b, 1, h, d)  # the heads as the query length of the one K/V head
-            attn.k_cache.index_copy_(2, slot, qkv[..., h * d : (h + 1) * d].view(b, 1, 1, d))
-            attn.v_cache.index_copy_(2, slot, qkv[..., (h + 1) * d :].view(b, 1, 1, d))
-            out = F.scaled_dot_product_attention(q, attn.k_cache, attn.v_cache, attn_mask=mask, scale=attn.scale)
-            x = x + attn.c_proj(out.reshape(b, 1, h * d))
-            x = x + block.mlp(block.ln_2(x))
-        return F.linear(model.transformer.ln_f(x[:, -1]), model.transformer.wte.weight).argmax(-1)
-
-    return step
-
-
 def compile_rows(shard_dir: Path, batches: list[int], seq_in: int, steps: int) -> list[str]:
-    import torch._inductor.config as inductor_config
-
-    inductor_config.freezing = True  # weights become constants, pre-packed by inductor itself
+    """The runtime's `--compile` lever, through `timed_generate` as the runtime runs it: the eager
+    step (pre-packed weights), the static-shape step `decode_static` run eagerly (plain weights,
+    whole cache masked) and that step compiled by `compile_decode` (inductor, freezing)."""
     rows = []
     for batch in batches:
-        model = load_model(shard_dir, TPGroup(0, 1), torch.device("cpu"), prepack=False)
-        if not model.config.multi_query or not model.config.tie_word_embeddings:
-            return ["| - | static step written for MQA with a tied lm_head only | | | |"]
-        model.setup_cache(batch, seq_in + steps + 8)
-        ids = torch.randint(1, model.config.vocab_size, (batch, seq_in), generator=torch.Generator().manual_seed(0))
-        packed = load_model(shard_dir, TPGroup(0, 1), torch.device("cpu"))
-        packed.setup_cache(batch, seq_in + steps + 8)
-        eager = static_decode_step(model)
-        measured = {}
-        with torch.inference_mode():
-            model(ids, torch.arange(seq_in).expand(batch, seq_in), 0)
-            packed(ids, torch.arange(seq_in).expand(batch, seq_in), 0)
-            token = ids[:, -1:]
-            runtime = lambda tok, position, slot: packed.pick_greedy(packed(tok, position, int(slot)))  # noqa: E731
-            for label, fn in (("runtime", runtime), ("eager", eager),
-                              ("compiled", torch.compile(eager, mode="max-autotune-no-cudagraphs"))):
-                for m in (model, packed):  # the decode slots start empty for every variant
-                    for block in m.transformer.h:
-                        block.attn.k_cache[:, :, seq_in:].zero_(), block.attn.v_cache[:, :, seq_in:].zero_()
-                times, tokens = [], []
-                for i in range(steps):
-                    started = time.perf_counter()
-                    tokens.append(fn(token, torch.full((batch, 1), seq_in + i), torch.tensor([seq_in + i])))
-                    times.append((time.perf_counter() - started) * 1e3)
-                measured[label] = (statistics.median(times[3:]), times[0] / 1e3, torch.stack(tokens))
-        (runtime_ms, _, runtime_ids), (eager_ms, _, eager_ids), (comp_ms, compile_s, comp_ids) = (
-            measured["runtime"], measured["eager"], measured["compiled"])
-        same = "yes" if torch.equal(runtime_ids, eager_ids) and torch.equal(eager_ids, comp_ids) else "NO"
-        rows.append(f"| {batch} | {runtime_ms:.2f} | {eager_ms:.2f} | {comp_ms:.2f} | {comp_ms / runtime_ms:.2f} | "
-                    f"{compile_s:.1f} | {same} |")
-        del packed
+        prompts = torch.randint(1, 1000, (batch, seq_in), generator=torch.Generator().manual_seed(0)).tolist()
+        models = {"runtime": load_model(shard_dir, TPGroup(0, 1), torch.device("cpu")),
+                  "static": load_model(shard_dir, TPGroup(0, 1), torch.device("cpu"), prepack=False),
+                  "compiled": load_model(shard_dir, TPGroup(0, 1), torch.device("cpu"), compile=True)}
+        models["static"].compiled_decode = models["static"].decode_static  # the static path, not compiled
+        warm_s, decode_ms, ids = {}, {label: [] for label in models}, {}
+        for label, model in models.items():
+            started = time.perf_counter()
+            timed_generate(model, Device("cpu"), prompts, 4)  # warm-up; compiles the compiled one
+            warm_s[label] = time.perf_counter() - started
+        for _ in range(3):  # round-robin, so that the machine's drift hits all three alike
+            for label, model in models.items():
+                result = timed_generate(model, Device("cpu"), prompts, steps)
+                decode_ms[label] += result.decode_ms
+                ids[label] = result.output_ids
+        measured = {label: (statistics.median(decode_ms[label]), warm_s[label], ids[label]) for label in models}
+        (runtime_ms, runtime_s, runtime_ids), (static_ms, _, static_ids), (comp_ms, comp_s, comp_ids) = (
+            measured["runtime"], measured["static"], measured["compiled"])
+        same = "yes" if torch.equal(runtime_ids, static_ids) and torch.equal(static_ids, comp_ids) else "NO"
+        rows.append(f"| {batch} | {runtime_ms:.2f} | {static_ms:.2f} | {comp_ms:.2f} | {comp_ms / runtime_ms:.2f} | "
+                    f"{comp_s - runtime_s:.1f} | {same} |")
+        del models
         torch._dynamo.reset()
     return rows
 
@@ -223,6 +189,11 @@ def main() -> None:
     peak = limits[f"mm_{args.dtype}_1"]
     shard_dir = ensure_shards(model_dir, 1, args.dtype)
     model = load_model(shard_dir, TPGroup(0, 1), torch.device("cpu"))
+    compile_lines = []
+    if args.compile and args.dtype == "float32":
+        # First, in a process not yet touched by the profiler, interleaved (see compile_rows).
+        print("[profile] --compile: torch.compile of the decode step (compiling takes a while)", flush=True)
+        compile_lines = compile_rows(shard_dir, batches, args.seq_in, args.steps)
     profile_lines, kernel_lines, summary = [], [], []
     for batch in batches:
         print(f"[profile] batch {batch}: prefill of {args.seq_in} tokens and {args.steps} decode steps", flush=True)
@@ -234,10 +205,6 @@ def main() -> None:
                            f"{t['matmul_gflops']:.1f} | {t['matmul_gflops'] / peak:.0%} |")
         print(f"[profile] batch {batch}: matmul kernels at the decode shapes", flush=True)
         kernel_lines += kernel_rows(model, batch, getattr(torch, args.dtype))
-    compile_lines = []
-    if args.compile and args.dtype == "float32":
-        print("[profile] torch.compile of a static decode step (compiling takes a while)", flush=True)
-        compile_lines = compile_rows(shard_dir, batches, args.seq_in, args.steps)
     title = {"bench": "bench-size model", "embedded": "embedded model"}.get(args.model, model_dir)
     title = f"profile: {title}, {args.dtype}"
     c = model.config
@@ -256,10 +223,11 @@ def main() -> None:
         "Matmul kernels at the decode shapes (weights rotated over the layers' copies, as the model reads them):", "",
         "| M | weight | kernels |", "|---|---|---|", *kernel_lines, "",
     ] + ([
-        "torch.compile (inductor, `max-autotune-no-cudagraphs`, freezing) of a static-shape decode step, ms per step "
-        "(median): the runtime's own eager step (pre-packed weights, attention over the filled slots), the static "
-        "step eager (plain weights, attention over the whole cache with a mask) and compiled; and the compiled "
-        "step's first call in seconds (compilation); and whether the three gave the same tokens at every step:", "",
+        "`--compile` (torch.compile, inductor, freezing) of the static-shape decode step, through `timed_generate` "
+        "as the runtime runs it, median decode ms: the runtime's eager step (pre-packed weights, attention over the "
+        "filled slots), the static step `decode_static` run eagerly (plain weights, attention over the whole cache "
+        "with a mask) and compiled, 3 generations each, round-robin; the compiled model's extra seconds in its warm-up generation (compiling); and "
+        "whether the three gave the same tokens:", "",
         "| batch | runtime eager | static eager | static compiled | compiled/runtime | compile s | same tokens |",
         "|---|---|---|---|---|---|---|", *compile_lines, "",
     ] if compile_lines else []))
