@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from speed import cpu_name, machine_limits, write_results  # noqa: E402
+from speed import _best, cpu_name, machine_limits, write_results  # noqa: E402
 
 from starcoder_tp.build_models import EMBEDDED_MODEL_DIR, build_bench  # noqa: E402
 from starcoder_tp.device import Device  # noqa: E402
@@ -97,16 +97,6 @@ def profile_rows(model: TPGPTBigCode, batch: int, seq_in: int, steps: int, peak:
     return rows, totals
 
 
-def _median_us(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times) * 1e6
-
-
 def kernel_rows(model: TPGPTBigCode, batch: int, dtype: torch.dtype) -> list[str]:
     """Every matmul kernel at hand, at this batch's decode shapes: µs per call and GFLOP/s."""
     c = model.config
@@ -130,7 +120,7 @@ def kernel_rows(model: TPGPTBigCode, batch: int, dtype: torch.dtype) -> list[str
             kernels["MKL packed"] = lambda w: torch.ops.mkl._mkl_linear(x, packed_mkl[id(w)], w, bias, batch)
         cells = []
         for label, kernel in kernels.items():
-            us = _median_us(lambda: [kernel(w) for w in weights], 7) / copies
+            us = _best(lambda: [kernel(w) for w in weights], 7) * 1e6 / copies  # the best of 7: least disturbed
             cells.append(f"{label} {us:.0f} µs ({2 * batch * n * k / (us * 1e3):.1f} GFLOP/s)")
         rows.append(f"| {batch} | [{n} x {k}] | " + "; ".join(cells) + " |")
     return rows

@@ -220,11 +220,11 @@ class TPGPTBigCode(nn.Module):
 
     def compile_decode(self, mode: str | None = None) -> None:
         """Run decode steps through torch.compile (inductor) of `decode_static`. Compiling takes
-        seconds to minutes per batch size and cache length (the second shape seen compiles a
-        dynamic-shape version for the rest); pays where a profile says the step is overhead- or
-        fusion-bound (benchmarks/profile_step.py). Not with pre-packed weights: inductor packs
-        the weights itself (freezing), and cannot take oneDNN's opaque tensors."""
-        if any(True for _ in self.packed_weights()):
+        seconds to minutes per batch size and cache length (11-25 s each on the bench-size model
+        here); what it buys depends on the machine (benchmarks/speed.py, profile_step.py). Not
+        with pre-packed weights: inductor packs the weights itself (freezing), and cannot take
+        oneDNN's opaque tensors."""
+        if next(self.packed_weights(), None) is not None:
             raise ValueError("compile_decode: the model's weights are pre-packed; load it with prepack=False")
         import torch._inductor.config as inductor_config
 
