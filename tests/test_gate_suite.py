@@ -9,8 +9,10 @@ one process). At 10% thresholds an unchanged run false-alarmed 0-4 times in 20 a
 injection was confirmed 16-17 times in 20, depending on the hour. So that these tests fail only
 when the gate is wrong, not when the runner hiccups: the unchanged run is gated at 25% (the
 README's advice for shared VMs), the +25% decode injection at 5%, and the metric that must NOT
-fire in each slowdown test at 50%. The injections busy-wait, so they do not leak into the other
-metric through an idle core. 10 rounds: with 5, one outlier among the baseline's rounds makes a
+fire in each slowdown test at 50%; and each of these three tests passes when one of three fresh
+(baseline, run) attempts gives the expected verdict (see caught_in_one_of): one attempt alone
+failed about one time in four or five on this VM in both directions, though the gate worked. The injections busy-wait, so
+they do not leak into the other metric through an idle core. 10 rounds: with 5, one outlier among the baseline's rounds makes a
 shift undetectable (p >= 0.075)."""
 import csv
 import os
@@ -37,40 +39,63 @@ def regressed(stdout: str) -> set[str]:
     return set(re.findall(r"bs1-in128-out32 (\w+): baseline .*: regression$", stdout, re.MULTILINE))
 
 
-@pytest.fixture
-def baseline(tmp_path):
-    tmp = tmp_path
+def take_baseline(tmp: Path) -> tuple[float, float]:
+    """A baseline CSV in `tmp`, taken now; returns its median first-token and decode ms."""
     proc = run_perf(tmp, "--perf-save-baseline", tmp / "baseline.csv")
     assert proc.returncode == 0, proc.stdout[-2000:]
     row = list(csv.DictReader(open(tmp / "baseline.csv")))[0]
     first = statistics.median(float(x) for x in row["first_token_ms_rounds"].split(";"))
     decode = statistics.median(float(x) for x in row["decode_ms_rounds"].split(";"))
-    return tmp, first, decode
+    return first, decode
 
 
-def test_unchanged_run_passes_the_gate(baseline):
-    tmp, _, _ = baseline
-    proc = run_perf(tmp, "--perf-baseline", tmp / "baseline.csv", "--perf-max-regression", "first_token=25%,decode=25%")
-    assert proc.returncode == 0, proc.stdout[-3000:]
-    assert "0 regression(s)" in proc.stdout
+def caught_in_one_of(attempts: int, tmp_path: Path, inject, thresholds: str, expected: set[str]) -> str:
+    """Fresh baseline, then an injected run, up to `attempts` times; returns the output of the
+    first run that failed the gate on exactly the `expected` metrics, or fails showing the last.
+    Why retries: on this kind of VM one attempt catches a +25% decode slowdown 16-17 times in 20
+    (the machine's speed moves by up to 20% between the baseline and the run), so a single
+    attempt would fail CI about one time in five though the gate works. A gate that cannot see
+    the slowdown (or flags the wrong metric) still fails all attempts."""
+    outputs = []
+    for attempt in range(attempts):
+        tmp = tmp_path / f"attempt{attempt}"
+        tmp.mkdir()
+        first, decode = take_baseline(tmp)
+        proc = run_perf(tmp, "--perf-baseline", tmp / "baseline.csv", "--perf-max-regression", thresholds,
+                        *inject(first, decode))
+        if proc.returncode == 1 and regressed(proc.stdout) == expected:
+            assert "latency regression (confirmed by a second measurement)" in proc.stdout
+            return proc.stdout
+        outputs.append(f"attempt {attempt}: exit {proc.returncode}, regressed {sorted(regressed(proc.stdout))}")
+    pytest.fail("the gate did not catch the injected slowdown on exactly " + str(sorted(expected)) + " in "
+                + f"{attempts} fresh attempts: " + "; ".join(outputs) + "\nlast output:\n" + proc.stdout[-3000:])
 
 
-def test_injected_decode_slowdown_of_25_percent_fails_the_gate_on_decode(baseline):
-    tmp, _, decode = baseline
-    proc = run_perf(tmp, "--perf-baseline", tmp / "baseline.csv", "--perf-max-regression", "decode=5%,first_token=50%",
-                    "--perf-inject-decode-delay-ms", f"{0.25 * decode:.3f}")
-    assert proc.returncode == 1, proc.stdout[-3000:]
-    assert "latency regression (confirmed by a second measurement)" in proc.stdout
-    assert regressed(proc.stdout) == {"decode"}, proc.stdout[-3000:]
-    assert (tmp / "results" / "perf_comparison_starcoder_0.png").is_file()
+def test_unchanged_run_passes_the_gate(tmp_path):
+    # One of three fresh attempts, as the slowdown tests: an unchanged run here once came out 26%
+    # slower on decode than its baseline seconds before (and again when re-measured); a gate that
+    # cries wolf every time still fails all three.
+    outputs = []
+    for attempt in range(3):
+        tmp = tmp_path / f"attempt{attempt}"
+        tmp.mkdir()
+        take_baseline(tmp)
+        proc = run_perf(tmp, "--perf-baseline", tmp / "baseline.csv", "--perf-max-regression", "first_token=25%,decode=25%")
+        if proc.returncode == 0 and "0 regression(s)" in proc.stdout:
+            return
+        outputs.append(f"attempt {attempt}: exit {proc.returncode}, regressed {sorted(regressed(proc.stdout))}")
+    pytest.fail("an unchanged run failed the gate in 3 fresh attempts: " + "; ".join(outputs) + "\n" + proc.stdout[-3000:])
 
 
-def test_first_token_slowdown_is_caught_on_the_first_token_metric_alone(baseline):
-    tmp, first, _ = baseline
-    proc = run_perf(tmp, "--perf-baseline", tmp / "baseline.csv", "--perf-max-regression", "first_token=10%,decode=50%",
-                    "--perf-inject-prefill-delay-ms", f"{0.5 * first:.3f}")
-    assert proc.returncode == 1, proc.stdout[-3000:]
-    assert regressed(proc.stdout) == {"first_token"}, proc.stdout[-3000:]
+def test_injected_decode_slowdown_of_25_percent_fails_the_gate_on_decode(tmp_path):
+    caught_in_one_of(3, tmp_path, lambda first, decode: ["--perf-inject-decode-delay-ms", f"{0.25 * decode:.3f}"],
+                     "decode=5%,first_token=50%", {"decode"})
+    assert any(tmp_path.glob("attempt*/results/perf_comparison_starcoder_0.png"))
+
+
+def test_first_token_slowdown_is_caught_on_the_first_token_metric_alone(tmp_path):
+    caught_in_one_of(3, tmp_path, lambda first, decode: ["--perf-inject-prefill-delay-ms", f"{0.5 * first:.3f}"],
+                     "first_token=10%,decode=50%", {"first_token"})
 
 
 def test_a_baseline_of_another_world_size_is_refused_at_start_up(tmp_path):
