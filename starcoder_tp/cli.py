@@ -26,6 +26,14 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _add_speed_options(p: argparse.ArgumentParser) -> None:
+    """How the weights and the decode step run (generate and bench alike)."""
+    p.add_argument("--no-prepack", action="store_true", default=False,
+                   help="keep the linear weights in their plain layout (F.linear) instead of pre-packing them for oneDNN on CPU. Default: %(default)r")
+    p.add_argument("--compile", action="store_true", default=False,
+                   help="run decode steps through torch.compile (inductor): compiles per batch size and cache length. Default: %(default)r")
+
+
 def _add_run_options(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model-dir", help="a Hugging Face GPTBigCode checkpoint directory (cut into the cache)")
@@ -37,10 +45,7 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device-id", type=int, default=0, help="rank r uses device device_id + r. Default: %(default)r")
     p.add_argument("--threads-per-rank", type=_positive_int, default=None,
                    help="CPU threads per rank. Default: the cores shared evenly among the ranks")
-    p.add_argument("--no-prepack", action="store_true", default=False,
-                   help="keep the linear weights in their plain layout (F.linear) instead of pre-packing them for oneDNN on CPU. Default: %(default)r")
-    p.add_argument("--compile", action="store_true", default=False,
-                   help="run decode steps through torch.compile (inductor): compiles per batch size and cache length. Default: %(default)r")
+    _add_speed_options(p)
     p.add_argument("--timeout", type=float, default=60.0,
                    help="seconds a rank may wait on another before the run fails, naming it. Default: %(default)r")
 
@@ -86,10 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--results-dir", default="results", help="Default: %(default)r")
     p.add_argument("--model-name", default="starcoder", help="Default: %(default)r")
     p.add_argument("--threads-per-rank", type=_positive_int, default=None)
-    p.add_argument("--no-prepack", action="store_true", default=False,
-                   help="keep the linear weights in their plain layout (F.linear) instead of pre-packing them for oneDNN on CPU. Default: %(default)r")
-    p.add_argument("--compile", action="store_true", default=False,
-                   help="run decode steps through torch.compile (inductor): compiles per batch size and cache length. Default: %(default)r")
+    _add_speed_options(p)
     p.add_argument("--timeout", type=float, default=60.0,
                    help="seconds a rank may wait on another before the case fails, naming it. Default: %(default)r")
 

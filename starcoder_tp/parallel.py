@@ -139,15 +139,16 @@ def _worker_main(rank: int, spec: GroupSpec, store_port: int, shm_path: str | No
         tp = TPGroup(rank, spec.world_size, shm)
         model = load_model(spec.shard_dir, tp, torch_device, prepack=spec.prepack, compile=spec.compile)
         if progress is not None:
-            # A heartbeat the parent watches: one tick per layer forward (and per decode step,
-            # where a compiled step runs no layer hooks), so that a rank that stops computing is
-            # caught even where no peer waits on it (world size 1).
+            # A heartbeat the parent watches: one tick per layer forward (and, with --compile,
+            # per decode step: a compiled step runs no layer hooks), so that a rank that stops
+            # computing is caught even where no peer waits on it (world size 1).
             def tick(*_):
                 progress[rank] += 1
 
             for block in model.transformer.h:
                 block.register_forward_pre_hook(tick)
-            model.step_hook = tick
+            if spec.compile:
+                model.step_hook = tick
         conn.send(("ready", {"load_s": time.perf_counter() - started, "pid": os.getpid(),
                              "packed_weights": sum(1 for _ in model.packed_weights())}))
         while True:
