@@ -132,7 +132,9 @@ class Baseline:
     rows: dict[Case, dict]  # the last row of each case
 
     @classmethod
-    def load(cls, path: str | Path, *, world_size: int, dtype: str, device: str) -> "Baseline":
+    def load(cls, path: str | Path, *, world_size: int, dtype: str, device: str, runtime_mode: str) -> "Baseline":
+        """The baseline's rows, refused unless measured like this run: same world size, dtype,
+        device and runtime mode (eager, eager-no-prepack, compiled), >= MIN_ROUNDS rounds."""
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"--perf-baseline {path}: no such file")
@@ -142,15 +144,21 @@ class Baseline:
                        if c not in (reader.fieldnames or [])]
             if missing:
                 raise ValueError(f"--perf-baseline {path}: not a results CSV of this suite (no column {missing[0]!r})")
+            if "runtime_mode" not in (reader.fieldnames or []):
+                raise ValueError(f"--perf-baseline {path}: written before the runtime mode was recorded (no column "
+                                 "'runtime_mode'), so it may gate one mode with another's figures: take a new "
+                                 "baseline with --perf-save-baseline")
             rows = list(reader)
         if not rows:
             raise ValueError(f"--perf-baseline {path}: holds no measured case")
+        ours = (world_size, dtype, device, runtime_mode)
         for row in rows:
-            theirs = (int(row["world_size"]), row["dtype"], row["device"])
-            if theirs != (world_size, dtype, device):
+            theirs = (int(row["world_size"]), row["dtype"], row["device"], row["runtime_mode"])
+            if theirs != ours:
                 raise ValueError(
-                    f"--perf-baseline {path} was measured at world size {theirs[0]}, {theirs[1]}, {theirs[2]}; "
-                    f"this run is world size {world_size}, {dtype}, {device}: compare like with like "
+                    f"--perf-baseline {path} was measured at world size {theirs[0]}, {theirs[1]}, {theirs[2]}, "
+                    f"runtime mode {theirs[3]!r}; this run is world size {world_size}, {dtype}, {device}, runtime "
+                    f"mode {runtime_mode!r} (--compile and --no-prepack set the mode): compare like with like "
                     "(or take a new baseline with --perf-save-baseline)")
             if int(row["rounds"]) < MIN_ROUNDS:
                 raise ValueError(f"--perf-baseline {path}: case bs{row['Batch']}-in{row['Input_seq_len']}-out"

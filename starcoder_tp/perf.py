@@ -189,6 +189,13 @@ class PerfOptions:
         Device(self.device, self.device_id)  # validates both
         ModelConfig.from_dir(self.model_dir).check_world_size(self.world_size)
 
+    @property
+    def runtime_mode(self) -> str:
+        """How the steps ran, recorded with every result: one mode's baseline must not gate another."""
+        if self.compile:
+            return "compiled"
+        return "eager" if self.prepack else "eager-no-prepack"
+
     def check_cases(self) -> None:
         """Refuse the grid's impossible cases (kept apart: a grid that does not fit a model
         must not block an accuracy run on it)."""

@@ -174,7 +174,8 @@ def gate_options(config, state: PerfState) -> None:
             if o.rounds < MIN_ROUNDS:
                 raise ValueError(f"--perf-baseline needs --perf-rounds >= {MIN_ROUNDS} (got {o.rounds}): "
                                  "fewer rounds cannot show a significant difference")
-            state.baseline = Baseline.load(path, world_size=o.world_size, dtype=o.dtype, device=o.device)
+            state.baseline = Baseline.load(path, world_size=o.world_size, dtype=o.dtype, device=o.device,
+                                           runtime_mode=o.runtime_mode)
     except (ValueError, FileNotFoundError) as err:
         raise pytest.UsageError(str(err)) from None
 
@@ -235,7 +236,7 @@ def pytest_collection_modifyitems(config, items):
         raise pytest.UsageError(str(err)) from None
     if config.getoption("perf_resume") and csv_path(o.results_dir, o.model_name, o.device_id).is_file():
         done = ResultsCSV(csv_path(o.results_dir, o.model_name, o.device_id)).measured_cases(
-            world_size=o.world_size, dtype=o.dtype, device=o.device, model=o.model_name)
+            world_size=o.world_size, dtype=o.dtype, device=o.device, model=o.model_name, runtime_mode=o.runtime_mode)
         skipped = [i for i in perf_items if i.callspec.params["perf_case"] in done]
         if skipped:
             config.hook.pytest_deselected(items=skipped)
@@ -295,6 +296,7 @@ def accuracy_run(request, accuracy_options) -> AccuracyRun:
 def record_result(state: PerfState, result: CaseResult) -> dict:
     o = state.options
     row = result_row(result, world_size=o.world_size, dtype=o.dtype, device=o.device, model=o.model_name,
+                     runtime_mode=o.runtime_mode,
                      commit=state.commit, calibration=state.calibration)
     state.csv.append(row)
     state.rows.append(row)

@@ -14,7 +14,7 @@ from .perf import Case, CaseResult
 
 ASCEND_COLUMNS = ["Batch", "Input_seq_len", "Output_seq_len", "TotalTime(s)", "first_token_time(ms)",
                   "avg_token_time(ms)"]
-OUR_COLUMNS = ["world_size", "dtype", "device", "model", "decode_p50_ms", "decode_p90_ms", "decode_p99_ms",
+OUR_COLUMNS = ["world_size", "dtype", "device", "model", "runtime_mode", "decode_p50_ms", "decode_p90_ms", "decode_p99_ms",
                "tokens_per_s", "peak_memory_mb", "peak_memory_mb_per_rank", "rounds", "first_token_ms_rounds",
                "decode_ms_rounds", "calib_bandwidth_gbs", "calib_matmul_gflops", "git_commit", "timestamp"]
 COLUMNS = ASCEND_COLUMNS + OUR_COLUMNS
@@ -33,8 +33,8 @@ def git_commit(repo: Path = Path(__file__).resolve().parent.parent) -> str:
         return "unknown"
 
 
-def result_row(result: CaseResult, *, world_size: int, dtype: str, device: str, model: str, commit: str,
-               calibration: dict[str, float] | None = None) -> dict:
+def result_row(result: CaseResult, *, world_size: int, dtype: str, device: str, model: str, runtime_mode: str,
+               commit: str, calibration: dict[str, float] | None = None) -> dict:
     mb = 1 << 20
     return {
         "Batch": result.case.batch,
@@ -47,6 +47,7 @@ def result_row(result: CaseResult, *, world_size: int, dtype: str, device: str, 
         "dtype": dtype,
         "device": device,
         "model": model,
+        "runtime_mode": runtime_mode,  # PerfOptions.runtime_mode: eager, eager-no-prepack or compiled
         "decode_p50_ms": f"{result.decode_ms_percentile(50):.4f}",
         "decode_p90_ms": f"{result.decode_ms_percentile(90):.4f}",
         "decode_p99_ms": f"{result.decode_ms_percentile(99):.4f}",
@@ -101,10 +102,12 @@ class ResultsCSV:
         with open(self.path, newline="") as f:
             return list(csv.DictReader(f))
 
-    def measured_cases(self, *, world_size: int, dtype: str, device: str, model: str) -> set[Case]:
+    def measured_cases(self, *, world_size: int, dtype: str, device: str, model: str,
+                       runtime_mode: str) -> set[Case]:
         """Cases already in the file for this configuration (for --perf-resume)."""
+        wanted = (world_size, dtype, device, model, runtime_mode)
         return {Case(int(r["Batch"]), int(r["Input_seq_len"]), int(r["Output_seq_len"])) for r in self.rows()
-                if (int(r["world_size"]), r["dtype"], r["device"], r["model"]) == (world_size, dtype, device, model)}
+                if (int(r["world_size"]), r["dtype"], r["device"], r["model"], r["runtime_mode"]) == wanted}
 
 
 def summary_lines(rows: list[dict]) -> list[str]:

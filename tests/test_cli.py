@@ -1,4 +1,5 @@
 """`python -m starcoder_tp ...` as a user runs it: separate processes, stdout and exit codes."""
+import csv
 import json
 import os
 import subprocess
@@ -91,12 +92,15 @@ def test_bad_input_exits_non_zero_naming_the_value(tmp_path, args, message):
 def test_bench_single_case_and_grid_share_the_csv(tmp_path):
     proc = run_cli("bench", "--multicase", 0, "--batch", 2, "--seq-in", 24, "--seq-out", 5, "--results-dir", tmp_path)
     assert proc.returncode == 0, proc.stderr
-    proc = run_cli("bench", "--multicase", 1, "--batch-sizes", 1, "--case-pairs", "16:4,32:4", "--results-dir", tmp_path)
+    proc = run_cli("bench", "--multicase", 1, "--batch-sizes", 1, "--case-pairs", "16:4,32:4", "--results-dir", tmp_path,
+                   "--no-prepack")
     assert proc.returncode == 0, proc.stderr
     assert "[bench] 2/2 bs1-in32-out4" in proc.stderr and "batch 1 headline" in proc.stdout
     lines = (tmp_path / "multibatch_performance_starcoder_0.csv").read_text().splitlines()
     assert lines[0].startswith("Batch,Input_seq_len,Output_seq_len,TotalTime(s),first_token_time(ms),avg_token_time(ms)")
     assert [line.split(",")[:3] for line in lines[1:]] == [["2", "24", "5"], ["1", "16", "4"], ["1", "32", "4"]]
+    modes = [row["runtime_mode"] for row in csv.DictReader(lines)]
+    assert modes == ["eager", "eager-no-prepack", "eager-no-prepack"]  # a baseline of one mode never gates another
 
 
 @pytest.mark.parametrize("args,message", [

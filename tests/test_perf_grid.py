@@ -19,6 +19,14 @@ def test_default_grid_is_the_ascend_guides_36_cases_per_batch():
     assert cases[0] == Case(1, 32, 32) and cases[-1] == Case(32, 1024, 1024)
 
 
+def test_runtime_mode_names_the_options_that_change_the_timed_steps():
+    embedded = str(EMBEDDED_MODEL_DIR)
+    assert PerfOptions(model_dir=embedded).runtime_mode == "eager"
+    assert PerfOptions(model_dir=embedded, prepack=False).runtime_mode == "eager-no-prepack"
+    assert PerfOptions(model_dir=embedded, compile=True).runtime_mode == "compiled"
+    assert PerfOptions(model_dir=embedded, compile=True, prepack=False).runtime_mode == "compiled"
+
+
 def test_case_pairs_replace_the_cross_product_and_ids_select_exactly():
     cases = build_cases([1, 16], None, None, case_pairs=parse_case_pairs("256:64,256:256,512:512,1024:1024"))
     assert [c.id for c in cases] == ["bs1-in256-out64", "bs1-in256-out256", "bs1-in512-out512", "bs1-in1024-out1024",
@@ -101,8 +109,9 @@ def test_garbage_rounds_fail_the_case(first, decode, shape, message):
         CaseResult(Case(2, 32, 4)).add_round(first, decode, shape, [1])
 
 
-def row_for(result):
-    return result_row(result, world_size=2, dtype="float32", device="cpu", model="starcoder", commit="abc")
+def row_for(result, runtime_mode="eager"):
+    return result_row(result, world_size=2, dtype="float32", device="cpu", model="starcoder", runtime_mode=runtime_mode,
+                      commit="abc")
 
 
 def test_csv_columns_append_and_resume(tmp_path):
@@ -120,8 +129,12 @@ def test_csv_columns_append_and_resume(tmp_path):
     rows = again.rows()
     assert [(r["Batch"], r["Input_seq_len"], r["Output_seq_len"]) for r in rows] == [("1", "32", "4"), ("2", "32", "4")]
     assert rows[0]["first_token_ms_rounds"] == "10.0000;12.0000;11.0000"
-    assert again.measured_cases(world_size=2, dtype="float32", device="cpu", model="starcoder") == {Case(1, 32, 4), Case(2, 32, 4)}
-    assert again.measured_cases(world_size=4, dtype="float32", device="cpu", model="starcoder") == set()
+    again.append(row_for(fake_result(Case(4, 32, 4)), runtime_mode="compiled"))
+    ours = dict(dtype="float32", device="cpu", model="starcoder")
+    assert again.measured_cases(world_size=2, runtime_mode="eager", **ours) == {Case(1, 32, 4), Case(2, 32, 4)}
+    assert again.measured_cases(world_size=4, runtime_mode="eager", **ours) == set()
+    # --perf-resume with --compile does not skip cases measured eagerly, and vice versa.
+    assert again.measured_cases(world_size=2, runtime_mode="compiled", **ours) == {Case(4, 32, 4)}
 
 
 def test_csv_with_other_columns_is_moved_aside_not_mixed(tmp_path):
