@@ -266,7 +266,7 @@ def write_results(title: str, text: str) -> None:
     old = RESULTS.read_text() if RESULTS.is_file() else head
     sections = re.split(r"(?m)^(?=## )", old)
     kept = [s for s in sections[1:] if not s.startswith(f"## {title}\n")]
-    new = sections[0] + "".join(kept) + text + "\n"
+    new = sections[0] + "".join(s.rstrip() + "\n\n" for s in kept) + text + "\n"  # a blank line ends each section
     tmp = RESULTS.with_suffix(".tmp")
     tmp.write_text(new.rstrip() + "\n")
     os.replace(tmp, RESULTS)
