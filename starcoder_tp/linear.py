@@ -17,8 +17,21 @@ while at prefill shapes the packed weight loses ([4096 x 1024] M=512 53.8 -> 63.
 (`worth_packing`). They are packed for M=1: packed for M=16 they lost
 40-60% at M=1, packed for M=1 they lost nothing at M=16. oneDNN packs bf16 only on CPUs with
 AVX-512 (BW/VL/DQ) or AVX-NE-CONVERT; elsewhere, and on GPUs/NPUs, layers stay on F.linear.
+
+bf16 on a CPU without bf16 arithmetic (no AVX-512 BF16, no AMX): there the libraries' bf16 GEMM
+costs M times a matrix-vector product (no reuse of a weight across rows), so from 4 rows on
+`linear` computes in fp32 instead, converting 1024 weight rows at a time (a block stays in
+cache; the weights stay bf16 in memory). A bf16 x bf16 product is exact in fp32 and the
+libraries accumulate bf16 GEMMs in fp32 too, so this is the bf16 GEMM's arithmetic up to the
+order of the sums, rounded to bf16 once. One thread of an AVX2 EPYC, ms per call, native -> fp32:
+  [4096 x 1024]  M=4 3.49 -> 2.66  M=16 14.1 -> 4.5   M=128 105 -> 15.9  M=512 427 -> 63.4
+  [49152 x 1024] M=4 39.3 -> 29.9  M=16 168 -> 51.6 (the lm_head)
+  [1024 x 4096]  M=4 3.14 -> 3.69  M=16 12.2 -> 4.4   M=512 398 -> 63.4
+and at M=1-2 native bf16 is faster (it reads half the bytes of fp32; [49152 x 1024] M=1 11.9 ms).
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +39,28 @@ from torch import nn
 
 
 PREFILL_ROWS = 512  # from this many rows (batch x tokens) on, F.linear beats the packed weight
+UPCAST_MIN_ROWS = 4  # bf16 without bf16 arithmetic: from this many rows on, compute in fp32
+UPCAST_BLOCK_ROWS = 1024  # weight rows converted to fp32 at a time
+
+
+@functools.cache
+def native_bf16_matmul() -> bool:
+    """Whether this CPU has bf16 arithmetic for GEMMs (AVX-512 BF16 or AMX tiles)."""
+    return any(getattr(torch.cpu, probe, lambda: False)()
+               for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear, except for bf16 on a CPU without bf16 arithmetic from UPCAST_MIN_ROWS rows on,
+    computed in fp32 a block of weight rows at a time (see above)."""
+    if (weight.dtype != torch.bfloat16 or weight.device.type != "cpu"
+            or x.numel() < UPCAST_MIN_ROWS * x.shape[-1] or native_bf16_matmul()):
+        return F.linear(x, weight, bias)
+    wide = x.float()
+    blocks = [F.linear(wide, weight[start:start + UPCAST_BLOCK_ROWS].float(),
+                       None if bias is None else bias[start:start + UPCAST_BLOCK_ROWS].float())
+              for start in range(0, weight.shape[0], UPCAST_BLOCK_ROWS)]
+    return (torch.cat(blocks, dim=-1) if len(blocks) > 1 else blocks[0]).to(x.dtype)
 
 
 def worth_packing(weight: torch.Tensor) -> bool:
@@ -62,7 +97,7 @@ class Linear(nn.Linear):
             if x.numel() >= PREFILL_ROWS * x.shape[-1]:
                 return F.linear(x, self.packed.to_dense(), bias)
             return packed_linear(x, self.packed, bias)
-        return F.linear(x, self.weight, bias)
+        return linear(x, self.weight, bias)
 
     def prepack(self, force: bool = False) -> bool:
         """Pack the weight for oneDNN and drop the plain copy; False (nothing changed) where it

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
-from .linear import Linear, pack_weight, packed_linear, prepack_model
+from .linear import Linear, linear, pack_weight, packed_linear, prepack_model
 
 
 class TPGroup:
@@ -297,7 +297,7 @@ class TPGPTBigCode(nn.Module):
         if self.lm_head_packed is not None:
             logits = packed_linear(last, self.lm_head_packed, None)  # [B, V_local]
         elif self.config.tie_word_embeddings:
-            logits = F.linear(last, self.transformer.wte.weight)
+            logits = linear(last, self.transformer.wte.weight)
         else:
             logits = self.lm_head(last)
         if self.valid_local_vocab < self.local_vocab:

@@ -6,7 +6,8 @@ import torch.nn.functional as F
 
 from starcoder_tp.device import Device
 from starcoder_tp.generate import load_model, timed_generate
-from starcoder_tp.linear import Linear, pack_weight, worth_packing
+import starcoder_tp.linear as linear_module
+from starcoder_tp.linear import UPCAST_MIN_ROWS, Linear, linear, pack_weight, worth_packing
 from starcoder_tp.model import TPGroup
 from starcoder_tp.shard import shard_checkpoint
 
@@ -65,3 +66,35 @@ def test_a_packed_model_generates_the_same_tokens_and_logits(tmp_path, embedded_
     b = timed_generate(packed, Device("cpu"), prompts, 16, topk=5)
     assert torch.equal(a.output_ids, b.output_ids)
     torch.testing.assert_close(a.topk_logprobs, b.topk_logprobs, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("shape", [(16, 256), (2, 8, 256), (1, 256)])  # decode rows, prefill rows, one row
+@pytest.mark.parametrize("native", [False, True])
+def test_bf16_linear_without_bf16_arithmetic_is_the_bf16_gemm_computed_in_fp32(monkeypatch, shape, native):
+    """2500 output rows: three fp32 blocks of 1024, the last one short, each with its bias slice."""
+    monkeypatch.setattr(linear_module, "native_bf16_matmul", lambda: native)
+    torch.manual_seed(0)
+    weight, bias = torch.randn(2500, 256).bfloat16(), torch.randn(2500).bfloat16()
+    x = torch.randn(*shape).bfloat16()
+    out = linear(x, weight, bias)
+    assert out.dtype == torch.bfloat16 and out.shape == (*shape[:-1], 2500)
+    exact = F.linear(x.double(), weight.double(), bias.double())  # bf16 products and sums, exactly
+    # Rounded to bf16 once from an fp32 sum: within one bf16 rounding (2^-8) and fp32 noise.
+    torch.testing.assert_close(out.double(), exact, rtol=2 ** -8, atol=1e-3)
+    if not native and x.numel() >= UPCAST_MIN_ROWS * shape[-1]:
+        torch.testing.assert_close(out, F.linear(x.float(), weight.float(), bias.float()).bfloat16(), rtol=2 ** -7, atol=0)
+    else:  # one row, or a CPU with bf16 arithmetic: the libraries' own bf16 GEMM
+        assert torch.equal(out, F.linear(x, weight, bias))
+
+
+def test_bf16_linear_upcasts_only_on_cpu_without_bf16_arithmetic(monkeypatch):
+    calls = []
+    monkeypatch.setattr(linear_module, "native_bf16_matmul", lambda: False)
+    real = torch.Tensor.float
+    monkeypatch.setattr(torch.Tensor, "float", lambda t: calls.append(t.shape) or real(t))
+    x, weight = torch.randn(8, 64), torch.randn(32, 64)
+    linear(x, weight)  # fp32: nothing to convert
+    linear(x[:3].bfloat16(), weight.bfloat16())  # 3 rows: the native bf16 GEMM is faster
+    assert calls == []
+    linear(x.bfloat16(), weight.bfloat16())
+    assert calls == [(8, 64), (32, 64)]
