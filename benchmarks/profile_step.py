@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from speed import _best, cpu_name, machine_limits, write_results  # noqa: E402
+from speed import _best, cpu_name, machine_limits, matmul_peak, write_results  # noqa: E402
 
 from starcoder_tp.build_models import EMBEDDED_MODEL_DIR, build_bench  # noqa: E402
 from starcoder_tp.device import Device  # noqa: E402
@@ -176,7 +176,7 @@ def main() -> None:
     started = time.perf_counter()
     limits = machine_limits([args.dtype])
     torch.set_num_threads(1)
-    peak = limits[f"mm_{args.dtype}_1"]
+    peak = matmul_peak(limits, args.dtype, 1)
     shard_dir = ensure_shards(model_dir, 1, args.dtype)
     model = load_model(shard_dir, TPGroup(0, 1), torch.device("cpu"))
     compile_lines = []

@@ -51,7 +51,9 @@ def _best(fn, repeats: int = 5) -> float:
 
 
 def machine_limits(dtypes: list[str]) -> dict[str, float]:
-    """Read bandwidth (GB/s) and matmul GFLOP/s per dtype, on 1 thread and on all cores."""
+    """Read bandwidth (GB/s) and matmul GFLOP/s per dtype (fp32 always: see matmul_peak), on 1
+    thread and on all cores."""
+    dtypes = list(dict.fromkeys(["float32", *dtypes]))
     limits = {}
     saved = torch.get_num_threads()
     cores = os.cpu_count() or 1
@@ -70,6 +72,13 @@ def machine_limits(dtypes: list[str]) -> dict[str, float]:
     finally:
         torch.set_num_threads(saved)
     return limits
+
+
+def matmul_peak(limits: dict[str, float], dtype: str, threads: int) -> float:
+    """The fastest this machine multiplies `dtype` matrices, GFLOP/s: for bf16/fp16 the larger of
+    their own and fp32's, since their products are exact in fp32 (linear.py computes bf16 in fp32
+    on CPUs without bf16 arithmetic, so bf16's own figure would be no bound there)."""
+    return max(limits[f"mm_{dtype}_{threads}"], limits[f"mm_float32_{threads}"])
 
 
 def matmul_params(c: ModelConfig) -> int:
@@ -232,7 +241,8 @@ def section(title: str, model_dir: str, c: ModelConfig, limits: dict, rows: list
              "`--compile` (decode steps through torch.compile, compiled in each case's warm-up). Efficiency = roofline bound / measured. Decode bound = the larger of "
              "bytes read per step / read bandwidth (`mem`) and FLOPs per step / matmul peak (`cmp`); "
              "first-token bound = prefill FLOPs / matmul peak; ws1 against one thread's limits, ws2 against "
-             "all cores'.", "",
+             "all cores'. The matmul peak of bf16 is the larger of bf16's and fp32's (a bf16 product is exact "
+             "in fp32; without bf16 arithmetic the runtime computes bf16 linears in fp32).", "",
              "| dtype | case | hf first | ws1 first | ws2 first | hf decode | ws1 decode | ws2 decode | "
              "ws1/hf first | ws1/hf decode | ws2/ws1 first | ws2/ws1 decode | ws1 decode bound (eff) | "
              "ws2 decode bound (eff) | ws1 prefill eff | ws2 prefill eff | ws1 unpacked first | "
@@ -301,14 +311,15 @@ def main() -> None:
         print(f"  {dtype} start-up (cached shards): " + ", ".join(f"{k} {v:.1f}s" for k, v in startup[dtype].items()), flush=True)
         for case in cases:
             hf, ws1, ws2, plain, compiled = (measured[case][k] for k in ("hf", "ws1", "ws2", "ws1-plain", "ws1-compiled"))
-            bound1, kind1 = decode_bound_ms(config, case, dtype, 1, limits["bw_1"], limits[f"mm_{dtype}_1"])
-            bound2, kind2 = decode_bound_ms(config, case, dtype, 2, limits[f"bw_{cores}"], limits[f"mm_{dtype}_{cores}"])
+            peak1, peak2 = matmul_peak(limits, dtype, 1), matmul_peak(limits, dtype, cores)
+            bound1, kind1 = decode_bound_ms(config, case, dtype, 1, limits["bw_1"], peak1)
+            bound2, kind2 = decode_bound_ms(config, case, dtype, 2, limits[f"bw_{cores}"], peak2)
             rows.append({
                 "dtype": dtype, "case": case.id, "hf": hf, "ws1": ws1, "ws2": ws2, "ws1-plain": plain, "ws1-compiled": compiled,
                 "bound1": bound1, "kind1": kind1, "bound2": bound2, "kind2": kind2,
                 "eff_dec1": bound1 / ws1.decode_ms, "eff_dec2": bound2 / ws2.decode_ms,
-                "eff_pre1": prefill_flops(config, case) / (limits[f"mm_{dtype}_1"] * 1e9) * 1e3 / ws1.first_token_ms,
-                "eff_pre2": prefill_flops(config, case) / (limits[f"mm_{dtype}_{cores}"] * 1e9) * 1e3 / ws2.first_token_ms,
+                "eff_pre1": prefill_flops(config, case) / (peak1 * 1e9) * 1e3 / ws1.first_token_ms,
+                "eff_pre2": prefill_flops(config, case) / (peak2 * 1e9) * 1e3 / ws2.first_token_ms,
             })
     text = section(title, model_dir, config, limits, rows, time.perf_counter() - started, startup)
     write_results(title, text)
