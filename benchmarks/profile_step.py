@@ -203,7 +203,8 @@ def main() -> None:
         f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} by `benchmarks/profile_step.py` in "
         f"{time.perf_counter() - started:.0f} s. Machine: {cpu_name()}, torch {torch.__version__}; one thread. "
         f"Model: `{model_dir}` ({c.n_layer} layers, n_embd {c.n_embd}). Matmul peak (`F.linear`, 2048², one "
-        f"thread): {peak:.1f} GFLOP/s; read bandwidth {limits['bw_1']:.1f} GB/s.", "",
+        f"thread{', fp32: bf16 computes in fp32 here' if peak > limits[f'mm_{args.dtype}_1'] else ''}): {peak:.1f} "
+        f"GFLOP/s; read bandwidth {limits['bw_1']:.1f} GB/s.", "",
         f"Summary (input {args.seq_in}): wall ms of one prefill / one decode step (profiler on), the matmuls' share "
         "of the operator time and their throughput.", "",
         "| batch | phase | ms | matmul share | matmul GFLOP/s | of peak |", "|---|---|---|---|---|---|", *summary, "",
