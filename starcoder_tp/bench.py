@@ -100,7 +100,8 @@ def _bench(options: PerfOptions, runner: PerfRunner, writer: bool) -> int:
                 failed.append(case)
                 continue
             row = result_row(result, world_size=options.world_size, dtype=options.dtype, device=options.device,
-                             model=options.model_name, runtime_mode=options.runtime_mode, commit=commit)
+                             model=options.model_name, model_shape=options.config.shape_id,
+                             runtime_mode=options.runtime_mode, commit=commit)
             if writer:
                 results.append(row)
                 rows.append(row)

@@ -45,6 +45,13 @@ class ModelConfig:
         """Key/value heads: ONE for multi-query attention (StarCoder), n_head otherwise."""
         return 1 if self.multi_query else self.n_head
 
+    @property
+    def shape_id(self) -> str:
+        """The dimensions that set the latency, as one token (recorded with every result, so a
+        baseline of one model never gates another): layers, width, heads, K/V heads, MLP, vocab."""
+        return (f"L{self.n_layer}-E{self.n_embd}-H{self.n_head}-KV{self.n_kv_head}-I{self.n_inner}"
+                f"-V{self.vocab_size}")
+
     def padded_vocab_size(self, world_size: int) -> int:
         """The vocabulary rounded up so that every rank holds the same number of rows."""
         return -(-self.vocab_size // world_size) * world_size

@@ -132,9 +132,11 @@ class Baseline:
     rows: dict[Case, dict]  # the last row of each case
 
     @classmethod
-    def load(cls, path: str | Path, *, world_size: int, dtype: str, device: str, runtime_mode: str) -> "Baseline":
-        """The baseline's rows, refused unless measured like this run: same world size, dtype,
-        device and runtime mode (eager, eager-no-prepack, compiled), >= MIN_ROUNDS rounds."""
+    def load(cls, path: str | Path, *, world_size: int, dtype: str, device: str, runtime_mode: str,
+             model_shape: str) -> "Baseline":
+        """The baseline's rows, refused unless measured like this run: same model dimensions
+        (ModelConfig.shape_id), world size, dtype, device and runtime mode (eager,
+        eager-no-prepack, compiled), >= MIN_ROUNDS rounds."""
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"--perf-baseline {path}: no such file")
@@ -144,15 +146,20 @@ class Baseline:
                        if c not in (reader.fieldnames or [])]
             if missing:
                 raise ValueError(f"--perf-baseline {path}: not a results CSV of this suite (no column {missing[0]!r})")
-            if "runtime_mode" not in (reader.fieldnames or []):
-                raise ValueError(f"--perf-baseline {path}: written before the runtime mode was recorded (no column "
-                                 "'runtime_mode'), so it may gate one mode with another's figures: take a new "
-                                 "baseline with --perf-save-baseline")
+            unrecorded = [c for c in ("model_shape", "runtime_mode") if c not in (reader.fieldnames or [])]
+            if unrecorded:
+                raise ValueError(f"--perf-baseline {path}: written before the model's dimensions and the runtime mode "
+                                 f"were recorded (no column {unrecorded[0]!r}), so it may gate one model or mode with "
+                                 "another's figures: take a new baseline with --perf-save-baseline")
             rows = list(reader)
         if not rows:
             raise ValueError(f"--perf-baseline {path}: holds no measured case")
         ours = (world_size, dtype, device, runtime_mode)
         for row in rows:
+            if row["model_shape"] != model_shape:
+                raise ValueError(f"--perf-baseline {path} was measured on a model of shape {row['model_shape']}; "
+                                 f"this run's model (--model-dir) is {model_shape}: compare like with like (or take "
+                                 "a new baseline with --perf-save-baseline)")
             theirs = (int(row["world_size"]), row["dtype"], row["device"], row["runtime_mode"])
             if theirs != ours:
                 raise ValueError(

@@ -175,7 +175,7 @@ def gate_options(config, state: PerfState) -> None:
                 raise ValueError(f"--perf-baseline needs --perf-rounds >= {MIN_ROUNDS} (got {o.rounds}): "
                                  "fewer rounds cannot show a significant difference")
             state.baseline = Baseline.load(path, world_size=o.world_size, dtype=o.dtype, device=o.device,
-                                           runtime_mode=o.runtime_mode)
+                                           runtime_mode=o.runtime_mode, model_shape=o.config.shape_id)
     except (ValueError, FileNotFoundError) as err:
         raise pytest.UsageError(str(err)) from None
 
@@ -296,8 +296,8 @@ def accuracy_run(request, accuracy_options) -> AccuracyRun:
 def record_result(state: PerfState, result: CaseResult) -> dict:
     o = state.options
     row = result_row(result, world_size=o.world_size, dtype=o.dtype, device=o.device, model=o.model_name,
-                     runtime_mode=o.runtime_mode,
-                     commit=state.commit, calibration=state.calibration)
+                     model_shape=o.config.shape_id, runtime_mode=o.runtime_mode, commit=state.commit,
+                     calibration=state.calibration)
     state.csv.append(row)
     state.rows.append(row)
     return row

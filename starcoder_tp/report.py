@@ -14,8 +14,8 @@ from .perf import Case, CaseResult
 
 ASCEND_COLUMNS = ["Batch", "Input_seq_len", "Output_seq_len", "TotalTime(s)", "first_token_time(ms)",
                   "avg_token_time(ms)"]
-OUR_COLUMNS = ["world_size", "dtype", "device", "model", "runtime_mode", "decode_p50_ms", "decode_p90_ms", "decode_p99_ms",
-               "tokens_per_s", "peak_memory_mb", "peak_memory_mb_per_rank", "rounds", "first_token_ms_rounds",
+OUR_COLUMNS = ["world_size", "dtype", "device", "model", "model_shape", "runtime_mode", "decode_p50_ms",
+               "decode_p90_ms", "decode_p99_ms", "tokens_per_s", "peak_memory_mb", "peak_memory_mb_per_rank", "rounds", "first_token_ms_rounds",
                "decode_ms_rounds", "calib_bandwidth_gbs", "calib_matmul_gflops", "git_commit", "timestamp"]
 COLUMNS = ASCEND_COLUMNS + OUR_COLUMNS
 
@@ -33,8 +33,8 @@ def git_commit(repo: Path = Path(__file__).resolve().parent.parent) -> str:
         return "unknown"
 
 
-def result_row(result: CaseResult, *, world_size: int, dtype: str, device: str, model: str, runtime_mode: str,
-               commit: str, calibration: dict[str, float] | None = None) -> dict:
+def result_row(result: CaseResult, *, world_size: int, dtype: str, device: str, model: str, model_shape: str,
+               runtime_mode: str, commit: str, calibration: dict[str, float] | None = None) -> dict:
     mb = 1 << 20
     return {
         "Batch": result.case.batch,
@@ -47,6 +47,7 @@ def result_row(result: CaseResult, *, world_size: int, dtype: str, device: str, 
         "dtype": dtype,
         "device": device,
         "model": model,
+        "model_shape": model_shape,  # ModelConfig.shape_id: the dimensions, whatever the model's name
         "runtime_mode": runtime_mode,  # PerfOptions.runtime_mode: eager, eager-no-prepack or compiled
         "decode_p50_ms": f"{result.decode_ms_percentile(50):.4f}",
         "decode_p90_ms": f"{result.decode_ms_percentile(90):.4f}",

@@ -17,6 +17,9 @@ def test_sizes_derived_from_hf_config():
     assert (config.head_dim, config.n_kv_head) == (16, 1)
     assert ModelConfig.from_hf_dict(small(multi_query=False)).n_kv_head == 4
     assert ModelConfig.from_hf_dict(small(n_inner=None)).n_inner == 256
+    # The dimensions a latency baseline is tied to (MQA: one K/V head; MHA: as many as heads).
+    assert config.shape_id == "L2-E64-H4-KV1-I128-V100"
+    assert ModelConfig.from_hf_dict(small(multi_query=False)).shape_id == "L2-E64-H4-KV4-I128-V100"
 
 
 @pytest.mark.parametrize("vocab,world,padded", [(100, 1, 100), (100, 3, 102), (1001, 4, 1004), (49152, 8, 49152)])

@@ -110,8 +110,8 @@ def test_garbage_rounds_fail_the_case(first, decode, shape, message):
 
 
 def row_for(result, runtime_mode="eager"):
-    return result_row(result, world_size=2, dtype="float32", device="cpu", model="starcoder", runtime_mode=runtime_mode,
-                      commit="abc")
+    return result_row(result, world_size=2, dtype="float32", device="cpu", model="starcoder",
+                      model_shape="L4-E256-H8-KV1-I1024-V6144", runtime_mode=runtime_mode, commit="abc")
 
 
 def test_csv_columns_append_and_resume(tmp_path):
