@@ -22,7 +22,7 @@ def measure(runner: PerfRunner, case: Case, rounds: int, calibration: dict) -> d
     result = CaseResult(case)
     for _ in range(rounds):
         runner.run_round(case, result)
-    return result_row(result, world_size=runner.options.world_size, dtype=runner.options.dtype, device="cpu",
+    return result_row(result, world_size=runner.options.world_size, dtype=runner.options.dtype, device=runner.options.device,
                       model_shape=runner.options.config.shape_id, runtime_mode=runner.options.runtime_mode,
                       model="gate-reliability", commit="", calibration=calibration)
 
@@ -72,8 +72,8 @@ def main() -> None:
             runner.options = options  # never with an injection
             path = write_baseline([measure(runner, case, args.rounds, calibration)], args.out)
             runner.options = saved
-            return Baseline.load(path, world_size=2, dtype="float32", device="cpu", runtime_mode=options.runtime_mode,
-                                 model_shape=options.config.shape_id)
+            return Baseline.load(path, world_size=options.world_size, dtype=options.dtype, device=options.device,
+                                 runtime_mode=options.runtime_mode, model_shape=options.config.shape_id)
 
         baseline = take_baseline()
         medians = {m: statistics.median(float(x) for x in baseline.rows[case][f"{m}_ms_rounds"].split(";"))
