@@ -31,8 +31,6 @@ and at M=1-2 native bf16 is faster (it reads half the bytes of fp32; [49152 x 10
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -43,18 +41,22 @@ UPCAST_MIN_ROWS = 4  # bf16 without bf16 arithmetic: from this many rows on, com
 UPCAST_BLOCK_ROWS = 1024  # weight rows converted to fp32 at a time
 
 
-@functools.cache
 def native_bf16_matmul() -> bool:
     """Whether this CPU has bf16 arithmetic for GEMMs (AVX-512 BF16 or AMX tiles)."""
     return any(getattr(torch.cpu, probe, lambda: False)()
                for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
 
 
+# Probed once, at import: torch.compile cannot trace the probes (each call in a compiled decode
+# step was a graph break, 46 per bf16 step of the bench-size model), but reads a global.
+NATIVE_BF16_MATMUL = native_bf16_matmul()
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear, except for bf16 on a CPU without bf16 arithmetic from UPCAST_MIN_ROWS rows on,
     computed in fp32 a block of weight rows at a time (see above)."""
     if (weight.dtype != torch.bfloat16 or weight.device.type != "cpu"
-            or x.numel() < UPCAST_MIN_ROWS * x.shape[-1] or native_bf16_matmul()):
+            or x.numel() < UPCAST_MIN_ROWS * x.shape[-1] or NATIVE_BF16_MATMUL):
         return F.linear(x, weight, bias)
     wide = x.float()
     blocks = [F.linear(wide, weight[start:start + UPCAST_BLOCK_ROWS].float(),

@@ -1,10 +1,14 @@
 """torch.compile of the decode step (--compile): the static-shape step gives the eager tokens,
 in one process and across two ranks whose collectives break the compiled graph."""
+import json
 import shutil
 
 import pytest
 import torch
+from safetensors.torch import save_file
+from torch._dynamo.utils import counters
 
+from starcoder_tp.build_models import hf_config, random_weights
 from starcoder_tp.device import Device
 from starcoder_tp.generate import load_model, timed_generate
 from starcoder_tp.model import TPGroup
@@ -59,3 +63,35 @@ def test_compile_refuses_prepacked_weights(ws1):
         pytest.skip("oneDNN cannot pack weights on this machine")
     with pytest.raises(ValueError, match="pre-packed; load it with prepack=False"):
         model.compile_decode()
+
+
+class LoopbackComm:
+    """Stands in for the shared-memory communicator of rank 0 of 2 in one process: records the
+    all-reduces (leaving the tensor as is), so a test can see them run inside a compiled step."""
+
+    def __init__(self):
+        self.all_reduces = 0
+
+    def all_reduce_(self, t: torch.Tensor) -> torch.Tensor:
+        self.all_reduces += 1
+        return t
+
+    def all_gather(self, t: torch.Tensor) -> torch.Tensor:
+        return torch.stack([t, t])
+
+
+def graphs_and_breaks(run) -> tuple[int, int]:
+    """How many graphs dynamo compiled and how many graph breaks it hit while `run()` ran."""
+    torch._dynamo.reset()
+    counters.clear()
+    run()
+    return counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
+
+
+def test_compiled_bf16_step_is_one_graph(embedded_dir, tmp_path):
+    """Batch 4: on CPUs without bf16 arithmetic the linears take the fp32 path (linear.py),
+    whose CPU probe was a graph break in every linear (46 per step on the bench-size model)."""
+    shard_checkpoint(embedded_dir, tmp_path / "bf16", 1, dtype="bfloat16")
+    model = load_model(tmp_path / "bf16", TPGroup(0, 1), torch.device("cpu"), compile=True)
+    prompts = random_prompts(model.config.vocab_size, 4, 8, seed=2)
+    assert graphs_and_breaks(lambda: timed_generate(model, Device("cpu"), prompts, 4)) == (1, 0)

@@ -72,7 +72,7 @@ def test_a_packed_model_generates_the_same_tokens_and_logits(tmp_path, embedded_
 @pytest.mark.parametrize("native", [False, True])
 def test_bf16_linear_without_bf16_arithmetic_is_the_bf16_gemm_computed_in_fp32(monkeypatch, shape, native):
     """2500 output rows: three fp32 blocks of 1024, the last one short, each with its bias slice."""
-    monkeypatch.setattr(linear_module, "native_bf16_matmul", lambda: native)
+    monkeypatch.setattr(linear_module, "NATIVE_BF16_MATMUL", native)
     torch.manual_seed(0)
     weight, bias = torch.randn(2500, 256).bfloat16(), torch.randn(2500).bfloat16()
     x = torch.randn(*shape).bfloat16()
@@ -89,7 +89,7 @@ def test_bf16_linear_without_bf16_arithmetic_is_the_bf16_gemm_computed_in_fp32(m
 
 def test_bf16_linear_upcasts_only_on_cpu_without_bf16_arithmetic(monkeypatch):
     calls = []
-    monkeypatch.setattr(linear_module, "native_bf16_matmul", lambda: False)
+    monkeypatch.setattr(linear_module, "NATIVE_BF16_MATMUL", False)
     real = torch.Tensor.float
     monkeypatch.setattr(torch.Tensor, "float", lambda t: calls.append(t.shape) or real(t))
     x, weight = torch.randn(8, 64), torch.randn(32, 64)
