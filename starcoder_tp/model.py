@@ -8,7 +8,9 @@ Parameter names are Hugging Face's, so a part loads with `load_state_dict(strict
 """
 from __future__ import annotations
 
+import itertools
 import math
+import weakref
 
 import torch
 import torch.distributed as dist
@@ -17,6 +19,24 @@ from torch import nn
 
 from .config import ModelConfig
 from .linear import Linear, linear, pack_weight, packed_linear, prepack_model
+
+
+# A compiled decode step reaches the all-reduce as one opaque operator, so that the step stays
+# one graph at any depth. As a graph break it cost a graph per layer and stopped compiling after
+# dynamo's recompile limit (8): at world size 2 a 12-layer model ran 61 graphs, and the layers
+# past the limit ran eager. Operators take no Python objects, hence the key of a registered group.
+_GROUPS: weakref.WeakValueDictionary[int, TPGroup] = weakref.WeakValueDictionary()
+_group_keys = itertools.count()
+
+
+@torch.library.custom_op("starcoder_tp::all_reduce_", mutates_args=("t",))
+def _all_reduce_op(t: torch.Tensor, group: int) -> None:
+    _GROUPS[group]._all_reduce(t)
+
+
+@_all_reduce_op.register_fake
+def _(t: torch.Tensor, group: int) -> None:
+    return None
 
 
 class TPGroup:
@@ -28,15 +48,17 @@ class TPGroup:
 
     def __init__(self, rank: int = 0, world_size: int = 1, shm=None):
         self.rank, self.world_size, self.shm = rank, world_size, shm
+        self.key = next(_group_keys)
+        _GROUPS[self.key] = self
 
     def all_reduce_(self, t: torch.Tensor) -> torch.Tensor:
         if self.world_size > 1:
-            self._all_reduce(t)
+            if torch.compiler.is_compiling():
+                torch.ops.starcoder_tp.all_reduce_(t, self.key)
+            else:  # eager: no op dispatch on the hot path
+                self._all_reduce(t)
         return t
 
-    # Collectives stay outside torch.compile's graphs (the shared-memory one is plain Python):
-    # a compiled decode step breaks its graph there, and at world size 1 they are not reached.
-    @torch.compiler.disable
     def _all_reduce(self, t: torch.Tensor) -> None:
         if self.shm is not None:
             self.shm.all_reduce_(t)

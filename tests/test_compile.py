@@ -88,6 +88,24 @@ def graphs_and_breaks(run) -> tuple[int, int]:
     return counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
 
 
+def test_compiled_step_of_a_deep_model_at_two_ranks_is_one_graph(tmp_path):
+    """Deeper than dynamo's recompile limit (8): with the all-reduce as a graph break, each layer
+    needed its own graphs and the layers past the limit silently ran eager (61 graphs here)."""
+    raw = hf_config(vocab_size=512, n_positions=64, n_embd=64, n_layer=12, n_head=4, n_inner=256)
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text(json.dumps(raw))
+    save_file(random_weights(raw, seed=7), str(tmp_path / "model" / "model.safetensors"))
+    shard_checkpoint(tmp_path / "model", tmp_path / "s2", 2)
+    comm = LoopbackComm()
+    model = load_model(tmp_path / "s2", TPGroup(0, 2, shm=comm), torch.device("cpu"), compile=True)
+    prompts = random_prompts(raw["vocab_size"], 2, 8, seed=1)
+    graphs, breaks = graphs_and_breaks(lambda: timed_generate(model, Device("cpu"), prompts, 5))
+    assert (graphs, breaks) == (1, 0)
+    # Per step: the embedding's all-reduce and two per layer, run by the compiled graph. The
+    # prefill (eager) does the same once, the 4 decode steps through the compiled step.
+    assert comm.all_reduces == 5 * (1 + 2 * raw["n_layer"])
+
+
 def test_compiled_bf16_step_is_one_graph(embedded_dir, tmp_path):
     """Batch 4: on CPUs without bf16 arithmetic the linears take the fp32 path (linear.py),
     whose CPU probe was a graph break in every linear (46 per step on the bench-size model)."""
