@@ -56,7 +56,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """F.linear, except for bf16 on a CPU without bf16 arithmetic from UPCAST_MIN_ROWS rows on,
     computed in fp32 a block of weight rows at a time (see above)."""
     if (weight.dtype != torch.bfloat16 or weight.device.type != "cpu"
-            or x.numel() < UPCAST_MIN_ROWS * x.shape[-1] or NATIVE_BF16_MATMUL):
+            or x.numel() < UPCAST_MIN_ROWS * x.shape[-1] or NATIVE_BF16_MATMUL
+            or torch.compiler.is_compiling()):  # see model.compile_decode
         return F.linear(x, weight, bias)
     wide = x.float()
     blocks = [F.linear(wide, weight[start:start + UPCAST_BLOCK_ROWS].float(),

@@ -113,3 +113,31 @@ def test_compiled_bf16_step_is_one_graph(embedded_dir, tmp_path):
     model = load_model(tmp_path / "bf16", TPGroup(0, 1), torch.device("cpu"), compile=True)
     prompts = random_prompts(model.config.vocab_size, 4, 8, seed=2)
     assert graphs_and_breaks(lambda: timed_generate(model, Device("cpu"), prompts, 4)) == (1, 0)
+
+
+def tiny_checkpoint(out, seed: int, **sizes):
+    raw = hf_config(**{**dict(vocab_size=512, n_positions=64, n_embd=64, n_layer=2, n_head=4, n_inner=256), **sizes})
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps(raw))
+    save_file(random_weights(raw, seed=seed), str(out / "model.safetensors"))
+    return out
+
+
+def decode_logits(model, step) -> torch.Tensor:
+    """Logits of one static decode step after an eager prefill of 8 tokens, batch 2."""
+    model.setup_cache(2, 16)
+    ids = torch.randint(1, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
+    model.forward(ids[:, :8], torch.arange(8).expand(2, 8), 0)
+    return step(ids[:, 8:], torch.full((2, 1), 8), torch.tensor([8]), torch.ones(2, 16, dtype=torch.bool)).float()
+
+
+def test_compiled_bf16_steps_of_two_models_of_one_shape_each_use_their_own_weights(tmp_path):
+    """The second compile is a hit in inductor's FX graph cache (same graph), which must restore
+    this model's frozen weights. In torch 2.13 a bare bf16 F.linear module compiled with
+    max-autotune and freezing (as compile_decode does for bf16 on CPUs without bf16 arithmetic)
+    got the first module's weights from the cache; the decode step does not, which this checks."""
+    for seed in (1, 2):
+        shard_checkpoint(tiny_checkpoint(tmp_path / f"m{seed}", seed, n_embd=256, n_inner=1024), tmp_path / f"s{seed}", 1, dtype="bfloat16")
+        model = load_model(tmp_path / f"s{seed}", TPGroup(0, 1), torch.device("cpu"), compile=True)
+        eager, compiled = decode_logits(model, model.decode_static), decode_logits(model, model.compiled_decode)
+        torch.testing.assert_close(compiled, eager, rtol=0.05, atol=0.05 * eager.abs().max().item())
