@@ -5,7 +5,8 @@ and cases, in one run; and against the machine's own limits (roofline).
   each forward's end is timed by a logits processor, so first token = prefill + first token and
   decode = the median time between consecutive tokens.
 - ours: the perf suite's runner, one thread per rank (ws1: one core, ws2: two cores); ws1 also
-  without pre-packing (`--no-prepack`) and with compiled decode steps (`--compile`).
+  without pre-packing (`--no-prepack`) and with compiled decode steps (`--compile`), ws2 also
+  with compiled decode steps.
 - all three loaded at once and measured round-robin per case, each warmed up on the case first.
 - limits: memory read bandwidth (a sum over 512 MB) and matmul throughput per dtype, on one
   thread and on all cores. Decode bound = bytes read per step (weights, and the KV cache, which
@@ -174,10 +175,11 @@ def measure_side_by_side(model_dir: str, dtype: str, cases: list[Case], rounds: 
     for world_size in (1, 2):
         ensure_shards(model_dir, world_size, dtype, log=lambda m: None)
     # "ws1-plain": world size 1 without the oneDNN pre-packing, to measure that lever alone;
-    # "ws1-compiled": decode steps through torch.compile (compiled in each case's warm-up).
+    # "ws1-compiled", "ws2-compiled": decode steps through torch.compile (compiled in each case's warm-up).
     ours = {name: PerfRunner(options(ws, prepack, compile), log=lambda m: None).start()
             for name, ws, prepack, compile in (("ws1", 1, True, False), ("ws1-plain", 1, False, False),
-                                               ("ws2", 2, True, False), ("ws1-compiled", 1, False, True))}
+                                               ("ws2", 2, True, False), ("ws1-compiled", 1, False, True),
+                                               ("ws2-compiled", 2, False, True))}
     timings: dict = {"startup_s": {name: r.setup_times["shard_s"] + r.setup_times["spawn_and_load_s"]
                                    for name, r in ours.items()}}
     try:
@@ -238,7 +240,7 @@ def section(title: str, model_dir: str, c: ModelConfig, limits: dict, rows: list
              "`hf` = transformers `generate`, one thread; `ws1` = ours, one rank, one thread; `ws2` = ours, two "
              "ranks, one thread each; `ws1 unpacked` = ws1 with `--no-prepack` (plain `F.linear`): the "
              "oneDNN pre-packing lever alone (the same where oneDNN cannot pack the dtype); `ws1 compiled` = ws1 with "
-             "`--compile` (decode steps through torch.compile, compiled in each case's warm-up). Efficiency = roofline bound / measured. Decode bound = the larger of "
+             "`--compile` (decode steps through torch.compile, compiled in each case's warm-up); `ws2 compiled` = ws2 with `--compile`. Efficiency = roofline bound / measured. Decode bound = the larger of "
              "bytes read per step / read bandwidth (`mem`) and FLOPs per step / matmul peak (`cmp`); "
              "first-token bound = prefill FLOPs / matmul peak; ws1 against one thread's limits, ws2 against "
              "all cores'. The matmul peak of bf16 is the larger of bf16's and fp32's (a bf16 product is exact "
@@ -247,13 +249,13 @@ def section(title: str, model_dir: str, c: ModelConfig, limits: dict, rows: list
              "ws1/hf first | ws1/hf decode | ws2/ws1 first | ws2/ws1 decode | ws1 decode bound (eff) | "
              "ws2 decode bound (eff) | ws1 prefill eff | ws2 prefill eff | ws1 unpacked first | "
              "ws1 unpacked decode | packed/unpacked first | packed/unpacked decode | ws1 compiled decode | "
-             "compiled/ws1 decode | compiled/hf decode |",
-             "|" + "---|" * 23]
+             "compiled/ws1 decode | compiled/hf decode | ws2 compiled decode | ws2 compiled/ws2 decode |",
+             "|" + "---|" * 25]
     tail = ["", "Start-up (shards already cached, as every run after the first: shard check + spawn + load, "
             "seconds), per dtype: " + "; ".join(f"{dtype}: " + ", ".join(f"{k} {v:.1f}" for k, v in s.items())
                                                   for dtype, s in startup.items()) + ".", "",
             "Harness overhead per case (1 - timed / wall time around one round, through the worker group): "
-            + "; ".join(f"{r['dtype']} {r['case']} " + ", ".join(f"{k} {r[k].overhead:.1%}" for k in ("ws1", "ws1-plain", "ws2", "ws1-compiled"))
+            + "; ".join(f"{r['dtype']} {r['case']} " + ", ".join(f"{k} {r[k].overhead:.1%}" for k in ("ws1", "ws1-plain", "ws2", "ws1-compiled", "ws2-compiled"))
                         for r in rows) + "."]
     for r in rows:
         lines.append(
@@ -266,7 +268,8 @@ def section(title: str, model_dir: str, c: ModelConfig, limits: dict, rows: list
             f"{r['eff_pre1']:.0%} | {r['eff_pre2']:.0%} | {r['ws1-plain'].first_token_ms:.1f} | "
             f"{r['ws1-plain'].decode_ms:.2f} | {r['ws1'].first_token_ms / r['ws1-plain'].first_token_ms:.2f} | "
             f"{r['ws1'].decode_ms / r['ws1-plain'].decode_ms:.2f} | {r['ws1-compiled'].decode_ms:.2f} | "
-            f"{r['ws1-compiled'].decode_ms / r['ws1'].decode_ms:.2f} | {r['ws1-compiled'].decode_ms / r['hf'].decode_ms:.2f} |")
+            f"{r['ws1-compiled'].decode_ms / r['ws1'].decode_ms:.2f} | {r['ws1-compiled'].decode_ms / r['hf'].decode_ms:.2f} | "
+            f"{r['ws2-compiled'].decode_ms:.2f} | {r['ws2-compiled'].decode_ms / r['ws2'].decode_ms:.2f} |")
     return "\n".join(lines + tail) + "\n"
 
 
@@ -310,12 +313,14 @@ def main() -> None:
         startup[dtype] = measured.pop("startup_s")
         print(f"  {dtype} start-up (cached shards): " + ", ".join(f"{k} {v:.1f}s" for k, v in startup[dtype].items()), flush=True)
         for case in cases:
-            hf, ws1, ws2, plain, compiled = (measured[case][k] for k in ("hf", "ws1", "ws2", "ws1-plain", "ws1-compiled"))
+            hf, ws1, ws2, plain, compiled, compiled2 = (measured[case][k] for k in ("hf", "ws1", "ws2", "ws1-plain",
+                                                                                    "ws1-compiled", "ws2-compiled"))
             peak1, peak2 = matmul_peak(limits, dtype, 1), matmul_peak(limits, dtype, cores)
             bound1, kind1 = decode_bound_ms(config, case, dtype, 1, limits["bw_1"], peak1)
             bound2, kind2 = decode_bound_ms(config, case, dtype, 2, limits[f"bw_{cores}"], peak2)
             rows.append({
                 "dtype": dtype, "case": case.id, "hf": hf, "ws1": ws1, "ws2": ws2, "ws1-plain": plain, "ws1-compiled": compiled,
+                "ws2-compiled": compiled2,
                 "bound1": bound1, "kind1": kind1, "bound2": bound2, "kind2": kind2,
                 "eff_dec1": bound1 / ws1.decode_ms, "eff_dec2": bound2 / ws2.decode_ms,
                 "eff_pre1": prefill_flops(config, case) / (peak1 * 1e9) * 1e3 / ws1.first_token_ms,
