@@ -254,10 +254,11 @@ class TPGPTBigCode(nn.Module):
         weight = self.transformer.ln_f.weight
         if mode is None and weight.dtype == torch.bfloat16 and weight.device.type == "cpu" and not NATIVE_BF16_MATMUL:
             # bf16 without bf16 arithmetic: linear.py's fp32 path, traced, would be folded into
-            # fp32 copies of the weights (2x the model more memory). Instead the linears stay
-            # bf16 and inductor's own GEMM (max-autotune) converts in registers. Bench-size model,
-            # one thread, decode ms / peak RSS: batch 1 27.7 / 1.3 GB (default mode with the fp32
-            # path: 33.1 / 0.7 GB, eager 36.0), batch 16 171 / 1.5 GB (143 / 3.1 GB, eager 236).
+            # fp32 copies of the weights (twice the model's memory more: bench-size model resident
+            # 3.0 GB after a batch-16 case, against 1.8 GB this way). Instead the linears stay bf16
+            # and inductor's own GEMM (max-autotune) converts in registers; side by side
+            # (speed.py) its decode step took 23.8 ms at batch 1 (eager 38.3) and 161 at batch 16
+            # (eager 194), where the folded fp32 path had taken 33 and 143 in separate runs.
             mode = "max-autotune-no-cudagraphs"
             # Its tables of kernel timings (several per case) would bury the suite's own output.
             inductor_config.autotune_num_choices_displayed = 0

@@ -1,5 +1,6 @@
 """torch.compile of the decode step (--compile): the static-shape step gives the eager tokens,
-in one process and across two ranks whose collectives break the compiled graph."""
+in one process and across two ranks, and stays one graph (collectives included) in bf16 and at
+depths past dynamo's recompile limit."""
 import json
 import shutil
 
@@ -65,6 +66,15 @@ def test_compile_refuses_prepacked_weights(ws1):
         model.compile_decode()
 
 
+def tiny_checkpoint(out, seed: int, **sizes):
+    """A small StarCoder-shaped checkpoint (2 layers unless `sizes` say otherwise), random weights."""
+    raw = hf_config(**{**dict(vocab_size=512, n_positions=64, n_embd=64, n_layer=2, n_head=4, n_inner=256), **sizes})
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps(raw))
+    save_file(random_weights(raw, seed=seed), str(out / "model.safetensors"))
+    return out
+
+
 class LoopbackComm:
     """Stands in for the shared-memory communicator of rank 0 of 2 in one process: records the
     all-reduces (leaving the tensor as is), so a test can see them run inside a compiled step."""
@@ -91,19 +101,15 @@ def graphs_and_breaks(run) -> tuple[int, int]:
 def test_compiled_step_of_a_deep_model_at_two_ranks_is_one_graph(tmp_path):
     """Deeper than dynamo's recompile limit (8): with the all-reduce as a graph break, each layer
     needed its own graphs and the layers past the limit silently ran eager (61 graphs here)."""
-    raw = hf_config(vocab_size=512, n_positions=64, n_embd=64, n_layer=12, n_head=4, n_inner=256)
-    (tmp_path / "model").mkdir()
-    (tmp_path / "model" / "config.json").write_text(json.dumps(raw))
-    save_file(random_weights(raw, seed=7), str(tmp_path / "model" / "model.safetensors"))
-    shard_checkpoint(tmp_path / "model", tmp_path / "s2", 2)
+    shard_checkpoint(tiny_checkpoint(tmp_path / "model", seed=7, n_layer=12), tmp_path / "s2", 2)
     comm = LoopbackComm()
     model = load_model(tmp_path / "s2", TPGroup(0, 2, shm=comm), torch.device("cpu"), compile=True)
-    prompts = random_prompts(raw["vocab_size"], 2, 8, seed=1)
+    prompts = random_prompts(model.config.vocab_size, 2, 8, seed=1)
     graphs, breaks = graphs_and_breaks(lambda: timed_generate(model, Device("cpu"), prompts, 5))
     assert (graphs, breaks) == (1, 0)
-    # Per step: the embedding's all-reduce and two per layer, run by the compiled graph. The
-    # prefill (eager) does the same once, the 4 decode steps through the compiled step.
-    assert comm.all_reduces == 5 * (1 + 2 * raw["n_layer"])
+    # Per step: the embedding's all-reduce and two per layer. The prefill (eager) does them
+    # once, then the 4 decode steps through the compiled step.
+    assert comm.all_reduces == 5 * (1 + 2 * 12)
 
 
 def test_compiled_bf16_step_is_one_graph(embedded_dir, tmp_path):
@@ -113,14 +119,6 @@ def test_compiled_bf16_step_is_one_graph(embedded_dir, tmp_path):
     model = load_model(tmp_path / "bf16", TPGroup(0, 1), torch.device("cpu"), compile=True)
     prompts = random_prompts(model.config.vocab_size, 4, 8, seed=2)
     assert graphs_and_breaks(lambda: timed_generate(model, Device("cpu"), prompts, 4)) == (1, 0)
-
-
-def tiny_checkpoint(out, seed: int, **sizes):
-    raw = hf_config(**{**dict(vocab_size=512, n_positions=64, n_embd=64, n_layer=2, n_head=4, n_inner=256), **sizes})
-    out.mkdir()
-    (out / "config.json").write_text(json.dumps(raw))
-    save_file(random_weights(raw, seed=seed), str(out / "model.safetensors"))
-    return out
 
 
 def decode_logits(model, step) -> torch.Tensor:
