@@ -31,6 +31,7 @@ class AccuracyOptions:
     results_dir: str = "results"
     threads_per_rank: int | None = None
     prepack: bool = True
+    compile: bool = False  # the TP ranks' decode steps through torch.compile (--compile)
 
 
 @dataclass
@@ -54,7 +55,8 @@ def run_accuracy(o: AccuracyOptions, log: Callable[[str], None] = print) -> Accu
     tokenizer = AutoTokenizer.from_pretrained(o.model_dir)
     gen = dict(max_new_tokens=o.max_new_tokens, batch_size=o.batch_size, progress=log)
     runner = TPRunner(ensure_shards(o.model_dir, o.world_size, o.dtype, log=log), o.world_size, o.device,
-                      threads_per_rank=o.threads_per_rank, prepack=o.prepack)
+                      threads_per_rank=o.threads_per_rank, prepack=o.prepack, compile=o.compile)
+    compiled = all(info["compiled"] for info in runner.group.ready_info)  # as the ranks report it
     try:
         tp = complete(runner, f"tp{o.world_size}", tokenizer, o.problems, **gen)
     finally:
@@ -78,6 +80,7 @@ def run_accuracy(o: AccuracyOptions, log: Callable[[str], None] = print) -> Accu
         "task_pass_agreement": sum(a["passed"] == b["passed"] for a, b in zip(tp.results, reference.results)) / n,
         "dtype": o.dtype,
         "world_size": o.world_size,
+        "compiled": compiled,
         "device": o.device.kind,
         "reference": reference.name,
         "model_dir": str(o.model_dir),
@@ -95,7 +98,8 @@ def summary_lines(run: AccuracyRun) -> list[str]:
         f"{'':<14}{'pass@1':>8}{'generate s':>12}",
         f"{run.tp.name:<14}{s['pass_at_1']['tp']:>8.4f}{s['generate_s']['tp']:>12.1f}",
         f"{run.reference.name:<14}{s['pass_at_1']['reference']:>8.4f}{s['generate_s']['reference']:>12.1f}",
-        f"{s['n_problems']} problems, {s['dtype']}, world size {s['world_size']}, model {s['model_dir']}",
+        f"{s['n_problems']} problems, {s['dtype']}, world size {s['world_size']}"
+        f"{', decode steps compiled' if s['compiled'] else ''}, model {s['model_dir']}",
         f"identical tokens on {s['token_agreement']:.1%} of problems, same verdict on {s['task_pass_agreement']:.1%}; "
         f"wall time {s['wall_s']:.0f}s",
         f"completions: {run.jsonl}; summary: {run.summary_path}",

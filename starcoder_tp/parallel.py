@@ -150,7 +150,8 @@ def _worker_main(rank: int, spec: GroupSpec, store_port: int, shm_path: str | No
             if spec.compile:
                 model.step_hook = tick
         conn.send(("ready", {"load_s": time.perf_counter() - started, "pid": os.getpid(),
-                             "packed_weights": sum(1 for _ in model.packed_weights())}))
+                             "packed_weights": sum(1 for _ in model.packed_weights()),
+                             "compiled": model.compiled_decode is not None}))
         while True:
             command, kwargs = conn.recv()
             if command == "stop":

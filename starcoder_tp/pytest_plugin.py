@@ -207,7 +207,7 @@ def accuracy_options_from_config(config) -> AccuracyOptions:
         batch_size=_int_option(config, "humaneval_batch_size"), timeout_s=timeout_s,
         workers=_int_option(config, "humaneval_workers"), memory_mb=_int_option(config, "humaneval_memory_mb"),
         tolerance=tolerance, results_dir=perf.results_dir, threads_per_rank=perf.threads_per_rank,
-        prepack=perf.prepack)
+        prepack=perf.prepack, compile=perf.compile)
 
 
 def pytest_configure(config):

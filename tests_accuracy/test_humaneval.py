@@ -49,6 +49,7 @@ def test_summary_and_completions_are_written(accuracy_run):
     assert summary["n_problems"] == len(accuracy_run.options.problems)
     assert set(summary["pass_at_1"]) == {"tp", "reference"}
     assert {"token_agreement", "dtype", "world_size"} <= set(summary)
+    assert summary["compiled"] is accuracy_run.options.compile  # as the ranks reported it
     lines = accuracy_run.jsonl.read_text().splitlines()
     assert len(lines) == summary["n_problems"]
     first = json.loads(lines[0])
@@ -122,3 +123,14 @@ def test_a_wrong_kv_sharding_rule_is_caught(accuracy_options, tmp_path, monkeypa
                             name_0="reference", name_1="tp-broken")
     print("pass@1 with the K/V head split:", broken.summary["pass_at_1"])
     assert broken.summary["pass_at_1"]["tp"] < broken.summary["pass_at_1"]["reference"], broken.summary
+
+
+def test_compile_reaches_the_tp_ranks(accuracy_options, tmp_path):
+    """--compile applies to the accuracy run too (it used to be dropped silently: eager ranks
+    under a --compile command line); the ranks report whether their decode steps are compiled."""
+    problems = dict(list(accuracy_options.problems.items())[:4])
+    options = AccuracyOptions(**{**accuracy_options.__dict__, "problems": problems, "compile": True,
+                                 "max_new_tokens": 24, "results_dir": str(tmp_path / "results")})
+    run = run_accuracy(options, log=lambda m: None)
+    assert run.summary["compiled"] is True
+    assert [len(ids) for ids in run.tp.output_ids] == [len(ids) for ids in run.reference.output_ids]
