@@ -56,8 +56,8 @@ def run_accuracy(o: AccuracyOptions, log: Callable[[str], None] = print) -> Accu
     gen = dict(max_new_tokens=o.max_new_tokens, batch_size=o.batch_size, progress=log)
     runner = TPRunner(ensure_shards(o.model_dir, o.world_size, o.dtype, log=log), o.world_size, o.device,
                       threads_per_rank=o.threads_per_rank, prepack=o.prepack, compile=o.compile)
-    compiled = all(info["compiled"] for info in runner.group.ready_info)  # as the ranks report it
     try:
+        compiled = all(info["compiled"] for info in runner.group.ready_info)  # as the ranks report it
         tp = complete(runner, f"tp{o.world_size}", tokenizer, o.problems, **gen)
     finally:
         runner.close()

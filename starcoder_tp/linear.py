@@ -2,21 +2,24 @@
 once, after the all-reduce) and can pre-pack its weight once into oneDNN's blocked layout.
 
 Why pre-pack, and which weights: `F.linear` hands a plain [N, K] weight to the BLAS on every
-call. For tall weights (N >= 2K: the MLP's c_fc, the lm_head) at decode shapes (M = batch rows)
-oneDNN's layout pays; elsewhere its ~25 us more per call loses. Measured on one thread of an AVX2
-EPYC, fp32, interleaved, median us per call, F.linear -> packed:
-  [4096 x 1024]  M=1 1497 -> 1575   M=16 7374 -> 5432
-  [49152 x 1024] M=1 15891 -> 14437 M=16 82457 -> 51050 (the lm_head)
-  [24576 x 1024] M=1 9327 -> 8886   M=16 45419 -> 27046
-  [1024 x 4096]  M=1 1185 -> 1322   M=16 4661 -> 4641
-  [1024 x 1024]  M=1 169 -> 208     M=16 1031 -> 1060
-  [6144 x 256]   M=1 260 -> 246     M=16 1607 -> 2159 (small K: the fixed cost dominates)
-while at prefill shapes the packed weight loses ([4096 x 1024] M=512 53.8 -> 63.5 ms, M=2048
-237 -> 268): from PREFILL_ROWS rows on, the packed weight is unpacked for the call (`to_dense`,
-4-11 ms, exact; 57.4 and 244 ms). Only weights with N >= 2K and K >= 1024 are packed
-(`worth_packing`). They are packed for M=1: packed for M=16 they lost
-40-60% at M=1, packed for M=1 they lost nothing at M=16. oneDNN packs bf16 only on CPUs with
-AVX-512 (BW/VL/DQ) or AVX-NE-CONVERT; elsewhere, and on GPUs/NPUs, layers stay on F.linear.
+call, which re-packs it for its kernel each time; oneDNN's layout, packed once for the number of
+rows M a decode step has (the batch), saves that. Measured on one thread of an AVX2 EPYC, fp32,
+weights not in cache, median ms per call, F.linear / packed for M=1 / packed for M=batch:
+  [4096 x 1024]  M=1 1.04 / 1.03 / -     M=4 2.86 / 2.21 / 1.52  M=16 4.12 / 3.80 / 2.89
+  [49152 x 1024] M=1 12.4 / 11.9 / -     M=4 44.2 / 24.4 / 16.8  M=16 61.6 / 38.4 / 33.3 (lm_head)
+  [1024 x 4096]  M=1 0.79 / 0.93 / -     M=4 2.48 / 2.53 / 1.96  M=16 3.47 / 3.61 / 2.88
+  [1152 x 1024]  M=1 0.35 / 0.37 / -     M=4 0.62 / 0.68 / 0.44  M=16 0.92 / 1.01 / 0.81
+  [1024 x 1024]  M=1 0.27 / 0.28 / -     M=4 0.54 / 0.61 / 0.39  M=16 0.95 / 1.06 / 0.83
+  [320 x 256]    M=1 0.036 / 0.054 / -   M=4 0.074 / 0.142 / 0.083  M=16 0.088 / 0.111 / 0.080
+and likewise at M=8 and 32 and for the world-size-2 halves of these weights. So from
+BATCH_PACK_ROWS rows on every weight is packed for the batch (the smallest ones tie), and below
+that only the tall, large ones (N >= 2K, K >= 1024: `worth_packing`), for which oneDNN still pays
+at M=1. The model re-packs when the batch changes (`TPGPTBigCode.setup_cache`, outside any timed
+region; to_dense and re-pack, exact). At prefill shapes the packed weight loses to F.linear
+([4096 x 1024] M=512 50.7 -> 57.7 ms packed, M=2048 209 -> 249), so from PREFILL_ROWS rows on
+it is unpacked for the call (`to_dense`, 1-4 ms per weight of that size, exact: 56.2 and 213 ms).
+oneDNN packs bf16 only on CPUs with AVX-512 (BW/VL/DQ) or AVX-NE-CONVERT; elsewhere, and on
+GPUs/NPUs, layers stay on F.linear.
 
 bf16 on a CPU without bf16 arithmetic (no AVX-512 BF16, no AMX): there the libraries' bf16 GEMM
 costs M times a matrix-vector product (no reuse of a weight across rows), so from 4 rows on
@@ -37,6 +40,7 @@ from torch import nn
 
 
 PREFILL_ROWS = 512  # from this many rows (batch x tokens) on, F.linear beats the packed weight
+BATCH_PACK_ROWS = 4  # from a decode batch of this many rows on, every weight is packed for it
 UPCAST_MIN_ROWS = 4  # bf16 without bf16 arithmetic: from this many rows on, compute in fp32
 UPCAST_BLOCK_ROWS = 1024  # weight rows converted to fp32 at a time
 
@@ -66,20 +70,25 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return (torch.cat(blocks, dim=-1) if len(blocks) > 1 else blocks[0]).to(x.dtype)
 
 
-def worth_packing(weight: torch.Tensor) -> bool:
-    """Tall and large enough for oneDNN's layout to beat F.linear at decode shapes (see above)."""
+def worth_packing(weight: torch.Tensor, rows: int = 1) -> bool:
+    """Whether oneDNN's layout, packed for decode steps of `rows` rows, beats F.linear (see above):
+    every weight from BATCH_PACK_ROWS rows on, below that the tall and large ones."""
+    if weight.dtype == torch.bfloat16 and not NATIVE_BF16_MATMUL and rows >= UPCAST_MIN_ROWS:
+        return False  # `linear`'s fp32 path is the one measured for such batches (see above)
+    if rows >= BATCH_PACK_ROWS:
+        return True
     n, k = weight.shape
     return k >= 1024 and n >= 2 * k
 
 
-def _pack(weight: torch.Tensor) -> torch.Tensor | None:
-    """`weight` [N, K] in oneDNN's layout for M=1 rows, or None where oneDNN cannot take it."""
+def _pack(weight: torch.Tensor, rows: int = 1) -> torch.Tensor | None:
+    """`weight` [N, K] in oneDNN's layout for `rows` rows, or None where oneDNN cannot take it."""
     if weight.device.type != "cpu" or not torch.backends.mkldnn.is_available():
         return None
     if weight.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return None
     try:
-        return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1)
+        return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), rows)
     except RuntimeError:  # e.g. "bf16 path needs the cpu support avx_ne_convert or avx512bw ..."
         return None
 
@@ -93,6 +102,7 @@ class Linear(nn.Linear):
     an optional pre-packed weight. Once packed, the plain weight is released (one copy in memory)."""
 
     packed: torch.Tensor | None = None
+    packed_rows = 0  # the rows (decode batch) `packed` is laid out for
 
     def forward(self, x: torch.Tensor, add_bias: bool = True) -> torch.Tensor:
         bias = self.bias if add_bias else None
@@ -102,27 +112,45 @@ class Linear(nn.Linear):
             return packed_linear(x, self.packed, bias)
         return linear(x, self.weight, bias)
 
-    def prepack(self, force: bool = False) -> bool:
-        """Pack the weight for oneDNN and drop the plain copy; False (nothing changed) where it
-        does not pay (`worth_packing`, unless `force`) or oneDNN cannot take this dtype/device."""
-        if not (force or worth_packing(self.weight)):
-            return False
-        packed = _pack(self.weight)
+    def plain_weight(self) -> torch.Tensor:
+        """The weight as [N, K], unpacked if need be (exact)."""
+        return self.weight if self.packed is None else self.packed.to_dense()
+
+    def prepack(self, force: bool = False, rows: int = 1) -> bool:
+        """Pack the weight for oneDNN, for decode steps of `rows` rows, and drop the plain copy;
+        where that does not pay (`worth_packing`, unless `force`) or oneDNN cannot take this
+        dtype/device, keep (or restore) the plain weight and return False. Called again with
+        other rows, it re-packs."""
+        if self.packed is not None and self.packed_rows == rows:
+            return True
+        # Re-packing runs inside generation's inference mode; weights made there would be
+        # inference tensors, which later calls that track autograd refuse.
+        with torch.inference_mode(False), torch.no_grad():
+            return self._prepack(force, rows)
+
+    def _prepack(self, force: bool, rows: int) -> bool:
+        plain = self.plain_weight()
+        packed = _pack(plain, rows) if force or worth_packing(plain, rows) else None
         if packed is None:
+            if self.packed is not None:
+                self.packed, self.packed_rows = None, 0
+                self.weight = nn.Parameter(plain, requires_grad=False)
             return False
-        self.packed = packed
+        self.packed, self.packed_rows = packed, rows
         # The plain weight is no longer read; an empty tensor of the same dtype keeps the
         # parameter in place (names, dtype) without holding its memory.
-        self.weight = nn.Parameter(self.weight.new_empty(0), requires_grad=False)
+        self.weight = nn.Parameter(plain.new_empty(0), requires_grad=False)
         return True
 
 
-def prepack_model(model: nn.Module, force: bool = False) -> int:
-    """Pre-pack the Linears of `model` where it pays (all with `force`); returns how many."""
-    return sum(m.prepack(force) for m in model.modules() if isinstance(m, Linear))
+def prepack_model(model: nn.Module, force: bool = False, rows: int = 1) -> int:
+    """Pre-pack the Linears of `model` for `rows` rows where it pays (all with `force`); returns
+    how many are packed."""
+    return sum(m.prepack(force, rows) for m in model.modules() if isinstance(m, Linear))
 
 
-def pack_weight(weight: torch.Tensor, force: bool = False) -> torch.Tensor | None:
+def pack_weight(weight: torch.Tensor, force: bool = False, rows: int = 1) -> torch.Tensor | None:
     """A packed copy of a weight that must also stay plain (the lm_head tied to the embedding),
-    or None where it does not pay or oneDNN cannot take it."""
-    return _pack(weight) if force or worth_packing(weight) else None
+    for `rows` rows, or None where it does not pay or oneDNN cannot take it."""
+    with torch.inference_mode(False), torch.no_grad():  # as in Linear.prepack
+        return _pack(weight, rows) if force or worth_packing(weight, rows) else None

@@ -227,17 +227,21 @@ class TPGPTBigCode(nn.Module):
         self.cache_batch = 0
         self.cache_len = 0
         self.lm_head_packed: torch.Tensor | None = None
+        self.pack_rows: int | None = None  # set by prepack: the decode batch the weights are packed for
+        self.pack_force = False
         self.compiled_decode = None  # set by compile_decode: decode steps go through decode_static
         self.step_hook = None  # called after every decode step (a heartbeat where layer hooks do not run)
 
-    def prepack(self, force: bool = False) -> int:
-        """Pre-pack the linear weights for oneDNN where it pays (every one with `force`; see
-        linear.py); the lm_head tied to the embedding gets a packed copy, since the embedding
-        still needs the plain rows. Returns how many weights were packed."""
-        count = prepack_model(self, force)
+    def prepack(self, force: bool = False, rows: int = 1) -> int:
+        """Pre-pack the linear weights for oneDNN, for decode steps of `rows` rows, where it pays
+        (every one with `force`; see linear.py); the lm_head tied to the embedding gets a packed
+        copy, since the embedding still needs the plain rows. From then on `setup_cache` re-packs
+        for each new batch size. Returns how many weights are packed."""
+        count = prepack_model(self, force, rows)
         if self.config.tie_word_embeddings:
-            self.lm_head_packed = pack_weight(self.transformer.wte.weight, force)
+            self.lm_head_packed = pack_weight(self.transformer.wte.weight, force, rows)
             count += self.lm_head_packed is not None
+        self.pack_rows, self.pack_force = rows, force
         return count
 
     def compile_decode(self, mode: str | None = None) -> None:
@@ -272,7 +276,10 @@ class TPGPTBigCode(nn.Module):
             yield self.lm_head_packed
 
     def setup_cache(self, batch: int, max_seq_len: int) -> None:
-        """Allocate the static KV cache once; later calls with a fitting shape reuse it."""
+        """Allocate the static KV cache once; later calls with a fitting shape reuse it. A
+        pre-packed model is re-packed for a new batch size here (outside any timed region)."""
+        if self.pack_rows is not None and self.pack_rows != batch:
+            self.prepack(self.pack_force, batch)
         if batch == self.cache_batch and max_seq_len <= self.cache_len:
             return
         weight = self.transformer.ln_f.weight

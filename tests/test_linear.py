@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from starcoder_tp.device import Device
 from starcoder_tp.generate import load_model, timed_generate
 import starcoder_tp.linear as linear_module
-from starcoder_tp.linear import UPCAST_MIN_ROWS, Linear, linear, pack_weight, worth_packing
+from starcoder_tp.linear import BATCH_PACK_ROWS, UPCAST_MIN_ROWS, Linear, linear, pack_weight, worth_packing
 from starcoder_tp.model import TPGroup
 from starcoder_tp.shard import shard_checkpoint
 
@@ -29,11 +29,39 @@ def test_packed_linear_matches_f_linear_with_and_without_bias(shape):
     assert layer(x).shape == (*shape[:-1], 96)
 
 
-def test_only_tall_large_weights_are_worth_packing():
+def test_at_batch_1_only_tall_large_weights_are_worth_packing():
     assert worth_packing(torch.empty(4096, 1024)) and worth_packing(torch.empty(49152, 1024))
     assert not worth_packing(torch.empty(1024, 4096))  # c_proj: wide
     assert not worth_packing(torch.empty(1152, 1024))  # c_attn of MQA: square-ish
     assert not worth_packing(torch.empty(6144, 256))  # tall but small K
+
+
+def test_from_batch_4_every_weight_is_worth_packing_except_bf16_without_bf16_arithmetic(monkeypatch):
+    shapes = [(4096, 1024), (1024, 4096), (1152, 1024), (6144, 256), (320, 256)]
+    assert all(worth_packing(torch.empty(s), rows=BATCH_PACK_ROWS) for s in shapes)
+    assert all(worth_packing(torch.empty(s), rows=32) for s in shapes)
+    assert not worth_packing(torch.empty(1024, 4096), rows=BATCH_PACK_ROWS - 1)
+    monkeypatch.setattr(linear_module, "NATIVE_BF16_MATMUL", False)
+    assert not worth_packing(torch.empty(4096, 1024, dtype=torch.bfloat16), rows=16)  # linear's fp32 path
+    assert worth_packing(torch.empty(4096, 1024, dtype=torch.bfloat16), rows=1)
+    monkeypatch.setattr(linear_module, "NATIVE_BF16_MATMUL", True)
+    assert worth_packing(torch.empty(1024, 4096, dtype=torch.bfloat16), rows=16)
+
+
+@needs_onednn
+def test_a_linear_repacks_for_other_rows_and_unpacks_exactly():
+    torch.manual_seed(0)
+    layer = Linear(64, 96)
+    weight, bias = layer.weight.detach().clone(), layer.bias.detach().clone()
+    assert not layer.prepack(rows=1) and layer.packed is None
+    assert layer.prepack(rows=16) and layer.packed_rows == 16 and layer.weight.numel() == 0
+    x = torch.randn(16, 64)
+    torch.testing.assert_close(layer(x), F.linear(x, weight, bias), rtol=1e-5, atol=1e-5)
+    assert layer.prepack(rows=8) and layer.packed_rows == 8
+    torch.testing.assert_close(layer(x[:8]), F.linear(x[:8], weight, bias), rtol=1e-5, atol=1e-5)
+    assert not layer.prepack(rows=1), "back at one row, this weight is not worth packing"
+    assert layer.packed is None and torch.equal(layer.weight, weight), "unpacking must give the weight back exactly"
+    torch.testing.assert_close(layer(x), F.linear(x, weight, bias))
 
 
 def test_unpacked_linear_can_leave_out_its_bias():
@@ -66,6 +94,23 @@ def test_a_packed_model_generates_the_same_tokens_and_logits(tmp_path, embedded_
     b = timed_generate(packed, Device("cpu"), prompts, 16, topk=5)
     assert torch.equal(a.output_ids, b.output_ids)
     torch.testing.assert_close(a.topk_logprobs, b.topk_logprobs, rtol=1e-4, atol=1e-4)
+
+
+@needs_onednn
+def test_a_prepacked_model_repacks_for_each_batch_size(tmp_path, embedded_dir, prompts):
+    shard_checkpoint(embedded_dir, tmp_path / "s", 1)
+    plain = load_model(tmp_path / "s", TPGroup(0, 1), torch.device("cpu"), prepack=False)
+    model = load_model(tmp_path / "s", TPGroup(0, 1), torch.device("cpu"))
+    n_weights = 4 * model.config.n_layer + 1
+    batch = (prompts * BATCH_PACK_ROWS)[:BATCH_PACK_ROWS]
+    for rows, expect_packed, request in ((1, 0, prompts[:1]), (BATCH_PACK_ROWS, n_weights, batch), (1, 0, prompts[:1])):
+        out = timed_generate(model, Device("cpu"), request, 8, topk=3)
+        assert model.pack_rows == rows and sum(1 for _ in model.packed_weights()) == expect_packed
+        assert not any(t.is_inference() for t in [*model.packed_weights(), *model.parameters()]), \
+            "weights re-packed during generation must stay usable outside inference mode"
+        ref = timed_generate(plain, Device("cpu"), request, 8, topk=3)
+        assert torch.equal(out.output_ids, ref.output_ids)
+        torch.testing.assert_close(out.topk_logprobs, ref.topk_logprobs, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("shape", [(16, 256), (2, 8, 256), (1, 256)])  # decode rows, prefill rows, one row
