@@ -170,6 +170,8 @@ def timed_generate(model: TPGPTBigCode, device: Device, prompts: list[list[int]]
         device.synchronize()
         started = time.perf_counter()
         if compiled is not None:
+            if dev.type == "cuda":  # CUDA graphs (compile_decode): the last step's outputs are dead
+                torch.compiler.cudagraph_mark_step_begin()
             logits = compiled(token.unsqueeze(-1), next_position, slot.fill_(prompt_len + generated - 1), all_valid)
         else:
             logits = model(token.unsqueeze(-1), next_position, prompt_len + generated - 1, key_valid)

@@ -8,7 +8,7 @@ import torch
 from starcoder_tp.compare import check_topk_close
 from starcoder_tp.device import Device
 from starcoder_tp.perf import Case, PerfOptions, PerfRunner
-from starcoder_tp.runners import HFRunner, TPRunner
+from starcoder_tp.runners import GreedyOutput, HFRunner, TPRunner
 from starcoder_tp.shard import ensure_shards
 
 
@@ -52,3 +52,26 @@ def test_perf_case_on_the_accelerator_reports_device_memory(kind, embedded_dir, 
         runner.close()
     assert result.first_token_ms > 0 and result.decode_ms_mean > 0
     assert len(result.peak_memory_bytes) == world_size and min(result.peak_memory_bytes) > 0
+
+
+@pytest.mark.skipif(_device_count("cuda") == 0, reason="no cuda device on this machine")
+def test_compiled_decode_on_cuda_replays_cuda_graphs_and_keeps_the_tokens(embedded_dir, prompts):
+    from torch._dynamo.utils import counters
+
+    from starcoder_tp.generate import load_model, timed_generate
+    from starcoder_tp.model import TPGroup
+
+    shard_dir = ensure_shards(embedded_dir, 1, "float32")
+    eager = load_model(shard_dir, TPGroup(0, 1), torch.device("cuda:0"), prepack=False)
+    compiled = load_model(shard_dir, TPGroup(0, 1), torch.device("cuda:0"), compile=True)
+    counters.clear()
+    runs = {}
+    for name, model in (("eager", eager), ("compiled", compiled)):
+        timed_generate(model, Device("cuda"), prompts, 4)  # warm-up: compiles and records the graph
+        runs[name] = timed_generate(model, Device("cuda"), prompts, 32, topk=5)
+    skips = dict(counters["inductor"])
+    assert not skips.get("cudagraph_skips"), f"CUDA graphs were skipped: {skips}"
+    as_greedy = {name: GreedyOutput(output_ids=r.output_ids.tolist(), topk_ids=r.topk_ids.tolist(),
+                                    topk_logprobs=r.topk_logprobs.tolist()) for name, r in runs.items()}
+    check_topk_close(outputs_0=as_greedy["eager"], outputs_1=as_greedy["compiled"], name_0="eager-cuda",
+                     name_1="compiled-cuda-graphs")
