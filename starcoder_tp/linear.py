@@ -129,11 +129,12 @@ class Linear(nn.Linear):
             return self._prepack(force, rows)
 
     def _prepack(self, force: bool, rows: int) -> bool:
+        was_packed = self.packed is not None
         plain = self.plain_weight()
+        self.packed, self.packed_rows = None, 0  # the old layout goes before the new one is made
         packed = _pack(plain, rows) if force or worth_packing(plain, rows) else None
         if packed is None:
-            if self.packed is not None:
-                self.packed, self.packed_rows = None, 0
+            if was_packed:
                 self.weight = nn.Parameter(plain, requires_grad=False)
             return False
         self.packed, self.packed_rows = packed, rows

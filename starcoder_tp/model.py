@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import sys
 import weakref
 
 import torch
@@ -37,6 +38,32 @@ def _all_reduce_op(t: torch.Tensor, group: int) -> None:
 @_all_reduce_op.register_fake
 def _(t: torch.Tensor, group: int) -> None:
     return None
+
+
+def _drop_compiled_code() -> None:
+    """Forget every graph compiled in this process, and free what they hold.
+
+    The compiled decode step guards on the identity of the KV caches (freezing makes them part
+    of the graph), so new caches always mean a new compile. Kept, the old graphs cost twice:
+    past dynamo's recompile limit (8) every later case ran eager, silently (a suite run under
+    --compile measured eager steps from its 9th case on); and each held its own frozen copy of
+    the weights (bench-size model, fp32: a rank's memory grew 1481 -> 2048 -> 2613 -> 3177 MB
+    over four cases). Inductor keeps its generated modules, which hold those copies as
+    constants, in sys.modules; they go too. With this, the frozen weight tensors alive stayed
+    at one compile's worth (33) over seven cases, and memory at 1481 -> 1489 -> 1495 MB for
+    the first three (then it grew by 120-370 MB a case: the allocator keeping freed memory, as
+    the live frozen tensors did not grow). Other compiled code in the process recompiles when
+    next called.
+    """
+    torch._dynamo.reset()
+    from torch._inductor.codecache import PyCodeCache
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    PyCodeCache.cache_clear()
+    root = cache_dir()
+    for name, module in list(sys.modules.items()):
+        if (getattr(module, "__file__", None) or "").startswith(root):
+            del sys.modules[name]
 
 
 class TPGroup:
@@ -239,6 +266,7 @@ class TPGPTBigCode(nn.Module):
         for each new batch size. Returns how many weights are packed."""
         count = prepack_model(self, force, rows)
         if self.config.tie_word_embeddings:
+            self.lm_head_packed = None  # the old copy goes before the new one is made
             self.lm_head_packed = pack_weight(self.transformer.wte.weight, force, rows)
             count += self.lm_head_packed is not None
         self.pack_rows, self.pack_force = rows, force
@@ -267,10 +295,11 @@ class TPGPTBigCode(nn.Module):
             # Its tables of kernel timings (several per case) would bury the suite's own output.
             inductor_config.autotune_num_choices_displayed = 0
             inductor_config.max_autotune_report_choices_stats = False
-        if mode is None and weight.device.type == "cuda":
+        if mode is None and weight.device.type == "cuda" and self.tp.world_size == 1:
             # CUDA graphs (inductor's cudagraph trees): at decode batch sizes a step is hundreds of
             # small kernels whose launches cost more than their work; a graph replays them as one.
-            # Unmeasured so far: no GPU has been lent to this project's sessions yet.
+            # Not yet run on a GPU (none lent to this project so far); not at world size > 1
+            # until the all-reduce (nccl) has been seen captured inside such a graph.
             mode = "reduce-overhead"
         self.compiled_decode = torch.compile(self.decode_static, mode=mode)
 
@@ -287,17 +316,14 @@ class TPGPTBigCode(nn.Module):
             self.prepack(self.pack_force, batch)
         if batch == self.cache_batch and max_seq_len <= self.cache_len:
             return
+        if self.compiled_decode is not None and self.cache_batch:
+            _drop_compiled_code()  # the compiled step of the old caches can never run again
         weight = self.transformer.ln_f.weight
         for block in self.transformer.h:
             attn = block.attn
             shape = (batch, attn.local_kv_heads, max_seq_len, attn.head_dim)
             attn.k_cache = torch.zeros(shape, dtype=weight.dtype, device=weight.device)
             attn.v_cache = torch.zeros(shape, dtype=weight.dtype, device=weight.device)
-            if self.compiled_decode is not None and weight.device.type == "cuda":
-                # A CUDA graph writes the cache in place at fixed addresses; without this mark
-                # the caches would count as inputs to copy in, and their mutation skip the graph.
-                torch._dynamo.mark_static_address(attn.k_cache)
-                torch._dynamo.mark_static_address(attn.v_cache)
         self.cache_batch, self.cache_len = batch, max_seq_len
 
     def embed(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:

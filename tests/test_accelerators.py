@@ -55,7 +55,7 @@ def test_perf_case_on_the_accelerator_reports_device_memory(kind, embedded_dir, 
 
 
 @pytest.mark.skipif(_device_count("cuda") == 0, reason="no cuda device on this machine")
-def test_compiled_decode_on_cuda_replays_cuda_graphs_and_keeps_the_tokens(embedded_dir, prompts):
+def test_compiled_decode_on_cuda_replays_cuda_graphs_and_keeps_the_tokens(embedded_dir):
     from torch._dynamo.utils import counters
 
     from starcoder_tp.generate import load_model, timed_generate
@@ -64,14 +64,18 @@ def test_compiled_decode_on_cuda_replays_cuda_graphs_and_keeps_the_tokens(embedd
     shard_dir = ensure_shards(embedded_dir, 1, "float32")
     eager = load_model(shard_dir, TPGroup(0, 1), torch.device("cuda:0"), prepack=False)
     compiled = load_model(shard_dir, TPGroup(0, 1), torch.device("cuda:0"), compile=True)
+    vocab = eager.config.vocab_size
     counters.clear()
-    runs = {}
-    for name, model in (("eager", eager), ("compiled", compiled)):
-        timed_generate(model, Device("cuda"), prompts, 4)  # warm-up: compiles and records the graph
-        runs[name] = timed_generate(model, Device("cuda"), prompts, 32, topk=5)
-    skips = dict(counters["inductor"])
-    assert not skips.get("cudagraph_skips"), f"CUDA graphs were skipped: {skips}"
-    as_greedy = {name: GreedyOutput(output_ids=r.output_ids.tolist(), topk_ids=r.topk_ids.tolist(),
-                                    topk_logprobs=r.topk_logprobs.tolist()) for name, r in runs.items()}
-    check_topk_close(outputs_0=as_greedy["eager"], outputs_1=as_greedy["compiled"], name_0="eager-cuda",
-                     name_1="compiled-cuda-graphs")
+    # Batch 2 -> 3 -> 2 at one length: new caches of a shape compiled before must be the ones
+    # the graph writes (a stale cache gives wrong tokens, not an error).
+    for seed, batch in enumerate((2, 3, 2)):
+        prompts = torch.randint(1, vocab, (batch, 24), generator=torch.Generator().manual_seed(seed)).tolist()
+        runs = {name: timed_generate(model, Device("cuda"), prompts, 32, topk=5)
+                for name, model in (("eager", eager), ("compiled", compiled))}
+        as_greedy = {name: GreedyOutput(output_ids=r.output_ids.tolist(), topk_ids=r.topk_ids.tolist(),
+                                        topk_logprobs=r.topk_logprobs.tolist()) for name, r in runs.items()}
+        check_topk_close(outputs_0=as_greedy["eager"], outputs_1=as_greedy["compiled"], name_0="eager-cuda",
+                         name_1=f"compiled-cuda-graphs-batch{batch}")
+    inductor = dict(counters["inductor"])
+    assert not inductor.get("cudagraph_skips"), f"CUDA graphs were skipped: {inductor}"
+    assert inductor.get("cudagraph_recorded_non_static_inputs"), f"no CUDA graph was recorded: {inductor}"

@@ -1,6 +1,7 @@
 """torch.compile of the decode step (--compile): the static-shape step gives the eager tokens,
 in one process and across two ranks, and stays one graph (collectives included) in bf16 and at
 depths past dynamo's recompile limit."""
+import gc
 import json
 import shutil
 
@@ -46,6 +47,29 @@ def test_compiled_decode_gives_the_eager_tokens_across_requests(ws1):
         got = timed_generate(compiled, Device("cpu"), prompts, 10)
         assert torch.equal(got.output_ids, want.output_ids), (got.output_ids, want.output_ids)
         assert len(got.decode_ms) == 9 and all(t > 0 for t in got.decode_ms)
+
+
+def test_every_new_cache_shape_is_compiled_past_dynamos_recompile_limit(ws1):
+    # A suite run under --compile allocates new caches case after case; past dynamo's recompile
+    # limit (8) the step used to run eager from then on, silently. Here 10 cache shapes in turn
+    # (batch 1 -> 2 -> 1 at one length included: new caches of a shape compiled before).
+    # Each compile also froze its own copy of the weights (oneDNN tensors), which must go with it.
+    eager = load_model(ws1, TPGroup(0, 1), torch.device("cpu"), prepack=False)
+    compiled = load_model(ws1, TPGroup(0, 1), torch.device("cpu"), compile=True)
+    vocab = eager.config.vocab_size
+    shapes = [(1, 8), (2, 8), (1, 8), (1, 12), (2, 12), (1, 16), (2, 16), (3, 8), (3, 12), (1, 20)]
+    frozen = []
+    for seed, (batch, length) in enumerate(shapes):
+        graphs = counters["stats"]["unique_graphs"]
+        prompts = random_prompts(vocab, batch, length, seed=seed)
+        got = timed_generate(compiled, Device("cpu"), prompts, 4)
+        assert counters["stats"]["unique_graphs"] == graphs + 1, \
+            f"case {seed} (batch {batch}, {length} tokens): the decode step was not compiled"
+        want = timed_generate(eager, Device("cpu"), prompts, 4)
+        assert torch.equal(got.output_ids, want.output_ids), (seed, got.output_ids, want.output_ids)
+        gc.collect()
+        frozen.append(sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor) and o.layout == torch._mkldnn))
+    assert frozen[-1] <= frozen[0], f"frozen weight tensors alive after each case: {frozen}"
 
 
 def test_two_ranks_with_compiled_decode_match_one_eager_rank(ws1, embedded_dir, tmp_path):
