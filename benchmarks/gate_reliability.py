@@ -1,107 +1,195 @@
-"""False-alarm and detection rates of the regression gate, measured on this machine.
+"""False-alarm and detection rates of the latency gate, both modes side by side, on this machine.
 
-Takes a baseline (R rounds per case), then repeats the gated measurement N times unchanged
-(every regression is a false alarm) and N times with a decode slowdown injected (every missed
-regression is a miss), with the suite's own procedure: a case that fails is measured once more
-and only a second failure counts. Run: python benchmarks/gate_reliability.py [--repetitions 20]
+Each repetition is one CI run of a case, with fresh processes, in each mode:
+- compare (--perf-compare-ref): a new pair of worker groups (side A: this code; side B: GITREF's
+  code through serve.py); N interleaved pairs unchanged, then with decode delays injected on
+  side A; verdicts as the suite gives them (paired.py, re-measured once when they regress);
+- stored (--perf-baseline): one baseline taken at the start (N rounds) serves every repetition, as
+  a committed baseline does; each repetition starts a new worker group and gates N rounds
+  against it, re-measured once when they regress.
+The injected delay is a fraction of the decode step measured in the same repetition. Every
+gated measurement is taken to its second stage, so that every threshold is judged on the same
+rounds exactly as the gate would (a first stage that does not regress decides alone).
+Run: python benchmarks/gate_reliability.py --repetitions 40 --rounds 40 [--ref HEAD]
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import statistics
+import sys
 import time
+from pathlib import Path
 
+from starcoder_tp import ab
 from starcoder_tp.build_models import EMBEDDED_MODEL_DIR
-from starcoder_tp.gate import Baseline, measure_calibration, write_baseline
+from starcoder_tp.gate import compare_metric
+from starcoder_tp.gitref import checkout_ref, working_tree
+from starcoder_tp.machine import describe, machine_fingerprint
+from starcoder_tp.device import Device
+from starcoder_tp.parallel import default_threads
 from starcoder_tp.perf import Case, CaseResult, PerfOptions, PerfRunner
-from starcoder_tp.report import result_row
+
+CONDITIONS = {"A/A": 0.0, "+25%": 0.25, "+10%": 0.10}
+METRICS = ("first_token", "decode")
 
 
-def measure(runner: PerfRunner, case: Case, rounds: int, calibration: dict) -> dict:
-    result = CaseResult(case)
-    for _ in range(rounds):
-        runner.run_round(case, result)
-    return result_row(result, world_size=runner.options.world_size, dtype=runner.options.dtype, device=runner.options.device,
-                      model_shape=runner.options.config.shape_id, runtime_mode=runner.options.runtime_mode,
-                      model="gate-reliability", commit="", calibration=calibration)
+def decode_means(result: CaseResult) -> list[float]:
+    return [statistics.fmean(steps) for steps in result.decode_ms_rounds]
 
 
-def gated(runner: PerfRunner, baseline: Baseline, case: Case, rounds: int, calibration: dict, thresholds) -> set[str]:
-    """The metrics the suite would report as regressed (two failing measurements in a row)."""
-    failing = set(thresholds)
-    for _ in range(2):
-        verdicts = baseline.compare(case, measure(runner, case, rounds, calibration), thresholds, 0.05)
-        failing &= {v.metric for v in verdicts if v.kind == "regression"}
-        if not failing:
-            break
-    return failing
+def per_metric(result: CaseResult) -> dict[str, list[float]]:
+    return {"first_token": result.first_token_ms_rounds, "decode": decode_means(result)}
+
+
+def paired_alarm(stages: list[tuple[CaseResult, CaseResult]], case: Case, metric: str, threshold: float) -> bool:
+    """The compare mode's decision: stage 1 regresses, and so do the pooled pairs of both stages."""
+    (a1, b1), (a2, b2) = stages
+    first = ab.verdicts(case, a1, b1, {metric: threshold}, 0.05)[0]
+    if first.kind != "regression":
+        return False
+    pooled_a, pooled_b = CaseResult(case), CaseResult(case)
+    for pooled, parts in ((pooled_a, (a1, a2)), (pooled_b, (b1, b2))):
+        for part in parts:
+            pooled.extend(part)
+    return ab.verdicts(case, pooled_a, pooled_b, {metric: threshold}, 0.05)[0].kind == "regression"
+
+
+def stored_alarm(stages: list[CaseResult], baseline: CaseResult, metric: str, threshold: float, case: Case) -> bool:
+    """The stored mode's decision: both measurements regress against the baseline (Mann-Whitney)."""
+    return all(compare_metric(case, metric, per_metric(s)[metric], per_metric(baseline)[metric], threshold,
+                              0.05).kind == "regression" for s in stages)
+
+
+def run_compare(options: PerfOptions, comparison: ab.Comparison, case: Case) -> tuple[dict, float]:
+    """One repetition: fresh groups, then every condition measured to its second stage."""
+    set_up = time.perf_counter()
+    runner = ab.ABRunner(options, comparison, log=lambda m: None, log_path=Path(options.results_dir) / "side_b.log")
+    runner.start()
+    measured, walls = {}, []
+    try:
+        runner.warm_up(case)
+        set_up = time.perf_counter() - set_up
+        delay = 0.0
+        for name, fraction in CONDITIONS.items():
+            a_side = runner.sides["A"]
+            if fraction:
+                a_side.options = dataclasses.replace(options, inject_decode_ms=fraction * delay)
+            started = time.perf_counter()
+            stages = [runner.rounds(case).finish() for _ in range(2)]
+            walls.append((time.perf_counter() - started) / 2)  # one stage: what a passing CI run costs
+            a_side.options = options
+            measured[name] = stages
+            if name == "A/A":
+                delay = statistics.median(decode_means(stages[0][1]))
+    finally:
+        runner.close()
+    return measured, set_up + statistics.fmean(walls)
+
+
+def run_stored(options: PerfOptions, baseline: CaseResult, case: Case) -> tuple[dict, float]:
+    set_up = time.perf_counter()
+    runner = PerfRunner(options, log=lambda m: None).start()
+    measured, walls = {}, []
+    delay = statistics.median(decode_means(baseline))
+    try:
+        runner.warm_up(case)
+        set_up = time.perf_counter() - set_up
+        for name, fraction in CONDITIONS.items():
+            runner.options = dataclasses.replace(options, inject_decode_ms=fraction * delay)
+            started = time.perf_counter()
+            stages = []
+            for _ in range(2):
+                result = CaseResult(case)
+                for _ in range(options.rounds):
+                    runner.run_round(case, result)
+                stages.append(result)
+            walls.append((time.perf_counter() - started) / 2)
+            measured[name] = stages
+        runner.options = options
+    finally:
+        runner.close()
+    return measured, set_up + statistics.fmean(walls)
+
+
+def tally(records: list[dict], alarm, thresholds: list[float]) -> dict[float, dict[str, int]]:
+    """Per threshold: A/A runs with any metric alarmed, injected runs with decode alarmed."""
+    out = {}
+    for t in thresholds:
+        out[t] = {"A/A": sum(any(alarm(r["A/A"], m, t) for m in METRICS) for r in records),
+                  "+25%": sum(alarm(r["+25%"], "decode", t) for r in records),
+                  "+10%": sum(alarm(r["+10%"], "decode", t) for r in records)}
+    return out
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--repetitions", type=int, default=20)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--slowdown", type=float, default=0.25,
-                        help="injected slowdown of the metric, as a fraction of its baseline. Default: %(default)r")
-    parser.add_argument("--metric", choices=["decode", "first_token", "both"], default="both",
-                        help="which metric to slow down. Default: %(default)r")
-    parser.add_argument("--threshold", type=float, default=0.10,
-                        help="the gate's threshold for both metrics. Default: %(default)r")
-    parser.add_argument("--fresh-baseline", action="store_true",
-                        help="re-take the baseline just before every repetition, as the CI tests do (otherwise one "
-                             "baseline serves all repetitions, and the machine's drift over minutes adds up). "
-                             "Default: %(default)r")
-    parser.add_argument("--out", default="results/gate_baseline.csv")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repetitions", type=int, default=40)
+    parser.add_argument("--rounds", type=int, default=40, help="rounds per case (pairs in compare mode). Default: %(default)r")
+    parser.add_argument("--cases", default="bs1-in128-out32,bs4-in64-out64")
+    parser.add_argument("--thresholds", default="0.10,0.07,0.05,0.04,0.03")
+    parser.add_argument("--modes", default="compare,stored")
+    parser.add_argument("--ref", default="HEAD", help="side B of the compare mode. Default: %(default)r")
+    parser.add_argument("--results-dir", default="results/gate_reliability")
     args = parser.parse_args()
-    case = Case(1, 128, 32)
-    thresholds = {"first_token": args.threshold, "decode": args.threshold}
-    options = PerfOptions(model_dir=str(EMBEDDED_MODEL_DIR), batch_sizes=(1,), seq_in=(128,), seq_out=(32,),
-                          rounds=args.rounds)
-    metrics = ["decode", "first_token"] if args.metric == "both" else [args.metric]
-    calibration = measure_calibration()
-    runner = PerfRunner(options, log=lambda m: None).start()
+    thresholds = [float(t) for t in args.thresholds.split(",")]
+    modes = args.modes.split(",")
+    cases = []
+    for text in args.cases.split(","):
+        b, i, o = text.removeprefix("bs").replace("-in", " ").replace("-out", " ").split()
+        cases.append(Case(int(b), int(i), int(o)))
+    comparison = ab.Comparison(working_tree(), checkout_ref(args.ref)) if "compare" in modes else None
+    fingerprint = machine_fingerprint(Device("cpu"), default_threads(2))
     started = time.perf_counter()
-    n = args.repetitions
-    lines = []
-    try:
-        runner.warm_up(case)
-
-        def take_baseline() -> Baseline:
-            saved = runner.options
-            runner.options = options  # never with an injection
-            path = write_baseline([measure(runner, case, args.rounds, calibration)], args.out)
-            runner.options = saved
-            return Baseline.load(path, world_size=options.world_size, dtype=options.dtype, device=options.device,
-                                 runtime_mode=options.runtime_mode, model_shape=options.config.shape_id)
-
-        baseline = take_baseline()
-        medians = {m: statistics.median(float(x) for x in baseline.rows[case][f"{m}_ms_rounds"].split(";"))
-                   for m in ("first_token", "decode")}
-
-        def current() -> Baseline:
-            return take_baseline() if args.fresh_baseline else baseline
-
-        alarms = [gated(runner, current(), case, args.rounds, calibration, thresholds) for _ in range(n)]
-        false_alarms = sum(bool(a) for a in alarms)
-        by_metric = ", ".join(f"{m} {sum(m in a for a in alarms)}" for m in thresholds)
-        lines.append(f"false alarms (unchanged runs): {false_alarms}/{n} = {false_alarms / n:.0%} ({by_metric})")
-        for metric in metrics:
-            delay = args.slowdown * medians[metric]
-            inject = {"inject_decode_ms" if metric == "decode" else "inject_prefill_ms": delay}
-            runner.options = dataclasses.replace(options, **inject)
-            detections = sum(bool(gated(runner, current(), case, args.rounds, calibration, {metric: thresholds[metric]}))
-                             for _ in range(n))
-            lines.append(f"detections, {metric} +{args.slowdown:.0%} (+{delay:.3f} ms): {detections}/{n} = "
-                         f"{detections / n:.0%}")
-    finally:
-        runner.close()
-    print(f"case {case.id}, {args.rounds} rounds, thresholds {thresholds}, alpha 0.05, re-measure once, "
-          f"{'a fresh baseline before every repetition' if args.fresh_baseline else 'one baseline for all'}")
-    print(f"baseline medians: first token {medians['first_token']:.3f} ms, decode {medians['decode']:.3f} ms/token")
-    for line in lines:
-        print(line)
-    print(f"wall time {time.perf_counter() - started:.0f}s")
+    lines = [f"Machine: {describe(fingerprint)}; CPU flags: {fingerprint['cpu_isa']}",
+             f"{args.repetitions} repetitions, {args.rounds} rounds (pairs), alpha 0.05, re-measured once on a regression"
+             + (f"; compare: {comparison.describe()}" if comparison else "")]
+    for case in cases:
+        options = PerfOptions(model_dir=str(EMBEDDED_MODEL_DIR), batch_sizes=(case.batch,), seq_in=(case.seq_in,),
+                              seq_out=(case.seq_out,), rounds=args.rounds, results_dir=args.results_dir)
+        baseline = None
+        if "stored" in modes:
+            runner = PerfRunner(options, log=lambda m: None).start()
+            try:
+                runner.warm_up(case)
+                baseline = CaseResult(case)
+                for _ in range(args.rounds):
+                    runner.run_round(case, baseline)
+            finally:
+                runner.close()
+        records = {mode: [] for mode in modes}
+        walls = {mode: [] for mode in modes}
+        for rep in range(args.repetitions):
+            for mode in modes:
+                if mode == "compare":
+                    measured, wall = run_compare(options, comparison, case)
+                else:
+                    measured, wall = run_stored(options, baseline, case)
+                records[mode].append(measured)
+                walls[mode].append(wall)
+            print(f"[gate_reliability] {case.id}: repetition {rep + 1}/{args.repetitions} "
+                  f"({time.perf_counter() - started:.0f}s)", file=sys.stderr, flush=True)
+        lines.append(f"\n{case.id}:")
+        lines.append("| mode | threshold | A/A false alarms | +25% decode caught | +10% decode caught | wall s per CI run (start, warm-up, one stage) |")
+        lines.append("|---|---|---|---|---|---|")
+        for mode in modes:
+            if mode == "compare":
+                alarm = lambda stages, m, t: paired_alarm(stages, case, m, t)  # noqa: E731
+            else:
+                alarm = lambda stages, m, t: stored_alarm(stages, baseline, m, t, case)  # noqa: E731
+            counts = tally(records[mode], alarm, thresholds)
+            n = args.repetitions
+            for t in thresholds:
+                c = counts[t]
+                lines.append(f"| {mode} | {t:.0%} | {c['A/A']}/{n} | {c['+25%']}/{n} | {c['+10%']}/{n} | "
+                             f"{statistics.fmean(walls[mode]):.1f} |")
+            ok = [t for t in thresholds if counts[t]["A/A"] <= n // 40]
+            if ok:
+                low = min(ok)
+                lines.append(f"| {mode}: lowest threshold with A/A <= {n // 40}/{n} | {low:.0%} | "
+                             f"{counts[low]['A/A']}/{n} | {counts[low]['+25%']}/{n} | {counts[low]['+10%']}/{n} | |")
+    lines.append(f"\nwall time {time.perf_counter() - started:.0f}s")
+    print("\n".join(lines))
 
 
 if __name__ == "__main__":

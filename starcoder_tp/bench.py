@@ -5,8 +5,12 @@ from __future__ import annotations
 import os
 import time
 
+from . import ab
 from .build_models import EMBEDDED_MODEL_DIR
-from .parallel import RankFailure, launched_by_torchrun, log
+from .device import Device
+from .gate import parse_thresholds
+from .machine import machine_fingerprint
+from .parallel import RankFailure, default_threads, launched_by_torchrun, log
 from .perf import DEFAULT_BATCH_SIZES, DEFAULT_SEQ_LENS, PerfOptions, PerfRunner, parse_case_pairs, parse_int_list
 from .report import ResultsCSV, csv_path, git_commit, result_row, summary_lines, write_heatmaps
 
@@ -38,15 +42,30 @@ def options_from_args(args) -> PerfOptions:
         max_seq_len=args.max_seq_len, rounds=args.perf_rounds, warmup=args.perf_warmup,
         results_dir=args.results_dir, model_name=args.model_name, threads_per_rank=args.threads_per_rank,
         timeout_s=args.timeout, prepack=not args.no_prepack, compile=args.compile,
+        inject_prefill_ms=args.perf_inject_prefill_delay_ms, inject_decode_ms=args.perf_inject_decode_delay_ms,
     )
 
 
 def run_bench(args) -> int:
     options = options_from_args(args)  # every check before any rank is spawned
     options.check_cases()
+    thresholds = parse_thresholds(args.perf_max_regression)
+    if not 0 < args.perf_alpha < 1:
+        raise ValueError(f"--perf-alpha must be within (0, 1), got {args.perf_alpha}")
     if launched_by_torchrun():
+        if args.perf_compare_ref:
+            raise ValueError("--perf-compare-ref runs two local worker groups; under torchrun there is one set of "
+                             "ranks: run it without torchrun")
         return _bench_under_torchrun(options)
-    return _bench(options, PerfRunner(options, log=log), writer=True)
+    if args.perf_compare_ref is None:
+        return _bench(options, PerfRunner(options, log=log), writer=True)
+    from .gitref import checkout_ref, working_tree
+
+    ab.check_rounds(options.rounds)
+    comparison = ab.Comparison(working_tree(), checkout_ref(args.perf_compare_ref, log=log))
+    log(f"[compare] {comparison.describe()}")
+    return _bench(options, ab.ABRunner(options, comparison, log=log), writer=True,
+                  gate=(comparison, thresholds, args.perf_alpha))
 
 
 def _bench_under_torchrun(options: PerfOptions) -> int:
@@ -81,41 +100,68 @@ def _bench_under_torchrun(options: PerfOptions) -> int:
         dist.destroy_process_group()
 
 
-def _bench(options: PerfOptions, runner: PerfRunner, writer: bool) -> int:
-    """Measure every case; the writer keeps the rows (CSV, heatmaps, summary)."""
+def _bench(options: PerfOptions, runner, writer: bool, gate: tuple | None = None) -> int:
+    """Measure every case; the writer keeps the rows (CSV, heatmaps, summary). With `gate`
+    (comparison, thresholds, alpha) the runner is an ab.ABRunner: both sides' rows are kept, each
+    case gets its paired verdicts, and a regression makes the exit code 1."""
     started = time.perf_counter()
     say = log if writer else (lambda m: None)
     results = ResultsCSV(csv_path(options.results_dir, options.model_name, options.device_id), log=log) if writer else None
     commit = git_commit()
+    fingerprint = machine_fingerprint(Device(options.device, options.device_id),
+                                      options.threads_per_rank or default_threads(options.world_size))
+    run_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
     cases = options.cases()
-    rows, failed = [], []
+    rows, failed, paired = [], [], {}
+
+    def keep(result, side: str = "", side_commit: str = commit) -> None:
+        row = result_row(result, world_size=options.world_size, dtype=options.dtype, device=options.device,
+                         model=options.model_name, model_shape=options.config.shape_id,
+                         runtime_mode=options.runtime_mode, commit=side_commit, fingerprint=fingerprint, side=side,
+                         run_id=run_id)
+        if writer:
+            results.append(row)
+            rows.append(row)
+
     try:
         runner.start()
         for index, case in enumerate(cases, start=1):
             try:
-                result = runner.measure(case)
+                measured = runner.measure(case) if gate is None else runner.measure_and_gate(case, *gate[1:])
             except RankFailure as err:
                 # As in the pytest suite: this case fails, the ranks restart, the next cases run.
                 say(f"[bench] {index}/{len(cases)} {case.id} FAILED: {err}")
                 failed.append(case)
                 continue
-            row = result_row(result, world_size=options.world_size, dtype=options.dtype, device=options.device,
-                             model=options.model_name, model_shape=options.config.shape_id,
-                             runtime_mode=options.runtime_mode, commit=commit)
-            if writer:
-                results.append(row)
-                rows.append(row)
-            say(f"[bench] {index}/{len(cases)} {case.id}: first token {result.first_token_ms:.2f} ms, "
-                f"decode {result.decode_ms_mean:.3f} ms/token, {result.tokens_per_s:.1f} tokens/s")
+            result = measured if gate is None else measured[0]
+            line = (f"[bench] {index}/{len(cases)} {case.id}: first token {result.first_token_ms:.2f} ms, "
+                    f"decode {result.decode_ms_mean:.3f} ms/token, {result.tokens_per_s:.1f} tokens/s")
+            if gate is None:
+                keep(result)
+            else:
+                comparison = gate[0]
+                keep(measured[0], "A", comparison.tree.label)
+                keep(measured[1], "B", comparison.ref.label)
+                paired[case] = measured[2]
+                line += "; A/B " + ", ".join(f"{v.metric} {v.ratio:.3f} ({v.kind})" for v in paired[case])
+            say(line)
     finally:
         runner.close()
-        if rows:
-            for line in summary_lines(rows):
+        own = [r for r in rows if r["side"] != "B"]
+        if own:
+            for line in summary_lines(own):
                 print(line)
-            heatmaps = write_heatmaps(rows, options.results_dir, options.model_name, options.device_id)
+            heatmaps = write_heatmaps(own, options.results_dir, options.model_name, options.device_id)
+            if gate is not None:
+                for line in ab.summary_lines(paired, *gate):
+                    print(line)
             print(f"CSV: {results.path} ({len(rows)} rows); heatmaps: {', '.join(map(str, heatmaps))}")
             print(f"wall time: {time.perf_counter() - started:.1f}s")
     if failed:
         raise RankFailure(f"{len(failed)} of {len(cases)} case(s) failed: {', '.join(c.id for c in failed)} "
                           "(each one's error is above)")
+    regressions = [f"{v.case.id} {v.metric}" for vs in paired.values() for v in vs if v.kind == "regression"]
+    if regressions:
+        log(f"error: latency regression against {gate[0].ref.describe()}: {', '.join(regressions)}")
+        return 1
     return 0

@@ -34,6 +34,25 @@ def _add_speed_options(p: argparse.ArgumentParser) -> None:
                    help="run decode steps through torch.compile (inductor): compiles per batch size and cache length. Default: %(default)r")
 
 
+def _non_negative_ms(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected milliseconds, got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected milliseconds >= 0, got {text}")
+    return value
+
+
+def _add_injection_options(p: argparse.ArgumentParser, prefix: str = "--") -> None:
+    """Test-only: busy-wait inside the timed regions, as a slower kernel would (the gate's tests
+    prove it catches that; the fault tests hold a request open for as long as they need)."""
+    p.add_argument(f"{prefix}inject-decode-delay-ms", type=_non_negative_ms, default=0.0,
+                   help="test-only: add this delay to every decode step (side A only). Default: %(default)r")
+    p.add_argument(f"{prefix}inject-prefill-delay-ms", type=_non_negative_ms, default=0.0,
+                   help="test-only: add this delay to the prefill (side A only). Default: %(default)r")
+
+
 def _add_run_options(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model-dir", help="a Hugging Face GPTBigCode checkpoint directory (cut into the cache)")
@@ -70,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="KV cache length (the Ascend guide's MAX_SEQ_LENGTH). Default: input + output")
     p.add_argument("--ignore-eos", action="store_true", help="generate exactly --max-new-tokens tokens")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout (logs go to stderr)")
+    _add_injection_options(p)
 
     p = sub.add_parser("bench", help="the latency grid without pytest (the Ascend guide's run.sh flow)")
     p.add_argument("--model-dir", default=None, help="Default: the embedded model (fixtures/tiny-starcoder)")
@@ -94,6 +114,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_speed_options(p)
     p.add_argument("--timeout", type=float, default=60.0,
                    help="seconds a rank may wait on another before the case fails, naming it. Default: %(default)r")
+    p.add_argument("--perf-compare-ref", default=None, metavar="GITREF",
+                   help="A/B in one sitting: every case on this code (A) and on GITREF's (B), rounds interleaved; "
+                        "exit 1 when a paired ratio regressed (needs --perf-rounds >= 6). Default: %(default)r")
+    p.add_argument("--perf-max-regression", default="first_token=10%,decode=10%",
+                   help="per-metric thresholds of --perf-compare-ref. Default: %(default)r")
+    p.add_argument("--perf-alpha", type=float, default=0.05,
+                   help="significance level of --perf-compare-ref's Wilcoxon test. Default: %(default)r")
+    _add_injection_options(p, prefix="--perf-")
 
     p = sub.add_parser("build-model", help="build the embedded fixture model or the bench-size model")
     p.add_argument("which", choices=["embedded", "bench", "oracle"])
@@ -190,7 +218,9 @@ def cmd_generate(args) -> int:
     with WorkerGroup(spec) as group:
         setup_s = time.perf_counter() - started
         log(f"[generate] {world_size} rank(s) ready in {setup_s:.1f}s (shard + spawn + load)")
-        result, _ = group.generate(prompts, args.max_new_tokens, ignore_eos=args.ignore_eos, max_seq_len=args.max_seq_len)
+        result, _ = group.generate(prompts, args.max_new_tokens, ignore_eos=args.ignore_eos, max_seq_len=args.max_seq_len,
+                                   inject_prefill_ms=args.inject_prefill_delay_ms,
+                                   inject_decode_ms=args.inject_decode_delay_ms)
     _report(args, result, tokenizer, _eos_of(shard_dir), setup_s)
     return 0
 
@@ -200,8 +230,6 @@ def _eos_of(shard_dir: Path) -> int | None:
 
 
 def _generate_under_torchrun(args, device: Device) -> int:
-    import os
-
     import torch.distributed as dist
 
     from .generate import load_model, timed_generate
@@ -225,7 +253,8 @@ def _generate_under_torchrun(args, device: Device) -> int:
         prompts = _read_prompts(args, tokenizer)
         setup_s = time.perf_counter() - started
         result = timed_generate(model, device, prompts, args.max_new_tokens, ignore_eos=args.ignore_eos,
-                                max_seq_len=args.max_seq_len)
+                                max_seq_len=args.max_seq_len, inject_prefill_ms=args.inject_prefill_delay_ms,
+                                inject_decode_ms=args.inject_decode_delay_ms)
         if tp.rank == 0:
             _report(args, result, tokenizer, model.config.eos_token_id, setup_s)
     finally:

@@ -16,11 +16,12 @@ from __future__ import annotations
 import csv
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from .machine import FINGERPRINT_COLUMNS, describe, fingerprint_differences
 from .perf import Case
 from .report import COLUMNS
 
@@ -130,13 +131,15 @@ def _rounds(text: str) -> list[float]:
 class Baseline:
     path: Path
     rows: dict[Case, dict]  # the last row of each case
+    other_machine: list[str] = field(default_factory=list)  # how its machine differs (only with normalize)
 
     @classmethod
     def load(cls, path: str | Path, *, world_size: int, dtype: str, device: str, runtime_mode: str,
-             model_shape: str) -> "Baseline":
+             model_shape: str, fingerprint: dict[str, str], normalize: bool = False) -> "Baseline":
         """The baseline's rows, refused unless measured like this run: same model dimensions
         (ModelConfig.shape_id), world size, dtype, device and runtime mode (eager,
-        eager-no-prepack, compiled), >= MIN_ROUNDS rounds."""
+        eager-no-prepack, compiled), >= MIN_ROUNDS rounds, and the same machine
+        (machine.machine_fingerprint) unless `normalize` (then `other_machine` says how it differs)."""
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"--perf-baseline {path}: no such file")
@@ -151,7 +154,12 @@ class Baseline:
                 raise ValueError(f"--perf-baseline {path}: written before the model's dimensions and the runtime mode "
                                  f"were recorded (no column {unrecorded[0]!r}), so it may gate one model or mode with "
                                  "another's figures: take a new baseline with --perf-save-baseline")
-            rows = list(reader)
+            if FINGERPRINT_COLUMNS[0] not in (reader.fieldnames or []):
+                raise ValueError(f"--perf-baseline {path}: written before the machine was recorded with each row (no "
+                                 f"column {FINGERPRINT_COLUMNS[0]!r}), so nothing says it was measured on this machine: "
+                                 "take a new baseline here with --perf-save-baseline, or compare commits in one "
+                                 "sitting with --perf-compare-ref")
+            rows = [row for row in reader if row.get("side") != "B"]  # side B of an A/B run is another commit
         if not rows:
             raise ValueError(f"--perf-baseline {path}: holds no measured case")
         ours = (world_size, dtype, device, runtime_mode)
@@ -171,8 +179,20 @@ class Baseline:
                 raise ValueError(f"--perf-baseline {path}: case bs{row['Batch']}-in{row['Input_seq_len']}-out"
                                  f"{row['Output_seq_len']} has {row['rounds']} round(s); a baseline needs >= "
                                  f"{MIN_ROUNDS} (take it with --perf-rounds {MIN_ROUNDS} or more)")
+        differences = fingerprint_differences(rows[-1], fingerprint)
+        for row in rows:
+            if fingerprint_differences(row, rows[-1]):
+                raise ValueError(f"--perf-baseline {path} mixes rows of several machines ({describe(row)} and "
+                                 f"{describe(rows[-1])}): take it again on one")
+        if differences and not normalize:
+            raise ValueError(
+                f"--perf-baseline {path} was measured on another machine: {describe(rows[-1])}; this run is on "
+                f"{describe(fingerprint)} ({'; '.join(differences)}). A stored baseline gates a machine against "
+                "itself: compare two commits on this machine in one sitting with --perf-compare-ref REF, take a "
+                "baseline here with --perf-save-baseline, or give --perf-normalize to compare the two machines in "
+                "calibrated units")
         by_case = {Case(int(r["Batch"]), int(r["Input_seq_len"]), int(r["Output_seq_len"])): r for r in rows}
-        return cls(path, by_case)
+        return cls(path, by_case, differences)
 
     def compare(self, case: Case, row: dict, thresholds: dict[str, float], alpha: float,
                 normalize: bool = False) -> list[Verdict] | None:
@@ -236,3 +256,25 @@ def write_comparison_png(verdicts: list[Verdict], path: str | Path) -> Path:
 
     os.replace(tmp, path)
     return path
+
+
+def summary_lines(baseline: Baseline, verdicts: list[Verdict], new_cases: list[Case], thresholds: dict[str, float],
+                  alpha: float, normalize: bool) -> list[str]:
+    """The terminal report of a gated run: regressions, improvements, the undecided, the ungated."""
+    lines = [f"regression gate against {baseline.path} (thresholds {thresholds}, alpha {alpha}"
+             f"{', machine-speed normalised' if normalize else ''}):"]
+    if baseline.other_machine:
+        lines.append("  the baseline is from ANOTHER machine (compared in calibrated units, --perf-normalize): "
+                     + "; ".join(baseline.other_machine))
+    for kind in ("regression", "improvement"):
+        found = [v for v in verdicts if v.kind == kind]
+        lines.append(f"  {len(found)} {kind}(s)" + (":" if found else ""))
+        lines.extend("    " + v.message() for v in found)
+    unsure = [v for v in verdicts if v.inconclusive]
+    if unsure:
+        lines.append(f"  {len(unsure)} beyond the threshold but not significant at alpha {alpha} (not failed; more "
+                     "--perf-rounds give the test more power):")
+        lines.extend("    " + v.message() for v in unsure)
+    if new_cases:
+        lines.append(f"  not in the baseline (not gated): {', '.join(c.id for c in new_cases)}")
+    return lines

@@ -262,11 +262,17 @@ class WorkerGroup:
         replies = self._request("generate", request)
         return replies[0]["result"], [r["peak_memory_bytes"] for r in replies]
 
+    def progress(self) -> list[int]:
+        """Each rank's heartbeat count (it ticks at every layer's forward, and every compiled
+        decode step): a count that moves means the rank is computing a request now."""
+        return list(self._progress) if self._progress is not None else []
+
     def _request(self, command: str, payload: dict) -> list[dict]:
         for rank, conn in enumerate(self.conns):
             try:
                 conn.send((command, payload))
             except (BrokenPipeError, OSError):
+                self.procs[rank].join(5)  # a rank killed a moment ago may not be reaped yet: its exit code says how
                 self._fail(f"rank {rank} {_describe_exit(self.procs[rank])} before it could take the request")
         return self._collect(command, self.spec.request_timeout_s, watch_progress=True)
 

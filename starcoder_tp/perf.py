@@ -109,6 +109,7 @@ class CaseResult:
     first_token_ms_rounds: list[float] = field(default_factory=list)
     decode_ms_rounds: list[list[float]] = field(default_factory=list)
     peak_memory_bytes: list[int] = field(default_factory=list)  # per rank, max over rounds
+    wall_ms_rounds: list[float] = field(default_factory=list)  # the driver's clock around each whole request
 
     def add_round(self, first_token_ms: float, decode_ms: list[float], output_shape: tuple, memory: list[int]) -> None:
         expected = (self.case.batch, self.case.seq_out)
@@ -127,6 +128,15 @@ class CaseResult:
     @property
     def rounds(self) -> int:
         return len(self.first_token_ms_rounds)
+
+    def extend(self, more: "CaseResult") -> None:
+        """Append the rounds of a later measurement of the same case (a confirmation)."""
+        assert more.case == self.case, (more.case, self.case)
+        self.first_token_ms_rounds += more.first_token_ms_rounds
+        self.decode_ms_rounds += more.decode_ms_rounds
+        self.wall_ms_rounds += more.wall_ms_rounds
+        self.peak_memory_bytes = ([max(a, b) for a, b in zip(self.peak_memory_bytes, more.peak_memory_bytes)]
+                                  or list(more.peak_memory_bytes))
 
     @property
     def first_token_ms(self) -> float:
@@ -216,31 +226,37 @@ def _log(message: str) -> None:
 class PerfRunner:
     """Shards once (cached), spawns the ranks once, warms up once per batch size, measures cases."""
 
-    def __init__(self, options: PerfOptions, log: Callable[[str], None] = _log, group=None):
-        """`group`: ranks already running (parallel.TorchrunGroup) instead of a local worker group."""
-        self.options, self.log = options, log
+    def __init__(self, options: PerfOptions, log: Callable[[str], None] = _log, group=None,
+                 start_group: Callable[[GroupSpec], object] | None = None, name: str = ""):
+        """`group`: ranks already running (parallel.TorchrunGroup) instead of a local worker group.
+        `start_group`: how to start (and restart) the ranks from their spec; a local WorkerGroup
+        by default, serve.RemoteGroup for side B of an A/B comparison. `name` tags the logs."""
+        self.options, self.log, self.name = options, log, name
         self.config = options.config
-        self.group: WorkerGroup | None = group
+        self.group = group
         self.attached = group is not None
+        self.start_group = start_group or (lambda spec: WorkerGroup(spec).start())
         self.warmed: set[int] = set()
         self.setup_times: dict[str, float] = {}
 
-    def start(self) -> "PerfRunner":
+    def start(self, shard_dir: Path | None = None) -> "PerfRunner":
+        """Shard (unless `shard_dir` is given: another runner's shards), spawn and load."""
         o = self.options
         o.check_cases()
         if self.attached:
             return self
         t0 = time.perf_counter()
-        self.shard_dir = ensure_shards(o.model_dir, o.world_size, o.dtype, log=self.log)
+        self.shard_dir = shard_dir or ensure_shards(o.model_dir, o.world_size, o.dtype, log=self.log)
         t1 = time.perf_counter()
         self.spec = GroupSpec(str(self.shard_dir), o.world_size, Device(o.device, o.device_id), o.threads_per_rank,
                               timeout_s=o.timeout_s, prepack=o.prepack, compile=o.compile)
-        self.group = WorkerGroup(self.spec).start()
+        self.group = self.start_group(self.spec)
         t2 = time.perf_counter()
         self.setup_times = {"shard_s": t1 - t0, "spawn_and_load_s": t2 - t1,
                             "load_s": max(info["load_s"] for info in self.group.ready_info)}
-        self.log(f"[perf] set-up: shard {t1 - t0:.1f}s (cached when unchanged), spawn + load of "
-                 f"{o.world_size} rank(s) {t2 - t1:.1f}s (slowest rank loaded in {self.setup_times['load_s']:.1f}s)")
+        self.log(f"[perf] {self.name + ': ' if self.name else ''}set-up: shard {t1 - t0:.1f}s (cached when unchanged), "
+                 f"spawn + load of {o.world_size} rank(s) {t2 - t1:.1f}s (slowest rank loaded in "
+                 f"{self.setup_times['load_s']:.1f}s)")
         return self
 
     def warm_up(self, case: Case) -> None:
@@ -262,22 +278,26 @@ class PerfRunner:
 
     def run_round(self, case: Case, result: CaseResult) -> None:
         prompts = make_prompts(case, self.config.vocab_size)
+        started = time.perf_counter()
         generation, memory = self._generate(case, prompts, case.seq_out, ignore_eos=True,
                                             max_seq_len=self.options.max_seq_len,
                                             inject_prefill_ms=self.options.inject_prefill_ms,
                                             inject_decode_ms=self.options.inject_decode_ms)
+        wall_ms = (time.perf_counter() - started) * 1e3
         result.add_round(generation.first_token_ms, generation.decode_ms, tuple(generation.output_ids.shape), memory)
+        result.wall_ms_rounds.append(wall_ms)
 
     def _generate(self, case: Case, prompts: list[list[int]], new_tokens: int, **kwargs):
         if self.group is None:  # the last case lost a rank: start afresh, and warm up again
             assert not self.attached, "ranks that torchrun started cannot be restarted from here"
-            self.log(f"[perf] restarting the {self.options.world_size} rank(s) after the failure")
-            self.group = WorkerGroup(self.spec).start()
+            self.log(f"[perf] {self.name + ': ' if self.name else ''}restarting the {self.options.world_size} rank(s) "
+                     "after the failure")
+            self.group = self.start_group(self.spec)
         try:
             return self.group.generate(prompts, new_tokens, **kwargs)
         except RankFailure:
             # This case fails; the group is already torn down, and the next case starts a new one.
-            self.log(f"[perf] case {case.id} failed: a rank died or hung")
+            self.log(f"[perf] {self.name + ': ' if self.name else ''}case {case.id} failed: a rank died or hung")
             self.group = None
             self.warmed.clear()
             raise

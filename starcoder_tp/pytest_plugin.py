@@ -4,23 +4,25 @@ that shard once and spawn the ranks once, the accuracy run, and terminal summari
 CSV, benchmark JSON, heatmaps and HumanEval figures."""
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass, field
+import os
 from pathlib import Path
 
 import pytest
 
+from starcoder_tp import ab
 from starcoder_tp.accuracy import AccuracyOptions, AccuracyRun, run_accuracy
 from starcoder_tp.accuracy import summary_lines as accuracy_summary_lines
 from starcoder_tp.build_models import EMBEDDED_MODEL_DIR
 from starcoder_tp.device import DEVICE_KINDS, Device
+from starcoder_tp.gate import MIN_ROUNDS, Baseline, measure_calibration, parse_thresholds
+from starcoder_tp.gitref import checkout_ref, working_tree
 from starcoder_tp.humaneval import load_problems
+from starcoder_tp.machine import machine_fingerprint
 from starcoder_tp.oracle import ORACLE_MODEL_DIR
-from starcoder_tp.gate import (MIN_ROUNDS, Baseline, Verdict, measure_calibration, parse_thresholds, write_baseline,
-                               write_comparison_png)
-from starcoder_tp.perf import (DEFAULT_BATCH_SIZES, DEFAULT_SEQ_LENS, Case, CaseResult, PerfOptions, PerfRunner,
-                               parse_case_pairs, parse_int_list)
-from starcoder_tp.report import ResultsCSV, csv_path, git_commit, result_row, summary_lines, write_heatmaps
+from starcoder_tp.parallel import default_threads
+from starcoder_tp.perf import DEFAULT_BATCH_SIZES, DEFAULT_SEQ_LENS, PerfOptions, PerfRunner, parse_case_pairs, parse_int_list
+from starcoder_tp.perf_session import PerfState, summary_lines
+from starcoder_tp.report import ResultsCSV, csv_path, git_commit
 from starcoder_tp.shard import DTYPES
 
 
@@ -59,21 +61,27 @@ def pytest_addoption(parser):
                          "seconds to minutes each; needs a C++ compiler on CPU). Default: %(default)r")
     group.addoption("--rank-timeout", default="60",
                     help="seconds a rank may wait on another (a hung or dead rank) before the case fails. Default: %(default)r")
-    # Gating on latency regressions against a stored baseline.
+    # Gating on latency regressions: against another commit in the same session, or a stored baseline.
+    group.addoption("--perf-compare-ref", default=None, metavar="GITREF",
+                    help="A/B in one session: measure every case on this code (A) and on GITREF's code (B, a second "
+                         "worker group on the same shards), rounds interleaved, and fail cases whose paired A/B "
+                         "ratio regressed (e.g. origin/main; needs --perf-rounds >= 6). Default: %(default)r")
     group.addoption("--perf-baseline", default=None,
-                    help="a results CSV of an earlier run (e.g. fixtures/baselines/...): fail cases that regressed. Default: %(default)r")
+                    help="a results CSV of an earlier run on this machine (--perf-save-baseline): fail cases that regressed. "
+                         "Default: %(default)r")
     group.addoption("--perf-save-baseline", default=None, help="write this run's rows to this CSV. Default: %(default)r")
     group.addoption("--perf-max-regression", default="first_token=10%,decode=10%",
                     help="per-metric thresholds on the median. Default: %(default)r")
     group.addoption("--perf-alpha", default="0.05",
-                    help="significance level of the Mann-Whitney test on the rounds. Default: %(default)r")
+                    help="significance level of the gate's test (Wilcoxon on paired rounds with --perf-compare-ref, "
+                         "Mann-Whitney against a baseline). Default: %(default)r")
     group.addoption("--perf-normalize", action="store_true", default=False,
-                    help="compare in machine-speed-calibrated units (a baseline from another machine of the same kind). "
-                         "Default: %(default)r")
+                    help="compare against a baseline from another machine, in machine-speed-calibrated units "
+                         "(refused otherwise). Default: %(default)r")
     group.addoption("--perf-inject-decode-delay-ms", default="0",
-                    help="test-only: add this delay to every decode step. Default: %(default)r")
+                    help="test-only: add this delay to every decode step (side A only). Default: %(default)r")
     group.addoption("--perf-inject-prefill-delay-ms", default="0",
-                    help="test-only: add this delay to the prefill. Default: %(default)r")
+                    help="test-only: add this delay to the prefill (side A only). Default: %(default)r")
     # The accuracy suite (tests_accuracy/); without --model-dir it runs the oracle fixture model.
     group.addoption("--humaneval-limit", default=None, help="the first N problems only. Default: all 164")
     group.addoption("--humaneval-tasks", default=None, help="comma-separated task ids, e.g. HumanEval/0,HumanEval/7. Default: all")
@@ -141,42 +149,36 @@ def options_from_config(config) -> PerfOptions:
         raise pytest.UsageError(str(err)) from None
 
 
-@dataclass
-class PerfState:
-    """What one pytest session measured, and the gate it is held to."""
-
-    options: PerfOptions
-    csv: ResultsCSV | None = None
-    rows: list[dict] = field(default_factory=list)
-    setup_times: dict[str, float] = field(default_factory=dict)
-    commit: str = ""
-    started: float = field(default_factory=time.perf_counter)
-    calibration: dict[str, float] = field(default_factory=dict)
-    baseline: Baseline | None = None
-    thresholds: dict[str, float] = field(default_factory=dict)
-    alpha: float = 0.05
-    normalize: bool = False
-    verdicts: dict[Case, list[Verdict]] = field(default_factory=dict)
-    new_cases: list[Case] = field(default_factory=list)
-
-
-def gate_options(config, state: PerfState) -> None:
-    """Load the baseline and thresholds at start-up: a bad file or option stops the run now."""
+def gate_options(config, state: PerfState, perf_run: bool) -> None:
+    """Thresholds, and the baseline or the compared commit, at start-up: a bad file, ref or
+    option stops the run now, before any rank is spawned."""
+    o = state.options
     try:
         state.thresholds = parse_thresholds(config.getoption("perf_max_regression"))
         state.alpha = float(config.getoption("perf_alpha"))
         if not 0 < state.alpha < 1:
             raise ValueError(f"--perf-alpha must be within (0, 1), got {state.alpha}")
         state.normalize = config.getoption("perf_normalize")
-        path = config.getoption("perf_baseline")
+        state.fingerprint = machine_fingerprint(Device(o.device, o.device_id),
+                                                o.threads_per_rank or default_threads(o.world_size))
+        path, ref = config.getoption("perf_baseline"), config.getoption("perf_compare_ref")
+        if ref is not None:
+            if path:
+                raise ValueError("--perf-compare-ref and --perf-baseline are two ways to gate: give one")
+            if config.getoption("perf_resume"):
+                raise ValueError("--perf-resume cannot be combined with --perf-compare-ref: both sides of a case are "
+                                 "measured in one sitting")
+            ab.check_rounds(o.rounds)
+            if perf_run:  # a git checkout of the ref only when there is something to measure
+                state.comparison = ab.Comparison(working_tree(), checkout_ref(ref, log=lambda m: _say(config, m)))
         if path:
-            o = state.options
             if o.rounds < MIN_ROUNDS:
                 raise ValueError(f"--perf-baseline needs --perf-rounds >= {MIN_ROUNDS} (got {o.rounds}): "
                                  "fewer rounds cannot show a significant difference")
             state.baseline = Baseline.load(path, world_size=o.world_size, dtype=o.dtype, device=o.device,
-                                           runtime_mode=o.runtime_mode, model_shape=o.config.shape_id)
-    except (ValueError, FileNotFoundError) as err:
+                                           runtime_mode=o.runtime_mode, model_shape=o.config.shape_id,
+                                           fingerprint=state.fingerprint, normalize=state.normalize)
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
         raise pytest.UsageError(str(err)) from None
 
 
@@ -210,11 +212,36 @@ def accuracy_options_from_config(config) -> AccuracyOptions:
         prepack=perf.prepack, compile=perf.compile)
 
 
+def _names_suite(args, suite: str) -> bool:
+    return any(suite in str(arg) for arg in args)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_load_initial_conftests(early_config, parser, args):
+    """pytest-benchmark's JSON goes to the results directory unless --benchmark-json says
+    otherwise: given as its own option (this hook runs because pytest.ini loads the plugin
+    with -p), so pytest-benchmark parses and writes it as any user's."""
+    ns = early_config.known_args_namespace
+    if _names_suite(args, "tests_perf") and getattr(ns, "benchmark_json", "absent") is None:
+        results_dir = Path(getattr(ns, "results_dir", "results"))
+        results_dir.mkdir(parents=True, exist_ok=True)  # some pytest-benchmark versions open the file at parse time
+        name = f"benchmark_{getattr(ns, 'model_name', 'starcoder')}_{getattr(ns, 'device_id', '0')}.json"
+        args.append(f"--benchmark-json={results_dir / name}")
+
+
+def benchmark_json_path(config) -> Path | None:
+    """Where pytest-benchmark writes its JSON (its option holds a path, or an open file in older versions)."""
+    value = config.getoption("benchmark_json", None)
+    if value is None:
+        return None
+    return Path(value) if isinstance(value, (str, os.PathLike)) else Path(value.name)
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "perf: a latency case of the performance grid (tests_perf/)")
     config.stash[perf_state_key] = PerfState(options_from_config(config))
-    gate_options(config, config.stash[perf_state_key])
-    if any("tests_accuracy" in str(arg) for arg in config.args):
+    gate_options(config, config.stash[perf_state_key], perf_run=_names_suite(config.args, "tests_perf"))
+    if _names_suite(config.args, "tests_accuracy"):
         accuracy_options_from_config(config)  # bad values stop the run now, not after the set-up
 
 
@@ -241,10 +268,9 @@ def pytest_collection_modifyitems(config, items):
         if skipped:
             config.hook.pytest_deselected(items=skipped)
             items[:] = [i for i in items if i not in skipped]
-    bench = getattr(config, "_benchmarksession", None)
-    if bench is not None and not bench.json:
-        Path(o.results_dir).mkdir(parents=True, exist_ok=True)
-        bench.json = Path(o.results_dir) / f"benchmark_{o.model_name}_{o.device_id}.json"
+    json_path = benchmark_json_path(config)
+    if json_path:  # pytest-benchmark writes it at the end, into a directory that must exist
+        json_path.parent.mkdir(parents=True, exist_ok=True)
 
 
 def _say(config, message: str) -> None:
@@ -272,8 +298,14 @@ def perf_state(request) -> PerfState:
 
 @pytest.fixture(scope="session")
 def perf_runner(request, perf_state):
-    """Shard once (cached by manifest), spawn the ranks once, tear down also after a failure."""
-    runner = PerfRunner(perf_state.options, log=lambda m: _say(request.config, m))
+    """Shard once (cached by manifest), spawn the ranks once (both sides' with
+    --perf-compare-ref), tear down also after a failure."""
+    log = lambda m: _say(request.config, m)  # noqa: E731
+    if perf_state.comparison is not None:
+        log(f"[compare] {perf_state.comparison.describe()}")
+        runner = ab.ABRunner(perf_state.options, perf_state.comparison, log=log)
+    else:
+        runner = PerfRunner(perf_state.options, log=log)
     request.addfinalizer(runner.close)
     runner.start()
     perf_state.setup_times = runner.setup_times
@@ -293,46 +325,6 @@ def accuracy_run(request, accuracy_options) -> AccuracyRun:
     return run
 
 
-def record_result(state: PerfState, result: CaseResult) -> dict:
-    o = state.options
-    row = result_row(result, world_size=o.world_size, dtype=o.dtype, device=o.device, model=o.model_name,
-                     model_shape=o.config.shape_id, runtime_mode=o.runtime_mode, commit=state.commit,
-                     calibration=state.calibration)
-    state.csv.append(row)
-    state.rows.append(row)
-    return row
-
-
-def gate_case(state: PerfState, case: Case, row: dict) -> list[Verdict]:
-    """The case's verdicts against the baseline ([] without one); kept for the summary."""
-    if state.baseline is None:
-        return []
-    verdicts = state.baseline.compare(case, row, state.thresholds, state.alpha, state.normalize)
-    if verdicts is None:
-        state.new_cases.append(case)
-        return []
-    state.verdicts[case] = verdicts
-    return verdicts
-
-
-def measure_and_gate(runner: PerfRunner, state: PerfState, case: Case, benchmark) -> tuple[CaseResult, list[Verdict]]:
-    """Measure the case's rounds (timed by pytest-benchmark too), record the row and gate it; a
-    case that regresses is measured once more, and only a second regression counts."""
-    rounds = state.options.rounds
-    runner.warm_up(case)
-    result = CaseResult(case)
-    benchmark.pedantic(runner.run_round, args=(case, result), rounds=rounds, iterations=1, warmup_rounds=0)
-    while result.rounds < rounds:  # --benchmark-disable runs the function once
-        runner.run_round(case, result)
-    verdicts = gate_case(state, case, record_result(state, result))
-    if any(v.kind == "regression" for v in verdicts):
-        result = CaseResult(case)
-        for _ in range(rounds):
-            runner.run_round(case, result)
-        verdicts = gate_case(state, case, record_result(state, result))
-    return result, verdicts
-
-
 def pytest_terminal_summary(terminalreporter, config):
     run = config.stash.get(accuracy_key, None)
     if run is not None:
@@ -342,44 +334,6 @@ def pytest_terminal_summary(terminalreporter, config):
     state = config.stash.get(perf_state_key, None)
     if state is None or not state.rows:
         return
-    o = state.options
     terminalreporter.section("starcoder-tp performance")
-    t = state.setup_times
-    if t:
-        terminalreporter.write_line(f"set-up: shard {t['shard_s']:.1f}s, spawn + load {t['spawn_and_load_s']:.1f}s; "
-                                    f"world size {o.world_size}, {o.dtype}, {o.device}, model {o.model_dir}"
-                                    + ("; decode steps compiled (torch.compile)" if o.compile else ""))
-    for line in summary_lines(state.rows):
+    for line in summary_lines(state, config.getoption("perf_save_baseline"), benchmark_json_path(config)):
         terminalreporter.write_line(line)
-    heatmaps = write_heatmaps(state.rows, o.results_dir, o.model_name, o.device_id)
-    if state.baseline is not None:
-        terminalreporter.write_line(f"regression gate against {state.baseline.path} "
-                                    f"(thresholds {state.thresholds}, alpha {state.alpha}"
-                                    f"{', machine-speed normalised' if state.normalize else ''}):")
-        verdicts = [v for vs in state.verdicts.values() for v in vs]
-        for kind in ("regression", "improvement"):
-            found = [v for v in verdicts if v.kind == kind]
-            terminalreporter.write_line(f"  {len(found)} {kind}(s)" + (":" if found else ""),
-                                        red=kind == "regression" and bool(found))
-            for v in found:
-                terminalreporter.write_line("    " + v.message())
-        unsure = [v for v in verdicts if v.inconclusive]
-        if unsure:
-            terminalreporter.write_line(f"  {len(unsure)} beyond the threshold but not significant at alpha "
-                                        f"{state.alpha} (not failed; more --perf-rounds give the test more power):")
-            for v in unsure:
-                terminalreporter.write_line("    " + v.message())
-        if state.new_cases:
-            terminalreporter.write_line(f"  not in the baseline (not gated): {', '.join(c.id for c in state.new_cases)}")
-        if verdicts:
-            png = write_comparison_png(verdicts, Path(o.results_dir) / f"perf_comparison_{o.model_name}_{o.device_id}.png")
-            terminalreporter.write_line(f"  comparison plot: {png}")
-    save = config.getoption("perf_save_baseline")
-    if save:
-        terminalreporter.write_line(f"baseline saved: {write_baseline(state.rows, save)}")
-    terminalreporter.write_line(f"CSV: {state.csv.path} ({len(state.rows)} rows this session)")
-    bench = getattr(config, "_benchmarksession", None)
-    if bench is not None and bench.json:
-        terminalreporter.write_line(f"pytest-benchmark JSON: {bench.json}")
-    terminalreporter.write_line("heatmaps: " + ", ".join(str(p) for p in heatmaps))
-    terminalreporter.write_line(f"wall time of the session: {time.perf_counter() - state.started:.1f}s")

@@ -10,13 +10,15 @@ import subprocess
 import time
 from pathlib import Path
 
+from .machine import FINGERPRINT_COLUMNS
 from .perf import Case, CaseResult
 
 ASCEND_COLUMNS = ["Batch", "Input_seq_len", "Output_seq_len", "TotalTime(s)", "first_token_time(ms)",
                   "avg_token_time(ms)"]
 OUR_COLUMNS = ["world_size", "dtype", "device", "model", "model_shape", "runtime_mode", "decode_p50_ms",
                "decode_p90_ms", "decode_p99_ms", "tokens_per_s", "peak_memory_mb", "peak_memory_mb_per_rank", "rounds", "first_token_ms_rounds",
-               "decode_ms_rounds", "calib_bandwidth_gbs", "calib_matmul_gflops", "git_commit", "timestamp"]
+               "decode_ms_rounds", "calib_bandwidth_gbs", "calib_matmul_gflops", "side", "run_id",
+               *FINGERPRINT_COLUMNS, "git_commit", "timestamp"]
 COLUMNS = ASCEND_COLUMNS + OUR_COLUMNS
 
 
@@ -34,7 +36,10 @@ def git_commit(repo: Path = Path(__file__).resolve().parent.parent) -> str:
 
 
 def result_row(result: CaseResult, *, world_size: int, dtype: str, device: str, model: str, model_shape: str,
-               runtime_mode: str, commit: str, calibration: dict[str, float] | None = None) -> dict:
+               runtime_mode: str, commit: str, calibration: dict[str, float] | None = None,
+               fingerprint: dict[str, str] | None = None, side: str = "", run_id: str = "") -> dict:
+    """One CSV row. `side` is "A" or "B" in an A/B comparison ("" otherwise), `run_id` names the
+    session (the two sides of one comparison share it), `fingerprint` is machine.machine_fingerprint."""
     mb = 1 << 20
     return {
         "Batch": result.case.batch,
@@ -63,6 +68,9 @@ def result_row(result: CaseResult, *, world_size: int, dtype: str, device: str, 
         # comparisons across machines of one kind (--perf-normalize).
         "calib_bandwidth_gbs": f"{calibration['calib_bandwidth_gbs']:.3f}" if calibration else "",
         "calib_matmul_gflops": f"{calibration['calib_matmul_gflops']:.3f}" if calibration else "",
+        "side": side,
+        "run_id": run_id,
+        **{column: (fingerprint or {}).get(column, "") for column in FINGERPRINT_COLUMNS},
         "git_commit": commit,
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
@@ -106,9 +114,9 @@ class ResultsCSV:
     def measured_cases(self, *, world_size: int, dtype: str, device: str, model: str,
                        runtime_mode: str) -> set[Case]:
         """Cases already in the file for this configuration (for --perf-resume)."""
-        wanted = (world_size, dtype, device, model, runtime_mode)
+        wanted = (world_size, dtype, device, model, runtime_mode, "")
         return {Case(int(r["Batch"]), int(r["Input_seq_len"]), int(r["Output_seq_len"])) for r in self.rows()
-                if (int(r["world_size"]), r["dtype"], r["device"], r["model"], r["runtime_mode"]) == wanted}
+                if (int(r["world_size"]), r["dtype"], r["device"], r["model"], r["runtime_mode"], r["side"]) == wanted}
 
 
 def summary_lines(rows: list[dict]) -> list[str]:

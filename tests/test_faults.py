@@ -7,6 +7,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -26,60 +27,109 @@ def shards(tmp_path_factory, embedded_dir):
     return out
 
 
-def _long_request(group):
-    return group.generate([[5] * 16], 3000)  # ~15 s of decoding: the fault lands mid-case
+# A request held open by construction: every decode step busy-waits STEP_MS, so the request
+# lasts at least HELD_STEPS x STEP_MS (20 s) on any machine; a faster one only spends less of it
+# computing. Faults are sent once a rank's heartbeat shows that it is inside the request.
+HELD_STEPS, STEP_MS = 1000, 20.0
+
+
+class InFlight:
+    """`group.generate(...)` on a thread; `wait_inside()` returns once a rank's heartbeat moved
+    (it is computing this request), `outcome()` joins with a deadline and returns the error."""
+
+    def __init__(self, group: WorkerGroup, steps: int = HELD_STEPS, step_ms: float = STEP_MS):
+        self.group, self.error, self.done = group, None, threading.Event()
+        self.before = group.progress()
+
+        def run():
+            try:
+                group.generate([[5] * 16], steps, inject_decode_ms=step_ms)
+            except BaseException as err:  # noqa: BLE001 - handed to the test
+                self.error = err
+            finally:
+                self.done.set()
+
+        self.thread = threading.Thread(target=run, daemon=True)
+        self.thread.start()
+
+    def wait_inside(self, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while self.group.progress() == self.before:
+            assert not self.done.is_set(), f"the request ended before any rank ticked: {self.error!r}"
+            assert time.monotonic() < deadline, "no rank ticked within 120 s of the request"
+            time.sleep(0.01)
+
+    def outcome(self, timeout: float = 120) -> BaseException | None:
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), f"the request did not end within {timeout}s of the fault"
+        return self.error
+
+
+def _assert_gone(pids: list[int]) -> None:
+    procs = []
+    for pid in pids:
+        try:
+            procs.append(psutil.Process(pid))
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=15)
+    alive = [p.pid for p in alive if p.status() != psutil.STATUS_ZOMBIE]
+    assert not alive, f"ranks left running: {alive}"
 
 
 def test_rank_killed_mid_case_is_named_within_seconds(shards):
     group = WorkerGroup(GroupSpec(str(shards), 2, timeout_s=20)).start()
     pids = [info["pid"] for info in group.ready_info]
-    killer = subprocess.Popen([sys.executable, "-c", f"import os, time; time.sleep(2); os.kill({pids[1]}, 9)"])
+    request = InFlight(group)
+    request.wait_inside()
     started = time.monotonic()
-    with pytest.raises(RankFailure, match=r"rank 1 was killed by signal SIGKILL|rank\(s\) \[1\] did not reach"):
-        _long_request(group)
-    elapsed = time.monotonic() - started - 2
-    killer.wait()
+    os.kill(pids[1], signal.SIGKILL)
+    error = request.outcome()
+    elapsed = time.monotonic() - started
     print(f"kill -9 to error: {elapsed:.2f}s")
-    assert elapsed < 20
-    assert not any(psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie" for pid in pids)
+    assert isinstance(error, RankFailure), error
+    assert re.search(r"rank 1 was killed by signal SIGKILL|rank\(s\) \[1\] did not reach", str(error)), error
+    assert elapsed < 20  # the request itself would have run on for 20 s
+    _assert_gone(pids)
 
 
 def test_hung_rank_is_named_after_the_rank_timeout(shards):
     group = WorkerGroup(GroupSpec(str(shards), 2, timeout_s=4)).start()
     pids = [info["pid"] for info in group.ready_info]
-    stopper = subprocess.Popen([sys.executable, "-c",
-                                f"import os, signal, time; time.sleep(2); os.kill({pids[1]}, signal.SIGSTOP)"])
+    request = InFlight(group)
+    request.wait_inside()
     started = time.monotonic()
-    with pytest.raises(RankFailure, match=r"rank\(s\) \[1\] did not reach collective #\d+ within 4s"):
-        _long_request(group)
-    elapsed = time.monotonic() - started - 2
-    stopper.wait()
+    os.kill(pids[1], signal.SIGSTOP)
+    error = request.outcome()
+    elapsed = time.monotonic() - started
     print(f"SIGSTOP to error: {elapsed:.2f}s")
+    assert isinstance(error, RankFailure), error
+    assert re.search(r"rank\(s\) \[1\] did not reach collective #\d+ within 4s", str(error)), error
     assert elapsed < 4 + 10
-    time.sleep(0.5)
-    assert not any(psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie" for pid in pids)
+    _assert_gone(pids)
 
 
 def test_hung_rank_at_world_size_one_is_caught_by_its_heartbeat(tmp_path, embedded_dir):
-    """No peer waits on a lone rank: the parent watches its per-layer heartbeat instead. A long
-    but live request outlasts the same timeout without a false alarm."""
+    """No peer waits on a lone rank: the parent watches its per-layer heartbeat instead. A live
+    request that outlasts the same timeout by construction (10 steps of 0.5 s, a heartbeat at
+    each) raises no false alarm; a stopped rank is named after the timeout."""
     shard_checkpoint(embedded_dir, tmp_path / "s1", 1)
     group = WorkerGroup(GroupSpec(str(tmp_path / "s1"), 1, timeout_s=3)).start()
     started = time.monotonic()
-    group.generate([[5] * 16], 1500)
-    assert time.monotonic() - started > 3, "the live request was too short to prove anything"
+    group.generate([[5] * 16], 11, inject_decode_ms=500.0)
+    assert time.monotonic() - started >= 5.0  # the construction holds: 10 decode steps of >= 0.5 s
     pid = group.ready_info[0]["pid"]
-    stopper = subprocess.Popen([sys.executable, "-c",
-                                f"import os, signal, time; time.sleep(2); os.kill({pid}, signal.SIGSTOP)"])
+    request = InFlight(group)
+    request.wait_inside()
     started = time.monotonic()
-    with pytest.raises(RankFailure, match=r"rank\(s\) \[0\] made no progress for 3s during 'generate'"):
-        group.generate([[5] * 16], 3000)
-    elapsed = time.monotonic() - started - 2
-    stopper.wait()
+    os.kill(pid, signal.SIGSTOP)
+    error = request.outcome()
+    elapsed = time.monotonic() - started
     print(f"world size 1, SIGSTOP to error: {elapsed:.2f}s")
-    assert elapsed < 3 + 5
-    time.sleep(0.5)
-    assert not (psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE)
+    assert isinstance(error, RankFailure), error
+    assert re.search(r"rank\(s\) \[0\] made no progress for 3s during 'generate'", str(error)), error
+    assert elapsed < 3 + 10
+    _assert_gone([pid])
 
 
 def _ranks_running(tag: str) -> set[int]:
@@ -96,42 +146,53 @@ def _ranks_running(tag: str) -> set[int]:
     return found
 
 
+def _until(condition, what: str, timeout: float = 120) -> None:
+    """Poll `condition` (an event the test observes) with a deadline that only bounds a hang."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"{what} did not happen within {timeout}s"
+        time.sleep(0.05)
+
+
+def _no_ranks_of(tag: str) -> None:
+    _until(lambda: not _ranks_running(tag), "the ranks' exit", timeout=30)
+
+
+# The long cases of the subprocess tests are held open the same way: 300 decode steps of >= 20 ms.
+HELD = ["--perf-inject-decode-delay-ms", "20"]
+
+
 def test_perf_suite_survives_a_killed_rank(tmp_path):
     """The case in flight fails naming the rank, the ranks restart, the later cases pass, the
-    rows measured before stay in the CSV, and no process is left behind."""
+    rows measured before stay in the CSV, and no process is left behind. The rank is killed as
+    soon as the first case's row is written: the second case (>= 6 s by construction) is then
+    starting or running, and either way it is the one that must fail."""
     tag = f"perf-suite-{os.getpid()}-{time.time_ns()}"
     proc = subprocess.Popen([sys.executable, "-m", "pytest", "tests_perf", "-p", "no:cacheprovider",
-                             "--batch-sizes", "1", "--seq-in", "16,32", "--seq-out", "8,1500",
+                             "--batch-sizes", "1", "--seq-in", "16,32", "--seq-out", "8,300", *HELD,
                              "--results-dir", str(tmp_path)],
                             cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO), "STARCODER_TP_TEST_TAG": tag},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     csv_file = tmp_path / "multibatch_performance_starcoder_0.csv"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and (not csv_file.is_file() or len(csv_file.read_text().splitlines()) < 2):
-        time.sleep(0.1)
-    time.sleep(1.0)  # bs1-in16-out1500 is decoding now
-    seen = psutil.Process(proc.pid).children(recursive=True)
-    workers = [p for p in seen if "spawn_main" in " ".join(p.cmdline())]
-    assert len(workers) == 2, [p.cmdline() for p in seen]
+    _until(lambda: csv_file.is_file() and len(csv_file.read_text().splitlines()) >= 2, "the first row")
+    workers = [p for p in psutil.Process(proc.pid).children(recursive=True) if "spawn_main" in " ".join(p.cmdline())]
+    assert len(workers) == 2, [p.cmdline() for p in workers]
     assert _ranks_running(tag) == {w.pid for w in workers}  # the final check below can see our ranks
     os.kill(workers[-1].pid, signal.SIGKILL)
-    output, _ = proc.communicate(timeout=300)
+    output, _ = proc.communicate(timeout=600)
     assert proc.returncode == 1, output[-3000:]
     assert "1 failed, 3 passed" in output, output[-3000:]
-    assert "FAILED tests_perf/test_latency.py::test_latency[bs1-in16-out1500]" in output
+    assert "FAILED tests_perf/test_latency.py::test_latency[bs1-in16-out300]" in output
     assert "was killed by signal SIGKILL" in output
     rows = list(csv.DictReader(open(csv_file)))
-    assert [(r["Input_seq_len"], r["Output_seq_len"]) for r in rows] == [("16", "8"), ("32", "8"), ("32", "1500")]
-    time.sleep(0.5)
-    assert _ranks_running(tag) == set(), "ranks left running after the session"
+    assert [(r["Input_seq_len"], r["Output_seq_len"]) for r in rows] == [("16", "8"), ("32", "8"), ("32", "300")]
+    _no_ranks_of(tag)
 
 
 class _Lines:
     """A child's merged output, read on a thread, so that a test can wait for a line with a deadline."""
 
     def __init__(self, proc: subprocess.Popen):
-        import threading
-
         self.proc, self.lines = proc, []
         self.thread = threading.Thread(target=lambda: self.lines.extend(iter(proc.stdout.readline, "")), daemon=True)
         self.thread.start()
@@ -167,23 +228,24 @@ def _ranks_of(proc: subprocess.Popen) -> list[psutil.Process]:
     return ranks
 
 
-def _assert_gone(ranks: list[psutil.Process]) -> None:
-    time.sleep(0.5)
-    alive = [p.pid for p in ranks if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+def _assert_procs_gone(ranks: list[psutil.Process]) -> None:
+    _, alive = psutil.wait_procs(ranks, timeout=15)
+    alive = [p.pid for p in alive if p.status() != psutil.STATUS_ZOMBIE]
     assert not alive, f"ranks left running: {alive}"
 
 
 @pytest.mark.parametrize("fault", ["kill", "hang"])
 def test_generate_cli_exits_non_zero_naming_the_rank(shards, fault):
+    """The fault comes as soon as the ranks are ready: the request (2000 steps of >= 20 ms) is
+    then about to start or running, and either way the CLI must fail naming rank 1."""
     proc, out = _cli("generate", "--shards", shards, "--prompt", "def f(", "--max-new-tokens", 2000,
-                     "--ignore-eos", "--timeout", 4)
+                     "--ignore-eos", "--timeout", 4, "--inject-decode-delay-ms", 20)
     out.wait_for("rank(s) ready")
-    time.sleep(1.0)  # decoding now
     ranks = _ranks_of(proc)
     assert len(ranks) == 2
     started = time.monotonic()
     os.kill(ranks[1].pid, signal.SIGKILL if fault == "kill" else signal.SIGSTOP)
-    output = out.finish(timeout=60)
+    output = out.finish(timeout=120)
     elapsed = time.monotonic() - started
     print(f"generate CLI, {fault}: exit {proc.returncode} after {elapsed:.2f}s")
     assert proc.returncode == 1, output[-3000:]
@@ -191,26 +253,25 @@ def test_generate_cli_exits_non_zero_naming_the_rank(shards, fault):
                 else r"error: rank\(s\) \[1\] did not reach collective #\d+ within 4s \(rank 0 waited\) during "
                      r"'generate' \(hung or stopped\?\)")
     assert re.search(expected, output), output[-3000:]
-    assert elapsed < (20 if fault == "kill" else 4 + 20)
-    _assert_gone(ranks)
+    assert elapsed < (20 if fault == "kill" else 4 + 20)  # the request itself lasts >= 40 s
+    _assert_procs_gone(ranks)
 
 
 def test_bench_cli_survives_a_killed_rank_and_keeps_the_rows(tmp_path):
-    proc, out = _cli("bench", "--multicase", 1, "--batch-sizes", 1, "--seq-in", "16,32", "--seq-out", "8,1500",
+    proc, out = _cli("bench", "--multicase", 1, "--batch-sizes", 1, "--seq-in", "16,32", "--seq-out", "8,300", *HELD,
                      "--results-dir", tmp_path)
     out.wait_for("[bench] 1/4 bs1-in16-out8")
-    time.sleep(1.0)  # bs1-in16-out1500 is decoding now
     ranks = _ranks_of(proc)
     assert len(ranks) == 2
-    os.kill(ranks[1].pid, signal.SIGKILL)
-    output = out.finish(timeout=300)
+    os.kill(ranks[1].pid, signal.SIGKILL)  # the second case (>= 6 s) is starting or running
+    output = out.finish(timeout=600)
     assert proc.returncode == 1, output[-3000:]
-    assert re.search(r"\[bench\] 2/4 bs1-in16-out1500 FAILED: rank 1 was killed by signal SIGKILL", output), output
-    assert "error: 1 of 4 case(s) failed: bs1-in16-out1500" in output
-    assert "[bench] 4/4 bs1-in32-out1500" in output  # the ranks were restarted for the later cases
+    assert re.search(r"\[bench\] 2/4 bs1-in16-out300 FAILED: rank 1 was killed by signal SIGKILL", output), output
+    assert "error: 1 of 4 case(s) failed: bs1-in16-out300" in output
+    assert "[bench] 4/4 bs1-in32-out300" in output  # the ranks were restarted for the later cases
     rows = list(csv.DictReader(open(tmp_path / "multibatch_performance_starcoder_0.csv")))
-    assert [(r["Input_seq_len"], r["Output_seq_len"]) for r in rows] == [("16", "8"), ("32", "8"), ("32", "1500")]
-    _assert_gone(ranks + _ranks_of(proc) if proc.poll() is None else ranks)
+    assert [(r["Input_seq_len"], r["Output_seq_len"]) for r in rows] == [("16", "8"), ("32", "8"), ("32", "300")]
+    _assert_procs_gone(ranks)
 
 
 def test_two_suite_runs_at_once_share_the_cache_without_collisions(tmp_path):
@@ -236,5 +297,4 @@ def test_two_suite_runs_at_once_share_the_cache_without_collisions(tmp_path):
         assert [(r["Input_seq_len"], r["Output_seq_len"]) for r in rows] == [("16", "8"), ("32", "8")]
     shard_sets = [p for p in (tmp_path / "cache" / "shards").iterdir() if not p.name.startswith(".")]
     assert len(shard_sets) == 1
-    time.sleep(0.5)
-    assert _ranks_running(tag) == set()
+    _no_ranks_of(tag)

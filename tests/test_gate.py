@@ -1,5 +1,6 @@
 """The regression gate's comparison and statistics on synthetic numbers."""
 import random
+import re
 
 import pytest
 
@@ -9,6 +10,8 @@ from starcoder_tp.report import result_row
 
 CASE = Case(1, 32, 32)
 SHAPE = "L4-E256-H8-KV1-I1024-V6144"  # ModelConfig.shape_id
+MACHINE = {"cpu_model": "AMD EPYC 7B13", "cpu_isa": "avx avx2 fma sse4_2", "cores": "2", "torch_version": "2.13.0+cpu",
+           "threads_per_rank": "1", "accelerator": ""}
 
 
 def test_thresholds_are_per_metric():
@@ -79,18 +82,18 @@ def test_normalisation_scales_by_the_machine_speed():
 
 
 def row(case=CASE, world_size=2, dtype="float32", first=(10.0, 10.1, 9.9, 10.0), decode=((2.0, 2.0),) * 4, bw=20.0,
-        runtime_mode="eager", model_shape=SHAPE):
+        runtime_mode="eager", model_shape=SHAPE, machine=MACHINE, side=""):
     result = CaseResult(case)
     for f, d in zip(first, decode):
         result.add_round(f, [d[0]] * (case.seq_out - 1), (case.batch, case.seq_out), [1 << 20])
     return result_row(result, world_size=world_size, dtype=dtype, device="cpu", model="m", model_shape=model_shape,
                       runtime_mode=runtime_mode, commit="c",
-                      calibration={"calib_bandwidth_gbs": bw, "calib_matmul_gflops": 50.0})
+                      calibration={"calib_bandwidth_gbs": bw, "calib_matmul_gflops": 50.0}, fingerprint=machine, side=side)
 
 
 def test_baseline_file_edge_cases(tmp_path):
     path = write_baseline([row(), row(Case(4, 32, 32))], tmp_path / "base.csv")
-    baseline = Baseline.load(path, world_size=2, dtype="float32", device="cpu", runtime_mode="eager", model_shape=SHAPE)
+    baseline = Baseline.load(path, world_size=2, dtype="float32", device="cpu", runtime_mode="eager", model_shape=SHAPE, fingerprint=MACHINE)
     thresholds = {"first_token": 0.1, "decode": 0.1}
     assert baseline.compare(Case(16, 32, 32), row(Case(16, 32, 32)), thresholds, 0.05) is None  # a new case
     same = baseline.compare(CASE, row(), thresholds, 0.05)
@@ -102,44 +105,64 @@ def test_baseline_file_edge_cases(tmp_path):
     assert baseline.compare(CASE, slower_machine, {"decode": 0.1}, 0.05, normalize=True)[0].kind == "ok"
     with pytest.raises(ValueError, match="measured at world size 2, float32, cpu, runtime mode 'eager'; this run is "
                                          "world size 4, float32"):
-        Baseline.load(path, world_size=4, dtype="float32", device="cpu", runtime_mode="eager", model_shape=SHAPE)
+        Baseline.load(path, world_size=4, dtype="float32", device="cpu", runtime_mode="eager", model_shape=SHAPE, fingerprint=MACHINE)
     with pytest.raises(ValueError, match="world size 2, float32, cpu, runtime mode 'eager'; this run is world size 2, "
                                          "bfloat16"):
-        Baseline.load(path, world_size=2, dtype="bfloat16", device="cpu", runtime_mode="eager", model_shape=SHAPE)
+        Baseline.load(path, world_size=2, dtype="bfloat16", device="cpu", runtime_mode="eager", model_shape=SHAPE, fingerprint=MACHINE)
     # An eager baseline must not gate a --compile run (nor one with --no-prepack), and vice versa.
     with pytest.raises(ValueError, match="runtime mode 'eager'; this run is world size 2, float32, cpu, runtime mode "
                                          "'compiled' \\(--compile and --no-prepack set the mode\\)"):
-        Baseline.load(path, world_size=2, dtype="float32", device="cpu", runtime_mode="compiled", model_shape=SHAPE)
+        Baseline.load(path, world_size=2, dtype="float32", device="cpu", runtime_mode="compiled", model_shape=SHAPE, fingerprint=MACHINE)
     with pytest.raises(ValueError, match="runtime mode 'eager-no-prepack'"):
-        Baseline.load(path, world_size=2, dtype="float32", device="cpu", runtime_mode="eager-no-prepack", model_shape=SHAPE)
+        Baseline.load(path, world_size=2, dtype="float32", device="cpu", runtime_mode="eager-no-prepack", model_shape=SHAPE, fingerprint=MACHINE)
     # A baseline of another model (whatever its name): refused, naming both shapes.
     with pytest.raises(ValueError, match="measured on a model of shape L4-E256-H8-KV1-I1024-V6144; this run's model "
                                          "\\(--model-dir\\) is L8-E1024-H16-KV1-I4096-V49152"):
         Baseline.load(path, world_size=2, dtype="float32", device="cpu", runtime_mode="eager",
-                      model_shape="L8-E1024-H16-KV1-I4096-V49152")
+                      model_shape="L8-E1024-H16-KV1-I4096-V49152", fingerprint=MACHINE)
     # A baseline from before the mode was recorded: refused, not guessed.
     lines = path.read_text().splitlines()
     at = lines[0].split(",").index("runtime_mode")
     (tmp_path / "old.csv").write_text("\n".join(",".join(c for i, c in enumerate(line.split(",")) if i != at)
                                                 for line in lines) + "\n")
     with pytest.raises(ValueError, match="written before the model's dimensions and the runtime mode were recorded"):
-        Baseline.load(tmp_path / "old.csv", world_size=2, dtype="float32", device="cpu", runtime_mode="eager", model_shape=SHAPE)
+        Baseline.load(tmp_path / "old.csv", world_size=2, dtype="float32", device="cpu", runtime_mode="eager", model_shape=SHAPE, fingerprint=MACHINE)
     with pytest.raises(FileNotFoundError, match="no such file"):
-        Baseline.load(tmp_path / "none.csv", world_size=2, dtype="float32", device="cpu", runtime_mode="eager", model_shape=SHAPE)
+        Baseline.load(tmp_path / "none.csv", world_size=2, dtype="float32", device="cpu", runtime_mode="eager", model_shape=SHAPE, fingerprint=MACHINE)
     (tmp_path / "other.csv").write_text("a,b\n1,2\n")
     with pytest.raises(ValueError, match="not a results CSV of this suite"):
-        Baseline.load(tmp_path / "other.csv", world_size=2, dtype="float32", device="cpu", runtime_mode="eager", model_shape=SHAPE)
+        Baseline.load(tmp_path / "other.csv", world_size=2, dtype="float32", device="cpu", runtime_mode="eager", model_shape=SHAPE, fingerprint=MACHINE)
     one_round = write_baseline([row(first=(10.0,), decode=((2.0, 2.0),))], tmp_path / "one.csv")
     with pytest.raises(ValueError, match="has 1 round\\(s\\); a baseline needs >= 4"):
-        Baseline.load(one_round, world_size=2, dtype="float32", device="cpu", runtime_mode="eager", model_shape=SHAPE)
+        Baseline.load(one_round, world_size=2, dtype="float32", device="cpu", runtime_mode="eager", model_shape=SHAPE, fingerprint=MACHINE)
 
 
-def test_the_committed_baseline_loads():
-    from starcoder_tp.build_models import FIXTURES
-
-    from starcoder_tp.config import ModelConfig
-
-    shape = ModelConfig.from_dir(FIXTURES / "tiny-starcoder").shape_id
-    baseline = Baseline.load(FIXTURES / "baselines" / "tiny-starcoder-ws2-float32-cpu.csv", world_size=2,
-                             dtype="float32", device="cpu", runtime_mode="eager", model_shape=shape)
-    assert set(baseline.rows) == {Case(1, 128, 32), Case(4, 128, 32)}
+def test_a_baseline_of_another_machine_is_refused_naming_both_unless_normalised(tmp_path):
+    path = write_baseline([row(), row(Case(4, 32, 32))], tmp_path / "base.csv")
+    zen5 = {**MACHINE, "cpu_model": "AMD EPYC 9B45", "cpu_isa": "avx avx2 avx512_bf16 avx512f fma sse4_2"}
+    load = dict(world_size=2, dtype="float32", device="cpu", runtime_mode="eager", model_shape=SHAPE)
+    with pytest.raises(ValueError) as err:
+        Baseline.load(path, **load, fingerprint=zen5)
+    message = str(err.value)
+    assert "was measured on another machine: AMD EPYC 7B13, 2 cores" in message
+    assert "this run is on AMD EPYC 9B45, 2 cores" in message
+    assert "CPU instruction sets differ: only this machine has avx512_bf16 avx512f" in message
+    assert "--perf-compare-ref" in message and "--perf-normalize" in message
+    for other, named in [({"threads_per_rank": "2"}, "threads_per_rank '1' (baseline) vs '2' (this run)"),
+                         ({"torch_version": "2.14.0+cpu"}, "torch_version '2.13.0+cpu' (baseline) vs '2.14.0+cpu'"),
+                         ({"cores": "4"}, "cores '2' (baseline) vs '4' (this run)")]:
+        with pytest.raises(ValueError, match=re.escape(named)):
+            Baseline.load(path, **load, fingerprint={**MACHINE, **other})
+    normalised = Baseline.load(path, **load, fingerprint=zen5, normalize=True)
+    assert any("avx512_bf16" in d for d in normalised.other_machine)
+    assert not Baseline.load(path, **load, fingerprint=MACHINE).other_machine
+    # A file from before the machine was recorded is refused, not trusted.
+    lines = path.read_text().splitlines()
+    at = lines[0].split(",").index("cpu_model")
+    (tmp_path / "old.csv").write_text("\n".join(",".join(c for i, c in enumerate(line.split(",")) if i != at)
+                                                for line in lines) + "\n")
+    with pytest.raises(ValueError, match="written before the machine was recorded"):
+        Baseline.load(tmp_path / "old.csv", **load, fingerprint=MACHINE)
+    # Side B of an A/B run is another commit's code: never read as this code's baseline.
+    mixed = write_baseline([row(side="A"), row(Case(4, 32, 32), side="B")], tmp_path / "ab.csv")
+    assert set(Baseline.load(mixed, **load, fingerprint=MACHINE).rows) == {CASE}

@@ -1,0 +1,93 @@
+"""What a latency figure depends on besides the code: the machine fingerprint stored with every
+result row, so that a stored baseline is never read against another machine by accident."""
+from __future__ import annotations
+
+import os
+import platform
+import re
+from pathlib import Path
+
+import torch
+
+from .device import Device
+
+# The instruction-set extensions that decide which kernels run (oneDNN, inductor, our own
+# choices in linear.py). Other /proc/cpuinfo flags (mitigations, virtualisation) differ between
+# hosts of one CPU kind without changing a kernel, and would refuse baselines for nothing.
+ISA_FLAG = re.compile(r"^(sse\d.*|ssse3|avx.*|amx.*|fma|f16c|bmi\d|sve.*|asimd.*|neon|sme.*|bf16|i8mm)$")
+
+FINGERPRINT_COLUMNS = ("cpu_model", "cpu_isa", "cores", "torch_version", "threads_per_rank", "accelerator")
+
+
+def _cpuinfo(path: Path = Path("/proc/cpuinfo")) -> tuple[str, set[str]]:
+    """The CPU's model name and its flags (x86 'flags', Arm 'Features'), from /proc/cpuinfo."""
+    model, flags = "", set()
+    try:
+        text = path.read_text()
+    except OSError:
+        return platform.processor() or platform.machine(), flags
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip().lower()
+        if key in ("model name", "hardware", "cpu model") and not model:
+            model = value.strip()
+        elif key in ("flags", "features") and not flags:
+            flags = set(value.split())
+    return model or platform.processor() or platform.machine(), flags
+
+
+def cpu_cores() -> int:
+    """Cores this process may run on (a container or taskset may allow fewer than the machine has)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def accelerator_name(device: Device) -> str:
+    """The accelerator's model ('' on CPU); not imported or initialised unless the run uses one."""
+    if device.kind == "cpu":
+        return ""
+    if device.kind == "npu":
+        from .device import import_torch_npu
+
+        import_torch_npu()
+    module = getattr(torch, device.kind)
+    try:
+        return f"{module.get_device_name(device.device_id)} x{module.device_count()}"
+    except (RuntimeError, AssertionError, AttributeError):
+        return f"{device.kind} (unnamed)"
+
+
+def machine_fingerprint(device: Device, threads_per_rank: int) -> dict[str, str]:
+    """The fields of FINGERPRINT_COLUMNS, as strings (they go into the CSV as they are)."""
+    model, flags = _cpuinfo()
+    return {
+        "cpu_model": model,
+        "cpu_isa": " ".join(sorted(f for f in flags if ISA_FLAG.match(f))),
+        "cores": str(cpu_cores()),
+        "torch_version": torch.__version__,
+        "threads_per_rank": str(threads_per_rank),
+        "accelerator": accelerator_name(device),
+    }
+
+
+def fingerprint_differences(theirs: dict[str, str], ours: dict[str, str]) -> list[str]:
+    """What differs between two fingerprints, in words ([] when they are the same machine kind)."""
+    differences = []
+    for column in FINGERPRINT_COLUMNS:
+        a, b = str(theirs.get(column, "")), str(ours.get(column, ""))
+        if a == b:
+            continue
+        if column == "cpu_isa":
+            only_theirs, only_ours = sorted(set(a.split()) - set(b.split())), sorted(set(b.split()) - set(a.split()))
+            parts = ([f"only the baseline's has {' '.join(only_theirs)}"] if only_theirs else []) + \
+                    ([f"only this machine has {' '.join(only_ours)}"] if only_ours else [])
+            differences.append("CPU instruction sets differ: " + "; ".join(parts))
+        else:
+            differences.append(f"{column} {a!r} (baseline) vs {b!r} (this run)")
+    return differences
+
+
+def describe(fingerprint: dict[str, str]) -> str:
+    """One line for a report: CPU, cores, torch, threads per rank, accelerator."""
+    text = (f"{fingerprint.get('cpu_model') or 'unknown CPU'}, {fingerprint.get('cores')} cores, torch "
+            f"{fingerprint.get('torch_version')}, {fingerprint.get('threads_per_rank')} thread(s) per rank")
+    return text + (f", {fingerprint['accelerator']}" if fingerprint.get("accelerator") else "")

@@ -1,0 +1,211 @@
+"""Side B of an A/B comparison: a worker group of another commit's code, driven from this one.
+
+`python -m starcoder_tp.serve --fd-in R --fd-out W`, started by `RemoteGroup` with the other
+commit's tree first on sys.path, starts that code's own WorkerGroup and serves generation
+requests over two pipes. The messages are JSON (protocol PROTOCOL), not pickles, so the two
+sides share no classes: each commit's serve.py maps the protocol onto its own runtime.
+Its logs go to stderr; stdout is left alone (a library that prints cannot corrupt the channel).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import time
+from multiprocessing.connection import Connection
+from pathlib import Path
+
+PROTOCOL = 1
+START_MARGIN_S = 60.0  # beyond the group's own start timeout: the server's interpreter and imports
+
+
+def _send(conn: Connection, message: dict) -> None:
+    conn.send_bytes(json.dumps(message).encode())
+
+
+def _serve(conn_in: Connection, conn_out: Connection) -> int:
+    import starcoder_tp
+    from starcoder_tp.device import Device
+    from starcoder_tp.parallel import GroupSpec, RankFailure, WorkerGroup
+
+    hello = json.loads(conn_in.recv_bytes())
+    if hello.get("protocol") != PROTOCOL:
+        _send(conn_out, {"status": "error", "kind": "protocol",
+                         "message": f"this side speaks protocol {PROTOCOL}, the driver {hello.get('protocol')!r}"})
+        return 2
+    s = hello["spec"]
+    spec = GroupSpec(s["shard_dir"], s["world_size"], Device(s["device"], s["device_id"]), s["threads_per_rank"],
+                     timeout_s=s["timeout_s"], request_timeout_s=s["request_timeout_s"], prepack=s["prepack"],
+                     compile=s["compile"])
+    group = WorkerGroup(spec)
+    try:
+        try:
+            group.start()
+        except (RankFailure, ValueError, FileNotFoundError, RuntimeError) as err:
+            _send(conn_out, {"status": "error", "kind": type(err).__name__, "message": str(err)})
+            return 1
+        _send(conn_out, {"status": "ready", "protocol": PROTOCOL, "ready_info": group.ready_info,
+                         "code": str(Path(starcoder_tp.__file__).resolve().parent)})
+        while True:
+            message = json.loads(conn_in.recv_bytes())
+            if message["command"] == "stop":
+                return 0
+            try:
+                result, memory = group.generate(**message["kwargs"])
+            except ValueError as err:  # a bad request: refused, and the ranks keep serving
+                _send(conn_out, {"status": "error", "kind": "ValueError", "message": str(err)})
+                continue
+            except RankFailure as err:  # the group is torn down already; the driver starts a new server
+                _send(conn_out, {"status": "error", "kind": "RankFailure", "message": str(err)})
+                return 1
+            _send(conn_out, {"status": "ok", "peak_memory_bytes": memory, "result": {
+                "output_ids": result.output_ids.tolist(), "first_token_ms": result.first_token_ms,
+                "decode_ms": result.decode_ms}})
+    except (EOFError, BrokenPipeError, KeyboardInterrupt):
+        return 0  # the driver went away (or Ctrl-C reached the whole process group)
+    finally:
+        group.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m starcoder_tp.serve", description=__doc__)
+    parser.add_argument("--fd-in", type=int, required=True)
+    parser.add_argument("--fd-out", type=int, required=True)
+    args = parser.parse_args(argv)
+    return _serve(Connection(args.fd_in, writable=False), Connection(args.fd_out, readable=False))
+
+
+class RemoteGroup:
+    """WorkerGroup's interface (start, generate, close, ready_info) over a serve.py process
+    running the code at `code_dir`. Every wait has a deadline and checks that the server lives;
+    failures are RankFailure naming side B."""
+
+    def __init__(self, code_dir: Path, spec, label: str, log_path: Path):
+        self.code_dir, self.spec, self.label, self.log_path = Path(code_dir), spec, label, Path(log_path)
+        self.proc: subprocess.Popen | None = None
+        self.ready_info: list[dict] = []
+
+    def start(self) -> "RemoteGroup":
+        from .parallel import DEFAULT_START_TIMEOUT_S
+
+        to_child_r, to_child_w = os.pipe()
+        from_child_r, from_child_w = os.pipe()
+        env = dict(os.environ)
+        # The other commit's package must shadow this one (an editable install, PYTHONPATH).
+        env["PYTHONPATH"] = os.pathsep.join([str(self.code_dir), *filter(None, [env.get("PYTHONPATH")])])
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "starcoder_tp.serve", "--fd-in", str(to_child_r), "--fd-out", str(from_child_w)],
+                cwd=self.code_dir, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                pass_fds=(to_child_r, from_child_w))
+        os.close(to_child_r), os.close(from_child_w)
+        self._out, self._in = Connection(to_child_w, readable=False), Connection(from_child_r, writable=False)
+        s = self.spec
+        self._send({"protocol": PROTOCOL, "spec": {
+            "shard_dir": str(Path(s.shard_dir).resolve()), "world_size": s.world_size, "device": s.device.kind,
+            "device_id": s.device.device_id, "threads_per_rank": s.threads_per_rank, "timeout_s": s.timeout_s,
+            "request_timeout_s": s.request_timeout_s, "prepack": s.prepack, "compile": s.compile}}, "start")
+        reply = self._receive("start", DEFAULT_START_TIMEOUT_S + START_MARGIN_S)
+        if Path(reply["code"]) != (self.code_dir / "starcoder_tp").resolve():
+            self.close(graceful=False)
+            raise RuntimeError(f"side B ({self.label}) ran the code in {reply['code']}, not {self.code_dir}: "
+                               "something on sys.path shadows it")
+        self.ready_info = reply["ready_info"]
+        import psutil
+
+        # Kept for close(): a server that dies leaves its ranks re-parented, out of its child list.
+        self._ranks = []
+        for info in self.ready_info:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                self._ranks.append(psutil.Process(info["pid"]))
+        return self
+
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, **kwargs):
+        from .generate import GenerationResult
+        from .parallel import COMPILE_ALLOWANCE_S
+
+        import torch
+
+        self._send({"command": "generate", "kwargs": {"prompts": prompts, "max_new_tokens": max_new_tokens,
+                                                       **kwargs}}, "generate")
+        # The server's own group has the request timeout and the stall watch; this deadline
+        # only covers a server that stops answering altogether.
+        allowance = self.spec.request_timeout_s + START_MARGIN_S + (COMPILE_ALLOWANCE_S if self.spec.compile else 0)
+        reply = self._receive("generate", allowance)
+        r = reply["result"]
+        result = GenerationResult(torch.tensor(r["output_ids"], dtype=torch.long), r["first_token_ms"], r["decode_ms"])
+        return result, reply["peak_memory_bytes"]
+
+    def _send(self, message: dict, what: str) -> None:
+        try:
+            _send(self._out, message)
+        except (BrokenPipeError, OSError):
+            self._fail(f"its server {self._exit()} before it could take '{what}'")
+
+    def _receive(self, what: str, timeout_s: float) -> dict:
+        from .parallel import RankFailure
+
+        deadline = time.monotonic() + timeout_s
+        while not self._in.poll(1.0):
+            if self.proc.poll() is not None and not self._in.poll(0):
+                self._fail(f"its server {self._exit()} during '{what}'")
+            if time.monotonic() > deadline:
+                self._fail(f"its server did not answer '{what}' within {timeout_s:.0f}s")
+        try:
+            reply = json.loads(self._in.recv_bytes())
+        except (EOFError, OSError):
+            self.proc.wait(10)
+            self._fail(f"its server {self._exit()} during '{what}'")
+        if reply["status"] == "error":
+            if reply["kind"] == "ValueError":
+                raise ValueError(f"side B ({self.label}): {reply['message']}")
+            self.close(graceful=False)
+            raise RankFailure(f"side B ({self.label}): {reply['message']}")
+        return reply
+
+    def _exit(self) -> str:
+        code = self.proc.poll()
+        return "is still running" if code is None else f"exited with code {code}"
+
+    def _fail(self, what: str) -> None:
+        from .parallel import RankFailure
+
+        self.close(graceful=False)
+        tail = ""
+        if self.log_path.is_file():
+            tail = "\n".join(self.log_path.read_text(errors="replace").splitlines()[-20:])
+        raise RankFailure(f"side B ({self.label}): {what}; the end of its log {self.log_path}:\n{tail}")
+
+    def close(self, graceful: bool = True, timeout_s: float = 20.0) -> None:
+        """Stop the server (which stops its ranks); killed when it does not stop in time. Safe twice.
+        Its ranks exit on their own when the server's pipes close."""
+        if self.proc is None:
+            return
+        import psutil
+
+        ranks = getattr(self, "_ranks", [])
+        if graceful and self.proc.poll() is None:
+            try:
+                _send(self._out, {"command": "stop"})
+            except (BrokenPipeError, OSError):
+                pass
+        try:
+            self.proc.wait(timeout_s if graceful else 0.5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+        if not graceful:  # a server that was killed left its ranks behind: they go too
+            for rank in ranks:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    rank.kill()
+        psutil.wait_procs(ranks, timeout=10)
+        self._out.close(), self._in.close()
+        self.proc = None
+
+
+if __name__ == "__main__":
+    sys.exit(main())
