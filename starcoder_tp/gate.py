@@ -43,7 +43,7 @@ def parse_thresholds(text: str) -> dict[str, float]:
         except ValueError:
             raise ValueError(f"--perf-max-regression: {value!r} is not a number or percentage") from None
         if not 0 < number < 10:
-            raise ValueError(f"--perf-max-regression: {item.strip()!r} must be > 0")
+            raise ValueError(f"--perf-max-regression: {item.strip()!r} must be > 0% and < 1000%")
         thresholds[name] = number
     return thresholds
 

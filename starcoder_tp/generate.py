@@ -53,6 +53,10 @@ class GenerationResult:
     output_ids: torch.Tensor  # [B, new_tokens], generated tokens only
     first_token_ms: float  # prefill + the first token
     decode_ms: list[float] = field(default_factory=list)  # one entry per later token
+    # The slowest rank's own sum of its timed steps: each rank's steps lie inside the request,
+    # so this never exceeds the wall time around it (the sum of per-step maxima can, by the
+    # skew between ranks, when a rank is held up after a step's last collective).
+    timed_ms: float = 0.0
     topk_logprobs: torch.Tensor | None = None  # [B, new_tokens, k] when asked for
     topk_ids: torch.Tensor | None = None
 
@@ -151,9 +155,9 @@ def timed_generate(model: TPGPTBigCode, device: Device, prompts: list[list[int]]
     device.synchronize()
     started = time.perf_counter()
     logits = model(ids, position_ids, 0, key_valid)
-    token = model.pick_greedy(logits)
-    if inject_prefill_ms:
+    if inject_prefill_ms:  # before the last collective of the step: every rank's step holds it once
         _spin(inject_prefill_ms)
+    token = model.pick_greedy(logits)
     device.synchronize()
     step_ms.append((time.perf_counter() - started) * 1e3)
     generated = 1
@@ -175,9 +179,9 @@ def timed_generate(model: TPGPTBigCode, device: Device, prompts: list[list[int]]
             logits = compiled(token.unsqueeze(-1), next_position, slot.fill_(prompt_len + generated - 1), all_valid)
         else:
             logits = model(token.unsqueeze(-1), next_position, prompt_len + generated - 1, key_valid)
-        token = model.pick_greedy(logits)
         if inject_decode_ms:
             _spin(inject_decode_ms)
+        token = model.pick_greedy(logits)
         device.synchronize()
         step_ms.append((time.perf_counter() - started) * 1e3)
         if model.step_hook is not None:
@@ -186,11 +190,12 @@ def timed_generate(model: TPGPTBigCode, device: Device, prompts: list[list[int]]
         generated += 1
 
     # On the model's device: nccl/hccl reduce device tensors only.
-    times = model.tp.all_reduce_max_(torch.tensor(step_ms, dtype=torch.float64, device=dev)).cpu()
+    times = model.tp.all_reduce_max_(torch.tensor([*step_ms, sum(step_ms)], dtype=torch.float64, device=dev)).cpu()
     return GenerationResult(
         output_ids=out[:, :generated].cpu(),
         first_token_ms=float(times[0]),
-        decode_ms=[float(t) for t in times[1:]],
+        decode_ms=[float(t) for t in times[1:-1]],
+        timed_ms=float(times[-1]),
         topk_logprobs=torch.stack(top_vals, dim=1).cpu() if topk else None,
         topk_ids=torch.stack(top_ids, dim=1).cpu() if topk else None,
     )

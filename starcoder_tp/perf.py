@@ -110,6 +110,7 @@ class CaseResult:
     decode_ms_rounds: list[list[float]] = field(default_factory=list)
     peak_memory_bytes: list[int] = field(default_factory=list)  # per rank, max over rounds
     wall_ms_rounds: list[float] = field(default_factory=list)  # the driver's clock around each whole request
+    timed_ms_rounds: list[float] = field(default_factory=list)  # GenerationResult.timed_ms of each round
 
     def add_round(self, first_token_ms: float, decode_ms: list[float], output_shape: tuple, memory: list[int]) -> None:
         expected = (self.case.batch, self.case.seq_out)
@@ -135,6 +136,7 @@ class CaseResult:
         self.first_token_ms_rounds += more.first_token_ms_rounds
         self.decode_ms_rounds += more.decode_ms_rounds
         self.wall_ms_rounds += more.wall_ms_rounds
+        self.timed_ms_rounds += more.timed_ms_rounds
         self.peak_memory_bytes = ([max(a, b) for a, b in zip(self.peak_memory_bytes, more.peak_memory_bytes)]
                                   or list(more.peak_memory_bytes))
 
@@ -286,6 +288,7 @@ class PerfRunner:
         wall_ms = (time.perf_counter() - started) * 1e3
         result.add_round(generation.first_token_ms, generation.decode_ms, tuple(generation.output_ids.shape), memory)
         result.wall_ms_rounds.append(wall_ms)
+        result.timed_ms_rounds.append(generation.timed_ms)
 
     def _generate(self, case: Case, prompts: list[list[int]], new_tokens: int, **kwargs):
         if self.group is None:  # the last case lost a rank: start afresh, and warm up again

@@ -63,7 +63,7 @@ def _serve(conn_in: Connection, conn_out: Connection) -> int:
                 return 1
             _send(conn_out, {"status": "ok", "peak_memory_bytes": memory, "result": {
                 "output_ids": result.output_ids.tolist(), "first_token_ms": result.first_token_ms,
-                "decode_ms": result.decode_ms}})
+                "decode_ms": result.decode_ms, "timed_ms": result.timed_ms}})
     except (EOFError, BrokenPipeError, KeyboardInterrupt):
         return 0  # the driver went away (or Ctrl-C reached the whole process group)
     finally:
@@ -137,7 +137,8 @@ class RemoteGroup:
         allowance = self.spec.request_timeout_s + START_MARGIN_S + (COMPILE_ALLOWANCE_S if self.spec.compile else 0)
         reply = self._receive("generate", allowance)
         r = reply["result"]
-        result = GenerationResult(torch.tensor(r["output_ids"], dtype=torch.long), r["first_token_ms"], r["decode_ms"])
+        result = GenerationResult(torch.tensor(r["output_ids"], dtype=torch.long), r["first_token_ms"], r["decode_ms"],
+                                  timed_ms=r["timed_ms"])
         return result, reply["peak_memory_bytes"]
 
     def _send(self, message: dict, what: str) -> None:

@@ -23,13 +23,12 @@ def test_latency(perf_case, perf_runner, perf_state, benchmark):
         "verdicts": {v.metric: v.kind for v in verdicts},
         **({"compare_ratio": {v.metric: v.ratio for v in verdicts}} if perf_state.comparison else {}),
     })
-    # The ranks' clocks must fit inside the driver's: each round's first token plus its decode
-    # steps, timed on the ranks, cannot exceed the wall time of the whole request around them
-    # (a unit slip, or a clock read before the synchronisation of an earlier step, breaks this;
-    # the slack covers the ranks leaving each collective microseconds apart).
-    for first, steps, wall in zip(result.first_token_ms_rounds, result.decode_ms_rounds, result.wall_ms_rounds,
-                                  strict=True):
-        assert first + sum(steps) <= wall * 1.01 + 1.0, (perf_case.id, first, sum(steps), wall)
+    # The ranks' clocks must fit inside the driver's: every rank's timed steps lie within the
+    # request, so the slowest rank's sum of them cannot exceed the wall time around the request,
+    # however loaded the machine (a unit slip, or a step timed twice, breaks this).
+    assert len(result.wall_ms_rounds) == len(result.timed_ms_rounds) == result.rounds == len(result.decode_ms_rounds)
+    for timed, wall in zip(result.timed_ms_rounds, result.wall_ms_rounds, strict=True):
+        assert 0 < timed <= wall, (perf_case.id, timed, wall)
     regressions = [v for v in verdicts if v.kind == "regression"]
     if regressions:
         pytest.fail("latency regression" + ("" if perf_state.comparison else " (confirmed by a second measurement)")
