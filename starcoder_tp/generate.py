@@ -152,6 +152,10 @@ def timed_generate(model: TPGPTBigCode, device: Device, prompts: list[list[int]]
         all_valid[:, :prompt_len] = mask
         slot = torch.zeros(1, dtype=torch.long, device=dev)
 
+    # The request reaches the ranks one after the other (and the driver may wait for a core to
+    # send the next one): without a barrier, the first rank's prefill clock would include that
+    # skew, waiting for the others in its first collective.
+    model.tp.barrier(dev)
     device.synchronize()
     started = time.perf_counter()
     logits = model(ids, position_ids, 0, key_valid)

@@ -106,6 +106,11 @@ class TPGroup:
         dist.all_gather(out, t.contiguous())
         return torch.stack(out)
 
+    def barrier(self, device: torch.device) -> None:
+        """Every rank waits here for the others (a one-element all-reduce: microseconds on shm)."""
+        if self.world_size > 1:
+            self._all_reduce(torch.zeros(1, device=device))
+
     def all_reduce_max_(self, t: torch.Tensor) -> torch.Tensor:
         if self.world_size > 1:
             if self.shm is not None:
