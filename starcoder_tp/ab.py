@@ -1,6 +1,6 @@
 """An A/B comparison in one sitting (--perf-compare-ref): side A is this code, side B another
 commit's, each its own worker group on the same shards and cores. Every case gets the same
-warm-up on both sides, then its rounds interleaved A B B A A B ..., so that the pairs see the
+warm-up on both sides, then its rounds interleaved A B A B ..., so that the pairs see the
 same machine; verdicts come from the paired ratios (paired.py). Injected delays act on side A.
 """
 from __future__ import annotations
@@ -17,10 +17,14 @@ from .serve import RemoteGroup
 SIDES = ("A", "B")
 
 
-def abba(rounds: int) -> list[str]:
-    """The order of a case's 2 x rounds measurements: pair i is (A, B) for even i, (B, A) for
-    odd i, so that neither side always goes first (the first of two runs can be the warmer)."""
-    return [side for i in range(rounds) for side in (SIDES if i % 2 == 0 else SIDES[::-1])]
+def interleave(rounds: int) -> list[str]:
+    """The order of a case's 2 x rounds measurements: A B A B ..., so that every round follows
+    one of the other side, its caches as cold for one side as for the other. In the A B B A
+    order half of each side's rounds follow one of its own (warm) and half do not, which widened
+    the scatter of the first-token ratios (benchmarks/RESULTS.md). The drift of the machine
+    between the two rounds of a pair is one round's worth, where the gate must cancel drifts
+    over seconds and minutes."""
+    return [side for _ in range(rounds) for side in SIDES]
 
 
 def check_rounds(rounds: int) -> None:
@@ -54,7 +58,7 @@ class PairedRounds:
 
     def __init__(self, runner: "ABRunner", case: Case, rounds: int):
         self.runner, self.case = runner, case
-        self.order = abba(rounds)
+        self.order = interleave(rounds)
         self.next = 0
         self.results = {side: CaseResult(case) for side in SIDES}
 
@@ -159,7 +163,7 @@ def summary_lines(all_verdicts: dict[Case, list[PairedVerdict]], comparison: Com
     improvements, and the cases whose run could not detect a change of the threshold's size."""
     flat = [v for vs in all_verdicts.values() for v in vs]
     lines = [f"A/B comparison in one sitting: {comparison.describe()}",
-             f"  thresholds {thresholds}, alpha {alpha}, rounds interleaved A B B A; ratio = A/B per paired round "
+             f"  thresholds {thresholds}, alpha {alpha}, rounds interleaved A B A B; ratio = A/B per paired round "
              "(median, its 95% CI), detectable = the smallest slowdown this run would have flagged"]
     for v in sorted(flat, key=lambda v: (v.case, v.metric)):
         lines.append("  " + v.message())

@@ -1,6 +1,6 @@
 """Verdicts of an A/B comparison (--perf-compare-ref) from paired rounds.
 
-Both sides measure a case in one sitting, rounds interleaved (A B B A ...), so that each pair of
+Both sides measure a case in one sitting, rounds interleaved (A B A B ...), so that each pair of
 rounds shares the machine's state of the moment; a machine that drifts by 20% over a minute
 moves both sides of a pair alike. Per metric and case, on the per-round ratios r_i = A_i / B_i:
 

@@ -99,8 +99,8 @@ class FakeRunner:
         return ab.PairedRounds(self, case, self.options.rounds)
 
 
-def test_rounds_interleave_abba_and_a_timer_of_side_a_sees_side_a_alone():
-    assert ab.abba(3) == ["A", "B", "B", "A", "A", "B"]
+def test_rounds_alternate_and_a_timer_of_side_a_sees_side_a_alone():
+    assert ab.interleave(3) == ["A", "B", "A", "B", "A", "B"]
     runner = FakeRunner(5, lambda i: (10.0, 2.0))
     paired = runner.rounds(CASE)
     timed = []
@@ -111,13 +111,13 @@ def test_rounds_interleave_abba_and_a_timer_of_side_a_sees_side_a_alone():
         timed.append(runner.calls[before:])
     a, b = paired.finish()
     assert timed == [["A"]] * 5
-    assert runner.calls == ab.abba(5) and a.rounds == b.rounds == 5
+    assert runner.calls == ab.interleave(5) and a.rounds == b.rounds == 5
     # --benchmark-disable: pedantic runs set-up and target once; finish() runs the rest in order.
     runner = FakeRunner(4, lambda i: (10.0, 2.0))
     paired = runner.rounds(CASE)
     paired.before_a(), paired.run_a()
     paired.finish()
-    assert runner.calls == ab.abba(4)
+    assert runner.calls == ab.interleave(4)
 
 
 def test_a_regression_is_measured_again_and_judged_on_all_pairs():
