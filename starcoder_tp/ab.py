@@ -109,6 +109,11 @@ class ABRunner:
         return self
 
     def warm_up(self, case: Case) -> None:
+        """The same warm-up on both sides: a side restarted after a failure forgot its batch
+        warm-up, so the other side repeats it too."""
+        if any(case.batch not in self.sides[side].warmed for side in SIDES):
+            for side in SIDES:
+                self.sides[side].warmed.discard(case.batch)
         for side in SIDES:
             self.sides[side].warm_up(case)
 
@@ -119,10 +124,10 @@ class ABRunner:
         self.warm_up(case)
         return self.rounds(case).finish()
 
-    def measure_and_gate(self, case: Case, thresholds: dict[str, float],
-                         alpha: float) -> tuple[CaseResult, CaseResult, list[PairedVerdict]]:
+    def measure_and_gate(self, case: Case, thresholds: dict[str, float], alpha: float,
+                         record: Callable[[CaseResult, CaseResult], None]) -> tuple[CaseResult, list[PairedVerdict]]:
         a, b = self.measure(case)
-        return a, b, gate_case(self, case, a, b, thresholds, alpha)
+        return a, gate_case(self, case, a, b, thresholds, alpha, record)
 
     def close(self) -> None:
         for side in SIDES:
@@ -130,16 +135,19 @@ class ABRunner:
 
 
 def gate_case(runner: ABRunner, case: Case, a: CaseResult, b: CaseResult, thresholds: dict[str, float],
-              alpha: float) -> list[PairedVerdict]:
+              alpha: float, record: Callable[[CaseResult, CaseResult], None] = lambda a, b: None) -> list[PairedVerdict]:
     """The case's verdicts. A case that regresses is measured again, as many pairs, and judged
     on all of them: a burst of noise that tipped the first pairs is diluted by the next ones,
-    while a real slowdown holds in both (and the pooled test has more power). `a` and `b` are
-    extended in place with the second measurement's rounds."""
+    while a real slowdown holds in both (and the pooled test has more power). Each measurement
+    is handed to `record` as soon as it is taken (a failure in the second keeps the first);
+    `a` and `b` are then extended in place with the second's rounds."""
+    record(a, b)
     found = verdicts(case, a, b, thresholds, alpha)
     if any(v.kind == "regression" for v in found):
         runner.log(f"[compare] {case.id}: {', '.join(v.metric for v in found if v.kind == 'regression')} regressed "
                    f"over {a.rounds} pairs; measuring {runner.options.rounds} more pairs to confirm")
         more_a, more_b = runner.rounds(case).finish()
+        record(more_a, more_b)
         a.extend(more_a), b.extend(more_b)
         found = verdicts(case, a, b, thresholds, alpha)
     return found

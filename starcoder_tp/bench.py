@@ -127,22 +127,22 @@ def _bench(options: PerfOptions, runner, writer: bool, gate: tuple | None = None
         runner.start()
         for index, case in enumerate(cases, start=1):
             try:
-                measured = runner.measure(case) if gate is None else runner.measure_and_gate(case, *gate[1:])
+                if gate is None:
+                    result = runner.measure(case)
+                    keep(result)
+                else:
+                    comparison, thresholds, alpha = gate
+                    result, paired[case] = runner.measure_and_gate(
+                        case, thresholds, alpha,
+                        lambda a, b: (keep(a, "A", comparison.tree.label), keep(b, "B", comparison.ref.label)))
             except RankFailure as err:
                 # As in the pytest suite: this case fails, the ranks restart, the next cases run.
                 say(f"[bench] {index}/{len(cases)} {case.id} FAILED: {err}")
                 failed.append(case)
                 continue
-            result = measured if gate is None else measured[0]
             line = (f"[bench] {index}/{len(cases)} {case.id}: first token {result.first_token_ms:.2f} ms, "
                     f"decode {result.decode_ms_mean:.3f} ms/token, {result.tokens_per_s:.1f} tokens/s")
-            if gate is None:
-                keep(result)
-            else:
-                comparison = gate[0]
-                keep(measured[0], "A", comparison.tree.label)
-                keep(measured[1], "B", comparison.ref.label)
-                paired[case] = measured[2]
+            if gate is not None:
                 line += "; A/B " + ", ".join(f"{v.metric} {v.ratio:.3f} ({v.kind})" for v in paired[case])
             say(line)
     finally:

@@ -38,7 +38,6 @@ class PerfState:
     new_cases: list[Case] = field(default_factory=list)
 
 
-
 def record_result(state: PerfState, result: CaseResult, side: str = "") -> dict:
     o = state.options
     commit = state.commit
@@ -77,9 +76,11 @@ def measure_and_gate(runner, state: PerfState, case: Case, benchmark) -> tuple[C
         paired = runner.rounds(case)
         benchmark.pedantic(paired.run_a, setup=paired.before_a, rounds=rounds, iterations=1, warmup_rounds=0)
         result, other = paired.finish()
-        state.paired[case] = ab.gate_case(runner, case, result, other, state.thresholds, state.alpha)
-        record_result(state, result, side="A")
-        record_result(state, other, side="B")
+
+        def record(a: CaseResult, b: CaseResult) -> None:
+            record_result(state, a, side="A"), record_result(state, b, side="B")
+
+        state.paired[case] = ab.gate_case(runner, case, result, other, state.thresholds, state.alpha, record)
         return result, state.paired[case]
     result = CaseResult(case)
     benchmark.pedantic(runner.run_round, args=(case, result), rounds=rounds, iterations=1, warmup_rounds=0)
