@@ -153,6 +153,14 @@ def checkout_ref(ref: str, cache_dir: Path | None = None, root: Path | None = No
     commit = resolve_ref(ref, root)
     check_has_suite(ref, commit, root)
     cache = Path(cache_dir or default_worktree_cache())
+    try:
+        return _extract(ref, commit, root, cache, log)
+    except (OSError, tarfile.TarError) as err:
+        raise RuntimeError(f"--perf-compare-ref {ref!r}: cannot extract commit {commit[:12]} into {cache} ({err}); "
+                           "set STARCODER_TP_CACHE to a writable directory") from None
+
+
+def _extract(ref: str, commit: str, root: Path, cache: Path, log: Callable[[str], None]) -> RefCheckout:
     cache.mkdir(parents=True, exist_ok=True)
     final = cache / commit
     blobs = _expected_blobs(root, commit)

@@ -108,8 +108,9 @@ def compare_paired(case: Case, metric: str, a: list[float], b: list[float], thre
     """The verdict on one metric from rounds measured in pairs (a[i] next to b[i])."""
     if len(a) != len(b) or not a:
         raise ValueError(f"{case.id} {metric}: {len(a)} A rounds and {len(b)} B rounds do not pair up")
-    if min(a + b) <= 0:
-        raise ValueError(f"{case.id} {metric}: non-positive time among the rounds")
+    bad = [t for t in a + b if not (math.isfinite(t) and t > 0)]
+    if bad:
+        raise ValueError(f"{case.id} {metric}: garbage time {bad[0]!r} ms among the rounds (non-finite or non-positive)")
     logs = [math.log(x / y) for x, y in zip(a, b)]
     ratio = math.exp(statistics.median(logs))
     direction = "greater" if ratio >= 1 else "less"

@@ -190,8 +190,9 @@ class PerfOptions:
     inject_decode_ms: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.inject_prefill_ms < 0 or self.inject_decode_ms < 0:
-            raise ValueError(f"injected delays must be >= 0 ms, got {self.inject_prefill_ms}, {self.inject_decode_ms}")
+        if not all(math.isfinite(d) and d >= 0 for d in (self.inject_prefill_ms, self.inject_decode_ms)):
+            raise ValueError(f"injected delays must be finite and >= 0 ms, got {self.inject_prefill_ms}, "
+                             f"{self.inject_decode_ms}")
         if self.dtype not in DTYPES:
             raise ValueError(f"--dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
         if self.rounds < 1:

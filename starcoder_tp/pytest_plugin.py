@@ -4,6 +4,7 @@ that shard once and spawn the ranks once, the accuracy run, and terminal summari
 CSV, benchmark JSON, heatmaps and HumanEval figures."""
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -113,9 +114,12 @@ def _int_option(config, name: str, minimum: int = 1) -> int | None:
 def _float_option(config, name: str) -> float:
     text = config.getoption(name)
     try:
-        return float(text)
+        value = float(text)
     except ValueError:
         raise pytest.UsageError(f"--{name.replace('_', '-')}: {text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise pytest.UsageError(f"--{name.replace('_', '-')}: {text!r} is not a finite number")
+    return value
 
 
 def options_from_config(config) -> PerfOptions:
@@ -149,13 +153,13 @@ def options_from_config(config) -> PerfOptions:
         raise pytest.UsageError(str(err)) from None
 
 
-def gate_options(config, state: PerfState, perf_run: bool) -> None:
-    """Thresholds, and the baseline or the compared commit, at start-up: a bad file, ref or
-    option stops the run now, before any rank is spawned."""
+def gate_options(config, state: PerfState) -> None:
+    """Thresholds and the baseline at start-up: a bad file or option stops the run now, before
+    any rank is spawned (the compared commit is checked out once the grid is collected)."""
     o = state.options
     try:
         state.thresholds = parse_thresholds(config.getoption("perf_max_regression"))
-        state.alpha = float(config.getoption("perf_alpha"))
+        state.alpha = _float_option(config, "perf_alpha")
         if not 0 < state.alpha < 1:
             raise ValueError(f"--perf-alpha must be within (0, 1), got {state.alpha}")
         state.normalize = config.getoption("perf_normalize")
@@ -169,8 +173,6 @@ def gate_options(config, state: PerfState, perf_run: bool) -> None:
                 raise ValueError("--perf-resume cannot be combined with --perf-compare-ref: both sides of a case are "
                                  "measured in one sitting")
             ab.check_rounds(o.rounds)
-            if perf_run:  # a git checkout of the ref only when there is something to measure
-                state.comparison = ab.Comparison(working_tree(), checkout_ref(ref, log=lambda m: _say(config, m)))
         if path:
             if o.rounds < MIN_ROUNDS:
                 raise ValueError(f"--perf-baseline needs --perf-rounds >= {MIN_ROUNDS} (got {o.rounds}): "
@@ -222,11 +224,12 @@ def pytest_load_initial_conftests(early_config, parser, args):
     otherwise: given as its own option (this hook runs because pytest.ini loads the plugin
     with -p), so pytest-benchmark parses and writes it as any user's."""
     ns = early_config.known_args_namespace
-    if _names_suite(args, "tests_perf") and getattr(ns, "benchmark_json", "absent") is None:
+    perf_run = _names_suite([*args, early_config.invocation_params.dir], "tests_perf")
+    if perf_run and getattr(ns, "benchmark_json", "absent") is None:
         results_dir = Path(getattr(ns, "results_dir", "results"))
         results_dir.mkdir(parents=True, exist_ok=True)  # some pytest-benchmark versions open the file at parse time
         name = f"benchmark_{getattr(ns, 'model_name', 'starcoder')}_{getattr(ns, 'device_id', '0')}.json"
-        args.append(f"--benchmark-json={results_dir / name}")
+        args.insert(0, f"--benchmark-json={results_dir / name}")  # before any "--"
 
 
 def benchmark_json_path(config) -> Path | None:
@@ -240,7 +243,7 @@ def benchmark_json_path(config) -> Path | None:
 def pytest_configure(config):
     config.addinivalue_line("markers", "perf: a latency case of the performance grid (tests_perf/)")
     config.stash[perf_state_key] = PerfState(options_from_config(config))
-    gate_options(config, config.stash[perf_state_key], perf_run=_names_suite(config.args, "tests_perf"))
+    gate_options(config, config.stash[perf_state_key])
     if _names_suite(config.args, "tests_accuracy"):
         accuracy_options_from_config(config)  # bad values stop the run now, not after the set-up
 
@@ -257,9 +260,12 @@ def pytest_collection_modifyitems(config, items):
     if not perf_items:
         return
     o = state.options
+    ref = config.getoption("perf_compare_ref")
     try:
         o.check_cases()  # before any rank is spawned
-    except ValueError as err:
+        if ref is not None:  # the other side's code, only when there is something to measure
+            state.comparison = ab.Comparison(working_tree(), checkout_ref(ref, log=lambda m: _say(config, m)))
+    except (ValueError, RuntimeError) as err:
         raise pytest.UsageError(str(err)) from None
     if config.getoption("perf_resume") and csv_path(o.results_dir, o.model_name, o.device_id).is_file():
         done = ResultsCSV(csv_path(o.results_dir, o.model_name, o.device_id)).measured_cases(
