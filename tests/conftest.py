@@ -64,3 +64,24 @@ def tp_runners(tmp_path_factory, embedded_dir):
     yield get
     for runner in runners.values():
         runner.close()
+
+
+@pytest.fixture
+def reap():
+    """Register child processes of a test (`reap(proc)` returns it); whatever is left of them
+    and of their process trees when the test ends, passed or failed, is killed."""
+    import psutil
+
+    procs = []
+    yield lambda proc: procs.append(proc) or proc
+    for proc in procs:
+        try:
+            tree = psutil.Process(proc.pid).children(recursive=True) + [psutil.Process(proc.pid)]
+        except psutil.NoSuchProcess:
+            continue
+        for p in tree:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(tree, timeout=10)

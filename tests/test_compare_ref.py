@@ -139,18 +139,30 @@ def held_request(group: RemoteGroup, errors: list) -> threading.Thread:
 
 
 def wait_busy(pids: list[int]) -> None:
-    """Until a rank has used CPU time since this call: it is computing the request."""
+    """Until a rank has used 0.5 s of CPU since this call: it is computing the request (an idle
+    rank blocks on its pipe; the request burns a core for 20 s)."""
     procs = [psutil.Process(p) for p in pids]
     before = [sum(p.cpu_times()[:2]) for p in procs]
     deadline = time.monotonic() + 120
-    while all(sum(p.cpu_times()[:2]) - b < 0.05 for p, b in zip(procs, before)):
+    while all(sum(p.cpu_times()[:2]) - b < 0.5 for p, b in zip(procs, before)):
         assert time.monotonic() < deadline, "side B's ranks never started computing"
         time.sleep(0.02)
 
 
-def test_side_b_answers_like_a_worker_group_and_a_killed_rank_or_server_is_named(head_code, shards, tmp_path):
+@pytest.fixture
+def remote_groups():
+    """Side-B groups started by a test, closed however it ends."""
+    groups = []
+    yield groups
+    for group in groups:
+        group.close(graceful=False)
+
+
+def test_side_b_answers_like_a_worker_group_and_a_killed_rank_or_server_is_named(head_code, shards, tmp_path,
+                                                                                 remote_groups):
     spec = GroupSpec(str(shards), 2, timeout_s=20)
     group = RemoteGroup(head_code.path, spec, head_code.describe(), tmp_path / "b.log").start()
+    remote_groups.append(group)
     result, memory = group.generate([[3, 4, 5]], 6)
     assert tuple(result.output_ids.shape) == (1, 6) and len(result.decode_ms) == 5 and len(memory) == 2
     with pytest.raises(ValueError, match=r"side B \(.*\): .*token id 999999 is outside the vocabulary"):
@@ -169,6 +181,7 @@ def test_side_b_answers_like_a_worker_group_and_a_killed_rank_or_server_is_named
     assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE]
 
     group = RemoteGroup(head_code.path, spec, head_code.describe(), tmp_path / "b.log").start()
+    remote_groups.append(group)
     server, pids = group.proc.pid, [info["pid"] for info in group.ready_info]
     errors = []
     thread = held_request(group, errors)

@@ -162,17 +162,17 @@ def _no_ranks_of(tag: str) -> None:
 HELD = ["--perf-inject-decode-delay-ms", "20"]
 
 
-def test_perf_suite_survives_a_killed_rank(tmp_path):
+def test_perf_suite_survives_a_killed_rank(tmp_path, reap):
     """The case in flight fails naming the rank, the ranks restart, the later cases pass, the
     rows measured before stay in the CSV, and no process is left behind. The rank is killed as
     soon as the first case's row is written: the second case (>= 6 s by construction) is then
     starting or running, and either way it is the one that must fail."""
     tag = f"perf-suite-{os.getpid()}-{time.time_ns()}"
-    proc = subprocess.Popen([sys.executable, "-m", "pytest", "tests_perf", "-p", "no:cacheprovider",
-                             "--batch-sizes", "1", "--seq-in", "16,32", "--seq-out", "8,300", *HELD,
-                             "--results-dir", str(tmp_path)],
-                            cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO), "STARCODER_TP_TEST_TAG": tag},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = reap(subprocess.Popen([sys.executable, "-m", "pytest", "tests_perf", "-p", "no:cacheprovider",
+                                  "--batch-sizes", "1", "--seq-in", "16,32", "--seq-out", "8,300", *HELD,
+                                  "--results-dir", str(tmp_path)],
+                                 cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO), "STARCODER_TP_TEST_TAG": tag},
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     csv_file = tmp_path / "multibatch_performance_starcoder_0.csv"
     _until(lambda: csv_file.is_file() and len(csv_file.read_text().splitlines()) >= 2, "the first row")
     workers = [p for p in psutil.Process(proc.pid).children(recursive=True) if "spawn_main" in " ".join(p.cmdline())]
@@ -210,10 +210,10 @@ class _Lines:
         return "".join(self.lines)
 
 
-def _cli(*args) -> tuple[subprocess.Popen, _Lines]:
-    proc = subprocess.Popen([sys.executable, "-m", "starcoder_tp", *map(str, args)], cwd=REPO,
-                            env={**os.environ, "PYTHONPATH": str(REPO)},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+def _cli(reap, *args) -> tuple[subprocess.Popen, _Lines]:
+    proc = reap(subprocess.Popen([sys.executable, "-m", "starcoder_tp", *map(str, args)], cwd=REPO,
+                                 env={**os.environ, "PYTHONPATH": str(REPO)},
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     return proc, _Lines(proc)
 
 
@@ -235,10 +235,10 @@ def _assert_procs_gone(ranks: list[psutil.Process]) -> None:
 
 
 @pytest.mark.parametrize("fault", ["kill", "hang"])
-def test_generate_cli_exits_non_zero_naming_the_rank(shards, fault):
+def test_generate_cli_exits_non_zero_naming_the_rank(shards, fault, reap):
     """The fault comes as soon as the ranks are ready: the request (2000 steps of >= 20 ms) is
     then about to start or running, and either way the CLI must fail naming rank 1."""
-    proc, out = _cli("generate", "--shards", shards, "--prompt", "def f(", "--max-new-tokens", 2000,
+    proc, out = _cli(reap, "generate", "--shards", shards, "--prompt", "def f(", "--max-new-tokens", 2000,
                      "--ignore-eos", "--timeout", 4, "--inject-decode-delay-ms", 20)
     out.wait_for("rank(s) ready")
     ranks = _ranks_of(proc)
@@ -257,8 +257,8 @@ def test_generate_cli_exits_non_zero_naming_the_rank(shards, fault):
     _assert_procs_gone(ranks)
 
 
-def test_bench_cli_survives_a_killed_rank_and_keeps_the_rows(tmp_path):
-    proc, out = _cli("bench", "--multicase", 1, "--batch-sizes", 1, "--seq-in", "16,32", "--seq-out", "8,300", *HELD,
+def test_bench_cli_survives_a_killed_rank_and_keeps_the_rows(tmp_path, reap):
+    proc, out = _cli(reap, "bench", "--multicase", 1, "--batch-sizes", 1, "--seq-in", "16,32", "--seq-out", "8,300", *HELD,
                      "--results-dir", tmp_path)
     out.wait_for("[bench] 1/4 bs1-in16-out8")
     ranks = _ranks_of(proc)
@@ -274,18 +274,21 @@ def test_bench_cli_survives_a_killed_rank_and_keeps_the_rows(tmp_path):
     _assert_procs_gone(ranks)
 
 
-def test_two_suite_runs_at_once_share_the_cache_without_collisions(tmp_path):
+def test_two_suite_runs_at_once_share_the_cache_without_collisions(tmp_path, reap):
     """Two CI jobs on one machine: one shard cache (cut once, under a lock), free ports, their own
     results; both pass and nothing is left running."""
     tag = f"two-suites-{os.getpid()}-{time.time_ns()}"
     env = {**os.environ, "PYTHONPATH": str(REPO), "STARCODER_TP_CACHE": str(tmp_path / "cache"),
            "STARCODER_TP_TEST_TAG": tag}
-    procs = [subprocess.Popen([sys.executable, "-m", "pytest", "tests_perf", "-p", "no:cacheprovider",
-                               "--batch-sizes", "1", "--seq-in", "16,32", "--seq-out", "8",
-                               "--results-dir", str(tmp_path / f"results{i}")],
-                              cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    logs = [open(tmp_path / f"out{i}.txt", "w+") for i in range(2)]  # files: neither child blocks on a full pipe
+    procs = [reap(subprocess.Popen([sys.executable, "-m", "pytest", "tests_perf", "-p", "no:cacheprovider",
+                                    "--batch-sizes", "1", "--seq-in", "16,32", "--seq-out", "8",
+                                    "--results-dir", str(tmp_path / f"results{i}")],
+                                   cwd=REPO, env=env, stdout=logs[i], stderr=subprocess.STDOUT, text=True))
              for i in range(2)]
-    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    for proc in procs:
+        proc.wait(timeout=300)
+    outputs = [(tmp_path / f"out{i}.txt").read_text() for i in range(2)]
     for proc, output in zip(procs, outputs):
         assert proc.returncode == 0, output[-3000:]
         assert "2 passed" in output

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from starcoder_tp.parallel import default_threads
+
 REPO = Path(__file__).resolve().parent.parent
 GRID = ["--batch-sizes", "1", "--seq-in", "128", "--seq-out", "32"]
 PAIRS = ["--perf-rounds", "40"]
@@ -63,7 +65,7 @@ def test_an_unchanged_tree_passes_the_comparison_with_its_own_head(unchanged):
     assert int(by_side["A"]["rounds"]) == int(by_side["B"]["rounds"]) >= 40
     head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout
     assert by_side["B"]["git_commit"] == head.strip() and by_side["A"]["git_commit"].startswith(head.strip())
-    assert by_side["A"]["cpu_model"] and by_side["A"]["threads_per_rank"] == "1"
+    assert by_side["A"]["cpu_model"] and by_side["A"]["threads_per_rank"] == str(default_threads(2))
 
 
 def test_a_decode_slowdown_of_50_percent_fails_naming_decode(unchanged, tmp_path):

@@ -72,7 +72,7 @@ def test_benchmark_json_goes_where_benchmark_json_says(tmp_path):
     assert f"pytest-benchmark JSON: {tmp_path / 'elsewhere.json'}" in proc.stdout
 
 
-def test_ctrl_c_tears_the_ranks_down_and_keeps_the_rows(tmp_path):
+def test_ctrl_c_tears_the_ranks_down_and_keeps_the_rows(tmp_path, reap):
     """Ctrl-C as soon as two rows are written: the third case, 300 decode steps of >= 20 ms each
     by construction, is then starting or running on any machine."""
     import signal
@@ -80,11 +80,11 @@ def test_ctrl_c_tears_the_ranks_down_and_keeps_the_rows(tmp_path):
 
     import psutil
 
-    proc = subprocess.Popen([sys.executable, "-m", "pytest", "tests_perf", "-p", "no:cacheprovider", "--batch-sizes", "1",
-                             "--seq-in", "16", "--seq-out", "4,8,300", "--perf-inject-decode-delay-ms", "20",
-                             "--results-dir", str(tmp_path)],
-                            cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = reap(subprocess.Popen([sys.executable, "-m", "pytest", "tests_perf", "-p", "no:cacheprovider",
+                                  "--batch-sizes", "1", "--seq-in", "16", "--seq-out", "4,8,300",
+                                  "--perf-inject-decode-delay-ms", "20", "--results-dir", str(tmp_path)],
+                                 cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     csv_file = tmp_path / "multibatch_performance_starcoder_0.csv"
     deadline = time.monotonic() + 120
     while not csv_file.is_file() or len(csv_file.read_text().splitlines()) < 3:
