@@ -141,9 +141,9 @@ def main() -> None:
     comparison = ab.Comparison(working_tree(), checkout_ref(args.ref)) if "compare" in modes else None
     fingerprint = machine_fingerprint(Device("cpu"), default_threads(2))
     started = time.perf_counter()
-    lines = [f"Machine: {describe(fingerprint)}; CPU flags: {fingerprint['cpu_isa']}",
-             f"{args.repetitions} repetitions, {args.rounds} rounds (pairs), alpha 0.05, re-measured once on a regression"
-             + (f"; compare: {comparison.describe()}" if comparison else "")]
+    print(f"Machine: {describe(fingerprint)}; CPU flags: {fingerprint['cpu_isa']}\n"
+          f"{args.repetitions} repetitions, {args.rounds} rounds (pairs), alpha 0.05, re-measured once on a regression"
+          + (f"; compare: {comparison.describe()}" if comparison else ""), flush=True)
     for case in cases:
         options = PerfOptions(model_dir=str(EMBEDDED_MODEL_DIR), batch_sizes=(case.batch,), seq_in=(case.seq_in,),
                               seq_out=(case.seq_out,), rounds=args.rounds, results_dir=args.results_dir)
@@ -169,7 +169,8 @@ def main() -> None:
                 walls[mode].append(wall)
             print(f"[gate_reliability] {case.id}: repetition {rep + 1}/{args.repetitions} "
                   f"({time.perf_counter() - started:.0f}s)", file=sys.stderr, flush=True)
-        lines.append(f"\n{case.id}:")
+        # Each case's table is printed when the case is done: a run cut off later keeps it.
+        lines = [f"\n{case.id}:"]
         lines.append("| mode | threshold | A/A false alarms | +25% decode caught | +10% decode caught | wall s per CI run (start, warm-up, one stage) |")
         lines.append("|---|---|---|---|---|---|")
         for mode in modes:
@@ -188,8 +189,8 @@ def main() -> None:
                 low = min(ok)
                 lines.append(f"| {mode}: lowest threshold with A/A <= {n // 40}/{n} | {low:.0%} | "
                              f"{counts[low]['A/A']}/{n} | {counts[low]['+25%']}/{n} | {counts[low]['+10%']}/{n} | |")
-    lines.append(f"\nwall time {time.perf_counter() - started:.0f}s")
-    print("\n".join(lines))
+        print("\n".join(lines), flush=True)
+    print(f"\nwall time {time.perf_counter() - started:.0f}s")
 
 
 if __name__ == "__main__":
