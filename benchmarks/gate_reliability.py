@@ -7,15 +7,17 @@ Each repetition is one CI run of a case, with fresh processes, in each mode:
 - stored (--perf-baseline): one baseline taken at the start (N rounds) serves every repetition, as
   a committed baseline does; each repetition starts a new worker group and gates N rounds
   against it, re-measured once when they regress.
-The injected delay is a fraction of the decode step measured in the same repetition. Every
-gated measurement is taken to its second stage, so that every threshold is judged on the same
-rounds exactly as the gate would (a first stage that does not regress decides alone).
+The injected delay is a fraction of the decode step measured in the same repetition. A gated
+measurement is taken to its second stage when its first regresses at the lowest threshold (so
+at any of them), so that every threshold is judged on the same rounds exactly as the gate would;
+a first stage that regresses at none decides alone, as it does in the gate.
 Run: python benchmarks/gate_reliability.py --repetitions 40 --rounds 40 [--ref HEAD]
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import statistics
 import sys
 import time
@@ -44,12 +46,12 @@ def per_metric(result: CaseResult) -> dict[str, list[float]]:
 
 def paired_alarm(stages: list[tuple[CaseResult, CaseResult]], case: Case, metric: str, threshold: float) -> bool:
     """The compare mode's decision: stage 1 regresses, and so do the pooled pairs of both stages."""
-    (a1, b1), (a2, b2) = stages
-    first = ab.verdicts(case, a1, b1, {metric: threshold}, 0.05)[0]
-    if first.kind != "regression":
+    a1, b1 = stages[0]
+    if ab.verdicts(case, a1, b1, {metric: threshold}, 0.05)[0].kind != "regression":
         return False
+    assert len(stages) == 2, "a first stage that regresses is always measured again"
     pooled_a, pooled_b = CaseResult(case), CaseResult(case)
-    for pooled, parts in ((pooled_a, (a1, a2)), (pooled_b, (b1, b2))):
+    for pooled, parts in ((pooled_a, (a1, stages[1][0])), (pooled_b, (b1, stages[1][1]))):
         for part in parts:
             pooled.extend(part)
     return ab.verdicts(case, pooled_a, pooled_b, {metric: threshold}, 0.05)[0].kind == "regression"
@@ -57,12 +59,19 @@ def paired_alarm(stages: list[tuple[CaseResult, CaseResult]], case: Case, metric
 
 def stored_alarm(stages: list[CaseResult], baseline: CaseResult, metric: str, threshold: float, case: Case) -> bool:
     """The stored mode's decision: both measurements regress against the baseline (Mann-Whitney)."""
-    return all(compare_metric(case, metric, per_metric(s)[metric], per_metric(baseline)[metric], threshold,
-                              0.05).kind == "regression" for s in stages)
+    assert len(stages) == 2 or not regresses(stages[0], baseline, metric, threshold, case), \
+        "a first stage that regresses is always measured again"
+    return all(regresses(s, baseline, metric, threshold, case) for s in stages)
 
 
-def run_compare(options: PerfOptions, comparison: ab.Comparison, case: Case) -> tuple[dict, float]:
-    """One repetition: fresh groups, then every condition measured to its second stage."""
+def regresses(result: CaseResult, baseline: CaseResult, metric: str, threshold: float, case: Case) -> bool:
+    return compare_metric(case, metric, per_metric(result)[metric], per_metric(baseline)[metric], threshold,
+                          0.05).kind == "regression"
+
+
+def run_compare(options: PerfOptions, comparison: ab.Comparison, case: Case, lowest: float) -> tuple[dict, float]:
+    """One repetition: fresh groups, then every condition measured (twice when it regresses at
+    the `lowest` threshold)."""
     set_up = time.perf_counter()
     runner = ab.ABRunner(options, comparison, log=lambda m: None, log_path=Path(options.results_dir) / "side_b.log")
     runner.start()
@@ -76,8 +85,10 @@ def run_compare(options: PerfOptions, comparison: ab.Comparison, case: Case) -> 
             if fraction:
                 a_side.options = dataclasses.replace(options, inject_decode_ms=fraction * delay)
             started = time.perf_counter()
-            stages = [runner.rounds(case).finish() for _ in range(2)]
-            walls.append((time.perf_counter() - started) / 2)  # one stage: what a passing CI run costs
+            stages = [runner.rounds(case).finish()]
+            walls.append(time.perf_counter() - started)  # one stage: what a passing CI run costs
+            if any(v.kind == "regression" for v in ab.verdicts(case, *stages[0], dict.fromkeys(METRICS, lowest), 0.05)):
+                stages.append(runner.rounds(case).finish())
             a_side.options = options
             measured[name] = stages
             if name == "A/A":
@@ -87,29 +98,42 @@ def run_compare(options: PerfOptions, comparison: ab.Comparison, case: Case) -> 
     return measured, set_up + statistics.fmean(walls)
 
 
-def run_stored(options: PerfOptions, baseline: CaseResult, case: Case) -> tuple[dict, float]:
+def run_stored(options: PerfOptions, baseline: CaseResult, case: Case, lowest: float) -> tuple[dict, float]:
     set_up = time.perf_counter()
     runner = PerfRunner(options, log=lambda m: None).start()
     measured, walls = {}, []
     delay = statistics.median(decode_means(baseline))
+
+    def measure() -> CaseResult:
+        result = CaseResult(case)
+        for _ in range(options.rounds):
+            runner.run_round(case, result)
+        return result
+
     try:
         runner.warm_up(case)
         set_up = time.perf_counter() - set_up
         for name, fraction in CONDITIONS.items():
             runner.options = dataclasses.replace(options, inject_decode_ms=fraction * delay)
             started = time.perf_counter()
-            stages = []
-            for _ in range(2):
-                result = CaseResult(case)
-                for _ in range(options.rounds):
-                    runner.run_round(case, result)
-                stages.append(result)
-            walls.append((time.perf_counter() - started) / 2)
+            stages = [measure()]
+            walls.append(time.perf_counter() - started)
+            if any(regresses(stages[0], baseline, m, lowest, case) for m in METRICS):
+                stages.append(measure())
             measured[name] = stages
         runner.options = options
     finally:
         runner.close()
     return measured, set_up + statistics.fmean(walls)
+
+
+def raw(measured: dict) -> dict:
+    """Each condition's stages as plain per-round figures (side -> metric -> rounds in compare mode)."""
+    def one(stage):
+        if isinstance(stage, tuple):
+            return {side: per_metric(result) for side, result in zip("AB", stage)}
+        return per_metric(stage)
+    return {name: [one(stage) for stage in stages] for name, stages in measured.items()}
 
 
 def tally(records: list[dict], alarm, thresholds: list[float]) -> dict[float, dict[str, int]]:
@@ -130,8 +154,12 @@ def main() -> None:
     parser.add_argument("--thresholds", default="0.10,0.07,0.05,0.04,0.03")
     parser.add_argument("--modes", default="compare,stored")
     parser.add_argument("--ref", default="HEAD", help="side B of the compare mode. Default: %(default)r")
-    parser.add_argument("--results-dir", default="results/gate_reliability")
+    parser.add_argument("--results-dir", default="results/gate_reliability",
+                        help="side B's log, and rounds.jsonl: every repetition's rounds, appended as it ends. "
+                             "Default: %(default)r")
     args = parser.parse_args()
+    Path(args.results_dir).mkdir(parents=True, exist_ok=True)
+    rounds_log = open(Path(args.results_dir) / "rounds.jsonl", "a")
     thresholds = [float(t) for t in args.thresholds.split(",")]
     modes = args.modes.split(",")
     cases = []
@@ -157,16 +185,19 @@ def main() -> None:
                     runner.run_round(case, baseline)
             finally:
                 runner.close()
+            print(json.dumps({"case": case.id, "baseline": per_metric(baseline)}), file=rounds_log, flush=True)
         records = {mode: [] for mode in modes}
         walls = {mode: [] for mode in modes}
         for rep in range(args.repetitions):
             for mode in modes:
                 if mode == "compare":
-                    measured, wall = run_compare(options, comparison, case)
+                    measured, wall = run_compare(options, comparison, case, min(thresholds))
                 else:
-                    measured, wall = run_stored(options, baseline, case)
+                    measured, wall = run_stored(options, baseline, case, min(thresholds))
                 records[mode].append(measured)
                 walls[mode].append(wall)
+                print(json.dumps({"case": case.id, "mode": mode, "repetition": rep, "wall_s": wall,
+                                  "conditions": raw(measured)}), file=rounds_log, flush=True)
             print(f"[gate_reliability] {case.id}: repetition {rep + 1}/{args.repetitions} "
                   f"({time.perf_counter() - started:.0f}s)", file=sys.stderr, flush=True)
         # Each case's table is printed when the case is done: a run cut off later keeps it.
