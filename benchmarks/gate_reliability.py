@@ -146,6 +146,57 @@ def tally(records: list[dict], alarm, thresholds: list[float]) -> dict[float, di
     return out
 
 
+def table(case: Case, records: dict[str, list[dict]], walls: dict[str, list[float]], baseline: CaseResult | None,
+          thresholds: list[float]) -> str:
+    """One case's markdown table: per mode and threshold, the alarms out of the repetitions run."""
+    lines = [f"\n{case.id}:", ""]
+    lines.append("| mode | threshold | A/A false alarms | +25% decode caught | +10% decode caught | wall s per CI run (start, warm-up, one stage) |")
+    lines.append("|---|---|---|---|---|---|")
+    for mode, mode_records in records.items():
+        if mode == "compare":
+            alarm = lambda stages, m, t: paired_alarm(stages, case, m, t)  # noqa: E731
+        else:
+            alarm = lambda stages, m, t: stored_alarm(stages, baseline, m, t, case)  # noqa: E731
+        counts = tally(mode_records, alarm, thresholds)
+        n = len(mode_records)
+        for t in thresholds:
+            c = counts[t]
+            lines.append(f"| {mode} | {t:.0%} | {c['A/A']}/{n} | {c['+25%']}/{n} | {c['+10%']}/{n} | "
+                         f"{statistics.fmean(walls[mode]):.1f} |")
+        ok = [t for t in thresholds if counts[t]["A/A"] <= n // 40]
+        if ok:
+            low = min(ok)
+            lines.append(f"| {mode}: lowest threshold with A/A <= {n // 40}/{n} | {low:.0%} | "
+                         f"{counts[low]['A/A']}/{n} | {counts[low]['+25%']}/{n} | {counts[low]['+10%']}/{n} | |")
+    return "\n".join(lines)
+
+
+def from_raw(case: Case, figures: dict[str, list[float]]) -> CaseResult:
+    """A CaseResult holding what raw() kept: each round's first token and mean decode step."""
+    return CaseResult(case, first_token_ms_rounds=list(figures["first_token"]),
+                      decode_ms_rounds=[[d] for d in figures["decode"]])
+
+
+def retally(path: Path, thresholds: list[float]) -> None:
+    """The tables again from a rounds.jsonl (a run cut off keeps every repetition it ended): per
+    case, the last baseline recorded and the repetitions after it."""
+    cases: dict[str, dict] = {}
+    for line in path.read_text().splitlines():
+        entry = json.loads(line)
+        case = Case(*(int(x) for x in entry["case"].removeprefix("bs").replace("-in", " ").replace("-out", " ").split()))
+        if "baseline" in entry:
+            cases[entry["case"]] = {"case": case, "baseline": from_raw(case, entry["baseline"]),
+                                    "records": {}, "walls": {}}
+            continue
+        state = cases.setdefault(entry["case"], {"case": case, "baseline": None, "records": {}, "walls": {}})
+        stages = {name: [tuple(from_raw(case, stage[side]) for side in "AB") if "A" in stage else from_raw(case, stage)
+                         for stage in condition] for name, condition in entry["conditions"].items()}
+        state["records"].setdefault(entry["mode"], []).append(stages)
+        state["walls"].setdefault(entry["mode"], []).append(entry["wall_s"])
+    for state in cases.values():
+        print(table(state["case"], state["records"], state["walls"], state["baseline"], thresholds))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repetitions", type=int, default=40)
@@ -157,7 +208,12 @@ def main() -> None:
     parser.add_argument("--results-dir", default="results/gate_reliability",
                         help="side B's log, and rounds.jsonl: every repetition's rounds, appended as it ends. "
                              "Default: %(default)r")
+    parser.add_argument("--retally", type=Path, metavar="ROUNDS_JSONL",
+                        help="print the tables from a rounds.jsonl instead of measuring. Default: %(default)r")
     args = parser.parse_args()
+    if args.retally:
+        retally(args.retally, [float(t) for t in args.thresholds.split(",")])
+        return
     Path(args.results_dir).mkdir(parents=True, exist_ok=True)
     rounds_log = open(Path(args.results_dir) / "rounds.jsonl", "a")
     thresholds = [float(t) for t in args.thresholds.split(",")]
@@ -201,26 +257,7 @@ def main() -> None:
             print(f"[gate_reliability] {case.id}: repetition {rep + 1}/{args.repetitions} "
                   f"({time.perf_counter() - started:.0f}s)", file=sys.stderr, flush=True)
         # Each case's table is printed when the case is done: a run cut off later keeps it.
-        lines = [f"\n{case.id}:"]
-        lines.append("| mode | threshold | A/A false alarms | +25% decode caught | +10% decode caught | wall s per CI run (start, warm-up, one stage) |")
-        lines.append("|---|---|---|---|---|---|")
-        for mode in modes:
-            if mode == "compare":
-                alarm = lambda stages, m, t: paired_alarm(stages, case, m, t)  # noqa: E731
-            else:
-                alarm = lambda stages, m, t: stored_alarm(stages, baseline, m, t, case)  # noqa: E731
-            counts = tally(records[mode], alarm, thresholds)
-            n = args.repetitions
-            for t in thresholds:
-                c = counts[t]
-                lines.append(f"| {mode} | {t:.0%} | {c['A/A']}/{n} | {c['+25%']}/{n} | {c['+10%']}/{n} | "
-                             f"{statistics.fmean(walls[mode]):.1f} |")
-            ok = [t for t in thresholds if counts[t]["A/A"] <= n // 40]
-            if ok:
-                low = min(ok)
-                lines.append(f"| {mode}: lowest threshold with A/A <= {n // 40}/{n} | {low:.0%} | "
-                             f"{counts[low]['A/A']}/{n} | {counts[low]['+25%']}/{n} | {counts[low]['+10%']}/{n} | |")
-        print("\n".join(lines), flush=True)
+        print(table(case, records, walls, baseline, thresholds), flush=True)
     print(f"\nwall time {time.perf_counter() - started:.0f}s")
 
 
