@@ -18,9 +18,9 @@ import time
 
 from scipy.stats import spearmanr
 
-from starcoder_tp.build_models import EMBEDDED_MODEL_DIR
-from starcoder_tp.gate import measure_calibration
-from starcoder_tp.perf import Case, CaseResult, PerfOptions, PerfRunner
+from starcoder_tp.files import EMBEDDED_MODEL_DIR
+from starcoder_tp.suite.gate import measure_calibration
+from starcoder_tp.suite.perf import Case, CaseResult, PerfOptions, PerfRunner
 
 
 def spread(values: list[float]) -> float:

@@ -11,11 +11,12 @@ import statistics
 
 import torch
 
-from starcoder_tp.build_models import build_bench
+from starcoder_tp.testing.build_models import build_bench
 from starcoder_tp.device import Device
-from starcoder_tp.generate import load_model, timed_generate
-from starcoder_tp.model import TPGroup
-from starcoder_tp.perf import Case, CaseResult, PerfOptions, PerfRunner, make_prompts
+from starcoder_tp.model import load_model
+from starcoder_tp.timing import timed_generate
+from starcoder_tp.comm import TPGroup
+from starcoder_tp.suite.perf import Case, CaseResult, PerfOptions, PerfRunner, make_prompts
 from starcoder_tp.shard import ensure_shards
 
 

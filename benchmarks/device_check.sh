@@ -20,7 +20,7 @@ echo "== accelerator tests ($device)"
 "$py" -m pytest tests/test_accelerators.py -q -rs -p no:cacheprovider
 
 echo "== bench-size model: eager and --compile, world size 1, $device"
-bench_dir=$("$py" -c "from starcoder_tp.build_models import build_bench; print(build_bench())")
+bench_dir=$("$py" -c "from starcoder_tp.testing.build_models import build_bench; print(build_bench())")
 for mode in eager compiled; do
     extra=()
     if [ "$mode" = compiled ]; then extra=(--compile); fi

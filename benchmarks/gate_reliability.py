@@ -23,14 +23,14 @@ import sys
 import time
 from pathlib import Path
 
-from starcoder_tp import ab
-from starcoder_tp.build_models import EMBEDDED_MODEL_DIR
-from starcoder_tp.gate import compare_metric
-from starcoder_tp.gitref import checkout_ref, working_tree
-from starcoder_tp.machine import describe, machine_fingerprint
+from starcoder_tp.suite import ab
+from starcoder_tp.files import EMBEDDED_MODEL_DIR
+from starcoder_tp.suite.gate import compare_metric
+from starcoder_tp.suite.gitref import checkout_ref, working_tree
+from starcoder_tp.suite.machine import describe, machine_fingerprint
 from starcoder_tp.device import Device
 from starcoder_tp.parallel import default_threads
-from starcoder_tp.perf import Case, CaseResult, PerfOptions, PerfRunner
+from starcoder_tp.suite.perf import Case, CaseResult, PerfOptions, PerfRunner
 
 CONDITIONS = {"A/A": 0.0, "+25%": 0.25, "+10%": 0.10}
 METRICS = ("first_token", "decode")

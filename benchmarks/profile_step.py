@@ -8,7 +8,7 @@ and, with --compile, the torch.compile lever on a static-shape decode step.
 - kernels, per weight shape [N, K] of the model, M = batch rows, `n_layer` copies of the weight
   rotated so that it comes from memory as in the model, not from the cache: `F.linear` (MKL),
   oneDNN packed for M=1 (what linear.py uses) and for M=batch, MKL's packed sgemm.
-- compile (fp32 only): the runtime's `--compile` lever, `decode_static` (the static-shape step
+- compile (fp32 only): the runtime's `--compile` lever, the fixed-shape decode step (`forward` with a tensor slot
   torch.compile needs) eager and compiled by `compile_decode`, against the eager runtime step,
   with the compile time and a check that all three give the same tokens.
 
@@ -31,11 +31,13 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from speed import _best, cpu_name, machine_limits, matmul_peak, write_results  # noqa: E402
 
-from starcoder_tp.build_models import EMBEDDED_MODEL_DIR, build_bench  # noqa: E402
+from starcoder_tp.comm import TPGroup  # noqa: E402
 from starcoder_tp.device import Device  # noqa: E402
-from starcoder_tp.generate import load_model, timed_generate  # noqa: E402
-from starcoder_tp.model import TPGPTBigCode, TPGroup  # noqa: E402
+from starcoder_tp.files import EMBEDDED_MODEL_DIR  # noqa: E402
+from starcoder_tp.model import TPGPTBigCode, load_model  # noqa: E402
 from starcoder_tp.shard import ensure_shards  # noqa: E402
+from starcoder_tp.testing.build_models import build_bench  # noqa: E402
+from starcoder_tp.timing import timed_generate  # noqa: E402
 
 MATMULS = ("aten::mm", "aten::addmm", "mkldnn::_linear_pointwise", "mkl::_mkl_linear")
 
@@ -128,7 +130,7 @@ def kernel_rows(model: TPGPTBigCode, batch: int, dtype: torch.dtype) -> list[str
 
 def compile_rows(shard_dir: Path, batches: list[int], seq_in: int, steps: int) -> list[str]:
     """The runtime's `--compile` lever, through `timed_generate` as the runtime runs it: the eager
-    step (pre-packed weights), the static-shape step `decode_static` run eagerly (plain weights,
+    step (pre-packed weights), the fixed-shape step (`forward` with a tensor slot) run eagerly (plain weights,
     whole cache masked) and that step compiled by `compile_decode` (inductor, freezing)."""
     rows = []
     for batch in batches:
@@ -136,7 +138,7 @@ def compile_rows(shard_dir: Path, batches: list[int], seq_in: int, steps: int) -
         models = {"runtime": load_model(shard_dir, TPGroup(0, 1), torch.device("cpu")),
                   "static": load_model(shard_dir, TPGroup(0, 1), torch.device("cpu"), prepack=False),
                   "compiled": load_model(shard_dir, TPGroup(0, 1), torch.device("cpu"), compile=True)}
-        models["static"].compiled_decode = models["static"].decode_static  # the static path, not compiled
+        models["static"].compiled_decode = models["static"].forward  # the fixed-shape step, not compiled
         warm_s, decode_ms, ids = {}, {label: [] for label in models}, {}
         for label, model in models.items():
             started = time.perf_counter()
@@ -216,7 +218,7 @@ def main() -> None:
     ] + ([
         "`--compile` (torch.compile, inductor, freezing) of the static-shape decode step, through `timed_generate` "
         "as the runtime runs it, median decode ms: the runtime's eager step (pre-packed weights, attention over the "
-        "filled slots), the static step `decode_static` run eagerly (plain weights, attention over the whole cache "
+        "filled slots), the fixed-shape step run eagerly (plain weights, attention over the whole cache "
         "with a mask) and compiled, 3 generations each, round-robin; the compiled model's extra seconds in its warm-up generation (compiling); and "
         "whether the three gave the same tokens:", "",
         "| batch | runtime eager | static eager | static compiled | compiled/runtime | compile s | same tokens |",

@@ -12,7 +12,7 @@ import sys
 import tempfile
 import time
 
-from starcoder_tp.build_models import build_bench
+from starcoder_tp.testing.build_models import build_bench
 
 # VmHWM (the peak RSS of this process image) and not ru_maxrss, which a child inherits from
 # its parent across fork + exec.

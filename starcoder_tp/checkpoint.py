@@ -64,16 +64,14 @@ class CheckpointReader:
         self.format, self.files = _find_weight_files(self.model_dir)
         self._location: dict[str, tuple[Path, str]] = {}  # canonical name -> (file, stored name)
         self._shape: dict[str, tuple[int, ...]] = {}
-        self._dtype: dict[str, torch.dtype] = {}
         self._bin_cache: dict[Path, dict[str, torch.Tensor]] = {}
         for path in self.files:
-            for stored, shape, dtype in self._list_file(path):
+            for stored, shape, _ in self._list_file(path):  # the dtype listed: refused when unsupported
                 if stored.endswith(IGNORED_SUFFIXES):
                     continue
                 name = _canonical_name(stored)
                 self._location[name] = (path, stored)
                 self._shape[name] = shape
-                self._dtype[name] = dtype
         self._check_against_config()
 
     def _list_file(self, path: Path):
@@ -123,9 +121,6 @@ class CheckpointReader:
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self._shape[name]
-
-    def dtype(self, name: str) -> torch.dtype:
-        return self._dtype[name]
 
     def read(self, name: str, dim: int = 0, start: int | None = None, stop: int | None = None) -> torch.Tensor:
         """The tensor `name`, or only rows [start, stop) along `dim`, as a fresh CPU tensor."""

@@ -1,36 +1,24 @@
 """The model's linear layers: nn.Linear that can leave out its bias (row-parallel layers add it
 once, after the all-reduce) and can pre-pack its weight once into oneDNN's blocked layout.
 
-Why pre-pack, and which weights: `F.linear` hands a plain [N, K] weight to the BLAS on every
-call, which re-packs it for its kernel each time; oneDNN's layout, packed once for the number of
-rows M a decode step has (the batch), saves that. Measured on one thread of an AVX2 EPYC, fp32,
-weights not in cache, median ms per call, F.linear / packed for M=1 / packed for M=batch:
-  [4096 x 1024]  M=1 1.04 / 1.03 / -     M=4 2.86 / 2.21 / 1.52  M=16 4.12 / 3.80 / 2.89
-  [49152 x 1024] M=1 12.4 / 11.9 / -     M=4 44.2 / 24.4 / 16.8  M=16 61.6 / 38.4 / 33.3 (lm_head)
-  [1024 x 4096]  M=1 0.79 / 0.93 / -     M=4 2.48 / 2.53 / 1.96  M=16 3.47 / 3.61 / 2.88
-  [1152 x 1024]  M=1 0.35 / 0.37 / -     M=4 0.62 / 0.68 / 0.44  M=16 0.92 / 1.01 / 0.81
-  [1024 x 1024]  M=1 0.27 / 0.28 / -     M=4 0.54 / 0.61 / 0.39  M=16 0.95 / 1.06 / 0.83
-  [320 x 256]    M=1 0.036 / 0.054 / -   M=4 0.074 / 0.142 / 0.083  M=16 0.088 / 0.111 / 0.080
-and likewise at M=8 and 32 and for the world-size-2 halves of these weights. So from
-BATCH_PACK_ROWS rows on every weight is packed for the batch (the smallest ones tie), and below
-that only the tall, large ones (N >= 2K, K >= 1024: `worth_packing`), for which oneDNN still pays
-at M=1. The model re-packs when the batch changes (`TPGPTBigCode.setup_cache`, outside any timed
-region; to_dense and re-pack, exact). At prefill shapes the packed weight loses to F.linear
-([4096 x 1024] M=512 50.7 -> 57.7 ms packed, M=2048 209 -> 249), so from PREFILL_ROWS rows on
-it is unpacked for the call (`to_dense`, 1-4 ms per weight of that size, exact: 56.2 and 213 ms).
-oneDNN packs bf16 only on CPUs with AVX-512 (BW/VL/DQ) or AVX-NE-CONVERT; elsewhere, and on
-GPUs/NPUs, layers stay on F.linear.
+Pre-packing: `F.linear` hands a plain [N, K] weight to the BLAS on every call, which re-packs it
+for its kernel each time; oneDNN's layout, packed once for the number of rows M a decode step has
+(the batch), saves that. From BATCH_PACK_ROWS rows on every weight is packed for the batch; below
+that only the tall, large ones (`worth_packing`), for which oneDNN still pays at M=1. The model
+re-packs when the batch changes (`TPGPTBigCode.setup_cache`, outside any timed region; exact). At
+prefill shapes the packed weight loses to F.linear, so from PREFILL_ROWS rows on it is unpacked
+for the call. oneDNN packs bf16 only on CPUs with AVX-512 (BW/VL/DQ) or AVX-NE-CONVERT;
+elsewhere, and on GPUs/NPUs, layers stay on F.linear.
 
 bf16 on a CPU without bf16 arithmetic (no AVX-512 BF16, no AMX): there the libraries' bf16 GEMM
-costs M times a matrix-vector product (no reuse of a weight across rows), so from 4 rows on
-`linear` computes in fp32 instead, converting 1024 weight rows at a time (a block stays in
-cache; the weights stay bf16 in memory). A bf16 x bf16 product is exact in fp32 and the
-libraries accumulate bf16 GEMMs in fp32 too, so this is the bf16 GEMM's arithmetic up to the
-order of the sums, rounded to bf16 once. One thread of an AVX2 EPYC, ms per call, native -> fp32:
-  [4096 x 1024]  M=4 3.49 -> 2.66  M=16 14.1 -> 4.5   M=128 105 -> 15.9  M=512 427 -> 63.4
-  [49152 x 1024] M=4 39.3 -> 29.9  M=16 168 -> 51.6 (the lm_head)
-  [1024 x 4096]  M=4 3.14 -> 3.69  M=16 12.2 -> 4.4   M=512 398 -> 63.4
-and at M=1-2 native bf16 is faster (it reads half the bytes of fp32; [49152 x 1024] M=1 11.9 ms).
+costs M times a matrix-vector product, so from UPCAST_MIN_ROWS rows on `linear` computes in fp32
+instead, converting UPCAST_BLOCK_ROWS weight rows at a time (a block stays in cache; the weights
+stay bf16 in memory). A bf16 x bf16 product is exact in fp32 and the libraries accumulate bf16
+GEMMs in fp32 too, so this is the bf16 GEMM's arithmetic up to the order of the sums, rounded to
+bf16 once. At 1-3 rows native bf16 is faster (it reads half the bytes).
+
+The thresholds were measured on one kind of CPU (an AVX2 EPYC); the figures are in
+benchmarks/RESULTS.md, "Kernel choices of linear.py".
 """
 from __future__ import annotations
 

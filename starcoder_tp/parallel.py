@@ -1,6 +1,7 @@
-"""Process groups: a local worker group that the runtime spawns itself, or torchrun's.
+"""The local worker group: ranks that the runtime spawns itself on one host (torchrun's ranks:
+torchrun.py).
 
-The local group is persistent: ranks start once, load their parts, then serve requests over
+The group is persistent: ranks start once, load their parts, then serve requests over
 pipes until closed, so a test suite pays the start-up once. Every wait has a timeout, and a
 failure names the rank, its exit code or signal, and its traceback when it sent one; the
 group is then torn down so that no rank is left running.
@@ -24,10 +25,12 @@ import torch
 import torch.distributed as dist
 
 from . import shm_comm
-from .device import Device
+from .comm import TPGroup
 from .config import ModelConfig
-from .generate import GenerationResult, check_request, load_model, timed_generate
-from .model import TPGroup
+from .device import Device
+from .generate import StepHooks, check_request
+from .model import load_model
+from .timing import GenerationResult, timed_generate
 
 DEFAULT_START_TIMEOUT_S = 300.0
 DEFAULT_CALL_TIMEOUT_S = 60.0  # how long a rank waits on another (collectives): a hung rank is named then
@@ -82,48 +85,24 @@ def configure_threads(rank: int, spec: GroupSpec) -> int:
     return threads
 
 
-def init_from_torchrun(device: Device, timeout_s: float = DEFAULT_CALL_TIMEOUT_S) -> tuple[TPGroup, int]:
-    """Join the process group torchrun set up (RANK, WORLD_SIZE, MASTER_ADDR, ...).
+class Heartbeat(StepHooks):
+    """A rank's tick count in memory the parent reads: one tick per layer forward (a long
+    prefill still ticks) and one per step (a compiled step runs no layer hooks), so that a rank
+    that stops computing is caught even where no peer waits on it (world size 1)."""
 
-    Returns the group and the local rank, which picks the device.
-    """
-    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    local_rank = int(os.environ.get("LOCAL_RANK", rank))
-    device.bind(local_rank)
-    dist.init_process_group(device.backend, init_method="env://", rank=rank, world_size=world_size,
-                            timeout=datetime.timedelta(seconds=timeout_s))
-    return TPGroup(rank, world_size), local_rank
+    def __init__(self, progress, rank: int):
+        self.progress, self.rank = progress, rank
 
+    def tick(self, *_) -> None:
+        if not torch.compiler.is_compiling():  # traced into a compiled step: nothing to record
+            self.progress[self.rank] += 1
 
-def launched_by_torchrun() -> bool:
-    return "RANK" in os.environ and "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ
-
-
-class TorchrunGroup:
-    """The ranks torchrun started (this process is one of them), behind WorkerGroup's
-    `generate`, so that the perf runner drives them alike. Every rank runs the same requests in
-    the same order (the perf loop and its prompts are deterministic); the collectives inside
-    keep them in step, and a dead peer surfaces as a collective error after `--timeout`."""
-
-    def __init__(self, model, device: Device, tp: TPGroup):
-        self.model, self.device, self.tp = model, device, tp
-
-    def generate(self, prompts: list[list[int]], max_new_tokens: int, *, max_seq_len: int | None = None,
-                 **kwargs) -> tuple[GenerationResult, list[int]]:
-        """This rank's result (its times are already the slowest rank's) and every rank's peak memory."""
-        check_request(self.model.config, prompts, max_new_tokens, max_seq_len)
-        self.device.reset_peak_memory()
-        result = timed_generate(self.model, self.device, prompts, max_new_tokens, max_seq_len=max_seq_len, **kwargs)
-        dev = self.model.transformer.ln_f.weight.device
-        peak = torch.tensor([float(self.device.peak_memory_bytes())], dtype=torch.float64, device=dev)
-        return result, [int(m) for m in self.tp.all_gather(peak).flatten().tolist()]
-
-    def close(self) -> None:
-        """Nothing to stop: torchrun owns the processes (the caller destroys the process group)."""
+    def step_end(self, step: int) -> None:
+        self.tick()
 
 
 def _worker_main(rank: int, spec: GroupSpec, store_port: int, shm_path: str | None, conn: Connection,
-                 progress=None) -> None:
+                 progress) -> None:
     """A rank of a local worker group: start, load, then serve requests until told to stop."""
     exit_code = 0
     try:
@@ -138,17 +117,9 @@ def _worker_main(rank: int, spec: GroupSpec, store_port: int, shm_path: str | No
         shm = shm_comm.ShmComm(shm_path, rank, spec.world_size, spec.timeout_s) if shm_path else None
         tp = TPGroup(rank, spec.world_size, shm)
         model = load_model(spec.shard_dir, tp, torch_device, prepack=spec.prepack, compile=spec.compile)
-        if progress is not None:
-            # A heartbeat the parent watches: one tick per layer forward (and, with --compile,
-            # per decode step: a compiled step runs no layer hooks), so that a rank that stops
-            # computing is caught even where no peer waits on it (world size 1).
-            def tick(*_):
-                progress[rank] += 1
-
-            for block in model.transformer.h:
-                block.register_forward_pre_hook(tick)
-            if spec.compile:
-                model.step_hook = tick
+        heartbeat = Heartbeat(progress, rank)
+        for block in model.transformer.h:
+            block.register_forward_pre_hook(heartbeat.tick)
         conn.send(("ready", {"load_s": time.perf_counter() - started, "pid": os.getpid(),
                              "packed_weights": sum(1 for _ in model.packed_weights()),
                              "compiled": model.compiled_decode is not None}))
@@ -159,6 +130,7 @@ def _worker_main(rank: int, spec: GroupSpec, store_port: int, shm_path: str | No
             if command != "generate":
                 raise ValueError(f"unknown command {command!r}")
             spec.device.reset_peak_memory()
+            kwargs["hooks"] = (*kwargs.get("hooks", ()), heartbeat)
             result = timed_generate(model, spec.device, **kwargs)
             reply = {"peak_memory_bytes": spec.device.peak_memory_bytes()}
             if rank == 0:
@@ -248,17 +220,17 @@ class WorkerGroup:
         return self
 
     def generate(self, prompts: list[list[int]], max_new_tokens: int, *, ignore_eos: bool = True,
-                 max_seq_len: int | None = None, topk: int = 0, inject_prefill_ms: float = 0.0,
-                 inject_decode_ms: float = 0.0) -> tuple[GenerationResult, list[int]]:
-        """Run one request on every rank; returns rank 0's result and each rank's peak memory."""
+                 max_seq_len: int | None = None, topk: int = 0,
+                 hooks: tuple[StepHooks, ...] = ()) -> tuple[GenerationResult, list[int]]:
+        """Run one request on every rank; returns rank 0's result and each rank's peak memory.
+        `hooks` (picklable) observe every step on every rank."""
         if not self.procs:
             raise RuntimeError("the worker group is not running (start() it first)")
         prompts = [list(map(int, p)) for p in prompts]
         # A bad request is refused here, naming the bad value, and the ranks keep running.
         check_request(self.config, prompts, max_new_tokens, max_seq_len)
-        request = {"prompts": prompts, "max_new_tokens": max_new_tokens,
-                   "ignore_eos": ignore_eos, "max_seq_len": max_seq_len, "topk": topk,
-                   "inject_prefill_ms": inject_prefill_ms, "inject_decode_ms": inject_decode_ms}
+        request = {"prompts": prompts, "max_new_tokens": max_new_tokens, "ignore_eos": ignore_eos,
+                   "max_seq_len": max_seq_len, "topk": topk, "hooks": tuple(hooks)}
         replies = self._request("generate", request)
         return replies[0]["result"], [r["peak_memory_bytes"] for r in replies]
 
@@ -360,6 +332,3 @@ class WorkerGroup:
     def __exit__(self, *exc) -> None:
         self.close(graceful=exc[0] is None)
 
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)

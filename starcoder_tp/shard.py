@@ -14,9 +14,7 @@ import fcntl
 import json
 import os
 import shutil
-import sys
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -24,9 +22,10 @@ from typing import Callable
 import torch
 from safetensors.torch import load_file, save_file
 
-from . import __version__
+from . import __version__, files, log as default_log
 from .checkpoint import CheckpointReader, file_sha256
 from .config import ModelConfig
+from .files import atomic_dir
 
 FORMAT_VERSION = 1
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -194,7 +193,7 @@ def shard_checkpoint(model_dir: str | Path, out_dir: str | Path, world_size: int
     set is built in a temporary sibling directory and renamed into place, so an interrupted
     run never leaves something that passes for a complete shard set.
     """
-    log = log or (lambda msg: print(msg, file=sys.stderr))
+    log = log or default_log
     parse_dtype(dtype)
     reader = CheckpointReader(model_dir)
     reader.config.check_world_size(world_size)
@@ -212,10 +211,13 @@ def shard_checkpoint(model_dir: str | Path, out_dir: str | Path, world_size: int
         if not force:
             raise ValueError(f"{out_dir} exists, is not empty and has no manifest.json; refusing to write into it")
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     started = time.perf_counter()
-    try:
+
+    def theirs_match(out: Path) -> bool:  # another process finished the same shard set first
+        return (out / "manifest.json").is_file() and _manifest_matches(read_manifest(out), fingerprint, world_size,
+                                                                       dtype) is None
+
+    with atomic_dir(out_dir, keep_theirs=theirs_match) as tmp:
         for rank in range(world_size):
             _write_rank(reader, rank, world_size, dtype, tmp / "part_model" / str(rank), max_file_bytes)
             log(f"[shard] rank {rank + 1}/{world_size} written ({time.perf_counter() - started:.1f}s)")
@@ -234,28 +236,8 @@ def shard_checkpoint(model_dir: str | Path, out_dir: str | Path, world_size: int
             "files": files,
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
-        _move_into_place(tmp, out_dir, fingerprint, world_size, dtype)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     log(f"[shard] {model_dir} -> {out_dir}: {world_size} part(s), {dtype}, {time.perf_counter() - started:.1f}s")
     return read_manifest(out_dir)
-
-
-def _move_into_place(tmp: Path, out_dir: Path, fingerprint: str, world_size: int, dtype: str) -> None:
-    trash = None
-    if out_dir.exists():
-        trash = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
-        os.rename(out_dir, trash)
-    try:
-        os.rename(tmp, out_dir)
-    except OSError:
-        # Another process finished the same shard set first: keep theirs if it matches.
-        if (out_dir / "manifest.json").is_file() and _manifest_matches(read_manifest(out_dir), fingerprint, world_size, dtype) is None:
-            return
-        raise
-    finally:
-        if trash is not None:
-            shutil.rmtree(trash, ignore_errors=True)
 
 
 def verify_rank_files(shard_dir: str | Path, manifest: dict, rank: int, checksums: bool = True) -> None:
@@ -303,10 +285,6 @@ def load_part(shard_dir: str | Path, rank: int, world_size: int, device: torch.d
     return raw_config, state
 
 
-def default_shard_cache() -> Path:
-    return Path(os.environ.get("STARCODER_TP_CACHE", Path.home() / ".cache" / "starcoder_tp")) / "shards"
-
-
 def ensure_shards(model_dir: str | Path, world_size: int, dtype: str = "float32",
                   cache_dir: str | Path | None = None, log: Callable[[str], None] | None = None,
                   lock_timeout_s: float = 3600.0) -> Path:
@@ -314,7 +292,7 @@ def ensure_shards(model_dir: str | Path, world_size: int, dtype: str = "float32"
     missing; keyed by the source's fingerprint, so a changed checkpoint is cut again."""
     parse_dtype(dtype)
     fingerprint = CheckpointReader(model_dir).fingerprint()
-    out = Path(cache_dir or default_shard_cache()) / f"{Path(model_dir).resolve().name}-{fingerprint[:16]}-ws{world_size}-{dtype}"
+    out = Path(cache_dir or files.cache_dir("shards")) / f"{Path(model_dir).resolve().name}-{fingerprint[:16]}-ws{world_size}-{dtype}"
     out.parent.mkdir(parents=True, exist_ok=True)
     # Two suites on one machine share the cache: one cuts, the other waits and then finds it done.
     with _cache_lock(out.parent / f".{out.name}.lock", lock_timeout_s, log):

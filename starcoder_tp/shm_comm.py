@@ -99,6 +99,3 @@ class ShmComm:
         flat = t.contiguous().view(-1)
         assert flat.numel() * flat.element_size() <= self.slot_bytes, "all_gather is for small tensors"
         return self._exchange(flat).clone().view(self.world_size, *t.shape)
-
-    def close(self) -> None:
-        self._raw = self._flags = self._data = self._flags_np = None

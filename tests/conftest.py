@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from starcoder_tp.build_models import EMBEDDED_MODEL_DIR
-from starcoder_tp.runners import HFRunner, TPRunner
+from starcoder_tp.files import EMBEDDED_MODEL_DIR
+from starcoder_tp.testing.runners import HFRunner, TPRunner
 from starcoder_tp.shard import shard_checkpoint
 
 from model_files import NEW_TOKENS

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from starcoder_tp.build_models import hf_config, random_weights, save_index_sharded
+from starcoder_tp.testing.build_models import hf_config, random_weights, save_index_sharded
 
 NEW_TOKENS = 64  # per prompt in the parity tests
 

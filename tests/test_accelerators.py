@@ -5,10 +5,10 @@ import importlib.util
 import pytest
 import torch
 
-from starcoder_tp.compare import check_topk_close
+from starcoder_tp.testing.compare import check_topk_close
 from starcoder_tp.device import Device
-from starcoder_tp.perf import Case, PerfOptions, PerfRunner
-from starcoder_tp.runners import GreedyOutput, HFRunner, TPRunner
+from starcoder_tp.suite.perf import Case, PerfOptions, PerfRunner
+from starcoder_tp.testing.runners import GreedyOutput, HFRunner, TPRunner
 from starcoder_tp.shard import ensure_shards
 
 
@@ -58,8 +58,9 @@ def test_perf_case_on_the_accelerator_reports_device_memory(kind, embedded_dir, 
 def test_compiled_decode_on_cuda_replays_cuda_graphs_and_keeps_the_tokens(embedded_dir):
     from torch._dynamo.utils import counters
 
-    from starcoder_tp.generate import load_model, timed_generate
-    from starcoder_tp.model import TPGroup
+    from starcoder_tp.model import load_model
+    from starcoder_tp.timing import timed_generate
+    from starcoder_tp.comm import TPGroup
 
     shard_dir = ensure_shards(embedded_dir, 1, "float32")
     eager = load_model(shard_dir, TPGroup(0, 1), torch.device("cuda:0"), prepack=False)

@@ -1,6 +1,7 @@
 import hashlib
 
-from starcoder_tp.build_models import EMBEDDED_MODEL_DIR, build_embedded
+from starcoder_tp.files import EMBEDDED_MODEL_DIR
+from starcoder_tp.testing.build_models import build_embedded
 from starcoder_tp.config import ModelConfig
 
 
@@ -32,7 +33,7 @@ def test_embedded_model_has_starcoders_architecture_and_loads_offline():
 def test_oracle_training_examples_put_the_loss_on_the_solution_only():
     from transformers import AutoTokenizer
 
-    from starcoder_tp.oracle import training_examples
+    from starcoder_tp.testing.oracle import training_examples
 
     tokenizer = AutoTokenizer.from_pretrained(str(EMBEDDED_MODEL_DIR))
     examples = training_examples(tokenizer)

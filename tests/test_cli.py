@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from model_files import write_small_model
-from starcoder_tp.runners import HFRunner
+from starcoder_tp.testing.runners import HFRunner
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -78,7 +78,7 @@ def test_shard_cli_writes_once_then_does_nothing(tmp_path, embedded_dir):
     (["generate", "--model-dir", "fixtures/tiny-starcoder", "--max-new-tokens", "4"],
      "no input: give --prompt"),
     (["generate", "--model-dir", "fixtures/tiny-starcoder", "--prompt", "x", "--max-new-tokens", "0"],
-     "expected a number >= 1, got 0"),
+     "argument --max-new-tokens: 0 must be >= 1"),
     (["generate", "--model-dir", "fixtures/tiny-starcoder", "--prompt", "x", "--max-new-tokens", "4",
       "--dtype", "float64"], "invalid choice: 'float64'"),
     (["generate", "--model-dir", "fixtures/tiny-starcoder", "--prompt", "x", "--max-new-tokens", "5000"],

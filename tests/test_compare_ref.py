@@ -13,9 +13,10 @@ from pathlib import Path
 import psutil
 import pytest
 
-from starcoder_tp.gitref import checkout_ref, resolve_ref, working_tree
+from starcoder_tp.suite.faults import BusyWait
+from starcoder_tp.suite.gitref import checkout_ref, resolve_ref, working_tree
 from starcoder_tp.parallel import GroupSpec, RankFailure
-from starcoder_tp.serve import RemoteGroup
+from starcoder_tp.suite.serve import RemoteGroup
 from starcoder_tp.shard import shard_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
@@ -129,7 +130,7 @@ def held_request(group: RemoteGroup, errors: list) -> threading.Thread:
     """A side-B request of >= 20 s by construction (1000 decode steps of >= 20 ms)."""
     def go():
         try:
-            group.generate([[5] * 16], 1000, inject_decode_ms=20.0)
+            group.generate([[5] * 16], 1000, hooks=(BusyWait(decode_ms=20.0),))
         except BaseException as err:  # noqa: BLE001 - handed to the test
             errors.append(err)
 

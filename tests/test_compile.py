@@ -1,4 +1,4 @@
-"""torch.compile of the decode step (--compile): the static-shape step gives the eager tokens,
+"""torch.compile of the decode step (--compile): the fixed-shape step gives the eager tokens,
 in one process and across two ranks, and stays one graph (collectives included) in bf16 and at
 depths past dynamo's recompile limit."""
 import gc
@@ -10,10 +10,11 @@ import torch
 from safetensors.torch import save_file
 from torch._dynamo.utils import counters
 
-from starcoder_tp.build_models import hf_config, random_weights
+from starcoder_tp.testing.build_models import hf_config, random_weights
 from starcoder_tp.device import Device
-from starcoder_tp.generate import load_model, timed_generate
-from starcoder_tp.model import TPGroup
+from starcoder_tp.model import load_model
+from starcoder_tp.timing import timed_generate
+from starcoder_tp.comm import TPGroup
 from starcoder_tp.parallel import GroupSpec, WorkerGroup
 from starcoder_tp.shard import shard_checkpoint
 
@@ -147,7 +148,7 @@ def test_compiled_bf16_step_is_one_graph(embedded_dir, tmp_path):
 
 
 def decode_logits(model, step) -> torch.Tensor:
-    """Logits of one static decode step after an eager prefill of 8 tokens, batch 2."""
+    """Logits of one fixed-shape decode step after an eager prefill of 8 tokens, batch 2."""
     model.setup_cache(2, 16)
     ids = torch.randint(1, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
     model.forward(ids[:, :8], torch.arange(8).expand(2, 8), 0)
@@ -162,5 +163,5 @@ def test_compiled_bf16_steps_of_two_models_of_one_shape_each_use_their_own_weigh
     for seed in (1, 2):
         shard_checkpoint(tiny_checkpoint(tmp_path / f"m{seed}", seed, n_embd=256, n_inner=1024), tmp_path / f"s{seed}", 1, dtype="bfloat16")
         model = load_model(tmp_path / f"s{seed}", TPGroup(0, 1), torch.device("cpu"), compile=True)
-        eager, compiled = decode_logits(model, model.decode_static), decode_logits(model, model.compiled_decode)
+        eager, compiled = decode_logits(model, model.forward), decode_logits(model, model.compiled_decode)
         torch.testing.assert_close(compiled, eager, rtol=0.05, atol=0.05 * eager.abs().max().item())

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from starcoder_tp.build_models import hf_config
+from starcoder_tp.testing.build_models import hf_config
 from starcoder_tp.config import ModelConfig
 
 

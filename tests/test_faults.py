@@ -16,6 +16,7 @@ import pytest
 
 from starcoder_tp.parallel import GroupSpec, RankFailure, WorkerGroup
 from starcoder_tp.shard import shard_checkpoint
+from starcoder_tp.suite.faults import BusyWait
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -43,7 +44,7 @@ class InFlight:
 
         def run():
             try:
-                group.generate([[5] * 16], steps, inject_decode_ms=step_ms)
+                group.generate([[5] * 16], steps, hooks=(BusyWait(decode_ms=step_ms),))
             except BaseException as err:  # noqa: BLE001 - handed to the test
                 self.error = err
             finally:
@@ -116,7 +117,7 @@ def test_hung_rank_at_world_size_one_is_caught_by_its_heartbeat(tmp_path, embedd
     shard_checkpoint(embedded_dir, tmp_path / "s1", 1)
     group = WorkerGroup(GroupSpec(str(tmp_path / "s1"), 1, timeout_s=3)).start()
     started = time.monotonic()
-    group.generate([[5] * 16], 11, inject_decode_ms=500.0)
+    group.generate([[5] * 16], 11, hooks=(BusyWait(decode_ms=500.0),))
     assert time.monotonic() - started >= 5.0  # the construction holds: 10 decode steps of >= 0.5 s
     pid = group.ready_info[0]["pid"]
     request = InFlight(group)
@@ -159,7 +160,7 @@ def _no_ranks_of(tag: str) -> None:
 
 
 # The long cases of the subprocess tests are held open the same way: 300 decode steps of >= 20 ms.
-HELD = ["--perf-inject-decode-delay-ms", "20"]
+HELD = ["--inject-decode-delay-ms", "20"]
 
 
 def test_perf_suite_survives_a_killed_rank(tmp_path, reap):
@@ -239,7 +240,7 @@ def test_generate_cli_exits_non_zero_naming_the_rank(shards, fault, reap):
     """The fault comes as soon as the ranks are ready: the request (2000 steps of >= 20 ms) is
     then about to start or running, and either way the CLI must fail naming rank 1."""
     proc, out = _cli(reap, "generate", "--shards", shards, "--prompt", "def f(", "--max-new-tokens", 2000,
-                     "--ignore-eos", "--timeout", 4, "--inject-decode-delay-ms", 20)
+                     "--ignore-eos", "--rank-timeout", 4, "--inject-decode-delay-ms", 20)
     out.wait_for("rank(s) ready")
     ranks = _ranks_of(proc)
     assert len(ranks) == 2

@@ -1,12 +1,14 @@
 """The regression gate's comparison and statistics on synthetic numbers."""
+import argparse
 import random
 import re
 
 import pytest
 
-from starcoder_tp.gate import Baseline, compare_metric, parse_thresholds, write_baseline
-from starcoder_tp.perf import Case, CaseResult
-from starcoder_tp.report import result_row
+from starcoder_tp.suite.gate import Baseline, compare_metric, write_baseline
+from starcoder_tp.suite.options import thresholds as parse_thresholds
+from starcoder_tp.suite.perf import Case, CaseResult
+from starcoder_tp.suite.report import result_row
 
 CASE = Case(1, 32, 32)
 SHAPE = "L4-E256-H8-KV1-I1024-V6144"  # ModelConfig.shape_id
@@ -19,7 +21,7 @@ def test_thresholds_are_per_metric():
     assert parse_thresholds("decode=0.2") == {"decode": 0.2}
     for bad, message in [("latency=10%", "'latency=10%' is not METRIC=N%"), ("decode=fast", "'fast' is not a number"),
                          ("decode=0%", "must be > 0"), ("decode", "is not METRIC=N%")]:
-        with pytest.raises(ValueError, match=message):
+        with pytest.raises(argparse.ArgumentTypeError, match=message):
             parse_thresholds(bad)
 
 

@@ -70,7 +70,7 @@ def test_an_unchanged_tree_passes_the_comparison_with_its_own_head(unchanged):
 
 def test_a_decode_slowdown_of_50_percent_fails_naming_decode(unchanged, tmp_path):
     _, decode = medians(unchanged[0], "B")
-    proc = run_perf(tmp_path, *PAIRS, "--perf-compare-ref", "HEAD", "--perf-inject-decode-delay-ms",
+    proc = run_perf(tmp_path, *PAIRS, "--perf-compare-ref", "HEAD", "--inject-decode-delay-ms",
                     f"{0.5 * decode:.4f}")
     assert proc.returncode == 1, proc.stdout[-3000:]
     verdicts = compared(proc.stdout)
@@ -81,7 +81,7 @@ def test_a_decode_slowdown_of_50_percent_fails_naming_decode(unchanged, tmp_path
 
 def test_a_prefill_slowdown_of_50_percent_fails_naming_first_token_and_not_decode(unchanged, tmp_path):
     first, _ = medians(unchanged[0], "B")
-    proc = run_perf(tmp_path, *PAIRS, "--perf-compare-ref", "HEAD", "--perf-inject-prefill-delay-ms",
+    proc = run_perf(tmp_path, *PAIRS, "--perf-compare-ref", "HEAD", "--inject-prefill-delay-ms",
                     f"{0.5 * first:.4f}")
     assert proc.returncode == 1, proc.stdout[-3000:]
     assert compared(proc.stdout) == {"first_token": "regression", "decode": "ok"}, proc.stdout[-3000:]
@@ -94,7 +94,7 @@ def test_a_stored_baseline_gates_this_machine_only(tmp_path):
     decode = statistics.median(float(x) for x in saved[0]["decode_ms_rounds"].split(";"))
     proc = run_perf(tmp_path, "--perf-rounds", "10", "--perf-baseline", tmp_path / "baseline.csv",
                     "--perf-max-regression", "first_token=500%,decode=25%",
-                    "--perf-inject-decode-delay-ms", f"{2.0 * decode:.4f}")
+                    "--inject-decode-delay-ms", f"{2.0 * decode:.4f}")
     assert proc.returncode == 1, proc.stdout[-3000:]
     assert re.search(r"bs1-in128-out32 decode: baseline .*: regression$", proc.stdout, re.MULTILINE), proc.stdout[-3000:]
 

@@ -5,9 +5,11 @@ import pytest
 import torch
 
 from starcoder_tp.device import Device
-from starcoder_tp.generate import left_pad, load_model, timed_generate
-from starcoder_tp.model import TPGroup
-from starcoder_tp.runners import HFRunner
+from starcoder_tp.generate import left_pad
+from starcoder_tp.model import load_model
+from starcoder_tp.timing import timed_generate
+from starcoder_tp.comm import TPGroup
+from starcoder_tp.testing.runners import HFRunner
 from starcoder_tp.shard import shard_checkpoint
 
 

@@ -5,10 +5,11 @@ import torch
 import torch.nn.functional as F
 
 from starcoder_tp.device import Device
-from starcoder_tp.generate import load_model, timed_generate
+from starcoder_tp.model import load_model
+from starcoder_tp.timing import timed_generate
 import starcoder_tp.linear as linear_module
 from starcoder_tp.linear import BATCH_PACK_ROWS, UPCAST_MIN_ROWS, Linear, linear, pack_weight, worth_packing
-from starcoder_tp.model import TPGroup
+from starcoder_tp.comm import TPGroup
 from starcoder_tp.shard import shard_checkpoint
 
 needs_onednn = pytest.mark.skipif(pack_weight(torch.ones(2, 2), force=True) is None, reason="oneDNN cannot pack fp32 here")

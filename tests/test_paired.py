@@ -4,9 +4,9 @@ import random
 
 import pytest
 
-from starcoder_tp import ab
-from starcoder_tp.paired import compare_paired, detectable_ratio, median_ci
-from starcoder_tp.perf import Case, CaseResult
+from starcoder_tp.suite import ab
+from starcoder_tp.suite.paired import compare_paired, detectable_ratio, median_ci
+from starcoder_tp.suite.perf import Case, CaseResult
 
 CASE = Case(1, 8, 4)
 

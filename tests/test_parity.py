@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from model_files import NEW_TOKENS, copy_in_layout, write_small_model
-from starcoder_tp.compare import check_outputs_equal, check_topk_close
-from starcoder_tp.runners import HFRunner
+from starcoder_tp.testing.compare import check_outputs_equal, check_topk_close
+from starcoder_tp.testing.runners import HFRunner
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 4])

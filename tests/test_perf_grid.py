@@ -1,14 +1,16 @@
 """The perf grid's pieces on synthetic numbers: cases and ids, option parsing, percentiles, CSV."""
+import argparse
 import csv
 import math
 
 import pytest
 
-from starcoder_tp.build_models import EMBEDDED_MODEL_DIR
+from starcoder_tp.files import EMBEDDED_MODEL_DIR
 from starcoder_tp.config import ModelConfig
-from starcoder_tp.perf import (Case, CaseResult, PerfOptions, build_cases, check_cases, make_prompts,
-                               parse_case_pairs, parse_int_list, percentile)
-from starcoder_tp.report import ASCEND_COLUMNS, COLUMNS, ResultsCSV, result_row, summary_lines, write_heatmaps
+from starcoder_tp.options import add_options
+from starcoder_tp.suite.options import PYTEST_OPTIONS, case_pairs
+from starcoder_tp.suite.perf import Case, CaseResult, PerfOptions, build_cases, check_cases, make_prompts, percentile
+from starcoder_tp.suite.report import ASCEND_COLUMNS, COLUMNS, ResultsCSV, result_row, summary_lines, write_heatmaps
 
 
 def test_default_grid_is_the_ascend_guides_36_cases_per_batch():
@@ -28,7 +30,7 @@ def test_runtime_mode_names_the_options_that_change_the_timed_steps():
 
 
 def test_case_pairs_replace_the_cross_product_and_ids_select_exactly():
-    cases = build_cases([1, 16], None, None, case_pairs=parse_case_pairs("256:64,256:256,512:512,1024:1024"))
+    cases = build_cases([1, 16], None, None, case_pairs=case_pairs("256:64,256:256,512:512,1024:1024"))
     assert [c.id for c in cases] == ["bs1-in256-out64", "bs1-in256-out256", "bs1-in512-out512", "bs1-in1024-out1024",
                                      "bs16-in256-out64", "bs16-in256-out256", "bs16-in512-out512", "bs16-in1024-out1024"]
     assert [c.id for c in cases if "bs1-" in c.id] == [c.id for c in cases if c.batch == 1]  # -k "bs1-"
@@ -41,16 +43,24 @@ def test_case_pairs_replace_the_cross_product_and_ids_select_exactly():
     ("--seq-out", "32,32", "--seq-out: '32,32' lists a value twice"),
 ])
 def test_int_lists_name_the_option_and_value(option, text, message):
-    with pytest.raises(ValueError, match=message):
-        parse_int_list(option, text)
-    assert parse_int_list("--x", " 1, 4 ,8") == [1, 4, 8]
+    with pytest.raises(argparse.ArgumentError, match=message):
+        parse(option, text)
+    assert parse("--batch-sizes", " 1, 4 ,8").batch_sizes == (1, 4, 8)
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    """The suite's options as pytest and bench declare them, parsed by argparse."""
+    parser = argparse.ArgumentParser(exit_on_error=False)
+    add_options(parser.add_argument, PYTEST_OPTIONS)
+    return parser.parse_args(argv)
 
 
 def test_case_pairs_errors():
-    with pytest.raises(ValueError, match="--case-pairs: '256-64' is not of the form IN:OUT"):
-        parse_case_pairs("256:64,256-64")
-    with pytest.raises(ValueError, match="--case-pairs: 0 in '0' must be >= 1"):
-        parse_case_pairs("0:5")
+    with pytest.raises(argparse.ArgumentError, match="--case-pairs: '256-64' is not of the form IN:OUT"):
+        parse("--case-pairs", "256:64,256-64")
+    with pytest.raises(argparse.ArgumentError, match="--case-pairs: 0 in '0' must be >= 1"):
+        parse("--case-pairs", "0:5")
+    assert parse("--case-pairs", "256:64,512:512").case_pairs == ((256, 64), (512, 512))
 
 
 def test_cases_beyond_positions_or_cache_are_refused_naming_the_case():
@@ -126,7 +136,7 @@ def test_csv_columns_append_and_resume(tmp_path):
     # A second run (after an interruption) appends and keeps what the first one measured.
     again = ResultsCSV(path)
     again.append(row_for(fake_result(Case(2, 32, 4))))
-    rows = again.rows()
+    rows = again.rows().to_dict("records")  # as written: text
     assert [(r["Batch"], r["Input_seq_len"], r["Output_seq_len"]) for r in rows] == [("1", "32", "4"), ("2", "32", "4")]
     assert rows[0]["first_token_ms_rounds"] == "10.0000;12.0000;11.0000"
     again.append(row_for(fake_result(Case(4, 32, 4)), runtime_mode="compiled"))
@@ -142,7 +152,7 @@ def test_csv_with_other_columns_is_moved_aside_not_mixed(tmp_path):
     path.write_text("Batch,Input_seq_len\n1,32\n")
     messages = []
     results = ResultsCSV(path, log=messages.append)
-    assert results.rows() == [] and "moved it to" in messages[0]
+    assert results.rows().empty and "moved it to" in messages[0]
     assert len(list(tmp_path.glob("*.old.csv"))) == 1
 
 
@@ -154,3 +164,28 @@ def test_summary_has_a_table_per_batch_and_the_headline(tmp_path):
     pngs = write_heatmaps(rows, tmp_path, "starcoder", 0)
     assert [p.name for p in pngs] == ["heatmap_bs1_starcoder_0.png", "heatmap_bs4_starcoder_0.png"]
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
+
+
+def test_report_re_renders_a_results_folder_and_compares_two(tmp_path, capsys):
+    """`python -m starcoder_tp report DIR DIR2`: tables and heatmaps from the CSV alone, and the
+    cases both runs measured alike side by side, as ratios (the ones measured otherwise left out)."""
+    from starcoder_tp.cli import main
+
+    before, after = tmp_path / "before", tmp_path / "after"
+    for folder, scale in ((before, 1.0), (after, 2.0)):
+        results = ResultsCSV(folder / "multibatch_performance_starcoder_0.csv")
+        for case in (Case(1, 32, 4), Case(4, 32, 4)):
+            results.append(row_for(fake_result(case, first=[scale * f for f in (10.0, 12.0, 11.0)])))
+    ResultsCSV(after / "multibatch_performance_starcoder_0.csv").append(
+        row_for(fake_result(Case(8, 32, 4)), runtime_mode="compiled"))  # measured in one run only
+    assert main(["report", str(before), str(after)]) == 0
+    out = capsys.readouterr().out
+    assert "batch 1 headline (the Ascend guide's row): first token 11.00 ms" in out
+    assert "2 case(s) in both" in out and " 2.000 " in out and " 1.000" in out  # first token x2, decode unchanged
+    joined = list(csv.DictReader(open(before / "comparison.csv")))
+    assert [(r["Batch"], float(r["first_token_time(ms) ratio"])) for r in joined] == [("1", 2.0), ("4", 2.0)]
+    assert (before / "heatmap_bs1_starcoder_0_ws2_float32_cpu_eager_0.png").is_file()
+    with pytest.raises(SystemExit):
+        main(["report"])  # DIR is required
+    assert main(["report", str(tmp_path / "nothing")]) == 2
+    assert "no multibatch_performance_*.csv in it" in capsys.readouterr().err

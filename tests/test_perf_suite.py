@@ -82,7 +82,7 @@ def test_ctrl_c_tears_the_ranks_down_and_keeps_the_rows(tmp_path, reap):
 
     proc = reap(subprocess.Popen([sys.executable, "-m", "pytest", "tests_perf", "-p", "no:cacheprovider",
                                   "--batch-sizes", "1", "--seq-in", "16", "--seq-out", "4,8,300",
-                                  "--perf-inject-decode-delay-ms", "20", "--results-dir", str(tmp_path)],
+                                  "--inject-decode-delay-ms", "20", "--results-dir", str(tmp_path)],
                                  cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     csv_file = tmp_path / "multibatch_performance_starcoder_0.csv"

@@ -5,7 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from starcoder_tp.runners import HFRunner
+from starcoder_tp.testing.runners import HFRunner
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -41,7 +41,7 @@ def test_two_nodes_on_loopback_match_the_single_node_run(embedded_dir, prompts, 
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
                "--node-rank", str(node_rank), "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint,
                "--rdzv-id", "starcoder-tp-test", "-m", "starcoder_tp", "generate", "--model-dir", str(embedded_dir),
-               "--input-ids-file", str(ids_file), "--max-new-tokens", "24", "--ignore-eos", "--json", "--timeout", "120"]
+               "--input-ids-file", str(ids_file), "--max-new-tokens", "24", "--ignore-eos", "--json", "--rank-timeout", "120"]
         procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
                                       env={**os.environ, "PYTHONPATH": str(REPO)}))
     outputs = [p.communicate(timeout=300) for p in procs]
@@ -63,7 +63,7 @@ def test_bench_over_two_torchrun_nodes_on_loopback_writes_one_csv(embedded_dir, 
                "--node-rank", str(node_rank), "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint,
                "--rdzv-id", "starcoder-tp-bench", "-m", "starcoder_tp", "bench", "--model-dir", str(embedded_dir),
                "--multicase", "1", "--batch-sizes", "1,2", "--seq-in", "16", "--seq-out", "8", "--perf-rounds", "2",
-               "--results-dir", str(results), "--timeout", "120"]
+               "--results-dir", str(results), "--rank-timeout", "120"]
         procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
                                       env={**os.environ, "PYTHONPATH": str(REPO)}))
     outputs = [p.communicate(timeout=300) for p in procs]

@@ -4,11 +4,11 @@ import time
 
 import pytest
 
-from starcoder_tp.accuracy import AccuracyOptions, as_greedy_output, run_accuracy
-from starcoder_tp.compare import check_outputs_equal, check_topk_close
-from starcoder_tp.execution import check_completions
-from starcoder_tp.humaneval import load_problems
-from starcoder_tp.oracle import ORACLE_MODEL_DIR
+from starcoder_tp.suite.accuracy import AccuracyOptions, as_greedy_output, run_accuracy
+from starcoder_tp.testing.compare import check_outputs_equal, check_topk_close
+from starcoder_tp.suite.execution import check_completions
+from starcoder_tp.suite.humaneval import load_problems
+from starcoder_tp.files import ORACLE_MODEL_DIR
 
 
 def is_fp32(run) -> bool:
@@ -17,8 +17,8 @@ def is_fp32(run) -> bool:
 
 def test_tokens_match_the_reference(accuracy_run):
     """fp32: identical tokens; bf16/fp16: identical up to a first difference inside both top-5s."""
-    tp, ref = as_greedy_output(accuracy_run.tp), as_greedy_output(accuracy_run.reference)
-    names = dict(name_0=accuracy_run.reference.name, name_1=accuracy_run.tp.name)
+    tp, ref = as_greedy_output(accuracy_run.parallel), as_greedy_output(accuracy_run.reference)
+    names = dict(name_0=accuracy_run.reference.name, name_1=accuracy_run.parallel.name)
     if is_fp32(accuracy_run):
         check_outputs_equal(outputs_0=ref, outputs_1=tp, **names)
     else:
@@ -28,7 +28,7 @@ def test_tokens_match_the_reference(accuracy_run):
 def test_every_task_gets_the_same_verdict(accuracy_run):
     tasks = list(accuracy_run.options.problems)
     differ = [(task, ref["result"], tp["result"]) for task, ref, tp in
-              zip(tasks, accuracy_run.reference.results, accuracy_run.tp.results) if ref["passed"] != tp["passed"]]
+              zip(tasks, accuracy_run.reference.results, accuracy_run.parallel.results) if ref["passed"] != tp["passed"]]
     allowed = 0 if is_fp32(accuracy_run) else accuracy_run.options.tolerance * len(tasks)
     assert len(differ) <= allowed, f"verdicts differ on {len(differ)} task(s) (reference, tp): {differ[:10]}"
 
@@ -119,7 +119,7 @@ def test_a_wrong_kv_sharding_rule_is_caught(accuracy_options, tmp_path, monkeypa
     if broken.summary["pass_at_1"]["reference"] == 0:
         pytest.skip("the reference solves none of these problems, so a pass@1 drop cannot show (use the oracle model)")
     with pytest.raises(AssertionError, match="outputs differ"):
-        check_outputs_equal(outputs_0=as_greedy_output(broken.reference), outputs_1=as_greedy_output(broken.tp),
+        check_outputs_equal(outputs_0=as_greedy_output(broken.reference), outputs_1=as_greedy_output(broken.parallel),
                             name_0="reference", name_1="tp-broken")
     print("pass@1 with the K/V head split:", broken.summary["pass_at_1"])
     assert broken.summary["pass_at_1"]["tp"] < broken.summary["pass_at_1"]["reference"], broken.summary
@@ -133,4 +133,4 @@ def test_compile_reaches_the_tp_ranks(accuracy_options, tmp_path):
                                  "max_new_tokens": 24, "results_dir": str(tmp_path / "results")})
     run = run_accuracy(options, log=lambda m: None)
     assert run.summary["compiled"] is True
-    assert [len(ids) for ids in run.tp.output_ids] == [len(ids) for ids in run.reference.output_ids]
+    assert [len(ids) for ids in run.parallel.output_ids] == [len(ids) for ids in run.reference.output_ids]

@@ -3,7 +3,7 @@
 case also fails when it regressed (see starcoder_tp/paired.py and starcoder_tp/gate.py)."""
 import pytest
 
-from starcoder_tp.perf_session import measure_and_gate
+from starcoder_tp.suite.perf_session import measure_and_gate
 
 
 def test_latency(perf_case, perf_runner, perf_state, benchmark):

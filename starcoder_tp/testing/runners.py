@@ -8,10 +8,10 @@ from pathlib import Path
 
 import torch
 
-from .device import Device
-from .generate import left_pad
-from .parallel import GroupSpec, WorkerGroup
-from .shard import DTYPES
+from ..device import Device
+from ..generate import left_pad
+from ..parallel import GroupSpec, WorkerGroup
+from ..shard import DTYPES
 
 
 @dataclass

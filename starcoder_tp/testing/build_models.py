@@ -13,21 +13,18 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
-import shutil
-import sys
-import uuid
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
-from .checkpoint import expected_shapes
-from .config import ModelConfig
+from .. import files
+from ..checkpoint import expected_shapes
+from ..config import ModelConfig
+from ..files import EMBEDDED_MODEL_DIR, FIXTURES, atomic_dir
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-FIXTURES = REPO_ROOT / "fixtures"
-EMBEDDED_MODEL_DIR = FIXTURES / "tiny-starcoder"
+# Python source from CPython 3.11.7's standard library (PSF licence): 33 modules of plain,
+# idiomatic code, each headed by its file name, concatenated and gzipped with mtime 0.
 TOKENIZER_CORPUS = FIXTURES / "data" / "tokenizer_corpus.py.gz"
 
 # StarCoder's special tokens, at the same ids 0..18.
@@ -123,43 +120,29 @@ def tokenizer_config(model_max_length: int) -> dict:
     }
 
 
-def _write_json(path: Path, data: dict) -> None:
+def write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
-def _atomic_dir(out: Path, build) -> Path:
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir(parents=True)
-    try:
-        build(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.rename(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
-
-
 def build_embedded(out: str | Path = EMBEDDED_MODEL_DIR, seed: int = 1234) -> Path:
-    def build(tmp: Path) -> None:
+    with atomic_dir(out) as tmp:
         raw = hf_config(**EMBEDDED_SIZES)
         tokenizer = train_tokenizer(EMBEDDED_SIZES["vocab_size"])
         assert tokenizer.get_vocab_size() <= raw["vocab_size"], tokenizer.get_vocab_size()
         tokenizer.save(str(tmp / "tokenizer.json"))
-        _write_json(tmp / "tokenizer_config.json", tokenizer_config(raw["n_positions"]))
-        _write_json(tmp / "special_tokens_map.json", {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>",
-                                                       "unk_token": "<|endoftext|>",
-                                                       "additional_special_tokens": SPECIAL_TOKENS[1:]})
-        _write_json(tmp / "config.json", raw)
-        _write_json(tmp / "generation_config.json", {"bos_token_id": 0, "eos_token_id": 0})
+        write_json(tmp / "tokenizer_config.json", tokenizer_config(raw["n_positions"]))
+        write_json(tmp / "special_tokens_map.json", {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>",
+                                                      "unk_token": "<|endoftext|>",
+                                                      "additional_special_tokens": SPECIAL_TOKENS[1:]})
+        write_json(tmp / "config.json", raw)
+        write_json(tmp / "generation_config.json", {"bos_token_id": 0, "eos_token_id": 0})
         save_file(random_weights(raw, seed), str(tmp / "model.safetensors"), metadata={"format": "pt"})
-
-    return _atomic_dir(Path(out), build)
+    return Path(out)
 
 
 def save_index_sharded(weights: dict[str, torch.Tensor], out: Path, max_file_bytes: int) -> None:
     """Write weights as HF does for large models: model-0000k-of-0000n.safetensors + index."""
-    from .shard import group_by_size
+    from ..shard import group_by_size
 
     groups = group_by_size([(n, t.numel() * t.element_size()) for n, t in weights.items()], max_file_bytes)
     weight_map = {}
@@ -168,38 +151,17 @@ def save_index_sharded(weights: dict[str, torch.Tensor], out: Path, max_file_byt
         save_file({n: weights[n] for n in names}, str(out / file_name), metadata={"format": "pt"})
         weight_map.update({n: file_name for n in names})
     total = sum(t.numel() * t.element_size() for t in weights.values())
-    _write_json(out / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("STARCODER_TP_CACHE", Path.home() / ".cache" / "starcoder_tp"))
+    write_json(out / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
 
 
 def build_bench(out: str | Path | None = None, seed: int = 4321) -> Path:
     """The bench-size model, built once into the cache (about 550 MB in fp32)."""
-    out = Path(out) if out else default_cache_dir() / "models" / "bench-138m"
+    out = Path(out) if out else files.cache_dir("models", "bench-138m")
     if (out / "model.safetensors.index.json").is_file():
         return out
-
-    def build(tmp: Path) -> None:
+    with atomic_dir(out) as tmp:
         raw = hf_config(**BENCH_SIZES)
-        _write_json(tmp / "config.json", raw)
+        write_json(tmp / "config.json", raw)
         save_index_sharded(random_weights(raw, seed), tmp, max_file_bytes=200 << 20)
+    return out
 
-    return _atomic_dir(out, build)
-
-
-def write_corpus_from_stdlib(out: Path = TOKENIZER_CORPUS) -> None:
-    """How the committed corpus was made (CPython 3.11.7's standard library, PSF licence)."""
-    import sysconfig
-
-    modules = ["heapq.py", "bisect.py", "textwrap.py", "string.py", "functools.py", "collections/__init__.py",
-               "fractions.py", "statistics.py", "difflib.py", "json/decoder.py", "json/encoder.py",
-               "json/__init__.py", "csv.py", "argparse.py", "dataclasses.py", "enum.py", "pathlib.py", "random.py",
-               "calendar.py", "shlex.py", "copy.py", "pprint.py", "operator.py", "datetime.py", "_pydecimal.py",
-               "fnmatch.py", "glob.py", "graphlib.py", "numbers.py", "queue.py", "sched.py", "tokenize.py", "typing.py"]
-    lib = Path(sysconfig.get_paths()["stdlib"])
-    text = "".join(f"# ---- {m} (CPython {sys.version.split()[0]}, PSF licence) ----\n" + (lib / m).read_text()
-                   for m in modules)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_bytes(gzip.compress(text.encode("utf-8"), mtime=0))

@@ -1,32 +1,42 @@
-"""Results of the performance grid: the CSV (appended row by row), the terminal summary and
-the heatmaps. The CSV starts with the Ascend guide's columns, so its readers keep working."""
+"""Results of the performance grid: the CSV (appended row by row), the terminal tables and the
+heatmaps, all through pandas. The CSV starts with the Ascend guide's columns, so its readers
+keep working. `python -m starcoder_tp report DIR [DIR2]` re-renders them from the CSVs of
+earlier runs (compare.py puts two runs side by side)."""
 from __future__ import annotations
 
-import csv
 import io
 import os
 import statistics
 import subprocess
 import time
 from pathlib import Path
+from typing import Iterable
 
+import pandas as pd
+
+from ..files import atomic_path
 from .machine import FINGERPRINT_COLUMNS
 from .perf import Case, CaseResult
 
 ASCEND_COLUMNS = ["Batch", "Input_seq_len", "Output_seq_len", "TotalTime(s)", "first_token_time(ms)",
                   "avg_token_time(ms)"]
 OUR_COLUMNS = ["world_size", "dtype", "device", "model", "model_shape", "runtime_mode", "decode_p50_ms",
-               "decode_p90_ms", "decode_p99_ms", "tokens_per_s", "peak_memory_mb", "peak_memory_mb_per_rank", "rounds", "first_token_ms_rounds",
-               "decode_ms_rounds", "calib_bandwidth_gbs", "calib_matmul_gflops", "side", "run_id",
-               *FINGERPRINT_COLUMNS, "git_commit", "timestamp"]
+               "decode_p90_ms", "decode_p99_ms", "tokens_per_s", "peak_memory_mb", "peak_memory_mb_per_rank", "rounds",
+               "first_token_ms_rounds", "decode_ms_rounds", "calib_bandwidth_gbs", "calib_matmul_gflops", "side",
+               "run_id", *FINGERPRINT_COLUMNS, "git_commit", "timestamp"]
 COLUMNS = ASCEND_COLUMNS + OUR_COLUMNS
+CASE_COLUMNS = ["Batch", "Input_seq_len", "Output_seq_len"]
+NUMERIC_COLUMNS = ["Batch", "Input_seq_len", "Output_seq_len", "TotalTime(s)", "first_token_time(ms)",
+                   "avg_token_time(ms)", "world_size", "decode_p50_ms", "decode_p90_ms", "decode_p99_ms", "tokens_per_s",
+                   "peak_memory_mb", "rounds"]
+CSV_GLOB = "multibatch_performance_*.csv"
 
 
 def csv_path(results_dir: str | Path, model_name: str, device_id: int) -> Path:
     return Path(results_dir) / f"multibatch_performance_{model_name}_{device_id}.csv"
 
 
-def git_commit(repo: Path = Path(__file__).resolve().parent.parent) -> str:
+def git_commit(repo: Path = Path(__file__).resolve().parents[2]) -> str:
     try:
         out = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=repo, capture_output=True, text=True,
                              timeout=10)
@@ -76,6 +86,19 @@ def result_row(result: CaseResult, *, world_size: int, dtype: str, device: str, 
     }
 
 
+def frame(rows: Iterable[dict] | pd.DataFrame) -> pd.DataFrame:
+    """Rows (dicts of strings, as written) as a DataFrame with the figures numeric."""
+    df = pd.DataFrame(list(rows) if not isinstance(rows, pd.DataFrame) else rows, columns=COLUMNS)
+    numeric = [c for c in NUMERIC_COLUMNS if c in df]
+    df[numeric] = df[numeric].apply(pd.to_numeric, errors="coerce")
+    return df
+
+
+def read_results(path: str | Path) -> pd.DataFrame:
+    """A results CSV as written: every column as text (a commit id of digits stays text)."""
+    return pd.read_csv(path, dtype=str, keep_default_na=False)
+
+
 class ResultsCSV:
     """Appends one complete line per finished case (flushed and fsynced), so an interrupted run
     keeps every row it measured. A file with other columns is moved aside, never mixed."""
@@ -84,106 +107,99 @@ class ResultsCSV:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.path.is_file() and self.path.stat().st_size:
-            with open(self.path, newline="") as f:
-                header = next(csv.reader(f), [])
+            header = list(pd.read_csv(self.path, nrows=0).columns)
             if header != COLUMNS:
                 aside = self.path.with_name(f"{self.path.stem}.{time.strftime('%Y%m%d-%H%M%S')}.old.csv")
                 os.replace(self.path, aside)
                 log(f"[perf] {self.path} had other columns; moved it to {aside}")
         if not self.path.is_file() or not self.path.stat().st_size:
-            self._append_line(COLUMNS)
+            self._append(pd.DataFrame(columns=COLUMNS), header=True)
 
-    def _append_line(self, values: list) -> None:
-        buffer = io.StringIO()
-        csv.writer(buffer, lineterminator="\n").writerow(values)
-        # One write of a whole line in append mode: a crash leaves whole rows only.
+    def _append(self, df: pd.DataFrame, header: bool = False) -> None:
+        text = io.StringIO()
+        df.to_csv(text, header=header, index=False, lineterminator="\n")
+        # One write of whole lines in append mode: a crash leaves whole rows only.
         with open(self.path, "a", newline="") as f:
-            f.write(buffer.getvalue())
+            f.write(text.getvalue())
             f.flush()
             os.fsync(f.fileno())
 
     def append(self, row: dict) -> None:
         missing = [c for c in COLUMNS if c not in row]
         assert not missing, missing
-        self._append_line([row[c] for c in COLUMNS])
+        self._append(pd.DataFrame([row], columns=COLUMNS))
 
-    def rows(self) -> list[dict]:
-        with open(self.path, newline="") as f:
-            return list(csv.DictReader(f))
+    def rows(self) -> pd.DataFrame:
+        return read_results(self.path)
 
     def measured_cases(self, *, world_size: int, dtype: str, device: str, model: str,
                        runtime_mode: str) -> set[Case]:
         """Cases already in the file for this configuration (for --perf-resume)."""
-        wanted = (world_size, dtype, device, model, runtime_mode, "")
-        return {Case(int(r["Batch"]), int(r["Input_seq_len"]), int(r["Output_seq_len"])) for r in self.rows()
-                if (int(r["world_size"]), r["dtype"], r["device"], r["model"], r["runtime_mode"], r["side"]) == wanted}
+        df = frame(self.rows())
+        ours = df[(df.world_size == world_size) & (df.dtype == dtype) & (df.device == device) & (df.model == model)
+                  & (df.runtime_mode == runtime_mode) & (df.side == "")]
+        return {Case(*map(int, key)) for key in ours[CASE_COLUMNS].itertuples(index=False)}
 
 
-def summary_lines(rows: list[dict]) -> list[str]:
+def latest(df: pd.DataFrame) -> pd.DataFrame:
+    """The last row of each case (a re-run replaces an earlier one), in case order."""
+    return df.drop_duplicates(CASE_COLUMNS, keep="last").sort_values(CASE_COLUMNS)
+
+
+def summary_lines(rows: Iterable[dict] | pd.DataFrame) -> list[str]:
     """A table per batch size, then the Ascend guide's headline: batch 1, mean over its cases."""
+    df = latest(frame(rows)).rename(columns={"first_token_time(ms)": "first", "avg_token_time(ms)": "decode"})
     lines = []
-    by_batch: dict[int, list[dict]] = {}
-    for row in rows:
-        by_batch.setdefault(int(row["Batch"]), []).append(row)
     head = f"{'in':>6} {'out':>6} {'first(ms)':>10} {'dec mean':>9} {'p50':>8} {'p90':>8} {'p99':>8} {'tok/s':>9} {'mem(MB)':>8}"
-    for batch in sorted(by_batch):
+    for batch, cases in df.groupby("Batch"):
         lines.append(f"batch {batch}:")
         lines.append("  " + head)
-        for r in sorted(by_batch[batch], key=lambda r: (int(r["Input_seq_len"]), int(r["Output_seq_len"]))):
-            lines.append(
-                f"  {int(r['Input_seq_len']):>6} {int(r['Output_seq_len']):>6} {float(r['first_token_time(ms)']):>10.2f} "
-                f"{float(r['avg_token_time(ms)']):>9.3f} {float(r['decode_p50_ms']):>8.3f} {float(r['decode_p90_ms']):>8.3f} "
-                f"{float(r['decode_p99_ms']):>8.3f} {float(r['tokens_per_s']):>9.1f} {float(r['peak_memory_mb']):>8.0f}")
-    for batch in sorted(by_batch):
-        cases = by_batch[batch]
-        first = statistics.fmean(float(r["first_token_time(ms)"]) for r in cases)
-        decode = statistics.fmean(float(r["avg_token_time(ms)"]) for r in cases)
+        for r in cases.itertuples(index=False):
+            lines.append(f"  {r.Input_seq_len:>6} {r.Output_seq_len:>6} {r.first:>10.2f} {r.decode:>9.3f} {r.decode_p50_ms:>8.3f} "
+                         f"{r.decode_p90_ms:>8.3f} {r.decode_p99_ms:>8.3f} {r.tokens_per_s:>9.1f} {r.peak_memory_mb:>8.0f}")
+    means = df.groupby("Batch").agg(first=("first", "mean"), decode=("decode", "mean"), cases=("Batch", "size"))
+    for batch, m in means.iterrows():
         tag = "headline (the Ascend guide's row)" if batch == 1 else "mean"
-        lines.append(f"batch {batch} {tag}: first token {first:.2f} ms, per-token decode {decode:.3f} ms "
-                     f"(mean over {len(cases)} case{'s' if len(cases) != 1 else ''})")
+        lines.append(f"batch {batch} {tag}: first token {m['first']:.2f} ms, per-token decode {m['decode']:.3f} ms "
+                     f"(mean over {m['cases']:.0f} case{'s' if m['cases'] != 1 else ''})")
     return lines
 
 
-def write_heatmaps(rows: list[dict], results_dir: str | Path, model_name: str, device_id: int) -> list[Path]:
-    """One PNG per batch size: first-token ms and decode ms/token over the in × out grid."""
+def write_heatmaps(rows: Iterable[dict] | pd.DataFrame, results_dir: str | Path, model_name: str,
+                   device_id: int) -> list[Path]:
+    """One PNG per batch size: first-token ms and decode ms/token over the in x out grid."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
+    df = latest(frame(rows))
     written = []
-    by_batch: dict[int, list[dict]] = {}
-    for row in rows:
-        by_batch.setdefault(int(row["Batch"]), []).append(row)
-    for batch, cases in sorted(by_batch.items()):
-        ins = sorted({int(r["Input_seq_len"]) for r in cases})
-        outs = sorted({int(r["Output_seq_len"]) for r in cases})
-        fig, axes = plt.subplots(1, 2, figsize=(4 + 1.4 * len(outs) * 2, 2 + 0.6 * len(ins)), squeeze=False)
+    for batch, cases in df.groupby("Batch"):
+        n_in, n_out = cases["Input_seq_len"].nunique(), cases["Output_seq_len"].nunique()
+        fig, axes = plt.subplots(1, 2, figsize=(4 + 1.4 * n_out * 2, 2 + 0.6 * n_in), squeeze=False)
         for ax, column, title in ((axes[0][0], "first_token_time(ms)", "first token (ms)"),
                                   (axes[0][1], "avg_token_time(ms)", "decode (ms/token)")):
-            grid = np.full((len(ins), len(outs)), np.nan)
-            for r in cases:  # the last row of a case wins (a re-run replaces an earlier one)
-                grid[ins.index(int(r["Input_seq_len"])), outs.index(int(r["Output_seq_len"]))] = float(r[column])
-            image = ax.imshow(grid, cmap="viridis", aspect="auto", origin="lower")
-            ax.set_xticks(range(len(outs)), [str(o) for o in outs])
-            ax.set_yticks(range(len(ins)), [str(i) for i in ins])
+            grid = cases.pivot(index="Input_seq_len", columns="Output_seq_len", values=column)  # in x out
+            values = grid.to_numpy(dtype=float)
+            image = ax.imshow(values, cmap="viridis", aspect="auto", origin="lower")
+            ax.set_xticks(range(len(grid.columns)), [str(o) for o in grid.columns])
+            ax.set_yticks(range(len(grid.index)), [str(i) for i in grid.index])
             ax.set_xlabel("output tokens")
             ax.set_ylabel("input tokens")
             ax.set_title(f"batch {batch}: {title}")
-            middle = np.nanmin(grid) + (np.nanmax(grid) - np.nanmin(grid)) / 2
-            for y in range(len(ins)):
-                for x in range(len(outs)):
-                    if not np.isnan(grid[y, x]):  # dark text on the bright (yellow) end of viridis
-                        ax.text(x, y, f"{grid[y, x]:.3g}", ha="center", va="center", fontsize=8,
-                                color="black" if grid[y, x] > middle else "white")
+            middle = np.nanmin(values) + (np.nanmax(values) - np.nanmin(values)) / 2
+            for (y, x), value in np.ndenumerate(values):
+                if not np.isnan(value):  # dark text on the bright (yellow) end of viridis
+                    ax.text(x, y, f"{value:.3g}", ha="center", va="center", fontsize=8,
+                            color="black" if value > middle else "white")
             fig.colorbar(image, ax=ax)
         fig.suptitle(f"{model_name}: batch {batch}")
         fig.tight_layout()
         path = Path(results_dir) / f"heatmap_bs{batch}_{model_name}_{device_id}.png"
-        tmp = path.with_suffix(".tmp.png")
-        fig.savefig(tmp, dpi=90)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=90)
         plt.close(fig)
-        os.replace(tmp, path)
         written.append(path)
     return written

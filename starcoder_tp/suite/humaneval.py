@@ -3,11 +3,11 @@ at bigcode-evaluation-harness's stop sequences, executed in the sandboxed pool, 
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..files import write_atomic
 from .execution import check_completions
 
 # bigcode-evaluation-harness's HumanEval stop words (EOS ends generation as well).
@@ -100,7 +100,7 @@ def execute(sides: list[SideResult], problems: dict[str, dict], **execution_opti
         side.results = [results[(task, side.completions[i])] for i, task in enumerate(tasks)]
 
 
-def write_outputs(results_dir: str | Path, problems: dict[str, dict], tp: SideResult, reference: SideResult,
+def write_outputs(results_dir: str | Path, problems: dict[str, dict], parallel: SideResult, reference: SideResult,
                   summary: dict) -> tuple[Path, Path]:
     """A JSONL of every completion with its result for both sides, and humaneval_summary.json."""
     results_dir = Path(results_dir)
@@ -110,15 +110,13 @@ def write_outputs(results_dir: str | Path, problems: dict[str, dict], tp: SideRe
     for i, task in enumerate(problems):
         lines.append(json.dumps({
             "task_id": task,
-            "tp": {"completion": tp.completions[i], "passed": tp.results[i]["passed"],
-                   "result": tp.results[i]["result"], "n_tokens": len(tp.output_ids[i])},
+            "tp": {"completion": parallel.completions[i], "passed": parallel.results[i]["passed"],
+                   "result": parallel.results[i]["result"], "n_tokens": len(parallel.output_ids[i])},
             "reference": {"completion": reference.completions[i], "passed": reference.results[i]["passed"],
                           "result": reference.results[i]["result"], "n_tokens": len(reference.output_ids[i])},
-            "tokens_identical": tp.output_ids[i] == reference.output_ids[i],
+            "tokens_identical": parallel.output_ids[i] == reference.output_ids[i],
         }))
     summary_path = results_dir / "humaneval_summary.json"
-    for path, text in ((jsonl, "\n".join(lines) + "\n"), (summary_path, json.dumps(summary, indent=2) + "\n")):
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
+    write_atomic(jsonl, "\n".join(lines) + "\n")
+    write_atomic(summary_path, json.dumps(summary, indent=2) + "\n")
     return jsonl, summary_path

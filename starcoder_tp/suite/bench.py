@@ -2,56 +2,46 @@
 one case or the grid, the multi-case CSV) with the same functions as the pytest suite."""
 from __future__ import annotations
 
+import argparse
 import os
 import time
 
+from .. import log
+from ..device import Device
+from ..options import add_options, positive_int
+from ..parallel import RankFailure, default_threads
+from ..shard import ensure_shards
+from ..torchrun import launched_by_torchrun, torchrun_rank, torchrun_world_size
 from . import ab
-from .build_models import EMBEDDED_MODEL_DIR
-from .device import Device
-from .gate import parse_thresholds
 from .machine import machine_fingerprint
-from .parallel import RankFailure, default_threads, launched_by_torchrun, log
-from .perf import DEFAULT_BATCH_SIZES, DEFAULT_SEQ_LENS, PerfOptions, PerfRunner, parse_case_pairs, parse_int_list
+from .options import BENCH_OPTIONS, perf_options
+from .perf import PerfOptions, PerfRunner
 from .report import ResultsCSV, csv_path, git_commit, result_row, summary_lines, write_heatmaps
 
 
-def options_from_args(args) -> PerfOptions:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--multicase", type=int, choices=[0, 1], default=0,
+                        help="0: one case (--batch --seq-in --seq-out); 1: the grid. Default: %(default)r")
+    parser.add_argument("--batch", type=positive_int, default=1, help="multicase 0. Default: %(default)r")
+    add_options(parser.add_argument, BENCH_OPTIONS)
+
+
+def options_from_args(args: argparse.Namespace) -> PerfOptions:
     if args.multicase == 0:
         if args.batch_sizes or args.case_pairs:
             raise ValueError("--batch-sizes and --case-pairs go with --multicase 1; use --batch for one case")
-        batch_sizes = (args.batch,)
-        seq_in = tuple(parse_int_list("--seq-in", args.seq_in or "128"))
-        seq_out = tuple(parse_int_list("--seq-out", args.seq_out or "128"))
-        if len(seq_in) != 1 or len(seq_out) != 1:
-            raise ValueError(f"--multicase 0 runs one case: give one --seq-in and one --seq-out, "
-                             f"not {args.seq_in!r} / {args.seq_out!r}")
-    else:
-        batch_sizes = tuple(parse_int_list("--batch-sizes", args.batch_sizes or ",".join(map(str, DEFAULT_BATCH_SIZES))))
-        default_lens = ",".join(map(str, DEFAULT_SEQ_LENS))
-        seq_in = tuple(parse_int_list("--seq-in", args.seq_in or default_lens))
-        seq_out = tuple(parse_int_list("--seq-out", args.seq_out or default_lens))
-    world_size = args.world_size or 2
-    if launched_by_torchrun():
-        world_size = int(os.environ["WORLD_SIZE"])
-        if args.world_size and args.world_size != world_size:
-            raise ValueError(f"--world-size {args.world_size} differs from torchrun's WORLD_SIZE={world_size}")
-    return PerfOptions(
-        model_dir=args.model_dir or str(EMBEDDED_MODEL_DIR), device=args.device, device_id=args.device_id,
-        world_size=world_size, dtype=args.dtype, batch_sizes=batch_sizes, seq_in=seq_in, seq_out=seq_out,
-        case_pairs=tuple(parse_case_pairs(args.case_pairs)) if args.case_pairs else None,
-        max_seq_len=args.max_seq_len, rounds=args.perf_rounds, warmup=args.perf_warmup,
-        results_dir=args.results_dir, model_name=args.model_name, threads_per_rank=args.threads_per_rank,
-        timeout_s=args.timeout, prepack=not args.no_prepack, compile=args.compile,
-        inject_prefill_ms=args.perf_inject_prefill_delay_ms, inject_decode_ms=args.perf_inject_decode_delay_ms,
-    )
+        args = argparse.Namespace(**{**vars(args), "batch_sizes": (args.batch,), "seq_in": args.seq_in or (128,),
+                                     "seq_out": args.seq_out or (128,)})
+        if len(args.seq_in) != 1 or len(args.seq_out) != 1:
+            raise ValueError(f"--multicase 0 runs one case: give one --seq-in and one --seq-out, not "
+                             f"{','.join(map(str, args.seq_in))} / {','.join(map(str, args.seq_out))}")
+    world_size = torchrun_world_size(args.world_size) if launched_by_torchrun() else None
+    return perf_options(args, world_size=world_size)
 
 
-def run_bench(args) -> int:
+def run(args: argparse.Namespace) -> int:
     options = options_from_args(args)  # every check before any rank is spawned
     options.check_cases()
-    thresholds = parse_thresholds(args.perf_max_regression)
-    if not 0 < args.perf_alpha < 1:
-        raise ValueError(f"--perf-alpha must be within (0, 1), got {args.perf_alpha}")
     if launched_by_torchrun():
         if args.perf_compare_ref:
             raise ValueError("--perf-compare-ref runs two local worker groups; under torchrun there is one set of "
@@ -65,39 +55,23 @@ def run_bench(args) -> int:
     comparison = ab.Comparison(working_tree(), checkout_ref(args.perf_compare_ref, log=log))
     log(f"[compare] {comparison.describe()}")
     return _bench(options, ab.ABRunner(options, comparison, log=log), writer=True,
-                  gate=(comparison, thresholds, args.perf_alpha))
+                  gate=(comparison, args.perf_max_regression, args.perf_alpha))
 
 
 def _bench_under_torchrun(options: PerfOptions) -> int:
     """This process is one of torchrun's ranks (one node or several): every rank loads its part
     and runs the same cases in step; global rank 0 alone writes the CSV and prints."""
-    import torch.distributed as dist
+    def shards(world_size: int, cut: bool):
+        return ensure_shards(options.model_dir, world_size, options.dtype, log=log if cut else (lambda m: None))
 
-    from .device import Device
-    from .generate import load_model
-    from .parallel import GroupSpec, TorchrunGroup, configure_threads, init_from_torchrun
-    from .shard import ensure_shards
-
-    started = time.perf_counter()
     device = Device(options.device, options.device_id)
-    tp, local_rank = init_from_torchrun(device, options.timeout_s)
-    try:
-        if local_rank == 0:  # one cut per node, into that node's cache
-            ensure_shards(options.model_dir, tp.world_size, options.dtype, log=log)
-        dist.barrier()
-        shard_dir = ensure_shards(options.model_dir, tp.world_size, options.dtype, log=lambda m: None)
-        if device.kind == "cpu":
-            configure_threads(local_rank, GroupSpec(str(shard_dir), tp.world_size, device, options.threads_per_rank,
-                                                    pin_cores=False))
-        model = load_model(shard_dir, tp, device.torch_device(local_rank), prepack=options.prepack,
-                           compile=options.compile)
-        quiet = tp.rank != 0
+    with torchrun_rank(device, shards, threads_per_rank=options.threads_per_rank, prepack=options.prepack,
+                       compile=options.compile, timeout_s=options.timeout_s) as rank:
+        quiet = rank.tp.rank != 0
         if not quiet:
-            log(f"[bench] {tp.world_size} torchrun rank(s) ready in {time.perf_counter() - started:.1f}s")
-        runner = PerfRunner(options, log=(lambda m: None) if quiet else log, group=TorchrunGroup(model, device, tp))
+            log(f"[bench] {rank.tp.world_size} torchrun rank(s) ready in {rank.setup_s:.1f}s")
+        runner = PerfRunner(options, log=(lambda m: None) if quiet else log, group=rank.group)
         return _bench(options, runner, writer=not quiet)
-    finally:
-        dist.destroy_process_group()
 
 
 def _bench(options: PerfOptions, runner, writer: bool, gate: tuple | None = None) -> int:

@@ -11,14 +11,14 @@ import contextlib
 import fcntl
 import hashlib
 import io
-import os
-import shutil
 import subprocess
 import tarfile
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
+
+from .. import files
+from ..files import atomic_dir
 
 PACKAGE = "starcoder_tp"
 # Side B is driven through this module of its own code: a commit without it predates the
@@ -110,10 +110,6 @@ def check_has_suite(ref: str, commit: str, root: Path) -> None:
     raise ValueError(f"--perf-compare-ref {ref!r} (commit {commit[:12]}): {why}")
 
 
-def default_worktree_cache() -> Path:
-    return Path(os.environ.get("STARCODER_TP_CACHE", Path.home() / ".cache" / "starcoder_tp")) / "worktrees"
-
-
 def _blob_sha(data: bytes) -> str:
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
 
@@ -152,7 +148,7 @@ def checkout_ref(ref: str, cache_dir: Path | None = None, root: Path | None = No
     root = root or repo_root()
     commit = resolve_ref(ref, root)
     check_has_suite(ref, commit, root)
-    cache = Path(cache_dir or default_worktree_cache())
+    cache = Path(cache_dir or files.cache_dir("worktrees"))
     try:
         return _extract(ref, commit, root, cache, log)
     except (OSError, tarfile.TarError) as err:
@@ -170,9 +166,7 @@ def _extract(ref: str, commit: str, root: Path, cache: Path, log: Callable[[str]
             return RefCheckout(ref, commit, final)
         if final.exists():
             log(f"[compare] {final} does not match commit {commit[:12]} (edited or half-written): extracting again")
-            shutil.rmtree(final)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{commit[:12]}-", dir=cache))
-        try:
+        with atomic_dir(final) as tmp:
             archive = _git(root, "archive", "--format=tar", commit, "--", PACKAGE).stdout
             with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
                 try:
@@ -182,9 +176,5 @@ def _extract(ref: str, commit: str, root: Path, cache: Path, log: Callable[[str]
             if not _intact(tmp, blobs):
                 raise RuntimeError(f"the extracted code of {commit[:12]} does not match the commit (git archive "
                                    "applied export filters?)")
-            os.replace(tmp, final)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
     log(f"[compare] side B: {ref} = {commit[:12]}, code extracted into {final}")
     return RefCheckout(ref, commit, final)

@@ -13,16 +13,16 @@ from __future__ import annotations
 import math
 import random
 import shutil
-import sys
 import time
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
-from .build_models import EMBEDDED_MODEL_DIR, FIXTURES, _atomic_dir, _write_json, hf_config
+from .. import log as default_log
+from ..files import EMBEDDED_MODEL_DIR, ORACLE_MODEL_DIR, atomic_dir
+from .build_models import hf_config, write_json
 
-ORACLE_MODEL_DIR = FIXTURES / "oracle-starcoder"
 ORACLE_SIZES = dict(vocab_size=6144, n_positions=1024, n_embd=256, n_layer=4, n_head=8, n_inner=1024)
 
 
@@ -96,20 +96,19 @@ def train_oracle(out: str | Path = ORACLE_MODEL_DIR, epochs: int = 50, batch_siz
 
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
 
-    def build(tmp: Path) -> None:
-        _write_json(tmp / "config.json", raw)
+    with atomic_dir(out) as tmp:
+        write_json(tmp / "config.json", raw)
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
             shutil.copyfile(EMBEDDED_MODEL_DIR / name, tmp / name)
-        _write_json(tmp / "training.json", {
+        write_json(tmp / "training.json", {
             "what": "memorised HumanEval canonical solutions; a test fixture, not a model of any quality",
             "epochs": epochs, "batch_size": batch_size, "lr": lr, "warmup_steps": warmup_steps, "seed": seed,
             "steps": step, "final_loss": sum(losses) / len(losses),
             "train_seconds": round(time.perf_counter() - started), "torch": torch.__version__,
         })
-
-    return _atomic_dir(Path(out), build)
+    return Path(out)
 
 
 if __name__ == "__main__":
-    train_oracle(log=lambda m: print(m, file=sys.stderr, flush=True))
+    train_oracle(log=default_log)

@@ -13,39 +13,22 @@ taken on another machine of the same kind stays meaningful.
 """
 from __future__ import annotations
 
-import csv
 import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pandas as pd
 import torch
 
+from ..files import atomic_path
 from .machine import FINGERPRINT_COLUMNS, describe, fingerprint_differences
 from .perf import Case
-from .report import COLUMNS
+from .report import CASE_COLUMNS, COLUMNS, latest, read_results
 
 METRICS = {"first_token": "first_token_ms_rounds", "decode": "decode_ms_rounds"}
 CALIBRATION_OF = {"first_token": "calib_matmul_gflops", "decode": "calib_bandwidth_gbs"}
 MIN_ROUNDS = 4  # exact Mann-Whitney, 3 vs 3 rounds: p >= 0.05 however far apart; 4 vs 4: down to 0.014
-
-
-def parse_thresholds(text: str) -> dict[str, float]:
-    """'first_token=10%,decode=15%' -> {'first_token': 0.10, 'decode': 0.15}."""
-    thresholds = {}
-    for item in text.split(","):
-        name, sep, value = item.strip().partition("=")
-        if not sep or name not in METRICS:
-            raise ValueError(f"--perf-max-regression: {item.strip()!r} is not METRIC=N% with METRIC one of "
-                             f"{', '.join(METRICS)}")
-        try:
-            number = float(value.rstrip("%")) / (100 if value.endswith("%") else 1)
-        except ValueError:
-            raise ValueError(f"--perf-max-regression: {value!r} is not a number or percentage") from None
-        if not 0 < number < 10:
-            raise ValueError(f"--perf-max-regression: {item.strip()!r} must be > 0% and < 1000%")
-        thresholds[name] = number
-    return thresholds
 
 
 def measure_calibration(samples: int = 3) -> dict[str, float]:
@@ -143,55 +126,60 @@ class Baseline:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"--perf-baseline {path}: no such file")
-        with open(path, newline="") as f:
-            reader = csv.DictReader(f)
-            missing = [c for c in ("first_token_ms_rounds", "decode_ms_rounds", "world_size", "dtype")
-                       if c not in (reader.fieldnames or [])]
-            if missing:
-                raise ValueError(f"--perf-baseline {path}: not a results CSV of this suite (no column {missing[0]!r})")
-            unrecorded = [c for c in ("model_shape", "runtime_mode") if c not in (reader.fieldnames or [])]
-            if unrecorded:
-                raise ValueError(f"--perf-baseline {path}: written before the model's dimensions and the runtime mode "
-                                 f"were recorded (no column {unrecorded[0]!r}), so it may gate one model or mode with "
-                                 "another's figures: take a new baseline with --perf-save-baseline")
-            if FINGERPRINT_COLUMNS[0] not in (reader.fieldnames or []):
-                raise ValueError(f"--perf-baseline {path}: written before the machine was recorded with each row (no "
-                                 f"column {FINGERPRINT_COLUMNS[0]!r}), so nothing says it was measured on this machine: "
-                                 "take a new baseline here with --perf-save-baseline, or compare commits in one "
-                                 "sitting with --perf-compare-ref")
-            rows = [row for row in reader if row.get("side") != "B"]  # side B of an A/B run is another commit
-        if not rows:
+        df = read_results(path)
+        missing = [c for c in ("first_token_ms_rounds", "decode_ms_rounds", "world_size", "dtype") if c not in df]
+        if missing:
+            raise ValueError(f"--perf-baseline {path}: not a results CSV of this suite (no column {missing[0]!r})")
+        unrecorded = [c for c in ("model_shape", "runtime_mode") if c not in df]
+        if unrecorded:
+            raise ValueError(f"--perf-baseline {path}: written before the model's dimensions and the runtime mode "
+                             f"were recorded (no column {unrecorded[0]!r}), so it may gate one model or mode with "
+                             "another's figures: take a new baseline with --perf-save-baseline")
+        if FINGERPRINT_COLUMNS[0] not in df:
+            raise ValueError(f"--perf-baseline {path}: written before the machine was recorded with each row (no "
+                             f"column {FINGERPRINT_COLUMNS[0]!r}), so nothing says it was measured on this machine: "
+                             "take a new baseline here with --perf-save-baseline, or compare commits in one "
+                             "sitting with --perf-compare-ref")
+        if "side" in df:
+            df = df[df.side != "B"]  # side B of an A/B run is another commit
+        if df.empty:
             raise ValueError(f"--perf-baseline {path}: holds no measured case")
+        other_shapes = df[df.model_shape != model_shape]
+        if not other_shapes.empty:
+            raise ValueError(f"--perf-baseline {path} was measured on a model of shape "
+                             f"{other_shapes.model_shape.iloc[0]}; this run's model (--model-dir) is {model_shape}: "
+                             "compare like with like (or take a new baseline with --perf-save-baseline)")
         ours = (world_size, dtype, device, runtime_mode)
-        for row in rows:
-            if row["model_shape"] != model_shape:
-                raise ValueError(f"--perf-baseline {path} was measured on a model of shape {row['model_shape']}; "
-                                 f"this run's model (--model-dir) is {model_shape}: compare like with like (or take "
-                                 "a new baseline with --perf-save-baseline)")
-            theirs = (int(row["world_size"]), row["dtype"], row["device"], row["runtime_mode"])
+        for theirs in df[["world_size", "dtype", "device", "runtime_mode"]].drop_duplicates().itertuples(index=False):
+            theirs = (int(theirs[0]), *theirs[1:])
             if theirs != ours:
                 raise ValueError(
                     f"--perf-baseline {path} was measured at world size {theirs[0]}, {theirs[1]}, {theirs[2]}, "
                     f"runtime mode {theirs[3]!r}; this run is world size {world_size}, {dtype}, {device}, runtime "
                     f"mode {runtime_mode!r} (--compile and --no-prepack set the mode): compare like with like "
                     "(or take a new baseline with --perf-save-baseline)")
-            if int(row["rounds"]) < MIN_ROUNDS:
-                raise ValueError(f"--perf-baseline {path}: case bs{row['Batch']}-in{row['Input_seq_len']}-out"
-                                 f"{row['Output_seq_len']} has {row['rounds']} round(s); a baseline needs >= "
-                                 f"{MIN_ROUNDS} (take it with --perf-rounds {MIN_ROUNDS} or more)")
-        differences = fingerprint_differences(rows[-1], fingerprint)
-        for row in rows:
-            if fingerprint_differences(row, rows[-1]):
-                raise ValueError(f"--perf-baseline {path} mixes rows of several machines ({describe(row)} and "
-                                 f"{describe(rows[-1])}): take it again on one")
+        few = df[df.rounds.astype(int) < MIN_ROUNDS]
+        if not few.empty:
+            row = few.iloc[0]
+            raise ValueError(f"--perf-baseline {path}: case bs{row['Batch']}-in{row['Input_seq_len']}-out"
+                             f"{row['Output_seq_len']} has {row['rounds']} round(s); a baseline needs >= "
+                             f"{MIN_ROUNDS} (take it with --perf-rounds {MIN_ROUNDS} or more)")
+        machines = df[list(FINGERPRINT_COLUMNS)].drop_duplicates()
+        if len(machines) > 1:
+            a, b = machines.iloc[0].to_dict(), machines.iloc[-1].to_dict()
+            raise ValueError(f"--perf-baseline {path} mixes rows of several machines ({describe(a)} and "
+                             f"{describe(b)}): take it again on one")
+        theirs = machines.iloc[0].to_dict()
+        differences = fingerprint_differences(theirs, fingerprint)
         if differences and not normalize:
             raise ValueError(
-                f"--perf-baseline {path} was measured on another machine: {describe(rows[-1])}; this run is on "
+                f"--perf-baseline {path} was measured on another machine: {describe(theirs)}; this run is on "
                 f"{describe(fingerprint)} ({'; '.join(differences)}). A stored baseline gates a machine against "
                 "itself: compare two commits on this machine in one sitting with --perf-compare-ref REF, take a "
                 "baseline here with --perf-save-baseline, or give --perf-normalize to compare the two machines in "
                 "calibrated units")
-        by_case = {Case(int(r["Batch"]), int(r["Input_seq_len"]), int(r["Output_seq_len"])): r for r in rows}
+        by_case = {Case(int(r["Batch"]), int(r["Input_seq_len"]), int(r["Output_seq_len"])): r
+                   for r in latest(df.astype({c: int for c in CASE_COLUMNS})).to_dict("records")}
         return cls(path, by_case, differences)
 
     def compare(self, case: Case, row: dict, thresholds: dict[str, float], alpha: float,
@@ -214,21 +202,14 @@ class Baseline:
 
 def write_baseline(rows: list[dict], path: str | Path) -> Path:
     """This session's rows as a baseline file, written atomically."""
-    import os
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS, lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
-    return path
+    with atomic_path(path) as tmp:
+        pd.DataFrame(rows, columns=COLUMNS).to_csv(tmp, index=False, lineterminator="\n")
+    return Path(path)
 
 
-def write_comparison_png(verdicts: list[Verdict], path: str | Path) -> Path:
-    """Now / baseline per case and metric, with the threshold drawn: red = regression."""
+def write_comparison_png(verdicts: list, path: str | Path) -> Path:
+    """The ratio per case and metric (now / baseline, or A / B), with the threshold drawn:
+    red = regression."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -245,17 +226,13 @@ def write_comparison_png(verdicts: list[Verdict], path: str | Path) -> Path:
         if chosen:
             ax.axhline(1 + chosen[0].threshold, color="tab:red", linestyle="--", linewidth=0.8)
         ax.set_xticks(range(len(chosen)), [v.case.id for v in chosen], rotation=45, ha="right", fontsize=7)
-        ax.set_ylabel("now / baseline")
+        ax.set_ylabel("ratio")
         ax.set_title(f"{metric} (median over rounds)")
     fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=90)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=90)
     plt.close(fig)
-    import os
-
-    os.replace(tmp, path)
-    return path
+    return Path(path)
 
 
 def summary_lines(baseline: Baseline, verdicts: list[Verdict], new_cases: list[Case], thresholds: dict[str, float],

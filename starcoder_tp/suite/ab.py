@@ -11,7 +11,8 @@ from typing import Callable
 
 from .gitref import RefCheckout, WorkingTree
 from .paired import MIN_PAIRED_ROUNDS, PairedVerdict, compare_paired
-from .perf import Case, CaseResult, PerfOptions, PerfRunner, _log
+from .. import log as default_log
+from .perf import Case, CaseResult, PerfOptions, PerfRunner
 from .serve import RemoteGroup
 
 SIDES = ("A", "B")
@@ -85,7 +86,7 @@ class PairedRounds:
 class ABRunner:
     """PerfRunner's interface for two sides. Side B runs the ref's code through serve.py."""
 
-    def __init__(self, options: PerfOptions, comparison: Comparison, log: Callable[[str], None] = _log,
+    def __init__(self, options: PerfOptions, comparison: Comparison, log: Callable[[str], None] = default_log,
                  log_path: Path | None = None):
         check_rounds(options.rounds)
         self.options, self.comparison, self.log = options, comparison, log

@@ -1,5 +1,5 @@
-"""The performance grid: cases, their inputs, one measured case, and the perf session that the
-pytest suite (tests_perf/) and `python -m starcoder_tp bench` share.
+"""The performance grid: cases, their inputs, one measured case, and the runner that measures
+them, shared by the pytest suite (tests_perf/) and `python -m starcoder_tp bench`.
 
 A case is measured exactly as its name says: B sequences of exactly `seq_in` tokens (random
 ids from the vocabulary, no padding, no truncation) generating exactly `seq_out` tokens with
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import statistics
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,10 +17,12 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .config import ModelConfig
-from .device import Device
-from .parallel import GroupSpec, RankFailure, WorkerGroup
-from .shard import DTYPES, ensure_shards
+from .. import log as default_log
+from ..config import ModelConfig
+from ..device import Device
+from ..parallel import GroupSpec, RankFailure, WorkerGroup
+from ..shard import DTYPES, ensure_shards
+from .faults import BusyWait
 
 DEFAULT_BATCH_SIZES = (1, 4, 8, 16, 32)
 DEFAULT_SEQ_LENS = (32, 64, 128, 256, 512, 1024)  # the Ascend guide's 2^5 .. 2^10
@@ -38,35 +39,6 @@ class Case:
     def id(self) -> str:
         # "-k bs1-" selects batch 1 alone ("-k bs1" would also match bs16).
         return f"bs{self.batch}-in{self.seq_in}-out{self.seq_out}"
-
-
-def parse_int_list(option: str, text: str) -> list[int]:
-    """'1,4,8' -> [1, 4, 8]; a ValueError naming the option and the bad value otherwise."""
-    values = []
-    for item in str(text).split(","):
-        item = item.strip()
-        try:
-            value = int(item)
-        except ValueError:
-            raise ValueError(f"{option}: {item!r} in {text!r} is not a whole number") from None
-        if value < 1:
-            raise ValueError(f"{option}: {value} in {text!r} must be >= 1")
-        values.append(value)
-    if len(set(values)) != len(values):
-        raise ValueError(f"{option}: {text!r} lists a value twice")
-    return values
-
-
-def parse_case_pairs(text: str, option: str = "--case-pairs") -> list[tuple[int, int]]:
-    """'256:64,512:512' -> [(256, 64), (512, 512)]: the Ascend guide's set_case_pair mode."""
-    pairs = []
-    for item in str(text).split(","):
-        parts = item.strip().split(":")
-        if len(parts) != 2:
-            raise ValueError(f"{option}: {item.strip()!r} is not of the form IN:OUT (e.g. 256:64)")
-        seq_in, seq_out = (parse_int_list(option, p)[0] for p in parts)
-        pairs.append((seq_in, seq_out))
-    return pairs
 
 
 def build_cases(batch_sizes, seq_in, seq_out, case_pairs=None) -> list[Case]:
@@ -186,13 +158,11 @@ class PerfOptions:
     prepack: bool = True  # linear weights pre-packed for oneDNN on CPU (see linear.py)
     compile: bool = False  # decode steps through torch.compile (compiled per case, in its warm-up)
     timeout_s: float = 60.0  # a rank waiting this long on another fails the case, naming it
-    inject_prefill_ms: float = 0.0  # test-only: proves that the regression gate catches a slowdown
+    inject_prefill_ms: float = 0.0  # test-only (faults.BusyWait): proves that the gate catches a slowdown
     inject_decode_ms: float = 0.0
 
     def __post_init__(self) -> None:
-        if not all(math.isfinite(d) and d >= 0 for d in (self.inject_prefill_ms, self.inject_decode_ms)):
-            raise ValueError(f"injected delays must be finite and >= 0 ms, got {self.inject_prefill_ms}, "
-                             f"{self.inject_decode_ms}")
+        BusyWait(self.inject_prefill_ms, self.inject_decode_ms)  # refuses a negative or non-finite delay
         if self.dtype not in DTYPES:
             raise ValueError(f"--dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
         if self.rounds < 1:
@@ -222,14 +192,10 @@ class PerfOptions:
         return ModelConfig.from_dir(self.model_dir)
 
 
-def _log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
 class PerfRunner:
     """Shards once (cached), spawns the ranks once, warms up once per batch size, measures cases."""
 
-    def __init__(self, options: PerfOptions, log: Callable[[str], None] = _log, group=None,
+    def __init__(self, options: PerfOptions, log: Callable[[str], None] = default_log, group=None,
                  start_group: Callable[[GroupSpec], object] | None = None, name: str = ""):
         """`group`: ranks already running (parallel.TorchrunGroup) instead of a local worker group.
         `start_group`: how to start (and restart) the ranks from their spec; a local WorkerGroup
@@ -282,10 +248,10 @@ class PerfRunner:
     def run_round(self, case: Case, result: CaseResult) -> None:
         prompts = make_prompts(case, self.config.vocab_size)
         started = time.perf_counter()
-        generation, memory = self._generate(case, prompts, case.seq_out, ignore_eos=True,
-                                            max_seq_len=self.options.max_seq_len,
-                                            inject_prefill_ms=self.options.inject_prefill_ms,
-                                            inject_decode_ms=self.options.inject_decode_ms)
+        o = self.options
+        faults = BusyWait(o.inject_prefill_ms, o.inject_decode_ms)
+        generation, memory = self._generate(case, prompts, case.seq_out, ignore_eos=True, max_seq_len=o.max_seq_len,
+                                            hooks=(faults,) if faults else ())
         wall_ms = (time.perf_counter() - started) * 1e3
         result.add_round(generation.first_token_ms, generation.decode_ms, tuple(generation.output_ids.shape), memory)
         result.wall_ms_rounds.append(wall_ms)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from .device import Device
+from ..device import Device
 
 # The instruction-set extensions that decide which kernels run (oneDNN, inductor, our own
 # choices in linear.py). Other /proc/cpuinfo flags (mitigations, virtualisation) differ between
@@ -46,7 +46,7 @@ def accelerator_name(device: Device) -> str:
     if device.kind == "cpu":
         return ""
     if device.kind == "npu":
-        from .device import import_torch_npu
+        from ..device import import_torch_npu
 
         import_torch_npu()
     module = getattr(torch, device.kind)

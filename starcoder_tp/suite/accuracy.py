@@ -8,10 +8,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .device import Device
+from ..device import Device
 from .humaneval import SideResult, complete, execute, write_outputs
-from .runners import GreedyOutput, HFRunner, TPRunner
-from .shard import ensure_shards
+from ..shard import ensure_shards
+from ..testing.runners import GreedyOutput, HFRunner, TPRunner
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,7 @@ class AccuracyOptions:
 @dataclass
 class AccuracyRun:
     options: AccuracyOptions
-    tp: SideResult
+    parallel: SideResult  # the tensor-parallel runtime's side
     reference: SideResult
     summary: dict
     jsonl: Path
@@ -58,7 +58,7 @@ def run_accuracy(o: AccuracyOptions, log: Callable[[str], None] = print) -> Accu
                       threads_per_rank=o.threads_per_rank, prepack=o.prepack, compile=o.compile)
     try:
         compiled = all(info["compiled"] for info in runner.group.ready_info)  # as the ranks report it
-        tp = complete(runner, f"tp{o.world_size}", tokenizer, o.problems, **gen)
+        parallel = complete(runner, f"tp{o.world_size}", tokenizer, o.problems, **gen)
     finally:
         runner.close()
     if o.reference == "tp1":
@@ -71,13 +71,13 @@ def run_accuracy(o: AccuracyOptions, log: Callable[[str], None] = print) -> Accu
         device = "cpu" if o.device.kind == "cpu" else str(o.device.torch_device(0))
         reference = complete(HFRunner(o.model_dir, o.dtype, device), "transformers", tokenizer, o.problems, **gen)
     log(f"[humaneval] executing the completions ({o.workers} sandboxed workers, {o.timeout_s:g}s each)")
-    execute([tp, reference], o.problems, timeout_s=o.timeout_s, workers=o.workers, memory_mb=o.memory_mb)
+    execute([parallel, reference], o.problems, timeout_s=o.timeout_s, workers=o.workers, memory_mb=o.memory_mb)
     n = len(o.problems)
     summary = {
         "n_problems": n,
-        "pass_at_1": {"tp": tp.pass_at_1, "reference": reference.pass_at_1},
-        "token_agreement": sum(a == b for a, b in zip(tp.output_ids, reference.output_ids)) / n,
-        "task_pass_agreement": sum(a["passed"] == b["passed"] for a, b in zip(tp.results, reference.results)) / n,
+        "pass_at_1": {"tp": parallel.pass_at_1, "reference": reference.pass_at_1},
+        "token_agreement": sum(a == b for a, b in zip(parallel.output_ids, reference.output_ids)) / n,
+        "task_pass_agreement": sum(a["passed"] == b["passed"] for a, b in zip(parallel.results, reference.results)) / n,
         "dtype": o.dtype,
         "world_size": o.world_size,
         "compiled": compiled,
@@ -85,18 +85,18 @@ def run_accuracy(o: AccuracyOptions, log: Callable[[str], None] = print) -> Accu
         "reference": reference.name,
         "model_dir": str(o.model_dir),
         "max_new_tokens": o.max_new_tokens,
-        "generate_s": {"tp": round(tp.generate_s, 1), "reference": round(reference.generate_s, 1)},
+        "generate_s": {"tp": round(parallel.generate_s, 1), "reference": round(reference.generate_s, 1)},
         "wall_s": round(time.perf_counter() - started, 1),
     }
-    jsonl, summary_path = write_outputs(o.results_dir, o.problems, tp, reference, summary)
-    return AccuracyRun(o, tp, reference, summary, jsonl, summary_path)
+    jsonl, summary_path = write_outputs(o.results_dir, o.problems, parallel, reference, summary)
+    return AccuracyRun(o, parallel, reference, summary, jsonl, summary_path)
 
 
 def summary_lines(run: AccuracyRun) -> list[str]:
     s = run.summary
     return [
         f"{'':<14}{'pass@1':>8}{'generate s':>12}",
-        f"{run.tp.name:<14}{s['pass_at_1']['tp']:>8.4f}{s['generate_s']['tp']:>12.1f}",
+        f"{run.parallel.name:<14}{s['pass_at_1']['tp']:>8.4f}{s['generate_s']['tp']:>12.1f}",
         f"{run.reference.name:<14}{s['pass_at_1']['reference']:>8.4f}{s['generate_s']['reference']:>12.1f}",
         f"{s['n_problems']} problems, {s['dtype']}, world size {s['world_size']}"
         f"{', decode steps compiled' if s['compiled'] else ''}, model {s['model_dir']}",

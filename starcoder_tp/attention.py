@@ -1,0 +1,101 @@
+"""Attention over the static KV cache: one function for the prefill and the decode step, eager
+or with fixed shapes (torch.compile, CUDA graphs), with or without left padding.
+
+A rank holds H query heads and KV key/value heads (KV = 1 for StarCoder's multi-query
+attention, KV = H for multi-head); G = H // KV query heads share each K/V head. A K/V head is
+never copied once per query head on the decode path, where reading the cache is the whole cost.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .comm import TPGroup
+from .config import ModelConfig
+from .linear import Linear
+
+
+def attention_mask(key_valid: torch.Tensor, query_slots: torch.Tensor) -> torch.Tensor:
+    """[B, 1, T, S] bool, broadcast over the heads: query t (at cache slot query_slots[t]) sees
+    the valid slots up to its own, and always itself, so that a row of left padding is never
+    fully masked (SDPA would give NaN). key_valid: [B, S], False on padding and on the slots not
+    written yet; query_slots: [T] long (a tensor, so that a fixed-shape step can move it)."""
+    slots = torch.arange(key_valid.shape[1], device=key_valid.device)  # [S]
+    query = query_slots.unsqueeze(-1)  # [T, 1]
+    mask = (key_valid[:, None, :] & (slots <= query)) | (slots == query)  # [B, T, S]
+    return mask.unsqueeze(1)
+
+
+def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
+           scale: float) -> torch.Tensor:
+    """q: [B, T, H, D]; keys, values: [B, KV, S, D]; mask: [B, 1, T, S] bool, or None for plain
+    causal attention (then T == S: a prefill from slot 0, or T == 1: a decode step that sees
+    every slot). Returns [B, T, H * D]."""
+    b, t, h, d = q.shape
+    kv = keys.shape[1]
+    if t == 1:
+        # One query per head: the G query heads of a K/V head stand in for its query length, so
+        # one product per K/V head serves all of them, and the mask [B, 1, 1, S] broadcasts.
+        out = F.scaled_dot_product_attention(q.reshape(b, kv, h // kv, d), keys, values, attn_mask=mask, scale=scale)
+        return out.reshape(b, 1, h * d)  # [B, KV, G, D] -> [B, 1, H * D]
+    if kv == 1:
+        # Multi-query: the one K/V head broadcast to the query heads by expand, a view.
+        keys, values = keys.expand(b, h, -1, d), values.expand(b, h, -1, d)
+    elif kv != h:
+        # Grouped: a prefill step does T times the work per key that a copy of the keys costs.
+        keys, values = keys.repeat_interleave(h // kv, dim=1), values.repeat_interleave(h // kv, dim=1)
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask, is_causal=mask is None,
+                                         scale=scale)  # [B, H, T, D]
+    return out.transpose(1, 2).reshape(b, t, h * d)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, tp: TPGroup):
+        super().__init__()
+        self.tp = tp
+        self.head_dim = config.head_dim
+        self.local_heads = config.n_head // tp.world_size
+        self.local_kv_heads = 1 if config.multi_query else self.local_heads
+        self.multi_query = config.multi_query
+        qkv_rows = (self.local_heads + 2 * self.local_kv_heads) * self.head_dim
+        self.c_attn = Linear(config.n_embd, qkv_rows)
+        self.c_proj = Linear(self.local_heads * self.head_dim, config.n_embd)
+        self.scale = 1.0 / math.sqrt(self.head_dim) if config.scale_attn_weights else 1.0
+        self.k_cache: torch.Tensor | None = None  # [B, KV, S_max, D]
+        self.v_cache: torch.Tensor | None = None
+
+    def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        # x: [B, T, E] -> q [B, T, H, D], k and v [B, T, KV, D]
+        b, t, _ = x.shape
+        h, d = self.local_heads, self.head_dim
+        qkv = self.c_attn(x)
+        if self.multi_query:
+            q = qkv[..., : h * d].view(b, t, h, d)
+            k = qkv[..., h * d : (h + 1) * d].view(b, t, 1, d)
+            v = qkv[..., (h + 1) * d :].view(b, t, 1, d)
+            return q, k, v
+        per_head = qkv.view(b, t, h, 3 * d)  # HF's per-head interleaved [q_h | k_h | v_h]
+        return per_head[..., :d], per_head[..., d : 2 * d], per_head[..., 2 * d :]
+
+    def forward(self, x: torch.Tensor, start: int | torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """x: [B, T, E], written to cache slots start .. start + T - 1. `start` an int: attention
+        over the slots up to the last one written. `start` a [1] long tensor: the fixed-shape
+        step, attention over the whole cache, `mask` hiding what is not written yet."""
+        q, k, v = self._qkv(x)
+        t = x.shape[1]
+        if isinstance(start, int):
+            end = start + t
+            self.k_cache[:, :, start:end] = k.transpose(1, 2)
+            self.v_cache[:, :, start:end] = v.transpose(1, 2)
+            keys, values = self.k_cache[:, :, :end], self.v_cache[:, :, :end]  # [B, KV, S, D]
+        else:
+            slots = start + torch.arange(t, device=start.device)
+            self.k_cache.index_copy_(2, slots, k.transpose(1, 2))
+            self.v_cache.index_copy_(2, slots, v.transpose(1, 2))
+            keys, values = self.k_cache, self.v_cache
+        out = attend(q, keys, values, mask, self.scale)
+        # Row-parallel: partial sums all-reduced, then the bias added once.
+        return self.tp.all_reduce_(self.c_proj(out, add_bias=False)) + self.c_proj.bias

@@ -1,0 +1,40 @@
+"""Test-only faults injected into generation: a slower step, as a slower kernel would make it.
+The gate's tests prove with it that a slowdown is caught; the fault tests hold a request open
+with it for as long as they need, whatever the machine's speed."""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+from ..generate import StepHooks
+
+
+def spin(ms: float) -> None:
+    """Busy-wait, as a slower kernel would: a sleep lets the core idle, and the step after it
+    then runs measurably slower (a cold core), which leaked a prefill injection into the decode
+    metric."""
+    deadline = time.perf_counter() + ms / 1e3
+    while time.perf_counter() < deadline:
+        pass
+
+
+@dataclass(frozen=True)
+class BusyWait(StepHooks):
+    """A busy-wait in every step, before its last collective, so that every rank's step holds
+    it once (after it, a rank held up there was counted again in the next step of the others)."""
+
+    prefill_ms: float = 0.0
+    decode_ms: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not all(math.isfinite(ms) and ms >= 0 for ms in (self.prefill_ms, self.decode_ms)):
+            raise ValueError(f"injected delays must be finite and >= 0 ms, got {self.prefill_ms}, {self.decode_ms}")
+
+    def __bool__(self) -> bool:
+        return bool(self.prefill_ms or self.decode_ms)
+
+    def before_pick(self, step: int) -> None:
+        ms = self.prefill_ms if step == 0 else self.decode_ms
+        if ms:
+            spin(ms)
