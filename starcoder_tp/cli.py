@@ -30,6 +30,18 @@ LAZY_COMMANDS = {
 }
 
 
+def _suite_module(module: str):
+    """A suite's module, imported when its command runs; a missing third-party package is named
+    with what installs it, instead of a traceback."""
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as err:
+        if err.name and not err.name.startswith("starcoder_tp"):
+            raise SystemExit(f"error: {module} needs the package {err.name!r}, which is not installed here: "
+                             "pip install 'starcoder-tp[perf]' (or the checkout's requirements.txt)") from err
+        raise
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The whole parser; a lazy subcommand gets its options only when it is the one run."""
     parser = argparse.ArgumentParser(prog="python -m starcoder_tp", description=__doc__)
@@ -62,7 +74,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     for name, (module, what) in LAZY_COMMANDS.items():
         p = sub.add_parser(name, help=what)
         if name == command:
-            importlib.import_module(module).add_arguments(p)
+            _suite_module(module).add_arguments(p)
 
     p = sub.add_parser("build-model", help="build the embedded fixture model, the oracle or the bench-size model")
     p.add_argument("which", choices=["embedded", "bench", "oracle"])
@@ -225,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     handlers = {"shard": cmd_shard, "generate": cmd_generate, "build-model": cmd_build_model}
     try:
         if args.command in LAZY_COMMANDS:
-            return importlib.import_module(LAZY_COMMANDS[args.command][0]).run(args)
+            return _suite_module(LAZY_COMMANDS[args.command][0]).run(args)
         return handlers[args.command](args)
     except (ValueError, FileNotFoundError, RankFailure, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -112,3 +112,14 @@ def test_bench_refuses_bad_cases_before_spawning(tmp_path, args, message):
     proc = run_cli("bench", "--results-dir", tmp_path, *args)
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr
     assert "set-up" not in proc.stderr and not list(tmp_path.glob("*.csv"))
+
+
+def test_a_suite_command_without_its_packages_names_the_missing_one(tmp_path):
+    # pandas made unimportable in that process only: a None entry in sys.modules stops the import.
+    code = ("import sys; sys.modules['pandas'] = None; from starcoder_tp.cli import main; "
+            "sys.exit(main(['report', '.']))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=tmp_path)
+    assert proc.returncode != 0
+    assert "'pandas'" in proc.stderr and "pip install" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
