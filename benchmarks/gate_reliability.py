@@ -12,6 +12,9 @@ measurement is taken to its second stage when its first regresses at the lowest 
 at any of them), so that every threshold is judged on the same rounds exactly as the gate would;
 a first stage that regresses at none decides alone, as it does in the gate.
 Run: python benchmarks/gate_reliability.py --repetitions 40 --rounds 40 [--ref HEAD]
+A run cut off goes on with --resume (each case keeps the baseline it recorded, so the stored mode
+is then judged against a baseline from before the interruption, as a committed one would be);
+--retally ROUNDS_JSONL prints the tables of what was recorded.
 """
 from __future__ import annotations
 
@@ -177,13 +180,18 @@ def from_raw(case: Case, figures: dict[str, list[float]]) -> CaseResult:
                       decode_ms_rounds=[[d] for d in figures["decode"]])
 
 
-def retally(path: Path, thresholds: list[float]) -> None:
-    """The tables again from a rounds.jsonl (a run cut off keeps every repetition it ended): per
-    case, the last baseline recorded and the repetitions after it."""
+def parse_case(text: str) -> Case:
+    b, i, o = text.removeprefix("bs").replace("-in", " ").replace("-out", " ").split()
+    return Case(int(b), int(i), int(o))
+
+
+def load_rounds(path: Path) -> dict[str, dict]:
+    """A rounds.jsonl read back, per case: the last baseline recorded and the repetitions after
+    it, as records and walls per mode."""
     cases: dict[str, dict] = {}
     for line in path.read_text().splitlines():
         entry = json.loads(line)
-        case = Case(*(int(x) for x in entry["case"].removeprefix("bs").replace("-in", " ").replace("-out", " ").split()))
+        case = parse_case(entry["case"])
         if "baseline" in entry:
             cases[entry["case"]] = {"case": case, "baseline": from_raw(case, entry["baseline"]),
                                     "records": {}, "walls": {}}
@@ -193,7 +201,12 @@ def retally(path: Path, thresholds: list[float]) -> None:
                          for stage in condition] for name, condition in entry["conditions"].items()}
         state["records"].setdefault(entry["mode"], []).append(stages)
         state["walls"].setdefault(entry["mode"], []).append(entry["wall_s"])
-    for state in cases.values():
+    return cases
+
+
+def retally(path: Path, thresholds: list[float]) -> None:
+    """The tables again from a rounds.jsonl (a run cut off keeps every repetition it ended)."""
+    for state in load_rounds(path).values():
         print(table(state["case"], state["records"], state["walls"], state["baseline"], thresholds))
 
 
@@ -210,6 +223,9 @@ def main() -> None:
                              "Default: %(default)r")
     parser.add_argument("--retally", type=Path, metavar="ROUNDS_JSONL",
                         help="print the tables from a rounds.jsonl instead of measuring. Default: %(default)r")
+    parser.add_argument("--resume", action="store_true",
+                        help="go on from the results dir's rounds.jsonl: each case keeps its recorded baseline and "
+                             "repetitions and runs the ones missing up to --repetitions. Default: %(default)r")
     args = parser.parse_args()
     if args.retally:
         retally(args.retally, [float(t) for t in args.thresholds.split(",")])
@@ -218,10 +234,8 @@ def main() -> None:
     rounds_log = open(Path(args.results_dir) / "rounds.jsonl", "a")
     thresholds = [float(t) for t in args.thresholds.split(",")]
     modes = args.modes.split(",")
-    cases = []
-    for text in args.cases.split(","):
-        b, i, o = text.removeprefix("bs").replace("-in", " ").replace("-out", " ").split()
-        cases.append(Case(int(b), int(i), int(o)))
+    cases = [parse_case(text) for text in args.cases.split(",")]
+    recorded = load_rounds(Path(args.results_dir) / "rounds.jsonl") if args.resume else {}
     comparison = ab.Comparison(working_tree(), checkout_ref(args.ref)) if "compare" in modes else None
     fingerprint = machine_fingerprint(Device("cpu"), default_threads(2))
     started = time.perf_counter()
@@ -231,8 +245,9 @@ def main() -> None:
     for case in cases:
         options = PerfOptions(model_dir=str(EMBEDDED_MODEL_DIR), batch_sizes=(case.batch,), seq_in=(case.seq_in,),
                               seq_out=(case.seq_out,), rounds=args.rounds, results_dir=args.results_dir)
-        baseline = None
-        if "stored" in modes:
+        state = recorded.get(case.id)
+        baseline = state["baseline"] if state else None
+        if "stored" in modes and baseline is None:
             runner = PerfRunner(options, log=lambda m: None).start()
             try:
                 runner.warm_up(case)
@@ -242,9 +257,15 @@ def main() -> None:
             finally:
                 runner.close()
             print(json.dumps({"case": case.id, "baseline": per_metric(baseline)}), file=rounds_log, flush=True)
-        records = {mode: [] for mode in modes}
-        walls = {mode: [] for mode in modes}
-        for rep in range(args.repetitions):
+        records = {mode: list(state["records"].get(mode, [])) if state else [] for mode in modes}
+        walls = {mode: list(state["walls"].get(mode, [])) if state else [] for mode in modes}
+        done = min(len(r) for r in records.values())
+        if any(len(r) != done for r in records.values()):
+            raise SystemExit(f"--resume: {case.id} has {[len(r) for r in records.values()]} repetitions recorded "
+                             f"per mode {modes}; they must be equal")
+        if done:
+            print(f"[gate_reliability] {case.id}: {done} repetition(s) recorded, resuming", file=sys.stderr, flush=True)
+        for rep in range(done, args.repetitions):
             for mode in modes:
                 if mode == "compare":
                     measured, wall = run_compare(options, comparison, case, min(thresholds))
