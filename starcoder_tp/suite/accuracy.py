@@ -44,6 +44,17 @@ class AccuracyRun:
     summary_path: Path
 
 
+def require_tokenizer(model_dir: str | Path) -> None:
+    """The accuracy suite decodes completions into code to run them: a checkpoint without its
+    tokenizer stops here, once and before any rank starts, instead of in every test."""
+    d = Path(model_dir)
+    if (d / "tokenizer.json").is_file() or ((d / "vocab.json").is_file() and (d / "merges.txt").is_file()):
+        return
+    raise ValueError(f"--model-dir {str(d)!r} has no tokenizer (neither tokenizer.json nor vocab.json + merges.txt): "
+                     "the accuracy suite decodes the completions to run them. Copy the model's tokenizer files "
+                     "next to its weights (the perf suite and `generate --input-ids-file` need none)")
+
+
 def as_greedy_output(side: SideResult) -> GreedyOutput:
     return GreedyOutput(side.output_ids, side.topk_logprobs, side.topk_ids)
 

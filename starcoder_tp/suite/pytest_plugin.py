@@ -15,7 +15,7 @@ from ..files import ORACLE_MODEL_DIR
 from ..options import add_options
 from ..parallel import default_threads
 from . import ab
-from .accuracy import AccuracyOptions, AccuracyRun, run_accuracy
+from .accuracy import AccuracyOptions, AccuracyRun, require_tokenizer, run_accuracy
 from .accuracy import summary_lines as accuracy_summary_lines
 from .gate import MIN_ROUNDS, Baseline, measure_calibration
 from .gitref import checkout_ref, working_tree
@@ -69,6 +69,8 @@ def accuracy_options_from_config(config) -> AccuracyOptions:
     try:
         tasks = opt.humaneval_tasks
         problems = load_problems(opt.humaneval_limit, [t.strip() for t in tasks.split(",")] if tasks else None)
+        if opt.model_dir:
+            require_tokenizer(opt.model_dir)
     except ValueError as err:
         raise pytest.UsageError(str(err)) from None
     return AccuracyOptions(

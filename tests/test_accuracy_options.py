@@ -1,0 +1,25 @@
+"""The accuracy suite's input checks, as a user meets them: `pytest tests_accuracy ...` in a subprocess."""
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from starcoder_tp.files import EMBEDDED_MODEL_DIR
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_a_checkpoint_without_tokenizer_stops_the_accuracy_suite_once_naming_it(tmp_path):
+    model = tmp_path / "no-tokenizer"
+    model.mkdir()
+    for name in ("config.json", "model.safetensors"):  # the weights alone: enough for the perf suite
+        shutil.copy(EMBEDDED_MODEL_DIR / name, model / name)
+    proc = subprocess.run([sys.executable, "-m", "pytest", "tests_accuracy", "-p", "no:cacheprovider",
+                           "--model-dir", str(model), "--results-dir", str(tmp_path / "results")],
+                          capture_output=True, text=True, timeout=300, cwd=REPO,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 4, out[-3000:]  # pytest's usage error: nothing collected, nothing run
+    assert out.count("has no tokenizer") == 1 and str(model) in out, out[-3000:]
+    assert "[shard]" not in out and "Traceback" not in out, out[-3000:]  # before any shard or rank
