@@ -84,7 +84,10 @@ def test_ctrl_c_tears_the_ranks_down_and_keeps_the_rows(tmp_path, reap):
                                   "--batch-sizes", "1", "--seq-in", "16", "--seq-out", "4,8,300",
                                   "--inject-decode-delay-ms", "20", "--results-dir", str(tmp_path)],
                                  cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
-                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                 # A test run started in the background of a script inherits SIGINT
+                                 # ignored, and Python keeps it so: give pytest a terminal's Ctrl-C.
+                                 preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)))
     csv_file = tmp_path / "multibatch_performance_starcoder_0.csv"
     deadline = time.monotonic() + 120
     while not csv_file.is_file() or len(csv_file.read_text().splitlines()) < 3:
