@@ -34,7 +34,7 @@ from speed import _best, cpu_name, machine_limits, matmul_peak, write_results  #
 from starcoder_tp.comm import TPGroup  # noqa: E402
 from starcoder_tp.device import Device  # noqa: E402
 from starcoder_tp.files import EMBEDDED_MODEL_DIR  # noqa: E402
-from starcoder_tp.model import TPGPTBigCode, load_model  # noqa: E402
+from starcoder_tp.model import TPCausalLM, load_model  # noqa: E402
 from starcoder_tp.shard import ensure_shards  # noqa: E402
 from starcoder_tp.testing.build_models import build_bench  # noqa: E402
 from starcoder_tp.timing import timed_generate  # noqa: E402
@@ -53,7 +53,7 @@ def matmul_flops(name: str, shapes: list) -> float:
     return 2.0 * m * k * n
 
 
-def profile_rows(model: TPGPTBigCode, batch: int, seq_in: int, steps: int, peak: float) -> tuple[list[str], dict]:
+def profile_rows(model: TPCausalLM, batch: int, seq_in: int, steps: int, peak: float) -> tuple[list[str], dict]:
     """Markdown rows (operator, shape, ms per step, share, GFLOP/s, % of peak) for the prefill
     and for a decode step, and the totals."""
     vocab = model.config.vocab_size
@@ -99,7 +99,7 @@ def profile_rows(model: TPGPTBigCode, batch: int, seq_in: int, steps: int, peak:
     return rows, totals
 
 
-def kernel_rows(model: TPGPTBigCode, batch: int, dtype: torch.dtype) -> list[str]:
+def kernel_rows(model: TPCausalLM, batch: int, dtype: torch.dtype) -> list[str]:
     """Every matmul kernel at hand, at this batch's decode shapes: µs per call and GFLOP/s."""
     c = model.config
     kv = 2 * c.n_kv_head * c.head_dim

@@ -2,8 +2,16 @@
 or with fixed shapes (torch.compile, CUDA graphs), with or without left padding.
 
 A rank holds H query heads and KV key/value heads (KV = 1 for StarCoder's multi-query
-attention, KV = H for multi-head); G = H // KV query heads share each K/V head. A K/V head is
-never copied once per query head on the decode path, where reading the cache is the whole cost.
+attention and for replicated K/V heads, KV = H for multi-head, anything between for
+StarCoder2's grouped-query attention); G = H // KV query heads share each K/V head. A K/V head
+is never copied once per query head on the decode path, where reading the cache is the whole
+cost.
+
+The sliding window (StarCoder2) is a mask over a full cache, not a ring buffer: the cache then
+keeps one layout, slot = position in the padded batch, for every path (eager, fixed-shape,
+left-padded), and the suites' sequences (≤ 2048 tokens) are shorter than the published
+models' window (4096), where a ring buffer would save nothing. Past the window a ring buffer
+would bound the cache's memory; the mask bounds only what each query sees.
 """
 from __future__ import annotations
 
@@ -16,16 +24,23 @@ from torch import nn
 from .comm import TPGroup
 from .config import ModelConfig
 from .linear import Linear
+from .starcoder2 import apply_rotary
 
 
-def attention_mask(key_valid: torch.Tensor, query_slots: torch.Tensor) -> torch.Tensor:
+def attention_mask(key_valid: torch.Tensor, query_slots: torch.Tensor, window: int | None = None) -> torch.Tensor:
     """[B, 1, T, S] bool, broadcast over the heads: query t (at cache slot query_slots[t]) sees
-    the valid slots up to its own, and always itself, so that a row of left padding is never
-    fully masked (SDPA would give NaN). key_valid: [B, S], False on padding and on the slots not
-    written yet; query_slots: [T] long (a tensor, so that a fixed-shape step can move it)."""
+    the valid slots up to its own (with a `window`, only the last `window` of them, itself
+    included, as transformers' sliding window: slot > query - window), and always itself, so
+    that a row of left padding is never fully masked (SDPA would give NaN). key_valid: [B, S],
+    False on padding and on the slots not written yet; query_slots: [T] long (a tensor, so that
+    a fixed-shape step can move it). Padding is on the left only, so a slot distance between
+    two valid tokens is their position distance."""
     slots = torch.arange(key_valid.shape[1], device=key_valid.device)  # [S]
     query = query_slots.unsqueeze(-1)  # [T, 1]
-    mask = (key_valid[:, None, :] & (slots <= query)) | (slots == query)  # [B, T, S]
+    seen = slots <= query  # [T, S]
+    if window is not None:
+        seen = seen & (slots > query - window)
+    mask = (key_valid[:, None, :] & seen) | (slots == query)  # [B, T, S]
     return mask.unsqueeze(1)
 
 
@@ -58,11 +73,13 @@ class Attention(nn.Module):
         self.tp = tp
         self.head_dim = config.head_dim
         self.local_heads = config.n_head // tp.world_size
-        self.local_kv_heads = 1 if config.multi_query else self.local_heads
-        self.multi_query = config.multi_query
+        self.local_kv_heads = config.kv_layout(tp.world_size)[0]
+        # GPTBigCode's multi-head rows are interleaved per head; MQA's and StarCoder2's (fused at
+        # load) are [q of all heads | k | v].
+        self.interleaved = config.model_type == "gpt_bigcode" and not config.multi_query
         qkv_rows = (self.local_heads + 2 * self.local_kv_heads) * self.head_dim
-        self.c_attn = Linear(config.n_embd, qkv_rows)
-        self.c_proj = Linear(self.local_heads * self.head_dim, config.n_embd)
+        self.c_attn = Linear(config.n_embd, qkv_rows, bias=config.use_bias)
+        self.c_proj = Linear(self.local_heads * self.head_dim, config.n_embd, bias=config.use_bias)
         self.scale = 1.0 / math.sqrt(self.head_dim) if config.scale_attn_weights else 1.0
         self.k_cache: torch.Tensor | None = None  # [B, KV, S_max, D]
         self.v_cache: torch.Tensor | None = None
@@ -70,21 +87,25 @@ class Attention(nn.Module):
     def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         # x: [B, T, E] -> q [B, T, H, D], k and v [B, T, KV, D]
         b, t, _ = x.shape
-        h, d = self.local_heads, self.head_dim
+        h, kv, d = self.local_heads, self.local_kv_heads, self.head_dim
         qkv = self.c_attn(x)
-        if self.multi_query:
+        if not self.interleaved:
             q = qkv[..., : h * d].view(b, t, h, d)
-            k = qkv[..., h * d : (h + 1) * d].view(b, t, 1, d)
-            v = qkv[..., (h + 1) * d :].view(b, t, 1, d)
+            k = qkv[..., h * d : (h + kv) * d].view(b, t, kv, d)
+            v = qkv[..., (h + kv) * d :].view(b, t, kv, d)
             return q, k, v
         per_head = qkv.view(b, t, h, 3 * d)  # HF's per-head interleaved [q_h | k_h | v_h]
         return per_head[..., :d], per_head[..., d : 2 * d], per_head[..., 2 * d :]
 
-    def forward(self, x: torch.Tensor, start: int | torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, start: int | torch.Tensor, mask: torch.Tensor | None,
+                rotary: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """x: [B, T, E], written to cache slots start .. start + T - 1. `start` an int: attention
         over the slots up to the last one written. `start` a [1] long tensor: the fixed-shape
-        step, attention over the whole cache, `mask` hiding what is not written yet."""
+        step, attention over the whole cache, `mask` hiding what is not written yet. `rotary`:
+        (cos, sin) [B, T, 1, D] of the new tokens' positions, for models with RoPE."""
         q, k, v = self._qkv(x)
+        if rotary is not None:
+            q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
         t = x.shape[1]
         if isinstance(start, int):
             end = start + t
@@ -98,4 +119,5 @@ class Attention(nn.Module):
             keys, values = self.k_cache, self.v_cache
         out = attend(q, keys, values, mask, self.scale)
         # Row-parallel: partial sums all-reduced, then the bias added once.
-        return self.tp.all_reduce_(self.c_proj(out, add_bias=False)) + self.c_proj.bias
+        out = self.tp.all_reduce_(self.c_proj(out, add_bias=False))
+        return out if self.c_proj.bias is None else out + self.c_proj.bias

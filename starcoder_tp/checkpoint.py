@@ -1,4 +1,4 @@
-"""Reading Hugging Face GPTBigCode checkpoints lazily, one tensor (or one slice) at a time.
+"""Reading Hugging Face GPTBigCode and StarCoder2 checkpoints lazily, one tensor (or one slice) at a time.
 
 Cutting the 15.5B StarCoder must not need its 31+ GB in memory: safetensors files are read
 through `safe_open(...).get_slice`, which copies only the requested rows; `.bin` files are
@@ -19,11 +19,14 @@ from .config import ModelConfig, read_config_json
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
 # Non-persistent buffers that some exporters still wrote; they carry no weights.
-IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")
+IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")
 
 
 def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Every weight of a GPTBigCodeForCausalLM with its full (unsharded) shape."""
+    """Every weight of the model (GPTBigCodeForCausalLM or Starcoder2ForCausalLM) with its full
+    (unsharded) shape, under Hugging Face's names."""
+    if config.model_type == "starcoder2":
+        return _starcoder2_shapes(config)
     e, inner, d = config.n_embd, config.n_inner, config.head_dim
     qkv_rows = e + 2 * config.n_kv_head * d
     shapes: dict[str, tuple[int, ...]] = {
@@ -47,10 +50,33 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _canonical_name(name: str) -> str:
-    # A checkpoint saved from GPTBigCodeModel (no LM head) has no "transformer." prefix.
-    if name.startswith(("wte.", "wpe.", "h.", "ln_f.")):
+def _starcoder2_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    e, inner, d = config.n_embd, config.n_inner, config.head_dim
+    kv_rows = config.n_kv_head * d
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (config.vocab_size, e)}
+    linears = {"self_attn.q_proj": (e, e), "self_attn.k_proj": (kv_rows, e), "self_attn.v_proj": (kv_rows, e),
+               "self_attn.o_proj": (e, e), "mlp.c_fc": (inner, e), "mlp.c_proj": (e, inner)}
+    for i in range(config.n_layer):
+        p = f"model.layers.{i}."
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            shapes.update({p + norm + ".weight": (e,), p + norm + ".bias": (e,)})
+        for name, shape in linears.items():
+            shapes[p + name + ".weight"] = shape
+            if config.use_bias:
+                shapes[p + name + ".bias"] = shape[:1]
+    shapes.update({"model.norm.weight": (e,), "model.norm.bias": (e,)})
+    if not config.tie_word_embeddings:
+        shapes["lm_head.weight"] = (config.vocab_size, e)
+    return shapes
+
+
+def _canonical_name(name: str, model_type: str) -> str:
+    # A checkpoint saved from the bare model (GPTBigCodeModel, Starcoder2Model: no LM head)
+    # has no "transformer." / "model." prefix.
+    if model_type == "gpt_bigcode" and name.startswith(("wte.", "wpe.", "h.", "ln_f.")):
         return "transformer." + name
+    if model_type == "starcoder2" and name.startswith(("embed_tokens.", "layers.", "norm.")):
+        return "model." + name
     return name
 
 
@@ -69,7 +95,7 @@ class CheckpointReader:
             for stored, shape, _ in self._list_file(path):  # the dtype listed: refused when unsupported
                 if stored.endswith(IGNORED_SUFFIXES):
                     continue
-                name = _canonical_name(stored)
+                name = _canonical_name(stored, self.config.model_type)
                 self._location[name] = (path, stored)
                 self._shape[name] = shape
         self._check_against_config()

@@ -28,6 +28,7 @@ def _fixtures_root() -> Path:
 FIXTURES = _fixtures_root()
 EMBEDDED_MODEL_DIR = FIXTURES / "tiny-starcoder"  # the default model of the perf suite
 ORACLE_MODEL_DIR = FIXTURES / "oracle-starcoder"  # the default model of the accuracy suite
+STARCODER2_MODEL_DIR = FIXTURES / "tiny-starcoder2"  # StarCoder2-shaped, with the embedded tokenizer
 
 
 def _temporary_name(path: Path, kind: str) -> Path:

@@ -9,7 +9,7 @@ from typing import Sequence
 import torch
 
 from .config import ModelConfig
-from .model import TPGPTBigCode
+from .model import TPCausalLM
 
 
 class StepHooks:
@@ -73,7 +73,7 @@ class _Request:
     """A request laid out on the model's device: ids, positions and the validity of every cache
     slot, and the cache allocated for it."""
 
-    def __init__(self, model: TPGPTBigCode, prompts: list[list[int]], max_new_tokens: int, max_seq_len: int | None):
+    def __init__(self, model: TPCausalLM, prompts: list[list[int]], max_new_tokens: int, max_seq_len: int | None):
         config = model.config
         cache_len = check_request(config, prompts, max_new_tokens, max_seq_len)
         self.eos = config.eos_token_id if config.eos_token_id is not None else 0
@@ -96,7 +96,7 @@ class _Request:
 
 
 @torch.inference_mode()
-def generate(model: TPGPTBigCode, prompts: list[list[int]], max_new_tokens: int, *, ignore_eos: bool = True,
+def generate(model: TPCausalLM, prompts: list[list[int]], max_new_tokens: int, *, ignore_eos: bool = True,
              max_seq_len: int | None = None, topk: int = 0, hooks: Sequence[StepHooks] = ()) -> Generation:
     """Greedy decoding of `max_new_tokens` tokens for a (ragged) batch. With ignore_eos the
     logits are left alone and exactly `max_new_tokens` are produced; otherwise finished rows

@@ -5,7 +5,7 @@ Pre-packing: `F.linear` hands a plain [N, K] weight to the BLAS on every call, w
 for its kernel each time; oneDNN's layout, packed once for the number of rows M a decode step has
 (the batch), saves that. From BATCH_PACK_ROWS rows on every weight is packed for the batch; below
 that only the tall, large ones (`worth_packing`), for which oneDNN still pays at M=1. The model
-re-packs when the batch changes (`TPGPTBigCode.setup_cache`, outside any timed region; exact). At
+re-packs when the batch changes (`TPCausalLM.setup_cache`, outside any timed region; exact). At
 prefill shapes the packed weight loses to F.linear, so from PREFILL_ROWS rows on it is unpacked
 for the call. oneDNN packs bf16 only on CPUs with AVX-512 (BW/VL/DQ) or AVX-NE-CONVERT;
 elsewhere, and on GPUs/NPUs, layers stay on F.linear.

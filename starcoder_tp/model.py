@@ -1,10 +1,12 @@
-"""A lean tensor-parallel GPTBigCode (StarCoder) with a static KV cache.
+"""A lean tensor-parallel StarCoder (GPTBigCode) and StarCoder2 with a static KV cache.
 
-Each rank holds its part as cut by shard.py: its query heads (plus the whole single K/V head
-of multi-query attention), its slice of the MLP, its rows of the padded vocabulary. Two
-all-reduces per layer (after the row-parallel `c_proj`s, before their replicated bias), one
-in the vocabulary-parallel embedding, and a small all-gather for the distributed argmax.
-Parameter names are Hugging Face's, so a part loads with `load_state_dict(strict=True)`.
+Each rank holds its part as cut by shard.py: its query heads and the K/V heads they use (the
+whole single K/V head of multi-query attention), its slice of the MLP, its rows of the padded
+vocabulary. Two all-reduces per layer (after the row-parallel `c_proj`s, before their
+replicated bias), one in the vocabulary-parallel embedding, and a small all-gather for the
+distributed argmax. The modules carry GPTBigCode's Hugging Face names, so a part loads with
+`load_state_dict(strict=True)`; StarCoder2's names are mapped onto them at load
+(starcoder2.py), where its positions become rotary instead of learned.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from .comm import TPGroup
 from .config import ModelConfig
 from .linear import NATIVE_BF16_MATMUL, Linear, linear, pack_weight, packed_linear, prepack_model
 from .shard import load_part
+from .starcoder2 import inverse_frequencies, rotary_tables, runtime_state
 
 
 def _drop_compiled_code() -> None:
@@ -56,13 +59,14 @@ class MLP(nn.Module):
         super().__init__()
         self.tp = tp
         local_inner = config.n_inner // tp.world_size
-        self.c_fc = Linear(config.n_embd, local_inner)
-        self.c_proj = Linear(local_inner, config.n_embd)
+        self.c_fc = Linear(config.n_embd, local_inner, bias=config.use_bias)
+        self.c_proj = Linear(local_inner, config.n_embd, bias=config.use_bias)
         self.act = _activation(config.activation_function)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         hidden = self.act(self.c_fc(x))
-        return self.tp.all_reduce_(self.c_proj(hidden, add_bias=False)) + self.c_proj.bias
+        out = self.tp.all_reduce_(self.c_proj(hidden, add_bias=False))
+        return out if self.c_proj.bias is None else out + self.c_proj.bias
 
 
 class Block(nn.Module):
@@ -73,8 +77,9 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.mlp = MLP(config, tp)
 
-    def forward(self, x: torch.Tensor, start: int | torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), start, mask)
+    def forward(self, x: torch.Tensor, start: int | torch.Tensor, mask: torch.Tensor | None,
+                rotary: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), start, mask, rotary)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -83,13 +88,14 @@ class Transformer(nn.Module):
         super().__init__()
         local_vocab = config.padded_vocab_size(tp.world_size) // tp.world_size
         self.wte = nn.Embedding(local_vocab, config.n_embd)
-        self.wpe = nn.Embedding(config.n_positions, config.n_embd)
+        if config.rope_theta is None:  # learned positions (GPTBigCode); StarCoder2's are rotary
+            self.wpe = nn.Embedding(config.n_positions, config.n_embd)
         self.h = nn.ModuleList(Block(config, tp) for _ in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
 
 
-class TPGPTBigCode(nn.Module):
-    """One rank's part of a GPTBigCodeForCausalLM."""
+class TPCausalLM(nn.Module):
+    """One rank's part of a GPTBigCodeForCausalLM or a Starcoder2ForCausalLM."""
 
     def __init__(self, config: ModelConfig, tp: TPGroup):
         super().__init__()
@@ -107,6 +113,8 @@ class TPGPTBigCode(nn.Module):
         self.pack_rows: int | None = None  # set by prepack: the decode batch the weights are packed for
         self.pack_force = False
         self.compiled_decode = None  # set by compile_decode: decode steps run the fixed-shape step compiled
+        self.window = config.sliding_window
+        self.inv_freq: torch.Tensor | None = None  # [D / 2] fp32, set by load_model for RoPE models
 
     def prepack(self, force: bool = False, rows: int = 1) -> int:
         """Pre-pack the linear weights for oneDNN, for decode steps of `rows` rows, where it pays
@@ -183,6 +191,8 @@ class TPGPTBigCode(nn.Module):
             tokens = F.embedding(local.masked_fill(outside, 0), wte)
             tokens.masked_fill_(outside.unsqueeze(-1), 0.0)
             self.tp.all_reduce_(tokens)
+        if self.inv_freq is not None:
+            return tokens
         return tokens + self.transformer.wpe(position_ids)
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, start: int | torch.Tensor,
@@ -199,15 +209,20 @@ class TPGPTBigCode(nn.Module):
         b, t = input_ids.shape
         if isinstance(start, int):
             end = start + t
-            if key_valid is None and t > 1 and start > 0:  # SDPA's is_causal aligns top-left: wrong here
+            # SDPA's is_causal aligns top-left (wrong past slot 0) and knows no window.
+            needs_mask = (t > 1 and start > 0) or (self.window is not None and end > self.window)
+            if key_valid is None and needs_mask:
                 key_valid = torch.ones((b, end), dtype=torch.bool, device=input_ids.device)
             query_slots = torch.arange(start, end, device=input_ids.device)
-            mask = None if key_valid is None else attention_mask(key_valid[:, :end], query_slots)
+            mask = None if key_valid is None else attention_mask(key_valid[:, :end], query_slots, self.window)
         else:
-            mask = attention_mask(key_valid, start + torch.arange(t, device=start.device))
+            mask = attention_mask(key_valid, start + torch.arange(t, device=start.device), self.window)
         x = self.embed(input_ids, position_ids)
+        rotary = None
+        if self.inv_freq is not None:
+            rotary = rotary_tables(position_ids, self.inv_freq, x.dtype)
         for block in self.transformer.h:
-            x = block(x, start, mask)
+            x = block(x, start, mask, rotary)
         return self._logits(self.transformer.ln_f(x[:, -1]))
 
     def _logits(self, last: torch.Tensor) -> torch.Tensor:
@@ -254,15 +269,17 @@ class TPGPTBigCode(nn.Module):
 
 
 def load_model(shard_dir: str | Path, tp: TPGroup, device: torch.device, prepack: bool = True,
-               compile: bool = False) -> TPGPTBigCode:
+               compile: bool = False) -> TPCausalLM:
     """Build this rank's model straight from its part: created on the meta device, then the
     loaded tensors are assigned, so the weights exist once in memory. With `prepack`, the linear
     weights are then re-laid out for oneDNN where it can take them (CPU; see linear.py). With
     `compile`, decode steps run through torch.compile instead (which packs weights itself)."""
     raw_config, state = load_part(shard_dir, tp.rank, tp.world_size, device="cpu" if device.type == "npu" else device)
     config = ModelConfig.from_hf_dict(raw_config, source=f"{shard_dir}/part_model/{tp.rank}/config.json")
+    if config.model_type == "starcoder2":
+        state = runtime_state(state, config)
     with torch.device("meta"):
-        model = TPGPTBigCode(config, tp)
+        model = TPCausalLM(config, tp)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -278,6 +295,8 @@ def load_model(shard_dir: str | Path, tp: TPGroup, device: torch.device, prepack
         state = {name: t.to(device) for name, t in state.items()}
     model.load_state_dict(state, assign=True, strict=True)
     del state
+    if config.rope_theta is not None:
+        model.inv_freq = inverse_frequencies(config).to(device)
     if compile:
         model.compile_decode()
     elif prepack:

@@ -55,7 +55,7 @@ class GroupSpec:
     request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S
     comm: str = "auto"  # "shm": shared-memory collectives; "dist": the backend's; "auto": shm on one CPU host
     prepack: bool = True  # linear weights pre-packed for oneDNN where it can (CPU): faster decode
-    compile: bool = False  # decode steps through torch.compile (see TPGPTBigCode.compile_decode)
+    compile: bool = False  # decode steps through torch.compile (see TPCausalLM.compile_decode)
 
     def __post_init__(self) -> None:
         if self.comm not in ("auto", "shm", "dist"):

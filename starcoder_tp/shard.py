@@ -1,11 +1,14 @@
 """Cutting a checkpoint into one part per rank ("part_model/{rank}") and reading a part back.
 
-The rules are those of vLLM's gpt_bigcode.py and TGI's flash_santacoder: query heads are split
-across ranks, the ONE key/value head of multi-query attention is kept whole on every rank
-(multi-head configs split their K/V heads with the queries), `c_fc` is column-parallel,
-`c_proj` row-parallel with its bias replicated (added once, after the all-reduce), `wte` and
-an untied `lm_head` vocabulary-parallel with the vocabulary padded to a multiple of the world
-size, and `wpe` and the layer norms replicated.
+The rules are those of vLLM's gpt_bigcode.py / starcoder2.py and TGI's flash_santacoder:
+query heads are split across ranks; key/value heads are split when the world size divides
+their number and replicated when it is a multiple of it, each rank then holding the K/V head
+its query heads use (StarCoder's multi-query attention: its ONE K/V head whole on every rank;
+GPTBigCode's multi-head variant splits its K/V heads with the queries). `c_fc` is
+column-parallel, `c_proj`/`o_proj` row-parallel with the bias replicated (added once, after
+the all-reduce), the embedding and an untied `lm_head` vocabulary-parallel with the vocabulary
+padded to a multiple of the world size, and `wpe` and the layer norms replicated. Parts keep
+Hugging Face's names.
 """
 from __future__ import annotations
 
@@ -53,19 +56,34 @@ class ShardRule:
     pad_rows_to: int | None = None
 
 
+VOCAB_PARALLEL = ("transformer.wte.weight", "model.embed_tokens.weight", "lm_head.weight")
+
+
+def kv_rows(config: ModelConfig, rank: int, world_size: int) -> tuple[int, int]:
+    """The rows of a [n_kv_head * head_dim, ...] K or V block that `rank` holds."""
+    local_kv, replicas = config.kv_layout(world_size)
+    first = (rank // replicas) * local_kv
+    return first * config.head_dim, (first + local_kv) * config.head_dim
+
+
 def shard_rule(name: str, config: ModelConfig, rank: int, world_size: int) -> ShardRule:
     """The rule that cuts tensor `name` for `rank` of `world_size`."""
     n = world_size
-    if name in ("transformer.wte.weight", "lm_head.weight"):
+    d = config.head_dim
+    q_rows = config.n_head // n * d
+    if name in VOCAB_PARALLEL:
         rows = config.padded_vocab_size(n) // n
         return ShardRule(0, ((rank * rows, (rank + 1) * rows),), pad_rows_to=rows)
+    if config.model_type == "starcoder2":
+        return _starcoder2_rule(name, config, rank, n)
     if name.endswith(("attn.c_attn.weight", "attn.c_attn.bias")):
-        d = config.head_dim
         local_heads = config.n_head // n
         if config.multi_query:
             # rows: [q of all heads (n_embd) | k (d) | v (d)]; every rank keeps k and v whole.
-            q = (rank * local_heads * d, (rank + 1) * local_heads * d)
-            return ShardRule(0, (q, (config.n_embd, config.n_embd + 2 * d)))
+            q = (rank * q_rows, (rank + 1) * q_rows)
+            k_start, k_stop = kv_rows(config, rank, n)
+            e = config.n_embd
+            return ShardRule(0, (q, (e + k_start, e + k_stop), (e + d + k_start, e + d + k_stop)))
         # multi-head rows are interleaved per head as [q_h | k_h | v_h] (HF's layout), so a
         # rank's heads are one contiguous block of rows.
         block = local_heads * 3 * d
@@ -81,6 +99,24 @@ def shard_rule(name: str, config: ModelConfig, rank: int, world_size: int) -> Sh
         return ShardRule(1, ((rank * cols, (rank + 1) * cols),))
     # wpe, layer norms, row-parallel biases: replicated.
     return ShardRule(0, None)
+
+
+def _starcoder2_rule(name: str, config: ModelConfig, rank: int, n: int) -> ShardRule:
+    q_rows = config.n_head // n * config.head_dim
+    if name.endswith(("self_attn.q_proj.weight", "self_attn.q_proj.bias")):
+        return ShardRule(0, ((rank * q_rows, (rank + 1) * q_rows),))
+    if name.endswith(("self_attn.k_proj.weight", "self_attn.k_proj.bias",
+                      "self_attn.v_proj.weight", "self_attn.v_proj.bias")):
+        return ShardRule(0, (kv_rows(config, rank, n),))
+    if name.endswith("self_attn.o_proj.weight"):
+        return ShardRule(1, ((rank * q_rows, (rank + 1) * q_rows),))
+    if name.endswith(("mlp.c_fc.weight", "mlp.c_fc.bias")):
+        rows = config.n_inner // n
+        return ShardRule(0, ((rank * rows, (rank + 1) * rows),))
+    if name.endswith("mlp.c_proj.weight"):
+        cols = config.n_inner // n
+        return ShardRule(1, ((rank * cols, (rank + 1) * cols),))
+    return ShardRule(0, None)  # layer norms, row-parallel biases
 
 
 def rank_tensor(reader: CheckpointReader, name: str, rank: int, world_size: int, dtype: torch.dtype) -> torch.Tensor:
@@ -111,6 +147,12 @@ def merge_rank_tensors(name: str, parts: list[torch.Tensor], config: ModelConfig
             if not torch.equal(part[q_rows:], parts[0][q_rows:]):
                 raise ValueError(f"the K/V head of {name} differs between rank 0 and rank {rank}")
         return torch.cat([p[:q_rows] for p in parts] + [parts[0][q_rows:]], dim=0)
+    _, replicas = config.kv_layout(n)
+    if replicas > 1 and name.endswith(("k_proj.weight", "k_proj.bias", "v_proj.weight", "v_proj.bias")):
+        for rank, part in enumerate(parts):
+            if not torch.equal(part, parts[rank - rank % replicas]):
+                raise ValueError(f"the K/V head of {name} differs between rank {rank - rank % replicas} and rank {rank}")
+        parts = parts[::replicas]
     full = torch.cat(parts, dim=rule.dim)
     if rule.pad_rows_to is not None:
         full = full[: config.vocab_size]
@@ -230,7 +272,8 @@ def shard_checkpoint(model_dir: str | Path, out_dir: str | Path, world_size: int
             "world_size": world_size,
             "dtype": dtype,
             "source": {"path": str(Path(model_dir).resolve()), "format": reader.format, "fingerprint": fingerprint},
-            "config": {k: getattr(reader.config, k) for k in ("vocab_size", "n_embd", "n_layer", "n_head", "multi_query")},
+            "config": {k: getattr(reader.config, k) for k in ("model_type", "vocab_size", "n_embd", "n_layer", "n_head",
+                                                              "n_kv_head", "sliding_window")},
             "padded_vocab_size": reader.config.padded_vocab_size(world_size),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "files": files,

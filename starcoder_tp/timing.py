@@ -12,7 +12,7 @@ import torch
 
 from .device import Device
 from .generate import StepHooks, generate
-from .model import TPGPTBigCode
+from .model import TPCausalLM
 
 
 @dataclass
@@ -42,7 +42,7 @@ class StepTimer(StepHooks):
     """Each step's milliseconds on this rank. The step times are reduced to the maximum over
     ranks once, at the end (`slowest`), not in the loop, which would add a collective per step."""
 
-    def __init__(self, model: TPGPTBigCode, device: Device):
+    def __init__(self, model: TPCausalLM, device: Device):
         self.model, self.device = model, device
         self.step_ms: list[float] = []
         self._started = 0.0
@@ -68,7 +68,7 @@ class StepTimer(StepHooks):
         return times[:-1], times[-1]
 
 
-def timed_generate(model: TPGPTBigCode, device: Device, prompts: list[list[int]], max_new_tokens: int, *,
+def timed_generate(model: TPCausalLM, device: Device, prompts: list[list[int]], max_new_tokens: int, *,
                    ignore_eos: bool = True, max_seq_len: int | None = None, topk: int = 0,
                    hooks: Sequence[StepHooks] = ()) -> GenerationResult:
     """`generate` with every step timed; `hooks` run inside the timed steps."""

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from .comm import TPGroup
 from .device import Device
 from .generate import check_request
-from .model import TPGPTBigCode, load_model
+from .model import TPCausalLM, load_model
 from .parallel import DEFAULT_CALL_TIMEOUT_S, GroupSpec, configure_threads
 from .timing import GenerationResult, timed_generate
 
@@ -53,7 +53,7 @@ class TorchrunGroup:
     the same order (the perf loop and its prompts are deterministic); the collectives inside
     keep them in step, and a dead peer surfaces as a collective error after --rank-timeout."""
 
-    def __init__(self, model: TPGPTBigCode, device: Device, tp: TPGroup):
+    def __init__(self, model: TPCausalLM, device: Device, tp: TPGroup):
         self.model, self.device, self.tp = model, device, tp
 
     def generate(self, prompts: list[list[int]], max_new_tokens: int, *, max_seq_len: int | None = None,
@@ -72,7 +72,7 @@ class TorchrunGroup:
 
 @dataclass
 class TorchrunRank:
-    model: TPGPTBigCode
+    model: TPCausalLM
     tp: TPGroup
     local_rank: int
     device: Device

@@ -8,6 +8,10 @@
 - `bench`: a bench-size model (n_embd 1024, 8 layers, 16 heads, MQA, vocab 49152, ~138M
   parameters), random weights, stored as index-sharded safetensors and no tokenizer; built on
   demand into the cache, never committed.
+- `embedded-starcoder2` (fixtures/tiny-starcoder2) and `bench-starcoder2`: the same for
+  StarCoder2's architecture (grouped-query attention, RoPE, sliding window), the first with
+  the embedded model's tokenizer, the second with StarCoder2-3B's head_dim, K/V heads and MLP
+  ratio at ~148M parameters.
 """
 from __future__ import annotations
 
@@ -21,7 +25,7 @@ from safetensors.torch import save_file
 from .. import files
 from ..checkpoint import expected_shapes
 from ..config import ModelConfig
-from ..files import EMBEDDED_MODEL_DIR, FIXTURES, atomic_dir
+from ..files import EMBEDDED_MODEL_DIR, FIXTURES, STARCODER2_MODEL_DIR, atomic_dir
 
 # Python source from CPython 3.11.7's standard library (PSF licence): 33 modules of plain,
 # idiomatic code, each headed by its file name, concatenated and gzipped with mtime 0.
@@ -37,6 +41,13 @@ SPECIAL_TOKENS = [
 
 EMBEDDED_SIZES = dict(vocab_size=6144, n_positions=4096, n_embd=256, n_layer=4, n_head=8, n_inner=1024)
 BENCH_SIZES = dict(vocab_size=49152, n_positions=2048, n_embd=1024, n_layer=8, n_head=16, n_inner=4096)
+# Two K/V heads for eight query heads: world size 2 splits them, 4 and 8 replicate them;
+# a window shorter than the suite's longest cases, so that the perf grid and HumanEval cross it.
+EMBEDDED_SC2_SIZES = dict(vocab_size=6144, max_position_embeddings=4096, hidden_size=256, num_hidden_layers=4,
+                          num_attention_heads=8, num_key_value_heads=2, intermediate_size=1024, sliding_window=512)
+# StarCoder2-3B's head_dim (128), K/V heads (2) and MLP ratio (4), at its published window.
+BENCH_SC2_SIZES = dict(vocab_size=49152, max_position_embeddings=4096, hidden_size=1024, num_hidden_layers=9,
+                       num_attention_heads=8, num_key_value_heads=2, intermediate_size=4096, sliding_window=4096)
 
 
 def hf_config(vocab_size: int, n_positions: int, n_embd: int, n_layer: int, n_head: int, n_inner: int,
@@ -67,6 +78,36 @@ def hf_config(vocab_size: int, n_positions: int, n_embd: int, n_layer: int, n_he
     }
 
 
+def starcoder2_config(vocab_size: int, max_position_embeddings: int, hidden_size: int, num_hidden_layers: int,
+                      num_attention_heads: int, num_key_value_heads: int, intermediate_size: int,
+                      sliding_window: int | None, rope_theta: float = 999999.4420358813,
+                      tie_word_embeddings: bool = True, use_bias: bool = True) -> dict:
+    """A complete `config.json` for Starcoder2ForCausalLM, as StarCoder2-3B's reads."""
+    return {
+        "architectures": ["Starcoder2ForCausalLM"],
+        "model_type": "starcoder2",
+        "vocab_size": vocab_size,
+        "max_position_embeddings": max_position_embeddings,
+        "hidden_size": hidden_size,
+        "num_hidden_layers": num_hidden_layers,
+        "num_attention_heads": num_attention_heads,
+        "num_key_value_heads": num_key_value_heads,
+        "intermediate_size": intermediate_size,
+        "hidden_act": "gelu_pytorch_tanh",
+        "norm_epsilon": 1e-5,
+        "rope_theta": rope_theta,
+        "sliding_window": sliding_window,
+        "use_bias": use_bias,
+        "tie_word_embeddings": tie_word_embeddings,
+        "initializer_range": 0.018042,
+        "attention_dropout": 0.0, "embedding_dropout": 0.0, "residual_dropout": 0.0,
+        "bos_token_id": 0,
+        "eos_token_id": 0,
+        "use_cache": True,
+        "torch_dtype": "float32",
+    }
+
+
 def random_weights(raw_config: dict, seed: int) -> dict[str, torch.Tensor]:
     """Seeded weights, in a fixed order. Linear weights have std 2/sqrt(fan_in), so that every
     layer moves the residual stream and greedy outputs stay varied instead of repeating one
@@ -76,11 +117,11 @@ def random_weights(raw_config: dict, seed: int) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     weights = {}
     for name, shape in expected_shapes(config).items():
-        if name.endswith(("wte.weight", "wpe.weight")):
+        if name.endswith(("wte.weight", "wpe.weight", "embed_tokens.weight")):
             std, base = 0.1, 0.0
         elif len(shape) == 2:
             std, base = 2.0 * shape[1] ** -0.5, 0.0
-        elif ".ln_" in name and name.endswith(".weight"):
+        elif name.endswith(".weight") and (".ln_" in name or "layernorm" in name or name == "model.norm.weight"):
             std, base = 0.1, 1.0
         else:
             std, base = 0.05, 0.0
@@ -140,6 +181,17 @@ def build_embedded(out: str | Path = EMBEDDED_MODEL_DIR, seed: int = 1234) -> Pa
     return Path(out)
 
 
+def build_embedded_starcoder2(out: str | Path = STARCODER2_MODEL_DIR, seed: int = 2345) -> Path:
+    """The StarCoder2-shaped fixture, with the embedded model's tokenizer files as they are."""
+    with atomic_dir(out) as tmp:
+        raw = starcoder2_config(**EMBEDDED_SC2_SIZES)
+        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
+            (tmp / name).write_bytes((EMBEDDED_MODEL_DIR / name).read_bytes())
+        write_json(tmp / "config.json", raw)
+        save_file(random_weights(raw, seed), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    return Path(out)
+
+
 def save_index_sharded(weights: dict[str, torch.Tensor], out: Path, max_file_bytes: int) -> None:
     """Write weights as HF does for large models: model-0000k-of-0000n.safetensors + index."""
     from ..shard import group_by_size
@@ -161,6 +213,18 @@ def build_bench(out: str | Path | None = None, seed: int = 4321) -> Path:
         return out
     with atomic_dir(out) as tmp:
         raw = hf_config(**BENCH_SIZES)
+        write_json(tmp / "config.json", raw)
+        save_index_sharded(random_weights(raw, seed), tmp, max_file_bytes=200 << 20)
+    return out
+
+
+def build_bench_starcoder2(out: str | Path | None = None, seed: int = 5432) -> Path:
+    """The StarCoder2 bench-size model, built once into the cache (about 600 MB in fp32)."""
+    out = Path(out) if out else files.cache_dir("models", "bench-starcoder2-150m")
+    if (out / "model.safetensors.index.json").is_file():
+        return out
+    with atomic_dir(out) as tmp:
+        raw = starcoder2_config(**BENCH_SC2_SIZES)
         write_json(tmp / "config.json", raw)
         save_index_sharded(random_weights(raw, seed), tmp, max_file_bytes=200 << 20)
     return out
