@@ -76,10 +76,11 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         if name == command:
             _suite_module(module).add_arguments(p)
 
-    p = sub.add_parser("build-model", help="build the embedded fixture model, the oracle or the bench-size model")
-    p.add_argument("which", choices=["embedded", "bench", "oracle"])
+    p = sub.add_parser("build-model", help="build the embedded fixture models, the oracle or the bench-size models")
+    p.add_argument("which", choices=["embedded", "embedded-starcoder2", "bench", "bench-starcoder2", "oracle"])
     p.add_argument("--out", default=None,
-                   help="Default: fixtures/tiny-starcoder (embedded), fixtures/oracle-starcoder (oracle), the cache (bench)")
+                   help="Default: fixtures/tiny-starcoder (embedded), fixtures/tiny-starcoder2 (embedded-starcoder2), "
+                        "fixtures/oracle-starcoder (oracle), the cache (bench, bench-starcoder2)")
     p.add_argument("--epochs", type=positive_int, default=50, help="oracle only. Default: %(default)r")
     p.add_argument("--threads", type=positive_int, default=1, help="oracle only: training threads. Default: %(default)r")
     return parser
@@ -217,15 +218,19 @@ def cmd_shard(args) -> int:
 
 def cmd_build_model(args) -> int:
     from .files import ORACLE_MODEL_DIR
-    from .testing.build_models import build_bench, build_embedded
+    from .testing import build_models
     from .testing.oracle import train_oracle
 
     if args.which == "oracle":
         out = train_oracle(args.out or ORACLE_MODEL_DIR, epochs=args.epochs, threads=args.threads, log=log)
     elif args.which == "embedded":
-        out = build_embedded(args.out) if args.out else build_embedded()
+        out = build_models.build_embedded(args.out) if args.out else build_models.build_embedded()
+    elif args.which == "embedded-starcoder2":
+        out = build_models.build_embedded_starcoder2(args.out) if args.out else build_models.build_embedded_starcoder2()
+    elif args.which == "bench-starcoder2":
+        out = build_models.build_bench_starcoder2(args.out)
     else:
-        out = build_bench(args.out)
+        out = build_models.build_bench(args.out)
     log(f"[build-model] {args.which} model written to {out}")
     return 0
 

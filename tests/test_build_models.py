@@ -46,3 +46,22 @@ def test_oracle_training_examples_put_the_loss_on_the_solution_only():
     assert ids[: len(prompt)] == prompt and labels[: len(prompt)] == [-100] * len(prompt)
     assert labels[len(prompt):] == ids[len(prompt):] and ids[-1] == tokenizer.eos_token_id
     assert tokenizer.decode(ids[len(prompt):-1]) == problem["canonical_solution"]
+
+
+def test_starcoder2_fixture_is_rebuilt_bit_for_bit_and_loads_in_transformers(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from starcoder_tp.files import STARCODER2_MODEL_DIR
+    from starcoder_tp.testing.build_models import build_embedded_starcoder2
+
+    rebuilt = build_embedded_starcoder2(tmp_path / "m")
+    committed = sorted(p.name for p in STARCODER2_MODEL_DIR.iterdir())
+    assert sorted(p.name for p in rebuilt.iterdir()) == committed
+    for name in committed:
+        assert digest(rebuilt / name) == digest(STARCODER2_MODEL_DIR / name), name
+    for name in ("tokenizer.json", "tokenizer_config.json"):  # the embedded model's tokenizer
+        assert digest(STARCODER2_MODEL_DIR / name) == digest(EMBEDDED_MODEL_DIR / name)
+    config = ModelConfig.from_dir(STARCODER2_MODEL_DIR)
+    assert (config.model_type, config.n_head, config.n_kv_head, config.sliding_window) == ("starcoder2", 8, 2, 512)
+    model = AutoModelForCausalLM.from_pretrained(str(STARCODER2_MODEL_DIR))
+    assert type(model).__name__ == "Starcoder2ForCausalLM"
