@@ -89,11 +89,18 @@ def test_runaway_completions_fail_within_the_timeout():
     assert elapsed < 2.0 + 1 + 30, elapsed  # bounded by the timeout, plus process start-up
 
 
+def self_check_options(accuracy_options: AccuracyOptions, tmp_path, count: int, **changes) -> AccuracyOptions:
+    """The checks of the suite itself run on the oracle fixture model at world size 2, whatever
+    model and world size the run is for: what they prove is the suite's, and a user's model
+    (say, a StarCoder2 without multi-query attention) need not have what they mutate."""
+    problems = dict(list(accuracy_options.problems.items())[:count])
+    return AccuracyOptions(**{**accuracy_options.__dict__, "model_dir": str(ORACLE_MODEL_DIR), "world_size": 2,
+                              "problems": problems, "results_dir": str(tmp_path / "results"), **changes})
+
+
 def test_a_wrong_kv_sharding_rule_is_caught(accuracy_options, tmp_path, monkeypatch):
     """Split the single K/V head across ranks (each keeps its share of head_dim, zeros elsewhere)
     instead of replicating it: the token comparison must fail and pass@1 must drop."""
-    if accuracy_options.world_size < 2:
-        pytest.skip("a sharding rule needs world size >= 2")
     import starcoder_tp.shard as shard_mod
 
     correct = shard_mod.rank_tensor
@@ -112,12 +119,9 @@ def test_a_wrong_kv_sharding_rule_is_caught(accuracy_options, tmp_path, monkeypa
 
     monkeypatch.setattr(shard_mod, "rank_tensor", kv_split)
     monkeypatch.setenv("STARCODER_TP_CACHE", str(tmp_path / "cache"))  # never poison the real cache
-    problems = dict(list(accuracy_options.problems.items())[:24])
-    options = AccuracyOptions(**{**accuracy_options.__dict__, "problems": problems,
-                                 "results_dir": str(tmp_path / "results")})
-    broken = run_accuracy(options, log=lambda m: None)
+    broken = run_accuracy(self_check_options(accuracy_options, tmp_path, 24), log=lambda m: None)
     if broken.summary["pass_at_1"]["reference"] == 0:
-        pytest.skip("the reference solves none of these problems, so a pass@1 drop cannot show (use the oracle model)")
+        pytest.skip("the oracle solves none of the problems selected (--humaneval-tasks), so a pass@1 drop cannot show")
     with pytest.raises(AssertionError, match="outputs differ"):
         check_outputs_equal(outputs_0=as_greedy_output(broken.reference), outputs_1=as_greedy_output(broken.parallel),
                             name_0="reference", name_1="tp-broken")
@@ -128,9 +132,7 @@ def test_a_wrong_kv_sharding_rule_is_caught(accuracy_options, tmp_path, monkeypa
 def test_compile_reaches_the_tp_ranks(accuracy_options, tmp_path):
     """--compile applies to the accuracy run too (it used to be dropped silently: eager ranks
     under a --compile command line); the ranks report whether their decode steps are compiled."""
-    problems = dict(list(accuracy_options.problems.items())[:4])
-    options = AccuracyOptions(**{**accuracy_options.__dict__, "problems": problems, "compile": True,
-                                 "max_new_tokens": 24, "results_dir": str(tmp_path / "results")})
+    options = self_check_options(accuracy_options, tmp_path, 4, compile=True, max_new_tokens=24)
     run = run_accuracy(options, log=lambda m: None)
     assert run.summary["compiled"] is True
     assert [len(ids) for ids in run.parallel.output_ids] == [len(ids) for ids in run.reference.output_ids]
