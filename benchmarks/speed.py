@@ -9,13 +9,14 @@ and cases, in one run; and against the machine's own limits (roofline).
   with compiled decode steps.
 - all three loaded at once and measured round-robin per case, each warmed up on the case first.
 - limits: memory read bandwidth (a sum over 512 MB) and matmul throughput per dtype, on one
-  thread and on all cores. Decode bound = bytes read per step (weights, and the KV cache, which
-  multi-query attention keeps whole on every rank) / bandwidth; prefill bound = FLOPs / matmul peak.
+  thread and on all cores. Decode bound = bytes read per step (weights, and the KV cache, whose
+  replicated K/V heads (multi-query attention: the one head) are whole on every rank holding
+  them) / bandwidth; prefill bound = FLOPs / matmul peak.
 - start-up of each of ours once its shards are cached (shard check + spawn + load), and the
   harness overhead per case: 1 - (the round's timed first token + decode steps) / wall time
   around the round as the perf suite runs it (prompts, requests to the ranks, replies).
 
-Run: python benchmarks/speed.py [--model bench|embedded|DIR] [--dtypes float32,bfloat16]
+Run: python benchmarks/speed.py [--model bench|bench-starcoder2|embedded|DIR] [--dtypes float32,bfloat16]
 Writes benchmarks/RESULTS.md (a section per model; other models' sections are kept).
 """
 from __future__ import annotations
@@ -33,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from starcoder_tp.files import EMBEDDED_MODEL_DIR, write_atomic
-from starcoder_tp.testing.build_models import build_bench
+from starcoder_tp.testing.build_models import build_bench, build_bench_starcoder2
 from starcoder_tp.config import ModelConfig
 from starcoder_tp.suite.perf import Case, CaseResult, PerfOptions, PerfRunner, make_prompts
 from starcoder_tp.shard import ensure_shards
@@ -93,15 +94,19 @@ def decode_bytes(c: ModelConfig, case: Case, dtype: str, world_size: int) -> flo
     """Bytes read per decode step, all ranks together, at the middle of the output."""
     size = torch.finfo(DTYPES[dtype]).bits // 8
     context = case.seq_in + case.seq_out // 2
+    if c.sliding_window:
+        context = min(context, c.sliding_window)
     kv_cache = case.batch * c.n_layer * 2 * c.n_kv_head * context * c.head_dim * size
-    # MQA: the single K/V head, and so its cache, is whole on every rank.
-    replicas = world_size if c.multi_query else 1
+    # A replicated K/V head (MQA's single one), and so its cache, is whole on every rank holding it.
+    replicas = c.kv_layout(world_size)[1]
     return (matmul_params(c) + c.vocab_size * c.n_embd) * size + kv_cache * replicas
 
 
 def decode_flops(c: ModelConfig, case: Case) -> float:
     """FLOPs of one decode step (all ranks together), at the middle of the output."""
     context = case.seq_in + case.seq_out // 2
+    if c.sliding_window:
+        context = min(context, c.sliding_window)
     attention = 4 * case.batch * c.n_head * context * c.head_dim
     return 2 * case.batch * (matmul_params(c) + c.vocab_size * c.n_embd) + attention
 
@@ -229,8 +234,9 @@ def section(title: str, model_dir: str, c: ModelConfig, limits: dict, rows: list
     lines = [f"## {title}", "",
              f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} by `benchmarks/speed.py` in {wall_s:.0f} s. "
              f"Machine: {cpu_name()}, {cores} cores, torch {torch.__version__}. Model: `{model_dir}` "
-             f"({c.n_layer} layers, n_embd {c.n_embd}, {c.n_head} heads, {'MQA' if c.multi_query else 'MHA'}, "
-             f"vocab {c.vocab_size}).",
+             f"({c.model_type}, {c.n_layer} layers, n_embd {c.n_embd}, {c.n_head} heads, {c.n_kv_head} K/V "
+             f"head{'s' if c.n_kv_head > 1 else ''}, vocab {c.vocab_size}"
+             + (f", sliding window {c.sliding_window}" if c.sliding_window else "") + ").",
              "",
              "Limits: read bandwidth " + ", ".join(f"{limits[f'bw_{t}']:.1f} GB/s ({t} thread{'s' if t > 1 else ''})"
                                                   for t in sorted({1, cores}))
@@ -287,7 +293,8 @@ def write_results(title: str, text: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="bench", help="bench, embedded or a checkpoint directory. Default: %(default)r")
+    parser.add_argument("--model", default="bench",
+                        help="bench, bench-starcoder2, embedded or a checkpoint directory. Default: %(default)r")
     parser.add_argument("--dtypes", default="float32,bfloat16", help="Default: %(default)r")
     parser.add_argument("--cases", default="1:128:32,16:128:32,1:512:32,16:512:32",
                         help="batch:seq_in:seq_out,... Default: %(default)r")
@@ -298,9 +305,10 @@ def main() -> None:
     if bad:
         raise SystemExit(f"--dtypes: {bad[0]!r} is not one of {', '.join(DTYPES)}")
     cases = [Case(*map(int, item.split(":"))) for item in args.cases.split(",")]
-    model_dir = {"bench": lambda: str(build_bench()), "embedded": lambda: str(EMBEDDED_MODEL_DIR)}.get(
-        args.model, lambda: args.model)()
-    title = {"bench": "bench-size model (~138M parameters)", "embedded": "embedded model"}.get(args.model, model_dir)
+    model_dir = {"bench": lambda: str(build_bench()), "bench-starcoder2": lambda: str(build_bench_starcoder2()),
+                 "embedded": lambda: str(EMBEDDED_MODEL_DIR)}.get(args.model, lambda: args.model)()
+    title = {"bench": "bench-size model (~138M parameters)", "embedded": "embedded model",
+             "bench-starcoder2": "StarCoder2 bench-size model (~148M parameters)"}.get(args.model, model_dir)
     title += f", {', '.join(dtypes)}"
     config = ModelConfig.from_dir(model_dir)
     started = time.perf_counter()
