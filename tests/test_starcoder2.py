@@ -35,7 +35,7 @@ MODELS = {
 
 
 def write_starcoder2(out: Path, heads: int, kv_heads: int, window: int | None, tied: bool, vocab: int,
-                     layout: str, seed: int = 13) -> Path:
+                     layout: str, seed: int = 13, use_bias: bool = True) -> Path:
     """A small Starcoder2ForCausalLM written by transformers' save_pretrained, with the weights
     of build_models.random_weights (varied greedy outputs, unlike the HF initialisation)."""
     from transformers import Starcoder2Config, Starcoder2ForCausalLM
@@ -44,7 +44,7 @@ def write_starcoder2(out: Path, heads: int, kv_heads: int, window: int | None, t
         vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=heads,
         num_key_value_heads=kv_heads, max_position_embeddings=256, sliding_window=window,
         tie_word_embeddings=tied, rope_parameters={"rope_type": "default", "rope_theta": 1e5},
-        bos_token_id=0, eos_token_id=0,
+        bos_token_id=0, eos_token_id=0, use_bias=use_bias,
     )
     model = Starcoder2ForCausalLM(config)
     missing, unexpected = model.load_state_dict(random_weights(config.to_dict(), seed), strict=False)
@@ -143,6 +143,31 @@ def test_fixed_shape_step_identical_to_transformers(one_rank, references):
         one_rank.compiled_decode = None
     check_outputs_equal(outputs_0=references["replicated"], outputs_1=GreedyOutput(out), name_0="transformers",
                         name_1="fixed-shape-step", prompts=PROMPTS)
+
+
+def test_compiled_decode_identical_to_transformers(one_rank, references):
+    """The fixed-shape step through torch.compile (inductor): RoPE and the window inside the graph."""
+    one_rank.compile_decode()
+    try:
+        out = timed_generate(one_rank, Device("cpu"), PROMPTS, NEW_TOKENS).output_ids.tolist()
+    finally:
+        one_rank.compiled_decode = None
+    check_outputs_equal(outputs_0=references["replicated"], outputs_1=GreedyOutput(out), name_0="transformers",
+                        name_1="compiled-step", prompts=PROMPTS)
+
+
+def test_no_bias_config_identical_to_transformers(tmp_path):
+    """use_bias: false (no bias on any linear), at world size 2."""
+    src = write_starcoder2(tmp_path / "m", 8, 2, None, True, 1024, "safetensors", use_bias=False)
+    assert not ModelConfig.from_dir(src).use_bias
+    reference = HFRunner(src).generate_greedy(PROMPTS, NEW_TOKENS)
+    shard_checkpoint(src, tmp_path / "s", 2)
+    runner = TPRunner(tmp_path / "s", 2)
+    try:
+        out = runner.generate_greedy(PROMPTS, NEW_TOKENS)
+    finally:
+        runner.close()
+    check_outputs_equal(outputs_0=reference, outputs_1=out, name_0="transformers", name_1="tp2-no-bias", prompts=PROMPTS)
 
 
 def test_dropping_the_window_is_caught(one_rank, references):

@@ -8,6 +8,7 @@ from starcoder_tp.suite.accuracy import AccuracyOptions, as_greedy_output, run_a
 from starcoder_tp.testing.compare import check_outputs_equal, check_topk_close
 from starcoder_tp.suite.execution import check_completions
 from starcoder_tp.suite.humaneval import load_problems
+from starcoder_tp.config import ModelConfig
 from starcoder_tp.files import ORACLE_MODEL_DIR
 
 
@@ -90,12 +91,21 @@ def test_runaway_completions_fail_within_the_timeout():
 
 
 def self_check_options(accuracy_options: AccuracyOptions, tmp_path, count: int, **changes) -> AccuracyOptions:
-    """The checks of the suite itself run on the oracle fixture model at world size 2, whatever
-    model and world size the run is for: what they prove is the suite's, and a user's model
-    (say, a StarCoder2 without multi-query attention) need not have what they mutate."""
+    """The checks of the suite itself run on the oracle fixture model, whatever model the run is
+    for: what they prove is the suite's, and a user's model (say, a StarCoder2 without
+    multi-query attention) need not have what they mutate. On CPU at world size 2; on an
+    accelerator at the run's world size, which must be one the oracle takes."""
+    world_size = accuracy_options.world_size
+    if accuracy_options.device.kind == "cpu":
+        world_size = 2
+    else:
+        fitting = [w for w in ModelConfig.from_dir(ORACLE_MODEL_DIR).valid_world_sizes() if w >= 2]
+        if world_size not in fitting:
+            pytest.skip(f"the suite's self-checks run the oracle model on {fitting} ranks; --world-size is {world_size}")
     problems = dict(list(accuracy_options.problems.items())[:count])
-    return AccuracyOptions(**{**accuracy_options.__dict__, "model_dir": str(ORACLE_MODEL_DIR), "world_size": 2,
-                              "problems": problems, "results_dir": str(tmp_path / "results"), **changes})
+    return AccuracyOptions(**{**accuracy_options.__dict__, "model_dir": str(ORACLE_MODEL_DIR),
+                              "world_size": world_size, "problems": problems,
+                              "results_dir": str(tmp_path / "results"), **changes})
 
 
 def test_a_wrong_kv_sharding_rule_is_caught(accuracy_options, tmp_path, monkeypatch):
