@@ -9,12 +9,15 @@ def digest(path):
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def test_embedded_model_is_rebuilt_bit_for_bit(tmp_path):
-    rebuilt = build_embedded(tmp_path / "m")
-    committed = sorted(p.name for p in EMBEDDED_MODEL_DIR.iterdir())
+def assert_same_files(rebuilt, committed_dir):
+    committed = sorted(p.name for p in committed_dir.iterdir())
     assert sorted(p.name for p in rebuilt.iterdir()) == committed
     for name in committed:
-        assert digest(rebuilt / name) == digest(EMBEDDED_MODEL_DIR / name), name
+        assert digest(rebuilt / name) == digest(committed_dir / name), name
+
+
+def test_embedded_model_is_rebuilt_bit_for_bit(tmp_path):
+    assert_same_files(build_embedded(tmp_path / "m"), EMBEDDED_MODEL_DIR)
 
 
 def test_embedded_model_has_starcoders_architecture_and_loads_offline():
@@ -54,11 +57,7 @@ def test_starcoder2_fixture_is_rebuilt_bit_for_bit_and_loads_in_transformers(tmp
     from starcoder_tp.files import STARCODER2_MODEL_DIR
     from starcoder_tp.testing.build_models import build_embedded_starcoder2
 
-    rebuilt = build_embedded_starcoder2(tmp_path / "m")
-    committed = sorted(p.name for p in STARCODER2_MODEL_DIR.iterdir())
-    assert sorted(p.name for p in rebuilt.iterdir()) == committed
-    for name in committed:
-        assert digest(rebuilt / name) == digest(STARCODER2_MODEL_DIR / name), name
+    assert_same_files(build_embedded_starcoder2(tmp_path / "m"), STARCODER2_MODEL_DIR)
     for name in ("tokenizer.json", "tokenizer_config.json"):  # the embedded model's tokenizer
         assert digest(STARCODER2_MODEL_DIR / name) == digest(EMBEDDED_MODEL_DIR / name)
     config = ModelConfig.from_dir(STARCODER2_MODEL_DIR)

@@ -133,26 +133,28 @@ def one_rank(models, tmp_path_factory):
     return load_model(out, TPGroup(0, 1), torch.device("cpu"), prepack=False)
 
 
+def generate_with_step(model, step) -> GreedyOutput:
+    """The decode steps through `step` (what generate calls `compiled_decode`), then back to eager."""
+    model.compiled_decode = step
+    try:
+        return GreedyOutput(timed_generate(model, Device("cpu"), PROMPTS, NEW_TOKENS).output_ids.tolist())
+    finally:
+        model.compiled_decode = None
+
+
 def test_fixed_shape_step_identical_to_transformers(one_rank, references):
     """The decode step that torch.compile and CUDA graphs take (attention over the whole cache,
     the mask hiding the slots not written yet, the window on top), run eagerly."""
-    one_rank.compiled_decode = one_rank.forward
-    try:
-        out = timed_generate(one_rank, Device("cpu"), PROMPTS, NEW_TOKENS).output_ids.tolist()
-    finally:
-        one_rank.compiled_decode = None
-    check_outputs_equal(outputs_0=references["replicated"], outputs_1=GreedyOutput(out), name_0="transformers",
+    out = generate_with_step(one_rank, one_rank.forward)
+    check_outputs_equal(outputs_0=references["replicated"], outputs_1=out, name_0="transformers",
                         name_1="fixed-shape-step", prompts=PROMPTS)
 
 
 def test_compiled_decode_identical_to_transformers(one_rank, references):
     """The fixed-shape step through torch.compile (inductor): RoPE and the window inside the graph."""
     one_rank.compile_decode()
-    try:
-        out = timed_generate(one_rank, Device("cpu"), PROMPTS, NEW_TOKENS).output_ids.tolist()
-    finally:
-        one_rank.compiled_decode = None
-    check_outputs_equal(outputs_0=references["replicated"], outputs_1=GreedyOutput(out), name_0="transformers",
+    out = generate_with_step(one_rank, one_rank.compiled_decode)
+    check_outputs_equal(outputs_0=references["replicated"], outputs_1=out, name_0="transformers",
                         name_1="compiled-step", prompts=PROMPTS)
 
 

@@ -206,26 +206,22 @@ def save_index_sharded(weights: dict[str, torch.Tensor], out: Path, max_file_byt
     write_json(out / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
 
 
-def build_bench(out: str | Path | None = None, seed: int = 4321) -> Path:
-    """The bench-size model, built once into the cache (about 550 MB in fp32)."""
-    out = Path(out) if out else files.cache_dir("models", "bench-138m")
+def _build_cached(out: str | Path | None, cache_name: str, raw: dict, seed: int) -> Path:
+    """Random weights for `raw`, index-sharded, built once into the cache (or into `out`)."""
+    out = Path(out) if out else files.cache_dir("models", cache_name)
     if (out / "model.safetensors.index.json").is_file():
         return out
     with atomic_dir(out) as tmp:
-        raw = hf_config(**BENCH_SIZES)
         write_json(tmp / "config.json", raw)
         save_index_sharded(random_weights(raw, seed), tmp, max_file_bytes=200 << 20)
     return out
+
+
+def build_bench(out: str | Path | None = None, seed: int = 4321) -> Path:
+    """The bench-size model, built once into the cache (about 550 MB in fp32)."""
+    return _build_cached(out, "bench-138m", hf_config(**BENCH_SIZES), seed)
 
 
 def build_bench_starcoder2(out: str | Path | None = None, seed: int = 5432) -> Path:
     """The StarCoder2 bench-size model, built once into the cache (about 600 MB in fp32)."""
-    out = Path(out) if out else files.cache_dir("models", "bench-starcoder2-150m")
-    if (out / "model.safetensors.index.json").is_file():
-        return out
-    with atomic_dir(out) as tmp:
-        raw = starcoder2_config(**BENCH_SC2_SIZES)
-        write_json(tmp / "config.json", raw)
-        save_index_sharded(random_weights(raw, seed), tmp, max_file_bytes=200 << 20)
-    return out
-
+    return _build_cached(out, "bench-starcoder2-148m", starcoder2_config(**BENCH_SC2_SIZES), seed)
