@@ -106,7 +106,7 @@ def test_fp32_tokens_identical_to_transformers(runners, references, name, world_
                         name_1=f"tp{world_size}-{name}", prompts=PROMPTS)
 
 
-@pytest.mark.parametrize("world_size", [2, 4])
+@pytest.mark.parametrize("world_size", [1, 2, 4])
 @pytest.mark.parametrize("name", list(MODELS))
 def test_single_prompts_identical_to_transformers(runners, references, models, name, world_size):
     """Each prompt alone (no padding: the unmasked fast paths, and a window crossed from the
