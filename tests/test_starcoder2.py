@@ -150,6 +150,14 @@ def test_fixed_shape_step_identical_to_transformers(one_rank, references):
                         name_1="fixed-shape-step", prompts=PROMPTS)
 
 
+def test_compiled_decode_identical_to_transformers(one_rank, references):
+    """The fixed-shape step through torch.compile (inductor): RoPE and the window inside the graph."""
+    one_rank.compile_decode()
+    out = generate_with_step(one_rank, one_rank.compiled_decode)
+    check_outputs_equal(outputs_0=references["replicated"], outputs_1=out, name_0="transformers",
+                        name_1="compiled-step", prompts=PROMPTS)
+
+
 def test_no_bias_config_identical_to_transformers(tmp_path):
     """use_bias: false (no bias on any linear), at world size 2."""
     src = write_starcoder2(tmp_path / "m", 8, 2, None, True, 1024, "safetensors", use_bias=False)
