@@ -10,6 +10,7 @@ import torch
 
 from .config import ModelConfig
 from .model import TPCausalLM
+from .sampling import Sampling, SequenceStreams, sample_tokens
 
 
 class StepHooks:
@@ -97,12 +98,19 @@ class _Request:
 
 @torch.inference_mode()
 def generate(model: TPCausalLM, prompts: list[list[int]], max_new_tokens: int, *, ignore_eos: bool = True,
-             max_seq_len: int | None = None, topk: int = 0, hooks: Sequence[StepHooks] = ()) -> Generation:
-    """Greedy decoding of `max_new_tokens` tokens for a (ragged) batch. With ignore_eos the
+             max_seq_len: int | None = None, topk: int = 0, hooks: Sequence[StepHooks] = (),
+             sampling: Sampling | None = None, seeds: Sequence[int] | None = None) -> Generation:
+    """Greedy decoding of `max_new_tokens` tokens for a (ragged) batch, or with `sampling` a
+    draw from each sequence's own stream (`seeds`, one per prompt; see sampling.py). With ignore_eos the
     logits are left alone and exactly `max_new_tokens` are produced; otherwise finished rows
     are filled with EOS and the loop stops when all have finished. `hooks` begin each step in
     their order and end it in the reverse order (an outer timer sees the others' work)."""
     request = _Request(model, prompts, max_new_tokens, max_seq_len)
+    streams = None
+    if sampling is not None:
+        if seeds is None or len(seeds) != len(prompts):
+            raise ValueError(f"sampling needs one seed per prompt: {len(prompts)} prompts, seeds {seeds!r}")
+        streams = SequenceStreams(list(seeds))
     batch, prompt_len, eos = request.batch, request.prompt_len, request.eos
     dev = request.ids.device
     next_position = request.position_ids[:, -1:] + 1  # [B, 1]
@@ -117,7 +125,10 @@ def generate(model: TPCausalLM, prompts: list[list[int]], max_new_tokens: int, *
         logits = run()
         for hook in hooks:
             hook.before_pick(index)
-        token = model.pick_greedy(logits)
+        if streams is None:
+            token = model.pick_greedy(logits)
+        else:
+            token = sample_tokens(model.gather_logits(logits), streams.next(), sampling)
         for hook in reversed(hooks):
             hook.step_end(index)
         return logits, token

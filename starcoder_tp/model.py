@@ -251,6 +251,13 @@ class TPCausalLM(nn.Module):
         best_rank = gathered[..., 0].argmax(dim=0)  # [B]; first maximum = lowest rank = lowest id
         return gathered[best_rank, torch.arange(logits.shape[0], device=logits.device), 1].long()
 
+    def gather_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """[B, vocab_size]: the whole vocabulary's logits, the same bits on every rank (sampling)."""
+        if self.tp.world_size == 1:
+            return logits[:, : self.config.vocab_size]
+        gathered = self.tp.all_gather(logits.contiguous())  # [N, B, local_vocab]
+        return gathered.permute(1, 0, 2).reshape(logits.shape[0], -1)[:, : self.config.vocab_size]
+
     def top_logprobs(self, logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The k most likely tokens over the whole vocabulary: (log-probabilities, token ids),
         [B, k] each; what the comparisons with a reference check."""

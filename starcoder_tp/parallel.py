@@ -30,6 +30,7 @@ from .config import ModelConfig
 from .device import Device
 from .generate import StepHooks, check_request
 from .model import load_model
+from .sampling import Sampling, SequenceStreams
 from .timing import GenerationResult, timed_generate
 
 DEFAULT_START_TIMEOUT_S = 300.0
@@ -220,8 +221,9 @@ class WorkerGroup:
         return self
 
     def generate(self, prompts: list[list[int]], max_new_tokens: int, *, ignore_eos: bool = True,
-                 max_seq_len: int | None = None, topk: int = 0,
-                 hooks: tuple[StepHooks, ...] = ()) -> tuple[GenerationResult, list[int]]:
+                 max_seq_len: int | None = None, topk: int = 0, hooks: tuple[StepHooks, ...] = (),
+                 sampling: Sampling | None = None,
+                 seeds: list[int] | None = None) -> tuple[GenerationResult, list[int]]:
         """Run one request on every rank; returns rank 0's result and each rank's peak memory.
         `hooks` (picklable) observe every step on every rank."""
         if not self.procs:
@@ -229,8 +231,13 @@ class WorkerGroup:
         prompts = [list(map(int, p)) for p in prompts]
         # A bad request is refused here, naming the bad value, and the ranks keep running.
         check_request(self.config, prompts, max_new_tokens, max_seq_len)
+        if sampling is not None:
+            if seeds is None or len(seeds) != len(prompts):
+                raise ValueError(f"sampling needs one seed per prompt: {len(prompts)} prompts, seeds {seeds!r}")
+            SequenceStreams(list(seeds))  # checks every seed here, not in every rank
         request = {"prompts": prompts, "max_new_tokens": max_new_tokens, "ignore_eos": ignore_eos,
-                   "max_seq_len": max_seq_len, "topk": topk, "hooks": tuple(hooks)}
+                   "max_seq_len": max_seq_len, "topk": topk, "hooks": tuple(hooks),
+                   "sampling": sampling, "seeds": None if seeds is None else list(seeds)}
         replies = self._request("generate", request)
         return replies[0]["result"], [r["peak_memory_bytes"] for r in replies]
 

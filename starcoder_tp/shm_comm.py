@@ -97,5 +97,11 @@ class ShmComm:
     def all_gather(self, t: torch.Tensor) -> torch.Tensor:
         """[N, *t.shape], every rank's `t` in rank order."""
         flat = t.contiguous().view(-1)
-        assert flat.numel() * flat.element_size() <= self.slot_bytes, "all_gather is for small tensors"
-        return self._exchange(flat).clone().view(self.world_size, *t.shape)
+        if flat.numel() * flat.element_size() <= self.slot_bytes:
+            return self._exchange(flat).clone().view(self.world_size, *t.shape)
+        out = torch.empty((self.world_size, flat.numel()), dtype=t.dtype)  # sampling's full logits
+        done = 0
+        for chunk in self._chunks(flat):
+            out[:, done:done + chunk.numel()] = self._exchange(chunk)
+            done += chunk.numel()
+        return out.view(self.world_size, *t.shape)

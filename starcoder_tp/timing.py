@@ -13,6 +13,7 @@ import torch
 from .device import Device
 from .generate import StepHooks, generate
 from .model import TPCausalLM
+from .sampling import Sampling
 
 
 @dataclass
@@ -70,11 +71,12 @@ class StepTimer(StepHooks):
 
 def timed_generate(model: TPCausalLM, device: Device, prompts: list[list[int]], max_new_tokens: int, *,
                    ignore_eos: bool = True, max_seq_len: int | None = None, topk: int = 0,
-                   hooks: Sequence[StepHooks] = ()) -> GenerationResult:
+                   hooks: Sequence[StepHooks] = (), sampling: Sampling | None = None,
+                   seeds: Sequence[int] | None = None) -> GenerationResult:
     """`generate` with every step timed; `hooks` run inside the timed steps."""
     timer = StepTimer(model, device)
     generation = generate(model, prompts, max_new_tokens, ignore_eos=ignore_eos, max_seq_len=max_seq_len, topk=topk,
-                          hooks=(timer, *hooks))
+                          hooks=(timer, *hooks), sampling=sampling, seeds=seeds)
     steps, timed_ms = timer.slowest()
     return GenerationResult(output_ids=generation.output_ids, first_token_ms=steps[0], decode_ms=steps[1:],
                             timed_ms=timed_ms, topk_logprobs=generation.topk_logprobs, topk_ids=generation.topk_ids)

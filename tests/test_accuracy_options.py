@@ -23,3 +23,22 @@ def test_a_checkpoint_without_tokenizer_stops_the_accuracy_suite_once_naming_it(
     assert proc.returncode == 4, out[-3000:]  # pytest's usage error: nothing collected, nothing run
     assert out.count("has no tokenizer") == 1 and str(model) in out, out[-3000:]
     assert "[shard]" not in out and "Traceback" not in out, out[-3000:]  # before any shard or rank
+
+
+def run_accuracy_suite(tmp_path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pytest", "tests_accuracy", "-p", "no:cacheprovider",
+                           "--results-dir", str(tmp_path / "results"), *args],
+                          capture_output=True, text=True, timeout=300, cwd=REPO,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+def test_bad_sampling_options_stop_the_run_naming_the_value(tmp_path):
+    cases = [(("--humaneval-samples", "5"), "--humaneval-samples 5 needs --temperature > 0"),
+             (("--top-p", "1.5"), "1.5 must be within (0, 1]"),
+             (("--temperature", "-0.2"), "-0.2 must be >= 0"),
+             (("--seed", "x"), "'x' is not a whole number")]
+    for args, message in cases:
+        proc = run_accuracy_suite(tmp_path, *args)
+        out = proc.stdout + proc.stderr
+        assert proc.returncode == 4 and message in out, (args, out[-2000:])
+        assert "[shard]" not in out and "Traceback" not in out, out[-2000:]

@@ -20,6 +20,8 @@ def _rank(rank, world_size, path, queue):
     strided = torch.arange(12, dtype=torch.float32).view(3, 4).t() * (rank + 1)  # non-contiguous
     out["strided"] = comm.all_reduce_(strided)
     out["gather"] = comm.all_gather(torch.tensor([rank, 10 * rank], dtype=torch.float64))
+    # Larger than a slot (4096 bytes): [5, 300] float32 = 6000 bytes, gathered in two chunks (sampling's logits).
+    out["big_gather"] = comm.all_gather(torch.arange(1500, dtype=torch.float32).view(5, 300) + 10000 * rank)
     # Plain lists: a torch tensor sent through a queue would need this process to stay alive.
     queue.put((rank, {key: value.tolist() for key, value in out.items()}))
 
@@ -50,6 +52,8 @@ def test_all_reduce_and_all_gather_are_exact_and_identical_on_every_rank(world_s
     assert all(results[r]["strided"] == strided.tolist() for r in range(world_size))
     gathered = [[float(r), 10.0 * r] for r in range(world_size)]
     assert all(results[r]["gather"] == gathered for r in range(world_size))
+    big = torch.stack([torch.arange(1500, dtype=torch.float32).view(5, 300) + 10000 * r for r in range(world_size)])
+    assert all(results[r]["big_gather"] == big.tolist() for r in range(world_size))
 
 
 def test_a_missing_rank_is_named_after_the_timeout():

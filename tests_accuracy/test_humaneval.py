@@ -12,35 +12,73 @@ from starcoder_tp.config import ModelConfig
 from starcoder_tp.files import ORACLE_MODEL_DIR
 
 
+# A sampled completion can leave the reference's only where the two sides' logits differ
+# across a boundary of the draw; in fp32 that is rare, and the issue's bar is 95% identical.
+SAMPLED_FP32_AGREEMENT = 0.95
+
+
 def is_fp32(run) -> bool:
     return run.options.dtype == "float32"
 
 
+def is_fp32_options(options) -> bool:
+    return options.dtype == "float32"
+
+
+def is_sampled(run) -> bool:
+    return run.options.sampling is not None
+
+
 def test_tokens_match_the_reference(accuracy_run):
-    """fp32: identical tokens; bf16/fp16: identical up to a first difference inside both top-5s."""
+    """fp32 greedy: identical tokens; bf16/fp16 greedy: identical up to a first difference inside
+    both top-5s; fp32 sampled: identical on >= 95% of the completions."""
     tp, ref = as_greedy_output(accuracy_run.parallel), as_greedy_output(accuracy_run.reference)
     names = dict(name_0=accuracy_run.reference.name, name_1=accuracy_run.parallel.name)
-    if is_fp32(accuracy_run):
+    if is_sampled(accuracy_run):
+        if not is_fp32(accuracy_run):
+            pytest.skip("sampled bf16/fp16 has no token rule; its pass@k and verdicts are held to --pass-at-1-tolerance")
+        check_sampled_agreement(accuracy_run.reference, accuracy_run.parallel)
+    elif is_fp32(accuracy_run):
         check_outputs_equal(outputs_0=ref, outputs_1=tp, **names)
     else:
         check_topk_close(outputs_0=ref, outputs_1=tp, **names)
 
 
+def check_sampled_agreement(reference, parallel, bar: float = SAMPLED_FP32_AGREEMENT) -> float:
+    rows = list(zip(reference.tasks, reference.output_ids, parallel.output_ids))
+    differ = [(i, task) for i, (task, a, b) in enumerate(rows) if a != b]
+    agreement = 1 - len(differ) / len(rows)
+    if agreement < bar:
+        i = differ[0][0]
+        raise AssertionError(f"{reference.name} and {parallel.name} sampled identical tokens on {agreement:.1%} of "
+                             f"{len(rows)} completions (< {bar:.0%}); they differ on {differ[:10]}; first: "
+                             f"{reference.name} {rows[i][1]} vs {parallel.name} {rows[i][2]}")
+    return agreement
+
+
+def allowed_differences(run, n: int) -> float:
+    if is_fp32(run):
+        return (1 - SAMPLED_FP32_AGREEMENT) * n if is_sampled(run) else 0
+    return run.options.tolerance * n
+
+
 def test_every_task_gets_the_same_verdict(accuracy_run):
-    tasks = list(accuracy_run.options.problems)
+    run = accuracy_run
     differ = [(task, ref["result"], tp["result"]) for task, ref, tp in
-              zip(tasks, accuracy_run.reference.results, accuracy_run.parallel.results) if ref["passed"] != tp["passed"]]
-    allowed = 0 if is_fp32(accuracy_run) else accuracy_run.options.tolerance * len(tasks)
-    assert len(differ) <= allowed, f"verdicts differ on {len(differ)} task(s) (reference, tp): {differ[:10]}"
+              zip(run.parallel.tasks, run.reference.results, run.parallel.results) if ref["passed"] != tp["passed"]]
+    allowed = allowed_differences(run, len(run.parallel.tasks))
+    assert len(differ) <= allowed, f"verdicts differ on {len(differ)} completion(s) (reference, tp): {differ[:10]}"
 
 
-def test_pass_at_1_matches_the_reference(accuracy_run):
-    tp, ref = accuracy_run.summary["pass_at_1"]["tp"], accuracy_run.summary["pass_at_1"]["reference"]
-    if is_fp32(accuracy_run):
-        assert tp == ref, f"pass@1 tp {tp} != reference {ref} in fp32"
-    else:
-        assert abs(tp - ref) <= accuracy_run.options.tolerance, (
-            f"pass@1 tp {tp} vs reference {ref}: beyond the tolerance {accuracy_run.options.tolerance}")
+def test_pass_at_k_matches_the_reference(accuracy_run):
+    run = accuracy_run
+    for k, tp in run.summary["pass_at_k"]["tp"].items():
+        tp, ref = tp["estimate"], run.summary["pass_at_k"]["reference"][k]["estimate"]
+        if is_fp32(run) and not is_sampled(run):
+            assert tp == ref, f"pass@{k} tp {tp} != reference {ref} in fp32"
+        else:
+            bound = max(run.options.tolerance, allowed_differences(run, 1))
+            assert abs(tp - ref) <= bound, f"pass@{k} tp {tp} vs reference {ref}: beyond {bound}"
 
 
 def test_summary_and_completions_are_written(accuracy_run):
@@ -52,7 +90,8 @@ def test_summary_and_completions_are_written(accuracy_run):
     assert {"token_agreement", "dtype", "world_size"} <= set(summary)
     assert summary["compiled"] is accuracy_run.options.compile  # as the ranks reported it
     lines = accuracy_run.jsonl.read_text().splitlines()
-    assert len(lines) == summary["n_problems"]
+    assert len(lines) == summary["n_problems"] * summary["samples_per_problem"]
+    assert set(summary["pass_at_k"]["tp"]) == {str(k) for k in range(1, summary["samples_per_problem"] + 1)}
     first = json.loads(lines[0])
     assert {"completion", "passed", "result"} <= set(first["tp"]) and {"completion", "passed"} <= set(first["reference"])
 
@@ -105,7 +144,8 @@ def self_check_options(accuracy_options: AccuracyOptions, tmp_path, count: int, 
     problems = dict(list(accuracy_options.problems.items())[:count])
     return AccuracyOptions(**{**accuracy_options.__dict__, "model_dir": str(ORACLE_MODEL_DIR),
                               "world_size": world_size, "problems": problems,
-                              "results_dir": str(tmp_path / "results"), **changes})
+                              "results_dir": str(tmp_path / "results"), "samples": 1, "temperature": 0.0,
+                              **changes})
 
 
 def test_a_wrong_kv_sharding_rule_is_caught(accuracy_options, tmp_path, monkeypatch):
@@ -146,3 +186,27 @@ def test_compile_reaches_the_tp_ranks(accuracy_options, tmp_path):
     run = run_accuracy(options, log=lambda m: None)
     assert run.summary["compiled"] is True
     assert [len(ids) for ids in run.parallel.output_ids] == [len(ids) for ids in run.reference.output_ids]
+
+
+def test_sampled_tp2_draws_what_tp1_draws(accuracy_options, tmp_path):
+    """10 samples per problem on a subset, TP=2 against this runtime at TP=1 with the same seed:
+    the same completions, and pass@k that is a probability, never falls as k grows, and is the
+    same on both sides. The oracle has memorised its answers so sharply that at the harness's
+    temperature (0.2, and up to 1.5) every sample is its greedy answer; at 2.5 they differ,
+    which is what this check needs."""
+    if not is_fp32_options(accuracy_options):
+        pytest.skip("the sampled TP=2 / TP=1 check runs in fp32, where its 95% bar applies: run the suite in float32")
+    options = self_check_options(accuracy_options, tmp_path, 4, samples=10, temperature=2.5, top_p=0.95, seed=7,
+                                 reference="tp1", max_new_tokens=96)
+    run = run_accuracy(options, log=lambda m: None)
+    agreement = check_sampled_agreement(run.reference, run.parallel)
+    for side in ("tp", "reference"):
+        estimates = [run.summary["pass_at_k"][side][str(k)]["estimate"] for k in range(1, 11)]
+        assert all(0 <= e <= 1 for e in estimates) and estimates == sorted(estimates), (side, estimates)
+        for k in range(1, 11):
+            cell = run.summary["pass_at_k"][side][str(k)]
+            assert cell["low95"] <= cell["estimate"] <= cell["high95"], (side, k, cell)
+    distinct = len({tuple(ids) for ids in run.parallel.output_ids})
+    print(f"sampled: {agreement:.1%} identical, {distinct} distinct completions of {len(run.parallel.output_ids)}, "
+          f"pass@1/5/10 tp", [round(run.summary["pass_at_k"]["tp"][k]["estimate"], 3) for k in ("1", "5", "10")])
+    assert distinct > len(options.problems), "every sample of a problem was the same: nothing was sampled"

