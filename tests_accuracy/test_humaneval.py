@@ -92,6 +92,9 @@ def test_summary_and_completions_are_written(accuracy_run):
     lines = accuracy_run.jsonl.read_text().splitlines()
     assert len(lines) == summary["n_problems"] * summary["samples_per_problem"]
     assert set(summary["pass_at_k"]["tp"]) == {str(k) for k in range(1, summary["samples_per_problem"] + 1)}
+    flips = accuracy_run.flips_path.read_text()
+    assert f"{len(summary['flipped'])} of {len(lines)} completions flip" in flips
+    assert all(f"## {name.split('#')[0]} (sample {name.split('#')[1]})" in flips for name in summary["flipped"])
     first = json.loads(lines[0])
     assert {"completion", "passed", "result"} <= set(first["tp"]) and {"completion", "passed"} <= set(first["reference"])
 
@@ -177,6 +180,10 @@ def test_a_wrong_kv_sharding_rule_is_caught(accuracy_options, tmp_path, monkeypa
                             name_0="reference", name_1="tp-broken")
     print("pass@1 with the K/V head split:", broken.summary["pass_at_1"])
     assert broken.summary["pass_at_1"]["tp"] < broken.summary["pass_at_1"]["reference"], broken.summary
+    # The report names what flipped, where the sides part, and shows both completions.
+    report = broken.flips_path.read_text()
+    assert broken.summary["flipped"] and "First differing token: #" in report, report[:2000]
+    assert broken.flips_line.startswith(f"verdicts flip on {len(broken.summary['flipped'])} completion(s)")
 
 
 def test_compile_reaches_the_tp_ranks(accuracy_options, tmp_path):

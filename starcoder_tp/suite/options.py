@@ -113,6 +113,9 @@ ACCURACY = (
     option("--humaneval-workers", type=positive_int, default=2, help="sandboxed execution processes. Default: %(default)r"),
     option("--humaneval-memory-mb", type=positive_int, default=1024,
            help="address-space limit of the executed code. Default: %(default)r"),
+    option("--humaneval-task", choices=["humaneval", "humaneval-unstripped"], default="humaneval-unstripped",
+           help="bigcode-evaluation-harness's task: 'humaneval' strips the prompt (the harness's default), "
+                "'humaneval-unstripped' keeps it as given. Default: %(default)r"),
     option("--humaneval-samples", type=positive_int, default=1,
            help="completions per problem; pass@k is reported for every k up to it (needs --temperature > 0 "
                 "when above 1; the leaderboard's setting is 50 at temperature 0.2, top_p 0.95). Default: %(default)r"),

@@ -78,7 +78,8 @@ def accuracy_options_from_config(config) -> AccuracyOptions:
             batch_size=opt.humaneval_batch_size, timeout_s=opt.humaneval_timeout, workers=opt.humaneval_workers,
             memory_mb=opt.humaneval_memory_mb, tolerance=opt.pass_at_1_tolerance, results_dir=perf.results_dir,
             threads_per_rank=perf.threads_per_rank, prepack=perf.prepack, compile=perf.compile,
-            samples=opt.humaneval_samples, temperature=opt.temperature, top_p=opt.top_p, seed=opt.seed)
+            samples=opt.humaneval_samples, temperature=opt.temperature, top_p=opt.top_p, seed=opt.seed,
+                task=opt.humaneval_task)
     except ValueError as err:
         raise pytest.UsageError(str(err)) from None
 
