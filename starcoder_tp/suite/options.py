@@ -9,6 +9,7 @@ from ..files import EMBEDDED_MODEL_DIR
 from ..options import (COMPILE, DEVICE, DEVICE_ID, DTYPE, MAX_SEQ_LEN, MODEL_DIR, NO_PREPACK, RANK_TIMEOUT,
                        THREADS_PER_RANK, WORLD_SIZE, Option, bounded, int_list, non_negative_int, non_negative_ms, option,
                        positive_int, positive_seconds)
+from .humaneval import TASKS as HUMANEVAL_TASKS
 from .perf import DEFAULT_BATCH_SIZES, DEFAULT_SEQ_LENS, PerfOptions
 
 
@@ -113,7 +114,7 @@ ACCURACY = (
     option("--humaneval-workers", type=positive_int, default=2, help="sandboxed execution processes. Default: %(default)r"),
     option("--humaneval-memory-mb", type=positive_int, default=1024,
            help="address-space limit of the executed code. Default: %(default)r"),
-    option("--humaneval-task", choices=["humaneval", "humaneval-unstripped"], default="humaneval-unstripped",
+    option("--humaneval-task", choices=list(HUMANEVAL_TASKS), default="humaneval-unstripped",
            help="bigcode-evaluation-harness's task: 'humaneval' strips the prompt (the harness's default), "
                 "'humaneval-unstripped' keeps it as given. Default: %(default)r"),
     option("--humaneval-samples", type=positive_int, default=1,
