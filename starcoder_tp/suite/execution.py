@@ -16,9 +16,13 @@ DEFAULT_TIMEOUT_S = 3.0
 DEFAULT_MEMORY_MB = 1024
 
 
-def _limit_memory(memory_mb: int) -> None:
+def _prepare_worker(memory_mb: int) -> None:
     limit = memory_mb << 20
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    # A spawned worker's own children are spawned too, and each re-imports the caller's
+    # __main__ (torch, in a script): seconds per program. check_correctness's children fork
+    # from this small worker instead.
+    mp.set_start_method("fork", force=True)
 
 
 def _check(problem: dict, completion: str, timeout_s: float, completion_id: int) -> dict:
@@ -40,7 +44,7 @@ def check_completions(problems: dict[str, dict], completions: list[tuple[str, st
     if unknown:
         raise ValueError(f"no HumanEval problem {unknown[0]!r}")
     ctx = mp.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_limit_memory,
+    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_prepare_worker,
                              initargs=(memory_mb,)) as pool:
         futures = [pool.submit(_check, problems[task], completion, timeout_s, index)
                    for index, (task, completion) in enumerate(completions)]
