@@ -42,3 +42,26 @@ def test_bad_sampling_options_stop_the_run_naming_the_value(tmp_path):
         out = proc.stdout + proc.stderr
         assert proc.returncode == 4 and message in out, (args, out[-2000:])
         assert "[shard]" not in out and "Traceback" not in out, out[-2000:]
+
+
+def test_a_stored_reference_of_another_protocol_stops_the_run_before_any_rank(tmp_path):
+    from starcoder_tp.files import ORACLE_MODEL_DIR
+    from starcoder_tp.suite.accuracy import AccuracyOptions
+    from starcoder_tp.suite.humaneval import SideResult, load_problems
+    from starcoder_tp.suite.stored_reference import model_fingerprint, save_reference
+
+    problems = load_problems(limit=2)
+    side = SideResult("transformers", tasks=list(problems), output_ids=[[0], [0]], topk_ids=[[[0] * 5]] * 2,
+                      topk_logprobs=[[[0.0] * 5]] * 2, completions=["", ""],
+                      results=[{"passed": False, "result": "failed"}] * 2)
+    stored_as = AccuracyOptions(str(ORACLE_MODEL_DIR), problems)  # float32, greedy
+    path = save_reference(tmp_path / "ref.json.gz", side, model_fingerprint(ORACLE_MODEL_DIR), str(ORACLE_MODEL_DIR),
+                          stored_as.protocol, {})
+    cases = [(("--accuracy-reference", str(path), "--dtype", "bfloat16", "--humaneval-limit", "2"),
+              "dtype 'float32' there, 'bfloat16' here"),
+             (("--accuracy-reference", str(tmp_path / "absent.json")), "is neither transformers nor tp1 nor an existing")]
+    for args, message in cases:
+        proc = run_accuracy_suite(tmp_path, *args)
+        out = proc.stdout + proc.stderr
+        assert proc.returncode == 4 and message in out, (args, out[-2000:])
+        assert "[shard]" not in out and "Traceback" not in out, out[-2000:]

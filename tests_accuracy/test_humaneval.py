@@ -8,6 +8,7 @@ from starcoder_tp.suite.accuracy import AccuracyOptions, as_greedy_output, run_a
 from starcoder_tp.testing.compare import check_outputs_equal, check_topk_close
 from starcoder_tp.suite.execution import check_completions
 from starcoder_tp.suite.humaneval import load_problems
+from starcoder_tp.suite.stored_reference import is_stored
 from starcoder_tp.config import ModelConfig
 from starcoder_tp.files import ORACLE_MODEL_DIR
 
@@ -145,15 +146,17 @@ def self_check_options(accuracy_options: AccuracyOptions, tmp_path, count: int, 
         if world_size not in fitting:
             pytest.skip(f"the suite's self-checks run the oracle model on {fitting} ranks; --world-size is {world_size}")
     problems = dict(list(accuracy_options.problems.items())[:count])
+    # A stored reference is of the user's model, and the user's --save-reference file is theirs.
+    reference = "transformers" if is_stored(accuracy_options.reference) else accuracy_options.reference
     return AccuracyOptions(**{**accuracy_options.__dict__, "model_dir": str(ORACLE_MODEL_DIR),
                               "world_size": world_size, "problems": problems,
                               "results_dir": str(tmp_path / "results"), "samples": 1, "temperature": 0.0,
-                              **changes})
+                              "reference": reference, "save_reference": None, **changes})
 
 
-def test_a_wrong_kv_sharding_rule_is_caught(accuracy_options, tmp_path, monkeypatch):
-    """Split the single K/V head across ranks (each keeps its share of head_dim, zeros elsewhere)
-    instead of replicating it: the token comparison must fail and pass@1 must drop."""
+def split_the_kv_head(monkeypatch, tmp_path) -> None:
+    """Shards from here on split the single K/V head across ranks (each keeps its share of
+    head_dim, zeros elsewhere) instead of replicating it; world size 1 keeps it whole."""
     import starcoder_tp.shard as shard_mod
 
     correct = shard_mod.rank_tensor
@@ -172,6 +175,12 @@ def test_a_wrong_kv_sharding_rule_is_caught(accuracy_options, tmp_path, monkeypa
 
     monkeypatch.setattr(shard_mod, "rank_tensor", kv_split)
     monkeypatch.setenv("STARCODER_TP_CACHE", str(tmp_path / "cache"))  # never poison the real cache
+
+
+def test_a_wrong_kv_sharding_rule_is_caught(accuracy_options, tmp_path, monkeypatch):
+    """With the K/V head split instead of replicated, the token comparison must fail and pass@1
+    must drop."""
+    split_the_kv_head(monkeypatch, tmp_path)
     broken = run_accuracy(self_check_options(accuracy_options, tmp_path, 24), log=lambda m: None)
     if broken.summary["pass_at_1"]["reference"] == 0:
         pytest.skip("the oracle solves none of the problems selected (--humaneval-tasks), so a pass@1 drop cannot show")
@@ -184,6 +193,31 @@ def test_a_wrong_kv_sharding_rule_is_caught(accuracy_options, tmp_path, monkeypa
     report = broken.flips_path.read_text()
     assert broken.summary["flipped"] and "First differing token: #" in report, report[:2000]
     assert broken.flips_line.startswith(f"verdicts flip on {len(broken.summary['flipped'])} completion(s)")
+
+
+def test_a_stored_reference_gives_the_verdicts_of_the_live_one(accuracy_options, tmp_path, monkeypatch):
+    """A TP=2 run whose K/V head is split (so that verdicts flip) against TP=1 live, storing
+    TP=1's side; then the same TP=2 run against the stored file: the same tokens, verdicts,
+    flips and pass@1, and the file's verdicts reproduced by this machine's sandbox."""
+    split_the_kv_head(monkeypatch, tmp_path)
+    path = tmp_path / "tp1-reference.json.gz"
+    live = run_accuracy(self_check_options(accuracy_options, tmp_path / "live", 12, reference="tp1",
+                                           max_new_tokens=128, save_reference=str(path)), log=lambda m: None)
+    assert path.is_file() and live.reference_line.startswith(f"reference stored in {path}")
+    if not live.summary["flipped"]:
+        pytest.skip("no verdict flips on the problems selected (--humaneval-tasks): the comparison would be trivial")
+    stored = run_accuracy(self_check_options(accuracy_options, tmp_path / "stored", 12, reference=str(path),
+                                             max_new_tokens=128), log=lambda m: None)
+    assert stored.reference.name == "stored tp1" and stored.summary["reference_file"] == str(path)
+    assert stored.summary["stored_verdicts_differ"] == [], stored.summary["stored_verdicts_differ"]
+    for field in ("output_ids", "topk_ids", "topk_logprobs", "completions"):
+        assert getattr(stored.reference, field) == getattr(live.reference, field), field
+    verdicts = {name: [[r["passed"] for r in side.results] for side in (run.parallel, run.reference)]
+                for name, run in (("live", live), ("stored", stored))}
+    assert verdicts["stored"] == verdicts["live"], verdicts
+    for key in ("pass_at_k", "token_agreement", "task_pass_agreement", "flipped"):
+        assert stored.summary[key] == live.summary[key], (key, live.summary[key], stored.summary[key])
+    print("live and stored comparisons agree; flipped:", live.summary["flipped"], "pass@1", live.summary["pass_at_1"])
 
 
 def test_compile_reaches_the_tp_ranks(accuracy_options, tmp_path):

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import math
+from pathlib import Path
 
 from ..files import EMBEDDED_MODEL_DIR
 from ..options import (COMPILE, DEVICE, DEVICE_ID, DTYPE, MAX_SEQ_LEN, MODEL_DIR, NO_PREPACK, RANK_TIMEOUT,
                        THREADS_PER_RANK, WORLD_SIZE, Option, bounded, int_list, non_negative_int, non_negative_ms, option,
                        positive_int, positive_seconds)
 from .humaneval import TASKS as HUMANEVAL_TASKS
+from .stored_reference import LIVE_REFERENCES
 from .perf import DEFAULT_BATCH_SIZES, DEFAULT_SEQ_LENS, PerfOptions
 
 
@@ -48,6 +50,14 @@ def thresholds(text: str) -> dict[str, float]:
 open_fraction = bounded(float, "a number", lambda v: 0 < v < 1, "within (0, 1)")  # a significance level
 closed_fraction = bounded(float, "a number", lambda v: 0 <= v <= 1, "within [0, 1]")
 non_negative_float = bounded(float, "a number", lambda v: math.isfinite(v) and v >= 0, ">= 0")
+def reference_source(text: str) -> str:
+    """--accuracy-reference: a live reference's name, or an existing file (checked in full later)."""
+    if text in LIVE_REFERENCES or Path(text).is_file():
+        return text
+    raise argparse.ArgumentTypeError(f"{text!r} is neither {' nor '.join(LIVE_REFERENCES)} nor an existing file "
+                                     "(one written by --save-reference)")
+
+
 top_p_value = bounded(float, "a number", lambda v: 0 < v <= 1, "within (0, 1]")
 
 
@@ -126,9 +136,13 @@ ACCURACY = (
     option("--seed", type=non_negative_int, default=0,
            help="the sampled run's seed; each sample's stream derives from it, the task and the sample's index, so "
                 "that batches and world sizes draw the same. Default: %(default)r"),
-    option("--accuracy-reference", choices=["transformers", "tp1"], default="transformers",
-           help="the single-device reference: transformers' generate, or this runtime at world size 1. "
-                "Default: %(default)r"),
+    option("--accuracy-reference", type=reference_source, default="transformers",
+           help="the single-device reference: 'transformers' (its generate), 'tp1' (this runtime at world size 1), "
+                "or a file written by --save-reference, made where the whole model fits; that file must be of the "
+                "same model, dtype, task, samples, sampling, seed and max tokens. Default: %(default)r"),
+    option("--save-reference", default=None, metavar="PATH",
+           help="store the reference's completions, token ids, top-5 logprobs and verdicts in PATH (gzip when it "
+                "ends in .gz), for --accuracy-reference PATH elsewhere. Default: not stored"),
     option("--pass-at-1-tolerance", type=closed_fraction, default=0.02,
            help="allowed |pass@1(tp) - pass@1(reference)| and share of tasks whose verdicts differ, in bf16/fp16 "
                 "(fp32 must be equal). Default: %(default)r"),

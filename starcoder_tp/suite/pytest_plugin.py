@@ -15,7 +15,7 @@ from ..files import ORACLE_MODEL_DIR
 from ..options import add_options
 from ..parallel import default_threads
 from . import ab
-from .accuracy import AccuracyOptions, AccuracyRun, require_tokenizer, run_accuracy
+from .accuracy import AccuracyOptions, AccuracyRun, require_tokenizer, run_accuracy, stored_reference_for
 from .accuracy import summary_lines as accuracy_summary_lines
 from .gate import MIN_ROUNDS, Baseline, measure_calibration
 from .gitref import checkout_ref, working_tree
@@ -71,7 +71,7 @@ def accuracy_options_from_config(config) -> AccuracyOptions:
         problems = load_problems(opt.humaneval_limit, [t.strip() for t in tasks.split(",")] if tasks else None)
         if opt.model_dir:
             require_tokenizer(opt.model_dir)
-        return AccuracyOptions(
+        options = AccuracyOptions(
             model_dir=opt.model_dir or str(ORACLE_MODEL_DIR), problems=problems,
             device=Device(perf.device, perf.device_id), world_size=perf.world_size, dtype=perf.dtype,
             reference=opt.accuracy_reference, max_new_tokens=opt.humaneval_max_new_tokens,
@@ -79,8 +79,10 @@ def accuracy_options_from_config(config) -> AccuracyOptions:
             memory_mb=opt.humaneval_memory_mb, tolerance=opt.pass_at_1_tolerance, results_dir=perf.results_dir,
             threads_per_rank=perf.threads_per_rank, prepack=perf.prepack, compile=perf.compile,
             samples=opt.humaneval_samples, temperature=opt.temperature, top_p=opt.top_p, seed=opt.seed,
-                task=opt.humaneval_task)
-    except ValueError as err:
+            task=opt.humaneval_task, save_reference=opt.save_reference)
+        stored_reference_for(options)  # a stored reference of another model or protocol is refused now
+        return options
+    except (ValueError, FileNotFoundError) as err:
         raise pytest.UsageError(str(err)) from None
 
 
