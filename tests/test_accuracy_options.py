@@ -56,7 +56,7 @@ def test_a_stored_reference_of_another_protocol_stops_the_run_before_any_rank(tm
                       results=[{"passed": False, "result": "failed"}] * 2)
     stored_as = AccuracyOptions(str(ORACLE_MODEL_DIR), problems)  # float32, greedy
     path = save_reference(tmp_path / "ref.json.gz", side, model_fingerprint(ORACLE_MODEL_DIR), str(ORACLE_MODEL_DIR),
-                          stored_as.protocol, {})
+                          stored_as.protocol, list(problems), {})
     cases = [(("--accuracy-reference", str(path), "--dtype", "bfloat16", "--humaneval-limit", "2"),
               "dtype 'float32' there, 'bfloat16' here"),
              (("--accuracy-reference", str(tmp_path / "absent.json")), "is neither transformers nor tp1 nor an existing")]

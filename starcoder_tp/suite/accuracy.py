@@ -57,9 +57,6 @@ class AccuracyOptions:
             if stored.is_stored(self.reference):
                 raise ValueError(f"--save-reference {self.save_reference!r} stores the reference this run computes; "
                                  f"with --accuracy-reference {self.reference!r} it computes none")
-            if Path(self.save_reference).is_dir():
-                raise ValueError(f"--save-reference {self.save_reference!r} is a directory; give a file name, "
-                                 "e.g. reference.json.gz")
 
     @property
     def sampling(self) -> Sampling | None:
@@ -69,16 +66,19 @@ class AccuracyOptions:
     @property
     def protocol(self) -> dict:
         return stored.protocol(self.dtype, self.task, self.max_new_tokens, self.samples, self.temperature,
-                               self.top_p, self.seed)
+                               self.top_p, self.seed, self.batch_size, self.problems)
 
 
-def stored_reference_for(o: AccuracyOptions) -> stored.StoredReference | None:
+def stored_reference_for(o: AccuracyOptions, log: Callable[[str], None] | None = None) -> stored.StoredReference | None:
     """The run's stored reference, checked against its model, protocol and problems (a mismatch
-    is a ValueError naming both sides); None when the reference runs live."""
+    is a ValueError naming both sides); None when the reference runs live, whose --save-reference
+    file is then tried for writing."""
     if not stored.is_stored(o.reference):
+        if o.save_reference is not None:
+            stored.check_writable(o.save_reference)
         return None
     reference = stored.load_reference(o.reference)
-    reference.check_matches(stored.model_fingerprint(o.model_dir), o.model_dir, o.protocol, o.problems)
+    reference.check_matches(stored.model_fingerprint(o.model_dir, log), o.model_dir, o.protocol, o.problems)
     return reference
 
 
@@ -114,7 +114,7 @@ def run_accuracy(o: AccuracyOptions, log: Callable[[str], None] = print) -> Accu
     from transformers import AutoTokenizer
 
     started = time.perf_counter()
-    from_file = stored_reference_for(o)
+    from_file = stored_reference_for(o, log)
     tokenizer = AutoTokenizer.from_pretrained(o.model_dir)
     gen = dict(max_new_tokens=o.max_new_tokens, batch_size=o.batch_size, progress=log, samples=o.samples,
                sampling=o.sampling, seed=o.seed, task=o.task)
@@ -161,8 +161,9 @@ def run_accuracy(o: AccuracyOptions, log: Callable[[str], None] = print) -> Accu
         "reference": reference.name,
         "reference_file": str(from_file.path) if from_file else None,
         "stored_verdicts_differ": [
-            f"{t}: {was['result']!r} there, {now['result']!r} here"
-            for t, was, now in zip(reference.tasks, stored_results, reference.results) if was["passed"] != now["passed"]
+            f"{t}#{sample}: {was['result']!r} there, {now['result']!r} here"
+            for t, sample, was, now in zip(reference.tasks, [i % o.samples for i in range(n)], stored_results,
+                                           reference.results) if was["passed"] != now["passed"]
         ] if from_file else [],
         "model_dir": str(o.model_dir),
         "max_new_tokens": o.max_new_tokens,
@@ -173,13 +174,14 @@ def run_accuracy(o: AccuracyOptions, log: Callable[[str], None] = print) -> Accu
     flips_path, flips_line = write_flip_report(o.results_dir, parallel, reference, tokenizer)
     if from_file is not None:
         about = from_file.about
-        reference_line = (f"reference: {from_file.path} ({about.get('reference')} on {about.get('host')}, "
-                          f"{about.get('created')}); its verdicts, run here, differ on "
+        reference_line = (f"reference: {from_file.path} ({about.get('reference')} on {about.get('device')} of "
+                          f"{about.get('host')}, {about.get('created')}); its verdicts, run here, differ on "
                           f"{len(summary['stored_verdicts_differ'])} of {n}")
     elif o.save_reference:
-        path = stored.save_reference(o.save_reference, reference, stored.model_fingerprint(o.model_dir), o.model_dir,
-                                     o.protocol, {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                                                  "generate_s": round(reference.generate_s, 1)})
+        about = {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": o.device.kind,
+                 "generate_s": round(reference.generate_s, 1)}
+        path = stored.save_reference(o.save_reference, reference, stored.model_fingerprint(o.model_dir, log),
+                                     o.model_dir, o.protocol, list(o.problems), about)
         reference_line = f"reference stored in {path} (check a TP run against it with --accuracy-reference {path})"
         log(f"[humaneval] {reference_line}")
     else:
