@@ -162,7 +162,7 @@ def run_accuracy(o: AccuracyOptions, log: Callable[[str], None] = print) -> Accu
         "reference_file": str(from_file.path) if from_file else None,
         "stored_verdicts_differ": [
             f"{t}#{sample}: {was['result']!r} there, {now['result']!r} here"
-            for t, sample, was, now in zip(reference.tasks, [i % o.samples for i in range(n)], stored_results,
+            for t, sample, was, now in zip(reference.tasks, reference.sample_indices(), stored_results,
                                            reference.results) if was["passed"] != now["passed"]
         ] if from_file else [],
         "model_dir": str(o.model_dir),

@@ -26,9 +26,8 @@ def first_difference(a: list[int], b: list[int]) -> int | None:
 
 
 def find_flips(parallel: SideResult, reference: SideResult) -> list[Flip]:
-    flips, seen = [], {}
-    for i, task in enumerate(parallel.tasks):
-        sample = seen[task] = seen.get(task, -1) + 1
+    flips = []
+    for i, (task, sample) in enumerate(zip(parallel.tasks, parallel.sample_indices())):
         if parallel.results[i]["passed"] != reference.results[i]["passed"]:
             flips.append(Flip(task, sample, bool(parallel.results[i]["passed"]),
                               first_difference(parallel.output_ids[i], reference.output_ids[i])))

@@ -123,6 +123,15 @@ class SideResult:
     def pass_at_1(self) -> float:
         return self.pass_at(1)[0]
 
+    def sample_indices(self) -> list[int]:
+        """Each row's sample index within its problem."""
+        seen: dict[str, int] = {}
+        indices = []
+        for task in self.tasks:
+            seen[task] = seen.get(task, -1) + 1
+            indices.append(seen[task])
+        return indices
+
     def pass_at(self, k: int) -> tuple[float, float, float]:
         return pass_at_k([r["passed"] for r in self.results], self.tasks, k)
 
@@ -192,10 +201,8 @@ def write_outputs(results_dir: str | Path, problems: dict[str, dict], parallel: 
     results_dir.mkdir(parents=True, exist_ok=True)
     jsonl = results_dir / "humaneval_completions.jsonl"
     lines = []
-    samples_seen: dict[str, int] = {}
-    for i, task in enumerate(parallel.tasks):
+    for i, (task, sample) in enumerate(zip(parallel.tasks, parallel.sample_indices())):
         assert reference.tasks[i] == task, (i, task, reference.tasks[i])
-        sample = samples_seen[task] = samples_seen.get(task, -1) + 1
         lines.append(json.dumps({
             "task_id": task,
             "sample": sample,

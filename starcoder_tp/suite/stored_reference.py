@@ -190,9 +190,8 @@ def save_reference(path: str | Path, side: SideResult, model_fp: str, model_dir:
     import transformers
 
     path = Path(path)
-    rows, seen = [], {}
-    for i, task in enumerate(side.tasks):
-        sample = seen[task] = seen.get(task, -1) + 1
+    rows = []
+    for i, (task, sample) in enumerate(zip(side.tasks, side.sample_indices())):
         rows.append({"task_id": task, "sample": sample, "output_ids": side.output_ids[i],
                      "topk_ids": side.topk_ids[i], "topk_logprobs": side.topk_logprobs[i],
                      "completion": side.completions[i], "passed": side.results[i]["passed"],
