@@ -33,7 +33,7 @@ def main() -> None:
 
     def options(compile: bool) -> PerfOptions:
         return PerfOptions(model_dir=bench, world_size=1, batch_sizes=(case.batch,), seq_in=(case.seq_in,),
-                           seq_out=(case.seq_out,), threads_per_rank=1, prepack=not compile, compile=compile)
+                           seq_out=(case.seq_out,), threads_per_rank=1, kernels="plain" if compile else "auto", compile=compile)
 
     ranks = {"rank eager": PerfRunner(options(False), log=lambda m: None).start(),
              "rank compiled": PerfRunner(options(True), log=lambda m: None).start()}

@@ -136,7 +136,7 @@ def compile_rows(shard_dir: Path, batches: list[int], seq_in: int, steps: int) -
     for batch in batches:
         prompts = torch.randint(1, 1000, (batch, seq_in), generator=torch.Generator().manual_seed(0)).tolist()
         models = {"runtime": load_model(shard_dir, TPGroup(0, 1), torch.device("cpu")),
-                  "static": load_model(shard_dir, TPGroup(0, 1), torch.device("cpu"), prepack=False),
+                  "static": load_model(shard_dir, TPGroup(0, 1), torch.device("cpu"), kernels="plain"),
                   "compiled": load_model(shard_dir, TPGroup(0, 1), torch.device("cpu"), compile=True)}
         models["static"].compiled_decode = models["static"].forward  # the fixed-shape step, not compiled
         warm_s, decode_ms, ids = {}, {label: [] for label in models}, {}

@@ -4,9 +4,9 @@ and cases, in one run; and against the machine's own limits (roofline).
 - transformers: `model.generate` (greedy, exactly seq_out tokens) in this process, one thread;
   each forward's end is timed by a logits processor, so first token = prefill + first token and
   decode = the median time between consecutive tokens.
-- ours: the perf suite's runner, one thread per rank (ws1: one core, ws2: two cores); ws1 also
-  without pre-packing (`--no-prepack`) and with compiled decode steps (`--compile`), ws2 also
-  with compiled decode steps.
+- ours: the perf suite's runner, one thread per rank (ws1: one core, ws2: two cores), kernels
+  chosen by measurement (`--kernels auto`); ws1 also with plain weights (`--kernels plain`) and
+  with compiled decode steps (`--compile`), ws2 also with compiled decode steps.
 - all three loaded at once and measured round-robin per case, each warmed up on the case first.
 - limits: memory read bandwidth (a sum over 512 MB) and matmul throughput per dtype, on one
   thread and on all cores. Decode bound = bytes read per step (weights, and the KV cache, whose
@@ -169,12 +169,12 @@ def measure_side_by_side(model_dir: str, dtype: str, cases: list[Case], rounds: 
                          vocab: int) -> dict[Case, dict[str, Timing]]:
     """transformers, ours at ws1 and ours at ws2, all loaded at once and measured round-robin
     (hf, ws1, ws2, hf, ...) per case, so that the machine's drift hits all three alike."""
-    def options(world_size: int, prepack: bool = True, compile: bool = False) -> PerfOptions:
+    def options(world_size: int, kernels: str = "auto", compile: bool = False) -> PerfOptions:
         return PerfOptions(model_dir=model_dir, world_size=world_size, dtype=dtype,
                            batch_sizes=tuple(sorted({c.batch for c in cases})),
                            seq_in=tuple(sorted({c.seq_in for c in cases})),
                            seq_out=tuple(sorted({c.seq_out for c in cases})), rounds=rounds, threads_per_rank=1,
-                           prepack=prepack, compile=compile)
+                           kernels=kernels, compile=compile)
 
     hf = TransformersRunner(model_dir, dtype, vocab)
     # Start-up as users see it once the shards are cached: the cut itself is a one-off.
@@ -182,10 +182,10 @@ def measure_side_by_side(model_dir: str, dtype: str, cases: list[Case], rounds: 
         ensure_shards(model_dir, world_size, dtype, log=lambda m: None)
     # "ws1-plain": world size 1 without the oneDNN pre-packing, to measure that lever alone;
     # "ws1-compiled", "ws2-compiled": decode steps through torch.compile (compiled in each case's warm-up).
-    ours = {name: PerfRunner(options(ws, prepack, compile), log=lambda m: None).start()
-            for name, ws, prepack, compile in (("ws1", 1, True, False), ("ws1-plain", 1, False, False),
-                                               ("ws2", 2, True, False), ("ws1-compiled", 1, False, True),
-                                               ("ws2-compiled", 2, False, True))}
+    ours = {name: PerfRunner(options(ws, kernels, compile), log=lambda m: None).start()
+            for name, ws, kernels, compile in (("ws1", 1, "auto", False), ("ws1-plain", 1, "plain", False),
+                                               ("ws2", 2, "auto", False), ("ws1-compiled", 1, "plain", True),
+                                               ("ws2-compiled", 2, "plain", True))}
     timings: dict = {"startup_s": {name: r.setup_times["shard_s"] + r.setup_times["spawn_and_load_s"]
                                    for name, r in ours.items()}}
     try:
@@ -245,8 +245,8 @@ def section(title: str, model_dir: str, c: ModelConfig, limits: dict, rows: list
                  for k, v in limits.items() if k.startswith("mm_")) + ".", "",
              "Milliseconds: first token (prefill + first token), decode (median between consecutive tokens). "
              "`hf` = transformers `generate`, one thread; `ws1` = ours, one rank, one thread; `ws2` = ours, two "
-             "ranks, one thread each; `ws1 unpacked` = ws1 with `--no-prepack` (plain `F.linear`): the "
-             "oneDNN pre-packing lever alone (the same where oneDNN cannot pack the dtype); `ws1 compiled` = ws1 with "
+             "ranks, one thread each; `ws1 unpacked` = ws1 with `--kernels plain` (plain `F.linear`): the "
+             "measured kernel choice's lever alone; `ws1 compiled` = ws1 with "
              "`--compile` (decode steps through torch.compile, compiled in each case's warm-up); `ws2 compiled` = ws2 with `--compile`. Efficiency = roofline bound / measured. Decode bound = the larger of "
              "bytes read per step / read bandwidth (`mem`) and FLOPs per step / matmul peak (`cmp`); "
              "first-token bound = prefill FLOPs / matmul peak; ws1 against one thread's limits, ws2 against "

@@ -17,7 +17,7 @@ from . import log
 from .config import ModelConfig
 from .device import Device
 from .generate import check_request
-from .options import (DTYPE, MAX_SEQ_LEN, MODEL_DIR, RUNTIME_OPTIONS, WORLD_SIZE, add_options, option,
+from .options import (DTYPE, MAX_SEQ_LEN, MODEL_DIR, RUNTIME_OPTIONS, WORLD_SIZE, add_options, kernel_mode, option,
                       positive_int)
 from .parallel import GroupSpec, RankFailure, WorkerGroup
 from .shard import TOKENIZER_FILES, ensure_shards, read_manifest, shard_checkpoint
@@ -180,7 +180,7 @@ def cmd_generate(args) -> int:
     prompts = _read_prompts(args, tokenizer)
     check_request(ModelConfig.from_dir(shard_dir / "part_model" / "0"), prompts, args.max_new_tokens, args.max_seq_len)
     spec = GroupSpec(str(shard_dir), world_size, device, args.threads_per_rank, timeout_s=args.rank_timeout,
-                     prepack=not args.no_prepack, compile=args.compile)
+                     kernels=kernel_mode(args), compile=args.compile)
     with WorkerGroup(spec) as group:
         setup_s = time.perf_counter() - started
         log(f"[generate] {world_size} rank(s) ready in {setup_s:.1f}s (shard + spawn + load)")
@@ -200,7 +200,7 @@ def _generate_under_torchrun(args, device: Device) -> int:
 
     torchrun_world_size(args.world_size)
     shards = lambda world_size, cut: _resolve_shards(args, world_size, cut)[0]  # noqa: E731
-    with torchrun_rank(device, shards, threads_per_rank=args.threads_per_rank, prepack=not args.no_prepack,
+    with torchrun_rank(device, shards, threads_per_rank=args.threads_per_rank, kernels=kernel_mode(args),
                        compile=args.compile, timeout_s=args.rank_timeout) as rank:
         tokenizer = _load_tokenizer(rank.shard_dir / "part_model" / str(rank.tp.rank))
         prompts = _read_prompts(args, tokenizer)

@@ -20,7 +20,9 @@ from torch import nn
 from .attention import Attention, attention_mask
 from .comm import TPGroup
 from .config import ModelConfig
-from .linear import NATIVE_BF16_MATMUL, Linear, linear, pack_weight, packed_linear, prepack_model
+from . import kernels
+from .kernels import Choice
+from .linear import NATIVE_BF16_MATMUL, Linear, run_kernel
 from .shard import load_part
 from .starcoder2 import inverse_frequencies, rotary_tables, runtime_state
 
@@ -109,25 +111,79 @@ class TPCausalLM(nn.Module):
         self.valid_local_vocab = max(0, min(self.local_vocab, config.vocab_size - self.vocab_start))
         self.cache_batch = 0
         self.cache_len = 0
-        self.lm_head_packed: torch.Tensor | None = None
-        self.pack_rows: int | None = None  # set by prepack: the decode batch the weights are packed for
-        self.pack_force = False
+        self.lm_head_packed: torch.Tensor | None = None  # the tied lm_head's packed copy (onednn)
+        self.lm_head_kernel = "plain"
+        self.kernel_mode = "plain"  # kernels.KERNEL_MODES; set by use_kernels
+        self.kernel_rows: int | None = None  # the decode batch the kernels are laid out for
+        self.kernel_plan: dict[str, Choice] = {}
+        self.kernel_plan_source = "fixed"  # "measured", "cached" or "fixed"
+        self.progress_hooks: list = []  # called while kernels are measured (a rank's heartbeat)
         self.compiled_decode = None  # set by compile_decode: decode steps run the fixed-shape step compiled
         self.window = config.sliding_window
         self.inv_freq: torch.Tensor | None = None  # [D / 2] fp32, set by load_model for RoPE models
 
-    def prepack(self, force: bool = False, rows: int = 1) -> int:
-        """Pre-pack the linear weights for oneDNN, for decode steps of `rows` rows, where it pays
-        (every one with `force`; see linear.py); the lm_head tied to the embedding gets a packed
-        copy, since the embedding still needs the plain rows. From then on `setup_cache` re-packs
-        for each new batch size. Returns how many weights are packed."""
-        count = prepack_model(self, force, rows)
+    def _weights_by_shape(self) -> tuple[dict[str, torch.Tensor], set[str]]:
+        """One weight of each distinct shape (plain), and the shapes also run at prefill rows
+        (every one but the lm_head's, which only ever sees one row per sequence)."""
+        weights, prefill = {}, set()
+        for name, module in self.named_modules():
+            if isinstance(module, Linear):
+                key = module.shape_key()
+                if key not in weights:
+                    weights[key] = module.plain_weight()
+                if name != "lm_head":
+                    prefill.add(key)
         if self.config.tie_word_embeddings:
+            weights.setdefault(kernels.shape_key(self.transformer.wte.weight), self.transformer.wte.weight)
+        return weights, prefill
+
+    def use_kernels(self, mode: str = "auto", rows: int = 1) -> int:
+        """Choose every linear weight's kernels for decode batches of `rows` rows (kernels.py:
+        `auto` measures, or takes this machine's cached plan; otherwise one kernel for all) and lay
+        the weights out for them; from then on `setup_cache` does it again for each new batch
+        size. With `auto` every rank must call this in step. Returns how many weights are packed."""
+        if mode not in kernels.KERNEL_MODES:
+            raise ValueError(f"kernels mode {mode!r} is not one of {list(kernels.KERNEL_MODES)}")
+        if self.transformer.ln_f.weight.device.type != "cpu":
+            mode = "plain"  # the kernels chosen here are CPU ones
+        weights, prefill = self._weights_by_shape()
+        if mode == "auto":
+            self.kernel_plan, self.kernel_plan_source = self._measured_plan(weights, prefill, rows)
+        else:
+            self.kernel_plan = {s: kernels.fixed_choice(mode, w) for s, w in weights.items()}
+            self.kernel_plan_source = "fixed"
+        del weights  # unpacked copies of packed weights, made for the measurement
+        count = sum(m.use_kernels(self.kernel_plan[m.shape_key()], rows)
+                    for m in self.modules() if isinstance(m, Linear))
+        if self.config.tie_word_embeddings:
+            wte = self.transformer.wte.weight
+            decode = self.kernel_plan[kernels.shape_key(wte)].decode
             self.lm_head_packed = None  # the old copy goes before the new one is made
-            self.lm_head_packed = pack_weight(self.transformer.wte.weight, force, rows)
+            if decode == "onednn":
+                self.lm_head_packed = kernels.pack(wte, rows)
+            self.lm_head_kernel = "plain" if decode == "onednn" and self.lm_head_packed is None else decode
             count += self.lm_head_packed is not None
-        self.pack_rows, self.pack_force = rows, force
+        self.kernel_mode, self.kernel_rows = mode, rows
         return count
+
+    def _measured_plan(self, weights: dict[str, torch.Tensor], prefill: set[str], rows: int):
+        key = kernels.plan_key(weights, rows, self.tp.world_size)
+        plan = kernels.load_plan(key)
+        # Every rank measures if any lacks the plan: the timings are reduced across ranks.
+        missing = self.tp.max_(torch.tensor([0.0 if plan is not None else 1.0], dtype=torch.float64))
+        if plan is not None and not missing.item():
+            return plan, "cached"
+        plan = kernels.measure(weights, rows, self.tp.max_, prefill,
+                               on_progress=lambda: [hook() for hook in self.progress_hooks])
+        kernels.save_plan(key, plan)
+        return plan, "measured"
+
+    def kernels_summary(self) -> str:
+        """The plan in one line: mode, where it came from, each shape's decode/prefill kernel."""
+        if self.compiled_decode is not None:
+            return "compiled"
+        return (f"{self.kernel_mode} ({self.kernel_plan_source}, batch {self.kernel_rows}): "
+                f"{kernels.describe(self.kernel_plan)}")
 
     def compile_decode(self, mode: str | None = None) -> None:
         """Run decode steps through torch.compile (inductor) of the fixed-shape step (`forward`
@@ -136,7 +192,7 @@ class TPCausalLM(nn.Module):
         pre-packed weights: inductor packs the weights itself (freezing), and cannot take
         oneDNN's opaque tensors."""
         if next(self.packed_weights(), None) is not None:
-            raise ValueError("compile_decode: the model's weights are pre-packed; load it with prepack=False")
+            raise ValueError("compile_decode: the model's weights are pre-packed; load it with kernels='plain'")
         import torch._inductor.config as inductor_config
 
         inductor_config.freezing = True  # weights as constants: inductor re-lays them out for its GEMMs
@@ -166,8 +222,8 @@ class TPCausalLM(nn.Module):
     def setup_cache(self, batch: int, max_seq_len: int) -> None:
         """Allocate the static KV cache once; later calls with a fitting shape reuse it. A
         pre-packed model is re-packed for a new batch size here (outside any timed region)."""
-        if self.pack_rows is not None and self.pack_rows != batch:
-            self.prepack(self.pack_force, batch)
+        if self.kernel_rows is not None and self.kernel_rows != batch:
+            self.use_kernels(self.kernel_mode, batch)
         if batch == self.cache_batch and max_seq_len <= self.cache_len:
             return
         if self.compiled_decode is not None and self.cache_batch:
@@ -227,10 +283,8 @@ class TPCausalLM(nn.Module):
 
     def _logits(self, last: torch.Tensor) -> torch.Tensor:
         # last: [B, E] -> [B, V_local]
-        if self.lm_head_packed is not None:
-            logits = packed_linear(last, self.lm_head_packed, None)  # [B, V_local]
-        elif self.config.tie_word_embeddings:
-            logits = linear(last, self.transformer.wte.weight)
+        if self.config.tie_word_embeddings:
+            logits = run_kernel(self.lm_head_kernel, last, self.transformer.wte.weight, self.lm_head_packed, None)
         else:
             logits = self.lm_head(last)
         if self.valid_local_vocab < self.local_vocab:
@@ -275,12 +329,15 @@ class TPCausalLM(nn.Module):
         return top_vals.float(), all_ids.gather(-1, pos).long()
 
 
-def load_model(shard_dir: str | Path, tp: TPGroup, device: torch.device, prepack: bool = True,
+def load_model(shard_dir: str | Path, tp: TPGroup, device: torch.device, kernels: str = "auto",
                compile: bool = False) -> TPCausalLM:
     """Build this rank's model straight from its part: created on the meta device, then the
-    loaded tensors are assigned, so the weights exist once in memory. With `prepack`, the linear
-    weights are then re-laid out for oneDNN where it can take them (CPU; see linear.py). With
-    `compile`, decode steps run through torch.compile instead (which packs weights itself)."""
+    loaded tensors are assigned, so the weights exist once in memory. `kernels` (kernels.KERNEL_MODES)
+    chooses the linear weights' kernels and layouts for batch 1 (every rank in step), again at
+    each new batch size. With `compile`, decode steps run through torch.compile instead (which
+    lays out the weights itself): `kernels` must then be 'auto' or 'plain'."""
+    if compile and kernels not in ("auto", "plain"):
+        raise ValueError(f"kernels {kernels!r} cannot be combined with compile (inductor chooses its own GEMMs)")
     raw_config, state = load_part(shard_dir, tp.rank, tp.world_size, device="cpu" if device.type == "npu" else device)
     config = ModelConfig.from_hf_dict(raw_config, source=f"{shard_dir}/part_model/{tp.rank}/config.json")
     if config.model_type == "starcoder2":
@@ -306,6 +363,6 @@ def load_model(shard_dir: str | Path, tp: TPGroup, device: torch.device, prepack
         model.inv_freq = inverse_frequencies(config).to(device)
     if compile:
         model.compile_decode()
-    elif prepack:
-        model.prepack()
+    else:
+        model.use_kernels(kernels)
     return model.eval()

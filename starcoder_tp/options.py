@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 from .device import DEVICE_KINDS
+from .kernels import KERNEL_MODES
 from .shard import DTYPES
 
 
@@ -79,9 +80,13 @@ DEVICE_ID = option("--device-id", type=non_negative_int, default=0,
                    help="rank r uses device device_id + r. Default: %(default)r")
 THREADS_PER_RANK = option("--threads-per-rank", type=positive_int, default=None,
                           help="CPU threads per rank. Default: the cores shared evenly among the ranks")
+KERNELS = option("--kernels", choices=list(KERNEL_MODES), default="auto",
+                 help="the linear layers' kernels on CPU: 'auto' times the candidates (F.linear, oneDNN packed for "
+                      "the batch, bf16 via fp32) for each weight shape and batch on this machine, once per machine "
+                      "(cached), and takes the fastest; 'plain', 'onednn' or 'fp32' use that one for every weight "
+                      "that can take it. Default: %(default)r")
 NO_PREPACK = option("--no-prepack", action="store_true", default=False,
-                    help="keep the linear weights in their plain layout (F.linear) instead of pre-packing them for "
-                         "oneDNN on CPU. Default: %(default)r")
+                    help="the same as --kernels plain (plain weights, F.linear). Default: %(default)r")
 COMPILE = option("--compile", action="store_true", default=False,
                  help="run decode steps through torch.compile (inductor): compiled per batch size and cache length, "
                       "seconds to minutes each; needs a C++ compiler on CPU. Default: %(default)r")
@@ -91,4 +96,13 @@ RANK_TIMEOUT = option("--rank-timeout", type=positive_seconds, default=60.0,
 MAX_SEQ_LEN = option("--max-seq-len", type=positive_int, default=None,
                      help="KV cache length (the Ascend guide's MAX_SEQ_LENGTH). Default: each request's input + output")
 
-RUNTIME_OPTIONS = (WORLD_SIZE, DTYPE, DEVICE, DEVICE_ID, THREADS_PER_RANK, NO_PREPACK, COMPILE, RANK_TIMEOUT)
+RUNTIME_OPTIONS = (WORLD_SIZE, DTYPE, DEVICE, DEVICE_ID, THREADS_PER_RANK, KERNELS, NO_PREPACK, COMPILE, RANK_TIMEOUT)
+
+
+def kernel_mode(ns) -> str:
+    """--kernels, with --no-prepack as 'plain'; a contradiction is refused naming both."""
+    if ns.no_prepack and ns.kernels not in ("auto", "plain"):
+        raise ValueError(f"--no-prepack (plain kernels) contradicts --kernels {ns.kernels}")
+    if ns.compile and ns.kernels not in ("auto", "plain"):
+        raise ValueError(f"--kernels {ns.kernels} cannot be combined with --compile (inductor chooses its own GEMMs)")
+    return "plain" if ns.no_prepack else ns.kernels

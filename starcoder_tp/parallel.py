@@ -55,7 +55,7 @@ class GroupSpec:
     timeout_s: float = DEFAULT_CALL_TIMEOUT_S
     request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S
     comm: str = "auto"  # "shm": shared-memory collectives; "dist": the backend's; "auto": shm on one CPU host
-    prepack: bool = True  # linear weights pre-packed for oneDNN where it can (CPU): faster decode
+    kernels: str = "auto"  # the linear kernels on CPU (kernels.KERNEL_MODES): 'auto' measures them
     compile: bool = False  # decode steps through torch.compile (see TPCausalLM.compile_decode)
 
     def __post_init__(self) -> None:
@@ -117,12 +117,14 @@ def _worker_main(rank: int, spec: GroupSpec, store_port: int, shm_path: str | No
                                     timeout=datetime.timedelta(seconds=spec.timeout_s))
         shm = shm_comm.ShmComm(shm_path, rank, spec.world_size, spec.timeout_s) if shm_path else None
         tp = TPGroup(rank, spec.world_size, shm)
-        model = load_model(spec.shard_dir, tp, torch_device, prepack=spec.prepack, compile=spec.compile)
+        model = load_model(spec.shard_dir, tp, torch_device, kernels=spec.kernels, compile=spec.compile)
         heartbeat = Heartbeat(progress, rank)
+        model.progress_hooks.append(heartbeat.tick)  # measuring the kernels of a new batch size
         for block in model.transformer.h:
             block.register_forward_pre_hook(heartbeat.tick)
         conn.send(("ready", {"load_s": time.perf_counter() - started, "pid": os.getpid(),
                              "packed_weights": sum(1 for _ in model.packed_weights()),
+                             "kernels": model.kernels_summary(),
                              "compiled": model.compiled_decode is not None}))
         while True:
             command, kwargs = conn.recv()

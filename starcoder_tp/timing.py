@@ -29,6 +29,7 @@ class GenerationResult:
     timed_ms: float = 0.0
     topk_logprobs: torch.Tensor | None = None  # [B, new_tokens, k] when asked for
     topk_ids: torch.Tensor | None = None
+    kernels: str = ""  # the model's kernel plan for this batch (TPCausalLM.kernels_summary)
 
     @property
     def decode_ms_per_token(self) -> float:
@@ -79,4 +80,5 @@ def timed_generate(model: TPCausalLM, device: Device, prompts: list[list[int]], 
                           hooks=(timer, *hooks), sampling=sampling, seeds=seeds)
     steps, timed_ms = timer.slowest()
     return GenerationResult(output_ids=generation.output_ids, first_token_ms=steps[0], decode_ms=steps[1:],
-                            timed_ms=timed_ms, topk_logprobs=generation.topk_logprobs, topk_ids=generation.topk_ids)
+                            timed_ms=timed_ms, topk_logprobs=generation.topk_logprobs, topk_ids=generation.topk_ids,
+                            kernels=model.kernels_summary())

@@ -86,7 +86,7 @@ class TorchrunRank:
 
 @contextlib.contextmanager
 def torchrun_rank(device: Device, shards: Callable[[int, bool], Path], *, threads_per_rank: int | None,
-                  prepack: bool, compile: bool, timeout_s: float) -> Iterator[TorchrunRank]:
+                  kernels: str, compile: bool, timeout_s: float) -> Iterator[TorchrunRank]:
     """This process as one of torchrun's ranks: join the group, have the shards cut once per node
     (`shards(world_size, cut)` returns their directory; local rank 0 calls it with cut=True
     first, the others after a barrier with cut=False), pin the threads, load this rank's part.
@@ -101,7 +101,7 @@ def torchrun_rank(device: Device, shards: Callable[[int, bool], Path], *, thread
         if device.kind == "cpu":
             configure_threads(local_rank, GroupSpec(str(shard_dir), tp.world_size, device, threads_per_rank,
                                                     pin_cores=False))
-        model = load_model(shard_dir, tp, device.torch_device(local_rank), prepack=prepack, compile=compile)
+        model = load_model(shard_dir, tp, device.torch_device(local_rank), kernels=kernels, compile=compile)
         yield TorchrunRank(model, tp, local_rank, device, Path(shard_dir), time.perf_counter() - started)
     finally:
         dist.destroy_process_group()

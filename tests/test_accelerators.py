@@ -63,7 +63,7 @@ def test_compiled_decode_on_cuda_replays_cuda_graphs_and_keeps_the_tokens(embedd
     from starcoder_tp.comm import TPGroup
 
     shard_dir = ensure_shards(embedded_dir, 1, "float32")
-    eager = load_model(shard_dir, TPGroup(0, 1), torch.device("cuda:0"), prepack=False)
+    eager = load_model(shard_dir, TPGroup(0, 1), torch.device("cuda:0"), kernels="plain")
     compiled = load_model(shard_dir, TPGroup(0, 1), torch.device("cuda:0"), compile=True)
     vocab = eager.config.vocab_size
     counters.clear()

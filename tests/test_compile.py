@@ -55,7 +55,7 @@ def test_every_new_cache_shape_is_compiled_past_dynamos_recompile_limit(ws1):
     # limit (8) the step used to run eager from then on, silently. Here 10 cache shapes in turn
     # (batch 1 -> 2 -> 1 at one length included: new caches of a shape compiled before).
     # Each compile also froze its own copy of the weights (oneDNN tensors), which must go with it.
-    eager = load_model(ws1, TPGroup(0, 1), torch.device("cpu"), prepack=False)
+    eager = load_model(ws1, TPGroup(0, 1), torch.device("cpu"), kernels="plain")
     compiled = load_model(ws1, TPGroup(0, 1), torch.device("cpu"), compile=True)
     vocab = eager.config.vocab_size
     shapes = [(1, 8), (2, 8), (1, 8), (1, 12), (2, 12), (1, 16), (2, 16), (3, 8), (3, 12), (1, 20)]
@@ -84,10 +84,10 @@ def test_two_ranks_with_compiled_decode_match_one_eager_rank(ws1, embedded_dir, 
 
 
 def test_compile_refuses_prepacked_weights(ws1):
-    model = load_model(ws1, TPGroup(0, 1), torch.device("cpu"), prepack=False)
-    if model.prepack(force=True) == 0:
+    model = load_model(ws1, TPGroup(0, 1), torch.device("cpu"), kernels="plain")
+    if model.use_kernels("onednn") == 0:
         pytest.skip("oneDNN cannot pack weights on this machine")
-    with pytest.raises(ValueError, match="pre-packed; load it with prepack=False"):
+    with pytest.raises(ValueError, match="pre-packed; load it with kernels='plain'"):
         model.compile_decode()
 
 

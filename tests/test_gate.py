@@ -113,7 +113,7 @@ def test_baseline_file_edge_cases(tmp_path):
         Baseline.load(path, world_size=2, dtype="bfloat16", device="cpu", runtime_mode="eager", model_shape=SHAPE, fingerprint=MACHINE)
     # An eager baseline must not gate a --compile run (nor one with --no-prepack), and vice versa.
     with pytest.raises(ValueError, match="runtime mode 'eager'; this run is world size 2, float32, cpu, runtime mode "
-                                         "'compiled' \\(--compile and --no-prepack set the mode\\)"):
+                                         "'compiled' \\(--compile, --kernels and --no-prepack set the mode\\)"):
         Baseline.load(path, world_size=2, dtype="float32", device="cpu", runtime_mode="compiled", model_shape=SHAPE, fingerprint=MACHINE)
     with pytest.raises(ValueError, match="runtime mode 'eager-no-prepack'"):
         Baseline.load(path, world_size=2, dtype="float32", device="cpu", runtime_mode="eager-no-prepack", model_shape=SHAPE, fingerprint=MACHINE)

@@ -24,9 +24,9 @@ def test_default_grid_is_the_ascend_guides_36_cases_per_batch():
 def test_runtime_mode_names_the_options_that_change_the_timed_steps():
     embedded = str(EMBEDDED_MODEL_DIR)
     assert PerfOptions(model_dir=embedded).runtime_mode == "eager"
-    assert PerfOptions(model_dir=embedded, prepack=False).runtime_mode == "eager-no-prepack"
+    assert PerfOptions(model_dir=embedded, kernels="plain").runtime_mode == "eager-no-prepack"
     assert PerfOptions(model_dir=embedded, compile=True).runtime_mode == "compiled"
-    assert PerfOptions(model_dir=embedded, compile=True, prepack=False).runtime_mode == "compiled"
+    assert PerfOptions(model_dir=embedded, compile=True, kernels="plain").runtime_mode == "compiled"
 
 
 def test_case_pairs_replace_the_cross_product_and_ids_select_exactly():

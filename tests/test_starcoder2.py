@@ -130,7 +130,7 @@ def test_bf16_follows_the_top5_rule(runners, models):
 def one_rank(models, tmp_path_factory):
     out = tmp_path_factory.mktemp("replicated-ws1-inproc") / "s"
     shard_checkpoint(models["replicated"], out, 1)
-    return load_model(out, TPGroup(0, 1), torch.device("cpu"), prepack=False)
+    return load_model(out, TPGroup(0, 1), torch.device("cpu"), kernels="plain")
 
 
 def generate_with_step(model, step) -> GreedyOutput:

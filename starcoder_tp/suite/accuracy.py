@@ -35,7 +35,7 @@ class AccuracyOptions:
     tolerance: float = 0.02
     results_dir: str = "results"
     threads_per_rank: int | None = None
-    prepack: bool = True
+    kernels: str = "auto"  # kernels.KERNEL_MODES
     compile: bool = False  # the TP ranks' decode steps through torch.compile (--compile)
     samples: int = 1  # completions per problem (--humaneval-samples)
     temperature: float = 0.0  # 0: greedy
@@ -119,7 +119,7 @@ def run_accuracy(o: AccuracyOptions, log: Callable[[str], None] = print) -> Accu
     gen = dict(max_new_tokens=o.max_new_tokens, batch_size=o.batch_size, progress=log, samples=o.samples,
                sampling=o.sampling, seed=o.seed, task=o.task)
     runner = TPRunner(ensure_shards(o.model_dir, o.world_size, o.dtype, log=log), o.world_size, o.device,
-                      threads_per_rank=o.threads_per_rank, prepack=o.prepack, compile=o.compile)
+                      threads_per_rank=o.threads_per_rank, kernels=o.kernels, compile=o.compile)
     try:
         compiled = all(info["compiled"] for info in runner.group.ready_info)  # as the ranks report it
         parallel = complete(runner, f"tp{o.world_size}", tokenizer, o.problems, **gen)

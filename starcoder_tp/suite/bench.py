@@ -65,7 +65,7 @@ def _bench_under_torchrun(options: PerfOptions) -> int:
         return ensure_shards(options.model_dir, world_size, options.dtype, log=log if cut else (lambda m: None))
 
     device = Device(options.device, options.device_id)
-    with torchrun_rank(device, shards, threads_per_rank=options.threads_per_rank, prepack=options.prepack,
+    with torchrun_rank(device, shards, threads_per_rank=options.threads_per_rank, kernels=options.kernels,
                        compile=options.compile, timeout_s=options.timeout_s) as rank:
         quiet = rank.tp.rank != 0
         if not quiet:

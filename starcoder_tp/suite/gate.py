@@ -121,7 +121,7 @@ class Baseline:
              model_shape: str, fingerprint: dict[str, str], normalize: bool = False) -> "Baseline":
         """The baseline's rows, refused unless measured like this run: same model dimensions
         (ModelConfig.shape_id), world size, dtype, device and runtime mode (eager,
-        eager-no-prepack, compiled), >= MIN_ROUNDS rounds, and the same machine
+        eager-no-prepack, eager-kernels-K, compiled), >= MIN_ROUNDS rounds, and the same machine
         (machine.machine_fingerprint) unless `normalize` (then `other_machine` says how it differs)."""
         path = Path(path)
         if not path.is_file():
@@ -156,7 +156,7 @@ class Baseline:
                 raise ValueError(
                     f"--perf-baseline {path} was measured at world size {theirs[0]}, {theirs[1]}, {theirs[2]}, "
                     f"runtime mode {theirs[3]!r}; this run is world size {world_size}, {dtype}, {device}, runtime "
-                    f"mode {runtime_mode!r} (--compile and --no-prepack set the mode): compare like with like "
+                    f"mode {runtime_mode!r} (--compile, --kernels and --no-prepack set the mode): compare like with like "
                     "(or take a new baseline with --perf-save-baseline)")
         few = df[df.rounds.astype(int) < MIN_ROUNDS]
         if not few.empty:

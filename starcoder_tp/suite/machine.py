@@ -2,43 +2,12 @@
 result row, so that a stored baseline is never read against another machine by accident."""
 from __future__ import annotations
 
-import os
-import platform
-import re
-from pathlib import Path
-
 import torch
 
+from ..cpu import cpu_cores, cpuinfo, isa_flags
 from ..device import Device
 
-# The instruction-set extensions that decide which kernels run (oneDNN, inductor, our own
-# choices in linear.py). Other /proc/cpuinfo flags (mitigations, virtualisation) differ between
-# hosts of one CPU kind without changing a kernel, and would refuse baselines for nothing.
-ISA_FLAG = re.compile(r"^(sse\d.*|ssse3|avx.*|amx.*|fma|f16c|bmi\d|sve.*|asimd.*|neon|sme.*|bf16|i8mm)$")
-
 FINGERPRINT_COLUMNS = ("cpu_model", "cpu_isa", "cores", "torch_version", "threads_per_rank", "accelerator")
-
-
-def _cpuinfo(path: Path = Path("/proc/cpuinfo")) -> tuple[str, set[str]]:
-    """The CPU's model name and its flags (x86 'flags', Arm 'Features'), from /proc/cpuinfo."""
-    model, flags = "", set()
-    try:
-        text = path.read_text()
-    except OSError:
-        return platform.processor() or platform.machine(), flags
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        key = key.strip().lower()
-        if key in ("model name", "hardware", "cpu model") and not model:
-            model = value.strip()
-        elif key in ("flags", "features") and not flags:
-            flags = set(value.split())
-    return model or platform.processor() or platform.machine(), flags
-
-
-def cpu_cores() -> int:
-    """Cores this process may run on (a container or taskset may allow fewer than the machine has)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def accelerator_name(device: Device) -> str:
@@ -58,10 +27,10 @@ def accelerator_name(device: Device) -> str:
 
 def machine_fingerprint(device: Device, threads_per_rank: int) -> dict[str, str]:
     """The fields of FINGERPRINT_COLUMNS, as strings (they go into the CSV as they are)."""
-    model, flags = _cpuinfo()
+    model, _ = cpuinfo()
     return {
         "cpu_model": model,
-        "cpu_isa": " ".join(sorted(f for f in flags if ISA_FLAG.match(f))),
+        "cpu_isa": isa_flags(),
         "cores": str(cpu_cores()),
         "torch_version": torch.__version__,
         "threads_per_rank": str(threads_per_rank),

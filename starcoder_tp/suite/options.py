@@ -7,9 +7,9 @@ import math
 from pathlib import Path
 
 from ..files import EMBEDDED_MODEL_DIR
-from ..options import (COMPILE, DEVICE, DEVICE_ID, DTYPE, MAX_SEQ_LEN, MODEL_DIR, NO_PREPACK, RANK_TIMEOUT,
+from ..options import (COMPILE, DEVICE, DEVICE_ID, DTYPE, KERNELS, MAX_SEQ_LEN, MODEL_DIR, NO_PREPACK, RANK_TIMEOUT,
                        THREADS_PER_RANK, WORLD_SIZE, Option, bounded, int_list, non_negative_int, non_negative_ms, option,
-                       positive_int, positive_seconds)
+                       positive_int, positive_seconds, kernel_mode)
 from .humaneval import TASKS as HUMANEVAL_TASKS
 from .stored_reference import LIVE_REFERENCES
 from .perf import DEFAULT_BATCH_SIZES, DEFAULT_SEQ_LENS, PerfOptions
@@ -148,7 +148,7 @@ ACCURACY = (
                 "(fp32 must be equal). Default: %(default)r"),
 )
 
-RUN = (MODEL_DIR, WORLD_SIZE, DTYPE, DEVICE, DEVICE_ID, THREADS_PER_RANK, NO_PREPACK, COMPILE, RANK_TIMEOUT)
+RUN = (MODEL_DIR, WORLD_SIZE, DTYPE, DEVICE, DEVICE_ID, THREADS_PER_RANK, KERNELS, NO_PREPACK, COMPILE, RANK_TIMEOUT)
 PYTEST_OPTIONS: tuple[Option, ...] = RUN + GRID + COMPARE + BASELINE + INJECT + ACCURACY
 BENCH_OPTIONS: tuple[Option, ...] = RUN + GRID + COMPARE + INJECT
 
@@ -162,6 +162,6 @@ def perf_options(ns, world_size: int | None = None) -> PerfOptions:
         batch_sizes=ns.batch_sizes or DEFAULT_BATCH_SIZES, seq_in=ns.seq_in or DEFAULT_SEQ_LENS,
         seq_out=ns.seq_out or DEFAULT_SEQ_LENS, case_pairs=ns.case_pairs, max_seq_len=ns.max_seq_len,
         rounds=ns.perf_rounds, warmup=ns.perf_warmup, results_dir=ns.results_dir, model_name=ns.model_name,
-        threads_per_rank=ns.threads_per_rank, prepack=not ns.no_prepack, compile=ns.compile,
+        threads_per_rank=ns.threads_per_rank, kernels=kernel_mode(ns), compile=ns.compile,
         timeout_s=ns.rank_timeout, inject_prefill_ms=ns.inject_prefill_delay_ms,
         inject_decode_ms=ns.inject_decode_delay_ms)

@@ -83,6 +83,7 @@ class CaseResult:
     peak_memory_bytes: list[int] = field(default_factory=list)  # per rank, max over rounds
     wall_ms_rounds: list[float] = field(default_factory=list)  # the driver's clock around each whole request
     timed_ms_rounds: list[float] = field(default_factory=list)  # GenerationResult.timed_ms of each round
+    kernels: str = ""  # the ranks' kernel plan (TPCausalLM.kernels_summary)
 
     def add_round(self, first_token_ms: float, decode_ms: list[float], output_shape: tuple, memory: list[int]) -> None:
         expected = (self.case.batch, self.case.seq_out)
@@ -155,7 +156,7 @@ class PerfOptions:
     results_dir: str = "results"
     model_name: str = "starcoder"
     threads_per_rank: int | None = None
-    prepack: bool = True  # linear weights pre-packed for oneDNN on CPU (see linear.py)
+    kernels: str = "auto"  # the linear kernels on CPU: kernels.KERNEL_MODES
     compile: bool = False  # decode steps through torch.compile (compiled per case, in its warm-up)
     timeout_s: float = 60.0  # a rank waiting this long on another fails the case, naming it
     inject_prefill_ms: float = 0.0  # test-only (faults.BusyWait): proves that the gate catches a slowdown
@@ -177,7 +178,7 @@ class PerfOptions:
         """How the steps ran, recorded with every result: one mode's baseline must not gate another."""
         if self.compile:
             return "compiled"
-        return "eager" if self.prepack else "eager-no-prepack"
+        return {"auto": "eager", "plain": "eager-no-prepack"}.get(self.kernels, f"eager-kernels-{self.kernels}")
 
     def check_cases(self) -> None:
         """Refuse the grid's impossible cases (kept apart: a grid that does not fit a model
@@ -218,7 +219,7 @@ class PerfRunner:
         self.shard_dir = shard_dir or ensure_shards(o.model_dir, o.world_size, o.dtype, log=self.log)
         t1 = time.perf_counter()
         self.spec = GroupSpec(str(self.shard_dir), o.world_size, Device(o.device, o.device_id), o.threads_per_rank,
-                              timeout_s=o.timeout_s, prepack=o.prepack, compile=o.compile)
+                              timeout_s=o.timeout_s, kernels=o.kernels, compile=o.compile)
         self.group = self.start_group(self.spec)
         t2 = time.perf_counter()
         self.setup_times = {"shard_s": t1 - t0, "spawn_and_load_s": t2 - t1,
@@ -238,8 +239,10 @@ class PerfRunner:
         if case.batch not in self.warmed:
             seq_in = min(min(self.options.seq_in), 32)
             for _ in range(self.options.warmup):
-                self._generate(case, make_prompts(Case(case.batch, seq_in, 8), self.config.vocab_size, seed=99), 8)
+                generation, _ = self._generate(case, make_prompts(Case(case.batch, seq_in, 8), self.config.vocab_size,
+                                                                  seed=99), 8)
             self.warmed.add(case.batch)
+            self.log(f"[perf] {self.name + ': ' if self.name else ''}kernels at batch {case.batch}: {generation.kernels}")
         # Compiled decode steps are compiled for the case's shape here, outside the timed rounds.
         self._generate(case, make_prompts(case, self.config.vocab_size, seed=98),
                        min(3, case.seq_out) if self.options.compile else 1,
@@ -255,6 +258,7 @@ class PerfRunner:
         wall_ms = (time.perf_counter() - started) * 1e3
         result.add_round(generation.first_token_ms, generation.decode_ms, tuple(generation.output_ids.shape), memory)
         result.wall_ms_rounds.append(wall_ms)
+        result.kernels = generation.kernels
         result.timed_ms_rounds.append(generation.timed_ms)
 
     def _generate(self, case: Case, prompts: list[list[int]], new_tokens: int, **kwargs):

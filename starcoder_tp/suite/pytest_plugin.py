@@ -77,7 +77,7 @@ def accuracy_options_from_config(config) -> AccuracyOptions:
             reference=opt.accuracy_reference, max_new_tokens=opt.humaneval_max_new_tokens,
             batch_size=opt.humaneval_batch_size, timeout_s=opt.humaneval_timeout, workers=opt.humaneval_workers,
             memory_mb=opt.humaneval_memory_mb, tolerance=opt.pass_at_1_tolerance, results_dir=perf.results_dir,
-            threads_per_rank=perf.threads_per_rank, prepack=perf.prepack, compile=perf.compile,
+            threads_per_rank=perf.threads_per_rank, kernels=perf.kernels, compile=perf.compile,
             samples=opt.humaneval_samples, temperature=opt.temperature, top_p=opt.top_p, seed=opt.seed,
             task=opt.humaneval_task, save_reference=opt.save_reference)
         stored_reference_for(options)  # a stored reference of another model or protocol is refused now

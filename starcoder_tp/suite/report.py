@@ -20,7 +20,7 @@ from .perf import Case, CaseResult
 
 ASCEND_COLUMNS = ["Batch", "Input_seq_len", "Output_seq_len", "TotalTime(s)", "first_token_time(ms)",
                   "avg_token_time(ms)"]
-OUR_COLUMNS = ["world_size", "dtype", "device", "model", "model_shape", "runtime_mode", "decode_p50_ms",
+OUR_COLUMNS = ["world_size", "dtype", "device", "model", "model_shape", "runtime_mode", "kernels", "decode_p50_ms",
                "decode_p90_ms", "decode_p99_ms", "tokens_per_s", "peak_memory_mb", "peak_memory_mb_per_rank", "rounds",
                "first_token_ms_rounds", "decode_ms_rounds", "calib_bandwidth_gbs", "calib_matmul_gflops", "side",
                "run_id", *FINGERPRINT_COLUMNS, "git_commit", "timestamp"]
@@ -63,7 +63,8 @@ def result_row(result: CaseResult, *, world_size: int, dtype: str, device: str, 
         "device": device,
         "model": model,
         "model_shape": model_shape,  # ModelConfig.shape_id: the dimensions, whatever the model's name
-        "runtime_mode": runtime_mode,  # PerfOptions.runtime_mode: eager, eager-no-prepack or compiled
+        "runtime_mode": runtime_mode,  # PerfOptions.runtime_mode: eager, eager-no-prepack, eager-kernels-K or compiled
+        "kernels": result.kernels,  # each weight shape's decode/prefill kernel (kernels.py)
         "decode_p50_ms": f"{result.decode_ms_percentile(50):.4f}",
         "decode_p90_ms": f"{result.decode_ms_percentile(90):.4f}",
         "decode_p99_ms": f"{result.decode_ms_percentile(99):.4f}",

@@ -41,7 +41,9 @@ def _serve(conn_in: Connection, conn_out: Connection) -> int:
         return 2
     s = hello["spec"]
     spec = GroupSpec(s["shard_dir"], s["world_size"], Device(s["device"], s["device_id"]), s["threads_per_rank"],
-                     timeout_s=s["timeout_s"], request_timeout_s=s["request_timeout_s"], prepack=s["prepack"],
+                     timeout_s=s["timeout_s"], request_timeout_s=s["request_timeout_s"],
+                     # a driver from before --kernels sends only prepack
+                     kernels=s.get("kernels", "auto" if s.get("prepack", True) else "plain"),
                      compile=s["compile"])
     group = WorkerGroup(spec)
     try:
@@ -70,7 +72,7 @@ def _serve(conn_in: Connection, conn_out: Connection) -> int:
                 return 1
             _send(conn_out, {"status": "ok", "peak_memory_bytes": memory, "result": {
                 "output_ids": result.output_ids.tolist(), "first_token_ms": result.first_token_ms,
-                "decode_ms": result.decode_ms, "timed_ms": result.timed_ms}})
+                "decode_ms": result.decode_ms, "timed_ms": result.timed_ms, "kernels": result.kernels}})
     except (EOFError, BrokenPipeError, KeyboardInterrupt):
         return 0  # the driver went away (or Ctrl-C reached the whole process group)
     finally:
@@ -140,7 +142,9 @@ class RemoteGroup:
             self._send({"protocol": PROTOCOL, "spec": {
                 "shard_dir": str(Path(s.shard_dir).resolve()), "world_size": s.world_size, "device": s.device.kind,
                 "device_id": s.device.device_id, "threads_per_rank": s.threads_per_rank, "timeout_s": s.timeout_s,
-                "request_timeout_s": s.request_timeout_s, "prepack": s.prepack, "compile": s.compile}}, "start")
+                "request_timeout_s": s.request_timeout_s, "kernels": s.kernels, "compile": s.compile,
+                # for side B code from before --kernels, which reads only this
+                "prepack": s.kernels != "plain"}}, "start")
             reply = self._receive("start", DEFAULT_START_TIMEOUT_S + START_MARGIN_S)
         except ValueError:
             self.close(graceful=False)
@@ -184,7 +188,8 @@ class RemoteGroup:
         decode_ms = r["decode_ms"]
         result = GenerationResult(torch.tensor(r["output_ids"], dtype=torch.long), r["first_token_ms"], decode_ms,
                                   # 3624e8b, the first commit with serve.py, did not send it yet
-                                  timed_ms=r.get("timed_ms", r["first_token_ms"] + sum(decode_ms)))
+                                  timed_ms=r.get("timed_ms", r["first_token_ms"] + sum(decode_ms)),
+                                  kernels=r.get("kernels", ""))  # nor this, before --kernels
         return result, reply["peak_memory_bytes"]
 
     def _stall_timeout_s(self) -> float:

@@ -1,0 +1,64 @@
+"""What `--kernels auto` chooses on this machine, from which timings, and how long choosing takes.
+
+For each dtype and decode batch, a world-size-1 model (one thread, as one rank of the suite)
+measures its plan from scratch (an empty plan cache), as the first run on a new machine does;
+the table gives every weight shape's candidate timings (ms per call: decode at the batch's rows,
+prefill at kernels.PREFILL_ROWS rows) and the choice.
+
+Run: python benchmarks/kernel_plan.py [--model bench|embedded|DIR] [--dtypes float32,bfloat16]
+     [--batches 1,4,16]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+
+import torch
+
+from starcoder_tp.comm import TPGroup
+from starcoder_tp.cpu import cpuinfo, isa_flags
+from starcoder_tp.files import CACHE_ENV, EMBEDDED_MODEL_DIR
+from starcoder_tp.model import load_model
+from starcoder_tp.shard import ensure_shards
+from starcoder_tp.testing.build_models import build_bench
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="bench", help="bench, embedded or a checkpoint dir. Default: %(default)r")
+    parser.add_argument("--dtypes", default="float32,bfloat16")
+    parser.add_argument("--batches", default="1,4,16")
+    args = parser.parse_args()
+    model_dir = {"bench": lambda: str(build_bench()), "embedded": lambda: str(EMBEDDED_MODEL_DIR)}.get(
+        args.model, lambda: args.model)()
+    torch.set_num_threads(1)
+    print(f"Machine: {cpuinfo()[0]}; {isa_flags()}; torch {torch.__version__}, one thread. Model: {model_dir}\n")
+    for dtype in args.dtypes.split(","):
+        shards = ensure_shards(model_dir, 1, dtype, log=lambda m: None)
+        model = load_model(shards, TPGroup(0, 1), torch.device("cpu"), kernels="plain")
+        for batch in (int(b) for b in args.batches.split(",")):
+            with tempfile.TemporaryDirectory() as empty_cache:
+                saved = os.environ.get(CACHE_ENV)
+                os.environ[CACHE_ENV] = empty_cache  # a first run on this machine: nothing cached
+                try:
+                    started = time.perf_counter()
+                    with torch.inference_mode():
+                        model.use_kernels("auto", batch)
+                    took = time.perf_counter() - started
+                finally:
+                    if saved is None:
+                        os.environ.pop(CACHE_ENV)
+                    else:
+                        os.environ[CACHE_ENV] = saved
+            print(f"{dtype}, batch {batch}: plan measured in {took:.2f} s\n")
+            print("| weight | decode ms (batch rows) | prefill ms (512 rows) | choice |\n|---|---|---|---|")
+            for shape, c in sorted(model.kernel_plan.items()):
+                fmt = lambda d: ", ".join(f"{k} {v:.3f}" for k, v in sorted(d.items(), key=lambda kv: kv[1]))  # noqa: E731
+                print(f"| {shape} | {fmt(c.decode_ms)} | {fmt(c.prefill_ms) or '-'} | {c.decode} / {c.prefill} |")
+            print()
+
+
+if __name__ == "__main__":
+    main()
