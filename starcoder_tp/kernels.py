@@ -18,6 +18,17 @@ kernels that layout can run.
 - `fp32`:   bf16 weights computed in fp32, a block of rows at a time (linear.fp32_linear): for
             CPUs whose bf16 GEMM is slow. Prefill from the plain layout: `plain` or `fp32`.
 
+Prefill kernels are timed at SHORT_ROWS and at PREFILL_ROWS rows: a short prompt and a long one
+can want different kernels (unpacking a weight costs the same for 2 rows as for 2000). Calls
+below SPLIT_ROWS rows take the short winner, larger ones the long one.
+
+Bounded: one warm call and one probe call per candidate, then candidates slower than
+PRUNE_FACTOR x the best probe are dropped; the rest run ROUNDS rounds of at least one call and
+ROUND_MIN_S each. On the bench-size model that is about a second per batch size (RESULTS.md,
+"Kernel candidates"); on StarCoder's shapes it is dominated by the prefill calls at 512 rows,
+4-5 calls of each surviving candidate (estimated 10-30 s per batch size on one thread of a
+large CPU; once per machine).
+
 Plans are cached on disk per machine (CPU model and ISA, cores), torch/oneDNN version, threads,
 world size, dtype, shapes and batch, so that only the first run on a machine measures.
 """
@@ -25,8 +36,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import statistics
-import time
+import sys
+from time import perf_counter
 from dataclasses import asdict, dataclass
 from typing import Callable, Iterable
 
@@ -38,11 +51,17 @@ from .files import cache_dir, write_atomic
 KERNEL_MODES = ("auto", "plain", "onednn", "fp32")  # --kernels: measure, or one kernel for every weight
 # The kernels each decode layout can run at prefill shapes.
 PREFILL_KERNELS = {"plain": ("plain", "fp32"), "fp32": ("fp32", "plain"), "onednn": ("onednn", "unpack")}
-PREFILL_ROWS = 512  # rows of the prefill timing (batch x prompt tokens of a typical case)
+SHORT_ROWS = 64  # rows of the short-prompt prefill timing
+PREFILL_ROWS = 512  # rows of the long prefill timing (batch x prompt tokens of a typical case)
+SPLIT_ROWS = round(math.sqrt(SHORT_ROWS * PREFILL_ROWS))  # calls of fewer rows take the short winner
 ROUNDS = 3  # alternating rounds per candidate (A B C, C B A, A B C): drift hits all alike
-ROUND_MIN_S = 0.004  # each candidate runs at least this long per round, and at least MIN_CALLS calls
-MIN_CALLS = 2
-PLAN_VERSION = 1  # part of the cache key: a change in what is measured invalidates old plans
+ROUND_MIN_S = 0.004  # each candidate runs at least this long per round (and at least one call)
+PRUNE_FACTOR = 4.0  # a candidate this much slower than the best on its probe call is not timed further
+PLAN_VERSION = 2  # part of the cache key: a change in what is measured invalidates old plans
+# Every shape's timings travel across ranks in these fixed slots (inf: not a candidate there),
+# so that ranks on CPUs with different candidates still reduce tensors of one size.
+DECODE_SLOTS = ("plain", "onednn", "fp32")
+PREFILL_SLOTS = ("plain", "fp32", "onednn", "unpack")
 
 
 @dataclass(frozen=True)
@@ -50,12 +69,19 @@ class Choice:
     """One weight shape's kernels for one decode batch: `decode` is also the weight's layout."""
 
     decode: str
-    prefill: str
+    prefill: str  # from SPLIT_ROWS rows on
+    short: str | None = None  # above the decode rows and below SPLIT_ROWS (None: as `prefill`)
     decode_ms: dict[str, float] | None = None  # the timings it was chosen from (None: not measured)
+    short_ms: dict[str, float] | None = None
     prefill_ms: dict[str, float] | None = None
 
     def __post_init__(self) -> None:
-        assert self.decode in PREFILL_KERNELS and self.prefill in PREFILL_KERNELS[self.decode], self
+        if self.short is None:
+            object.__setattr__(self, "short", self.prefill)
+        runnable = PREFILL_KERNELS.get(self.decode, ())
+        if self.prefill not in runnable or self.short not in runnable:
+            raise ValueError(f"kernel choice {self.decode}/{self.short}/{self.prefill}: the {self.decode!r} layout "
+                             f"runs {list(runnable)} at prefill shapes")
 
 
 def shape_key(weight: torch.Tensor) -> str:
@@ -81,14 +107,19 @@ def fixed_choice(mode: str, weight: torch.Tensor) -> Choice:
     return Choice(decode, decode)
 
 
-def choose(decode_ms: dict[str, float], prefill_ms: dict[str, float]) -> Choice:
-    """The fastest decode layout, then the fastest prefill kernel that layout can run."""
+def choose(decode_ms: dict[str, float], prefill_ms: dict[str, float], short_ms: dict[str, float] | None = None
+           ) -> Choice:
+    """The fastest decode layout, then the fastest prefill kernels (long, short) that layout runs."""
     if not decode_ms:
         raise ValueError("choose: no decode timings")
     decode = min(decode_ms, key=decode_ms.__getitem__)
-    runnable = [k for k in PREFILL_KERNELS[decode] if k in prefill_ms]
-    prefill = min(runnable, key=prefill_ms.__getitem__) if runnable else decode
-    return Choice(decode, prefill, dict(decode_ms), dict(prefill_ms))
+
+    def fastest(ms: dict[str, float]) -> str:
+        runnable = [k for k in PREFILL_KERNELS[decode] if k in ms]
+        return min(runnable, key=ms.__getitem__) if runnable else decode
+
+    short_ms = prefill_ms if short_ms is None else short_ms
+    return Choice(decode, fastest(prefill_ms), fastest(short_ms), dict(decode_ms), dict(short_ms), dict(prefill_ms))
 
 
 def pack(weight: torch.Tensor, rows: int) -> torch.Tensor | None:
@@ -104,32 +135,46 @@ def pack(weight: torch.Tensor, rows: int) -> torch.Tensor | None:
             return None
 
 
+def _timed(call: Callable[[], object]) -> float:
+    started = perf_counter()
+    call()
+    return perf_counter() - started
+
+
 def time_ms(calls: dict[str, Callable[[], object]], on_progress: Callable[[], None] = lambda: None) -> dict[str, float]:
-    """Median milliseconds per call of each candidate, over ROUNDS rounds in alternating order."""
-    names = list(calls)
+    """Median milliseconds per call of each candidate, over ROUNDS rounds in alternating order;
+    a candidate far slower than the best on its probe call keeps that probe's time."""
+    if len(calls) == 1:  # nothing to choose between
+        return {name: 0.0 for name in calls}
+    for call in calls.values():
+        call()  # the first call allocates, and oneDNN builds its primitive
+        on_progress()
+    probes = {name: _timed(call) for name, call in calls.items()}
+    on_progress()
+    best = min(probes.values())
+    names = [name for name in calls if probes[name] <= PRUNE_FACTOR * best]
     samples: dict[str, list[float]] = {name: [] for name in names}
-    for name in names:
-        calls[name]()  # the first call allocates, and oneDNN builds its primitive
     for round_ in range(ROUNDS):
         for name in (names if round_ % 2 == 0 else names[::-1]):
-            call, spent, count = calls[name], 0.0, 0
-            while count < MIN_CALLS or spent < ROUND_MIN_S:
-                started = time.perf_counter()
-                call()
-                elapsed = time.perf_counter() - started
+            spent = 0.0
+            while spent < ROUND_MIN_S:  # at least one call
+                elapsed = _timed(calls[name])
                 samples[name].append(elapsed)
-                spent, count = spent + elapsed, count + 1
-            on_progress()
-    return {name: statistics.median(s) * 1e3 for name, s in samples.items()}
+                spent += elapsed
+                on_progress()  # a rank's heartbeat: one call of a large shape can take seconds
+    medians = {name: statistics.median(s) * 1e3 for name, s in samples.items()}
+    return {name: medians.get(name, probes[name] * 1e3) for name in calls}
 
 
-def candidate_calls(weight: torch.Tensor, rows: int, kinds: Iterable[str]) -> tuple[dict, dict]:
-    """Callables timing each decode candidate at `rows` rows and each prefill kernel at PREFILL_ROWS."""
+def candidate_calls(weight: torch.Tensor, rows: int, kinds: Iterable[str], prefill_rows: int
+                    ) -> tuple[dict, dict]:
+    """Callables running each decode candidate at `rows` rows and each prefill kernel at
+    `prefill_rows` rows (at least rows + 1: more than a decode step)."""
     from .linear import fp32_linear, packed_linear  # linear.py uses this module
 
     k = weight.shape[1]
     x_decode = torch.randn(rows, k).to(weight.dtype)
-    x_prefill = torch.randn(max(rows + 1, PREFILL_ROWS), k).to(weight.dtype)
+    x_prefill = torch.randn(max(rows + 1, prefill_rows), k).to(weight.dtype)
     decode, prefill = {}, {}
     for kind in kinds:
         if kind == "onednn":
@@ -166,42 +211,66 @@ def load_plan(key: dict) -> dict[str, Choice] | None:
         stored = json.loads(plan_path(key).read_text())
     except (OSError, ValueError):
         return None
-    if stored.get("key") != key:
+    if not isinstance(stored, dict) or stored.get("key") != key or not isinstance(stored.get("plan"), dict):
+        return None
+    if sorted(stored["plan"]) != key["shapes"]:
         return None
     try:
         return {shape: Choice(**choice) for shape, choice in stored["plan"].items()}
-    except (KeyError, TypeError, AssertionError):
+    except (TypeError, ValueError):
         return None
 
 
 def save_plan(key: dict, plan: dict[str, Choice]) -> None:
-    write_atomic(plan_path(key), json.dumps({"key": key, "plan": {s: asdict(c) for s, c in plan.items()}},
-                                            indent=1, sort_keys=True))
+    """Cache the plan; a cache that cannot be written costs a measurement next time, nothing more."""
+    try:
+        write_atomic(plan_path(key), json.dumps({"key": key, "plan": {s: asdict(c) for s, c in plan.items()}},
+                                                indent=1, sort_keys=True))
+    except OSError as err:
+        print(f"[kernels] could not cache the plan in {plan_path(key)}: {err}", file=sys.stderr)
+
+
+def _slots(ms: dict[str, float], slots: tuple[str, ...]) -> list[float]:
+    return [ms.get(name, math.inf) for name in slots]
+
+
+def _unslot(values: list[float], slots: tuple[str, ...]) -> dict[str, float]:
+    return {name: v for name, v in zip(slots, values) if math.isfinite(v)}
 
 
 def measure(weights: dict[str, torch.Tensor], rows: int, slowest: Callable[[torch.Tensor], torch.Tensor],
             prefill: set[str], on_progress: Callable[[], None] = lambda: None) -> dict[str, Choice]:
     """Time every candidate of every weight, at prefill shapes too for those in `prefill`;
-    `slowest` reduces a float64 tensor of timings to its maximum over the ranks (every rank must
-    call this with the same shapes, in step)."""
-    timings: list[tuple[str, dict, dict]] = []
+    `slowest` reduces a float64 tensor to its maximum over the ranks. Every rank must call this
+    in step with the same shapes (checked first: a mismatch would pair unrelated timings)."""
+    digest = int(hashlib.sha256(json.dumps([sorted(weights), sorted(prefill)]).encode()).hexdigest()[:8], 16)
+    seen = slowest(torch.tensor([digest, -digest], dtype=torch.float64)).tolist()
+    if seen != [digest, -digest]:
+        raise RuntimeError(f"kernel measurement: the ranks hold different weight shapes (this rank: {sorted(weights)})")
+    flat: list[float] = []
     for shape in sorted(weights):
         weight = weights[shape]
-        decode_calls, prefill_calls = candidate_calls(weight, rows, decode_candidates(weight))
-        prefill_ms = time_ms(prefill_calls, on_progress) if shape in prefill else {}
-        timings.append((shape, time_ms(decode_calls, on_progress), prefill_ms))
-    flat = torch.tensor([v for _, d, p in timings for v in (*d.values(), *p.values())], dtype=torch.float64)
-    flat = slowest(flat).tolist()
-    plan, i = {}, 0
-    for shape, decode_ms, prefill_ms in timings:
-        decode_ms = dict(zip(decode_ms, flat[i:i + len(decode_ms)]))
-        i += len(decode_ms)
-        prefill_ms = dict(zip(prefill_ms, flat[i:i + len(prefill_ms)]))
-        i += len(prefill_ms)
-        plan[shape] = choose(decode_ms, prefill_ms)
+        kinds = decode_candidates(weight)
+        decode_calls, short_calls = candidate_calls(weight, rows, kinds, SHORT_ROWS)
+        flat += _slots(time_ms(decode_calls, on_progress), DECODE_SLOTS)
+        if shape in prefill:
+            flat += _slots(time_ms(short_calls, on_progress), PREFILL_SLOTS)
+            del decode_calls, short_calls  # the packed copy goes before the next one is made
+            _, long_calls = candidate_calls(weight, rows, kinds, PREFILL_ROWS)
+            flat += _slots(time_ms(long_calls, on_progress), PREFILL_SLOTS)
+        else:
+            flat += [math.inf] * 2 * len(PREFILL_SLOTS)
+    flat = slowest(torch.tensor(flat, dtype=torch.float64)).tolist()
+    plan, width = {}, len(DECODE_SLOTS) + 2 * len(PREFILL_SLOTS)
+    for i, shape in enumerate(sorted(weights)):
+        values = flat[i * width:(i + 1) * width]
+        decode_ms = _unslot(values[:len(DECODE_SLOTS)], DECODE_SLOTS)
+        short_ms = _unslot(values[len(DECODE_SLOTS):len(DECODE_SLOTS) + len(PREFILL_SLOTS)], PREFILL_SLOTS)
+        prefill_ms = _unslot(values[len(DECODE_SLOTS) + len(PREFILL_SLOTS):], PREFILL_SLOTS)
+        plan[shape] = choose(decode_ms, prefill_ms, short_ms)
     return plan
 
 
 def describe(plan: dict[str, Choice]) -> str:
-    """One line: each shape's decode/prefill kernel."""
-    return "; ".join(f"{shape} {c.decode}/{c.prefill}" for shape, c in sorted(plan.items()))
+    """One line: each shape's kernels, decode/short prefill/long prefill."""
+    return "; ".join(f"{shape} {c.decode}/{c.short}/{c.prefill}" for shape, c in sorted(plan.items()))

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .kernels import Choice, pack
+from .kernels import SPLIT_ROWS, Choice, pack
 
 UPCAST_BLOCK_ROWS = 1024  # weight rows converted to fp32 at a time
 
@@ -66,12 +66,16 @@ class Linear(nn.Linear):
     packed: torch.Tensor | None = None
     packed_rows = 0  # the rows (decode batch) `packed` is laid out for
     decode_kernel = "plain"  # for calls of at most decode_numel elements (the decode batch's rows)
-    prefill_kernel = "plain"  # for larger calls (prefill)
+    short_kernel = "plain"  # for larger calls of fewer than split_numel elements (short prefills)
+    prefill_kernel = "plain"  # for the rest (long prefills)
     decode_numel = 0
+    split_numel = 0
 
     def forward(self, x: torch.Tensor, add_bias: bool = True) -> torch.Tensor:
         bias = self.bias if add_bias else None
-        kind = self.decode_kernel if x.numel() <= self.decode_numel else self.prefill_kernel
+        n = x.numel()
+        kind = self.decode_kernel if n <= self.decode_numel else (
+            self.short_kernel if n < self.split_numel else self.prefill_kernel)
         if kind == "plain":
             return F.linear(x, self.weight, bias)
         return run_kernel(kind, x, self.weight, self.packed, bias)
@@ -106,6 +110,6 @@ class Linear(nn.Linear):
             elif choice.decode != "onednn" and self.packed is not None:
                 self.weight = nn.Parameter(self.packed.to_dense(), requires_grad=False)
         self.packed, self.packed_rows = packed, rows if packed is not None else 0
-        self.decode_kernel, self.prefill_kernel = choice.decode, choice.prefill
-        self.decode_numel = rows * self.in_features
+        self.decode_kernel, self.short_kernel, self.prefill_kernel = choice.decode, choice.short, choice.prefill
+        self.decode_numel, self.split_numel = rows * self.in_features, SPLIT_ROWS * self.in_features
         return packed is not None

@@ -21,7 +21,7 @@ from .attention import Attention, attention_mask
 from .comm import TPGroup
 from .config import ModelConfig
 from . import kernels
-from .kernels import Choice
+from .kernels import KERNEL_MODES, Choice
 from .linear import NATIVE_BF16_MATMUL, Linear, run_kernel
 from .shard import load_part
 from .starcoder2 import inverse_frequencies, rotary_tables, runtime_state
@@ -182,6 +182,8 @@ class TPCausalLM(nn.Module):
         """The plan in one line: mode, where it came from, each shape's decode/prefill kernel."""
         if self.compiled_decode is not None:
             return "compiled"
+        if self.kernel_rows is None:
+            return f"{self.kernel_mode} (chosen at the first request)"
         return (f"{self.kernel_mode} ({self.kernel_plan_source}, batch {self.kernel_rows}): "
                 f"{kernels.describe(self.kernel_plan)}")
 
@@ -191,8 +193,12 @@ class TPCausalLM(nn.Module):
         length; what it buys depends on the machine (benchmarks/RESULTS.md). Not with
         pre-packed weights: inductor packs the weights itself (freezing), and cannot take
         oneDNN's opaque tensors."""
-        if next(self.packed_weights(), None) is not None:
-            raise ValueError("compile_decode: the model's weights are pre-packed; load it with kernels='plain'")
+        if any(m.decode_kernel != "plain" or m.short_kernel != "plain" or m.prefill_kernel != "plain"
+               for m in self.modules() if isinstance(m, Linear)) or self.lm_head_kernel != "plain":
+            # Packed weights are opaque to inductor; the fp32 path, traced, would be folded into
+            # fp32 copies of the weights.
+            raise ValueError("compile_decode: the model's linears run other kernels than plain F.linear "
+                             "(pre-packed or fp32); load it with kernels='plain'")
         import torch._inductor.config as inductor_config
 
         inductor_config.freezing = True  # weights as constants: inductor re-lays them out for its GEMMs
@@ -222,7 +228,7 @@ class TPCausalLM(nn.Module):
     def setup_cache(self, batch: int, max_seq_len: int) -> None:
         """Allocate the static KV cache once; later calls with a fitting shape reuse it. A
         pre-packed model is re-packed for a new batch size here (outside any timed region)."""
-        if self.kernel_rows is not None and self.kernel_rows != batch:
+        if self.kernel_mode != "plain" and self.kernel_rows != batch:
             self.use_kernels(self.kernel_mode, batch)
         if batch == self.cache_batch and max_seq_len <= self.cache_len:
             return
@@ -333,8 +339,8 @@ def load_model(shard_dir: str | Path, tp: TPGroup, device: torch.device, kernels
                compile: bool = False) -> TPCausalLM:
     """Build this rank's model straight from its part: created on the meta device, then the
     loaded tensors are assigned, so the weights exist once in memory. `kernels` (kernels.KERNEL_MODES)
-    chooses the linear weights' kernels and layouts for batch 1 (every rank in step), again at
-    each new batch size. With `compile`, decode steps run through torch.compile instead (which
+    chooses the linear weights' kernels and layouts at the first request and again at each new
+    batch size (TPCausalLM.setup_cache; every rank in step). With `compile`, decode steps run through torch.compile instead (which
     lays out the weights itself): `kernels` must then be 'auto' or 'plain'."""
     if compile and kernels not in ("auto", "plain"):
         raise ValueError(f"kernels {kernels!r} cannot be combined with compile (inductor chooses its own GEMMs)")
@@ -361,8 +367,13 @@ def load_model(shard_dir: str | Path, tp: TPGroup, device: torch.device, kernels
     del state
     if config.rope_theta is not None:
         model.inv_freq = inverse_frequencies(config).to(device)
+    if kernels not in KERNEL_MODES:
+        raise ValueError(f"kernels mode {kernels!r} is not one of {list(KERNEL_MODES)}")
     if compile:
         model.compile_decode()
     else:
-        model.use_kernels(kernels)
+        # The weights stay plain until the first request's batch size is known (setup_cache):
+        # `auto` measures then, with every rank in the request, under its heartbeat and its
+        # request timeout (at load, a collective would run under the shorter rank timeout).
+        model.kernel_mode = kernels
     return model.eval()

@@ -13,6 +13,7 @@ from starcoder_tp.kernels import Choice, choose, fixed_choice, measure
 def test_the_fastest_decode_layout_wins_then_the_fastest_prefill_kernel_it_can_run():
     c = choose({"plain": 2.26, "onednn": 1.27}, {"plain": 122.0, "onednn": 138.0, "unpack": 136.0})
     assert (c.decode, c.prefill) == ("onednn", "unpack"), "plain's faster prefill needs the plain layout"
+    assert c.short == "unpack", "without short-prompt timings, the long ones decide both"
     c = choose({"plain": 0.66, "onednn": 0.72}, {"plain": 122.0, "onednn": 100.0, "unpack": 136.0})
     assert (c.decode, c.prefill) == ("plain", "plain")
     c = choose({"plain": 0.63, "onednn": 0.40, "fp32": 0.65}, {"plain": 15.5, "onednn": 16.3, "unpack": 18.5,
@@ -31,8 +32,17 @@ def test_a_weight_that_never_sees_prefill_rows_gets_its_layout_as_prefill_kernel
 
 
 def test_a_choice_must_be_runnable_by_its_layout():
-    with pytest.raises(AssertionError):
+    with pytest.raises(ValueError, match="the 'plain' layout runs"):
         Choice("plain", "onednn")
+    with pytest.raises(ValueError, match="plain/unpack/plain"):
+        Choice("plain", "plain", "unpack")
+    assert Choice("onednn", "unpack").short == "unpack", "short prefills default to the long kernel"
+
+
+def test_short_and_long_prefills_each_get_their_fastest_kernel():
+    # Unpacking costs the same for 64 rows as for 512: it can lose short prompts and win long ones.
+    c = choose({"plain": 2.3, "onednn": 1.3}, {"onednn": 138.0, "unpack": 130.0}, {"onednn": 5.0, "unpack": 9.0})
+    assert (c.decode, c.short, c.prefill) == ("onednn", "onednn", "unpack")
 
 
 def test_fixed_modes_fall_back_to_plain_where_the_weight_cannot_take_them():
@@ -53,40 +63,54 @@ def fake_clock(monkeypatch, ms_per_call: dict[str, float]):
 
 def test_measure_times_every_candidate_of_every_shape_and_takes_the_slowest_ranks(monkeypatch):
     fake_clock(monkeypatch, {"plain": 1.0, "onednn": 2.0, "unpack": 3.0, "fp32": 0.5})
-    other_rank = {"plain": 5.0}  # another rank is slow on plain: the max over ranks must see it
+    monkeypatch.setattr(kernels, "decode_candidates", lambda w: ("plain", "onednn"))  # as on any oneDNN CPU
     reduced = []
+    width = len(kernels.DECODE_SLOTS) + 2 * len(kernels.PREFILL_SLOTS)
 
     def slowest(t):
         reduced.append(len(t))
-        return torch.maximum(t, torch.tensor([other_rank.get(n, 0.0) for n in order]))
+        if len(t) == 2:  # the shapes' digest: every rank the same
+            return t
+        other_rank = t.clone()
+        other_rank[0] = other_rank[width] = 5.0  # another rank is slow on plain decode, at both shapes
+        return torch.maximum(t, other_rank)
 
     weights = {kernels.shape_key(w): w for w in (torch.randn(8, 16), torch.randn(32, 16))}
-    can_pack = kernels.pack(torch.ones(2, 2), 1) is not None
-    decode = ["plain", "onednn"] if can_pack else ["plain"]
-    prefill = ["plain", "onednn", "unpack"] if can_pack else ["plain"]
-    # Both shapes' decode timings, then prefill only for the first (the second: an lm_head).
-    order = [*decode, *prefill, *decode]
     progress = []
     plan = measure(weights, 4, slowest, prefill={"32x16:float32"}, on_progress=lambda: progress.append(1))
-    assert reduced == [len(order)], "one reduction across ranks for the whole plan"
+    assert reduced == [2, 2 * width], "the shapes are checked, then one reduction for the whole plan"
     assert set(plan) == set(weights) and progress
-    if can_pack:
-        assert plan["32x16:float32"] == Choice("onednn", "onednn", {"plain": 5.0, "onednn": 2.0},
-                                               {"plain": 5.0, "onednn": 2.0, "unpack": 3.0})
-        assert (plan["8x16:float32"].decode, plan["8x16:float32"].prefill) == ("onednn", "onednn")
+    assert plan["32x16:float32"] == Choice("onednn", "onednn", "onednn", {"plain": 5.0, "onednn": 2.0},
+                                           {"plain": 1.0, "onednn": 2.0, "unpack": 3.0},
+                                           {"plain": 1.0, "onednn": 2.0, "unpack": 3.0})
+    lm_head = plan["8x16:float32"]  # no prefill timings: it never sees prefill rows
+    assert (lm_head.decode, lm_head.prefill, lm_head.prefill_ms) == ("onednn", "onednn", {})
 
 
-def test_time_ms_alternates_rounds_and_reports_each_candidates_median(monkeypatch):
+def test_ranks_with_different_shapes_are_refused_before_any_timing(monkeypatch):
+    fake_clock(monkeypatch, {})
+    with pytest.raises(RuntimeError, match="the ranks hold different weight shapes"):
+        measure({"8x16:float32": torch.randn(8, 16)}, 1, lambda t: t + 1, prefill=set())
+
+
+def test_time_ms_alternates_rounds_prunes_the_hopeless_and_reports_medians(monkeypatch):
     calls = []
-    kernels_time = iter(range(10_000))
-    monkeypatch.setattr(kernels.time, "perf_counter", lambda: next(kernels_time) * 0.01)  # every read: 10 ms later
-    result = kernels.time_ms({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")})
-    assert set(result) == {"a", "b"}
-    rounds = calls[2:]  # after one warm call each
-    assert rounds[:kernels.MIN_CALLS] == ["a"] * kernels.MIN_CALLS
-    assert rounds[kernels.MIN_CALLS:3 * kernels.MIN_CALLS] == ["b"] * 2 * kernels.MIN_CALLS, "A B, B A: alternating"
-    assert len(rounds) == kernels.ROUNDS * 2 * kernels.MIN_CALLS
-    assert result["a"] == pytest.approx(10.0)
+    cost = {"a": 0.010, "b": 0.012, "c": 0.100}  # seconds per call; c is > PRUNE_FACTOR x slower
+    clock = [0.0]
+    monkeypatch.setattr(kernels, "perf_counter", lambda: clock[0])
+
+    def call(name):
+        def run():
+            calls.append(name)
+            clock[0] += cost[name]
+        return run
+
+    result = kernels.time_ms({name: call(name) for name in cost})
+    assert result == pytest.approx({"a": 10.0, "b": 12.0, "c": 100.0})
+    rounds = calls[6:]  # one warm and one probe call each
+    assert "c" not in rounds, "a candidate 10x slower than the best is not timed further"
+    assert rounds == ["a", "b", "b", "a", "a", "b"], "one call per round (each >= ROUND_MIN_S), A B, B A, A B"
+    assert kernels.time_ms({"only": call("a")}) == {"only": 0.0}, "one candidate: nothing to time"
 
 
 def test_a_cached_plan_is_reused_only_for_exactly_its_key(tmp_path, monkeypatch):
@@ -94,7 +118,7 @@ def test_a_cached_plan_is_reused_only_for_exactly_its_key(tmp_path, monkeypatch)
     weights = {"8x16:float32": torch.randn(8, 16)}
     key = kernels.plan_key(weights, 4, world_size=2)
     assert {"cpu_model", "cpu_isa", "cores", "torch", "onednn", "threads", "world_size", "rows", "shapes"} <= set(key)
-    plan = {"8x16:float32": Choice("plain", "plain", {"plain": 1.0}, {"plain": 2.0})}
+    plan = {"8x16:float32": Choice("plain", "plain", "plain", {"plain": 1.0}, {"plain": 2.0}, {"plain": 3.0})}
     assert kernels.load_plan(key) is None
     kernels.save_plan(key, plan)
     assert kernels.load_plan(key) == plan
@@ -103,6 +127,10 @@ def test_a_cached_plan_is_reused_only_for_exactly_its_key(tmp_path, monkeypatch)
     kernels.plan_path(key).write_text("{not json")
     assert kernels.load_plan(key) is None, "an unreadable cache is measured again, not trusted"
     kernels.plan_path(key).write_text(json.dumps({"key": key, "plan": {"8x16:float32": {"decode": "x"}}}))
+    assert kernels.load_plan(key) is None
+    kernels.plan_path(key).write_text(json.dumps({"key": key, "plan": {}}))
+    assert kernels.load_plan(key) is None, "a plan that lacks a shape of the key"
+    kernels.plan_path(key).write_text("[]")
     assert kernels.load_plan(key) is None
 
 
@@ -117,12 +145,14 @@ def test_a_model_measures_its_plan_once_per_machine_then_reads_it_from_the_cache
     monkeypatch.setenv("STARCODER_TP_CACHE", str(tmp_path / "cache"))  # no plan from another test
     shard_checkpoint(embedded_dir, tmp_path / "s", 1)
     first = load_model(tmp_path / "s", TPGroup(0, 1), torch.device("cpu"))  # kernels="auto"
-    assert first.kernels_summary().startswith("auto (measured, batch 1): ")
+    assert first.kernels_summary() == "auto (chosen at the first request)", "no collective at load"
+    assert timed_generate(first, Device("cpu"), prompts[:1], 2).kernels.startswith("auto (measured, batch 1): ")
     shapes = {m.shape_key() for m in first.modules() if isinstance(m, kernels_linear.Linear)}
     shapes.add(kernels.shape_key(first.transformer.wte.weight))  # the lm_head, tied to the embedding
     assert set(first.kernel_plan) == shapes and all(c.decode_ms for c in first.kernel_plan.values())
     second = load_model(tmp_path / "s", TPGroup(0, 1), torch.device("cpu"))
-    assert second.kernels_summary().startswith("auto (cached, batch 1): ") and second.kernel_plan == first.kernel_plan
+    assert timed_generate(second, Device("cpu"), prompts[:1], 2).kernels.startswith("auto (cached, batch 1): ")
+    assert second.kernel_plan == first.kernel_plan
     out = timed_generate(second, Device("cpu"), (prompts * 2)[:2], 4)
     assert out.kernels.startswith("auto (measured, batch 2): "), "a new batch size is measured for its rows"
     assert len(list(tmp_path.glob("cache/kernels/*.json"))) == 2
