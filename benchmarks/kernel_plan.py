@@ -2,8 +2,9 @@
 
 For each dtype and decode batch, a world-size-1 model (one thread, as one rank of the suite)
 measures its plan from scratch (an empty plan cache), as the first run on a new machine does;
-the table gives every weight shape's candidate timings (ms per call: decode at the batch's rows,
-prefill at kernels.PREFILL_ROWS rows) and the choice.
+the table gives every weight shape's candidate timings (ms per call, the slowest rank's median:
+decode at the batch's rows, prefill at kernels.SHORT_ROWS and PREFILL_ROWS rows; a candidate
+pruned after its probe call shows that call's time) and the choice.
 
 Run: python benchmarks/kernel_plan.py [--model bench|embedded|DIR] [--dtypes float32,bfloat16]
      [--batches 1,4,16]
@@ -23,6 +24,10 @@ from starcoder_tp.files import CACHE_ENV, EMBEDDED_MODEL_DIR
 from starcoder_tp.model import load_model
 from starcoder_tp.shard import ensure_shards
 from starcoder_tp.testing.build_models import build_bench
+
+
+def _ms(timings: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.3f}" for k, v in sorted(timings.items(), key=lambda kv: kv[1]))
 
 
 def main() -> None:
@@ -53,10 +58,11 @@ def main() -> None:
                     else:
                         os.environ[CACHE_ENV] = saved
             print(f"{dtype}, batch {batch}: plan measured in {took:.2f} s\n")
-            print("| weight | decode ms (batch rows) | prefill ms (512 rows) | choice |\n|---|---|---|---|")
+            print("| weight | decode ms (batch rows) | short prefill ms (64 rows) | long prefill ms (512 rows) | "
+                  "choice (decode / short / long) |\n|---|---|---|---|---|")
             for shape, c in sorted(model.kernel_plan.items()):
-                fmt = lambda d: ", ".join(f"{k} {v:.3f}" for k, v in sorted(d.items(), key=lambda kv: kv[1]))  # noqa: E731
-                print(f"| {shape} | {fmt(c.decode_ms)} | {fmt(c.prefill_ms) or '-'} | {c.decode} / {c.prefill} |")
+                print(f"| {shape} | {_ms(c.decode_ms)} | {_ms(c.short_ms) or '-'} | {_ms(c.prefill_ms) or '-'} | "
+                      f"{c.decode} / {c.short} / {c.prefill} |")
             print()
 
 
