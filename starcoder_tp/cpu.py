@@ -1,10 +1,12 @@
-"""Facts about the CPU this process runs on that decide which kernels run: its model, its
-instruction-set extensions, the cores this process may use."""
+"""Facts about the CPU this process runs on: its model, its instruction-set extensions (which
+decide the kernels), the cores this process may use, and what its vector units can do at most
+(the rooflines' theoretical peak)."""
 from __future__ import annotations
 
 import os
 import platform
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 # The instruction-set extensions that decide which kernels run (oneDNN, inductor, our own
@@ -38,3 +40,82 @@ def cpu_cores() -> int:
 def isa_flags() -> str:
     """The kernel-deciding extensions of this CPU, sorted, space-separated."""
     return " ".join(sorted(f for f in cpuinfo()[1] if ISA_FLAG.match(f)))
+
+
+def _first_fields(path: Path) -> dict[str, str]:
+    """The first processor's `key: value` lines of /proc/cpuinfo, keys lower-cased."""
+    fields: dict[str, str] = {}
+    try:
+        text = path.read_text()
+    except OSError:
+        return fields
+    for line in text.splitlines():
+        if not line.strip() and fields:
+            break
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip().lower(), value.strip())
+    return fields
+
+
+def clock_ghz(cpuinfo_path: Path = Path("/proc/cpuinfo"),
+              cpufreq: Path = Path("/sys/devices/system/cpu/cpu0/cpufreq")) -> tuple[float | None, str]:
+    """The core clock the vector peak is figured at, and where it came from: cpufreq's maximum
+    (turbo) when the kernel exposes it, else /proc/cpuinfo's 'cpu MHz' (in a VM usually the
+    host's nominal clock: turbo may run above it, wide AVX-512 work below it)."""
+    try:
+        return int((cpufreq / "cpuinfo_max_freq").read_text()) / 1e6, "cpufreq cpuinfo_max_freq"
+    except (OSError, ValueError):
+        pass
+    try:
+        return float(_first_fields(cpuinfo_path)["cpu mhz"]) / 1e3, "/proc/cpuinfo 'cpu MHz'"
+    except (KeyError, ValueError):
+        return None, "no clock exposed"
+
+
+@dataclass(frozen=True)
+class VectorPeak:
+    """What the CPU's vector units can do per core and cycle, from its instruction set and
+    microarchitecture: FMA units x lanes x 2 (bf16: dot-product instructions, 2 products per
+    fp32 lane; AMX: one 16x32 by 32x16 tile product per 16 cycles)."""
+
+    fp32_flop_per_cycle: int
+    bf16_flop_per_cycle: int
+    basis: str
+
+    def gflops(self, dtype: str, ghz: float, cores: int) -> float:
+        per_cycle = self.bf16_flop_per_cycle if dtype == "bfloat16" else self.fp32_flop_per_cycle
+        return per_cycle * ghz * cores
+
+
+def vector_peak(cpuinfo_path: Path = Path("/proc/cpuinfo")) -> VectorPeak | None:
+    """The theoretical FLOP/cycle/core of this x86 CPU, or None where it is not known (other
+    architectures, x86 without FMA). bf16 without bf16 instructions computes in fp32 (linear.py),
+    so its peak is fp32's."""
+    fields = _first_fields(cpuinfo_path)
+    flags = set(fields.get("flags", "").split())
+    vendor = fields.get("vendor_id", "")
+    try:
+        family = int(fields.get("cpu family", "0"))
+    except ValueError:
+        family = 0
+    if "fma" not in flags:
+        return None
+    if "avx512f" in flags:
+        if vendor == "AuthenticAMD" and family < 0x1A:
+            # Zen 4 runs 512-bit instructions on its two 256-bit FMA pipes, in halves.
+            fp32, basis = 32, "Zen 4: AVX-512 on 2 x 256-bit FMA pipes"
+        elif vendor == "AuthenticAMD":
+            fp32, basis = 64, "Zen 5: 2 x 512-bit FMA pipes (Zen 5c and mobile parts: 256-bit, half)"
+        else:
+            fp32, basis = 64, "Intel AVX-512: 2 x 512-bit FMA units (parts with one unit: half)"
+    elif "avx2" in flags:
+        fp32, basis = 32, "AVX2: 2 x 256-bit FMA units"
+    else:
+        return None
+    if "amx_bf16" in flags:
+        bf16, basis = 1024, basis + "; bf16 on AMX tiles, 1024 FLOP/cycle"
+    elif "avx512_bf16" in flags:
+        bf16, basis = 4 * fp32, basis + f"; bf16 dot products, {4 * fp32} FLOP/cycle"
+    else:
+        bf16, basis = fp32, basis + "; no bf16 arithmetic: bf16 at fp32's rate"
+    return VectorPeak(fp32, bf16, basis)

@@ -49,16 +49,33 @@ class ShmComm:
         self._flags_np = self._flags.numpy()[:, 0]  # the same memory, read without torch overhead
         self._data = self._raw[flag_bytes:].view(2, world_size, slot_bytes)
         self._seq = 0
+        # (buffer, numel, dtype) -> (this rank's slot, every rank's slots), typed views: a decode
+        # step exchanges the same few shapes thousands of times, and each view costs microseconds.
+        self._views: dict[tuple[int, int, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _slots(self, parity: int, numel: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (parity, numel, dtype)
+        views = self._views.get(key)
+        if views is None:
+            if len(self._views) >= 256:  # sampling's ragged last chunks, many request shapes
+                self._views.clear()
+            nbytes = numel * torch.empty(0, dtype=dtype).element_size()
+            # Views made in inference mode could not be written outside it later (and the model
+            # runs in it, the timers' collectives outside): made outside, they serve both.
+            with torch.inference_mode(False):
+                buffers = self._data[parity]  # [N, slot_bytes]
+                views = self._views[key] = (buffers[self.rank, :nbytes].view(dtype),
+                                            buffers[:, :nbytes].view(dtype))
+        return views
 
     def _exchange(self, chunk: torch.Tensor) -> torch.Tensor:
-        """Publish `chunk` (contiguous, <= slot) and return all ranks' chunks, [N, numel]."""
+        """Publish `chunk` (1-D, contiguous, <= slot) and return all ranks' chunks, [N, numel]."""
         self._seq += 1
-        nbytes = chunk.numel() * chunk.element_size()
-        buffers = self._data[self._seq % 2]  # [N, slot_bytes]
-        buffers[self.rank, :nbytes].copy_(chunk.view(-1).view(torch.uint8))
-        self._flags[self.rank, 0] = self._seq
+        mine, every = self._slots(self._seq % 2, chunk.numel(), chunk.dtype)
+        mine.copy_(chunk)
+        self._flags_np[self.rank] = self._seq  # a plain store, after the data's (x86 TSO)
         self._wait(self._seq)
-        return buffers[:, :nbytes].view(chunk.dtype)
+        return every
 
     def _wait(self, seq: int) -> None:
         flags = self._flags_np
@@ -86,10 +103,10 @@ class ShmComm:
         flat = t.view(-1) if t.is_contiguous() else t.contiguous().view(-1)
         for chunk in self._chunks(flat):
             parts = self._exchange(chunk)  # [N, n]
-            total = parts[0].clone()
-            for r in range(1, self.world_size):
-                total += parts[r]
-            chunk.copy_(total)
+            # Summed straight into the caller's tensor, in rank order: ((p0 + p1) + p2) + ...
+            torch.add(parts[0], parts[1], out=chunk)
+            for r in range(2, self.world_size):
+                chunk.add_(parts[r])
         if flat.data_ptr() != t.data_ptr():
             t.copy_(flat.view_as(t))
         return t

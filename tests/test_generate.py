@@ -88,3 +88,37 @@ def test_unpadded_fast_path_matches_the_masked_path(model):
         results.append((prefill, step))
     for fast, masked in zip(*results):
         torch.testing.assert_close(fast, masked, rtol=1e-4, atol=1e-4)
+
+
+class _GatherFromShards:
+    """A TPGroup stand-in for one rank of a simulated group: its all_gather returns every rank's
+    tensor, each computed by running the same method on that rank's shard of the logits."""
+
+    def __init__(self, rank: int, world_size: int, gathered: list):
+        self.rank, self.world_size, self.gathered = rank, world_size, gathered
+
+    def all_gather(self, t: torch.Tensor) -> torch.Tensor:
+        self.gathered[self.rank] = t
+        return torch.stack(self.gathered) if all(g is not None for g in self.gathered) else t.unsqueeze(0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_pick_greedy_is_the_full_argmax_with_ties_to_the_lowest_id(dtype, world_size):
+    from starcoder_tp.model import TPCausalLM
+
+    # Few distinct values, so that most rows have ties within a shard and across shards.
+    gen = torch.Generator().manual_seed(0)
+    full = torch.randint(0, 4, (64, 12 * world_size), generator=gen).to(dtype)
+    full[3] = 2  # a row of one value: token 0 wins
+    full[5, -1] = 9  # the maximum in the last shard only
+    expected = full.argmax(dim=-1)
+    local = full.shape[1] // world_size
+    gathered = [None] * world_size
+    picks = {}
+    # The last rank runs first here, so that rank 0's all_gather sees every rank's candidates.
+    for rank in reversed(range(world_size)):
+        rank_model = type("RankModel", (), {"tp": _GatherFromShards(rank, world_size, gathered),
+                                            "vocab_start": rank * local})()
+        picks[rank] = TPCausalLM.pick_greedy(rank_model, full[:, rank * local:(rank + 1) * local])
+    assert torch.equal(picks[0], expected), (picks[0].tolist(), expected.tolist())

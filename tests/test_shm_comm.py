@@ -11,12 +11,31 @@ pytestmark = pytest.mark.skipif(not shm_comm.supported(), reason="shared-memory 
 
 
 def _rank(rank, world_size, path, queue):
+    try:
+        _collectives(rank, world_size, path, queue)
+    except Exception:
+        import traceback
+        queue.put((rank, {"error": traceback.format_exc()}))
+        raise
+
+
+def _collectives(rank, world_size, path, queue):
     comm = shm_comm.ShmComm(path, rank, world_size, timeout_s=30, slot_bytes=4096)
     out = {}
     for n, dtype in ((7, torch.float32), (3000, torch.float32), (2500, torch.bfloat16), (1, torch.float64)):
         gen = torch.Generator().manual_seed(1000 * rank + n)
         t = torch.randn(n, generator=gen).to(dtype)
         out[(n, str(dtype))] = comm.all_reduce_(t.clone())
+    # The same shapes exchanged in and out of inference mode, both orders (the model runs in it,
+    # the timers' collectives outside it): the slots' views serve both.
+    for key, inference in (("in_then_out", (True, False)), ("out_then_in", (False, True))):
+        sums = []
+        for mode in inference:
+            with torch.inference_mode(mode):
+                size = 5 if key == "in_then_out" else 6
+                sums.append(comm.all_reduce_(torch.full((size,), float(rank + 1))))
+                sums.append(comm.all_gather(torch.full((size,), float(rank))).sum(0))
+        out[key] = torch.stack([s.clone() for s in sums])
     strided = torch.arange(12, dtype=torch.float32).view(3, 4).t() * (rank + 1)  # non-contiguous
     out["strided"] = comm.all_reduce_(strided)
     out["gather"] = comm.all_gather(torch.tensor([rank, 10 * rank], dtype=torch.float64))
@@ -40,6 +59,8 @@ def test_all_reduce_and_all_gather_are_exact_and_identical_on_every_rank(world_s
             p.join(30)
     finally:
         os.unlink(path)
+    failed = {r: out["error"] for r, out in results.items() if "error" in out}
+    assert not failed, failed
     for (n, dtype) in [(7, "torch.float32"), (3000, "torch.float32"), (2500, "torch.bfloat16"), (1, "torch.float64")]:
         parts = [torch.randn(n, generator=torch.Generator().manual_seed(1000 * r + n)).to(getattr(torch, dtype[6:]))
                  for r in range(world_size)]
@@ -48,6 +69,9 @@ def test_all_reduce_and_all_gather_are_exact_and_identical_on_every_rank(world_s
             expected += p  # the same order as the ranks sum in
         for r in range(world_size):
             assert results[r][(n, dtype)] == expected.tolist(), (n, dtype, r)
+    ranks_sum, ids_sum = world_size * (world_size + 1) / 2, world_size * (world_size - 1) / 2
+    for key, size in (("in_then_out", 5), ("out_then_in", 6)):
+        assert all(results[r][key] == [[ranks_sum] * size, [ids_sum] * size] * 2 for r in range(world_size)), key
     strided = sum(torch.arange(12, dtype=torch.float32).view(3, 4).t() * (r + 1) for r in range(world_size))
     assert all(results[r]["strided"] == strided.tolist() for r in range(world_size))
     gathered = [[float(r), 10.0 * r] for r in range(world_size)]
