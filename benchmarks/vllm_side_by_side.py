@@ -78,6 +78,9 @@ def vllm(python: str, peer_bench: str, model_dir: str, dtype: str, tp: int, batc
 def side_by_side(model_dir: str, dtype: str, tp: int, batches: list[int], new: int, seq_in: int, python: str,
                  peer_bench: str = str(PEER_BENCH)) -> list[tuple[dict, dict]]:
     """(vLLM's row, ours) per batch, vLLM first, on the same prompts, cores and protocol."""
+    for path, what in ((python, "vLLM's python"), (peer_bench, "peer_bench.py")):
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"{what} not found: {path}")
     vocab = json.loads((Path(model_dir) / "config.json").read_text())["vocab_size"]
     ids = prompts_of(vocab, seq_in)
     with tempfile.NamedTemporaryFile("w", suffix=".json") as ids_file:
