@@ -18,6 +18,10 @@ kernels that layout can run.
 - `fp32`:   bf16 weights computed in fp32, a block of rows at a time (linear.fp32_linear): for
             CPUs whose bf16 GEMM is slow. Prefill from the plain layout: `plain` or `fp32`.
 
+The MLP's first linear is timed with its activation, as the model runs it: fused into the GEMM
+as oneDNN's post-op on the packed layout, a separate pass after the other kernels (in bf16 that
+pass cost as much as the GEMM at 2048 rows on an AMX Xeon: RESULTS.md, "Fused activation").
+
 Prefill kernels are timed at SHORT_ROWS and at PREFILL_ROWS rows: a short prompt and a long one
 can want different kernels (unpacking a weight costs the same for 2 rows as for 2000). Calls
 below SPLIT_ROWS rows take the short winner, larger ones the long one.
@@ -57,7 +61,7 @@ SPLIT_ROWS = round(math.sqrt(SHORT_ROWS * PREFILL_ROWS))  # calls of fewer rows 
 ROUNDS = 3  # alternating rounds per candidate (A B C, C B A, A B C): drift hits all alike
 ROUND_MIN_S = 0.004  # each candidate runs at least this long per round (and at least one call)
 PRUNE_FACTOR = 4.0  # a candidate this much slower than the best on its probe call is not timed further
-PLAN_VERSION = 2  # part of the cache key: a change in what is measured invalidates old plans
+PLAN_VERSION = 3  # part of the cache key: a change in what is measured invalidates old plans
 # Every shape's timings travel across ranks in these fixed slots (inf: not a candidate there),
 # so that ranks on CPUs with different candidates still reduce tensors of one size.
 DECODE_SLOTS = ("plain", "onednn", "fp32")
@@ -166,12 +170,16 @@ def time_ms(calls: dict[str, Callable[[], object]], on_progress: Callable[[], No
     return {name: medians.get(name, probes[name] * 1e3) for name in calls}
 
 
-def candidate_calls(weight: torch.Tensor, rows: int, kinds: Iterable[str], prefill_rows: int
-                    ) -> tuple[dict, dict]:
+def candidate_calls(weight: torch.Tensor, rows: int, kinds: Iterable[str], prefill_rows: int,
+                    activation: str | None = None) -> tuple[dict, dict]:
     """Callables running each decode candidate at `rows` rows and each prefill kernel at
-    `prefill_rows` rows (at least rows + 1: more than a decode step)."""
-    from .linear import fp32_linear, packed_linear  # linear.py uses this module
+    `prefill_rows` rows (at least rows + 1: more than a decode step). With an `activation` (the
+    MLP's first linear) each call includes it as the model runs it (Linear.forward_activated):
+    oneDNN's post-op on the packed weight, applied after the other kernels."""
+    from .linear import ACTIVATIONS, fp32_linear, packed_linear  # linear.py uses this module
 
+    eager, post_op, algorithm = ACTIVATIONS[activation] if activation else (lambda y: y, "none", "")
+    linear = torch.nn.functional.linear
     k = weight.shape[1]
     x_decode = torch.randn(rows, k).to(weight.dtype)
     x_prefill = torch.randn(max(rows + 1, prefill_rows), k).to(weight.dtype)
@@ -179,25 +187,27 @@ def candidate_calls(weight: torch.Tensor, rows: int, kinds: Iterable[str], prefi
     for kind in kinds:
         if kind == "onednn":
             packed = pack(weight, rows)
-            decode[kind] = lambda p=packed: packed_linear(x_decode, p, None)
-            prefill["onednn"] = lambda p=packed: packed_linear(x_prefill, p, None)
-            prefill["unpack"] = lambda p=packed: torch.nn.functional.linear(x_prefill, p.to_dense())
+            decode[kind] = lambda p=packed: packed_linear(x_decode, p, None, post_op, algorithm)
+            prefill["onednn"] = lambda p=packed: packed_linear(x_prefill, p, None, post_op, algorithm)
+            prefill["unpack"] = lambda p=packed: eager(linear(x_prefill, p.to_dense()))
         elif kind == "fp32":
-            decode[kind] = lambda: fp32_linear(x_decode, weight, None)
-            prefill[kind] = lambda: fp32_linear(x_prefill, weight, None)
+            decode[kind] = lambda: eager(fp32_linear(x_decode, weight, None))
+            prefill[kind] = lambda: eager(fp32_linear(x_prefill, weight, None))
         else:
-            decode[kind] = lambda: torch.nn.functional.linear(x_decode, weight)
-            prefill[kind] = lambda: torch.nn.functional.linear(x_prefill, weight)
+            decode[kind] = lambda: eager(linear(x_decode, weight))
+            prefill[kind] = lambda: eager(linear(x_prefill, weight))
     return decode, prefill
 
 
-def plan_key(weights: dict[str, torch.Tensor], rows: int, world_size: int) -> dict:
+def plan_key(weights: dict[str, torch.Tensor], rows: int, world_size: int,
+             activated: dict[str, str] | None = None) -> dict:
     """What a measured plan depends on: it is reused only where all of it is the same."""
     model, _ = cpuinfo()
     onednn = torch.backends.mkldnn.version() if hasattr(torch.backends.mkldnn, "version") else None
     return {"version": PLAN_VERSION, "cpu_model": model, "cpu_isa": isa_flags(), "cores": cpu_cores(),
             "torch": torch.__version__, "onednn": str(onednn), "threads": torch.get_num_threads(),
-            "world_size": world_size, "rows": rows, "shapes": sorted(weights)}
+            "world_size": world_size, "rows": rows, "shapes": sorted(weights),
+            "activated": dict(sorted((activated or {}).items()))}
 
 
 def plan_path(key: dict):
@@ -239,11 +249,16 @@ def _unslot(values: list[float], slots: tuple[str, ...]) -> dict[str, float]:
 
 
 def measure(weights: dict[str, torch.Tensor], rows: int, slowest: Callable[[torch.Tensor], torch.Tensor],
-            prefill: set[str], on_progress: Callable[[], None] = lambda: None) -> dict[str, Choice]:
-    """Time every candidate of every weight, at prefill shapes too for those in `prefill`;
-    `slowest` reduces a float64 tensor to its maximum over the ranks. Every rank must call this
-    in step with the same shapes (checked first: a mismatch would pair unrelated timings)."""
-    digest = int(hashlib.sha256(json.dumps([sorted(weights), sorted(prefill)]).encode()).hexdigest()[:8], 16)
+            prefill: set[str], on_progress: Callable[[], None] = lambda: None,
+            activated: dict[str, str] | None = None) -> dict[str, Choice]:
+    """Time every candidate of every weight, at prefill shapes too for those in `prefill`, with
+    the activation `activated` names for a shape (the MLP's first linear; a shape it shares with
+    another layer is timed with it); `slowest` reduces a float64 tensor to its maximum over the
+    ranks. Every rank must call this in step with the same shapes (checked first: a mismatch
+    would pair unrelated timings)."""
+    activated = activated or {}
+    digest = int(hashlib.sha256(json.dumps([sorted(weights), sorted(prefill), sorted(activated.items())]
+                                           ).encode()).hexdigest()[:8], 16)
     seen = slowest(torch.tensor([digest, -digest], dtype=torch.float64)).tolist()
     if seen != [digest, -digest]:
         raise RuntimeError(f"kernel measurement: the ranks hold different weight shapes (this rank: {sorted(weights)})")
@@ -251,12 +266,12 @@ def measure(weights: dict[str, torch.Tensor], rows: int, slowest: Callable[[torc
     for shape in sorted(weights):
         weight = weights[shape]
         kinds = decode_candidates(weight)
-        decode_calls, short_calls = candidate_calls(weight, rows, kinds, SHORT_ROWS)
+        decode_calls, short_calls = candidate_calls(weight, rows, kinds, SHORT_ROWS, activated.get(shape))
         flat += _slots(time_ms(decode_calls, on_progress), DECODE_SLOTS)
         if shape in prefill:
             flat += _slots(time_ms(short_calls, on_progress), PREFILL_SLOTS)
             del decode_calls, short_calls  # the packed copy goes before the next one is made
-            _, long_calls = candidate_calls(weight, rows, kinds, PREFILL_ROWS)
+            _, long_calls = candidate_calls(weight, rows, kinds, PREFILL_ROWS, activated.get(shape))
             flat += _slots(time_ms(long_calls, on_progress), PREFILL_SLOTS)
         else:
             flat += [math.inf] * 2 * len(PREFILL_SLOTS)

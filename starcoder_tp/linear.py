@@ -43,8 +43,21 @@ def fp32_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     return (torch.cat(blocks, dim=-1) if len(blocks) > 1 else blocks[0]).to(x.dtype)
 
 
-def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, post_op: str = "none",
+                  algorithm: str = "") -> torch.Tensor:
+    """oneDNN's GEMM on a packed weight; `post_op` (relu, gelu with algorithm tanh or none) is
+    applied to the fp32 accumulator before the output is written."""
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, post_op, [], algorithm)
+
+
+# The MLP activations (config.SUPPORTED_ACTIVATIONS): eager function and oneDNN post-op.
+ACTIVATIONS = {
+    "gelu_pytorch_tanh": (lambda x: F.gelu(x, approximate="tanh"), "gelu", "tanh"),
+    "gelu_new": (lambda x: F.gelu(x, approximate="tanh"), "gelu", "tanh"),
+    "gelu_fast": (lambda x: F.gelu(x, approximate="tanh"), "gelu", "tanh"),
+    "gelu": (F.gelu, "gelu", "none"),
+    "relu": (F.relu, "relu", ""),
+}
 
 
 def run_kernel(kind: str, x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor | None,
@@ -71,14 +84,26 @@ class Linear(nn.Linear):
     decode_numel = 0
     split_numel = 0
 
+    def _kernel(self, x: torch.Tensor) -> str:
+        n = x.numel()
+        return self.decode_kernel if n <= self.decode_numel else (
+            self.short_kernel if n < self.split_numel else self.prefill_kernel)
+
     def forward(self, x: torch.Tensor, add_bias: bool = True) -> torch.Tensor:
         bias = self.bias if add_bias else None
-        n = x.numel()
-        kind = self.decode_kernel if n <= self.decode_numel else (
-            self.short_kernel if n < self.split_numel else self.prefill_kernel)
+        kind = self._kernel(x)
         if kind == "plain":
             return F.linear(x, self.weight, bias)
         return run_kernel(kind, x, self.weight, self.packed, bias)
+
+    def forward_activated(self, x: torch.Tensor, activation: str) -> torch.Tensor:
+        """ACTIVATIONS[activation](x @ W.T + b). With the packed weight the activation is oneDNN's
+        post-op, on the accumulator: a pass less over the [rows, N] output, the widest activation
+        of a layer, which cost bf16 prefills a fifth of their time (RESULTS.md, "Fused activation")."""
+        eager, post_op, algorithm = ACTIVATIONS[activation]
+        if self._kernel(x) == "onednn":
+            return packed_linear(x, self.packed, self.bias, post_op, algorithm)
+        return eager(self.forward(x))
 
     def shape_key(self) -> str:
         """kernels.shape_key of the weight, without unpacking it."""

@@ -48,14 +48,6 @@ def _drop_compiled_code() -> None:
             del sys.modules[name]
 
 
-def _activation(name: str):
-    if name in ("gelu_pytorch_tanh", "gelu_new", "gelu_fast"):
-        return lambda x: F.gelu(x, approximate="tanh")
-    if name == "gelu":
-        return F.gelu
-    return F.relu
-
-
 class MLP(nn.Module):
     def __init__(self, config: ModelConfig, tp: TPGroup):
         super().__init__()
@@ -63,10 +55,12 @@ class MLP(nn.Module):
         local_inner = config.n_inner // tp.world_size
         self.c_fc = Linear(config.n_embd, local_inner, bias=config.use_bias)
         self.c_proj = Linear(local_inner, config.n_embd, bias=config.use_bias)
-        self.act = _activation(config.activation_function)
+        self.activation = config.activation_function
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        hidden = self.act(self.c_fc(x))
+        hidden = self.c_fc.forward_activated(x, self.activation)
+        if self.tp.world_size == 1:  # nothing to reduce: the bias goes in with the GEMM
+            return self.c_proj(hidden)
         out = self.tp.all_reduce_(self.c_proj(hidden, add_bias=False))
         return out if self.c_proj.bias is None else out + self.c_proj.bias
 
@@ -122,10 +116,11 @@ class TPCausalLM(nn.Module):
         self.window = config.sliding_window
         self.inv_freq: torch.Tensor | None = None  # [D / 2] fp32, set by load_model for RoPE models
 
-    def _weights_by_shape(self) -> tuple[dict[str, torch.Tensor], set[str]]:
-        """One weight of each distinct shape (plain), and the shapes also run at prefill rows
-        (every one but the lm_head's, which only ever sees one row per sequence)."""
-        weights, prefill = {}, set()
+    def _weights_by_shape(self) -> tuple[dict[str, torch.Tensor], set[str], dict[str, str]]:
+        """One weight of each distinct shape (plain), the shapes also run at prefill rows (every
+        one but the lm_head's, which only ever sees one row per sequence), and the shapes run
+        with the MLP's activation (its first linear, Linear.forward_activated)."""
+        weights, prefill, activated = {}, set(), {}
         for name, module in self.named_modules():
             if isinstance(module, Linear):
                 key = module.shape_key()
@@ -133,9 +128,11 @@ class TPCausalLM(nn.Module):
                     weights[key] = module.plain_weight()
                 if name != "lm_head":
                     prefill.add(key)
+                if name.endswith("mlp.c_fc"):
+                    activated[key] = self.config.activation_function
         if self.config.tie_word_embeddings:
             weights.setdefault(kernels.shape_key(self.transformer.wte.weight), self.transformer.wte.weight)
-        return weights, prefill
+        return weights, prefill, activated
 
     def use_kernels(self, mode: str = "auto", rows: int = 1) -> int:
         """Choose every linear weight's kernels for decode batches of `rows` rows (kernels.py:
@@ -146,9 +143,9 @@ class TPCausalLM(nn.Module):
             raise ValueError(f"kernels mode {mode!r} is not one of {list(kernels.KERNEL_MODES)}")
         if self.transformer.ln_f.weight.device.type != "cpu":
             mode = "plain"  # the kernels chosen here are CPU ones
-        weights, prefill = self._weights_by_shape()
+        weights, prefill, activated = self._weights_by_shape()
         if mode == "auto":
-            self.kernel_plan, self.kernel_plan_source = self._measured_plan(weights, prefill, rows)
+            self.kernel_plan, self.kernel_plan_source = self._measured_plan(weights, prefill, activated, rows)
         else:
             self.kernel_plan = {s: kernels.fixed_choice(mode, w) for s, w in weights.items()}
             self.kernel_plan_source = "fixed"
@@ -166,15 +163,15 @@ class TPCausalLM(nn.Module):
         self.kernel_mode, self.kernel_rows = mode, rows
         return count
 
-    def _measured_plan(self, weights: dict[str, torch.Tensor], prefill: set[str], rows: int):
-        key = kernels.plan_key(weights, rows, self.tp.world_size)
+    def _measured_plan(self, weights: dict[str, torch.Tensor], prefill: set[str], activated: dict[str, str], rows: int):
+        key = kernels.plan_key(weights, rows, self.tp.world_size, activated)
         plan = kernels.load_plan(key)
         # Every rank measures if any lacks the plan: the timings are reduced across ranks.
         missing = self.tp.max_(torch.tensor([0.0 if plan is not None else 1.0], dtype=torch.float64))
         if plan is not None and not missing.item():
             return plan, "cached"
         plan = kernels.measure(weights, rows, self.tp.max_, prefill,
-                               on_progress=lambda: [hook() for hook in self.progress_hooks])
+                               on_progress=lambda: [hook() for hook in self.progress_hooks], activated=activated)
         kernels.save_plan(key, plan)
         return plan, "measured"
 

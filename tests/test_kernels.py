@@ -173,3 +173,33 @@ def test_contradictory_kernel_options_are_refused_naming_both(args, message):
         kernel_mode(parser.parse_args(args))
     assert kernel_mode(parser.parse_args(["--no-prepack"])) == "plain"
     assert kernel_mode(parser.parse_args([])) == "auto"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_candidates_of_the_mlps_first_linear_include_its_activation(dtype):
+    """Timed as the model runs it: a plan that ignored the activation would not see that the
+    packed layout fuses it (oneDNN's post-op) while the others pay a pass for it."""
+    torch.manual_seed(0)
+    weight = (torch.randn(48, 16) / 4).to(dtype)
+    kinds = kernels.decode_candidates(weight)
+    decode, prefill = kernels.candidate_calls(weight, 2, kinds, 8, activation="gelu_pytorch_tanh")
+    plain_decode, plain_prefill = kernels.candidate_calls(weight, 2, kinds, 8)
+    for calls, plain in ((decode, plain_decode), (prefill, plain_prefill)):
+        assert set(calls) == set(plain)
+        for name in calls:
+            # gelu's minimum is about -0.17; the bare products of these inputs go well below.
+            assert plain[name]().min() < -0.5, name
+            got = calls[name]()
+            assert got.min() >= -0.2 and got.shape[-1] == 48, f"{name}: no activation applied"
+
+
+def test_the_model_marks_its_mlps_first_linear_as_activated(tmp_path, embedded_dir):
+    from starcoder_tp.comm import TPGroup
+    from starcoder_tp.model import load_model
+    from starcoder_tp.shard import shard_checkpoint
+
+    shard_checkpoint(embedded_dir, tmp_path / "s", 1)
+    model = load_model(tmp_path / "s", TPGroup(0, 1), torch.device("cpu"), kernels="plain")
+    _, _, activated = model._weights_by_shape()
+    c_fc = model.transformer.h[0].mlp.c_fc.shape_key()
+    assert activated == {c_fc: model.config.activation_function}

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from starcoder_tp.comm import TPGroup
 from starcoder_tp.device import Device
 from starcoder_tp.kernels import Choice, KERNEL_MODES, pack
-from starcoder_tp.linear import Linear, fp32_linear
+from starcoder_tp.linear import ACTIVATIONS, Linear, fp32_linear
 from starcoder_tp.model import load_model
 from starcoder_tp.shard import shard_checkpoint
 from starcoder_tp.timing import timed_generate
@@ -29,6 +29,27 @@ def test_packed_linear_matches_f_linear_with_and_without_bias(shape, prefill):
     torch.testing.assert_close(layer(x), F.linear(x, weight, bias), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(layer(x, add_bias=False), F.linear(x, weight), rtol=1e-5, atol=1e-5)
     assert layer(x).shape == (*shape[:-1], 96)
+
+
+@pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
+@pytest.mark.parametrize("choice", [Choice("plain", "plain"), Choice("onednn", "onednn"), Choice("onednn", "unpack")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_activated_linear_is_the_activation_of_the_linear_under_every_kernel(activation, choice, dtype):
+    """The MLP's c_fc: fused as oneDNN's post-op where the weight is packed, else applied after."""
+    if choice.decode == "onednn" and pack(torch.ones(2, 2, dtype=dtype), 1) is None:
+        pytest.skip(f"oneDNN cannot pack {dtype} here")
+    torch.manual_seed(0)
+    layer = Linear(64, 96).to(dtype)
+    weight, bias = layer.weight.detach().clone(), layer.bias.detach().clone()
+    layer.use_kernels(choice, rows=2)
+    eager = ACTIVATIONS[activation][0]
+    # Rounded once (fused, from the accumulator) or twice (after the linear's output): bf16 apart.
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    for shape in [(2, 64), (2, 1, 64), (3, 50, 64)]:  # decode rows, then prefill rows
+        x = torch.randn(*shape).to(dtype)
+        got = layer.forward_activated(x, activation)
+        expected = eager(F.linear(x.float(), weight.float(), bias.float())).to(dtype)
+        torch.testing.assert_close(got, expected, **tol, msg=f"{activation} {choice} {shape}")
 
 
 @needs_onednn
