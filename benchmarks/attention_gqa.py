@@ -1,7 +1,7 @@
 """Prefill attention with fewer K/V heads than query heads (StarCoder's multi-query attention,
 StarCoder2's grouped-query attention): SDPA with the K/V heads expanded to every query head (a
 view for one K/V head), made contiguous, or mapped by SDPA itself (`enable_gqa`), causal, one
-thread, median of 7 calls each, side by side in one sitting.
+thread, best of 7 calls each (after a warm-up), side by side in one sitting.
 
 Run: python benchmarks/attention_gqa.py [--lengths 128,512]
 Writes its section of benchmarks/RESULTS.md.
@@ -9,7 +9,6 @@ Writes its section of benchmarks/RESULTS.md.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -18,17 +17,12 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from speed import cpu_name, write_results  # noqa: E402
+from roofline import best_s  # noqa: E402
+from speed import write_table  # noqa: E402
 
 
-def median_ms(fn, calls: int = 7) -> float:
-    fn()
-    times = []
-    for _ in range(calls):
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times) * 1e3
+def best_ms(fn) -> float:
+    return best_s(fn, 7) * 1e3
 
 
 def row(dtype: torch.dtype, heads: int, kv: int, length: int) -> str:
@@ -39,10 +33,10 @@ def row(dtype: torch.dtype, heads: int, kv: int, length: int) -> str:
         wide_k, wide_v = k.expand(1, heads, -1, -1), v.expand(1, heads, -1, -1)
     else:
         wide_k, wide_v = k.repeat_interleave(heads // kv, 1), v.repeat_interleave(heads // kv, 1)
-    ms = {"expanded": median_ms(lambda: F.scaled_dot_product_attention(q, wide_k, wide_v, is_causal=True)),
-          "contiguous": median_ms(lambda: F.scaled_dot_product_attention(q, wide_k.contiguous(), wide_v.contiguous(),
+    ms = {"expanded": best_ms(lambda: F.scaled_dot_product_attention(q, wide_k, wide_v, is_causal=True)),
+          "contiguous": best_ms(lambda: F.scaled_dot_product_attention(q, wide_k.contiguous(), wide_v.contiguous(),
                                                                          is_causal=True)),
-          "enable_gqa": median_ms(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True))}
+          "enable_gqa": best_ms(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True))}
     same = torch.allclose(F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True).float(),
                           F.scaled_dot_product_attention(q, wide_k, wide_v, is_causal=True).float(), atol=1e-2)
     return (f"| {str(dtype)[6:]} | {heads} / {kv} | {length} | {ms['expanded']:.2f} | {ms['contiguous']:.2f} | "
@@ -57,17 +51,12 @@ def main() -> None:
     started = time.perf_counter()
     lines = [row(dtype, heads, kv, int(length)) for dtype in (torch.float32, torch.bfloat16)
              for heads, kv in ((16, 1), (16, 4)) for length in args.lengths.split(",")]
-    text = "\n".join([
-        "## Grouped attention", "",
-        f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} by `benchmarks/attention_gqa.py` in "
-        f"{time.perf_counter() - started:.0f} s. Machine: {cpu_name()}, torch {torch.__version__}; one thread. "
-        "Causal prefill SDPA, head dim 64, batch 1; ms, median of 7. `expanded` = K/V heads expanded to every "
-        "query head (a view for one K/V head, repeat_interleave for several), as attention.py did before; "
-        "`enable_gqa` = SDPA maps the query heads itself.", "",
-        "| dtype | heads / K/V heads | tokens | expanded | contiguous | enable_gqa | enable_gqa/expanded | same output |",
-        "|---|---|---|---|---|---|---|---|", *lines])
-    write_results("Grouped attention", text)
-    print(text)
+    write_table("Grouped attention", "attention_gqa.py", started,
+                "Causal prefill SDPA, head dim 64, batch 1; ms, best of 7. `expanded` = K/V heads expanded to every "
+                "query head (a view for one K/V head, repeat_interleave for several), as attention.py did before; "
+                "`enable_gqa` = SDPA maps the query heads itself.",
+                ["dtype", "heads / K/V heads", "tokens", "expanded", "contiguous", "enable_gqa", "enable_gqa/expanded",
+                 "same output"], lines)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from roofline import best_s  # noqa: E402
-from speed import cpu_name, write_results  # noqa: E402
+from speed import write_table  # noqa: E402
 
 from starcoder_tp.kernels import pack  # noqa: E402
 from starcoder_tp.linear import packed_linear  # noqa: E402
@@ -51,17 +51,11 @@ def main() -> None:
     torch.set_num_threads(1)
     started = time.perf_counter()
     lines = [row(dtype, int(rows)) for dtype in (torch.float32, torch.bfloat16) for rows in args.rows.split(",")]
-    text = "\n".join([
-        "## Fused activation", "",
-        f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} by `benchmarks/fused_activation.py` in "
-        f"{time.perf_counter() - started:.0f} s. Machine: {cpu_name()}, torch {torch.__version__}; one thread. "
-        "c_fc of the bench-size model, weight packed for the rows; ms, best of 5. `separate` = the GEMM, then "
-        "`F.gelu(tanh)`; `fused` = gelu as oneDNN's post-op; error = the largest difference from fp32 "
-        "arithmetic (separate / fused).", "",
-        "| dtype | rows | GEMM | gelu alone | separate | fused | fused/separate | error |",
-        "|---|---|---|---|---|---|---|---|", *lines])
-    write_results("Fused activation", text)
-    print(text)
+    write_table("Fused activation", "fused_activation.py", started,
+                "c_fc of the bench-size model, weight packed for the rows; ms, best of 5. `separate` = the GEMM, then "
+                "`F.gelu(tanh)`; `fused` = gelu as oneDNN's post-op; error = the largest difference from fp32 "
+                "arithmetic (separate / fused).",
+                ["dtype", "rows", "GEMM", "gelu alone", "separate", "fused", "fused/separate", "error"], lines)
 
 
 if __name__ == "__main__":

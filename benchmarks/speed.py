@@ -276,6 +276,17 @@ def write_results(title: str, text: str) -> None:
     write_atomic(RESULTS, new.rstrip() + "\n")
 
 
+def write_table(title: str, script: str, started: float, about: str, header: list[str], lines: list[str]) -> None:
+    """Write (and print) a one-table section of a one-thread benchmark: when, by what, where, the table."""
+    text = "\n".join([
+        f"## {title}", "",
+        f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} by `benchmarks/{script}` in "
+        f"{time.perf_counter() - started:.0f} s. Machine: {cpu_name()}, torch {torch.__version__}; one thread. {about}",
+        "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header), *lines])
+    write_results(title, text)
+    print(text)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="bench",

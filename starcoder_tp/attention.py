@@ -59,8 +59,8 @@ def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torc
     grouped = {}
     if kv != h and q.device.type == "cpu":
         # SDPA maps the G query heads of each K/V head itself: no copy of the keys for GQA, and
-        # here 1-11% faster than expanded keys (RESULTS.md, "Grouped attention"). CPU only: not
-        # every accelerator's SDPA (torch_npu's) takes enable_gqa.
+        # in bf16 5-13% faster than expanded keys (fp32: within noise; RESULTS.md, "Grouped
+        # attention"). CPU only: not every accelerator's SDPA (torch_npu's) takes enable_gqa.
         grouped = {"enable_gqa": True}
     elif kv == 1:
         # Multi-query: the one K/V head broadcast to the query heads by expand, a view.
