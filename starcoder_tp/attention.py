@@ -123,9 +123,4 @@ class Attention(nn.Module):
             self.k_cache.index_copy_(2, slots, k.transpose(1, 2))
             self.v_cache.index_copy_(2, slots, v.transpose(1, 2))
             keys, values = self.k_cache, self.v_cache
-        out = attend(q, keys, values, mask, self.scale)
-        if self.tp.world_size == 1:  # nothing to reduce: the bias goes in with the GEMM
-            return self.c_proj(out)
-        # Row-parallel: partial sums all-reduced, then the bias added once.
-        out = self.tp.all_reduce_(self.c_proj(out, add_bias=False))
-        return out if self.c_proj.bias is None else out + self.c_proj.bias
+        return self.c_proj.row_parallel(attend(q, keys, values, mask, self.scale), self.tp)

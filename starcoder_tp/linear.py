@@ -105,6 +105,14 @@ class Linear(nn.Linear):
             return packed_linear(x, self.packed, self.bias, post_op, algorithm)
         return eager(self.forward(x))
 
+    def row_parallel(self, x: torch.Tensor, tp) -> torch.Tensor:
+        """This rank's partial product summed over the ranks (tp: a comm.TPGroup), the bias added
+        once after the sum; at world size 1, nothing to sum: the bias goes in with the GEMM."""
+        if tp.world_size == 1:
+            return self(x)
+        out = tp.all_reduce_(self(x, add_bias=False))
+        return out if self.bias is None else out + self.bias
+
     def shape_key(self) -> str:
         """kernels.shape_key of the weight, without unpacking it."""
         return f"{self.out_features}x{self.in_features}:{str(self.weight.dtype).removeprefix('torch.')}"

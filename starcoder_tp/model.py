@@ -58,11 +58,7 @@ class MLP(nn.Module):
         self.activation = config.activation_function
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        hidden = self.c_fc.forward_activated(x, self.activation)
-        if self.tp.world_size == 1:  # nothing to reduce: the bias goes in with the GEMM
-            return self.c_proj(hidden)
-        out = self.tp.all_reduce_(self.c_proj(hidden, add_bias=False))
-        return out if self.c_proj.bias is None else out + self.c_proj.bias
+        return self.c_proj.row_parallel(self.c_fc.forward_activated(x, self.activation), self.tp)
 
 
 class Block(nn.Module):

@@ -59,7 +59,7 @@ class ShmComm:
         if views is None:
             if len(self._views) >= 256:  # sampling's ragged last chunks, many request shapes
                 self._views.clear()
-            nbytes = numel * torch.empty(0, dtype=dtype).element_size()
+            nbytes = numel * dtype.itemsize
             # Views made in inference mode could not be written outside it later (and the model
             # runs in it, the timers' collectives outside): made outside, they serve both.
             with torch.inference_mode(False):
