@@ -15,6 +15,12 @@ kernels that layout can run.
 - `plain`:  F.linear on the plain [N, K] weight (MKL sgemm in fp32; aten's own GEMM in bf16).
 - `onednn`: oneDNN's blocked layout, packed for the batch's rows; at prefill shapes it runs
             as it is (`onednn`) or is unpacked for the call (`unpack`: F.linear).
+- `mkl_packed`: fp32 only: MKL's own packed sgemm layout (cblas_sgemm_pack, through torch's
+            `mkl::_mkl_linear`), packed for the batch's rows and run as it is at every row count
+            (the packed buffer describes its own format). It cannot be read back: the plain weight
+            comes from the model's part on disk when the layout changes (Linear.plain_source),
+            so only weights with a source take it. MKL pads its packed buffers: the bench-size
+            model laid out so took 3% more memory than in oneDNN's layout (RESULTS.md).
 - `fp32`:   bf16 weights computed in fp32, a block of rows at a time (linear.fp32_linear): for
             CPUs whose bf16 GEMM is slow. Prefill from the plain layout: `plain` or `fp32`.
 
@@ -52,20 +58,21 @@ import torch
 from .cpu import cpu_cores, cpuinfo, isa_flags
 from .files import cache_dir, write_atomic
 
-KERNEL_MODES = ("auto", "plain", "onednn", "fp32")  # --kernels: measure, or one kernel for every weight
+KERNEL_MODES = ("auto", "plain", "onednn", "mkl_packed", "fp32")  # --kernels: measure, or one kernel for every weight
 # The kernels each decode layout can run at prefill shapes.
-PREFILL_KERNELS = {"plain": ("plain", "fp32"), "fp32": ("fp32", "plain"), "onednn": ("onednn", "unpack")}
+PREFILL_KERNELS = {"plain": ("plain", "fp32"), "fp32": ("fp32", "plain"), "onednn": ("onednn", "unpack"),
+                   "mkl_packed": ("mkl_packed",)}
 SHORT_ROWS = 64  # rows of the short-prompt prefill timing
 PREFILL_ROWS = 512  # rows of the long prefill timing (batch x prompt tokens of a typical case)
 SPLIT_ROWS = round(math.sqrt(SHORT_ROWS * PREFILL_ROWS))  # calls of fewer rows take the short winner
 ROUNDS = 3  # alternating rounds per candidate (A B C, C B A, A B C): drift hits all alike
 ROUND_MIN_S = 0.004  # each candidate runs at least this long per round (and at least one call)
 PRUNE_FACTOR = 4.0  # a candidate this much slower than the best on its probe call is not timed further
-PLAN_VERSION = 3  # part of the cache key: a change in what is measured invalidates old plans
+PLAN_VERSION = 4  # part of the cache key: a change in what is measured invalidates old plans
 # Every shape's timings travel across ranks in these fixed slots (inf: not a candidate there),
 # so that ranks on CPUs with different candidates still reduce tensors of one size.
-DECODE_SLOTS = ("plain", "onednn", "fp32")
-PREFILL_SLOTS = ("plain", "fp32", "onednn", "unpack")
+DECODE_SLOTS = ("plain", "onednn", "fp32", "mkl_packed")
+PREFILL_SLOTS = ("plain", "fp32", "onednn", "unpack", "mkl_packed")
 
 
 @dataclass(frozen=True)
@@ -94,12 +101,15 @@ def shape_key(weight: torch.Tensor) -> str:
 
 
 def decode_candidates(weight: torch.Tensor) -> tuple[str, ...]:
-    """The layouts this weight can take here: oneDNN only on CPU where it packs the dtype."""
+    """The layouts this weight can take here: the packed ones only on CPU where the library
+    packs the dtype."""
     if weight.device.type != "cpu":
         return ("plain",)
     kinds = ["plain"]
     if pack(weight[:1], 1) is not None:
         kinds.append("onednn")
+    if pack_mkl(weight[:1], 1) is not None:
+        kinds.append("mkl_packed")
     if weight.dtype == torch.bfloat16:
         kinds.append("fp32")
     return tuple(kinds)
@@ -139,6 +149,22 @@ def pack(weight: torch.Tensor, rows: int) -> torch.Tensor | None:
             return None
 
 
+def pack_mkl(weight: torch.Tensor, rows: int) -> torch.Tensor | None:
+    """`weight` [N, K] fp32 in MKL's packed sgemm layout for `rows` rows, or None where MKL is
+    absent or the dtype is not fp32 (MKL packs sgemm only)."""
+    if weight.device.type != "cpu" or weight.dtype != torch.float32 or not torch.backends.mkl.is_available():
+        return None
+    with torch.inference_mode(False), torch.no_grad():  # packed weights outlive inference mode
+        try:
+            return torch.ops.mkl._mkl_reorder_linear_weight(weight.detach().contiguous(), rows)
+        except (RuntimeError, AttributeError):  # a torch built without MKL's packed API
+            return None
+
+
+# The packed layouts: each packs a plain [N, K] weight for a number of rows (None: cannot).
+PACKERS: dict[str, Callable[[torch.Tensor, int], torch.Tensor | None]] = {"onednn": pack, "mkl_packed": pack_mkl}
+
+
 def _timed(call: Callable[[], object]) -> float:
     started = perf_counter()
     call()
@@ -176,7 +202,7 @@ def candidate_calls(weight: torch.Tensor, rows: int, kinds: Iterable[str], prefi
     `prefill_rows` rows (at least rows + 1: more than a decode step). With an `activation` (the
     MLP's first linear) each call includes it as the model runs it (Linear.forward_activated):
     oneDNN's post-op on the packed weight, applied after the other kernels."""
-    from .linear import ACTIVATIONS, fp32_linear, packed_linear  # linear.py uses this module
+    from .linear import ACTIVATIONS, fp32_linear, mkl_linear, packed_linear  # linear.py uses this module
 
     eager, post_op, algorithm = ACTIVATIONS[activation] if activation else (lambda y: y, "none", "")
     linear = torch.nn.functional.linear
@@ -190,6 +216,10 @@ def candidate_calls(weight: torch.Tensor, rows: int, kinds: Iterable[str], prefi
             decode[kind] = lambda p=packed: packed_linear(x_decode, p, None, post_op, algorithm)
             prefill["onednn"] = lambda p=packed: packed_linear(x_prefill, p, None, post_op, algorithm)
             prefill["unpack"] = lambda p=packed: eager(linear(x_prefill, p.to_dense()))
+        elif kind == "mkl_packed":
+            packed, sizes = pack_mkl(weight, rows), weight.new_empty(1).expand(weight.shape)
+            decode[kind] = lambda p=packed: eager(mkl_linear(x_decode, p, sizes, None))
+            prefill[kind] = lambda p=packed: eager(mkl_linear(x_prefill, p, sizes, None))
         elif kind == "fp32":
             decode[kind] = lambda: eager(fp32_linear(x_decode, weight, None))
             prefill[kind] = lambda: eager(fp32_linear(x_prefill, weight, None))

@@ -1,8 +1,8 @@
 """The model's linear layers: nn.Linear that can leave out its bias (row-parallel layers add it
 once, after the all-reduce) and runs the kernels kernels.py chose for its weight: the plain
-weight through F.linear, oneDNN's packed layout (packed once for the decode batch; the model
-re-packs when the batch changes, in `TPCausalLM.setup_cache`, outside any timed region), or
-bf16 computed in fp32 a block of weight rows at a time.
+weight through F.linear, oneDNN's or MKL's packed layout (packed once for the decode batch; the
+model re-packs when the batch changes, in `TPCausalLM.setup_cache`, outside any timed region),
+or bf16 computed in fp32 a block of weight rows at a time.
 
 The fp32 path: on a CPU whose bf16 GEMM is slow (one without bf16 arithmetic, where the
 libraries' bf16 GEMM cost M times a matrix-vector product on an AVX2 EPYC), bf16 x bf16 products
@@ -13,11 +13,13 @@ rounded to bf16 once. Whether it pays is measured, like every other choice (kern
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .kernels import SPLIT_ROWS, Choice, pack
+from .kernels import PACKERS, SPLIT_ROWS, Choice
 
 UPCAST_BLOCK_ROWS = 1024  # weight rows converted to fp32 at a time
 
@@ -50,6 +52,13 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | No
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, post_op, [], algorithm)
 
 
+def mkl_linear(x: torch.Tensor, packed: torch.Tensor, sizes: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """MKL's packed sgemm (kernels.pack_mkl) at any row count; `sizes` is any [N, K] fp32 tensor
+    (an expanded scalar: torch reads its sizes, and reads its data only when the rows passed
+    differ from the rows of the call, which they never do here)."""
+    return torch.ops.mkl._mkl_linear(x, packed, sizes, bias, x.numel() // x.shape[-1])
+
+
 # The MLP activations (config.SUPPORTED_ACTIVATIONS): eager function and oneDNN post-op.
 ACTIVATIONS = {
     "gelu_pytorch_tanh": (lambda x: F.gelu(x, approximate="tanh"), "gelu", "tanh"),
@@ -62,7 +71,10 @@ ACTIVATIONS = {
 
 def run_kernel(kind: str, x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor | None,
                bias: torch.Tensor | None) -> torch.Tensor:
-    """x @ weight.T + bias by the kernel `kind` (kernels.py): `packed` for onednn and unpack."""
+    """x @ weight.T + bias by the kernel `kind` (kernels.py): `packed` for onednn, unpack and
+    mkl_packed (whose `weight` is only its [N, K] sizes: see mkl_linear)."""
+    if kind == "mkl_packed":
+        return mkl_linear(x, packed, weight, bias)
     if kind == "onednn":
         return packed_linear(x, packed, bias)
     if kind == "unpack":
@@ -77,7 +89,12 @@ class Linear(nn.Linear):
     the kernels of a kernels.Choice. Once packed, the plain weight is released (one copy in memory)."""
 
     packed: torch.Tensor | None = None
+    packed_kind: str | None = None  # the layout of `packed`: a key of kernels.PACKERS
     packed_rows = 0  # the rows (decode batch) `packed` is laid out for
+    packed_sizes: torch.Tensor | None = None  # [N, K] expanded from one element: mkl_linear's sizes
+    # Reads the plain weight back from where it was loaded (the model's part on disk); set by
+    # load_model. The layouts that cannot be unpacked (MKL's) are taken only where it is set.
+    plain_source: Callable[[], torch.Tensor] | None = None
     decode_kernel = "plain"  # for calls of at most decode_numel elements (the decode batch's rows)
     short_kernel = "plain"  # for larger calls of fewer than split_numel elements (short prefills)
     prefill_kernel = "plain"  # for the rest (long prefills)
@@ -94,7 +111,7 @@ class Linear(nn.Linear):
         kind = self._kernel(x)
         if kind == "plain":
             return F.linear(x, self.weight, bias)
-        return run_kernel(kind, x, self.weight, self.packed, bias)
+        return run_kernel(kind, x, self.packed_sizes if kind == "mkl_packed" else self.weight, self.packed, bias)
 
     def forward_activated(self, x: torch.Tensor, activation: str) -> torch.Tensor:
         """ACTIVATIONS[activation](x @ W.T + b). With the packed weight the activation is oneDNN's
@@ -118,21 +135,33 @@ class Linear(nn.Linear):
         return f"{self.out_features}x{self.in_features}:{str(self.weight.dtype).removeprefix('torch.')}"
 
     def plain_weight(self) -> torch.Tensor:
-        """The weight as [N, K], unpacked if need be (exact)."""
-        return self.weight if self.packed is None else self.packed.to_dense()
+        """The weight as [N, K]: unpacked from oneDNN's layout (exact), or read again from its
+        source for MKL's, which cannot be read back."""
+        if self.packed is None:
+            return self.weight
+        if self.packed_kind == "onednn":
+            return self.packed.to_dense()
+        weight = self.plain_source()
+        if tuple(weight.shape) != (self.out_features, self.in_features) or weight.dtype != torch.float32:
+            raise RuntimeError(f"the plain weight read back for a {self.out_features}x{self.in_features} MKL-packed "
+                               f"linear is {list(weight.shape)} {weight.dtype}: the model's part changed on disk?")
+        return weight
 
     def use_kernels(self, choice: Choice, rows: int) -> bool:
         """Lay the weight out for `choice` at decode batches of `rows` rows (re-packing if the
-        rows changed); returns whether it is packed. A layout oneDNN cannot take falls back
-        to plain."""
+        rows changed); returns whether it is packed. A layout the library cannot take (or, for
+        MKL's, a weight with no plain_source to read it back from) falls back to plain."""
+        layout = choice.decode
         # Runs inside generation's inference mode; weights made there would be inference
         # tensors, which later calls that track autograd refuse.
         with torch.inference_mode(False), torch.no_grad():
-            packed = self.packed if (choice.decode == "onednn" and self.packed_rows == rows) else None
-            if choice.decode == "onednn" and packed is None:
+            same = layout == self.packed_kind and self.packed_rows == rows
+            packed = self.packed if same else None
+            if layout in PACKERS and packed is None:
                 plain = self.plain_weight()
-                self.packed, self.packed_rows = None, 0  # the old layout goes before the new one is made
-                packed = pack(plain, rows)
+                self.packed, self.packed_kind, self.packed_rows = None, None, 0  # the old layout goes first
+                reversible = layout != "mkl_packed" or self.plain_source is not None
+                packed = PACKERS[layout](plain, rows) if reversible else None
                 if packed is None:
                     choice = Choice("plain", "plain")
                     self.weight = nn.Parameter(plain, requires_grad=False)
@@ -140,9 +169,11 @@ class Linear(nn.Linear):
                     # The plain weight is no longer read; an empty tensor of the same dtype keeps
                     # the parameter in place (names, dtype) without holding its memory.
                     self.weight = nn.Parameter(plain.new_empty(0), requires_grad=False)
-            elif choice.decode != "onednn" and self.packed is not None:
-                self.weight = nn.Parameter(self.packed.to_dense(), requires_grad=False)
+                    self.packed_sizes = plain.new_empty(1).expand(plain.shape)
+            elif layout not in PACKERS and self.packed is not None:
+                self.weight = nn.Parameter(self.plain_weight(), requires_grad=False)
         self.packed, self.packed_rows = packed, rows if packed is not None else 0
+        self.packed_kind = choice.decode if packed is not None else None
         self.decode_kernel, self.short_kernel, self.prefill_kernel = choice.decode, choice.short, choice.prefill
         self.decode_numel, self.split_numel = rows * self.in_features, SPLIT_ROWS * self.in_features
         return packed is not None

@@ -23,8 +23,8 @@ from .config import ModelConfig
 from . import kernels
 from .kernels import KERNEL_MODES, Choice
 from .linear import NATIVE_BF16_MATMUL, Linear, run_kernel
-from .shard import load_part
-from .starcoder2 import inverse_frequencies, rotary_tables, runtime_state
+from .shard import load_part, part_tensor_reader
+from .starcoder2 import inverse_frequencies, part_names, rotary_tables, runtime_state
 
 
 def _drop_compiled_code() -> None:
@@ -101,7 +101,7 @@ class TPCausalLM(nn.Module):
         self.valid_local_vocab = max(0, min(self.local_vocab, config.vocab_size - self.vocab_start))
         self.cache_batch = 0
         self.cache_len = 0
-        self.lm_head_packed: torch.Tensor | None = None  # the tied lm_head's packed copy (onednn)
+        self.lm_head_packed: torch.Tensor | None = None  # the tied lm_head's packed copy (kernels.PACKERS)
         self.lm_head_kernel = "plain"
         self.kernel_mode = "plain"  # kernels.KERNEL_MODES; set by use_kernels
         self.kernel_rows: int | None = None  # the decode batch the kernels are laid out for
@@ -152,9 +152,9 @@ class TPCausalLM(nn.Module):
             wte = self.transformer.wte.weight
             decode = self.kernel_plan[kernels.shape_key(wte)].decode
             self.lm_head_packed = None  # the old copy goes before the new one is made
-            if decode == "onednn":
-                self.lm_head_packed = kernels.pack(wte, rows)
-            self.lm_head_kernel = "plain" if decode == "onednn" and self.lm_head_packed is None else decode
+            if decode in kernels.PACKERS:  # the embedding keeps the plain weight: no need to read it back
+                self.lm_head_packed = kernels.PACKERS[decode](wte, rows)
+            self.lm_head_kernel = "plain" if decode in kernels.PACKERS and self.lm_head_packed is None else decode
             count += self.lm_head_packed is not None
         self.kernel_mode, self.kernel_rows = mode, rows
         return count
@@ -213,7 +213,7 @@ class TPCausalLM(nn.Module):
         self.compiled_decode = torch.compile(self.forward, mode=mode)
 
     def packed_weights(self):
-        """The oneDNN-packed weights (empty when not pre-packed)."""
+        """The packed weights, oneDNN's or MKL's (empty when not pre-packed)."""
         yield from (m.packed for m in self.modules() if getattr(m, "packed", None) is not None)
         if self.lm_head_packed is not None:
             yield self.lm_head_packed
@@ -329,6 +329,16 @@ class TPCausalLM(nn.Module):
         return top_vals.float(), all_ids.gather(-1, pos).long()
 
 
+def _set_plain_sources(model: TPCausalLM, read) -> None:
+    """Let each linear read its plain weight back from the part (Linear.plain_source), for the
+    packed layouts that cannot be unpacked; StarCoder2's q/k/v are concatenated as at load."""
+    starcoder2 = model.config.model_type == "starcoder2"
+    for name, module in model.named_modules():
+        if isinstance(module, Linear):
+            names = part_names(f"{name}.weight") if starcoder2 else [f"{name}.weight"]
+            module.plain_source = lambda names=names: torch.cat([read(n) for n in names])
+
+
 def load_model(shard_dir: str | Path, tp: TPGroup, device: torch.device, kernels: str = "auto",
                compile: bool = False) -> TPCausalLM:
     """Build this rank's model straight from its part: created on the meta device, then the
@@ -359,6 +369,8 @@ def load_model(shard_dir: str | Path, tp: TPGroup, device: torch.device, kernels
         state = {name: t.to(device) for name, t in state.items()}
     model.load_state_dict(state, assign=True, strict=True)
     del state
+    if device.type == "cpu":
+        _set_plain_sources(model, part_tensor_reader(shard_dir, tp.rank))
     if config.rope_theta is not None:
         model.inv_freq = inverse_frequencies(config).to(device)
     if kernels not in KERNEL_MODES:

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from . import __version__, files, log as default_log
@@ -326,6 +327,21 @@ def load_part(shard_dir: str | Path, rank: int, world_size: int, device: torch.d
     for file_name in sorted(set(weight_map.values())):
         state.update(load_file(str(rank_dir / file_name), device=str(device)))
     return raw_config, state
+
+
+def part_tensor_reader(shard_dir: str | Path, rank: int) -> Callable[[str], torch.Tensor]:
+    """A function reading one of this rank's stored tensors by name, onto the CPU (a fresh copy;
+    the files were checked against the manifest when the part was loaded)."""
+    rank_dir = Path(shard_dir) / "part_model" / str(rank)
+    weight_map = json.loads((rank_dir / PART_INDEX).read_text())["weight_map"]
+
+    def read(name: str) -> torch.Tensor:
+        if name not in weight_map:
+            raise KeyError(f"{rank_dir}: no tensor {name!r} in the part")
+        with safe_open(str(rank_dir / weight_map[name]), framework="pt") as f:
+            return f.get_tensor(name)
+
+    return read
 
 
 def ensure_shards(model_dir: str | Path, world_size: int, dtype: str = "float32",

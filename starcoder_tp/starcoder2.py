@@ -45,6 +45,25 @@ def runtime_state(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[s
     return out
 
 
+def part_names(runtime_name: str) -> list[str]:
+    """The part's tensors a runtime tensor is made of, in runtime_state's order (its inverse)."""
+    if runtime_name == "transformer.wte.weight":
+        return ["model.embed_tokens.weight"]
+    if runtime_name.startswith("transformer.ln_f."):
+        return ["model.norm." + runtime_name.rsplit(".", 1)[1]]
+    if runtime_name == "lm_head.weight":
+        return [runtime_name]
+    match = re.fullmatch(r"transformer\.h\.(\d+)\.(.+)\.(\w+)", runtime_name)
+    if match:
+        layer, module, kind = match.groups()
+        if module == "attn.c_attn":
+            return [f"model.layers.{layer}.self_attn.{p}_proj.{kind}" for p in "qkv"]
+        for hf_module, module_ in _RENAMES.items():
+            if module_ == module:
+                return [f"model.layers.{layer}.{hf_module}.{kind}"]
+    raise ValueError(f"StarCoder2: no part tensor makes the runtime tensor {runtime_name!r}")
+
+
 def inverse_frequencies(config: ModelConfig) -> torch.Tensor:
     """[D / 2] fp32, computed as transformers computes them (on the CPU, in fp32), so that the
     angles are the reference's to the bit."""

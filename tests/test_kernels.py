@@ -203,3 +203,17 @@ def test_the_model_marks_its_mlps_first_linear_as_activated(tmp_path, embedded_d
     _, _, activated = model._weights_by_shape()
     c_fc = model.transformer.h[0].mlp.c_fc.shape_key()
     assert activated == {c_fc: model.config.activation_function}
+
+
+@pytest.mark.skipif(kernels.pack_mkl(torch.ones(2, 2), 1) is None, reason="torch has no MKL packed sgemm here")
+def test_mkls_packed_layout_is_an_fp32_candidate_and_runs_only_itself_at_prefill(monkeypatch):
+    assert "mkl_packed" in kernels.decode_candidates(torch.randn(8, 16))
+    assert "mkl_packed" not in kernels.decode_candidates(torch.randn(8, 16).bfloat16()), "MKL packs sgemm only"
+    fake_clock(monkeypatch, {"plain": 3.0, "onednn": 2.0, "unpack": 0.5, "fp32": 9.0, "mkl_packed": 1.0})
+    monkeypatch.setattr(kernels, "decode_candidates", lambda w: ("plain", "onednn", "mkl_packed"))
+    plan = measure({"32x16:float32": torch.randn(32, 16)}, 4, lambda t: t, prefill={"32x16:float32"})
+    # unpack is the fastest prefill kernel, but MKL's layout cannot be unpacked: it runs itself.
+    assert (plan["32x16:float32"].decode, plan["32x16:float32"].short, plan["32x16:float32"].prefill) == \
+        ("mkl_packed", "mkl_packed", "mkl_packed")
+    with pytest.raises(ValueError, match="the 'mkl_packed' layout runs \\['mkl_packed'\\]"):
+        Choice("mkl_packed", "unpack")

@@ -1,5 +1,5 @@
-"""The linear layers: every kernel of kernels.py (oneDNN packed, unpacked for the call, bf16 via
-fp32) against F.linear, the bias left out for row-parallel layers, the fallback where oneDNN
+"""The linear layers: every kernel of kernels.py (oneDNN packed, unpacked for the call, MKL
+packed, bf16 via fp32) against F.linear, the bias left out for row-parallel layers, the fallback where oneDNN
 cannot pack, re-packing for another batch, and whole models under every plan."""
 import pytest
 import torch
@@ -7,13 +7,14 @@ import torch.nn.functional as F
 
 from starcoder_tp.comm import TPGroup
 from starcoder_tp.device import Device
-from starcoder_tp.kernels import Choice, KERNEL_MODES, pack
+from starcoder_tp.kernels import Choice, KERNEL_MODES, pack, pack_mkl
 from starcoder_tp.linear import ACTIVATIONS, Linear, fp32_linear
 from starcoder_tp.model import load_model
 from starcoder_tp.shard import shard_checkpoint
 from starcoder_tp.timing import timed_generate
 
 needs_onednn = pytest.mark.skipif(pack(torch.ones(2, 2), 1) is None, reason="oneDNN cannot pack fp32 here")
+needs_mkl = pytest.mark.skipif(pack_mkl(torch.ones(2, 2), 1) is None, reason="torch has no MKL packed sgemm here")
 
 
 @needs_onednn
@@ -82,6 +83,59 @@ def test_a_linear_repacks_for_other_rows_and_unpacks_exactly():
     torch.testing.assert_close(layer(x), F.linear(x, weight, bias))
 
 
+def _mkl_layer(n: int = 96, k: int = 64) -> tuple[Linear, torch.Tensor, torch.Tensor, list[int]]:
+    """A linear whose plain_source counts its reads (a stand-in for the part on disk)."""
+    torch.manual_seed(0)
+    layer = Linear(k, n)
+    weight, bias = layer.weight.detach().clone(), layer.bias.detach().clone()
+    reads = []
+    layer.plain_source = lambda: reads.append(1) or weight.clone()
+    return layer, weight, bias, reads
+
+
+@needs_mkl
+@pytest.mark.parametrize("rows", [1, 3, 16])
+@pytest.mark.parametrize("shape", [(1, 64), (3, 1, 64), (2, 7, 64), (2, 300, 64)])
+def test_mkl_packed_linear_matches_f_linear_at_every_row_count(shape, rows):
+    """Packed for `rows` rows, run at others too: MKL's packed buffer carries its own format."""
+    layer, weight, bias, _ = _mkl_layer()
+    x = torch.randn(*shape)
+    assert layer.use_kernels(Choice("mkl_packed", "mkl_packed"), rows=rows) and layer.packed_kind == "mkl_packed"
+    assert layer.weight.numel() == 0, "the plain weight must be released once packed"
+    torch.testing.assert_close(layer(x), F.linear(x, weight, bias), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer(x, add_bias=False), F.linear(x, weight), rtol=1e-5, atol=1e-5)
+    assert layer(x).shape == (*shape[:-1], 96)
+
+
+@needs_mkl
+@needs_onednn
+def test_an_mkl_packed_linear_reads_its_weight_back_from_its_source_when_the_layout_changes():
+    layer, weight, bias, reads = _mkl_layer()
+    x = torch.randn(16, 64)
+    assert layer.use_kernels(Choice("mkl_packed", "mkl_packed"), rows=1) and not reads
+    assert layer.use_kernels(Choice("mkl_packed", "mkl_packed"), rows=1) and not reads, "same layout: kept"
+    assert layer.use_kernels(Choice("mkl_packed", "mkl_packed"), rows=16) and reads == [1], "re-packed from the source"
+    torch.testing.assert_close(layer(x), F.linear(x, weight, bias), rtol=1e-5, atol=1e-5)
+    assert layer.use_kernels(Choice("onednn", "onednn"), rows=4) and layer.packed_kind == "onednn" and reads == [1, 1]
+    torch.testing.assert_close(layer(x[:4]), F.linear(x[:4], weight, bias), rtol=1e-5, atol=1e-5)
+    assert layer.use_kernels(Choice("mkl_packed", "mkl_packed"), rows=4) and reads == [1, 1], "unpacked from oneDNN"
+    assert not layer.use_kernels(Choice("plain", "plain"), rows=1) and reads == [1, 1, 1]
+    assert layer.packed is None and layer.packed_kind is None and torch.equal(layer.weight, weight)
+
+
+@needs_mkl
+def test_a_linear_without_a_source_does_not_take_mkls_layout_and_a_wrong_source_is_refused():
+    torch.manual_seed(0)
+    layer = Linear(64, 96)
+    weight = layer.weight.detach().clone()
+    assert not layer.use_kernels(Choice("mkl_packed", "mkl_packed"), rows=1), "it could never be unpacked"
+    assert layer.packed is None and layer.decode_kernel == "plain" and torch.equal(layer.weight, weight)
+    layer.plain_source = lambda: weight[:, :32].clone()
+    assert layer.use_kernels(Choice("mkl_packed", "mkl_packed"), rows=1)
+    with pytest.raises(RuntimeError, match=r"96x64 MKL-packed linear is \[96, 32\]"):
+        layer.use_kernels(Choice("plain", "plain"), rows=1)
+
+
 def test_unpacked_linear_can_leave_out_its_bias():
     layer = Linear(8, 4)
     x = torch.randn(2, 8)
@@ -112,7 +166,8 @@ def test_bf16_via_fp32_is_the_bf16_gemm_computed_in_fp32(shape):
 
 
 # Every fixed mode, and mixed plans that no mode gives: each layout with each prefill kernel it runs.
-PLANS = [*KERNEL_MODES, Choice("onednn", "unpack"), Choice("plain", "fp32"), Choice("fp32", "plain")]
+PLANS = [*KERNEL_MODES, Choice("onednn", "unpack"), Choice("plain", "fp32"), Choice("fp32", "plain"),
+         Choice("mkl_packed", "mkl_packed")]
 
 
 def _with_plan(model, plan, rows: int = 1):
@@ -140,16 +195,20 @@ def test_every_plan_generates_the_tokens_of_plain_fp32(tmp_path, embedded_dir, p
 
 
 @needs_onednn
-def test_a_model_relays_its_weights_for_each_batch_size(tmp_path, embedded_dir, prompts):
+@needs_mkl
+@pytest.mark.parametrize("mode", ["onednn", "mkl_packed"])
+def test_a_model_relays_its_weights_for_each_batch_size(tmp_path, embedded_dir, prompts, mode):
+    """MKL's layout cannot be unpacked: re-packing for another batch reads the part again."""
     shard_checkpoint(embedded_dir, tmp_path / "s", 1)
     plain = load_model(tmp_path / "s", TPGroup(0, 1), torch.device("cpu"), kernels="plain")
-    model = load_model(tmp_path / "s", TPGroup(0, 1), torch.device("cpu"), kernels="onednn")
+    model = load_model(tmp_path / "s", TPGroup(0, 1), torch.device("cpu"), kernels=mode)
     n_weights = 4 * model.config.n_layer + 1  # c_attn, 2x c_proj, c_fc; lm_head
     batch = (prompts * 4)[:4]
     for rows, request in ((1, prompts[:1]), (4, batch), (1, prompts[:1])):
         out = timed_generate(model, Device("cpu"), request, 8, topk=3)
         assert model.kernel_rows == rows and sum(1 for _ in model.packed_weights()) == n_weights
         assert {m.packed_rows for m in model.modules() if isinstance(m, Linear)} == {rows}
+        assert {m.packed_kind for m in model.modules() if isinstance(m, Linear)} == {mode}
         assert not any(t.is_inference() for t in [*model.packed_weights(), *model.parameters()]), \
             "weights re-packed during generation must stay usable outside inference mode"
         ref = timed_generate(plain, Device("cpu"), request, 8, topk=3)

@@ -233,3 +233,16 @@ def test_a_world_size_that_fits_no_kv_rule_is_refused_naming_the_sizes():
         ModelConfig.from_hf_dict({**raw, "rope_parameters": {"rope_type": "linear", "factor": 2.0}})
     with pytest.raises(ValueError, match="num_key_value_heads=5 does not divide n_head=12"):
         ModelConfig.from_hf_dict({**raw, "num_key_value_heads": 5})
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_each_linear_reads_back_the_weight_it_was_loaded_with(models, tmp_path, name):
+    """Linear.plain_source, for layouts that cannot be unpacked (MKL's): q/k/v concatenated as at
+    load, each rank its own part."""
+    shard_checkpoint(models[name], tmp_path / "s", 2)
+    for rank in range(2):
+        model = load_model(tmp_path / "s", TPGroup(rank, 2), torch.device("cpu"), kernels="plain")
+        linears = {n: m for n, m in model.named_modules() if hasattr(m, "plain_source")}
+        assert len(linears) == 4 * model.config.n_layer + (not model.config.tie_word_embeddings)
+        for module_name, module in linears.items():
+            assert torch.equal(module.plain_source(), module.weight), (rank, module_name)
