@@ -82,7 +82,10 @@ class _Request:
         ids, mask = left_pad(prompts, pad_id=self.eos)
         self.batch, self.prompt_len = ids.shape
         self.ids, mask = ids.to(dev), mask.to(dev)
-        model.setup_cache(self.batch, cache_len)
+        # The kernels weigh this request's prefill against the decode steps the cache has room for
+        # (kernels.weigh): a caller that sizes the cache for more tokens (the perf suite's one-token
+        # warm-up of a case) gets the layouts of the whole request.
+        model.setup_cache(self.batch, cache_len, request=(self.batch * self.prompt_len, cache_len - self.prompt_len - 1))
         self.key_valid = None  # no padding (equal-length prompts, as in every perf case): no mask at all
         if not bool(mask.all()):
             self.key_valid = torch.ones((self.batch, cache_len), dtype=torch.bool, device=dev)

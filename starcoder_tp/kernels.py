@@ -8,9 +8,12 @@ of the form "this ISA -> that kernel": for each distinct (N, K, dtype) and decod
 candidates are timed on the weight itself, by every rank at once (as they run), and the ranks
 take the slowest rank's time of each.
 
-A weight has one layout at a time (two would double the model's memory): the decode step,
-which runs once per generated token, chooses it. The prefill then takes the fastest of the
-kernels that layout can run.
+A weight has one layout at a time (two would double the model's memory). Measured alone, the
+decode step, which runs once per generated token, chooses it; the prefill then takes the fastest
+of the kernels that layout can run. Given a request's shape (`weigh`: its prompt rows and decode
+steps), the layout is the one whose request costs least in all: one prefill plus the decode
+steps. A layout a little slower per step can win a short request by a faster prefill (MKL's packed
+sgemm against F.linear at batch 1, fp32: RESULTS.md, "MKL's packed sgemm").
 
 - `plain`:  F.linear on the plain [N, K] weight (MKL sgemm in fp32; aten's own GEMM in bf16).
 - `onednn`: oneDNN's blocked layout, packed for the batch's rows; at prefill shapes it runs
@@ -121,19 +124,42 @@ def fixed_choice(mode: str, weight: torch.Tensor) -> Choice:
     return Choice(decode, decode)
 
 
-def choose(decode_ms: dict[str, float], prefill_ms: dict[str, float], short_ms: dict[str, float] | None = None
-           ) -> Choice:
-    """The fastest decode layout, then the fastest prefill kernels (long, short) that layout runs."""
+def choose(decode_ms: dict[str, float], prefill_ms: dict[str, float], short_ms: dict[str, float] | None = None,
+           prompt_rows: int | None = None, steps: int | None = None) -> Choice:
+    """The fastest decode layout, then the fastest prefill kernels (long, short) that layout runs.
+    With a request's `prompt_rows` and decode `steps`, the layout whose request costs least: its
+    prefill (the short or the long timing, whichever that many rows take, scaled by rows) plus
+    `steps` decode steps."""
     if not decode_ms:
         raise ValueError("choose: no decode timings")
-    decode = min(decode_ms, key=decode_ms.__getitem__)
-
-    def fastest(ms: dict[str, float]) -> str:
-        runnable = [k for k in PREFILL_KERNELS[decode] if k in ms]
-        return min(runnable, key=ms.__getitem__) if runnable else decode
-
     short_ms = prefill_ms if short_ms is None else short_ms
-    return Choice(decode, fastest(prefill_ms), fastest(short_ms), dict(decode_ms), dict(short_ms), dict(prefill_ms))
+
+    def fastest(layout: str, ms: dict[str, float]) -> str:
+        runnable = [k for k in PREFILL_KERNELS[layout] if k in ms]
+        return min(runnable, key=ms.__getitem__) if runnable else layout
+
+    def request_ms(layout: str) -> float:
+        ms, rows = (short_ms, SHORT_ROWS) if prompt_rows < SPLIT_ROWS else (prefill_ms, PREFILL_ROWS)
+        kernel = fastest(layout, ms)  # no prefill timings (the lm_head): its decode kernel, timed at decode
+        prefill = ms[kernel] * prompt_rows / rows if kernel in ms else decode_ms[layout]
+        return prefill + steps * decode_ms[layout]
+
+    if prompt_rows is None or steps is None:
+        decode = min(decode_ms, key=decode_ms.__getitem__)
+    else:
+        if prompt_rows < 1 or steps < 0:
+            raise ValueError(f"choose: a request of {prompt_rows} prompt rows and {steps} decode steps")
+        decode = min(decode_ms, key=request_ms)
+    return Choice(decode, fastest(decode, prefill_ms), fastest(decode, short_ms), dict(decode_ms), dict(short_ms),
+                  dict(prefill_ms))
+
+
+def weigh(choice: Choice, prompt_rows: int, steps: int) -> Choice:
+    """`choice` chosen again for a request of `prompt_rows` prompt rows (batch x prompt length)
+    and `steps` decode steps, from its own timings (a choice without them stays as it is)."""
+    if not choice.decode_ms:
+        return choice
+    return choose(choice.decode_ms, choice.prefill_ms or {}, choice.short_ms, prompt_rows, steps)
 
 
 def pack(weight: torch.Tensor, rows: int) -> torch.Tensor | None:

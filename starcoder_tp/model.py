@@ -105,7 +105,9 @@ class TPCausalLM(nn.Module):
         self.lm_head_kernel = "plain"
         self.kernel_mode = "plain"  # kernels.KERNEL_MODES; set by use_kernels
         self.kernel_rows: int | None = None  # the decode batch the kernels are laid out for
-        self.kernel_plan: dict[str, Choice] = {}
+        self.kernel_plan: dict[str, Choice] = {}  # the kernels laid out
+        self.kernel_timings: dict[str, Choice] = {}  # the plan as measured (or fixed), before weighing
+        self.kernel_request: tuple[int, int] | None = None  # (prompt rows, decode steps) it was weighed for
         self.kernel_plan_source = "fixed"  # "measured", "cached" or "fixed"
         self.progress_hooks: list = []  # called while kernels are measured (a rank's heartbeat)
         self.compiled_decode = None  # set by compile_decode: decode steps run the fixed-shape step compiled
@@ -130,33 +132,46 @@ class TPCausalLM(nn.Module):
             weights.setdefault(kernels.shape_key(self.transformer.wte.weight), self.transformer.wte.weight)
         return weights, prefill, activated
 
-    def use_kernels(self, mode: str = "auto", rows: int = 1) -> int:
+    def use_kernels(self, mode: str = "auto", rows: int = 1, request: tuple[int, int] | None = None) -> int:
         """Choose every linear weight's kernels for decode batches of `rows` rows (kernels.py:
         `auto` measures, or takes this machine's cached plan; otherwise one kernel for all) and lay
         the weights out for them; from then on `setup_cache` does it again for each new batch
-        size. With `auto` every rank must call this in step. Returns how many weights are packed."""
+        size. With `auto` every rank must call this in step, and a `request` (prompt rows, decode
+        steps) weighs each layout's prefill against its decode steps (kernels.weigh).
+        Returns how many weights are packed."""
         if mode not in kernels.KERNEL_MODES:
             raise ValueError(f"kernels mode {mode!r} is not one of {list(kernels.KERNEL_MODES)}")
         if self.transformer.ln_f.weight.device.type != "cpu":
             mode = "plain"  # the kernels chosen here are CPU ones
         weights, prefill, activated = self._weights_by_shape()
         if mode == "auto":
-            self.kernel_plan, self.kernel_plan_source = self._measured_plan(weights, prefill, activated, rows)
+            self.kernel_timings, self.kernel_plan_source = self._measured_plan(weights, prefill, activated, rows)
         else:
-            self.kernel_plan = {s: kernels.fixed_choice(mode, w) for s, w in weights.items()}
+            self.kernel_timings = {s: kernels.fixed_choice(mode, w) for s, w in weights.items()}
             self.kernel_plan_source = "fixed"
         del weights  # unpacked copies of packed weights, made for the measurement
-        count = sum(m.use_kernels(self.kernel_plan[m.shape_key()], rows)
-                    for m in self.modules() if isinstance(m, Linear))
+        self.kernel_mode, self.kernel_request = mode, None
+        return self._lay_out(self._weighed(request), rows)
+
+    def _weighed(self, request: tuple[int, int] | None) -> dict[str, Choice]:
+        self.kernel_request = request
+        if request is None:
+            return dict(self.kernel_timings)
+        return {shape: kernels.weigh(choice, *request) for shape, choice in self.kernel_timings.items()}
+
+    def _lay_out(self, plan: dict[str, Choice], rows: int) -> int:
+        """Lay every weight out for `plan` at `rows` decode rows; returns how many are packed."""
+        self.kernel_plan = plan
+        count = sum(m.use_kernels(plan[m.shape_key()], rows) for m in self.modules() if isinstance(m, Linear))
         if self.config.tie_word_embeddings:
             wte = self.transformer.wte.weight
-            decode = self.kernel_plan[kernels.shape_key(wte)].decode
+            decode = plan[kernels.shape_key(wte)].decode
             self.lm_head_packed = None  # the old copy goes before the new one is made
             if decode in kernels.PACKERS:  # the embedding keeps the plain weight: no need to read it back
                 self.lm_head_packed = kernels.PACKERS[decode](wte, rows)
             self.lm_head_kernel = "plain" if decode in kernels.PACKERS and self.lm_head_packed is None else decode
             count += self.lm_head_packed is not None
-        self.kernel_mode, self.kernel_rows = mode, rows
+        self.kernel_rows = rows
         return count
 
     def _measured_plan(self, weights: dict[str, torch.Tensor], prefill: set[str], activated: dict[str, str], rows: int):
@@ -177,7 +192,9 @@ class TPCausalLM(nn.Module):
             return "compiled"
         if self.kernel_rows is None:
             return f"{self.kernel_mode} (chosen at the first request)"
-        return (f"{self.kernel_mode} ({self.kernel_plan_source}, batch {self.kernel_rows}): "
+        weighed = "" if self.kernel_request is None else (
+            f", weighed for {self.kernel_request[0]} prompt rows + {self.kernel_request[1]} steps")
+        return (f"{self.kernel_mode} ({self.kernel_plan_source}, batch {self.kernel_rows}{weighed}): "
                 f"{kernels.describe(self.kernel_plan)}")
 
     def compile_decode(self, mode: str | None = None) -> None:
@@ -218,11 +235,17 @@ class TPCausalLM(nn.Module):
         if self.lm_head_packed is not None:
             yield self.lm_head_packed
 
-    def setup_cache(self, batch: int, max_seq_len: int) -> None:
+    def setup_cache(self, batch: int, max_seq_len: int, request: tuple[int, int] | None = None) -> None:
         """Allocate the static KV cache once; later calls with a fitting shape reuse it. A
-        pre-packed model is re-packed for a new batch size here (outside any timed region)."""
+        pre-packed model is re-packed here (outside any timed region) for a new batch size, and
+        with measured kernels for a `request` (prompt rows, decode steps) whose weighed layouts
+        differ from those laid out (kernels.weigh; only the weights whose layout changes)."""
         if self.kernel_mode != "plain" and self.kernel_rows != batch:
-            self.use_kernels(self.kernel_mode, batch)
+            self.use_kernels(self.kernel_mode, batch, request)
+        elif self.kernel_mode == "auto" and request is not None and request != self.kernel_request:
+            plan = self._weighed(request)
+            if plan != self.kernel_plan:
+                self._lay_out(plan, batch)
         if batch == self.cache_batch and max_seq_len <= self.cache_len:
             return
         if self.compiled_decode is not None and self.cache_batch:

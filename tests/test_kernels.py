@@ -146,15 +146,15 @@ def test_a_model_measures_its_plan_once_per_machine_then_reads_it_from_the_cache
     shard_checkpoint(embedded_dir, tmp_path / "s", 1)
     first = load_model(tmp_path / "s", TPGroup(0, 1), torch.device("cpu"))  # kernels="auto"
     assert first.kernels_summary() == "auto (chosen at the first request)", "no collective at load"
-    assert timed_generate(first, Device("cpu"), prompts[:1], 2).kernels.startswith("auto (measured, batch 1): ")
+    assert timed_generate(first, Device("cpu"), prompts[:1], 2).kernels.startswith("auto (measured, batch 1, weighed for ")
     shapes = {m.shape_key() for m in first.modules() if isinstance(m, kernels_linear.Linear)}
     shapes.add(kernels.shape_key(first.transformer.wte.weight))  # the lm_head, tied to the embedding
     assert set(first.kernel_plan) == shapes and all(c.decode_ms for c in first.kernel_plan.values())
     second = load_model(tmp_path / "s", TPGroup(0, 1), torch.device("cpu"))
-    assert timed_generate(second, Device("cpu"), prompts[:1], 2).kernels.startswith("auto (cached, batch 1): ")
+    assert timed_generate(second, Device("cpu"), prompts[:1], 2).kernels.startswith("auto (cached, batch 1, weighed for ")
     assert second.kernel_plan == first.kernel_plan
     out = timed_generate(second, Device("cpu"), (prompts * 2)[:2], 4)
-    assert out.kernels.startswith("auto (measured, batch 2): "), "a new batch size is measured for its rows"
+    assert out.kernels.startswith("auto (measured, batch 2, weighed for "), "a new batch size is measured for its rows"
     assert len(list(tmp_path.glob("cache/kernels/*.json"))) == 2
 
 
@@ -217,3 +217,53 @@ def test_mkls_packed_layout_is_an_fp32_candidate_and_runs_only_itself_at_prefill
         ("mkl_packed", "mkl_packed", "mkl_packed")
     with pytest.raises(ValueError, match="the 'mkl_packed' layout runs \\['mkl_packed'\\]"):
         Choice("mkl_packed", "unpack")
+
+
+def test_a_request_weighs_each_layouts_prefill_against_its_decode_steps():
+    decode = {"plain": 1.0, "mkl_packed": 1.1}
+    short = {"plain": 10.0, "fp32": 50.0, "mkl_packed": 6.0}  # ms at SHORT_ROWS (64) rows
+    long = {"plain": 80.0, "fp32": 400.0, "mkl_packed": 78.0}  # ms at PREFILL_ROWS (512) rows
+    assert choose(decode, long, short).decode == "plain", "no request: the decode step alone"
+    # 64 prompt rows: mkl_packed's prefill is 4 ms shorter, its steps 0.1 ms longer: it wins < 40 steps.
+    assert choose(decode, long, short, prompt_rows=64, steps=39).decode == "mkl_packed"
+    assert choose(decode, long, short, prompt_rows=64, steps=41).decode == "plain"
+    # 128 rows still take the short timing, scaled: 8 ms, 80 steps.
+    assert choose(decode, long, short, prompt_rows=128, steps=79).decode == "mkl_packed"
+    assert choose(decode, long, short, prompt_rows=128, steps=81).decode == "plain"
+    # 1024 rows take the long timing, scaled: 4 ms, 40 steps.
+    assert choose(decode, long, short, prompt_rows=1024, steps=39).decode == "mkl_packed"
+    assert choose(decode, long, short, prompt_rows=1024, steps=41).decode == "plain"
+    # The lm_head has no prefill timings: it runs its decode kernel on the prompts' last rows.
+    assert choose({"plain": 1.0, "onednn": 0.9}, {}, {}, prompt_rows=64, steps=0).decode == "onednn"
+    with pytest.raises(ValueError, match="a request of 0 prompt rows and 3 decode steps"):
+        choose(decode, long, short, prompt_rows=0, steps=3)
+
+
+@pytest.mark.skipif(kernels.pack_mkl(torch.ones(2, 2), 1) is None, reason="torch has no MKL packed sgemm here")
+def test_a_model_lays_its_weights_out_again_when_a_request_weighs_otherwise(tmp_path, embedded_dir, prompts,
+                                                                           monkeypatch):
+    """Same batch, other request shapes: a short request takes the layout with the faster prefill,
+    a long one the faster step, and the tokens are plain fp32's under both."""
+    from starcoder_tp.comm import TPGroup
+    from starcoder_tp.device import Device
+    from starcoder_tp.model import load_model
+    from starcoder_tp.shard import shard_checkpoint
+    from starcoder_tp.timing import timed_generate
+
+    monkeypatch.setenv("STARCODER_TP_CACHE", str(tmp_path / "cache"))
+    # 1 ms of prefill per prompt row (at 64 rows, 64 ms) against 1 ms more per step.
+    fake = Choice("plain", "plain", None, {"plain": 1.0, "mkl_packed": 2.0}, {"plain": 64.0, "mkl_packed": 0.0},
+                  {"plain": 512.0, "mkl_packed": 0.0})
+    monkeypatch.setattr(kernels, "measure", lambda weights, *a, **k: {shape: fake for shape in weights})
+    shard_checkpoint(embedded_dir, tmp_path / "s", 1)
+    plain = load_model(tmp_path / "s", TPGroup(0, 1), torch.device("cpu"), kernels="plain")
+    model = load_model(tmp_path / "s", TPGroup(0, 1), torch.device("cpu"))
+    prompt = prompts[:1]
+    rows = len(prompt[0])
+    layouts = []
+    for new_tokens in (1, rows + 4, 1):  # 0 steps: the prefill decides; rows + 3 steps: the step does
+        out = timed_generate(model, Device("cpu"), prompt, new_tokens)
+        layouts.append({m.packed_kind for m in model.modules() if isinstance(m, kernels_linear.Linear)})
+        assert f"weighed for {rows} prompt rows + {new_tokens - 1} steps" in out.kernels
+        assert torch.equal(out.output_ids, timed_generate(plain, Device("cpu"), prompt, new_tokens).output_ids)
+    assert layouts == [{"mkl_packed"}, {None}, {"mkl_packed"}]

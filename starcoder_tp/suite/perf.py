@@ -207,6 +207,7 @@ class PerfRunner:
         self.attached = group is not None
         self.start_group = start_group or (lambda spec: WorkerGroup(spec).start())
         self.warmed: set[int] = set()
+        self.kernels_logged = ""  # the last kernel plan logged: printed again when a case changes it
         self.setup_times: dict[str, float] = {}
 
     def start(self, shard_dir: Path | None = None) -> "PerfRunner":
@@ -239,14 +240,16 @@ class PerfRunner:
         if case.batch not in self.warmed:
             seq_in = min(min(self.options.seq_in), 32)
             for _ in range(self.options.warmup):
-                generation, _ = self._generate(case, make_prompts(Case(case.batch, seq_in, 8), self.config.vocab_size,
-                                                                  seed=99), 8)
+                self._generate(case, make_prompts(Case(case.batch, seq_in, 8), self.config.vocab_size, seed=99), 8)
             self.warmed.add(case.batch)
-            self.log(f"[perf] {self.name + ': ' if self.name else ''}kernels at batch {case.batch}: {generation.kernels}")
-        # Compiled decode steps are compiled for the case's shape here, outside the timed rounds.
-        self._generate(case, make_prompts(case, self.config.vocab_size, seed=98),
-                       min(3, case.seq_out) if self.options.compile else 1,
-                       max_seq_len=self.options.max_seq_len or case.seq_in + case.seq_out)
+        # Compiled decode steps are compiled for the case's shape here, outside the timed rounds;
+        # the cache sized for the whole case, measured kernels are laid out for it (kernels.weigh).
+        generation, _ = self._generate(case, make_prompts(case, self.config.vocab_size, seed=98),
+                                       min(3, case.seq_out) if self.options.compile else 1,
+                                       max_seq_len=self.options.max_seq_len or case.seq_in + case.seq_out)
+        if generation.kernels != self.kernels_logged:
+            self.kernels_logged = generation.kernels
+            self.log(f"[perf] {self.name + ': ' if self.name else ''}kernels for {case.id}: {generation.kernels}")
 
     def run_round(self, case: Case, result: CaseResult) -> None:
         prompts = make_prompts(case, self.config.vocab_size)
