@@ -10,6 +10,7 @@ distributed argmax. The modules carry GPTBigCode's Hugging Face names, so a part
 """
 from __future__ import annotations
 
+import functools
 import sys
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from . import kernels
 from .kernels import KERNEL_MODES, Choice
 from .linear import NATIVE_BF16_MATMUL, Linear, run_kernel
 from .shard import load_part, part_tensor_reader
-from .starcoder2 import inverse_frequencies, part_names, rotary_tables, runtime_state
+from .starcoder2 import inverse_frequencies, rotary_tables, runtime_state
 
 
 def _drop_compiled_code() -> None:
@@ -137,8 +138,7 @@ class TPCausalLM(nn.Module):
         `auto` measures, or takes this machine's cached plan; otherwise one kernel for all) and lay
         the weights out for them; from then on `setup_cache` does it again for each new batch
         size. With `auto` every rank must call this in step, and a `request` (prompt rows, decode
-        steps) weighs each layout's prefill against its decode steps (kernels.weigh).
-        Returns how many weights are packed."""
+        steps) weighs each layout's prefill against its steps (kernels.weigh). Returns how many are packed."""
         if mode not in kernels.KERNEL_MODES:
             raise ValueError(f"kernels mode {mode!r} is not one of {list(kernels.KERNEL_MODES)}")
         if self.transformer.ln_f.weight.device.type != "cpu":
@@ -150,14 +150,14 @@ class TPCausalLM(nn.Module):
             self.kernel_timings = {s: kernels.fixed_choice(mode, w) for s, w in weights.items()}
             self.kernel_plan_source = "fixed"
         del weights  # unpacked copies of packed weights, made for the measurement
-        self.kernel_mode, self.kernel_request = mode, None
+        self.kernel_mode = mode
         return self._lay_out(self._weighed(request), rows)
 
     def _weighed(self, request: tuple[int, int] | None) -> dict[str, Choice]:
-        self.kernel_request = request
-        if request is None:
-            return dict(self.kernel_timings)
-        return {shape: kernels.weigh(choice, *request) for shape, choice in self.kernel_timings.items()}
+        """The plan laid out for `request`: measured timings weighed for it (fixed modes: as they are)."""
+        self.kernel_request = request if self.kernel_mode == "auto" else None
+        return {shape: kernels.weigh(choice, *request) if self.kernel_request else choice
+                for shape, choice in self.kernel_timings.items()}
 
     def _lay_out(self, plan: dict[str, Choice], rows: int) -> int:
         """Lay every weight out for `plan` at `rows` decode rows; returns how many are packed."""
@@ -243,8 +243,7 @@ class TPCausalLM(nn.Module):
         if self.kernel_mode != "plain" and self.kernel_rows != batch:
             self.use_kernels(self.kernel_mode, batch, request)
         elif self.kernel_mode == "auto" and request is not None and request != self.kernel_request:
-            plan = self._weighed(request)
-            if plan != self.kernel_plan:
+            if (plan := self._weighed(request)) != self.kernel_plan:
                 self._lay_out(plan, batch)
         if batch == self.cache_batch and max_seq_len <= self.cache_len:
             return
@@ -352,16 +351,6 @@ class TPCausalLM(nn.Module):
         return top_vals.float(), all_ids.gather(-1, pos).long()
 
 
-def _set_plain_sources(model: TPCausalLM, read) -> None:
-    """Let each linear read its plain weight back from the part (Linear.plain_source), for the
-    packed layouts that cannot be unpacked; StarCoder2's q/k/v are concatenated as at load."""
-    starcoder2 = model.config.model_type == "starcoder2"
-    for name, module in model.named_modules():
-        if isinstance(module, Linear):
-            names = part_names(f"{name}.weight") if starcoder2 else [f"{name}.weight"]
-            module.plain_source = lambda names=names: torch.cat([read(n) for n in names])
-
-
 def load_model(shard_dir: str | Path, tp: TPGroup, device: torch.device, kernels: str = "auto",
                compile: bool = False) -> TPCausalLM:
     """Build this rank's model straight from its part: created on the meta device, then the
@@ -392,8 +381,11 @@ def load_model(shard_dir: str | Path, tp: TPGroup, device: torch.device, kernels
         state = {name: t.to(device) for name, t in state.items()}
     model.load_state_dict(state, assign=True, strict=True)
     del state
-    if device.type == "cpu":
-        _set_plain_sources(model, part_tensor_reader(shard_dir, tp.rank))
+    if device.type == "cpu":  # for the packed layouts that cannot be unpacked (Linear.plain_source)
+        read = part_tensor_reader(shard_dir, tp.rank, config.model_type)
+        for name, module in model.named_modules():
+            if isinstance(module, Linear):
+                module.plain_source = functools.partial(read, f"{name}.weight")
     if config.rope_theta is not None:
         model.inv_freq = inverse_frequencies(config).to(device)
     if kernels not in KERNEL_MODES:

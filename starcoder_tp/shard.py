@@ -30,6 +30,7 @@ from . import __version__, files, log as default_log
 from .checkpoint import CheckpointReader, file_sha256
 from .config import ModelConfig
 from .files import atomic_dir
+from .starcoder2 import part_names
 
 FORMAT_VERSION = 1
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -329,17 +330,22 @@ def load_part(shard_dir: str | Path, rank: int, world_size: int, device: torch.d
     return raw_config, state
 
 
-def part_tensor_reader(shard_dir: str | Path, rank: int) -> Callable[[str], torch.Tensor]:
-    """A function reading one of this rank's stored tensors by name, onto the CPU (a fresh copy;
-    the files were checked against the manifest when the part was loaded)."""
+def part_tensor_reader(shard_dir: str | Path, rank: int, model_type: str) -> Callable[[str], torch.Tensor]:
+    """A function reading one of this rank's tensors again by its runtime name, onto the CPU (a
+    fresh copy; the files were checked against the manifest at load): StarCoder2's as
+    `starcoder2.runtime_state` made it, q/k/v concatenated."""
     rank_dir = Path(shard_dir) / "part_model" / str(rank)
     weight_map = json.loads((rank_dir / PART_INDEX).read_text())["weight_map"]
 
-    def read(name: str) -> torch.Tensor:
+    def read_stored(name: str) -> torch.Tensor:
         if name not in weight_map:
             raise KeyError(f"{rank_dir}: no tensor {name!r} in the part")
         with safe_open(str(rank_dir / weight_map[name]), framework="pt") as f:
             return f.get_tensor(name)
+
+    def read(runtime_name: str) -> torch.Tensor:
+        names = part_names(runtime_name) if model_type == "starcoder2" else [runtime_name]
+        return torch.cat([read_stored(name) for name in names])
 
     return read
 

@@ -206,6 +206,7 @@ def test_a_model_relays_its_weights_for_each_batch_size(tmp_path, embedded_dir, 
     batch = (prompts * 4)[:4]
     for rows, request in ((1, prompts[:1]), (4, batch), (1, prompts[:1])):
         out = timed_generate(model, Device("cpu"), request, 8, topk=3)
+        assert out.kernels.startswith(f"{mode} (fixed, batch {rows}): "), "a forced mode is not weighed"
         assert model.kernel_rows == rows and sum(1 for _ in model.packed_weights()) == n_weights
         assert {m.packed_rows for m in model.modules() if isinstance(m, Linear)} == {rows}
         assert {m.packed_kind for m in model.modules() if isinstance(m, Linear)} == {mode}
