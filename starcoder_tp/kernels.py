@@ -342,6 +342,22 @@ def measure(weights: dict[str, torch.Tensor], rows: int, slowest: Callable[[torc
     return plan
 
 
+def cached_or_measured(weights: dict[str, torch.Tensor], rows: int, tp, prefill: set[str], activated: dict[str, str],
+                       on_progress: Callable[[], None] = lambda: None) -> tuple[dict[str, Choice], str]:
+    """This machine's cached plan for exactly these weights and rows ("cached"), or, where any
+    rank lacks it, the plan every rank measures in step and caches ("measured"); tp: a
+    comm.TPGroup (its max_ reduces across ranks)."""
+    key = plan_key(weights, rows, tp.world_size, activated)
+    plan = load_plan(key)
+    # Every rank measures if any lacks the plan: the timings are reduced across ranks.
+    missing = tp.max_(torch.tensor([0.0 if plan is not None else 1.0], dtype=torch.float64))
+    if plan is not None and not missing.item():
+        return plan, "cached"
+    plan = measure(weights, rows, tp.max_, prefill, on_progress=on_progress, activated=activated)
+    save_plan(key, plan)
+    return plan, "measured"
+
+
 def describe(plan: dict[str, Choice]) -> str:
     """One line: each shape's kernels, decode/short prefill/long prefill."""
     return "; ".join(f"{shape} {c.decode}/{c.short}/{c.prefill}" for shape, c in sorted(plan.items()))

@@ -110,7 +110,7 @@ class TPCausalLM(nn.Module):
         self.kernel_timings: dict[str, Choice] = {}  # the plan as measured (or fixed), before weighing
         self.kernel_request: tuple[int, int] | None = None  # (prompt rows, decode steps) it was weighed for
         self.kernel_plan_source = "fixed"  # "measured", "cached" or "fixed"
-        self.progress_hooks: list = []  # called while kernels are measured (a rank's heartbeat)
+        self.progress_hooks: list = []  # called while kernels are measured and laid out (a rank's heartbeat)
         self.compiled_decode = None  # set by compile_decode: decode steps run the fixed-shape step compiled
         self.window = config.sliding_window
         self.inv_freq: torch.Tensor | None = None  # [D / 2] fp32, set by load_model for RoPE models
@@ -145,7 +145,8 @@ class TPCausalLM(nn.Module):
             mode = "plain"  # the kernels chosen here are CPU ones
         weights, prefill, activated = self._weights_by_shape()
         if mode == "auto":
-            self.kernel_timings, self.kernel_plan_source = self._measured_plan(weights, prefill, activated, rows)
+            self.kernel_timings, self.kernel_plan_source = kernels.cached_or_measured(
+                weights, rows, self.tp, prefill, activated, on_progress=self._tick)
         else:
             self.kernel_timings = {s: kernels.fixed_choice(mode, w) for s, w in weights.items()}
             self.kernel_plan_source = "fixed"
@@ -162,7 +163,10 @@ class TPCausalLM(nn.Module):
     def _lay_out(self, plan: dict[str, Choice], rows: int) -> int:
         """Lay every weight out for `plan` at `rows` decode rows; returns how many are packed."""
         self.kernel_plan = plan
-        count = sum(m.use_kernels(plan[m.shape_key()], rows) for m in self.modules() if isinstance(m, Linear))
+        count = 0
+        for linear in [m for m in self.modules() if isinstance(m, Linear)]:
+            count += linear.use_kernels(plan[linear.shape_key()], rows)
+            self._tick()  # re-packing a large model, and reading MKL's layouts back from disk, takes a while
         if self.config.tie_word_embeddings:
             wte = self.transformer.wte.weight
             decode = plan[kernels.shape_key(wte)].decode
@@ -174,17 +178,10 @@ class TPCausalLM(nn.Module):
         self.kernel_rows = rows
         return count
 
-    def _measured_plan(self, weights: dict[str, torch.Tensor], prefill: set[str], activated: dict[str, str], rows: int):
-        key = kernels.plan_key(weights, rows, self.tp.world_size, activated)
-        plan = kernels.load_plan(key)
-        # Every rank measures if any lacks the plan: the timings are reduced across ranks.
-        missing = self.tp.max_(torch.tensor([0.0 if plan is not None else 1.0], dtype=torch.float64))
-        if plan is not None and not missing.item():
-            return plan, "cached"
-        plan = kernels.measure(weights, rows, self.tp.max_, prefill,
-                               on_progress=lambda: [hook() for hook in self.progress_hooks], activated=activated)
-        kernels.save_plan(key, plan)
-        return plan, "measured"
+    def _tick(self) -> None:
+        """The rank's heartbeat (progress_hooks) through long work outside the layers' forwards."""
+        for hook in self.progress_hooks:
+            hook()
 
     def kernels_summary(self) -> str:
         """The plan in one line: mode, where it came from, each shape's decode/prefill kernel."""

@@ -119,7 +119,7 @@ def _worker_main(rank: int, spec: GroupSpec, store_port: int, shm_path: str | No
         tp = TPGroup(rank, spec.world_size, shm)
         model = load_model(spec.shard_dir, tp, torch_device, kernels=spec.kernels, compile=spec.compile)
         heartbeat = Heartbeat(progress, rank)
-        model.progress_hooks.append(heartbeat.tick)  # measuring the kernels of a new batch size
+        model.progress_hooks.append(heartbeat.tick)  # measuring and laying out the kernels of a new request
         for block in model.transformer.h:
             block.register_forward_pre_hook(heartbeat.tick)
         conn.send(("ready", {"load_s": time.perf_counter() - started, "pid": os.getpid(),

@@ -260,10 +260,13 @@ def test_a_model_lays_its_weights_out_again_when_a_request_weighs_otherwise(tmp_
     model = load_model(tmp_path / "s", TPGroup(0, 1), torch.device("cpu"))
     prompt = prompts[:1]
     rows = len(prompt[0])
-    layouts = []
+    layouts, ticks = [], []
+    model.progress_hooks.append(lambda: ticks.append(1))  # the rank's heartbeat, while it re-lays weights out
     for new_tokens in (1, rows + 4, 1):  # 0 steps: the prefill decides; rows + 3 steps: the step does
+        ticks.clear()
         out = timed_generate(model, Device("cpu"), prompt, new_tokens)
         layouts.append({m.packed_kind for m in model.modules() if isinstance(m, kernels_linear.Linear)})
+        assert len(ticks) >= len([m for m in model.modules() if isinstance(m, kernels_linear.Linear)])
         assert f"weighed for {rows} prompt rows + {new_tokens - 1} steps" in out.kernels
         assert torch.equal(out.output_ids, timed_generate(plain, Device("cpu"), prompt, new_tokens).output_ids)
     assert layouts == [{"mkl_packed"}, {None}, {"mkl_packed"}]
