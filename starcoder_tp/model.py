@@ -162,17 +162,18 @@ class TPCausalLM(nn.Module):
 
     def _lay_out(self, plan: dict[str, Choice], rows: int) -> int:
         """Lay every weight out for `plan` at `rows` decode rows; returns how many are packed."""
-        self.kernel_plan = plan
+        previous, self.kernel_plan = self.kernel_plan, plan
         count = 0
         for linear in [m for m in self.modules() if isinstance(m, Linear)]:
             count += linear.use_kernels(plan[linear.shape_key()], rows)
             self._tick()  # re-packing a large model, and reading MKL's layouts back from disk, takes a while
         if self.config.tie_word_embeddings:
-            wte = self.transformer.wte.weight
-            decode = plan[kernels.shape_key(wte)].decode
-            self.lm_head_packed = None  # the old copy goes before the new one is made
-            if decode in kernels.PACKERS:  # the embedding keeps the plain weight: no need to read it back
-                self.lm_head_packed = kernels.PACKERS[decode](wte, rows)
+            wte, key = self.transformer.wte.weight, kernels.shape_key(self.transformer.wte.weight)
+            decode = plan[key].decode
+            if rows != self.kernel_rows or key not in previous or previous[key].decode != decode:  # else: as it is
+                self.lm_head_packed = None  # the old copy goes before the new one is made
+                if decode in kernels.PACKERS:  # the embedding keeps the plain weight: no need to read it back
+                    self.lm_head_packed = kernels.PACKERS[decode](wte, rows)
             self.lm_head_kernel = "plain" if decode in kernels.PACKERS and self.lm_head_packed is None else decode
             count += self.lm_head_packed is not None
         self.kernel_rows = rows

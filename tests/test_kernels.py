@@ -254,19 +254,24 @@ def test_a_model_lays_its_weights_out_again_when_a_request_weighs_otherwise(tmp_
     # 1 ms of prefill per prompt row (at 64 rows, 64 ms) against 1 ms more per step.
     fake = Choice("plain", "plain", None, {"plain": 1.0, "mkl_packed": 2.0}, {"plain": 64.0, "mkl_packed": 0.0},
                   {"plain": 512.0, "mkl_packed": 0.0})
-    monkeypatch.setattr(kernels, "measure", lambda weights, *a, **k: {shape: fake for shape in weights})
+    lm_head = Choice("onednn", "onednn", None, {"plain": 1.0, "onednn": 0.5}, {}, {})  # decode timings only
+    monkeypatch.setattr(kernels, "measure", lambda weights, *a, **k: {
+        shape: lm_head if shape == kernels.shape_key(model.transformer.wte.weight) else fake for shape in weights})
     shard_checkpoint(embedded_dir, tmp_path / "s", 1)
     plain = load_model(tmp_path / "s", TPGroup(0, 1), torch.device("cpu"), kernels="plain")
     model = load_model(tmp_path / "s", TPGroup(0, 1), torch.device("cpu"))
+    assert model.config.tie_word_embeddings, "the embedded model's lm_head is the embedding, packed apart"
     prompt = prompts[:1]
     rows = len(prompt[0])
-    layouts, ticks = [], []
+    layouts, ticks, lm_heads = [], [], []
     model.progress_hooks.append(lambda: ticks.append(1))  # the rank's heartbeat, while it re-lays weights out
     for new_tokens in (1, rows + 4, 1):  # 0 steps: the prefill decides; rows + 3 steps: the step does
         ticks.clear()
         out = timed_generate(model, Device("cpu"), prompt, new_tokens)
         layouts.append({m.packed_kind for m in model.modules() if isinstance(m, kernels_linear.Linear)})
+        lm_heads.append(model.lm_head_packed)
         assert len(ticks) >= len([m for m in model.modules() if isinstance(m, kernels_linear.Linear)])
         assert f"weighed for {rows} prompt rows + {new_tokens - 1} steps" in out.kernels
         assert torch.equal(out.output_ids, timed_generate(plain, Device("cpu"), prompt, new_tokens).output_ids)
     assert layouts == [{"mkl_packed"}, {None}, {"mkl_packed"}]
+    assert lm_heads[0] is not None and all(p is lm_heads[0] for p in lm_heads), "the tied lm_head's layout never changed"
