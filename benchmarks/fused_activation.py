@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from roofline import best_s  # noqa: E402
 from speed import write_table  # noqa: E402
 
-from starcoder_tp.kernels import pack  # noqa: E402
+from starcoder_tp.layouts import pack  # noqa: E402
 from starcoder_tp.linear import packed_linear  # noqa: E402
 
 

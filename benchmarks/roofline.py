@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from starcoder_tp.cpu import VectorPeak, clock_ghz, cpu_cores, vector_peak
-from starcoder_tp.kernels import pack
+from starcoder_tp.layouts import pack
 from starcoder_tp.linear import fp32_linear, packed_linear
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}

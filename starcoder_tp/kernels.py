@@ -27,22 +27,11 @@ sgemm against F.linear at batch 1, fp32: RESULTS.md, "MKL's packed sgemm").
 - `fp32`:   bf16 weights computed in fp32, a block of rows at a time (linear.fp32_linear): for
             CPUs whose bf16 GEMM is slow. Prefill from the plain layout: `plain` or `fp32`.
 
-The MLP's first linear is timed with its activation, as the model runs it: fused into the GEMM
-as oneDNN's post-op on the packed layout, a separate pass after the other kernels (in bf16 that
-pass cost as much as the GEMM at 2048 rows on an AMX Xeon: RESULTS.md, "Fused activation").
-
 Prefill kernels are timed at SHORT_ROWS and at PREFILL_ROWS rows: a short prompt and a long one
 can want different kernels (unpacking a weight costs the same for 2 rows as for 2000). Calls
 below SPLIT_ROWS rows take the short winner, larger ones the long one.
 
-Bounded: one warm call and one probe call per candidate, then candidates slower than
-PRUNE_FACTOR x the best probe are dropped; the rest run ROUNDS rounds of at least one call and
-ROUND_MIN_S each. On the bench-size model that is about a second per batch size (RESULTS.md,
-"Kernel candidates"); on StarCoder's shapes it is dominated by the prefill calls at 512 rows,
-4-5 calls of each surviving candidate (estimated 10-30 s per batch size on one thread of a
-large CPU; once per machine).
-
-Plans are cached on disk per machine (CPU model and ISA, cores), torch/oneDNN version, threads,
+How the candidates are timed: kernel_timing.py. Plans are cached on disk per machine (CPU model and ISA, cores), torch/oneDNN version, threads,
 world size, dtype, shapes and batch, so that only the first run on a machine measures.
 """
 from __future__ import annotations
@@ -50,16 +39,16 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import statistics
 import sys
-from time import perf_counter
 from dataclasses import asdict, dataclass
-from typing import Callable, Iterable
+from typing import Callable
 
 import torch
 
 from .cpu import cpu_cores, cpuinfo, isa_flags
 from .files import cache_dir, write_atomic
+from .kernel_timing import DECODE_SET_BYTES, decode_calls, decode_copies, prefill_calls, time_ms
+from .layouts import pack, pack_mkl
 
 KERNEL_MODES = ("auto", "plain", "onednn", "mkl_packed", "fp32")  # --kernels: measure, or one kernel for every weight
 # The kernels each decode layout can run at prefill shapes.
@@ -68,10 +57,7 @@ PREFILL_KERNELS = {"plain": ("plain", "fp32"), "fp32": ("fp32", "plain"), "onedn
 SHORT_ROWS = 64  # rows of the short-prompt prefill timing
 PREFILL_ROWS = 512  # rows of the long prefill timing (batch x prompt tokens of a typical case)
 SPLIT_ROWS = round(math.sqrt(SHORT_ROWS * PREFILL_ROWS))  # calls of fewer rows take the short winner
-ROUNDS = 3  # alternating rounds per candidate (A B C, C B A, A B C): drift hits all alike
-ROUND_MIN_S = 0.004  # each candidate runs at least this long per round (and at least one call)
-PRUNE_FACTOR = 4.0  # a candidate this much slower than the best on its probe call is not timed further
-PLAN_VERSION = 4  # part of the cache key: a change in what is measured invalidates old plans
+PLAN_VERSION = 5  # part of the cache key: a change in what is measured invalidates old plans
 # Every shape's timings travel across ranks in these fixed slots (inf: not a candidate there),
 # so that ranks on CPUs with different candidates still reduce tensors of one size.
 DECODE_SLOTS = ("plain", "onednn", "fp32", "mkl_packed")
@@ -162,108 +148,16 @@ def weigh(choice: Choice, prompt_rows: int, steps: int) -> Choice:
     return choose(choice.decode_ms, choice.prefill_ms or {}, choice.short_ms, prompt_rows, steps)
 
 
-def pack(weight: torch.Tensor, rows: int) -> torch.Tensor | None:
-    """`weight` [N, K] in oneDNN's layout for `rows` rows, or None where oneDNN cannot take it."""
-    if weight.device.type != "cpu" or not torch.backends.mkldnn.is_available():
-        return None
-    if weight.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        return None
-    with torch.inference_mode(False), torch.no_grad():  # packed weights outlive inference mode
-        try:
-            return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), rows)
-        except RuntimeError:  # e.g. "bf16 path needs the cpu support avx_ne_convert or avx512bw ..."
-            return None
-
-
-def pack_mkl(weight: torch.Tensor, rows: int) -> torch.Tensor | None:
-    """`weight` [N, K] fp32 in MKL's packed sgemm layout for `rows` rows, or None where MKL is
-    absent or the dtype is not fp32 (MKL packs sgemm only)."""
-    if weight.device.type != "cpu" or weight.dtype != torch.float32 or not torch.backends.mkl.is_available():
-        return None
-    with torch.inference_mode(False), torch.no_grad():  # packed weights outlive inference mode
-        try:
-            return torch.ops.mkl._mkl_reorder_linear_weight(weight.detach().contiguous(), rows)
-        except (RuntimeError, AttributeError):  # a torch built without MKL's packed API
-            return None
-
-
-# The packed layouts: each packs a plain [N, K] weight for a number of rows (None: cannot).
-PACKERS: dict[str, Callable[[torch.Tensor, int], torch.Tensor | None]] = {"onednn": pack, "mkl_packed": pack_mkl}
-
-
-def _timed(call: Callable[[], object]) -> float:
-    started = perf_counter()
-    call()
-    return perf_counter() - started
-
-
-def time_ms(calls: dict[str, Callable[[], object]], on_progress: Callable[[], None] = lambda: None) -> dict[str, float]:
-    """Median milliseconds per call of each candidate, over ROUNDS rounds in alternating order;
-    a candidate far slower than the best on its probe call keeps that probe's time."""
-    if len(calls) == 1:  # nothing to choose between
-        return {name: 0.0 for name in calls}
-    for call in calls.values():
-        call()  # the first call allocates, and oneDNN builds its primitive
-        on_progress()
-    probes = {name: _timed(call) for name, call in calls.items()}
-    on_progress()
-    best = min(probes.values())
-    names = [name for name in calls if probes[name] <= PRUNE_FACTOR * best]
-    samples: dict[str, list[float]] = {name: [] for name in names}
-    for round_ in range(ROUNDS):
-        for name in (names if round_ % 2 == 0 else names[::-1]):
-            spent = 0.0
-            while spent < ROUND_MIN_S:  # at least one call
-                elapsed = _timed(calls[name])
-                samples[name].append(elapsed)
-                spent += elapsed
-                on_progress()  # a rank's heartbeat: one call of a large shape can take seconds
-    medians = {name: statistics.median(s) * 1e3 for name, s in samples.items()}
-    return {name: medians.get(name, probes[name] * 1e3) for name in calls}
-
-
-def candidate_calls(weight: torch.Tensor, rows: int, kinds: Iterable[str], prefill_rows: int,
-                    activation: str | None = None) -> tuple[dict, dict]:
-    """Callables running each decode candidate at `rows` rows and each prefill kernel at
-    `prefill_rows` rows (at least rows + 1: more than a decode step). With an `activation` (the
-    MLP's first linear) each call includes it as the model runs it (Linear.forward_activated):
-    oneDNN's post-op on the packed weight, applied after the other kernels."""
-    from .linear import ACTIVATIONS, fp32_linear, mkl_linear, packed_linear  # linear.py uses this module
-
-    eager, post_op, algorithm = ACTIVATIONS[activation] if activation else (lambda y: y, "none", "")
-    linear = torch.nn.functional.linear
-    k = weight.shape[1]
-    x_decode = torch.randn(rows, k).to(weight.dtype)
-    x_prefill = torch.randn(max(rows + 1, prefill_rows), k).to(weight.dtype)
-    decode, prefill = {}, {}
-    for kind in kinds:
-        if kind == "onednn":
-            packed = pack(weight, rows)
-            decode[kind] = lambda p=packed: packed_linear(x_decode, p, None, post_op, algorithm)
-            prefill["onednn"] = lambda p=packed: packed_linear(x_prefill, p, None, post_op, algorithm)
-            prefill["unpack"] = lambda p=packed: eager(linear(x_prefill, p.to_dense()))
-        elif kind == "mkl_packed":
-            packed, sizes = pack_mkl(weight, rows), weight.new_empty(1).expand(weight.shape)
-            decode[kind] = lambda p=packed: eager(mkl_linear(x_decode, p, sizes, None))
-            prefill[kind] = lambda p=packed: eager(mkl_linear(x_prefill, p, sizes, None))
-        elif kind == "fp32":
-            decode[kind] = lambda: eager(fp32_linear(x_decode, weight, None))
-            prefill[kind] = lambda: eager(fp32_linear(x_prefill, weight, None))
-        else:
-            decode[kind] = lambda: eager(linear(x_decode, weight))
-            prefill[kind] = lambda: eager(linear(x_prefill, weight))
-    return decode, prefill
-
-
 def plan_key(weights: dict[str, torch.Tensor], rows: int, world_size: int,
-             activated: dict[str, str] | None = None) -> dict:
+             activated: dict[str, str] | None = None, step_bytes: int = 0) -> dict:
     """What a measured plan depends on: it is reused only where all of it is the same."""
     model, _ = cpuinfo()
     onednn = torch.backends.mkldnn.version() if hasattr(torch.backends.mkldnn, "version") else None
     return {"version": PLAN_VERSION, "cpu_model": model, "cpu_isa": isa_flags(), "cores": cpu_cores(),
             "torch": torch.__version__, "onednn": str(onednn), "threads": torch.get_num_threads(),
             "world_size": world_size, "rows": rows, "shapes": sorted(weights),
-            "activated": dict(sorted((activated or {}).items()))}
+            "activated": dict(sorted((activated or {}).items())),
+            "decode_set_mib": round(min(step_bytes, DECODE_SET_BYTES) / 2**20)}
 
 
 def plan_path(key: dict):
@@ -306,11 +200,12 @@ def _unslot(values: list[float], slots: tuple[str, ...]) -> dict[str, float]:
 
 def measure(weights: dict[str, torch.Tensor], rows: int, slowest: Callable[[torch.Tensor], torch.Tensor],
             prefill: set[str], on_progress: Callable[[], None] = lambda: None,
-            activated: dict[str, str] | None = None) -> dict[str, Choice]:
+            activated: dict[str, str] | None = None, step_bytes: int = 0) -> dict[str, Choice]:
     """Time every candidate of every weight, at prefill shapes too for those in `prefill`, with
     the activation `activated` names for a shape (the MLP's first linear; a shape it shares with
-    another layer is timed with it); `slowest` reduces a float64 tensor to its maximum over the
-    ranks. Every rank must call this in step with the same shapes (checked first: a mismatch
+    another layer is timed with it), the decode candidates over as many copies as a decode step
+    reads `step_bytes` (decode_copies; 0: one copy); `slowest` reduces a float64 tensor to its
+    maximum over the ranks. Every rank must call this in step with the same shapes (checked first: a mismatch
     would pair unrelated timings)."""
     activated = activated or {}
     digest = int(hashlib.sha256(json.dumps([sorted(weights), sorted(prefill), sorted(activated.items())]
@@ -321,14 +216,14 @@ def measure(weights: dict[str, torch.Tensor], rows: int, slowest: Callable[[torc
     flat: list[float] = []
     for shape in sorted(weights):
         weight = weights[shape]
-        kinds = decode_candidates(weight)
-        decode_calls, short_calls = candidate_calls(weight, rows, kinds, SHORT_ROWS, activated.get(shape))
-        flat += _slots(time_ms(decode_calls, on_progress), DECODE_SLOTS)
-        if shape in prefill:
-            flat += _slots(time_ms(short_calls, on_progress), PREFILL_SLOTS)
-            del decode_calls, short_calls  # the packed copy goes before the next one is made
-            _, long_calls = candidate_calls(weight, rows, kinds, PREFILL_ROWS, activated.get(shape))
-            flat += _slots(time_ms(long_calls, on_progress), PREFILL_SLOTS)
+        kinds, activation = decode_candidates(weight), activated.get(shape)
+        copies = decode_copies(weight.numel() * weight.element_size(), step_bytes)
+        flat += _slots(time_ms(decode_calls(weight, rows, kinds, activation, copies), on_progress), DECODE_SLOTS)
+        if shape in prefill:  # (the calls, and the copies they hold, go before the next ones are made)
+            for prefill_rows in (SHORT_ROWS, PREFILL_ROWS):
+                calls = prefill_calls(weight, rows, kinds, prefill_rows, activation)
+                flat += _slots(time_ms(calls, on_progress), PREFILL_SLOTS)
+                del calls
         else:
             flat += [math.inf] * 2 * len(PREFILL_SLOTS)
     flat = slowest(torch.tensor(flat, dtype=torch.float64)).tolist()
@@ -343,17 +238,18 @@ def measure(weights: dict[str, torch.Tensor], rows: int, slowest: Callable[[torc
 
 
 def cached_or_measured(weights: dict[str, torch.Tensor], rows: int, tp, prefill: set[str], activated: dict[str, str],
-                       on_progress: Callable[[], None] = lambda: None) -> tuple[dict[str, Choice], str]:
-    """This machine's cached plan for exactly these weights and rows ("cached"), or, where any
-    rank lacks it, the plan every rank measures in step and caches ("measured"); tp: a
-    comm.TPGroup (its max_ reduces across ranks)."""
-    key = plan_key(weights, rows, tp.world_size, activated)
+                       on_progress: Callable[[], None] = lambda: None,
+                       step_bytes: int = 0) -> tuple[dict[str, Choice], str]:
+    """This machine's cached plan for exactly these weights, rows and decode step bytes ("cached"),
+    or, where any rank lacks it, the plan every rank measures in step and caches ("measured"); tp:
+    a comm.TPGroup (its max_ reduces across ranks)."""
+    key = plan_key(weights, rows, tp.world_size, activated, step_bytes)
     plan = load_plan(key)
     # Every rank measures if any lacks the plan: the timings are reduced across ranks.
     missing = tp.max_(torch.tensor([0.0 if plan is not None else 1.0], dtype=torch.float64))
     if plan is not None and not missing.item():
         return plan, "cached"
-    plan = measure(weights, rows, tp.max_, prefill, on_progress=on_progress, activated=activated)
+    plan = measure(weights, rows, tp.max_, prefill, on_progress=on_progress, activated=activated, step_bytes=step_bytes)
     save_plan(key, plan)
     return plan, "measured"
 

@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .kernels import PACKERS, SPLIT_ROWS, Choice
+from .kernels import SPLIT_ROWS, Choice
+from .layouts import PACKERS
 
 UPCAST_BLOCK_ROWS = 1024  # weight rows converted to fp32 at a time
 
@@ -53,7 +54,7 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | No
 
 
 def mkl_linear(x: torch.Tensor, packed: torch.Tensor, sizes: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """MKL's packed sgemm (kernels.pack_mkl) at any row count; `sizes` is any [N, K] fp32 tensor
+    """MKL's packed sgemm (layouts.pack_mkl) at any row count; `sizes` is any [N, K] fp32 tensor
     (an expanded scalar: torch reads its sizes, and reads its data only when the rows passed
     differ from the rows of the call, which they never do here)."""
     return torch.ops.mkl._mkl_linear(x, packed, sizes, bias, x.numel() // x.shape[-1])
@@ -89,7 +90,7 @@ class Linear(nn.Linear):
     the kernels of a kernels.Choice. Once packed, the plain weight is released (one copy in memory)."""
 
     packed: torch.Tensor | None = None
-    packed_kind: str | None = None  # the layout of `packed`: a key of kernels.PACKERS
+    packed_kind: str | None = None  # the layout of `packed`: a key of layouts.PACKERS
     packed_rows = 0  # the rows (decode batch) `packed` is laid out for
     packed_sizes: torch.Tensor | None = None  # [N, K] expanded from one element: mkl_linear's sizes
     # Reads the plain weight back from where it was loaded (the model's part on disk); set by

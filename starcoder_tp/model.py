@@ -21,7 +21,7 @@ from torch import nn
 from .attention import Attention, attention_mask
 from .comm import TPGroup
 from .config import ModelConfig
-from . import kernels
+from . import kernels, layouts
 from .kernels import KERNEL_MODES, Choice
 from .linear import NATIVE_BF16_MATMUL, Linear, run_kernel
 from .shard import load_part, part_tensor_reader
@@ -100,9 +100,8 @@ class TPCausalLM(nn.Module):
         self.vocab_start = tp.rank * self.local_vocab
         # Padding rows past the real vocabulary must never win the argmax.
         self.valid_local_vocab = max(0, min(self.local_vocab, config.vocab_size - self.vocab_start))
-        self.cache_batch = 0
-        self.cache_len = 0
-        self.lm_head_packed: torch.Tensor | None = None  # the tied lm_head's packed copy (kernels.PACKERS)
+        self.cache_batch = self.cache_len = 0
+        self.lm_head_packed: torch.Tensor | None = None  # the tied lm_head's packed copy (layouts.PACKERS)
         self.lm_head_kernel = "plain"
         self.kernel_mode = "plain"  # kernels.KERNEL_MODES; set by use_kernels
         self.kernel_rows: int | None = None  # the decode batch the kernels are laid out for
@@ -115,14 +114,15 @@ class TPCausalLM(nn.Module):
         self.window = config.sliding_window
         self.inv_freq: torch.Tensor | None = None  # [D / 2] fp32, set by load_model for RoPE models
 
-    def _weights_by_shape(self) -> tuple[dict[str, torch.Tensor], set[str], dict[str, str]]:
-        """One weight of each distinct shape (plain), the shapes also run at prefill rows (every
-        one but the lm_head's, which only ever sees one row per sequence), and the shapes run
-        with the MLP's activation (its first linear, Linear.forward_activated)."""
-        weights, prefill, activated = {}, set(), {}
+    def _weights_by_shape(self) -> tuple[dict[str, torch.Tensor], set[str], dict[str, str], int]:
+        """One weight of each distinct shape (plain), the shapes also run at prefill rows (all but the
+        lm_head's: one row per sequence), those run with the MLP's activation (its first linear,
+        Linear.forward_activated), and the bytes of all the weights a decode step reads."""
+        weights, prefill, activated, step_bytes = {}, set(), {}, 0
         for name, module in self.named_modules():
             if isinstance(module, Linear):
                 key = module.shape_key()
+                step_bytes += module.in_features * module.out_features * module.weight.element_size()
                 if key not in weights:
                     weights[key] = module.plain_weight()
                 if name != "lm_head":
@@ -130,8 +130,10 @@ class TPCausalLM(nn.Module):
                 if name.endswith("mlp.c_fc"):
                     activated[key] = self.config.activation_function
         if self.config.tie_word_embeddings:
-            weights.setdefault(kernels.shape_key(self.transformer.wte.weight), self.transformer.wte.weight)
-        return weights, prefill, activated
+            wte = self.transformer.wte.weight
+            weights.setdefault(kernels.shape_key(wte), wte)
+            step_bytes += wte.numel() * wte.element_size()
+        return weights, prefill, activated, step_bytes
 
     def use_kernels(self, mode: str = "auto", rows: int = 1, request: tuple[int, int] | None = None) -> int:
         """Choose every linear weight's kernels for decode batches of `rows` rows (kernels.py:
@@ -143,10 +145,10 @@ class TPCausalLM(nn.Module):
             raise ValueError(f"kernels mode {mode!r} is not one of {list(kernels.KERNEL_MODES)}")
         if self.transformer.ln_f.weight.device.type != "cpu":
             mode = "plain"  # the kernels chosen here are CPU ones
-        weights, prefill, activated = self._weights_by_shape()
+        weights, prefill, activated, step_bytes = self._weights_by_shape()
         if mode == "auto":
             self.kernel_timings, self.kernel_plan_source = kernels.cached_or_measured(
-                weights, rows, self.tp, prefill, activated, on_progress=self._tick)
+                weights, rows, self.tp, prefill, activated, self._tick, step_bytes)
         else:
             self.kernel_timings = {s: kernels.fixed_choice(mode, w) for s, w in weights.items()}
             self.kernel_plan_source = "fixed"
@@ -172,9 +174,9 @@ class TPCausalLM(nn.Module):
             decode = plan[key].decode
             if rows != self.kernel_rows or key not in previous or previous[key].decode != decode:  # else: as it is
                 self.lm_head_packed = None  # the old copy goes before the new one is made
-                if decode in kernels.PACKERS:  # the embedding keeps the plain weight: no need to read it back
-                    self.lm_head_packed = kernels.PACKERS[decode](wte, rows)
-            self.lm_head_kernel = "plain" if decode in kernels.PACKERS and self.lm_head_packed is None else decode
+                if decode in layouts.PACKERS:  # the embedding keeps the plain weight: no need to read it back
+                    self.lm_head_packed = layouts.PACKERS[decode](wte, rows)
+            self.lm_head_kernel = "plain" if decode in layouts.PACKERS and self.lm_head_packed is None else decode
             count += self.lm_head_packed is not None
         self.kernel_rows = rows
         return count

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from starcoder_tp import kernels
+from starcoder_tp import kernel_timing, kernels, layouts
 from starcoder_tp import linear as kernels_linear
 from starcoder_tp.kernels import Choice, choose, fixed_choice, measure
 
@@ -52,7 +52,7 @@ def test_fixed_modes_fall_back_to_plain_where_the_weight_cannot_take_them():
 
 
 def fake_clock(monkeypatch, ms_per_call: dict[str, float]):
-    """kernels.time_ms with every candidate's call costing the given milliseconds (by name)."""
+    """kernels.time_ms (kernel_timing's) with every candidate's call costing the given milliseconds (by name)."""
     def time_ms(calls, on_progress=lambda: None):
         for call in calls.values():
             call()  # the real callables run once: they must work
@@ -97,7 +97,7 @@ def test_time_ms_alternates_rounds_prunes_the_hopeless_and_reports_medians(monke
     calls = []
     cost = {"a": 0.010, "b": 0.012, "c": 0.100}  # seconds per call; c is > PRUNE_FACTOR x slower
     clock = [0.0]
-    monkeypatch.setattr(kernels, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(kernel_timing, "perf_counter", lambda: clock[0])
 
     def call(name):
         def run():
@@ -105,12 +105,12 @@ def test_time_ms_alternates_rounds_prunes_the_hopeless_and_reports_medians(monke
             clock[0] += cost[name]
         return run
 
-    result = kernels.time_ms({name: call(name) for name in cost})
+    result = kernel_timing.time_ms({name: call(name) for name in cost})
     assert result == pytest.approx({"a": 10.0, "b": 12.0, "c": 100.0})
     rounds = calls[6:]  # one warm and one probe call each
     assert "c" not in rounds, "a candidate 10x slower than the best is not timed further"
     assert rounds == ["a", "b", "b", "a", "a", "b"], "one call per round (each >= ROUND_MIN_S), A B, B A, A B"
-    assert kernels.time_ms({"only": call("a")}) == {"only": 0.0}, "one candidate: nothing to time"
+    assert kernel_timing.time_ms({"only": call("a")}) == {"only": 0.0}, "one candidate: nothing to time"
 
 
 def test_a_cached_plan_is_reused_only_for_exactly_its_key(tmp_path, monkeypatch):
@@ -182,8 +182,9 @@ def test_candidates_of_the_mlps_first_linear_include_its_activation(dtype):
     torch.manual_seed(0)
     weight = (torch.randn(48, 16) / 4).to(dtype)
     kinds = kernels.decode_candidates(weight)
-    decode, prefill = kernels.candidate_calls(weight, 2, kinds, 8, activation="gelu_pytorch_tanh")
-    plain_decode, plain_prefill = kernels.candidate_calls(weight, 2, kinds, 8)
+    decode = kernel_timing.decode_calls(weight, 2, kinds, activation="gelu_pytorch_tanh", copies=2)
+    prefill = kernel_timing.prefill_calls(weight, 2, kinds, 8, activation="gelu_pytorch_tanh")
+    plain_decode, plain_prefill = kernel_timing.decode_calls(weight, 2, kinds), kernel_timing.prefill_calls(weight, 2, kinds, 8)
     for calls, plain in ((decode, plain_decode), (prefill, plain_prefill)):
         assert set(calls) == set(plain)
         for name in calls:
@@ -200,12 +201,53 @@ def test_the_model_marks_its_mlps_first_linear_as_activated(tmp_path, embedded_d
 
     shard_checkpoint(embedded_dir, tmp_path / "s", 1)
     model = load_model(tmp_path / "s", TPGroup(0, 1), torch.device("cpu"), kernels="plain")
-    _, _, activated = model._weights_by_shape()
+    _, _, activated, step_bytes = model._weights_by_shape()
     c_fc = model.transformer.h[0].mlp.c_fc.shape_key()
     assert activated == {c_fc: model.config.activation_function}
+    linears = [m for m in model.modules() if isinstance(m, kernels_linear.Linear)]
+    tied = model.transformer.wte.weight.numel() if model.config.tie_word_embeddings else 0
+    assert step_bytes == 4 * (sum(m.weight.numel() for m in linears) + tied), "what a decode step reads, fp32"
 
 
-@pytest.mark.skipif(kernels.pack_mkl(torch.ones(2, 2), 1) is None, reason="torch has no MKL packed sgemm here")
+def test_decode_candidates_are_timed_over_as_many_copies_as_a_step_reads():
+    assert kernel_timing.decode_copies(16 << 20, 541 << 20) == 16, "capped at DECODE_SET_BYTES (256 MiB)"
+    assert kernel_timing.decode_copies(4 << 20, 30 << 20) == 8, "the whole step's bytes, rounded up"
+    assert kernel_timing.decode_copies(200 << 20, 100 << 20) == 1, "a weight larger than the step: itself"
+    assert kernel_timing.decode_copies(100, 0) == 1, "no step bytes given: one copy, as before"
+    with pytest.raises(ValueError, match="a weight of 0 bytes"):
+        kernel_timing.decode_copies(0, 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_each_decode_call_runs_on_the_next_copy_in_turn(monkeypatch, dtype):
+    """Each candidate's calls go round its copies (distinct storage), one call per copy, so a
+    timed call reads a weight the previous calls did not: from memory, as the model's step."""
+    weight = torch.randn(48, 16).to(dtype)
+    seen: dict[str, list[int]] = {}
+    real = {"linear": torch.nn.functional.linear, "packed": kernels_linear.packed_linear,
+            "mkl": kernels_linear.mkl_linear, "fp32": kernels_linear.fp32_linear}
+
+    def spy(name, fn, arg):
+        def wrapped(*args, **kw):
+            seen.setdefault(name, []).append(args[arg].data_ptr() if args[arg].layout == torch.strided else id(args[arg]))
+            return fn(*args, **kw)
+        return wrapped
+    monkeypatch.setattr(torch.nn.functional, "linear", spy("plain", real["linear"], 1))
+    monkeypatch.setattr(kernels_linear, "packed_linear", spy("onednn", real["packed"], 1))
+    monkeypatch.setattr(kernels_linear, "mkl_linear", spy("mkl_packed", real["mkl"], 1))
+    monkeypatch.setattr(kernels_linear, "fp32_linear", spy("fp32", real["fp32"], 1))
+    kinds = kernels.decode_candidates(weight)
+    calls = kernel_timing.decode_calls(weight, 2, kinds, copies=3)
+    want = torch.nn.functional.linear(torch.ones(2, 16).to(dtype), weight)
+    for name, call in calls.items():
+        seen.clear()
+        outs = [call() for _ in range(6)]
+        ptrs = seen["plain" if name == "fp32" and "fp32" not in seen else name]
+        assert len(set(ptrs[:3])) == 3 and ptrs[3:6] == ptrs[:3], f"{name}: {ptrs}"
+        assert all(o.shape == want.shape for o in outs)
+
+
+@pytest.mark.skipif(layouts.pack_mkl(torch.ones(2, 2), 1) is None, reason="torch has no MKL packed sgemm here")
 def test_mkls_packed_layout_is_an_fp32_candidate_and_runs_only_itself_at_prefill(monkeypatch):
     assert "mkl_packed" in kernels.decode_candidates(torch.randn(8, 16))
     assert "mkl_packed" not in kernels.decode_candidates(torch.randn(8, 16).bfloat16()), "MKL packs sgemm only"
@@ -239,7 +281,7 @@ def test_a_request_weighs_each_layouts_prefill_against_its_decode_steps():
         choose(decode, long, short, prompt_rows=0, steps=3)
 
 
-@pytest.mark.skipif(kernels.pack_mkl(torch.ones(2, 2), 1) is None, reason="torch has no MKL packed sgemm here")
+@pytest.mark.skipif(layouts.pack_mkl(torch.ones(2, 2), 1) is None, reason="torch has no MKL packed sgemm here")
 def test_a_model_lays_its_weights_out_again_when_a_request_weighs_otherwise(tmp_path, embedded_dir, prompts,
                                                                            monkeypatch):
     """Same batch, other request shapes: a short request takes the layout with the faster prefill,

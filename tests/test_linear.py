@@ -7,7 +7,8 @@ import torch.nn.functional as F
 
 from starcoder_tp.comm import TPGroup
 from starcoder_tp.device import Device
-from starcoder_tp.kernels import Choice, KERNEL_MODES, pack, pack_mkl
+from starcoder_tp.kernels import Choice, KERNEL_MODES
+from starcoder_tp.layouts import pack, pack_mkl
 from starcoder_tp.linear import ACTIVATIONS, Linear, fp32_linear
 from starcoder_tp.model import load_model
 from starcoder_tp.shard import shard_checkpoint

@@ -1,0 +1,144 @@
+"""How kernels.py times a weight's candidate kernels: what each timed call runs, and how long.
+
+The MLP's first linear is timed with its activation, as the model runs it: fused into the GEMM
+as oneDNN's post-op on the packed layout, a separate pass after the other kernels (in bf16 that
+pass cost as much as the GEMM at 2048 rows on an AMX Xeon: RESULTS.md, "Fused activation").
+
+Decode candidates are timed over copies of the weight, one call per copy in turn, as many as a
+decode step of the model reads (up to DECODE_SET_BYTES): a large model's step streams its weights
+from memory, and timed from the cache the ranking was not the same, and the timings summed to
+half to two thirds of the model's real step (decode_copies; RESULTS.md, "Decode candidates timed
+from memory"). Prefill candidates run on one copy: their GEMMs reuse each weight block over many
+rows.
+
+Bounded: one warm call and one probe call per candidate, then candidates slower than
+PRUNE_FACTOR x the best probe are dropped; the rest run ROUNDS rounds of at least one call and
+ROUND_MIN_S each. On the bench-size model that is 2-7 s per batch size in fp32 (the copies
+dominate: MKL packs at ~0.8 GB/s) and under 2 s in bf16 (RESULTS.md); on StarCoder's shapes it is
+dominated by the prefill calls at 512 rows, 4-5 calls of each surviving candidate (estimated
+10-30 s per batch size on one thread of a large CPU; once per machine, the plan is cached).
+"""
+from __future__ import annotations
+
+import itertools
+import math
+import statistics
+from time import perf_counter
+from typing import Callable, Iterable
+
+import torch
+
+from .layouts import pack, pack_mkl
+
+ROUNDS = 3  # alternating rounds per candidate (A B C, C B A, A B C): drift hits all alike
+ROUND_MIN_S = 0.004  # each candidate runs at least this long per round (and at least one call)
+# Decode candidates rotate over copies of their weight up to this many bytes (decode_copies): from
+# memory, as a large model's step runs. One thread of the AVX-512 Xeon read a 16 MB weight at 28.8
+# GB/s rotated over 64 MB, 16.7 over 256 MB and 15.6 over 512 MB and 1 GB (RESULTS.md). It bounds
+# the measurement's extra memory: up to three sets (plain, oneDNN's, MKL's) while one shape is timed.
+DECODE_SET_BYTES = 256 << 20
+PRUNE_FACTOR = 4.0  # a candidate this much slower than the best on its probe call is not timed further
+
+
+def _timed(call: Callable[[], object]) -> float:
+    started = perf_counter()
+    call()
+    return perf_counter() - started
+
+
+def time_ms(calls: dict[str, Callable[[], object]], on_progress: Callable[[], None] = lambda: None) -> dict[str, float]:
+    """Median milliseconds per call of each candidate, over ROUNDS rounds in alternating order;
+    a candidate far slower than the best on its probe call keeps that probe's time."""
+    if len(calls) == 1:  # nothing to choose between
+        return {name: 0.0 for name in calls}
+    for call in calls.values():
+        call()  # the first call allocates, and oneDNN builds its primitive
+        on_progress()
+    probes = {name: _timed(call) for name, call in calls.items()}
+    on_progress()
+    best = min(probes.values())
+    names = [name for name in calls if probes[name] <= PRUNE_FACTOR * best]
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    for round_ in range(ROUNDS):
+        for name in (names if round_ % 2 == 0 else names[::-1]):
+            spent = 0.0
+            while spent < ROUND_MIN_S:  # at least one call
+                elapsed = _timed(calls[name])
+                samples[name].append(elapsed)
+                spent += elapsed
+                on_progress()  # a rank's heartbeat: one call of a large shape can take seconds
+    medians = {name: statistics.median(s) * 1e3 for name, s in samples.items()}
+    return {name: medians.get(name, probes[name] * 1e3) for name in calls}
+
+
+def decode_copies(weight_bytes: int, step_bytes: int) -> int:
+    """How many copies of a weight its decode candidates are timed over, one call per copy in turn:
+    enough that, between two calls on one copy, as many bytes are read as a decode step of the
+    model reads (`step_bytes`), up to DECODE_SET_BYTES. A model larger than the cache streams
+    its weights from memory at every step; timed on one weight, over and over, a candidate ran
+    from the cache instead, and the ranking could differ (RESULTS.md, "Decode candidates timed
+    from memory"). A model that fits in the cache is timed in it, as it runs."""
+    if weight_bytes <= 0:
+        raise ValueError(f"decode_copies: a weight of {weight_bytes} bytes")
+    return max(1, math.ceil(min(step_bytes, DECODE_SET_BYTES) / weight_bytes))
+
+
+def _activation(activation: str | None) -> tuple[Callable, str, str]:
+    from .linear import ACTIVATIONS  # linear.py uses this module
+    return ACTIVATIONS[activation] if activation else (lambda y: y, "none", "")
+
+
+def decode_calls(weight: torch.Tensor, rows: int, kinds: Iterable[str], activation: str | None = None,
+                 copies: int = 1) -> dict[str, Callable[[], object]]:
+    """Callables running each decode candidate at `rows` rows, each call on the next of `copies`
+    copies of the weight in its layout (decode_copies). With an `activation` (the MLP's first
+    linear) each call includes it as the model runs it (Linear.forward_activated): oneDNN's
+    post-op on the packed weight, applied after the other kernels."""
+    from .linear import fp32_linear, mkl_linear, packed_linear
+
+    eager, post_op, algorithm = _activation(activation)
+    x = torch.randn(rows, weight.shape[1]).to(weight.dtype)
+    sizes = weight.new_empty(1).expand(weight.shape)
+    plains = [weight] + [weight.clone() for _ in range(copies - 1)] if {"plain", "fp32"} & set(kinds) else []
+    calls = {}
+    for kind in kinds:
+        if kind == "onednn":
+            nxt = itertools.cycle([pack(weight, rows) for _ in range(copies)]).__next__
+            calls[kind] = lambda n=nxt: packed_linear(x, n(), None, post_op, algorithm)
+        elif kind == "mkl_packed":
+            nxt = itertools.cycle([pack_mkl(weight, rows) for _ in range(copies)]).__next__
+            calls[kind] = lambda n=nxt: eager(mkl_linear(x, n(), sizes, None))
+        elif kind == "fp32":
+            nxt = itertools.cycle(plains).__next__
+            calls[kind] = lambda n=nxt: eager(fp32_linear(x, n(), None))
+        else:
+            nxt = itertools.cycle(plains).__next__
+            calls[kind] = lambda n=nxt: eager(torch.nn.functional.linear(x, n()))
+    return calls
+
+
+def prefill_calls(weight: torch.Tensor, rows: int, kinds: Iterable[str], prefill_rows: int,
+                  activation: str | None = None) -> dict[str, Callable[[], object]]:
+    """Callables running each prefill kernel the decode layouts `kinds` (packed for `rows` rows)
+    can run, at `prefill_rows` rows (at least rows + 1: more than a decode step), with the
+    activation as decode_calls. One copy: a prefill's GEMM reuses each weight block over its
+    rows, so where the weight comes from matters little."""
+    from .linear import fp32_linear, mkl_linear, packed_linear
+
+    eager, post_op, algorithm = _activation(activation)
+    linear = torch.nn.functional.linear
+    x = torch.randn(max(rows + 1, prefill_rows), weight.shape[1]).to(weight.dtype)
+    calls = {}
+    for kind in kinds:
+        if kind == "onednn":
+            packed = pack(weight, rows)
+            calls["onednn"] = lambda p=packed: packed_linear(x, p, None, post_op, algorithm)
+            calls["unpack"] = lambda p=packed: eager(linear(x, p.to_dense()))
+        elif kind == "mkl_packed":
+            packed, sizes = pack_mkl(weight, rows), weight.new_empty(1).expand(weight.shape)
+            calls[kind] = lambda p=packed: eager(mkl_linear(x, p, sizes, None))
+        elif kind == "fp32":
+            calls[kind] = lambda: eager(fp32_linear(x, weight, None))
+        else:
+            calls[kind] = lambda: eager(linear(x, weight))
+    return calls

@@ -1,0 +1,38 @@
+"""The packed weight layouts the CPU libraries offer, each packing a plain [N, K] weight for a
+number of rows: oneDNN's blocked layout (fp32, bf16, fp16; it can be read back with to_dense)
+and MKL's packed sgemm (fp32 only; it cannot be read back). kernels.py chooses between them.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+
+def pack(weight: torch.Tensor, rows: int) -> torch.Tensor | None:
+    """`weight` [N, K] in oneDNN's layout for `rows` rows, or None where oneDNN cannot take it."""
+    if weight.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return None
+    if weight.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return None
+    with torch.inference_mode(False), torch.no_grad():  # packed weights outlive inference mode
+        try:
+            return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), rows)
+        except RuntimeError:  # e.g. "bf16 path needs the cpu support avx_ne_convert or avx512bw ..."
+            return None
+
+
+def pack_mkl(weight: torch.Tensor, rows: int) -> torch.Tensor | None:
+    """`weight` [N, K] fp32 in MKL's packed sgemm layout for `rows` rows, or None where MKL is
+    absent or the dtype is not fp32 (MKL packs sgemm only)."""
+    if weight.device.type != "cpu" or weight.dtype != torch.float32 or not torch.backends.mkl.is_available():
+        return None
+    with torch.inference_mode(False), torch.no_grad():  # packed weights outlive inference mode
+        try:
+            return torch.ops.mkl._mkl_reorder_linear_weight(weight.detach().contiguous(), rows)
+        except (RuntimeError, AttributeError):  # a torch built without MKL's packed API
+            return None
+
+
+# The packed layouts: each packs a plain [N, K] weight for a number of rows (None: cannot).
+PACKERS: dict[str, Callable[[torch.Tensor, int], torch.Tensor | None]] = {"onednn": pack, "mkl_packed": pack_mkl}
