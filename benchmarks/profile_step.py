@@ -49,6 +49,8 @@ def matmul_flops(name: str, shapes: list) -> float:
         (m, k), (_, n) = shapes[0], shapes[1]
     elif name == "aten::addmm":
         (m, k), (_, n) = shapes[1], shapes[2]
+    elif name == "mkl::_mkl_linear":  # x [..., K], MKL's packed buffer [bytes, 1], sizes [N, K]
+        m, k, n = math.prod(shapes[0][:-1]), shapes[0][-1], shapes[2][0]
     else:  # x [..., K], weight [N, K]
         m, k, n = math.prod(shapes[0][:-1]), shapes[0][-1], shapes[1][0]
     return 2.0 * m * k * n
@@ -199,7 +201,7 @@ def main() -> None:
         print(f"[profile] batch {batch}: matmul kernels at the decode shapes", flush=True)
         kernel_lines += kernel_rows(model, batch, getattr(torch, args.dtype))
     title = {"bench": "bench-size model", "embedded": "embedded model"}.get(args.model, model_dir)
-    title = f"profile: {title}, {args.dtype}"
+    title = f"profile: {title}, {args.dtype}" + (f", input {args.seq_in}" if args.seq_in != 128 else "")
     c = model.config
     text = "\n".join([
         f"## {title}", "",
