@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from starcoder_tp.suite.gate import Baseline, compare_metric, write_baseline
+from starcoder_tp.suite.gate import Baseline, compare_metric, kernels_difference, write_baseline
 from starcoder_tp.suite.options import thresholds as parse_thresholds
 from starcoder_tp.suite.perf import Case, CaseResult
 from starcoder_tp.suite.report import result_row
@@ -84,8 +84,9 @@ def test_normalisation_scales_by_the_machine_speed():
 
 
 def row(case=CASE, world_size=2, dtype="float32", first=(10.0, 10.1, 9.9, 10.0), decode=((2.0, 2.0),) * 4, bw=20.0,
-        runtime_mode="eager", model_shape=SHAPE, machine=MACHINE, side=""):
+        runtime_mode="eager", model_shape=SHAPE, machine=MACHINE, side="", kernels=""):
     result = CaseResult(case)
+    result.kernels = kernels
     for f, d in zip(first, decode):
         result.add_round(f, [d[0]] * (case.seq_out - 1), (case.batch, case.seq_out), [1 << 20])
     return result_row(result, world_size=world_size, dtype=dtype, device="cpu", model="m", model_shape=model_shape,
@@ -168,3 +169,26 @@ def test_a_baseline_of_another_machine_is_refused_naming_both_unless_normalised(
     # Side B of an A/B run is another commit's code: never read as this code's baseline.
     mixed = write_baseline([row(side="A"), row(Case(4, 32, 32), side="B")], tmp_path / "ab.csv")
     assert set(Baseline.load(mixed, **load, fingerprint=MACHINE).rows) == {CASE}
+
+
+PLAN = ("auto (cached, batch 1, weighed for 32 prompt rows + 31 steps): 1024x256:float32 plain/plain/plain; "
+        "256x1024:float32 onednn/onednn/unpack")
+
+
+def test_a_verdict_names_the_shapes_whose_kernels_differ_from_the_baselines(tmp_path):
+    """A plan measured again can lay a weight out otherwise; a regression report says so, shape by shape."""
+    path = write_baseline([row(kernels=PLAN)], tmp_path / "base.csv")
+    baseline = Baseline.load(path, world_size=2, dtype="float32", device="cpu", runtime_mode="eager", model_shape=SHAPE,
+                             fingerprint=MACHINE)
+    other = PLAN.replace("(cached", "(measured").replace("onednn/onednn/unpack", "mkl_packed/mkl_packed/mkl_packed")
+    slow = baseline.compare(CASE, row(decode=((3.0, 3.0),) * 4, kernels=other), {"decode": 0.1}, 0.05)
+    assert slow[0].kind == "regression"
+    assert slow[0].message().endswith("regression; the kernels differ from the baseline's: "
+                                      "256x1024:float32 onednn/onednn/unpack -> mkl_packed/mkl_packed/mkl_packed")
+    # Only where the plan came from differs (measured, not cached): the same kernels, nothing said.
+    same = baseline.compare(CASE, row(decode=((3.0, 3.0),) * 4, kernels=PLAN.replace("(cached", "(measured")),
+                            {"decode": 0.1}, 0.05)
+    assert same[0].kind == "regression" and same[0].kernels_change == "" and "kernels" not in same[0].message()
+    assert kernels_difference(float("nan"), PLAN) == "", "a baseline from before the column: nothing to compare"
+    assert kernels_difference(PLAN, "compiled") == f"{PLAN} -> compiled"
+    assert kernels_difference(PLAN, PLAN.rsplit("; ", 1)[0]) == "256x1024:float32 onednn/onednn/unpack -> -"

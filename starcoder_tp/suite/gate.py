@@ -13,6 +13,7 @@ taken on another machine of the same kind stays meaningful.
 """
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -75,6 +76,7 @@ class Verdict:
     now_ms: float
     threshold: float
     p_value: float | None
+    kernels_change: str = ""  # how the case's kernel plan differs from the baseline's (kernels_difference)
 
     @property
     def ratio(self) -> float:
@@ -87,8 +89,29 @@ class Verdict:
 
     def message(self) -> str:
         p = "" if self.p_value is None else f", Mann-Whitney p={self.p_value:.3g}"
+        change = f"; the kernels differ from the baseline's: {self.kernels_change}" if self.kernels_change else ""
         return (f"{self.case.id} {self.metric}: baseline {self.baseline_ms:.3f} ms, now {self.now_ms:.3f} ms, "
-                f"ratio {self.ratio:.3f} (threshold {self.threshold:.0%}{p}): {self.kind}")
+                f"ratio {self.ratio:.3f} (threshold {self.threshold:.0%}{p}): {self.kind}{change}")
+
+
+def kernels_difference(baseline: object, now: object) -> str:
+    """How a case's kernel plan (the results' `kernels` column: TPCausalLM.kernels_summary) differs
+    from the baseline's, shape by shape ("" where the same, or not recorded in either). The
+    runtime mode is the same on both sides (Baseline.load), but a measured plan is not: a plan
+    measured again (a cleared cache, a new torch) can lay a weight out otherwise where candidates
+    are close, and a latency change may come from that rather than from the code."""
+    if not isinstance(baseline, str) or not isinstance(now, str) or not baseline or not now:
+        return ""  # a CSV from before the column, or a case without a plan
+
+    def by_shape(summary: str) -> dict[str, str]:
+        plan = summary.partition("): ")[2]  # after "auto (cached, batch 1, weighed for ...): "
+        return dict(item.rsplit(" ", 1) for item in plan.split("; ") if " " in item)
+
+    theirs, ours = by_shape(baseline), by_shape(now)
+    if not theirs or not ours:  # a summary without shapes ("compiled", a plan not chosen yet)
+        return "" if baseline.split(" (")[0] == now.split(" (")[0] else f"{baseline} -> {now}"
+    return "; ".join(f"{shape} {theirs.get(shape, '-')} -> {ours.get(shape, '-')}"
+                     for shape in sorted(set(theirs) | set(ours)) if theirs.get(shape) != ours.get(shape))
 
 
 def compare_metric(case: Case, metric: str, now: list[float], baseline: list[float], threshold: float,
@@ -197,7 +220,8 @@ class Baseline:
                 scale = float(row[calib]) / float(base[calib])
             verdicts.append(compare_metric(case, metric, _rounds(row[column]), _rounds(base[column]), threshold,
                                            alpha, scale))
-        return verdicts
+        change = kernels_difference(base.get("kernels"), row.get("kernels"))
+        return [dataclasses.replace(v, kernels_change=change) for v in verdicts] if change else verdicts
 
 
 def write_baseline(rows: list[dict], path: str | Path) -> Path:
