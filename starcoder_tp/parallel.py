@@ -29,6 +29,7 @@ from .comm import TPGroup
 from .config import ModelConfig
 from .device import Device
 from .generate import StepHooks, check_request
+from .malloc import malloc_choice, tune_malloc
 from .model import load_model
 from .sampling import Sampling, SequenceStreams
 from .timing import GenerationResult, timed_generate
@@ -59,6 +60,7 @@ class GroupSpec:
     compile: bool = False  # decode steps through torch.compile (see TPCausalLM.compile_decode)
 
     def __post_init__(self) -> None:
+        malloc_choice()  # a bad STARCODER_TP_MALLOC stops here, before any rank is spawned
         if self.comm not in ("auto", "shm", "dist"):
             raise ValueError(f"comm {self.comm!r} is not one of 'auto', 'shm', 'dist'")
         if self.comm == "shm" and (self.device.kind != "cpu" or not shm_comm.supported()):
@@ -77,7 +79,10 @@ def default_threads(world_size: int) -> int:
 
 
 def configure_threads(rank: int, spec: GroupSpec) -> int:
-    """One slice of the cores per rank: oversubscribed ranks slow each other down badly."""
+    """One slice of the cores per rank: oversubscribed ranks slow each other down badly. A CPU
+    rank's allocator keeps freed activations (malloc.py)."""
+    if spec.device.kind == "cpu":
+        tune_malloc()
     threads = spec.threads_per_rank or default_threads(spec.world_size)
     torch.set_num_threads(threads)
     cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []

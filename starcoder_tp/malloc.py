@@ -1,0 +1,49 @@
+"""The C allocator of a CPU rank: freed activations kept in the heap rather than mapped anew.
+
+glibc's malloc serves a large block (from 128 KiB, a threshold it raises as far as 32 MiB as such
+blocks are freed) with a fresh mapping, and unmaps it when it is freed, so the next block of that
+size faults in every page again, zeroed by the kernel. A prefill allocates its activations
+afresh at every layer: a batch-16 fp32 prefill of the bench-size model (2048 rows; its MLP's
+activation is a 32 MiB block) touched 305-444 MiB of fresh pages per call, 80-110 thousand page
+faults, on the AVX-512 Xeon (RESULTS.md, "The allocator"). Set up here, every block comes from
+the heap (no mappings: M_MMAP_MAX 0) and the heap gives memory back only past TRIM_BYTES free, so
+a freed block is used again; the same prefill then faulted no page.
+
+The cost: a rank holds on to its peak heap, up to TRIM_BYTES of it unused. `STARCODER_TP_MALLOC=
+system` leaves glibc as it is. (vLLM's CPU backend preloads tcmalloc for the same reason; this
+needs nothing.)
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import platform
+
+MALLOC_ENV = "STARCODER_TP_MALLOC"  # "tuned" (default) or "system"
+MALLOC_CHOICES = ("tuned", "system")
+TRIM_BYTES = 1 << 30  # free memory at the heap's top beyond this goes back to the system
+TOP_PAD_BYTES = 64 << 20  # each growth of the heap by this much more: fewer brk calls
+# mallopt's parameters (malloc.h)
+M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_MAX = -1, -2, -4
+
+
+def malloc_choice() -> str:
+    """MALLOC_ENV's value, checked (the parent checks it before any rank is spawned)."""
+    choice = os.environ.get(MALLOC_ENV, "tuned")
+    if choice not in MALLOC_CHOICES:
+        raise ValueError(f"{MALLOC_ENV}={choice!r}: expected one of {list(MALLOC_CHOICES)}")
+    return choice
+
+
+def tune_malloc() -> str:
+    """Set this process's glibc malloc up as above, unless MALLOC_ENV says "system"; returns what
+    was done ("tuned", "system", or "system: <why not>")."""
+    if malloc_choice() == "system":
+        return "system"
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return f"system: not glibc ({platform.system()} {platform.libc_ver()[0] or 'unknown libc'})"
+    mallopt = ctypes.CDLL("libc.so.6").mallopt
+    for param, value in ((M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, TRIM_BYTES), (M_TOP_PAD, TOP_PAD_BYTES)):
+        if mallopt(param, value) != 1:
+            return f"system: glibc refused mallopt({param}, {value})"
+    return "tuned"

@@ -1,0 +1,52 @@
+"""malloc.py: a CPU rank's glibc malloc keeps freed blocks (page faults counted, not time)."""
+import os
+import platform
+import subprocess
+import sys
+
+import pytest
+
+from starcoder_tp.malloc import MALLOC_ENV, malloc_choice
+from starcoder_tp.parallel import GroupSpec
+
+# Blocks of a prefill's sizes (9 to 48 MiB), allocated, touched and freed in turn, eight times;
+# the page faults of each round. glibc maps the large ones afresh at each allocation.
+ROUNDS = """
+import resource, sys, torch
+from starcoder_tp.malloc import tune_malloc
+print(tune_malloc())
+def round_faults():
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for mib in (9, 48, 8, 32, 33):
+        block = torch.ones(mib << 20, dtype=torch.uint8)
+        del block
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+print(*[round_faults() for _ in range(8)])
+"""
+PAGES_PER_ROUND = (9 + 48 + 8 + 32 + 33) << 8  # 4 KiB pages
+
+
+def rounds(choice: str) -> tuple[str, list[int]]:
+    out = subprocess.run([sys.executable, "-c", ROUNDS], capture_output=True, text=True, check=True, timeout=120,
+                         env={**os.environ, MALLOC_ENV: choice}).stdout.split("\n")
+    return out[0], [int(v) for v in out[1].split()]
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the allocator set up here is glibc's")
+def test_a_tuned_rank_reuses_freed_blocks_where_glibc_maps_them_afresh():
+    done, tuned = rounds("tuned")
+    assert done == "tuned"
+    assert max(tuned[-3:]) <= PAGES_PER_ROUND // 100, f"page faults per round, tuned: {tuned}"
+    done, system = rounds("system")
+    assert done == "system"
+    assert min(system[-3:]) >= PAGES_PER_ROUND // 2, f"glibc as it is faults in every round: {system}"
+
+
+def test_a_bad_choice_is_refused_naming_it_before_any_rank_is_spawned(monkeypatch):
+    monkeypatch.setenv(MALLOC_ENV, "jemalloc")
+    with pytest.raises(ValueError, match=r"STARCODER_TP_MALLOC='jemalloc': expected one of \['tuned', 'system'\]"):
+        GroupSpec("unused", 1)
+    monkeypatch.setenv(MALLOC_ENV, "system")
+    assert malloc_choice() == "system"
+    monkeypatch.delenv(MALLOC_ENV)
+    assert malloc_choice() == "tuned"
