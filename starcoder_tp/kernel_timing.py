@@ -89,24 +89,29 @@ def _activation(activation: str | None) -> tuple[Callable, str, str]:
 
 
 def decode_calls(weight: torch.Tensor, rows: int, kinds: Iterable[str], activation: str | None = None,
-                 copies: int = 1) -> dict[str, Callable[[], object]]:
+                 copies: int = 1, on_progress: Callable[[], None] = lambda: None) -> dict[str, Callable[[], object]]:
     """Callables running each decode candidate at `rows` rows, each call on the next of `copies`
-    copies of the weight in its layout (decode_copies). With an `activation` (the MLP's first
+    copies of the weight in its layout (decode_copies; `on_progress` after each copy made: a
+    rank's heartbeat, as MKL packs only ~0.8 GB/s). With an `activation` (the MLP's first
     linear) each call includes it as the model runs it (Linear.forward_activated): oneDNN's
     post-op on the packed weight, applied after the other kernels."""
     from .linear import fp32_linear, mkl_linear, packed_linear
 
+    def made(copy: torch.Tensor | None) -> torch.Tensor | None:
+        on_progress()
+        return copy
+
     eager, post_op, algorithm = _activation(activation)
     x = torch.randn(rows, weight.shape[1]).to(weight.dtype)
     sizes = weight.new_empty(1).expand(weight.shape)
-    plains = [weight] + [weight.clone() for _ in range(copies - 1)] if {"plain", "fp32"} & set(kinds) else []
+    plains = [weight] + [made(weight.clone()) for _ in range(copies - 1)] if {"plain", "fp32"} & set(kinds) else []
     calls = {}
     for kind in kinds:
         if kind == "onednn":
-            nxt = itertools.cycle([pack(weight, rows) for _ in range(copies)]).__next__
+            nxt = itertools.cycle([made(pack(weight, rows)) for _ in range(copies)]).__next__
             calls[kind] = lambda n=nxt: packed_linear(x, n(), None, post_op, algorithm)
         elif kind == "mkl_packed":
-            nxt = itertools.cycle([pack_mkl(weight, rows) for _ in range(copies)]).__next__
+            nxt = itertools.cycle([made(pack_mkl(weight, rows)) for _ in range(copies)]).__next__
             calls[kind] = lambda n=nxt: eager(mkl_linear(x, n(), sizes, None))
         elif kind == "fp32":
             nxt = itertools.cycle(plains).__next__

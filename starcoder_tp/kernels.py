@@ -218,7 +218,9 @@ def measure(weights: dict[str, torch.Tensor], rows: int, slowest: Callable[[torc
         weight = weights[shape]
         kinds, activation = decode_candidates(weight), activated.get(shape)
         copies = decode_copies(weight.numel() * weight.element_size(), step_bytes)
-        flat += _slots(time_ms(decode_calls(weight, rows, kinds, activation, copies), on_progress), DECODE_SLOTS)
+        calls = decode_calls(weight, rows, kinds, activation, copies, on_progress)
+        flat += _slots(time_ms(calls, on_progress), DECODE_SLOTS)
+        del calls
         if shape in prefill:  # (the calls, and the copies they hold, go before the next ones are made)
             for prefill_rows in (SHORT_ROWS, PREFILL_ROWS):
                 calls = prefill_calls(weight, rows, kinds, prefill_rows, activation)

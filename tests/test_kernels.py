@@ -237,7 +237,10 @@ def test_each_decode_call_runs_on_the_next_copy_in_turn(monkeypatch, dtype):
     monkeypatch.setattr(kernels_linear, "mkl_linear", spy("mkl_packed", real["mkl"], 1))
     monkeypatch.setattr(kernels_linear, "fp32_linear", spy("fp32", real["fp32"], 1))
     kinds = kernels.decode_candidates(weight)
-    calls = kernel_timing.decode_calls(weight, 2, kinds, copies=3)
+    ticks = []
+    calls = kernel_timing.decode_calls(weight, 2, kinds, copies=3, on_progress=lambda: ticks.append(1))
+    packed_layouts = len({"onednn", "mkl_packed"} & set(kinds))
+    assert len(ticks) == 2 + 3 * packed_layouts, "a heartbeat tick per copy made (the weight itself is the first plain one)"
     want = torch.nn.functional.linear(torch.ones(2, 16).to(dtype), weight)
     for name, call in calls.items():
         seen.clear()
