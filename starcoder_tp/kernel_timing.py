@@ -13,8 +13,8 @@ rows.
 
 Bounded: one warm call and one probe call per candidate, then candidates slower than
 PRUNE_FACTOR x the best probe are dropped; the rest run ROUNDS rounds of at least one call and
-ROUND_MIN_S each. On the bench-size model that is 2-7 s per batch size in fp32 (the copies
-dominate: MKL packs at ~0.8 GB/s) and under 2 s in bf16 (RESULTS.md); on StarCoder's shapes it is
+ROUND_MIN_S each. On the bench-size model that is 6-8 s per batch size in fp32 (the copies
+dominate: MKL packs at ~0.8 GB/s) and 2-3 s in bf16 (RESULTS.md); on StarCoder's shapes it is
 dominated by the prefill calls at 512 rows, 4-5 calls of each surviving candidate (estimated
 10-30 s per batch size on one thread of a large CPU; once per machine, the plan is cached).
 """
@@ -33,8 +33,8 @@ from .layouts import pack, pack_mkl
 ROUNDS = 3  # alternating rounds per candidate (A B C, C B A, A B C): drift hits all alike
 ROUND_MIN_S = 0.004  # each candidate runs at least this long per round (and at least one call)
 # Decode candidates rotate over copies of their weight up to this many bytes (decode_copies): from
-# memory, as a large model's step runs. One thread of the AVX-512 Xeon read a 16 MB weight at 28.8
-# GB/s rotated over 64 MB, 16.7 over 256 MB and 15.6 over 512 MB and 1 GB (RESULTS.md). It bounds
+# memory, as a large model's step runs. One thread of the AVX-512 Xeon read a 16 MB weight at 27.4
+# GB/s rotated over 64 MB, 16.6 over 256 MB, 15.5-15.6 over 512 MB and 1 GB (RESULTS.md). It bounds
 # the measurement's extra memory: up to three sets (plain, oneDNN's, MKL's) while one shape is timed.
 DECODE_SET_BYTES = 256 << 20
 PRUNE_FACTOR = 4.0  # a candidate this much slower than the best on its probe call is not timed further

@@ -31,8 +31,9 @@ Prefill kernels are timed at SHORT_ROWS and at PREFILL_ROWS rows: a short prompt
 can want different kernels (unpacking a weight costs the same for 2 rows as for 2000). Calls
 below SPLIT_ROWS rows take the short winner, larger ones the long one.
 
-How the candidates are timed: kernel_timing.py. Plans are cached on disk per machine (CPU model and ISA, cores), torch/oneDNN version, threads,
-world size, dtype, shapes and batch, so that only the first run on a machine measures.
+How the candidates are timed: kernel_timing.py. Plans are cached on disk per machine (CPU model
+and ISA, cores), torch/oneDNN version, threads, world size, dtype, shapes, batch and the bytes a
+decode step reads, so that only the first run on a machine measures.
 """
 from __future__ import annotations
 
@@ -205,8 +206,8 @@ def measure(weights: dict[str, torch.Tensor], rows: int, slowest: Callable[[torc
     the activation `activated` names for a shape (the MLP's first linear; a shape it shares with
     another layer is timed with it), the decode candidates over as many copies as a decode step
     reads `step_bytes` (decode_copies; 0: one copy); `slowest` reduces a float64 tensor to its
-    maximum over the ranks. Every rank must call this in step with the same shapes (checked first: a mismatch
-    would pair unrelated timings)."""
+    maximum over the ranks. Every rank must call this in step with the same shapes (checked
+    first: a mismatch would pair unrelated timings)."""
     activated = activated or {}
     digest = int(hashlib.sha256(json.dumps([sorted(weights), sorted(prefill), sorted(activated.items())]
                                            ).encode()).hexdigest()[:8], 16)

@@ -79,10 +79,7 @@ def default_threads(world_size: int) -> int:
 
 
 def configure_threads(rank: int, spec: GroupSpec) -> int:
-    """One slice of the cores per rank: oversubscribed ranks slow each other down badly. A CPU
-    rank's allocator keeps freed activations (malloc.py)."""
-    if spec.device.kind == "cpu":
-        tune_malloc()
+    """One slice of the cores per rank: oversubscribed ranks slow each other down badly."""
     threads = spec.threads_per_rank or default_threads(spec.world_size)
     torch.set_num_threads(threads)
     cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
@@ -113,6 +110,7 @@ def _worker_main(rank: int, spec: GroupSpec, store_port: int, shm_path: str | No
     exit_code = 0
     try:
         started = time.perf_counter()
+        allocator = tune_malloc() if spec.device.kind == "cpu" else "system"  # before the model loads
         configure_threads(rank, spec)
         torch_device = spec.device.bind(rank)
         if spec.world_size > 1:
@@ -129,7 +127,7 @@ def _worker_main(rank: int, spec: GroupSpec, store_port: int, shm_path: str | No
             block.register_forward_pre_hook(heartbeat.tick)
         conn.send(("ready", {"load_s": time.perf_counter() - started, "pid": os.getpid(),
                              "packed_weights": sum(1 for _ in model.packed_weights()),
-                             "kernels": model.kernels_summary(),
+                             "kernels": model.kernels_summary(), "allocator": allocator,
                              "compiled": model.compiled_decode is not None}))
         while True:
             command, kwargs = conn.recv()

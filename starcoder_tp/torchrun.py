@@ -18,6 +18,7 @@ from .comm import TPGroup
 from .device import Device
 from .generate import check_request
 from .model import TPCausalLM, load_model
+from .malloc import tune_malloc
 from .parallel import DEFAULT_CALL_TIMEOUT_S, GroupSpec, configure_threads
 from .timing import GenerationResult, timed_generate
 
@@ -99,6 +100,7 @@ def torchrun_rank(device: Device, shards: Callable[[int, bool], Path], *, thread
         dist.barrier()
         shard_dir = shards(tp.world_size, False)
         if device.kind == "cpu":
+            tune_malloc()  # (a CPU rank's allocator keeps freed blocks: malloc.py)
             configure_threads(local_rank, GroupSpec(str(shard_dir), tp.world_size, device, threads_per_rank,
                                                     pin_cores=False))
         model = load_model(shard_dir, tp, device.torch_device(local_rank), kernels=kernels, compile=compile)

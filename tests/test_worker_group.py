@@ -1,5 +1,6 @@
 """The persistent worker group: a dead or failing rank is named, and nothing is left running."""
 import os
+import platform
 import signal
 import time
 
@@ -59,6 +60,8 @@ def test_rank_error_carries_its_traceback_and_tears_the_group_down(shards):
 def test_group_serves_many_requests_and_closes_cleanly(shards):
     with WorkerGroup(GroupSpec(str(shards), 2)) as group:
         pids = [info["pid"] for info in group.ready_info]
+        if platform.libc_ver()[0] == "glibc":
+            assert [info["allocator"] for info in group.ready_info] == ["tuned"] * 2, "each CPU rank's malloc.py"
         for batch in (1, 3):
             result, memory = group.generate([[9] * 7] * batch, 5)
             assert result.output_ids.shape == (batch, 5) and len(memory) == 2 and min(memory) > 0

@@ -227,7 +227,8 @@ class PerfRunner:
                             "load_s": max(info["load_s"] for info in self.group.ready_info)}
         self.log(f"[perf] {self.name + ': ' if self.name else ''}set-up: shard {t1 - t0:.1f}s (cached when unchanged), "
                  f"spawn + load of {o.world_size} rank(s) {t2 - t1:.1f}s (slowest rank loaded in "
-                 f"{self.setup_times['load_s']:.1f}s)")
+                 f"{self.setup_times['load_s']:.1f}s); allocator "
+                 f"{', '.join(sorted({str(info.get('allocator', 'as glibc has it')) for info in self.group.ready_info}))}")
         return self
 
     def warm_up(self, case: Case) -> None:
