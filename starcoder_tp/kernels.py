@@ -58,6 +58,9 @@ PREFILL_KERNELS = {"plain": ("plain", "fp32"), "fp32": ("fp32", "plain"), "onedn
 SHORT_ROWS = 64  # rows of the short-prompt prefill timing
 PREFILL_ROWS = 512  # rows of the long prefill timing (batch x prompt tokens of a typical case)
 SPLIT_ROWS = round(math.sqrt(SHORT_ROWS * PREFILL_ROWS))  # calls of fewer rows take the short winner
+# Requests whose costs are this close are not told apart: a candidate's timings differ by 3-6%
+# from one measured plan to the next (RESULTS.md, "Decode candidates timed from memory").
+TIE_FRACTION = 0.02
 PLAN_VERSION = 5  # part of the cache key: a change in what is measured invalidates old plans
 # Every shape's timings travel across ranks in these fixed slots (inf: not a candidate there),
 # so that ranks on CPUs with different candidates still reduce tensors of one size.
@@ -116,7 +119,8 @@ def choose(decode_ms: dict[str, float], prefill_ms: dict[str, float], short_ms: 
     """The fastest decode layout, then the fastest prefill kernels (long, short) that layout runs.
     With a request's `prompt_rows` and decode `steps`, the layout whose request costs least: its
     prefill (the short or the long timing, whichever that many rows take, scaled by rows) plus
-    `steps` decode steps."""
+    `steps` decode steps; of layouts within TIE_FRACTION of the least, the one whose prefill is
+    shortest (the first token is the wait a user sees, and totals that close are not told apart)."""
     if not decode_ms:
         raise ValueError("choose: no decode timings")
     short_ms = prefill_ms if short_ms is None else short_ms
@@ -125,18 +129,22 @@ def choose(decode_ms: dict[str, float], prefill_ms: dict[str, float], short_ms: 
         runnable = [k for k in PREFILL_KERNELS[layout] if k in ms]
         return min(runnable, key=ms.__getitem__) if runnable else layout
 
-    def request_ms(layout: str) -> float:
+    def prefill_of(layout: str) -> float:
         ms, rows = (short_ms, SHORT_ROWS) if prompt_rows < SPLIT_ROWS else (prefill_ms, PREFILL_ROWS)
         kernel = fastest(layout, ms)  # no prefill timings (the lm_head): its decode kernel, timed at decode
-        prefill = ms[kernel] * prompt_rows / rows if kernel in ms else decode_ms[layout]
-        return prefill + steps * decode_ms[layout]
+        return ms[kernel] * prompt_rows / rows if kernel in ms else decode_ms[layout]
+
+    def request_ms(layout: str) -> float:
+        return prefill_of(layout) + steps * decode_ms[layout]
 
     if prompt_rows is None or steps is None:
         decode = min(decode_ms, key=decode_ms.__getitem__)
     else:
         if prompt_rows < 1 or steps < 0:
             raise ValueError(f"choose: a request of {prompt_rows} prompt rows and {steps} decode steps")
-        decode = min(decode_ms, key=request_ms)
+        least = min(request_ms(layout) for layout in decode_ms)
+        decode = min((layout for layout in decode_ms if request_ms(layout) <= least * (1 + TIE_FRACTION)),
+                     key=lambda layout: (prefill_of(layout), request_ms(layout)))
     return Choice(decode, fastest(decode, prefill_ms), fastest(decode, short_ms), dict(decode_ms), dict(short_ms),
                   dict(prefill_ms))
 
