@@ -46,6 +46,7 @@ def _timed(call: Callable[[], object]) -> float:
     return perf_counter() - started
 
 
+@torch.no_grad()  # as the model runs: no autograd record (and the split GELU runs only without)
 def time_ms(calls: dict[str, Callable[[], object]], on_progress: Callable[[], None] = lambda: None) -> dict[str, float]:
     """Median milliseconds per call of each candidate, over ROUNDS rounds in alternating order;
     a candidate far slower than the best on its probe call keeps that probe's time."""
@@ -84,7 +85,7 @@ def decode_copies(weight_bytes: int, step_bytes: int) -> int:
 
 
 def _activation(activation: str | None) -> tuple[Callable, str, str]:
-    from .linear import ACTIVATIONS  # linear.py uses this module
+    from .activations import ACTIVATIONS  # (activations.calibrate uses this module)
     return ACTIVATIONS[activation] if activation else (lambda y: y, "none", "")
 
 

@@ -46,6 +46,7 @@ from typing import Callable
 
 import torch
 
+from .activations import ACTIVATIONS, TANH_GELU, calibrate
 from .cpu import cpu_cores, cpuinfo, isa_flags
 from .files import cache_dir, write_atomic
 from .kernel_timing import DECODE_SET_BYTES, decode_calls, decode_copies, prefill_calls, time_ms
@@ -61,7 +62,7 @@ SPLIT_ROWS = round(math.sqrt(SHORT_ROWS * PREFILL_ROWS))  # calls of fewer rows 
 # Requests whose costs are this close are not told apart: a candidate's timings differ by 3-6%
 # from one measured plan to the next (RESULTS.md, "Decode candidates timed from memory").
 TIE_FRACTION = 0.02
-PLAN_VERSION = 5  # part of the cache key: a change in what is measured invalidates old plans
+PLAN_VERSION = 6  # part of the cache key: a change in what is measured invalidates old plans
 # Every shape's timings travel across ranks in these fixed slots (inf: not a candidate there),
 # so that ranks on CPUs with different candidates still reduce tensors of one size.
 DECODE_SLOTS = ("plain", "onednn", "fp32", "mkl_packed")
@@ -166,7 +167,8 @@ def plan_key(weights: dict[str, torch.Tensor], rows: int, world_size: int,
             "torch": torch.__version__, "onednn": str(onednn), "threads": torch.get_num_threads(),
             "world_size": world_size, "rows": rows, "shapes": sorted(weights),
             "activated": dict(sorted((activated or {}).items())),
-            "decode_set_mib": round(min(step_bytes, DECODE_SET_BYTES) / 2**20)}
+            "decode_set_mib": round(min(step_bytes, DECODE_SET_BYTES) / 2**20),
+            "tanh_gelu_split_from": TANH_GELU.split_from}
 
 
 def plan_path(key: dict):
@@ -254,6 +256,9 @@ def cached_or_measured(weights: dict[str, torch.Tensor], rows: int, tp, prefill:
     """This machine's cached plan for exactly these weights, rows and decode step bytes ("cached"),
     or, where any rank lacks it, the plan every rank measures in step and caches ("measured"); tp:
     a comm.TPGroup (its max_ reduces across ranks)."""
+    if any(ACTIVATIONS[a][0] is TANH_GELU for a in activated.values()) and any(
+            w.dtype == torch.float32 for w in weights.values()):
+        calibrate(tp.max_)  # the form the c_fc timings include: before the key, which names it
     key = plan_key(weights, rows, tp.world_size, activated, step_bytes)
     plan = load_plan(key)
     # Every rank measures if any lacks the plan: the timings are reduced across ranks.
@@ -266,5 +271,9 @@ def cached_or_measured(weights: dict[str, torch.Tensor], rows: int, tp, prefill:
 
 
 def describe(plan: dict[str, Choice]) -> str:
-    """One line: each shape's kernels, decode/short prefill/long prefill."""
-    return "; ".join(f"{shape} {c.decode}/{c.short}/{c.prefill}" for shape, c in sorted(plan.items()))
+    """One line: each shape's kernels, decode/short prefill/long prefill, and the tanh GELU's
+    form where this process measured it (activations.calibrate)."""
+    items = [f"{shape} {c.decode}/{c.short}/{c.prefill}" for shape, c in sorted(plan.items())]
+    if TANH_GELU.calibrated:
+        items.append(f"gelu:tanh {'fused' if TANH_GELU.split_from is None else f'split>={TANH_GELU.split_from}'}")
+    return "; ".join(items)

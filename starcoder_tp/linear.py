@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .activations import ACTIVATIONS
 from .kernels import SPLIT_ROWS, Choice
 from .layouts import PACKERS
 
@@ -58,16 +59,6 @@ def mkl_linear(x: torch.Tensor, packed: torch.Tensor, sizes: torch.Tensor, bias:
     (an expanded scalar: torch reads its sizes, and reads its data only when the rows passed
     differ from the rows of the call, which they never do here)."""
     return torch.ops.mkl._mkl_linear(x, packed, sizes, bias, x.numel() // x.shape[-1])
-
-
-# The MLP activations (config.SUPPORTED_ACTIVATIONS): eager function and oneDNN post-op.
-ACTIVATIONS = {
-    "gelu_pytorch_tanh": (lambda x: F.gelu(x, approximate="tanh"), "gelu", "tanh"),
-    "gelu_new": (lambda x: F.gelu(x, approximate="tanh"), "gelu", "tanh"),
-    "gelu_fast": (lambda x: F.gelu(x, approximate="tanh"), "gelu", "tanh"),
-    "gelu": (F.gelu, "gelu", "none"),
-    "relu": (F.relu, "relu", ""),
-}
 
 
 def run_kernel(kind: str, x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor | None,
