@@ -24,9 +24,10 @@ KAPPA = 0.044715
 # Elements per block of the split form, per thread: 2^17 fp32 (512 KiB) was the fastest of
 # 2^15..2^18 at 128-2048 rows x 4096 on one and on two threads of the AVX-512 Xeon (RESULTS.md).
 BLOCK_PER_THREAD = 1 << 17
-# The sizes calibrate times both forms at: the fixed cost shows at the small one, the cost per
-# element at the large one (a 128-row prefill of a 4096-wide MLP).
-CALIBRATION_NUMEL = (1 << 12, 1 << 19)
+# The sizes calibrate times both forms at: near the crossover (16-30 thousand elements on one
+# thread of the AVX-512 Xeon; a fit from 4096 elements, where the fixed cost is all, put it at
+# 32768 or 65536 from one process to the next), and a 128-row prefill of a 4096-wide MLP.
+CALIBRATION_NUMEL = (1 << 14, 1 << 19)
 
 
 def tanh_gelu_split(x: torch.Tensor) -> torch.Tensor:

@@ -168,7 +168,9 @@ def plan_key(weights: dict[str, torch.Tensor], rows: int, world_size: int,
             "world_size": world_size, "rows": rows, "shapes": sorted(weights),
             "activated": dict(sorted((activated or {}).items())),
             "decode_set_mib": round(min(step_bytes, DECODE_SET_BYTES) / 2**20),
-            "tanh_gelu_split_from": TANH_GELU.split_from}
+            # Whether the split form runs, not from what size: at its crossover both forms cost
+            # alike, and a size measured again from one process to the next is not a new plan.
+            "tanh_gelu": "fused" if TANH_GELU.split_from is None else "split"}
 
 
 def plan_path(key: dict):

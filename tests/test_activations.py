@@ -92,9 +92,9 @@ def test_calibrate_takes_the_slowest_ranks_timings_once(gelu_state):
 
 def test_the_plan_names_and_is_keyed_on_the_form(gelu_state):
     calibrate(lambda local: torch.tensor([0.002, 0.010, 0.80, 0.50], dtype=torch.float64))
-    assert gelu_state.split_from == 2 ** 15  # crossover ~17.6 thousand elements
+    assert gelu_state.split_from == 2 ** 15  # crossover ~29.6 thousand elements
     key = kernels.plan_key({"8x8:float32": torch.ones(8, 8)}, 1, 1)
-    assert key["tanh_gelu_split_from"] == 2 ** 15
+    assert key["tanh_gelu"] == "split"
     plan = {"8x8:float32": kernels.Choice("plain", "plain")}
     assert kernels.describe(plan) == "8x8:float32 plain/plain/plain; gelu:tanh split>=32768"
 
@@ -128,6 +128,6 @@ def test_a_measured_plan_calibrates_the_form_first(tmp_path, embedded_dir, gelu_
         patch.setattr(kernels, "plan_key", lambda *a, **k: keys.append(real_key(*a, **k)) or keys[-1])
         model.use_kernels("auto", 1)
     assert gelu_state.calibrated, "the form is measured"
-    assert keys and keys[0]["tanh_gelu_split_from"] == gelu_state.split_from
+    assert keys and keys[0]["tanh_gelu"] == ("fused" if gelu_state.split_from is None else "split")
     assert model.kernels_summary().endswith(
         "gelu:tanh " + ("fused" if gelu_state.split_from is None else f"split>={gelu_state.split_from}"))
