@@ -252,15 +252,21 @@ def measure(weights: dict[str, torch.Tensor], rows: int, slowest: Callable[[torc
     return plan
 
 
+def calibrate_activations(weights: dict[str, torch.Tensor], activated: dict[str, str], tp) -> None:
+    """Measure the tanh GELU's form (activations.calibrate) where the model runs it in fp32: in
+    every kernel mode (it is not a linear's kernel), and before a plan is measured or looked up
+    (the c_fc timings include it, and the key names it). Every rank calls it in step."""
+    if any(ACTIVATIONS[a][0] is TANH_GELU for a in activated.values()) and any(
+            w.dtype == torch.float32 for w in weights.values()):
+        calibrate(tp.max_)
+
+
 def cached_or_measured(weights: dict[str, torch.Tensor], rows: int, tp, prefill: set[str], activated: dict[str, str],
                        on_progress: Callable[[], None] = lambda: None,
                        step_bytes: int = 0) -> tuple[dict[str, Choice], str]:
     """This machine's cached plan for exactly these weights, rows and decode step bytes ("cached"),
     or, where any rank lacks it, the plan every rank measures in step and caches ("measured"); tp:
     a comm.TPGroup (its max_ reduces across ranks)."""
-    if any(ACTIVATIONS[a][0] is TANH_GELU for a in activated.values()) and any(
-            w.dtype == torch.float32 for w in weights.values()):
-        calibrate(tp.max_)  # the form the c_fc timings include: before the key, which names it
     key = plan_key(weights, rows, tp.world_size, activated, step_bytes)
     plan = load_plan(key)
     # Every rank measures if any lacks the plan: the timings are reduced across ranks.

@@ -136,16 +136,18 @@ class TPCausalLM(nn.Module):
         return weights, prefill, activated, step_bytes
 
     def use_kernels(self, mode: str = "auto", rows: int = 1, request: tuple[int, int] | None = None) -> int:
-        """Choose every linear weight's kernels for decode batches of `rows` rows (kernels.py:
-        `auto` measures, or takes this machine's cached plan; otherwise one kernel for all) and lay
-        the weights out for them; from then on `setup_cache` does it again for each new batch
-        size. With `auto` every rank must call this in step, and a `request` (prompt rows, decode
-        steps) weighs each layout's prefill against its steps (kernels.weigh). Returns how many are packed."""
+        """Choose every linear weight's kernels for decode batches of `rows` rows (kernels.py: `auto` measures,
+        or takes this machine's cached plan; else one kernel for all) and lay the weights out for them; then
+        `setup_cache` does it again for each new batch size. Every rank calls this in step (the tanh GELU's
+        form is measured across ranks, with `auto` the kernels too); a `request` (prompt rows, decode steps)
+        weighs each layout's prefill against its steps (kernels.weigh). Returns how many are packed."""
         if mode not in kernels.KERNEL_MODES:
             raise ValueError(f"kernels mode {mode!r} is not one of {list(kernels.KERNEL_MODES)}")
+        weights, prefill, activated, step_bytes = self._weights_by_shape()
         if self.transformer.ln_f.weight.device.type != "cpu":
             mode = "plain"  # the kernels chosen here are CPU ones
-        weights, prefill, activated, step_bytes = self._weights_by_shape()
+        else:
+            kernels.calibrate_activations(weights, activated, self.tp)
         if mode == "auto":
             self.kernel_timings, self.kernel_plan_source = kernels.cached_or_measured(
                 weights, rows, self.tp, prefill, activated, self._tick, step_bytes)
@@ -164,8 +166,7 @@ class TPCausalLM(nn.Module):
 
     def _lay_out(self, plan: dict[str, Choice], rows: int) -> int:
         """Lay every weight out for `plan` at `rows` decode rows; returns how many are packed."""
-        previous, self.kernel_plan = self.kernel_plan, plan
-        count = 0
+        previous, self.kernel_plan, count = self.kernel_plan, plan, 0
         for linear in [m for m in self.modules() if isinstance(m, Linear)]:
             count += linear.use_kernels(plan[linear.shape_key()], rows)
             self._tick()  # re-packing a large model, and reading MKL's layouts back from disk, takes a while
@@ -224,8 +225,7 @@ class TPCausalLM(nn.Module):
         if mode is None and weight.device.type == "cuda" and self.tp.world_size == 1:
             # CUDA graphs (inductor's cudagraph trees): at decode batch sizes a step is hundreds of
             # small kernels whose launches cost more than their work; a graph replays them as one.
-            # Not at world size > 1 until the all-reduce (nccl) has been seen captured inside
-            # such a graph.
+            # Not at world size > 1 until the all-reduce (nccl) has been seen captured in a graph.
             mode = "reduce-overhead"
         self.compiled_decode = torch.compile(self.forward, mode=mode)
 

@@ -115,19 +115,22 @@ def test_a_model_generates_the_same_tokens_with_either_form(tmp_path, embedded_d
     torch.testing.assert_close(fused.topk_logprobs, split.topk_logprobs, rtol=1e-4, atol=1e-4)
 
 
-def test_a_measured_plan_calibrates_the_form_first(tmp_path, embedded_dir, gelu_state):
-    """use_kernels("auto") on an fp32 tanh-GELU model: the form is measured before the plan, and
-    the plan's key and line name it; a fixed mode measures nothing."""
+def test_every_kernel_mode_calibrates_the_form_and_a_plan_is_keyed_on_it(tmp_path, embedded_dir, gelu_state,
+                                                                         monkeypatch):
+    """use_kernels on an fp32 tanh-GELU model: the form is measured in a fixed mode too (it is
+    not a linear's kernel), and under `auto` before the plan's key, which names it."""
     shard_checkpoint(embedded_dir, tmp_path / "s", 1)
     model = load_model(tmp_path / "s", TPGroup(0, 1), torch.device("cpu"), kernels="plain")
     model.use_kernels("onednn", 1)
-    assert not gelu_state.calibrated and "gelu:tanh" not in model.kernels_summary()
+    assert gelu_state.calibrated, "a fixed mode measures the form too"
+    form = "fused" if gelu_state.split_from is None else f"split>={gelu_state.split_from}"
+    assert model.kernels_summary().endswith(f"; gelu:tanh {form}")
+    monkeypatch.setattr(gelu_state, "calibrated", "")
     keys = []
     real_key = kernels.plan_key
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(kernels, "plan_key", lambda *a, **k: keys.append(real_key(*a, **k)) or keys[-1])
+        patch.setattr(kernels, "plan_key",
+                      lambda *a, **k: keys.append((bool(gelu_state.calibrated), real_key(*a, **k))) or keys[-1][1])
         model.use_kernels("auto", 1)
-    assert gelu_state.calibrated, "the form is measured"
-    assert keys and keys[0]["tanh_gelu"] == ("fused" if gelu_state.split_from is None else "split")
-    assert model.kernels_summary().endswith(
-        "gelu:tanh " + ("fused" if gelu_state.split_from is None else f"split>={gelu_state.split_from}"))
+    assert keys and keys[0][0], "measured before the plan's key"
+    assert keys[0][1]["tanh_gelu"] == ("fused" if gelu_state.split_from is None else "split")
