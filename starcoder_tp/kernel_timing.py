@@ -12,8 +12,8 @@ from memory"). Prefill candidates run on one copy: their GEMMs reuse each weight
 rows.
 
 Bounded: one warm call and one probe call per candidate, then candidates slower than
-PRUNE_FACTOR x the best probe are dropped; the rest run ROUNDS rounds of at least one call and
-ROUND_MIN_S each. On the bench-size model that is 6-8 s per batch size in fp32 (the copies
+PRUNE_FACTOR x the best probe are dropped; the rest run ROUNDS rounds of at least ROUND_MIN_S and
+one call each (decode candidates: DECODE_MIN_CALLS calls). On the bench-size model that is 6-8 s per batch size in fp32 (the copies
 dominate: MKL packs at ~0.8 GB/s) and 2-3 s in bf16 (RESULTS.md); on StarCoder's shapes it is
 dominated by the prefill calls at 512 rows, 4-5 calls of each surviving candidate (estimated
 10-30 s per batch size on one thread of a large CPU; once per machine, the plan is cached).
@@ -32,6 +32,11 @@ from .layouts import pack, pack_mkl
 
 ROUNDS = 3  # alternating rounds per candidate (A B C, C B A, A B C): drift hits all alike
 ROUND_MIN_S = 0.004  # each candidate runs at least this long per round (and at least one call)
+# A decode candidate runs at least this many calls per round: with one call a round (the lm_head's
+# 10-13 ms), its median came from three calls each just after another candidate's, and ranked the
+# lm_head's layouts within +-8% either way from one plan to the next, where four a round ranked
+# them as the model's own step does, 15-19% apart (RESULTS.md, "Decode calls per round").
+DECODE_MIN_CALLS = 4
 # Decode candidates rotate over copies of their weight up to this many bytes (decode_copies): from
 # memory, as a large model's step runs. One thread of the AVX-512 Xeon read a 16 MB weight at 27.4
 # GB/s rotated over 64 MB, 16.6 over 256 MB, 15.5-15.6 over 512 MB and 1 GB (RESULTS.md). It bounds
@@ -47,9 +52,11 @@ def _timed(call: Callable[[], object]) -> float:
 
 
 @torch.no_grad()  # as the model runs: no autograd record (and the split GELU runs only without)
-def time_ms(calls: dict[str, Callable[[], object]], on_progress: Callable[[], None] = lambda: None) -> dict[str, float]:
-    """Median milliseconds per call of each candidate, over ROUNDS rounds in alternating order;
-    a candidate far slower than the best on its probe call keeps that probe's time."""
+def time_ms(calls: dict[str, Callable[[], object]], on_progress: Callable[[], None] = lambda: None,
+            min_calls: int = 1) -> dict[str, float]:
+    """Median milliseconds per call of each candidate, over ROUNDS rounds in alternating order of
+    at least ROUND_MIN_S and `min_calls` calls each; a candidate far slower than the best on its
+    probe call keeps that probe's time."""
     if len(calls) == 1:  # nothing to choose between
         return {name: 0.0 for name in calls}
     for call in calls.values():
@@ -62,11 +69,11 @@ def time_ms(calls: dict[str, Callable[[], object]], on_progress: Callable[[], No
     samples: dict[str, list[float]] = {name: [] for name in names}
     for round_ in range(ROUNDS):
         for name in (names if round_ % 2 == 0 else names[::-1]):
-            spent = 0.0
-            while spent < ROUND_MIN_S:  # at least one call
+            spent, made = 0.0, 0
+            while spent < ROUND_MIN_S or made < min_calls:  # at least one call
                 elapsed = _timed(calls[name])
                 samples[name].append(elapsed)
-                spent += elapsed
+                spent, made = spent + elapsed, made + 1
                 on_progress()  # a rank's heartbeat: one call of a large shape can take seconds
     medians = {name: statistics.median(s) * 1e3 for name, s in samples.items()}
     return {name: medians.get(name, probes[name] * 1e3) for name in calls}

@@ -49,7 +49,7 @@ import torch
 from .activations import ACTIVATIONS, TANH_GELU, calibrate
 from .cpu import cpu_cores, cpuinfo, isa_flags
 from .files import cache_dir, write_atomic
-from .kernel_timing import DECODE_SET_BYTES, decode_calls, decode_copies, prefill_calls, time_ms
+from .kernel_timing import DECODE_MIN_CALLS, DECODE_SET_BYTES, decode_calls, decode_copies, prefill_calls, time_ms
 from .layouts import pack, pack_mkl
 
 KERNEL_MODES = ("auto", "plain", "onednn", "mkl_packed", "fp32")  # --kernels: measure, or one kernel for every weight
@@ -62,7 +62,7 @@ SPLIT_ROWS = round(math.sqrt(SHORT_ROWS * PREFILL_ROWS))  # calls of fewer rows 
 # Requests whose costs are this close are not told apart: a candidate's timings differ by 3-6%
 # from one measured plan to the next (RESULTS.md, "Decode candidates timed from memory").
 TIE_FRACTION = 0.02
-PLAN_VERSION = 6  # part of the cache key: a change in what is measured invalidates old plans
+PLAN_VERSION = 7  # part of the cache key: a change in what is measured invalidates old plans
 # Every shape's timings travel across ranks in these fixed slots (inf: not a candidate there),
 # so that ranks on CPUs with different candidates still reduce tensors of one size.
 DECODE_SLOTS = ("plain", "onednn", "fp32", "mkl_packed")
@@ -232,7 +232,7 @@ def measure(weights: dict[str, torch.Tensor], rows: int, slowest: Callable[[torc
         kinds, activation = decode_candidates(weight), activated.get(shape)
         copies = decode_copies(weight.numel() * weight.element_size(), step_bytes)
         calls = decode_calls(weight, rows, kinds, activation, copies, on_progress)
-        flat += _slots(time_ms(calls, on_progress), DECODE_SLOTS)
+        flat += _slots(time_ms(calls, on_progress, DECODE_MIN_CALLS), DECODE_SLOTS)
         del calls
         if shape in prefill:  # (the calls, and the copies they hold, go before the next ones are made)
             for prefill_rows in (SHORT_ROWS, PREFILL_ROWS):

@@ -51,9 +51,12 @@ def test_fixed_modes_fall_back_to_plain_where_the_weight_cannot_take_them():
     assert fixed_choice("fp32", torch.empty(4, 4, dtype=torch.bfloat16)) == Choice("fp32", "fp32")
 
 
-def fake_clock(monkeypatch, ms_per_call: dict[str, float]):
-    """kernels.time_ms (kernel_timing's) with every candidate's call costing the given milliseconds (by name)."""
-    def time_ms(calls, on_progress=lambda: None):
+def fake_clock(monkeypatch, ms_per_call: dict[str, float], min_calls_seen: list | None = None):
+    """kernels.time_ms (kernel_timing's) with every candidate's call costing the given milliseconds
+    (by name); each call's min_calls and candidates appended to `min_calls_seen`."""
+    def time_ms(calls, on_progress=lambda: None, min_calls=1):
+        if min_calls_seen is not None:
+            min_calls_seen.append((min_calls, sorted(calls)))
         for call in calls.values():
             call()  # the real callables run once: they must work
         on_progress()
@@ -111,6 +114,19 @@ def test_time_ms_alternates_rounds_prunes_the_hopeless_and_reports_medians(monke
     assert "c" not in rounds, "a candidate 10x slower than the best is not timed further"
     assert rounds == ["a", "b", "b", "a", "a", "b"], "one call per round (each >= ROUND_MIN_S), A B, B A, A B"
     assert kernel_timing.time_ms({"only": call("a")}) == {"only": 0.0}, "one candidate: nothing to time"
+    calls.clear()
+    assert kernel_timing.time_ms({name: call(name) for name in cost}, min_calls=3) == pytest.approx(
+        {"a": 10.0, "b": 12.0, "c": 100.0})
+    assert calls[6:] == ["a"] * 3 + ["b"] * 6 + ["a"] * 6 + ["b"] * 3, "three calls a round, each >= ROUND_MIN_S"
+
+
+def test_decode_candidates_run_several_calls_a_round_and_prefill_ones_do_not(monkeypatch):
+    seen = []
+    fake_clock(monkeypatch, {"plain": 1.0, "onednn": 2.0, "unpack": 3.0, "fp32": 0.5, "mkl_packed": 1.5}, seen)
+    measure({"8x8:float32": torch.randn(8, 8)}, 1, lambda t: t, {"8x8:float32"})
+    decode_kinds = sorted(kernels.decode_candidates(torch.randn(8, 8)))
+    assert seen[0] == (kernels.DECODE_MIN_CALLS, decode_kinds) and kernels.DECODE_MIN_CALLS > 1
+    assert len(seen) == 3 and all(min_calls == 1 for min_calls, _ in seen[1:]), "the two prefill timings"
 
 
 def test_a_cached_plan_is_reused_only_for_exactly_its_key(tmp_path, monkeypatch):
