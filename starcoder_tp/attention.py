@@ -44,6 +44,56 @@ def attention_mask(key_valid: torch.Tensor, query_slots: torch.Tensor, window: i
     return mask.unsqueeze(1)
 
 
+class PrefillForm:
+    """How a plain causal prefill of multi-query heads runs on a CPU in fp32: SDPA's flash kernel,
+    or `causal_blocks` for prompts nearest (in ratio) to the lengths in `blocks_at`, where
+    calibrate_attention measured them faster on the machine at hand. A set, not a threshold: on
+    two threads of the AVX-512 Xeon the blocks won at 512 tokens and lost at 256 and at 1024."""
+
+    def __init__(self) -> None:
+        self.blocks_at: frozenset[int] = frozenset()
+        self.calibrated = ""
+
+    def takes_blocks(self, tokens: int) -> bool:
+        if not self.blocks_at:
+            return False
+        nearest = min(CALIBRATION_TOKENS, key=lambda length: (abs(math.log2(tokens / length)), length))
+        return nearest in self.blocks_at
+
+
+# The prompt lengths calibrate_attention times both forms at.
+CALIBRATION_TOKENS = (64, 128, 256, 512, 1024)
+PREFILL_FORM = PrefillForm()
+BLOCK_ROWS = 32  # query tokens per block: of 32-256, the fastest at 128-1024 tokens on the AVX-512 Xeon
+
+
+def causal_blocks(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float,
+                  block: int = BLOCK_ROWS) -> torch.Tensor:
+    """Plain causal attention with one K/V head (T == S) as two GEMMs per block of query tokens:
+    the block's queries of every head, [n * H, D], against the keys up to its last token, the
+    causal mask on the block's own keys only, so the keys after the block cost nothing. SDPA's
+    flash kernel broadcasts the one K/V head to every query head and runs per head; one GEMM
+    over all heads reuses each key H times from the cache. q: [B, T, H, D]; keys, values:
+    [B, 1, S, D]. Returns [B, T, H * D]."""
+    b, t, h, d = q.shape
+    out = q.new_empty(b, t, h, d)
+    after = torch.full((block, block), float("-inf"), dtype=q.dtype, device=q.device).triu_(1)  # [n, n]
+    for i in range(b):
+        k, v = keys[i, 0], values[i, 0]  # [S, D]
+        for t0 in range(0, t, block):
+            t1 = min(t, t0 + block)
+            n = t1 - t0
+            scores = torch.matmul(q[i, t0:t1].reshape(n * h, d), k[:t1].T).mul_(scale)  # [n * H, t1]
+            scores.view(n, h, t1)[:, :, t0:].add_(after[:n, :n].unsqueeze(1))
+            torch.matmul(torch.softmax(scores, dim=-1), v[:t1], out=out[i, t0:t1].view(n * h, d))
+    return out.view(b, t, h * d)
+
+
+def _blocks(q: torch.Tensor, kv: int, mask: torch.Tensor | None) -> bool:
+    return (mask is None and kv == 1 and PREFILL_FORM.takes_blocks(q.shape[1]) and q.dtype == torch.float32
+            and q.device.type == "cpu" and not torch.compiler.is_compiling())
+
+
 def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
            scale: float) -> torch.Tensor:
     """q: [B, T, H, D]; keys, values: [B, KV, S, D]; mask: [B, 1, T, S] bool, or None for plain
@@ -56,6 +106,8 @@ def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torc
         # one product per K/V head serves all of them, and the mask [B, 1, 1, S] broadcasts.
         out = F.scaled_dot_product_attention(q.reshape(b, kv, h // kv, d), keys, values, attn_mask=mask, scale=scale)
         return out.reshape(b, 1, h * d)  # [B, KV, G, D] -> [B, 1, H * D]
+    if _blocks(q, kv, mask):
+        return causal_blocks(q, keys, values, scale)
     grouped = {}
     if kv != h and q.device.type == "cpu":
         # SDPA maps the G query heads of each K/V head itself: no copy of the keys for GQA, and
@@ -124,3 +176,47 @@ class Attention(nn.Module):
             self.v_cache.index_copy_(2, slots, v.transpose(1, 2))
             keys, values = self.k_cache, self.v_cache
         return self.c_proj.row_parallel(attend(q, keys, values, mask, self.scale), self.tp)
+
+
+
+def blocks_at(sdpa_ms: list[float], blocks_ms: list[float],
+              tokens: tuple[int, ...] = CALIBRATION_TOKENS) -> frozenset[int]:
+    """The lengths of `tokens` at which causal_blocks was faster, from each form's ms per call."""
+    if not len(sdpa_ms) == len(blocks_ms) == len(tokens):
+        raise ValueError(f"calibration: {len(sdpa_ms)} and {len(blocks_ms)} timings at tokens {tokens}")
+    return frozenset(t for t, sdpa, blocks in zip(tokens, sdpa_ms, blocks_ms) if blocks < sdpa)
+
+
+def describe_lengths(lengths: frozenset[int]) -> str:
+    return ",".join(str(t) for t in sorted(lengths))
+
+
+def calibrate_attention(heads: int, head_dim: int, slowest) -> str:
+    """Time SDPA's flash kernel and causal_blocks on this rank's `heads` multi-query heads in
+    fp32 at CALIBRATION_TOKENS (once per process) and set PREFILL_FORM.blocks_at; `slowest`
+    reduces a float64 tensor to its maximum over the ranks, so that every rank takes the same
+    form. Every rank must call it in step. Returns what it set."""
+    if PREFILL_FORM.calibrated:
+        return PREFILL_FORM.calibrated
+    from .kernel_timing import time_ms  # (kernel_timing reads linear.py, which this module uses)
+
+    timings: dict[str, list[float]] = {"sdpa": [], "blocks": []}
+    saved, PREFILL_FORM.blocks_at = PREFILL_FORM.blocks_at, frozenset()
+    try:
+        for t in CALIBRATION_TOKENS:
+            q = torch.randn(1, t, heads + 2, head_dim)[:, :, :heads]  # a view of the fused q/k/v, as the model's
+            keys, values = torch.randn(1, 1, t, head_dim), torch.randn(1, 1, t, head_dim)
+            scale = 1 / math.sqrt(head_dim)
+            ms = time_ms({"sdpa": lambda: attend(q, keys, values, None, scale),
+                          "blocks": lambda: causal_blocks(q, keys, values, scale)})
+            timings["sdpa"].append(ms["sdpa"])
+            timings["blocks"].append(ms["blocks"])
+    finally:
+        PREFILL_FORM.blocks_at = saved
+    n = len(CALIBRATION_TOKENS)
+    reduced = slowest(torch.tensor(timings["sdpa"] + timings["blocks"], dtype=torch.float64)).tolist()
+    PREFILL_FORM.blocks_at = blocks_at(reduced[:n], reduced[n:])
+    shown = ", ".join(f"{t}: {b:.2f} vs {s:.2f} ms" for t, s, b in zip(CALIBRATION_TOKENS, reduced[:n], reduced[n:]))
+    PREFILL_FORM.calibrated = (f"causal blocks at {describe_lengths(PREFILL_FORM.blocks_at)} tokens"
+                               if PREFILL_FORM.blocks_at else "sdpa") + f" (blocks vs sdpa: {shown})"
+    return PREFILL_FORM.calibrated

@@ -252,13 +252,19 @@ def measure(weights: dict[str, torch.Tensor], rows: int, slowest: Callable[[torc
     return plan
 
 
-def calibrate_activations(weights: dict[str, torch.Tensor], activated: dict[str, str], tp) -> None:
-    """Measure the tanh GELU's form (activations.calibrate) where the model runs it in fp32: in
-    every kernel mode (it is not a linear's kernel), and before a plan is measured or looked up
-    (the c_fc timings include it, and the key names it). Every rank calls it in step."""
-    if any(ACTIVATIONS[a][0] is TANH_GELU for a in activated.values()) and any(
-            w.dtype == torch.float32 for w in weights.values()):
+def calibrate_forms(weights: dict[str, torch.Tensor], activated: dict[str, str], tp, attention=None) -> None:
+    """Measure the tanh GELU's form (activations.calibrate) and, for multi-query heads (an
+    attention.Attention: `attention`), the causal prefill's (attention.calibrate_attention),
+    where the model runs them in fp32: in every kernel mode (they are not a linear's kernels),
+    and before a plan is measured or looked up (the c_fc timings include the GELU, and the key
+    names it). Every rank calls it in step."""
+    if not any(w.dtype == torch.float32 for w in weights.values()):
+        return
+    if any(ACTIVATIONS[a][0] is TANH_GELU for a in activated.values()):
         calibrate(tp.max_)
+    if attention is not None and attention.local_kv_heads == 1:
+        from .attention import calibrate_attention  # (attention.py uses linear.py, which uses this module)
+        calibrate_attention(attention.local_heads, attention.head_dim, tp.max_)
 
 
 def cached_or_measured(weights: dict[str, torch.Tensor], rows: int, tp, prefill: set[str], activated: dict[str, str],
@@ -279,9 +285,13 @@ def cached_or_measured(weights: dict[str, torch.Tensor], rows: int, tp, prefill:
 
 
 def describe(plan: dict[str, Choice]) -> str:
-    """One line: each shape's kernels, decode/short prefill/long prefill, and the tanh GELU's
-    form where this process measured it (activations.calibrate)."""
+    """One line: each shape's kernels, decode/short prefill/long prefill, and the tanh GELU's and
+    the multi-query prefill's forms where this process measured them (calibrate_forms)."""
     items = [f"{shape} {c.decode}/{c.short}/{c.prefill}" for shape, c in sorted(plan.items())]
     if TANH_GELU.calibrated:
         items.append(f"gelu:tanh {'fused' if TANH_GELU.split_from is None else f'split>={TANH_GELU.split_from}'}")
+    from .attention import PREFILL_FORM, describe_lengths
+    if PREFILL_FORM.calibrated:
+        form = f"blocks@{describe_lengths(PREFILL_FORM.blocks_at)}" if PREFILL_FORM.blocks_at else "sdpa"
+        items.append(f"attention:mqa {form}")
     return "; ".join(items)

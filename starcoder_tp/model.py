@@ -138,8 +138,8 @@ class TPCausalLM(nn.Module):
     def use_kernels(self, mode: str = "auto", rows: int = 1, request: tuple[int, int] | None = None) -> int:
         """Choose every linear weight's kernels for decode batches of `rows` rows (kernels.py: `auto` measures,
         or takes this machine's cached plan; else one kernel for all) and lay the weights out for them; then
-        `setup_cache` does it again for each new batch size. Every rank calls this in step (the tanh GELU's
-        form is measured across ranks, with `auto` the kernels too); a `request` (prompt rows, decode steps)
+        `setup_cache` does it again for each new batch size. Every rank calls this in step (the GELU's and
+        attention's forms are measured across ranks, with `auto` the kernels); a `request` (prompt rows, steps)
         weighs each layout's prefill against its steps (kernels.weigh). Returns how many are packed."""
         if mode not in kernels.KERNEL_MODES:
             raise ValueError(f"kernels mode {mode!r} is not one of {list(kernels.KERNEL_MODES)}")
@@ -147,7 +147,7 @@ class TPCausalLM(nn.Module):
         if self.transformer.ln_f.weight.device.type != "cpu":
             mode = "plain"  # the kernels chosen here are CPU ones
         else:
-            kernels.calibrate_activations(weights, activated, self.tp)
+            kernels.calibrate_forms(weights, activated, self.tp, self.transformer.h[0].attn)
         if mode == "auto":
             self.kernel_timings, self.kernel_plan_source = kernels.cached_or_measured(
                 weights, rows, self.tp, prefill, activated, self._tick, step_bytes)

@@ -1,0 +1,124 @@
+"""The multi-query causal prefill's second form (attention.causal_blocks): SDPA's values, taken
+only where the calibration measured that it pays, by every rank alike, and named in the plan."""
+import types
+
+import pytest
+import torch
+
+from starcoder_tp import attention, kernels
+from starcoder_tp.attention import PREFILL_FORM, attend, blocks_at, calibrate_attention, causal_blocks
+from starcoder_tp.comm import TPGroup
+from starcoder_tp.device import Device
+from starcoder_tp.model import load_model
+from starcoder_tp.shard import shard_checkpoint
+from starcoder_tp.timing import timed_generate
+
+
+@pytest.fixture
+def form_state(monkeypatch):
+    """PREFILL_FORM as a fresh process has it; restored afterwards."""
+    monkeypatch.setattr(PREFILL_FORM, "blocks_at", frozenset())
+    monkeypatch.setattr(PREFILL_FORM, "calibrated", "")
+    return PREFILL_FORM
+
+
+def _mqa(batch: int, tokens: int, heads: int, dim: int = 64, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(tokens)
+    q = torch.randn(batch, tokens, heads + 2, dim, generator=gen).to(dtype)[:, :, :heads]  # strided, as the model's
+    keys = torch.randn(batch, 1, tokens, dim, generator=gen).to(dtype)
+    values = torch.randn(batch, 1, tokens, dim, generator=gen).to(dtype)
+    return q, keys, values
+
+
+@pytest.mark.parametrize("batch, tokens, heads, block", [(1, 7, 4, 32), (2, 33, 16, 32), (1, 100, 8, 8),
+                                                         (3, 64, 2, 16)])
+def test_causal_blocks_give_sdpa_values(batch, tokens, heads, block, form_state):
+    q, keys, values = _mqa(batch, tokens, heads)
+    sdpa = attend(q, keys, values, None, 0.125)  # uncalibrated: SDPA
+    blocks = causal_blocks(q, keys, values, 0.125, block)
+    assert blocks.shape == sdpa.shape == (batch, tokens, heads * 64)
+    torch.testing.assert_close(blocks, sdpa, rtol=2e-6, atol=2e-6)
+    exact = attend(q.double(), keys.double(), values.double(), None, 0.125)
+    torch.testing.assert_close(blocks.double(), exact, rtol=2e-6, atol=2e-6)
+
+
+def test_attend_takes_the_blocks_only_where_calibrated(form_state, monkeypatch):
+    taken = []
+    real = attention.causal_blocks
+    monkeypatch.setattr(attention, "causal_blocks", lambda *a, **k: taken.append(a[0].shape[1]) or real(*a, **k))
+    q, keys, values = _mqa(1, 40, 4)
+    attend(q, keys, values, None, 0.125)
+    assert not taken, "uncalibrated: SDPA"
+    form_state.blocks_at = frozenset({64, 512})
+    out = attend(q, keys, values, None, 0.125)  # 40 tokens: nearest to 64 of the lengths timed
+    assert taken == [40]
+    torch.testing.assert_close(out, real(q, keys, values, 0.125))
+    for tokens in (90, 91, 181, 362, 363, 724, 2000):  # nearest 64, 128, 128, 256, 512, 512, 1024
+        attend(*_mqa(1, tokens, 2), None, 0.125)
+    assert taken == [40, 90, 363, 724], "the nearest length's form, by ratio"
+    mask = torch.ones(1, 1, 40, 40, dtype=torch.bool).tril()
+    attend(q, keys, values, mask, 0.125)  # padded batches keep SDPA with their mask
+    grouped_keys, grouped_values = keys.expand(1, 2, 40, 64), values.expand(1, 2, 40, 64)
+    attend(q, grouped_keys.contiguous(), grouped_values.contiguous(), None, 0.125)  # grouped heads keep SDPA
+    attend(*_mqa(1, 40, 4, dtype=torch.bfloat16), None, 0.125)  # bf16 keeps SDPA
+    assert taken == [40, 90, 363, 724], "with a mask, with several K/V heads, in bf16: SDPA"
+
+
+@pytest.mark.parametrize("sdpa, blocks, expected", [
+    ([1.0, 4.0, 20.0], [0.9, 3.0, 15.0], {64, 256, 1024}),
+    ([1.0, 4.0, 20.0], [1.0, 3.0, 21.0], {256}),  # a tie is not a gain
+    ([1.0, 4.0, 20.0], [1.1, 4.5, 25.0], set()),
+])
+def test_blocks_at_timings(sdpa, blocks, expected):
+    assert blocks_at(sdpa, blocks, (64, 256, 1024)) == expected
+
+
+def test_blocks_at_refuses_mismatched_timings():
+    with pytest.raises(ValueError, match=r"2 and 3 timings"):
+        blocks_at([1.0, 2.0], [1.0, 2.0, 3.0], (64, 256, 1024))
+
+
+def test_calibrate_attention_takes_the_slowest_ranks_timings_once(form_state):
+    seen = []
+
+    def slowest(local: torch.Tensor) -> torch.Tensor:
+        seen.append(local.clone())  # another rank where the blocks lost at 64 and 1024 tokens
+        return torch.tensor([0.2, 0.6, 2.0, 8.0, 20.0] + [0.3, 0.5, 1.5, 6.0, 21.0], dtype=torch.float64)
+
+    assert calibrate_attention(4, 64, slowest).startswith("causal blocks at 128,256,512 tokens")
+    assert len(seen) == 1 and seen[0].shape == (10,) and bool((seen[0] > 0).all()), "this rank's own timings"
+    assert form_state.blocks_at == {128, 256, 512}
+    assert calibrate_attention(4, 64, slowest) == form_state.calibrated and len(seen) == 1, "once per process"
+    assert kernels.describe({}).endswith("attention:mqa blocks@128,256,512")
+
+
+def test_calibrate_forms_measures_attention_for_one_kv_head_in_fp32(form_state, monkeypatch):
+    calls = []
+    monkeypatch.setattr(attention, "calibrate_attention", lambda h, d, slowest: calls.append((h, d)))
+    tp = types.SimpleNamespace(max_=lambda t: t)
+    fp32, bf16 = {"8x8:float32": torch.ones(8, 8)}, {"8x8:bfloat16": torch.ones(8, 8, dtype=torch.bfloat16)}
+    mqa = types.SimpleNamespace(local_heads=8, local_kv_heads=1, head_dim=32)
+    gqa = types.SimpleNamespace(local_heads=8, local_kv_heads=2, head_dim=32)
+    kernels.calibrate_forms(fp32, {}, tp, gqa)
+    kernels.calibrate_forms(bf16, {}, tp, mqa)
+    kernels.calibrate_forms(fp32, {}, tp, None)
+    assert calls == []
+    kernels.calibrate_forms(fp32, {}, tp, mqa)
+    assert calls == [(8, 32)]
+
+
+def test_a_model_generates_the_same_tokens_with_either_form(tmp_path, embedded_dir, prompts, form_state, monkeypatch):
+    shard_checkpoint(embedded_dir, tmp_path / "s", 1)
+    model = load_model(tmp_path / "s", TPGroup(0, 1), torch.device("cpu"), kernels="plain")
+    assert model.config.multi_query
+    monkeypatch.setattr(PREFILL_FORM, "calibrated", "set by the test")  # use_kernels measures nothing
+    same_length = [(p * 20)[:45] for p in prompts[:2]]  # no padding: the plain causal prefill
+    sdpa = timed_generate(model, Device("cpu"), same_length, 8, topk=5)
+    form_state.blocks_at = frozenset(attention.CALIBRATION_TOKENS)
+    taken = []
+    real = attention.causal_blocks
+    monkeypatch.setattr(attention, "causal_blocks", lambda *a, **k: taken.append(1) or real(*a, **k))
+    blocks = timed_generate(model, Device("cpu"), same_length, 8, topk=5)
+    assert len(taken) == model.config.n_layer, "every layer's prefill"
+    assert torch.equal(sdpa.output_ids, blocks.output_ids)
+    torch.testing.assert_close(sdpa.topk_logprobs, blocks.topk_logprobs, rtol=1e-4, atol=1e-4)
