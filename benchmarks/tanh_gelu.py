@@ -15,7 +15,6 @@ Writes its section of benchmarks/RESULTS.md.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -24,17 +23,10 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from speed import cpu_name, write_results  # noqa: E402
+from form_pairs import add_model_options, cases_of, model_dir_of, model_table, write_section  # noqa: E402
 
 from starcoder_tp.activations import TANH_GELU, calibrate, tanh_gelu_split  # noqa: E402
-from starcoder_tp.comm import TPGroup  # noqa: E402
-from starcoder_tp.device import Device  # noqa: E402
-from starcoder_tp.files import EMBEDDED_MODEL_DIR  # noqa: E402
 from starcoder_tp.kernel_timing import time_ms  # noqa: E402
-from starcoder_tp.model import load_model  # noqa: E402
-from starcoder_tp.shard import ensure_shards  # noqa: E402
-from starcoder_tp.testing.build_models import build_bench  # noqa: E402
-from starcoder_tp.timing import timed_generate  # noqa: E402
 
 
 def op_rows(rows_list: list[int], threads: int) -> list[str]:
@@ -50,59 +42,22 @@ def op_rows(rows_list: list[int], threads: int) -> list[str]:
     return lines
 
 
-def model_rows(model_dir: str, cases: list[tuple[int, int]], rounds: int) -> list[str]:
-    torch.set_num_threads(1)
-    model = load_model(ensure_shards(model_dir, 1, "float32"), TPGroup(0, 1), torch.device("cpu"))
-    calibrate(lambda t: t)
-    measured = TANH_GELU.split_from
-    lines = []
-    for batch, seq_in in cases:
-        gen = torch.Generator().manual_seed(seq_in)
-        prompts = torch.randint(1, model.config.vocab_size, (batch, seq_in), generator=gen).tolist()
-        firsts: dict[str, list[float]] = {"fused": [], "split": []}
-        for round_ in range(rounds + 1):  # the first round warms up, and is dropped
-            for form in (("fused", "split") if round_ % 2 else ("split", "fused")):
-                TANH_GELU.split_from = None if form == "fused" else (measured or 1)
-                # The cache sized for 32 tokens: the layout weighed as for the perf suite's out=32 case.
-                ms = timed_generate(model, Device("cpu"), prompts, 1, max_seq_len=seq_in + 32).first_token_ms
-                if round_:
-                    firsts[form].append(ms)
-        ratios = [s / f for s, f in zip(firsts["split"], firsts["fused"])]
-        lines.append(f"| {batch} | {seq_in} | {statistics.median(firsts['fused']):.1f} | "
-                     f"{statistics.median(firsts['split']):.1f} | {statistics.median(ratios):.3f} "
-                     f"({min(ratios):.3f}-{max(ratios):.3f}) | {model.kernels_summary().partition('): ')[2].partition('; gelu:')[0]} |")
-    TANH_GELU.split_from = measured
-    return lines
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="bench", help="bench, embedded or a checkpoint directory. Default: %(default)r")
+    add_model_options(parser)
     parser.add_argument("--rows", default="1,8,16,128,512,2048", help="op table rows. Default: %(default)r")
-    parser.add_argument("--cases", default="1:128,1:512,16:128", help="batch:seq_in,... Default: %(default)r")
-    parser.add_argument("--rounds", type=int, default=9, help="pairs per model case. Default: %(default)r")
     args = parser.parse_args()
     started = time.perf_counter()
     rows_list = [int(r) for r in args.rows.split(",")]
     ops = op_rows(rows_list, 1) + op_rows(rows_list, 2)
-    model_dir = {"bench": lambda: str(build_bench()), "embedded": lambda: str(EMBEDDED_MODEL_DIR)}.get(
-        args.model, lambda: args.model)()
-    cases = [tuple(int(v) for v in case.split(":")) for case in args.cases.split(",")]
-    models = model_rows(model_dir, cases, args.rounds)
-    text = "\n".join([
-        "## The tanh GELU", "",
-        f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} by `benchmarks/tanh_gelu.py` in "
-        f"{time.perf_counter() - started:.0f} s. Machine: {cpu_name()}, torch {torch.__version__}. "
-        f"The split form as this process calibrated it: {TANH_GELU.calibrated}.", "",
-        "One [rows, 4096] fp32 activation; ms per call, median of alternating rounds; diff = the largest "
-        "difference between the forms.", "",
-        "| threads | rows | fused | split | split/fused | diff |", "|---|---|---|---|---|---|", *ops, "",
-        f"First token of `{model_dir}` at world size 1, one thread, fp32, the weights laid out by the plan "
-        f"weighed for the prompt and 31 decode steps (the same for both forms); ms, median of {args.rounds} interleaved pairs; "
-        "split/fused: the median of the pairs' ratios (their range).", "",
-        "| batch | prompt | fused | split | split/fused | layout |", "|---|---|---|---|---|---|", *models])
-    write_results("The tanh GELU", text)
-    print(text)
+    model_dir = model_dir_of(args.model)
+    cases = cases_of(args.cases)
+    models = model_table(model_dir, cases, args.rounds, ("fused", "split"), TANH_GELU, "split_from", None,
+                         lambda measured: measured or 1, lambda model: calibrate(lambda t: t), layout=True)
+    write_section("The tanh GELU", "tanh_gelu.py", started, TANH_GELU.calibrated,
+                  "One [rows, 4096] fp32 activation; ms per call, median of alternating rounds; diff = the largest "
+                  "difference between the forms.", ["threads", "rows", "fused", "split", "split/fused", "diff"], ops,
+                  model_dir, args.rounds, ("fused", "split"), models, layout=True)
 
 
 if __name__ == "__main__":
