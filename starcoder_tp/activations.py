@@ -45,7 +45,8 @@ def tanh_gelu_split(x: torch.Tensor) -> torch.Tensor:
 
 class TanhGelu:
     """The tanh GELU: the split form from `split_from` elements on (contiguous fp32 CPU tensors,
-    eager, without autograd: its passes write in place), else torch's fused op. `split_from` is None until `calibrate` measures that it pays."""
+    eager, without autograd: its passes write in place), else torch's fused op. `split_from` is
+    None until `calibrate` measures that it pays."""
 
     def __init__(self) -> None:
         self.split_from: int | None = None
@@ -96,15 +97,12 @@ def calibrate(slowest: Callable[[torch.Tensor], torch.Tensor]) -> str:
     that every rank takes the same form. Every rank must call it in step. Returns what it set."""
     if TANH_GELU.calibrated:
         return TANH_GELU.calibrated
-    from .kernel_timing import time_ms  # (kernel_timing reads ACTIVATIONS)
+    from .kernel_timing import time_across_ranks  # (kernel_timing reads ACTIVATIONS)
 
-    timings = []
-    for numel in CALIBRATION_NUMEL:
-        x = torch.randn(numel) * 3
-        ms = time_ms({"fused": lambda x=x: F.gelu(x, approximate="tanh"), "split": lambda x=x: tanh_gelu_split(x)})
-        timings += [ms["fused"], ms["split"]]
-    small_f, small_s, large_f, large_s = slowest(torch.tensor(timings, dtype=torch.float64)).tolist()
-    TANH_GELU.split_from = split_from({"fused": small_f, "split": small_s}, {"fused": large_f, "split": large_s})
-    TANH_GELU.calibrated = (f"tanh gelu split from {TANH_GELU.split_from} elements" if TANH_GELU.split_from
-                            else "tanh gelu fused") + f" ({CALIBRATION_NUMEL[1]}: {large_s:.3f} vs {large_f:.3f} ms)"
+    inputs = [torch.randn(numel) * 3 for numel in CALIBRATION_NUMEL]
+    small, large = time_across_ranks([{"fused": lambda x=x: F.gelu(x, approximate="tanh"),
+                                       "split": lambda x=x: tanh_gelu_split(x)} for x in inputs], slowest)
+    TANH_GELU.split_from = split_from(small, large)
+    form = f"tanh gelu split from {TANH_GELU.split_from} elements" if TANH_GELU.split_from else "tanh gelu fused"
+    TANH_GELU.calibrated = f"{form} ({CALIBRATION_NUMEL[1]}: {large['split']:.3f} vs {large['fused']:.3f} ms)"
     return TANH_GELU.calibrated

@@ -178,7 +178,6 @@ class Attention(nn.Module):
         return self.c_proj.row_parallel(attend(q, keys, values, mask, self.scale), self.tp)
 
 
-
 def blocks_at(sdpa_ms: list[float], blocks_ms: list[float],
               tokens: tuple[int, ...] = CALIBRATION_TOKENS) -> frozenset[int]:
     """The lengths of `tokens` at which causal_blocks was faster, from each form's ms per call."""
@@ -198,25 +197,20 @@ def calibrate_attention(heads: int, head_dim: int, slowest) -> str:
     form. Every rank must call it in step. Returns what it set."""
     if PREFILL_FORM.calibrated:
         return PREFILL_FORM.calibrated
-    from .kernel_timing import time_ms  # (kernel_timing reads linear.py, which this module uses)
+    from .kernel_timing import time_across_ranks  # (kernel_timing reads linear.py, which this module uses)
 
-    timings: dict[str, list[float]] = {"sdpa": [], "blocks": []}
-    saved, PREFILL_FORM.blocks_at = PREFILL_FORM.blocks_at, frozenset()
+    scale = 1 / math.sqrt(head_dim)
+    inputs = [(torch.randn(1, t, heads + 2, head_dim)[:, :, :heads],  # q: a view of the fused q/k/v, as the model's
+               torch.randn(1, 1, t, head_dim), torch.randn(1, 1, t, head_dim)) for t in CALIBRATION_TOKENS]
+    saved, PREFILL_FORM.blocks_at = PREFILL_FORM.blocks_at, frozenset()  # attend: SDPA while timed
     try:
-        for t in CALIBRATION_TOKENS:
-            q = torch.randn(1, t, heads + 2, head_dim)[:, :, :heads]  # a view of the fused q/k/v, as the model's
-            keys, values = torch.randn(1, 1, t, head_dim), torch.randn(1, 1, t, head_dim)
-            scale = 1 / math.sqrt(head_dim)
-            ms = time_ms({"sdpa": lambda: attend(q, keys, values, None, scale),
-                          "blocks": lambda: causal_blocks(q, keys, values, scale)})
-            timings["sdpa"].append(ms["sdpa"])
-            timings["blocks"].append(ms["blocks"])
+        timings = time_across_ranks([{"sdpa": lambda i=i: attend(*i, None, scale),
+                                      "blocks": lambda i=i: causal_blocks(*i, scale)} for i in inputs], slowest)
     finally:
         PREFILL_FORM.blocks_at = saved
-    n = len(CALIBRATION_TOKENS)
-    reduced = slowest(torch.tensor(timings["sdpa"] + timings["blocks"], dtype=torch.float64)).tolist()
-    PREFILL_FORM.blocks_at = blocks_at(reduced[:n], reduced[n:])
-    shown = ", ".join(f"{t}: {b:.2f} vs {s:.2f} ms" for t, s, b in zip(CALIBRATION_TOKENS, reduced[:n], reduced[n:]))
+    sdpa, blocks = [ms["sdpa"] for ms in timings], [ms["blocks"] for ms in timings]
+    PREFILL_FORM.blocks_at = blocks_at(sdpa, blocks)
+    shown = ", ".join(f"{t}: {b:.2f} vs {s:.2f} ms" for t, s, b in zip(CALIBRATION_TOKENS, sdpa, blocks))
     PREFILL_FORM.calibrated = (f"causal blocks at {describe_lengths(PREFILL_FORM.blocks_at)} tokens"
                                if PREFILL_FORM.blocks_at else "sdpa") + f" (blocks vs sdpa: {shown})"
     return PREFILL_FORM.calibrated

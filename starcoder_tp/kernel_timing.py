@@ -13,10 +13,11 @@ rows.
 
 Bounded: one warm call and one probe call per candidate, then candidates slower than
 PRUNE_FACTOR x the best probe are dropped; the rest run ROUNDS rounds of at least ROUND_MIN_S and
-one call each (decode candidates: DECODE_MIN_CALLS calls). On the bench-size model that is 6-8 s per batch size in fp32 (the copies
-dominate: MKL packs at ~0.8 GB/s) and 2-3 s in bf16 (RESULTS.md); on StarCoder's shapes it is
-dominated by the prefill calls at 512 rows, 4-5 calls of each surviving candidate (estimated
-10-30 s per batch size on one thread of a large CPU; once per machine, the plan is cached).
+one call each (decode candidates: DECODE_MIN_CALLS calls). On the bench-size model that is 6-8 s
+per batch size in fp32 (the copies dominate: MKL packs at ~0.8 GB/s) and 2-3 s in bf16
+(RESULTS.md); on StarCoder's shapes it is dominated by the prefill calls at 512 rows, 4-5 calls
+of each surviving candidate (estimated 10-30 s per batch size on one thread of a large CPU; once
+per machine, the plan is cached).
 """
 from __future__ import annotations
 
@@ -77,6 +78,20 @@ def time_ms(calls: dict[str, Callable[[], object]], on_progress: Callable[[], No
                 on_progress()  # a rank's heartbeat: one call of a large shape can take seconds
     medians = {name: statistics.median(s) * 1e3 for name, s in samples.items()}
     return {name: medians.get(name, probes[name] * 1e3) for name in calls}
+
+
+def time_across_ranks(calls_by_size: list[dict[str, Callable[[], object]]],
+                      slowest: Callable[[torch.Tensor], torch.Tensor]) -> list[dict[str, float]]:
+    """time_ms of each set of calls (the same names in each), every figure the slowest rank's:
+    `slowest` reduces a float64 tensor to its maximum over the ranks, so that every rank reads
+    the same timings and decides alike. Every rank must call it in step."""
+    names = list(calls_by_size[0])
+    local = []
+    for calls in calls_by_size:
+        ms = time_ms(calls)
+        local += [ms[name] for name in names]
+    reduced = slowest(torch.tensor(local, dtype=torch.float64)).tolist()
+    return [dict(zip(names, reduced[i * len(names):(i + 1) * len(names)])) for i in range(len(calls_by_size))]
 
 
 def decode_copies(weight_bytes: int, step_bytes: int) -> int:

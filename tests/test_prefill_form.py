@@ -83,7 +83,8 @@ def test_calibrate_attention_takes_the_slowest_ranks_timings_once(form_state):
 
     def slowest(local: torch.Tensor) -> torch.Tensor:
         seen.append(local.clone())  # another rank where the blocks lost at 64 and 1024 tokens
-        return torch.tensor([0.2, 0.6, 2.0, 8.0, 20.0] + [0.3, 0.5, 1.5, 6.0, 21.0], dtype=torch.float64)
+        # sdpa, blocks at each length in turn
+        return torch.tensor([0.2, 0.3, 0.6, 0.5, 2.0, 1.5, 8.0, 6.0, 20.0, 21.0], dtype=torch.float64)
 
     assert calibrate_attention(4, 64, slowest).startswith("causal blocks at 128,256,512 tokens")
     assert len(seen) == 1 and seen[0].shape == (10,) and bool((seen[0] > 0).all()), "this rank's own timings"
