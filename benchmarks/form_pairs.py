@@ -45,12 +45,21 @@ def pair_cells(firsts: dict[str, list[float]], base: str, other: str) -> str:
             f"{statistics.median(ratios):.3f} ({min(ratios):.3f}-{max(ratios):.3f})")
 
 
-def add_model_options(parser) -> None:
-    """--model, --cases and --rounds of the first-token table."""
+def parse_args(doc: str, sizes_flag: str, sizes_default: str, sizes_help: str):
+    """The benchmark's options: --model (resolved to `model_dir`), --cases (parsed), --rounds, and
+    its op table's sizes (`sizes_flag`, parsed to the list `sizes`)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="bench",
                         help="bench, embedded or a checkpoint directory. Default: %(default)r")
     parser.add_argument("--cases", default="1:128,1:512,16:128", help="batch:seq_in,... Default: %(default)r")
     parser.add_argument("--rounds", type=int, default=9, help="pairs per model case. Default: %(default)r")
+    parser.add_argument(sizes_flag, dest="sizes", default=sizes_default, help=f"{sizes_help}. Default: %(default)r")
+    args = parser.parse_args()
+    args.model_dir, args.cases = model_dir_of(args.model), cases_of(args.cases)
+    args.sizes = [int(size) for size in args.sizes.split(",")]
+    return args
 
 
 def load_fp32(model_dir: str):

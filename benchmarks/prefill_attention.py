@@ -13,7 +13,6 @@ Writes its section of benchmarks/RESULTS.md.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -21,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from form_pairs import add_model_options, cases_of, model_dir_of, model_table, write_section  # noqa: E402
+from form_pairs import model_table, parse_args, write_section  # noqa: E402
 
 from starcoder_tp.attention import (CALIBRATION_TOKENS, PREFILL_FORM, attend, calibrate_attention,  # noqa: E402
                                     causal_blocks)
@@ -52,15 +51,10 @@ def calibrate_on(model) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_options(parser)
-    parser.add_argument("--tokens", default="32,64,128,256,512,1024", help="op table lengths. Default: %(default)r")
-    args = parser.parse_args()
+    args = parse_args(__doc__, "--tokens", "32,64,128,256,512,1024", "op table lengths")
     started = time.perf_counter()
-    tokens = [int(t) for t in args.tokens.split(",")]
-    ops = [line for threads in (1, 2) for heads in (16, 8) for line in op_rows(tokens, heads, threads)]
-    model_dir = model_dir_of(args.model)
-    cases = cases_of(args.cases)
+    ops = [line for threads in (1, 2) for heads in (16, 8) for line in op_rows(args.sizes, heads, threads)]
+    model_dir, cases = args.model_dir, args.cases
     models = model_table(model_dir, cases, args.rounds, ("sdpa", "blocks"), PREFILL_FORM, "blocks_at", frozenset(),
                          lambda measured: frozenset(CALIBRATION_TOKENS), calibrate_on)
     write_section("The multi-query prefill's attention", "prefill_attention.py", started, PREFILL_FORM.calibrated,

@@ -14,7 +14,6 @@ Writes its section of benchmarks/RESULTS.md.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -23,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from form_pairs import add_model_options, cases_of, model_dir_of, model_table, write_section  # noqa: E402
+from form_pairs import model_table, parse_args, write_section  # noqa: E402
 
 from starcoder_tp.activations import TANH_GELU, calibrate, tanh_gelu_split  # noqa: E402
 from starcoder_tp.kernel_timing import time_ms  # noqa: E402
@@ -43,15 +42,10 @@ def op_rows(rows_list: list[int], threads: int) -> list[str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_options(parser)
-    parser.add_argument("--rows", default="1,8,16,128,512,2048", help="op table rows. Default: %(default)r")
-    args = parser.parse_args()
+    args = parse_args(__doc__, "--rows", "1,8,16,128,512,2048", "op table rows")
     started = time.perf_counter()
-    rows_list = [int(r) for r in args.rows.split(",")]
-    ops = op_rows(rows_list, 1) + op_rows(rows_list, 2)
-    model_dir = model_dir_of(args.model)
-    cases = cases_of(args.cases)
+    ops = op_rows(args.sizes, 1) + op_rows(args.sizes, 2)
+    model_dir, cases = args.model_dir, args.cases
     models = model_table(model_dir, cases, args.rounds, ("fused", "split"), TANH_GELU, "split_from", None,
                          lambda measured: measured or 1, lambda model: calibrate(lambda t: t), layout=True)
     write_section("The tanh GELU", "tanh_gelu.py", started, TANH_GELU.calibrated,
