@@ -96,7 +96,7 @@ def test_calibrate_attention_takes_the_slowest_ranks_timings_once(form_state):
 def test_calibrate_forms_measures_attention_for_one_kv_head_in_fp32(form_state, monkeypatch):
     calls = []
     monkeypatch.setattr(attention, "calibrate_attention", lambda h, d, slowest: calls.append((h, d)))
-    tp = types.SimpleNamespace(max_=lambda t: t)
+    tp = types.SimpleNamespace(max_=lambda t: t, world_size=1)
     fp32, bf16 = {"8x8:float32": torch.ones(8, 8)}, {"8x8:bfloat16": torch.ones(8, 8, dtype=torch.bfloat16)}
     mqa = types.SimpleNamespace(local_heads=8, local_kv_heads=1, head_dim=32)
     gqa = types.SimpleNamespace(local_heads=8, local_kv_heads=2, head_dim=32)
@@ -123,3 +123,27 @@ def test_a_model_generates_the_same_tokens_with_either_form(tmp_path, embedded_d
     assert len(taken) == model.config.n_layer, "every layer's prefill"
     assert torch.equal(sdpa.output_ids, blocks.output_ids)
     torch.testing.assert_close(sdpa.topk_logprobs, blocks.topk_logprobs, rtol=1e-4, atol=1e-4)
+
+
+def test_the_forms_are_measured_once_per_machine_then_read_from_the_cache(form_state, monkeypatch, tmp_path):
+    monkeypatch.setenv("STARCODER_TP_CACHE", str(tmp_path / "cache"))
+    calls = []
+
+    def measured(heads, dim, slowest):
+        calls.append((heads, dim))
+        form_state.blocks_at, form_state.calibrated = frozenset({512}), "causal blocks at 512 tokens (...)"
+        return form_state.calibrated
+
+    monkeypatch.setattr(attention, "calibrate_attention", measured)
+    tp = types.SimpleNamespace(max_=lambda t: t, world_size=1)
+    mqa = types.SimpleNamespace(local_heads=8, local_kv_heads=1, head_dim=32)
+    kernels.calibrate_forms({"8x8:float32": torch.ones(8, 8)}, {}, tp, mqa)
+    assert calls == [(8, 32)] and len(list((tmp_path / "cache" / "forms").glob("*.json"))) == 1
+    form_state.blocks_at, form_state.calibrated = frozenset(), ""  # another process on this machine
+    kernels.calibrate_forms({"8x8:float32": torch.ones(8, 8)}, {}, tp, mqa)
+    assert calls == [(8, 32)], "read from the cache, not measured again"
+    assert form_state.blocks_at == {512} and form_state.calibrated.startswith("cached: causal blocks at 512")
+    form_state.blocks_at, form_state.calibrated = frozenset(), ""
+    missing = types.SimpleNamespace(max_=lambda t: torch.ones_like(t), world_size=1)  # another rank lacks them
+    kernels.calibrate_forms({"8x8:float32": torch.ones(8, 8)}, {}, missing, mqa)
+    assert len(calls) == 2, "measured again with the rank that lacks them"
