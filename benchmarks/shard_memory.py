@@ -14,15 +14,13 @@ import time
 
 from starcoder_tp.testing.build_models import build_bench
 
-# VmHWM (the peak RSS of this process image) and not ru_maxrss, which a child inherits from
-# its parent across fork + exec.
+# The peak RSS of this process image (device.peak_rss_bytes: VmHWM, not ru_maxrss, which a child
+# inherits from its parent across fork + exec).
 CHILD = """
 import sys, time
 import torch  # imported before the baseline, as the CLI would
+from starcoder_tp.device import peak_rss_bytes as hwm
 from starcoder_tp.shard import shard_checkpoint
-def hwm():
-    line = next(l for l in open('/proc/self/status') if l.startswith('VmHWM'))
-    return int(line.split()[1]) * 1024
 base = hwm()
 t = time.perf_counter()
 shard_checkpoint(sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], max_file_bytes=int(sys.argv[5]), log=lambda m: None)

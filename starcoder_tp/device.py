@@ -85,12 +85,39 @@ class Device:
             torch.cuda.reset_peak_memory_stats()
         elif self.kind == "npu":
             torch.npu.reset_peak_memory_stats()
+        else:
+            reset_peak_rss()
 
     def peak_memory_bytes(self) -> int:
-        """Peak device memory on cuda/npu; the process's peak RSS on cpu."""
+        """Peak device memory on cuda/npu; on cpu the process's peak RSS since reset_peak_memory."""
         if self.kind == "cuda":
             return int(torch.cuda.max_memory_allocated())
         if self.kind == "npu":
             return int(torch.npu.max_memory_allocated())
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return int(peak if sys.platform == "darwin" else peak * 1024)
+        return peak_rss_bytes()
+
+
+def reset_peak_rss() -> bool:
+    """Start this process's RSS high-water mark (Linux's VmHWM) again from its current RSS;
+    False where the kernel offers no reset (then the peak is the process's whole life's)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak RSS: Linux's VmHWM, which belongs to the process's own memory map.
+    Not getrusage's ru_maxrss: a spawned child (fork, then exec) starts from its parent's RSS
+    at the fork, so a rank started by a 1 GB pytest process would report at least 1 GB."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except (OSError, ValueError, IndexError):
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # no /proc (macOS: bytes; elsewhere kB)
+    return int(peak if sys.platform == "darwin" else peak * 1024)

@@ -83,3 +83,39 @@ def test_npu_calls_go_to_torch_npu_only_when_asked():
 def test_this_process_has_no_npu_backend_named():
     """Guards the isolation above: a test that names privateuse1 here breaks torch.compile for the rest of the run."""
     assert torch._C._get_privateuse1_backend_name() == "privateuseone"
+
+
+CHILD_PEAK = """
+from starcoder_tp.device import Device
+device = Device("cpu")
+device.reset_peak_memory()
+print(device.peak_memory_bytes())
+"""
+
+
+def test_a_cpu_ranks_peak_memory_is_its_own_not_its_parents():
+    """A rank is spawned (fork, then exec) from a process that may hold gigabytes (pytest with a
+    comparison's side B, a notebook): getrusage's peak counts the parent's RSS at the fork."""
+    hog = torch.ones(1536 * 2**20 // 4)  # 1.5 GiB, every page written
+    proc = subprocess.run([sys.executable, "-c", CHILD_PEAK], capture_output=True, text=True, timeout=300)
+    del hog
+    assert proc.returncode == 0, proc.stderr
+    child_peak = int(proc.stdout.split()[-1])
+    assert 0 < child_peak < 2**30, f"the child reports {child_peak / 2**20:.0f} MiB with a parent of 1.5 GiB"
+
+
+def test_a_cpu_peak_counts_from_its_reset():
+    from starcoder_tp.device import reset_peak_rss
+
+    device = Device("cpu")
+    if not reset_peak_rss():
+        pytest.skip("this kernel offers no reset of the RSS high-water mark (/proc/self/clear_refs)")
+    device.reset_peak_memory()
+    before = device.peak_memory_bytes()
+    block = torch.ones(256 * 2**20 // 4)  # 256 MiB written
+    during = device.peak_memory_bytes()
+    assert during >= before + 200 * 2**20, (before, during)
+    del block  # a block this large is a mapping of its own: unmapped when freed
+    device.reset_peak_memory()
+    after = device.peak_memory_bytes()
+    assert after <= during - 200 * 2**20, (during, after)

@@ -9,10 +9,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 
-def run_pytest(*args, timeout=600):
+def run_pytest(*args, timeout=600, env=None):
     return subprocess.run([sys.executable, "-m", "pytest", "tests_perf", "-p", "no:cacheprovider", *map(str, args)],
                           capture_output=True, text=True, timeout=timeout, cwd=REPO,
-                          env={**os.environ, "PYTHONPATH": str(REPO)})
+                          env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})})
 
 
 def test_small_grid_writes_csv_json_heatmaps_and_summary(tmp_path):
@@ -60,6 +60,22 @@ def test_bad_options_stop_the_run_at_start_up_naming_the_value(tmp_path):
         proc = run_pytest(*args, "--results-dir", tmp_path, timeout=120)
         assert proc.returncode == 4, (args, proc.stdout[-1000:], proc.stderr[-1000:])
         assert message in proc.stderr, (args, proc.stderr[-1000:])
+    assert not list(tmp_path.glob("*.csv"))
+
+
+def test_a_device_or_allocator_the_ranks_cannot_use_stops_the_run_at_start_up(tmp_path):
+    """Found at collection, in one line, not once per case when each case's ranks fail to start."""
+    import torch
+
+    if torch.cuda.is_available():
+        device, message = ["--device", "cuda", "--device-id", "64"], "needs devices 64..65"
+    else:
+        device, message = ["--device", "cuda"], "--device cuda: no cuda device is available on this machine"
+    for args, env, message in [(device, {}, message),
+                               ([], {"STARCODER_TP_MALLOC": "bogus"}, "STARCODER_TP_MALLOC='bogus': expected one of")]:
+        proc = run_pytest(*args, "--batch-sizes", "1", "--results-dir", tmp_path, timeout=120, env=env)
+        assert proc.returncode == 4, (args, env, proc.stdout[-1000:], proc.stderr[-1000:])
+        assert message in proc.stderr and "Traceback" not in proc.stdout + proc.stderr, (args, env, proc.stderr[-1000:])
     assert not list(tmp_path.glob("*.csv"))
 
 

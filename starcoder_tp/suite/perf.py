@@ -20,8 +20,10 @@ import torch
 from .. import log as default_log
 from ..config import ModelConfig
 from ..device import Device
+from ..malloc import malloc_choice
 from ..parallel import GroupSpec, RankFailure, WorkerGroup
 from ..shard import DTYPES, ensure_shards
+from ..torchrun import launched_by_torchrun
 from .faults import BusyWait
 
 DEFAULT_BATCH_SIZES = (1, 4, 8, 16, 32)
@@ -181,9 +183,13 @@ class PerfOptions:
         return {"auto": "eager", "plain": "eager-no-prepack"}.get(self.kernels, f"eager-kernels-{self.kernels}")
 
     def check_cases(self) -> None:
-        """Refuse the grid's impossible cases (kept apart: a grid that does not fit a model
-        must not block an accuracy run on it)."""
+        """Refuse the grid's impossible cases, and a device or allocator the ranks could not
+        use, before any rank starts (kept apart: a grid that does not fit a model must not block
+        an accuracy run on it)."""
         check_cases(self.cases(), self.config, self.max_seq_len)
+        malloc_choice()
+        if not launched_by_torchrun():  # there each node's ranks check their own devices
+            Device(self.device, self.device_id).check_available(self.world_size)
 
     def cases(self) -> list[Case]:
         return build_cases(self.batch_sizes, self.seq_in, self.seq_out, self.case_pairs)
