@@ -210,6 +210,22 @@ def accuracy_run(request, accuracy_options) -> AccuracyRun:
     return run
 
 
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_sessionfinish(session):
+    """Before pytest-benchmark's own sessionfinish, which writes its JSON and table: a case
+    interrupted (Ctrl-C) inside its measured rounds left it a benchmark of no round, on which
+    both fail (min() of nothing, a traceback), so that the finished cases' JSON was lost too.
+    pytest-benchmark offers no public hook for this; without its session object, nothing to do."""
+    drop_unmeasured_benchmarks(getattr(session.config, "_benchmarksession", None))
+    return (yield)
+
+
+def drop_unmeasured_benchmarks(benchmark_session) -> None:
+    benchmarks = getattr(benchmark_session, "benchmarks", None)
+    if isinstance(benchmarks, list):
+        benchmarks[:] = [b for b in benchmarks if getattr(b, "stats", True)]
+
+
 def pytest_terminal_summary(terminalreporter, config):
     run = config.stash.get(accuracy_key, None)
     if run is not None:
