@@ -63,6 +63,16 @@ def test_bad_options_stop_the_run_at_start_up_naming_the_value(tmp_path):
     assert not list(tmp_path.glob("*.csv"))
 
 
+def test_a_results_dir_that_is_a_file_or_empty_is_refused_at_start_up(tmp_path):
+    (tmp_path / "a_file").write_text("kept")
+    for value, message in [(tmp_path / "a_file", "exists and is not a folder"), ("", "'' is empty")]:
+        proc = run_pytest("--results-dir", value, timeout=120)
+        assert proc.returncode == 4, (value, proc.stdout[-1000:], proc.stderr[-1000:])
+        assert f"argument --results-dir: {message}" in proc.stderr, proc.stderr[-1000:]
+        assert "Traceback" not in proc.stdout + proc.stderr, proc.stderr[-2000:]
+    assert (tmp_path / "a_file").read_text() == "kept" and not list(REPO.glob("*.csv"))
+
+
 def test_a_device_or_allocator_the_ranks_cannot_use_stops_the_run_at_start_up(tmp_path):
     """Found at collection, in one line, not once per case when each case's ranks fail to start."""
     import torch

@@ -27,6 +27,16 @@ def case_pairs(text: str) -> tuple[tuple[int, int], ...]:
     return tuple(pairs)
 
 
+def results_dir(text: str) -> str:
+    """A folder for the results, made when absent; refused, before anything runs, when it is
+    empty (an unset variable: the files would land in the current folder) or not a folder."""
+    if not str(text).strip():
+        raise argparse.ArgumentTypeError(f"{text!r} is empty: name a folder for the CSV, JSON and plots")
+    if Path(text).exists() and not Path(text).is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} exists and is not a folder")
+    return text
+
+
 METRICS = ("first_token", "decode")
 
 
@@ -79,7 +89,7 @@ GRID = (
     option("--perf-rounds", type=positive_int, default=1, help="measured generations per case. Default: %(default)r"),
     option("--perf-warmup", type=non_negative_int, default=1,
            help="warm-up generations per batch size. Default: %(default)r"),
-    option("--results-dir", default="results", help="Default: %(default)r"),
+    option("--results-dir", type=results_dir, default="results", help="Default: %(default)r"),
     option("--model-name", default="starcoder", help="suffix of the result files. Default: %(default)r"),
 )
 
