@@ -65,7 +65,8 @@ def test_bad_options_stop_the_run_at_start_up_naming_the_value(tmp_path):
 
 def test_a_results_dir_that_is_a_file_or_empty_is_refused_at_start_up(tmp_path):
     (tmp_path / "a_file").write_text("kept")
-    for value, message in [(tmp_path / "a_file", "exists and is not a folder"), ("", "'' is empty")]:
+    for value, message in [(tmp_path / "a_file", f"'{tmp_path / 'a_file'}' exists and is not a folder"),
+                           ("", "'' is empty")]:
         proc = run_pytest("--results-dir", value, timeout=120)
         assert proc.returncode == 4, (value, proc.stdout[-1000:], proc.stderr[-1000:])
         assert f"argument --results-dir: {message}" in proc.stderr, proc.stderr[-1000:]
