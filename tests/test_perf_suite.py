@@ -41,11 +41,21 @@ def test_small_grid_writes_csv_json_heatmaps_and_summary(tmp_path):
     assert "batch 1 headline (the Ascend guide's row)" in proc.stdout
     assert "set-up: shard" in proc.stdout
 
-    # -k selects by id, and --perf-resume skips what the CSV already holds.
+    # -k selects by id, and --perf-resume skips what the CSV already holds: a complete grid is a success.
     proc = run_pytest("--batch-sizes", "1,2", "--seq-in", "16,1024", "--seq-out", "6", "--results-dir", tmp_path,
                       "--model-name", "tiny", "--perf-resume", "-k", "bs2-")
-    assert "2 deselected" in proc.stdout or "4 deselected" in proc.stdout, proc.stdout[-2000:]
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "4 deselected" in proc.stdout and "4 of 4 case(s) already measured" in proc.stdout, proc.stdout[-2000:]
     assert len(list(csv.DictReader(open(tmp_path / "multibatch_performance_tiny_0.csv")))) == 4
+    # Resumed with new cases: the JSON keeps the earlier cases next to the new ones, as the CSV does.
+    proc = run_pytest("--batch-sizes", "1", "--seq-in", "16,32", "--seq-out", "6", "--results-dir", tmp_path,
+                      "--model-name", "tiny", "--perf-resume")
+    assert proc.returncode == 0 and "1 of 2 case(s) already measured" in proc.stdout, proc.stdout[-2000:]
+    bench = json.loads((tmp_path / "benchmark_tiny_0.json").read_text())
+    assert sorted(b["name"] for b in bench["benchmarks"]) == [
+        "test_latency[bs1-in1024-out6]", "test_latency[bs1-in16-out6]", "test_latency[bs1-in32-out6]",
+        "test_latency[bs2-in1024-out6]", "test_latency[bs2-in16-out6]"]
+    assert len(list(csv.DictReader(open(tmp_path / "multibatch_performance_tiny_0.csv")))) == 5
 
 
 def test_bad_options_stop_the_run_at_start_up_naming_the_value(tmp_path):

@@ -5,6 +5,7 @@ once, the accuracy run, and terminal summaries with the CSV, benchmark JSON, hea
 HumanEval figures."""
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -61,6 +62,7 @@ def gate_options(config, state: PerfState) -> None:
 perf_state_key = pytest.StashKey[PerfState]()
 accuracy_options_key = pytest.StashKey[AccuracyOptions]()
 accuracy_key = pytest.StashKey[AccuracyRun]()
+resumed_key = pytest.StashKey[dict]()  # --perf-resume: {"skipped": n, "kept": the earlier JSON's entries of those cases}
 
 
 def accuracy_options_from_config(config) -> AccuracyOptions:
@@ -143,16 +145,40 @@ def pytest_collection_modifyitems(config, items):
             state.comparison = ab.Comparison(working_tree(), checkout_ref(ref, log=lambda m: _say(config, m)))
     except (ValueError, RuntimeError) as err:
         raise pytest.UsageError(str(err)) from None
-    if config.option.perf_resume and csv_path(o.results_dir, o.model_name, o.device_id).is_file():
-        done = ResultsCSV(csv_path(o.results_dir, o.model_name, o.device_id)).measured_cases(
+    json_path = benchmark_json_path(config)
+    csv_file = csv_path(o.results_dir, o.model_name, o.device_id)
+    if config.option.perf_resume and csv_file.is_file():
+        done = ResultsCSV(csv_file).measured_cases(
             world_size=o.world_size, dtype=o.dtype, device=o.device, model=o.model_name, runtime_mode=o.runtime_mode)
         skipped = [i for i in perf_items if i.callspec.params["perf_case"] in done]
         if skipped:
             config.hook.pytest_deselected(items=skipped)
             items[:] = [i for i in items if i not in skipped]
-    json_path = benchmark_json_path(config)
+            config.stash[resumed_key] = {"skipped": len(skipped), "kept": earlier_benchmarks(json_path, o)}
+            _say(config, f"[perf] --perf-resume: {len(skipped)} of {len(perf_items)} case(s) already measured in "
+                         f"{csv_file}, not run again")
     if json_path:  # pytest-benchmark writes it at the end, into a directory that must exist
         json_path.parent.mkdir(parents=True, exist_ok=True)
+
+
+def earlier_benchmarks(json_path: Path | None, options) -> list[dict]:
+    """The entries of this world size and dtype in the pytest-benchmark JSON that a resumed run
+    would overwrite (pytest-benchmark writes only the session's own)."""
+    try:
+        entries = json.loads(json_path.read_text())["benchmarks"] if json_path else []
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    return [e for e in entries if isinstance(e, dict) and isinstance(e.get("extra_info"), dict)
+            and e["extra_info"].get("world_size") == options.world_size and e["extra_info"].get("dtype") == options.dtype]
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_benchmark_update_json(config, benchmarks, output_json):
+    """A resumed run's JSON keeps the earlier cases it did not run again, as the CSV does."""
+    resumed = config.stash.get(resumed_key, None)
+    if resumed and resumed["kept"]:
+        fresh = {b.get("name") for b in output_json["benchmarks"]}
+        output_json["benchmarks"][:0] = [b for b in resumed["kept"] if b["name"] not in fresh]
 
 
 def _say(config, message: str) -> None:
@@ -217,6 +243,9 @@ def pytest_sessionfinish(session):
     both fail (min() of nothing, a traceback), so that the finished cases' JSON was lost too.
     pytest-benchmark offers no public hook for this; without its session object, nothing to do."""
     drop_unmeasured_benchmarks(getattr(session.config, "_benchmarksession", None))
+    resumed = session.config.stash.get(resumed_key, None)
+    if resumed and session.exitstatus == pytest.ExitCode.NO_TESTS_COLLECTED:
+        session.exitstatus = pytest.ExitCode.OK  # --perf-resume with every case measured: the grid is complete
     return (yield)
 
 
