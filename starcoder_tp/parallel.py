@@ -78,6 +78,20 @@ def default_threads(world_size: int) -> int:
     return max(1, (os.cpu_count() or 1) // world_size)
 
 
+def oversubscription(spec: GroupSpec) -> str:
+    """A warning when the ranks' threads outnumber the cores this process may use ('' if not):
+    ranks spin while they wait, so oversubscribed they slow each other down many times over."""
+    if spec.device.kind != "cpu":
+        return ""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = spec.threads_per_rank or default_threads(spec.world_size)
+    if threads * spec.world_size <= cores:
+        return ""
+    return (f"{spec.world_size} rank(s) x {threads} thread(s) = {threads * spec.world_size} threads on {cores} usable "
+            f"core(s): the ranks slow each other down, so these figures are not this machine's "
+            f"(at most {max(1, cores // spec.world_size)} thread(s) per rank fit)")
+
+
 def configure_threads(rank: int, spec: GroupSpec) -> int:
     """One slice of the cores per rank: oversubscribed ranks slow each other down badly."""
     threads = spec.threads_per_rank or default_threads(spec.world_size)

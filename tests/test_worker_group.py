@@ -71,3 +71,18 @@ def test_group_serves_many_requests_and_closes_cleanly(shards):
 def test_missing_shard_set_is_refused_before_spawning(tmp_path):
     with pytest.raises(FileNotFoundError, match="no manifest.json"):
         WorkerGroup(GroupSpec(str(tmp_path), 2)).start()
+
+
+def test_threads_beyond_the_usable_cores_are_named_in_a_warning(monkeypatch):
+    from starcoder_tp.device import Device
+    from starcoder_tp.parallel import GroupSpec, oversubscription
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    assert oversubscription(GroupSpec("shards", 2, threads_per_rank=1)) == ""
+    assert oversubscription(GroupSpec("shards", 2)) == ""  # the default shares the cores evenly
+    assert oversubscription(GroupSpec("shards", 1, threads_per_rank=64)) == (
+        "1 rank(s) x 64 thread(s) = 64 threads on 2 usable core(s): the ranks slow each other down, so these "
+        "figures are not this machine's (at most 2 thread(s) per rank fit)")
+    assert "8 rank(s) x 1 thread(s) = 8 threads on 2 usable core(s)" in oversubscription(GroupSpec("shards", 8))
+    assert oversubscription(GroupSpec("shards", 8, Device("cuda"))) == ""  # a GPU rank's threads only feed it

@@ -21,7 +21,7 @@ from .. import log as default_log
 from ..config import ModelConfig
 from ..device import Device
 from ..malloc import malloc_choice
-from ..parallel import GroupSpec, RankFailure, WorkerGroup
+from ..parallel import GroupSpec, RankFailure, WorkerGroup, oversubscription
 from ..shard import DTYPES, ensure_shards
 from ..torchrun import launched_by_torchrun
 from .faults import BusyWait
@@ -235,6 +235,8 @@ class PerfRunner:
                  f"spawn + load of {o.world_size} rank(s) {t2 - t1:.1f}s (slowest rank loaded in "
                  f"{self.setup_times['load_s']:.1f}s); allocator "
                  f"{', '.join(sorted({str(info.get('allocator', 'as glibc has it')) for info in self.group.ready_info}))}")
+        if oversubscription(self.spec):
+            self.log(f"[perf] warning: {oversubscription(self.spec)}")
         return self
 
     def warm_up(self, case: Case) -> None:
