@@ -235,8 +235,9 @@ class PerfRunner:
                  f"spawn + load of {o.world_size} rank(s) {t2 - t1:.1f}s (slowest rank loaded in "
                  f"{self.setup_times['load_s']:.1f}s); allocator "
                  f"{', '.join(sorted({str(info.get('allocator', 'as glibc has it')) for info in self.group.ready_info}))}")
-        if oversubscription(self.spec):
-            self.log(f"[perf] warning: {oversubscription(self.spec)}")
+        warning = oversubscription(self.spec)
+        if warning:
+            self.log(f"[perf] warning: {warning}")
         return self
 
     def warm_up(self, case: Case) -> None:
