@@ -15,6 +15,7 @@
 #   bash benchmarks/device_check.sh [cuda|npu|cpu]     (cpu: to try the script itself)
 #   PYTHON=python3 OUT=/some/dir bash benchmarks/device_check.sh cuda
 #   WRITE=1 bash benchmarks/device_check.sh cuda         (also writes the RESULTS.md section)
+#   DEADLINE_S=540 bash benchmarks/device_check.sh cuda    (the last part stops in time to write its JSON)
 #   SKIP=accuracy,latency bash benchmarks/device_check.sh cuda   (parts: tests,perf,accuracy,latency)
 #
 # Results under $OUT/device_check: log.txt, perf.csv, perf.json, cuda_latency.json.
@@ -62,6 +63,9 @@ done
 part accuracy 300 "$py" -m pytest tests_accuracy -q -rs -p no:cacheprovider --device "$device" \
   --world-size "$world_size" --humaneval-limit 20 --results-dir "$results/accuracy"
 
-part latency 900 "$py" benchmarks/cuda_latency.py --device "$device" --json-out "$out/cuda_latency.json" ${WRITE:+--write}
+latency_limit=900
+# DEADLINE_S: seconds the whole script may take (a lease's limit): the last part ends in time to write its JSON
+[ -n "${DEADLINE_S:-}" ] && latency_limit=$(( DEADLINE_S - SECONDS - 20 < 900 ? DEADLINE_S - SECONDS - 20 : 900 ))
+part latency "$latency_limit" "$py" benchmarks/cuda_latency.py --device "$device" --json-out "$out/cuda_latency.json" ${WRITE:+--write}
 echo "== results under $out (exit $status)"
 exit $status
