@@ -7,6 +7,7 @@ import torch
 
 from starcoder_tp.testing.compare import check_topk_close
 from starcoder_tp.device import Device
+from starcoder_tp.suite.gate import measure_calibration
 from starcoder_tp.suite.perf import Case, PerfOptions, PerfRunner
 from starcoder_tp.testing.runners import GreedyOutput, HFRunner, TPRunner
 from starcoder_tp.shard import ensure_shards
@@ -52,6 +53,17 @@ def test_perf_case_on_the_accelerator_reports_device_memory(kind, embedded_dir, 
         runner.close()
     assert result.first_token_ms > 0 and result.decode_ms_mean > 0
     assert len(result.peak_memory_bytes) == world_size and min(result.peak_memory_bytes) > 0
+
+
+@pytest.mark.parametrize("kind", ACCELERATORS)
+def test_the_gates_calibration_is_the_accelerators_not_the_hosts(kind):
+    """--perf-normalize scales by these figures: an accelerator run's must be its device's. Any
+    GPU or NPU copies and multiplies many times faster than one host thread (an H200: ~4000
+    against ~11 GB/s); the host's own figures in its rows were the defect."""
+    host = measure_calibration(samples=1)
+    device = measure_calibration(samples=1, device=Device(kind), dtype="bfloat16")
+    for figure in host:
+        assert device[figure] > 5 * host[figure], (figure, device, host)
 
 
 @pytest.mark.skipif(_device_count("cuda") == 0, reason="no cuda device on this machine")

@@ -83,6 +83,36 @@ def test_normalisation_scales_by_the_machine_speed():
     assert compare_metric(CASE, "decode", on_slower_machine, base, 0.10, 0.05, scale=2 / 3).kind == "ok"
 
 
+def test_the_calibration_of_an_accelerator_run_times_the_device_in_the_runs_dtype(monkeypatch):
+    """On CUDA the rows held the CPU's one-thread figures, so --perf-normalize scaled a GPU's
+    times by the host's memcpy. Faked here (the 'device' is the CPU): tensors on the rank's
+    device, that device synchronised around every clock read, matmuls in the run's dtype, the
+    device's cache emptied for the ranks afterwards."""
+    import torch
+
+    import starcoder_tp.suite.gate as gate
+    from starcoder_tp.device import Device
+
+    events, dtypes = [], set()
+    monkeypatch.setattr(Device, "torch_device", lambda self, rank: events.append(("device", self.device_id + rank))
+                        or torch.device("cpu"))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda where=None: events.append("sync"))
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: events.append("empty_cache"))
+    real_mm, real_clock = torch.mm, gate.time.perf_counter
+    monkeypatch.setattr(torch, "mm", lambda a, b: dtypes.add(a.dtype) or real_mm(a, b))
+    monkeypatch.setattr(gate.time, "perf_counter", lambda: events.append("clock") or real_clock())
+    monkeypatch.setattr(gate, "DEVICE_COPY_BYTES", 4 << 20)
+    monkeypatch.setattr(gate, "DEVICE_MATMUL_SIZE", 64)
+    figures = gate.measure_calibration(samples=2, device=Device("cuda", 3), dtype="bfloat16")
+
+    assert events[0] == ("device", 3) and events[-1] == "empty_cache", events
+    clocks = [i for i, e in enumerate(events) if e == "clock"]
+    assert len(clocks) == 2 * 2 * (1 + 3 + 3)  # two samples: a warm-up, three copies, three matmuls; start + end
+    assert all(events[i - 1] == "sync" for i in clocks), events
+    assert dtypes == {torch.bfloat16}
+    assert all(v > 0 for v in figures.values()) and set(figures) == {"calib_bandwidth_gbs", "calib_matmul_gflops"}
+
+
 def row(case=CASE, world_size=2, dtype="float32", first=(10.0, 10.1, 9.9, 10.0), decode=((2.0, 2.0),) * 4, bw=20.0,
         runtime_mode="eager", model_shape=SHAPE, machine=MACHINE, side="", kernels=""):
     result = CaseResult(case)

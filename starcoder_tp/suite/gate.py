@@ -22,6 +22,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from ..device import Device
 from ..files import atomic_path
 from .machine import FINGERPRINT_COLUMNS, describe, fingerprint_differences
 from .perf import Case
@@ -32,12 +33,18 @@ CALIBRATION_OF = {"first_token": "calib_matmul_gflops", "decode": "calib_bandwid
 MIN_ROUNDS = 4  # exact Mann-Whitney, 3 vs 3 rounds: p >= 0.05 however far apart; 4 vs 4: down to 0.014
 
 
-def measure_calibration(samples: int = 3) -> dict[str, float]:
-    """Machine speed on one thread: memory copy bandwidth (GB/s) and fp32 matmul (GFLOP/s).
+def measure_calibration(samples: int = 3, device: Device = Device("cpu"), dtype: str = "float32") -> dict[str, float]:
+    """The speed of what runs the ranks: memory-copy bandwidth (GB/s, read + write) and matmul
+    throughput (GFLOP/s). On CPU, one thread and fp32 matmuls; on an accelerator its own memory
+    and matmuls in the run's dtype (`dtype`), the device synchronised before every clock read
+    (the CPU's figures say nothing about a GPU's time, and a GPU's fp32 and bf16 rates differ
+    between kinds by different factors).
 
     Each figure is the median over `samples` fresh allocations of the best of three runs, after
     a warm-up: single runs on these machines vary by 10-20% with placement and clock state.
     """
+    if device.kind != "cpu":
+        return _measure_device(samples, device, getattr(torch, dtype))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     copies, matmuls = [], []
@@ -53,6 +60,41 @@ def measure_calibration(samples: int = 3) -> dict[str, float]:
         torch.set_num_threads(threads)
     return {"calib_bandwidth_gbs": 2 * (32 << 20) * 4 / statistics.median(copies) / 1e9,  # read + write
             "calib_matmul_gflops": 2 * 1024 ** 3 / statistics.median(matmuls) / 1e9}
+
+
+# On an accelerator: 512 MiB copied (beyond the L2: the H200's is 60 MB, a 910B's 192 MB) and
+# 4096-square matmuls, a few milliseconds each on a data-centre GPU.
+DEVICE_COPY_BYTES = 512 << 20
+DEVICE_MATMUL_SIZE = 4096
+
+
+def _measure_device(samples: int, device: Device, dtype: torch.dtype) -> dict[str, float]:
+    module = getattr(torch, device.kind)  # torch.cuda, or torch.npu (Device imported torch_npu)
+    where = device.torch_device(0)  # the first rank's device: the ranks run on devices of one kind
+
+    def timed(fn) -> float:
+        module.synchronize(where)
+        started = time.perf_counter()
+        fn()
+        module.synchronize(where)
+        return time.perf_counter() - started
+
+    copies, matmuls = [], []
+    size = DEVICE_MATMUL_SIZE
+    try:
+        for _ in range(samples):
+            src = torch.ones(DEVICE_COPY_BYTES // 4, device=where)
+            dst = torch.empty_like(src)
+            a = torch.randn(size, size, device=where).to(dtype)  # random: zeros run faster than real data
+            b = torch.randn(size, size, device=where).to(dtype)
+            timed(lambda: (dst.copy_(src), torch.mm(a, b)))  # warm-up: kernel selection, handles
+            copies.append(min(timed(lambda: dst.copy_(src)) for _ in range(3)))
+            matmuls.append(min(timed(lambda: torch.mm(a, b)) for _ in range(3)))
+            del src, dst, a, b
+    finally:
+        module.empty_cache()  # the ranks get the memory back
+    return {"calib_bandwidth_gbs": 2 * DEVICE_COPY_BYTES / statistics.median(copies) / 1e9,
+            "calib_matmul_gflops": 2 * size ** 3 / statistics.median(matmuls) / 1e9}
 
 
 def _timed(fn) -> float:

@@ -200,7 +200,7 @@ def perf_state(request) -> PerfState:
     o = state.options
     state.csv = ResultsCSV(csv_path(o.results_dir, o.model_name, o.device_id), log=lambda m: _say(request.config, m))
     state.commit = git_commit()
-    state.calibration = measure_calibration()
+    state.calibration = measure_calibration(device=Device(o.device, o.device_id), dtype=o.dtype)
     return state
 
 
