@@ -15,7 +15,7 @@ import torch
 
 from . import log
 from .config import ModelConfig
-from .device import Device
+from .device import Device, DeviceUnavailable
 from .generate import check_request
 from .options import (DTYPE, MAX_SEQ_LEN, MODEL_DIR, RUNTIME_OPTIONS, WORLD_SIZE, add_options, kernel_mode, option,
                       positive_int)
@@ -246,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
         return handlers[args.command](args)
     except (ValueError, FileNotFoundError, RankFailure, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2 if isinstance(err, (ValueError, FileNotFoundError)) else 1
+        return 2 if isinstance(err, (ValueError, FileNotFoundError, DeviceUnavailable)) else 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -12,12 +12,17 @@ DEVICE_KINDS = ("cpu", "cuda", "npu")
 BACKENDS = {"cpu": "gloo", "cuda": "nccl", "npu": "hccl"}
 
 
+class DeviceUnavailable(RuntimeError):
+    """The run asks for a device (or the adapter for it) that this machine lacks: the user's
+    choice to correct, as a bad value is (the command line exits 2), not a rank's failure."""
+
+
 def import_torch_npu():
     """Import torch_npu (Ascend) on demand, with an error that says how to get it."""
     try:
         return importlib.import_module("torch_npu")
     except ImportError as err:
-        raise RuntimeError(
+        raise DeviceUnavailable(
             "--device npu needs the Ascend adapter torch_npu, which is not importable here "
             f"({err}). Install the CANN toolkit and the torch_npu build matching torch "
             f"{torch.__version__} (see requirements-npu.txt and the README's Ascend section)."
@@ -49,7 +54,7 @@ class Device:
             import_torch_npu()  # registers torch.npu
         module = getattr(torch, self.kind)
         if not module.is_available():
-            raise RuntimeError(f"--device {self.kind}: no {self.kind} device is available on this machine")
+            raise DeviceUnavailable(f"--device {self.kind}: no {self.kind} device is available on this machine")
         count = module.device_count()
         if self.device_id + world_size > count:
             raise ValueError(

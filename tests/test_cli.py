@@ -89,6 +89,25 @@ def test_bad_input_exits_non_zero_naming_the_value(tmp_path, args, message):
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr
 
 
+@pytest.mark.parametrize("command", [["generate", "--model-dir", "fixtures/tiny-starcoder", "--prompt", "x",
+                                      "--max-new-tokens", "4"], ["bench", "--multicase", "0"]])
+def test_a_device_the_machine_lacks_exits_2_before_spawning(command, tmp_path, monkeypatch, capsys):
+    """A missing GPU is the user's choice to correct, as a bad value is: exit 2, one line (was 1,
+    the code of a rank's failure). Faked, so that it holds on a machine with a GPU too."""
+    import torch
+
+    from starcoder_tp import cli, parallel
+
+    monkeypatch.chdir(REPO)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(parallel.mp, "get_context", lambda *a: pytest.fail("a rank was spawned"))
+    code = cli.main([*command, "--device", "cuda", "--results-dir", str(tmp_path)] if command[0] == "bench"
+                    else [*command, "--device", "cuda"])
+    err = capsys.readouterr().err
+    assert code == 2 and "error: --device cuda: no cuda device is available on this machine" in err, (code, err)
+    assert not list(tmp_path.glob("*.csv"))
+
+
 def test_bench_single_case_and_grid_share_the_csv(tmp_path):
     proc = run_cli("bench", "--multicase", 0, "--batch", 2, "--seq-in", 24, "--seq-out", 5, "--results-dir", tmp_path)
     assert proc.returncode == 0, proc.stderr
