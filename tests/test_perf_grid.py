@@ -182,9 +182,10 @@ def test_report_re_renders_a_results_folder_and_compares_two(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "batch 1 headline (the Ascend guide's row): first token 11.00 ms" in out
     assert "2 case(s) in both" in out and " 2.000 " in out and " 1.000" in out  # first token x2, decode unchanged
-    joined = list(csv.DictReader(open(before / "comparison.csv")))
+    joined = list(csv.DictReader(open(before / "report" / "comparison.csv")))
     assert [(r["Batch"], float(r["first_token_time(ms) ratio"])) for r in joined] == [("1", 2.0), ("4", 2.0)]
-    assert (before / "heatmap_bs1_starcoder_0_ws2_float32_cpu_eager_0.png").is_file()
+    assert (before / "report" / "heatmap_bs1_starcoder_0_ws2_float32_cpu_eager_0.png").is_file()
+    assert sorted(p.name for p in before.iterdir()) == ["multibatch_performance_starcoder_0.csv", "report"]
     with pytest.raises(SystemExit):
         main(["report"])  # DIR is required
     assert main(["report", str(tmp_path / "nothing")]) == 2

@@ -20,7 +20,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("dir2", type=Path, nargs="?", default=None,
                         help="a second results folder: its cases beside DIR's, as ratios DIR2 / DIR")
     parser.add_argument("--out", type=Path, default=None,
-                        help="where the heatmaps and the comparison CSV go. Default: DIR")
+                        help="where the heatmaps and the comparison CSV go. Default: DIR/report (apart from "
+                             "the run's own heatmaps)")
 
 
 def load_runs(directory: Path) -> pd.DataFrame:
@@ -66,7 +67,7 @@ def comparison_lines(joined: pd.DataFrame, names: tuple[str, str]) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    out = args.out or args.dir
+    out = args.out or args.dir / "report"
     runs = load_runs(args.dir)
     for (source, *config), rows in runs.groupby(["source", "world_size", "dtype", "device", "runtime_mode"]):
         tag = f"{source}_ws{config[0]}_{config[1]}_{config[2]}_{config[3]}"
