@@ -44,7 +44,10 @@ def _suite_module(module: str):
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The whole parser; a lazy subcommand gets its options only when it is the one run."""
-    parser = argparse.ArgumentParser(prog="python -m starcoder_tp", description=__doc__)
+    # The name it was called by: the `starcoder-tp` script, or `python -m starcoder_tp`.
+    called = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
+    prog = called if called and called not in ("__main__.py", "-c") else "python -m starcoder_tp"
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("shard", help="cut a checkpoint into part_model/{rank} + manifest.json")

@@ -108,9 +108,21 @@ def test_a_device_the_machine_lacks_exits_2_before_spawning(command, tmp_path, m
     assert not list(tmp_path.glob("*.csv"))
 
 
+@pytest.mark.parametrize("argv0,usage", [("/somewhere/bin/starcoder-tp", "usage: starcoder-tp "),
+                                          ("/somewhere/starcoder_tp/__main__.py", "usage: python -m starcoder_tp ")])
+def test_the_help_names_the_command_it_was_called_by(argv0, usage, monkeypatch, capsys):
+    from starcoder_tp import cli
+
+    monkeypatch.setattr(sys, "argv", [argv0, "--help"])
+    with pytest.raises(SystemExit):
+        cli.main()
+    assert capsys.readouterr().out.startswith(usage)
+
+
 def test_bench_single_case_and_grid_share_the_csv(tmp_path):
     proc = run_cli("bench", "--multicase", 0, "--batch", 2, "--seq-in", 24, "--seq-out", 5, "--results-dir", tmp_path)
     assert proc.returncode == 0, proc.stderr
+    assert "multibatch_performance_starcoder_0.csv (1 row); heatmaps:" in proc.stdout, proc.stdout
     proc = run_cli("bench", "--multicase", 1, "--batch-sizes", 1, "--case-pairs", "16:4,32:4", "--results-dir", tmp_path,
                    "--no-prepack")
     assert proc.returncode == 0, proc.stderr

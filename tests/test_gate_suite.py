@@ -59,6 +59,7 @@ def test_an_unchanged_tree_passes_the_comparison_with_its_own_head(unchanged):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     assert compared(proc.stdout) == {"first_token": "ok", "decode": "ok"}, proc.stdout[-3000:]
     assert "A/B comparison in one sitting: A = working tree at" in proc.stdout
+    assert "  thresholds first_token 10%, decode 10%, alpha 0.05, rounds interleaved" in proc.stdout
     assert "0 regression(s)" in proc.stdout
     by_side = {r["side"]: r for r in rows(results)}
     assert set(by_side) == {"A", "B"} and by_side["A"]["run_id"] == by_side["B"]["run_id"]
@@ -97,6 +98,7 @@ def test_a_stored_baseline_gates_this_machine_only(tmp_path):
                     "--inject-decode-delay-ms", f"{2.0 * decode:.4f}")
     assert proc.returncode == 1, proc.stdout[-3000:]
     assert re.search(r"bs1-in128-out32 decode: baseline .*: regression$", proc.stdout, re.MULTILINE), proc.stdout[-3000:]
+    assert "(thresholds first_token 500%, decode 25%, alpha 0.05)" in proc.stdout, proc.stdout[-3000:]
 
     # The same file, as if taken on another machine: refused at start-up, naming both.
     other = tmp_path / "other.csv"

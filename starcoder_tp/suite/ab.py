@@ -9,6 +9,7 @@ import dataclasses
 from pathlib import Path
 from typing import Callable
 
+from .gate import describe_thresholds
 from .gitref import RefCheckout, WorkingTree
 from .paired import MIN_PAIRED_ROUNDS, PairedVerdict, compare_paired
 from .. import log as default_log
@@ -172,7 +173,7 @@ def summary_lines(all_verdicts: dict[Case, list[PairedVerdict]], comparison: Com
     improvements, and the cases whose run could not detect a change of the threshold's size."""
     flat = [v for vs in all_verdicts.values() for v in vs]
     lines = [f"A/B comparison in one sitting: {comparison.describe()}",
-             f"  thresholds {thresholds}, alpha {alpha}, rounds interleaved A B A B; ratio = A/B per paired round "
+             f"  thresholds {describe_thresholds(thresholds)}, alpha {alpha}, rounds interleaved A B A B; ratio = A/B per paired round "
              "(median, its 95% CI), detectable = the smallest slowdown this run would have flagged"]
     for v in sorted(flat, key=lambda v: (v.case, v.metric)):
         lines.append("  " + v.message())

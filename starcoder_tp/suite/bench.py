@@ -129,7 +129,7 @@ def _bench(options: PerfOptions, runner, writer: bool, gate: tuple | None = None
             if gate is not None:
                 for line in ab.summary_lines(paired, *gate):
                     print(line)
-            print(f"CSV: {results.path} ({len(rows)} rows); heatmaps: {', '.join(map(str, heatmaps))}")
+            print(f"CSV: {results.path} ({len(rows)} row{'' if len(rows) == 1 else 's'}); heatmaps: {', '.join(map(str, heatmaps))}")
             print(f"wall time: {time.perf_counter() - started:.1f}s")
     if failed:
         raise RankFailure(f"{len(failed)} of {len(cases)} case(s) failed: {', '.join(c.id for c in failed)} "

@@ -301,10 +301,15 @@ def write_comparison_png(verdicts: list, path: str | Path) -> Path:
     return Path(path)
 
 
+def describe_thresholds(thresholds: dict[str, float]) -> str:
+    """{'first_token': 0.1, 'decode': 0.15} -> 'first_token 10%, decode 15%' (as --perf-max-regression takes them)."""
+    return ", ".join(f"{metric} {value:.4g}%" for metric, value in ((m, v * 100) for m, v in thresholds.items()))
+
+
 def summary_lines(baseline: Baseline, verdicts: list[Verdict], new_cases: list[Case], thresholds: dict[str, float],
                   alpha: float, normalize: bool) -> list[str]:
     """The terminal report of a gated run: regressions, improvements, the undecided, the ungated."""
-    lines = [f"regression gate against {baseline.path} (thresholds {thresholds}, alpha {alpha}"
+    lines = [f"regression gate against {baseline.path} (thresholds {describe_thresholds(thresholds)}, alpha {alpha}"
              f"{', machine-speed normalised' if normalize else ''}):"]
     if baseline.other_machine:
         lines.append("  the baseline is from ANOTHER machine (compared in calibrated units, --perf-normalize): "
