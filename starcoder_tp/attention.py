@@ -45,13 +45,15 @@ def attention_mask(key_valid: torch.Tensor, query_slots: torch.Tensor, window: i
 
 
 class PrefillForm:
-    """How a plain causal prefill of multi-query heads runs on a CPU in fp32: SDPA's flash kernel,
-    or `causal_blocks` for prompts nearest (in ratio) to the lengths in `blocks_at`, where
-    calibrate_attention measured them faster on the machine at hand. A set, not a threshold: on
-    two threads of the AVX-512 Xeon the blocks won at 512 tokens and lost at 256 and at 1024."""
+    """How a plain causal prefill of multi-query heads runs on a CPU in the model's dtype
+    (`dtype`, the one calibrated): SDPA's flash kernel, or `causal_blocks` for prompts nearest (in
+    ratio) to the lengths in `blocks_at`, where calibrate_attention measured them faster on the
+    machine at hand. A set, not a threshold: on two threads of the AVX-512 Xeon the fp32 blocks
+    won at 512 tokens and lost at 256 and at 1024."""
 
     def __init__(self) -> None:
         self.blocks_at: frozenset[int] = frozenset()
+        self.dtype = torch.float32
         self.calibrated = ""
 
     def takes_blocks(self, tokens: int) -> bool:
@@ -90,7 +92,7 @@ def causal_blocks(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, sca
 
 
 def _blocks(q: torch.Tensor, kv: int, mask: torch.Tensor | None) -> bool:
-    return (mask is None and kv == 1 and PREFILL_FORM.takes_blocks(q.shape[1]) and q.dtype == torch.float32
+    return (mask is None and kv == 1 and PREFILL_FORM.takes_blocks(q.shape[1]) and q.dtype == PREFILL_FORM.dtype
             and q.device.type == "cpu" and not torch.compiler.is_compiling())
 
 
@@ -190,9 +192,9 @@ def describe_lengths(lengths: frozenset[int]) -> str:
     return ",".join(str(t) for t in sorted(lengths))
 
 
-def calibrate_attention(heads: int, head_dim: int, slowest) -> str:
+def calibrate_attention(heads: int, head_dim: int, slowest, dtype: torch.dtype = torch.float32) -> str:
     """Time SDPA's flash kernel and causal_blocks on this rank's `heads` multi-query heads in
-    fp32 at CALIBRATION_TOKENS (once per process) and set PREFILL_FORM.blocks_at; `slowest`
+    `dtype` at CALIBRATION_TOKENS (once per process) and set PREFILL_FORM.blocks_at; `slowest`
     reduces a float64 tensor to its maximum over the ranks, so that every rank takes the same
     form. Every rank must call it in step. Returns what it set."""
     if PREFILL_FORM.calibrated:
@@ -200,8 +202,10 @@ def calibrate_attention(heads: int, head_dim: int, slowest) -> str:
     from .kernel_timing import time_across_ranks  # (kernel_timing reads linear.py, which this module uses)
 
     scale = 1 / math.sqrt(head_dim)
-    inputs = [(torch.randn(1, t, heads + 2, head_dim)[:, :, :heads],  # q: a view of the fused q/k/v, as the model's
-               torch.randn(1, 1, t, head_dim), torch.randn(1, 1, t, head_dim)) for t in CALIBRATION_TOKENS]
+    inputs = [(torch.randn(1, t, heads + 2, head_dim, dtype=dtype)[:, :, :heads],  # q: a view of the fused q/k/v
+               torch.randn(1, 1, t, head_dim, dtype=dtype), torch.randn(1, 1, t, head_dim, dtype=dtype))
+              for t in CALIBRATION_TOKENS]
+    PREFILL_FORM.dtype = dtype
     saved, PREFILL_FORM.blocks_at = PREFILL_FORM.blocks_at, frozenset()  # attend: SDPA while timed
     try:
         timings = time_across_ranks([{"sdpa": lambda i=i: attend(*i, None, scale),

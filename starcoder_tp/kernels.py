@@ -253,9 +253,9 @@ def measure(weights: dict[str, torch.Tensor], rows: int, slowest: Callable[[torc
 
 
 def calibrate_forms(weights: dict[str, torch.Tensor], activated: dict[str, str], tp, attention=None) -> None:
-    """The tanh GELU's form (activations.calibrate) and, for multi-query heads (an
-    attention.Attention: `attention`), the causal prefill's (attention.calibrate_attention),
-    where the model runs them in fp32: in every kernel mode (they are not a linear's kernels),
+    """The tanh GELU's form (activations.calibrate) where the model runs it in fp32 and, for
+    multi-query heads (an attention.Attention: `attention`), the causal prefill's in the model's
+    dtype (attention.calibrate_attention): in every kernel mode (they are not a linear's kernels),
     and before a plan is measured or looked up (the c_fc timings include the GELU, and the key
     names it). Like plans, measured once per machine and cached: measured again in each process,
     near-ties flipped the forms from one run to the next, and a latency gate then named them as
@@ -263,13 +263,15 @@ def calibrate_forms(weights: dict[str, torch.Tensor], activated: dict[str, str],
     from .attention import PREFILL_FORM, calibrate_attention  # (attention.py uses linear.py, which uses this module)
 
     fp32 = any(w.dtype == torch.float32 for w in weights.values())
+    dtype = torch.float32 if fp32 or not weights else next(iter(weights.values())).dtype
     gelu = fp32 and any(ACTIVATIONS[a][0] is TANH_GELU for a in activated.values()) and not TANH_GELU.calibrated
-    mqa = fp32 and attention is not None and attention.local_kv_heads == 1 and not PREFILL_FORM.calibrated
+    mqa = attention is not None and attention.local_kv_heads == 1 and not PREFILL_FORM.calibrated
     if not (gelu or mqa):
         return
     model, _ = cpuinfo()
-    key = {"version": PLAN_VERSION, "forms": {"tanh_gelu": gelu, "mqa": [attention.local_heads, attention.head_dim]
-                                              if mqa else None},
+    dtype_name = str(dtype).removeprefix("torch.")
+    key = {"version": PLAN_VERSION, "forms": {"tanh_gelu": gelu, "mqa": [attention.local_heads, attention.head_dim,
+                                                                         dtype_name] if mqa else None},
            "cpu_model": model, "cpu_isa": isa_flags(), "cores": cpu_cores(), "torch": torch.__version__,
            "threads": torch.get_num_threads(), "world_size": tp.world_size}
     path = cache_dir("forms", hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24] + ".json")
@@ -284,13 +286,13 @@ def calibrate_forms(weights: dict[str, torch.Tensor], activated: dict[str, str],
         if gelu:
             TANH_GELU.split_from, TANH_GELU.calibrated = split, f"cached: {forms['tanh_gelu']}"
         if mqa:
-            PREFILL_FORM.blocks_at, PREFILL_FORM.calibrated = blocks, f"cached: {forms['mqa']}"
+            PREFILL_FORM.blocks_at, PREFILL_FORM.dtype, PREFILL_FORM.calibrated = blocks, dtype, f"cached: {forms['mqa']}"
         return
     measured = {"tanh_split_from": None, "blocks_at": [], "tanh_gelu": None, "mqa": None}
     if gelu:
         measured.update(tanh_gelu=calibrate(tp.max_), tanh_split_from=TANH_GELU.split_from)
     if mqa:
-        measured.update(mqa=calibrate_attention(attention.local_heads, attention.head_dim, tp.max_),
+        measured.update(mqa=calibrate_attention(attention.local_heads, attention.head_dim, tp.max_, dtype),
                         blocks_at=sorted(PREFILL_FORM.blocks_at))
     try:
         write_atomic(path, json.dumps({"key": key, "forms": measured}, indent=1, sort_keys=True))
