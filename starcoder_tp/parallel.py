@@ -29,7 +29,7 @@ from .comm import TPGroup
 from .config import ModelConfig
 from .device import Device
 from .generate import StepHooks, check_request
-from .malloc import malloc_choice, tune_malloc
+from .malloc import enable_huge_pages, malloc_choice, tune_malloc
 from .model import load_model
 from .sampling import Sampling, SequenceStreams
 from .timing import GenerationResult, timed_generate
@@ -125,6 +125,7 @@ def _worker_main(rank: int, spec: GroupSpec, store_port: int, shm_path: str | No
     try:
         started = time.perf_counter()
         allocator = tune_malloc() if spec.device.kind == "cpu" else "system"  # before the model loads
+        pages = enable_huge_pages() if spec.device.kind == "cpu" else ""  # before torch's first large block
         configure_threads(rank, spec)
         torch_device = spec.device.bind(rank)
         if spec.world_size > 1:
@@ -141,7 +142,7 @@ def _worker_main(rank: int, spec: GroupSpec, store_port: int, shm_path: str | No
             block.register_forward_pre_hook(heartbeat.tick)
         conn.send(("ready", {"load_s": time.perf_counter() - started, "pid": os.getpid(),
                              "packed_weights": sum(1 for _ in model.packed_weights()),
-                             "kernels": model.kernels_summary(), "allocator": allocator,
+                             "kernels": model.kernels_summary(), "allocator": allocator, "pages": pages,
                              "compiled": model.compiled_decode is not None}))
         while True:
             command, kwargs = conn.recv()

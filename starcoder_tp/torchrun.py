@@ -18,7 +18,7 @@ from .comm import TPGroup
 from .device import Device
 from .generate import check_request
 from .model import TPCausalLM, load_model
-from .malloc import tune_malloc
+from .malloc import enable_huge_pages, tune_malloc
 from .parallel import DEFAULT_CALL_TIMEOUT_S, GroupSpec, configure_threads
 from .timing import GenerationResult, timed_generate
 
@@ -101,6 +101,7 @@ def torchrun_rank(device: Device, shards: Callable[[int, bool], Path], *, thread
         shard_dir = shards(tp.world_size, False)
         if device.kind == "cpu":
             tune_malloc()  # (a CPU rank's allocator keeps freed blocks: malloc.py)
+            enable_huge_pages()  # (and asks for 2 MiB pages: before the model's first large block)
             configure_threads(local_rank, GroupSpec(str(shard_dir), tp.world_size, device, threads_per_rank,
                                                     pin_cores=False))
         model = load_model(shard_dir, tp, device.torch_device(local_rank), kernels=kernels, compile=compile)

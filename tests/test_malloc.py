@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from starcoder_tp.malloc import MALLOC_ENV, malloc_choice
+from starcoder_tp.malloc import MALLOC_ENV, THP_ENV, THP_SETTING, malloc_choice
 from starcoder_tp.parallel import GroupSpec
 
 # Blocks of a prefill's sizes (9 to 48 MiB), allocated, touched and freed in turn, eight times;
@@ -50,3 +50,31 @@ def test_a_bad_choice_is_refused_naming_it_before_any_rank_is_spawned(monkeypatc
     assert malloc_choice() == "system"
     monkeypatch.delenv(MALLOC_ENV)
     assert malloc_choice() == "tuned"
+
+
+HUGE = """
+import torch
+from starcoder_tp.malloc import enable_huge_pages
+print(enable_huge_pages())
+block = torch.ones(64 << 20, dtype=torch.uint8)  # a laid-out weight's size: its pages touched
+print([int(line.split()[1]) for line in open("/proc/self/smaps_rollup") if line.startswith("AnonHugePages:")][0])
+"""
+
+
+def huge(env: dict[str, str]) -> tuple[str, int]:
+    clean = {k: v for k, v in os.environ.items() if k not in (THP_ENV, MALLOC_ENV)}
+    out = subprocess.run([sys.executable, "-c", HUGE], capture_output=True, text=True, check=True, timeout=120,
+                         env={**clean, **env}).stdout.split("\n")
+    return out[0], int(out[1])
+
+
+THP_MODE = THP_SETTING.read_text() if THP_SETTING.is_file() else "[never]"
+
+
+@pytest.mark.skipif("[never]" in THP_MODE or not os.path.isfile("/proc/self/smaps_rollup"),
+                    reason=f"transparent huge pages are off here ({THP_SETTING}: {THP_MODE.strip()})")
+def test_a_rank_asks_for_huge_pages_unless_told_otherwise():
+    done, kb = huge({})
+    assert done == "2 MiB pages" and kb >= 32 << 10, (done, kb)  # most of the 64 MiB block
+    assert huge({MALLOC_ENV: "system"}) == ("system", 0), "glibc and the kernel as they are"
+    assert huge({THP_ENV: "0"}) == (f"{THP_ENV}=0 (as set)", 0), "the user's own setting stands"

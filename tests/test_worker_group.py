@@ -62,6 +62,7 @@ def test_group_serves_many_requests_and_closes_cleanly(shards):
         pids = [info["pid"] for info in group.ready_info]
         if platform.libc_ver()[0] == "glibc":
             assert [info["allocator"] for info in group.ready_info] == ["tuned"] * 2, "each CPU rank's malloc.py"
+            assert len({info["pages"] for info in group.ready_info}) == 1 and group.ready_info[0]["pages"]
         for batch in (1, 3):
             result, memory = group.generate([[9] * 7] * batch, 5)
             assert result.output_ids.shape == (batch, 5) and len(memory) == 2 and min(memory) > 0

@@ -199,6 +199,12 @@ class PerfOptions:
         return ModelConfig.from_dir(self.model_dir)
 
 
+def _pages(ready_info: list[dict]) -> str:
+    """The ranks' page size for torch's large blocks, for the set-up line ('' on accelerators)."""
+    kinds = sorted({str(info["pages"]) for info in ready_info if info.get("pages")})
+    return f"; {', '.join(kinds)}" if kinds else ""
+
+
 class PerfRunner:
     """Shards once (cached), spawns the ranks once, warms up once per batch size, measures cases."""
 
@@ -234,7 +240,8 @@ class PerfRunner:
         self.log(f"[perf] {self.name + ': ' if self.name else ''}set-up: shard {t1 - t0:.1f}s (cached when unchanged), "
                  f"spawn + load of {o.world_size} rank(s) {t2 - t1:.1f}s (slowest rank loaded in "
                  f"{self.setup_times['load_s']:.1f}s); allocator "
-                 f"{', '.join(sorted({str(info.get('allocator', 'as glibc has it')) for info in self.group.ready_info}))}")
+                 f"{', '.join(sorted({str(info.get('allocator', 'as glibc has it')) for info in self.group.ready_info}))}"
+                 + _pages(self.group.ready_info))
         warning = oversubscription(self.spec)
         if warning:
             self.log(f"[perf] warning: {warning}")
