@@ -15,11 +15,11 @@ needs nothing.)
 
 Huge pages: torch's large CPU blocks (the weights, once laid out, and the activations) are asked
 for in 2 MiB transparent huge pages (`enable_huge_pages`). Decode reads every weight at every
-step, through the TLB. On the EPYC Zen 5, with 4 KiB pages, worker groups of the same code ran
-bf16 decode 14.8% apart from one start to another (where the kernel placed their pages), and
-the A/B harness read 1.136 comparing main with itself. With 2 MiB pages they ran 5.8% apart and
-faster (RESULTS.md, "Huge pages for the weights on Zen 5"); on the AVX-512 Xeon they changed
-nothing measurable.
+step, through the TLB. On the EPYC Zen 5, worker groups of the same code run decode apart from
+one start to another; with 4 KiB pages by 7-15%, enough for the A/B harness to read 1.08-1.14
+comparing main with itself, and with 2 MiB pages by 5% in three runs of four (13% in one), the
+harness reading 1.03. On the AVX-512 Xeon they changed nothing measurable (RESULTS.md, "Huge
+pages for the weights on Zen 5").
 """
 from __future__ import annotations
 
