@@ -40,6 +40,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import sys
 from dataclasses import asdict, dataclass
 from typing import Callable
@@ -51,6 +52,7 @@ from .cpu import cpu_cores, cpuinfo, isa_flags
 from .files import cache_dir, write_atomic
 from .kernel_timing import DECODE_MIN_CALLS, DECODE_SET_BYTES, decode_calls, decode_copies, prefill_calls, time_ms
 from .layouts import pack, pack_mkl
+from .malloc import THP_ENV
 
 KERNEL_MODES = ("auto", "plain", "onednn", "mkl_packed", "fp32")  # --kernels: measure, or one kernel for every weight
 # The kernels each decode layout can run at prefill shapes.
@@ -168,6 +170,10 @@ def plan_key(weights: dict[str, torch.Tensor], rows: int, world_size: int,
             "world_size": world_size, "rows": rows, "shapes": sorted(weights),
             "activated": dict(sorted((activated or {}).items())),
             "decode_set_mib": round(min(step_bytes, DECODE_SET_BYTES) / 2**20),
+            # The page size of torch's large blocks (malloc.enable_huge_pages): with 4 KiB pages the
+            # EPYC Zen 5 timed MKL's plain F.linear at 6.0 ms on a 1024x1024 weight at one row,
+            # with 2 MiB pages at 0.20 ms, and the plans chose otherwise (RESULTS.md).
+            "huge_pages": os.environ.get(THP_ENV, "") == "1",
             # Whether the split form runs, not from what size: at its crossover both forms cost
             # alike, and a size measured again from one process to the next is not a new plan.
             "tanh_gelu": "fused" if TANH_GELU.split_from is None else "split"}
@@ -273,7 +279,8 @@ def calibrate_forms(weights: dict[str, torch.Tensor], activated: dict[str, str],
     key = {"version": PLAN_VERSION, "forms": {"tanh_gelu": gelu, "mqa": [attention.local_heads, attention.head_dim,
                                                                          dtype_name] if mqa else None},
            "cpu_model": model, "cpu_isa": isa_flags(), "cores": cpu_cores(), "torch": torch.__version__,
-           "threads": torch.get_num_threads(), "world_size": tp.world_size}
+           "threads": torch.get_num_threads(), "world_size": tp.world_size,
+           "huge_pages": os.environ.get(THP_ENV, "") == "1"}  # as plan_key: timings depend on the page size
     path = cache_dir("forms", hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24] + ".json")
     try:
         stored = json.loads(path.read_text())

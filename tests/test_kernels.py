@@ -138,8 +138,14 @@ def test_a_cached_plan_is_reused_only_for_exactly_its_key(tmp_path, monkeypatch)
     assert kernels.load_plan(key) is None
     kernels.save_plan(key, plan)
     assert kernels.load_plan(key) == plan
-    for change in ({"rows": 8}, {"world_size": 1}, {"threads": key["threads"] + 1}, {"cpu_isa": "avx2"}):
+    for change in ({"rows": 8}, {"world_size": 1}, {"threads": key["threads"] + 1}, {"cpu_isa": "avx2"},
+                   {"huge_pages": not key["huge_pages"]}):
         assert kernels.load_plan({**key, **change}) is None, change
+    monkeypatch.setenv(kernels.THP_ENV, "1")
+    with_huge = kernels.plan_key(weights, 4, world_size=2)
+    monkeypatch.setenv(kernels.THP_ENV, "0")
+    assert with_huge["huge_pages"] and not kernels.plan_key(weights, 4, world_size=2)["huge_pages"], \
+        "a plan timed with 4 KiB pages is not one timed with 2 MiB pages"
     kernels.plan_path(key).write_text("{not json")
     assert kernels.load_plan(key) is None, "an unreadable cache is measured again, not trusted"
     kernels.plan_path(key).write_text(json.dumps({"key": key, "plan": {"8x16:float32": {"decode": "x"}}}))
