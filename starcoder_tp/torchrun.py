@@ -95,13 +95,16 @@ def torchrun_rank(device: Device, shards: Callable[[int, bool], Path], *, thread
     started = time.perf_counter()
     tp, local_rank = init_from_torchrun(device, timeout_s)
     try:
+        if device.kind == "cpu":
+            tune_malloc()  # (a CPU rank's allocator keeps freed blocks: malloc.py)
+            # 2 MiB pages: before this process's first large block, which the cut below makes on
+            # local rank 0 (c10 reads the setting once, and the kernel plan's key names it).
+            enable_huge_pages()
         if local_rank == 0:  # one cut per node, into that node's cache
             shards(tp.world_size, True)
         dist.barrier()
         shard_dir = shards(tp.world_size, False)
         if device.kind == "cpu":
-            tune_malloc()  # (a CPU rank's allocator keeps freed blocks: malloc.py)
-            enable_huge_pages()  # (and asks for 2 MiB pages: before the model's first large block)
             configure_threads(local_rank, GroupSpec(str(shard_dir), tp.world_size, device, threads_per_rank,
                                                     pin_cores=False))
         model = load_model(shard_dir, tp, device.torch_device(local_rank), kernels=kernels, compile=compile)
