@@ -25,7 +25,12 @@ sgemm against F.linear at batch 1, fp32: RESULTS.md, "MKL's packed sgemm").
             so only weights with a source take it. MKL pads its packed buffers: the bench-size
             model laid out so took 3% more memory than in oneDNN's layout (RESULTS.md).
 - `fp32`:   bf16 weights computed in fp32, a block of rows at a time (linear.fp32_linear): for
-            CPUs whose bf16 GEMM is slow. Prefill from the plain layout: `plain` or `fp32`.
+            CPUs whose bf16 GEMM is slow. Prefill from the plain layout: `plain`, `fp32` or
+            `onednn_plain` (oneDNN's GEMM given the plain weight: it lays each block out as it
+            goes, and ran fp32 prefills at oneDNN's packed speed, twice MKL's, on the EPYC Zen 5).
+- `gemv`:   decode at one row only: the plain weight's product with the row as a multiply-sum
+            that inductor compiles (gemv.py), where the libraries' one-row GEMMs fall short of the
+            memory's speed. Prefill from the plain layout (as `plain`).
 
 Prefill kernels are timed at SHORT_ROWS and at PREFILL_ROWS rows: a short prompt and a long one
 can want different kernels (unpacking a weight costs the same for 2 rows as for 2000). Calls
@@ -47,6 +52,7 @@ from typing import Callable
 
 import torch
 
+from . import gemv
 from .activations import ACTIVATIONS, TANH_GELU, calibrate
 from .cpu import cpu_cores, cpuinfo, isa_flags
 from .files import cache_dir, write_atomic
@@ -54,21 +60,22 @@ from .kernel_timing import DECODE_MIN_CALLS, DECODE_SET_BYTES, decode_calls, dec
 from .layouts import pack, pack_mkl
 from .malloc import THP_ENV
 
-KERNEL_MODES = ("auto", "plain", "onednn", "mkl_packed", "fp32")  # --kernels: measure, or one kernel for every weight
+KERNEL_MODES = ("auto", "plain", "onednn", "mkl_packed", "fp32", "gemv")  # --kernels: measure, or one kernel for every weight
 # The kernels each decode layout can run at prefill shapes.
-PREFILL_KERNELS = {"plain": ("plain", "fp32"), "fp32": ("fp32", "plain"), "onednn": ("onednn", "unpack"),
-                   "mkl_packed": ("mkl_packed",)}
+PREFILL_KERNELS = {"plain": ("plain", "fp32", "onednn_plain"), "fp32": ("fp32", "plain", "onednn_plain"),
+                   "onednn": ("onednn", "unpack"), "mkl_packed": ("mkl_packed",),
+                   "gemv": ("plain", "fp32", "onednn_plain")}
 SHORT_ROWS = 64  # rows of the short-prompt prefill timing
 PREFILL_ROWS = 512  # rows of the long prefill timing (batch x prompt tokens of a typical case)
 SPLIT_ROWS = round(math.sqrt(SHORT_ROWS * PREFILL_ROWS))  # calls of fewer rows take the short winner
 # Requests whose costs are this close are not told apart: a candidate's timings differ by 3-6%
 # from one measured plan to the next (RESULTS.md, "Decode candidates timed from memory").
 TIE_FRACTION = 0.02
-PLAN_VERSION = 7  # part of the cache key: a change in what is measured invalidates old plans
+PLAN_VERSION = 8  # part of the cache key: a change in what is measured invalidates old plans
 # Every shape's timings travel across ranks in these fixed slots (inf: not a candidate there),
 # so that ranks on CPUs with different candidates still reduce tensors of one size.
-DECODE_SLOTS = ("plain", "onednn", "fp32", "mkl_packed")
-PREFILL_SLOTS = ("plain", "fp32", "onednn", "unpack", "mkl_packed")
+DECODE_SLOTS = ("plain", "onednn", "fp32", "mkl_packed", "gemv")
+PREFILL_SLOTS = ("plain", "fp32", "onednn", "unpack", "mkl_packed", "onednn_plain")
 
 
 @dataclass(frozen=True)
@@ -96,9 +103,10 @@ def shape_key(weight: torch.Tensor) -> str:
     return f"{n}x{k}:{str(weight.dtype).removeprefix('torch.')}"
 
 
-def decode_candidates(weight: torch.Tensor) -> tuple[str, ...]:
-    """The layouts this weight can take here: the packed ones only on CPU where the library
-    packs the dtype."""
+def decode_candidates(weight: torch.Tensor, rows: int = 1) -> tuple[str, ...]:
+    """The decode kernels this weight can take here at decode batches of `rows` rows: the packed
+    layouts only on CPU where the library packs the dtype, the compiled one-row product at one
+    row where inductor builds it."""
     if weight.device.type != "cpu":
         return ("plain",)
     kinds = ["plain"]
@@ -108,13 +116,16 @@ def decode_candidates(weight: torch.Tensor) -> tuple[str, ...]:
         kinds.append("mkl_packed")
     if weight.dtype == torch.bfloat16:
         kinds.append("fp32")
+    if rows == 1 and weight.dtype in (torch.float32, torch.bfloat16) and gemv.available():
+        kinds.append("gemv")
     return tuple(kinds)
 
 
 def fixed_choice(mode: str, weight: torch.Tensor) -> Choice:
-    """`--kernels plain|onednn|fp32`: that kernel where the weight can take it, else plain."""
+    """`--kernels plain|onednn|fp32|...`: that kernel where the weight can take it, else plain
+    (`gemv` runs one-row calls only, and prefills as plain)."""
     decode = mode if mode in decode_candidates(weight) else "plain"
-    return Choice(decode, decode)
+    return Choice(decode, "plain" if decode == "gemv" else decode)
 
 
 def choose(decode_ms: dict[str, float], prefill_ms: dict[str, float], short_ms: dict[str, float] | None = None,
@@ -130,7 +141,7 @@ def choose(decode_ms: dict[str, float], prefill_ms: dict[str, float], short_ms: 
 
     def fastest(layout: str, ms: dict[str, float]) -> str:
         runnable = [k for k in PREFILL_KERNELS[layout] if k in ms]
-        return min(runnable, key=ms.__getitem__) if runnable else layout
+        return min(runnable, key=ms.__getitem__) if runnable else PREFILL_KERNELS[layout][0]
 
     def prefill_of(layout: str) -> float:
         ms, rows = (short_ms, SHORT_ROWS) if prompt_rows < SPLIT_ROWS else (prefill_ms, PREFILL_ROWS)
@@ -235,7 +246,7 @@ def measure(weights: dict[str, torch.Tensor], rows: int, slowest: Callable[[torc
     flat: list[float] = []
     for shape in sorted(weights):
         weight = weights[shape]
-        kinds, activation = decode_candidates(weight), activated.get(shape)
+        kinds, activation = decode_candidates(weight, rows), activated.get(shape)
         copies = decode_copies(weight.numel() * weight.element_size(), step_bytes)
         calls = decode_calls(weight, rows, kinds, activation, copies, on_progress)
         flat += _slots(time_ms(calls, on_progress, DECODE_MIN_CALLS), DECODE_SLOTS)

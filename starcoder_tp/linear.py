@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import gemv
 from .activations import ACTIVATIONS
 from .kernels import SPLIT_ROWS, Choice
 from .layouts import PACKERS
@@ -49,8 +50,9 @@ def fp32_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 
 def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, post_op: str = "none",
                   algorithm: str = "") -> torch.Tensor:
-    """oneDNN's GEMM on a packed weight; `post_op` (relu, gelu with algorithm tanh or none) is
-    applied to the fp32 accumulator before the output is written."""
+    """oneDNN's GEMM on a packed weight, or on a plain [N, K] one (laid out by oneDNN as it goes);
+    `post_op` (relu, gelu with algorithm tanh or none) is applied to the fp32 accumulator before
+    the output is written."""
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, post_op, [], algorithm)
 
 
@@ -69,10 +71,14 @@ def run_kernel(kind: str, x: torch.Tensor, weight: torch.Tensor, packed: torch.T
         return mkl_linear(x, packed, weight, bias)
     if kind == "onednn":
         return packed_linear(x, packed, bias)
+    if kind == "onednn_plain":  # oneDNN's GEMM on the plain weight
+        return packed_linear(x, weight, bias)
     if kind == "unpack":
         return F.linear(x, packed.to_dense(), bias)
     if kind == "fp32":
         return fp32_linear(x, weight, bias)
+    if kind == "gemv":
+        return gemv.linear(x, weight, bias)
     return F.linear(x, weight, bias)
 
 
@@ -110,8 +116,9 @@ class Linear(nn.Linear):
         post-op, on the accumulator: a pass less over the [rows, N] output, the widest activation
         of a layer, which cost bf16 prefills a fifth of their time (RESULTS.md, "Fused activation")."""
         eager, post_op, algorithm = ACTIVATIONS[activation]
-        if self._kernel(x) == "onednn":
-            return packed_linear(x, self.packed, self.bias, post_op, algorithm)
+        kind = self._kernel(x)
+        if kind in ("onednn", "onednn_plain"):
+            return packed_linear(x, self.packed if kind == "onednn" else self.weight, self.bias, post_op, algorithm)
         return eager(self.forward(x))
 
     def row_parallel(self, x: torch.Tensor, tp) -> torch.Tensor:
@@ -168,4 +175,6 @@ class Linear(nn.Linear):
         self.packed_kind = choice.decode if packed is not None else None
         self.decode_kernel, self.short_kernel, self.prefill_kernel = choice.decode, choice.short, choice.prefill
         self.decode_numel, self.split_numel = rows * self.in_features, SPLIT_ROWS * self.in_features
+        if self.decode_kernel == "gemv":
+            gemv.prepare(self.weight)
         return packed is not None

@@ -21,7 +21,7 @@ from torch import nn
 from .attention import Attention, attention_mask
 from .comm import TPGroup
 from .config import ModelConfig
-from . import kernels, layouts
+from . import gemv, kernels, layouts
 from .kernels import KERNEL_MODES, Choice
 from .linear import NATIVE_BF16_MATMUL, Linear, run_kernel
 from .shard import load_part, part_tensor_reader
@@ -179,6 +179,8 @@ class TPCausalLM(nn.Module):
                     self.lm_head_packed = layouts.PACKERS[decode](wte, rows)
             self.lm_head_kernel = "plain" if decode in layouts.PACKERS and self.lm_head_packed is None else decode
             count += self.lm_head_packed is not None
+            if self.lm_head_kernel == "gemv":
+                gemv.prepare(wte)  # compiled now, not in the first request's timed steps
         self.kernel_rows = rows
         return count
 
@@ -268,9 +270,7 @@ class TPCausalLM(nn.Module):
             tokens = F.embedding(local.masked_fill(outside, 0), wte)
             tokens.masked_fill_(outside.unsqueeze(-1), 0.0)
             self.tp.all_reduce_(tokens)
-        if self.inv_freq is not None:
-            return tokens
-        return tokens + self.transformer.wpe(position_ids)
+        return tokens if self.inv_freq is not None else tokens + self.transformer.wpe(position_ids)
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, start: int | torch.Tensor,
                 key_valid: torch.Tensor | None = None) -> torch.Tensor:
@@ -353,11 +353,11 @@ class TPCausalLM(nn.Module):
 
 def load_model(shard_dir: str | Path, tp: TPGroup, device: torch.device, kernels: str = "auto",
                compile: bool = False) -> TPCausalLM:
-    """Build this rank's model straight from its part: created on the meta device, then the
-    loaded tensors are assigned, so the weights exist once in memory. `kernels` (kernels.KERNEL_MODES)
-    chooses the linear weights' kernels and layouts at the first request and again at each new
-    batch size (TPCausalLM.setup_cache; every rank in step). With `compile`, decode steps run through torch.compile instead (which
-    lays out the weights itself): `kernels` must then be 'auto' or 'plain'."""
+    """Build this rank's model straight from its part (on the meta device, then the loaded tensors are
+    assigned: the weights exist once in memory). `kernels` (kernels.KERNEL_MODES) chooses the linear
+    weights' kernels and layouts at the first request and at each new batch size (setup_cache; every
+    rank in step). With `compile`, decode steps run through torch.compile, which lays out the weights
+    itself: `kernels` must then be 'auto' or 'plain'."""
     if compile and kernels not in ("auto", "plain"):
         raise ValueError(f"kernels {kernels!r} cannot be combined with compile (inductor chooses its own GEMMs)")
     raw_config, state = load_part(shard_dir, tp.rank, tp.world_size, device="cpu" if device.type == "npu" else device)

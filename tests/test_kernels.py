@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from starcoder_tp import kernel_timing, kernels, layouts
+from starcoder_tp import gemv, kernel_timing, kernels, layouts
 from starcoder_tp import linear as kernels_linear
 from starcoder_tp.kernels import Choice, choose, fixed_choice, measure
 
@@ -27,6 +27,8 @@ def test_the_fastest_decode_layout_wins_then_the_fastest_prefill_kernel_it_can_r
 def test_a_weight_that_never_sees_prefill_rows_gets_its_layout_as_prefill_kernel():
     c = choose({"plain": 9.0, "onednn": 7.0}, {})
     assert (c.decode, c.prefill) == ("onednn", "onednn")
+    c = choose({"plain": 9.0, "gemv": 6.0}, {})
+    assert (c.decode, c.prefill) == ("gemv", "plain"), "gemv's layout is the plain weight"
     with pytest.raises(ValueError, match="no decode timings"):
         choose({}, {})
 
@@ -37,6 +39,21 @@ def test_a_choice_must_be_runnable_by_its_layout():
     with pytest.raises(ValueError, match="plain/unpack/plain"):
         Choice("plain", "plain", "unpack")
     assert Choice("onednn", "unpack").short == "unpack", "short prefills default to the long kernel"
+
+
+def test_the_plain_weight_can_run_onednn_at_prefill_so_a_one_row_kernel_keeps_a_fast_prefill():
+    # The EPYC Zen 5's timings (ms, fp32, 1024x4096 at 1 / 64 / 512 rows): oneDNN given the plain
+    # weight ran prefills as fast as its packed layout, so gemv's faster decode costs no prefill.
+    decode = {"plain": 0.71, "onednn": 0.72, "gemv": 0.55}
+    short = {"plain": 6.5, "onednn": 3.2, "unpack": 7.9, "onednn_plain": 3.3}
+    long = {"plain": 41.0, "onednn": 19.0, "unpack": 22.0, "onednn_plain": 19.1}
+    c = choose(decode, long, short, prompt_rows=128, steps=31)
+    assert (c.decode, c.short, c.prefill) == ("gemv", "onednn_plain", "onednn_plain")
+    no_plain_onednn = {k: v for k, v in short.items() if k != "onednn_plain"}
+    c = choose(decode, {k: v for k, v in long.items() if k != "onednn_plain"}, no_plain_onednn, 128, 31)
+    assert (c.decode, c.short) == ("onednn", "onednn"), "MKL's prefill at twice the time outweighs 31 faster steps"
+    with pytest.raises(ValueError, match="the 'onednn' layout runs"):
+        Choice("onednn", "onednn_plain")
 
 
 def test_short_and_long_prefills_each_get_their_fastest_kernel():
@@ -65,8 +82,8 @@ def fake_clock(monkeypatch, ms_per_call: dict[str, float], min_calls_seen: list 
 
 
 def test_measure_times_every_candidate_of_every_shape_and_takes_the_slowest_ranks(monkeypatch):
-    fake_clock(monkeypatch, {"plain": 1.0, "onednn": 2.0, "unpack": 3.0, "fp32": 0.5})
-    monkeypatch.setattr(kernels, "decode_candidates", lambda w: ("plain", "onednn"))  # as on any oneDNN CPU
+    fake_clock(monkeypatch, {"plain": 1.0, "onednn": 2.0, "unpack": 3.0, "fp32": 0.5, "onednn_plain": 4.0})
+    monkeypatch.setattr(kernels, "decode_candidates", lambda w, rows=1: ("plain", "onednn"))  # as on any oneDNN CPU
     reduced = []
     width = len(kernels.DECODE_SLOTS) + 2 * len(kernels.PREFILL_SLOTS)
 
@@ -84,8 +101,8 @@ def test_measure_times_every_candidate_of_every_shape_and_takes_the_slowest_rank
     assert reduced == [2, 2 * width], "the shapes are checked, then one reduction for the whole plan"
     assert set(plan) == set(weights) and progress
     assert plan["32x16:float32"] == Choice("onednn", "onednn", "onednn", {"plain": 5.0, "onednn": 2.0},
-                                           {"plain": 1.0, "onednn": 2.0, "unpack": 3.0},
-                                           {"plain": 1.0, "onednn": 2.0, "unpack": 3.0})
+                                           {"plain": 1.0, "onednn": 2.0, "unpack": 3.0, "onednn_plain": 4.0},
+                                           {"plain": 1.0, "onednn": 2.0, "unpack": 3.0, "onednn_plain": 4.0})
     lm_head = plan["8x16:float32"]  # no prefill timings: it never sees prefill rows
     assert (lm_head.decode, lm_head.prefill, lm_head.prefill_ms) == ("onednn", "onednn", {})
 
@@ -122,7 +139,9 @@ def test_time_ms_alternates_rounds_prunes_the_hopeless_and_reports_medians(monke
 
 def test_decode_candidates_run_several_calls_a_round_and_prefill_ones_do_not(monkeypatch):
     seen = []
-    fake_clock(monkeypatch, {"plain": 1.0, "onednn": 2.0, "unpack": 3.0, "fp32": 0.5, "mkl_packed": 1.5}, seen)
+    fake_clock(monkeypatch, {"plain": 1.0, "onednn": 2.0, "unpack": 3.0, "fp32": 0.5, "mkl_packed": 1.5, "gemv": 0.8,
+                             "onednn_plain": 4.0},
+               seen)
     measure({"8x8:float32": torch.randn(8, 8)}, 1, lambda t: t, {"8x8:float32"})
     decode_kinds = sorted(kernels.decode_candidates(torch.randn(8, 8)))
     assert seen[0] == (kernels.DECODE_MIN_CALLS, decode_kinds) and kernels.DECODE_MIN_CALLS > 1
@@ -247,7 +266,7 @@ def test_each_decode_call_runs_on_the_next_copy_in_turn(monkeypatch, dtype):
     weight = torch.randn(48, 16).to(dtype)
     seen: dict[str, list[int]] = {}
     real = {"linear": torch.nn.functional.linear, "packed": kernels_linear.packed_linear,
-            "mkl": kernels_linear.mkl_linear, "fp32": kernels_linear.fp32_linear}
+            "mkl": kernels_linear.mkl_linear, "fp32": kernels_linear.fp32_linear, "gemv": gemv.linear}
 
     def spy(name, fn, arg):
         def wrapped(*args, **kw):
@@ -258,6 +277,7 @@ def test_each_decode_call_runs_on_the_next_copy_in_turn(monkeypatch, dtype):
     monkeypatch.setattr(kernels_linear, "packed_linear", spy("onednn", real["packed"], 1))
     monkeypatch.setattr(kernels_linear, "mkl_linear", spy("mkl_packed", real["mkl"], 1))
     monkeypatch.setattr(kernels_linear, "fp32_linear", spy("fp32", real["fp32"], 1))
+    monkeypatch.setattr(gemv, "linear", spy("gemv", real["gemv"], 1))
     kinds = kernels.decode_candidates(weight)
     ticks = []
     calls = kernel_timing.decode_calls(weight, 2, kinds, copies=3, on_progress=lambda: ticks.append(1))
@@ -276,8 +296,9 @@ def test_each_decode_call_runs_on_the_next_copy_in_turn(monkeypatch, dtype):
 def test_mkls_packed_layout_is_an_fp32_candidate_and_runs_only_itself_at_prefill(monkeypatch):
     assert "mkl_packed" in kernels.decode_candidates(torch.randn(8, 16))
     assert "mkl_packed" not in kernels.decode_candidates(torch.randn(8, 16).bfloat16()), "MKL packs sgemm only"
-    fake_clock(monkeypatch, {"plain": 3.0, "onednn": 2.0, "unpack": 0.5, "fp32": 9.0, "mkl_packed": 1.0})
-    monkeypatch.setattr(kernels, "decode_candidates", lambda w: ("plain", "onednn", "mkl_packed"))
+    fake_clock(monkeypatch, {"plain": 3.0, "onednn": 2.0, "unpack": 0.5, "fp32": 9.0, "mkl_packed": 1.0,
+                             "onednn_plain": 0.4})
+    monkeypatch.setattr(kernels, "decode_candidates", lambda w, rows=1: ("plain", "onednn", "mkl_packed"))
     plan = measure({"32x16:float32": torch.randn(32, 16)}, 4, lambda t: t, prefill={"32x16:float32"})
     # unpack is the fastest prefill kernel, but MKL's layout cannot be unpacked: it runs itself.
     assert (plan["32x16:float32"].decode, plan["32x16:float32"].short, plan["32x16:float32"].prefill) == \

@@ -1,6 +1,7 @@
-"""The linear layers: every kernel of kernels.py (oneDNN packed, unpacked for the call, MKL
-packed, bf16 via fp32) against F.linear, the bias left out for row-parallel layers, the fallback where oneDNN
-cannot pack, re-packing for another batch, and whole models under every plan."""
+"""The linear layers: every kernel of kernels.py (oneDNN packed, unpacked for the call, or on
+the plain weight, MKL packed, bf16 via fp32, the compiled one-row product) against F.linear,
+the bias left out for row-parallel layers, the fallback where oneDNN cannot pack, re-packing
+for another batch, and whole models under every plan."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -34,11 +35,12 @@ def test_packed_linear_matches_f_linear_with_and_without_bias(shape, prefill):
 
 
 @pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
-@pytest.mark.parametrize("choice", [Choice("plain", "plain"), Choice("onednn", "onednn"), Choice("onednn", "unpack")])
+@pytest.mark.parametrize("choice", [Choice("plain", "plain"), Choice("onednn", "onednn"), Choice("onednn", "unpack"),
+                                    Choice("plain", "onednn_plain")])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_activated_linear_is_the_activation_of_the_linear_under_every_kernel(activation, choice, dtype):
     """The MLP's c_fc: fused as oneDNN's post-op where the weight is packed, else applied after."""
-    if choice.decode == "onednn" and pack(torch.ones(2, 2, dtype=dtype), 1) is None:
+    if "onednn" in (choice.decode, choice.prefill) and pack(torch.ones(2, 2, dtype=dtype), 1) is None:
         pytest.skip(f"oneDNN cannot pack {dtype} here")
     torch.manual_seed(0)
     layer = Linear(64, 96).to(dtype)
@@ -168,7 +170,7 @@ def test_bf16_via_fp32_is_the_bf16_gemm_computed_in_fp32(shape):
 
 # Every fixed mode, and mixed plans that no mode gives: each layout with each prefill kernel it runs.
 PLANS = [*KERNEL_MODES, Choice("onednn", "unpack"), Choice("plain", "fp32"), Choice("fp32", "plain"),
-         Choice("mkl_packed", "mkl_packed")]
+         Choice("mkl_packed", "mkl_packed"), Choice("plain", "onednn_plain"), Choice("gemv", "onednn_plain")]
 
 
 def _with_plan(model, plan, rows: int = 1):
@@ -220,7 +222,7 @@ def test_a_model_relays_its_weights_for_each_batch_size(tmp_path, embedded_dir, 
 
 @needs_onednn
 @pytest.mark.parametrize("plan", ["onednn", "fp32", Choice("onednn", "unpack", "onednn"), Choice("plain", "fp32"),
-                                  Choice("fp32", "plain")], ids=str)
+                                  Choice("fp32", "plain"), Choice("plain", "onednn_plain")], ids=str)
 def test_every_bf16_plan_stays_within_bf16_rounding_of_plain_bf16(tmp_path, embedded_dir, prompts, plan):
     """bf16 kernels round differently (fp32 sums in another order, rounded once): the top-5
     logprobs agree within bf16's resolution, through the tied lm_head as well."""
