@@ -45,6 +45,13 @@ def _ms(timings: dict[str, float]) -> str:
     return ", ".join(f"{k} {v:.3f}" for k, v in sorted(timings.items(), key=lambda kv: kv[1]))
 
 
+def _read_gbs(shape: str, ms: float) -> str:
+    """The weight's bytes over a call's milliseconds: the read speed a decode call reached."""
+    dims, dtype = shape.split(":")
+    n, k = (int(v) for v in dims.split("x"))
+    return f"{n * k * getattr(torch, dtype).itemsize / ms / 1e6:.1f}"
+
+
 def rotation_sweep() -> str:
     """GB/s of F.linear at one row on a 16 MB fp32 weight, rotated over copies of 16 MB to 1 GB."""
     x, weights, cells = torch.randn(1, 1024), [torch.randn(4096, 1024) for _ in range(64)], []
@@ -112,11 +119,13 @@ def main() -> None:
                     else:
                         os.environ[CACHE_ENV] = saved
             print(f"{dtype}, batch {batch}: plan measured in {took:.2f} s\n")
-            print("| weight | decode ms (batch rows) | short prefill ms (64 rows) | long prefill ms (512 rows) | "
-                  f"choice (decode / short / long) | weighed for in={seq_in}, out={seq_out} |\n|---|---|---|---|---|---|")
+            print("| weight | decode ms (batch rows) | fastest decode GB/s | short prefill ms (64 rows) | "
+                  f"long prefill ms (512 rows) | choice (decode / short / long) | weighed for in={seq_in}, "
+                  f"out={seq_out} |\n|---|---|---|---|---|---|---|")
             for shape, c in sorted(model.kernel_plan.items()):
                 w = kernels.weigh(c, batch * seq_in, seq_out - 1)
-                print(f"| {shape} | {_ms(c.decode_ms)} | {_ms(c.short_ms) or '-'} | {_ms(c.prefill_ms) or '-'} | "
+                print(f"| {shape} | {_ms(c.decode_ms)} | {_read_gbs(shape, min(c.decode_ms.values()))} | "
+                      f"{_ms(c.short_ms) or '-'} | {_ms(c.prefill_ms) or '-'} | "
                       f"{c.decode} / {c.short} / {c.prefill} | {w.decode} / {w.short} / {w.prefill} |")
             summed, real = summed_against_real(model, batch, seq_in, seq_out)
             print(f"\nLaid out for in={seq_in}, out={seq_out}: the linears' decode timings summed {summed:.2f} ms, "

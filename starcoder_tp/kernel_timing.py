@@ -128,10 +128,7 @@ def decode_calls(weight: torch.Tensor, rows: int, kinds: Iterable[str], activati
     eager, post_op, algorithm = _activation(activation)
     x = torch.randn(rows, weight.shape[1]).to(weight.dtype)
     sizes = weight.new_empty(1).expand(weight.shape)
-    # The copies are normal tensors, as the model's weights, even when measured in a request's
-    # inference mode: a compiled kernel (gemv) guards on the kind and compiled again for them.
-    with torch.inference_mode(False):
-        plains = [weight] + [made(weight.clone()) for _ in range(copies - 1)] if {"plain", "fp32", "gemv"} & set(kinds) else []
+    plains = [weight] + [made(weight.clone()) for _ in range(copies - 1)] if {"plain", "fp32", "gemv"} & set(kinds) else []
     calls = {}
     for kind in kinds:
         if kind == "onednn":

@@ -28,9 +28,9 @@ sgemm against F.linear at batch 1, fp32: RESULTS.md, "MKL's packed sgemm").
             CPUs whose bf16 GEMM is slow. Prefill from the plain layout: `plain`, `fp32` or
             `onednn_plain` (oneDNN's GEMM given the plain weight: it lays each block out as it
             goes, and ran fp32 prefills at oneDNN's packed speed, twice MKL's, on the EPYC Zen 5).
-- `gemv`:   decode at one row only: the plain weight's product with the row as a multiply-sum
-            that inductor compiles (gemv.py), where the libraries' one-row GEMMs fall short of the
-            memory's speed. Prefill from the plain layout (as `plain`).
+- `gemv`:   fp32, decode at one row only: the plain weight's product with the row by BLAS's
+            sgemv (gemv.py), where torch's one-row GEMMs fall short of the memory's speed. Prefill
+            from the plain layout (as `plain`).
 
 Prefill kernels are timed at SHORT_ROWS and at PREFILL_ROWS rows: a short prompt and a long one
 can want different kernels (unpacking a weight costs the same for 2 rows as for 2000). Calls
@@ -105,8 +105,8 @@ def shape_key(weight: torch.Tensor) -> str:
 
 def decode_candidates(weight: torch.Tensor, rows: int = 1) -> tuple[str, ...]:
     """The decode kernels this weight can take here at decode batches of `rows` rows: the packed
-    layouts only on CPU where the library packs the dtype, the compiled one-row product at one
-    row where inductor builds it."""
+    layouts only on CPU where the library packs the dtype, BLAS sgemv at one
+    row for fp32 weights."""
     if weight.device.type != "cpu":
         return ("plain",)
     kinds = ["plain"]
@@ -116,7 +116,7 @@ def decode_candidates(weight: torch.Tensor, rows: int = 1) -> tuple[str, ...]:
         kinds.append("mkl_packed")
     if weight.dtype == torch.bfloat16:
         kinds.append("fp32")
-    if rows == 1 and weight.dtype in (torch.float32, torch.bfloat16) and gemv.available():
+    if rows == 1 and gemv.supports(weight):
         kinds.append("gemv")
     return tuple(kinds)
 

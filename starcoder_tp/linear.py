@@ -175,6 +175,4 @@ class Linear(nn.Linear):
         self.packed_kind = choice.decode if packed is not None else None
         self.decode_kernel, self.short_kernel, self.prefill_kernel = choice.decode, choice.short, choice.prefill
         self.decode_numel, self.split_numel = rows * self.in_features, SPLIT_ROWS * self.in_features
-        if self.decode_kernel == "gemv":
-            gemv.prepare(self.weight)
         return packed is not None

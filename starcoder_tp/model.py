@@ -21,7 +21,7 @@ from torch import nn
 from .attention import Attention, attention_mask
 from .comm import TPGroup
 from .config import ModelConfig
-from . import gemv, kernels, layouts
+from . import kernels, layouts
 from .kernels import KERNEL_MODES, Choice
 from .linear import NATIVE_BF16_MATMUL, Linear, run_kernel
 from .shard import load_part, part_tensor_reader
@@ -179,8 +179,6 @@ class TPCausalLM(nn.Module):
                     self.lm_head_packed = layouts.PACKERS[decode](wte, rows)
             self.lm_head_kernel = "plain" if decode in layouts.PACKERS and self.lm_head_packed is None else decode
             count += self.lm_head_packed is not None
-            if self.lm_head_kernel == "gemv":
-                gemv.prepare(wte)  # compiled now, not in the first request's timed steps
         self.kernel_rows = rows
         return count
 

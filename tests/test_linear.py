@@ -1,5 +1,5 @@
 """The linear layers: every kernel of kernels.py (oneDNN packed, unpacked for the call, or on
-the plain weight, MKL packed, bf16 via fp32, the compiled one-row product) against F.linear,
+the plain weight, MKL packed, bf16 via fp32, one-row sgemv) against F.linear,
 the bias left out for row-parallel layers, the fallback where oneDNN cannot pack, re-packing
 for another batch, and whole models under every plan."""
 import pytest
