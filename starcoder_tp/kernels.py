@@ -105,8 +105,7 @@ def shape_key(weight: torch.Tensor) -> str:
 
 def decode_candidates(weight: torch.Tensor, rows: int = 1) -> tuple[str, ...]:
     """The decode kernels this weight can take here at decode batches of `rows` rows: the packed
-    layouts only on CPU where the library packs the dtype, BLAS sgemv at one
-    row for fp32 weights."""
+    layouts only on CPU where the library packs the dtype, BLAS's sgemv for fp32 at one row."""
     if weight.device.type != "cpu":
         return ("plain",)
     kinds = ["plain"]

@@ -140,8 +140,7 @@ def test_time_ms_alternates_rounds_prunes_the_hopeless_and_reports_medians(monke
 def test_decode_candidates_run_several_calls_a_round_and_prefill_ones_do_not(monkeypatch):
     seen = []
     fake_clock(monkeypatch, {"plain": 1.0, "onednn": 2.0, "unpack": 3.0, "fp32": 0.5, "mkl_packed": 1.5, "gemv": 0.8,
-                             "onednn_plain": 4.0},
-               seen)
+                             "onednn_plain": 4.0}, seen)
     measure({"8x8:float32": torch.randn(8, 8)}, 1, lambda t: t, {"8x8:float32"})
     decode_kinds = sorted(kernels.decode_candidates(torch.randn(8, 8)))
     assert seen[0] == (kernels.DECODE_MIN_CALLS, decode_kinds) and kernels.DECODE_MIN_CALLS > 1
