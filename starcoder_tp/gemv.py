@@ -7,8 +7,11 @@ EPYC Zen 5, MKL's F.linear, its packed sgemm and oneDNN's packed layout read fp3
 wheels) read them at 31-36 (benchmarks/RESULTS.md, "One-row products"). Whether it pays is
 measured per weight shape on the machine at hand, like every other kernel (kernels.py).
 
-numpy shares the tensors' memory (no copy); the BLAS runs as many threads as torch does here,
-set through threadpoolctl when torch's count changes.
+numpy shares the tensors' memory (no copy). The BLAS runs one thread (threadpoolctl), the
+calling one: given torch's two threads, OpenBLAS's worker and torch's OpenMP worker, each spinning
+after its own work, took the cores from each other, and a rank of two threads ran its decode steps
+2.7-3x slower (RESULTS.md). With more threads than one, the libraries' threaded GEMMs compete
+with the one-thread sgemv in the plan's timings.
 """
 from __future__ import annotations
 
@@ -17,14 +20,13 @@ import torch
 import torch.nn.functional as F
 from threadpoolctl import threadpool_limits
 
-_blas_threads: list[int] = []  # the thread count last given to the BLAS (empty: not yet)
+_blas_limited: list[bool] = []  # [True] once the BLAS is held to one thread
 
 
-def _match_threads() -> None:
-    threads = torch.get_num_threads()
-    if _blas_threads != [threads]:
-        threadpool_limits(limits=threads, user_api="blas")
-        _blas_threads[:] = [threads]
+def _one_blas_thread() -> None:
+    if not _blas_limited:
+        threadpool_limits(limits=1, user_api="blas")
+        _blas_limited.append(True)
 
 
 def supports(weight: torch.Tensor) -> bool:
@@ -37,7 +39,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     F.linear itself."""
     if x.numel() != x.shape[-1] or not supports(weight) or x.dtype != torch.float32:
         return F.linear(x, weight, bias)
-    _match_threads()
+    _one_blas_thread()
     n, k = weight.shape
     out = torch.empty(n)
     np.dot(weight.detach().numpy(), x.detach().reshape(k).numpy(), out=out.numpy())  # [N, K] @ [K] -> [N]
