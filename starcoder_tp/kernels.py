@@ -120,10 +120,10 @@ def decode_candidates(weight: torch.Tensor, rows: int = 1) -> tuple[str, ...]:
     return tuple(kinds)
 
 
-def fixed_choice(mode: str, weight: torch.Tensor) -> Choice:
-    """`--kernels plain|onednn|fp32|...`: that kernel where the weight can take it, else plain
-    (`gemv` runs one-row calls only, and prefills as plain)."""
-    decode = mode if mode in decode_candidates(weight) else "plain"
+def fixed_choice(mode: str, weight: torch.Tensor, rows: int = 1) -> Choice:
+    """`--kernels plain|onednn|fp32|...`: that kernel where the weight can take it at decode
+    batches of `rows` rows, else plain (`gemv`: fp32 at one row, and it prefills as plain)."""
+    decode = mode if mode in decode_candidates(weight, rows) else "plain"
     return Choice(decode, "plain" if decode == "gemv" else decode)
 
 

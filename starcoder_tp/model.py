@@ -152,7 +152,7 @@ class TPCausalLM(nn.Module):
             self.kernel_timings, self.kernel_plan_source = kernels.cached_or_measured(
                 weights, rows, self.tp, prefill, activated, self._tick, step_bytes)
         else:
-            self.kernel_timings = {s: kernels.fixed_choice(mode, w) for s, w in weights.items()}
+            self.kernel_timings = {s: kernels.fixed_choice(mode, w, rows) for s, w in weights.items()}
             self.kernel_plan_source = "fixed"
         del weights  # unpacked copies of packed weights, made for the measurement
         self.kernel_mode = mode

@@ -71,6 +71,7 @@ def test_a_candidate_only_at_one_row_of_an_fp32_weight():
     assert "gemv" not in kernels.decode_candidates(weight, 4), "several rows: the libraries' GEMMs"
     assert "gemv" not in kernels.decode_candidates(weight.bfloat16(), 1), "numpy has no bf16"
     assert kernels.fixed_choice("gemv", weight) == Choice("gemv", "plain"), "prefills run plain"
+    assert kernels.fixed_choice("gemv", weight, 4) == Choice("plain", "plain"), "--kernels gemv at batch 4"
     assert kernels.fixed_choice("gemv", weight.bfloat16()) == Choice("plain", "plain")
 
 
