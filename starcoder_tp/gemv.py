@@ -15,18 +15,16 @@ with the one-thread sgemv in the plan's timings.
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 from threadpoolctl import threadpool_limits
 
-_blas_limited: list[bool] = []  # [True] once the BLAS is held to one thread
-
-
+@functools.cache  # once per process
 def _one_blas_thread() -> None:
-    if not _blas_limited:
-        threadpool_limits(limits=1, user_api="blas")
-        _blas_limited.append(True)
+    threadpool_limits(limits=1, user_api="blas")
 
 
 def supports(weight: torch.Tensor) -> bool:
@@ -41,7 +39,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         return F.linear(x, weight, bias)
     _one_blas_thread()
     n, k = weight.shape
-    out = torch.empty(n)
+    out = torch.empty(n, dtype=torch.float32)  # (not the default dtype: a caller may have changed it)
     np.dot(weight.detach().numpy(), x.detach().reshape(k).numpy(), out=out.numpy())  # [N, K] @ [K] -> [N]
     out = out.view(*x.shape[:-1], n)
     return out if bias is None else out + bias
