@@ -21,7 +21,7 @@ from torch import nn
 from .attention import Attention, attention_mask
 from .comm import TPGroup
 from .config import ModelConfig
-from . import kernels, layouts
+from . import kernels, layouts, malloc
 from .kernels import KERNEL_MODES, Choice
 from .linear import NATIVE_BF16_MATMUL, Linear, run_kernel
 from .shard import load_part, part_tensor_reader
@@ -377,6 +377,8 @@ def load_model(shard_dir: str | Path, tp: TPGroup, device: torch.device, kernels
             )
     if device.type == "npu":
         state = {name: t.to(device) for name, t in state.items()}
+    elif device.type == "cpu":
+        state = malloc.owned_copies(state)  # out of the file's mapping, where the kernels read them slower
     model.load_state_dict(state, assign=True, strict=True)
     del state
     if device.type == "cpu":  # for the packed layouts that cannot be unpacked (Linear.plain_source)

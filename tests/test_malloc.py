@@ -3,11 +3,16 @@ import os
 import platform
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+import torch
 
 from starcoder_tp.malloc import MALLOC_ENV, THP_ENV, THP_SETTING, malloc_choice
+from starcoder_tp.comm import TPGroup
+from starcoder_tp.model import load_model
 from starcoder_tp.parallel import GroupSpec
+from starcoder_tp.shard import load_part, shard_checkpoint
 
 # Blocks of a prefill's sizes (9 to 48 MiB), allocated, touched and freed in turn, eight times;
 # the page faults of each round. glibc maps the large ones afresh at each allocation.
@@ -78,3 +83,30 @@ def test_a_rank_asks_for_huge_pages_unless_told_otherwise():
     assert done == "2 MiB pages" and kb >= 32 << 10, (done, kb)  # most of the 64 MiB block
     assert huge({MALLOC_ENV: "system"}) == ("system", 0), "glibc and the kernel as they are"
     assert huge({THP_ENV: "0"}) == (f"{THP_ENV}=0 (as set)", 0), "the user's own setting stands"
+
+
+def file_mappings() -> list[tuple[int, int, str]]:
+    """This process's mappings of files: (start, end, path)."""
+    spans = []
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[5].startswith("/"):
+            start, end = (int(v, 16) for v in fields[0].split("-"))
+            spans.append((start, end, fields[5]))
+    return spans
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads the process's mappings from /proc/self/maps")
+def test_a_cpu_model_holds_its_weights_in_its_own_memory_not_in_the_part_files_mapping(tmp_path, embedded_dir):
+    shard_checkpoint(embedded_dir, tmp_path / "s", 1)
+    part_files = {str(p.resolve()) for p in (tmp_path / "s").rglob("*.safetensors")}
+    assert part_files
+    _, mapped = load_part(tmp_path / "s", 0, 1)  # as load_file returns them: in the file's mapping
+    spans = [(a, b) for a, b, path in file_mappings() if path in part_files]
+    assert any(a <= t.data_ptr() < b for t in mapped.values() for a, b in spans), "the premise: load_file maps"
+    del mapped
+    model = load_model(tmp_path / "s", TPGroup(0, 1), torch.device("cpu"), kernels="plain")
+    still = [path for _, _, path in file_mappings() if path in part_files]
+    assert not still, f"the part's files are still mapped after the load: {still}"
+    tensors = list(model.state_dict().values())
+    assert all(t.data_ptr() % 64 == 0 for t in tensors if t.numel()), "owned blocks are 64-byte aligned"
