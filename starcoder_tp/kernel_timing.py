@@ -45,6 +45,9 @@ DECODE_MIN_CALLS = 4
 # the measurement's extra memory: up to three sets (plain, oneDNN's, MKL's) while one shape is timed.
 DECODE_SET_BYTES = 256 << 20
 PRUNE_FACTOR = 4.0  # a candidate this much slower than the best on its probe call is not timed further
+# A shape's decode candidates are timed again (suspect_shapes) where one of them read the weight at
+# under this fraction of its own median speed over the plan's shapes.
+SUSPECT_FRACTION = 0.5
 
 
 def _timed(call: Callable[[], object]) -> float:
@@ -105,6 +108,34 @@ def decode_copies(weight_bytes: int, step_bytes: int) -> int:
     if weight_bytes <= 0:
         raise ValueError(f"decode_copies: a weight of {weight_bytes} bytes")
     return max(1, math.ceil(min(step_bytes, DECODE_SET_BYTES) / weight_bytes))
+
+
+def weight_bytes(shape: str) -> int:
+    """The bytes of a weight of this shape key ("NxK:dtype", kernels.shape_key)."""
+    sizes, dtype = shape.split(":")
+    n, k = (int(v) for v in sizes.split("x"))
+    return n * k * torch.empty(0, dtype=getattr(torch, dtype)).element_size()
+
+
+def suspect_shapes(decode_ms: dict[str, dict[str, float]]) -> list[str]:
+    """The shapes whose decode candidates to time again: where one of them read the weight at under
+    SUSPECT_FRACTION of its own median speed (bytes per ms) over the shapes it was timed at (three
+    at least). At one row every candidate streams its weight, and a candidate reads shapes alike
+    to within 2x; a disturbance does not: in the seconds after a large process (vLLM) exited, on the
+    EPYC Zen 5 VM, the first shape's candidates (the rest not) were timed 2-47x slow, and the plan
+    cached for the machine chose MKL's packed layout there, whose prefill runs at half speed
+    (RESULTS.md, "Weights out of the file's mapping"). A candidate slow for a reason stays slow."""
+    speeds: dict[str, dict[str, float]] = {}
+    for shape, timings in decode_ms.items():
+        for kind, ms in timings.items():
+            if ms > 0:  # (0: a lone candidate, not timed)
+                speeds.setdefault(kind, {})[shape] = weight_bytes(shape) / ms
+    suspect = set()
+    for by_shape in speeds.values():
+        if len(by_shape) >= 3:
+            median = statistics.median(by_shape.values())
+            suspect |= {shape for shape, speed in by_shape.items() if speed < SUSPECT_FRACTION * median}
+    return sorted(suspect)
 
 
 def _activation(activation: str | None) -> tuple[Callable, str, str]:

@@ -56,7 +56,8 @@ from . import gemv
 from .activations import ACTIVATIONS, TANH_GELU, calibrate
 from .cpu import cpu_cores, cpuinfo, isa_flags
 from .files import cache_dir, write_atomic
-from .kernel_timing import DECODE_MIN_CALLS, DECODE_SET_BYTES, decode_calls, decode_copies, prefill_calls, time_ms
+from .kernel_timing import (DECODE_MIN_CALLS, DECODE_SET_BYTES, decode_calls, decode_copies, prefill_calls,
+                            suspect_shapes, time_ms)
 from .layouts import pack, pack_mkl
 from .malloc import THP_ENV
 
@@ -242,29 +243,39 @@ def measure(weights: dict[str, torch.Tensor], rows: int, slowest: Callable[[torc
     seen = slowest(torch.tensor([digest, -digest], dtype=torch.float64)).tolist()
     if seen != [digest, -digest]:
         raise RuntimeError(f"kernel measurement: the ranks hold different weight shapes (this rank: {sorted(weights)})")
+    def decode_slots(shape: str) -> list[float]:  # (its calls, and the copies they hold, go on return)
+        weight = weights[shape]
+        copies = decode_copies(weight.numel() * weight.element_size(), step_bytes)
+        calls = decode_calls(weight, rows, decode_candidates(weight, rows), activated.get(shape), copies, on_progress)
+        return _slots(time_ms(calls, on_progress, DECODE_MIN_CALLS), DECODE_SLOTS)
+
     flat: list[float] = []
     for shape in sorted(weights):
         weight = weights[shape]
-        kinds, activation = decode_candidates(weight, rows), activated.get(shape)
-        copies = decode_copies(weight.numel() * weight.element_size(), step_bytes)
-        calls = decode_calls(weight, rows, kinds, activation, copies, on_progress)
-        flat += _slots(time_ms(calls, on_progress, DECODE_MIN_CALLS), DECODE_SLOTS)
-        del calls
-        if shape in prefill:  # (the calls, and the copies they hold, go before the next ones are made)
+        flat += decode_slots(shape)
+        if shape in prefill:
             for prefill_rows in (SHORT_ROWS, PREFILL_ROWS):
-                calls = prefill_calls(weight, rows, kinds, prefill_rows, activation)
+                calls = prefill_calls(weight, rows, decode_candidates(weight, rows), prefill_rows, activated.get(shape))
                 flat += _slots(time_ms(calls, on_progress), PREFILL_SLOTS)
                 del calls
         else:
             flat += [math.inf] * 2 * len(PREFILL_SLOTS)
     flat = slowest(torch.tensor(flat, dtype=torch.float64)).tolist()
-    plan, width = {}, len(DECODE_SLOTS) + 2 * len(PREFILL_SLOTS)
-    for i, shape in enumerate(sorted(weights)):
-        values = flat[i * width:(i + 1) * width]
-        decode_ms = _unslot(values[:len(DECODE_SLOTS)], DECODE_SLOTS)
-        short_ms = _unslot(values[len(DECODE_SLOTS):len(DECODE_SLOTS) + len(PREFILL_SLOTS)], PREFILL_SLOTS)
-        prefill_ms = _unslot(values[len(DECODE_SLOTS) + len(PREFILL_SLOTS):], PREFILL_SLOTS)
-        plan[shape] = choose(decode_ms, prefill_ms, short_ms)
+    width, shapes = len(DECODE_SLOTS) + 2 * len(PREFILL_SLOTS), sorted(weights)
+    decode = {shape: _unslot(flat[i * width:(i + 1) * width][:len(DECODE_SLOTS)], DECODE_SLOTS)
+              for i, shape in enumerate(shapes)}
+    again = suspect_shapes(decode)  # the reduced timings: the same list on every rank, which time it in step
+    if again:
+        retimed = slowest(torch.tensor([v for shape in again for v in decode_slots(shape)], dtype=torch.float64))
+        for i, shape in enumerate(again):
+            second = _unslot(retimed.tolist()[i * len(DECODE_SLOTS):(i + 1) * len(DECODE_SLOTS)], DECODE_SLOTS)
+            decode[shape] = {kind: min(ms, second.get(kind, ms)) for kind, ms in decode[shape].items()}
+    plan = {}
+    for i, shape in enumerate(shapes):
+        values = flat[i * width + len(DECODE_SLOTS):(i + 1) * width]
+        short_ms = _unslot(values[:len(PREFILL_SLOTS)], PREFILL_SLOTS)
+        prefill_ms = _unslot(values[len(PREFILL_SLOTS):], PREFILL_SLOTS)
+        plan[shape] = choose(decode[shape], prefill_ms, short_ms)
     return plan
 
 

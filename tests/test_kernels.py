@@ -7,6 +7,7 @@ import torch
 
 from starcoder_tp import gemv, kernel_timing, kernels, layouts
 from starcoder_tp import linear as kernels_linear
+from starcoder_tp.kernel_timing import suspect_shapes
 from starcoder_tp.kernels import Choice, choose, fixed_choice, measure
 
 
@@ -369,3 +370,39 @@ def test_a_model_lays_its_weights_out_again_when_a_request_weighs_otherwise(tmp_
         assert torch.equal(out.output_ids, timed_generate(plain, Device("cpu"), prompt, new_tokens).output_ids)
     assert layouts == [{"mkl_packed"}, {None}, {"mkl_packed"}]
     assert lm_heads[0] is not None and all(p is lm_heads[0] for p in lm_heads), "the tied lm_head's layout never changed"
+
+
+def test_a_shape_whose_decode_candidate_ran_far_below_its_speed_elsewhere_is_suspect():
+    # ms per call of 16x16, 32x16, 64x16 fp32 weights (1, 2, 4 KiB): each candidate reads all at one speed
+    even = {"16x16:float32": {"plain": 1.0, "onednn": 0.5}, "32x16:float32": {"plain": 2.0, "onednn": 1.0},
+            "64x16:float32": {"plain": 4.0, "onednn": 2.0}}
+    assert suspect_shapes(even) == []
+    uneven = {**even, "32x16:float32": {"plain": 3.9, "onednn": 1.0}}  # a candidate 1.95x slower there: as shapes differ
+    assert suspect_shapes(uneven) == []
+    disturbed = {**even, "32x16:float32": {"plain": 2.0, "onednn": 9.0}}  # onednn at 1/9 of its speed elsewhere
+    assert suspect_shapes(disturbed) == ["32x16:float32"]
+    two_shapes = {s: even[s] for s in ("16x16:float32", "32x16:float32")}
+    assert suspect_shapes({**two_shapes, "32x16:float32": {"plain": 20.0, "onednn": 9.0}}) == [], "no median of two"
+    lone = {s: {"plain": 0.0} for s in even}  # a lone candidate is not timed (0.0)
+    assert suspect_shapes({**lone, "16x16:float32": {"plain": 0.0}}) == []
+
+
+def test_a_suspect_shapes_decode_candidates_are_timed_again_in_step_and_their_faster_timings_kept(monkeypatch):
+    monkeypatch.setattr(kernels, "decode_candidates", lambda w, rows=1: ("plain", "onednn"))
+    first, again = {"plain": 1.5, "onednn": 10.0}, {"plain": 1.6, "onednn": 1.0}  # 16x16's onednn disturbed, then not
+    decode_answers = [first, {"plain": 3.0, "onednn": 2.0}, {"plain": 6.0, "onednn": 4.0}, again]
+
+    def time_ms(calls, on_progress=lambda: None, min_calls=1):
+        if min_calls == kernel_timing.DECODE_MIN_CALLS:
+            return dict(decode_answers.pop(0))
+        return {name: 1.0 for name in calls}
+    monkeypatch.setattr(kernels, "time_ms", time_ms)
+    reduced = []
+    weights = {kernels.shape_key(w): w for w in (torch.randn(16, 16), torch.randn(32, 16), torch.randn(64, 16))}
+    plan = measure(weights, 1, lambda t: reduced.append(len(t)) or t, prefill=set(weights))
+    width = len(kernels.DECODE_SLOTS) + 2 * len(kernels.PREFILL_SLOTS)
+    assert reduced == [2, 3 * width, len(kernels.DECODE_SLOTS)], "one more reduction: the suspect shape's retiming"
+    assert not decode_answers, "16x16 (sorted first) timed twice, the others once"
+    assert plan["16x16:float32"].decode == "onednn"
+    assert plan["16x16:float32"].decode_ms == {"plain": 1.5, "onednn": 1.0}, "each candidate's faster timing"
+    assert plan["64x16:float32"].decode_ms == {"plain": 6.0, "onednn": 4.0}
