@@ -42,6 +42,26 @@ def isa_flags() -> str:
     return " ".join(sorted(f for f in cpuinfo()[1] if ISA_FLAG.match(f)))
 
 
+def last_level_cache_bytes(cache_dir: Path = Path("/sys/devices/system/cpu/cpu0/cache")) -> int | None:
+    """The size of the first CPU's last-level cache (its highest-level data or unified cache), as
+    the system reports it (a VM reports what its host chose to), or None where it reports none."""
+    best: tuple[int, int] | None = None
+    for index in sorted(cache_dir.glob("index*")):
+        try:
+            level = int((index / "level").read_text())
+            kind = (index / "type").read_text().strip()
+            size = (index / "size").read_text().strip()
+        except (OSError, ValueError):
+            continue
+        match = re.fullmatch(r"(\d+)([KMG]?)", size)
+        if kind == "Instruction" or match is None:
+            continue
+        size_bytes = int(match.group(1)) << {"": 0, "K": 10, "M": 20, "G": 30}[match.group(2)]
+        if best is None or level > best[0]:
+            best = (level, size_bytes)
+    return best[1] if best else None
+
+
 def _first_fields(path: Path) -> dict[str, str]:
     """The first processor's `key: value` lines of /proc/cpuinfo, keys lower-cased."""
     fields: dict[str, str] = {}

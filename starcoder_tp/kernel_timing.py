@@ -5,7 +5,7 @@ as oneDNN's post-op on the packed layout, a separate pass after the other kernel
 pass cost as much as the GEMM at 2048 rows on an AMX Xeon: RESULTS.md, "Fused activation").
 
 Decode candidates are timed over copies of the weight, one call per copy in turn, as many as a
-decode step of the model reads (up to DECODE_SET_BYTES): a large model's step streams its weights
+decode step of the model reads (up to decode_set_bytes()): a large model's step streams its weights
 from memory, and timed from the cache the ranking was not the same, and the timings summed to
 half to two thirds of the model's real step (decode_copies; RESULTS.md, "Decode candidates timed
 from memory"). Prefill candidates run on one copy: their GEMMs reuse each weight block over many
@@ -22,6 +22,7 @@ dominated by the prefill calls at 512 rows, 4-5 calls of each surviving candidat
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import statistics
@@ -30,6 +31,7 @@ from typing import Callable, Iterable
 
 import torch
 
+from .cpu import last_level_cache_bytes
 from .layouts import pack, pack_mkl
 
 ROUNDS = 3  # alternating rounds per candidate (A B C, C B A, A B C): drift hits all alike
@@ -39,11 +41,15 @@ ROUND_MIN_S = 0.004  # each candidate runs at least this long per round (and at 
 # lm_head's layouts within +-8% either way from one plan to the next, where four a round ranked
 # them as the model's own step does, 15-19% apart (RESULTS.md, "Decode calls per round").
 DECODE_MIN_CALLS = 4
-# Decode candidates rotate over copies of their weight up to this many bytes (decode_copies): from
-# memory, as a large model's step runs. One thread of the AVX-512 Xeon read a 16 MB weight at 27.4
-# GB/s rotated over 64 MB, 16.6 over 256 MB, 15.5-15.6 over 512 MB and 1 GB (RESULTS.md). It bounds
-# the measurement's extra memory: up to three sets (plain, oneDNN's, MKL's) while one shape is timed.
-DECODE_SET_BYTES = 256 << 20
+# Decode candidates rotate over copies of their weight (decode_copies), as many bytes as
+# decode_set_bytes: from memory, as a large model's step runs. One thread of the AVX-512 Xeon (its VM
+# reports a 480 MiB L3) read a 16 MB weight at 27.4 GB/s rotated over 64 MB, 16.6 over 256 MB,
+# 15.5-15.6 over 512 MB and 1 GB; the EPYC Zen 5 (32 MiB L3) at 25.1 over 32 MB, 19.7 over 64 MB, 19.4
+# over 128 MB, 18.2 over 512 MB, and over 128 MB its plans chose as over 256 MB, in less than half
+# the time: making the copies is most of it (RESULTS.md, "Weights out of the file's mapping").
+DECODE_SET_BYTES = 256 << 20  # at most: it bounds the measurement's extra memory, up to three sets
+DECODE_SET_CACHES = 4  # else this many times the last-level cache,
+DECODE_SET_MIN_BYTES = 64 << 20  # and at least this
 PRUNE_FACTOR = 4.0  # a candidate this much slower than the best on its probe call is not timed further
 # A shape's decode candidates are timed again (suspect_shapes) where one of them read the weight at
 # under this fraction of its own median speed over the plan's shapes.
@@ -98,16 +104,26 @@ def time_across_ranks(calls_by_size: list[dict[str, Callable[[], object]]],
     return [dict(zip(names, reduced[i * len(names):(i + 1) * len(names)])) for i in range(len(calls_by_size))]
 
 
+@functools.cache
+def decode_set_bytes() -> int:
+    """The bytes decode candidates rotate over at most: DECODE_SET_CACHES times this machine's
+    last-level cache, within DECODE_SET_MIN_BYTES and DECODE_SET_BYTES (DECODE_SET_BYTES where
+    the system reports no cache)."""
+    cache = last_level_cache_bytes()
+    return DECODE_SET_BYTES if cache is None else min(DECODE_SET_BYTES, max(DECODE_SET_MIN_BYTES,
+                                                                            DECODE_SET_CACHES * cache))
+
+
 def decode_copies(weight_bytes: int, step_bytes: int) -> int:
     """How many copies of a weight its decode candidates are timed over, one call per copy in turn:
     enough that, between two calls on one copy, as many bytes are read as a decode step of the
-    model reads (`step_bytes`), up to DECODE_SET_BYTES. A model larger than the cache streams
+    model reads (`step_bytes`), up to decode_set_bytes(). A model larger than the cache streams
     its weights from memory at every step; timed on one weight, over and over, a candidate ran
     from the cache instead, and the ranking could differ (RESULTS.md, "Decode candidates timed
     from memory"). A model that fits in the cache is timed in it, as it runs."""
     if weight_bytes <= 0:
         raise ValueError(f"decode_copies: a weight of {weight_bytes} bytes")
-    return max(1, math.ceil(min(step_bytes, DECODE_SET_BYTES) / weight_bytes))
+    return max(1, math.ceil(min(step_bytes, decode_set_bytes()) / weight_bytes))
 
 
 def weight_bytes(shape: str) -> int:

@@ -56,7 +56,7 @@ from . import gemv
 from .activations import ACTIVATIONS, TANH_GELU, calibrate
 from .cpu import cpu_cores, cpuinfo, isa_flags
 from .files import cache_dir, write_atomic
-from .kernel_timing import (DECODE_MIN_CALLS, DECODE_SET_BYTES, decode_calls, decode_copies, prefill_calls,
+from .kernel_timing import (DECODE_MIN_CALLS, decode_calls, decode_copies, decode_set_bytes, prefill_calls,
                             suspect_shapes, time_ms)
 from .layouts import pack, pack_mkl
 from .malloc import THP_ENV
@@ -180,7 +180,7 @@ def plan_key(weights: dict[str, torch.Tensor], rows: int, world_size: int,
             "torch": torch.__version__, "onednn": str(onednn), "threads": torch.get_num_threads(),
             "world_size": world_size, "rows": rows, "shapes": sorted(weights),
             "activated": dict(sorted((activated or {}).items())),
-            "decode_set_mib": round(min(step_bytes, DECODE_SET_BYTES) / 2**20),
+            "decode_set_mib": round(min(step_bytes, decode_set_bytes()) / 2**20),
             # The page size of torch's large blocks (malloc.enable_huge_pages): with 4 KiB pages the
             # EPYC Zen 5 timed MKL's plain F.linear at 6.0 ms on a 1024x1024 weight at one row,
             # with 2 MiB pages at 0.20 ms, and the plans chose otherwise (RESULTS.md).

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from starcoder_tp.cpu import VectorPeak, clock_ghz, vector_peak
+from starcoder_tp.cpu import VectorPeak, clock_ghz, last_level_cache_bytes, vector_peak
 
 
 def _cpuinfo(tmp_path: Path, vendor: str, family: int, flags: str, mhz: str | None = "2600.000",
@@ -56,3 +56,17 @@ def test_clock_prefers_cpufreq_then_cpuinfo(tmp_path):
 def test_vector_peak_is_a_frozen_fact():
     with pytest.raises(AttributeError):
         VectorPeak(32, 32, "x").fp32_flop_per_cycle = 64
+
+
+def test_the_last_level_cache_is_the_highest_level_data_or_unified_one(tmp_path):
+    caches = [(1, "Data", "48K"), (1, "Instruction", "32K"), (2, "Unified", "1024K"), (3, "Unified", "32768K")]
+    for i, (level, kind, size) in enumerate(caches):
+        index = tmp_path / f"index{i}"
+        index.mkdir()
+        (index / "level").write_text(f"{level}\n")
+        (index / "type").write_text(f"{kind}\n")
+        (index / "size").write_text(f"{size}\n")
+    assert last_level_cache_bytes(tmp_path) == 32 << 20
+    (tmp_path / "index3" / "size").write_text("oops\n")  # unreadable: the next level down
+    assert last_level_cache_bytes(tmp_path) == 1 << 20
+    assert last_level_cache_bytes(tmp_path / "absent") is None

@@ -250,13 +250,25 @@ def test_the_model_marks_its_mlps_first_linear_as_activated(tmp_path, embedded_d
     assert step_bytes == 4 * (sum(m.weight.numel() for m in linears) + tied), "what a decode step reads, fp32"
 
 
-def test_decode_candidates_are_timed_over_as_many_copies_as_a_step_reads():
-    assert kernel_timing.decode_copies(16 << 20, 541 << 20) == 16, "capped at DECODE_SET_BYTES (256 MiB)"
+def test_decode_candidates_are_timed_over_as_many_copies_as_a_step_reads(monkeypatch):
+    monkeypatch.setattr(kernel_timing, "decode_set_bytes", lambda: 256 << 20)
+    assert kernel_timing.decode_copies(16 << 20, 541 << 20) == 16, "capped at the decode set (256 MiB)"
     assert kernel_timing.decode_copies(4 << 20, 30 << 20) == 8, "the whole step's bytes, rounded up"
     assert kernel_timing.decode_copies(200 << 20, 100 << 20) == 1, "a weight larger than the step: itself"
     assert kernel_timing.decode_copies(100, 0) == 1, "no step bytes given: one copy, as before"
     with pytest.raises(ValueError, match="a weight of 0 bytes"):
         kernel_timing.decode_copies(0, 1)
+
+
+@pytest.mark.parametrize("cache, expected", [(32 << 20, 128 << 20), (480 << 20, 256 << 20), (4 << 20, 64 << 20),
+                                             (None, 256 << 20)])
+def test_the_decode_set_is_four_last_level_caches_within_its_bounds(monkeypatch, cache, expected):
+    monkeypatch.setattr(kernel_timing, "last_level_cache_bytes", lambda: cache)
+    kernel_timing.decode_set_bytes.cache_clear()
+    try:
+        assert kernel_timing.decode_set_bytes() == expected
+    finally:
+        kernel_timing.decode_set_bytes.cache_clear()  # this machine's again for the tests after
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
