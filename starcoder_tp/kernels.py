@@ -243,6 +243,7 @@ def measure(weights: dict[str, torch.Tensor], rows: int, slowest: Callable[[torc
     seen = slowest(torch.tensor([digest, -digest], dtype=torch.float64)).tolist()
     if seen != [digest, -digest]:
         raise RuntimeError(f"kernel measurement: the ranks hold different weight shapes (this rank: {sorted(weights)})")
+
     def decode_slots(shape: str) -> list[float]:  # (its calls, and the copies they hold, go on return)
         weight = weights[shape]
         copies = decode_copies(weight.numel() * weight.element_size(), step_bytes)

@@ -88,7 +88,7 @@ def owned_copies(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     where enable_huge_pages set them up. safetensors' load_file leaves CPU tensors in the file's
     mapping, page-cache pages of 4 KiB at the file's unaligned offsets, and the kernels that run
     on the plain weight (gemv, oneDNN on the plain weight) read them there at every step: on the
-    EPYC Zen 5 the bench-size model's fp32 decode step ran 5-11% and its first token 14-16%
-    slower so (RESULTS.md, "Weights out of the file's mapping"). The copy costs about 0.15 s per
-    550 MB at load; the file's pages stay in the page cache, free for the system to reclaim."""
+    EPYC Zen 5 the bench-size model's fp32 batch-1 decode step took 3-18% longer so, its first
+    token up to 5% (RESULTS.md, "Weights out of the file's mapping"). The copy costs about 0.15 s
+    per 550 MB at load; the file's pages stay in the page cache, free for the system to reclaim."""
     return {name: tensor.clone() for name, tensor in state.items()}
