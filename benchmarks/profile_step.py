@@ -18,7 +18,9 @@ Writes its section of benchmarks/RESULTS.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
+import re
 import statistics
 import sys
 import time
@@ -26,12 +28,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.profiler import ProfilerActivity, profile
+from torch.profiler import ProfilerActivity, profile, record_function
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from roofline import best_s, machine_limits  # noqa: E402
 from speed import cpu_name, write_results  # noqa: E402
 
+from starcoder_tp import gemv  # noqa: E402
 from starcoder_tp.comm import TPGroup  # noqa: E402
 from starcoder_tp.device import Device  # noqa: E402
 from starcoder_tp.files import EMBEDDED_MODEL_DIR  # noqa: E402
@@ -41,10 +44,38 @@ from starcoder_tp.testing.build_models import build_bench  # noqa: E402
 from starcoder_tp.timing import timed_generate  # noqa: E402
 
 MATMULS = ("aten::mm", "aten::addmm", "mkldnn::_linear_pointwise", "mkl::_mkl_linear")
+GEMV = "gemv::sgemv"  # numpy's BLAS, which torch's profiler does not see: recorded by profiled_gemv
+
+
+@contextlib.contextmanager
+def profiled_gemv():
+    """gemv.linear's one-row calls (kernels.py's `gemv`, numpy's sgemv) as profiler events named
+    GEMV plus the shapes, "[1, K] x [N, K]": torch's profiler records torch's operators only, and
+    left them out of the step's matmuls."""
+    real = gemv.linear
+
+    def recorded(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if x.numel() != x.shape[-1] or not gemv.supports(weight) or x.dtype != torch.float32:
+            return real(x, weight, bias)  # (F.linear: torch's profiler sees it)
+        with record_function(f"{GEMV} [1, {weight.shape[1]}] x [{weight.shape[0]}, {weight.shape[1]}]"):
+            return real(x, weight, bias)
+    gemv.linear = recorded
+    try:
+        yield
+    finally:
+        gemv.linear = real
+
+
+def is_matmul(name: str) -> bool:
+    return name in MATMULS or name.startswith(GEMV)
 
 
 def matmul_flops(name: str, shapes: list) -> float:
-    """FLOPs of one call of a matmul operator, from the profiler's input shapes."""
+    """FLOPs of one call of a matmul operator, from the profiler's input shapes (gemv's from its
+    name)."""
+    if name.startswith(GEMV):
+        n, k = (int(v) for v in re.fullmatch(r".*x \[(\d+), (\d+)\]", name).groups())
+        return 2.0 * n * k
     if name == "aten::mm":
         (m, k), (_, n) = shapes[0], shapes[1]
     elif name == "aten::addmm":
@@ -75,7 +106,7 @@ def profile_rows(model: TPCausalLM, batch: int, seq_in: int, steps: int, peak: f
             decode(i)
         for phase, fn, count in (("prefill", lambda: model.pick_greedy(model(ids, pos, 0)), 1),
                                  ("decode", lambda: [decode(3 + i) for i in range(steps)], steps)):
-            with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+            with profiled_gemv(), profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
                 started = time.perf_counter()
                 fn()
                 wall_ms = (time.perf_counter() - started) * 1e3 / count
@@ -88,13 +119,13 @@ def profile_rows(model: TPCausalLM, batch: int, seq_in: int, steps: int, peak: f
                     continue
                 shape = " x ".join(str(list(s)) for s in e.input_shapes if s)
                 cells = ["", ""]
-                if e.key in MATMULS:
+                if is_matmul(e.key):
                     flops = matmul_flops(e.key, e.input_shapes) * e.count / count
                     gflops = flops / (us * 1e3)
                     cells = [f"{gflops:.1f}", f"{gflops / peak:.0%}"]
                 rows.append(f"| {phase} | `{e.key}` | {shape} | {us / 1e3:.2f} | {us / total_us:.0%} | " + " | ".join(cells) + " |")
             for e in events:
-                if e.key in MATMULS:
+                if is_matmul(e.key):
                     mm_us += e.self_cpu_time_total / count
                     mm_flops += matmul_flops(e.key, e.input_shapes) * e.count / count
             totals[phase] = {"wall_ms": wall_ms, "profiled_ms": total_us / 1e3, "matmul_share": mm_us / total_us,
@@ -120,6 +151,8 @@ def kernel_rows(model: TPCausalLM, batch: int, dtype: torch.dtype) -> list[str]:
             except RuntimeError:
                 continue
             kernels[label] = (lambda p: lambda w: torch.ops.mkldnn._linear_pointwise(x, p[id(w)], bias, "none", [], ""))(packed)
+        if batch == 1 and gemv.supports(weights[0]):
+            kernels["gemv (numpy sgemv)"] = lambda w: gemv.linear(x, w, bias)
         if dtype == torch.float32 and torch._C.has_mkl:
             packed_mkl = {id(w): torch.ops.mkl._mkl_reorder_linear_weight(w, batch) for w in weights}
             kernels["MKL packed"] = lambda w: torch.ops.mkl._mkl_linear(x, packed_mkl[id(w)], w, bias, batch)
