@@ -52,8 +52,8 @@ DECODE_SET_BYTES = 256 << 20  # at most: it bounds the measurement's extra memor
 DECODE_SET_CACHES = 4  # else this many times the last-level cache,
 DECODE_SET_MIN_BYTES = 64 << 20  # and at least this
 PRUNE_FACTOR = 4.0  # a candidate this much slower than the best on its probe call is not timed further
-# A shape's decode candidates are timed again (suspect_shapes) where one of them read the weight at
-# under this fraction of its own median speed over the plan's shapes.
+# A shape's candidates are timed again (suspect_shapes) where one of them ran at under this
+# fraction of its own median speed over the plan's shapes.
 SUSPECT_FRACTION = 0.5
 
 
@@ -134,16 +134,17 @@ def weight_bytes(shape: str) -> int:
     return n * k * torch.empty(0, dtype=getattr(torch, dtype)).element_size()
 
 
-def suspect_shapes(decode_ms: dict[str, dict[str, float]]) -> list[str]:
-    """The shapes whose decode candidates to time again: where one of them read the weight at under
-    SUSPECT_FRACTION of its own median speed (bytes per ms) over the shapes it was timed at (three
-    at least). At one row every candidate streams its weight, and a candidate reads shapes alike
-    to within 2x; a disturbance does not: in the seconds after a large process (vLLM) exited, on the
-    EPYC Zen 5 VM, the first shape's candidates (the rest not) were timed 2-47x slow, and the plan
-    cached for the machine chose MKL's packed layout there, whose prefill runs at half speed
-    (RESULTS.md, "Weights out of the file's mapping"). A candidate slow for a reason stays slow."""
+def suspect_shapes(ms_by_shape: dict[str, dict[str, float]]) -> list[str]:
+    """The shapes to time again, from one kind of timing (decode, or prefill at one row count) of
+    every shape: where a candidate ran at under SUSPECT_FRACTION of its own median speed (weight
+    bytes per ms: at one row count a call's work is proportional to them) over the shapes it was
+    timed at (three at least). A kernel runs the shapes of one model alike to within 2x; a
+    disturbance does not: in the seconds after a large process (vLLM) exited, on the EPYC Zen 5 VM,
+    the first shape's candidates (the rest not) were timed 2-47x slow, and the plan cached for the
+    machine chose MKL's packed layout there, whose prefill runs at half speed (RESULTS.md, "Weights
+    out of the file's mapping"). A candidate slow for a reason stays slow when timed again."""
     speeds: dict[str, dict[str, float]] = {}
-    for shape, timings in decode_ms.items():
+    for shape, timings in ms_by_shape.items():
         for kind, ms in timings.items():
             if ms > 0:  # (0: a lone candidate, not timed)
                 speeds.setdefault(kind, {})[shape] = weight_bytes(shape) / ms

@@ -236,7 +236,9 @@ def measure(weights: dict[str, torch.Tensor], rows: int, slowest: Callable[[torc
     another layer is timed with it), the decode candidates over as many copies as a decode step
     reads `step_bytes` (decode_copies; 0: one copy); `slowest` reduces a float64 tensor to its
     maximum over the ranks. Every rank must call this in step with the same shapes (checked
-    first: a mismatch would pair unrelated timings)."""
+    first: a mismatch would pair unrelated timings). A shape that suspect_shapes names (one of its
+    candidates far below its own speed on the other shapes) is timed once more, each candidate
+    keeping the faster of its two figures."""
     activated = activated or {}
     digest = int(hashlib.sha256(json.dumps([sorted(weights), sorted(prefill), sorted(activated.items())]
                                            ).encode()).hexdigest()[:8], 16)
@@ -244,40 +246,40 @@ def measure(weights: dict[str, torch.Tensor], rows: int, slowest: Callable[[torc
     if seen != [digest, -digest]:
         raise RuntimeError(f"kernel measurement: the ranks hold different weight shapes (this rank: {sorted(weights)})")
 
-    def decode_slots(shape: str) -> list[float]:  # (its calls, and the copies they hold, go on return)
-        weight = weights[shape]
+    def shape_slots(shape: str) -> list[float]:  # decode, short and long prefill, in their slots
+        weight, activation = weights[shape], activated.get(shape)
+        kinds = decode_candidates(weight, rows)
         copies = decode_copies(weight.numel() * weight.element_size(), step_bytes)
-        calls = decode_calls(weight, rows, decode_candidates(weight, rows), activated.get(shape), copies, on_progress)
-        return _slots(time_ms(calls, on_progress, DECODE_MIN_CALLS), DECODE_SLOTS)
+        calls = decode_calls(weight, rows, kinds, activation, copies, on_progress)
+        values = _slots(time_ms(calls, on_progress, DECODE_MIN_CALLS), DECODE_SLOTS)
+        del calls  # (the calls, and the copies they hold, go before the next ones are made)
+        for prefill_rows in (SHORT_ROWS, PREFILL_ROWS):
+            if shape not in prefill:
+                values += [math.inf] * len(PREFILL_SLOTS)
+                continue
+            calls = prefill_calls(weight, rows, kinds, prefill_rows, activation)
+            values += _slots(time_ms(calls, on_progress), PREFILL_SLOTS)
+            del calls
+        return values
 
-    flat: list[float] = []
-    for shape in sorted(weights):
-        weight = weights[shape]
-        flat += decode_slots(shape)
-        if shape in prefill:
-            for prefill_rows in (SHORT_ROWS, PREFILL_ROWS):
-                calls = prefill_calls(weight, rows, decode_candidates(weight, rows), prefill_rows, activated.get(shape))
-                flat += _slots(time_ms(calls, on_progress), PREFILL_SLOTS)
-                del calls
-        else:
-            flat += [math.inf] * 2 * len(PREFILL_SLOTS)
-    flat = slowest(torch.tensor(flat, dtype=torch.float64)).tolist()
-    width, shapes = len(DECODE_SLOTS) + 2 * len(PREFILL_SLOTS), sorted(weights)
-    decode = {shape: _unslot(flat[i * width:(i + 1) * width][:len(DECODE_SLOTS)], DECODE_SLOTS)
-              for i, shape in enumerate(shapes)}
-    again = suspect_shapes(decode)  # the reduced timings: the same list on every rank, which time it in step
+    def timings_of(values: list[float]) -> tuple[dict[str, float], ...]:  # (decode, short, long)
+        cut = (0, len(DECODE_SLOTS), len(DECODE_SLOTS) + len(PREFILL_SLOTS), len(values))
+        return tuple(_unslot(values[a:b], slots) for a, b, slots in zip(cut, cut[1:], (DECODE_SLOTS, PREFILL_SLOTS,
+                                                                                        PREFILL_SLOTS)))
+
+    shapes, width = sorted(weights), len(DECODE_SLOTS) + 2 * len(PREFILL_SLOTS)
+    flat = slowest(torch.tensor([v for shape in shapes for v in shape_slots(shape)], dtype=torch.float64)).tolist()
+    timings = {shape: timings_of(flat[i * width:(i + 1) * width]) for i, shape in enumerate(shapes)}
+    # The reduced timings: the same shapes on every rank, which time them again in step.
+    again = sorted({shape for part in range(3) for shape in suspect_shapes({s: t[part] for s, t in timings.items()})})
     if again:
-        retimed = slowest(torch.tensor([v for shape in again for v in decode_slots(shape)], dtype=torch.float64))
+        retimed = slowest(torch.tensor([v for shape in again for v in shape_slots(shape)],
+                                       dtype=torch.float64)).tolist()
         for i, shape in enumerate(again):
-            second = _unslot(retimed.tolist()[i * len(DECODE_SLOTS):(i + 1) * len(DECODE_SLOTS)], DECODE_SLOTS)
-            decode[shape] = {kind: min(ms, second.get(kind, ms)) for kind, ms in decode[shape].items()}
-    plan = {}
-    for i, shape in enumerate(shapes):
-        values = flat[i * width + len(DECODE_SLOTS):(i + 1) * width]
-        short_ms = _unslot(values[:len(PREFILL_SLOTS)], PREFILL_SLOTS)
-        prefill_ms = _unslot(values[len(PREFILL_SLOTS):], PREFILL_SLOTS)
-        plan[shape] = choose(decode[shape], prefill_ms, short_ms)
-    return plan
+            seconds = timings_of(retimed[i * width:(i + 1) * width])
+            timings[shape] = tuple({kind: min(ms, second.get(kind, ms)) for kind, ms in first.items()}
+                                   for first, second in zip(timings[shape], seconds))
+    return {shape: choose(decode, long, short) for shape, (decode, short, long) in timings.items()}
 
 
 def calibrate_forms(weights: dict[str, torch.Tensor], activated: dict[str, str], tp, attention=None) -> None:

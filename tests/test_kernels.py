@@ -413,8 +413,31 @@ def test_a_suspect_shapes_decode_candidates_are_timed_again_in_step_and_their_fa
     weights = {kernels.shape_key(w): w for w in (torch.randn(16, 16), torch.randn(32, 16), torch.randn(64, 16))}
     plan = measure(weights, 1, lambda t: reduced.append(len(t)) or t, prefill=set(weights))
     width = len(kernels.DECODE_SLOTS) + 2 * len(kernels.PREFILL_SLOTS)
-    assert reduced == [2, 3 * width, len(kernels.DECODE_SLOTS)], "one more reduction: the suspect shape's retiming"
+    assert reduced == [2, 3 * width, width], "one more reduction: the suspect shape's retiming"
     assert not decode_answers, "16x16 (sorted first) timed twice, the others once"
     assert plan["16x16:float32"].decode == "onednn"
     assert plan["16x16:float32"].decode_ms == {"plain": 1.5, "onednn": 1.0}, "each candidate's faster timing"
     assert plan["64x16:float32"].decode_ms == {"plain": 6.0, "onednn": 4.0}
+
+
+def test_a_shape_whose_prefill_kernel_ran_far_below_its_speed_elsewhere_is_timed_again_too(monkeypatch):
+    monkeypatch.setattr(kernels, "decode_candidates", lambda w, rows=1: ("plain",))  # a lone decode candidate
+    # Prefill timings in call order: the short and the long prefill of 16x16, 32x16, 64x16 (ms
+    # proportional to the weight), then 16x16's again; its first long one has onednn_plain disturbed.
+    answers = [{"plain": 1.0, "onednn_plain": 0.5}, {"plain": 8.0, "onednn_plain": 40.0},
+               {"plain": 2.0, "onednn_plain": 1.0}, {"plain": 16.0, "onednn_plain": 8.0},
+               {"plain": 4.0, "onednn_plain": 2.0}, {"plain": 32.0, "onednn_plain": 16.0},
+               {"plain": 1.1, "onednn_plain": 0.6}, {"plain": 8.5, "onednn_plain": 4.0}]
+
+    def time_ms(calls, on_progress=lambda: None, min_calls=1):
+        if min_calls == kernel_timing.DECODE_MIN_CALLS:
+            return {name: 0.0 for name in calls}  # (a lone candidate is not timed)
+        assert sorted(calls) == ["onednn_plain", "plain"]
+        return answers.pop(0)
+    monkeypatch.setattr(kernels, "time_ms", time_ms)
+    weights = {kernels.shape_key(w): w for w in (torch.randn(16, 16), torch.randn(32, 16), torch.randn(64, 16))}
+    plan = measure(weights, 1, lambda t: t, prefill=set(weights))
+    assert not answers, "three shapes' short and long prefills, then 16x16's again"
+    assert plan["16x16:float32"].prefill == "onednn_plain", "not plain, which the disturbance made look faster"
+    assert plan["16x16:float32"].prefill_ms == {"plain": 8.0, "onednn_plain": 4.0}, "each kernel's faster figure"
+    assert plan["16x16:float32"].short_ms == {"plain": 1.0, "onednn_plain": 0.5}
