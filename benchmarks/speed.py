@@ -266,9 +266,18 @@ def section(title: str, model_dir: str, c: ModelConfig, limits: Limits, rows: li
 
 
 def write_results(title: str, text: str) -> None:
-    """Replace this model's section of RESULTS.md, keep the others; atomically."""
-    head = ("# Results\n\nOne section per measurement: `python benchmarks/speed.py --model NAME` rewrites its model's "
-            "section, the other scripts of benchmarks/ theirs; sections are kept when another is rewritten.\n\n")
+    """Replace this measurement's section of RESULTS.md on this kind of CPU, keep the others; atomically.
+    `text` starts with "## {title}"; the heading gets the CPU (cpu_name) added, so that a run on
+    one machine does not replace another machine's figures (titles without it rewrote the Xeon's
+    section on the EPYC Zen 5)."""
+    heading = f"## {title}\n"
+    if not text.startswith(heading):
+        raise ValueError(f"a results section must start with {heading!r}, not {text[:80]!r}")
+    title = f"{title}, on {cpu_name()}"
+    text = f"## {title}\n" + text[len(heading):]
+    head = ("# Results\n\nOne section per measurement and kind of CPU: `python benchmarks/speed.py --model NAME` "
+            "rewrites its model's section on this CPU, the other scripts of benchmarks/ theirs; sections are kept "
+            "when another is rewritten.\n\n")
     old = RESULTS.read_text() if RESULTS.is_file() else head
     sections = re.split(r"(?m)^(?=## )", old)
     kept = [s for s in sections[1:] if not s.startswith(f"## {title}\n")]
