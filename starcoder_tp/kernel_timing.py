@@ -127,14 +127,7 @@ def decode_copies(weight_bytes: int, step_bytes: int) -> int:
     return max(1, math.ceil(min(step_bytes, decode_set_bytes()) / weight_bytes))
 
 
-def weight_bytes(shape: str) -> int:
-    """The bytes of a weight of this shape key ("NxK:dtype", kernels.shape_key)."""
-    sizes, dtype = shape.split(":")
-    n, k = (int(v) for v in sizes.split("x"))
-    return n * k * torch.empty(0, dtype=getattr(torch, dtype)).element_size()
-
-
-def suspect_shapes(ms_by_shape: dict[str, dict[str, float]]) -> list[str]:
+def suspect_shapes(ms_by_shape: dict[str, dict[str, float]], weight_bytes: dict[str, int]) -> list[str]:
     """The shapes to time again, from one kind of timing (decode, or prefill at one row count) of
     every shape: where a candidate ran at under SUSPECT_FRACTION of its own median speed (weight
     bytes per ms: at one row count a call's work is proportional to them) over the shapes it was
@@ -147,7 +140,7 @@ def suspect_shapes(ms_by_shape: dict[str, dict[str, float]]) -> list[str]:
     for shape, timings in ms_by_shape.items():
         for kind, ms in timings.items():
             if ms > 0:  # (0: a lone candidate, not timed)
-                speeds.setdefault(kind, {})[shape] = weight_bytes(shape) / ms
+                speeds.setdefault(kind, {})[shape] = weight_bytes[shape] / ms
     suspect = set()
     for by_shape in speeds.values():
         if len(by_shape) >= 3:

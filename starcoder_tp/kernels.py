@@ -271,7 +271,9 @@ def measure(weights: dict[str, torch.Tensor], rows: int, slowest: Callable[[torc
     flat = slowest(torch.tensor([v for shape in shapes for v in shape_slots(shape)], dtype=torch.float64)).tolist()
     timings = {shape: timings_of(flat[i * width:(i + 1) * width]) for i, shape in enumerate(shapes)}
     # The reduced timings: the same shapes on every rank, which time them again in step.
-    again = sorted({shape for part in range(3) for shape in suspect_shapes({s: t[part] for s, t in timings.items()})})
+    sizes = {shape: w.numel() * w.element_size() for shape, w in weights.items()}
+    again = sorted({shape for part in range(3)
+                    for shape in suspect_shapes({s: t[part] for s, t in timings.items()}, sizes)})
     if again:
         retimed = slowest(torch.tensor([v for shape in again for v in shape_slots(shape)],
                                        dtype=torch.float64)).tolist()

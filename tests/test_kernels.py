@@ -388,15 +388,16 @@ def test_a_shape_whose_decode_candidate_ran_far_below_its_speed_elsewhere_is_sus
     # ms per call of 16x16, 32x16, 64x16 fp32 weights (1, 2, 4 KiB): each candidate reads all at one speed
     even = {"16x16:float32": {"plain": 1.0, "onednn": 0.5}, "32x16:float32": {"plain": 2.0, "onednn": 1.0},
             "64x16:float32": {"plain": 4.0, "onednn": 2.0}}
-    assert suspect_shapes(even) == []
+    sizes = {"16x16:float32": 1024, "32x16:float32": 2048, "64x16:float32": 4096}
+    assert suspect_shapes(even, sizes) == []
     uneven = {**even, "32x16:float32": {"plain": 3.9, "onednn": 1.0}}  # a candidate 1.95x slower there: as shapes differ
-    assert suspect_shapes(uneven) == []
+    assert suspect_shapes(uneven, sizes) == []
     disturbed = {**even, "32x16:float32": {"plain": 2.0, "onednn": 9.0}}  # onednn at 1/9 of its speed elsewhere
-    assert suspect_shapes(disturbed) == ["32x16:float32"]
+    assert suspect_shapes(disturbed, sizes) == ["32x16:float32"]
     two_shapes = {s: even[s] for s in ("16x16:float32", "32x16:float32")}
-    assert suspect_shapes({**two_shapes, "32x16:float32": {"plain": 20.0, "onednn": 9.0}}) == [], "no median of two"
+    assert suspect_shapes({**two_shapes, "32x16:float32": {"plain": 20.0, "onednn": 9.0}}, sizes) == [], "no median of two"
     lone = {s: {"plain": 0.0} for s in even}  # a lone candidate is not timed (0.0)
-    assert suspect_shapes({**lone, "16x16:float32": {"plain": 0.0}}) == []
+    assert suspect_shapes({**lone, "16x16:float32": {"plain": 0.0}}, sizes) == []
 
 
 def test_a_suspect_shapes_decode_candidates_are_timed_again_in_step_and_their_faster_timings_kept(monkeypatch):
