@@ -1,6 +1,10 @@
 """The machine's own limits, for the rooflines of speed.py and profile_step.py.
 
-- read bandwidth: a sum over 512 MB, per thread count;
+- read bandwidth: per thread count, one stream per core at once (torch.sum on one thread over
+  its own buffer, in 2 MiB pages where the system has them), as the ranks read their weights;
+  the best of the samples taken through a run (Limits.sample_bandwidth): on the 2-vCPU EPYC
+  Zen 5 VM two cores read 50 GB/s one minute and 81 the next, and a bound taken at one moment
+  was beaten by 21% at another (RESULTS.md, "A bandwidth bound the ranks beat");
 - the matmul peak: the fastest of the kernels the libraries offer here, at MATMUL_SIZE³, per
   dtype and thread count: `F.linear` (MKL sgemm in fp32, aten/oneDNN in bf16), oneDNN with the
   weight packed for those rows, and for bf16 the fp32 path (linear.fp32_linear). A "peak" that
@@ -13,6 +17,9 @@
 """
 from __future__ import annotations
 
+import mmap
+import os
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -38,6 +45,61 @@ def best_s(fn, repeats: int = 5) -> float:
     return min(times)
 
 
+def _stream_buffer(nbytes: int) -> torch.Tensor:
+    """`nbytes` of ones in memory of their own, advised as huge pages as the ranks' weights are
+    (malloc.enable_huge_pages); the advice does nothing where the system has none."""
+    region = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if hasattr(region, "madvise") and hasattr(mmap, "MADV_HUGEPAGE"):
+        region.madvise(mmap.MADV_HUGEPAGE)
+    buffer = torch.frombuffer(region, dtype=torch.float32)
+    buffer.fill_(1.0)
+    return buffer
+
+
+def read_bandwidth_gbs(streams: int, total_bytes: int = 512 << 20, repeats: int = 5) -> float:
+    """GB/s read by `streams` threads at once, each pinned to a core of its own and summing a
+    buffer of its own on one torch thread; the best of `repeats` rounds after a warm-up, each
+    round timed from the common start to the last stream's end."""
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if streams > max(len(cores), 1):
+        raise ValueError(f"{streams} read streams but this process may run on {len(cores)} core(s)")
+    size = max(total_bytes // streams, 64 << 20) // 4 * 4
+    buffers = [_stream_buffer(size) for _ in range(streams)]
+    start = threading.Barrier(streams)
+    spans = [[(0.0, 0.0)] * streams for _ in range(repeats + 1)]  # round -> stream -> (began, ended)
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    errors: list[BaseException] = []
+
+    def stream(index: int) -> None:
+        # Each stream reads its own clock: a thread that timed the others would share a core
+        # with one of them and read its clock late.
+        try:
+            if cores:
+                os.sched_setaffinity(0, {cores[index]})  # this thread only
+            for round_ in spans:
+                start.wait(timeout=60)
+                began = time.perf_counter()
+                buffers[index].sum()
+                round_[index] = (began, time.perf_counter())
+        except BaseException as error:  # raised by the caller
+            errors.append(error)
+            start.abort()
+
+    threads = [threading.Thread(target=stream, args=(i,), daemon=True) for i in range(streams)]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        torch.set_num_threads(saved)
+    if errors:
+        raise errors[0]
+    rounds = [max(end for _, end in round_) - min(began for began, _ in round_) for round_ in spans[1:]]
+    return size * streams / min(rounds) / 1e9
+
+
 def matmul_kernels(dtype: str, size: int = MATMUL_SIZE) -> dict:
     """The candidate kernels for a [size, size] x [size, size]ᵀ product, as zero-argument calls."""
     x = torch.randn(size, size).to(DTYPES[dtype])
@@ -53,11 +115,21 @@ def matmul_kernels(dtype: str, size: int = MATMUL_SIZE) -> dict:
 
 @dataclass
 class Limits:
-    bandwidth_gbs: dict[int, float] = field(default_factory=dict)  # threads -> read GB/s
+    bandwidth_samples: dict[int, list[float]] = field(default_factory=dict)  # threads -> read GB/s, each sample
     matmul_gflops: dict[tuple[str, int], dict[str, float]] = field(default_factory=dict)  # (dtype, threads) -> kernel -> GFLOP/s
     vector: VectorPeak | None = None
     ghz: float | None = None
     ghz_source: str = ""
+
+    @property
+    def bandwidth_gbs(self) -> dict[int, float]:
+        """threads -> the best read GB/s sampled: what the machine showed it can do."""
+        return {threads: max(samples) for threads, samples in self.bandwidth_samples.items()}
+
+    def sample_bandwidth(self) -> None:
+        """Measure the read bandwidth again at every thread count measured so far."""
+        for threads in self.bandwidth_samples:
+            self.bandwidth_samples[threads].append(read_bandwidth_gbs(threads))
 
     def best_kernel(self, dtype: str, threads: int) -> tuple[str, float]:
         """The fastest kernel of `dtype` itself and its GFLOP/s."""
@@ -81,8 +153,13 @@ class Limits:
 
     def describe(self) -> str:
         """One markdown paragraph: bandwidth, each kernel's figure, the theoretical peak and its basis."""
-        parts = ["Read bandwidth " + ", ".join(f"{gbs:.1f} GB/s ({t} thread{'s' if t > 1 else ''})"
-                                               for t, gbs in sorted(self.bandwidth_gbs.items())) + "."]
+        def bandwidth(threads: int, samples: list[float]) -> str:
+            spread = f", the best of {len(samples)} samples through the run, the least {min(samples):.1f}" \
+                if len(samples) > 1 else ""
+            return f"{max(samples):.1f} GB/s ({threads} stream{'s' if threads > 1 else ''}{spread})"
+
+        parts = ["Read bandwidth " + ", ".join(bandwidth(t, samples) for t, samples in sorted(self.bandwidth_samples.items()))
+                 + "."]
         for (dtype, threads), measured in self.matmul_gflops.items():
             best = self.best_kernel(dtype, threads)[0]
             cells = ", ".join(f"{'**' if k == best else ''}{k} {v:.1f}{'**' if k == best else ''}"
@@ -112,10 +189,8 @@ def machine_limits(dtypes: list[str], threads: list[int] | None = None) -> Limit
     saved = torch.get_num_threads()
     try:
         for count in threads:
+            limits.bandwidth_samples[count] = [read_bandwidth_gbs(count)]
             torch.set_num_threads(count)
-            x = torch.ones(128 << 20)  # 512 MB
-            limits.bandwidth_gbs[count] = x.numel() * 4 / best_s(lambda: x.sum()) / 1e9
-            del x
             for dtype in dtypes:
                 kernels = matmul_kernels(dtype)
                 limits.matmul_gflops[(dtype, count)] = {name: 2 * MATMUL_SIZE ** 3 / best_s(call, 3) / 1e9

