@@ -33,7 +33,7 @@ from typing import Callable, Iterable
 import torch
 
 from .cpu import last_level_cache_bytes
-from .layouts import pack, pack_mkl
+from .layouts import PACKERS, pack, pack_mkl
 
 ROUNDS = 3  # alternating rounds per candidate (A B C, C B A, A B C): drift hits all alike
 ROUND_MIN_S = 0.004  # each candidate runs at least this long per round (and at least one call)
@@ -174,8 +174,8 @@ def decode_calls(weight: torch.Tensor, rows: int, kinds: Iterable[str], activati
     plains = [weight] + [made(weight.clone()) for _ in range(copies - 1)] if {"plain", "fp32", "gemv"} & set(kinds) else []
     calls = {}
     for kind in kinds:
-        if kind == "onednn":
-            nxt = itertools.cycle([made(pack(weight, rows)) for _ in range(copies)]).__next__
+        if kind in ("onednn", "onednn_wide"):
+            nxt = itertools.cycle([made(PACKERS[kind](weight, rows)) for _ in range(copies)]).__next__
             calls[kind] = lambda n=nxt: packed_linear(x, n(), None, post_op, algorithm)
         elif kind == "mkl_packed":
             nxt = itertools.cycle([made(pack_mkl(weight, rows)) for _ in range(copies)]).__next__
@@ -209,6 +209,9 @@ def prefill_calls(weight: torch.Tensor, rows: int, kinds: Iterable[str], prefill
             packed = pack(weight, rows)
             calls["onednn"] = lambda p=packed: packed_linear(x, p, None, post_op, algorithm)
             calls["unpack"] = lambda p=packed: eager(linear(x, p.to_dense()))
+        elif kind == "onednn_wide":
+            packed = PACKERS[kind](weight, rows)
+            calls[kind] = lambda p=packed: packed_linear(x, p, None, post_op, algorithm)
         elif kind == "mkl_packed":
             packed, sizes = pack_mkl(weight, rows), weight.new_empty(1).expand(weight.shape)
             calls[kind] = lambda p=packed: eager(mkl_linear(x, p, sizes, None))

@@ -18,6 +18,10 @@ sgemm against F.linear at batch 1, fp32: RESULTS.md, "MKL's packed sgemm").
 - `plain`:  F.linear on the plain [N, K] weight (MKL sgemm in fp32; aten's own GEMM in bf16).
 - `onednn`: oneDNN's blocked layout, packed for the batch's rows; at prefill shapes it runs
             as it is (`onednn`) or is unpacked for the call (`unpack`: F.linear).
+- `onednn_wide`: oneDNN's blocked layout packed for layouts.WIDE_ROWS rows at smaller decode
+            batches (for one row oneDNN lays a weight out otherwise); run as it is at every row
+            count. On the EPYC Zen 5 it ran both the one-row decode and the prefill of fp32
+            weights faster than the one-row layout and than gemv on the plain weight.
 - `mkl_packed`: fp32 only: MKL's own packed sgemm layout (cblas_sgemm_pack, through torch's
             `mkl::_mkl_linear`), packed for the batch's rows and run as it is at every row count
             (the packed buffer describes its own format). It cannot be read back: the plain weight
@@ -58,13 +62,13 @@ from .cpu import cpu_cores, cpuinfo, isa_flags
 from .files import cache_dir, write_atomic
 from .kernel_timing import (DECODE_MIN_CALLS, decode_calls, decode_copies, decode_set_bytes, prefill_calls,
                             suspect_shapes, time_ms)
-from .layouts import pack, pack_mkl
+from .layouts import WIDE_ROWS, pack, pack_mkl
 from .malloc import THP_ENV
 
-KERNEL_MODES = ("auto", "plain", "onednn", "mkl_packed", "fp32", "gemv")  # --kernels: measure, or one kernel for every weight
+KERNEL_MODES = ("auto", "plain", "onednn", "onednn_wide", "mkl_packed", "fp32", "gemv")  # --kernels: measure, or one kernel for every weight
 # The kernels each decode layout can run at prefill shapes.
 PREFILL_KERNELS = {"plain": ("plain", "fp32", "onednn_plain"), "fp32": ("fp32", "plain", "onednn_plain"),
-                   "onednn": ("onednn", "unpack"), "mkl_packed": ("mkl_packed",),
+                   "onednn": ("onednn", "unpack"), "onednn_wide": ("onednn_wide",), "mkl_packed": ("mkl_packed",),
                    "gemv": ("plain", "fp32", "onednn_plain")}
 SHORT_ROWS = 64  # rows of the short-prompt prefill timing
 PREFILL_ROWS = 512  # rows of the long prefill timing (batch x prompt tokens of a typical case)
@@ -72,11 +76,11 @@ SPLIT_ROWS = round(math.sqrt(SHORT_ROWS * PREFILL_ROWS))  # calls of fewer rows 
 # Requests whose costs are this close are not told apart: a candidate's timings differ by 3-6%
 # from one measured plan to the next (RESULTS.md, "Decode candidates timed from memory").
 TIE_FRACTION = 0.02
-PLAN_VERSION = 9  # part of the cache key: a change in what is measured invalidates old plans
+PLAN_VERSION = 10  # part of the cache key: a change in what is measured invalidates old plans
 # Every shape's timings travel across ranks in these fixed slots (inf: not a candidate there),
 # so that ranks on CPUs with different candidates still reduce tensors of one size.
-DECODE_SLOTS = ("plain", "onednn", "fp32", "mkl_packed", "gemv")
-PREFILL_SLOTS = ("plain", "fp32", "onednn", "unpack", "mkl_packed", "onednn_plain")
+DECODE_SLOTS = ("plain", "onednn", "fp32", "mkl_packed", "gemv", "onednn_wide")
+PREFILL_SLOTS = ("plain", "fp32", "onednn", "unpack", "mkl_packed", "onednn_plain", "onednn_wide")
 
 
 @dataclass(frozen=True)
@@ -112,6 +116,8 @@ def decode_candidates(weight: torch.Tensor, rows: int = 1) -> tuple[str, ...]:
     kinds = ["plain"]
     if pack(weight[:1], 1) is not None:
         kinds.append("onednn")
+        if rows < WIDE_ROWS:  # (from WIDE_ROWS on, `onednn` is packed for as many)
+            kinds.append("onednn_wide")
     if pack_mkl(weight[:1], 1) is not None:
         kinds.append("mkl_packed")
     if weight.dtype == torch.bfloat16:

@@ -1,6 +1,7 @@
 """The packed weight layouts the CPU libraries offer, each packing a plain [N, K] weight for a
-number of rows: oneDNN's blocked layout (fp32, bf16, fp16; it can be read back with to_dense)
-and MKL's packed sgemm (fp32 only; it cannot be read back). kernels.py chooses between them.
+number of rows: oneDNN's blocked layout (fp32, bf16, fp16; it can be read back with to_dense),
+for the decode batch's rows or for at least WIDE_ROWS, and MKL's packed sgemm (fp32 only; it
+cannot be read back). kernels.py chooses between them.
 """
 from __future__ import annotations
 
@@ -34,5 +35,22 @@ def pack_mkl(weight: torch.Tensor, rows: int) -> torch.Tensor | None:
             return None
 
 
+# oneDNN's layout packed for at least this many rows, whatever the decode batch: for one row
+# oneDNN lays a weight out otherwise, and on the EPYC Zen 5 (fp32, one thread) that layout ran
+# one-row products 10-30% slower than the layouts packed for 16 to 2048 rows, which read weights
+# from memory as fast as BLAS's sgemv or faster, and ran 128-row prefills 5-20% faster than the
+# plain weight (RESULTS.md, "oneDNN's layout packed for many rows, at one row"). Whether it pays
+# is measured per weight like every layout (kernels.py).
+WIDE_ROWS = 64
+
+
+def pack_wide(weight: torch.Tensor, rows: int) -> torch.Tensor | None:
+    """`weight` in oneDNN's layout for max(rows, WIDE_ROWS) rows (see WIDE_ROWS), or None as pack."""
+    return pack(weight, max(rows, WIDE_ROWS))
+
+
 # The packed layouts: each packs a plain [N, K] weight for a number of rows (None: cannot).
-PACKERS: dict[str, Callable[[torch.Tensor, int], torch.Tensor | None]] = {"onednn": pack, "mkl_packed": pack_mkl}
+PACKERS: dict[str, Callable[[torch.Tensor, int], torch.Tensor | None]] = {"onednn": pack, "onednn_wide": pack_wide,
+                                                                           "mkl_packed": pack_mkl}
+# The layouts oneDNN runs and reads back (to_dense).
+ONEDNN_LAYOUTS = ("onednn", "onednn_wide")

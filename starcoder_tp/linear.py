@@ -22,7 +22,7 @@ from torch import nn
 from . import gemv
 from .activations import ACTIVATIONS
 from .kernels import SPLIT_ROWS, Choice
-from .layouts import PACKERS
+from .layouts import ONEDNN_LAYOUTS, PACKERS
 
 UPCAST_BLOCK_ROWS = 1024  # weight rows converted to fp32 at a time
 
@@ -65,11 +65,11 @@ def mkl_linear(x: torch.Tensor, packed: torch.Tensor, sizes: torch.Tensor, bias:
 
 def run_kernel(kind: str, x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor | None,
                bias: torch.Tensor | None) -> torch.Tensor:
-    """x @ weight.T + bias by the kernel `kind` (kernels.py): `packed` for onednn, unpack and
+    """x @ weight.T + bias by the kernel `kind` (kernels.py): `packed` for onednn(_wide), unpack and
     mkl_packed (whose `weight` is only its [N, K] sizes: see mkl_linear)."""
     if kind == "mkl_packed":
         return mkl_linear(x, packed, weight, bias)
-    if kind == "onednn":
+    if kind in ONEDNN_LAYOUTS:
         return packed_linear(x, packed, bias)
     if kind == "onednn_plain":  # oneDNN's GEMM on the plain weight
         return packed_linear(x, weight, bias)
@@ -117,8 +117,9 @@ class Linear(nn.Linear):
         of a layer, which cost bf16 prefills a fifth of their time (RESULTS.md, "Fused activation")."""
         eager, post_op, algorithm = ACTIVATIONS[activation]
         kind = self._kernel(x)
-        if kind in ("onednn", "onednn_plain"):
-            return packed_linear(x, self.packed if kind == "onednn" else self.weight, self.bias, post_op, algorithm)
+        if kind in ONEDNN_LAYOUTS or kind == "onednn_plain":
+            return packed_linear(x, self.weight if kind == "onednn_plain" else self.packed, self.bias, post_op,
+                                 algorithm)
         return eager(self.forward(x))
 
     def row_parallel(self, x: torch.Tensor, tp) -> torch.Tensor:
@@ -138,7 +139,7 @@ class Linear(nn.Linear):
         source for MKL's, which cannot be read back."""
         if self.packed is None:
             return self.weight
-        if self.packed_kind == "onednn":
+        if self.packed_kind in ONEDNN_LAYOUTS:
             return self.packed.to_dense()
         weight = self.plain_source()
         if tuple(weight.shape) != (self.out_features, self.in_features) or weight.dtype != torch.float32:
