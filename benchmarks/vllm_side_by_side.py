@@ -7,14 +7,19 @@ call, then first token = best of 3 calls generating 1 token, total = best of 3 c
 on both sides. TP=1 runs on core 0 (vLLM: taskset + VLLM_CPU_OMP_THREADS_BIND=0; ours: one rank,
 one thread), TP=2 on cores 0 and 1 (vLLM: '0|1'; ours: two ranks pinned one core each).
 
+With --repeats N, each (dtype, TP) pair of runs (ours, then vLLM) is made N times in a row and
+the median ratio is given with its range: on the 2-vCPU EPYC Zen 5 VM one sitting's ratio moved
+by up to 15% from one run to the next (RESULTS.md), so that a single pair cannot tell 1.06 from 1.0.
+
 Run: python benchmarks/vllm_side_by_side.py [--model bench|DIR] [--dtypes float32,bfloat16]
-     [--vllm-python /tmp/venv-vllm/bin/python]   (after ../shared/peers/install_vllm_cpu.sh)
+     [--repeats N] [--vllm-python /tmp/venv-vllm/bin/python]   (after ../shared/peers/install_vllm_cpu.sh)
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import tempfile
 import time
@@ -105,22 +110,40 @@ def main() -> None:
     parser.add_argument("--batches", default="1,16")
     parser.add_argument("--new", type=int, default=32)
     parser.add_argument("--seq-in", type=int, default=128, help="prompt tokens. Default: %(default)r")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="pairs of runs (ours, then vLLM) per dtype and TP; the median ratio is reported. "
+                             "Default: %(default)r")
     parser.add_argument("--vllm-python", default="/tmp/venv-vllm/bin/python")
     parser.add_argument("--peer-bench", default=str(PEER_BENCH), help="Default: %(default)r")
     args = parser.parse_args()
+    if args.repeats < 1:
+        raise SystemExit(f"--repeats must be at least 1, not {args.repeats}")
     model_dir = str(build_bench()) if args.model == "bench" else args.model
     batches = [int(b) for b in args.batches.split(",")]
     print(f"Machine: {cpuinfo()[0]}; {isa_flags()}. Model: {model_dir}; {args.seq_in} prompt tokens, {args.new} new; "
           f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     print("\n| dtype | TP | batch | vLLM first / decode ms | ours first / decode ms | ours/vLLM first | ours/vLLM decode "
           "| start-up s vLLM / ours |\n|---|---|---|---|---|---|---|---|", flush=True)
+    summary = []
     for dtype in args.dtypes.split(","):
         for tp in (1, 2):
-            for v, o in side_by_side(model_dir, dtype, tp, batches, args.new, args.seq_in, args.vllm_python,
-                                     args.peer_bench):
-                print(f"| {dtype} | {tp} | {o['batch']} | {v['first_token_ms']:.1f} / {v['decode_ms']:.2f} | "
-                      f"{o['first_token_ms']:.1f} / {o['decode_ms']:.2f} | {o['first_token_ms'] / v['first_token_ms']:.2f} | "
-                      f"{o['decode_ms'] / v['decode_ms']:.2f} | {v['startup_s']:.0f} / {o['startup_s']:.1f} |", flush=True)
+            ratios: dict[int, list[tuple[float, float]]] = {}
+            for _ in range(args.repeats):
+                for v, o in side_by_side(model_dir, dtype, tp, batches, args.new, args.seq_in, args.vllm_python,
+                                         args.peer_bench):
+                    first, decode = o["first_token_ms"] / v["first_token_ms"], o["decode_ms"] / v["decode_ms"]
+                    ratios.setdefault(o["batch"], []).append((first, decode))
+                    print(f"| {dtype} | {tp} | {o['batch']} | {v['first_token_ms']:.1f} / {v['decode_ms']:.2f} | "
+                          f"{o['first_token_ms']:.1f} / {o['decode_ms']:.2f} | {first:.2f} | {decode:.2f} | "
+                          f"{v['startup_s']:.0f} / {o['startup_s']:.1f} |", flush=True)
+            for batch, pairs in ratios.items():
+                firsts, decodes = [f for f, _ in pairs], [d for _, d in pairs]
+                summary.append(f"| {dtype} | {tp} | {batch} | {statistics.median(firsts):.2f} ({min(firsts):.2f}-"
+                               f"{max(firsts):.2f}) | {statistics.median(decodes):.2f} ({min(decodes):.2f}-"
+                               f"{max(decodes):.2f}) |")
+    if args.repeats > 1:
+        print(f"\nMedian ratio of {args.repeats} pairs (range):\n\n| dtype | TP | batch | ours/vLLM first | ours/vLLM decode |"
+              "\n|---|---|---|---|---|\n" + "\n".join(summary), flush=True)
 
 
 if __name__ == "__main__":
