@@ -170,7 +170,7 @@ class Limits:
         return best
 
     def theoretical(self, dtype: str, threads: int) -> float | None:
-        """The vector units' peak at the reported clock, GFLOP/s (None where not known)."""
+        """The vector units' peak at `clock()`, GFLOP/s (None where not known)."""
         ghz, _ = self.clock()
         if self.vector is None or ghz is None:
             return None

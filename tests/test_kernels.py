@@ -69,6 +69,24 @@ def test_fixed_modes_fall_back_to_plain_where_the_weight_cannot_take_them():
     assert fixed_choice("fp32", torch.empty(4, 4, dtype=torch.bfloat16)) == Choice("fp32", "fp32")
 
 
+def test_the_wide_onednn_layout_is_packed_for_at_least_its_rows_and_offered_only_below_them(monkeypatch):
+    packed_for = []
+    monkeypatch.setattr(layouts, "pack", lambda weight, rows: packed_for.append(rows) or weight)
+    layouts.pack_wide(torch.empty(4, 4), 1)
+    layouts.pack_wide(torch.empty(4, 4), layouts.WIDE_ROWS + 8)
+    assert packed_for == [layouts.WIDE_ROWS, layouts.WIDE_ROWS + 8], "never packed for fewer rows than WIDE_ROWS"
+    monkeypatch.undo()
+    weight = torch.randn(8, 16)
+    if layouts.pack(weight[:1], 1) is None:
+        pytest.skip("oneDNN cannot pack fp32 weights on this CPU (or torch was built without it)")
+    assert "onednn_wide" in kernels.decode_candidates(weight, 1)
+    assert "onednn_wide" not in kernels.decode_candidates(weight, layouts.WIDE_ROWS), \
+        "from WIDE_ROWS rows on, `onednn` is packed for as many: the same layout measured twice"
+    assert fixed_choice("onednn_wide", weight, 1) == Choice("onednn_wide", "onednn_wide")
+    with pytest.raises(ValueError, match="runs"):
+        Choice("onednn_wide", "unpack")
+
+
 def fake_clock(monkeypatch, ms_per_call: dict[str, float], min_calls_seen: list | None = None):
     """kernels.time_ms (kernel_timing's) with every candidate's call costing the given milliseconds
     (by name); each call's min_calls and candidates appended to `min_calls_seen`."""
