@@ -16,8 +16,8 @@ PRUNE_FACTOR x the best probe are dropped; the rest run ROUNDS rounds of at leas
 one call each (decode candidates: DECODE_MIN_CALLS calls). On the bench-size model that is 6-8 s
 per batch size in fp32 (the copies dominate: MKL packs at ~0.8 GB/s) and 2-3 s in bf16 on one
 thread of the AVX-512 Xeon; 6.6-8.3 s in fp32 and 3.1-3.5 s in bf16 on the EPYC Zen 5, with gemv,
-oneDNN on the plain weight and onednn_wide among the candidates and 128 MiB decode sets (RESULTS.md). A shape
-suspect_shapes names is timed once more. On StarCoder's shapes it is
+oneDNN on the plain weight and onednn_wide among the candidates and 128 MiB decode sets
+(RESULTS.md). A shape suspect_shapes names is timed once more. On StarCoder's shapes it is
 dominated by the prefill calls at 512 rows, 4-5 calls of each surviving candidate (estimated
 10-30 s per batch size on one thread of a large CPU; once per machine, the plan is cached).
 """
@@ -33,7 +33,7 @@ from typing import Callable, Iterable
 import torch
 
 from .cpu import last_level_cache_bytes
-from .layouts import PACKERS, pack, pack_mkl
+from .layouts import ONEDNN_LAYOUTS, PACKERS, pack, pack_mkl
 
 ROUNDS = 3  # alternating rounds per candidate (A B C, C B A, A B C): drift hits all alike
 ROUND_MIN_S = 0.004  # each candidate runs at least this long per round (and at least one call)
@@ -174,7 +174,7 @@ def decode_calls(weight: torch.Tensor, rows: int, kinds: Iterable[str], activati
     plains = [weight] + [made(weight.clone()) for _ in range(copies - 1)] if {"plain", "fp32", "gemv"} & set(kinds) else []
     calls = {}
     for kind in kinds:
-        if kind in ("onednn", "onednn_wide"):
+        if kind in ONEDNN_LAYOUTS:
             nxt = itertools.cycle([made(PACKERS[kind](weight, rows)) for _ in range(copies)]).__next__
             calls[kind] = lambda n=nxt: packed_linear(x, n(), None, post_op, algorithm)
         elif kind == "mkl_packed":
@@ -205,13 +205,11 @@ def prefill_calls(weight: torch.Tensor, rows: int, kinds: Iterable[str], prefill
     x = torch.randn(max(rows + 1, prefill_rows), weight.shape[1]).to(weight.dtype)
     calls = {}
     for kind in kinds:
-        if kind == "onednn":
-            packed = pack(weight, rows)
-            calls["onednn"] = lambda p=packed: packed_linear(x, p, None, post_op, algorithm)
-            calls["unpack"] = lambda p=packed: eager(linear(x, p.to_dense()))
-        elif kind == "onednn_wide":
+        if kind in ONEDNN_LAYOUTS:
             packed = PACKERS[kind](weight, rows)
             calls[kind] = lambda p=packed: packed_linear(x, p, None, post_op, algorithm)
+            if kind == "onednn":  # (kernels.PREFILL_KERNELS: the wide layout is not unpacked)
+                calls["unpack"] = lambda p=packed: eager(linear(x, p.to_dense()))
         elif kind == "mkl_packed":
             packed, sizes = pack_mkl(weight, rows), weight.new_empty(1).expand(weight.shape)
             calls[kind] = lambda p=packed: eager(mkl_linear(x, p, sizes, None))
