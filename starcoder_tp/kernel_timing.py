@@ -161,7 +161,7 @@ def decode_calls(weight: torch.Tensor, rows: int, kinds: Iterable[str], activati
     rank's heartbeat, as MKL packs only ~0.8 GB/s). With an `activation` (the MLP's first
     linear) each call includes it as the model runs it (Linear.forward_activated): oneDNN's
     post-op on the packed weight, applied after the other kernels."""
-    from . import gemv
+    from . import gemv, rowdot
     from .linear import fp32_linear, mkl_linear, packed_linear
 
     def made(copy: torch.Tensor | None) -> torch.Tensor | None:
@@ -171,7 +171,7 @@ def decode_calls(weight: torch.Tensor, rows: int, kinds: Iterable[str], activati
     eager, post_op, algorithm = _activation(activation)
     x = torch.randn(rows, weight.shape[1]).to(weight.dtype)
     sizes = weight.new_empty(1).expand(weight.shape)
-    plains = [weight] + [made(weight.clone()) for _ in range(copies - 1)] if {"plain", "fp32", "gemv"} & set(kinds) else []
+    plains = [weight] + [made(weight.clone()) for _ in range(copies - 1)] if {"plain", "fp32", "gemv", "rowdot"} & set(kinds) else []
     calls = {}
     for kind in kinds:
         if kind in ONEDNN_LAYOUTS:
@@ -183,9 +183,9 @@ def decode_calls(weight: torch.Tensor, rows: int, kinds: Iterable[str], activati
         elif kind == "fp32":
             nxt = itertools.cycle(plains).__next__
             calls[kind] = lambda n=nxt: eager(fp32_linear(x, n(), None))
-        elif kind == "gemv":
-            nxt = itertools.cycle(plains).__next__
-            calls[kind] = lambda n=nxt: eager(gemv.linear(x, n(), None))
+        elif kind in ("gemv", "rowdot"):
+            nxt, one_row = itertools.cycle(plains).__next__, (gemv if kind == "gemv" else rowdot).linear
+            calls[kind] = lambda n=nxt, f=one_row: eager(f(x, n(), None))
         else:
             nxt = itertools.cycle(plains).__next__
             calls[kind] = lambda n=nxt: eager(torch.nn.functional.linear(x, n()))
@@ -215,7 +215,7 @@ def prefill_calls(weight: torch.Tensor, rows: int, kinds: Iterable[str], prefill
             calls[kind] = lambda p=packed: eager(mkl_linear(x, p, sizes, None))
         elif kind == "fp32":
             calls[kind] = lambda: eager(fp32_linear(x, weight, None))
-        else:  # plain, and gemv (whose prefill is plain's)
+        else:  # plain, gemv and rowdot (whose prefill is plain's)
             calls["plain"] = lambda: eager(linear(x, weight))
             if pack(weight[:1], 1) is not None:  # oneDNN takes this dtype
                 calls["onednn_plain"] = lambda: packed_linear(x, weight, None, post_op, algorithm)

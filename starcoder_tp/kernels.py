@@ -35,6 +35,10 @@ sgemm against F.linear at batch 1, fp32: RESULTS.md, "MKL's packed sgemm").
 - `gemv`:   fp32, decode at one row only: the plain weight's product with the row by BLAS's
             sgemv (gemv.py), where torch's one-row GEMMs fall short of the memory's speed. Prefill
             from the plain layout (as `plain`).
+- `rowdot`: fp32 and bf16, decode at one row only: our own one-row kernel (rowdot.c, built at
+            first use by the machine's C compiler: rowdot.py) on the plain weight, summing eight
+            weight rows side by side; where no compiler builds it, not a candidate. Prefill from
+            the plain layout (as `plain`).
 
 Prefill kernels are timed at SHORT_ROWS and at PREFILL_ROWS rows: a short prompt and a long one
 can want different kernels (unpacking a weight costs the same for 2 rows as for 2000). Calls
@@ -56,7 +60,7 @@ from typing import Callable
 
 import torch
 
-from . import gemv
+from . import gemv, rowdot
 from .activations import ACTIVATIONS, TANH_GELU, calibrate
 from .cpu import cpu_cores, cpuinfo, isa_flags
 from .files import cache_dir, write_atomic
@@ -65,21 +69,21 @@ from .kernel_timing import (DECODE_MIN_CALLS, decode_calls, decode_copies, decod
 from .layouts import WIDE_ROWS, pack, pack_mkl
 from .malloc import THP_ENV
 
-KERNEL_MODES = ("auto", "plain", "onednn", "onednn_wide", "mkl_packed", "fp32", "gemv")  # --kernels: measure, or one kernel for every weight
+KERNEL_MODES = ("auto", "plain", "onednn", "onednn_wide", "mkl_packed", "fp32", "gemv", "rowdot")  # --kernels: measure, or one kernel for every weight
 # The kernels each decode layout can run at prefill shapes.
 PREFILL_KERNELS = {"plain": ("plain", "fp32", "onednn_plain"), "fp32": ("fp32", "plain", "onednn_plain"),
                    "onednn": ("onednn", "unpack"), "onednn_wide": ("onednn_wide",), "mkl_packed": ("mkl_packed",),
-                   "gemv": ("plain", "fp32", "onednn_plain")}
+                   "gemv": ("plain", "fp32", "onednn_plain"), "rowdot": ("plain", "fp32", "onednn_plain")}
 SHORT_ROWS = 64  # rows of the short-prompt prefill timing
 PREFILL_ROWS = 512  # rows of the long prefill timing (batch x prompt tokens of a typical case)
 SPLIT_ROWS = round(math.sqrt(SHORT_ROWS * PREFILL_ROWS))  # calls of fewer rows take the short winner
 # Requests whose costs are this close are not told apart: a candidate's timings differ by 3-6%
 # from one measured plan to the next (RESULTS.md, "Decode candidates timed from memory").
 TIE_FRACTION = 0.02
-PLAN_VERSION = 10  # part of the cache key: a change in what is measured invalidates old plans
+PLAN_VERSION = 11  # part of the cache key: a change in what is measured invalidates old plans
 # Every shape's timings travel across ranks in these fixed slots (inf: not a candidate there),
 # so that ranks on CPUs with different candidates still reduce tensors of one size.
-DECODE_SLOTS = ("plain", "onednn", "fp32", "mkl_packed", "gemv", "onednn_wide")
+DECODE_SLOTS = ("plain", "onednn", "fp32", "mkl_packed", "gemv", "onednn_wide", "rowdot")
 PREFILL_SLOTS = ("plain", "fp32", "onednn", "unpack", "mkl_packed", "onednn_plain", "onednn_wide")
 
 
@@ -110,7 +114,8 @@ def shape_key(weight: torch.Tensor) -> str:
 
 def decode_candidates(weight: torch.Tensor, rows: int = 1) -> tuple[str, ...]:
     """The decode kernels this weight can take here at decode batches of `rows` rows: the packed
-    layouts only on CPU where the library packs the dtype, BLAS's sgemv for fp32 at one row."""
+    layouts only on CPU where the library packs the dtype, BLAS's sgemv for fp32 at one row,
+    rowdot.c for fp32 and bf16 at one row where it was built."""
     if weight.device.type != "cpu":
         return ("plain",)
     kinds = ["plain"]
@@ -124,14 +129,16 @@ def decode_candidates(weight: torch.Tensor, rows: int = 1) -> tuple[str, ...]:
         kinds.append("fp32")
     if rows == 1 and gemv.supports(weight):
         kinds.append("gemv")
+    if rows == 1 and rowdot.supports(weight):
+        kinds.append("rowdot")
     return tuple(kinds)
 
 
 def fixed_choice(mode: str, weight: torch.Tensor, rows: int = 1) -> Choice:
     """`--kernels plain|onednn|fp32|...`: that kernel where the weight can take it at decode
-    batches of `rows` rows, else plain (`gemv`: fp32 at one row, and it prefills as plain)."""
+    batches of `rows` rows, else plain (`gemv`, `rowdot`: at one row, and they prefill as plain)."""
     decode = mode if mode in decode_candidates(weight, rows) else "plain"
-    return Choice(decode, "plain" if decode == "gemv" else decode)
+    return Choice(decode, "plain" if decode in ("gemv", "rowdot") else decode)
 
 
 def choose(decode_ms: dict[str, float], prefill_ms: dict[str, float], short_ms: dict[str, float] | None = None,
@@ -193,7 +200,8 @@ def plan_key(weights: dict[str, torch.Tensor], rows: int, world_size: int,
             "huge_pages": os.environ.get(THP_ENV, "") == "1",
             # Whether the split form runs, not from what size: at its crossover both forms cost
             # alike, and a size measured again from one process to the next is not a new plan.
-            "tanh_gelu": "fused" if TANH_GELU.split_from is None else "split"}
+            "tanh_gelu": "fused" if TANH_GELU.split_from is None else "split",
+            "rowdot": rowdot.path()}  # built or not, and the instruction set it runs
 
 
 def plan_path(key: dict):

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import gemv
+from . import gemv, rowdot
 from .activations import ACTIVATIONS
 from .kernels import SPLIT_ROWS, Choice
 from .layouts import ONEDNN_LAYOUTS, PACKERS
@@ -79,6 +79,8 @@ def run_kernel(kind: str, x: torch.Tensor, weight: torch.Tensor, packed: torch.T
         return fp32_linear(x, weight, bias)
     if kind == "gemv":
         return gemv.linear(x, weight, bias)
+    if kind == "rowdot":
+        return rowdot.linear(x, weight, bias)
     return F.linear(x, weight, bias)
 
 

@@ -82,9 +82,9 @@ THREADS_PER_RANK = option("--threads-per-rank", type=positive_int, default=None,
                           help="CPU threads per rank. Default: the cores shared evenly among the ranks")
 KERNELS = option("--kernels", choices=list(KERNEL_MODES), default="auto",
                  help="the linear layers' kernels on CPU: 'auto' times the candidates (F.linear, oneDNN packed for "
-                      "the batch, MKL packed sgemm in fp32, bf16 via fp32) for each weight shape and batch on this "
-                      "machine, once per machine (cached), and takes the fastest; 'plain', 'onednn', 'mkl_packed' "
-                      "or 'fp32' use that one for every weight "
+                      "the batch, MKL packed sgemm in fp32, bf16 via fp32, one-row gemv and rowdot) for each weight shape and batch on this "
+                      "machine, once per machine (cached), and takes the fastest; any other names the one "
+                      "to use for every weight "
                       "that can take it. Default: %(default)r")
 NO_PREPACK = option("--no-prepack", action="store_true", default=False,
                     help="the same as --kernels plain (plain weights, F.linear). Default: %(default)r")

@@ -1,0 +1,122 @@
+"""One-row linear products (decode at batch 1) by a kernel of our own, rowdot.c, for fp32 and bf16.
+
+A one-row product reads each weight element once for one multiply-add: it runs at the speed of
+memory when enough loads are in flight. On one thread of the EPYC Zen 5, bf16 weights read from
+2 MiB pages: oneDNN's one-row GEMM read 4096x1024 at 32 GB/s (the lm_head, 49152x1024, at
+40-45), where a plain read of the same memory ran at 43-46 and rowdot.c, summing eight weight rows
+side by side, at 43-44 (RESULTS.md, "A one-row kernel of our own"). numpy's BLAS has no bf16
+(gemv.py is fp32 only). Whether it pays is measured per weight shape, like every kernel (kernels.py).
+
+rowdot.c is compiled at first use by the machine's C compiler ($CC, else cc or gcc) and cached
+per source and compiler (cache_dir("native")); `STARCODER_TP_ROWDOT=off` leaves it unbuilt. No
+compiler, a failed build or a CPU the source does not target: the kernel is not a candidate, and
+`unavailable()` says why. The library runs on the calling thread only: with more threads, the
+libraries' threaded GEMMs compete with it in the plan's timings.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .files import atomic_path, cache_dir
+
+SOURCE = Path(__file__).with_name("rowdot.c")
+ENV = "STARCODER_TP_ROWDOT"  # "off": never build or offer the kernel
+CFLAGS = ("-O3", "-shared", "-fPIC", "-std=c11")
+BUILD_TIMEOUT_S = 120
+_DTYPES = (torch.float32, torch.bfloat16)
+PATHS = ("scalar", "avx2", "avx512", "avx512bf16")  # rowdot.c's, narrowest first
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+
+
+def _build(compiler: str) -> Path:
+    """The shared library of rowdot.c built by `compiler`, from the cache if built before."""
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
+    digest = hashlib.sha256(SOURCE.read_bytes() + version.encode() + " ".join(CFLAGS).encode()).hexdigest()[:16]
+    library = cache_dir("native", f"rowdot-{digest}.so")
+    if library.exists():
+        return library
+    with atomic_path(library) as tmp:  # ranks building at once each rename a whole library in place
+        done = subprocess.run([compiler, *CFLAGS, "-o", str(tmp), str(SOURCE)], capture_output=True, text=True,
+                              timeout=BUILD_TIMEOUT_S)
+        if done.returncode != 0:
+            raise RuntimeError(f"{compiler} failed on {SOURCE} (exit {done.returncode}): {done.stderr.strip()[-800:]}")
+    return library
+
+
+@functools.cache  # once per process
+def _library() -> tuple[ctypes.CDLL | None, str]:
+    """(the loaded library, its path's name) or (None, why not)."""
+    if os.environ.get(ENV, "").lower() in ("off", "0", "no"):
+        return None, f"{ENV}={os.environ[ENV]}"
+    compiler = _compiler()
+    if compiler is None:
+        return None, "no C compiler ($CC, cc or gcc) to build rowdot.c"
+    try:
+        lib = ctypes.CDLL(str(_build(compiler)))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as error:
+        print(f"[rowdot] not built, the kernel is not a candidate: {error}", file=sys.stderr)
+        return None, str(error)
+    pointers = [ctypes.c_void_p] * 4 + [ctypes.c_long] * 2  # w, x, bias (or NULL), y, n, k
+    for fn in (lib.rowdot_f32, lib.rowdot_bf16):
+        fn.argtypes, fn.restype = pointers, None
+    lib.rowdot_use.argtypes, lib.rowdot_use.restype = [ctypes.c_char_p], ctypes.c_char_p
+    return lib, lib.rowdot_use(None).decode()  # the widest path this CPU runs
+
+
+def unavailable() -> str | None:
+    """Why the kernel cannot run here, or None where it can."""
+    lib, why = _library()
+    return None if lib is not None else why
+
+
+def path() -> str | None:
+    """The instruction set the library runs on this CPU (avx512bf16, avx512, avx2, scalar), or None."""
+    lib, name = _library()
+    return name if lib is not None else None
+
+
+def use_path(name: str) -> bool:
+    """Run the path `name` (one of PATHS) from now on in this process, if this CPU runs it
+    (whether it does is the return value): for tests of each path. Every path computes the same
+    sums, and the library takes the widest at load (rowdot.c)."""
+    if name not in PATHS:
+        raise ValueError(f"rowdot path {name!r}: expected one of {PATHS}")
+    lib, _ = _library()
+    if lib is None:
+        raise RuntimeError(f"rowdot is not built here: {unavailable()}")
+    return lib.rowdot_use(name.encode()) is not None
+
+
+def supports(weight: torch.Tensor) -> bool:
+    """Whether this weight can run here: fp32 or bf16 on the CPU, the library built."""
+    return weight.device.type == "cpu" and weight.dtype in _DTYPES and unavailable() is None
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, weight, bias): by rowdot.c when x holds one row of a weight `supports` takes,
+    in its dtype, else F.linear itself."""
+    if x.numel() != x.shape[-1] or x.dtype != weight.dtype or not supports(weight):
+        return F.linear(x, weight, bias)
+    if bias is not None and (bias.dtype != weight.dtype or bias.numel() != weight.shape[0]):
+        return F.linear(x, weight, bias)
+    lib, _ = _library()
+    n, k = weight.shape
+    weight, row = weight.contiguous(), x.reshape(k).contiguous()
+    bias = None if bias is None else bias.contiguous()
+    out = torch.empty(n, dtype=weight.dtype)
+    kernel = lib.rowdot_f32 if weight.dtype == torch.float32 else lib.rowdot_bf16
+    kernel(weight.data_ptr(), row.data_ptr(), None if bias is None else bias.data_ptr(), out.data_ptr(), n, k)
+    return out.view(*x.shape[:-1], n)
