@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from roofline import best_s, machine_limits  # noqa: E402
 from speed import cpu_name, write_results  # noqa: E402
 
-from starcoder_tp import gemv  # noqa: E402
+from starcoder_tp import gemv, rowdot  # noqa: E402
 from starcoder_tp.comm import TPGroup  # noqa: E402
 from starcoder_tp.device import Device  # noqa: E402
 from starcoder_tp.files import EMBEDDED_MODEL_DIR  # noqa: E402
@@ -44,36 +44,43 @@ from starcoder_tp.testing.build_models import build_bench  # noqa: E402
 from starcoder_tp.timing import timed_generate  # noqa: E402
 
 MATMULS = ("aten::mm", "aten::addmm", "mkldnn::_linear_pointwise", "mkl::_mkl_linear")
-GEMV = "gemv::sgemv"  # numpy's BLAS, which torch's profiler does not see: recorded by profiled_gemv
+# One-row kernels torch's profiler does not see (numpy's BLAS; our rowdot.c through ctypes), by
+# event name: recorded by profiled_one_row.
+ONE_ROW = {"gemv::sgemv": gemv, "rowdot::rowdot": rowdot}
 
 
 @contextlib.contextmanager
-def profiled_gemv():
-    """gemv.linear's one-row calls (kernels.py's `gemv`, numpy's sgemv) as profiler events named
-    GEMV plus the shapes, "[1, K] x [N, K]": torch's profiler records torch's operators only, and
-    left them out of the step's matmuls."""
-    real = gemv.linear
+def profiled_one_row():
+    """The one-row calls of ONE_ROW's modules (kernels.py's `gemv` and `rowdot`) as profiler events
+    named by ONE_ROW plus the shapes, "[1, K] x [N, K]": torch's profiler records torch's
+    operators only, and left them out of the step's matmuls. A call they pass to F.linear is
+    torch's own, which the profiler sees."""
+    reals = {name: module.linear for name, module in ONE_ROW.items()}
 
-    def recorded(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        if x.numel() != x.shape[-1] or not gemv.supports(weight) or x.dtype != torch.float32:
-            return real(x, weight, bias)  # (F.linear: torch's profiler sees it)
-        with record_function(f"{GEMV} [1, {weight.shape[1]}] x [{weight.shape[0]}, {weight.shape[1]}]"):
-            return real(x, weight, bias)
-    gemv.linear = recorded
+    def recording(name, module, real):
+        def recorded(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+            if x.numel() != x.shape[-1] or not module.supports(weight) or x.dtype != weight.dtype:
+                return real(x, weight, bias)
+            with record_function(f"{name} [1, {weight.shape[1]}] x [{weight.shape[0]}, {weight.shape[1]}]"):
+                return real(x, weight, bias)
+        return recorded
+    for name, module in ONE_ROW.items():
+        module.linear = recording(name, module, reals[name])
     try:
         yield
     finally:
-        gemv.linear = real
+        for name, module in ONE_ROW.items():
+            module.linear = reals[name]
 
 
 def is_matmul(name: str) -> bool:
-    return name in MATMULS or name.startswith(GEMV)
+    return name in MATMULS or name.startswith(tuple(ONE_ROW))
 
 
 def matmul_flops(name: str, shapes: list) -> float:
-    """FLOPs of one call of a matmul operator, from the profiler's input shapes (gemv's from its
-    name)."""
-    if name.startswith(GEMV):
+    """FLOPs of one call of a matmul operator, from the profiler's input shapes (the one-row kernels' from
+    their names)."""
+    if name.startswith(tuple(ONE_ROW)):
         n, k = (int(v) for v in re.fullmatch(r".*x \[(\d+), (\d+)\]", name).groups())
         return 2.0 * n * k
     if name == "aten::mm":
@@ -106,7 +113,7 @@ def profile_rows(model: TPCausalLM, batch: int, seq_in: int, steps: int, peak: f
             decode(i)
         for phase, fn, count in (("prefill", lambda: model.pick_greedy(model(ids, pos, 0)), 1),
                                  ("decode", lambda: [decode(3 + i) for i in range(steps)], steps)):
-            with profiled_gemv(), profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+            with profiled_one_row(), profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
                 started = time.perf_counter()
                 fn()
                 wall_ms = (time.perf_counter() - started) * 1e3 / count
@@ -153,6 +160,8 @@ def kernel_rows(model: TPCausalLM, batch: int, dtype: torch.dtype) -> list[str]:
             kernels[label] = (lambda p: lambda w: torch.ops.mkldnn._linear_pointwise(x, p[id(w)], bias, "none", [], ""))(packed)
         if batch == 1 and gemv.supports(weights[0]):
             kernels["gemv (numpy sgemv)"] = lambda w: gemv.linear(x, w, bias)
+        if batch == 1 and rowdot.supports(weights[0]):
+            kernels[f"rowdot ({rowdot.path()})"] = lambda w: rowdot.linear(x, w, bias)
         if dtype == torch.float32 and torch._C.has_mkl:
             packed_mkl = {id(w): torch.ops.mkl._mkl_reorder_linear_weight(w, batch) for w in weights}
             kernels["MKL packed"] = lambda w: torch.ops.mkl._mkl_linear(x, packed_mkl[id(w)], w, bias, batch)

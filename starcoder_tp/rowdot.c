@@ -7,8 +7,10 @@
  *
  * Built at first use by rowdot.py with the machine's C compiler. Each path is compiled for its
  * own instruction set (target attributes) and the widest one this CPU runs is taken at load: the
- * paths compute the same sums and differ only in width. Whether the kernel pays against the
- * libraries' is measured per weight like every kernel (kernels.py).
+ * paths sum the same products in different orders. On the EPYC Zen 5 each wider path read
+ * weights faster than the narrower ones, in fp32 and bf16 (RESULTS.md, "A one-row kernel of our
+ * own"). Whether the kernel pays against the libraries' is measured per weight like every kernel
+ * (kernels.py).
  */
 #include <stdint.h>
 #include <string.h>
@@ -114,30 +116,40 @@ AVX512BF16 static inline __attribute__((always_inline)) void bf16_dp_rows(const 
         s[i] = _mm512_reduce_add_ps(acc[i]);
 }
 
-/* bf16 widened to fp32 (a shift) and summed by fused multiply-adds: AVX-512 without BF16. */
-AVX512 static inline __attribute__((always_inline)) __m512 widen512(const uint16_t *p) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+/* Without the BF16 instructions a vector of bf16 pairs is read as fp32 twice, with no conversion:
+ * each 32-bit lane's high half, the odd element, is an fp32 number once the low half is masked
+ * off, and the low half, the even element, once shifted up. The weight's and the row's lanes pair
+ * up alike. On the EPYC Zen 5 this read bf16 weights at 41-42 GB/s on AVX-512 and 29-35 on AVX2,
+ * where widening each element to fp32 first read at 36-38 and 27-28 (RESULTS.md). */
+AVX512 static inline __attribute__((always_inline)) __m512 even512(__m512i v) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
 }
 
-AVX512 static inline __attribute__((always_inline)) __m512 widen512_masked(const uint16_t *p, __mmask16 m) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+AVX512 static inline __attribute__((always_inline)) __m512 odd512(__m512i v) {
+    return _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32((int)0xffff0000u)));
 }
 
 AVX512 static inline __attribute__((always_inline)) void bf16_avx512_rows(const uint16_t *w, const uint16_t *x, float *s, int r, long k) {
     __m512 acc[ROWS];
-    long full = k & ~15L;
-    __mmask16 tail = (__mmask16)((1u << (k - full)) - 1);
+    long full = k & ~31L;
+    __mmask32 tail = (__mmask32)((1ull << (k - full)) - 1);
     for (int i = 0; i < r; i++)
         acc[i] = _mm512_setzero_ps();
-    for (long j = 0; j < full; j += 16) {
-        __m512 xv = widen512(x + j);
-        for (int i = 0; i < r; i++)
-            acc[i] = _mm512_fmadd_ps(widen512(w + i * k + j), xv, acc[i]);
+    for (long j = 0; j < full; j += 32) {
+        __m512i xv = _mm512_loadu_si512(x + j);
+        __m512 xe = even512(xv), xo = odd512(xv);
+        for (int i = 0; i < r; i++) {
+            __m512i wv = _mm512_loadu_si512(w + i * k + j);
+            acc[i] = _mm512_fmadd_ps(odd512(wv), xo, _mm512_fmadd_ps(even512(wv), xe, acc[i]));
+        }
     }
     if (tail) {
-        __m512 xv = widen512_masked(x + full, tail);
-        for (int i = 0; i < r; i++)
-            acc[i] = _mm512_fmadd_ps(widen512_masked(w + i * k + full, tail), xv, acc[i]);
+        __m512i xv = _mm512_maskz_loadu_epi16(tail, x + full);
+        __m512 xe = even512(xv), xo = odd512(xv);
+        for (int i = 0; i < r; i++) {
+            __m512i wv = _mm512_maskz_loadu_epi16(tail, w + i * k + full);
+            acc[i] = _mm512_fmadd_ps(odd512(wv), xo, _mm512_fmadd_ps(even512(wv), xe, acc[i]));
+        }
     }
     for (int i = 0; i < r; i++)
         s[i] = _mm512_reduce_add_ps(acc[i]);
@@ -200,19 +212,26 @@ AVX2 static void f32_avx2(const float *w, const float *x, const float *b, float 
     }
 }
 
-AVX2 static inline __attribute__((always_inline)) __m256 widen256(const uint16_t *p) {
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+AVX2 static inline __attribute__((always_inline)) __m256 even256(__m256i v) {  /* as even512 */
+    return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+}
+
+AVX2 static inline __attribute__((always_inline)) __m256 odd256(__m256i v) {
+    return _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32((int)0xffff0000u)));
 }
 
 AVX2 static inline __attribute__((always_inline)) void bf16_avx2_rows(const uint16_t *w, const uint16_t *x, float *s, int r, long k) {
     __m256 acc[ROWS];
-    long full = k & ~7L;
+    long full = k & ~15L;
     for (int i = 0; i < r; i++)
         acc[i] = _mm256_setzero_ps();
-    for (long j = 0; j < full; j += 8) {
-        __m256 xv = widen256(x + j);
-        for (int i = 0; i < r; i++)
-            acc[i] = _mm256_fmadd_ps(widen256(w + i * k + j), xv, acc[i]);
+    for (long j = 0; j < full; j += 16) {
+        __m256i xv = _mm256_loadu_si256((const __m256i *)(x + j));
+        __m256 xe = even256(xv), xo = odd256(xv);
+        for (int i = 0; i < r; i++) {
+            __m256i wv = _mm256_loadu_si256((const __m256i *)(w + i * k + j));
+            acc[i] = _mm256_fmadd_ps(odd256(wv), xo, _mm256_fmadd_ps(even256(wv), xe, acc[i]));
+        }
     }
     for (int i = 0; i < r; i++) {
         s[i] = hsum256(acc[i]);

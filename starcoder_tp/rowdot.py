@@ -1,14 +1,19 @@
 """One-row linear products (decode at batch 1) by a kernel of our own, rowdot.c, for fp32 and bf16.
 
 A one-row product reads each weight element once for one multiply-add: it runs at the speed of
-memory when enough loads are in flight. On one thread of the EPYC Zen 5, bf16 weights read from
-2 MiB pages: oneDNN's one-row GEMM read 4096x1024 at 32 GB/s (the lm_head, 49152x1024, at
-40-45), where a plain read of the same memory ran at 43-46 and rowdot.c, summing eight weight rows
-side by side, at 43-44 (RESULTS.md, "A one-row kernel of our own"). numpy's BLAS has no bf16
-(gemv.py is fp32 only). Whether it pays is measured per weight shape, like every kernel (kernels.py).
+memory when enough loads are in flight. rowdot.c sums eight weight rows side by side. On one
+thread of the EPYC Zen 5, from 2 MiB pages, it read bf16 weights at 44-47 GB/s and fp32 ones at
+38-39, as fast as a plain read of the same memory; oneDNN's one-row GEMMs read the same weights
+at 31-41 GB/s from one sitting to the next, and in the model's decode step the two ran alike
+(RESULTS.md, "A one-row kernel of our own"). With torch and oneDNN held to AVX2 there, it ran the
+bf16 lm_head at one row in 3.0 ms against aten's 3.6 and bf16 decode steps 5% faster; numpy's
+BLAS has no bf16 (gemv.py is fp32 only). Whether it pays is measured per weight shape, like
+every kernel (kernels.py).
 
 rowdot.c is compiled at first use by the machine's C compiler ($CC, else cc or gcc) and cached
-per source and compiler (cache_dir("native")); `STARCODER_TP_ROWDOT=off` leaves it unbuilt. No
+per source and compiler (cache_dir("native")). `STARCODER_TP_ROWDOT=off` leaves it unbuilt; set to
+one of PATHS, it runs that instruction set's path instead of the widest (to see what a narrower
+CPU's would do). No
 compiler, a failed build or a CPU the source does not target: the kernel is not a candidate, and
 `unavailable()` says why. The library runs on the calling thread only: with more threads, the
 libraries' threaded GEMMs compete with it in the plan's timings.
@@ -30,7 +35,7 @@ import torch.nn.functional as F
 from .files import atomic_path, cache_dir
 
 SOURCE = Path(__file__).with_name("rowdot.c")
-ENV = "STARCODER_TP_ROWDOT"  # "off": never build or offer the kernel
+ENV = "STARCODER_TP_ROWDOT"  # "off": never build or offer the kernel; a name of PATHS: that path
 CFLAGS = ("-O3", "-shared", "-fPIC", "-std=c11")
 BUILD_TIMEOUT_S = 120
 _DTYPES = (torch.float32, torch.bfloat16)
@@ -59,8 +64,11 @@ def _build(compiler: str) -> Path:
 @functools.cache  # once per process
 def _library() -> tuple[ctypes.CDLL | None, str]:
     """(the loaded library, its path's name) or (None, why not)."""
-    if os.environ.get(ENV, "").lower() in ("off", "0", "no"):
+    wanted = os.environ.get(ENV, "").lower()
+    if wanted in ("off", "0", "no"):
         return None, f"{ENV}={os.environ[ENV]}"
+    if wanted and wanted not in PATHS:
+        raise ValueError(f"{ENV}={os.environ[ENV]!r}: expected 'off' or one of {PATHS}")
     compiler = _compiler()
     if compiler is None:
         return None, "no C compiler ($CC, cc or gcc) to build rowdot.c"
@@ -73,7 +81,10 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
     for fn in (lib.rowdot_f32, lib.rowdot_bf16):
         fn.argtypes, fn.restype = pointers, None
     lib.rowdot_use.argtypes, lib.rowdot_use.restype = [ctypes.c_char_p], ctypes.c_char_p
-    return lib, lib.rowdot_use(None).decode()  # the widest path this CPU runs
+    taken = lib.rowdot_use(wanted.encode() if wanted else None)  # (None: the widest path this CPU runs)
+    if taken is None:
+        return None, f"{ENV}={wanted}: this CPU does not run that path"
+    return lib, taken.decode()
 
 
 def unavailable() -> str | None:

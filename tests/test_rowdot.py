@@ -173,3 +173,22 @@ def test_a_model_decoding_one_row_with_rowdot_keeps_plains_tokens(tmp_path, embe
         torch.testing.assert_close(a.topk_logprobs, b.topk_logprobs, rtol=1e-4, atol=1e-4)
     else:
         torch.testing.assert_close(a.topk_logprobs[:, 0], b.topk_logprobs[:, 0], rtol=0, atol=0.1)
+
+
+@needs_rowdot
+def test_the_environment_names_a_path_or_refuses_a_bad_name(monkeypatch):
+    try:
+        for name in rowdot.PATHS:
+            rowdot._library.cache_clear()
+            monkeypatch.setenv(rowdot.ENV, name)
+            if rowdot.unavailable() is None:
+                assert rowdot.path() == name
+            else:
+                assert rowdot.unavailable() == f"{rowdot.ENV}={name}: this CPU does not run that path"
+        rowdot._library.cache_clear()
+        monkeypatch.setenv(rowdot.ENV, "avx1024")
+        with pytest.raises(ValueError, match="avx1024"):
+            rowdot.path()
+    finally:
+        monkeypatch.delenv(rowdot.ENV)
+        rowdot._library.cache_clear()
