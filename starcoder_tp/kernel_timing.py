@@ -161,7 +161,7 @@ def decode_calls(weight: torch.Tensor, rows: int, kinds: Iterable[str], activati
     rank's heartbeat, as MKL packs only ~0.8 GB/s). With an `activation` (the MLP's first
     linear) each call includes it as the model runs it (Linear.forward_activated): oneDNN's
     post-op on the packed weight, applied after the other kernels."""
-    from . import gemv, rowdot
+    from . import gemv, panels, rowdot
     from .linear import fp32_linear, mkl_linear, packed_linear
 
     def made(copy: torch.Tensor | None) -> torch.Tensor | None:
@@ -180,6 +180,12 @@ def decode_calls(weight: torch.Tensor, rows: int, kinds: Iterable[str], activati
         elif kind == "mkl_packed":
             nxt = itertools.cycle([made(pack_mkl(weight, rows)) for _ in range(copies)]).__next__
             calls[kind] = lambda n=nxt: eager(mkl_linear(x, n(), sizes, None))
+        elif kind == "panels":  # the activation as Linear.forward_activated runs it
+            first = made(panels.pack(weight, rows))  # (a copy of it, not a permutation of the weight again)
+            nxt = itertools.cycle([first] + [made(first.clone()) for _ in range(copies - 1)]).__next__
+            fused = (post_op, algorithm) if activation and panels.fuses(post_op, algorithm) else None
+            calls[kind] = lambda n=nxt, f=fused: (panels.linear(x, n(), None, f) if f else
+                                                  eager(panels.linear(x, n(), None)))
         elif kind == "fp32":
             nxt = itertools.cycle(plains).__next__
             calls[kind] = lambda n=nxt: eager(fp32_linear(x, n(), None))
@@ -198,6 +204,7 @@ def prefill_calls(weight: torch.Tensor, rows: int, kinds: Iterable[str], prefill
     can run, at `prefill_rows` rows (at least rows + 1: more than a decode step), with the
     activation as decode_calls. One copy: a prefill's GEMM reuses each weight block over its
     rows, so where the weight comes from matters little."""
+    from . import panels
     from .linear import fp32_linear, mkl_linear, packed_linear
 
     eager, post_op, algorithm = _activation(activation)
@@ -215,6 +222,10 @@ def prefill_calls(weight: torch.Tensor, rows: int, kinds: Iterable[str], prefill
             calls[kind] = lambda p=packed: eager(mkl_linear(x, p, sizes, None))
         elif kind == "fp32":
             calls[kind] = lambda: eager(fp32_linear(x, weight, None))
+        elif kind == "panels":
+            packed, fused = panels.pack(weight, rows), (post_op, algorithm) if activation and panels.fuses(
+                post_op, algorithm) else None
+            calls[kind] = lambda p=packed, f=fused: panels.linear(x, p, None, f) if f else eager(panels.linear(x, p))
         else:  # plain, gemv and rowdot (whose prefill is plain's)
             calls["plain"] = lambda: eager(linear(x, weight))
             if pack(weight[:1], 1) is not None:  # oneDNN takes this dtype

@@ -35,6 +35,9 @@ sgemm against F.linear at batch 1, fp32: RESULTS.md, "MKL's packed sgemm").
 - `gemv`:   fp32, decode at one row only: the plain weight's product with the row by BLAS's
             sgemv (gemv.py), where torch's one-row GEMMs fall short of the memory's speed. Prefill
             from the plain layout (as `plain`).
+- `panels`: fp32 and bf16 where the CPU has AVX-512 (bf16: AVX512_BF16), decode batches of two
+            rows or more: the weight in panels of 16 output columns run by our own GEMM
+            (panels.py), the same layout for every batch. Prefill: itself.
 - `rowdot`: fp32 and bf16, decode at one row only: our own one-row kernel (rowdot.c, built at
             first use by the machine's C compiler: rowdot.py) on the plain weight, summing eight
             weight rows side by side; where no compiler builds it, not a candidate. Prefill from
@@ -60,7 +63,7 @@ from typing import Callable
 
 import torch
 
-from . import gemv, rowdot
+from . import gemv, panels, rowdot
 from .activations import ACTIVATIONS, TANH_GELU, calibrate
 from .cpu import cpu_cores, cpuinfo, isa_flags
 from .files import cache_dir, write_atomic
@@ -69,22 +72,23 @@ from .kernel_timing import (DECODE_MIN_CALLS, decode_calls, decode_copies, decod
 from .layouts import WIDE_ROWS, pack, pack_mkl
 from .malloc import THP_ENV
 
-KERNEL_MODES = ("auto", "plain", "onednn", "onednn_wide", "mkl_packed", "fp32", "gemv", "rowdot")  # --kernels: measure, or one kernel for every weight
+KERNEL_MODES = ("auto", "plain", "onednn", "onednn_wide", "mkl_packed", "fp32", "gemv", "rowdot", "panels")  # --kernels: measure, or one kernel for every weight
 # The kernels each decode layout can run at prefill shapes.
 PREFILL_KERNELS = {"plain": ("plain", "fp32", "onednn_plain"), "fp32": ("fp32", "plain", "onednn_plain"),
                    "onednn": ("onednn", "unpack"), "onednn_wide": ("onednn_wide",), "mkl_packed": ("mkl_packed",),
-                   "gemv": ("plain", "fp32", "onednn_plain"), "rowdot": ("plain", "fp32", "onednn_plain")}
+                   "gemv": ("plain", "fp32", "onednn_plain"), "rowdot": ("plain", "fp32", "onednn_plain"),
+                   "panels": ("panels",)}
 SHORT_ROWS = 64  # rows of the short-prompt prefill timing
 PREFILL_ROWS = 512  # rows of the long prefill timing (batch x prompt tokens of a typical case)
 SPLIT_ROWS = round(math.sqrt(SHORT_ROWS * PREFILL_ROWS))  # calls of fewer rows take the short winner
 # Requests whose costs are this close are not told apart: a candidate's timings differ by 3-6%
 # from one measured plan to the next (RESULTS.md, "Decode candidates timed from memory").
 TIE_FRACTION = 0.02
-PLAN_VERSION = 11  # part of the cache key: a change in what is measured invalidates old plans
+PLAN_VERSION = 12  # part of the cache key: a change in what is measured invalidates old plans
 # Every shape's timings travel across ranks in these fixed slots (inf: not a candidate there),
 # so that ranks on CPUs with different candidates still reduce tensors of one size.
-DECODE_SLOTS = ("plain", "onednn", "fp32", "mkl_packed", "gemv", "onednn_wide", "rowdot")
-PREFILL_SLOTS = ("plain", "fp32", "onednn", "unpack", "mkl_packed", "onednn_plain", "onednn_wide")
+DECODE_SLOTS = ("plain", "onednn", "fp32", "mkl_packed", "gemv", "onednn_wide", "rowdot", "panels")
+PREFILL_SLOTS = ("plain", "fp32", "onednn", "unpack", "mkl_packed", "onednn_plain", "onednn_wide", "panels")
 
 
 @dataclass(frozen=True)
@@ -115,7 +119,8 @@ def shape_key(weight: torch.Tensor) -> str:
 def decode_candidates(weight: torch.Tensor, rows: int = 1) -> tuple[str, ...]:
     """The decode kernels this weight can take here at decode batches of `rows` rows: the packed
     layouts only on CPU where the library packs the dtype, BLAS's sgemv for fp32 at one row,
-    rowdot.c for fp32 and bf16 at one row where it was built."""
+    rowdot.c for fp32 and bf16 at one row where it was built, our panels from two rows on where
+    the CPU runs them."""
     if weight.device.type != "cpu":
         return ("plain",)
     kinds = ["plain"]
@@ -131,12 +136,18 @@ def decode_candidates(weight: torch.Tensor, rows: int = 1) -> tuple[str, ...]:
         kinds.append("gemv")
     if rows == 1 and rowdot.supports(weight):
         kinds.append("rowdot")
+    # From two rows on: at one row its product is a stream through the weight like rowdot's, gemv's
+    # and onednn_wide's, within 7% of the best of them on the EPYC Zen 5, and timing it there took
+    # the batch-1 plan from 10.6 to 13.7 s (RESULTS.md, "Panels").
+    if rows > 1 and panels.supports(weight):
+        kinds.append("panels")
     return tuple(kinds)
 
 
 def fixed_choice(mode: str, weight: torch.Tensor, rows: int = 1) -> Choice:
     """`--kernels plain|onednn|fp32|...`: that kernel where the weight can take it at decode
-    batches of `rows` rows, else plain (`gemv`, `rowdot`: at one row, and they prefill as plain)."""
+    batches of `rows` rows, else plain (`gemv`, `rowdot`: at one row, and they prefill as plain;
+    `panels`: from two rows)."""
     decode = mode if mode in decode_candidates(weight, rows) else "plain"
     return Choice(decode, "plain" if decode in ("gemv", "rowdot") else decode)
 

@@ -1,13 +1,15 @@
-"""The packed weight layouts the CPU libraries offer, each packing a plain [N, K] weight for a
-number of rows: oneDNN's blocked layout (fp32, bf16, fp16; it can be read back with to_dense),
-for the decode batch's rows or for at least WIDE_ROWS, and MKL's packed sgemm (fp32 only; it
-cannot be read back). kernels.py chooses between them.
+"""The packed weight layouts, each packing a plain [N, K] weight for a number of rows: oneDNN's
+blocked layout (fp32, bf16, fp16; it can be read back with to_dense), for the decode batch's rows
+or for at least WIDE_ROWS, MKL's packed sgemm (fp32 only; it cannot be read back), and our own
+panels (panels.py: fp32, bf16; the same for every row count). kernels.py chooses between them.
 """
 from __future__ import annotations
 
 from typing import Callable
 
 import torch
+
+from . import panels
 
 
 def pack(weight: torch.Tensor, rows: int) -> torch.Tensor | None:
@@ -51,6 +53,7 @@ def pack_wide(weight: torch.Tensor, rows: int) -> torch.Tensor | None:
 
 # The packed layouts: each packs a plain [N, K] weight for a number of rows (None: cannot).
 PACKERS: dict[str, Callable[[torch.Tensor, int], torch.Tensor | None]] = {"onednn": pack, "onednn_wide": pack_wide,
-                                                                           "mkl_packed": pack_mkl}
+                                                                           "mkl_packed": pack_mkl,
+                                                                           "panels": panels.pack}
 # The layouts oneDNN runs and reads back (to_dense).
 ONEDNN_LAYOUTS = ("onednn", "onednn_wide")

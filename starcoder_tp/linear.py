@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import gemv, rowdot
+from . import gemv, panels, rowdot
 from .activations import ACTIVATIONS
 from .kernels import SPLIT_ROWS, Choice
 from .layouts import ONEDNN_LAYOUTS, PACKERS
@@ -65,8 +65,10 @@ def mkl_linear(x: torch.Tensor, packed: torch.Tensor, sizes: torch.Tensor, bias:
 
 def run_kernel(kind: str, x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor | None,
                bias: torch.Tensor | None) -> torch.Tensor:
-    """x @ weight.T + bias by the kernel `kind` (kernels.py): `packed` for onednn(_wide), unpack and
-    mkl_packed (whose `weight` is only its [N, K] sizes: see mkl_linear)."""
+    """x @ weight.T + bias by the kernel `kind` (kernels.py): `packed` for onednn(_wide), unpack,
+    panels and mkl_packed (whose `weight` is only its [N, K] sizes: see mkl_linear)."""
+    if kind == "panels":
+        return panels.linear(x, packed, bias)
     if kind == "mkl_packed":
         return mkl_linear(x, packed, weight, bias)
     if kind in ONEDNN_LAYOUTS:
@@ -122,6 +124,8 @@ class Linear(nn.Linear):
         if kind in ONEDNN_LAYOUTS or kind == "onednn_plain":
             return packed_linear(x, self.weight if kind == "onednn_plain" else self.packed, self.bias, post_op,
                                  algorithm)
+        if kind == "panels" and panels.fuses(post_op, algorithm):
+            return panels.linear(x, self.packed, self.bias, (post_op, algorithm))
         return eager(self.forward(x))
 
     def row_parallel(self, x: torch.Tensor, tp) -> torch.Tensor:
@@ -137,12 +141,14 @@ class Linear(nn.Linear):
         return f"{self.out_features}x{self.in_features}:{str(self.weight.dtype).removeprefix('torch.')}"
 
     def plain_weight(self) -> torch.Tensor:
-        """The weight as [N, K]: unpacked from oneDNN's layout (exact), or read again from its
-        source for MKL's, which cannot be read back."""
+        """The weight as [N, K]: unpacked from oneDNN's layout or our panels (exact), or read again
+        from its source for MKL's, which cannot be read back."""
         if self.packed is None:
             return self.weight
         if self.packed_kind in ONEDNN_LAYOUTS:
             return self.packed.to_dense()
+        if self.packed_kind == "panels":
+            return panels.unpack(self.packed)
         weight = self.plain_source()
         if tuple(weight.shape) != (self.out_features, self.in_features) or weight.dtype != torch.float32:
             raise RuntimeError(f"the plain weight read back for a {self.out_features}x{self.in_features} MKL-packed "

@@ -34,7 +34,8 @@ import torch.nn.functional as F
 
 from .files import atomic_path, cache_dir
 
-SOURCE = Path(__file__).with_name("rowdot.c")
+# Our kernels, built into one library: rowdot.c's one-row products and panels.c's (panels.py).
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("rowdot.c", "panels.c"))
 ENV = "STARCODER_TP_ROWDOT"  # "off": never build or offer the kernel; a name of PATHS: that path
 CFLAGS = ("-O3", "-shared", "-fPIC", "-std=c11")
 BUILD_TIMEOUT_S = 120
@@ -49,21 +50,24 @@ def _compiler() -> str | None:
 def _build(compiler: str) -> Path:
     """The shared library of rowdot.c built by `compiler`, from the cache if built before."""
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
-    digest = hashlib.sha256(SOURCE.read_bytes() + version.encode() + " ".join(CFLAGS).encode()).hexdigest()[:16]
+    text = b"".join(source.read_bytes() for source in SOURCES)
+    digest = hashlib.sha256(text + version.encode() + " ".join(CFLAGS).encode()).hexdigest()[:16]
     library = cache_dir("native", f"rowdot-{digest}.so")
     if library.exists():
         return library
     with atomic_path(library) as tmp:  # ranks building at once each rename a whole library in place
-        done = subprocess.run([compiler, *CFLAGS, "-o", str(tmp), str(SOURCE)], capture_output=True, text=True,
+        units = [str(source) for source in SOURCES]
+        done = subprocess.run([compiler, *CFLAGS, "-o", str(tmp), *units], capture_output=True, text=True,
                               timeout=BUILD_TIMEOUT_S)
         if done.returncode != 0:
-            raise RuntimeError(f"{compiler} failed on {SOURCE} (exit {done.returncode}): {done.stderr.strip()[-800:]}")
+            raise RuntimeError(f"{compiler} failed on {' '.join(units)} (exit {done.returncode}): "
+                               f"{done.stderr.strip()[-800:]}")
     return library
 
 
 @functools.cache  # once per process
-def _library() -> tuple[ctypes.CDLL | None, str]:
-    """(the loaded library, its path's name) or (None, why not)."""
+def library() -> tuple[ctypes.CDLL | None, str]:
+    """(the loaded library of our kernels, rowdot's path's name) or (None, why not)."""
     wanted = os.environ.get(ENV, "").lower()
     if wanted in ("off", "0", "no"):
         return None, f"{ENV}={os.environ[ENV]}"
@@ -81,6 +85,9 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
     for fn in (lib.rowdot_f32, lib.rowdot_bf16):
         fn.argtypes, fn.restype = pointers, None
     lib.rowdot_use.argtypes, lib.rowdot_use.restype = [ctypes.c_char_p], ctypes.c_char_p
+    for fn in (lib.panels_f32, lib.panels_bf16):  # (panels.py) w, x, bias (or NULL), y, n, k, rows, activation
+        fn.argtypes, fn.restype = [ctypes.c_void_p] * 4 + [ctypes.c_long] * 3 + [ctypes.c_int], None
+    lib.panels_dtypes.restype = ctypes.c_int
     taken = lib.rowdot_use(wanted.encode() if wanted else None)  # (None: the widest path this CPU runs)
     if taken is None:
         return None, f"{ENV}={wanted}: this CPU does not run that path"
@@ -89,13 +96,13 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
 
 def unavailable() -> str | None:
     """Why the kernel cannot run here, or None where it can."""
-    lib, why = _library()
+    lib, why = library()
     return None if lib is not None else why
 
 
 def path() -> str | None:
     """The instruction set the library runs on this CPU (avx512bf16, avx512, avx2, scalar), or None."""
-    lib, name = _library()
+    lib, name = library()
     return name if lib is not None else None
 
 
@@ -105,7 +112,7 @@ def use_path(name: str) -> bool:
     sums, and the library takes the widest at load (rowdot.c)."""
     if name not in PATHS:
         raise ValueError(f"rowdot path {name!r}: expected one of {PATHS}")
-    lib, _ = _library()
+    lib, _ = library()
     if lib is None:
         raise RuntimeError(f"rowdot is not built here: {unavailable()}")
     return lib.rowdot_use(name.encode()) is not None
@@ -123,7 +130,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         return F.linear(x, weight, bias)
     if bias is not None and (bias.dtype != weight.dtype or bias.numel() != weight.shape[0]):
         return F.linear(x, weight, bias)
-    lib, _ = _library()
+    lib, _ = library()
     n, k = weight.shape
     weight, row = weight.contiguous(), x.reshape(k).contiguous()
     bias = None if bias is None else bias.contiguous()

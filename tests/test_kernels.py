@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from starcoder_tp import gemv, kernel_timing, kernels, layouts, rowdot
+from starcoder_tp import gemv, kernel_timing, kernels, layouts, panels, rowdot
 from starcoder_tp import linear as kernels_linear
 from starcoder_tp.kernel_timing import suspect_shapes
 from starcoder_tp.kernels import Choice, choose, fixed_choice, measure
@@ -159,7 +159,7 @@ def test_time_ms_alternates_rounds_prunes_the_hopeless_and_reports_medians(monke
 def test_decode_candidates_run_several_calls_a_round_and_prefill_ones_do_not(monkeypatch):
     seen = []
     fake_clock(monkeypatch, {"plain": 1.0, "onednn": 2.0, "unpack": 3.0, "fp32": 0.5, "mkl_packed": 1.5, "gemv": 0.8,
-                             "rowdot": 0.7, "onednn_plain": 4.0, "onednn_wide": 1.8}, seen)
+                             "rowdot": 0.7, "onednn_plain": 4.0, "onednn_wide": 1.8, "panels": 0.9}, seen)
     measure({"8x8:float32": torch.randn(8, 8)}, 1, lambda t: t, {"8x8:float32"})
     decode_kinds = sorted(kernels.decode_candidates(torch.randn(8, 8)))
     assert seen[0] == (kernels.DECODE_MIN_CALLS, decode_kinds) and kernels.DECODE_MIN_CALLS > 1
@@ -297,7 +297,7 @@ def test_each_decode_call_runs_on_the_next_copy_in_turn(monkeypatch, dtype):
     seen: dict[str, list[int]] = {}
     real = {"linear": torch.nn.functional.linear, "packed": kernels_linear.packed_linear,
             "mkl": kernels_linear.mkl_linear, "fp32": kernels_linear.fp32_linear, "gemv": gemv.linear,
-            "rowdot": rowdot.linear}
+            "rowdot": rowdot.linear, "panels": panels.linear}
 
     def spy(name, fn, arg):
         def wrapped(*args, **kw):
@@ -310,10 +310,11 @@ def test_each_decode_call_runs_on_the_next_copy_in_turn(monkeypatch, dtype):
     monkeypatch.setattr(kernels_linear, "fp32_linear", spy("fp32", real["fp32"], 1))
     monkeypatch.setattr(gemv, "linear", spy("gemv", real["gemv"], 1))
     monkeypatch.setattr(rowdot, "linear", spy("rowdot", real["rowdot"], 1))
+    monkeypatch.setattr(panels, "linear", spy("panels", real["panels"], 1))
     kinds = kernels.decode_candidates(weight)
     ticks = []
     calls = kernel_timing.decode_calls(weight, 2, kinds, copies=3, on_progress=lambda: ticks.append(1))
-    packed_layouts = len({"onednn", "onednn_wide", "mkl_packed"} & set(kinds))
+    packed_layouts = len({"onednn", "onednn_wide", "mkl_packed", "panels"} & set(kinds))
     assert len(ticks) == 2 + 3 * packed_layouts, "a heartbeat tick per copy made (the weight itself is the first plain one)"
     want = torch.nn.functional.linear(torch.ones(2, 16).to(dtype), weight)
     for name, call in calls.items():

@@ -221,8 +221,9 @@ def test_a_model_relays_its_weights_for_each_batch_size(tmp_path, embedded_dir, 
 
 
 @needs_onednn
-@pytest.mark.parametrize("plan", ["onednn", "fp32", Choice("onednn", "unpack", "onednn"), Choice("plain", "fp32"),
-                                  Choice("fp32", "plain"), Choice("plain", "onednn_plain")], ids=str)
+@pytest.mark.parametrize("plan", ["onednn", "fp32", "panels", Choice("onednn", "unpack", "onednn"),
+                                  Choice("plain", "fp32"), Choice("fp32", "plain"), Choice("plain", "onednn_plain")],
+                         ids=str)
 def test_every_bf16_plan_stays_within_bf16_rounding_of_plain_bf16(tmp_path, embedded_dir, prompts, plan):
     """bf16 kernels round differently (fp32 sums in another order, rounded once): the top-5
     logprobs agree within bf16's resolution, through the tied lm_head as well."""

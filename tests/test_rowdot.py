@@ -73,7 +73,7 @@ def test_a_strided_row_and_a_parameter_are_taken_as_they_are():
 
 @pytest.mark.parametrize("case", ["rows", "float64"])
 def test_anything_else_is_f_linear_itself(monkeypatch, case):
-    monkeypatch.setattr(rowdot, "_library", lambda: pytest.fail("rowdot for a call it does not take"))
+    monkeypatch.setattr(rowdot, "library", lambda: pytest.fail("rowdot for a call it does not take"))
     monkeypatch.setattr(rowdot, "unavailable", lambda: None)  # as where it was built
     weight, x = torch.randn(32, 16), torch.randn(3, 1, 16)
     if case == "float64":
@@ -84,39 +84,39 @@ def test_anything_else_is_f_linear_itself(monkeypatch, case):
 def test_where_it_is_not_built_it_says_why_and_is_no_candidate(monkeypatch, tmp_path):
     monkeypatch.setenv("STARCODER_TP_CACHE", str(tmp_path))
     try:
-        rowdot._library.cache_clear()
+        rowdot.library.cache_clear()
         monkeypatch.setenv(rowdot.ENV, "off")
         assert rowdot.unavailable() == f"{rowdot.ENV}=off"
         assert "rowdot" not in kernels.decode_candidates(torch.randn(8, 8), 1)
         assert kernels.fixed_choice("rowdot", torch.randn(8, 8)) == Choice("plain", "plain")
         monkeypatch.delenv(rowdot.ENV)
 
-        rowdot._library.cache_clear()
+        rowdot.library.cache_clear()
         monkeypatch.setattr(rowdot, "_compiler", lambda: None)
         assert "no C compiler" in rowdot.unavailable() and not rowdot.supports(torch.randn(4, 4))
 
-        rowdot._library.cache_clear()
+        rowdot.library.cache_clear()
         monkeypatch.setattr(rowdot, "_compiler", lambda: "false")  # runs, prints no version, fails to build
         why = rowdot.unavailable()
         assert why.startswith("false failed on ") and "rowdot.c" in why
         assert not list((tmp_path / "native").glob("*")), "a failed build leaves nothing behind"
     finally:
-        rowdot._library.cache_clear()
+        rowdot.library.cache_clear()
 
 
 @needs_rowdot
 def test_a_build_is_cached_per_source_and_compiler(monkeypatch, tmp_path):
     monkeypatch.setenv("STARCODER_TP_CACHE", str(tmp_path))
     try:
-        rowdot._library.cache_clear()
+        rowdot.library.cache_clear()
         assert rowdot.unavailable() is None
         built = list((tmp_path / "native").glob("rowdot-*.so"))
         assert len(built) == 1
         stamp = built[0].stat().st_mtime_ns
-        rowdot._library.cache_clear()
+        rowdot.library.cache_clear()
         assert rowdot.unavailable() is None and built[0].stat().st_mtime_ns == stamp, "built again"
     finally:
-        rowdot._library.cache_clear()
+        rowdot.library.cache_clear()
 
 
 @needs_rowdot
@@ -179,16 +179,16 @@ def test_a_model_decoding_one_row_with_rowdot_keeps_plains_tokens(tmp_path, embe
 def test_the_environment_names_a_path_or_refuses_a_bad_name(monkeypatch):
     try:
         for name in rowdot.PATHS:
-            rowdot._library.cache_clear()
+            rowdot.library.cache_clear()
             monkeypatch.setenv(rowdot.ENV, name)
             if rowdot.unavailable() is None:
                 assert rowdot.path() == name
             else:
                 assert rowdot.unavailable() == f"{rowdot.ENV}={name}: this CPU does not run that path"
-        rowdot._library.cache_clear()
+        rowdot.library.cache_clear()
         monkeypatch.setenv(rowdot.ENV, "avx1024")
         with pytest.raises(ValueError, match="avx1024"):
             rowdot.path()
     finally:
         monkeypatch.delenv(rowdot.ENV)
-        rowdot._library.cache_clear()
+        rowdot.library.cache_clear()

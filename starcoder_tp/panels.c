@@ -1,0 +1,184 @@
+/* Products y[m, n] = act(x[m, k] @ w^T + b) with the weight laid out in panels of 16 output columns
+ * (panels.py): bf16 [N/16][K/2][16][2] (each K pair of a column side by side, as AVX512_BF16's dot
+ * product takes it), fp32 [N/16][K][16]. AVX-512; one thread.
+ *
+ * A block of MR rows of x and NV panels keeps MR x NV accumulators of 16 output columns in
+ * registers: per K step (a pair in bf16) it loads NV panel vectors and broadcasts each x row's
+ * element(s) to them. Each panel is read in order, a stream the hardware prefetcher follows, and
+ * the next block of panels is asked for while the first rows of x run against this one, so that
+ * the weight's read overlaps the arithmetic (RESULTS.md, "Panels"). The output is written a vector
+ * of 16 columns at a time, the bias added, the activation applied (the MLP's first linear: one
+ * pass less over its output) and, in bf16, rounded once.
+ */
+#include <stdint.h>
+#include <string.h>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+
+#define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl")))
+#define AVX512BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+#define INLINE static inline __attribute__((always_inline))
+
+#define MR 8  /* rows of x per block */
+#define NV 3  /* panels per block: MR * NV = 24 accumulators */
+#define ACT_GELU_TANH 1
+#define ACT_RELU 2
+#define BETA 0.7978845608028654f /* sqrt(2 / pi) */
+#define KAPPA 0.044715f
+
+AVX512 INLINE __m512i round_bf16(__m512 v) {  /* to nearest even, NaN kept quiet: in each lane's low half */
+    __m512i u = _mm512_castps_si512(v);
+    __m512i rounded = _mm512_srli_epi32(
+        _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff),
+                                             _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1)))), 16);
+    __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)),
+                                            _mm512_set1_epi32(0x7f800000));
+    return _mm512_mask_or_epi32(rounded, nan, _mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
+}
+
+/* e^x for x <= 0: Cody-Waite reduction, Cephes' expf polynomial (within 2 ulp), 2^n by scalef. */
+AVX512 INLINE __m512 exp_neg(__m512 x) {
+    static const float c[6] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f,
+                               4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f};
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 q = _mm512_set1_ps(c[0]);
+    for (int i = 1; i < 6; i++)
+        q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(c[i]));
+    return _mm512_scalef_ps(_mm512_fmadd_ps(q, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f))), n);
+}
+
+/* The tanh GELU, 0.5 v (1 + tanh(u)), u = BETA (v + KAPPA v^3); tanh(u) = sign(u) (1 - t) / (1 + t),
+ * t = e^(-2|u|) (no overflow); or relu. */
+AVX512 INLINE __m512 activate(__m512 v, int act) {
+    if (act == ACT_RELU)
+        return _mm512_max_ps(v, _mm512_setzero_ps());
+    if (act != ACT_GELU_TANH)
+        return v;
+    __m512 u = _mm512_mul_ps(_mm512_set1_ps(BETA), _mm512_fmadd_ps(_mm512_mul_ps(_mm512_set1_ps(KAPPA), v),
+                                                                   _mm512_mul_ps(v, v), v));
+    __m512 t = exp_neg(_mm512_mul_ps(_mm512_set1_ps(-2.0f), _mm512_min_ps(_mm512_abs_ps(u), _mm512_set1_ps(20.0f))));
+    __m512 th = _mm512_div_ps(_mm512_sub_ps(_mm512_set1_ps(1.0f), t), _mm512_add_ps(_mm512_set1_ps(1.0f), t));
+    th = _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(th),
+                                             _mm512_and_si512(_mm512_castps_si512(u), _mm512_set1_epi32((int)0x80000000u))));
+    return _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.5f), v), _mm512_add_ps(_mm512_set1_ps(1.0f), th));
+}
+
+/* One block of MB_ rows and NB_ panels (constants: each shape compiled on its own, its loops
+ * unrolled and its accumulators in registers). E: the element type; STEPS: K steps (K / 2 in
+ * bf16, pairs); LOAD_X(m, s): row m's step s broadcast; OP: the multiply-add; BIAS(v): the bias
+ * of panel v as fp32; STORE(m, v, s): the 16 outputs. `next`: the next block's panels, asked for. */
+#define BLOCK(name, attr, E, STEPS, LOAD_X, OP, BIAS, STORE, MB_, NB_)                              \
+    attr static __attribute__((noinline)) void name(const E *w, const E *x, const E *b, E *y, long n, long k, \
+                                                   long col, const E *next, int act) {             \
+        __m512 acc[MB_][NB_];                                                                      \
+        for (int m = 0; m < MB_; m++)                                                              \
+            for (int v = 0; v < NB_; v++)                                                          \
+                acc[m][v] = _mm512_setzero_ps();                                                   \
+        const long panel = k * 16, steps = STEPS;                                                  \
+        for (long s = 0; s < steps; s++) {                                                         \
+            if (next)                                                                              \
+                for (int v = 0; v < NB_; v++)                                                      \
+                    _mm_prefetch((const char *)(next + v * panel) + s * 64, _MM_HINT_T0);          \
+            __m512i wv[NB_];                                                                       \
+            for (int v = 0; v < NB_; v++)                                                          \
+                wv[v] = _mm512_loadu_si512((const char *)(w + v * panel) + s * 64);                \
+            for (int m = 0; m < MB_; m++) {                                                        \
+                __m512i xb = LOAD_X(m, s);                                                         \
+                for (int v = 0; v < NB_; v++)                                                      \
+                    acc[m][v] = OP(acc[m][v], wv[v], xb);                                          \
+            }                                                                                      \
+        }                                                                                          \
+        for (int m = 0; m < MB_; m++)                                                              \
+            for (int v = 0; v < NB_; v++) {                                                        \
+                __m512 out = b ? _mm512_add_ps(acc[m][v], BIAS(v)) : acc[m][v];                    \
+                STORE(m, v, activate(out, act));                                                   \
+            }                                                                                      \
+    }
+
+/* bf16: a K pair per step (64 bytes of a panel: 16 columns x 2). */
+#define BF16_X(m, s) _mm512_set1_epi32((int)pair_at(x + (m) * k + 2 * (s)))
+#define BF16_BIAS(v) _mm512_castsi512_ps(_mm512_slli_epi32( \
+    _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(b + col + (v) * 16))), 16))
+#define BF16_STORE(m, v, o) _mm256_storeu_si256((__m256i *)(y + (m) * n + col + (v) * 16), \
+                                                _mm512_cvtepi32_epi16(round_bf16(o)))
+AVX512BF16 INLINE __m512 dot_bf16(__m512 a, __m512i w, __m512i x) { return _mm512_dpbf16_ps(a, (__m512bh)w, (__m512bh)x); }
+static inline uint32_t pair_at(const uint16_t *p) {
+    uint32_t pair;
+    memcpy(&pair, p, sizeof(pair));
+    return pair;
+}
+
+/* fp32: a K element per step (64 bytes of a panel: 16 columns). */
+#define F32_X(m, s) _mm512_castps_si512(_mm512_set1_ps(x[(m) * k + (s)]))
+#define F32_BIAS(v) _mm512_loadu_ps(b + col + (v) * 16)
+#define F32_STORE(m, v, o) _mm512_storeu_ps(y + (m) * n + col + (v) * 16, o)
+AVX512 INLINE __m512 fma_f32(__m512 a, __m512i w, __m512i x) {
+    return _mm512_fmadd_ps(_mm512_castsi512_ps(w), _mm512_castsi512_ps(x), a);
+}
+
+#define SHAPES(kind, attr, E, STEPS, X, OP, BIAS, STORE)                                           \
+    BLOCK(kind##_8_3, attr, E, STEPS, X, OP, BIAS, STORE, 8, 3)                                    \
+    BLOCK(kind##_8_2, attr, E, STEPS, X, OP, BIAS, STORE, 8, 2)                                    \
+    BLOCK(kind##_8_1, attr, E, STEPS, X, OP, BIAS, STORE, 8, 1)                                    \
+    BLOCK(kind##_4_3, attr, E, STEPS, X, OP, BIAS, STORE, 4, 3)                                    \
+    BLOCK(kind##_4_2, attr, E, STEPS, X, OP, BIAS, STORE, 4, 2)                                    \
+    BLOCK(kind##_4_1, attr, E, STEPS, X, OP, BIAS, STORE, 4, 1)                                    \
+    BLOCK(kind##_2_3, attr, E, STEPS, X, OP, BIAS, STORE, 2, 3)                                    \
+    BLOCK(kind##_2_2, attr, E, STEPS, X, OP, BIAS, STORE, 2, 2)                                    \
+    BLOCK(kind##_2_1, attr, E, STEPS, X, OP, BIAS, STORE, 2, 1)                                    \
+    BLOCK(kind##_1_3, attr, E, STEPS, X, OP, BIAS, STORE, 1, 3)                                    \
+    BLOCK(kind##_1_2, attr, E, STEPS, X, OP, BIAS, STORE, 1, 2)                                    \
+    BLOCK(kind##_1_1, attr, E, STEPS, X, OP, BIAS, STORE, 1, 1)                                    \
+    typedef void (*kind##_fn)(const E *, const E *, const E *, E *, long, long, long, const E *, int); \
+    static const kind##_fn kind##_shapes[4][NV] = {{kind##_8_1, kind##_8_2, kind##_8_3},           \
+                                                   {kind##_4_1, kind##_4_2, kind##_4_3},           \
+                                                   {kind##_2_1, kind##_2_2, kind##_2_3},           \
+                                                   {kind##_1_1, kind##_1_2, kind##_1_3}};          \
+    /* Blocks of NV panels, each against every row of x in blocks of 8, 4, 2, 1 rows. */           \
+    attr static void kind##_all(const E *w, const E *x, const E *b, E *y, long n, long k, long m, int act) { \
+        long panels = n / 16;                                                                      \
+        for (long p = 0; p < panels; p += NV) {                                                    \
+            int nv = panels - p < NV ? (int)(panels - p) : NV;                                     \
+            for (long r = 0; r < m;) {                                                             \
+                int mr = m - r >= 8 ? 8 : m - r >= 4 ? 4 : m - r >= 2 ? 2 : 1;                     \
+                const E *next = r == 0 && p + NV < panels ? w + (p + NV) * k * 16 : NULL;          \
+                kind##_shapes[mr == 8 ? 0 : mr == 4 ? 1 : mr == 2 ? 2 : 3][nv - 1](                \
+                    w + p * k * 16, x + r * k, b, y + r * n, n, k, p * 16, next, act);             \
+                r += mr;                                                                           \
+            }                                                                                      \
+        }                                                                                          \
+    }
+
+SHAPES(bf16, AVX512BF16, uint16_t, k / 2, BF16_X, dot_bf16, BF16_BIAS, BF16_STORE)
+SHAPES(f32, AVX512, float, k, F32_X, fma_f32, F32_BIAS, F32_STORE)
+#endif
+
+/* Which dtypes this CPU runs: 1 fp32 (AVX-512), 2 bf16 (AVX512_BF16), summed; 0 none. */
+int panels_dtypes(void) {
+#if defined(__x86_64__) && defined(__GNUC__)
+    __builtin_cpu_init();
+    int avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                 __builtin_cpu_supports("avx512vl");
+    return avx512 ? 1 + (__builtin_cpu_supports("avx512bf16") ? 2 : 0) : 0;
+#else
+    return 0;
+#endif
+}
+
+/* y[m, n] = act(x[m, k] @ w^T + b), w in panels (n a multiple of 16; bf16: k even), b may be NULL;
+ * act: 0 none, 1 tanh GELU, 2 relu. Only for the dtypes panels_dtypes names. */
+void panels_bf16(const uint16_t *w, const uint16_t *x, const uint16_t *b, uint16_t *y, long n, long k, long m,
+                 int act) {
+#if defined(__x86_64__) && defined(__GNUC__)
+    bf16_all(w, x, b, y, n, k, m, act);
+#endif
+}
+
+void panels_f32(const float *w, const float *x, const float *b, float *y, long n, long k, long m, int act) {
+#if defined(__x86_64__) && defined(__GNUC__)
+    f32_all(w, x, b, y, n, k, m, act);
+#endif
+}

@@ -1,0 +1,100 @@
+"""The `panels` layout: a weight in panels of 16 output columns, run by our own kernel (panels.c).
+
+A GEMM that keeps its accumulators along the output columns needs the weight's columns side by
+side: [N/16][K][16] in fp32, and [N/16][K/2][16][2] in bf16, each K pair next to each other, as
+AVX512_BF16's dot product takes it. Every panel is then one run through memory, read in order, and
+the kernel asks for the next panels while it computes on these, so the weight's stream overlaps
+the arithmetic. Decode batches of several rows are where that pays: oneDNN's GEMM added the
+weight's stream to its arithmetic there (RESULTS.md, "What limits the batch-16 decode"). The same
+kernel runs the prefill's rows. Whether it pays is measured per weight like every layout
+(kernels.py).
+
+Packing and unpacking are a permutation of the weight (exact both ways). The kernel needs
+AVX-512 (bf16: AVX512_BF16), N a multiple of 16 and, in bf16, K even; it is built with rowdot.c
+(rowdot.py: the machine's C compiler, at first use), and where it is not built it is not a
+candidate. One thread, as rowdot.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import rowdot
+
+COLUMNS = 16  # output columns per panel
+# The activations the kernel applies to its output, by the oneDNN post-op and algorithm that
+# activations.ACTIVATIONS names for them (panels.c's act codes).
+ACTIVATIONS = {("gelu", "tanh"): 1, ("relu", ""): 2}
+_DTYPE_BITS = {torch.float32: 1, torch.bfloat16: 2}  # panels_dtypes()'s
+
+
+def _runs(dtype: torch.dtype) -> bool:
+    lib, _ = rowdot.library()
+    return lib is not None and bool(lib.panels_dtypes() & _DTYPE_BITS.get(dtype, 0))
+
+
+def supports(weight: torch.Tensor) -> bool:
+    """Whether this [N, K] weight can be laid out in panels here."""
+    n, k = weight.shape
+    return (weight.device.type == "cpu" and weight.dtype in _DTYPE_BITS and n % COLUMNS == 0
+            and (weight.dtype != torch.bfloat16 or k % 2 == 0) and _runs(weight.dtype))
+
+
+def pack(weight: torch.Tensor, rows: int = 1) -> torch.Tensor | None:
+    """`weight` [N, K] in panels (the layout is the same for every row count), or None where it
+    cannot be (supports)."""
+    if not supports(weight):
+        return None
+    n, k = weight.shape
+    with torch.inference_mode(False), torch.no_grad():  # packed weights outlive inference mode
+        if weight.dtype == torch.bfloat16:  # [N/16, 16, K/2, 2] -> [N/16, K/2, 16, 2]
+            return weight.detach().reshape(n // COLUMNS, COLUMNS, k // 2, 2).permute(0, 2, 1, 3).contiguous()
+        return weight.detach().reshape(n // COLUMNS, COLUMNS, k).permute(0, 2, 1).contiguous()  # [N/16, K, 16]
+
+
+def shape_of(packed: torch.Tensor) -> tuple[int, int]:
+    """The plain weight's [N, K] of a packed one."""
+    return packed.shape[0] * COLUMNS, packed.shape[1] * (2 if packed.dim() == 4 else 1)
+
+
+def unpack(packed: torch.Tensor) -> torch.Tensor:
+    """The plain [N, K] weight of a packed one (exact)."""
+    n, k = shape_of(packed)
+    order = (0, 2, 1, 3) if packed.dim() == 4 else (0, 2, 1)
+    with torch.inference_mode(False), torch.no_grad():
+        return packed.permute(*order).reshape(n, k).contiguous()
+
+
+def fuses(post_op: str, algorithm: str) -> bool:
+    """Whether `linear` applies this activation (activations.ACTIVATIONS' post-op and algorithm)."""
+    return (post_op, algorithm) in ACTIVATIONS
+
+
+def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None,
+           activation: tuple[str, str] | None = None) -> torch.Tensor:
+    """x @ W.T + bias (then the activation, a post-op `fuses` takes) for W in panels: x and bias in
+    its dtype, x of any number of rows."""
+    n, k = shape_of(packed)
+    if x.shape[-1] != k or x.dtype != packed.dtype or (bias is not None and (bias.dtype != packed.dtype
+                                                                             or bias.numel() != n)):
+        raise ValueError(f"panels.linear: x {list(x.shape)} {x.dtype} and bias "
+                         f"{None if bias is None else (list(bias.shape), bias.dtype)} against a "
+                         f"[{n}, {k}] {packed.dtype} weight")
+    lib, _ = rowdot.library()
+    rows = x.numel() // k
+    x_rows = x.reshape(rows, k).contiguous()
+    bias = None if bias is None else bias.contiguous()
+    out = torch.empty(rows, n, dtype=packed.dtype)
+    kernel = lib.panels_f32 if packed.dtype == torch.float32 else lib.panels_bf16
+    kernel(packed.data_ptr(), x_rows.data_ptr(), None if bias is None else bias.data_ptr(), out.data_ptr(), n, k,
+           rows, ACTIVATIONS[activation] if activation else 0)
+    return out.view(*x.shape[:-1], n)
+
+
+def reference(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None,
+              activation: tuple[str, str] | None = None) -> torch.Tensor:
+    """What `linear` computes, by torch (for tests): the plain weight's product, then the activation."""
+    out = F.linear(x, unpack(packed), bias)
+    if activation is None:
+        return out
+    return F.gelu(out, approximate="tanh") if activation == ("gelu", "tanh") else F.relu(out)

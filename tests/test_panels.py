@@ -1,0 +1,170 @@
+"""panels.py, our own GEMM on weights in panels of 16 output columns (panels.c): packing exact both
+ways, F.linear's result at every row count and panel count (fp32; bf16 within one rounding of the
+exact sum), the activation on the accumulator, a layout of its own in Linear and in the plans, and
+whole models keeping plain's tokens with it."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from starcoder_tp import kernel_timing, kernels, panels
+from starcoder_tp.comm import TPGroup
+from starcoder_tp.device import Device
+from starcoder_tp.kernels import Choice
+from starcoder_tp.linear import Linear
+from starcoder_tp.model import load_model
+from starcoder_tp.shard import shard_checkpoint
+from starcoder_tp.timing import timed_generate
+
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+def runs(dtype: torch.dtype) -> bool:
+    return panels.supports(torch.empty(16, 2, dtype=dtype))
+
+
+def needs(dtype: torch.dtype):
+    return pytest.mark.skipif(not runs(dtype), reason=f"panels need AVX-512 (bf16: AVX512_BF16) and a C compiler: "
+                                                      f"this CPU or build does not run them in {dtype}")
+
+
+def each(dtypes=DTYPES):
+    return pytest.mark.parametrize("dtype", [pytest.param(d, marks=needs(d)) for d in dtypes], ids=str)
+
+
+@each()
+def test_packing_is_a_permutation_exact_both_ways(dtype):
+    weight = torch.randn(48, 10).to(dtype)
+    packed = panels.pack(weight)
+    assert packed.numel() == weight.numel() and panels.shape_of(packed) == (48, 10)
+    assert torch.equal(panels.unpack(packed), weight)
+    assert torch.equal(packed.flatten()[:2], weight[:2, 0] if dtype == torch.float32 else weight[0, :2]), \
+        "fp32: a panel's first step is 16 columns' first element; bf16: a column's first K pair"
+
+
+# N: 1 to 7 panels (blocks of 3 and what is left); K: even and odd (fp32), 2 to 1030.
+SHAPES = [(16, 2), (32, 33), (48, 64), (64, 256), (112, 96), (48, 1030)]
+ROWS = [1, 2, 3, 7, 16, 17, 33]  # blocks of 8, 4, 2 and 1 rows of x in every combination
+
+
+@each()
+@pytest.mark.parametrize("n,k", SHAPES)
+@pytest.mark.parametrize("rows", ROWS)
+@pytest.mark.parametrize("bias", [False, True])
+def test_every_row_and_panel_count_is_f_linear(dtype, n, k, rows, bias):
+    if dtype == torch.bfloat16 and k % 2:
+        k += 1
+    torch.manual_seed(0)
+    weight, b, x = torch.randn(n, k).to(dtype), torch.randn(n).to(dtype), torch.randn(rows, 1, k).to(dtype)
+    with torch.inference_mode():  # as generation runs it
+        out = panels.linear(x, panels.pack(weight), b if bias else None)
+    exact = F.linear(x.double(), weight.double(), b.double() if bias else None)
+    assert out.shape == exact.shape and out.dtype == dtype
+    if dtype == torch.float32:  # sums in another order: fp32 noise, growing with K
+        torch.testing.assert_close(out.double(), exact, rtol=1e-5, atol=4e-6 * k ** 0.5)
+    else:  # fp32 sums of bf16 products, bias included, rounded to bf16 once
+        torch.testing.assert_close(out.double(), exact, rtol=2 ** -8, atol=1e-6 * k ** 0.5)
+
+
+@each()
+@pytest.mark.parametrize("rows", [1, 16])
+@pytest.mark.parametrize("activation", [("gelu", "tanh"), ("relu", "")])
+def test_the_activation_is_applied_to_the_accumulator(dtype, rows, activation):
+    torch.manual_seed(0)
+    weight, b, x = (torch.randn(96, 64) * 0.3).to(dtype), torch.randn(96).to(dtype), torch.randn(rows, 64).to(dtype)
+    out = panels.linear(x, panels.pack(weight), b, activation)
+    exact = F.linear(x.double(), weight.double(), b.double())
+    want = F.gelu(exact, approximate="tanh") if activation[0] == "gelu" else F.relu(exact)
+    tolerance = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2 ** -8, atol=1e-5)
+    torch.testing.assert_close(out.double(), want, **tolerance)  # bf16: rounded once, after the activation
+
+
+@each([torch.float32])
+def test_the_tanh_gelu_holds_over_the_whole_range(dtype):
+    """Through exp's reduction and both tails: within a few fp32 steps of torch's fused op."""
+    v = torch.linspace(-40, 40, 200_000)[:, None]
+    weight = torch.zeros(16, 1)
+    weight[0, 0] = 1.0
+    out = panels.linear(v, panels.pack(weight), None, ("gelu", "tanh"))[:, 0]
+    want = F.gelu(v.double(), approximate="tanh").flatten()
+    assert ((out.double() - want).abs() <= 4e-7 * v.flatten().double().abs().clamp(min=1)).all()
+
+
+def test_what_it_cannot_take_is_not_a_candidate():
+    assert not panels.supports(torch.randn(24, 8)), "N not a multiple of 16"
+    assert panels.pack(torch.randn(24, 8)) is None and "panels" not in kernels.decode_candidates(torch.randn(24, 8))
+    assert not panels.supports(torch.randn(16, 8).double())
+    assert not panels.supports(torch.randn(16, 7).bfloat16()), "bf16 takes K in pairs"
+    assert kernels.fixed_choice("panels", torch.randn(24, 8)) == Choice("plain", "plain")
+
+
+@each()
+def test_a_candidate_from_two_rows_on_that_prefills_itself(dtype):
+    weight = torch.randn(32, 16).to(dtype)
+    for rows in (2, 4, 16, 64):
+        assert "panels" in kernels.decode_candidates(weight, rows)
+    assert "panels" not in kernels.decode_candidates(weight, 1), "one row: rowdot's, gemv's and oneDNN's streams"
+    assert kernels.fixed_choice("panels", weight, 16) == Choice("panels", "panels")
+    assert kernels.fixed_choice("panels", weight, 1) == Choice("plain", "plain")
+    with pytest.raises(ValueError, match="runs"):
+        Choice("panels", "plain")
+    with pytest.raises(ValueError, match="against"):
+        panels.linear(torch.randn(2, 15).to(dtype), panels.pack(weight))
+
+
+@each()
+def test_a_linear_laid_out_in_panels_runs_them_and_gives_its_weight_back(dtype, monkeypatch):
+    torch.manual_seed(0)
+    layer = Linear(64, 48).to(dtype)
+    plain = layer.weight.detach().clone()
+    assert layer.use_kernels(Choice("panels", "panels"), 4)
+    assert layer.packed_kind == "panels" and layer.weight.numel() == 0, "one copy in memory"
+    calls = []
+    real = panels.linear
+    monkeypatch.setattr(panels, "linear", lambda *a: calls.append(a[3:]) or real(*a))
+    for shape in ((4, 1, 64), (2, 70, 64)):  # a decode step, a prefill
+        x = torch.randn(*shape).to(dtype)
+        want = F.linear(x.double(), plain.double(), layer.bias.double())
+        torch.testing.assert_close(layer(x).double(), want, rtol=2 ** -7, atol=1e-4)
+    layer.forward_activated(torch.randn(4, 1, 64).to(dtype), "gelu_pytorch_tanh")
+    assert calls == [(), (), (("gelu", "tanh"),)], "the activation goes with the product"
+    assert torch.equal(layer.plain_weight(), plain)
+    layer.use_kernels(Choice("plain", "plain"), 4)
+    assert layer.packed is None and torch.equal(layer.weight, plain)
+
+
+@each()
+def test_timed_calls_run_the_panels_over_copies_with_the_activation(dtype, monkeypatch):
+    seen = []
+    real = panels.linear
+    monkeypatch.setattr(panels, "linear", lambda x, p, b=None, act=None: seen.append((p.data_ptr(), act)) or
+                        real(x, p, b, act))
+    weight = torch.randn(64, 32).to(dtype)
+    call = kernel_timing.decode_calls(weight, 4, ["panels"], "gelu_pytorch_tanh", copies=3)["panels"]
+    for _ in range(6):
+        call()
+    assert len({p for p, _ in seen[:3]}) == 3 and seen[3:] == seen[:3]
+    assert {act for _, act in seen} == {("gelu", "tanh")}, "timed with its activation, as the model runs it"
+    seen.clear()
+    kernel_timing.prefill_calls(weight, 4, ["panels"], 64, "gelu_pytorch_tanh")["panels"]()
+    assert seen[0][1] == ("gelu", "tanh")
+
+
+@each()
+def test_a_model_in_panels_keeps_plains_tokens(tmp_path, embedded_dir, prompts, dtype):
+    """fp32 keeps plain's tokens at batches of two prompts and of all of them (a new layout at each
+    batch: decode rows 8, 4, 2 in blocks); bf16's top logprobs stay within bf16's resolution of
+    plain bf16's, through the tied lm_head too."""
+    name = str(dtype).removeprefix("torch.")
+    shard_checkpoint(embedded_dir, tmp_path / "s", 1, dtype=name)
+    plain = load_model(tmp_path / "s", TPGroup(0, 1), torch.device("cpu"), kernels="plain")
+    model = load_model(tmp_path / "s", TPGroup(0, 1), torch.device("cpu"), kernels="panels")
+    assert len(prompts) > 2
+    for batch in (prompts[:2], prompts):
+        a = timed_generate(plain, Device("cpu"), batch, 12, topk=5)
+        b = timed_generate(model, Device("cpu"), batch, 12, topk=5)
+        assert {m.packed_kind for m in model.modules() if isinstance(m, Linear)} == {"panels"}
+        if dtype == torch.float32:
+            assert torch.equal(a.output_ids, b.output_ids), (a.output_ids, b.output_ids)
+            torch.testing.assert_close(a.topk_logprobs, b.topk_logprobs, rtol=1e-4, atol=1e-4)
+        else:
+            torch.testing.assert_close(a.topk_logprobs[:, 0], b.topk_logprobs[:, 0], rtol=0, atol=0.1)
