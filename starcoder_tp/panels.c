@@ -69,18 +69,19 @@ AVX512 INLINE __m512 activate(__m512 v, int act) {
 /* One block of MB_ rows and NB_ panels (constants: each shape compiled on its own, its loops
  * unrolled and its accumulators in registers). E: the element type; STEPS: K steps (K / 2 in
  * bf16, pairs); LOAD_X(m, s): row m's step s broadcast; OP: the multiply-add; BIAS(v): the bias
- * of panel v as fp32; STORE(m, v, s): the 16 outputs. `next`: the next block's panels, asked for. */
+ * of panel v as fp32; STORE(m, v, s): the 16 outputs. `next`: the next block's first panel, whose
+ * `ahead` panels are asked for as this block runs (0: none). */
 #define BLOCK(name, attr, E, STEPS, LOAD_X, OP, BIAS, STORE, MB_, NB_)                              \
     attr static __attribute__((noinline)) void name(const E *w, const E *x, const E *b, E *y, long n, long k, \
-                                                   long col, const E *next, int act) {             \
+                                                   long col, const E *next, int ahead, int act) {  \
         __m512 acc[MB_][NB_];                                                                      \
         for (int m = 0; m < MB_; m++)                                                              \
             for (int v = 0; v < NB_; v++)                                                          \
                 acc[m][v] = _mm512_setzero_ps();                                                   \
         const long panel = k * 16, steps = STEPS;                                                  \
         for (long s = 0; s < steps; s++) {                                                         \
-            if (next)                                                                              \
-                for (int v = 0; v < NB_; v++)                                                      \
+            for (int v = 0; v < NB_; v++)                                                          \
+                if (v < ahead)                                                                     \
                     _mm_prefetch((const char *)(next + v * panel) + s * 64, _MM_HINT_T0);          \
             __m512i wv[NB_];                                                                       \
             for (int v = 0; v < NB_; v++)                                                          \
@@ -132,7 +133,7 @@ AVX512 INLINE __m512 fma_f32(__m512 a, __m512i w, __m512i x) {
     BLOCK(kind##_1_3, attr, E, STEPS, X, OP, BIAS, STORE, 1, 3)                                    \
     BLOCK(kind##_1_2, attr, E, STEPS, X, OP, BIAS, STORE, 1, 2)                                    \
     BLOCK(kind##_1_1, attr, E, STEPS, X, OP, BIAS, STORE, 1, 1)                                    \
-    typedef void (*kind##_fn)(const E *, const E *, const E *, E *, long, long, long, const E *, int); \
+    typedef void (*kind##_fn)(const E *, const E *, const E *, E *, long, long, long, const E *, int, int); \
     static const kind##_fn kind##_shapes[4][NV] = {{kind##_8_1, kind##_8_2, kind##_8_3},           \
                                                    {kind##_4_1, kind##_4_2, kind##_4_3},           \
                                                    {kind##_2_1, kind##_2_2, kind##_2_3},           \
@@ -144,9 +145,11 @@ AVX512 INLINE __m512 fma_f32(__m512 a, __m512i w, __m512i x) {
             int nv = panels - p < NV ? (int)(panels - p) : NV;                                     \
             for (long r = 0; r < m;) {                                                             \
                 int mr = m - r >= 8 ? 8 : m - r >= 4 ? 4 : m - r >= 2 ? 2 : 1;                     \
-                const E *next = r == 0 && p + NV < panels ? w + (p + NV) * k * 16 : NULL;          \
+                long left = panels - (p + NV); /* the next block's panels: asked for by its first rows */ \
+                int ahead = r > 0 || left <= 0 ? 0 : left < NV ? (int)left : NV;                  \
                 kind##_shapes[mr == 8 ? 0 : mr == 4 ? 1 : mr == 2 ? 2 : 3][nv - 1](                \
-                    w + p * k * 16, x + r * k, b, y + r * n, n, k, p * 16, next, act);             \
+                    w + p * k * 16, x + r * k, b, y + r * n, n, k, p * 16, w + (ahead ? p + NV : p) * k * 16, \
+                    ahead, act);                                                                   \
                 r += mr;                                                                           \
             }                                                                                      \
         }                                                                                          \
