@@ -54,6 +54,25 @@ static void bf16_scalar(const uint16_t *w, const uint16_t *x, const uint16_t *b,
 #include <immintrin.h>
 #define X86 1
 
+/* A path's product: blocks of ROWS weight rows (then single rows for the rest) by its rows_fn,
+ * each sum finished by OUT (bias added; bf16: rounded once). */
+#define BLOCKS(name, rows_fn, attr, E, OUT)                                                           \
+    attr static void name(const E *w, const E *x, const E *b, E *y, long n, long k) {                \
+        float s[ROWS];                                                                                \
+        for (long i = 0; i < n; i += ROWS) {                                                          \
+            int r = n - i < ROWS ? (int)(n - i) : ROWS;                                               \
+            if (r == ROWS) /* (a constant count: the loops unroll) */                                 \
+                rows_fn(w + i * k, x, s, ROWS, k);                                                    \
+            else                                                                                      \
+                for (int q = 0; q < r; q++)                                                           \
+                    rows_fn(w + (i + q) * k, x, s + q, 1, k);                                         \
+            for (int q = 0; q < r; q++)                                                               \
+                y[i + q] = OUT(s[q], b, i + q);                                                       \
+        }                                                                                             \
+    }
+#define F32_OUT(sum, b, at) ((b) ? (sum) + (b)[at] : (sum))
+#define BF16_OUT(sum, b, at) f32_to_bf16((b) ? (sum) + bf16_to_f32((b)[at]) : (sum))
+
 /* Each vector path: a block of R rows (R = ROWS, then single rows for the rest), a vector of
  * the row at a time, the last partial vector masked (AVX-512) or summed one by one (AVX2). */
 
@@ -81,19 +100,7 @@ AVX512 static inline __attribute__((always_inline)) void f32_avx512_rows(const f
         s[i] = _mm512_reduce_add_ps(acc[i]);
 }
 
-AVX512 static void f32_avx512(const float *w, const float *x, const float *b, float *y, long n, long k) {
-    float s[ROWS];
-    for (long i = 0; i < n; i += ROWS) {
-        int r = n - i < ROWS ? (int)(n - i) : ROWS;
-        if (r == ROWS)
-            f32_avx512_rows(w + i * k, x, s, ROWS, k);  /* (a constant count: the loops unroll) */
-        else
-            for (int q = 0; q < r; q++)
-                f32_avx512_rows(w + (i + q) * k, x, s + q, 1, k);
-        for (int q = 0; q < r; q++)
-            y[i + q] = b ? s[q] + b[i + q] : s[q];
-    }
-}
+BLOCKS(f32_avx512, f32_avx512_rows, AVX512, float, F32_OUT)
 
 /* bf16 pairs multiplied and summed into fp32 by the CPU's own instruction (AVX512_BF16). */
 AVX512BF16 static inline __attribute__((always_inline)) void bf16_dp_rows(const uint16_t *w, const uint16_t *x, float *s, int r, long k) {
@@ -155,24 +162,9 @@ AVX512 static inline __attribute__((always_inline)) void bf16_avx512_rows(const 
         s[i] = _mm512_reduce_add_ps(acc[i]);
 }
 
-#define BF16_BLOCKS(name, rows_fn, attr)                                                              \
-    attr static void name(const uint16_t *w, const uint16_t *x, const uint16_t *b, uint16_t *y, long n, \
-                          long k) {                                                                   \
-        float s[ROWS];                                                                                \
-        for (long i = 0; i < n; i += ROWS) {                                                          \
-            int r = n - i < ROWS ? (int)(n - i) : ROWS;                                               \
-            if (r == ROWS)                                                                            \
-                rows_fn(w + i * k, x, s, ROWS, k);                                                    \
-            else                                                                                      \
-                for (int q = 0; q < r; q++)                                                           \
-                    rows_fn(w + (i + q) * k, x, s + q, 1, k);                                         \
-            for (int q = 0; q < r; q++)                                                               \
-                y[i + q] = f32_to_bf16(b ? s[q] + bf16_to_f32(b[i + q]) : s[q]);                      \
-        }                                                                                             \
-    }
 
-BF16_BLOCKS(bf16_avx512bf16, bf16_dp_rows, AVX512BF16)
-BF16_BLOCKS(bf16_avx512, bf16_avx512_rows, AVX512)
+BLOCKS(bf16_avx512bf16, bf16_dp_rows, AVX512BF16, uint16_t, BF16_OUT)
+BLOCKS(bf16_avx512, bf16_avx512_rows, AVX512, uint16_t, BF16_OUT)
 
 AVX2 static inline __attribute__((always_inline)) float hsum256(__m256 v) {
     __m128 q = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -198,19 +190,7 @@ AVX2 static inline __attribute__((always_inline)) void f32_avx2_rows(const float
     }
 }
 
-AVX2 static void f32_avx2(const float *w, const float *x, const float *b, float *y, long n, long k) {
-    float s[ROWS];
-    for (long i = 0; i < n; i += ROWS) {
-        int r = n - i < ROWS ? (int)(n - i) : ROWS;
-        if (r == ROWS)
-            f32_avx2_rows(w + i * k, x, s, ROWS, k);
-        else
-            for (int q = 0; q < r; q++)
-                f32_avx2_rows(w + (i + q) * k, x, s + q, 1, k);
-        for (int q = 0; q < r; q++)
-            y[i + q] = b ? s[q] + b[i + q] : s[q];
-    }
-}
+BLOCKS(f32_avx2, f32_avx2_rows, AVX2, float, F32_OUT)
 
 AVX2 static inline __attribute__((always_inline)) __m256 even256(__m256i v) {  /* as even512 */
     return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
@@ -240,7 +220,7 @@ AVX2 static inline __attribute__((always_inline)) void bf16_avx2_rows(const uint
     }
 }
 
-BF16_BLOCKS(bf16_avx2, bf16_avx2_rows, AVX2)
+BLOCKS(bf16_avx2, bf16_avx2_rows, AVX2, uint16_t, BF16_OUT)
 #endif
 
 typedef void (*f32_fn)(const float *, const float *, const float *, float *, long, long);
