@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from roofline import best_s, machine_limits  # noqa: E402
 from speed import cpu_name, write_results  # noqa: E402
 
-from starcoder_tp import gemv, rowdot  # noqa: E402
+from starcoder_tp import gemv, panels, rowdot  # noqa: E402
 from starcoder_tp.comm import TPGroup  # noqa: E402
 from starcoder_tp.device import Device  # noqa: E402
 from starcoder_tp.files import EMBEDDED_MODEL_DIR  # noqa: E402
@@ -44,45 +44,49 @@ from starcoder_tp.testing.build_models import build_bench  # noqa: E402
 from starcoder_tp.timing import timed_generate  # noqa: E402
 
 MATMULS = ("aten::mm", "aten::addmm", "mkldnn::_linear_pointwise", "mkl::_mkl_linear")
-# One-row kernels torch's profiler does not see (numpy's BLAS; our rowdot.c through ctypes), by
-# event name: recorded by profiled_one_row.
-ONE_ROW = {"gemv::sgemv": gemv, "rowdot::rowdot": rowdot}
+# Kernels torch's profiler does not see (numpy's BLAS; our rowdot.c and panels.c through ctypes),
+# by event name: recorded by profiled_ours.
+OURS = {"gemv::sgemv": gemv, "rowdot::rowdot": rowdot, "panels::panels": panels}
 
 
 @contextlib.contextmanager
-def profiled_one_row():
-    """The one-row calls of ONE_ROW's modules (kernels.py's `gemv` and `rowdot`) as profiler events
-    named by ONE_ROW plus the shapes, "[1, K] x [N, K]": torch's profiler records torch's
-    operators only, and left them out of the step's matmuls. A call they pass to F.linear is
+def profiled_ours():
+    """The calls of OURS's modules (kernels.py's `gemv`, `rowdot` and `panels`) as profiler events
+    named by OURS plus the shapes, "[M, K] x [N, K]": torch's profiler records torch's operators
+    only, and left them out of the step's matmuls. A call gemv or rowdot pass to F.linear is
     torch's own, which the profiler sees."""
-    reals = {name: module.linear for name, module in ONE_ROW.items()}
+    reals = {name: module.linear for name, module in OURS.items()}
 
     def recording(name, module, real):
-        def recorded(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-            if x.numel() != x.shape[-1] or not module.supports(weight) or x.dtype != weight.dtype:
-                return real(x, weight, bias)
-            with record_function(f"{name} [1, {weight.shape[1]}] x [{weight.shape[0]}, {weight.shape[1]}]"):
-                return real(x, weight, bias)
+        def recorded(x: torch.Tensor, weight: torch.Tensor, *rest) -> torch.Tensor:
+            if module is panels:
+                n, k = panels.shape_of(weight)
+            elif x.numel() != x.shape[-1] or not module.supports(weight) or x.dtype != weight.dtype:
+                return real(x, weight, *rest)
+            else:
+                n, k = weight.shape
+            with record_function(f"{name} [{x.numel() // k}, {k}] x [{n}, {k}]"):
+                return real(x, weight, *rest)
         return recorded
-    for name, module in ONE_ROW.items():
+    for name, module in OURS.items():
         module.linear = recording(name, module, reals[name])
     try:
         yield
     finally:
-        for name, module in ONE_ROW.items():
+        for name, module in OURS.items():
             module.linear = reals[name]
 
 
 def is_matmul(name: str) -> bool:
-    return name in MATMULS or name.startswith(tuple(ONE_ROW))
+    return name in MATMULS or name.startswith(tuple(OURS))
 
 
 def matmul_flops(name: str, shapes: list) -> float:
-    """FLOPs of one call of a matmul operator, from the profiler's input shapes (the one-row kernels' from
+    """FLOPs of one call of a matmul operator, from the profiler's input shapes (our kernels' from
     their names)."""
-    if name.startswith(tuple(ONE_ROW)):
-        n, k = (int(v) for v in re.fullmatch(r".*x \[(\d+), (\d+)\]", name).groups())
-        return 2.0 * n * k
+    if name.startswith(tuple(OURS)):
+        m, _, n, k = (int(v) for v in re.fullmatch(r".* \[(\d+), (\d+)\] x \[(\d+), (\d+)\]", name).groups())
+        return 2.0 * m * n * k
     if name == "aten::mm":
         (m, k), (_, n) = shapes[0], shapes[1]
     elif name == "aten::addmm":
@@ -113,7 +117,7 @@ def profile_rows(model: TPCausalLM, batch: int, seq_in: int, steps: int, peak: f
             decode(i)
         for phase, fn, count in (("prefill", lambda: model.pick_greedy(model(ids, pos, 0)), 1),
                                  ("decode", lambda: [decode(3 + i) for i in range(steps)], steps)):
-            with profiled_one_row(), profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+            with profiled_ours(), profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
                 started = time.perf_counter()
                 fn()
                 wall_ms = (time.perf_counter() - started) * 1e3 / count
@@ -162,6 +166,9 @@ def kernel_rows(model: TPCausalLM, batch: int, dtype: torch.dtype) -> list[str]:
             kernels["gemv (numpy sgemv)"] = lambda w: gemv.linear(x, w, bias)
         if batch == 1 and rowdot.supports(weights[0]):
             kernels[f"rowdot ({rowdot.path()})"] = lambda w: rowdot.linear(x, w, bias)
+        if batch > 1 and panels.supports(weights[0]):
+            in_panels = {id(w): panels.pack(w) for w in weights}
+            kernels["panels"] = lambda w: panels.linear(x, in_panels[id(w)], bias)
         if dtype == torch.float32 and torch._C.has_mkl:
             packed_mkl = {id(w): torch.ops.mkl._mkl_reorder_linear_weight(w, batch) for w in weights}
             kernels["MKL packed"] = lambda w: torch.ops.mkl._mkl_linear(x, packed_mkl[id(w)], w, bias, batch)
