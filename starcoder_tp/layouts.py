@@ -55,5 +55,12 @@ def pack_wide(weight: torch.Tensor, rows: int) -> torch.Tensor | None:
 PACKERS: dict[str, Callable[[torch.Tensor, int], torch.Tensor | None]] = {"onednn": pack, "onednn_wide": pack_wide,
                                                                            "mkl_packed": pack_mkl,
                                                                            "panels": panels.pack}
+# The layouts packed alike for every row count: a change of decode batch keeps them as they are.
+ROW_FREE_LAYOUTS = ("panels",)
+
+
+def relaid(kind: str, old_rows: int, rows: int) -> bool:
+    """Whether the layout `kind`, packed for `old_rows` rows, is packed again for `rows`."""
+    return rows != old_rows and kind not in ROW_FREE_LAYOUTS
 # The layouts oneDNN runs and reads back (to_dense).
 ONEDNN_LAYOUTS = ("onednn", "onednn_wide")

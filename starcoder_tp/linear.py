@@ -22,7 +22,7 @@ from torch import nn
 from . import gemv, panels, rowdot
 from .activations import ACTIVATIONS
 from .kernels import SPLIT_ROWS, Choice
-from .layouts import ONEDNN_LAYOUTS, PACKERS
+from .layouts import ONEDNN_LAYOUTS, PACKERS, relaid
 
 UPCAST_BLOCK_ROWS = 1024  # weight rows converted to fp32 at a time
 
@@ -163,7 +163,7 @@ class Linear(nn.Linear):
         # Runs inside generation's inference mode; weights made there would be inference
         # tensors, which later calls that track autograd refuse.
         with torch.inference_mode(False), torch.no_grad():
-            same = layout == self.packed_kind and self.packed_rows == rows
+            same = layout == self.packed_kind and not relaid(layout, self.packed_rows, rows)
             packed = self.packed if same else None
             if layout in PACKERS and packed is None:
                 plain = self.plain_weight()

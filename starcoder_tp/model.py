@@ -173,7 +173,7 @@ class TPCausalLM(nn.Module):
         if self.config.tie_word_embeddings:
             wte, key = self.transformer.wte.weight, kernels.shape_key(self.transformer.wte.weight)
             decode = plan[key].decode
-            if rows != self.kernel_rows or key not in previous or previous[key].decode != decode:  # else: as it is
+            if layouts.relaid(decode, self.kernel_rows, rows) or key not in previous or previous[key].decode != decode:
                 self.lm_head_packed = None  # the old copy goes before the new one is made
                 if decode in layouts.PACKERS:  # the embedding keeps the plain weight: no need to read it back
                     self.lm_head_packed = layouts.PACKERS[decode](wte, rows)

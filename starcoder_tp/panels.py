@@ -90,11 +90,3 @@ def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = No
            rows, ACTIVATIONS[activation] if activation else 0)
     return out.view(*x.shape[:-1], n)
 
-
-def reference(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None,
-              activation: tuple[str, str] | None = None) -> torch.Tensor:
-    """What `linear` computes, by torch (for tests): the plain weight's product, then the activation."""
-    out = F.linear(x, unpack(packed), bias)
-    if activation is None:
-        return out
-    return F.gelu(out, approximate="tanh") if activation == ("gelu", "tanh") else F.relu(out)

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from threadpoolctl import threadpool_info
 
-from starcoder_tp import gemv, kernel_timing, kernels
+from starcoder_tp import gemv, kernel_timing, kernels, rowdot
 from starcoder_tp.comm import TPGroup
 from starcoder_tp.device import Device
 from starcoder_tp.kernels import Choice
@@ -85,16 +85,21 @@ def test_the_timed_calls_run_sgemv_over_the_copies_in_turn(monkeypatch):
     assert len(set(seen[:3])) == 3 and seen[3:] == seen[:3]
 
 
-def test_a_linear_laid_out_for_gemv_runs_it_for_one_row_only(monkeypatch):
+@pytest.mark.parametrize("kind", ["gemv", "rowdot"])
+def test_a_linear_laid_out_for_a_one_row_kernel_runs_it_for_one_row_only(monkeypatch, kind):
+    """gemv and rowdot (test_rowdot.py) alike: the plain weight, prefills by the plain layout's kernels."""
+    module = {"gemv": gemv, "rowdot": rowdot}[kind]
+    if kind == "rowdot" and rowdot.unavailable() is not None:
+        pytest.skip(f"rowdot.c not built here: {rowdot.unavailable()}")
     layer = Linear(16, 32)
-    layer.use_kernels(Choice("gemv", "plain"), 1)
-    assert layer.packed is None and layer.decode_kernel == "gemv" and layer.prefill_kernel == "plain"
+    layer.use_kernels(Choice(kind, "plain"), 1)
+    assert layer.packed is None and layer.decode_kernel == kind and layer.prefill_kernel == "plain"
     calls = []
-    monkeypatch.setattr(gemv, "linear", lambda *a: calls.append(a) or F.linear(*a))
+    monkeypatch.setattr(module, "linear", lambda *a: calls.append(a) or F.linear(*a))
     layer(torch.randn(1, 1, 16))
     layer(torch.randn(1, 5, 16))
-    assert len(calls) == 1, "the one-row call runs gemv, the five-row one the prefill kernel"
-    assert run_kernel("gemv", torch.randn(1, 16), layer.weight, None, None).shape == (1, 32)
+    assert len(calls) == 1, f"the one-row call runs {kind}, the five-row one the prefill kernel"
+    assert run_kernel(kind, torch.randn(1, 16), layer.weight, None, None).shape == (1, 32)
 
 
 def test_a_model_decoding_one_row_with_gemv_keeps_plains_tokens(tmp_path, embedded_dir, prompts):

@@ -118,6 +118,10 @@ def test_a_linear_laid_out_in_panels_runs_them_and_gives_its_weight_back(dtype, 
     plain = layer.weight.detach().clone()
     assert layer.use_kernels(Choice("panels", "panels"), 4)
     assert layer.packed_kind == "panels" and layer.weight.numel() == 0, "one copy in memory"
+    packed = layer.packed
+    layer.use_kernels(Choice("panels", "panels"), 16)
+    assert layer.packed is packed and layer.packed_rows == 16, "the same panels for every batch: not packed again"
+    layer.use_kernels(Choice("panels", "panels"), 4)
     calls = []
     real = panels.linear
     monkeypatch.setattr(panels, "linear", lambda *a: calls.append(a[3:]) or real(*a))

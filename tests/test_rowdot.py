@@ -10,7 +10,7 @@ from starcoder_tp import kernel_timing, kernels, rowdot
 from starcoder_tp.comm import TPGroup
 from starcoder_tp.device import Device
 from starcoder_tp.kernels import Choice
-from starcoder_tp.linear import Linear, run_kernel
+from starcoder_tp.linear import Linear
 from starcoder_tp.model import load_model
 from starcoder_tp.shard import shard_checkpoint
 from starcoder_tp.timing import timed_generate
@@ -140,19 +140,6 @@ def test_the_timed_calls_run_rowdot_over_the_copies_in_turn(monkeypatch):
     for _ in range(6):
         call()
     assert len(set(seen[:3])) == 3 and seen[3:] == seen[:3]
-
-
-@needs_rowdot
-def test_a_linear_laid_out_for_rowdot_runs_it_for_one_row_only(monkeypatch):
-    layer = Linear(16, 32)
-    layer.use_kernels(Choice("rowdot", "plain"), 1)
-    assert layer.packed is None and layer.decode_kernel == "rowdot" and layer.prefill_kernel == "plain"
-    calls = []
-    monkeypatch.setattr(rowdot, "linear", lambda *a: calls.append(a) or F.linear(*a))
-    layer(torch.randn(1, 1, 16))
-    layer(torch.randn(1, 5, 16))
-    assert len(calls) == 1, "the one-row call runs rowdot, the five-row one the prefill kernel"
-    assert run_kernel("rowdot", torch.randn(1, 16), layer.weight, None, None).shape == (1, 32)
 
 
 @needs_rowdot
