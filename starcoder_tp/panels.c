@@ -66,32 +66,54 @@ AVX512 INLINE __m512 activate(__m512 v, int act) {
     return _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.5f), v), _mm512_add_ps(_mm512_set1_ps(1.0f), th));
 }
 
+/* (BLOCK's) step s: the next block's lines of that step asked for; its products summed. */
+#define PREFETCH_STEP(s, NB_)                                                                      \
+    for (int v = 0; v < NB_; v++)                                                                  \
+        if (v < ahead)                                                                             \
+            _mm_prefetch((const char *)(next + v * panel) + (s) * 64, _MM_HINT_T0)
+#define MULTIPLY_STEP(LOAD_X, OP, s, MB_, NB_)                                                     \
+    do {                                                                                           \
+        __m512i wv[NB_];                                                                           \
+        for (int v = 0; v < NB_; v++)                                                              \
+            wv[v] = _mm512_loadu_si512((const char *)(w + v * panel) + (s) * 64);                  \
+        for (int m = 0; m < MB_; m++) {                                                            \
+            __m512i xb = LOAD_X(m, s);                                                             \
+            for (int v = 0; v < NB_; v++)                                                          \
+                acc[m][v] = OP(acc[m][v], wv[v], xb);                                              \
+        }                                                                                          \
+    } while (0)
+
 /* One block of MB_ rows and NB_ panels (constants: each shape compiled on its own, its loops
  * unrolled and its accumulators in registers). E: the element type; STEPS: K steps (K / 2 in
  * bf16, pairs); LOAD_X(m, s): row m's step s broadcast; OP: the multiply-add; BIAS(v): the bias
  * of panel v as fp32; STORE(m, v, s): the 16 outputs. `next`: the next block's first panel, whose
- * `ahead` panels are asked for as this block runs (0: none). */
-#define BLOCK(name, attr, E, STEPS, LOAD_X, OP, BIAS, STORE, MB_, NB_)                              \
+ * `ahead` panels are asked for as this block runs (0: none): the lines of every `stride`-th step
+ * from `phase` on, each of a block's `stride` row blocks asking for its share, so that the requests
+ * run through the whole block's time. Asked for all at once by the first rows, the lines queued
+ * behind each other while the later rows ran with the memory idle: 16 and 32 rows ran 10-22%
+ * slower (RESULTS.md, "Panels' prefetch spread over the row blocks"). */
+#define BLOCK(name, attr, E, STEPS, LOAD_X, OP, BIAS, STORE, MB_, NB_)                             \
     attr static __attribute__((noinline)) void name(const E *w, const E *x, const E *b, E *y, long n, long k, \
-                                                   long col, const E *next, int ahead, int act) {  \
+                                                   long col, const E *next, int ahead, int act, int phase, \
+                                                   int stride) {                                   \
         __m512 acc[MB_][NB_];                                                                      \
         for (int m = 0; m < MB_; m++)                                                              \
             for (int v = 0; v < NB_; v++)                                                          \
                 acc[m][v] = _mm512_setzero_ps();                                                   \
         const long panel = k * 16, steps = STEPS;                                                  \
-        for (long s = 0; s < steps; s++) {                                                         \
-            for (int v = 0; v < NB_; v++)                                                          \
-                if (v < ahead)                                                                     \
-                    _mm_prefetch((const char *)(next + v * panel) + s * 64, _MM_HINT_T0);          \
-            __m512i wv[NB_];                                                                       \
-            for (int v = 0; v < NB_; v++)                                                          \
-                wv[v] = _mm512_loadu_si512((const char *)(w + v * panel) + s * 64);                \
-            for (int m = 0; m < MB_; m++) {                                                        \
-                __m512i xb = LOAD_X(m, s);                                                         \
-                for (int v = 0; v < NB_; v++)                                                      \
-                    acc[m][v] = OP(acc[m][v], wv[v], xb);                                          \
+        if (stride == 1) /* one row block: it asks for all of the next block's panels */           \
+            for (long s = 0; s < steps; s++) {                                                     \
+                PREFETCH_STEP(s, NB_);                                                             \
+                MULTIPLY_STEP(LOAD_X, OP, s, MB_, NB_);                                            \
             }                                                                                      \
-        }                                                                                          \
+        else                                                                                       \
+            for (long s = 0, turn = 0; s < steps; s++) {                                           \
+                if (turn == phase)                                                                 \
+                    PREFETCH_STEP(s, NB_);                                                         \
+                if (++turn == stride)                                                              \
+                    turn = 0;                                                                      \
+                MULTIPLY_STEP(LOAD_X, OP, s, MB_, NB_);                                            \
+            }                                                                                      \
         for (int m = 0; m < MB_; m++)                                                              \
             for (int v = 0; v < NB_; v++) {                                                        \
                 __m512 out = b ? _mm512_add_ps(acc[m][v], BIAS(v)) : acc[m][v];                    \
@@ -101,9 +123,9 @@ AVX512 INLINE __m512 activate(__m512 v, int act) {
 
 /* bf16: a K pair per step (64 bytes of a panel: 16 columns x 2). */
 #define BF16_X(m, s) _mm512_set1_epi32((int)pair_at(x + (m) * k + 2 * (s)))
-#define BF16_BIAS(v) _mm512_castsi512_ps(_mm512_slli_epi32( \
+#define BF16_BIAS(v) _mm512_castsi512_ps(_mm512_slli_epi32(                                        \
     _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(b + col + (v) * 16))), 16))
-#define BF16_STORE(m, v, o) _mm256_storeu_si256((__m256i *)(y + (m) * n + col + (v) * 16), \
+#define BF16_STORE(m, v, o) _mm256_storeu_si256((__m256i *)(y + (m) * n + col + (v) * 16),         \
                                                 _mm512_cvtepi32_epi16(round_bf16(o)))
 AVX512BF16 INLINE __m512 dot_bf16(__m512 a, __m512i w, __m512i x) { return _mm512_dpbf16_ps(a, (__m512bh)w, (__m512bh)x); }
 static inline uint32_t pair_at(const uint16_t *p) {
@@ -133,7 +155,7 @@ AVX512 INLINE __m512 fma_f32(__m512 a, __m512i w, __m512i x) {
     BLOCK(kind##_1_3, attr, E, STEPS, X, OP, BIAS, STORE, 1, 3)                                    \
     BLOCK(kind##_1_2, attr, E, STEPS, X, OP, BIAS, STORE, 1, 2)                                    \
     BLOCK(kind##_1_1, attr, E, STEPS, X, OP, BIAS, STORE, 1, 1)                                    \
-    typedef void (*kind##_fn)(const E *, const E *, const E *, E *, long, long, long, const E *, int, int); \
+    typedef void (*kind##_fn)(const E *, const E *, const E *, E *, long, long, long, const E *, int, int, int, int); \
     static const kind##_fn kind##_shapes[4][NV] = {{kind##_8_1, kind##_8_2, kind##_8_3},           \
                                                    {kind##_4_1, kind##_4_2, kind##_4_3},           \
                                                    {kind##_2_1, kind##_2_2, kind##_2_3},           \
@@ -141,15 +163,18 @@ AVX512 INLINE __m512 fma_f32(__m512 a, __m512i w, __m512i x) {
     /* Blocks of NV panels, each against every row of x in blocks of 8, 4, 2, 1 rows. */           \
     attr static void kind##_all(const E *w, const E *x, const E *b, E *y, long n, long k, long m, int act) { \
         long panels = n / 16;                                                                      \
+        int blocks = 0; /* row blocks: each asks for its share of the next block's panels */       \
+        for (long r = 0; r < m; blocks++)                                                          \
+            r += m - r >= 8 ? 8 : m - r >= 4 ? 4 : m - r >= 2 ? 2 : 1;                             \
         for (long p = 0; p < panels; p += NV) {                                                    \
             int nv = panels - p < NV ? (int)(panels - p) : NV;                                     \
-            for (long r = 0; r < m;) {                                                             \
+            for (long r = 0, j = 0; r < m; j++) {                                                  \
                 int mr = m - r >= 8 ? 8 : m - r >= 4 ? 4 : m - r >= 2 ? 2 : 1;                     \
-                long left = panels - (p + NV); /* the next block's panels: asked for by its first rows */ \
-                int ahead = r > 0 || left <= 0 ? 0 : left < NV ? (int)left : NV;                  \
+                long left = panels - (p + NV); /* the next block's panels: asked for by every row block */ \
+                int ahead = left <= 0 ? 0 : left < NV ? (int)left : NV;                            \
                 kind##_shapes[mr == 8 ? 0 : mr == 4 ? 1 : mr == 2 ? 2 : 3][nv - 1](                \
                     w + p * k * 16, x + r * k, b, y + r * n, n, k, p * 16, w + (ahead ? p + NV : p) * k * 16, \
-                    ahead, act);                                                                   \
+                    ahead, act, (int)j, blocks);                                                   \
                 r += mr;                                                                           \
             }                                                                                      \
         }                                                                                          \
