@@ -12,7 +12,7 @@ fi
 .venv/bin/python -m pip install --quiet "$(grep -E '^torch==' requirements.txt)"
 .venv/bin/python -m pip install --quiet -r requirements.txt
 .venv/bin/python -m pip install --quiet --no-deps -e .
-# Our kernels (rowdot.c, panels.c) built now, once, into the cache, rather than at the first run's start;
+# Our kernels (rowdot.c, panels.c, attend.c) built now, once, into the cache, rather than at the first run's start;
 # with no C compiler they are not candidates, and this says why.
 .venv/bin/python -c "from starcoder_tp import rowdot; print('kernels:', rowdot.path() or 'not built: ' + rowdot.unavailable())"
 .venv/bin/python -c "import torch, transformers, starcoder_tp; print('setup ok: torch', torch.__version__, '| transformers', transformers.__version__)"

@@ -66,6 +66,7 @@ import torch
 from . import gemv, panels, rowdot
 from .activations import ACTIVATIONS, TANH_GELU, calibrate
 from .cpu import cpu_cores, cpuinfo, isa_flags
+from .decode_attention import DECODE_FORM, calibrate_decode
 from .files import cache_dir, write_atomic
 from .kernel_timing import (DECODE_MIN_CALLS, decode_calls, decode_copies, decode_set_bytes, prefill_calls,
                             suspect_shapes, time_ms)
@@ -310,33 +311,37 @@ def measure(weights: dict[str, torch.Tensor], rows: int, slowest: Callable[[torc
 
 
 def calibrate_forms(weights: dict[str, torch.Tensor], activated: dict[str, str], tp, attention=None) -> None:
-    """The tanh GELU's form (activations.calibrate) where the model runs it in fp32 and, for
-    multi-query heads (an attention.Attention: `attention`), the causal prefill's in the model's
-    dtype (attention.calibrate_attention): in every kernel mode (they are not a linear's kernels),
-    and before a plan is measured or looked up (the c_fc timings include the GELU, and the key
-    names it). Like plans, measured once per machine and cached: measured again in each process,
-    near-ties flipped the forms from one run to the next, and a latency gate then named them as
-    kernel differences from its baseline. Every rank calls it in step."""
+    """The tanh GELU's form (activations.calibrate) where the model runs it in fp32; given the
+    model's attention (an attention.Attention), the decode step's attention form in the model's
+    dtype (decode_attention.calibrate_decode: attend.c or SDPA) and, for multi-query heads, the
+    causal prefill's (attention.calibrate_attention): in every kernel mode, and before a plan is
+    measured or looked up (the c_fc timings include the GELU). Like plans, measured once per machine
+    and cached: measured in each process, near-ties flipped the forms from one run to the next, and
+    a latency gate named them as kernel differences from its baseline. Every rank calls it in step."""
     from .attention import PREFILL_FORM, calibrate_attention  # (attention.py uses linear.py, which uses this module)
 
     fp32 = any(w.dtype == torch.float32 for w in weights.values())
     dtype = torch.float32 if fp32 or not weights else next(iter(weights.values())).dtype
     gelu = fp32 and any(ACTIVATIONS[a][0] is TANH_GELU for a in activated.values()) and not TANH_GELU.calibrated
     mqa = attention is not None and attention.local_kv_heads == 1 and not PREFILL_FORM.calibrated
-    if not (gelu or mqa):
+    decode = attention is not None and not DECODE_FORM.calibrated
+    if not (gelu or mqa or decode):
         return
     model, _ = cpuinfo()
     dtype_name = str(dtype).removeprefix("torch.")
+    heads = [attention.local_heads, attention.local_kv_heads, attention.head_dim, dtype_name] if attention else None
     key = {"version": PLAN_VERSION, "forms": {"tanh_gelu": gelu, "mqa": [attention.local_heads, attention.head_dim,
-                                                                         dtype_name] if mqa else None},
+                                                                         dtype_name] if mqa else None,
+                                              "decode": heads if decode else None},
            "cpu_model": model, "cpu_isa": isa_flags(), "cores": cpu_cores(), "torch": torch.__version__,
-           "threads": torch.get_num_threads(), "world_size": tp.world_size,
+           "threads": torch.get_num_threads(), "world_size": tp.world_size, "kernels": rowdot.path(),
            "huge_pages": os.environ.get(THP_ENV, "") == "1"}  # as plan_key: timings depend on the page size
     path = cache_dir("forms", hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24] + ".json")
     try:
         stored = json.loads(path.read_text())
         forms = stored["forms"] if stored.get("key") == key else None
         split, blocks = (forms["tanh_split_from"], frozenset(forms["blocks_at"])) if forms else (None, None)
+        ours = bool(forms["decode_ours"]) if forms else False
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         forms = None
     # Every rank measures if any lacks them: the timings are reduced across ranks.
@@ -345,13 +350,18 @@ def calibrate_forms(weights: dict[str, torch.Tensor], activated: dict[str, str],
             TANH_GELU.split_from, TANH_GELU.calibrated = split, f"cached: {forms['tanh_gelu']}"
         if mqa:
             PREFILL_FORM.blocks_at, PREFILL_FORM.dtype, PREFILL_FORM.calibrated = blocks, dtype, f"cached: {forms['mqa']}"
+        if decode:
+            DECODE_FORM.ours, DECODE_FORM.calibrated = ours, f"cached: {forms['decode']}"
         return
-    measured = {"tanh_split_from": None, "blocks_at": [], "tanh_gelu": None, "mqa": None}
+    measured = {"tanh_split_from": None, "blocks_at": [], "tanh_gelu": None, "mqa": None, "decode": None,
+                "decode_ours": False}
     if gelu:
         measured.update(tanh_gelu=calibrate(tp.max_), tanh_split_from=TANH_GELU.split_from)
     if mqa:
         measured.update(mqa=calibrate_attention(attention.local_heads, attention.head_dim, tp.max_, dtype),
                         blocks_at=sorted(PREFILL_FORM.blocks_at))
+    if decode:
+        measured.update(decode=calibrate_decode(*heads[:3], tp.max_, dtype), decode_ours=DECODE_FORM.ours)
     try:
         write_atomic(path, json.dumps({"key": key, "forms": measured}, indent=1, sort_keys=True))
     except OSError as err:
@@ -381,6 +391,8 @@ def describe(plan: dict[str, Choice]) -> str:
     items = [f"{shape} {c.decode}/{c.short}/{c.prefill}" for shape, c in sorted(plan.items())]
     if TANH_GELU.calibrated:
         items.append(f"gelu:tanh {'fused' if TANH_GELU.split_from is None else f'split>={TANH_GELU.split_from}'}")
+    if DECODE_FORM.calibrated:
+        items.append(f"attention:decode {'ours' if DECODE_FORM.ours else 'sdpa'}")
     from .attention import PREFILL_FORM, describe_lengths
     if PREFILL_FORM.calibrated:
         form = f"blocks@{describe_lengths(PREFILL_FORM.blocks_at)}" if PREFILL_FORM.blocks_at else "sdpa"

@@ -34,8 +34,10 @@ import torch.nn.functional as F
 
 from .files import atomic_path, cache_dir
 
-# Our kernels, built into one library: rowdot.c's one-row products and panels.c's (panels.py).
-SOURCES = tuple(Path(__file__).with_name(name) for name in ("rowdot.c", "panels.c"))
+# Our kernels, built into one library: rowdot.c's one-row products, panels.c's (panels.py) and
+# attend.c's decode attention (decode_attention.py).
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("rowdot.c", "panels.c", "attend.c"))
+HEADERS = (Path(__file__).with_name("simd.h"),)  # (part of the build's digest: the sources include it)
 ENV = "STARCODER_TP_ROWDOT"  # "off": never build or offer the kernel; a name of PATHS: that path
 CFLAGS = ("-O3", "-shared", "-fPIC", "-std=c11")
 BUILD_TIMEOUT_S = 120
@@ -50,7 +52,7 @@ def _compiler() -> str | None:
 def _build(compiler: str) -> Path:
     """The shared library of rowdot.c built by `compiler`, from the cache if built before."""
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
-    text = b"".join(source.read_bytes() for source in SOURCES)
+    text = b"".join(source.read_bytes() for source in SOURCES + HEADERS)
     digest = hashlib.sha256(text + version.encode() + " ".join(CFLAGS).encode()).hexdigest()[:16]
     library = cache_dir("native", f"rowdot-{digest}.so")
     if library.exists():
@@ -88,6 +90,11 @@ def library() -> tuple[ctypes.CDLL | None, str]:
     for fn in (lib.panels_f32, lib.panels_bf16):  # (panels.py) w, x, bias (or NULL), y, n, k, rows, activation
         fn.argtypes, fn.restype = [ctypes.c_void_p] * 4 + [ctypes.c_long] * 3 + [ctypes.c_int], None
     lib.panels_dtypes.restype = ctypes.c_int
+    for fn in (lib.attend_f32, lib.attend_bf16):  # (decode_attention.py)
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_long] + [ctypes.c_void_p] * 2 + [ctypes.c_long] * 2 + [
+            ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p] + [ctypes.c_long] * 5 + [ctypes.c_float]
+        fn.restype = ctypes.c_int
+    lib.attend_supported.restype = ctypes.c_int
     taken = lib.rowdot_use(wanted.encode() if wanted else None)  # (None: the widest path this CPU runs)
     if taken is None:
         return None, f"{ENV}={wanted}: this CPU does not run that path"

@@ -1,0 +1,173 @@
+/* Decode attention: one new token per sequence against the K/V cache (decode_attention.py).
+ * AVX-512; one thread.
+ *
+ * The G query heads that share a K/V head (G = H / KV: all of them for multi-query attention)
+ * are the 16 lanes of a vector, so every step is vertical: the scores of one key for all of them
+ * are D multiply-adds of the queries' element d (transposed, scaled) by the key's element d
+ * broadcast; their softmax is a maximum and a sum down the keys; the output's element d for all
+ * of them sums the probabilities times the value's element d broadcast. No horizontal sums, and
+ * each key and value is read once per 16 query heads. SDPA's flash kernel ran the same decode
+ * step at 5-7x the time on the EPYC Zen 5 (RESULTS.md, "Decode attention of our own"). Scores,
+ * softmax and sums are fp32; bf16 keys and values are widened into a buffer first and the output
+ * rounded once. A masked key (padding, the sliding window, slots not written yet) is skipped:
+ * its value is never read, whatever the cache holds there.
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <math.h>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include "simd.h"
+
+#define LANES 16
+#define KEYS 4  /* keys scored at once: independent sums that hide the multiply-add's latency */
+
+/* One sequence, one K/V head, up to 16 query heads (gn): q [gn][D] at q (row stride D), keys and
+ * values [S][D] fp32 at k, v, valid: NULL or a byte per key (0: masked). Scratch, 64-byte aligned:
+ * scores [S][16], qt [D][16] (the queries transposed and scaled). Writes out [gn][D] (row stride D). */
+AVX512 static void attend_heads(const float *q, int gn, const float *k, const float *v, const uint8_t *valid,
+                                long s_len, long d_len, float scale, float *scores, float *qt, float *out) {
+    __mmask16 lanes = (__mmask16)((1u << gn) - 1u);
+    for (long d = 0; d < d_len; d++) {
+        __m512i idx = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                         _mm512_set1_epi32((int)d_len));
+        __m512 col = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), lanes, _mm512_add_epi32(idx, _mm512_set1_epi32((int)d)),
+                                              q, 4);
+        _mm512_store_ps(qt + d * LANES, _mm512_mul_ps(col, _mm512_set1_ps(scale)));
+    }
+    __m512 top = _mm512_set1_ps(-INFINITY);
+    long s = 0;
+    for (; s + KEYS <= s_len; s += KEYS) {
+        __m512 acc[KEYS];
+        for (int i = 0; i < KEYS; i++)
+            acc[i] = _mm512_setzero_ps();
+        for (long d = 0; d < d_len; d++) {
+            __m512 qd = _mm512_load_ps(qt + d * LANES);
+            for (int i = 0; i < KEYS; i++)
+                acc[i] = _mm512_fmadd_ps(qd, _mm512_set1_ps(k[(s + i) * d_len + d]), acc[i]);
+        }
+        for (int i = 0; i < KEYS; i++) {
+            _mm512_store_ps(scores + (s + i) * LANES, acc[i]);
+            if (!valid || valid[s + i])
+                top = _mm512_max_ps(top, acc[i]);
+        }
+    }
+    for (; s < s_len; s++) {
+        __m512 acc = _mm512_setzero_ps();
+        for (long d = 0; d < d_len; d++)
+            acc = _mm512_fmadd_ps(_mm512_load_ps(qt + d * LANES), _mm512_set1_ps(k[s * d_len + d]), acc);
+        _mm512_store_ps(scores + s * LANES, acc);
+        if (!valid || valid[s])
+            top = _mm512_max_ps(top, acc);
+    }
+    __m512 total = _mm512_setzero_ps();
+    for (s = 0; s < s_len; s++) {
+        if (valid && !valid[s])
+            continue;
+        __m512 p = exp_neg(_mm512_sub_ps(_mm512_load_ps(scores + s * LANES), top));
+        _mm512_store_ps(scores + s * LANES, p);
+        total = _mm512_add_ps(total, p);
+    }
+    __m512 inv = _mm512_div_ps(_mm512_set1_ps(1.0f), total);
+    float block[LANES * LANES] __attribute__((aligned(64)));  /* [16 elements of d][16 heads] */
+    for (long d0 = 0; d0 < d_len; d0 += LANES) {
+        __m512 acc[LANES];
+        for (int i = 0; i < LANES; i++)
+            acc[i] = _mm512_setzero_ps();
+        for (s = 0; s < s_len; s++) {
+            if (valid && !valid[s])
+                continue;
+            __m512 p = _mm512_load_ps(scores + s * LANES);
+            const float *vs = v + s * d_len + d0;
+            for (int i = 0; i < LANES; i++)
+                acc[i] = _mm512_fmadd_ps(p, _mm512_set1_ps(vs[i]), acc[i]);
+        }
+        for (int i = 0; i < LANES; i++)
+            _mm512_store_ps(block + i * LANES, _mm512_mul_ps(acc[i], inv));
+        for (int g = 0; g < gn; g++)
+            for (int i = 0; i < LANES; i++)
+                out[g * d_len + d0 + i] = block[i * LANES + g];
+    }
+}
+
+AVX512 static void widen_rows(const uint16_t *src, long rows, long d_len, float *dst) {  /* bf16 -> fp32 */
+    for (long i = 0; i < rows * d_len; i += LANES) {
+        __m256i h = _mm256_loadu_si256((const __m256i *)(src + i));
+        _mm512_storeu_ps(dst + i, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)));
+    }
+}
+
+/* out [B][H][D] = softmax(q k^T * scale, masked) v for each sequence b and query head h = j G + g;
+ * q [B][H][D] with batch stride q_b (heads D apart); keys and values [B][KV][S][D] with batch and
+ * head strides kv_b, kv_h (keys D apart); mask: NULL or [B][S] bytes with batch stride mask_b
+ * (0: broadcast). bf16: q, keys, values and out in bf16 (the uint16_t bits). D % 16 == 0.
+ * Returns 0, or -1 where the scratch memory could not be had. */
+AVX512 static int attend_all(const void *q, long q_b, const void *k, const void *v, long kv_b, long kv_h,
+                             const uint8_t *mask, long mask_b, void *out, long b_len, long kv_len, long g_len,
+                             long s_len, long d_len, float scale, int bf16) {
+    size_t kv_floats = bf16 ? (size_t)(2 * s_len * d_len) : 0;
+    float *scratch = aligned_alloc(64, ((size_t)s_len * LANES + kv_floats + (size_t)(LANES * d_len) * 3) * 4);
+    if (!scratch)
+        return -1;
+    float *scores = scratch, *kf = scores + s_len * LANES, *vf = kf + (bf16 ? s_len * d_len : 0);
+    float *qf = vf + (bf16 ? s_len * d_len : 0), *of = qf + LANES * d_len, *qt = of + LANES * d_len;
+    for (long b = 0; b < b_len; b++)
+        for (long j = 0; j < kv_len; j++) {
+            const uint8_t *valid = mask ? mask + b * mask_b : NULL;
+            long kv_at = b * kv_b + j * kv_h;
+            const float *kr = (const float *)k + kv_at, *vr = (const float *)v + kv_at;
+            if (bf16) {
+                widen_rows((const uint16_t *)k + kv_at, s_len, d_len, kf);
+                widen_rows((const uint16_t *)v + kv_at, s_len, d_len, vf);
+                kr = kf, vr = vf;
+            }
+            for (long g0 = 0; g0 < g_len; g0 += LANES) {
+                int gn = g_len - g0 < LANES ? (int)(g_len - g0) : LANES;
+                long head = j * g_len + g0, q_at = b * q_b + head * d_len, out_at = (b * kv_len * g_len + head) * d_len;
+                if (!bf16) {
+                    attend_heads((const float *)q + q_at, gn, kr, vr, valid, s_len, d_len, scale, scores, qt,
+                                 (float *)out + out_at);
+                    continue;
+                }
+                widen_rows((const uint16_t *)q + q_at, gn, d_len, qf);
+                attend_heads(qf, gn, kr, vr, valid, s_len, d_len, scale, scores, qt, of);
+                for (long i = 0; i < gn * d_len; i += LANES)
+                    _mm256_storeu_si256((__m256i *)((uint16_t *)out + out_at + i),
+                                        _mm512_cvtepi32_epi16(round_bf16(_mm512_loadu_ps(of + i))));
+            }
+        }
+    free(scratch);
+    return 0;
+}
+#endif
+
+/* Whether this CPU runs attend_f32 / attend_bf16: AVX-512 (F, BW, VL). */
+int attend_supported(void) {
+#if defined(__x86_64__) && defined(__GNUC__)
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl");
+#else
+    return 0;
+#endif
+}
+
+int attend_f32(const float *q, long q_b, const float *k, const float *v, long kv_b, long kv_h, const uint8_t *mask,
+               long mask_b, float *out, long b_len, long kv_len, long g_len, long s_len, long d_len, float scale) {
+#if defined(__x86_64__) && defined(__GNUC__)
+    return attend_all(q, q_b, k, v, kv_b, kv_h, mask, mask_b, out, b_len, kv_len, g_len, s_len, d_len, scale, 0);
+#else
+    return -1;
+#endif
+}
+
+int attend_bf16(const uint16_t *q, long q_b, const uint16_t *k, const uint16_t *v, long kv_b, long kv_h,
+                const uint8_t *mask, long mask_b, uint16_t *out, long b_len, long kv_len, long g_len, long s_len,
+                long d_len, float scale) {
+#if defined(__x86_64__) && defined(__GNUC__)
+    return attend_all(q, q_b, k, v, kv_b, kv_h, mask, mask_b, out, b_len, kv_len, g_len, s_len, d_len, scale, 1);
+#else
+    return -1;
+#endif
+}

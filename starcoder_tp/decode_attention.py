@@ -1,0 +1,104 @@
+"""Decode attention (one new token per sequence) by a kernel of our own, attend.c, in fp32 and bf16.
+
+A decode step's attention is small: for each sequence, the G query heads of a K/V head against
+its S cached keys. SDPA's flash kernel runs it per sequence with per-block overheads that dwarf
+the arithmetic: on one thread of the EPYC Zen 5 it took 150 µs for 16 sequences of 144 keys
+(bf16, 16 multi-query heads of 64), 13% of the batch-16 decode step. attend.c puts the query
+heads in the lanes of a vector and runs the whole of it vertically (its header says how).
+Whether it is used is measured on the machine at hand, like the prefill's form (attention.py:
+DECODE_FORM, calibrate_decode); where the library is not built or the CPU lacks AVX-512, SDPA
+runs. It is built with rowdot.c into one library (rowdot.py).
+"""
+from __future__ import annotations
+
+import torch
+
+from . import rowdot
+
+
+def available() -> bool:
+    """Whether attend.c is built and runs on this CPU."""
+    lib, _ = rowdot.library()
+    return lib is not None and bool(lib.attend_supported())
+
+
+def supports(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None) -> bool:
+    """Whether `attend` takes these: CPU, fp32 or bf16, head_dim a multiple of 16, each query head
+    and each key and value row contiguous, keys and values laid out alike, a [B or 1, 1, 1, S]
+    bool mask or none."""
+    b, t, h, d = q.shape
+    return (q.device.type == "cpu" and t == 1 and q.dtype in (torch.float32, torch.bfloat16) and d % 16 == 0
+            and keys.dtype == values.dtype == q.dtype and keys.shape == values.shape
+            and keys.stride() == values.stride() and keys.stride(-1) == 1 and keys.stride(-2) == d
+            and q.stride(-1) == 1 and q.stride(-2) == d and h % keys.shape[1] == 0
+            and (mask is None or (mask.dtype == torch.bool and mask.shape[1:3] == (1, 1)
+                                  and mask.shape[0] in (1, b) and mask.shape[-1] == keys.shape[2]))
+            and available())
+
+
+def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
+           scale: float) -> torch.Tensor:
+    """softmax(q k^T * scale, masked) v for one query token per sequence: q [B, 1, H, D]; keys,
+    values [B, KV, S, D] (a view of the cache: rows contiguous); mask [B or 1, 1, 1, S] bool (True:
+    seen) or None. Returns [B, 1, H * D]. Only for what `supports` takes."""
+    b, _, h, d = q.shape
+    kv, s = keys.shape[1], keys.shape[2]
+    if not supports(q, keys, values, mask):
+        raise ValueError(f"decode_attention.attend: q {list(q.shape)} {q.dtype} (strides {q.stride()}), keys "
+                         f"{list(keys.shape)} {keys.dtype} (strides {keys.stride()}), mask "
+                         f"{None if mask is None else (list(mask.shape), mask.dtype)}: not what attend.c takes")
+    valid = None if mask is None else mask.reshape(mask.shape[0], s).contiguous()
+    out = torch.empty(b, 1, h * d, dtype=q.dtype)
+    lib, _ = rowdot.library()
+    kernel = lib.attend_f32 if q.dtype == torch.float32 else lib.attend_bf16
+    failed = kernel(q.data_ptr(), q.stride(0), keys.data_ptr(), values.data_ptr(), keys.stride(0), keys.stride(1),
+                    None if valid is None else valid.data_ptr(), 0 if valid is None or valid.shape[0] == 1 else s,
+                    out.data_ptr(), b, kv, h // kv, s, d, scale)
+    if failed:
+        raise MemoryError(f"decode_attention.attend: attend.c could not allocate its scratch for {s} keys of {d}")
+    return out
+
+
+class DecodeForm:
+    """Whether the decode step's attention runs attend.c (`ours`) or SDPA: measured once per
+    machine (calibrate_decode, cached with the other forms by kernels.calibrate_forms)."""
+
+    def __init__(self) -> None:
+        self.ours = False
+        self.calibrated = ""
+
+
+DECODE_FORM = DecodeForm()
+# (sequences, cached keys) at which calibrate_decode times both: a short and a long context.
+CALIBRATION_SHAPES = ((1, 128), (16, 1024))
+
+
+def calibrate_decode(heads: int, kv_heads: int, head_dim: int, slowest, dtype: torch.dtype = torch.float32) -> str:
+    """Time SDPA and attend.c on this rank's heads in `dtype` at CALIBRATION_SHAPES (once per
+    process) and set DECODE_FORM.ours where ours was faster at every one of them; `slowest`
+    reduces a float64 tensor to its maximum over the ranks, so that every rank takes the same
+    form. Every rank must call it in step (each times both, whatever it runs). Returns what it set."""
+    if DECODE_FORM.calibrated:
+        return DECODE_FORM.calibrated
+    from .attention import attend as sdpa_attend  # (attention.py runs this module's kernel)
+    from .kernel_timing import time_across_ranks
+
+    scale, calls, usable = head_dim ** -0.5, [], True
+    for b, s in CALIBRATION_SHAPES:
+        fused = torch.randn(b, 1, (heads + 2 * kv_heads) * head_dim).to(dtype)  # q: a view of the fused q/k/v
+        q = fused[..., :heads * head_dim].view(b, 1, heads, head_dim)
+        cache = torch.randn(2, b, kv_heads, s + 64, head_dim).to(dtype)  # keys: a slice of a longer cache
+        keys, values = cache[0, :, :, :s], cache[1, :, :, :s]
+        usable = usable and supports(q, keys, values, None)
+        calls.append({"sdpa": lambda a=(q, keys, values): sdpa_attend(*a, None, scale),
+                      "ours": lambda a=(q, keys, values): attend(*a, None, scale)})
+    # A rank without it (not built, no AVX-512, shapes it does not take) makes every rank run SDPA.
+    if slowest(torch.tensor([0.0 if usable else 1.0], dtype=torch.float64)).item():
+        DECODE_FORM.ours, DECODE_FORM.calibrated = False, "sdpa (attend.c does not run on every rank here)"
+        return DECODE_FORM.calibrated
+    DECODE_FORM.ours = False  # attention.attend: SDPA while timed
+    timings = time_across_ranks(calls, slowest)
+    DECODE_FORM.ours = all(ms["ours"] < ms["sdpa"] for ms in timings)
+    shown = ", ".join(f"{b}x{s}: {ms['ours']:.3f} vs {ms['sdpa']:.3f} ms" for (b, s), ms in zip(CALIBRATION_SHAPES, timings))
+    DECODE_FORM.calibrated = f"{'ours' if DECODE_FORM.ours else 'sdpa'} (attend.c vs sdpa: {shown})"
+    return DECODE_FORM.calibrated

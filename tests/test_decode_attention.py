@@ -1,0 +1,197 @@
+"""Decode attention by attend.c (decode_attention.py): SDPA's values for every head layout the
+models have, masked keys never read, taken only where the calibration measured it faster, by
+every rank alike, and a model's tokens unchanged by it."""
+import math
+import types
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from starcoder_tp import attention, decode_attention, kernel_timing, kernels
+from starcoder_tp.comm import TPGroup
+from starcoder_tp.decode_attention import DECODE_FORM, attend, calibrate_decode, supports
+from starcoder_tp.device import Device
+from starcoder_tp.model import load_model
+from starcoder_tp.shard import shard_checkpoint
+from starcoder_tp.timing import timed_generate
+
+needs_kernel = pytest.mark.skipif(not decode_attention.available(),
+                                  reason="attend.c not built or no AVX-512 on this CPU (SDPA runs instead)")
+
+
+@pytest.fixture
+def decode_form(monkeypatch):
+    """DECODE_FORM as a fresh process has it; restored afterwards."""
+    monkeypatch.setattr(DECODE_FORM, "ours", False)
+    monkeypatch.setattr(DECODE_FORM, "calibrated", "")
+    return DECODE_FORM
+
+
+def _step(batch, heads, kv_heads, dim, keys_len, dtype, masked=False, seed=0):
+    """q as a view of the fused q/k/v row, keys and values as a slice of a longer cache whose
+    unwritten slots (and, with `masked`, the masked ones) hold NaN, as attend.c must never read."""
+    gen = torch.Generator().manual_seed(seed)
+    fused = torch.randn(batch, 1, (heads + 2 * kv_heads) * dim, generator=gen).to(dtype)
+    q = fused[..., :heads * dim].view(batch, 1, heads, dim)
+    cache = torch.randn(2, batch, kv_heads, keys_len + 5, dim, generator=gen).to(dtype)
+    cache[:, :, :, keys_len:] = float("nan")
+    mask = None
+    if masked:
+        mask = torch.rand(batch, 1, 1, keys_len, generator=gen) > 0.4
+        mask[..., -1] = True  # (the new token always sees itself)
+        hidden = ~mask[:, 0, 0].unsqueeze(1).expand(batch, kv_heads, keys_len)
+        cache[0, :, :, :keys_len][hidden] = float("nan")
+        cache[1, :, :, :keys_len][hidden] = float("nan")
+    return q, cache[0, :, :, :keys_len], cache[1, :, :, :keys_len], mask
+
+
+def _sdpa(q, keys, values, mask, scale):
+    b, _, h, d = q.shape
+    kv = keys.shape[1]
+    out = F.scaled_dot_product_attention(q.reshape(b, kv, h // kv, d).double(), keys.nan_to_num().double(),
+                                         values.nan_to_num().double(), attn_mask=mask, scale=scale)
+    return out.reshape(b, 1, h * d)
+
+
+# (batch, heads, kv heads, head dim, keys): StarCoder's multi-query (heads in one vector, and more
+# than 16: two), StarCoder2's grouped (G = 12, 9), multi-head (G = 1), a key count off the 4-key step.
+SHAPES = [(16, 16, 1, 64, 144), (2, 24, 1, 64, 300), (3, 24, 2, 128, 37), (1, 36, 4, 128, 9), (4, 5, 5, 16, 1),
+          (2, 48, 1, 128, 70)]
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_attend_gives_sdpas_values_and_never_reads_a_masked_key(shape, masked, dtype):
+    batch, heads, kv_heads, dim, keys_len = shape
+    q, keys, values, mask = _step(batch, heads, kv_heads, dim, keys_len, dtype, masked)
+    assert supports(q, keys, values, mask)
+    got = attend(q, keys, values, mask, 1 / math.sqrt(dim))
+    assert got.shape == (batch, 1, heads * dim) and got.dtype == dtype and torch.isfinite(got).all()
+    want = _sdpa(q, keys, values, mask, 1 / math.sqrt(dim))
+    if dtype == torch.float32:
+        torch.testing.assert_close(got.double(), want, rtol=2e-6, atol=2e-6)
+    else:  # fp32 sums, rounded to bf16 once: within one bf16 rounding of the exact values
+        assert ((got.double() - want).abs() <= want.abs() * 2 ** -8 + 1e-6).all()
+
+
+@needs_kernel
+def test_a_mask_of_one_row_broadcasts_over_the_batch():
+    q, keys, values, _ = _step(3, 16, 1, 64, 20, torch.float32)
+    mask = torch.ones(1, 1, 1, 20, dtype=torch.bool)
+    mask[..., :7] = False
+    got = attend(q, keys, values, mask, 0.125)
+    torch.testing.assert_close(got.double(), _sdpa(q, keys, values, mask.expand(3, 1, 1, 20), 0.125), rtol=2e-6,
+                               atol=2e-6)
+
+
+def test_what_attend_c_does_not_take_is_left_to_sdpa_and_named_when_forced():
+    q, keys, values, _ = _step(2, 8, 1, 64, 10, torch.float32)
+    assert not supports(q.half(), keys.half(), values.half(), None), "fp16"
+    q24, k24, v24, _ = _step(2, 8, 1, 24, 10, torch.float32)
+    assert not supports(q24, k24, v24, None), "a head dim off the vector width"
+    assert not supports(q, keys.transpose(2, 3).contiguous().transpose(2, 3), values, None), "key rows not contiguous"
+    assert not supports(q, keys, values, torch.ones(2, 1, 1, 9, dtype=torch.bool)), "a mask of another length"
+    assert not supports(q, keys, values, torch.ones(2, 1, 1, 10)), "a float mask"
+    with pytest.raises(ValueError, match=r"q \[2, 1, 8, 64\] torch.float16 .* not what attend.c takes"):
+        attend(q.half(), keys.half(), values.half(), None, 0.125)
+
+
+def _fake_timings(monkeypatch, ours_ms, sdpa_ms):
+    seen = []
+
+    def time_across_ranks(calls_by_size, slowest):
+        seen.append([sorted(c) for c in calls_by_size])
+        for calls in calls_by_size:
+            for call in calls.values():
+                call()  # the real callables run once: they must work
+        return [{"ours": o, "sdpa": s} for o, s in zip(ours_ms, sdpa_ms)]
+    monkeypatch.setattr(kernel_timing, "time_across_ranks", time_across_ranks)
+    return seen
+
+
+@needs_kernel
+@pytest.mark.parametrize("ours_ms, taken", [((1.0, 2.0), True), ((1.0, 5.0), False), ((3.0, 2.0), False)])
+def test_calibrate_takes_attend_c_only_where_it_was_faster_at_every_shape(decode_form, monkeypatch, ours_ms, taken):
+    seen = _fake_timings(monkeypatch, ours_ms, (2.0, 4.0))
+    result = calibrate_decode(16, 1, 64, lambda t: t)
+    assert decode_form.ours is taken and result.startswith("ours" if taken else "sdpa")
+    assert seen == [[["ours", "sdpa"]] * len(decode_attention.CALIBRATION_SHAPES)]
+    assert calibrate_decode(16, 1, 64, lambda t: t) == result and len(seen) == 1, "once per process"
+
+
+def test_a_rank_that_cannot_run_it_makes_every_rank_run_sdpa(decode_form, monkeypatch):
+    seen = _fake_timings(monkeypatch, (1.0, 1.0), (2.0, 2.0))
+    another_rank_lacks_it = lambda t: torch.ones_like(t)  # noqa: E731 (the max over ranks of "cannot")
+    assert calibrate_decode(16, 1, 64, another_rank_lacks_it).startswith("sdpa")
+    assert decode_form.ours is False and seen == [], "nothing timed: the ranks agree first"
+
+
+def test_attention_runs_attend_c_only_once_calibrated_so(decode_form, monkeypatch):
+    taken = []
+    monkeypatch.setattr(decode_attention, "attend", lambda *a: taken.append(1) or torch.zeros(2, 1, 8 * 64))
+    monkeypatch.setattr(decode_attention, "supports", lambda *a: True)
+    q, keys, values, _ = _step(2, 8, 1, 64, 10, torch.float32)
+    attention.attend(q, keys, values, None, 0.125)
+    assert taken == []
+    decode_form.ours = True
+    attention.attend(q, keys, values, None, 0.125)
+    assert taken == [1]
+    qs, ks, vs = torch.randn(2, 3, 8, 64), torch.randn(2, 1, 3, 64), torch.randn(2, 1, 3, 64)
+    attention.attend(qs, ks, vs, None, 0.125)
+    assert taken == [1], "a prefill (several tokens): SDPA or the blocks"
+
+
+def test_calibrate_forms_measures_the_decode_form_in_the_models_dtype_and_caches_it(decode_form, monkeypatch,
+                                                                                    tmp_path):
+    monkeypatch.setenv("STARCODER_TP_CACHE", str(tmp_path))
+    calls = []
+
+    def measured(heads, kv_heads, dim, slowest, dtype):
+        calls.append((heads, kv_heads, dim, dtype))
+        decode_form.ours, decode_form.calibrated = True, "ours (...)"
+        return decode_form.calibrated
+    monkeypatch.setattr(kernels, "calibrate_decode", measured)
+    monkeypatch.setattr(attention.PREFILL_FORM, "calibrated", "set by the test")
+    tp = types.SimpleNamespace(max_=lambda t: t, world_size=1)
+    gqa = types.SimpleNamespace(local_heads=12, local_kv_heads=2, head_dim=128)
+    kernels.calibrate_forms({"8x8:bfloat16": torch.ones(8, 8, dtype=torch.bfloat16)}, {}, tp, gqa)
+    assert calls == [(12, 2, 128, torch.bfloat16)]
+    decode_form.ours, decode_form.calibrated = False, ""  # another process on this machine
+    kernels.calibrate_forms({"8x8:bfloat16": torch.ones(8, 8, dtype=torch.bfloat16)}, {}, tp, gqa)
+    assert len(calls) == 1 and decode_form.ours and decode_form.calibrated == "cached: ours (...)"
+    assert "attention:decode ours" in kernels.describe({}).split("; ")
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_model_keeps_its_tokens_with_attend_c(tmp_path, embedded_dir, prompts, decode_form, dtype):
+    """Left-padded prompts (a mask at every step): fp32 keeps SDPA's tokens and top logprobs;
+    bf16's top logprobs stay within bf16's resolution of SDPA's."""
+    from starcoder_tp.testing.compare import check_topk_close
+    from starcoder_tp.testing.runners import GreedyOutput
+
+    shard_checkpoint(embedded_dir, tmp_path / "s", 1, dtype)
+    model = load_model(tmp_path / "s", TPGroup(0, 1), torch.device("cpu"), kernels="plain")
+    decode_form.calibrated = "set by the test"  # use_kernels measures nothing
+    taken = []
+    real = decode_attention.attend
+    runs = {}
+    for ours in (False, True):
+        decode_form.ours = ours
+        attention.decode_attention.attend = lambda *a: taken.append(1) or real(*a)
+        try:
+            r = timed_generate(model, Device("cpu"), prompts, 12, topk=5)
+        finally:
+            attention.decode_attention.attend = real
+        runs[ours] = r
+    assert len(taken) == 11 * model.config.n_layer, "every layer of every decode step, in the second run"
+    if dtype == "float32":
+        assert torch.equal(runs[False].output_ids, runs[True].output_ids)
+        torch.testing.assert_close(runs[False].topk_logprobs, runs[True].topk_logprobs, rtol=1e-4, atol=1e-4)
+    else:
+        outs = {k: GreedyOutput(output_ids=r.output_ids.tolist(), topk_ids=r.topk_ids.tolist(),
+                                topk_logprobs=r.topk_logprobs.tolist()) for k, r in runs.items()}
+        check_topk_close(outputs_0=outs[False], outputs_1=outs[True], name_0="sdpa-bf16", name_1="attend.c-bf16")
