@@ -2,9 +2,10 @@
 
 A decode step's attention is small: for each sequence, the G query heads of a K/V head against
 its S cached keys. SDPA's flash kernel runs it per sequence with per-block overheads that dwarf
-the arithmetic: on one thread of the EPYC Zen 5 it took 150 µs for 16 sequences of 144 keys
-(bf16, 16 multi-query heads of 64), 13% of the batch-16 decode step. attend.c puts the query
-heads in the lanes of a vector and runs the whole of it vertically (its header says how).
+the arithmetic: in the bench-size model's bf16 batch-16 decode step on one thread of the EPYC
+Zen 5 (16 multi-query heads of 64, ~150 keys) it took 211 µs a layer, 13% of the step. attend.c
+puts the query heads in the lanes of a vector and runs the whole of it vertically (its header
+says how): 135 µs a layer there (RESULTS.md, "Decode attention of our own").
 Whether it is used is measured on the machine at hand, like the prefill's form (attention.py:
 DECODE_FORM, calibrate_decode); where the library is not built or the CPU lacks AVX-512, SDPA
 runs. It is built with rowdot.c into one library (rowdot.py).
