@@ -115,19 +115,17 @@ AVX512 INLINE __m512 fma_f32(__m512 a, __m512i w, __m512i x) {
     return _mm512_fmadd_ps(_mm512_castsi512_ps(w), _mm512_castsi512_ps(x), a);
 }
 
+/* (SHAPES') the blocks of MB_ rows and 3, 2 or 1 panels. */
+#define ROW_SHAPES(kind, attr, E, STEPS, X, OP, BIAS, STORE, MB_)                                  \
+    BLOCK(kind##_##MB_##_3, attr, E, STEPS, X, OP, BIAS, STORE, MB_, 3)                            \
+    BLOCK(kind##_##MB_##_2, attr, E, STEPS, X, OP, BIAS, STORE, MB_, 2)                            \
+    BLOCK(kind##_##MB_##_1, attr, E, STEPS, X, OP, BIAS, STORE, MB_, 1)
+
 #define SHAPES(kind, attr, E, STEPS, X, OP, BIAS, STORE)                                           \
-    BLOCK(kind##_8_3, attr, E, STEPS, X, OP, BIAS, STORE, 8, 3)                                    \
-    BLOCK(kind##_8_2, attr, E, STEPS, X, OP, BIAS, STORE, 8, 2)                                    \
-    BLOCK(kind##_8_1, attr, E, STEPS, X, OP, BIAS, STORE, 8, 1)                                    \
-    BLOCK(kind##_4_3, attr, E, STEPS, X, OP, BIAS, STORE, 4, 3)                                    \
-    BLOCK(kind##_4_2, attr, E, STEPS, X, OP, BIAS, STORE, 4, 2)                                    \
-    BLOCK(kind##_4_1, attr, E, STEPS, X, OP, BIAS, STORE, 4, 1)                                    \
-    BLOCK(kind##_2_3, attr, E, STEPS, X, OP, BIAS, STORE, 2, 3)                                    \
-    BLOCK(kind##_2_2, attr, E, STEPS, X, OP, BIAS, STORE, 2, 2)                                    \
-    BLOCK(kind##_2_1, attr, E, STEPS, X, OP, BIAS, STORE, 2, 1)                                    \
-    BLOCK(kind##_1_3, attr, E, STEPS, X, OP, BIAS, STORE, 1, 3)                                    \
-    BLOCK(kind##_1_2, attr, E, STEPS, X, OP, BIAS, STORE, 1, 2)                                    \
-    BLOCK(kind##_1_1, attr, E, STEPS, X, OP, BIAS, STORE, 1, 1)                                    \
+    ROW_SHAPES(kind, attr, E, STEPS, X, OP, BIAS, STORE, 8)                                        \
+    ROW_SHAPES(kind, attr, E, STEPS, X, OP, BIAS, STORE, 4)                                        \
+    ROW_SHAPES(kind, attr, E, STEPS, X, OP, BIAS, STORE, 2)                                        \
+    ROW_SHAPES(kind, attr, E, STEPS, X, OP, BIAS, STORE, 1)                                        \
     typedef void (*kind##_fn)(const E *, const E *, const E *, E *, long, long, long, const E *, int, int, int, int); \
     static const kind##_fn kind##_shapes[4][NV] = {{kind##_8_1, kind##_8_2, kind##_8_3},           \
                                                    {kind##_4_1, kind##_4_2, kind##_4_3},           \
