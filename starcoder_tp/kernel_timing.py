@@ -161,7 +161,7 @@ def decode_calls(weight: torch.Tensor, rows: int, kinds: Iterable[str], activati
     rank's heartbeat, as MKL packs only ~0.8 GB/s). With an `activation` (the MLP's first
     linear) each call includes it as the model runs it (Linear.forward_activated): oneDNN's
     post-op on the packed weight, applied after the other kernels."""
-    from . import gemv, panels, rowdot
+    from . import gemv, malloc, panels, rowdot
     from .linear import fp32_linear, mkl_linear, packed_linear
 
     def made(copy: torch.Tensor | None) -> torch.Tensor | None:
@@ -171,7 +171,8 @@ def decode_calls(weight: torch.Tensor, rows: int, kinds: Iterable[str], activati
     eager, post_op, algorithm = _activation(activation)
     x = torch.randn(rows, weight.shape[1]).to(weight.dtype)
     sizes = weight.new_empty(1).expand(weight.shape)
-    plains = [weight] + [made(weight.clone()) for _ in range(copies - 1)] if {"plain", "fp32", "gemv", "rowdot"} & set(kinds) else []
+    plains = ([weight] + [made(malloc.copy_of(weight)) for _ in range(copies - 1)]
+              if {"plain", "fp32", "gemv", "rowdot"} & set(kinds) else [])
     calls = {}
     for kind in kinds:
         if kind in ONEDNN_LAYOUTS:
@@ -182,7 +183,7 @@ def decode_calls(weight: torch.Tensor, rows: int, kinds: Iterable[str], activati
             calls[kind] = lambda n=nxt: eager(mkl_linear(x, n(), sizes, None))
         elif kind == "panels":  # the activation as Linear.forward_activated runs it
             first = made(panels.pack(weight, rows))  # (a copy of it, not a permutation of the weight again)
-            nxt = itertools.cycle([first] + [made(first.clone()) for _ in range(copies - 1)]).__next__
+            nxt = itertools.cycle([first] + [made(malloc.copy_of(first)) for _ in range(copies - 1)]).__next__
             fused = (post_op, algorithm) if activation and panels.fuses(post_op, algorithm) else None
             calls[kind] = lambda n=nxt, f=fused: (panels.linear(x, n(), None, f) if f else
                                                   eager(panels.linear(x, n(), None)))

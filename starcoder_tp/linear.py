@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import gemv, panels, rowdot
+from . import gemv, malloc, panels, rowdot
 from .activations import ACTIVATIONS
 from .kernels import SPLIT_ROWS, Choice
 from .layouts import ONEDNN_LAYOUTS, PACKERS, relaid
@@ -172,14 +172,14 @@ class Linear(nn.Linear):
                 packed = PACKERS[layout](plain, rows) if reversible else None
                 if packed is None:
                     choice = Choice("plain", "plain")
-                    self.weight = nn.Parameter(plain, requires_grad=False)
+                    self.weight = nn.Parameter(malloc.placed(plain), requires_grad=False)
                 else:
                     # The plain weight is no longer read; an empty tensor of the same dtype keeps
                     # the parameter in place (names, dtype) without holding its memory.
                     self.weight = nn.Parameter(plain.new_empty(0), requires_grad=False)
                     self.packed_sizes = plain.new_empty(1).expand(plain.shape)
             elif layout not in PACKERS and self.packed is not None:
-                self.weight = nn.Parameter(self.plain_weight(), requires_grad=False)
+                self.weight = nn.Parameter(malloc.placed(self.plain_weight()), requires_grad=False)
         self.packed, self.packed_rows = packed, rows if packed is not None else 0
         self.packed_kind = choice.decode if packed is not None else None
         self.decode_kernel, self.short_kernel, self.prefill_kernel = choice.decode, choice.short, choice.prefill

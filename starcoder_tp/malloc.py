@@ -20,10 +20,19 @@ one start to another; with 4 KiB pages by 7-15%, enough for the A/B harness to r
 comparing main with itself, and with 2 MiB pages by 5% in three runs of four (13% in one), the
 harness reading 1.03. On the AVX-512 Xeon they changed nothing measurable (RESULTS.md, "Huge
 pages for the weights on Zen 5").
+
+c10 advises such a block but aligns it to 4 KiB only, and the kernel can map a huge page only
+over a whole aligned 2 MiB of the advised range: a 2 MiB weight got none, a 2.25 MiB one mostly
+none, an 8 MiB one three of its four, and blocks reused from the heap none at all. So the weights
+the kernels read are placed by `empty` / `copy_of`: a block of their own from a 2 MiB boundary,
+whole huge pages, collapsed into them (MADV_COLLAPSE) before they are written (RESULTS.md, "Weights
+in whole huge pages").
 """
 from __future__ import annotations
 
 import ctypes
+import functools
+import math
 import os
 import platform
 import re
@@ -41,6 +50,11 @@ M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_MAX = -1, -2, -4
 # MADV_HUGEPAGE. Read once, at the process's first such block.
 THP_ENV = "THP_MEM_ALLOC_ENABLE"
 THP_SETTING = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+HUGE_PAGE_BYTES = 2 << 20
+# `empty` places tensors from this size on: the rounding up to whole huge pages costs at most
+# as much memory again as the tensor (a 1 MiB weight: a rank's share of a small model's at TP=2).
+HUGE_PAGE_MIN_BYTES = 1 << 20
+MADV_HUGEPAGE, MADV_COLLAPSE = 14, 25  # linux/mman.h (MADV_COLLAPSE: Linux 6.1 on)
 
 
 def malloc_choice() -> str:
@@ -90,5 +104,57 @@ def owned_copies(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     on the plain weight (gemv, oneDNN on the plain weight) read them there at every step: on the
     EPYC Zen 5 the bench-size model's fp32 batch-1 decode step took 3-18% longer so, its first
     token up to 5% (RESULTS.md, "Weights out of the file's mapping"). The copy costs about 0.15 s
-    per 550 MB at load; the file's pages stay in the page cache, free for the system to reclaim."""
-    return {name: tensor.clone() for name, tensor in state.items()}
+    per 550 MB at load; the file's pages stay in the page cache, free for the system to reclaim.
+    Large tensors are placed in whole huge pages (`empty`)."""
+    return {name: copy_of(tensor) for name, tensor in state.items()}
+
+
+@functools.cache
+def _madvise():
+    """libc's madvise(address, length, advice), or None off Linux/glibc."""
+    if platform.system() != "Linux":
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
+    return fn
+
+
+def places_in_huge_pages(nbytes: int) -> bool:
+    """Whether `empty` gives a CPU tensor of `nbytes` whole huge pages of its own: this process
+    asked for huge pages (enable_huge_pages, or THP_ENV=1 as set) and the tensor is large enough."""
+    return nbytes >= HUGE_PAGE_MIN_BYTES and os.environ.get(THP_ENV, "") == "1" and _madvise() is not None
+
+
+def empty(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> torch.Tensor:
+    """torch.empty(shape, dtype=dtype) on the CPU; where places_in_huge_pages, a view of a block of
+    its own that starts on a 2 MiB boundary and spans whole 2 MiB pages, advised and collapsed
+    into transparent huge pages before anything is written (where the kernel cannot collapse
+    them, pages not yet touched still come as huge pages at the first write)."""
+    nbytes = math.prod(shape) * dtype.itemsize
+    if not places_in_huge_pages(nbytes):
+        return torch.empty(shape, dtype=dtype)
+    span = -(-nbytes // HUGE_PAGE_BYTES) * HUGE_PAGE_BYTES
+    block = torch.empty(span + HUGE_PAGE_BYTES, dtype=torch.uint8)
+    region = block[-block.data_ptr() % HUGE_PAGE_BYTES:][:span]
+    madvise = _madvise()
+    madvise(region.data_ptr(), span, MADV_HUGEPAGE)
+    madvise(region.data_ptr(), span, MADV_COLLAPSE)  # (fails harmlessly before Linux 6.1 or without THP)
+    return region[:nbytes].view(dtype).view(shape)
+
+
+def copy_of(tensor: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy of the CPU tensor `tensor`, placed by `empty`."""
+    return empty(tensor.shape, tensor.dtype).copy_(tensor)
+
+
+def placed(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` itself where `empty` would not place it or it starts on a 2 MiB boundary
+    already (placed before), else copy_of(tensor): for a weight kept as the kernels read it."""
+    nbytes = tensor.numel() * tensor.element_size()
+    if (tensor.device.type != "cpu" or not places_in_huge_pages(nbytes)
+            or (tensor.is_contiguous() and tensor.data_ptr() % HUGE_PAGE_BYTES == 0)):
+        return tensor
+    return copy_of(tensor)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import rowdot
+from . import malloc, rowdot
 
 COLUMNS = 16  # output columns per panel
 # The activations the kernel applies to its output, by the oneDNN post-op and algorithm that
@@ -48,8 +48,10 @@ def pack(weight: torch.Tensor, rows: int = 1) -> torch.Tensor | None:
     n, k = weight.shape
     with torch.inference_mode(False), torch.no_grad():  # packed weights outlive inference mode
         if weight.dtype == torch.bfloat16:  # [N/16, 16, K/2, 2] -> [N/16, K/2, 16, 2]
-            return weight.detach().reshape(n // COLUMNS, COLUMNS, k // 2, 2).permute(0, 2, 1, 3).contiguous()
-        return weight.detach().reshape(n // COLUMNS, COLUMNS, k).permute(0, 2, 1).contiguous()  # [N/16, K, 16]
+            order = weight.detach().reshape(n // COLUMNS, COLUMNS, k // 2, 2).permute(0, 2, 1, 3)
+        else:
+            order = weight.detach().reshape(n // COLUMNS, COLUMNS, k).permute(0, 2, 1)  # [N/16, K, 16]
+        return malloc.copy_of(order)  # (in whole huge pages where the rank asked for them)
 
 
 def shape_of(packed: torch.Tensor) -> tuple[int, int]:
