@@ -21,7 +21,7 @@ from torch import nn
 from .attention import Attention, attention_mask
 from .comm import TPGroup
 from .config import ModelConfig
-from . import kernels, layouts, malloc
+from . import argmax, kernels, layouts, malloc
 from .kernels import KERNEL_MODES, Choice
 from .linear import NATIVE_BF16_MATMUL, Linear, run_kernel
 from .shard import load_part, part_tensor_reader
@@ -196,7 +196,7 @@ class TPCausalLM(nn.Module):
         weighed = "" if self.kernel_request is None else (
             f", weighed for {self.kernel_request[0]} prompt rows + {self.kernel_request[1]} steps")
         return (f"{self.kernel_mode} ({self.kernel_plan_source}, batch {self.kernel_rows}{weighed}): "
-                f"{kernels.describe(self.kernel_plan)}")
+                f"{kernels.describe(self.kernel_plan)}{argmax.describe(self.kernel_rows, self.local_vocab)}")
 
     def compile_decode(self, mode: str | None = None) -> None:
         """Run decode steps through torch.compile (inductor) of the fixed-shape step (`forward`
@@ -256,6 +256,8 @@ class TPCausalLM(nn.Module):
             attn.k_cache = torch.zeros(shape, dtype=weight.dtype, device=weight.device)
             attn.v_cache = torch.zeros(shape, dtype=weight.dtype, device=weight.device)
         self.cache_batch, self.cache_len = batch, max_seq_len
+        if weight.device.type == "cpu":  # the greedy pick's form at this batch (pick_greedy)
+            argmax.calibrate(batch, self.local_vocab, weight.dtype)
 
     def embed(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         # input_ids, position_ids: [B, T] -> [B, T, E]
@@ -315,9 +317,7 @@ class TPCausalLM(nn.Module):
 
         Ties go to the lowest token id, as torch.argmax over the full logits does.
         """
-        # max(dim) gives the first maximum's index too, and on the CPU it is 3-5x faster than
-        # argmax over a vocabulary row (benchmarks/RESULTS.md, "Decode-step overheads").
-        local_val, local_idx = logits.max(dim=-1)  # [B], [B]
+        local_val, local_idx = argmax.row_max(logits)  # [B], [B]: max(dim=-1), by argmax.c where faster
         if self.tp.world_size == 1:
             return local_idx
         packed = torch.stack([local_val.double(), (local_idx + self.vocab_start).double()], dim=-1)  # [B, 2]

@@ -102,10 +102,16 @@ class _GatherFromShards:
         return torch.stack(self.gathered) if all(g is not None for g in self.gathered) else t.unsqueeze(0)
 
 
+@pytest.mark.parametrize("form", ["torch", "argmax.c"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("world_size", [1, 2, 3])
-def test_pick_greedy_is_the_full_argmax_with_ties_to_the_lowest_id(dtype, world_size):
+def test_pick_greedy_is_the_full_argmax_with_ties_to_the_lowest_id(dtype, world_size, form, monkeypatch):
+    from starcoder_tp import argmax
     from starcoder_tp.model import TPCausalLM
+
+    if form == "argmax.c" and not argmax.available():
+        pytest.skip("argmax.c is not built or this CPU lacks AVX-512")
+    monkeypatch.setattr(argmax, "PICK_FORM", {(64, 12, dtype): form == "argmax.c"})
 
     # Few distinct values, so that most rows have ties within a shard and across shards.
     gen = torch.Generator().manual_seed(0)

@@ -1,0 +1,91 @@
+"""The greedy pick's row maxima, each row's largest logit and its first index, by a kernel of our
+own (argmax.c) where it was measured faster than torch's max.
+
+`TPCausalLM.pick_greedy` reduces each rank's vocabulary shard to its maximum and index, then
+picks among the ranks. torch's max(dim=-1) runs that reduction at about two elements a nanosecond
+on one thread of the EPYC Zen 5: 0.4-0.5 ms of a bf16 batch-16 decode step of the bench-size
+model (49152 logits a row). It was already the fastest of torch's forms there: argmax and amax
+then a first index ran 1.1-6x slower. argmax.c keeps a maximum and its index in each of 16 lanes
+(its header says how). The two give the same values and indices, NaN included (the first NaN),
+so a rank may run either; which one runs at a shape is measured (`calibrate`, at setup_cache,
+outside any timed region). The kernel is built with rowdot.c into one library (rowdot.py) and
+needs AVX-512; elsewhere torch's max runs.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+from . import rowdot
+
+_DTYPES = (torch.float32, torch.bfloat16)
+CALIBRATION_ROUNDS = 7  # timed calls of each form, alternated (the first of each is a warm-up)
+# (rows, columns, dtype) -> whether argmax.c runs there: set by calibrate, read by row_max.
+PICK_FORM: dict[tuple[int, int, torch.dtype], bool] = {}
+
+
+def available() -> bool:
+    """Whether argmax.c is built and runs on this CPU."""
+    lib, _ = rowdot.library()
+    return lib is not None and bool(lib.attend_supported())  # (the same AVX-512 subset as attend.c)
+
+
+def supports(logits: torch.Tensor) -> bool:
+    """Whether `ours` takes these logits: [rows, n] on the CPU, fp32 or bf16, each row contiguous."""
+    return (logits.device.type == "cpu" and logits.dim() == 2 and logits.dtype in _DTYPES
+            and logits.shape[1] > 0 and logits.stride(1) == 1 and available())
+
+
+def ours(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the largest value of each row as fp32, the index of its first occurrence), [rows] each,
+    by argmax.c: what logits.max(dim=-1) gives (NaN: the first NaN). Only for what `supports` takes."""
+    if not supports(logits):
+        raise ValueError(f"argmax.ours: logits {list(logits.shape)} {logits.dtype} on {logits.device} (strides "
+                         f"{logits.stride()}): not what argmax.c takes")
+    rows, n = logits.shape
+    values, index = torch.empty(rows, dtype=torch.float32), torch.empty(rows, dtype=torch.int64)
+    lib, _ = rowdot.library()
+    kernel = lib.argmax_f32 if logits.dtype == torch.float32 else lib.argmax_bf16
+    if kernel(logits.data_ptr(), logits.stride(0), rows, n, values.data_ptr(), index.data_ptr()):
+        raise ValueError(f"argmax.ours: argmax.c does not take {n} columns")
+    return values, index
+
+
+def row_max(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits.max(dim=-1) of [rows, n] logits: by argmax.c where `calibrate` measured it faster at
+    this shape and dtype, else by torch. The values' dtype may differ (fp32 from ours)."""
+    if logits.dim() == 2 and PICK_FORM.get((*logits.shape, logits.dtype)) and supports(logits):
+        return ours(logits)
+    return logits.max(dim=-1)
+
+
+def calibrate(rows: int, n: int, dtype: torch.dtype) -> str:
+    """Time torch's max and argmax.c on random [rows, n] logits in `dtype` (once per shape and
+    process) and note in PICK_FORM whether ours was faster; returns what was found."""
+    key = (rows, n, dtype)
+    sample = torch.randn(rows, n).to(dtype)
+    if not supports(sample):
+        PICK_FORM[key] = False
+        return "torch (argmax.c does not run here)"
+    ms = time_forms({"torch": lambda: sample.max(dim=-1), "ours": lambda: ours(sample)})
+    PICK_FORM[key] = ms["ours"] < ms["torch"]
+    return f"{'ours' if PICK_FORM[key] else 'torch'} ({rows}x{n}: argmax.c {ms['ours']:.3f} vs torch {ms['torch']:.3f} ms)"
+
+
+def describe(rows: int, n: int) -> str:
+    """"; pick:ours" or "; pick:torch" where calibrate measured [rows, n] logits (in any dtype), else ""."""
+    measured = [ours for (r, columns, _), ours in PICK_FORM.items() if (r, columns) == (rows, n)]
+    return f"; pick:{'ours' if any(measured) else 'torch'}" if measured else ""
+
+
+def time_forms(forms: dict[str, object]) -> dict[str, float]:
+    """Each callable's median ms over CALIBRATION_ROUNDS calls, alternated, the first dropped."""
+    times: dict[str, list[float]] = {name: [] for name in forms}
+    for round_ in range(CALIBRATION_ROUNDS):
+        for name in (list(forms) if round_ % 2 == 0 else list(forms)[::-1]):
+            started = time.perf_counter()
+            forms[name]()
+            times[name].append(time.perf_counter() - started)
+    return {name: statistics.median(t[1:]) * 1e3 for name, t in times.items()}
