@@ -15,14 +15,16 @@ from starcoder_tp.timing import timed_generate
 
 @pytest.fixture
 def gelu_state(monkeypatch):
-    """TANH_GELU as a fresh process has it, and the attention's form uncalibrated (a model loaded
-    by an earlier test calibrates it, and the plan's line names it); restored afterwards."""
+    """TANH_GELU as a fresh process has it, and the attention's forms uncalibrated (a model loaded
+    by an earlier test calibrates them, and the plan's line names them); restored afterwards."""
     from starcoder_tp.attention import PREFILL_FORM
+    from starcoder_tp.decode_attention import DECODE_FORM
 
     monkeypatch.setattr(TANH_GELU, "split_from", None)
     monkeypatch.setattr(TANH_GELU, "calibrated", "")
     monkeypatch.setattr(PREFILL_FORM, "blocks_at", frozenset())
     monkeypatch.setattr(PREFILL_FORM, "calibrated", "")
+    monkeypatch.setattr(DECODE_FORM, "calibrated", "")
     return TANH_GELU
 
 
