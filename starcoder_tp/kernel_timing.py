@@ -32,6 +32,7 @@ from typing import Callable, Iterable
 
 import torch
 
+from . import malloc
 from .cpu import last_level_cache_bytes
 from .layouts import ONEDNN_LAYOUTS, PACKERS, pack, pack_mkl
 
@@ -154,6 +155,19 @@ def _activation(activation: str | None) -> tuple[Callable, str, str]:
     return ACTIVATIONS[activation] if activation else (lambda y: y, "none", "")
 
 
+def side_by_side(tensor: torch.Tensor, count: int, on_progress: Callable[[], None] = lambda: None) -> list[torch.Tensor]:
+    """`count` copies of `tensor`, side by side in one block placed as the model's weights are
+    (malloc.empty: in huge pages where the rank asked for them, without rounding each copy up to
+    whole pages); `on_progress` after each."""
+    if count < 1:
+        return []
+    block = malloc.empty((count, *tensor.shape), tensor.dtype)
+    for copy in block:
+        copy.copy_(tensor)
+        on_progress()
+    return list(block.unbind(0))
+
+
 def decode_calls(weight: torch.Tensor, rows: int, kinds: Iterable[str], activation: str | None = None,
                  copies: int = 1, on_progress: Callable[[], None] = lambda: None) -> dict[str, Callable[[], object]]:
     """Callables running each decode candidate at `rows` rows, each call on the next of `copies`
@@ -161,7 +175,7 @@ def decode_calls(weight: torch.Tensor, rows: int, kinds: Iterable[str], activati
     rank's heartbeat, as MKL packs only ~0.8 GB/s). With an `activation` (the MLP's first
     linear) each call includes it as the model runs it (Linear.forward_activated): oneDNN's
     post-op on the packed weight, applied after the other kernels."""
-    from . import gemv, malloc, panels, rowdot
+    from . import gemv, panels, rowdot
     from .linear import fp32_linear, mkl_linear, packed_linear
 
     def made(copy: torch.Tensor | None) -> torch.Tensor | None:
@@ -171,8 +185,8 @@ def decode_calls(weight: torch.Tensor, rows: int, kinds: Iterable[str], activati
     eager, post_op, algorithm = _activation(activation)
     x = torch.randn(rows, weight.shape[1]).to(weight.dtype)
     sizes = weight.new_empty(1).expand(weight.shape)
-    plains = ([weight] + [made(malloc.copy_of(weight)) for _ in range(copies - 1)]
-              if {"plain", "fp32", "gemv", "rowdot"} & set(kinds) else [])
+    wants_plain = bool({"plain", "fp32", "gemv", "rowdot"} & set(kinds))
+    plains = [weight] + side_by_side(weight, copies - 1, on_progress) if wants_plain else []
     calls = {}
     for kind in kinds:
         if kind in ONEDNN_LAYOUTS:
@@ -183,7 +197,7 @@ def decode_calls(weight: torch.Tensor, rows: int, kinds: Iterable[str], activati
             calls[kind] = lambda n=nxt: eager(mkl_linear(x, n(), sizes, None))
         elif kind == "panels":  # the activation as Linear.forward_activated runs it
             first = made(panels.pack(weight, rows))  # (a copy of it, not a permutation of the weight again)
-            nxt = itertools.cycle([first] + [made(malloc.copy_of(first)) for _ in range(copies - 1)]).__next__
+            nxt = itertools.cycle([first] + side_by_side(first, copies - 1, on_progress)).__next__
             fused = (post_op, algorithm) if activation and panels.fuses(post_op, algorithm) else None
             calls[kind] = lambda n=nxt, f=fused: (panels.linear(x, n(), None, f) if f else
                                                   eager(panels.linear(x, n(), None)))

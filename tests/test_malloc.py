@@ -197,3 +197,18 @@ def test_panels_and_a_weight_laid_out_plain_again_are_placed(monkeypatch):
     assert linear.packed.data_ptr() % HUGE_PAGE_BYTES == 0, "the panels the kernel reads at every step"
     assert not linear.use_kernels(Choice("rowdot", "plain"), 4)
     assert torch.equal(linear.weight, plain) and linear.weight.data_ptr() % HUGE_PAGE_BYTES == 0
+
+
+@pytest.mark.skipif(platform.system() != "Linux", reason="placement uses Linux's madvise")
+def test_the_plans_copies_lie_side_by_side_in_one_placed_block(monkeypatch):
+    from starcoder_tp.kernel_timing import side_by_side
+
+    monkeypatch.setattr(malloc, "places_in_huge_pages", lambda nbytes: True)
+    weight = torch.randn(1152, 1024).to(torch.bfloat16)  # 2.25 MiB: rounded up, each copy would take 4 MiB
+    ticks = []
+    copies = side_by_side(weight, 5, lambda: ticks.append(1))
+    assert len(copies) == 5 == len(ticks) and all(torch.equal(c, weight) and c.is_contiguous() for c in copies)
+    starts = [c.data_ptr() for c in copies]
+    assert starts[0] % HUGE_PAGE_BYTES == 0, "the block starts on a huge page"
+    assert [b - a for a, b in zip(starts, starts[1:])] == [weight.numel() * 2] * 4, "no rounding between copies"
+    assert side_by_side(weight, 0) == []
