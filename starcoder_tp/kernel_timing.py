@@ -161,11 +161,13 @@ def side_by_side(tensor: torch.Tensor, count: int, on_progress: Callable[[], Non
     whole pages); `on_progress` after each."""
     if count < 1:
         return []
-    block = malloc.empty((count, *tensor.shape), tensor.dtype)
-    for copy in block:
-        copy.copy_(tensor)
-        on_progress()
-    return list(block.unbind(0))
+    with torch.no_grad():  # (weights, never differentiated; unbind's views would refuse copy_ under grad mode)
+        block = malloc.empty((count, *tensor.shape), tensor.dtype)
+        copies = [block[i] for i in range(count)]
+        for copy in copies:
+            copy.copy_(tensor)
+            on_progress()
+    return copies
 
 
 def decode_calls(weight: torch.Tensor, rows: int, kinds: Iterable[str], activation: str | None = None,

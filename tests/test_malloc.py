@@ -212,3 +212,9 @@ def test_the_plans_copies_lie_side_by_side_in_one_placed_block(monkeypatch):
     assert starts[0] % HUGE_PAGE_BYTES == 0, "the block starts on a huge page"
     assert [b - a for a, b in zip(starts, starts[1:])] == [weight.numel() * 2] * 4, "no rounding between copies"
     assert side_by_side(weight, 0) == []
+    with torch.inference_mode():  # as a plan measured at a request's first decode batch
+        made = side_by_side(weight, 2)
+    with torch.inference_mode(False), torch.no_grad():  # as kernels.measure lays weights out
+        made += side_by_side(weight, 2)
+    made += side_by_side(weight.requires_grad_(), 2)
+    assert all(torch.equal(c, weight) for c in made)
