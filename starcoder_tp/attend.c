@@ -11,6 +11,12 @@
  * softmax and sums are fp32; bf16 keys and values are widened into a buffer first and the output
  * rounded once. A masked key (padding, the sliding window, slots not written yet) is skipped:
  * its value is never read, whatever the cache holds there.
+ *
+ * In a model's step the cache comes from memory (the weights' stream evicts it between steps), and
+ * one sequence's keys and values are too short a run for the hardware prefetcher: while one
+ * sequence's keys are scored, the next sequence's keys and values are asked for, a row of each
+ * per key. From memory that took batch-16 steps to 0.50-0.63 of the time in fp32 and 0.69-0.79 in
+ * bf16 (RESULTS.md, "Decode attention: the next sequence asked for").
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -23,11 +29,22 @@
 #define LANES 16
 #define KEYS 4  /* keys scored at once: independent sums that hide the multiply-add's latency */
 
+/* Key s's rows of the next sequence's keys and values (row_bytes each, at pk and pv), asked for. */
+AVX512 INLINE void ask_next(const char *pk, const char *pv, long s, long row_bytes) {
+    for (long line = 0; line < row_bytes; line += 64) {
+        _mm_prefetch(pk + s * row_bytes + line, _MM_HINT_T0);
+        _mm_prefetch(pv + s * row_bytes + line, _MM_HINT_T0);
+    }
+}
+
 /* One sequence, one K/V head, up to 16 query heads (gn): q [gn][D] at q (row stride D), keys and
  * values [S][D] fp32 at k, v, valid: NULL or a byte per key (0: masked). Scratch, 64-byte aligned:
- * scores [S][16], qt [D][16] (the queries transposed and scaled). Writes out [gn][D] (row stride D). */
+ * scores [S][16], qt [D][16] (the queries transposed and scaled). Writes out [gn][D] (row stride D).
+ * pk, pv: the next sequence's keys and values (S rows of row_bytes), asked for as keys are scored;
+ * NULL: none. */
 AVX512 static void attend_heads(const float *q, int gn, const float *k, const float *v, const uint8_t *valid,
-                                long s_len, long d_len, float scale, float *scores, float *qt, float *out) {
+                                long s_len, long d_len, float scale, float *scores, float *qt, float *out,
+                                const char *pk, const char *pv, long row_bytes) {
     __mmask16 lanes = (__mmask16)((1u << gn) - 1u);
     for (long d = 0; d < d_len; d++) {
         __m512i idx = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
@@ -47,6 +64,9 @@ AVX512 static void attend_heads(const float *q, int gn, const float *k, const fl
             for (int i = 0; i < KEYS; i++)
                 acc[i] = _mm512_fmadd_ps(qd, _mm512_set1_ps(k[(s + i) * d_len + d]), acc[i]);
         }
+        if (pk)
+            for (int i = 0; i < KEYS; i++)
+                ask_next(pk, pv, s + i, row_bytes);
         for (int i = 0; i < KEYS; i++) {
             _mm512_store_ps(scores + (s + i) * LANES, acc[i]);
             if (!valid || valid[s + i])
@@ -54,6 +74,8 @@ AVX512 static void attend_heads(const float *q, int gn, const float *k, const fl
         }
     }
     for (; s < s_len; s++) {
+        if (pk)
+            ask_next(pk, pv, s, row_bytes);
         __m512 acc = _mm512_setzero_ps();
         for (long d = 0; d < d_len; d++)
             acc = _mm512_fmadd_ps(_mm512_load_ps(qt + d * LANES), _mm512_set1_ps(k[s * d_len + d]), acc);
@@ -117,6 +139,10 @@ AVX512 static int attend_all(const void *q, long q_b, const void *k, const void 
             const uint8_t *valid = mask ? mask + b * mask_b : NULL;
             long kv_at = b * kv_b + j * kv_h;
             const float *kr = (const float *)k + kv_at, *vr = (const float *)v + kv_at;
+            long next_b = j + 1 < kv_len ? b : b + 1, next_at = next_b * kv_b + (j + 1 < kv_len ? j + 1 : 0) * kv_h;
+            long size = bf16 ? 2 : 4;  /* (the next (sequence, K/V head)'s rows: asked for by its first heads) */
+            const char *pk = next_b < b_len ? (const char *)k + next_at * size : NULL;
+            const char *pv = next_b < b_len ? (const char *)v + next_at * size : NULL;
             if (bf16) {
                 widen_rows((const uint16_t *)k + kv_at, s_len, d_len, kf);
                 widen_rows((const uint16_t *)v + kv_at, s_len, d_len, vf);
@@ -127,11 +153,11 @@ AVX512 static int attend_all(const void *q, long q_b, const void *k, const void 
                 long head = j * g_len + g0, q_at = b * q_b + head * d_len, out_at = (b * kv_len * g_len + head) * d_len;
                 if (!bf16) {
                     attend_heads((const float *)q + q_at, gn, kr, vr, valid, s_len, d_len, scale, scores, qt,
-                                 (float *)out + out_at);
+                                 (float *)out + out_at, g0 ? NULL : pk, pv, d_len * size);
                     continue;
                 }
                 widen_rows((const uint16_t *)q + q_at, gn, d_len, qf);
-                attend_heads(qf, gn, kr, vr, valid, s_len, d_len, scale, scores, qt, of);
+                attend_heads(qf, gn, kr, vr, valid, s_len, d_len, scale, scores, qt, of, g0 ? NULL : pk, pv, d_len * size);
                 for (long i = 0; i < gn * d_len; i += LANES)
                     _mm256_storeu_si256((__m256i *)((uint16_t *)out + out_at + i),
                                         _mm512_cvtepi32_epi16(round_bf16(_mm512_loadu_ps(of + i))));
