@@ -11,6 +11,7 @@
  * pass less over its output) and, in bf16, rounded once.
  */
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -18,6 +19,9 @@
 
 #define MR 8  /* rows of x per block */
 #define NV 3  /* panels per block: MR * NV = 24 accumulators */
+#ifndef CHUNK_STEPS
+#define CHUNK_STEPS 1024  /* K steps per pass over a block of panels (see BLOCK) */
+#endif
 #define ACT_GELU_TANH 1
 #define ACT_RELU 2
 #define BETA 0.7978845608028654f /* sqrt(2 / pi) */
@@ -56,15 +60,31 @@ AVX512 INLINE __m512 activate(__m512 v, int act) {
         }                                                                                          \
     } while (0)
 
-/* One block of MB_ rows and NB_ panels (constants: each shape compiled on its own, its loops
- * unrolled and its accumulators in registers). E: the element type; STEPS: K steps (K / 2 in
- * bf16, pairs); LOAD_X(m, s): row m's step s broadcast; OP: the multiply-add; BIAS(v): the bias
- * of panel v as fp32; STORE(m, v, s): the 16 outputs. `next`: the next block's first panel, whose
- * `ahead` panels are asked for as this block runs (0: none): the lines of every `stride`-th step
- * from `phase` on, each of a block's `stride` row blocks asking for its share, so that the requests
- * run through the whole block's time. Asked for all at once by the first rows, the lines queued
- * behind each other while the later rows ran with the memory idle: 16 and 32 rows ran 10-22%
- * slower (RESULTS.md, "Panels' prefetch spread over the row blocks"). */
+/* (BLOCK's and CHUNK's) the K loop over `steps` steps: the next chunk's lines of every `stride`-th
+ * step from `phase` on asked for (each of a block's `stride` row blocks asking for its share, so that
+ * the requests run through the whole block's time: asked for all at once by the first rows, the lines
+ * queued behind each other while the later rows ran with the memory idle, and 16 and 32 rows ran
+ * 10-22% slower; RESULTS.md, "Panels' prefetch spread over the row blocks"), and the products summed. */
+#define K_LOOP(LOAD_X, OP, MB_, NB_)                                                               \
+    if (stride == 1) /* one row block: it asks for all of the next block's panels */               \
+        for (long s = 0; s < steps; s++) {                                                         \
+            PREFETCH_STEP(s, NB_);                                                                 \
+            MULTIPLY_STEP(LOAD_X, OP, s, MB_, NB_);                                                \
+        }                                                                                          \
+    else                                                                                           \
+        for (long s = 0, turn = 0; s < steps; s++) {                                               \
+            if (turn == phase)                                                                     \
+                PREFETCH_STEP(s, NB_);                                                             \
+            if (++turn == stride)                                                                  \
+                turn = 0;                                                                          \
+            MULTIPLY_STEP(LOAD_X, OP, s, MB_, NB_);                                                \
+        }
+
+/* One block of MB_ rows and NB_ panels over the whole of K (constants: each shape compiled on its
+ * own, its loops unrolled and its accumulators in registers). E: the element type; STEPS: K steps
+ * (K / 2 in bf16, pairs); LOAD_X(m, s): row m's step s broadcast; OP: the multiply-add; BIAS(v): the
+ * bias of panel v as fp32; STORE(m, v, s): the 16 outputs. `next`: the next block's first panel,
+ * whose `ahead` panels are asked for as this block runs (0: none), as K_LOOP says. */
 #define BLOCK(name, attr, E, STEPS, LOAD_X, OP, BIAS, STORE, MB_, NB_)                             \
     attr static __attribute__((noinline)) void name(const E *w, const E *x, const E *b, E *y, long n, long k, \
                                                    long col, const E *next, int ahead, int act, int phase, \
@@ -74,24 +94,29 @@ AVX512 INLINE __m512 activate(__m512 v, int act) {
             for (int v = 0; v < NB_; v++)                                                          \
                 acc[m][v] = _mm512_setzero_ps();                                                   \
         const long panel = k * 16, steps = STEPS;                                                  \
-        if (stride == 1) /* one row block: it asks for all of the next block's panels */           \
-            for (long s = 0; s < steps; s++) {                                                     \
-                PREFETCH_STEP(s, NB_);                                                             \
-                MULTIPLY_STEP(LOAD_X, OP, s, MB_, NB_);                                            \
-            }                                                                                      \
-        else                                                                                       \
-            for (long s = 0, turn = 0; s < steps; s++) {                                           \
-                if (turn == phase)                                                                 \
-                    PREFETCH_STEP(s, NB_);                                                         \
-                if (++turn == stride)                                                              \
-                    turn = 0;                                                                      \
-                MULTIPLY_STEP(LOAD_X, OP, s, MB_, NB_);                                            \
-            }                                                                                      \
+        K_LOOP(LOAD_X, OP, MB_, NB_)                                                               \
         for (int m = 0; m < MB_; m++)                                                              \
             for (int v = 0; v < NB_; v++) {                                                        \
                 __m512 out = b ? _mm512_add_ps(acc[m][v], BIAS(v)) : acc[m][v];                    \
                 STORE(m, v, activate(out, act));                                                   \
             }                                                                                      \
+    }
+
+/* BLOCK over a chunk of `steps` K steps (see SHAPES), its sums carried in `sums` ([MB_][NV][16]
+ * fp32) from one chunk to the next: loaded, summed over the chunk, stored. (The chunk's bookkeeping
+ * kept out of the loop: in it, the fp32 loop ran 5-7% slower.) */
+#define CHUNK(name, attr, E, LOAD_X, OP, MB_, NB_)                                                 \
+    attr static __attribute__((noinline)) void name(const E *w, const E *x, long k, const E *next, int ahead, \
+                                                   int phase, int stride, long steps, float *sums) { \
+        __m512 acc[MB_][NB_];                                                                      \
+        for (int m = 0; m < MB_; m++)                                                              \
+            for (int v = 0; v < NB_; v++)                                                          \
+                acc[m][v] = _mm512_loadu_ps(sums + (m * NV + v) * 16);                            \
+        const long panel = k * 16;                                                                 \
+        K_LOOP(LOAD_X, OP, MB_, NB_)                                                               \
+        for (int m = 0; m < MB_; m++)                                                              \
+            for (int v = 0; v < NB_; v++)                                                          \
+                _mm512_storeu_ps(sums + (m * NV + v) * 16, acc[m][v]);                            \
     }
 
 /* bf16: a K pair per step (64 bytes of a panel: 16 columns x 2). */
@@ -115,28 +140,79 @@ AVX512 INLINE __m512 fma_f32(__m512 a, __m512i w, __m512i x) {
     return _mm512_fmadd_ps(_mm512_castsi512_ps(w), _mm512_castsi512_ps(x), a);
 }
 
-/* (SHAPES') the blocks of MB_ rows and 3, 2 or 1 panels. */
+/* (SHAPES') the blocks of MB_ rows and 3, 2 or 1 panels, whole and in chunks. */
 #define ROW_SHAPES(kind, attr, E, STEPS, X, OP, BIAS, STORE, MB_)                                  \
     BLOCK(kind##_##MB_##_3, attr, E, STEPS, X, OP, BIAS, STORE, MB_, 3)                            \
     BLOCK(kind##_##MB_##_2, attr, E, STEPS, X, OP, BIAS, STORE, MB_, 2)                            \
-    BLOCK(kind##_##MB_##_1, attr, E, STEPS, X, OP, BIAS, STORE, MB_, 1)
+    BLOCK(kind##_##MB_##_1, attr, E, STEPS, X, OP, BIAS, STORE, MB_, 1)                            \
+    CHUNK(kind##_chunk_##MB_##_3, attr, E, X, OP, MB_, 3)                                          \
+    CHUNK(kind##_chunk_##MB_##_2, attr, E, X, OP, MB_, 2)                                          \
+    CHUNK(kind##_chunk_##MB_##_1, attr, E, X, OP, MB_, 1)
 
-#define SHAPES(kind, attr, E, STEPS, X, OP, BIAS, STORE)                                           \
-    ROW_SHAPES(kind, attr, E, STEPS, X, OP, BIAS, STORE, 8)                                        \
-    ROW_SHAPES(kind, attr, E, STEPS, X, OP, BIAS, STORE, 4)                                        \
-    ROW_SHAPES(kind, attr, E, STEPS, X, OP, BIAS, STORE, 2)                                        \
-    ROW_SHAPES(kind, attr, E, STEPS, X, OP, BIAS, STORE, 1)                                        \
+/* XS: elements of x per K step (a step is 64 bytes of a panel, 16 * XS elements). */
+#define SHAPES(kind, attr, E, XS, X, OP, BIAS, STORE)                                              \
+    ROW_SHAPES(kind, attr, E, k / XS, X, OP, BIAS, STORE, 8)                                       \
+    ROW_SHAPES(kind, attr, E, k / XS, X, OP, BIAS, STORE, 4)                                       \
+    ROW_SHAPES(kind, attr, E, k / XS, X, OP, BIAS, STORE, 2)                                       \
+    ROW_SHAPES(kind, attr, E, k / XS, X, OP, BIAS, STORE, 1)                                       \
     typedef void (*kind##_fn)(const E *, const E *, const E *, E *, long, long, long, const E *, int, int, int, int); \
     static const kind##_fn kind##_shapes[4][NV] = {{kind##_8_1, kind##_8_2, kind##_8_3},           \
                                                    {kind##_4_1, kind##_4_2, kind##_4_3},           \
                                                    {kind##_2_1, kind##_2_2, kind##_2_3},           \
                                                    {kind##_1_1, kind##_1_2, kind##_1_3}};          \
+    typedef void (*kind##_chunk_fn)(const E *, const E *, long, const E *, int, int, int, long, float *); \
+    static const kind##_chunk_fn kind##_chunks[4][NV] = {                                          \
+        {kind##_chunk_8_1, kind##_chunk_8_2, kind##_chunk_8_3}, {kind##_chunk_4_1, kind##_chunk_4_2, kind##_chunk_4_3}, \
+        {kind##_chunk_2_1, kind##_chunk_2_2, kind##_chunk_2_3}, {kind##_chunk_1_1, kind##_chunk_1_2, kind##_chunk_1_3}}; \
+    /* A long K in chunks of CHUNK_STEPS steps, every row block against a block's chunk before the  \
+     * next chunk: the chunk stays in the L2 cache and a row block's x in L1. Whole, a K of 4096 ran \
+     * 11-19% below a K of 1024 at 16 rows (RESULTS.md, "Panels in chunks of K"). The sums are \
+     * carried in `part` ([m][NV][16] fp32), bias, activation and output after the last chunk. */  \
+    attr static void kind##_chunked(const E *w, const E *x, const E *b, E *y, long n, long k, long m, int act, \
+                                    float *part, int blocks) {                                     \
+        long panels = n / 16, total = k / XS;                                                      \
+        for (long p = 0; p < panels; p += NV) {                                                    \
+            int nv = panels - p < NV ? (int)(panels - p) : NV;                                     \
+            memset(part, 0, (size_t)m * NV * 16 * sizeof(float));                                  \
+            for (long c = 0; c < total; c += CHUNK_STEPS) {                                        \
+                long len = total - c < CHUNK_STEPS ? total - c : CHUNK_STEPS;                      \
+                const E *here = w + p * k * 16 + c * 16 * XS, *next = here + len * 16 * XS;        \
+                int ahead = nv; /* the next chunk of these panels, or the next block's first */    \
+                if (c + len == total) {                                                            \
+                    long left = panels - (p + NV);                                                 \
+                    ahead = left <= 0 ? 0 : left < NV ? (int)left : NV;                            \
+                    next = w + (ahead ? p + NV : p) * k * 16;                                      \
+                }                                                                                  \
+                for (long r = 0, j = 0; r < m; j++) {                                              \
+                    int mr = m - r >= 8 ? 8 : m - r >= 4 ? 4 : m - r >= 2 ? 2 : 1;                 \
+                    kind##_chunks[mr == 8 ? 0 : mr == 4 ? 1 : mr == 2 ? 2 : 3][nv - 1](            \
+                        here, x + r * k + c * XS, k, next, ahead, (int)j, blocks, len, part + r * NV * 16); \
+                    r += mr;                                                                       \
+                }                                                                                  \
+            }                                                                                      \
+            const long col = p * 16;                                                               \
+            for (long r = 0; r < m; r++)                                                           \
+                for (int v = 0; v < nv; v++) {                                                     \
+                    __m512 out = _mm512_loadu_ps(part + (r * NV + v) * 16);                        \
+                    out = b ? _mm512_add_ps(out, BIAS(v)) : out;                                   \
+                    STORE(r, v, activate(out, act));                                               \
+                }                                                                                  \
+        }                                                                                          \
+    }                                                                                              \
     /* Blocks of NV panels, each against every row of x in blocks of 8, 4, 2, 1 rows. */           \
     attr static void kind##_all(const E *w, const E *x, const E *b, E *y, long n, long k, long m, int act) { \
         long panels = n / 16;                                                                      \
         int blocks = 0; /* row blocks: each asks for its share of the next block's panels */       \
         for (long r = 0; r < m; blocks++)                                                          \
             r += m - r >= 8 ? 8 : m - r >= 4 ? 4 : m - r >= 2 ? 2 : 1;                             \
+        if (k / XS > CHUNK_STEPS) { /* (where the sums' memory cannot be had: whole) */            \
+            float *part = malloc((size_t)m * NV * 16 * sizeof(float));                             \
+            if (part) {                                                                            \
+                kind##_chunked(w, x, b, y, n, k, m, act, part, blocks);                            \
+                free(part);                                                                        \
+                return;                                                                            \
+            }                                                                                      \
+        }                                                                                          \
         for (long p = 0; p < panels; p += NV) {                                                    \
             int nv = panels - p < NV ? (int)(panels - p) : NV;                                     \
             for (long r = 0, j = 0; r < m; j++) {                                                  \
@@ -151,8 +227,8 @@ AVX512 INLINE __m512 fma_f32(__m512 a, __m512i w, __m512i x) {
         }                                                                                          \
     }
 
-SHAPES(bf16, AVX512BF16, uint16_t, k / 2, BF16_X, dot_bf16, BF16_BIAS, BF16_STORE)
-SHAPES(f32, AVX512, float, k, F32_X, fma_f32, F32_BIAS, F32_STORE)
+SHAPES(bf16, AVX512BF16, uint16_t, 2, BF16_X, dot_bf16, BF16_BIAS, BF16_STORE)
+SHAPES(f32, AVX512, float, 1, F32_X, fma_f32, F32_BIAS, F32_STORE)
 #endif
 
 /* Which dtypes this CPU runs: 1 fp32 (AVX-512), 2 bf16 (AVX512_BF16), summed; 0 none. */
