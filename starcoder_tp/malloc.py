@@ -46,8 +46,8 @@ TRIM_BYTES = 1 << 30  # free memory at the heap's top beyond this goes back to t
 TOP_PAD_BYTES = 64 << 20  # each growth of the heap by this much more: fewer brk calls
 # mallopt's parameters (malloc.h)
 M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_MAX = -1, -2, -4
-# c10's CPU allocator: with this set to 1, blocks from 2 MiB on are 2 MiB-aligned and advised
-# MADV_HUGEPAGE. Read once, at the process's first such block.
+# c10's CPU allocator: with this set to 1, blocks from 2 MiB on are advised MADV_HUGEPAGE (aligned
+# to 4 KiB only: see `empty`). Read once, at the process's first allocation.
 THP_ENV = "THP_MEM_ALLOC_ENABLE"
 THP_SETTING = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 HUGE_PAGE_BYTES = 2 << 20

@@ -20,7 +20,7 @@
 #define MR 8  /* rows of x per block */
 #define NV 3  /* panels per block: MR * NV = 24 accumulators */
 #ifndef CHUNK_STEPS
-#define CHUNK_STEPS 1024  /* K steps per pass over a block of panels (see BLOCK) */
+#define CHUNK_STEPS 1024  /* K steps per pass over a block of panels, where K is longer (SHAPES) */
 #endif
 #define ACT_GELU_TANH 1
 #define ACT_RELU 2
@@ -103,8 +103,8 @@ AVX512 INLINE __m512 activate(__m512 v, int act) {
     }
 
 /* BLOCK over a chunk of `steps` K steps (see SHAPES), its sums carried in `sums` ([MB_][NV][16]
- * fp32) from one chunk to the next: loaded, summed over the chunk, stored. (The chunk's bookkeeping
- * kept out of the loop: in it, the fp32 loop ran 5-7% slower.) */
+ * fp32) from one chunk to the next: loaded, summed over the chunk, stored. BLOCK itself runs the
+ * K that needs no chunks as before. */
 #define CHUNK(name, attr, E, LOAD_X, OP, MB_, NB_)                                                 \
     attr static __attribute__((noinline)) void name(const E *w, const E *x, long k, const E *next, int ahead, \
                                                    int phase, int stride, long steps, float *sums) { \
@@ -162,8 +162,10 @@ AVX512 INLINE __m512 fma_f32(__m512 a, __m512i w, __m512i x) {
                                                    {kind##_1_1, kind##_1_2, kind##_1_3}};          \
     typedef void (*kind##_chunk_fn)(const E *, const E *, long, const E *, int, int, int, long, float *); \
     static const kind##_chunk_fn kind##_chunks[4][NV] = {                                          \
-        {kind##_chunk_8_1, kind##_chunk_8_2, kind##_chunk_8_3}, {kind##_chunk_4_1, kind##_chunk_4_2, kind##_chunk_4_3}, \
-        {kind##_chunk_2_1, kind##_chunk_2_2, kind##_chunk_2_3}, {kind##_chunk_1_1, kind##_chunk_1_2, kind##_chunk_1_3}}; \
+        {kind##_chunk_8_1, kind##_chunk_8_2, kind##_chunk_8_3},                                    \
+        {kind##_chunk_4_1, kind##_chunk_4_2, kind##_chunk_4_3},                                    \
+        {kind##_chunk_2_1, kind##_chunk_2_2, kind##_chunk_2_3},                                    \
+        {kind##_chunk_1_1, kind##_chunk_1_2, kind##_chunk_1_3}};                                   \
     /* A long K in chunks of CHUNK_STEPS steps, every row block against a block's chunk before the  \
      * next chunk: the chunk stays in the L2 cache and a row block's x in L1. Whole, a K of 4096 ran \
      * 11-19% below a K of 1024 at 16 rows (RESULTS.md, "Panels in chunks of K"). The sums are \
