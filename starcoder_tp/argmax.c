@@ -69,7 +69,7 @@ AVX512 static void row_max(const void *row, long n, int bf16, float *value, int6
 #endif
 
 /* rows x [n] logits at x, row r at x + r * stride elements; writes values[rows] (fp32) and
- * index[rows]. Returns 0, or -1 where this CPU or build does not run it (argmax_supported). */
+ * index[rows]. Returns 0, or -1 where the build does not run it (argmax.py checks the CPU: attend_supported). */
 static int argmax_rows(const void *x, long stride, long rows, long n, int bf16, float *values, int64_t *index) {
 #if defined(__x86_64__) && defined(__GNUC__)
     if (n >= (1L << 31))

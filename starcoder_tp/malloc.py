@@ -52,9 +52,11 @@ THP_ENV = "THP_MEM_ALLOC_ENABLE"
 THP_SETTING = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 HUGE_PAGE_BYTES = 2 << 20
 # `empty` places tensors from this size on: the rounding up to whole huge pages costs at most
-# as much memory again as the tensor (a 1 MiB weight: a rank's share of a small model's at TP=2).
+# 2 MiB a tensor less one page (a 1 MiB weight, a rank's share of a small model's at TP=2, takes a
+# huge page); the alignment's slack is released.
 HUGE_PAGE_MIN_BYTES = 1 << 20
-MADV_HUGEPAGE, MADV_COLLAPSE = 14, 25  # linux/mman.h (MADV_COLLAPSE: Linux 6.1 on)
+MADV_DONTNEED, MADV_HUGEPAGE, MADV_COLLAPSE = 4, 14, 25  # linux/mman.h (MADV_COLLAPSE: Linux 6.1 on)
+PAGE_BYTES = 4096
 
 
 def malloc_choice() -> str:
@@ -138,10 +140,17 @@ def empty(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> torch.Tens
         return torch.empty(shape, dtype=dtype)
     span = -(-nbytes // HUGE_PAGE_BYTES) * HUGE_PAGE_BYTES
     block = torch.empty(span + HUGE_PAGE_BYTES, dtype=torch.uint8)
-    region = block[-block.data_ptr() % HUGE_PAGE_BYTES:][:span]
+    start = block.data_ptr()
+    region = block[-start % HUGE_PAGE_BYTES:][:span]
     madvise = _madvise()
     madvise(region.data_ptr(), span, MADV_HUGEPAGE)
     madvise(region.data_ptr(), span, MADV_COLLAPSE)  # (fails harmlessly before Linux 6.1 or without THP)
+    # The slack before and after the region, whole pages inside the block: released, where a
+    # reused heap had them in memory (up to 2 MiB a tensor, never read).
+    for low, high in ((-(-start // PAGE_BYTES) * PAGE_BYTES, region.data_ptr()),
+                      (region.data_ptr() + span, (start + block.numel()) // PAGE_BYTES * PAGE_BYTES)):
+        if high > low:
+            madvise(low, high - low, MADV_DONTNEED)
     return region[:nbytes].view(dtype).view(shape)
 
 

@@ -166,18 +166,19 @@ AVX512 INLINE __m512 fma_f32(__m512 a, __m512i w, __m512i x) {
         {kind##_chunk_4_1, kind##_chunk_4_2, kind##_chunk_4_3},                                    \
         {kind##_chunk_2_1, kind##_chunk_2_2, kind##_chunk_2_3},                                    \
         {kind##_chunk_1_1, kind##_chunk_1_2, kind##_chunk_1_3}};                                   \
-    /* A long K in chunks of CHUNK_STEPS steps, every row block against a block's chunk before the  \
+    /* A long K in chunks of up to CHUNK_STEPS steps, every row block against a block's chunk before the  \
      * next chunk: the chunk stays in the L2 cache and a row block's x in L1. Whole, a K of 4096 ran \
      * 11-19% below a K of 1024 at 16 rows (RESULTS.md, "Panels in chunks of K"). The sums are \
      * carried in `part` ([m][NV][16] fp32), bias, activation and output after the last chunk. */  \
     attr static void kind##_chunked(const E *w, const E *x, const E *b, E *y, long n, long k, long m, int act, \
                                     float *part, int blocks) {                                     \
-        long panels = n / 16, total = k / XS;                                                      \
+        long panels = n / 16, total = k / XS, count = (total + CHUNK_STEPS - 1) / CHUNK_STEPS;     \
+        long chunk = (total + count - 1) / count; /* (chunks of one length: each asks for the next's) */ \
         for (long p = 0; p < panels; p += NV) {                                                    \
             int nv = panels - p < NV ? (int)(panels - p) : NV;                                     \
             memset(part, 0, (size_t)m * NV * 16 * sizeof(float));                                  \
-            for (long c = 0; c < total; c += CHUNK_STEPS) {                                        \
-                long len = total - c < CHUNK_STEPS ? total - c : CHUNK_STEPS;                      \
+            for (long c = 0; c < total; c += chunk) {                                              \
+                long len = total - c < chunk ? total - c : chunk;                                  \
                 const E *here = w + p * k * 16 + c * 16 * XS, *next = here + len * 16 * XS;        \
                 int ahead = nv; /* the next chunk of these panels, or the next block's first */    \
                 if (c + len == total) {                                                            \

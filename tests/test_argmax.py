@@ -93,6 +93,7 @@ def test_calibrate_takes_the_faster_form_once_per_shape(monkeypatch):
     assert argmax.calibrate(16, 64, torch.bfloat16).startswith("ours (16x64: argmax.c 0.100 vs torch 0.400 ms)")
     assert argmax.calibrate(1, 64, torch.bfloat16).startswith("torch")
     assert argmax.PICK_FORM == {(16, 64, torch.bfloat16): True, (1, 64, torch.bfloat16): False}
+    assert argmax.calibrate(16, 64, torch.bfloat16) == "ours (measured before)", "once per shape and process"
 
 
 def test_calibrate_leaves_torch_where_the_kernel_does_not_run(monkeypatch):

