@@ -78,7 +78,7 @@ def calibrate(rows: int, n: int, dtype: torch.dtype) -> str:
 
 def describe(rows: int, n: int) -> str:
     """"; pick:ours" or "; pick:torch" where calibrate measured [rows, n] logits (in any dtype), else ""."""
-    measured = [ours for (r, columns, _), ours in PICK_FORM.items() if (r, columns) == (rows, n)]
+    measured = [taken for (r, columns, _), taken in PICK_FORM.items() if (r, columns) == (rows, n)]
     return f"; pick:{'ours' if any(measured) else 'torch'}" if measured else ""
 
 
