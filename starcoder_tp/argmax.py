@@ -29,7 +29,8 @@ PICK_FORM: dict[tuple[int, int, torch.dtype], bool] = {}
 def available() -> bool:
     """Whether argmax.c is built and runs on this CPU."""
     lib, _ = rowdot.library()
-    return lib is not None and bool(lib.attend_supported())  # (the same AVX-512 subset as attend.c)
+    # (the same AVX-512 subset as attend.c)
+    return lib is not None and bool(lib.attend_supported()) and rowdot.runs_at_least("avx512")
 
 
 def supports(logits: torch.Tensor) -> bool:

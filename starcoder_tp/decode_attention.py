@@ -21,7 +21,7 @@ from . import rowdot
 def available() -> bool:
     """Whether attend.c is built and runs on this CPU."""
     lib, _ = rowdot.library()
-    return lib is not None and bool(lib.attend_supported())
+    return lib is not None and bool(lib.attend_supported()) and rowdot.runs_at_least("avx512")
 
 
 def supports(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None) -> bool:

@@ -30,7 +30,8 @@ _DTYPE_BITS = {torch.float32: 1, torch.bfloat16: 2}  # panels_dtypes()'s
 
 def _runs(dtype: torch.dtype) -> bool:
     lib, _ = rowdot.library()
-    return lib is not None and bool(lib.panels_dtypes() & _DTYPE_BITS.get(dtype, 0))
+    return (lib is not None and bool(lib.panels_dtypes() & _DTYPE_BITS.get(dtype, 0))
+            and rowdot.runs_at_least("avx512bf16" if dtype == torch.bfloat16 else "avx512"))
 
 
 def supports(weight: torch.Tensor) -> bool:

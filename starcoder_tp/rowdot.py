@@ -115,6 +115,14 @@ def path() -> str | None:
     return name if lib is not None else None
 
 
+def runs_at_least(name: str) -> bool:
+    """Whether the path the library took at load (the widest this CPU runs, or the one ENV names)
+    is `name` or wider: panels.c, attend.c and argmax.c need AVX-512, so that ENV set to a narrower
+    path stands in for a narrower CPU for all of them, not for rowdot.c alone."""
+    taken = path()
+    return taken is not None and PATHS.index(taken) >= PATHS.index(name)
+
+
 def use_path(name: str) -> bool:
     """Run the path `name` (one of PATHS) from now on in this process, if this CPU runs it
     (whether it does is the return value): for tests of each path. Every path computes the same

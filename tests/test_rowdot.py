@@ -179,3 +179,25 @@ def test_the_environment_names_a_path_or_refuses_a_bad_name(monkeypatch):
     finally:
         monkeypatch.delenv(rowdot.ENV)
         rowdot.library.cache_clear()
+
+
+@needs_rowdot
+def test_a_narrower_path_named_leaves_out_the_avx512_kernels_as_a_narrower_cpu_would(monkeypatch):
+    from starcoder_tp import argmax, decode_attention, panels
+
+    weight = torch.zeros(32, 64)
+    try:
+        for name in rowdot.PATHS:
+            rowdot.library.cache_clear()
+            monkeypatch.setenv(rowdot.ENV, name)
+            if rowdot.unavailable() is not None:
+                continue  # (this CPU does not run that path)
+            wide = name in ("avx512", "avx512bf16")
+            assert decode_attention.available() == wide and argmax.available() == wide, name
+            assert panels.supports(weight) == wide, name
+            assert panels.supports(weight.to(torch.bfloat16)) == (name == "avx512bf16"), name
+            assert rowdot.supports(weight), "rowdot itself runs every path"
+    finally:
+        monkeypatch.delenv(rowdot.ENV)
+        rowdot.library.cache_clear()
+    assert rowdot.runs_at_least(rowdot.path()) and rowdot.runs_at_least("scalar")
