@@ -45,6 +45,11 @@ def ours(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if not supports(logits):
         raise ValueError(f"argmax.ours: logits {list(logits.shape)} {logits.dtype} on {logits.device} (strides "
                          f"{logits.stride()}): not what argmax.c takes")
+    return _run(logits)
+
+
+def _run(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`ours` once `supports` was checked."""
     rows, n = logits.shape
     values, index = torch.empty(rows, dtype=torch.float32), torch.empty(rows, dtype=torch.int64)
     lib, _ = rowdot.library()
@@ -58,7 +63,7 @@ def row_max(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """logits.max(dim=-1) of [rows, n] logits: by argmax.c where `calibrate` measured it faster at
     this shape and dtype, else by torch. The values' dtype may differ (fp32 from ours)."""
     if logits.dim() == 2 and PICK_FORM.get((*logits.shape, logits.dtype)) and supports(logits):
-        return ours(logits)
+        return _run(logits)
     return logits.max(dim=-1)
 
 

@@ -107,7 +107,7 @@ def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torc
     kv = keys.shape[1]
     if t == 1:
         if DECODE_FORM.ours and not torch.compiler.is_compiling() and decode_attention.supports(q, keys, values, mask):
-            return decode_attention.attend(q, keys, values, mask, scale)  # attend.c, where it measured faster
+            return decode_attention.run(q, keys, values, mask, scale)  # attend.c, where it measured faster
         # One query per head: the G query heads of a K/V head stand in for its query length, so
         # one product per K/V head serves all of them, and the mask [B, 1, 1, S] broadcasts.
         out = F.scaled_dot_product_attention(q.reshape(b, kv, h // kv, d), keys, values, attn_mask=mask, scale=scale)

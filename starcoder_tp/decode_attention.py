@@ -43,12 +43,19 @@ def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torc
     """softmax(q k^T * scale, masked) v for one query token per sequence: q [B, 1, H, D]; keys,
     values [B, KV, S, D] (a view of the cache: rows contiguous); mask [B or 1, 1, 1, S] bool (True:
     seen) or None. Returns [B, 1, H * D]. Only for what `supports` takes."""
-    b, _, h, d = q.shape
-    kv, s = keys.shape[1], keys.shape[2]
     if not supports(q, keys, values, mask):
         raise ValueError(f"decode_attention.attend: q {list(q.shape)} {q.dtype} (strides {q.stride()}), keys "
                          f"{list(keys.shape)} {keys.dtype} (strides {keys.stride()}), mask "
                          f"{None if mask is None else (list(mask.shape), mask.dtype)}: not what attend.c takes")
+    return run(q, keys, values, mask, scale)
+
+
+def run(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
+        scale: float) -> torch.Tensor:
+    """`attend` for a caller that has checked `supports` already (attention.attend, at every layer
+    of every decode step: the check is ~2 µs)."""
+    b, _, h, d = q.shape
+    kv, s = keys.shape[1], keys.shape[2]
     valid = None if mask is None else mask.reshape(mask.shape[0], s).contiguous()
     out = torch.empty(b, 1, h * d, dtype=q.dtype)
     lib, _ = rowdot.library()

@@ -71,7 +71,7 @@ def test_what_it_does_not_take_falls_back_or_is_refused_naming_it():
 def test_row_max_runs_ours_only_where_calibrated_so(monkeypatch):
     logits = torch.randn(3, 40)
     calls = []
-    monkeypatch.setattr(argmax, "ours", lambda x: calls.append(x) or x.max(dim=-1))
+    monkeypatch.setattr(argmax, "_run", lambda x: calls.append(x) or x.max(dim=-1))
     monkeypatch.setattr(argmax, "supports", lambda x: True)
     monkeypatch.setattr(argmax, "PICK_FORM", {})
     argmax.row_max(logits)

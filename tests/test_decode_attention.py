@@ -131,7 +131,7 @@ def test_a_rank_that_cannot_run_it_makes_every_rank_run_sdpa(decode_form, monkey
 
 def test_attention_runs_attend_c_only_once_calibrated_so(decode_form, monkeypatch):
     taken = []
-    monkeypatch.setattr(decode_attention, "attend", lambda *a: taken.append(1) or torch.zeros(2, 1, 8 * 64))
+    monkeypatch.setattr(decode_attention, "run", lambda *a: taken.append(1) or torch.zeros(2, 1, 8 * 64))
     monkeypatch.setattr(decode_attention, "supports", lambda *a: True)
     q, keys, values, _ = _step(2, 8, 1, 64, 10, torch.float32)
     attention.attend(q, keys, values, None, 0.125)
@@ -177,15 +177,15 @@ def test_a_model_keeps_its_tokens_with_attend_c(tmp_path, embedded_dir, prompts,
     model = load_model(tmp_path / "s", TPGroup(0, 1), torch.device("cpu"), kernels="plain")
     decode_form.calibrated = "set by the test"  # use_kernels measures nothing
     taken = []
-    real = decode_attention.attend
+    real = decode_attention.run
     runs = {}
     for ours in (False, True):
         decode_form.ours = ours
-        attention.decode_attention.attend = lambda *a: taken.append(1) or real(*a)
+        attention.decode_attention.run = lambda *a: taken.append(1) or real(*a)
         try:
             r = timed_generate(model, Device("cpu"), prompts, 12, topk=5)
         finally:
-            attention.decode_attention.attend = real
+            attention.decode_attention.run = real
         runs[ours] = r
     assert len(taken) == 11 * model.config.n_layer, "every layer of every decode step, in the second run"
     if dtype == "float32":
