@@ -85,7 +85,7 @@ SPLIT_ROWS = round(math.sqrt(SHORT_ROWS * PREFILL_ROWS))  # calls of fewer rows 
 # Requests whose costs are this close are not told apart: a candidate's timings differ by 3-6%
 # from one measured plan to the next (RESULTS.md, "Decode candidates timed from memory").
 TIE_FRACTION = 0.02
-PLAN_VERSION = 15  # part of the cache key: a change in what is measured invalidates old plans
+PLAN_VERSION = 16  # part of the cache key: a change in what is measured invalidates old plans
 # Every shape's timings travel across ranks in these fixed slots (inf: not a candidate there),
 # so that ranks on CPUs with different candidates still reduce tensors of one size.
 DECODE_SLOTS = ("plain", "onednn", "fp32", "mkl_packed", "gemv", "onednn_wide", "rowdot", "panels")
@@ -117,11 +117,11 @@ def shape_key(weight: torch.Tensor) -> str:
     return f"{n}x{k}:{str(weight.dtype).removeprefix('torch.')}"
 
 
-def decode_candidates(weight: torch.Tensor, rows: int = 1) -> tuple[str, ...]:
+def decode_candidates(weight: torch.Tensor, rows: int = 1, prefills: bool = True) -> tuple[str, ...]:
     """The decode kernels this weight can take here at decode batches of `rows` rows: the packed
     layouts only on CPU where the library packs the dtype, BLAS's sgemv for fp32 at one row,
-    rowdot.c for fp32 and bf16 at one row where it was built, our panels from two rows on where
-    the CPU runs them."""
+    rowdot.c for fp32 and bf16 at one row where it was built, our panels where the CPU runs them
+    (at one row only for a weight that `prefills`, prompt rows too: see below)."""
     if weight.device.type != "cpu":
         return ("plain",)
     kinds = ["plain"]
@@ -137,18 +137,18 @@ def decode_candidates(weight: torch.Tensor, rows: int = 1) -> tuple[str, ...]:
         kinds.append("gemv")
     if rows == 1 and rowdot.supports(weight):
         kinds.append("rowdot")
-    # From two rows on: at one row its product is a stream through the weight like rowdot's, gemv's
-    # and onednn_wide's, within 7% of the best of them on the EPYC Zen 5, and timing it there took
-    # the batch-1 plan from 10.6 to 13.7 s (RESULTS.md, "Panels").
-    if rows > 1 and panels.supports(weight):
+    # At one row its product streams the weight as rowdot's, gemv's and onednn_wide's do (within a
+    # few percent); what it brings is its layout's prefill, the fastest at 64-512 rows: 7% off the
+    # bench-size model's first token at batch 1 on the EPYC Zen 5. So not for the lm_head, whose
+    # copies cost a plan most (RESULTS.md, "Panels at one row").
+    if panels.supports(weight) and (rows > 1 or prefills):
         kinds.append("panels")
     return tuple(kinds)
 
 
 def fixed_choice(mode: str, weight: torch.Tensor, rows: int = 1) -> Choice:
     """`--kernels plain|onednn|fp32|...`: that kernel where the weight can take it at decode
-    batches of `rows` rows, else plain (`gemv`, `rowdot`: at one row, and they prefill as plain;
-    `panels`: from two rows)."""
+    batches of `rows` rows, else plain (`gemv`, `rowdot`: at one row, and they prefill as plain)."""
     decode = mode if mode in decode_candidates(weight, rows) else "plain"
     return Choice(decode, "plain" if decode in ("gemv", "rowdot") else decode)
 
@@ -274,7 +274,7 @@ def measure(weights: dict[str, torch.Tensor], rows: int, slowest: Callable[[torc
 
     def shape_slots(shape: str) -> list[float]:  # decode, short and long prefill, in their slots
         weight, activation = weights[shape], activated.get(shape)
-        kinds = decode_candidates(weight, rows)
+        kinds = decode_candidates(weight, rows, prefills=shape in prefill)
         copies = decode_copies(weight.numel() * weight.element_size(), step_bytes)
         calls = decode_calls(weight, rows, kinds, activation, copies, on_progress)
         values = _slots(time_ms(calls, on_progress, DECODE_MIN_CALLS), DECODE_SLOTS)

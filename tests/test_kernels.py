@@ -102,7 +102,7 @@ def fake_clock(monkeypatch, ms_per_call: dict[str, float], min_calls_seen: list 
 
 def test_measure_times_every_candidate_of_every_shape_and_takes_the_slowest_ranks(monkeypatch):
     fake_clock(monkeypatch, {"plain": 1.0, "onednn": 2.0, "unpack": 3.0, "fp32": 0.5, "onednn_plain": 4.0})
-    monkeypatch.setattr(kernels, "decode_candidates", lambda w, rows=1: ("plain", "onednn"))  # as on any oneDNN CPU
+    monkeypatch.setattr(kernels, "decode_candidates", lambda w, rows=1, prefills=True: ("plain", "onednn"))  # as on any oneDNN CPU
     reduced = []
     width = len(kernels.DECODE_SLOTS) + 2 * len(kernels.PREFILL_SLOTS)
 
@@ -146,14 +146,40 @@ def test_time_ms_alternates_rounds_prunes_the_hopeless_and_reports_medians(monke
 
     result = kernel_timing.time_ms({name: call(name) for name in cost})
     assert result == pytest.approx({"a": 10.0, "b": 12.0, "c": 100.0})
-    rounds = calls[6:]  # one warm and one probe call each
-    assert "c" not in rounds, "a candidate 10x slower than the best is not timed further"
+    assert calls[6] == "c", "one warm and one probe call each, then a second probe of the one past PRUNE_FACTOR"
+    rounds = calls[7:]
+    assert "c" not in rounds, "a candidate 10x slower than the best on two calls is not timed further"
     assert rounds == ["a", "b", "b", "a", "a", "b"], "one call per round (each >= ROUND_MIN_S), A B, B A, A B"
     assert kernel_timing.time_ms({"only": call("a")}) == {"only": 0.0}, "one candidate: nothing to time"
     calls.clear()
     assert kernel_timing.time_ms({name: call(name) for name in cost}, min_calls=3) == pytest.approx(
         {"a": 10.0, "b": 12.0, "c": 100.0})
-    assert calls[6:] == ["a"] * 3 + ["b"] * 6 + ["a"] * 6 + ["b"] * 3, "three calls a round, each >= ROUND_MIN_S"
+    assert calls[7:] == ["a"] * 3 + ["b"] * 6 + ["a"] * 6 + ["b"] * 3, "three calls a round, each >= ROUND_MIN_S"
+    cost["b"] = 0.011
+    cost["c"] = 0.021  # just past PRUNE_FACTOR x a's time: pruned
+    calls.clear()
+    kernel_timing.time_ms({name: call(name) for name in cost})
+    assert "c" not in calls[7:] and calls[6] == "c"
+    cost["c"] = 0.019  # within it: timed with the others
+    calls.clear()
+    kernel_timing.time_ms({name: call(name) for name in cost})
+    assert calls[6:].count("c") == 3 and len(calls) == 6 + 9
+
+
+def test_a_candidate_slowed_on_its_probe_alone_is_timed_all_the_same(monkeypatch):
+    clock = [0.0]
+    monkeypatch.setattr(kernel_timing, "perf_counter", lambda: clock[0])
+    made = {"a": 0, "b": 0}
+
+    def call(name):
+        def run():
+            made[name] += 1
+            clock[0] += 0.050 if (name == "b" and made[name] == 2) else 0.010  # b's probe hit by an interrupt
+        return run
+
+    result = kernel_timing.time_ms({name: call(name) for name in made})
+    assert result == pytest.approx({"a": 10.0, "b": 10.0}), "b's second probe call was as fast as a: b stays in"
+    assert made == {"a": 2 + 3, "b": 3 + 3}
 
 
 def test_decode_candidates_run_several_calls_a_round_and_prefill_ones_do_not(monkeypatch):
@@ -164,6 +190,18 @@ def test_decode_candidates_run_several_calls_a_round_and_prefill_ones_do_not(mon
     decode_kinds = sorted(kernels.decode_candidates(torch.randn(8, 8)))
     assert seen[0] == (kernels.DECODE_MIN_CALLS, decode_kinds) and kernels.DECODE_MIN_CALLS > 1
     assert len(seen) == 3 and all(min_calls == 1 for min_calls, _ in seen[1:]), "the two prefill timings"
+
+
+@pytest.mark.skipif(not panels.supports(torch.randn(16, 8)), reason="panels.c does not run on this CPU")
+def test_at_one_row_panels_is_timed_for_the_weights_that_prefill_only(monkeypatch):
+    seen = []
+    fake_clock(monkeypatch, {"plain": 1.0, "onednn": 2.0, "unpack": 3.0, "fp32": 0.5, "mkl_packed": 1.5, "gemv": 0.8,
+                             "rowdot": 0.7, "onednn_plain": 4.0, "onednn_wide": 1.8, "panels": 0.9}, seen)
+    weights = {kernels.shape_key(w): w for w in (torch.randn(16, 8), torch.randn(32, 8))}
+    plan = measure(weights, 1, lambda t: t, prefill={"32x8:float32"})
+    decode_timed = [kinds for min_calls, kinds in seen if min_calls == kernels.DECODE_MIN_CALLS]
+    assert ["panels" in kinds for kinds in decode_timed] == [False, True], "16x8 (no prompt rows), then 32x8"
+    assert "panels" not in plan["16x8:float32"].decode_ms and "panels" in plan["32x8:float32"].decode_ms
 
 
 def test_a_cached_plan_is_reused_only_for_exactly_its_key(tmp_path, monkeypatch):
@@ -332,7 +370,7 @@ def test_mkls_packed_layout_is_an_fp32_candidate_and_runs_only_itself_at_prefill
     assert "mkl_packed" not in kernels.decode_candidates(torch.randn(8, 16).bfloat16()), "MKL packs sgemm only"
     fake_clock(monkeypatch, {"plain": 3.0, "onednn": 2.0, "unpack": 0.5, "fp32": 9.0, "mkl_packed": 1.0,
                              "onednn_plain": 0.4})
-    monkeypatch.setattr(kernels, "decode_candidates", lambda w, rows=1: ("plain", "onednn", "mkl_packed"))
+    monkeypatch.setattr(kernels, "decode_candidates", lambda w, rows=1, prefills=True: ("plain", "onednn", "mkl_packed"))
     plan = measure({"32x16:float32": torch.randn(32, 16)}, 4, lambda t: t, prefill={"32x16:float32"})
     # unpack is the fastest prefill kernel, but MKL's layout cannot be unpacked: it runs itself.
     assert (plan["32x16:float32"].decode, plan["32x16:float32"].short, plan["32x16:float32"].prefill) == \
@@ -423,7 +461,7 @@ def test_a_shape_whose_decode_candidate_ran_far_below_its_speed_elsewhere_is_sus
 
 
 def test_a_suspect_shapes_decode_candidates_are_timed_again_in_step_and_their_faster_timings_kept(monkeypatch):
-    monkeypatch.setattr(kernels, "decode_candidates", lambda w, rows=1: ("plain", "onednn"))
+    monkeypatch.setattr(kernels, "decode_candidates", lambda w, rows=1, prefills=True: ("plain", "onednn"))
     first, again = {"plain": 1.5, "onednn": 10.0}, {"plain": 1.6, "onednn": 1.0}  # 16x16's onednn disturbed, then not
     decode_answers = [first, {"plain": 3.0, "onednn": 2.0}, {"plain": 6.0, "onednn": 4.0}, again]
 
@@ -444,7 +482,7 @@ def test_a_suspect_shapes_decode_candidates_are_timed_again_in_step_and_their_fa
 
 
 def test_a_shape_whose_prefill_kernel_ran_far_below_its_speed_elsewhere_is_timed_again_too(monkeypatch):
-    monkeypatch.setattr(kernels, "decode_candidates", lambda w, rows=1: ("plain",))  # a lone decode candidate
+    monkeypatch.setattr(kernels, "decode_candidates", lambda w, rows=1, prefills=True: ("plain",))  # a lone decode candidate
     # Prefill timings in call order: the short and the long prefill of 16x16, 32x16, 64x16 (ms
     # proportional to the weight), then 16x16's again; its first long one has onednn_plain disturbed.
     answers = [{"plain": 1.0, "onednn_plain": 0.5}, {"plain": 8.0, "onednn_plain": 40.0},

@@ -112,13 +112,14 @@ def test_what_it_cannot_take_is_not_a_candidate():
 
 
 @each()
-def test_a_candidate_from_two_rows_on_that_prefills_itself(dtype):
+def test_a_candidate_at_every_row_count_that_prefills_itself(dtype):
     weight = torch.randn(32, 16).to(dtype)
-    for rows in (2, 4, 16, 64):
+    for rows in (1, 2, 4, 16, 64):
         assert "panels" in kernels.decode_candidates(weight, rows)
-    assert "panels" not in kernels.decode_candidates(weight, 1), "one row: rowdot's, gemv's and oneDNN's streams"
-    assert kernels.fixed_choice("panels", weight, 16) == Choice("panels", "panels")
-    assert kernels.fixed_choice("panels", weight, 1) == Choice("plain", "plain")
+        assert kernels.fixed_choice("panels", weight, rows) == Choice("panels", "panels")
+    assert "panels" not in kernels.decode_candidates(torch.randn(24, 16).to(dtype), 1), "24 rows: not 16-column panels"
+    assert "panels" not in kernels.decode_candidates(weight, 1, prefills=False), "one row, no prompt rows: a stream"
+    assert "panels" in kernels.decode_candidates(weight, 2, prefills=False)
     with pytest.raises(ValueError, match="runs"):
         Choice("panels", "plain")
     with pytest.raises(ValueError, match="against"):
