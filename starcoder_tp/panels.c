@@ -27,20 +27,21 @@
 #define BETA 0.7978845608028654f /* sqrt(2 / pi) */
 #define KAPPA 0.044715f
 
-/* The tanh GELU, 0.5 v (1 + tanh(u)), u = BETA (v + KAPPA v^3); tanh(u) = sign(u) (1 - t) / (1 + t),
- * t = e^(-2|u|) (no overflow); or relu. */
+/* The tanh GELU, 0.5 v (1 + tanh(u)), u = BETA (v + KAPPA v^3), as v / (1 + e^(-2u)) (the same
+ * function; no cancellation in the negative tail, no division: a reciprocal and a Newton step, ~2^-28;
+ * e^(-2u) held within e^+-80, where v / (1 + e^(-2u)) is v or 0 to fp32), or relu. */
 AVX512 INLINE __m512 activate(__m512 v, int act) {
     if (act == ACT_RELU)
         return _mm512_max_ps(v, _mm512_setzero_ps());
     if (act != ACT_GELU_TANH)
         return v;
-    __m512 u = _mm512_mul_ps(_mm512_set1_ps(BETA), _mm512_fmadd_ps(_mm512_mul_ps(_mm512_set1_ps(KAPPA), v),
-                                                                   _mm512_mul_ps(v, v), v));
-    __m512 t = exp_neg(_mm512_mul_ps(_mm512_set1_ps(-2.0f), _mm512_min_ps(_mm512_abs_ps(u), _mm512_set1_ps(20.0f))));
-    __m512 th = _mm512_div_ps(_mm512_sub_ps(_mm512_set1_ps(1.0f), t), _mm512_add_ps(_mm512_set1_ps(1.0f), t));
-    th = _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(th),
-                                             _mm512_and_si512(_mm512_castps_si512(u), _mm512_set1_epi32((int)0x80000000u))));
-    return _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.5f), v), _mm512_add_ps(_mm512_set1_ps(1.0f), th));
+    __m512 minus_2u = _mm512_mul_ps(_mm512_set1_ps(-2.0f * BETA),
+                                    _mm512_fmadd_ps(_mm512_mul_ps(_mm512_set1_ps(KAPPA), v), _mm512_mul_ps(v, v), v));
+    minus_2u = _mm512_max_ps(_mm512_min_ps(minus_2u, _mm512_set1_ps(80.0f)), _mm512_set1_ps(-80.0f));
+    __m512 d = _mm512_add_ps(_mm512_set1_ps(1.0f), exp_neg(minus_2u));
+    __m512 r = _mm512_rcp14_ps(d);
+    r = _mm512_mul_ps(r, _mm512_fnmadd_ps(d, r, _mm512_set1_ps(2.0f)));
+    return _mm512_mul_ps(v, r);
 }
 
 /* (BLOCK's) step s: the next block's lines of that step asked for; its products summed. */
