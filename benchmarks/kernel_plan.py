@@ -4,7 +4,7 @@ For each dtype and decode batch, a world-size-1 model (one thread, as one rank o
 measures its plan from scratch (an empty plan cache), as the first run on a new machine does;
 the table gives every weight shape's candidate timings (ms per call, the slowest rank's median:
 decode at the batch's rows, prefill at kernels.SHORT_ROWS and PREFILL_ROWS rows; a candidate
-pruned after its probe call shows that call's time), the choice by the decode step alone (a call
+pruned after its probe calls shows the faster of the two), the choice by the decode step alone (a call
 without a request), and the choice weighed for the perf suite's request at that batch (`--request`
 prompt tokens and new tokens per sequence: the layouts a case of that shape runs, kernels.weigh).
 

@@ -11,8 +11,8 @@ half to two thirds of the model's real step (decode_copies; RESULTS.md, "Decode 
 from memory"). Prefill candidates run on one copy: their GEMMs reuse each weight block over many
 rows.
 
-Bounded: one warm call and one probe call per candidate, then candidates slower than
-PRUNE_FACTOR x the best probe are dropped; the rest run ROUNDS rounds of at least ROUND_MIN_S and
+Bounded: one warm call and one probe call per candidate, then candidates over PRUNE_FACTOR x
+the best probe's time, on that call and on a second one, are dropped; the rest run ROUNDS rounds of at least ROUND_MIN_S and
 one call each (decode candidates: DECODE_MIN_CALLS calls). On the bench-size model that is 6-8 s
 per batch size in fp32 (the copies dominate: MKL packs at ~0.8 GB/s) and 2-3 s in bf16 on one
 thread of the AVX-512 Xeon; 6.6-8.3 s in fp32 and 3.1-3.5 s in bf16 on the EPYC Zen 5, with gemv,
@@ -73,8 +73,8 @@ def _timed(call: Callable[[], object]) -> float:
 def time_ms(calls: dict[str, Callable[[], object]], on_progress: Callable[[], None] = lambda: None,
             min_calls: int = 1) -> dict[str, float]:
     """Median milliseconds per call of each candidate, over ROUNDS rounds in alternating order of
-    at least ROUND_MIN_S and `min_calls` calls each; a candidate over PRUNE_FACTOR times slower
-    than the best on its probe call and on a second one keeps the faster of those two times."""
+    at least ROUND_MIN_S and `min_calls` calls each; a candidate over PRUNE_FACTOR times the best's
+    time on its probe call and on a second one keeps the faster of those two times."""
     if len(calls) == 1:  # nothing to choose between
         return {name: 0.0 for name in calls}
     for call in calls.values():

@@ -35,8 +35,8 @@ sgemm against F.linear at batch 1, fp32: RESULTS.md, "MKL's packed sgemm").
 - `gemv`:   fp32, decode at one row only: the plain weight's product with the row by BLAS's
             sgemv (gemv.py), where torch's one-row GEMMs fall short of the memory's speed. Prefill
             from the plain layout (as `plain`).
-- `panels`: fp32 and bf16 where the CPU has AVX-512 (bf16: AVX512_BF16), decode batches of two
-            rows or more: the weight in panels of 16 output columns run by our own GEMM
+- `panels`: fp32 and bf16 where the CPU has AVX-512 (bf16: AVX512_BF16), every decode batch (one
+            row: weights that prefill only): the weight in panels of 16 output columns, our own GEMM
             (panels.py), the same layout for every batch. Prefill: itself.
 - `rowdot`: fp32 and bf16, decode at one row only: our own one-row kernel (rowdot.c, built at
             first use by the machine's C compiler: rowdot.py) on the plain weight, summing eight
@@ -137,10 +137,10 @@ def decode_candidates(weight: torch.Tensor, rows: int = 1, prefills: bool = True
         kinds.append("gemv")
     if rows == 1 and rowdot.supports(weight):
         kinds.append("rowdot")
-    # At one row its product streams the weight as rowdot's, gemv's and onednn_wide's do (within a
-    # few percent); what it brings is its layout's prefill, the fastest at 64-512 rows: 7% off the
-    # bench-size model's first token at batch 1 on the EPYC Zen 5. So not for the lm_head, whose
-    # copies cost a plan most (RESULTS.md, "Panels at one row").
+    # At one row its product is a stream through the weight like rowdot's, gemv's and onednn_wide's
+    # (27-42 GB/s each, neither ahead on every shape); it brings its layout's prefill, the fastest at
+    # 128 and 512 rows: 7% off the bench-size model's batch-1 first token on the EPYC Zen 5. Not for
+    # the lm_head (no prompt rows), whose copies cost a plan most (RESULTS.md, "Panels at one row").
     if panels.supports(weight) and (rows > 1 or prefills):
         kinds.append("panels")
     return tuple(kinds)
@@ -148,7 +148,7 @@ def decode_candidates(weight: torch.Tensor, rows: int = 1, prefills: bool = True
 
 def fixed_choice(mode: str, weight: torch.Tensor, rows: int = 1) -> Choice:
     """`--kernels plain|onednn|fp32|...`: that kernel where the weight can take it at decode
-    batches of `rows` rows, else plain (`gemv`, `rowdot`: at one row, and they prefill as plain)."""
+    batches of `rows` rows, else plain (`gemv`, `rowdot`: at one row, prefilling as plain; `panels`: the lm_head too)."""
     decode = mode if mode in decode_candidates(weight, rows) else "plain"
     return Choice(decode, "plain" if decode in ("gemv", "rowdot") else decode)
 

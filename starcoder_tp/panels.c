@@ -28,8 +28,9 @@
 #define KAPPA 0.044715f
 
 /* The tanh GELU, 0.5 v (1 + tanh(u)), u = BETA (v + KAPPA v^3), as v / (1 + e^(-2u)) (the same
- * function; no cancellation in the negative tail, no division: a reciprocal and a Newton step, ~2^-28;
- * e^(-2u) held within e^+-80, where v / (1 + e^(-2u)) is v or 0 to fp32), or relu. */
+ * function; no cancellation in the negative tail, no division: a reciprocal and a Newton step, ~2^-28).
+ * e^(-2u) is held within e^+-80 (e^80 and its reciprocal are normal floats); where -2u is 80 or more
+ * (v below about -9.4, -inf included) the GELU is 0 to within 1e-33: 0. NaN stays NaN. Or relu. */
 AVX512 INLINE __m512 activate(__m512 v, int act) {
     if (act == ACT_RELU)
         return _mm512_max_ps(v, _mm512_setzero_ps());
@@ -37,11 +38,12 @@ AVX512 INLINE __m512 activate(__m512 v, int act) {
         return v;
     __m512 minus_2u = _mm512_mul_ps(_mm512_set1_ps(-2.0f * BETA),
                                     _mm512_fmadd_ps(_mm512_mul_ps(_mm512_set1_ps(KAPPA), v), _mm512_mul_ps(v, v), v));
-    minus_2u = _mm512_max_ps(_mm512_min_ps(minus_2u, _mm512_set1_ps(80.0f)), _mm512_set1_ps(-80.0f));
-    __m512 d = _mm512_add_ps(_mm512_set1_ps(1.0f), exp_neg(minus_2u));
+    __mmask16 kept = _mm512_cmp_ps_mask(minus_2u, _mm512_set1_ps(80.0f), _CMP_NGE_UQ);  /* < 80, or NaN */
+    __m512 held = _mm512_max_ps(_mm512_min_ps(minus_2u, _mm512_set1_ps(80.0f)), _mm512_set1_ps(-80.0f));
+    __m512 d = _mm512_add_ps(_mm512_set1_ps(1.0f), exp_neg(held));
     __m512 r = _mm512_rcp14_ps(d);
     r = _mm512_mul_ps(r, _mm512_fnmadd_ps(d, r, _mm512_set1_ps(2.0f)));
-    return _mm512_mul_ps(v, r);
+    return _mm512_maskz_mov_ps(kept, _mm512_mul_ps(v, r));
 }
 
 /* (BLOCK's) step s: the next block's lines of that step asked for; its products summed. */

@@ -18,7 +18,8 @@ AVX512 INLINE __m512i round_bf16(__m512 v) {  /* to nearest even, NaN kept quiet
     return _mm512_mask_or_epi32(rounded, nan, _mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
 }
 
-/* e^x for x <= 0: Cody-Waite reduction, Cephes' expf polynomial (within 2 ulp), 2^n by scalef. */
+/* e^x for |x| <= ~87 (attend.c's softmax calls it for x <= 0, panels.c's GELU on [-80, 80]): Cody-Waite
+ * reduction, Cephes' expf polynomial (within 2 ulp), 2^n by scalef. */
 AVX512 INLINE __m512 exp_neg(__m512 x) {
     static const float c[6] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f,
                                4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f};

@@ -2,6 +2,8 @@
 ways, F.linear's result at every row count and panel count (fp32; bf16 within one rounding of the
 exact sum), the activation on the accumulator, a layout of its own in Linear and in the plans, and
 whole models keeping plain's tokens with it."""
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -103,6 +105,22 @@ def test_the_tanh_gelu_holds_over_the_whole_range(dtype):
     assert ((out.double() - want).abs() <= 4e-7 * v.flatten().double().abs().clamp(min=1)).all()
 
 
+@each([torch.float32])
+def test_the_tanh_gelus_negative_tail_keeps_its_digits_and_non_finite_inputs_their_limits(dtype):
+    """In the negative tail 1 + tanh(u) cancels: the GELU there, tiny, is held to a relative bound
+    against float64's v / (1 + e^(-2u)) (the same function, without the cancellation); past the
+    tail it is 0, +-inf go to their limits (0 and inf) and NaN stays NaN."""
+    v = torch.cat([torch.linspace(-9, -1, 20_000), torch.tensor([-1e20, -float("inf"), float("inf"), 1e20,
+                                                                   float("nan")])])[:, None]
+    weight = torch.zeros(16, 1)
+    weight[0, 0] = 1.0
+    out = panels.linear(v, panels.pack(weight), None, ("gelu", "tanh"))[:, 0].double()
+    x = v[:-5, 0].double()
+    u = math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)
+    torch.testing.assert_close(out[:-5], x / (1 + torch.exp(-2 * u)), rtol=2e-5, atol=0)
+    assert out[-5:-1].tolist() == [0.0, 0.0, float("inf"), v[-2, 0].item()] and math.isnan(out[-1].item())
+
+
 def test_what_it_cannot_take_is_not_a_candidate():
     assert not panels.supports(torch.randn(24, 8)), "N not a multiple of 16"
     assert panels.pack(torch.randn(24, 8)) is None and "panels" not in kernels.decode_candidates(torch.randn(24, 8))
@@ -117,7 +135,7 @@ def test_a_candidate_at_every_row_count_that_prefills_itself(dtype):
     for rows in (1, 2, 4, 16, 64):
         assert "panels" in kernels.decode_candidates(weight, rows)
         assert kernels.fixed_choice("panels", weight, rows) == Choice("panels", "panels")
-    assert "panels" not in kernels.decode_candidates(torch.randn(24, 16).to(dtype), 1), "24 rows: not 16-column panels"
+    assert "panels" not in kernels.decode_candidates(torch.randn(24, 16).to(dtype), 1), "24 outputs: not 16-column panels"
     assert "panels" not in kernels.decode_candidates(weight, 1, prefills=False), "one row, no prompt rows: a stream"
     assert "panels" in kernels.decode_candidates(weight, 2, prefills=False)
     with pytest.raises(ValueError, match="runs"):
