@@ -118,6 +118,15 @@ class Heartbeat(StepHooks):
         self.tick()
 
 
+def _release_shared_objects() -> None:
+    """Run multiprocessing's own finalizers, as an interpreter's normal exit would: a rank exits by
+    os._exit, and a semaphore made in it (tqdm's lock, in a rank that compiles) stayed registered
+    with the parent's resource tracker, which reported it leaked when the parent exited."""
+    import multiprocessing.util
+
+    multiprocessing.util._run_finalizers(0)  # (exit priority >= 0: the semaphores' unlink and unregister)
+
+
 def _worker_main(rank: int, spec: GroupSpec, store_port: int, shm_path: str | None, conn: Connection,
                  progress) -> None:
     """A rank of a local worker group: start, load, then serve requests until told to stop."""
@@ -168,6 +177,7 @@ def _worker_main(rank: int, spec: GroupSpec, store_port: int, shm_path: str | No
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+        _release_shared_objects()
         sys.stdout.flush(), sys.stderr.flush()
         os._exit(exit_code)  # skip the interpreter's slow teardown of torch; nothing is left to flush
 
