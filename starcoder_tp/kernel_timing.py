@@ -12,9 +12,9 @@ from memory"). Prefill candidates run on one copy: their GEMMs reuse each weight
 rows.
 
 Bounded: one warm call and one probe call per candidate, then candidates over PRUNE_FACTOR x
-the best probe's time, on that call and on a second one, are dropped; the rest run ROUNDS rounds of at least ROUND_MIN_S and
-one call each (decode candidates: DECODE_MIN_CALLS calls). On the bench-size model that is 6-8 s
-per batch size in fp32 (the copies dominate: MKL packs at ~0.8 GB/s) and 2-3 s in bf16 on one
+the best probe's time, on that call and on a second one, are dropped; the rest run ROUNDS rounds
+of at least ROUND_MIN_S and one call each (decode candidates: DECODE_MIN_CALLS calls). On the
+bench-size model that is 6-8 s per batch size in fp32 (the copies dominate: MKL packs at ~0.8 GB/s) and 2-3 s in bf16 on one
 thread of the AVX-512 Xeon; 6.6-8.3 s in fp32 and 3.1-3.5 s in bf16 on the EPYC Zen 5, with gemv,
 oneDNN on the plain weight and onednn_wide among the candidates and 128 MiB decode sets
 (RESULTS.md). A shape suspect_shapes names is timed once more. On StarCoder's shapes it is
