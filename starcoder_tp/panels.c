@@ -174,7 +174,7 @@ AVX512 INLINE __m512 fma_f32(__m512 a, __m512i w, __m512i x) {
      * 11-19% below a K of 1024 at 16 rows (RESULTS.md, "Panels in chunks of K"). The sums are \
      * carried in `part` ([m][NV][16] fp32), bias, activation and output after the last chunk. */  \
     attr static void kind##_chunked(const E *w, const E *x, const E *b, E *y, long n, long k, long m, int act, \
-                                    float *part, int blocks) {                                     \
+                                    float *part, int blocks, int ask) {                            \
         long panels = n / 16, total = k / XS, count = (total + CHUNK_STEPS - 1) / CHUNK_STEPS;     \
         long chunk = (total + count - 1) / count; /* (chunks of one length: each asks for the next's) */ \
         for (long p = 0; p < panels; p += NV) {                                                    \
@@ -183,10 +183,10 @@ AVX512 INLINE __m512 fma_f32(__m512 a, __m512i w, __m512i x) {
             for (long c = 0; c < total; c += chunk) {                                              \
                 long len = total - c < chunk ? total - c : chunk;                                  \
                 const E *here = w + p * k * 16 + c * 16 * XS, *next = here + len * 16 * XS;        \
-                int ahead = nv; /* the next chunk of these panels, or the next block's first */    \
+                int ahead = ask ? nv : 0; /* the next chunk of these panels, or the next block's first */ \
                 if (c + len == total) {                                                            \
                     long left = panels - (p + NV);                                                 \
-                    ahead = left <= 0 ? 0 : left < NV ? (int)left : NV;                            \
+                    ahead = left <= 0 || !ask ? 0 : left < NV ? (int)left : NV;                    \
                     next = w + (ahead ? p + NV : p) * k * 16;                                      \
                 }                                                                                  \
                 for (long r = 0, j = 0; r < m; j++) {                                              \
@@ -211,10 +211,14 @@ AVX512 INLINE __m512 fma_f32(__m512 a, __m512i w, __m512i x) {
         int blocks = 0; /* row blocks: each asks for its share of the next block's panels */       \
         for (long r = 0; r < m; blocks++)                                                          \
             r += m - r >= 8 ? 8 : m - r >= 4 ? 4 : m - r >= 2 ? 2 : 1;                             \
+        /* One row asks for nothing: its arithmetic is too short to hide the requests, and the    \
+         * hardware's prefetch of the block's own streams alone read 3-9% faster in bf16 (RESULTS.md, \
+         * "Panels at one row without asking ahead"). */                                           \
+        const int ask = m > 1;                                                                     \
         if (k / XS > CHUNK_STEPS) { /* (where the sums' memory cannot be had: whole) */            \
             float *part = malloc((size_t)m * NV * 16 * sizeof(float));                             \
             if (part) {                                                                            \
-                kind##_chunked(w, x, b, y, n, k, m, act, part, blocks);                            \
+                kind##_chunked(w, x, b, y, n, k, m, act, part, blocks, ask);                       \
                 free(part);                                                                        \
                 return;                                                                            \
             }                                                                                      \
@@ -224,7 +228,7 @@ AVX512 INLINE __m512 fma_f32(__m512 a, __m512i w, __m512i x) {
             for (long r = 0, j = 0; r < m; j++) {                                                  \
                 int mr = m - r >= 8 ? 8 : m - r >= 4 ? 4 : m - r >= 2 ? 2 : 1;                     \
                 long left = panels - (p + NV); /* the next block's panels: asked for by every row block */ \
-                int ahead = left <= 0 ? 0 : left < NV ? (int)left : NV;                            \
+                int ahead = left <= 0 || !ask ? 0 : left < NV ? (int)left : NV;                    \
                 kind##_shapes[mr == 8 ? 0 : mr == 4 ? 1 : mr == 2 ? 2 : 3][nv - 1](                \
                     w + p * k * 16, x + r * k, b, y + r * n, n, k, p * 16, w + (ahead ? p + NV : p) * k * 16, \
                     ahead, act, (int)j, blocks);                                                   \
