@@ -35,7 +35,13 @@ def measure(model_dir: str, batch: int, length: int, rounds: int) -> dict:
     except ImportError:
         from starcoder_tp.generate import load_model
         from starcoder_tp.model import TPGroup
+    try:  # allocator and 2 MiB pages as a rank's, before the first large block (code from before malloc.py: none)
+        from starcoder_tp import malloc
 
+        malloc.tune_malloc()
+        malloc.enable_huge_pages()
+    except (ImportError, AttributeError):
+        pass
     torch.set_num_threads(1)
     model = load_model(ensure_shards(model_dir, 1, "float32", log=lambda m: None), TPGroup(0, 1), torch.device("cpu"))
     lengths = [length - (length // (2 * batch)) * row for row in range(batch)]  # ragged: every row padded but one

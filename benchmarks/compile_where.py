@@ -12,6 +12,7 @@ import statistics
 import torch
 
 from starcoder_tp.testing.build_models import build_bench
+from starcoder_tp.malloc import as_a_cpu_rank
 from starcoder_tp.device import Device
 from starcoder_tp.model import load_model
 from starcoder_tp.timing import timed_generate
@@ -27,6 +28,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.batch < 1 or args.repetitions < 1:
         raise SystemExit(f"--batch and --repetitions must be >= 1, got {args.batch}, {args.repetitions}")
+    as_a_cpu_rank()  # allocator and 2 MiB pages as a rank's, before the first large block
     torch.set_num_threads(1)
     bench = str(build_bench())
     case = Case(args.batch, 128, 32)

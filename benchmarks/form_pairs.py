@@ -66,8 +66,10 @@ def load_fp32(model_dir: str):
     """The model at world size 1 in fp32 on one thread, in this process."""
     from starcoder_tp.comm import TPGroup
     from starcoder_tp.model import load_model
+    from starcoder_tp.malloc import as_a_cpu_rank
     from starcoder_tp.shard import ensure_shards
 
+    as_a_cpu_rank()  # allocator and 2 MiB pages as a rank's, before the first large block
     torch.set_num_threads(1)
     return load_model(ensure_shards(model_dir, 1, "float32"), TPGroup(0, 1), torch.device("cpu"))
 

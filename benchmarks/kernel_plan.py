@@ -31,6 +31,7 @@ import time
 import torch
 
 from starcoder_tp import kernels
+from starcoder_tp.malloc import as_a_cpu_rank
 from starcoder_tp.comm import TPGroup
 from starcoder_tp.cpu import cpuinfo, isa_flags
 from starcoder_tp.files import CACHE_ENV, EMBEDDED_MODEL_DIR
@@ -99,6 +100,7 @@ def main() -> None:
     model_dir = {"bench": lambda: str(build_bench()), "embedded": lambda: str(EMBEDDED_MODEL_DIR)}.get(
         args.model, lambda: args.model)()
     seq_in, seq_out = (int(v) for v in args.request.split(","))
+    as_a_cpu_rank()  # allocator and 2 MiB pages as a rank's, before the first large block
     torch.set_num_threads(1)
     print(f"Machine: {cpuinfo()[0]}; {isa_flags()}; torch {torch.__version__}, one thread. Model: {model_dir}\n")
     for dtype in args.dtypes.split(","):

@@ -35,6 +35,7 @@ from roofline import best_s, machine_limits  # noqa: E402
 from speed import cpu_name, write_results  # noqa: E402
 
 from starcoder_tp import gemv, panels, rowdot  # noqa: E402
+from starcoder_tp.malloc import as_a_cpu_rank  # noqa: E402
 from starcoder_tp.comm import TPGroup  # noqa: E402
 from starcoder_tp.device import Device  # noqa: E402
 from starcoder_tp.files import EMBEDDED_MODEL_DIR  # noqa: E402
@@ -226,6 +227,7 @@ def main() -> None:
         raise SystemExit(f"--batches: {args.batches!r} is not a comma-separated list of positive integers")
     model_dir = {"bench": lambda: str(build_bench()), "embedded": lambda: str(EMBEDDED_MODEL_DIR)}.get(
         args.model, lambda: args.model)()
+    as_a_cpu_rank()  # allocator and 2 MiB pages as a rank's, before the first large block
     torch.set_num_threads(1)
     started = time.perf_counter()
     limits = machine_limits([args.dtype], threads=[1])

@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from speed import write_results  # noqa: E402
 
 from starcoder_tp import shm_comm  # noqa: E402
+from starcoder_tp.malloc import as_a_cpu_rank  # noqa: E402
 from starcoder_tp.attention import attention_mask  # noqa: E402
 from starcoder_tp.comm import TPGroup  # noqa: E402
 from starcoder_tp.cpu import cpuinfo, isa_flags  # noqa: E402
@@ -94,6 +95,7 @@ def _per_call_us(fn, calls: int) -> float:
 
 
 def _rank(rank: int, path: str, shard_dir: str, batches: list[int], rounds: int, calls: int, queue) -> None:
+    as_a_cpu_rank()  # allocator and 2 MiB pages as a rank's, before the first large block
     torch.set_num_threads(1)
     os.sched_setaffinity(0, [rank % (os.cpu_count() or 1)])
     comm = shm_comm.ShmComm(path, rank, 2, timeout_s=300)

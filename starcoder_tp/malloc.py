@@ -99,6 +99,14 @@ def enable_huge_pages() -> str:
     return "2 MiB pages"
 
 
+def as_a_cpu_rank() -> tuple[str, str]:
+    """This process's allocator and page size set up as a CPU rank's: (tune_malloc's, enable_huge_pages's
+    answer). Before the process's first large block. The benchmarks that load a model in-process call it
+    too: in 4 KiB pages their kernels read the weights slower than a rank does (a bf16 batch-1 decode
+    step 8.2-8.4 ms against 7.3; RESULTS.md, "Panels at one row without asking ahead")."""
+    return tune_malloc(), enable_huge_pages()
+
+
 def owned_copies(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """`state`'s tensors copied into this process's own memory: aligned blocks, in huge pages
     where enable_huge_pages set them up. safetensors' load_file leaves CPU tensors in the file's

@@ -29,7 +29,7 @@ from .comm import TPGroup
 from .config import ModelConfig
 from .device import Device
 from .generate import StepHooks, check_request
-from .malloc import enable_huge_pages, malloc_choice, tune_malloc
+from .malloc import as_a_cpu_rank, malloc_choice
 from .model import load_model
 from .sampling import Sampling, SequenceStreams
 from .timing import GenerationResult, timed_generate
@@ -133,8 +133,8 @@ def _worker_main(rank: int, spec: GroupSpec, store_port: int, shm_path: str | No
     exit_code = 0
     try:
         started = time.perf_counter()
-        allocator = tune_malloc() if spec.device.kind == "cpu" else "system"  # before the model loads
-        pages = enable_huge_pages() if spec.device.kind == "cpu" else ""  # before torch's first large block
+        # Before the model loads: torch's first large block.
+        allocator, pages = as_a_cpu_rank() if spec.device.kind == "cpu" else ("system", "")
         configure_threads(rank, spec)
         torch_device = spec.device.bind(rank)
         if spec.world_size > 1:

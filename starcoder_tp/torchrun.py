@@ -18,7 +18,7 @@ from .comm import TPGroup
 from .device import Device
 from .generate import check_request
 from .model import TPCausalLM, load_model
-from .malloc import enable_huge_pages, tune_malloc
+from .malloc import as_a_cpu_rank
 from .parallel import DEFAULT_CALL_TIMEOUT_S, GroupSpec, configure_threads
 from .timing import GenerationResult, timed_generate
 
@@ -96,10 +96,10 @@ def torchrun_rank(device: Device, shards: Callable[[int, bool], Path], *, thread
     tp, local_rank = init_from_torchrun(device, timeout_s)
     try:
         if device.kind == "cpu":
-            tune_malloc()  # (a CPU rank's allocator keeps freed blocks: malloc.py)
-            # 2 MiB pages: before this process's first large block, which the cut below makes on
-            # local rank 0 (c10 reads the setting once, and the kernel plan's key names it).
-            enable_huge_pages()
+            # The allocator that keeps freed blocks, and 2 MiB pages: before this process's first
+            # large block, which the cut below makes on local rank 0 (c10 reads the setting once,
+            # and the kernel plan's key names it).
+            as_a_cpu_rank()
         if local_rank == 0:  # one cut per node, into that node's cache
             shards(tp.world_size, True)
         dist.barrier()

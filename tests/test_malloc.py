@@ -121,7 +121,7 @@ def test_a_cpu_model_holds_its_weights_in_its_own_memory_not_in_the_part_files_m
 PLACED = """
 import struct, torch
 from starcoder_tp import malloc
-print(malloc.tune_malloc(), malloc.enable_huge_pages())
+print(*malloc.as_a_cpu_rank())  # as a rank sets itself up
 reused = [torch.ones(1 << 20, dtype=torch.uint8) for _ in range(24)]  # blocks below c10's advice
 del reused  # the heap's pages touched in 4 KiB pages, then freed: the weight reuses them
 weight = malloc.copy_of(torch.arange(9 << 18, dtype=torch.float32).view(1152, -1))  # 2.25 MiB
