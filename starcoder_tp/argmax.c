@@ -40,31 +40,63 @@ AVX512 INLINE __m512 load_row(const void *row, long i, __mmask16 m, int bf16) {
     return _mm512_maskz_loadu_ps(m, (const float *)row + i);
 }
 
+/* CHAINS vectors a step, each into its own lanes' maxima: one chain is a compare and a masked move
+ * waiting on the last, ~6 cycles a vector; independent chains overlap (RESULTS.md, "The greedy pick
+ * in four chains"). Each lane of each chain keeps its first occurrence, so the lowest index among
+ * the lanes holding the maximum is the row's first. */
+#define CHAINS 4
+
 AVX512 static void row_max(const void *row, long n, int bf16, float *value, int64_t *index) {
-    __m512 best = _mm512_set1_ps(-INFINITY);
-    __m512i where = _mm512_setzero_si512(), at = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    __m512 best[CHAINS];
+    __m512i where[CHAINS], at[CHAINS];
+    for (int c = 0; c < CHAINS; c++) {
+        best[c] = _mm512_set1_ps(-INFINITY);
+        where[c] = _mm512_setzero_si512();
+        at[c] = _mm512_add_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                 _mm512_set1_epi32(c * LANES));
+    }
+    const __m512i stride = _mm512_set1_epi32(CHAINS * LANES);
     __mmask16 nan = 0;
-    for (long i = 0; i < n; i += LANES) {
+    long i = 0;
+    for (; i + CHAINS * LANES <= n; i += CHAINS * LANES)
+        for (int c = 0; c < CHAINS; c++) {
+            __m512 v = load_row(row, i + c * LANES, (__mmask16)0xffff, bf16);
+            __mmask16 larger = _mm512_cmp_ps_mask(v, best[c], _CMP_GT_OQ);
+            nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+            best[c] = _mm512_mask_mov_ps(best[c], larger, v);
+            where[c] = _mm512_mask_mov_epi32(where[c], larger, at[c]);
+            at[c] = _mm512_add_epi32(at[c], stride);
+        }
+    for (int c = 0; i < n; i += LANES, c++) {  /* the last vectors, in chains 0, 1, ...: their indices run on */
         __mmask16 m = n - i >= LANES ? (__mmask16)0xffff : (__mmask16)((1u << (n - i)) - 1u);
         __m512 v = load_row(row, i, m, bf16);
-        __mmask16 larger = _mm512_mask_cmp_ps_mask(m, v, best, _CMP_GT_OQ);
+        __m512i here = _mm512_add_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                        _mm512_set1_epi32((int)i));
+        __mmask16 larger = _mm512_mask_cmp_ps_mask(m, v, best[c], _CMP_GT_OQ);
         nan |= _mm512_mask_cmp_ps_mask(m, v, v, _CMP_UNORD_Q);
-        best = _mm512_mask_mov_ps(best, larger, v);
-        where = _mm512_mask_mov_epi32(where, larger, at);
-        at = _mm512_add_epi32(at, _mm512_set1_epi32(LANES));
+        best[c] = _mm512_mask_mov_ps(best[c], larger, v);
+        where[c] = _mm512_mask_mov_epi32(where[c], larger, here);
     }
     if (nan) {
-        long i = first_nan(row, n, bf16);
         *value = NAN;
-        *index = i;
+        *index = first_nan(row, n, bf16);
         return;
     }
-    float top = _mm512_reduce_max_ps(best);
-    __mmask16 tops = _mm512_cmp_ps_mask(best, _mm512_set1_ps(top), _CMP_EQ_OQ);
-    /* (every value -inf, or a row of none: lane 0's index 0, as torch.max) */
-    int32_t first = tops ? _mm512_mask_reduce_min_epi32(tops, where) : 0;
+    __m512 top_lanes = best[0];
+    for (int c = 1; c < CHAINS; c++)
+        top_lanes = _mm512_max_ps(top_lanes, best[c]);
+    float top = _mm512_reduce_max_ps(top_lanes);
+    /* (every value -inf, or a row of none: index 0, as torch.max) */
+    int32_t first = INT32_MAX;
+    for (int c = 0; c < CHAINS; c++) {
+        __mmask16 tops = _mm512_cmp_ps_mask(best[c], _mm512_set1_ps(top), _CMP_EQ_OQ);
+        if (tops) {
+            int32_t lowest = _mm512_mask_reduce_min_epi32(tops, where[c]);
+            first = lowest < first ? lowest : first;
+        }
+    }
     *value = top;
-    *index = first;
+    *index = first == INT32_MAX ? 0 : first;
 }
 #endif
 

@@ -36,8 +36,13 @@ def test_ties_go_to_the_first_index_within_and_across_lanes(dtype):
     logits[4, [5, 21]] = float("inf")
     logits[5] = -0.0
     logits[5, 40] = 0.0  # -0 == 0: the first wins
+    # argmax.c's chains take 16-value vectors in turn (4 a step): the first in a later chain's vector
+    # of one step (20, in chain 1) against a later step's first chain (64); and in the last vectors
+    # past the whole steps (960...999: chain 0 from 960, chain 1 from 976).
+    logits[6, [64, 20]] = 7.0
+    logits[7, [976, 975]] = 7.0
     check_same(logits)
-    assert argmax.ours(logits)[1][:4].tolist() == [0, 3, 16, 998]
+    assert argmax.ours(logits)[1][:8].tolist() == [0, 3, 16, 998, 5, 0, 20, 975]
 
 
 @needs_kernel
