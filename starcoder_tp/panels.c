@@ -5,10 +5,10 @@
  * A block of MR rows of x and NV panels keeps MR x NV accumulators of 16 output columns in
  * registers: per K step (a pair in bf16) it loads NV panel vectors and broadcasts each x row's
  * element(s) to them. Each panel is read in order, a stream the hardware prefetcher follows, and
- * the next block of panels is asked for while the first rows of x run against this one, so that
- * the weight's read overlaps the arithmetic (RESULTS.md, "Panels"). The output is written a vector
- * of 16 columns at a time, the bias added, the activation applied (the MLP's first linear: one
- * pass less over its output) and, in bf16, rounded once.
+ * (from two rows of x on) the next block of panels is asked for while the rows run against this
+ * one, so that the weight's read overlaps the arithmetic (RESULTS.md, "Panels"). The output is
+ * written a vector of 16 columns at a time, the bias added, the activation applied (the MLP's first
+ * linear: one pass less over its output) and, in bf16, rounded once.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -212,7 +212,7 @@ AVX512 INLINE __m512 fma_f32(__m512 a, __m512i w, __m512i x) {
         for (long r = 0; r < m; blocks++)                                                          \
             r += m - r >= 8 ? 8 : m - r >= 4 ? 4 : m - r >= 2 ? 2 : 1;                             \
         /* One row asks for nothing: its arithmetic is too short to hide the requests, and the    \
-         * hardware's prefetch of the block's own streams alone read 3-9% faster in bf16 (RESULTS.md, \
+         * hardware's prefetch of the block's own streams alone read 2-11% faster (RESULTS.md,      \
          * "Panels at one row without asking ahead"). */                                           \
         const int ask = m > 1;                                                                     \
         if (k / XS > CHUNK_STEPS) { /* (where the sums' memory cannot be had: whole) */            \
