@@ -91,7 +91,7 @@ def split_from(small_ms: dict[str, float], large_ms: dict[str, float],
     return 1 << math.ceil(math.log2(crossover))
 
 
-def calibrate(slowest: Callable[[torch.Tensor], torch.Tensor]) -> str:
+def calibrate(slowest: Callable[[torch.Tensor], torch.Tensor], on_progress: Callable[[], None] = lambda: None) -> str:
     """Time both forms of the fp32 tanh GELU at CALIBRATION_NUMEL elements (once per process) and
     set TANH_GELU.split_from; `slowest` reduces a float64 tensor to its maximum over the ranks, so
     that every rank takes the same form. Every rank must call it in step. Returns what it set."""
@@ -101,7 +101,7 @@ def calibrate(slowest: Callable[[torch.Tensor], torch.Tensor]) -> str:
 
     inputs = [torch.randn(numel) * 3 for numel in CALIBRATION_NUMEL]
     small, large = time_across_ranks([{"fused": lambda x=x: F.gelu(x, approximate="tanh"),
-                                       "split": lambda x=x: tanh_gelu_split(x)} for x in inputs], slowest)
+                                       "split": lambda x=x: tanh_gelu_split(x)} for x in inputs], slowest, on_progress)
     TANH_GELU.split_from = split_from(small, large)
     form = f"tanh gelu split from {TANH_GELU.split_from} elements" if TANH_GELU.split_from else "tanh gelu fused"
     TANH_GELU.calibrated = f"{form} ({CALIBRATION_NUMEL[1]}: {large['split']:.3f} vs {large['fused']:.3f} ms)"

@@ -196,7 +196,8 @@ def describe_lengths(lengths: frozenset[int]) -> str:
     return ",".join(str(t) for t in sorted(lengths))
 
 
-def calibrate_attention(heads: int, head_dim: int, slowest, dtype: torch.dtype = torch.float32) -> str:
+def calibrate_attention(heads: int, head_dim: int, slowest, dtype: torch.dtype = torch.float32,
+                        on_progress=lambda: None) -> str:
     """Time SDPA's flash kernel and causal_blocks on this rank's `heads` multi-query heads in
     `dtype` at CALIBRATION_TOKENS (once per process) and set PREFILL_FORM.blocks_at; `slowest`
     reduces a float64 tensor to its maximum over the ranks, so that every rank takes the same
@@ -213,7 +214,8 @@ def calibrate_attention(heads: int, head_dim: int, slowest, dtype: torch.dtype =
     saved, PREFILL_FORM.blocks_at = PREFILL_FORM.blocks_at, frozenset()  # attend: SDPA while timed
     try:
         timings = time_across_ranks([{"sdpa": lambda i=i: attend(*i, None, scale),
-                                      "blocks": lambda i=i: causal_blocks(*i, scale)} for i in inputs], slowest)
+                                      "blocks": lambda i=i: causal_blocks(*i, scale)} for i in inputs], slowest,
+                                     on_progress)
     finally:
         PREFILL_FORM.blocks_at = saved
     sdpa, blocks = [ms["sdpa"] for ms in timings], [ms["blocks"] for ms in timings]

@@ -82,7 +82,8 @@ DECODE_FORM = DecodeForm()
 CALIBRATION_SHAPES = ((1, 128), (16, 1024))
 
 
-def calibrate_decode(heads: int, kv_heads: int, head_dim: int, slowest, dtype: torch.dtype = torch.float32) -> str:
+def calibrate_decode(heads: int, kv_heads: int, head_dim: int, slowest, dtype: torch.dtype = torch.float32,
+                     on_progress=lambda: None) -> str:
     """Time SDPA and attend.c on this rank's heads in `dtype` at CALIBRATION_SHAPES (once per
     process) and set DECODE_FORM.ours where ours was faster at every one of them; `slowest`
     reduces a float64 tensor to its maximum over the ranks, so that every rank takes the same
@@ -106,7 +107,7 @@ def calibrate_decode(heads: int, kv_heads: int, head_dim: int, slowest, dtype: t
         DECODE_FORM.ours, DECODE_FORM.calibrated = False, "sdpa (attend.c does not run on every rank here)"
         return DECODE_FORM.calibrated
     DECODE_FORM.ours = False  # attention.attend: SDPA while timed
-    timings = time_across_ranks(calls, slowest)
+    timings = time_across_ranks(calls, slowest, on_progress)
     DECODE_FORM.ours = all(ms["ours"] < ms["sdpa"] for ms in timings)
     shown = ", ".join(f"{b}x{s}: {ms['ours']:.3f} vs {ms['sdpa']:.3f} ms" for (b, s), ms in zip(CALIBRATION_SHAPES, timings))
     DECODE_FORM.calibrated = f"{'ours' if DECODE_FORM.ours else 'sdpa'} (attend.c vs sdpa: {shown})"

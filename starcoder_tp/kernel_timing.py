@@ -102,14 +102,15 @@ def time_ms(calls: dict[str, Callable[[], object]], on_progress: Callable[[], No
 
 
 def time_across_ranks(calls_by_size: list[dict[str, Callable[[], object]]],
-                      slowest: Callable[[torch.Tensor], torch.Tensor]) -> list[dict[str, float]]:
+                      slowest: Callable[[torch.Tensor], torch.Tensor],
+                      on_progress: Callable[[], None] = lambda: None) -> list[dict[str, float]]:
     """time_ms of each set of calls (the same names in each), every figure the slowest rank's:
     `slowest` reduces a float64 tensor to its maximum over the ranks, so that every rank reads
     the same timings and decides alike. Every rank must call it in step."""
     names = list(calls_by_size[0])
     local = []
     for calls in calls_by_size:
-        ms = time_ms(calls)
+        ms = time_ms(calls, on_progress)  # (a rank's heartbeat, between calls)
         local += [ms[name] for name in names]
     reduced = slowest(torch.tensor(local, dtype=torch.float64)).tolist()
     return [dict(zip(names, reduced[i * len(names):(i + 1) * len(names)])) for i in range(len(calls_by_size))]

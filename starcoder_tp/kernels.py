@@ -113,8 +113,7 @@ class Choice:
 
 
 def shape_key(weight: torch.Tensor) -> str:
-    n, k = weight.shape
-    return f"{n}x{k}:{str(weight.dtype).removeprefix('torch.')}"
+    return f"{weight.shape[0]}x{weight.shape[1]}:{str(weight.dtype).removeprefix('torch.')}"
 
 
 def decode_candidates(weight: torch.Tensor, rows: int = 1, prefills: bool = True) -> tuple[str, ...]:
@@ -131,8 +130,7 @@ def decode_candidates(weight: torch.Tensor, rows: int = 1, prefills: bool = True
             kinds.append("onednn_wide")
     if pack_mkl(weight[:1], 1) is not None:
         kinds.append("mkl_packed")
-    if weight.dtype == torch.bfloat16:
-        kinds.append("fp32")
+    kinds += ["fp32"] if weight.dtype == torch.bfloat16 else []
     if rows == 1 and gemv.supports(weight):
         kinds.append("gemv")
     if rows == 1 and rowdot.supports(weight):
@@ -310,14 +308,15 @@ def measure(weights: dict[str, torch.Tensor], rows: int, slowest: Callable[[torc
     return {shape: choose(decode, long, short) for shape, (decode, short, long) in timings.items()}
 
 
-def calibrate_forms(weights: dict[str, torch.Tensor], activated: dict[str, str], tp, attention=None) -> None:
+def calibrate_forms(weights: dict[str, torch.Tensor], activated: dict[str, str], tp, attention=None,
+                    on_progress: Callable[[], None] = lambda: None) -> None:
     """The tanh GELU's form (activations.calibrate) where the model runs it in fp32; given the
     model's attention (an attention.Attention), the decode step's attention form in the model's
     dtype (decode_attention.calibrate_decode: attend.c or SDPA) and, for multi-query heads, the
-    causal prefill's (attention.calibrate_attention): in every kernel mode, and before a plan is
-    measured or looked up (the c_fc timings include the GELU). Like plans, measured once per machine
-    and cached: measured in each process, near-ties flipped the forms from one run to the next, and
-    a latency gate named them as kernel differences from its baseline. Every rank calls it in step."""
+    causal prefill's (attention.calibrate_attention): in every kernel mode, before a plan is measured
+    or looked up (the c_fc timings include the GELU); `on_progress` ticks between timed calls. Cached
+    per machine like plans (measured per process, near-ties flipped the forms from one run to the
+    next, and a latency gate named them as kernel changes). Every rank calls it in step."""
     from .attention import PREFILL_FORM, calibrate_attention  # (attention.py uses linear.py, which uses this module)
 
     fp32 = any(w.dtype == torch.float32 for w in weights.values())
@@ -356,12 +355,13 @@ def calibrate_forms(weights: dict[str, torch.Tensor], activated: dict[str, str],
     measured = {"tanh_split_from": None, "blocks_at": [], "tanh_gelu": None, "mqa": None, "decode": None,
                 "decode_ours": False}
     if gelu:
-        measured.update(tanh_gelu=calibrate(tp.max_), tanh_split_from=TANH_GELU.split_from)
+        measured.update(tanh_gelu=calibrate(tp.max_, on_progress), tanh_split_from=TANH_GELU.split_from)
     if mqa:
-        measured.update(mqa=calibrate_attention(attention.local_heads, attention.head_dim, tp.max_, dtype),
-                        blocks_at=sorted(PREFILL_FORM.blocks_at))
+        measured.update(mqa=calibrate_attention(attention.local_heads, attention.head_dim, tp.max_, dtype,
+                                                on_progress), blocks_at=sorted(PREFILL_FORM.blocks_at))
     if decode:
-        measured.update(decode=calibrate_decode(*heads[:3], tp.max_, dtype), decode_ours=DECODE_FORM.ours)
+        measured.update(decode=calibrate_decode(*heads[:3], tp.max_, dtype, on_progress),
+                        decode_ours=DECODE_FORM.ours)
     try:
         write_atomic(path, json.dumps({"key": key, "forms": measured}, indent=1, sort_keys=True))
     except OSError as err:

@@ -147,7 +147,7 @@ class TPCausalLM(nn.Module):
         if self.transformer.ln_f.weight.device.type != "cpu":
             mode = "plain"  # the kernels chosen here are CPU ones
         else:
-            kernels.calibrate_forms(weights, activated, self.tp, self.transformer.h[0].attn)
+            kernels.calibrate_forms(weights, activated, self.tp, self.transformer.h[0].attn, self._tick)
         if mode == "auto":
             self.kernel_timings, self.kernel_plan_source = kernels.cached_or_measured(
                 weights, rows, self.tp, prefill, activated, self._tick, step_bytes)

@@ -13,8 +13,10 @@ import multiprocessing as mp
 import os
 import re
 import platform
+import shutil
 import signal
 import sys
+import tempfile
 import time
 import traceback
 from dataclasses import dataclass
@@ -24,7 +26,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from . import shm_comm
+from . import rowdot, shm_comm, stacks
 from .comm import TPGroup
 from .config import ModelConfig
 from .device import Device
@@ -128,11 +130,12 @@ def _release_shared_objects() -> None:
 
 
 def _worker_main(rank: int, spec: GroupSpec, store_port: int, shm_path: str | None, conn: Connection,
-                 progress) -> None:
+                 progress, stack_dir: str) -> None:
     """A rank of a local worker group: start, load, then serve requests until told to stop."""
     exit_code = 0
     try:
         started = time.perf_counter()
+        stacks.arm(stack_dir, rank)  # where it was, if the parent asks (a failed request)
         # Before the model loads: torch's first large block.
         allocator, pages = as_a_cpu_rank() if spec.device.kind == "cpu" else ("system", "")
         configure_threads(rank, spec)
@@ -145,6 +148,10 @@ def _worker_main(rank: int, spec: GroupSpec, store_port: int, shm_path: str | No
         shm = shm_comm.ShmComm(shm_path, rank, spec.world_size, spec.timeout_s) if shm_path else None
         tp = TPGroup(rank, spec.world_size, shm)
         model = load_model(spec.shard_dir, tp, torch_device, kernels=spec.kernels, compile=spec.compile)
+        if spec.device.kind == "cpu":
+            # Our kernels' library is built (seconds, once per machine) here, not in the first request,
+            # where the build held the heartbeat still long enough to be taken for a hang.
+            rowdot.library()
         heartbeat = Heartbeat(progress, rank)
         model.progress_hooks.append(heartbeat.tick)  # measuring and laying out the kernels of a new request
         for block in model.transformer.h:
@@ -217,6 +224,7 @@ class WorkerGroup:
         self._store = None
         self._shm_path: str | None = None
         self._progress = None
+        self._stack_dir: str | None = None  # the ranks' stack dumps (stacks.py)
 
     def start(self) -> "WorkerGroup":
         if not Path(self.spec.shard_dir, "manifest.json").is_file():
@@ -234,12 +242,13 @@ class WorkerGroup:
             port = self._store.port
         if self.spec.use_shm:
             self._shm_path = shm_comm.create_segment(self.spec.world_size)
+        self._stack_dir = tempfile.mkdtemp(prefix="starcoder_tp-stacks-")
         ctx = mp.get_context("spawn")
         self._progress = ctx.Array("q", self.spec.world_size, lock=False)  # shared memory, one writer each
         for rank in range(self.spec.world_size):
             parent_end, child_end = ctx.Pipe()
             proc = ctx.Process(target=_worker_main, args=(rank, self.spec, port, self._shm_path, child_end,
-                                                          self._progress),
+                                                          self._progress, self._stack_dir),
                                name=f"starcoder_tp-rank{rank}", daemon=True)
             proc.start()
             child_end.close()
@@ -331,6 +340,8 @@ class WorkerGroup:
         return [replies[r] for r in range(len(self.procs))]
 
     def _fail(self, message: str) -> None:
+        if self._stack_dir is not None:  # where each rank still alive was: the hung one's stack names the hang
+            message += stacks.ask(self._stack_dir, {r: p.pid for r, p in enumerate(self.procs) if p.is_alive()})
         self.close(graceful=False)
         raise RankFailure(message)
 
@@ -354,6 +365,9 @@ class WorkerGroup:
         self.procs, self.conns = [], []
         self._store = None
         self._unlink_shm()
+        if self._stack_dir is not None:
+            shutil.rmtree(self._stack_dir, ignore_errors=True)
+            self._stack_dir = None
 
     def _unlink_shm(self) -> None:
         if self._shm_path is not None:

@@ -79,16 +79,18 @@ class ShmComm:
 
     def _wait(self, seq: int) -> None:
         flags = self._flags_np
+        if flags.min() >= seq:
+            return
+        # From the wait's start, checked at every yield: set after 64 yields and checked every 64,
+        # as it was, the timeout came late by up to 128 yields, each a time slice on a loaded
+        # machine, and the parent's own watch on the stopped rank could fire first.
+        deadline = time.monotonic() + self.timeout_s
         spins = 0
-        deadline = None
         while flags.min() < seq:
             spins += 1
             if spins % 64 == 0:
                 os.sched_yield()  # several ranks per core must still make progress
-            if spins % 4096 == 0:
-                now = time.monotonic()
-                deadline = deadline or now + self.timeout_s
-                if now > deadline:
+                if time.monotonic() > deadline:
                     late = [r for r in range(self.world_size) if flags[r] < seq]
                     raise RuntimeError(f"rank(s) {late} did not reach collective #{seq} within {self.timeout_s:.0f}s "
                                        f"(rank {self.rank} waited)")

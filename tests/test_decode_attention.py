@@ -102,7 +102,7 @@ def test_what_attend_c_does_not_take_is_left_to_sdpa_and_named_when_forced():
 def _fake_timings(monkeypatch, ours_ms, sdpa_ms):
     seen = []
 
-    def time_across_ranks(calls_by_size, slowest):
+    def time_across_ranks(calls_by_size, slowest, on_progress):
         seen.append([sorted(c) for c in calls_by_size])
         for calls in calls_by_size:
             for call in calls.values():
@@ -149,7 +149,7 @@ def test_calibrate_forms_measures_the_decode_form_in_the_models_dtype_and_caches
     monkeypatch.setenv("STARCODER_TP_CACHE", str(tmp_path))
     calls = []
 
-    def measured(heads, kv_heads, dim, slowest, dtype):
+    def measured(heads, kv_heads, dim, slowest, dtype, on_progress):
         calls.append((heads, kv_heads, dim, dtype))
         decode_form.ours, decode_form.calibrated = True, "ours (...)"
         return decode_form.calibrated

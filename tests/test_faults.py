@@ -16,7 +16,7 @@ import pytest
 
 from starcoder_tp.parallel import GroupSpec, RankFailure, WorkerGroup
 from starcoder_tp.shard import shard_checkpoint
-from starcoder_tp.suite.faults import BusyWait
+from starcoder_tp.suite.faults import BusyWait, HangOn
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -53,11 +53,17 @@ class InFlight:
         self.thread = threading.Thread(target=run, daemon=True)
         self.thread.start()
 
-    def wait_inside(self, timeout: float = 120) -> None:
+    def wait_inside(self, rank: int | None = None, timeout: float = 120) -> None:
+        """Until `rank` (None: any rank) ticked in this request: then it is past the set-up that does
+        not tick (the forms' calibration, on an empty cache), and a fault sent to it is timed from
+        its last tick. (Waiting on any rank, a rank still silent in its set-up was stopped, the
+        parent's stall watch counted from the request's start, and named the stall before the
+        peer's collective timeout.)"""
         deadline = time.monotonic() + timeout
-        while self.group.progress() == self.before:
-            assert not self.done.is_set(), f"the request ended before any rank ticked: {self.error!r}"
-            assert time.monotonic() < deadline, "no rank ticked within 120 s of the request"
+        ranks = range(len(self.before)) if rank is None else [rank]
+        while not any(self.group.progress()[r] > self.before[r] for r in ranks):
+            assert not self.done.is_set(), f"the request ended before rank(s) {list(ranks)} ticked: {self.error!r}"
+            assert time.monotonic() < deadline, f"rank(s) {list(ranks)} did not tick within {timeout} s of the request"
             time.sleep(0.01)
 
     def outcome(self, timeout: float = 120) -> BaseException | None:
@@ -82,7 +88,7 @@ def test_rank_killed_mid_case_is_named_within_seconds(shards):
     group = WorkerGroup(GroupSpec(str(shards), 2, timeout_s=20)).start()
     pids = [info["pid"] for info in group.ready_info]
     request = InFlight(group)
-    request.wait_inside()
+    request.wait_inside(rank=1)
     started = time.monotonic()
     os.kill(pids[1], signal.SIGKILL)
     error = request.outcome()
@@ -98,7 +104,7 @@ def test_hung_rank_is_named_after_the_rank_timeout(shards):
     group = WorkerGroup(GroupSpec(str(shards), 2, timeout_s=4)).start()
     pids = [info["pid"] for info in group.ready_info]
     request = InFlight(group)
-    request.wait_inside()
+    request.wait_inside(rank=1)
     started = time.monotonic()
     os.kill(pids[1], signal.SIGSTOP)
     error = request.outcome()
@@ -106,7 +112,22 @@ def test_hung_rank_is_named_after_the_rank_timeout(shards):
     print(f"SIGSTOP to error: {elapsed:.2f}s")
     assert isinstance(error, RankFailure), error
     assert re.search(r"rank\(s\) \[1\] did not reach collective #\d+ within 4s", str(error)), error
+    assert "rank 1 is stopped" in str(error), error  # (asked for no stack: it could not answer)
     assert elapsed < 4 + 10
+    _assert_gone(pids)
+
+
+def test_a_hung_ranks_stack_comes_with_the_error(shards):
+    """The peer's collective timeout names rank 1; the parent then asks the ranks still alive where
+    they were (stacks.py), and rank 1's stack shows the loop it hangs in."""
+    group = WorkerGroup(GroupSpec(str(shards), 2, timeout_s=4)).start()
+    pids = [info["pid"] for info in group.ready_info]
+    with pytest.raises(RankFailure) as caught:
+        group.generate([[5] * 16], 8, hooks=(HangOn(rank=1),))
+    message = str(caught.value)
+    assert re.search(r"rank\(s\) \[1\] did not reach collective #\d+ within 4s", message), message
+    stack = message[message.index("rank 1's stack"):] if "rank 1's stack" in message else ""
+    assert 'in hang_here' in stack and 'in before_pick' in stack, message
     _assert_gone(pids)
 
 

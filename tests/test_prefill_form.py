@@ -103,7 +103,10 @@ def test_calibrate_attention_takes_the_slowest_ranks_timings_once(form_state):
         # sdpa, blocks at each length in turn
         return torch.tensor([0.2, 0.3, 0.6, 0.5, 2.0, 1.5, 8.0, 6.0, 20.0, 21.0], dtype=torch.float64)
 
-    assert calibrate_attention(4, 64, slowest).startswith("causal blocks at 128,256,512 tokens")
+    ticks = []
+    assert calibrate_attention(4, 64, slowest, on_progress=lambda: ticks.append(1)).startswith(
+        "causal blocks at 128,256,512 tokens")
+    assert len(ticks) >= 10, "a rank's heartbeat ticks through the calibration (one per timed call at least)"
     assert len(seen) == 1 and seen[0].shape == (10,) and bool((seen[0] > 0).all()), "this rank's own timings"
     assert form_state.blocks_at == {128, 256, 512}
     assert calibrate_attention(4, 64, slowest) == form_state.calibrated and len(seen) == 1, "once per process"
@@ -116,7 +119,9 @@ def test_calibrate_attention_takes_the_slowest_ranks_timings_once(form_state):
 
 def test_calibrate_forms_measures_attention_for_one_kv_head_in_the_models_dtype(form_state, monkeypatch):
     calls = []
-    monkeypatch.setattr(attention, "calibrate_attention", lambda h, d, slowest, dtype: calls.append((h, d, dtype)))
+    tick = lambda: None  # noqa: E731 - the rank's heartbeat, handed on to the calibration
+    monkeypatch.setattr(attention, "calibrate_attention",
+                        lambda h, d, slowest, dtype, on_progress: calls.append((h, d, dtype, on_progress)))
     tp = types.SimpleNamespace(max_=lambda t: t, world_size=1)
     fp32, bf16 = {"8x8:float32": torch.ones(8, 8)}, {"8x8:bfloat16": torch.ones(8, 8, dtype=torch.bfloat16)}
     mqa = types.SimpleNamespace(local_heads=8, local_kv_heads=1, head_dim=32)
@@ -124,9 +129,9 @@ def test_calibrate_forms_measures_attention_for_one_kv_head_in_the_models_dtype(
     kernels.calibrate_forms(fp32, {}, tp, gqa)
     kernels.calibrate_forms(fp32, {}, tp, None)
     assert calls == []
-    kernels.calibrate_forms(fp32, {}, tp, mqa)
-    kernels.calibrate_forms(bf16, {}, tp, mqa)  # the fake measured nothing: calibrated again
-    assert calls == [(8, 32, torch.float32), (8, 32, torch.bfloat16)]
+    kernels.calibrate_forms(fp32, {}, tp, mqa, tick)
+    kernels.calibrate_forms(bf16, {}, tp, mqa, tick)  # the fake measured nothing: calibrated again
+    assert calls == [(8, 32, torch.float32, tick), (8, 32, torch.bfloat16, tick)]
 
 
 def test_a_model_generates_the_same_tokens_with_either_form(tmp_path, embedded_dir, prompts, form_state, monkeypatch):
@@ -171,7 +176,7 @@ def test_the_forms_are_measured_once_per_machine_then_read_from_the_cache(form_s
     monkeypatch.setenv("STARCODER_TP_CACHE", str(tmp_path / "cache"))
     calls = []
 
-    def measured(heads, dim, slowest, dtype):
+    def measured(heads, dim, slowest, dtype, on_progress):
         calls.append((heads, dim))
         form_state.blocks_at, form_state.calibrated = frozenset({512}), "causal blocks at 512 tokens (...)"
         form_state.dtype = dtype

@@ -38,3 +38,23 @@ class BusyWait(StepHooks):
         ms = self.prefill_ms if step == 0 else self.decode_ms
         if ms:
             spin(ms)
+
+
+def hang_here() -> None:
+    """Never return: a hung rank, as a test makes one (its stack names this function)."""
+    while True:
+        pass
+
+
+@dataclass(frozen=True)
+class HangOn(StepHooks):
+    """Rank `rank` (torch.distributed's) hangs at its first decode step, busy, never reaching the
+    step's collectives: the others time out waiting on it."""
+
+    rank: int = 1
+
+    def before_pick(self, step: int) -> None:
+        import torch.distributed as dist
+
+        if step >= 1 and dist.is_initialized() and dist.get_rank() == self.rank:
+            hang_here()
