@@ -2,9 +2,9 @@
  * index of its first occurrence, as torch.max(dim=-1) gives them; a NaN counts as the largest,
  * the first NaN's index. AVX-512, one thread.
  *
- * Each of the 16 lanes keeps its own maximum and where it was, taking a value only when it is
- * strictly larger (so each lane keeps its first occurrence); the lanes are then reduced to the
- * largest value at the lowest index. torch's max over a vocabulary row runs ~2 elements a
+ * Each lane of four vectors (CHAINS) keeps its own maximum and where it was, taking a value only
+ * when it is strictly larger (so each lane keeps its first occurrence); the lanes are then reduced
+ * to the largest value at the lowest index. torch's max over a vocabulary row runs ~2 elements a
  * nanosecond on the EPYC Zen 5, 0.4-0.5 ms of a batch-16 decode step (RESULTS.md, "The greedy
  * pick of our own").
  */

@@ -113,7 +113,8 @@ class Choice:
 
 
 def shape_key(weight: torch.Tensor) -> str:
-    return f"{weight.shape[0]}x{weight.shape[1]}:{str(weight.dtype).removeprefix('torch.')}"
+    n, k = weight.shape
+    return f"{n}x{k}:{str(weight.dtype).removeprefix('torch.')}"
 
 
 def decode_candidates(weight: torch.Tensor, rows: int = 1, prefills: bool = True) -> tuple[str, ...]:
@@ -131,8 +132,7 @@ def decode_candidates(weight: torch.Tensor, rows: int = 1, prefills: bool = True
     if pack_mkl(weight[:1], 1) is not None:
         kinds.append("mkl_packed")
     kinds += ["fp32"] if weight.dtype == torch.bfloat16 else []
-    if rows == 1 and gemv.supports(weight):
-        kinds.append("gemv")
+    kinds += ["gemv"] if rows == 1 and gemv.supports(weight) else []
     if rows == 1 and rowdot.supports(weight):
         kinds.append("rowdot")
     # At one row its product is a stream through the weight like rowdot's, gemv's and onednn_wide's

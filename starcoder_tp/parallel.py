@@ -19,6 +19,7 @@ import sys
 import tempfile
 import time
 import traceback
+import weakref
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
@@ -243,6 +244,7 @@ class WorkerGroup:
         if self.spec.use_shm:
             self._shm_path = shm_comm.create_segment(self.spec.world_size)
         self._stack_dir = tempfile.mkdtemp(prefix="starcoder_tp-stacks-")
+        weakref.finalize(self, shutil.rmtree, self._stack_dir, True)  # (a group never closed)
         ctx = mp.get_context("spawn")
         self._progress = ctx.Array("q", self.spec.world_size, lock=False)  # shared memory, one writer each
         for rank in range(self.spec.world_size):
@@ -341,7 +343,10 @@ class WorkerGroup:
 
     def _fail(self, message: str) -> None:
         if self._stack_dir is not None:  # where each rank still alive was: the hung one's stack names the hang
-            message += stacks.ask(self._stack_dir, {r: p.pid for r, p in enumerate(self.procs) if p.is_alive()})
+            try:
+                message += stacks.ask(self._stack_dir, {r: p.pid for r, p in enumerate(self.procs) if p.is_alive()})
+            except OSError as error:  # (the failure is reported, and the ranks stopped, whatever)
+                message += f"\n(the ranks' stacks could not be read: {error})"
         self.close(graceful=False)
         raise RankFailure(message)
 

@@ -54,11 +54,10 @@ class InFlight:
         self.thread.start()
 
     def wait_inside(self, rank: int | None = None, timeout: float = 120) -> None:
-        """Until `rank` (None: any rank) ticked in this request: then it is past the set-up that does
-        not tick (the forms' calibration, on an empty cache), and a fault sent to it is timed from
-        its last tick. (Waiting on any rank, a rank still silent in its set-up was stopped, the
-        parent's stall watch counted from the request's start, and named the stall before the
-        peer's collective timeout.)"""
+        """Until `rank` (None: any rank) ticked in this request, so that a fault sent to it is timed
+        from its own last tick. (Waiting on any rank, a rank still silent in its set-up was stopped:
+        the parent's watch on its heartbeat counted from the request's start and named a stall
+        before the peer's collective timeout; RESULTS.md, "The fault tests on a slowed machine".)"""
         deadline = time.monotonic() + timeout
         ranks = range(len(self.before)) if rank is None else [rank]
         while not any(self.group.progress()[r] > self.before[r] for r in ranks):
@@ -112,7 +111,8 @@ def test_hung_rank_is_named_after_the_rank_timeout(shards):
     print(f"SIGSTOP to error: {elapsed:.2f}s")
     assert isinstance(error, RankFailure), error
     assert re.search(r"rank\(s\) \[1\] did not reach collective #\d+ within 4s", str(error)), error
-    assert "rank 1 is stopped" in str(error), error  # (asked for no stack: it could not answer)
+    if sys.platform == "linux":  # (stacks.py reads a process's state from /proc)
+        assert "rank 1 is stopped" in str(error), error  # (asked for no stack: it could not answer)
     assert elapsed < 4 + 10
     _assert_gone(pids)
 
@@ -125,7 +125,8 @@ def test_a_hung_ranks_stack_comes_with_the_error(shards):
     with pytest.raises(RankFailure) as caught:
         group.generate([[5] * 16], 8, hooks=(HangOn(rank=1),))
     message = str(caught.value)
-    assert re.search(r"rank\(s\) \[1\] did not reach collective #\d+ within 4s", message), message
+    # (rank 0's collective timeout names it, or the parent's watch on its heartbeat: either way, its stack)
+    assert re.search(r"rank\(s\) \[1\] (did not reach collective #\d+ within 4s|made no progress)", message), message
     stack = message[message.index("rank 1's stack"):] if "rank 1's stack" in message else ""
     assert 'in hang_here' in stack and 'in before_pick' in stack, message
     _assert_gone(pids)

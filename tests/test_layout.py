@@ -52,8 +52,6 @@ def test_no_module_is_over_400_lines():
     assert not long, long
 
 
-@pytest.mark.skipif(subprocess.run([sys.executable, "-c", "import setuptools"]).returncode != 0,
-                    reason="building the wheel needs setuptools in this environment")
 def test_every_benchmark_that_loads_a_model_in_process_sets_its_memory_up_as_a_rank():
     # In 4 KiB pages, which a process gets without it, the kernels read the weights slower than a
     # rank does, and the profiles misled (RESULTS.md, "Panels at one row without asking ahead").
@@ -63,6 +61,8 @@ def test_every_benchmark_that_loads_a_model_in_process_sets_its_memory_up_as_a_r
     assert not unset, f"load a model without malloc.as_a_cpu_rank(): {unset}"
 
 
+@pytest.mark.skipif(subprocess.run([sys.executable, "-c", "import setuptools"]).returncode != 0,
+                    reason="building the wheel needs setuptools in this environment")
 def test_a_non_editable_install_runs_the_bench_on_the_embedded_model_from_another_directory(tmp_path):
     """The wheel (built without network) installed into a folder of its own, put first on the
     path, and the bench run from an unrelated directory: the default model must come with it."""
