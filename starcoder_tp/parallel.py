@@ -136,7 +136,7 @@ def _worker_main(rank: int, spec: GroupSpec, store_port: int, shm_path: str | No
     exit_code = 0
     try:
         started = time.perf_counter()
-        stacks.arm(stack_dir, rank)  # where it was, if the parent asks (a failed request)
+        stacks.arm(stack_dir, rank)  # where it was, if the parent asks (the group failed)
         # Before the model loads: torch's first large block.
         allocator, pages = as_a_cpu_rank() if spec.device.kind == "cpu" else ("system", "")
         configure_threads(rank, spec)
