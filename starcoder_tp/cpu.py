@@ -32,6 +32,29 @@ def cpuinfo(path: Path = Path("/proc/cpuinfo")) -> tuple[str, set[str]]:
     return model or platform.processor() or platform.machine(), flags
 
 
+# AMD's microarchitectures by (family, model range): a VM's model name ("AMD EPYC") and the
+# extension flags the kernels see can be the same on hosts whose vector units differ (Zen 4 runs
+# AVX-512 in 256-bit halves, Zen 5 at full width).
+AMD_CORES = ((0x17, range(0x00, 0x30), "Zen/Zen+"), (0x17, range(0x30, 0x100), "Zen 2"),
+             (0x19, range(0x10, 0x20), "Zen 4"), (0x19, range(0x60, 0x80), "Zen 4"), (0x19, range(0xA0, 0xB0), "Zen 4"),
+             (0x19, range(0x00, 0x100), "Zen 3"), (0x1A, range(0x00, 0x100), "Zen 5"))
+
+
+def cpu_model(cpuinfo_path: Path = Path("/proc/cpuinfo")) -> str:
+    """The CPU's model name and, on x86, its family and model numbers (and AMD's microarchitecture):
+    what tells one kind of CPU from another where the name alone does not (a VM's "AMD EPYC" on a
+    Zen 4 host and on a Zen 5 one). Machine fingerprints, kernel plans and results are keyed by it."""
+    name, _ = cpuinfo(cpuinfo_path)
+    fields = _first_fields(cpuinfo_path)
+    try:
+        family, model = int(fields["cpu family"]), int(fields["model"])
+    except (KeyError, ValueError):
+        return name
+    core = next((c for f, models, c in AMD_CORES if f == family and model in models), None) \
+        if fields.get("vendor_id") == "AuthenticAMD" else None
+    return f"{name} (family {family} model {model}{': ' + core if core else ''})"
+
+
 def cpu_cores() -> int:
     """Cores this process may run on (a container or taskset may allow fewer than the machine has)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -96,7 +119,7 @@ def clock_ghz(cpuinfo_path: Path = Path("/proc/cpuinfo"),
 class VectorPeak:
     """What the CPU's vector units can do per core and cycle, from its instruction set and
     microarchitecture: FMA units x lanes x 2 (bf16: dot-product instructions, 2 products per
-    fp32 lane; AMX: one 16x32 by 32x16 tile product per 16 cycles)."""
+    fp32 lane, so 2x fp32; AMX: one 16x32 by 32x16 tile product per 16 cycles)."""
 
     fp32_flop_per_cycle: int
     bf16_flop_per_cycle: int
@@ -137,7 +160,10 @@ def vector_peak(cpuinfo_path: Path = Path("/proc/cpuinfo")) -> VectorPeak | None
     if "amx_bf16" in flags:
         bf16, basis = 1024, basis + "; bf16 on AMX tiles, 1024 FLOP/cycle"
     elif "avx512_bf16" in flags:
-        bf16, basis = 4 * fp32, basis + f"; bf16 dot products, {4 * fp32} FLOP/cycle"
+        # A dot product's lane: 2 bf16 products summed into fp32, 4 FLOP where an FMA's is 2, at
+        # the FMA's rate: 2.0x fp32's FLOP/cycle on Zen 4 (benchmarks/vector_units.py), and oneDNN's bf16
+        # GEMM ran at 2.1x its fp32 one on Zen 5 (RESULTS.md).
+        bf16, basis = 2 * fp32, basis + f"; bf16 dot products, {2 * fp32} FLOP/cycle"
     else:
         bf16, basis = fp32, basis + "; no bf16 arithmetic: bf16 at fp32's rate"
     return VectorPeak(fp32, bf16, basis)

@@ -65,7 +65,7 @@ import torch
 
 from . import gemv, panels, rowdot
 from .activations import ACTIVATIONS, TANH_GELU, calibrate
-from .cpu import cpu_cores, cpuinfo, isa_flags
+from .cpu import cpu_cores, cpu_model, isa_flags
 from .decode_attention import DECODE_FORM, calibrate_decode
 from .files import cache_dir, write_atomic
 from .kernel_timing import (DECODE_MIN_CALLS, decode_calls, decode_copies, decode_set_bytes, prefill_calls,
@@ -197,9 +197,8 @@ def weigh(choice: Choice, prompt_rows: int, steps: int) -> Choice:
 def plan_key(weights: dict[str, torch.Tensor], rows: int, world_size: int,
              activated: dict[str, str] | None = None, step_bytes: int = 0) -> dict:
     """What a measured plan depends on: it is reused only where all of it is the same."""
-    model, _ = cpuinfo()
     onednn = torch.backends.mkldnn.version() if hasattr(torch.backends.mkldnn, "version") else None
-    return {"version": PLAN_VERSION, "cpu_model": model, "cpu_isa": isa_flags(), "cores": cpu_cores(),
+    return {"version": PLAN_VERSION, "cpu_model": cpu_model(), "cpu_isa": isa_flags(), "cores": cpu_cores(),
             "torch": torch.__version__, "onednn": str(onednn), "threads": torch.get_num_threads(),
             "world_size": world_size, "rows": rows, "shapes": sorted(weights),
             "activated": dict(sorted((activated or {}).items())),
@@ -326,13 +325,12 @@ def calibrate_forms(weights: dict[str, torch.Tensor], activated: dict[str, str],
     decode = attention is not None and not DECODE_FORM.calibrated
     if not (gelu or mqa or decode):
         return
-    model, _ = cpuinfo()
     dtype_name = str(dtype).removeprefix("torch.")
     heads = [attention.local_heads, attention.local_kv_heads, attention.head_dim, dtype_name] if attention else None
     key = {"version": PLAN_VERSION, "forms": {"tanh_gelu": gelu, "mqa": [attention.local_heads, attention.head_dim,
                                                                          dtype_name] if mqa else None,
                                               "decode": heads if decode else None},
-           "cpu_model": model, "cpu_isa": isa_flags(), "cores": cpu_cores(), "torch": torch.__version__,
+           "cpu_model": cpu_model(), "cpu_isa": isa_flags(), "cores": cpu_cores(), "torch": torch.__version__,
            "threads": torch.get_num_threads(), "world_size": tp.world_size, "kernels": rowdot.path(),
            "huge_pages": os.environ.get(THP_ENV, "") == "1"}  # as plan_key: timings depend on the page size
     path = cache_dir("forms", hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24] + ".json")

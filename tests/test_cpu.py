@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from starcoder_tp.cpu import VectorPeak, clock_ghz, last_level_cache_bytes, vector_peak
+from starcoder_tp.cpu import VectorPeak, clock_ghz, cpu_model, last_level_cache_bytes, vector_peak
 
 
 def _cpuinfo(tmp_path: Path, vendor: str, family: int, flags: str, mhz: str | None = "2600.000",
@@ -22,8 +22,9 @@ def _cpuinfo(tmp_path: Path, vendor: str, family: int, flags: str, mhz: str | No
 
 @pytest.mark.parametrize("vendor, family, flags, fp32, bf16", [
     ("AuthenticAMD", 0x17, "sse2 avx avx2 fma", 32, 32),  # Zen 2 (model 0x31): AVX2, no bf16 arithmetic
-    ("AuthenticAMD", 0x19, "avx2 fma avx512f avx512_bf16", 32, 128),  # Zen 4: AVX-512 in 256-bit halves
-    ("AuthenticAMD", 0x1A, "avx2 fma avx512f avx512_bf16", 64, 256),  # Zen 5
+    # bf16 dot products: 2 products a lane at the FMA's rate, twice fp32's FLOP (measured on Zen 4)
+    ("AuthenticAMD", 0x19, "avx2 fma avx512f avx512_bf16", 32, 64),  # Zen 4: AVX-512 in 256-bit halves
+    ("AuthenticAMD", 0x1A, "avx2 fma avx512f avx512_bf16", 64, 128),  # Zen 5
     ("GenuineIntel", 6, "avx2 fma avx512f avx512_bf16 amx_bf16 amx_tile", 64, 1024),  # AMX
     ("GenuineIntel", 6, "avx2 fma avx512f", 64, 64),
 ])
@@ -70,3 +71,28 @@ def test_the_last_level_cache_is_the_highest_level_data_or_unified_one(tmp_path)
     (tmp_path / "index3" / "size").write_text("oops\n")  # unreadable: the next level down
     assert last_level_cache_bytes(tmp_path) == 1 << 20
     assert last_level_cache_bytes(tmp_path / "absent") is None
+
+
+@pytest.mark.parametrize("vendor, family, model, named", [
+    ("AuthenticAMD", 25, 17, "Some CPU (family 25 model 17: Zen 4)"),  # Genoa
+    ("AuthenticAMD", 26, 2, "Some CPU (family 26 model 2: Zen 5)"),  # Turin
+    ("AuthenticAMD", 25, 1, "Some CPU (family 25 model 1: Zen 3)"),  # Milan
+    ("AuthenticAMD", 23, 49, "Some CPU (family 23 model 49: Zen 2)"),  # Rome
+    ("GenuineIntel", 6, 143, "Some CPU (family 6 model 143)"),  # Sapphire Rapids: no name of ours
+])
+def test_cpu_kinds_a_vm_names_alike_are_told_apart(tmp_path, vendor, family, model, named):
+    # A VM calls Zen 4 and Zen 5 hosts alike "AMD EPYC": plans and baselines must not be shared.
+    assert cpu_model(_cpuinfo(tmp_path, vendor, family, "avx2 fma", model=model)) == named
+
+
+def test_cpu_model_without_family_is_the_name_alone(tmp_path):
+    path = tmp_path / "cpuinfo"
+    path.write_text("processor\t: 0\nmodel name\t: Some Arm CPU\nFeatures\t: neon asimd\n")
+    assert cpu_model(path) == "Some Arm CPU"
+
+
+def test_a_results_fingerprint_names_the_cpu_kind():
+    from starcoder_tp.device import Device
+    from starcoder_tp.suite.machine import machine_fingerprint
+
+    assert machine_fingerprint(Device("cpu"), 1)["cpu_model"] == cpu_model()

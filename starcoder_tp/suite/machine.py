@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..cpu import cpu_cores, cpuinfo, isa_flags
+from ..cpu import cpu_cores, cpu_model, isa_flags
 from ..device import Device
 
 FINGERPRINT_COLUMNS = ("cpu_model", "cpu_isa", "cores", "torch_version", "threads_per_rank", "accelerator")
@@ -27,9 +27,8 @@ def accelerator_name(device: Device) -> str:
 
 def machine_fingerprint(device: Device, threads_per_rank: int) -> dict[str, str]:
     """The fields of FINGERPRINT_COLUMNS, as strings (they go into the CSV as they are)."""
-    model, _ = cpuinfo()
     return {
-        "cpu_model": model,
+        "cpu_model": cpu_model(),
         "cpu_isa": isa_flags(),
         "cores": str(cpu_cores()),
         "torch_version": torch.__version__,
