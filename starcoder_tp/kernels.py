@@ -35,8 +35,7 @@ sgemm against F.linear at batch 1, fp32: RESULTS.md, "MKL's packed sgemm").
 - `gemv`:   fp32, decode at one row only: the plain weight's product with the row by BLAS's
             sgemv (gemv.py), where torch's one-row GEMMs fall short of the memory's speed. Prefill
             from the plain layout (as `plain`).
-- `panels`: fp32 and bf16 where the CPU has AVX-512 (bf16: AVX512_BF16), every decode batch (one
-            row: weights that prefill only): the weight in panels of 16 output columns, our own GEMM
+- `panels`: fp32 and bf16 where the CPU has AVX-512 (bf16: AVX512_BF16), every decode batch: the weight in panels of 16 output columns, our own GEMM
             (panels.py), the same layout for every batch. Prefill: itself.
 - `rowdot`: fp32 and bf16, decode at one row only: our own one-row kernel (rowdot.c, built at
             first use by the machine's C compiler: rowdot.py) on the plain weight, summing eight
@@ -85,7 +84,7 @@ SPLIT_ROWS = round(math.sqrt(SHORT_ROWS * PREFILL_ROWS))  # calls of fewer rows 
 # Requests whose costs are this close are not told apart: a candidate's timings differ by 3-6%
 # from one measured plan to the next (RESULTS.md, "Decode candidates timed from memory").
 TIE_FRACTION = 0.02
-PLAN_VERSION = 17  # part of the cache key: a change in what is measured invalidates old plans
+PLAN_VERSION = 18  # part of the cache key: a change in what is measured invalidates old plans
 # Every shape's timings travel across ranks in these fixed slots (inf: not a candidate there),
 # so that ranks on CPUs with different candidates still reduce tensors of one size.
 DECODE_SLOTS = ("plain", "onednn", "fp32", "mkl_packed", "gemv", "onednn_wide", "rowdot", "panels")
@@ -117,11 +116,10 @@ def shape_key(weight: torch.Tensor) -> str:
     return f"{n}x{k}:{str(weight.dtype).removeprefix('torch.')}"
 
 
-def decode_candidates(weight: torch.Tensor, rows: int = 1, prefills: bool = True) -> tuple[str, ...]:
+def decode_candidates(weight: torch.Tensor, rows: int = 1) -> tuple[str, ...]:
     """The decode kernels this weight can take here at decode batches of `rows` rows: the packed
     layouts only on CPU where the library packs the dtype, BLAS's sgemv for fp32 at one row,
-    rowdot.c for fp32 and bf16 at one row where it was built, our panels where the CPU runs them
-    (at one row only for a weight that `prefills`, prompt rows too: see below)."""
+    rowdot.c for fp32 and bf16 at one row where it was built, our panels where the CPU runs them."""
     if weight.device.type != "cpu":
         return ("plain",)
     kinds = ["plain"]
@@ -135,11 +133,11 @@ def decode_candidates(weight: torch.Tensor, rows: int = 1, prefills: bool = True
     kinds += ["gemv"] if rows == 1 and gemv.supports(weight) else []
     if rows == 1 and rowdot.supports(weight):
         kinds.append("rowdot")
-    # At one row its product is a stream through the weight like rowdot's, gemv's and onednn_wide's
-    # (27-42 GB/s each, neither ahead on every shape); it brings its layout's prefill, the fastest at
-    # 128 and 512 rows: 7% off the bench-size model's batch-1 first token on the EPYC Zen 5. Not for
-    # the lm_head (no prompt rows), whose copies cost a plan most (RESULTS.md, "Panels at one row").
-    if panels.supports(weight) and (rows > 1 or prefills):
+    # At one row its product is a stream through the weight like rowdot's, gemv's and onednn_wide's;
+    # it brings its layout's prefill, the fastest at 128 and 512 rows on the EPYC Zen 5. The lm_head
+    # (no prompt rows) too: on Zen 5 its one-row streams ran alike (38-39 GB/s), on Zen 4 panels read
+    # it at 30 GB/s and oneDNN at 19 (RESULTS.md, "The lm_head at one row on Zen 4").
+    if panels.supports(weight):
         kinds.append("panels")
     return tuple(kinds)
 
@@ -271,7 +269,7 @@ def measure(weights: dict[str, torch.Tensor], rows: int, slowest: Callable[[torc
 
     def shape_slots(shape: str) -> list[float]:  # decode, short and long prefill, in their slots
         weight, activation = weights[shape], activated.get(shape)
-        kinds = decode_candidates(weight, rows, prefills=shape in prefill)
+        kinds = decode_candidates(weight, rows)
         copies = decode_copies(weight.numel() * weight.element_size(), step_bytes)
         calls = decode_calls(weight, rows, kinds, activation, copies, on_progress)
         values = _slots(time_ms(calls, on_progress, DECODE_MIN_CALLS), DECODE_SLOTS)

@@ -136,8 +136,6 @@ def test_a_candidate_at_every_row_count_that_prefills_itself(dtype):
         assert "panels" in kernels.decode_candidates(weight, rows)
         assert kernels.fixed_choice("panels", weight, rows) == Choice("panels", "panels")
     assert "panels" not in kernels.decode_candidates(torch.randn(24, 16).to(dtype), 1), "24 outputs: not 16-column panels"
-    assert "panels" not in kernels.decode_candidates(weight, 1, prefills=False), "one row, no prompt rows: a stream"
-    assert "panels" in kernels.decode_candidates(weight, 2, prefills=False)
     with pytest.raises(ValueError, match="runs"):
         Choice("panels", "plain")
     with pytest.raises(ValueError, match="against"):
