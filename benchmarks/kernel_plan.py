@@ -33,7 +33,7 @@ import torch
 from starcoder_tp import kernels
 from starcoder_tp.malloc import as_a_cpu_rank
 from starcoder_tp.comm import TPGroup
-from starcoder_tp.cpu import cpu_model, isa_flags
+from starcoder_tp.cpu import cpu_kind, isa_flags
 from starcoder_tp.files import CACHE_ENV, EMBEDDED_MODEL_DIR
 from starcoder_tp.generate import generate
 from starcoder_tp.linear import Linear
@@ -102,7 +102,7 @@ def main() -> None:
     seq_in, seq_out = (int(v) for v in args.request.split(","))
     as_a_cpu_rank()  # allocator and 2 MiB pages as a rank's, before the first large block
     torch.set_num_threads(1)
-    print(f"Machine: {cpu_model()}; {isa_flags()}; torch {torch.__version__}, one thread. Model: {model_dir}\n")
+    print(f"Machine: {cpu_kind()}; {isa_flags()}; torch {torch.__version__}, one thread. Model: {model_dir}\n")
     for dtype in args.dtypes.split(","):
         shards = ensure_shards(model_dir, 1, dtype, log=lambda m: None)
         model = load_model(shards, TPGroup(0, 1), torch.device("cpu"), kernels="plain")

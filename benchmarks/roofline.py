@@ -178,15 +178,16 @@ class Limits:
 
     def clock(self) -> tuple[float | None, str]:
         """The clock the vector peak is figured at, and where it comes from: the reported one, or
-        higher where a measured fp32 kernel proves it (a VM's 'cpu MHz' is the nominal clock,
-        turbo runs above it)."""
-        if self.vector is None or not any(dtype == "float32" for dtype, _ in self.matmul_samples):
+        higher where a measured kernel proves it (a VM's 'cpu MHz' is the nominal clock, turbo runs
+        above it): each dtype's fastest kernel over its FLOP per cycle, the highest of them."""
+        if self.vector is None or not self.matmul_samples:
             return self.ghz, self.ghz_source
-        implied = max(self.best_kernel("float32", t)[1] / (self.vector.fp32_flop_per_cycle * t)
-                      for dtype, t in self.matmul_samples if dtype == "float32")
+        per_cycle = {"float32": self.vector.fp32_flop_per_cycle, "bfloat16": self.vector.bf16_flop_per_cycle}
+        implied, dtype = max((self.best_kernel(d, t)[1] / (per_cycle[d] * t), d)
+                             for d, t in self.matmul_samples if d in per_cycle)
         if self.ghz is not None and implied <= self.ghz:
             return self.ghz, self.ghz_source
-        source = "implied by the fastest fp32 kernel"
+        source = f"implied by the fastest {'fp32' if dtype == 'float32' else 'bf16'} kernel"
         return implied, (f"at least: {source}, above {self.ghz_source} {self.ghz:.2f} GHz" if self.ghz else source)
 
     def describe(self) -> str:

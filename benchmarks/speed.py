@@ -36,7 +36,7 @@ from typing import Callable
 import torch
 
 from roofline import DTYPES, Limits, machine_limits
-from starcoder_tp.cpu import cpu_model, cpuinfo
+from starcoder_tp.cpu import cpu_kind, cpuinfo
 from starcoder_tp.files import EMBEDDED_MODEL_DIR, write_atomic
 from starcoder_tp.testing.build_models import build_bench, build_bench_starcoder2
 from starcoder_tp.config import ModelConfig
@@ -203,10 +203,10 @@ def vllm_rows(model_dir: str, dtype: str, cases: list[Case], python: str, peer_b
 
 
 def cpu_name() -> str:
-    """The CPU's kind (cpu.cpu_model: name, family and model) and the extensions that pick kernels."""
+    """The CPU's kind (cpu.cpu_kind: name, family, model and microarchitecture) and the extensions that pick kernels."""
     _, flags = cpuinfo()
     extras = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
-    return f"{cpu_model()} ({', '.join(extras)})" if extras else cpu_model()
+    return f"{cpu_kind()} ({', '.join(extras)})" if extras else cpu_kind()
 
 
 def section(title: str, model_dir: str, c: ModelConfig, limits: Limits, rows: list[dict], wall_s: float,

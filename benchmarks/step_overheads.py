@@ -41,7 +41,7 @@ from starcoder_tp import shm_comm  # noqa: E402
 from starcoder_tp.malloc import as_a_cpu_rank  # noqa: E402
 from starcoder_tp.attention import attention_mask  # noqa: E402
 from starcoder_tp.comm import TPGroup  # noqa: E402
-from starcoder_tp.cpu import cpu_model, isa_flags  # noqa: E402
+from starcoder_tp.cpu import cpu_kind, isa_flags  # noqa: E402
 from starcoder_tp.model import load_model  # noqa: E402
 from starcoder_tp.shard import ensure_shards  # noqa: E402
 from starcoder_tp.testing.build_models import build_bench  # noqa: E402
@@ -191,7 +191,7 @@ def main() -> None:
         print(f"[overheads] {dtype}, batches {batches}", flush=True)
         table += rows(dtype, measure(dtype, batches, args.rounds, args.calls))
         print(table[-1], flush=True)
-    model, flags = cpu_model(), isa_flags()
+    model, flags = cpu_kind(), isa_flags()
     text = "\n".join([
         "## Decode-step overheads", "",
         f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} by `benchmarks/step_overheads.py` in "

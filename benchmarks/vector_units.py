@@ -30,7 +30,7 @@ from starcoder_tp.cpu import clock_ghz, cpuinfo, vector_peak  # noqa: E402
 SOURCE = r"""
 #include <immintrin.h>
 #define CHAINS 12
-#define LOOP(T, INIT, STEP, FLOP)                                                  \
+#define LOOP(T, INIT, STEP)                                                  \
     T a[CHAINS];                                                                   \
     for (int i = 0; i < CHAINS; i++) a[i] = INIT(i);                               \
     for (long k = 0; k < iters; k++)                                               \
@@ -42,17 +42,17 @@ SOURCE = r"""
 __attribute__((target("avx2,fma"))) static __m256 i256(int i) { return _mm256_set1_ps((float)i); }
 __attribute__((target("avx2,fma"))) static __m256 s256(__m256 a) {
     return _mm256_fmadd_ps(a, _mm256_set1_ps(1.0000001f), _mm256_set1_ps(1e-9f)); }
-__attribute__((target("avx2,fma"))) float fma256(long iters) { LOOP(__m256, i256, s256, 16) }
+__attribute__((target("avx2,fma"))) float fma256(long iters) { LOOP(__m256, i256, s256) }
 
 __attribute__((target("avx512f"))) static __m512 i512(int i) { return _mm512_set1_ps((float)i); }
 __attribute__((target("avx512f"))) static __m512 s512(__m512 a) {
     return _mm512_fmadd_ps(a, _mm512_set1_ps(1.0000001f), _mm512_set1_ps(1e-9f)); }
-__attribute__((target("avx512f"))) float fma512(long iters) { LOOP(__m512, i512, s512, 32) }
+__attribute__((target("avx512f"))) float fma512(long iters) { LOOP(__m512, i512, s512) }
 
 __attribute__((target("avx512f,avx512bf16"))) static __m512 sdp(__m512 a) {
     __m512bh one = (__m512bh)_mm512_set1_epi16(0x3f80);
     return _mm512_dpbf16_ps(a, one, one); }
-__attribute__((target("avx512f,avx512bf16"))) float dpbf16(long iters) { LOOP(__m512, i512, sdp, 64) }
+__attribute__((target("avx512f,avx512bf16"))) float dpbf16(long iters) { LOOP(__m512, i512, sdp) }
 """
 # FLOP per instruction: lanes x 2 (multiply, add); the dot product's lane sums 2 products into fp32.
 KERNELS = {"fp32 FMA, 256-bit": ("fma256", 16, {"avx2", "fma"}),
@@ -64,9 +64,15 @@ CHAINS = 12
 def build(folder: Path) -> ctypes.CDLL:
     source, library = folder / "units.c", folder / "units.so"
     source.write_text(SOURCE)
-    # -funroll-all-loops: the chains must stay in registers, not in the array on the stack.
-    subprocess.run(["gcc", "-O3", "-funroll-all-loops", "-shared", "-fPIC", "-o", str(library), str(source)],
-                   check=True, capture_output=True, text=True)
+    # -funroll-all-loops: the chains must stay in registers, not in the array on the stack (checked
+    # with gcc 12: twelve FMAs or dot products on twelve registers a trip; another compiler may differ).
+    try:
+        subprocess.run(["gcc", "-O3", "-funroll-all-loops", "-shared", "-fPIC", "-o", str(library), str(source)],
+                       check=True, capture_output=True, text=True)
+    except FileNotFoundError:
+        raise SystemExit("vector_units.py needs gcc on the PATH") from None
+    except subprocess.CalledProcessError as error:  # (gcc before 10 knows no avx512bf16)
+        raise SystemExit(f"gcc failed on the loops:\n{error.stderr.strip()[-2000:]}") from None
     lib = ctypes.CDLL(str(library))
     for name, *_ in KERNELS.values():
         getattr(lib, name).argtypes, getattr(lib, name).restype = [ctypes.c_long], ctypes.c_float

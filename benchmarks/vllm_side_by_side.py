@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from starcoder_tp.cpu import cpu_model, isa_flags
+from starcoder_tp.cpu import cpu_kind, isa_flags
 from starcoder_tp.parallel import GroupSpec, WorkerGroup
 from starcoder_tp.shard import ensure_shards
 from starcoder_tp.testing.build_models import build_bench
@@ -120,7 +120,7 @@ def main() -> None:
         raise SystemExit(f"--repeats must be at least 1, not {args.repeats}")
     model_dir = str(build_bench()) if args.model == "bench" else args.model
     batches = [int(b) for b in args.batches.split(",")]
-    print(f"Machine: {cpu_model()}; {isa_flags()}. Model: {model_dir}; {args.seq_in} prompt tokens, {args.new} new; "
+    print(f"Machine: {cpu_kind()}; {isa_flags()}. Model: {model_dir}; {args.seq_in} prompt tokens, {args.new} new; "
           f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     print("\n| dtype | TP | batch | vLLM first / decode ms | ours first / decode ms | ours/vLLM first | ours/vLLM decode "
           "| start-up s vLLM / ours |\n|---|---|---|---|---|---|---|---|", flush=True)

@@ -32,27 +32,47 @@ def cpuinfo(path: Path = Path("/proc/cpuinfo")) -> tuple[str, set[str]]:
     return model or platform.processor() or platform.machine(), flags
 
 
-# AMD's microarchitectures by (family, model range): a VM's model name ("AMD EPYC") and the
-# extension flags the kernels see can be the same on hosts whose vector units differ (Zen 4 runs
-# AVX-512 in 256-bit halves, Zen 5 at full width).
-AMD_CORES = ((0x17, range(0x00, 0x30), "Zen/Zen+"), (0x17, range(0x30, 0x100), "Zen 2"),
-             (0x19, range(0x10, 0x20), "Zen 4"), (0x19, range(0x60, 0x80), "Zen 4"), (0x19, range(0xA0, 0xB0), "Zen 4"),
-             (0x19, range(0x00, 0x100), "Zen 3"), (0x1A, range(0x00, 0x100), "Zen 5"))
+# AMD's microarchitectures by family and model ranges, as Linux's arch/x86/kernel/cpu/amd.c names
+# them; a model outside these has no name here. A VM's model name ("AMD EPYC") and the extension
+# flags the kernels see can be the same on hosts whose vector units differ (Zen 4 runs AVX-512 in
+# 256-bit halves, Zen 5 at full width).
+AMD_CORES = ((0x17, ((0x00, 0x2F), (0x50, 0x5F)), "Zen 1"),
+             (0x17, ((0x30, 0x4F), (0x60, 0x7F), (0x90, 0x91), (0xA0, 0xAF)), "Zen 2"),
+             (0x19, ((0x00, 0x0F), (0x20, 0x5F)), "Zen 3"),
+             (0x19, ((0x10, 0x1F), (0x60, 0xAF)), "Zen 4"),
+             (0x1A, ((0x00, 0x2F), (0x40, 0x4F), (0x60, 0x7F)), "Zen 5"))
+
+
+def amd_core(family: int, model: int) -> str | None:
+    """AMD's name for the microarchitecture of this family and model ("Zen 4"), or None."""
+    return next((name for f, ranges, name in AMD_CORES
+                 if f == family and any(low <= model <= high for low, high in ranges)), None)
+
+
+def _family_model(cpuinfo_path: Path) -> tuple[str, int, int] | None:
+    fields = _first_fields(cpuinfo_path)
+    try:
+        return fields.get("vendor_id", ""), int(fields["cpu family"]), int(fields["model"])
+    except (KeyError, ValueError):
+        return None
 
 
 def cpu_model(cpuinfo_path: Path = Path("/proc/cpuinfo")) -> str:
-    """The CPU's model name and, on x86, its family and model numbers (and AMD's microarchitecture):
-    what tells one kind of CPU from another where the name alone does not (a VM's "AMD EPYC" on a
-    Zen 4 host and on a Zen 5 one). Machine fingerprints, kernel plans and results are keyed by it."""
+    """The CPU's model name and, on x86, its family and model numbers: what tells one kind of CPU
+    from another where the name alone does not (a VM's "AMD EPYC" on a Zen 4 host and on a Zen 5
+    one). Machine fingerprints and kernel plans are keyed by it (by the numbers, not by a name
+    for them that a later table could change)."""
     name, _ = cpuinfo(cpuinfo_path)
-    fields = _first_fields(cpuinfo_path)
-    try:
-        family, model = int(fields["cpu family"]), int(fields["model"])
-    except (KeyError, ValueError):
-        return name
-    core = next((c for f, models, c in AMD_CORES if f == family and model in models), None) \
-        if fields.get("vendor_id") == "AuthenticAMD" else None
-    return f"{name} (family {family} model {model}{': ' + core if core else ''})"
+    found = _family_model(cpuinfo_path)
+    return name if found is None else f"{name} (family {found[1]} model {found[2]})"
+
+
+def cpu_kind(cpuinfo_path: Path = Path("/proc/cpuinfo")) -> str:
+    """cpu_model with AMD's name for the microarchitecture where it is known, for people to read."""
+    found = _family_model(cpuinfo_path)
+    core = amd_core(found[1], found[2]) if found and found[0] == "AuthenticAMD" else None
+    model = cpu_model(cpuinfo_path)
+    return f"{model[:-1]}: {core})" if core else model
 
 
 def cpu_cores() -> int:

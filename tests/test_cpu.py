@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from starcoder_tp.cpu import VectorPeak, clock_ghz, cpu_model, last_level_cache_bytes, vector_peak
+from starcoder_tp.cpu import VectorPeak, clock_ghz, cpu_kind, cpu_model, last_level_cache_bytes, vector_peak
 
 
 def _cpuinfo(tmp_path: Path, vendor: str, family: int, flags: str, mhz: str | None = "2600.000",
@@ -20,16 +20,16 @@ def _cpuinfo(tmp_path: Path, vendor: str, family: int, flags: str, mhz: str | No
     return path
 
 
-@pytest.mark.parametrize("vendor, family, flags, fp32, bf16", [
-    ("AuthenticAMD", 0x17, "sse2 avx avx2 fma", 32, 32),  # Zen 2 (model 0x31): AVX2, no bf16 arithmetic
+@pytest.mark.parametrize("vendor, family, flags, fp32, bf16, model", [
+    ("AuthenticAMD", 0x17, "sse2 avx avx2 fma", 32, 32, 0x31),  # Zen 2: AVX2, no bf16 arithmetic
     # bf16 dot products: 2 products a lane at the FMA's rate, twice fp32's FLOP (measured on Zen 4)
-    ("AuthenticAMD", 0x19, "avx2 fma avx512f avx512_bf16", 32, 64),  # Zen 4: AVX-512 in 256-bit halves
-    ("AuthenticAMD", 0x1A, "avx2 fma avx512f avx512_bf16", 64, 128),  # Zen 5
-    ("GenuineIntel", 6, "avx2 fma avx512f avx512_bf16 amx_bf16 amx_tile", 64, 1024),  # AMX
-    ("GenuineIntel", 6, "avx2 fma avx512f", 64, 64),
+    ("AuthenticAMD", 0x19, "avx2 fma avx512f avx512_bf16", 32, 64, 0x11),  # Zen 4: AVX-512 in 256-bit halves
+    ("AuthenticAMD", 0x1A, "avx2 fma avx512f avx512_bf16", 64, 128, 0x02),  # Zen 5
+    ("GenuineIntel", 6, "avx2 fma avx512f avx512_bf16 amx_bf16 amx_tile", 64, 1024, 143),  # AMX
+    ("GenuineIntel", 6, "avx2 fma avx512f", 64, 64, 85),
 ])
-def test_vector_peak_per_core_and_cycle(tmp_path, vendor, family, flags, fp32, bf16):
-    peak = vector_peak(_cpuinfo(tmp_path, vendor, family, flags))
+def test_vector_peak_per_core_and_cycle(tmp_path, vendor, family, flags, fp32, bf16, model):
+    peak = vector_peak(_cpuinfo(tmp_path, vendor, family, flags, model=model))
     assert (peak.fp32_flop_per_cycle, peak.bf16_flop_per_cycle) == (fp32, bf16), peak.basis
     assert peak.gflops("float32", 2.5, 2) == fp32 * 5
     assert peak.gflops("bfloat16", 2.5, 1) == bf16 * 2.5
@@ -73,26 +73,38 @@ def test_the_last_level_cache_is_the_highest_level_data_or_unified_one(tmp_path)
     assert last_level_cache_bytes(tmp_path / "absent") is None
 
 
-@pytest.mark.parametrize("vendor, family, model, named", [
-    ("AuthenticAMD", 25, 17, "Some CPU (family 25 model 17: Zen 4)"),  # Genoa
-    ("AuthenticAMD", 26, 2, "Some CPU (family 26 model 2: Zen 5)"),  # Turin
-    ("AuthenticAMD", 25, 1, "Some CPU (family 25 model 1: Zen 3)"),  # Milan
-    ("AuthenticAMD", 23, 49, "Some CPU (family 23 model 49: Zen 2)"),  # Rome
-    ("GenuineIntel", 6, 143, "Some CPU (family 6 model 143)"),  # Sapphire Rapids: no name of ours
+@pytest.mark.parametrize("vendor, family, model, kind", [
+    ("AuthenticAMD", 25, 17, "Zen 4"),  # Genoa (this project's Zen 4 VM)
+    ("AuthenticAMD", 26, 2, "Zen 5"),  # Turin (its Zen 5 VM)
+    ("AuthenticAMD", 25, 1, "Zen 3"),  # Milan
+    ("AuthenticAMD", 23, 49, "Zen 2"),  # Rome
+    # the ranges' edges, as Linux's amd.c draws them
+    ("AuthenticAMD", 0x19, 0x0F, "Zen 3"), ("AuthenticAMD", 0x19, 0x10, "Zen 4"), ("AuthenticAMD", 0x19, 0x1F, "Zen 4"),
+    ("AuthenticAMD", 0x19, 0x20, "Zen 3"), ("AuthenticAMD", 0x19, 0x5F, "Zen 3"), ("AuthenticAMD", 0x19, 0x60, "Zen 4"),
+    ("AuthenticAMD", 0x19, 0x90, "Zen 4"), ("AuthenticAMD", 0x19, 0xAF, "Zen 4"), ("AuthenticAMD", 0x19, 0xB0, None),
+    ("AuthenticAMD", 0x17, 0x2F, "Zen 1"), ("AuthenticAMD", 0x17, 0x30, "Zen 2"), ("AuthenticAMD", 0x17, 0x50, "Zen 1"),
+    ("AuthenticAMD", 0x1A, 0x50, None),  # not Zen 5: no name rather than a wrong one
+    ("GenuineIntel", 6, 143, None),  # Sapphire Rapids: no name of ours
 ])
-def test_cpu_kinds_a_vm_names_alike_are_told_apart(tmp_path, vendor, family, model, named):
+def test_cpu_kinds_a_vm_names_alike_are_told_apart(tmp_path, vendor, family, model, kind):
     # A VM calls Zen 4 and Zen 5 hosts alike "AMD EPYC": plans and baselines must not be shared.
-    assert cpu_model(_cpuinfo(tmp_path, vendor, family, "avx2 fma", model=model)) == named
+    path = _cpuinfo(tmp_path, vendor, family, "avx2 fma", model=model)
+    assert cpu_model(path) == f"Some CPU (family {family} model {model})", "the key: numbers, not names"
+    assert cpu_kind(path) == (f"Some CPU (family {family} model {model}: {kind})" if kind else cpu_model(path))
 
 
 def test_cpu_model_without_family_is_the_name_alone(tmp_path):
     path = tmp_path / "cpuinfo"
     path.write_text("processor\t: 0\nmodel name\t: Some Arm CPU\nFeatures\t: neon asimd\n")
-    assert cpu_model(path) == "Some Arm CPU"
+    assert cpu_model(path) == cpu_kind(path) == "Some Arm CPU"
 
 
-def test_a_results_fingerprint_names_the_cpu_kind():
+def test_a_results_fingerprint_and_a_kernel_plan_are_keyed_by_the_cpu_model(monkeypatch):
+    from starcoder_tp import kernels
     from starcoder_tp.device import Device
-    from starcoder_tp.suite.machine import machine_fingerprint
+    from starcoder_tp.suite import machine
 
-    assert machine_fingerprint(Device("cpu"), 1)["cpu_model"] == cpu_model()
+    monkeypatch.setattr(machine, "cpu_model", lambda: "Some CPU (family 25 model 17)")
+    monkeypatch.setattr(kernels, "cpu_model", lambda: "Some CPU (family 25 model 17)")
+    assert machine.machine_fingerprint(Device("cpu"), 1)["cpu_model"] == "Some CPU (family 25 model 17)"
+    assert kernels.plan_key({}, 1, world_size=1)["cpu_model"] == "Some CPU (family 25 model 17)"

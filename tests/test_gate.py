@@ -183,7 +183,10 @@ def test_a_baseline_of_another_machine_is_refused_naming_both_unless_normalised(
     assert "--perf-compare-ref" in message and "--perf-normalize" in message
     for other, named in [({"threads_per_rank": "2"}, "threads_per_rank '1' (baseline) vs '2' (this run)"),
                          ({"torch_version": "2.14.0+cpu"}, "torch_version '2.13.0+cpu' (baseline) vs '2.14.0+cpu'"),
-                         ({"cores": "4"}, "cores '2' (baseline) vs '4' (this run)")]:
+                         ({"cores": "4"}, "cores '2' (baseline) vs '4' (this run)"),
+                         # the same name with the family and model that fingerprints carry now
+                         ({"cpu_model": "AMD EPYC 7B13 (family 25 model 1)"},
+                          "saved before fingerprints named the CPU's family and model: save a new baseline")]:
         with pytest.raises(ValueError, match=re.escape(named)):
             Baseline.load(path, **load, fingerprint={**MACHINE, **other})
     normalised = Baseline.load(path, **load, fingerprint=zen5, normalize=True)

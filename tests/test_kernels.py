@@ -8,7 +8,6 @@ import torch
 from starcoder_tp import gemv, kernel_timing, kernels, layouts, panels, rowdot
 from starcoder_tp import linear as kernels_linear
 from starcoder_tp.kernel_timing import suspect_shapes
-from starcoder_tp.cpu import cpu_model
 from starcoder_tp.kernels import Choice, choose, fixed_choice, measure
 
 
@@ -211,7 +210,6 @@ def test_a_cached_plan_is_reused_only_for_exactly_its_key(tmp_path, monkeypatch)
     weights = {"8x16:float32": torch.randn(8, 16)}
     key = kernels.plan_key(weights, 4, world_size=2)
     assert {"cpu_model", "cpu_isa", "cores", "torch", "onednn", "threads", "world_size", "rows", "shapes"} <= set(key)
-    assert key["cpu_model"] == cpu_model()  # family and model too: a Zen 4 plan is not a Zen 5 one
     plan = {"8x16:float32": Choice("plain", "plain", "plain", {"plain": 1.0}, {"plain": 2.0}, {"plain": 3.0})}
     assert kernels.load_plan(key) is None
     kernels.save_plan(key, plan)

@@ -49,6 +49,11 @@ def fingerprint_differences(theirs: dict[str, str], ours: dict[str, str]) -> lis
             parts = ([f"only the baseline's has {' '.join(only_theirs)}"] if only_theirs else []) + \
                     ([f"only this machine has {' '.join(only_ours)}"] if only_ours else [])
             differences.append("CPU instruction sets differ: " + "; ".join(parts))
+        elif column == "cpu_model" and " (family " not in a and b.startswith(a + " (family "):
+            # A baseline saved before fingerprints named the family and model: perhaps this very
+            # kind, perhaps another that the VM names alike; it cannot tell, so it is refused.
+            differences.append(f"cpu_model {a!r} (baseline, saved before fingerprints named the CPU's family "
+                               f"and model: save a new baseline on this machine) vs {b!r} (this run)")
         else:
             differences.append(f"{column} {a!r} (baseline) vs {b!r} (this run)")
     return differences
