@@ -201,8 +201,9 @@ def decode_calls(weight: torch.Tensor, rows: int, kinds: Iterable[str], activati
     plains = [weight] + side_by_side(weight, copies - 1, on_progress) if wants_plain else []
     calls = {}
     for kind in kinds:
-        if kind in ONEDNN_LAYOUTS:
-            nxt = itertools.cycle([made(PACKERS[kind](weight, rows)) for _ in range(copies)]).__next__
+        if kind in ONEDNN_LAYOUTS:  # a clone copies oneDNN's packed bytes, faster than reordering the weight again
+            first = made(PACKERS[kind](weight, rows))  # (never MKL's: its buffer is not what its tensor describes)
+            nxt = itertools.cycle([first] + [made(first.clone()) for _ in range(copies - 1)]).__next__
             calls[kind] = lambda n=nxt: packed_linear(x, n(), None, post_op, algorithm)
         elif kind == "mkl_packed":
             nxt = itertools.cycle([made(pack_mkl(weight, rows)) for _ in range(copies)]).__next__
