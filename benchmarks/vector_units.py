@@ -27,16 +27,16 @@ from speed import cpu_name, write_results  # noqa: E402
 
 from starcoder_tp.cpu import clock_ghz, cpuinfo, vector_peak  # noqa: E402
 
+CHAINS = 12  # independent accumulators a loop: enough to cover two pipes' latency
 SOURCE = r"""
 #include <immintrin.h>
-#define CHAINS 12
-#define LOOP(T, INIT, STEP)                                                  \
-    T a[CHAINS];                                                                   \
-    for (int i = 0; i < CHAINS; i++) a[i] = INIT(i);                               \
-    for (long k = 0; k < iters; k++)                                               \
-        for (int i = 0; i < CHAINS; i++) a[i] = STEP(a[i]);                        \
-    float s = 0; float lanes[16];                                                   \
-    for (int i = 0; i < CHAINS; i++) { _mm_storeu_ps(lanes, *(__m128 *)&a[i]); s += lanes[0]; } \
+#define LOOP(T, INIT, STEP)                                                                        \
+    T a[CHAINS];                                                                                   \
+    for (int i = 0; i < CHAINS; i++) a[i] = INIT(i);                                               \
+    for (long k = 0; k < iters; k++)                                                               \
+        for (int i = 0; i < CHAINS; i++) a[i] = STEP(a[i]);                                        \
+    float s = 0; float lanes[16];                                                                  \
+    for (int i = 0; i < CHAINS; i++) { _mm_storeu_ps(lanes, *(__m128 *)&a[i]); s += lanes[0]; }   \
     return s;
 
 __attribute__((target("avx2,fma"))) static __m256 i256(int i) { return _mm256_set1_ps((float)i); }
@@ -58,12 +58,11 @@ __attribute__((target("avx512f,avx512bf16"))) float dpbf16(long iters) { LOOP(__
 KERNELS = {"fp32 FMA, 256-bit": ("fma256", 16, {"avx2", "fma"}),
            "fp32 FMA, 512-bit": ("fma512", 32, {"avx512f"}),
            "bf16 dot product, 512-bit": ("dpbf16", 64, {"avx512f", "avx512_bf16"})}
-CHAINS = 12
 
 
 def build(folder: Path) -> ctypes.CDLL:
     source, library = folder / "units.c", folder / "units.so"
-    source.write_text(SOURCE)
+    source.write_text(f"#define CHAINS {CHAINS}\n{SOURCE}")
     # -funroll-all-loops: the chains must stay in registers, not in the array on the stack (checked
     # with gcc 12: twelve FMAs or dot products on twelve registers a trip; another compiler may differ).
     try:

@@ -62,17 +62,22 @@ def cpu_model(cpuinfo_path: Path = Path("/proc/cpuinfo")) -> str:
     from another where the name alone does not (a VM's "AMD EPYC" on a Zen 4 host and on a Zen 5
     one). Machine fingerprints and kernel plans are keyed by it (by the numbers, not by a name
     for them that a later table could change)."""
-    name, _ = cpuinfo(cpuinfo_path)
-    found = _family_model(cpuinfo_path)
-    return name if found is None else f"{name} (family {found[1]} model {found[2]})"
+    return _named(cpuinfo_path, with_core=False)
 
 
 def cpu_kind(cpuinfo_path: Path = Path("/proc/cpuinfo")) -> str:
     """cpu_model with AMD's name for the microarchitecture where it is known, for people to read."""
+    return _named(cpuinfo_path, with_core=True)
+
+
+def _named(cpuinfo_path: Path, with_core: bool) -> str:
+    name, _ = cpuinfo(cpuinfo_path)
     found = _family_model(cpuinfo_path)
-    core = amd_core(found[1], found[2]) if found and found[0] == "AuthenticAMD" else None
-    model = cpu_model(cpuinfo_path)
-    return f"{model[:-1]}: {core})" if core else model
+    if found is None:
+        return name
+    vendor, family, model = found
+    core = amd_core(family, model) if with_core and vendor == "AuthenticAMD" else None
+    return f"{name} (family {family} model {model}{': ' + core if core else ''})"
 
 
 def cpu_cores() -> int:
@@ -171,7 +176,7 @@ def vector_peak(cpuinfo_path: Path = Path("/proc/cpuinfo")) -> VectorPeak | None
             fp32, basis = 64, "Zen 5: 2 x 512-bit FMA pipes (Zen 5c and mobile parts: 256-bit, half)"
         else:
             fp32, basis = 64, "Intel AVX-512: 2 x 512-bit FMA units (parts with one unit: half)"
-    elif "avx2" in flags and vendor == "AuthenticAMD" and family == 0x17 and model < 0x30:
+    elif "avx2" in flags and vendor == "AuthenticAMD" and amd_core(family, model) == "Zen 1":
         fp32, basis = 16, "Zen 1: AVX2 on 2 x 128-bit FMA pipes"
     elif "avx2" in flags:
         fp32, basis = 32, "AVX2: 2 x 256-bit FMA units"

@@ -35,8 +35,9 @@ sgemm against F.linear at batch 1, fp32: RESULTS.md, "MKL's packed sgemm").
 - `gemv`:   fp32, decode at one row only: the plain weight's product with the row by BLAS's
             sgemv (gemv.py), where torch's one-row GEMMs fall short of the memory's speed. Prefill
             from the plain layout (as `plain`).
-- `panels`: fp32 and bf16 where the CPU has AVX-512 (bf16: AVX512_BF16), every decode batch: the weight in panels of 16 output columns, our own GEMM
-            (panels.py), the same layout for every batch. Prefill: itself.
+- `panels`: fp32 and bf16 where the CPU has AVX-512 (bf16: AVX512_BF16), every decode batch: the
+            weight in panels of 16 output columns, our own GEMM (panels.py), the same layout for
+            every batch. Prefill: itself.
 - `rowdot`: fp32 and bf16, decode at one row only: our own one-row kernel (rowdot.c, built at
             first use by the machine's C compiler: rowdot.py) on the plain weight, summing eight
             weight rows side by side; where no compiler builds it, not a candidate. Prefill from

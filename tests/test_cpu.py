@@ -37,6 +37,9 @@ def test_vector_peak_per_core_and_cycle(tmp_path, vendor, family, flags, fp32, b
 
 def test_zen1_runs_avx2_in_halves(tmp_path):
     assert vector_peak(_cpuinfo(tmp_path, "AuthenticAMD", 0x17, "avx2 fma", model=0x01)).fp32_flop_per_cycle == 16
+    # Zen 1 by amd_core's ranges (0x50-0x5F too), Zen 2 at full AVX2 width
+    assert vector_peak(_cpuinfo(tmp_path, "AuthenticAMD", 0x17, "avx2 fma", model=0x55)).fp32_flop_per_cycle == 16
+    assert vector_peak(_cpuinfo(tmp_path, "AuthenticAMD", 0x17, "avx2 fma", model=0x31)).fp32_flop_per_cycle == 32
 
 
 @pytest.mark.parametrize("flags", ["sse2 avx", "neon asimd", ""])
