@@ -57,8 +57,7 @@ class TPGroup:
             return t.unsqueeze(0)
         return self._gather(t)
 
-    @torch.compiler.disable
-    def _gather(self, t: torch.Tensor) -> torch.Tensor:
+    def _gather(self, t: torch.Tensor) -> torch.Tensor:  # (eager only: the compiled step returns the logits)
         if self.shm is not None:
             return self.shm.all_gather(t)
         out = [torch.empty_like(t) for _ in range(self.world_size)]

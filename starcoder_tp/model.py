@@ -80,9 +80,10 @@ class Transformer(nn.Module):
     def __init__(self, config: ModelConfig, tp: TPGroup):
         super().__init__()
         local_vocab = config.padded_vocab_size(tp.world_size) // tp.world_size
-        self.wte = nn.Embedding(local_vocab, config.n_embd)
+        # Given a weight, nn.Embedding skips its normal_ fill, whose first call on the meta device imports torch._dynamo
+        self.wte = nn.Embedding(local_vocab, config.n_embd, _weight=torch.empty(local_vocab, config.n_embd))  # (~1 s)
         if config.rope_theta is None:  # learned positions (GPTBigCode); StarCoder2's are rotary
-            self.wpe = nn.Embedding(config.n_positions, config.n_embd)
+            self.wpe = nn.Embedding(config.n_positions, config.n_embd, _weight=torch.empty(config.n_positions, config.n_embd))
         self.h = nn.ModuleList(Block(config, tp) for _ in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
 
@@ -371,10 +372,8 @@ def load_model(shard_dir: str | Path, tp: TPGroup, device: torch.device, kernels
         raise ValueError(f"part {tp.rank} of {shard_dir}: missing tensors {missing[:5]}, unexpected {unexpected[:5]}")
     for name, ref in expected.items():
         if tuple(state[name].shape) != tuple(ref.shape):
-            raise ValueError(
-                f"part {tp.rank} of {shard_dir}: tensor {name} has shape {list(state[name].shape)}, "
-                f"expected {list(ref.shape)} for rank {tp.rank} of {tp.world_size}"
-            )
+            raise ValueError(f"part {tp.rank} of {shard_dir}: tensor {name} has shape {list(state[name].shape)}, "
+                             f"expected {list(ref.shape)} for rank {tp.rank} of {tp.world_size}")
     if device.type == "npu":
         state = {name: t.to(device) for name, t in state.items()}
     elif device.type == "cpu":
