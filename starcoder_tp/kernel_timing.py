@@ -12,14 +12,14 @@ from memory"). Prefill candidates run on one copy: their GEMMs reuse each weight
 rows.
 
 Bounded: one warm call and one probe call per candidate, then candidates over PRUNE_FACTOR x
-the best probe's time, on that call and on a second one, are dropped; the rest run ROUNDS rounds
-of at least ROUND_MIN_S and one call each (decode candidates: DECODE_MIN_CALLS calls). On the
-bench-size model that is 6-8 s per batch size in fp32 (the copies dominate: MKL packs at ~0.8 GB/s) and 2-3 s in bf16 on one
-thread of the AVX-512 Xeon; 6.6-8.3 s in fp32 and 3.1-3.5 s in bf16 on the EPYC Zen 5, with gemv,
-oneDNN on the plain weight and onednn_wide among the candidates and 128 MiB decode sets
-(RESULTS.md). A shape suspect_shapes names is timed once more. On StarCoder's shapes it is
-dominated by the prefill calls at 512 rows, 4-5 calls of each surviving candidate (estimated
-10-30 s per batch size on one thread of a large CPU; once per machine, the plan is cached).
+the best probe's time, on that call and on a second one, are dropped; the probe calls are the first
+of ROUNDS rounds, the rest run ROUNDS - 1 more of at least ROUND_MIN_S and one call each (decode
+candidates: DECODE_MIN_CALLS calls). A shape suspect_shapes names is timed once more. On the
+bench-size model a plan takes 6-9 s per batch size in fp32 and 3-6 s in bf16 on one thread of
+the CPUs we measured (RESULTS.md): the prefill calls at 512 rows, then the decode copies (MKL packs
+at ~0.8 GB/s, a VM's first touch of memory slower). On StarCoder's shapes the prefill calls at 512
+rows dominate, 3-4 calls of each surviving candidate (estimated 10-30 s per batch size on one
+thread of a large CPU; once per machine, the plan is cached).
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ from . import malloc
 from .cpu import last_level_cache_bytes
 from .layouts import ONEDNN_LAYOUTS, PACKERS, pack, pack_mkl
 
-ROUNDS = 3  # alternating rounds per candidate (A B C, C B A, A B C): drift hits all alike
+ROUNDS = 3  # alternating rounds per candidate (A B C, C B A, A B C): drift hits all alike; the probes are the first
 ROUND_MIN_S = 0.004  # each candidate runs at least this long per round (and at least one call)
 # A decode candidate runs at least this many calls per round: with one call a round (the lm_head's
 # 10-13 ms), its median came from three calls each just after another candidate's, and ranked the
@@ -72,24 +72,25 @@ def _timed(call: Callable[[], object]) -> float:
 @torch.no_grad()  # as the model runs: no autograd record (and the split GELU runs only without)
 def time_ms(calls: dict[str, Callable[[], object]], on_progress: Callable[[], None] = lambda: None,
             min_calls: int = 1) -> dict[str, float]:
-    """Median milliseconds per call of each candidate, over ROUNDS rounds in alternating order of
-    at least ROUND_MIN_S and `min_calls` calls each; a candidate over PRUNE_FACTOR times the best's
-    time on its probe call and on a second one keeps the faster of those two times."""
+    """Median milliseconds per call of each candidate, over ROUNDS rounds in alternating order: the
+    probe calls, one each, then rounds of at least ROUND_MIN_S and `min_calls` calls each; a
+    candidate over PRUNE_FACTOR times the best's time on its probe call and on a second one keeps
+    the faster of those two times."""
     if len(calls) == 1:  # nothing to choose between
         return {name: 0.0 for name in calls}
     for call in calls.values():
         call()  # the first call allocates, and oneDNN builds its primitive
         on_progress()
-    probes = {name: _timed(call) for name, call in calls.items()}
+    samples = {name: [_timed(call)] for name, call in calls.items()}  # the probes: the first round
     on_progress()
-    best = min(probes.values())
+    best = min(s[0] for s in samples.values())
     for name, call in calls.items():  # (a call slowed once, by an interrupt, is not a verdict)
-        if probes[name] > PRUNE_FACTOR * best:
-            probes[name] = min(probes[name], _timed(call))
+        if samples[name][0] > PRUNE_FACTOR * best:
+            samples[name].append(_timed(call))
             on_progress()
+    probes = {name: min(s) for name, s in samples.items()}
     names = [name for name in calls if probes[name] <= PRUNE_FACTOR * best]
-    samples: dict[str, list[float]] = {name: [] for name in names}
-    for round_ in range(ROUNDS):
+    for round_ in range(1, ROUNDS):
         for name in (names if round_ % 2 == 0 else names[::-1]):
             spent, made = 0.0, 0
             while spent < ROUND_MIN_S or made < min_calls:  # at least one call
@@ -97,8 +98,7 @@ def time_ms(calls: dict[str, Callable[[], object]], on_progress: Callable[[], No
                 samples[name].append(elapsed)
                 spent, made = spent + elapsed, made + 1
                 on_progress()  # a rank's heartbeat: one call of a large shape can take seconds
-    medians = {name: statistics.median(s) * 1e3 for name, s in samples.items()}
-    return {name: medians.get(name, probes[name] * 1e3) for name in calls}
+    return {name: (statistics.median(samples[name]) if name in names else probes[name]) * 1e3 for name in calls}
 
 
 def time_across_ranks(calls_by_size: list[dict[str, Callable[[], object]]],

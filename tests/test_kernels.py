@@ -149,12 +149,12 @@ def test_time_ms_alternates_rounds_prunes_the_hopeless_and_reports_medians(monke
     assert calls[6] == "c", "one warm and one probe call each, then a second probe of the one past PRUNE_FACTOR"
     rounds = calls[7:]
     assert "c" not in rounds, "a candidate 10x slower than the best on two calls is not timed further"
-    assert rounds == ["a", "b", "b", "a", "a", "b"], "one call per round (each >= ROUND_MIN_S), A B, B A, A B"
+    assert rounds == ["b", "a", "a", "b"], "after the probes (A B), one call per round (each >= ROUND_MIN_S): B A, A B"
     assert kernel_timing.time_ms({"only": call("a")}) == {"only": 0.0}, "one candidate: nothing to time"
     calls.clear()
     assert kernel_timing.time_ms({name: call(name) for name in cost}, min_calls=3) == pytest.approx(
         {"a": 10.0, "b": 12.0, "c": 100.0})
-    assert calls[7:] == ["a"] * 3 + ["b"] * 6 + ["a"] * 6 + ["b"] * 3, "three calls a round, each >= ROUND_MIN_S"
+    assert calls[7:] == ["b"] * 3 + ["a"] * 6 + ["b"] * 3, "after the probes, three calls a round, each >= ROUND_MIN_S"
     cost["b"] = 0.011
     cost["c"] = 0.021  # just past PRUNE_FACTOR x a's time: pruned
     calls.clear()
@@ -163,7 +163,7 @@ def test_time_ms_alternates_rounds_prunes_the_hopeless_and_reports_medians(monke
     cost["c"] = 0.019  # within it: timed with the others
     calls.clear()
     kernel_timing.time_ms({name: call(name) for name in cost})
-    assert calls[6:].count("c") == 3 and len(calls) == 6 + 9
+    assert calls[6:].count("c") == 2 and len(calls) == 6 + 6, "probed, then ROUNDS - 1 rounds"
 
 
 def test_a_candidate_slowed_on_its_probe_alone_is_timed_all_the_same(monkeypatch):
@@ -179,8 +179,24 @@ def test_a_candidate_slowed_on_its_probe_alone_is_timed_all_the_same(monkeypatch
 
     result = kernel_timing.time_ms({name: call(name) for name in made})
     assert result == pytest.approx({"a": 10.0, "b": 10.0}), "b's second probe call was as fast as a: b stays in"
-    assert made == {"a": 2 + 3, "b": 3 + 3}
+    assert made == {"a": 2 + 2, "b": 3 + 2}, "warm, probe (b: a second), two rounds more"
 
+
+
+def test_the_probe_calls_are_the_first_rounds_samples(monkeypatch):
+    clock = [0.0]
+    monkeypatch.setattr(kernel_timing, "perf_counter", lambda: clock[0])
+    made = {"a": 0, "b": 0}
+    costs = {"a": [0.1, 0.010, 0.010, 0.030], "b": [0.1, 0.020, 0.020, 0.020]}  # warm, probe, two rounds
+
+    def call(name):
+        def run():
+            clock[0] += costs[name][made[name]]
+            made[name] += 1
+        return run
+
+    assert kernel_timing.time_ms({name: call(name) for name in made}) == pytest.approx({"a": 10.0, "b": 20.0})
+    assert made == {"a": 4, "b": 4}, "three samples each: the probe and ROUNDS - 1 rounds"
 
 def test_decode_candidates_run_several_calls_a_round_and_prefill_ones_do_not(monkeypatch):
     seen = []
