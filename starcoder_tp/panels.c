@@ -5,8 +5,9 @@
  * A block of MR rows of x and NV panels keeps MR x NV accumulators of 16 output columns in
  * registers: per K step (a pair in bf16) it loads NV panel vectors and broadcasts each x row's
  * element(s) to them. Each panel is read in order, a stream the hardware prefetcher follows, and
- * (from two rows of x on) the next block of panels is asked for while the rows run against this
- * one, so that the weight's read overlaps the arithmetic (RESULTS.md, "Panels"). The output is
+ * the next block of panels is asked for while the rows run against this one, so that the weight's
+ * read overlaps the arithmetic (RESULTS.md, "Panels"). One row reads the panels one after the
+ * other instead (ONE_ROW). The output is
  * written a vector of 16 columns at a time, the bias added, the activation applied (the MLP's first
  * linear: one pass less over its output) and, in bf16, rounded once.
  */
@@ -152,8 +153,31 @@ AVX512 INLINE __m512 fma_f32(__m512 a, __m512i w, __m512i x) {
     CHUNK(kind##_chunk_##MB_##_2, attr, E, X, OP, MB_, 2)                                          \
     CHUNK(kind##_chunk_##MB_##_1, attr, E, X, OP, MB_, 1)
 
+/* One row of x: the panels one after the other, a single stream through the weight that the hardware
+ * prefetcher follows to the end. Blocks of NV panels restarted NV streams every block, and one row
+ * ran 5-25% slower so in bf16 on the EPYC Zen 4 (RESULTS.md, "Panels at one row, one stream"). Two
+ * sums of alternate K steps: one would cap the stream at 64 bytes per dot product's latency. */
+#define ONE_ROW(name, attr, E, XS, LOAD_X, OP, BIAS, STORE)                                        \
+    attr static void name(const E *w, const E *x, const E *b, E *y, long n, long k, int act) {     \
+        const long steps = k / XS, panel = k * 16;                                                 \
+        for (long col = 0; col < n; col += 16, w += panel) {                                       \
+            __m512 even = _mm512_setzero_ps(), odd = _mm512_setzero_ps();                          \
+            long s = 0;                                                                            \
+            for (; s + 2 <= steps; s += 2) {                                                       \
+                even = OP(even, _mm512_loadu_si512((const char *)w + s * 64), LOAD_X(0, s));       \
+                odd = OP(odd, _mm512_loadu_si512((const char *)w + (s + 1) * 64), LOAD_X(0, s + 1)); \
+            }                                                                                      \
+            if (s < steps)                                                                         \
+                even = OP(even, _mm512_loadu_si512((const char *)w + s * 64), LOAD_X(0, s));       \
+            __m512 out = _mm512_add_ps(even, odd);                                                 \
+            out = b ? _mm512_add_ps(out, BIAS(0)) : out;                                           \
+            STORE(0, 0, activate(out, act));                                                       \
+        }                                                                                          \
+    }
+
 /* XS: elements of x per K step (a step is 64 bytes of a panel, 16 * XS elements). */
 #define SHAPES(kind, attr, E, XS, X, OP, BIAS, STORE)                                              \
+    ONE_ROW(kind##_row, attr, E, XS, X, OP, BIAS, STORE)                                           \
     ROW_SHAPES(kind, attr, E, k / XS, X, OP, BIAS, STORE, 8)                                       \
     ROW_SHAPES(kind, attr, E, k / XS, X, OP, BIAS, STORE, 4)                                       \
     ROW_SHAPES(kind, attr, E, k / XS, X, OP, BIAS, STORE, 2)                                       \
@@ -174,7 +198,7 @@ AVX512 INLINE __m512 fma_f32(__m512 a, __m512i w, __m512i x) {
      * 11-19% below a K of 1024 at 16 rows (RESULTS.md, "Panels in chunks of K"). The sums are \
      * carried in `part` ([m][NV][16] fp32), bias, activation and output after the last chunk. */  \
     attr static void kind##_chunked(const E *w, const E *x, const E *b, E *y, long n, long k, long m, int act, \
-                                    float *part, int blocks, int ask) {                            \
+                                    float *part, int blocks) {                                     \
         long panels = n / 16, total = k / XS, count = (total + CHUNK_STEPS - 1) / CHUNK_STEPS;     \
         long chunk = (total + count - 1) / count; /* (chunks of one length: each asks for the next's) */ \
         for (long p = 0; p < panels; p += NV) {                                                    \
@@ -183,10 +207,10 @@ AVX512 INLINE __m512 fma_f32(__m512 a, __m512i w, __m512i x) {
             for (long c = 0; c < total; c += chunk) {                                              \
                 long len = total - c < chunk ? total - c : chunk;                                  \
                 const E *here = w + p * k * 16 + c * 16 * XS, *next = here + len * 16 * XS;        \
-                int ahead = ask ? nv : 0; /* the next chunk of these panels, or the next block's first */ \
+                int ahead = nv; /* the next chunk of these panels, or the next block's first */    \
                 if (c + len == total) {                                                            \
                     long left = panels - (p + NV);                                                 \
-                    ahead = left <= 0 || !ask ? 0 : left < NV ? (int)left : NV;                    \
+                    ahead = left <= 0 ? 0 : left < NV ? (int)left : NV;                            \
                     next = w + (ahead ? p + NV : p) * k * 16;                                      \
                 }                                                                                  \
                 for (long r = 0, j = 0; r < m; j++) {                                              \
@@ -205,20 +229,23 @@ AVX512 INLINE __m512 fma_f32(__m512 a, __m512i w, __m512i x) {
                 }                                                                                  \
         }                                                                                          \
     }                                                                                              \
-    /* Blocks of NV panels, each against every row of x in blocks of 8, 4, 2, 1 rows. */           \
+    /* One row by ONE_ROW; more in blocks of NV panels, each against every row of x in blocks of 8, \
+     * 4, 2, 1 rows. */                                                                            \
     attr static void kind##_all(const E *w, const E *x, const E *b, E *y, long n, long k, long m, int act) { \
+        if (m == 1) { /* (it asks for nothing ahead: its arithmetic is too short to hide the requests, \
+                       * and the hardware's prefetch alone read 2-11% faster: RESULTS.md, "Panels at \
+                       * one row without asking ahead"; 0-13% in ONE_ROW on Zen 4) */              \
+            kind##_row(w, x, b, y, n, k, act);                                                     \
+            return;                                                                                \
+        }                                                                                          \
         long panels = n / 16;                                                                      \
         int blocks = 0; /* row blocks: each asks for its share of the next block's panels */       \
         for (long r = 0; r < m; blocks++)                                                          \
             r += m - r >= 8 ? 8 : m - r >= 4 ? 4 : m - r >= 2 ? 2 : 1;                             \
-        /* One row asks for nothing: its arithmetic is too short to hide the requests, and the    \
-         * hardware's prefetch of the block's own streams alone read 2-11% faster (RESULTS.md,      \
-         * "Panels at one row without asking ahead"). */                                           \
-        const int ask = m > 1;                                                                     \
         if (k / XS > CHUNK_STEPS) { /* (where the sums' memory cannot be had: whole) */            \
             float *part = malloc((size_t)m * NV * 16 * sizeof(float));                             \
             if (part) {                                                                            \
-                kind##_chunked(w, x, b, y, n, k, m, act, part, blocks, ask);                       \
+                kind##_chunked(w, x, b, y, n, k, m, act, part, blocks);                            \
                 free(part);                                                                        \
                 return;                                                                            \
             }                                                                                      \
@@ -228,7 +255,7 @@ AVX512 INLINE __m512 fma_f32(__m512 a, __m512i w, __m512i x) {
             for (long r = 0, j = 0; r < m; j++) {                                                  \
                 int mr = m - r >= 8 ? 8 : m - r >= 4 ? 4 : m - r >= 2 ? 2 : 1;                     \
                 long left = panels - (p + NV); /* the next block's panels: asked for by every row block */ \
-                int ahead = left <= 0 || !ask ? 0 : left < NV ? (int)left : NV;                    \
+                int ahead = left <= 0 ? 0 : left < NV ? (int)left : NV;                            \
                 kind##_shapes[mr == 8 ? 0 : mr == 4 ? 1 : mr == 2 ? 2 : 3][nv - 1](                \
                     w + p * k * 16, x + r * k, b, y + r * n, n, k, p * 16, w + (ahead ? p + NV : p) * k * 16, \
                     ahead, act, (int)j, blocks);                                                   \
