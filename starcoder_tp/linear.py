@@ -108,11 +108,21 @@ class Linear(nn.Linear):
         return self.decode_kernel if n <= self.decode_numel else (
             self.short_kernel if n < self.split_numel else self.prefill_kernel)
 
+    def _panels(self, x: torch.Tensor, bias: torch.Tensor | None, activation: tuple[str, str] | None = None):
+        # A panels.Bound per bias and activation, made again where the layout or the bias changed.
+        calls = self.__dict__.setdefault("panels_calls", {})
+        call = calls.get((bias is None, activation))
+        if call is None or call.packed is not self.packed or call.bias_given is not bias:
+            call = calls[(bias is None, activation)] = panels.Bound(self.packed, bias, activation)
+        return call(x)
+
     def forward(self, x: torch.Tensor, add_bias: bool = True) -> torch.Tensor:
         bias = self.bias if add_bias else None
         kind = self._kernel(x)
         if kind == "plain":
             return F.linear(x, self.weight, bias)
+        if kind == "panels":
+            return self._panels(x, bias)
         return run_kernel(kind, x, self.packed_sizes if kind == "mkl_packed" else self.weight, self.packed, bias)
 
     def forward_activated(self, x: torch.Tensor, activation: str) -> torch.Tensor:
@@ -125,7 +135,7 @@ class Linear(nn.Linear):
             return packed_linear(x, self.weight if kind == "onednn_plain" else self.packed, self.bias, post_op,
                                  algorithm)
         if kind == "panels" and panels.fuses(post_op, algorithm):
-            return panels.linear(x, self.packed, self.bias, (post_op, algorithm))
+            return self._panels(x, self.bias, (post_op, algorithm))
         return eager(self.forward(x))
 
     def row_parallel(self, x: torch.Tensor, tp) -> torch.Tensor:

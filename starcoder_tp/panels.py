@@ -73,23 +73,41 @@ def fuses(post_op: str, algorithm: str) -> bool:
     return (post_op, algorithm) in ACTIVATIONS
 
 
+class Bound:
+    """`linear` of one packed weight, bias and activation, with what depends on them alone (the
+    checks, the library's function, the pointers) done once: the model calls its linears 33 times
+    a decode step on the bench-size model, and that part was half of a one-row call's 7.3 us of
+    Python (RESULTS.md, "Panels at one row, one stream"). It holds the tensors it points to."""
+
+    __slots__ = ("n", "k", "dtype", "packed", "bias_given", "bias", "kernel", "act", "pointers")
+
+    def __init__(self, packed: torch.Tensor, bias: torch.Tensor | None = None,
+                 activation: tuple[str, str] | None = None):
+        self.n, self.k = shape_of(packed)
+        self.dtype, self.packed, self.bias_given = packed.dtype, packed, bias
+        if bias is not None and (bias.dtype != packed.dtype or bias.numel() != self.n):
+            raise ValueError(f"panels.linear: bias {list(bias.shape)} {bias.dtype} against a [{self.n}, {self.k}] "
+                             f"{packed.dtype} weight")
+        self.bias = None if bias is None else bias.contiguous()
+        lib, _ = rowdot.library()
+        self.kernel = lib.panels_f32 if packed.dtype == torch.float32 else lib.panels_bf16
+        self.act = ACTIVATIONS[activation] if activation else 0
+        self.pointers = (packed.data_ptr(), None if bias is None else self.bias.data_ptr())
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.k or x.dtype != self.dtype:
+            raise ValueError(f"panels.linear: x {list(x.shape)} {x.dtype} against a [{self.n}, {self.k}] "
+                             f"{self.dtype} weight")
+        x = x if x.is_contiguous() else x.contiguous()  # (rows of K side by side)
+        out = torch.empty(*x.shape[:-1], self.n, dtype=self.dtype)
+        self.kernel(self.pointers[0], x.data_ptr(), self.pointers[1], out.data_ptr(), self.n, self.k,
+                    x.numel() // self.k, self.act)
+        return out
+
+
 def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None,
            activation: tuple[str, str] | None = None) -> torch.Tensor:
     """x @ W.T + bias (then the activation, a post-op `fuses` takes) for W in panels: x and bias in
     its dtype, x of any number of rows."""
-    n, k = shape_of(packed)
-    if x.shape[-1] != k or x.dtype != packed.dtype or (bias is not None and (bias.dtype != packed.dtype
-                                                                             or bias.numel() != n)):
-        raise ValueError(f"panels.linear: x {list(x.shape)} {x.dtype} and bias "
-                         f"{None if bias is None else (list(bias.shape), bias.dtype)} against a "
-                         f"[{n}, {k}] {packed.dtype} weight")
-    lib, _ = rowdot.library()
-    rows = x.numel() // k
-    x_rows = x.reshape(rows, k).contiguous()
-    bias = None if bias is None else bias.contiguous()
-    out = torch.empty(rows, n, dtype=packed.dtype)
-    kernel = lib.panels_f32 if packed.dtype == torch.float32 else lib.panels_bf16
-    kernel(packed.data_ptr(), x_rows.data_ptr(), None if bias is None else bias.data_ptr(), out.data_ptr(), n, k,
-           rows, ACTIVATIONS[activation] if activation else 0)
-    return out.view(*x.shape[:-1], n)
+    return Bound(packed, bias, activation)(x)
 

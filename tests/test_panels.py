@@ -57,6 +57,8 @@ def test_every_row_and_panel_count_is_f_linear(dtype, n, k, rows, bias):
         k += 1
     torch.manual_seed(0)
     weight, b, x = torch.randn(n, k).to(dtype), torch.randn(n).to(dtype), torch.randn(rows, 1, k).to(dtype)
+    if rows % 2:  # (as a view, the rows of K apart: an attention output's, say)
+        x = torch.randn(1, k, rows).to(dtype).permute(2, 0, 1)
     with torch.inference_mode():  # as generation runs it
         out = panels.linear(x, panels.pack(weight), b if bias else None)
     exact = F.linear(x.double(), weight.double(), b.double() if bias else None)
@@ -154,17 +156,25 @@ def test_a_linear_laid_out_in_panels_runs_them_and_gives_its_weight_back(dtype, 
     assert layer.packed is packed and layer.packed_rows == 16, "the same panels for every batch: not packed again"
     layer.use_kernels(Choice("panels", "panels"), 4)
     calls = []
-    real = panels.linear
-    monkeypatch.setattr(panels, "linear", lambda *a: calls.append(a[3:]) or real(*a))
-    for shape in ((4, 1, 64), (2, 70, 64)):  # a decode step, a prefill
-        x = torch.randn(*shape).to(dtype)
+    real = panels.Bound.__call__
+    monkeypatch.setattr(panels.Bound, "__call__", lambda self, x: calls.append((id(self), self.act)) or real(self, x))
+
+    def check(x):
         want = F.linear(x.double(), plain.double(), layer.bias.double())
         torch.testing.assert_close(layer(x).double(), want, rtol=2 ** -7, atol=1e-4)
+
+    for shape in ((4, 1, 64), (2, 70, 64)):  # a decode step, a prefill
+        check(torch.randn(*shape).to(dtype))
     layer.forward_activated(torch.randn(4, 1, 64).to(dtype), "gelu_pytorch_tanh")
-    assert calls == [(), (), (("gelu", "tanh"),)], "the activation goes with the product"
+    assert [act for _, act in calls] == [0, 0, panels.ACTIVATIONS[("gelu", "tanh")]], \
+        "the activation goes with the product"
+    assert calls[0][0] == calls[1][0] != calls[2][0], "one bound call per bias and activation, made once"
     assert torch.equal(layer.plain_weight(), plain)
     layer.use_kernels(Choice("plain", "plain"), 4)
     assert layer.packed is None and torch.equal(layer.weight, plain)
+    layer.use_kernels(Choice("panels", "panels"), 4)  # packed anew: the bound call goes with the old panels
+    check(torch.randn(4, 1, 64).to(dtype))
+    assert calls[-1][0] != calls[0][0]
 
 
 @each()
