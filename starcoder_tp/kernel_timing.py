@@ -208,12 +208,12 @@ def decode_calls(weight: torch.Tensor, rows: int, kinds: Iterable[str], activati
         elif kind == "mkl_packed":
             nxt = itertools.cycle([made(pack_mkl(weight, rows)) for _ in range(copies)]).__next__
             calls[kind] = lambda n=nxt: eager(mkl_linear(x, n(), sizes, None))
-        elif kind == "panels":  # the activation as Linear.forward_activated runs it
+        elif kind == "panels":  # the activation as Linear.forward_activated runs it; bound as the model's calls
             first = made(panels.pack(weight, rows))  # (a copy of it, not a permutation of the weight again)
-            nxt = itertools.cycle([first] + side_by_side(first, copies - 1, on_progress)).__next__
             fused = (post_op, algorithm) if activation and panels.fuses(post_op, algorithm) else None
-            calls[kind] = lambda n=nxt, f=fused: (panels.linear(x, n(), None, f) if f else
-                                                  eager(panels.linear(x, n(), None)))
+            nxt = itertools.cycle([panels.Bound(copy, None, fused)
+                                   for copy in [first] + side_by_side(first, copies - 1, on_progress)]).__next__
+            calls[kind] = lambda n=nxt, f=fused: n()(x) if f else eager(n()(x))
         elif kind == "fp32":
             nxt = itertools.cycle(plains).__next__
             calls[kind] = lambda n=nxt: eager(fp32_linear(x, n(), None))
@@ -251,9 +251,9 @@ def prefill_calls(weight: torch.Tensor, rows: int, kinds: Iterable[str], prefill
         elif kind == "fp32":
             calls[kind] = lambda: eager(fp32_linear(x, weight, None))
         elif kind == "panels":
-            packed, fused = panels.pack(weight, rows), (post_op, algorithm) if activation and panels.fuses(
-                post_op, algorithm) else None
-            calls[kind] = lambda p=packed, f=fused: panels.linear(x, p, None, f) if f else eager(panels.linear(x, p))
+            fused = (post_op, algorithm) if activation and panels.fuses(post_op, algorithm) else None
+            bound = panels.Bound(panels.pack(weight, rows), None, fused)
+            calls[kind] = lambda c=bound, f=fused: c(x) if f else eager(c(x))
         else:  # plain, gemv and rowdot (whose prefill is plain's)
             calls["plain"] = lambda: eager(linear(x, weight))
             if pack(weight[:1], 1) is not None:  # oneDNN takes this dtype

@@ -102,6 +102,7 @@ class Linear(nn.Linear):
     prefill_kernel = "plain"  # for the rest (long prefills)
     decode_numel = 0
     split_numel = 0
+    panels_calls: dict[tuple, panels.Bound] | None = None  # (Linear._panels; a dict from use_kernels on)
 
     def _kernel(self, x: torch.Tensor) -> str:
         n = x.numel()
@@ -109,11 +110,11 @@ class Linear(nn.Linear):
             self.short_kernel if n < self.split_numel else self.prefill_kernel)
 
     def _panels(self, x: torch.Tensor, bias: torch.Tensor | None, activation: tuple[str, str] | None = None):
-        # A panels.Bound per bias and activation, made again where the layout or the bias changed.
-        calls = self.__dict__.setdefault("panels_calls", {})
-        call = calls.get((bias is None, activation))
+        # A panels.Bound per bias and activation (use_kernels empties them with each layout), made
+        # again where the bias is another.
+        call = self.panels_calls.get((bias is None, activation))
         if call is None or call.packed is not self.packed or call.bias_given is not bias:
-            call = calls[(bias is None, activation)] = panels.Bound(self.packed, bias, activation)
+            call = self.panels_calls[(bias is None, activation)] = panels.Bound(self.packed, bias, activation)
         return call(x)
 
     def forward(self, x: torch.Tensor, add_bias: bool = True) -> torch.Tensor:
@@ -191,6 +192,7 @@ class Linear(nn.Linear):
             elif layout not in PACKERS and self.packed is not None:
                 self.weight = nn.Parameter(malloc.placed(self.plain_weight()), requires_grad=False)
         self.packed, self.packed_rows = packed, rows if packed is not None else 0
+        self.panels_calls = {}  # (a bound call holds the weight it was made for: it goes with it)
         self.packed_kind = choice.decode if packed is not None else None
         self.decode_kernel, self.short_kernel, self.prefill_kernel = choice.decode, choice.short, choice.prefill
         self.decode_numel, self.split_numel = rows * self.in_features, SPLIT_ROWS * self.in_features

@@ -80,7 +80,7 @@ class Transformer(nn.Module):
     def __init__(self, config: ModelConfig, tp: TPGroup):
         super().__init__()
         local_vocab = config.padded_vocab_size(tp.world_size) // tp.world_size
-        # Given a weight, nn.Embedding skips its normal_ fill, whose first call on the meta device imports torch._dynamo
+        # Given a weight, nn.Embedding skips its normal_ fill (on meta, its first call imports torch._dynamo)
         self.wte = nn.Embedding(local_vocab, config.n_embd, _weight=torch.empty(local_vocab, config.n_embd))  # (~1 s)
         if config.rope_theta is None:  # learned positions (GPTBigCode); StarCoder2's are rotary
             self.wpe = nn.Embedding(config.n_positions, config.n_embd, _weight=torch.empty(config.n_positions, config.n_embd))

@@ -7,9 +7,9 @@
  * element(s) to them. Each panel is read in order, a stream the hardware prefetcher follows, and
  * the next block of panels is asked for while the rows run against this one, so that the weight's
  * read overlaps the arithmetic (RESULTS.md, "Panels"). One row reads the panels one after the
- * other instead (ONE_ROW). The output is
- * written a vector of 16 columns at a time, the bias added, the activation applied (the MLP's first
- * linear: one pass less over its output) and, in bf16, rounded once.
+ * other instead (ONE_ROW). The output is written a vector of 16 columns at a time, the bias added,
+ * the activation applied (the MLP's first linear: one pass less over its output) and, in bf16,
+ * rounded once.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -154,9 +154,10 @@ AVX512 INLINE __m512 fma_f32(__m512 a, __m512i w, __m512i x) {
     CHUNK(kind##_chunk_##MB_##_1, attr, E, X, OP, MB_, 1)
 
 /* One row of x: the panels one after the other, a single stream through the weight that the hardware
- * prefetcher follows to the end. Blocks of NV panels restarted NV streams every block, and one row
- * ran 5-25% slower so in bf16 on the EPYC Zen 4 (RESULTS.md, "Panels at one row, one stream"). Two
- * sums of alternate K steps: one would cap the stream at 64 bytes per dot product's latency. */
+ * prefetcher follows to the end. In blocks of NV panels, which restarted NV streams every block, one
+ * row took 2-12% longer in bf16 on the EPYC Zen 4 (RESULTS.md, "Start-up, one-row panels and the
+ * decode glue on Zen 4"). Two sums of alternate K steps: one, two, four or eight read alike there;
+ * one caps the stream at 64 bytes per dot product's latency, which a faster memory could reach. */
 #define ONE_ROW(name, attr, E, XS, LOAD_X, OP, BIAS, STORE)                                        \
     attr static void name(const E *w, const E *x, const E *b, E *y, long n, long k, int act) {     \
         const long steps = k / XS, panel = k * 16;                                                 \

@@ -75,9 +75,10 @@ def fuses(post_op: str, algorithm: str) -> bool:
 
 class Bound:
     """`linear` of one packed weight, bias and activation, with what depends on them alone (the
-    checks, the library's function, the pointers) done once: the model calls its linears 33 times
-    a decode step on the bench-size model, and that part was half of a one-row call's 7.3 us of
-    Python (RESULTS.md, "Panels at one row, one stream"). It holds the tensors it points to."""
+    checks, the library's function, the pointers) done once: the bench-size model's layers call
+    their linears 32 times a decode step, and that part was half of a one-row call's 7.3 us of
+    Python (RESULTS.md, "Start-up, one-row panels and the decode glue on Zen 4, second session").
+    It holds the tensors it points to (a storage swapped under them, `.data = `, it does not see)."""
 
     __slots__ = ("n", "k", "dtype", "packed", "bias_given", "bias", "kernel", "act", "pointers")
 

@@ -182,7 +182,6 @@ def test_a_candidate_slowed_on_its_probe_alone_is_timed_all_the_same(monkeypatch
     assert made == {"a": 2 + 2, "b": 3 + 2}, "warm, probe (b: a second), two rounds more"
 
 
-
 def test_the_probe_calls_are_the_first_rounds_samples(monkeypatch):
     clock = [0.0]
     monkeypatch.setattr(kernel_timing, "perf_counter", lambda: clock[0])
@@ -352,7 +351,7 @@ def test_each_decode_call_runs_on_the_next_copy_in_turn(monkeypatch, dtype):
     seen: dict[str, list[int]] = {}
     real = {"linear": torch.nn.functional.linear, "packed": kernels_linear.packed_linear,
             "mkl": kernels_linear.mkl_linear, "fp32": kernels_linear.fp32_linear, "gemv": gemv.linear,
-            "rowdot": rowdot.linear, "panels": panels.linear}
+            "rowdot": rowdot.linear, "panels": panels.Bound.__call__}
 
     def spy(name, fn, arg):
         def wrapped(*args, **kw):
@@ -365,7 +364,8 @@ def test_each_decode_call_runs_on_the_next_copy_in_turn(monkeypatch, dtype):
     monkeypatch.setattr(kernels_linear, "fp32_linear", spy("fp32", real["fp32"], 1))
     monkeypatch.setattr(gemv, "linear", spy("gemv", real["gemv"], 1))
     monkeypatch.setattr(rowdot, "linear", spy("rowdot", real["rowdot"], 1))
-    monkeypatch.setattr(panels, "linear", spy("panels", real["panels"], 1))
+    monkeypatch.setattr(panels.Bound, "__call__", lambda self, x: seen.setdefault("panels", []).append(
+        self.packed.data_ptr()) or real["panels"](self, x))
     kinds = kernels.decode_candidates(weight)
     ticks = []
     calls = kernel_timing.decode_calls(weight, 2, kinds, copies=3, on_progress=lambda: ticks.append(1))

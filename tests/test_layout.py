@@ -47,7 +47,6 @@ def test_importing_the_runtime_loads_no_suite_module():
     assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr
 
 
-
 def test_a_rank_loading_and_serving_a_model_never_imports_dynamo(tmp_path):
     # torch._dynamo costs ~1 s to import, paid by the parent and every rank at each start-up; only
     # --compile needs it. It came in through a decorator in comm.py and nn.Embedding's fill on the meta device.
@@ -55,7 +54,7 @@ def test_a_rank_loading_and_serving_a_model_never_imports_dynamo(tmp_path):
             "from starcoder_tp.files import EMBEDDED_MODEL_DIR; from starcoder_tp.generate import generate; "
             "from starcoder_tp.model import load_model; from starcoder_tp.shard import shard_checkpoint; "
             f"shard_checkpoint(EMBEDDED_MODEL_DIR, {str(tmp_path / 's')!r}, 1, 'float32'); "
-            f"model = load_model({str(tmp_path / 's')!r}, TPGroup(0, 1), torch.device('cpu'), kernels='plain'); "
+            f"model = load_model({str(tmp_path / 's')!r}, TPGroup(0, 1), torch.device('cpu')); "
             "generate(model, [[1, 2, 3]], 3); print(sorted(m for m in sys.modules if m.startswith('torch._dynamo'))[:3])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300,
                          env={**os.environ, "PYTHONPATH": str(REPO), "STARCODER_TP_CACHE": str(tmp_path / "cache")})

@@ -3,6 +3,7 @@ ways, F.linear's result at every row count and panel count (fp32; bf16 within on
 exact sum), the activation on the accumulator, a layout of its own in Linear and in the plans, and
 whole models keeping plain's tokens with it."""
 import math
+import weakref
 
 import pytest
 import torch
@@ -57,7 +58,7 @@ def test_every_row_and_panel_count_is_f_linear(dtype, n, k, rows, bias):
         k += 1
     torch.manual_seed(0)
     weight, b, x = torch.randn(n, k).to(dtype), torch.randn(n).to(dtype), torch.randn(rows, 1, k).to(dtype)
-    if rows % 2:  # (as a view, the rows of K apart: an attention output's, say)
+    if rows % 2:  # (a view whose rows are not side by side from 3 rows on: an attention output's, say)
         x = torch.randn(1, k, rows).to(dtype).permute(2, 0, 1)
     with torch.inference_mode():  # as generation runs it
         out = panels.linear(x, panels.pack(weight), b if bias else None)
@@ -157,7 +158,7 @@ def test_a_linear_laid_out_in_panels_runs_them_and_gives_its_weight_back(dtype, 
     layer.use_kernels(Choice("panels", "panels"), 4)
     calls = []
     real = panels.Bound.__call__
-    monkeypatch.setattr(panels.Bound, "__call__", lambda self, x: calls.append((id(self), self.act)) or real(self, x))
+    monkeypatch.setattr(panels.Bound, "__call__", lambda self, x: calls.append((self, self.act)) or real(self, x))
 
     def check(x):
         want = F.linear(x.double(), plain.double(), layer.bias.double())
@@ -168,30 +169,39 @@ def test_a_linear_laid_out_in_panels_runs_them_and_gives_its_weight_back(dtype, 
     layer.forward_activated(torch.randn(4, 1, 64).to(dtype), "gelu_pytorch_tanh")
     assert [act for _, act in calls] == [0, 0, panels.ACTIVATIONS[("gelu", "tanh")]], \
         "the activation goes with the product"
-    assert calls[0][0] == calls[1][0] != calls[2][0], "one bound call per bias and activation, made once"
+    assert calls[0][0] is calls[1][0] and calls[1][0] is not calls[2][0], "one bound call per bias and activation"
+    layer.bias = torch.nn.Parameter(layer.bias.detach() + 1, requires_grad=False)  # another bias: bound anew
+    x = torch.randn(4, 1, 64).to(dtype)
+    torch.testing.assert_close(layer(x).double(), F.linear(x.double(), plain.double(), layer.bias.double()),
+                               rtol=2 ** -7, atol=1e-4)
+    layer.bias = torch.nn.Parameter(layer.bias.detach() - 1, requires_grad=False)
     assert torch.equal(layer.plain_weight(), plain)
+    old_panels = weakref.ref(layer.packed)
+    del packed
+    calls.clear()
     layer.use_kernels(Choice("plain", "plain"), 4)
     assert layer.packed is None and torch.equal(layer.weight, plain)
-    layer.use_kernels(Choice("panels", "panels"), 4)  # packed anew: the bound call goes with the old panels
+    assert old_panels() is None, "no bound call keeps the panels once the layout is another"
+    layer.use_kernels(Choice("panels", "panels"), 4)  # packed anew
     check(torch.randn(4, 1, 64).to(dtype))
-    assert calls[-1][0] != calls[0][0]
 
 
 @each()
 def test_timed_calls_run_the_panels_over_copies_with_the_activation(dtype, monkeypatch):
     seen = []
-    real = panels.linear
-    monkeypatch.setattr(panels, "linear", lambda x, p, b=None, act=None: seen.append((p.data_ptr(), act)) or
-                        real(x, p, b, act))
+    real = panels.Bound.__call__
+    monkeypatch.setattr(panels.Bound, "__call__", lambda self, x: seen.append((self.packed.data_ptr(), self.act)) or
+                        real(self, x))
     weight = torch.randn(64, 32).to(dtype)
     call = kernel_timing.decode_calls(weight, 4, ["panels"], "gelu_pytorch_tanh", copies=3)["panels"]
     for _ in range(6):
         call()
+    gelu = panels.ACTIVATIONS[("gelu", "tanh")]
     assert len({p for p, _ in seen[:3]}) == 3 and seen[3:] == seen[:3]
-    assert {act for _, act in seen} == {("gelu", "tanh")}, "timed with its activation, as the model runs it"
+    assert {act for _, act in seen} == {gelu}, "timed with its activation, as the model runs it"
     seen.clear()
     kernel_timing.prefill_calls(weight, 4, ["panels"], 64, "gelu_pytorch_tanh")["panels"]()
-    assert seen[0][1] == ("gelu", "tanh")
+    assert seen[0][1] == gelu
 
 
 @each()
