@@ -165,6 +165,17 @@ def _activation(activation: str | None) -> tuple[Callable, str, str]:
     return ACTIVATIONS[activation] if activation else (lambda y: y, "none", "")
 
 
+def _panels_call(packed: torch.Tensor, x: torch.Tensor, activation: str | None) -> Callable[[], torch.Tensor]:
+    """A timed call of panels on `packed`, bound as the model's (Linear._panels), with the activation
+    as Linear.forward_activated runs it: on the accumulator where the kernel takes it, else after."""
+    from . import panels
+
+    eager, post_op, algorithm = _activation(activation)
+    fused = (post_op, algorithm) if activation and panels.fuses(post_op, algorithm) else None
+    bound = panels.Bound(packed, None, fused)
+    return (lambda: bound(x)) if fused else (lambda: eager(bound(x)))
+
+
 def side_by_side(tensor: torch.Tensor, count: int, on_progress: Callable[[], None] = lambda: None) -> list[torch.Tensor]:
     """`count` copies of `tensor`, side by side in one block placed as the model's weights are
     (malloc.empty: in huge pages where the rank asked for them, without rounding each copy up to
@@ -208,12 +219,11 @@ def decode_calls(weight: torch.Tensor, rows: int, kinds: Iterable[str], activati
         elif kind == "mkl_packed":
             nxt = itertools.cycle([made(pack_mkl(weight, rows)) for _ in range(copies)]).__next__
             calls[kind] = lambda n=nxt: eager(mkl_linear(x, n(), sizes, None))
-        elif kind == "panels":  # the activation as Linear.forward_activated runs it; bound as the model's calls
+        elif kind == "panels":
             first = made(panels.pack(weight, rows))  # (a copy of it, not a permutation of the weight again)
-            fused = (post_op, algorithm) if activation and panels.fuses(post_op, algorithm) else None
-            nxt = itertools.cycle([panels.Bound(copy, None, fused)
+            nxt = itertools.cycle([_panels_call(copy, x, activation)
                                    for copy in [first] + side_by_side(first, copies - 1, on_progress)]).__next__
-            calls[kind] = lambda n=nxt, f=fused: n()(x) if f else eager(n()(x))
+            calls[kind] = lambda n=nxt: n()()
         elif kind == "fp32":
             nxt = itertools.cycle(plains).__next__
             calls[kind] = lambda n=nxt: eager(fp32_linear(x, n(), None))
@@ -251,9 +261,7 @@ def prefill_calls(weight: torch.Tensor, rows: int, kinds: Iterable[str], prefill
         elif kind == "fp32":
             calls[kind] = lambda: eager(fp32_linear(x, weight, None))
         elif kind == "panels":
-            fused = (post_op, algorithm) if activation and panels.fuses(post_op, algorithm) else None
-            bound = panels.Bound(panels.pack(weight, rows), None, fused)
-            calls[kind] = lambda c=bound, f=fused: c(x) if f else eager(c(x))
+            calls[kind] = _panels_call(panels.pack(weight, rows), x, activation)
         else:  # plain, gemv and rowdot (whose prefill is plain's)
             calls["plain"] = lambda: eager(linear(x, weight))
             if pack(weight[:1], 1) is not None:  # oneDNN takes this dtype

@@ -17,7 +17,6 @@ candidate. One thread, as rowdot.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from . import malloc, rowdot
 
