@@ -25,8 +25,12 @@ c10 advises such a block but aligns it to 4 KiB only, and the kernel can map a h
 over a whole aligned 2 MiB of the advised range: a 2 MiB weight got none, a 2.25 MiB one mostly
 none, an 8 MiB one three of its four, and blocks reused from the heap none at all. So the weights
 the kernels read are placed by `empty` / `copy_of`: a block of their own from a 2 MiB boundary,
-whole huge pages, collapsed into them (MADV_COLLAPSE) before they are written (RESULTS.md, "Weights
-in whole huge pages").
+whole huge pages, whatever a reused heap held there dropped (MADV_DONTNEED) so that the first write
+faults huge pages in (RESULTS.md, "Weights in whole huge pages"). MADV_COLLAPSE did it before and
+held a rank in the call past its peers' 60 s collective timeout twice in one day of CI on the EPYC
+Zen 4 VM (the plan's decode copies, in the HumanEval suite at world size 2); dropped pages were
+neutral in the decode A/B there (RESULTS.md, "Start-up, one-row panels and the decode glue on Zen 4,
+second session").
 """
 from __future__ import annotations
 
@@ -55,7 +59,7 @@ HUGE_PAGE_BYTES = 2 << 20
 # 2 MiB a tensor less one page (a 1 MiB weight, a rank's share of a small model's at TP=2, takes a
 # huge page); the alignment's slack is released.
 HUGE_PAGE_MIN_BYTES = 1 << 20
-MADV_DONTNEED, MADV_HUGEPAGE, MADV_COLLAPSE = 4, 14, 25  # linux/mman.h (MADV_COLLAPSE: Linux 6.1 on)
+MADV_DONTNEED, MADV_HUGEPAGE = 4, 14  # linux/mman.h
 PAGE_BYTES = 4096
 
 
@@ -140,9 +144,9 @@ def places_in_huge_pages(nbytes: int) -> bool:
 
 def empty(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> torch.Tensor:
     """torch.empty(shape, dtype=dtype) on the CPU; where places_in_huge_pages, a view of a block of
-    its own that starts on a 2 MiB boundary and spans whole 2 MiB pages, advised and collapsed
-    into transparent huge pages before anything is written (where the kernel cannot collapse
-    them, pages not yet touched still come as huge pages at the first write)."""
+    its own that starts on a 2 MiB boundary and spans whole 2 MiB pages, advised as transparent
+    huge pages and emptied of what a reused heap held there, so that the first write faults them
+    in as huge pages (as 4 KiB ones where the kernel has no huge page free)."""
     nbytes = math.prod(shape) * dtype.itemsize
     if not places_in_huge_pages(nbytes):
         return torch.empty(shape, dtype=dtype)
@@ -152,7 +156,7 @@ def empty(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> torch.Tens
     region = block[-start % HUGE_PAGE_BYTES:][:span]
     madvise = _madvise()
     madvise(region.data_ptr(), span, MADV_HUGEPAGE)
-    madvise(region.data_ptr(), span, MADV_COLLAPSE)  # (fails harmlessly before Linux 6.1 or without THP)
+    madvise(region.data_ptr(), span, MADV_DONTNEED)  # (its contents are not wanted: `empty`)
     # The slack before and after the region, whole pages inside the block: released, where a
     # reused heap had them in memory (up to 2 MiB a tensor, never read).
     for low, high in ((-(-start // PAGE_BYTES) * PAGE_BYTES, region.data_ptr()),
