@@ -21,7 +21,7 @@ from torch import nn
 from .attention import Attention, attention_mask
 from .comm import TPGroup
 from .config import ModelConfig
-from . import argmax, kernels, layouts, malloc
+from . import argmax, kernels, layouts, malloc, row_ahead
 from .kernels import KERNEL_MODES, Choice
 from .linear import NATIVE_BF16_MATMUL, Linear, run_kernel
 from .shard import load_part, part_tensor_reader
@@ -31,12 +31,11 @@ from .starcoder2 import inverse_frequencies, rotary_tables, runtime_state
 def _drop_compiled_code() -> None:
     """Forget every graph compiled in this process, and free what they hold.
 
-    The compiled decode step guards on the identity of the KV caches (freezing makes them part
-    of the graph), so new caches always mean a new compile. Kept, the old graphs cost twice:
-    past dynamo's recompile limit (8) every later case ran eager, silently, and each held its
-    own frozen copy of the weights. Inductor keeps its generated modules, which hold those
-    copies as constants, in sys.modules; they go too. Other compiled code in the process
-    recompiles when next called.
+    The compiled decode step guards on the identity of the KV caches (freezing makes them part of
+    the graph), so new caches always mean a new compile. Kept, the old graphs cost twice: past
+    dynamo's recompile limit (8) every later case ran eager, silently, and each held its own frozen
+    copy of the weights. Inductor keeps its generated modules, which hold those copies as constants,
+    in sys.modules; they go too. Other compiled code in the process recompiles when next called.
     """
     torch._dynamo.reset()
     from torch._inductor.codecache import PyCodeCache
@@ -197,7 +196,8 @@ class TPCausalLM(nn.Module):
         weighed = "" if self.kernel_request is None else (
             f", weighed for {self.kernel_request[0]} prompt rows + {self.kernel_request[1]} steps")
         return (f"{self.kernel_mode} ({self.kernel_plan_source}, batch {self.kernel_rows}{weighed}): "
-                f"{kernels.describe(self.kernel_plan)}{argmax.describe(self.kernel_rows, self.local_vocab)}")
+                f"{kernels.describe(self.kernel_plan)}{argmax.describe(self.kernel_rows, self.local_vocab)}"
+                f"{row_ahead.describe()}")
 
     def compile_decode(self, mode: str | None = None) -> None:
         """Run decode steps through torch.compile (inductor) of the fixed-shape step (`forward`
@@ -207,8 +207,7 @@ class TPCausalLM(nn.Module):
         oneDNN's opaque tensors."""
         if any(m.decode_kernel != "plain" or m.short_kernel != "plain" or m.prefill_kernel != "plain"
                for m in self.modules() if isinstance(m, Linear)) or self.lm_head_kernel != "plain":
-            # Packed weights are opaque to inductor; the fp32 path, traced, would be folded into
-            # fp32 copies of the weights.
+            # Packed weights are opaque to inductor; the fp32 path, traced, would be folded into fp32 copies.
             raise ValueError("compile_decode: the model's linears run other kernels than plain F.linear "
                              "(pre-packed or fp32); load it with kernels='plain'")
         import torch._inductor.config as inductor_config
@@ -216,17 +215,15 @@ class TPCausalLM(nn.Module):
         inductor_config.freezing = True  # weights as constants: inductor re-lays them out for its GEMMs
         weight = self.transformer.ln_f.weight
         if mode is None and weight.dtype == torch.bfloat16 and weight.device.type == "cpu" and not NATIVE_BF16_MATMUL:
-            # bf16 without bf16 arithmetic: linear.py's fp32 path, traced, would be folded into
-            # fp32 copies of the weights (twice the model's memory more). Instead the linears
-            # stay bf16 and inductor's own GEMM (max-autotune) converts in registers.
+            # bf16 without bf16 arithmetic: linear.py's fp32 path, traced, would be folded into fp32 copies of
+            # the weights (twice the memory more). The linears stay bf16; inductor's GEMM converts in registers.
             mode = "max-autotune-no-cudagraphs"
             # Its tables of kernel timings (several per case) would bury the suite's own output.
             inductor_config.autotune_num_choices_displayed = 0
             inductor_config.max_autotune_report_choices_stats = False
         if mode is None and weight.device.type == "cuda" and self.tp.world_size == 1:
-            # CUDA graphs (inductor's cudagraph trees): at decode batch sizes a step is hundreds of
-            # small kernels whose launches cost more than their work; a graph replays them as one.
-            # Not at world size > 1 until the all-reduce (nccl) has been seen captured in a graph.
+            # CUDA graphs (cudagraph trees): a decode step is hundreds of small kernels whose launches cost
+            # more than their work. Not at world size > 1 until nccl's all-reduce is seen captured in a graph.
             mode = "reduce-overhead"
         self.compiled_decode = torch.compile(self.forward, mode=mode)
 
@@ -246,8 +243,12 @@ class TPCausalLM(nn.Module):
         elif self.kernel_mode == "auto" and request is not None and request != self.kernel_request:
             if (plan := self._weighed(request)) != self.kernel_plan:
                 self._lay_out(plan, batch)
-        if batch == self.cache_batch and max_seq_len <= self.cache_len:
-            return
+        if batch != self.cache_batch or max_seq_len > self.cache_len:
+            self._allocate_cache(batch, max_seq_len)
+        if self.transformer.ln_f.weight.device.type == "cpu":  # one-row panels' asks ahead, timed on the step
+            row_ahead.settle(self, batch)
+
+    def _allocate_cache(self, batch: int, max_seq_len: int) -> None:
         if self.compiled_decode is not None and self.cache_batch:
             _drop_compiled_code()  # the compiled step of the old caches can never run again
         weight = self.transformer.ln_f.weight

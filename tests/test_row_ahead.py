@@ -1,0 +1,183 @@
+"""row_ahead.py: one-row panels calls asking for their weight ahead, non-temporal (panels.c), at
+the distance the model's own decode step ran fastest with: the same bits at every distance, the
+choice's logic on faked step times, the timing's order and reduction, and when a model measures,
+reads the cache or leaves it off."""
+import json
+import types
+
+import pytest
+import torch
+
+from starcoder_tp import panels, row_ahead, rowdot
+from starcoder_tp.comm import TPGroup
+from starcoder_tp.kernels import Choice
+from starcoder_tp.model import load_model
+from starcoder_tp.shard import shard_checkpoint
+
+from test_panels import each
+
+
+@pytest.fixture(autouse=True)
+def fresh_choice(monkeypatch):
+    """The process's choice as a fresh process has it; the library left asking nothing ahead."""
+    monkeypatch.setattr(row_ahead, "ROW_AHEAD", row_ahead.RowAhead())
+    yield
+    row_ahead.set_bytes(0)
+
+
+@each()
+@pytest.mark.parametrize("n,k", [(16, 2), (48, 1030), (112, 4098), (64, 96)])
+def test_asking_ahead_changes_no_bit(dtype, n, k):
+    """Asks are hints: the same sums at any distance, including far past the weight's end."""
+    torch.manual_seed(0)
+    weight, b, x = torch.randn(n, k).to(dtype), torch.randn(n).to(dtype), torch.randn(1, k).to(dtype)
+    packed = panels.pack(weight)
+    row_ahead.set_bytes(0)
+    expected = panels.linear(x, packed, b)
+    for ahead in (64, 4096, 1 << 24):
+        row_ahead.set_bytes(ahead)
+        assert torch.equal(panels.linear(x, packed, b), expected), ahead
+
+
+def test_the_library_holds_the_distance_it_was_given():
+    lib, _ = rowdot.library()
+    if lib is None:
+        pytest.skip("the kernels' library is not built here (no C compiler)")
+    row_ahead.set_bytes(4096)
+    assert lib.panels_row_ahead(0) == 4096 and row_ahead.ROW_AHEAD.bytes == 4096
+    assert lib.panels_row_ahead(0) == 0
+
+
+@pytest.mark.parametrize("bad", [-64, 100, 63])
+def test_a_distance_that_is_not_whole_lines_is_refused_by_value(bad):
+    with pytest.raises(ValueError, match=str(bad)):
+        row_ahead.set_bytes(bad)
+
+
+def test_the_fastest_is_taken_only_past_the_margin_and_ties_go_shorter():
+    assert row_ahead.choose({0: 10.0, 2048: 9.7, 3072: 9.5, 4096: 9.4}) == 4096
+    assert row_ahead.choose({0: 10.0, 2048: 9.95, 3072: 9.92, 4096: 10.3}) == 0, "within 1%: nothing ahead"
+    assert row_ahead.choose({0: 10.0, 2048: 9.5, 3072: 9.5, 4096: 9.8}) == 2048
+    assert row_ahead.choose({0: 9.0, 2048: 9.5, 3072: 9.6, 4096: 9.8}) == 0
+
+
+def test_each_candidate_is_timed_after_one_untimed_step_in_turn_and_the_slowest_rank_taken(monkeypatch):
+    """A fake clock that each step moves by its candidate's cost: the step times come out exactly, the
+    order rotates each round, every timed block follows a step of its own, and the library asks for
+    nothing ahead afterwards."""
+    cost = {0: 10.0, 2048: 9.0, 3072: 8.0, 4096: 8.5}
+    clock, seen = [0.0], []
+
+    def step():
+        seen.append(row_ahead.ROW_AHEAD.bytes)
+        clock[0] += cost[row_ahead.ROW_AHEAD.bytes] / 1e3
+
+    monkeypatch.setattr(row_ahead.time, "perf_counter", lambda: clock[0])
+    ticks = []
+    step_ms = row_ahead.measure(step, lambda t: t * 2, lambda: ticks.append(1), rounds=3)
+    assert step_ms == pytest.approx({a: 2 * ms for a, ms in cost.items()}), "the slowest rank's (here: doubled)"
+    per = row_ahead.STEPS + 1
+    blocks = [seen[i:i + per] for i in range(0, len(seen), per)]
+    assert all(len(set(block)) == 1 for block in blocks) and len(blocks) == 3 * len(cost)
+    firsts = [blocks[r * len(cost)][0] for r in range(3)]
+    assert firsts == list(row_ahead.CANDIDATES[:3]), "each round starts one candidate further"
+    assert len(ticks) == len(blocks) and row_ahead.ROW_AHEAD.bytes == 0
+
+
+class _Ranks:
+    """tp.max_ over this rank and a faked other rank's values (what it lacks, how slow it is)."""
+
+    def __init__(self, other: list[float] | None = None):
+        self.world_size, self.other, self.calls = 1, other, 0
+
+    def max_(self, t: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if self.other is None or len(self.other) != t.numel():
+            return t
+        return torch.maximum(t, torch.tensor(self.other, dtype=t.dtype))
+
+
+def _stub(mode="auto", decode="panels", tp=None):
+    config = types.SimpleNamespace(model_type="gpt_bigcode", n_layer=2, n_embd=64, n_head=4, n_inner=256)
+    return types.SimpleNamespace(
+        kernel_mode=mode, kernel_plan={"64x64:float32": Choice(decode, "panels" if decode == "panels" else "onednn")}, config=config, tp=tp or _Ranks(),
+        transformer=types.SimpleNamespace(ln_f=types.SimpleNamespace(weight=torch.zeros(64))))
+
+
+def test_a_fixed_plan_another_batch_or_no_panels_ask_for_nothing(monkeypatch):
+    monkeypatch.setattr(row_ahead, "_measured", lambda model: pytest.fail("nothing to measure"))
+    for model, batch in ((_stub(mode="panels"), 1), (_stub(), 4), (_stub(decode="onednn"), 1)):
+        row_ahead.set_bytes(4096)
+        row_ahead.settle(model, batch)
+        assert row_ahead.ROW_AHEAD.bytes == 0 and row_ahead.describe() == ""
+
+
+def test_measured_once_per_machine_then_read_back_and_kept_per_model(monkeypatch):
+    if rowdot.library()[0] is None:
+        pytest.skip("the kernels' library is not built here (no C compiler)")
+    measured = []
+    monkeypatch.setattr(row_ahead, "_measured", lambda model: measured.append(model) or (3072, "faked"))
+    model = _stub()
+    row_ahead.settle(model, 1)
+    assert measured == [model] and row_ahead.ROW_AHEAD.bytes == 3072
+    assert row_ahead.describe() == "; row-ahead 3072" and "measured" in row_ahead.ROW_AHEAD.chosen
+    calls = model.tp.calls
+    row_ahead.settle(model, 1)
+    assert model.tp.calls == calls, "the same model and plan again: settled, no collective"
+    row_ahead.set_bytes(0)
+    other = _stub()
+    row_ahead.settle(other, 1)
+    assert measured == [model] and row_ahead.ROW_AHEAD.bytes == 3072 and "cached" in row_ahead.ROW_AHEAD.chosen
+    lacking = _stub(tp=_Ranks(other=[1.0]))
+    row_ahead.settle(lacking, 1)
+    assert measured == [model, lacking], "a rank without the cached choice makes every rank measure"
+
+
+def test_a_model_at_batch_one_times_its_own_step_and_shows_the_choice(tmp_path, embedded_dir, monkeypatch):
+    """The real step, every candidate timed (its time is whatever this machine gives: only that each was
+    timed, and that the choice is one of them, is checked), the choice in the plan's line and the cache."""
+    if rowdot.library()[0] is None:
+        pytest.skip("the kernels' library is not built here (no C compiler)")
+    if not panels.supports(torch.empty(16, 2)):
+        pytest.skip("panels need AVX-512 and a C compiler: this CPU or build does not run them")
+    shard_checkpoint(embedded_dir, tmp_path / "s", 1, dtype="float32")
+    model = load_model(tmp_path / "s", TPGroup(0, 1), torch.device("cpu"), kernels="panels")
+    monkeypatch.setenv("STARCODER_TP_CACHE", str(tmp_path / "cache"))
+    with torch.inference_mode():
+        model.setup_cache(1, 64, (8, 8))
+    assert row_ahead.describe() == "", "a fixed plan asks for nothing ahead"
+    model.kernel_mode = "auto"  # (as if measured: panels laid out for every linear)
+    timed = []
+    real = row_ahead.measure
+    monkeypatch.setattr(row_ahead, "measure", lambda *a, **k: timed.append(real(*a, **k)) or timed[-1])
+    row_ahead.ROW_AHEAD.settled_for = None
+    row_ahead.settle(model, 1)
+    assert len(timed) == 1 and set(timed[0]) == set(row_ahead.CANDIDATES)
+    assert row_ahead.ROW_AHEAD.bytes in row_ahead.CANDIDATES
+    assert f"row-ahead {row_ahead.ROW_AHEAD.bytes}" in model.kernels_summary()
+    (stored,) = (tmp_path / "cache" / "forms").glob("row-ahead-*.json")
+    assert json.loads(stored.read_text())["ahead"] == row_ahead.ROW_AHEAD.bytes
+
+
+def test_a_step_too_slow_for_two_rounds_in_the_budget_is_not_timed(monkeypatch):
+    """A model whose step is that slow is dominated by its weights: nothing ahead, said so, no rounds run."""
+    clock, slots = [0.0], []
+    monkeypatch.setattr(row_ahead.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(row_ahead, "measure", lambda *a, **k: pytest.fail("no rounds fit the budget"))
+    two_rounds = len(row_ahead.CANDIDATES) * (row_ahead.STEPS + 1) * 2  # steps
+
+    class Slow:
+        tp, cache_len = _Ranks(), 64
+        transformer = _stub().transformer
+
+        def __call__(self, ids, position, slot):
+            slots.append(slot)
+            clock[0] += row_ahead.BUDGET_S / two_rounds * 1.1
+
+    ahead, how = row_ahead._measured(Slow())
+    assert ahead == 0 and how.startswith("not timed") and slots == [63], "one step, at a slot the cache has"
+    clock[0], slots[:] = 0.0, []
+    Slow.__call__ = lambda self, ids, position, slot: clock.__setitem__(0, clock[0] + row_ahead.BUDGET_S / two_rounds * 0.9)
+    monkeypatch.setattr(row_ahead, "measure", lambda step, slowest, tick, rounds: {a: 1.0 for a in row_ahead.CANDIDATES})
+    Slow._tick = lambda self: None
+    assert row_ahead._measured(Slow())[0] == 0, "two rounds fit: timed (here all alike: nothing ahead)"
