@@ -73,23 +73,23 @@ BLOCK_ROWS = 32  # query tokens per block: of 32-256, the fastest at 128-1024 to
 
 def causal_blocks(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float,
                   block: int = BLOCK_ROWS) -> torch.Tensor:
-    """Plain causal attention with one K/V head (T == S) as two GEMMs per block of query tokens:
-    the block's queries of every head, [n * H, D], against the keys up to its last token, the
-    causal mask on the block's own keys only, so the keys after the block cost nothing. SDPA's
-    flash kernel broadcasts the one K/V head to every query head and runs per head; one GEMM
-    over all heads reuses each key H times from the cache. q: [B, T, H, D]; keys, values:
-    [B, 1, S, D]. Returns [B, T, H * D]."""
+    """Plain causal attention with one K/V head (T == S) as two batched GEMMs per block of query tokens:
+    each sequence's block of queries of every head, [n * H, D], against its keys up to the block's last
+    token, the causal mask on the block's own keys only, so the keys after the block cost nothing.
+    SDPA's flash kernel broadcasts the one K/V head to every query head and runs per head; one GEMM
+    over all heads reuses each key H times from the cache. The sequences go in one call (a per-sequence
+    loop took 1.5x as long in bf16 at batch 16: RESULTS.md, "Non-temporal asks at one row").
+    q: [B, T, H, D]; keys, values: [B, 1, S, D]. Returns [B, T, H * D]."""
     b, t, h, d = q.shape
     out = q.new_empty(b, t, h, d)
     after = torch.full((block, block), float("-inf"), dtype=q.dtype, device=q.device).triu_(1)  # [n, n]
-    for i in range(b):
-        k, v = keys[i, 0], values[i, 0]  # [S, D]
-        for t0 in range(0, t, block):
-            t1 = min(t, t0 + block)
-            n = t1 - t0
-            scores = torch.matmul(q[i, t0:t1].reshape(n * h, d), k[:t1].T).mul_(scale)  # [n * H, t1]
-            scores.view(n, h, t1)[:, :, t0:].add_(after[:n, :n].unsqueeze(1))
-            torch.matmul(torch.softmax(scores, dim=-1), v[:t1], out=out[i, t0:t1].view(n * h, d))
+    k, v = keys[:, 0], values[:, 0]  # [B, S, D]
+    for t0 in range(0, t, block):
+        t1 = min(t, t0 + block)
+        n = t1 - t0
+        scores = torch.matmul(q[:, t0:t1].reshape(b, n * h, d), k[:, :t1].transpose(1, 2)).mul_(scale)  # [B, n * H, t1]
+        scores.view(b, n, h, t1)[..., t0:].add_(after[:n, :n].unsqueeze(1))
+        torch.bmm(torch.softmax(scores, dim=-1), v[:, :t1], out=out[:, t0:t1].view(b, n * h, d))
     return out.view(b, t, h * d)
 
 

@@ -201,3 +201,17 @@ def test_the_forms_are_measured_once_per_machine_then_read_from_the_cache(form_s
     form_state.blocks_at, form_state.calibrated, form_state.dtype = frozenset(), "", torch.float32
     kernels.calibrate_forms({"8x8:bfloat16": torch.ones(8, 8, dtype=torch.bfloat16)}, {}, tp, mqa)
     assert len(calls) == 3 and form_state.dtype == torch.bfloat16, "and cached as such"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_causal_blocks_of_a_batch_are_each_sequences_own_bits(dtype, form_state):
+    """The sequences run in one batched call: each one's rows are what it gives alone, to the bit,
+    keys and values read from a cache longer than the prompt (as the model's are)."""
+    torch.manual_seed(0)
+    q = torch.randn(3, 70, 8, 64).to(dtype)
+    cache = torch.randn(2, 3, 1, 90, 64).to(dtype)
+    keys, values = cache[0, :, :, :70], cache[1, :, :, :70]
+    together = causal_blocks(q, keys, values, 0.125)
+    for i in range(3):
+        alone = causal_blocks(q[i:i + 1], keys[i:i + 1], values[i:i + 1], 0.125)
+        assert torch.equal(together[i:i + 1], alone), i
