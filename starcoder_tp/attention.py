@@ -69,6 +69,7 @@ class PrefillForm:
 CALIBRATION_TOKENS = (64, 128, 256, 512, 1024)
 PREFILL_FORM = PrefillForm()
 BLOCK_ROWS = 32  # query tokens per block: of 32-256, the fastest at 128-1024 tokens on the AVX-512 Xeon
+SCORES_BYTES = 2 << 20  # causal_blocks' scores per call: of 1-16 MiB and all, 1-4 MiB ran alike on the EPYC Zen 4
 
 
 def causal_blocks(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float,
@@ -77,9 +78,10 @@ def causal_blocks(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, sca
     each sequence's block of queries of every head, [n * H, D], against its keys up to the block's last
     token, the causal mask on the block's own keys only, so the keys after the block cost nothing.
     SDPA's flash kernel broadcasts the one K/V head to every query head and runs per head; one GEMM
-    over all heads reuses each key H times from the cache. The sequences go in one call (a per-sequence
-    loop took 1.5x as long in bf16 at batch 16: RESULTS.md, "Non-temporal asks at one row").
-    q: [B, T, H, D]; keys, values: [B, 1, S, D]. Returns [B, T, H * D]."""
+    over all heads reuses each key H times from the cache. The sequences go in groups whose scores
+    fit SCORES_BYTES (a loop over them took 1.16-1.56x as long in bf16 at batch 16; all in one call,
+    1.15-1.8x as long in fp32 at 16 x 1024 and 16 x 128: RESULTS.md, "... the prefill's attention
+    batched"). q: [B, T, H, D]; keys, values: [B, 1, S, D]. Returns [B, T, H * D]."""
     b, t, h, d = q.shape
     out = q.new_empty(b, t, h, d)
     after = torch.full((block, block), float("-inf"), dtype=q.dtype, device=q.device).triu_(1)  # [n, n]
@@ -87,9 +89,12 @@ def causal_blocks(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, sca
     for t0 in range(0, t, block):
         t1 = min(t, t0 + block)
         n = t1 - t0
-        scores = torch.matmul(q[:, t0:t1].reshape(b, n * h, d), k[:, :t1].transpose(1, 2)).mul_(scale)  # [B, n * H, t1]
-        scores.view(b, n, h, t1)[..., t0:].add_(after[:n, :n].unsqueeze(1))
-        torch.bmm(torch.softmax(scores, dim=-1), v[:, :t1], out=out[:, t0:t1].view(b, n * h, d))
+        group = max(1, SCORES_BYTES // (n * h * t1 * q.element_size()))
+        for i in range(0, b, group):
+            j = min(b, i + group)
+            scores = torch.matmul(q[i:j, t0:t1].reshape(j - i, n * h, d), k[i:j, :t1].transpose(1, 2))
+            scores.mul_(scale).view(j - i, n, h, t1)[..., t0:].add_(after[:n, :n].unsqueeze(1))  # [G, n * H, t1]
+            torch.bmm(torch.softmax(scores, dim=-1), v[i:j, :t1], out=out[i:j, t0:t1].view(j - i, n * h, d))
     return out.view(b, t, h * d)
 
 

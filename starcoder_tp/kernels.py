@@ -63,7 +63,7 @@ from typing import Callable
 
 import torch
 
-from . import gemv, panels, rowdot
+from . import gemv, panels, row_ahead, rowdot
 from .activations import ACTIVATIONS, TANH_GELU, calibrate
 from .cpu import cpu_cores, cpu_model, isa_flags
 from .decode_attention import DECODE_FORM, calibrate_decode
@@ -262,6 +262,7 @@ def measure(weights: dict[str, torch.Tensor], rows: int, slowest: Callable[[torc
     candidates far below its own speed on the other shapes) is timed once more, each candidate
     keeping the faster of its two figures."""
     activated = activated or {}
+    row_ahead.reset()  # the one-row candidates are timed alone, none asking ahead
     digest = int(hashlib.sha256(json.dumps([sorted(weights), sorted(prefill), sorted(activated.items())]
                                            ).encode()).hexdigest()[:8], 16)
     seen = slowest(torch.tensor([digest, -digest], dtype=torch.float64)).tolist()

@@ -15,6 +15,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+static long row_ahead_bytes = 0; /* 0: ONE_ROW asks for nothing ahead (panels_row_ahead) */
+
 #if defined(__x86_64__) && defined(__GNUC__)
 #include "simd.h"
 
@@ -24,7 +26,6 @@
 #define CHUNK_STEPS 1024  /* K steps per pass over a block of panels, where K is longer (SHAPES) */
 #endif
 #define ACT_GELU_TANH 1
-static long row_ahead = 0; /* bytes; 0: ONE_ROW asks for nothing ahead (panels_row_ahead) */
 #define ACT_RELU 2
 #define BETA 0.7978845608028654f /* sqrt(2 / pi) */
 #define KAPPA 0.044715f
@@ -159,29 +160,29 @@ AVX512 INLINE __m512 fma_f32(__m512 a, __m512i w, __m512i x) {
  * row took 2-12% longer in bf16 on the EPYC Zen 4 (RESULTS.md, "Start-up, one-row panels and the
  * decode glue on Zen 4"). Two sums of alternate K steps: one, two, four or eight read alike there;
  * one caps the stream at 64 bytes per dot product's latency, which a faster memory could reach.
- * With `ahead` bytes (panels_row_ahead), each step also asks for the line that far ahead,
+ * With `ahead_bytes` (panels_row_ahead), each step also asks for the line that far past its own,
  * non-temporal: the weight then passes without evicting the rest of the decode step from the caches
- * (the kernel alone reads slower so; the step, on the EPYC Zen 4, ran 3-8% faster: RESULTS.md,
- * "Non-temporal asks at one row"). */
-#define ROW_STEPS(ASK, E, XS, LOAD_X, OP)                                                          \
+ * (the kernel alone reads slower so, the step ran faster: RESULTS.md, "Non-temporal asks at one row").
+ * The asks run past the weight's end; a prefetch does not fault (the address is formed as an integer). */
+#define ROW_STEPS(ASK, LOAD_X, OP)                                                                 \
     for (; s + 2 <= steps; s += 2) {                                                               \
         ASK;                                                                                       \
         even = OP(even, _mm512_loadu_si512((const char *)w + s * 64), LOAD_X(0, s));               \
         odd = OP(odd, _mm512_loadu_si512((const char *)w + (s + 1) * 64), LOAD_X(0, s + 1));       \
     }
 #define ASK_NTA                                                                                    \
-    (_mm_prefetch((const char *)w + s * 64 + ahead, _MM_HINT_NTA),                                 \
-     _mm_prefetch((const char *)w + s * 64 + ahead + 64, _MM_HINT_NTA))
+    (_mm_prefetch((const char *)((uintptr_t)w + s * 64 + ahead_bytes), _MM_HINT_NTA),              \
+     _mm_prefetch((const char *)((uintptr_t)w + s * 64 + ahead_bytes + 64), _MM_HINT_NTA))
 #define ONE_ROW(name, attr, E, XS, LOAD_X, OP, BIAS, STORE)                                        \
-    attr static void name(const E *w, const E *x, const E *b, E *y, long n, long k, int act, long ahead) { \
+    attr static void name(const E *w, const E *x, const E *b, E *y, long n, long k, int act, long ahead_bytes) { \
         const long steps = k / XS, panel = k * 16;                                                 \
         for (long col = 0; col < n; col += 16, w += panel) {                                       \
             __m512 even = _mm512_setzero_ps(), odd = _mm512_setzero_ps();                          \
             long s = 0;                                                                            \
-            if (ahead)                                                                             \
-                ROW_STEPS(ASK_NTA, E, XS, LOAD_X, OP)                                              \
+            if (ahead_bytes)                                                                       \
+                ROW_STEPS(ASK_NTA, LOAD_X, OP)                                                     \
             else                                                                                   \
-                ROW_STEPS((void)0, E, XS, LOAD_X, OP)                                              \
+                ROW_STEPS((void)0, LOAD_X, OP)                                                     \
             if (s < steps)                                                                         \
                 even = OP(even, _mm512_loadu_si512((const char *)w + s * 64), LOAD_X(0, s));       \
             __m512 out = _mm512_add_ps(even, odd);                                                 \
@@ -247,10 +248,8 @@ AVX512 INLINE __m512 fma_f32(__m512 a, __m512i w, __m512i x) {
     /* One row by ONE_ROW; more in blocks of NV panels, each against every row of x in blocks of 8, \
      * 4, 2, 1 rows. */                                                                            \
     attr static void kind##_all(const E *w, const E *x, const E *b, E *y, long n, long k, long m, int act) { \
-        if (m == 1) { /* (by default it asks for nothing ahead: the kernel alone, the hardware's \
-                       * prefetch alone read 2-11% faster: RESULTS.md, "Panels at one row without \
-                       * asking ahead"; 0-13% in ONE_ROW on Zen 4) */                             \
-            kind##_row(w, x, b, y, n, k, act, row_ahead);                                          \
+        if (m == 1) { /* (asking ahead only where row_ahead.py measured that the step gains) */  \
+            kind##_row(w, x, b, y, n, k, act, row_ahead_bytes);                                    \
             return;                                                                                \
         }                                                                                          \
         long panels = n / 16;                                                                      \
@@ -298,13 +297,9 @@ int panels_dtypes(void) {
 /* How far ahead (bytes, a multiple of 64; 0: nothing) one-row calls ask for the weight, non-temporal:
  * a choice of the process, measured on its decode step (row_ahead.py). Returns the previous. */
 long panels_row_ahead(long bytes) {
-#if defined(__x86_64__) && defined(__GNUC__)
-    long previous = row_ahead;
-    row_ahead = bytes;
+    long previous = row_ahead_bytes;
+    row_ahead_bytes = bytes;
     return previous;
-#else
-    return 0;
-#endif
 }
 
 /* y[m, n] = act(x[m, k] @ w^T + b), w in panels (n a multiple of 16; bf16: k even), b may be NULL;

@@ -5,9 +5,9 @@ Read the plain way (the hardware's prefetcher), the weights evict what the rest 
 (the interpreter, torch's dispatch, the activations, the KV cache), and the few hundred small ops
 between the linears then wait on memory: in the bench-size model's bf16 step on the EPYC Zen 4
 they took 1.7 ms, against 0.7 ms with the kernels replaced by no-ops. Asked for ahead with
-non-temporal hints instead (panels.c, ONE_ROW), the weights pass without evicting it: the step ran
-3-8% faster asking 2-4 KiB ahead there, although the kernel alone reads 2-11% slower so, and 2-6%
-slower asking 6 KiB ahead (RESULTS.md, "Non-temporal asks at one row"). How far pays is a
+non-temporal hints instead (panels.c, ONE_ROW), the weights pass without evicting it: there the
+step ran 2-6% faster asking 2-4 KiB ahead, although the kernel alone reads up to 13% slower so,
+and up to 6% slower asking 6 KiB ahead (RESULTS.md, "Non-temporal asks at one row"). How far pays is a
 property of the CPU (its prefetchers, its miss buffers, its caches' ways) and shows in the step,
 not in the kernel: so the distance is timed on the step itself, the candidates in turn, every rank
 at once, the slowest rank's time taken, and cached per machine and model like the kernel plan.
@@ -22,6 +22,7 @@ import os
 import statistics
 import sys
 import time
+import weakref
 from typing import Callable
 
 import torch
@@ -35,7 +36,7 @@ CANDIDATES = (0, 2048, 3072, 4096)  # bytes ahead; 0 asks for nothing (the hardw
 ROUNDS = 4  # each candidate's steps, in turn with the others' (the machine's speed drifts)
 STEPS = 2  # timed steps a round, after one untimed (it inherits the previous candidate's caches)
 BUDGET_S = 1.0  # at most this long measuring: a model whose step is slower is dominated by its weights
-MARGIN = 0.01  # a distance is taken only if its step is this much faster than asking for nothing
+MARGIN = 0.02  # a distance is taken only if its step is this much faster than asking for nothing
 VERSION = 1  # part of the cache key: a change in what is measured invalidates old choices
 
 
@@ -45,7 +46,11 @@ class RowAhead:
     def __init__(self) -> None:
         self.bytes = 0
         self.chosen = ""  # "" until a model's batch-1 decode set it; then how it was chosen
-        self.settled_for: tuple[int, dict] | None = None  # (id of the model, its key) the choice is for
+        self.settled_for: tuple | None = None  # (a weak reference to the model, its plan, threads) it is for
+
+    def settled(self, model, plan: str) -> bool:
+        return (self.settled_for is not None and self.settled_for[0]() is model
+                and self.settled_for[1:] == (plan, torch.get_num_threads()))
 
 
 ROW_AHEAD = RowAhead()
@@ -59,6 +64,13 @@ def set_bytes(ahead: int) -> None:
     if lib is not None:
         lib.panels_row_ahead(ahead)
     ROW_AHEAD.bytes = ahead
+
+
+def reset() -> None:
+    """Ask for nothing ahead until a model settles again (kernels.measure: the plan's one-row candidates
+    are timed alone, none of them asking ahead)."""
+    set_bytes(0)
+    ROW_AHEAD.chosen, ROW_AHEAD.settled_for = "", None
 
 
 def choose(step_ms: dict[int, float]) -> int:
@@ -91,8 +103,9 @@ def measure(step: Callable[[], object], slowest: Callable[[torch.Tensor], torch.
 
 def _key(model, plan: str) -> dict:
     config = model.config
-    return {"version": VERSION, "candidates": list(CANDIDATES), "cpu_model": cpu_model(), "cpu_isa": isa_flags(),
-            "cores": cpu_cores(), "torch": torch.__version__, "threads": torch.get_num_threads(), "world_size": model.tp.world_size,
+    return {"version": VERSION, "candidates": list(CANDIDATES), "margin": MARGIN, "cpu_model": cpu_model(),
+            "cpu_isa": isa_flags(), "cores": cpu_cores(), "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "world_size": model.tp.world_size,
             "kernels": rowdot.path(), "huge_pages": os.environ.get(THP_ENV, "") == "1", "plan": plan,
             "model": [config.model_type, config.n_layer, config.n_embd, config.n_head, config.n_inner,
                       str(model.transformer.ln_f.weight.dtype)]}
@@ -102,36 +115,45 @@ def settle(model, batch: int) -> None:
     """Set the one-row asks for `model`'s decode at `batch` rows: measured (or this machine's cached
     choice) where its plan is measured (`auto`), the batch is one row and a linear runs panels;
     nothing ahead otherwise. Every rank calls it in step, after the KV cache is allocated: the
-    timed steps write one cache slot, which a request writes before it reads."""
-    panels = sorted(name for name, choice in model.kernel_plan.items() if choice.decode == "panels")
-    if model.kernel_mode != "auto" or batch != 1 or not panels or rowdot.library()[0] is None:
-        set_bytes(0)
-        ROW_AHEAD.chosen, ROW_AHEAD.settled_for = "", None
+    timed steps write one cache slot, which a request writes before it reads. Whether any collective
+    runs depends only on what every rank shares (the mode, the batch, what it settled before); whether
+    a rank can ask ahead (panels in its plan, the library built) is agreed on by one."""
+    if model.kernel_mode != "auto" or batch != 1:
+        reset()
         return
-    key = _key(model, ";".join(panels))
-    if ROW_AHEAD.settled_for == (id(model), key):
+    panels = sorted(name for name, choice in model.kernel_plan.items() if choice.decode == "panels")
+    plan = ";".join(panels)
+    if ROW_AHEAD.settled(model, plan):
         return  # (setup_cache runs before every request)
-    path = cache_dir("forms", "row-ahead-" + hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
-                     + ".json")
+    key = _key(model, plan)
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+    path = cache_dir("forms", f"row-ahead-{digest}.json")
     try:
         stored = json.loads(path.read_text())
-        cached = (int(stored["ahead"]), stored["how"]) if stored.get("key") == key else None
+        cached = (stored["ahead"], str(stored["how"])) if stored.get("key") == key else None
+        if cached and (type(cached[0]) is not int or cached[0] not in CANDIDATES):
+            cached = None  # (not a distance of ours: measured again)
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         cached = None
-    # Every rank measures if any lacks it: the timings are reduced across ranks.
-    if model.tp.max_(torch.tensor([0.0 if cached is not None else 1.0], dtype=torch.float64)).item():
+    usable = bool(panels) and rowdot.library()[0] is not None
+    # Every rank measures if any lacks it (the timings are reduced across ranks); none if one cannot ask.
+    lacking, unusable = model.tp.max_(torch.tensor([cached is None, not usable], dtype=torch.float64)).tolist()
+    if unusable:
+        ahead, how, cached = 0, "", None
+    elif lacking:
         cached = None
         with torch.inference_mode():
             ahead, how = _measured(model)
-        try:
-            write_atomic(path, json.dumps({"key": key, "ahead": ahead, "how": how}, indent=1, sort_keys=True))
-        except OSError as err:
-            print(f"[row_ahead] could not cache the choice in {path}: {err}", file=sys.stderr)
+        if how.startswith("step ms"):  # (not a step too slow to time once, perhaps cold: timed again next time)
+            try:
+                write_atomic(path, json.dumps({"key": key, "ahead": ahead, "how": how}, indent=1, sort_keys=True))
+            except OSError as err:
+                print(f"[row_ahead] could not cache the choice in {path}: {err}", file=sys.stderr)
     else:
         ahead, how = cached
     set_bytes(ahead)
-    ROW_AHEAD.chosen = f"{ahead} ({'cached' if cached else 'measured'}: {how})"
-    ROW_AHEAD.settled_for = (id(model), key)
+    ROW_AHEAD.chosen = how and f"{ahead} ({'cached' if cached else 'measured'}: {how})"
+    ROW_AHEAD.settled_for = (weakref.ref(model), plan, torch.get_num_threads())
 
 
 def _measured(model) -> tuple[int, str]:
@@ -143,6 +165,7 @@ def _measured(model) -> tuple[int, str]:
     def step() -> None:
         model(ids, position, slot)
 
+    step()  # (the first after a layout or a new cache runs cold)
     start = time.perf_counter()
     step()
     one = model.tp.max_(torch.tensor([time.perf_counter() - start], dtype=torch.float64)).item()

@@ -204,9 +204,13 @@ def test_the_forms_are_measured_once_per_machine_then_read_from_the_cache(form_s
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_causal_blocks_of_a_batch_are_each_sequences_own_bits(dtype, form_state):
-    """The sequences run in one batched call: each one's rows are what it gives alone, to the bit,
-    keys and values read from a cache longer than the prompt (as the model's are)."""
+@pytest.mark.parametrize("per_call", [None, 1, 2], ids=["all", "one", "two"])
+def test_causal_blocks_of_a_batch_are_each_sequences_own(dtype, per_call, monkeypatch):
+    """The sequences run in batched calls (all at once, or in groups within SCORES_BYTES, the last
+    group shorter): each one's rows are what it gives alone, keys and values read from a cache
+    longer than the prompt (as the model's are)."""
+    if per_call is not None:  # the scores of `per_call` sequences at the largest block fit, no more
+        monkeypatch.setattr(attention, "SCORES_BYTES", per_call * 32 * 8 * 70 * (4 if dtype == torch.float32 else 2))
     torch.manual_seed(0)
     q = torch.randn(3, 70, 8, 64).to(dtype)
     cache = torch.randn(2, 3, 1, 90, 64).to(dtype)
@@ -214,4 +218,4 @@ def test_causal_blocks_of_a_batch_are_each_sequences_own_bits(dtype, form_state)
     together = causal_blocks(q, keys, values, 0.125)
     for i in range(3):
         alone = causal_blocks(q[i:i + 1], keys[i:i + 1], values[i:i + 1], 0.125)
-        assert torch.equal(together[i:i + 1], alone), i
+        torch.testing.assert_close(together[i:i + 1], alone, msg=lambda m, i=i: f"sequence {i}: {m}")
