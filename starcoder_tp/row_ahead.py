@@ -115,9 +115,10 @@ def settle(model, batch: int) -> None:
     """Set the one-row asks for `model`'s decode at `batch` rows: measured (or this machine's cached
     choice) where its plan is measured (`auto`), the batch is one row and a linear runs panels;
     nothing ahead otherwise. Every rank calls it in step, after the KV cache is allocated: the
-    timed steps write one cache slot, which a request writes before it reads. Whether any collective
-    runs depends only on what every rank shares (the mode, the batch, what it settled before); whether
-    a rank can ask ahead (panels in its plan, the library built) is agreed on by one."""
+    timed steps write one cache slot, which a request writes before it reads. Whether a collective
+    runs depends on the mode, the batch and the plan last settled for, which the ranks share (a plan is
+    measured by all of them together, or read from the cache file a machine's ranks share); whether a
+    rank can ask ahead (panels in its plan, the library built) is agreed on in that collective."""
     if model.kernel_mode != "auto" or batch != 1:
         reset()
         return
