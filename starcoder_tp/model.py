@@ -222,8 +222,8 @@ class TPCausalLM(nn.Module):
             inductor_config.autotune_num_choices_displayed = 0
             inductor_config.max_autotune_report_choices_stats = False
         if mode is None and weight.device.type == "cuda" and self.tp.world_size == 1:
-            # CUDA graphs (cudagraph trees): a decode step is hundreds of small kernels whose launches cost
-            # more than their work. Not at world size > 1 until nccl's all-reduce is seen captured in a graph.
+            # CUDA graphs (inductor's cudagraph trees): a decode step is hundreds of small kernels whose launches
+            # cost more than their work; a graph replays them as one. Not at world size > 1 until nccl is seen captured.
             mode = "reduce-overhead"
         self.compiled_decode = torch.compile(self.forward, mode=mode)
 
@@ -234,10 +234,10 @@ class TPCausalLM(nn.Module):
             yield self.lm_head_packed
 
     def setup_cache(self, batch: int, max_seq_len: int, request: tuple[int, int] | None = None) -> None:
-        """Allocate the static KV cache once; later calls with a fitting shape reuse it. A
-        pre-packed model is re-packed here (outside any timed region) for a new batch size, and
-        with measured kernels for a `request` (prompt rows, decode steps) whose weighed layouts
-        differ from those laid out (kernels.weigh; only the weights whose layout changes)."""
+        """Allocate the static KV cache once; later calls with a fitting shape reuse it. A pre-packed model is
+        re-packed here (outside any timed region) for a new batch size, and with measured kernels for a `request`
+        (prompt rows, decode steps) whose weighed layouts differ from those laid out (kernels.weigh; only those
+        weights). At batch 1 the one-row asks ahead are settled (row_ahead.settle: ~1 s once per machine)."""
         if self.kernel_mode != "plain" and self.kernel_rows != batch:
             self.use_kernels(self.kernel_mode, batch, request)
         elif self.kernel_mode == "auto" and request is not None and request != self.kernel_request:
