@@ -4,12 +4,12 @@
  *
  * A block of MR rows of x and NV panels keeps MR x NV accumulators of 16 output columns in
  * registers: per K step (a pair in bf16) it loads NV panel vectors and broadcasts each x row's
- * element(s) to them. Each panel is read in order, a stream the hardware prefetcher follows, and
- * the next block of panels is asked for while the rows run against this one, so that the weight's
- * read overlaps the arithmetic (RESULTS.md, "Panels"). One row reads the panels one after the
- * other instead (ONE_ROW). The output is written a vector of 16 columns at a time, the bias added,
- * the activation applied (the MLP's first linear: one pass less over its output) and, in bf16,
- * rounded once.
+ * element(s) to them, from a copy of x with each block's rows interleaved step by step (interleave).
+ * Each panel is read in order, a stream the hardware prefetcher follows, and the next block of
+ * panels is asked for while the rows run against this one, so that the weight's read overlaps the
+ * arithmetic (RESULTS.md, "Panels"). One row reads the panels one after the other instead
+ * (ONE_ROW). The output is written a vector of 16 columns at a time, the bias added, the activation
+ * applied (the MLP's first linear: one pass less over its output) and, in bf16, rounded once.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -99,7 +99,7 @@ AVX512 INLINE __m512 activate(__m512 v, int act) {
         for (int m = 0; m < MB_; m++)                                                              \
             for (int v = 0; v < NB_; v++)                                                          \
                 acc[m][v] = _mm512_setzero_ps();                                                   \
-        const long panel = k * 16, steps = STEPS;                                                  \
+        const long panel = k * 16, steps = STEPS, mb = MB_;                                        \
         K_LOOP(LOAD_X, OP, MB_, NB_)                                                               \
         for (int m = 0; m < MB_; m++)                                                              \
             for (int v = 0; v < NB_; v++) {                                                        \
@@ -118,7 +118,7 @@ AVX512 INLINE __m512 activate(__m512 v, int act) {
         for (int m = 0; m < MB_; m++)                                                              \
             for (int v = 0; v < NB_; v++)                                                          \
                 acc[m][v] = _mm512_loadu_ps(sums + (m * NV + v) * 16);                            \
-        const long panel = k * 16;                                                                 \
+        const long panel = k * 16, mb = MB_;                                                       \
         K_LOOP(LOAD_X, OP, MB_, NB_)                                                               \
         for (int m = 0; m < MB_; m++)                                                              \
             for (int v = 0; v < NB_; v++)                                                          \
@@ -126,7 +126,7 @@ AVX512 INLINE __m512 activate(__m512 v, int act) {
     }
 
 /* bf16: a K pair per step (64 bytes of a panel: 16 columns x 2). */
-#define BF16_X(m, s) _mm512_set1_epi32((int)pair_at(x + (m) * k + 2 * (s)))
+#define BF16_X(m, s) _mm512_set1_epi32((int)pair_at(x + 2 * ((s) * mb + (m))))
 #define BF16_BIAS(v) _mm512_castsi512_ps(_mm512_slli_epi32(                                        \
     _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(b + col + (v) * 16))), 16))
 #define BF16_STORE(m, v, o) _mm256_storeu_si256((__m256i *)(y + (m) * n + col + (v) * 16),         \
@@ -139,7 +139,7 @@ static inline uint32_t pair_at(const uint16_t *p) {
 }
 
 /* fp32: a K element per step (64 bytes of a panel: 16 columns). */
-#define F32_X(m, s) _mm512_castps_si512(_mm512_set1_ps(x[(m) * k + (s)]))
+#define F32_X(m, s) _mm512_castps_si512(_mm512_set1_ps(x[(s) * mb + (m)]))
 #define F32_BIAS(v) _mm512_loadu_ps(b + col + (v) * 16)
 #define F32_STORE(m, v, o) _mm512_storeu_ps(y + (m) * n + col + (v) * 16, o)
 AVX512 INLINE __m512 fma_f32(__m512 a, __m512i w, __m512i x) {
@@ -175,7 +175,7 @@ AVX512 INLINE __m512 fma_f32(__m512 a, __m512i w, __m512i x) {
      _mm_prefetch((const char *)((uintptr_t)w + s * 64 + ahead_bytes + 64), _MM_HINT_NTA))
 #define ONE_ROW(name, attr, E, XS, LOAD_X, OP, BIAS, STORE)                                        \
     attr static void name(const E *w, const E *x, const E *b, E *y, long n, long k, int act, long ahead_bytes) { \
-        const long steps = k / XS, panel = k * 16;                                                 \
+        const long steps = k / XS, panel = k * 16, mb = 1;                                         \
         for (long col = 0; col < n; col += 16, w += panel) {                                       \
             __m512 even = _mm512_setzero_ps(), odd = _mm512_setzero_ps();                          \
             long s = 0;                                                                            \
@@ -190,6 +190,47 @@ AVX512 INLINE __m512 fma_f32(__m512 a, __m512i w, __m512i x) {
             STORE(0, 0, activate(out, act));                                                       \
         }                                                                                          \
     }
+
+/* x's rows, in the blocks _all runs them in (8, 4, 2, 1 rows), each block's rows interleaved step by
+ * step ([steps][mr] units of 4 bytes: an fp32 element, a bf16 pair), so that a step's broadcasts read
+ * one line: rows side by side put a block's 8 lines a row apart, which a K of 1024 fp32 lays in one set
+ * of the L1 cache, with the panels' lines (4 KiB apart too). Blocks of 8 rows by 16 steps go through
+ * registers: one unit at a time, the copy took 2% of a 512-row product's time at K 1024. */
+AVX512 static void interleave(const void *x, void *rows, long steps, long m) {
+    const __m512i low = _mm512_set_epi32(23, 22, 21, 20, 7, 6, 5, 4, 19, 18, 17, 16, 3, 2, 1, 0);
+    const __m512i high = _mm512_add_epi32(low, _mm512_set1_epi32(8));
+    const char *from = x;
+    char *to = rows;
+    for (long r = 0; r < m;) {
+        int mr = m - r >= 8 ? 8 : m - r >= 4 ? 4 : m - r >= 2 ? 2 : 1;
+        long s = 0;
+        for (; mr == 8 && s + 16 <= steps; s += 16) {
+            __m512 v[8], t[8], u[8];
+            for (int i = 0; i < 8; i++)
+                v[i] = _mm512_loadu_ps(from + 4 * (i * steps + s));
+            for (int i = 0; i < 8; i += 2) { /* per 128-bit lane l: rows i, i + 1 at steps 4l, 4l + 1 | 4l + 2, 4l + 3 */
+                t[i] = _mm512_unpacklo_ps(v[i], v[i + 1]);
+                t[i + 1] = _mm512_unpackhi_ps(v[i], v[i + 1]);
+            }
+            for (int h = 0; h < 8; h += 4) /* u[h + j], lane l: rows h..h + 3 at step 4l + j */
+                for (int j = 0; j < 4; j += 2) {
+                    u[h + j] = _mm512_shuffle_ps(t[h + j / 2], t[h + 2 + j / 2], 0x44);
+                    u[h + j + 1] = _mm512_shuffle_ps(t[h + j / 2], t[h + 2 + j / 2], 0xEE);
+                }
+            for (int j = 0; j < 4; j++) /* step 4l + j's 8 rows: lane l of u[j], then of u[4 + j] */
+                for (int half = 0; half < 2; half++) {
+                    __m512d both = _mm512_castps_pd(_mm512_permutex2var_ps(u[j], half ? high : low, u[4 + j]));
+                    _mm256_storeu_pd((double *)(to + 32 * (s + 8 * half + j)), _mm512_castpd512_pd256(both));
+                    _mm256_storeu_pd((double *)(to + 32 * (s + 8 * half + 4 + j)), _mm512_extractf64x4_pd(both, 1));
+                }
+        }
+        for (; s < steps; s++)
+            for (int i = 0; i < mr; i++)
+                memcpy(to + 4 * (s * mr + i), from + 4 * (i * steps + s), 4);
+        from += 4 * mr * steps, to += 4 * mr * steps;
+        r += mr;
+    }
+}
 
 /* XS: elements of x per K step (a step is 64 bytes of a panel, 16 * XS elements). */
 #define SHAPES(kind, attr, E, XS, X, OP, BIAS, STORE)                                              \
@@ -232,7 +273,7 @@ AVX512 INLINE __m512 fma_f32(__m512 a, __m512i w, __m512i x) {
                 for (long r = 0, j = 0; r < m; j++) {                                              \
                     int mr = m - r >= 8 ? 8 : m - r >= 4 ? 4 : m - r >= 2 ? 2 : 1;                 \
                     kind##_chunks[mr == 8 ? 0 : mr == 4 ? 1 : mr == 2 ? 2 : 3][nv - 1](            \
-                        here, x + r * k + c * XS, k, next, ahead, (int)j, blocks, len, part + r * NV * 16); \
+                        here, x + r * k + c * XS * mr, k, next, ahead, (int)j, blocks, len, part + r * NV * 16); \
                     r += mr;                                                                       \
                 }                                                                                  \
             }                                                                                      \
@@ -252,6 +293,14 @@ AVX512 INLINE __m512 fma_f32(__m512 a, __m512i w, __m512i x) {
             kind##_row(w, x, b, y, n, k, act, row_ahead_bytes);                                    \
             return;                                                                                \
         }                                                                                          \
+        E *rows = malloc((size_t)m * k * sizeof(E));                                               \
+        if (!rows) { /* (where the interleaved rows' memory cannot be had: a row at a time) */     \
+            for (long r = 0; r < m; r++)                                                           \
+                kind##_row(w, x + r * k, b, y + r * n, n, k, act, 0);                              \
+            return;                                                                                \
+        }                                                                                          \
+        interleave(x, rows, k / XS, m);                                                            \
+        x = rows;                                                                                  \
         long panels = n / 16;                                                                      \
         int blocks = 0; /* row blocks: each asks for its share of the next block's panels */       \
         for (long r = 0; r < m; blocks++)                                                          \
@@ -261,6 +310,7 @@ AVX512 INLINE __m512 fma_f32(__m512 a, __m512i w, __m512i x) {
             if (part) {                                                                            \
                 kind##_chunked(w, x, b, y, n, k, m, act, part, blocks);                            \
                 free(part);                                                                        \
+                free(rows);                                                                        \
                 return;                                                                            \
             }                                                                                      \
         }                                                                                          \
@@ -276,6 +326,7 @@ AVX512 INLINE __m512 fma_f32(__m512 a, __m512i w, __m512i x) {
                 r += mr;                                                                           \
             }                                                                                      \
         }                                                                                          \
+        free(rows);                                                                                \
     }
 
 SHAPES(bf16, AVX512BF16, uint16_t, 2, BF16_X, dot_bf16, BF16_BIAS, BF16_STORE)
