@@ -22,6 +22,9 @@ static long row_ahead_bytes = 0; /* 0: ONE_ROW asks for nothing ahead (panels_ro
 
 #define MR 8  /* rows of x per block */
 #define NV 3  /* panels per block: MR * NV = 24 accumulators */
+#ifndef ROW_CHUNK
+#define ROW_CHUNK 512  /* rows of x interleaved and run against every panel at a time (a multiple of 8) */
+#endif
 #ifndef CHUNK_STEPS
 #define CHUNK_STEPS 1024  /* K steps per pass over a block of panels, where K is longer (SHAPES) */
 #endif
@@ -288,31 +291,17 @@ AVX512 static void interleave(const void *x, void *rows, long steps, long m) {
     }                                                                                              \
     /* One row by ONE_ROW; more in blocks of NV panels, each against every row of x in blocks of 8, \
      * 4, 2, 1 rows. */                                                                            \
-    attr static void kind##_all(const E *w, const E *x, const E *b, E *y, long n, long k, long m, int act) { \
-        if (m == 1) { /* (asking ahead only where row_ahead.py measured that the step gains) */  \
-            kind##_row(w, x, b, y, n, k, act, row_ahead_bytes);                                    \
-            return;                                                                                \
-        }                                                                                          \
-        E *rows = malloc((size_t)m * k * sizeof(E));                                               \
-        if (!rows) { /* (where the interleaved rows' memory cannot be had: a row at a time) */     \
-            for (long r = 0; r < m; r++)                                                           \
-                kind##_row(w, x + r * k, b, y + r * n, n, k, act, 0);                              \
-            return;                                                                                \
-        }                                                                                          \
-        interleave(x, rows, k / XS, m);                                                            \
-        x = rows;                                                                                  \
+    /* Every row of the interleaved x against the panels: in blocks of NV panels, each against every \
+     * row in blocks of 8, 4, 2, 1 rows (K in chunks where it is long and `part` was had). */     \
+    attr static void kind##_rows(const E *w, const E *x, const E *b, E *y, long n, long k, long m, int act, \
+                                 float *part) {                                                    \
         long panels = n / 16;                                                                      \
         int blocks = 0; /* row blocks: each asks for its share of the next block's panels */       \
         for (long r = 0; r < m; blocks++)                                                          \
             r += m - r >= 8 ? 8 : m - r >= 4 ? 4 : m - r >= 2 ? 2 : 1;                             \
-        if (k / XS > CHUNK_STEPS) { /* (where the sums' memory cannot be had: whole) */            \
-            float *part = malloc((size_t)m * NV * 16 * sizeof(float));                             \
-            if (part) {                                                                            \
-                kind##_chunked(w, x, b, y, n, k, m, act, part, blocks);                            \
-                free(part);                                                                        \
-                free(rows);                                                                        \
-                return;                                                                            \
-            }                                                                                      \
+        if (part) {                                                                                \
+            kind##_chunked(w, x, b, y, n, k, m, act, part, blocks);                                \
+            return;                                                                                \
         }                                                                                          \
         for (long p = 0; p < panels; p += NV) {                                                    \
             int nv = panels - p < NV ? (int)(panels - p) : NV;                                     \
@@ -326,6 +315,29 @@ AVX512 static void interleave(const void *x, void *rows, long steps, long m) {
                 r += mr;                                                                           \
             }                                                                                      \
         }                                                                                          \
+    }                                                                                              \
+    /* One row by ONE_ROW; more ROW_CHUNK rows at a time, each chunk's rows interleaved, then run \
+     * against every panel (kind##_rows), so that a chunk's x stays in the caches while the panels \
+     * pass. */                                                                                    \
+    attr static void kind##_all(const E *w, const E *x, const E *b, E *y, long n, long k, long m, int act) { \
+        if (m == 1) { /* (asking ahead only where row_ahead.py measured that the step gains) */  \
+            kind##_row(w, x, b, y, n, k, act, row_ahead_bytes);                                    \
+            return;                                                                                \
+        }                                                                                          \
+        const long most = m < ROW_CHUNK ? m : ROW_CHUNK;                                           \
+        E *rows = malloc((size_t)most * k * sizeof(E));                                            \
+        /* (where the sums' memory cannot be had: K whole) */                                      \
+        float *part = k / XS > CHUNK_STEPS ? malloc((size_t)most * NV * 16 * sizeof(float)) : NULL; \
+        for (long r = 0; r < m; r += most) {                                                       \
+            long here = m - r < most ? m - r : most;                                               \
+            if (rows) {                                                                            \
+                interleave(x + r * k, rows, k / XS, here);                                         \
+                kind##_rows(w, rows, b, y + r * n, n, k, here, act, part);                         \
+            } else /* (where the interleaved rows' memory cannot be had: a row at a time) */       \
+                for (long i = r; i < r + here; i++)                                                \
+                    kind##_row(w, x + i * k, b, y + i * n, n, k, act, 0);                          \
+        }                                                                                          \
+        free(part);                                                                                \
         free(rows);                                                                                \
     }
 

@@ -85,6 +85,23 @@ def test_k_in_chunks_carries_the_sums_and_finishes_them_once(dtype, rows):
 
 
 @each()
+@pytest.mark.parametrize("k", [64, 2050])  # (2050: K in chunks too)
+def test_rows_past_a_row_chunk_are_each_their_own_product(dtype, k):
+    # panels.c takes ROW_CHUNK (512) rows at a time, each chunk's rows interleaved on their own:
+    # 1100 rows are two whole chunks and one of 76 (blocks of 8 and one of 4). Each row's output
+    # must be its own row's product, so rows are told apart by a scale per row.
+    torch.manual_seed(2)
+    weight, b = torch.randn(48, k).to(dtype), torch.randn(48).to(dtype)
+    x = (torch.randn(1100, k) * torch.linspace(0.5, 2.0, 1100)[:, None]).to(dtype)
+    out = panels.linear(x, panels.pack(weight), b)
+    exact = F.linear(x.double(), weight.double(), b.double())
+    if dtype == torch.float32:
+        torch.testing.assert_close(out.double(), exact, rtol=1e-5, atol=8e-6 * k ** 0.5)
+    else:
+        torch.testing.assert_close(out.double(), exact, rtol=2 ** -8, atol=2e-6 * k ** 0.5)
+
+
+@each()
 @pytest.mark.parametrize("rows", [1, 16])
 @pytest.mark.parametrize("activation", [("gelu", "tanh"), ("relu", "")])
 def test_the_activation_is_applied_to_the_accumulator(dtype, rows, activation):
