@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import decode_attention
+from . import softmax as causal_softmax
 from .comm import TPGroup
 from .config import ModelConfig
 from .decode_attention import DECODE_FORM
@@ -51,12 +52,36 @@ class PrefillForm:
     (`dtype`, the one calibrated): SDPA's flash kernel, or `causal_blocks` for prompts nearest (in
     ratio) to the lengths in `blocks_at`, where calibrate_attention measured them faster on the
     machine at hand. A set, not a threshold: on two threads of the AVX-512 Xeon the fp32 blocks
-    won at 512 tokens and lost at 256 and at 1024."""
+    won at 512 tokens and lost at 256 and at 1024. `softmax`: the blocks' softmax, softmax.c's
+    ("ours") or torch's, the one whose blocks calibrate_attention measured faster."""
 
     def __init__(self) -> None:
         self.blocks_at: frozenset[int] = frozenset()
         self.dtype = torch.float32
         self.calibrated = ""
+        self.softmax = "torch"  # causal_blocks' softmax: "ours" (softmax.c) where it measured faster
+
+    def state(self) -> dict:
+        """What calibrate_attention measured, as kernels.py caches it."""
+        return {"blocks_at": sorted(self.blocks_at), "softmax": self.softmax}
+
+    @staticmethod
+    def parse(state: dict) -> tuple[frozenset[int], str]:
+        """A cached `state`'s (blocks_at, softmax); ValueError (or KeyError, TypeError) where it is
+        not one that `state` writes."""
+        blocks, softmax = frozenset(state["blocks_at"]), state["softmax"]
+        if not blocks <= set(CALIBRATION_TOKENS) or softmax not in ("ours", "torch"):
+            raise ValueError(f"prefill form: blocks at {sorted(blocks)!r}, softmax {softmax!r}")
+        return blocks, softmax
+
+    def restore(self, parsed: tuple[frozenset[int], str], dtype: torch.dtype, calibrated: str) -> None:
+        """`parse`'s result taken as this process's form (kernels.calibrate_forms)."""
+        (self.blocks_at, self.softmax), self.dtype, self.calibrated = parsed, dtype, calibrated
+
+    def describe(self) -> str:
+        if not self.blocks_at:
+            return "sdpa"
+        return f"blocks@{describe_lengths(self.blocks_at)}" + (" softmax:ours" if self.softmax == "ours" else "")
 
     def takes_blocks(self, tokens: int) -> bool:
         if not self.blocks_at:
@@ -73,7 +98,7 @@ SCORES_BYTES = 2 << 20  # causal_blocks' scores per call: of 1-16 MiB and all, 1
 
 
 def causal_blocks(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float,
-                  block: int = BLOCK_ROWS) -> torch.Tensor:
+                  block: int = BLOCK_ROWS, softmax: str | None = None) -> torch.Tensor:
     """Plain causal attention with one K/V head (T == S) as two batched GEMMs per block of query tokens:
     each sequence's block of queries of every head, [n * H, D], against its keys up to the block's last
     token, the causal mask on the block's own keys only, so the keys after the block cost nothing.
@@ -81,10 +106,12 @@ def causal_blocks(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, sca
     over all heads reuses each key H times from the cache. The sequences go in groups whose scores
     fit SCORES_BYTES (a loop over them took 1.16-1.56x as long in bf16 at batch 16; all in one call,
     1.15-1.8x as long in fp32 at 16 x 1024 and 16 x 128: RESULTS.md, "... the prefill's attention
-    batched"). q: [B, T, H, D]; keys, values: [B, 1, S, D]. Returns [B, T, H * D]."""
+    batched"). `softmax`: "ours" (softmax.c: scale, mask and softmax in one call) or "torch"; None:
+    PREFILL_FORM's. q: [B, T, H, D]; keys, values: [B, 1, S, D]. Returns [B, T, H * D]."""
     b, t, h, d = q.shape
+    ours = (softmax or PREFILL_FORM.softmax) == "ours"
     out = q.new_empty(b, t, h, d)
-    after = torch.full((block, block), float("-inf"), dtype=q.dtype, device=q.device).triu_(1)  # [n, n]
+    after = None if ours else torch.full((block, block), float("-inf"), dtype=q.dtype, device=q.device).triu_(1)
     k, v = keys[:, 0], values[:, 0]  # [B, S, D]
     for t0 in range(0, t, block):
         t1 = min(t, t0 + block)
@@ -93,8 +120,12 @@ def causal_blocks(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, sca
         for i in range(0, b, group):
             j = min(b, i + group)
             scores = torch.matmul(q[i:j, t0:t1].reshape(j - i, n * h, d), k[i:j, :t1].transpose(1, 2))
-            scores.mul_(scale).view(j - i, n, h, t1)[..., t0:].add_(after[:n, :n].unsqueeze(1))  # [G, n * H, t1]
-            torch.bmm(torch.softmax(scores, dim=-1), v[i:j, :t1], out=out[i:j, t0:t1].view(j - i, n * h, d))
+            if ours:  # [G, n * H, t1]
+                probabilities = causal_softmax.causal_(scores, n, h, t0, scale)
+            else:
+                scores.mul_(scale).view(j - i, n, h, t1)[..., t0:].add_(after[:n, :n].unsqueeze(1))
+                probabilities = torch.softmax(scores, dim=-1)
+            torch.bmm(probabilities, v[i:j, :t1], out=out[i:j, t0:t1].view(j - i, n * h, d))
     return out.view(b, t, h * d)
 
 
@@ -203,10 +234,11 @@ def describe_lengths(lengths: frozenset[int]) -> str:
 
 def calibrate_attention(heads: int, head_dim: int, slowest, dtype: torch.dtype = torch.float32,
                         on_progress=lambda: None) -> str:
-    """Time SDPA's flash kernel and causal_blocks on this rank's `heads` multi-query heads in
-    `dtype` at CALIBRATION_TOKENS (once per process) and set PREFILL_FORM.blocks_at; `slowest`
-    reduces a float64 tensor to its maximum over the ranks, so that every rank takes the same
-    form. Every rank must call it in step. Returns what it set."""
+    """Time SDPA's flash kernel and causal_blocks, with torch's softmax and, where softmax.c runs,
+    with ours, on this rank's `heads` multi-query heads in `dtype` at CALIBRATION_TOKENS (once per
+    process), and set PREFILL_FORM: the softmax whose blocks took less time over all lengths, and
+    blocks_at with it; `slowest` reduces a float64 tensor to its maximum over the ranks, so that
+    every rank takes the same form. Every rank must call it in step. Returns what it set."""
     if PREFILL_FORM.calibrated:
         return PREFILL_FORM.calibrated
     from .kernel_timing import time_across_ranks  # (kernel_timing reads linear.py, which this module uses)
@@ -215,17 +247,24 @@ def calibrate_attention(heads: int, head_dim: int, slowest, dtype: torch.dtype =
     inputs = [(torch.randn(1, t, heads + 2, head_dim, dtype=dtype)[:, :, :heads],  # q: a view of the fused q/k/v
                torch.randn(1, 1, t, head_dim, dtype=dtype), torch.randn(1, 1, t, head_dim, dtype=dtype))
               for t in CALIBRATION_TOKENS]
+    softmaxes = ("torch", "ours") if causal_softmax.available(dtype) else ("torch",)
     PREFILL_FORM.dtype = dtype
     saved, PREFILL_FORM.blocks_at = PREFILL_FORM.blocks_at, frozenset()  # attend: SDPA while timed
     try:
-        timings = time_across_ranks([{"sdpa": lambda i=i: attend(*i, None, scale),
-                                      "blocks": lambda i=i: causal_blocks(*i, scale)} for i in inputs], slowest,
-                                     on_progress)
+        forms = [{"sdpa": lambda i=i: attend(*i, None, scale)} | {
+            f"blocks {name}": lambda i=i, name=name: causal_blocks(*i, scale, softmax=name) for name in softmaxes}
+            for i in inputs]
+        timings = time_across_ranks(forms, slowest, on_progress)
     finally:
         PREFILL_FORM.blocks_at = saved
-    sdpa, blocks = [ms["sdpa"] for ms in timings], [ms["blocks"] for ms in timings]
+    PREFILL_FORM.softmax = min(softmaxes, key=lambda name: sum(ms[f"blocks {name}"] for ms in timings))
+    sdpa, blocks = [ms["sdpa"] for ms in timings], [ms[f"blocks {PREFILL_FORM.softmax}"] for ms in timings]
     PREFILL_FORM.blocks_at = blocks_at(sdpa, blocks)
     shown = ", ".join(f"{t}: {b:.2f} vs {s:.2f} ms" for t, s, b in zip(CALIBRATION_TOKENS, sdpa, blocks))
+    named = {"ours": "softmax.c's softmax", "torch": "torch's softmax"}
+    others = "".join(f"; blocks with {named[name]}: " + ", ".join(f"{ms[f'blocks {name}']:.2f}" for ms in timings)
+                     for name in softmaxes if name != PREFILL_FORM.softmax)
     PREFILL_FORM.calibrated = (f"causal blocks at {describe_lengths(PREFILL_FORM.blocks_at)} tokens"
-                               if PREFILL_FORM.blocks_at else "sdpa") + f" (blocks vs sdpa: {shown})"
+                               if PREFILL_FORM.blocks_at else "sdpa") + (
+        f", {named[PREFILL_FORM.softmax]} (blocks vs sdpa: {shown}{others})")
     return PREFILL_FORM.calibrated

@@ -85,7 +85,7 @@ SPLIT_ROWS = round(math.sqrt(SHORT_ROWS * PREFILL_ROWS))  # calls of fewer rows 
 # Requests whose costs are this close are not told apart: a candidate's timings differ by 3-6%
 # from one measured plan to the next (RESULTS.md, "Decode candidates timed from memory").
 TIE_FRACTION = 0.02
-PLAN_VERSION = 21  # part of the cache key: a change in what is measured invalidates old plans
+PLAN_VERSION = 22  # part of the cache key: a change in what is measured invalidates old plans
 # Every shape's timings travel across ranks in these fixed slots (inf: not a candidate there),
 # so that ranks on CPUs with different candidates still reduce tensors of one size.
 DECODE_SLOTS = ("plain", "onednn", "fp32", "mkl_packed", "gemv", "onednn_wide", "rowdot", "panels")
@@ -337,7 +337,8 @@ def calibrate_forms(weights: dict[str, torch.Tensor], activated: dict[str, str],
     try:
         stored = json.loads(path.read_text())
         forms = stored["forms"] if stored.get("key") == key else None
-        split, blocks = (forms["tanh_split_from"], frozenset(forms["blocks_at"])) if forms else (None, None)
+        split = forms["tanh_split_from"] if forms else None
+        prefill_form = PREFILL_FORM.parse(forms["prefill_form"]) if forms and mqa else None
         ours = bool(forms["decode_ours"]) if forms else False
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         forms = None
@@ -346,17 +347,17 @@ def calibrate_forms(weights: dict[str, torch.Tensor], activated: dict[str, str],
         if gelu:
             TANH_GELU.split_from, TANH_GELU.calibrated = split, f"cached: {forms['tanh_gelu']}"
         if mqa:
-            PREFILL_FORM.blocks_at, PREFILL_FORM.dtype, PREFILL_FORM.calibrated = blocks, dtype, f"cached: {forms['mqa']}"
+            PREFILL_FORM.restore(prefill_form, dtype, f"cached: {forms['mqa']}")
         if decode:
             DECODE_FORM.ours, DECODE_FORM.calibrated = ours, f"cached: {forms['decode']}"
         return
-    measured = {"tanh_split_from": None, "blocks_at": [], "tanh_gelu": None, "mqa": None, "decode": None,
+    measured = {"tanh_split_from": None, "prefill_form": None, "tanh_gelu": None, "mqa": None, "decode": None,
                 "decode_ours": False}
     if gelu:
         measured.update(tanh_gelu=calibrate(tp.max_, on_progress), tanh_split_from=TANH_GELU.split_from)
     if mqa:
         measured.update(mqa=calibrate_attention(attention.local_heads, attention.head_dim, tp.max_, dtype,
-                                                on_progress), blocks_at=sorted(PREFILL_FORM.blocks_at))
+                                                on_progress), prefill_form=PREFILL_FORM.state())
     if decode:
         measured.update(decode=calibrate_decode(*heads[:3], tp.max_, dtype, on_progress),
                         decode_ours=DECODE_FORM.ours)
@@ -391,8 +392,7 @@ def describe(plan: dict[str, Choice]) -> str:
         items.append(f"gelu:tanh {'fused' if TANH_GELU.split_from is None else f'split>={TANH_GELU.split_from}'}")
     if DECODE_FORM.calibrated:
         items.append(f"attention:decode {'ours' if DECODE_FORM.ours else 'sdpa'}")
-    from .attention import PREFILL_FORM, describe_lengths
+    from .attention import PREFILL_FORM
     if PREFILL_FORM.calibrated:
-        form = f"blocks@{describe_lengths(PREFILL_FORM.blocks_at)}" if PREFILL_FORM.blocks_at else "sdpa"
-        items.append(f"attention:mqa {form}")
+        items.append(f"attention:mqa {PREFILL_FORM.describe()}")
     return "; ".join(items)

@@ -35,8 +35,10 @@ import torch.nn.functional as F
 from .files import atomic_path, cache_dir
 
 # Our kernels, built into one library: rowdot.c's one-row products, panels.c's (panels.py),
-# attend.c's decode attention (decode_attention.py) and argmax.c's greedy pick (argmax.py).
-SOURCES = tuple(Path(__file__).with_name(name) for name in ("rowdot.c", "panels.c", "attend.c", "argmax.c"))
+# attend.c's decode attention (decode_attention.py), argmax.c's greedy pick (argmax.py) and
+# softmax.c's causal softmax of the prefill's blocks (softmax.py).
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("rowdot.c", "panels.c", "attend.c", "argmax.c",
+                                                           "softmax.c"))
 HEADERS = (Path(__file__).with_name("simd.h"),)  # (part of the build's digest: the sources include it)
 ENV = "STARCODER_TP_ROWDOT"  # "off": never build or offer the kernel; a name of PATHS: that path
 CFLAGS = ("-O3", "-shared", "-fPIC", "-std=c11")
@@ -96,6 +98,9 @@ def library() -> tuple[ctypes.CDLL | None, str]:
             ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p] + [ctypes.c_long] * 5 + [ctypes.c_float]
         fn.restype = ctypes.c_int
     lib.attend_supported.restype = ctypes.c_int
+    for fn in (lib.causal_softmax_f32, lib.causal_softmax_bf16):  # (softmax.py) scores, groups, n, h, t1, t0, scale
+        fn.argtypes, fn.restype = [ctypes.c_void_p] + [ctypes.c_long] * 5 + [ctypes.c_float], ctypes.c_int
+    lib.causal_softmax_supported.restype = ctypes.c_int
     for fn in (lib.argmax_f32, lib.argmax_bf16):  # (argmax.py) x, row stride, rows, n, values, index
         fn.argtypes, fn.restype = [ctypes.c_void_p] + [ctypes.c_long] * 3 + [ctypes.c_void_p] * 2, ctypes.c_int
     taken = lib.rowdot_use(wanted.encode() if wanted else None)  # (None: the widest path this CPU runs)

@@ -1,11 +1,12 @@
 """The multi-query causal prefill's second form (attention.causal_blocks): SDPA's values, taken
 only where the calibration measured that it pays, by every rank alike, and named in the plan."""
+import json
 import types
 
 import pytest
 import torch
 
-from starcoder_tp import attention, kernels
+from starcoder_tp import attention, kernels, softmax
 from starcoder_tp.attention import PREFILL_FORM, attend, blocks_at, calibrate_attention, causal_blocks
 from starcoder_tp.comm import TPGroup
 from starcoder_tp.device import Device
@@ -20,7 +21,12 @@ def form_state(monkeypatch):
     monkeypatch.setattr(PREFILL_FORM, "blocks_at", frozenset())
     monkeypatch.setattr(PREFILL_FORM, "calibrated", "")
     monkeypatch.setattr(PREFILL_FORM, "dtype", torch.float32)
+    monkeypatch.setattr(PREFILL_FORM, "softmax", "torch")
     return PREFILL_FORM
+
+
+SOFTMAXES = ["torch", pytest.param("ours", marks=pytest.mark.skipif(
+    not softmax.available(torch.float32), reason="softmax.c needs AVX-512 and a C compiler: not run here"))]
 
 
 def _mqa(batch: int, tokens: int, heads: int, dim: int = 64, dtype=torch.float32):
@@ -33,9 +39,11 @@ def _mqa(batch: int, tokens: int, heads: int, dim: int = 64, dtype=torch.float32
 
 @pytest.mark.parametrize("batch, tokens, heads, block", [(1, 7, 4, 32), (2, 33, 16, 32), (1, 100, 8, 8),
                                                          (3, 64, 2, 16)])
-def test_causal_blocks_give_sdpa_values(batch, tokens, heads, block, form_state):
+@pytest.mark.parametrize("softmax_form", SOFTMAXES)
+def test_causal_blocks_give_sdpa_values(batch, tokens, heads, block, softmax_form, form_state):
     q, keys, values = _mqa(batch, tokens, heads)
     sdpa = attend(q, keys, values, None, 0.125)  # uncalibrated: SDPA
+    form_state.softmax = softmax_form
     blocks = causal_blocks(q, keys, values, 0.125, block)
     assert blocks.shape == sdpa.shape == (batch, tokens, heads * 64)
     torch.testing.assert_close(blocks, sdpa, rtol=2e-6, atol=2e-6)
@@ -95,22 +103,31 @@ def test_blocks_at_refuses_mismatched_timings():
         blocks_at([1.0, 2.0], [1.0, 2.0, 3.0], (64, 256, 1024))
 
 
-def test_calibrate_attention_takes_the_slowest_ranks_timings_once(form_state):
+@pytest.mark.parametrize("ours_runs", [False, True])
+def test_calibrate_attention_takes_the_slowest_ranks_timings_once(form_state, monkeypatch, ours_runs):
+    monkeypatch.setattr(attention.causal_softmax, "available", lambda dtype: ours_runs)
+    # Another rank's timings at 64..1024 tokens: with torch's softmax the blocks win at 128, 256 and
+    # 512 tokens; with ours, less time in all, at 256, 512 and 1024.
+    sdpa, with_torch, with_ours = [0.2, 0.6, 2.0, 8.0, 20.0], [0.3, 0.5, 1.5, 6.0, 21.0], [0.25, 0.7, 1.0, 5.0, 19.0]
+    slots = [[s, t, o] if ours_runs else [s, t] for s, t, o in zip(sdpa, with_torch, with_ours)]
     seen = []
 
     def slowest(local: torch.Tensor) -> torch.Tensor:
-        seen.append(local.clone())  # another rank where the blocks lost at 64 and 1024 tokens
-        # sdpa, blocks at each length in turn
-        return torch.tensor([0.2, 0.3, 0.6, 0.5, 2.0, 1.5, 8.0, 6.0, 20.0, 21.0], dtype=torch.float64)
+        seen.append(local.clone())
+        return torch.tensor(sum(slots, []), dtype=torch.float64)  # per length: sdpa, blocks per softmax
 
     ticks = []
+    expected = "256,512,1024" if ours_runs else "128,256,512"
     assert calibrate_attention(4, 64, slowest, on_progress=lambda: ticks.append(1)).startswith(
-        "causal blocks at 128,256,512 tokens")
-    assert len(ticks) >= 10, "a rank's heartbeat ticks through the calibration (one per timed call at least)"
-    assert len(seen) == 1 and seen[0].shape == (10,) and bool((seen[0] > 0).all()), "this rank's own timings"
-    assert form_state.blocks_at == {128, 256, 512}
+        f"causal blocks at {expected} tokens")
+    slots_per_length = 3 if ours_runs else 2
+    assert len(ticks) >= 5 * slots_per_length, "a rank's heartbeat ticks through the calibration (one per timed call)"
+    assert len(seen) == 1 and seen[0].shape == (5 * slots_per_length,) and bool((seen[0] > 0).all()), \
+        "this rank's own timings"
+    assert form_state.softmax == ("ours" if ours_runs else "torch")
+    assert form_state.blocks_at == {int(t) for t in expected.split(",")}
     assert calibrate_attention(4, 64, slowest) == form_state.calibrated and len(seen) == 1, "once per process"
-    assert kernels.describe({}).endswith("attention:mqa blocks@128,256,512")
+    assert kernels.describe({}).endswith(f"attention:mqa blocks@{expected}" + (" softmax:ours" if ours_runs else ""))
     assert form_state.dtype == torch.float32
     form_state.calibrated = ""
     calibrate_attention(4, 64, slowest, torch.bfloat16)
@@ -134,14 +151,16 @@ def test_calibrate_forms_measures_attention_for_one_kv_head_in_the_models_dtype(
     assert calls == [(8, 32, torch.float32, tick), (8, 32, torch.bfloat16, tick)]
 
 
-def test_a_model_generates_the_same_tokens_with_either_form(tmp_path, embedded_dir, prompts, form_state, monkeypatch):
+@pytest.mark.parametrize("softmax_form", SOFTMAXES)
+def test_a_model_generates_the_same_tokens_with_either_form(tmp_path, embedded_dir, prompts, form_state, monkeypatch,
+                                                            softmax_form):
     shard_checkpoint(embedded_dir, tmp_path / "s", 1)
     model = load_model(tmp_path / "s", TPGroup(0, 1), torch.device("cpu"), kernels="plain")
     assert model.config.multi_query
     monkeypatch.setattr(PREFILL_FORM, "calibrated", "set by the test")  # use_kernels measures nothing
     same_length = [(p * 20)[:45] for p in prompts[:2]]  # no padding: the plain causal prefill
     sdpa = timed_generate(model, Device("cpu"), same_length, 8, topk=5)
-    form_state.blocks_at = frozenset(attention.CALIBRATION_TOKENS)
+    form_state.blocks_at, form_state.softmax = frozenset(attention.CALIBRATION_TOKENS), softmax_form
     taken = []
     real = attention.causal_blocks
     monkeypatch.setattr(attention, "causal_blocks", lambda *a, **k: taken.append(1) or real(*a, **k))
@@ -151,7 +170,9 @@ def test_a_model_generates_the_same_tokens_with_either_form(tmp_path, embedded_d
     torch.testing.assert_close(sdpa.topk_logprobs, blocks.topk_logprobs, rtol=1e-4, atol=1e-4)
 
 
-def test_a_bf16_model_keeps_the_top_5_rule_with_the_blocks(tmp_path, embedded_dir, prompts, form_state, monkeypatch):
+@pytest.mark.parametrize("softmax_form", SOFTMAXES)
+def test_a_bf16_model_keeps_the_top_5_rule_with_the_blocks(tmp_path, embedded_dir, prompts, form_state, monkeypatch,
+                                                           softmax_form):
     from starcoder_tp.testing.compare import check_topk_close
     from starcoder_tp.testing.runners import GreedyOutput
 
@@ -164,7 +185,7 @@ def test_a_bf16_model_keeps_the_top_5_rule_with_the_blocks(tmp_path, embedded_di
     monkeypatch.setattr(attention, "causal_blocks", lambda *a, **k: taken.append(a[0].dtype) or real(*a, **k))
     runs = {}
     for name, blocks in (("sdpa", frozenset()), ("blocks", frozenset(attention.CALIBRATION_TOKENS))):
-        form_state.blocks_at, form_state.dtype = blocks, torch.bfloat16
+        form_state.blocks_at, form_state.dtype, form_state.softmax = blocks, torch.bfloat16, softmax_form
         r = timed_generate(model, Device("cpu"), same_length, 16, topk=5)
         runs[name] = GreedyOutput(output_ids=r.output_ids.tolist(), topk_ids=r.topk_ids.tolist(),
                                   topk_logprobs=r.topk_logprobs.tolist())
@@ -179,7 +200,7 @@ def test_the_forms_are_measured_once_per_machine_then_read_from_the_cache(form_s
     def measured(heads, dim, slowest, dtype, on_progress):
         calls.append((heads, dim))
         form_state.blocks_at, form_state.calibrated = frozenset({512}), "causal blocks at 512 tokens (...)"
-        form_state.dtype = dtype
+        form_state.dtype, form_state.softmax = dtype, "ours"
         return form_state.calibrated
 
     monkeypatch.setattr(attention, "calibrate_attention", measured)
@@ -187,10 +208,11 @@ def test_the_forms_are_measured_once_per_machine_then_read_from_the_cache(form_s
     mqa = types.SimpleNamespace(local_heads=8, local_kv_heads=1, head_dim=32)
     kernels.calibrate_forms({"8x8:float32": torch.ones(8, 8)}, {}, tp, mqa)
     assert calls == [(8, 32)] and len(list((tmp_path / "cache" / "forms").glob("*.json"))) == 1
-    form_state.blocks_at, form_state.calibrated = frozenset(), ""  # another process on this machine
+    form_state.blocks_at, form_state.calibrated, form_state.softmax = frozenset(), "", "torch"  # another process
     kernels.calibrate_forms({"8x8:float32": torch.ones(8, 8)}, {}, tp, mqa)
     assert calls == [(8, 32)], "read from the cache, not measured again"
     assert form_state.blocks_at == {512} and form_state.calibrated.startswith("cached: causal blocks at 512")
+    assert form_state.softmax == "ours"
     form_state.blocks_at, form_state.calibrated = frozenset(), ""
     missing = types.SimpleNamespace(max_=lambda t: torch.ones_like(t), world_size=1)  # another rank lacks them
     kernels.calibrate_forms({"8x8:float32": torch.ones(8, 8)}, {}, missing, mqa)
@@ -219,3 +241,28 @@ def test_causal_blocks_of_a_batch_are_each_sequences_own(dtype, per_call, monkey
     for i in range(3):
         alone = causal_blocks(q[i:i + 1], keys[i:i + 1], values[i:i + 1], 0.125)
         torch.testing.assert_close(together[i:i + 1], alone, msg=lambda m, i=i: f"sequence {i}: {m}")
+
+
+@pytest.mark.parametrize("stored", [{"blocks_at": [512], "softmax": "fast"}, {"blocks_at": [500], "softmax": "ours"},
+                                    {"blocks_at": 512, "softmax": "ours"}, {"softmax": "ours"}, None])
+def test_a_cached_prefill_form_that_is_not_one_is_measured_again(form_state, monkeypatch, tmp_path, stored):
+    monkeypatch.setenv("STARCODER_TP_CACHE", str(tmp_path / "cache"))
+    calls = []
+
+    def measured(heads, dim, slowest, dtype, on_progress):
+        calls.append(heads)
+        form_state.blocks_at, form_state.calibrated, form_state.softmax = frozenset({512}), "measured", "ours"
+        return form_state.calibrated
+
+    monkeypatch.setattr(attention, "calibrate_attention", measured)
+    tp = types.SimpleNamespace(max_=lambda t: t, world_size=1)
+    mqa = types.SimpleNamespace(local_heads=8, local_kv_heads=1, head_dim=32)
+    kernels.calibrate_forms({"8x8:float32": torch.ones(8, 8)}, {}, tp, mqa)
+    path = next((tmp_path / "cache" / "forms").glob("*.json"))
+    cached = json.loads(path.read_text())
+    cached["forms"]["prefill_form"] = stored
+    path.write_text(json.dumps(cached))
+    form_state.blocks_at, form_state.calibrated, form_state.softmax = frozenset(), "", "torch"
+    kernels.calibrate_forms({"8x8:float32": torch.ones(8, 8)}, {}, tp, mqa)
+    assert calls == [8, 8], f"a cached {stored!r} was taken"
+    assert form_state.calibrated == "measured" and form_state.softmax == "ours"

@@ -201,3 +201,15 @@ def test_a_narrower_path_named_leaves_out_the_avx512_kernels_as_a_narrower_cpu_w
         monkeypatch.delenv(rowdot.ENV)
         rowdot.library.cache_clear()
     assert rowdot.runs_at_least(rowdot.path()) and rowdot.runs_at_least("scalar")
+
+
+def test_an_installed_package_carries_every_source_the_library_is_built_from():
+    # The library is compiled at first use from files next to rowdot.py: a non-editable install
+    # has only what pyproject's package-data names (argmax.c was once left out of it).
+    import tomllib
+    from pathlib import Path
+
+    pyproject = tomllib.loads((Path(rowdot.__file__).parents[1] / "pyproject.toml").read_text())
+    shipped = set(pyproject["tool"]["setuptools"]["package-data"]["starcoder_tp"])
+    needed = {path.name for path in rowdot.SOURCES + rowdot.HEADERS}
+    assert needed <= shipped, f"package-data lacks {sorted(needed - shipped)}"
