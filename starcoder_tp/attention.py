@@ -70,7 +70,8 @@ class PrefillForm:
         """A cached `state`'s (blocks_at, softmax); ValueError (or KeyError, TypeError) where it is
         not one that `state` writes."""
         blocks, softmax = frozenset(state["blocks_at"]), state["softmax"]
-        if not blocks <= set(CALIBRATION_TOKENS) or softmax not in ("ours", "torch"):
+        if not (all(type(t) is int for t in blocks) and blocks <= set(CALIBRATION_TOKENS)) or softmax not in (
+                "ours", "torch"):
             raise ValueError(f"prefill form: blocks at {sorted(blocks)!r}, softmax {softmax!r}")
         return blocks, softmax
 
@@ -109,6 +110,8 @@ def causal_blocks(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, sca
     batched"). `softmax`: "ours" (softmax.c: scale, mask and softmax in one call) or "torch"; None:
     PREFILL_FORM's. q: [B, T, H, D]; keys, values: [B, 1, S, D]. Returns [B, T, H * D]."""
     b, t, h, d = q.shape
+    if softmax not in (None, "ours", "torch"):
+        raise ValueError(f"causal_blocks: softmax {softmax!r}: expected 'ours', 'torch' or None")
     ours = (softmax or PREFILL_FORM.softmax) == "ours"
     out = q.new_empty(b, t, h, d)
     after = None if ours else torch.full((block, block), float("-inf"), dtype=q.dtype, device=q.device).triu_(1)
@@ -247,7 +250,9 @@ def calibrate_attention(heads: int, head_dim: int, slowest, dtype: torch.dtype =
     inputs = [(torch.randn(1, t, heads + 2, head_dim, dtype=dtype)[:, :, :heads],  # q: a view of the fused q/k/v
                torch.randn(1, 1, t, head_dim, dtype=dtype), torch.randn(1, 1, t, head_dim, dtype=dtype))
               for t in CALIBRATION_TOKENS]
-    softmaxes = ("torch", "ours") if causal_softmax.available(dtype) else ("torch",)
+    # Ours is timed only where every rank runs it: the ranks reduce timings of one length.
+    lacking = slowest(torch.tensor([0.0 if causal_softmax.available(dtype) else 1.0], dtype=torch.float64)).item()
+    softmaxes = ("torch",) if lacking else ("torch", "ours")
     PREFILL_FORM.dtype = dtype
     saved, PREFILL_FORM.blocks_at = PREFILL_FORM.blocks_at, frozenset()  # attend: SDPA while timed
     try:

@@ -340,16 +340,17 @@ def calibrate_forms(weights: dict[str, torch.Tensor], activated: dict[str, str],
         split = forms["tanh_split_from"] if forms else None
         prefill_form = PREFILL_FORM.parse(forms["prefill_form"]) if forms and mqa else None
         ours = bool(forms["decode_ours"]) if forms else False
+        shown = {name: f"cached: {forms[name]}" for name in ("tanh_gelu", "mqa", "decode")} if forms else {}
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         forms = None
     # Every rank measures if any lacks them: the timings are reduced across ranks.
     if not tp.max_(torch.tensor([0.0 if forms is not None else 1.0], dtype=torch.float64)).item():
         if gelu:
-            TANH_GELU.split_from, TANH_GELU.calibrated = split, f"cached: {forms['tanh_gelu']}"
+            TANH_GELU.split_from, TANH_GELU.calibrated = split, shown["tanh_gelu"]
         if mqa:
-            PREFILL_FORM.restore(prefill_form, dtype, f"cached: {forms['mqa']}")
+            PREFILL_FORM.restore(prefill_form, dtype, shown["mqa"])
         if decode:
-            DECODE_FORM.ours, DECODE_FORM.calibrated = ours, f"cached: {forms['decode']}"
+            DECODE_FORM.ours, DECODE_FORM.calibrated = ours, shown["decode"]
         return
     measured = {"tanh_split_from": None, "prefill_form": None, "tanh_gelu": None, "mqa": None, "decode": None,
                 "decode_ours": False}

@@ -197,8 +197,9 @@ AVX512 INLINE __m512 fma_f32(__m512 a, __m512i w, __m512i x) {
 /* x's rows, in the blocks _all runs them in (8, 4, 2, 1 rows), each block's rows interleaved step by
  * step ([steps][mr] units of 4 bytes: an fp32 element, a bf16 pair), so that a step's broadcasts read
  * one line: rows side by side put a block's 8 lines a row apart, which a K of 1024 fp32 lays in one set
- * of the L1 cache, with the panels' lines (4 KiB apart too). Blocks of 8 rows by 16 steps go through
- * registers: one unit at a time, the copy took 2% of a 512-row product's time at K 1024. */
+ * of the L1 cache, with the panels' lines (64 KiB apart, a multiple of 4 KiB too). Blocks of 8 rows by
+ * 16 steps go through registers, a third of the cost of one unit at a time (RESULTS.md, "Panels' rows
+ * interleaved"). */
 AVX512 static void interleave(const void *x, void *rows, long steps, long m) {
     const __m512i low = _mm512_set_epi32(23, 22, 21, 20, 7, 6, 5, 4, 19, 18, 17, 16, 3, 2, 1, 0);
     const __m512i high = _mm512_add_epi32(low, _mm512_set1_epi32(8));
@@ -289,8 +290,6 @@ AVX512 static void interleave(const void *x, void *rows, long steps, long m) {
                 }                                                                                  \
         }                                                                                          \
     }                                                                                              \
-    /* One row by ONE_ROW; more in blocks of NV panels, each against every row of x in blocks of 8, \
-     * 4, 2, 1 rows. */                                                                            \
     /* Every row of the interleaved x against the panels: in blocks of NV panels, each against every \
      * row in blocks of 8, 4, 2, 1 rows (K in chunks where it is long and `part` was had). */     \
     attr static void kind##_rows(const E *w, const E *x, const E *b, E *y, long n, long k, long m, int act, \

@@ -44,7 +44,9 @@ AVX512 static void softmax_row(void *row, long seen, long t1, float scale, float
         top = _mm512_mask_max_ps(top, lanes, top, load_row(row, j, lanes, bf16));
     }
     /* scale > 0: the scaled row's maximum is the scaled maximum. e^x below -87 (exp_neg's range ends
-     * there) is 0, as torch's; a NaN stays NaN and makes its row's sum NaN, as torch's. */
+     * there) is 0, as torch's; a NaN among the keys a row sees stays NaN and makes the row NaN, as
+     * torch's (a NaN past the row's last key, which torch's -inf mask also turns into a NaN row, is
+     * never read here). */
     const __m512 vs = _mm512_set1_ps(scale), shift = _mm512_set1_ps(-scale * _mm512_reduce_max_ps(top));
     const __m512 floor = _mm512_set1_ps(-87.0f);
     __m512 total = _mm512_setzero_ps();

@@ -10,6 +10,8 @@ runs. It is built with rowdot.c into one library (rowdot.py).
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from . import rowdot
@@ -29,7 +31,9 @@ def causal_(scores: torch.Tensor, tokens: int, heads: int, first: int, scale: fl
     replaced by softmax(scale * scores) over the keys 0..first + i each row sees, 0 past them.
     Returns `scores`. Only where `available`."""
     g, rows, s = scores.shape
-    if not (scores.is_contiguous() and scores.device.type == "cpu" and rows == tokens * heads
+    if not (scale > 0 and math.isfinite(scale)):  # (softmax.c subtracts the scaled row's maximum)
+        raise ValueError(f"softmax.causal_: scale {scale!r}: expected a finite positive scale")
+    if not (scores.is_contiguous() and scores.device.type == "cpu" and rows == tokens * heads and first >= 0
             and first + tokens <= s and available(scores.dtype)):
         raise ValueError(f"softmax.causal_: scores {list(scores.shape)} {scores.dtype} on {scores.device} "
                          f"(contiguous: {scores.is_contiguous()}) for {tokens} tokens of {heads} heads from "

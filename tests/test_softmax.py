@@ -1,5 +1,6 @@
 """softmax.py, the causal softmax of the multi-query prefill's blocks by softmax.c: torch's scale,
-mask and softmax to within fp32 rounding (bf16: the same bits or one rounding apart), exact zeros
+mask and softmax to within fp32 rounding (bf16: the exact softmax of the bf16 scores rounded once, at least
+as close as torch's), exact zeros
 past each row's last key, rows summing to 1, causal_blocks alike with either softmax, and inputs
 it does not take refused by value."""
 import pytest
@@ -26,16 +27,21 @@ def torch_causal(scores: torch.Tensor, tokens: int, heads: int, first: int, scal
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("groups,tokens,heads,first", [(1, 1, 16, 0), (1, 32, 16, 0), (2, 32, 16, 480),
                                                        (3, 7, 3, 33), (1, 17, 5, 1)])
-def test_each_row_is_torchs_softmax_of_the_keys_it_sees_and_zero_past_them(dtype, groups, tokens, heads, first):
+@pytest.mark.parametrize("scale", [0.125, 128 ** -0.5])  # (head_dim 64; 128, not a power of two)
+def test_each_row_is_torchs_softmax_of_the_keys_it_sees_and_zero_past_them(dtype, groups, tokens, heads, first,
+                                                                            scale):
     torch.manual_seed(tokens)
     s = first + tokens
     scores = (torch.randn(groups, tokens * heads, s) * 8).to(dtype)
-    ours = softmax.causal_(scores.clone(), tokens, heads, first, 0.125)
-    theirs = torch_causal(scores, tokens, heads, first, 0.125)
+    ours = softmax.causal_(scores.clone(), tokens, heads, first, scale)
+    theirs = torch_causal(scores, tokens, heads, first, scale)
     if dtype == torch.float32:
         torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-7)
-    else:  # (torch rounds the scaled scores to bf16 first: one rounding apart at most)
-        torch.testing.assert_close(ours.float(), theirs.float(), rtol=2 ** -7, atol=1e-6)
+    else:  # torch rounds the scaled scores to bf16 before its softmax (1.5% off at 128 ** -0.5); ours
+        # is the exact softmax of the bf16 scores rounded once
+        exact = torch_causal(scores.double(), tokens, heads, first, scale)
+        torch.testing.assert_close(ours.double(), exact, rtol=2 ** -8, atol=1e-7)
+        assert (ours.double() - exact).abs().max() <= (theirs.double() - exact).abs().max()
     seen = (torch.arange(s) <= first + torch.arange(tokens)[:, None])  # [tokens, S]
     rows = ours.view(groups, tokens, heads, s).float()
     assert bool((rows.masked_select(~seen[None, :, None, :]) == 0).all()), "exact zeros past a row's last key"
@@ -57,16 +63,18 @@ def test_large_and_equal_scores_stay_finite(dtype):
 @needs
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("batch,tokens", [(1, 100), (3, 64)])
-def test_causal_blocks_with_either_softmax_is_sdpa(dtype, batch, tokens):
+@pytest.mark.parametrize("dim", [64, 128])
+def test_causal_blocks_with_either_softmax_is_sdpa(dtype, batch, tokens, dim):
     torch.manual_seed(0)
-    q = torch.randn(batch, tokens, 6, 64).to(dtype)[:, :, :4]  # a strided view, as the model's fused q/k/v
-    keys, values = torch.randn(batch, 1, tokens, 64).to(dtype), torch.randn(batch, 1, tokens, 64).to(dtype)
+    q = torch.randn(batch, tokens, 6, dim).to(dtype)[:, :, :4]  # a strided view, as the model's fused q/k/v
+    keys, values = torch.randn(batch, 1, tokens, dim).to(dtype), torch.randn(batch, 1, tokens, dim).to(dtype)
+    scale = dim ** -0.5
     want = F.scaled_dot_product_attention(q.transpose(1, 2).float(), keys.expand(-1, 4, -1, -1).float(),
-                                          values.expand(-1, 4, -1, -1).float(), is_causal=True, scale=0.125)
-    want = want.transpose(1, 2).reshape(batch, tokens, 4 * 64)
+                                          values.expand(-1, 4, -1, -1).float(), is_causal=True, scale=scale)
+    want = want.transpose(1, 2).reshape(batch, tokens, 4 * dim)
     tolerance = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2 ** -6, atol=2e-2)
     for name in ("ours", "torch"):
-        got = causal_blocks(q, keys, values, 0.125, softmax=name)
+        got = causal_blocks(q, keys, values, scale, softmax=name)
         torch.testing.assert_close(got.float(), want, **tolerance, msg=lambda m: f"{name}'s softmax: {m}")
 
 
@@ -81,6 +89,13 @@ def test_what_the_kernel_does_not_take_is_refused_by_value():
         softmax.causal_(scores, 4, 3, 0, 1.0)
     with pytest.raises(ValueError, match="float64"):
         softmax.causal_(scores.double(), 4, 2, 0, 1.0)
+    with pytest.raises(ValueError, match="from token -1"):
+        softmax.causal_(scores, 4, 2, -1, 1.0)
+    for scale in (0.0, -0.125, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=f"scale {scale!r}"):
+            softmax.causal_(scores, 4, 2, 0, scale)
+    with pytest.raises(ValueError, match="softmax 'fast'"):
+        causal_blocks(torch.randn(1, 4, 2, 16), torch.randn(1, 1, 4, 16), torch.randn(1, 1, 4, 16), 0.25, softmax="fast")
 
 
 @needs
