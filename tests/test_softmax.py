@@ -1,8 +1,7 @@
 """softmax.py, the causal softmax of the multi-query prefill's blocks by softmax.c: torch's scale,
-mask and softmax to within fp32 rounding (bf16: the exact softmax of the bf16 scores rounded once, at least
-as close as torch's), exact zeros
-past each row's last key, rows summing to 1, causal_blocks alike with either softmax, and inputs
-it does not take refused by value."""
+mask and softmax to within fp32 rounding (bf16: the exact softmax of the bf16 scores rounded once,
+at least as close as torch's), exact zeros past each row's last key, rows summing to 1,
+causal_blocks alike with either softmax, and inputs it does not take refused by value."""
 import pytest
 import torch
 import torch.nn.functional as F
