@@ -171,9 +171,7 @@ AVX512 static int attend_all(const void *q, long q_b, const void *k, const void 
 /* Whether this CPU runs attend_f32 / attend_bf16: AVX-512 (F, BW, VL). */
 int attend_supported(void) {
 #if defined(__x86_64__) && defined(__GNUC__)
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512vl");
+    return runs_avx512();
 #else
     return 0;
 #endif

@@ -347,10 +347,7 @@ SHAPES(f32, AVX512, float, 1, F32_X, fma_f32, F32_BIAS, F32_STORE)
 /* Which dtypes this CPU runs: 1 fp32 (AVX-512), 2 bf16 (AVX512_BF16), summed; 0 none. */
 int panels_dtypes(void) {
 #if defined(__x86_64__) && defined(__GNUC__)
-    __builtin_cpu_init();
-    int avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                 __builtin_cpu_supports("avx512vl");
-    return avx512 ? 1 + (__builtin_cpu_supports("avx512bf16") ? 2 : 0) : 0;
+    return runs_avx512() ? 1 + (__builtin_cpu_supports("avx512bf16") ? 2 : 0) : 0;
 #else
     return 0;
 #endif

@@ -8,6 +8,13 @@
 #define AVX512BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
 #define INLINE static inline __attribute__((always_inline))
 
+/* Whether this CPU runs what the AVX512 attribute allows (F, BW, VL): the *_supported functions'. */
+static inline int runs_avx512(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl");
+}
+
 AVX512 INLINE __m512i round_bf16(__m512 v) {  /* to nearest even, NaN kept quiet: in each lane's low half */
     __m512i u = _mm512_castps_si512(v);
     __m512i rounded = _mm512_srli_epi32(

@@ -86,9 +86,7 @@ AVX512 static int causal_all(void *scores, long groups, long n, long h, long t1,
 /* Whether this CPU runs causal_softmax_f32 / causal_softmax_bf16: AVX-512 (F, BW, VL). */
 int causal_softmax_supported(void) {
 #if defined(__x86_64__) && defined(__GNUC__)
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512vl");
+    return runs_avx512();
 #else
     return 0;
 #endif
