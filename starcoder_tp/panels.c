@@ -194,6 +194,11 @@ AVX512 INLINE __m512 fma_f32(__m512 a, __m512i w, __m512i x) {
         }                                                                                          \
     }
 
+/* The rows of x's next block, of `left` rows left: 8, 4, 2 or 1 (the blocks SHAPES compiles). */
+static inline int block_rows(long left) {
+    return left >= 8 ? 8 : left >= 4 ? 4 : left >= 2 ? 2 : 1;
+}
+
 /* x's rows, in the blocks _all runs them in (8, 4, 2, 1 rows), each block's rows interleaved step by
  * step ([steps][mr] units of 4 bytes: an fp32 element, a bf16 pair), so that a step's broadcasts read
  * one line: rows side by side put a block's 8 lines a row apart, which a K of 1024 fp32 lays in one set
@@ -206,7 +211,7 @@ AVX512 static void interleave(const void *x, void *rows, long steps, long m) {
     const char *from = x;
     char *to = rows;
     for (long r = 0; r < m;) {
-        int mr = m - r >= 8 ? 8 : m - r >= 4 ? 4 : m - r >= 2 ? 2 : 1;
+        int mr = block_rows(m - r);
         long s = 0;
         for (; mr == 8 && s + 16 <= steps; s += 16) {
             __m512 v[8], t[8], u[8];
@@ -275,7 +280,7 @@ AVX512 static void interleave(const void *x, void *rows, long steps, long m) {
                     next = w + (ahead ? p + NV : p) * k * 16;                                      \
                 }                                                                                  \
                 for (long r = 0, j = 0; r < m; j++) {                                              \
-                    int mr = m - r >= 8 ? 8 : m - r >= 4 ? 4 : m - r >= 2 ? 2 : 1;                 \
+                    int mr = block_rows(m - r);                                                    \
                     kind##_chunks[mr == 8 ? 0 : mr == 4 ? 1 : mr == 2 ? 2 : 3][nv - 1](            \
                         here, x + r * k + c * XS * mr, k, next, ahead, (int)j, blocks, len, part + r * NV * 16); \
                     r += mr;                                                                       \
@@ -297,7 +302,7 @@ AVX512 static void interleave(const void *x, void *rows, long steps, long m) {
         long panels = n / 16;                                                                      \
         int blocks = 0; /* row blocks: each asks for its share of the next block's panels */       \
         for (long r = 0; r < m; blocks++)                                                          \
-            r += m - r >= 8 ? 8 : m - r >= 4 ? 4 : m - r >= 2 ? 2 : 1;                             \
+            r += block_rows(m - r);                                                                \
         if (part) {                                                                                \
             kind##_chunked(w, x, b, y, n, k, m, act, part, blocks);                                \
             return;                                                                                \
@@ -305,7 +310,7 @@ AVX512 static void interleave(const void *x, void *rows, long steps, long m) {
         for (long p = 0; p < panels; p += NV) {                                                    \
             int nv = panels - p < NV ? (int)(panels - p) : NV;                                     \
             for (long r = 0, j = 0; r < m; j++) {                                                  \
-                int mr = m - r >= 8 ? 8 : m - r >= 4 ? 4 : m - r >= 2 ? 2 : 1;                     \
+                int mr = block_rows(m - r);                                                        \
                 long left = panels - (p + NV); /* the next block's panels: asked for by every row block */ \
                 int ahead = left <= 0 ? 0 : left < NV ? (int)left : NV;                            \
                 kind##_shapes[mr == 8 ? 0 : mr == 4 ? 1 : mr == 2 ? 2 : 3][nv - 1](                \
