@@ -48,9 +48,12 @@ DECODE_MIN_CALLS = 4
 # reports a 480 MiB L3) read a 16 MB weight at 27.4 GB/s rotated over 64 MB, 16.6 over 256 MB,
 # 15.5-15.6 over 512 MB and 1 GB; the EPYC Zen 5 (32 MiB L3) at 25.1 over 32 MB, 19.7 over 64 MB, 19.4
 # over 128 MB, 18.2 over 512 MB, and over 128 MB its plans chose as over 256 MB, in less than half
-# the time: making the copies is most of it (RESULTS.md, "Weights out of the file's mapping").
+# the time: making the copies is most of it (RESULTS.md, "Weights out of the file's mapping"). On
+# the EPYC Zen 4 (32 MiB L3) 64 MiB sets chose as 128 MiB ones, the one-row timings alike within
+# their noise, and the plan took 2-3 s less: a VM faults fresh huge pages in at ~1 GB/s (RESULTS.md,
+# "Start-up: decode sets of two caches").
 DECODE_SET_BYTES = 256 << 20  # at most: it bounds the measurement's extra memory, up to three sets
-DECODE_SET_CACHES = 4  # else this many times the last-level cache,
+DECODE_SET_CACHES = 2  # else this many times the last-level cache,
 DECODE_SET_MIN_BYTES = 64 << 20  # and at least this
 # A candidate this much slower than the best on its probe call, and again on a second call, is
 # not timed further: the rounds tell apart candidates within a few percent (3-6% from one plan to
