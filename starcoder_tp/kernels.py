@@ -155,8 +155,10 @@ def choose(decode_ms: dict[str, float], prefill_ms: dict[str, float], short_ms: 
     """The fastest decode layout, then the fastest prefill kernels (long, short) that layout runs.
     With a request's `prompt_rows` and decode `steps`, the layout whose request costs least: its
     prefill (the short or the long timing, whichever that many rows take, scaled by rows) plus
-    `steps` decode steps; of layouts within TIE_FRACTION of the least, the one whose prefill is
-    shortest (the first token is the wait a user sees, and totals that close are not told apart)."""
+    `steps` decode steps; of layouts within TIE_FRACTION of the least (totals that close are not
+    told apart), the one whose slower phase is least behind that phase's fastest layout: the first
+    token and the step are both waits a user sees, and a tie on the total can hide a step 20% slower
+    behind a prefill 1% faster (RESULTS.md, "The tie on a request broken by the phase further behind")."""
     if not decode_ms:
         raise ValueError("choose: no decode timings")
     short_ms = prefill_ms if short_ms is None else short_ms
@@ -179,8 +181,15 @@ def choose(decode_ms: dict[str, float], prefill_ms: dict[str, float], short_ms: 
         if prompt_rows < 1 or steps < 0:
             raise ValueError(f"choose: a request of {prompt_rows} prompt rows and {steps} decode steps")
         least = min(request_ms(layout) for layout in decode_ms)
-        decode = min((layout for layout in decode_ms if request_ms(layout) <= least * (1 + TIE_FRACTION)),
-                     key=lambda layout: (prefill_of(layout), request_ms(layout)))
+        best_prefill = min(prefill_of(layout) for layout in decode_ms)
+        best_step = min(decode_ms.values())
+
+        def behind(layout: str) -> tuple[float, float]:  # the phase further behind, then the total
+            ratios = [ms / best if best > 0 else float(ms > 0) for ms, best in ((prefill_of(layout), best_prefill),
+                                                                                 (decode_ms[layout], best_step))]
+            return max(ratios), request_ms(layout)  # (0 ms: a lone candidate, not timed)
+
+        decode = min((layout for layout in decode_ms if request_ms(layout) <= least * (1 + TIE_FRACTION)), key=behind)
     return Choice(decode, fastest(decode, prefill_ms), fastest(decode, short_ms), dict(decode_ms), dict(short_ms),
                   dict(prefill_ms))
 
