@@ -113,6 +113,101 @@ AVX512 static void attend_heads(const float *q, int gn, const float *k, const fl
     }
 }
 
+#define DOT_KEYS 8  /* vdpbf16ps's latency is longer than the FMA's: more independent sums */
+
+/* attend_heads for bf16 on CPUs with AVX512_BF16 (the "dot" path): each vdpbf16ps does two
+ * multiply-adds of bf16 pairs into fp32 lanes, so the scores and the sums take half the
+ * instructions, and the keys are read as they are, not widened. The scores are scaled in the
+ * exponent, exp((s - max) * scale), the queries staying exact. The probabilities go into the
+ * value sums rounded to bf16, as SDPA's and transformers' bf16 attention takes them; their sum
+ * (the normaliser) is fp32's. q [gn][D], keys and values [S][D] bf16. Scratch, 64-byte aligned:
+ * scores [S][16] fp32, qt [D/2][16] and pairs [ceil(S/2)][16] bf16 pairs, vt [ceil(S/2)][D] bf16
+ * pairs (values s and s + 1 interleaved; zero for a masked key, whose row is never read). */
+AVX512BF16 static void attend_heads_dot(const uint16_t *q, int gn, const uint16_t *k, const uint16_t *v,
+                                        const uint8_t *valid, long s_len, long d_len, float scale, float *scores,
+                                        uint32_t *qt, uint32_t *pairs, uint32_t *vt, float *out, const char *pk,
+                                        const char *pv, long row_bytes) {
+    __mmask16 lanes = (__mmask16)((1u << gn) - 1u);
+    long half = d_len / 2, s_pairs = (s_len + 1) / 2;
+    const uint32_t *kw = (const uint32_t *)k;  /* a key's elements 2i, 2i + 1: word i of its row */
+    __m512i heads = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                       _mm512_set1_epi32((int)half));
+    for (long i = 0; i < half; i++)
+        _mm512_store_si512(qt + i * LANES, _mm512_mask_i32gather_epi32(
+            _mm512_setzero_si512(), lanes, _mm512_add_epi32(heads, _mm512_set1_epi32((int)i)), q, 4));
+    __m512 top = _mm512_set1_ps(-INFINITY);
+    for (long s = 0; s < s_len;) {
+        int n = s_len - s < DOT_KEYS ? 1 : DOT_KEYS;  /* (the last few keys one at a time) */
+        __m512 acc[DOT_KEYS];
+        for (int j = 0; j < DOT_KEYS; j++)
+            acc[j] = _mm512_setzero_ps();
+        if (n == DOT_KEYS)
+            for (long i = 0; i < half; i++) {
+                __m512bh qi = (__m512bh)_mm512_load_si512(qt + i * LANES);
+                for (int j = 0; j < DOT_KEYS; j++)
+                    acc[j] = _mm512_dpbf16_ps(acc[j], qi, (__m512bh)_mm512_set1_epi32((int)kw[(s + j) * half + i]));
+            }
+        else
+            for (long i = 0; i < half; i++)
+                acc[0] = _mm512_dpbf16_ps(acc[0], (__m512bh)_mm512_load_si512(qt + i * LANES),
+                                          (__m512bh)_mm512_set1_epi32((int)kw[s * half + i]));
+        for (int j = 0; j < n; j++, s++) {
+            if (pk)
+                ask_next(pk, pv, s, row_bytes);
+            _mm512_store_ps(scores + s * LANES, acc[j]);
+            if (!valid || valid[s])
+                top = _mm512_max_ps(top, acc[j]);
+        }
+    }
+    __m512 total = _mm512_setzero_ps(), scaled_top = _mm512_mul_ps(top, _mm512_set1_ps(scale));
+    for (long j = 0; j < s_pairs; j++) {
+        __m512i two[2];
+        for (int e = 0; e < 2; e++) {
+            long at = 2 * j + e;
+            __m512 p = _mm512_setzero_ps();
+            if (at < s_len && (!valid || valid[at]))
+                p = exp_neg(_mm512_fmsub_ps(_mm512_load_ps(scores + at * LANES), _mm512_set1_ps(scale), scaled_top));
+            total = _mm512_add_ps(total, p);
+            two[e] = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(p));
+        }
+        _mm512_store_si512(pairs + j * LANES, _mm512_or_si512(two[0], _mm512_slli_epi32(two[1], 16)));
+    }
+    /* word m of a 32-word block: element m of row s (low half), element m of row s + 1 (high) */
+    __m512i first = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8,
+                                     39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+    __m512i second = _mm512_add_epi16(first, _mm512_set1_epi16(16));
+    for (long j = 0; j < s_pairs; j++)
+        for (long c = 0; c < d_len; c += 32) {
+            __mmask32 cols = d_len - c < 32 ? (__mmask32)0xffff : (__mmask32)0xffffffffu;
+            long a = 2 * j, b = 2 * j + 1;
+            __m512i ra = _mm512_maskz_loadu_epi16((!valid || valid[a]) ? cols : 0, v + a * d_len + c);
+            __m512i rb = _mm512_maskz_loadu_epi16(b < s_len && (!valid || valid[b]) ? cols : 0, v + b * d_len + c);
+            _mm512_store_si512(vt + j * d_len + c, _mm512_permutex2var_epi16(ra, first, rb));
+            if (d_len - c >= 32)
+                _mm512_store_si512(vt + j * d_len + c + 16, _mm512_permutex2var_epi16(ra, second, rb));
+        }
+    __m512 inv = _mm512_div_ps(_mm512_set1_ps(1.0f), total);
+    float block[LANES * LANES] __attribute__((aligned(64)));  /* [16 elements of d][16 heads] */
+    for (long d0 = 0; d0 < d_len; d0 += LANES) {
+        __m512 acc[LANES];
+        for (int i = 0; i < LANES; i++)
+            acc[i] = _mm512_setzero_ps();
+        for (long j = 0; j < s_pairs; j++) {
+            if (valid && !valid[2 * j] && (2 * j + 1 >= s_len || !valid[2 * j + 1]))
+                continue;
+            __m512bh p = (__m512bh)_mm512_load_si512(pairs + j * LANES);
+            const uint32_t *vs = vt + j * d_len + d0;
+            for (int i = 0; i < LANES; i++)
+                acc[i] = _mm512_dpbf16_ps(acc[i], p, (__m512bh)_mm512_set1_epi32((int)vs[i]));
+        }
+        for (int i = 0; i < LANES; i++)
+            _mm512_store_ps(block + i * LANES, _mm512_mul_ps(acc[i], inv));
+        for (int g = 0; g < gn; g++)
+            for (int i = 0; i < LANES; i++)
+                out[g * d_len + d0 + i] = block[i * LANES + g];
+    }
+}
+
 AVX512 static void widen_rows(const uint16_t *src, long rows, long d_len, float *dst) {  /* bf16 -> fp32 */
     for (long i = 0; i < rows * d_len; i += LANES) {
         __m256i h = _mm256_loadu_si256((const __m256i *)(src + i));
@@ -125,15 +220,26 @@ AVX512 static void widen_rows(const uint16_t *src, long rows, long d_len, float 
  * head strides kv_b, kv_h (keys D apart); mask: NULL or [B][S] bytes with batch stride mask_b
  * (0: broadcast). bf16: q, keys, values and out in bf16 (the uint16_t bits). D % 16 == 0.
  * Returns 0, or -1 where the scratch memory could not be had. */
+/* Whether attend_bf16 takes the dot path: AVX512_BF16 besides what AVX512 needs. */
+static int runs_bf16_dot(void) {
+    static int known = -1;
+    if (known < 0)
+        known = runs_avx512() && __builtin_cpu_supports("avx512bf16");
+    return known;
+}
+
 AVX512 static int attend_all(const void *q, long q_b, const void *k, const void *v, long kv_b, long kv_h,
                              const uint8_t *mask, long mask_b, void *out, long b_len, long kv_len, long g_len,
-                             long s_len, long d_len, float scale, int bf16) {
-    size_t kv_floats = bf16 ? (size_t)(2 * s_len * d_len) : 0;
+                             long s_len, long d_len, float scale, int bf16, int dot) {
+    dot = bf16 && dot && runs_bf16_dot();
+    long s_pairs = (s_len + 1) / 2;  /* dot: qt, pairs and vt as words, in the kf and vf slots */
+    size_t kv_floats = dot ? (size_t)(s_pairs * (LANES + d_len)) : bf16 ? (size_t)(2 * s_len * d_len) : 0;
     float *scratch = aligned_alloc(64, ((size_t)s_len * LANES + kv_floats + (size_t)(LANES * d_len) * 3) * 4);
     if (!scratch)
         return -1;
-    float *scores = scratch, *kf = scores + s_len * LANES, *vf = kf + (bf16 ? s_len * d_len : 0);
-    float *qf = vf + (bf16 ? s_len * d_len : 0), *of = qf + LANES * d_len, *qt = of + LANES * d_len;
+    float *scores = scratch, *kf = scores + s_len * LANES, *vf = kf + (bf16 && !dot ? s_len * d_len : 0);
+    float *qf = kf + kv_floats, *of = qf + LANES * d_len, *qt = of + LANES * d_len;
+    uint32_t *pairs = (uint32_t *)kf, *vt = pairs + s_pairs * LANES;
     for (long b = 0; b < b_len; b++)
         for (long j = 0; j < kv_len; j++) {
             const uint8_t *valid = mask ? mask + b * mask_b : NULL;
@@ -143,7 +249,7 @@ AVX512 static int attend_all(const void *q, long q_b, const void *k, const void 
             long size = bf16 ? 2 : 4;  /* (the next (sequence, K/V head)'s rows: asked for by its first heads) */
             const char *pk = next_b < b_len ? (const char *)k + next_at * size : NULL;
             const char *pv = next_b < b_len ? (const char *)v + next_at * size : NULL;
-            if (bf16) {
+            if (bf16 && !dot) {
                 widen_rows((const uint16_t *)k + kv_at, s_len, d_len, kf);
                 widen_rows((const uint16_t *)v + kv_at, s_len, d_len, vf);
                 kr = kf, vr = vf;
@@ -156,8 +262,15 @@ AVX512 static int attend_all(const void *q, long q_b, const void *k, const void 
                                  (float *)out + out_at, g0 ? NULL : pk, pv, d_len * size);
                     continue;
                 }
-                widen_rows((const uint16_t *)q + q_at, gn, d_len, qf);
-                attend_heads(qf, gn, kr, vr, valid, s_len, d_len, scale, scores, qt, of, g0 ? NULL : pk, pv, d_len * size);
+                if (dot)
+                    attend_heads_dot((const uint16_t *)q + q_at, gn, (const uint16_t *)k + kv_at,
+                                     (const uint16_t *)v + kv_at, valid, s_len, d_len, scale, scores, (uint32_t *)qt,
+                                     pairs, vt, of, g0 ? NULL : pk, pv, d_len * size);
+                else {
+                    widen_rows((const uint16_t *)q + q_at, gn, d_len, qf);
+                    attend_heads(qf, gn, kr, vr, valid, s_len, d_len, scale, scores, qt, of, g0 ? NULL : pk, pv,
+                                 d_len * size);
+                }
                 for (long i = 0; i < gn * d_len; i += LANES)
                     _mm256_storeu_si256((__m256i *)((uint16_t *)out + out_at + i),
                                         _mm512_cvtepi32_epi16(round_bf16(_mm512_loadu_ps(of + i))));
@@ -180,7 +293,7 @@ int attend_supported(void) {
 int attend_f32(const float *q, long q_b, const float *k, const float *v, long kv_b, long kv_h, const uint8_t *mask,
                long mask_b, float *out, long b_len, long kv_len, long g_len, long s_len, long d_len, float scale) {
 #if defined(__x86_64__) && defined(__GNUC__)
-    return attend_all(q, q_b, k, v, kv_b, kv_h, mask, mask_b, out, b_len, kv_len, g_len, s_len, d_len, scale, 0);
+    return attend_all(q, q_b, k, v, kv_b, kv_h, mask, mask_b, out, b_len, kv_len, g_len, s_len, d_len, scale, 0, 0);
 #else
     return -1;
 #endif
@@ -188,9 +301,9 @@ int attend_f32(const float *q, long q_b, const float *k, const float *v, long kv
 
 int attend_bf16(const uint16_t *q, long q_b, const uint16_t *k, const uint16_t *v, long kv_b, long kv_h,
                 const uint8_t *mask, long mask_b, uint16_t *out, long b_len, long kv_len, long g_len, long s_len,
-                long d_len, float scale) {
+                long d_len, float scale, int dot) {
 #if defined(__x86_64__) && defined(__GNUC__)
-    return attend_all(q, q_b, k, v, kv_b, kv_h, mask, mask_b, out, b_len, kv_len, g_len, s_len, d_len, scale, 1);
+    return attend_all(q, q_b, k, v, kv_b, kv_h, mask, mask_b, out, b_len, kv_len, g_len, s_len, d_len, scale, 1, dot);
 #else
     return -1;
 #endif

@@ -39,19 +39,29 @@ def supports(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: to
 
 
 def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
-           scale: float) -> torch.Tensor:
+           scale: float, dot: bool | None = None) -> torch.Tensor:
     """softmax(q k^T * scale, masked) v for one query token per sequence: q [B, 1, H, D]; keys,
     values [B, KV, S, D] (a view of the cache: rows contiguous); mask [B or 1, 1, 1, S] bool (True:
-    seen) or None. Returns [B, 1, H * D]. Only for what `supports` takes."""
+    seen) or None. Returns [B, 1, H * D]. Only for what `supports` takes. `dot`: bf16 by AVX512_BF16's
+    dot products (the probabilities rounded to bf16, attend.c's header) or widened to fp32; None:
+    the dot products where the CPU has them (bf16_dot)."""
     if not supports(q, keys, values, mask):
         raise ValueError(f"decode_attention.attend: q {list(q.shape)} {q.dtype} (strides {q.stride()}), keys "
                          f"{list(keys.shape)} {keys.dtype} (strides {keys.stride()}), mask "
                          f"{None if mask is None else (list(mask.shape), mask.dtype)}: not what attend.c takes")
-    return run(q, keys, values, mask, scale)
+    if dot and not bf16_dot():
+        raise ValueError(f"decode_attention.attend: dot=True, but this CPU (or {rowdot.ENV}) runs no AVX512_BF16")
+    return run(q, keys, values, mask, scale, dot)
+
+
+def bf16_dot() -> bool:
+    """Whether bf16 runs attend.c's dot path here: the library's path is avx512bf16 (rowdot.ENV set
+    narrower stands in for a CPU without it)."""
+    return rowdot.runs_at_least("avx512bf16")
 
 
 def run(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
-        scale: float) -> torch.Tensor:
+        scale: float, dot: bool | None = None) -> torch.Tensor:
     """`attend` for a caller that has checked `supports` already (attention.attend, at every layer
     of every decode step: the check is ~2 µs)."""
     b, _, h, d = q.shape
@@ -59,10 +69,13 @@ def run(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.T
     valid = None if mask is None else mask.reshape(mask.shape[0], s).contiguous()
     out = torch.empty(b, 1, h * d, dtype=q.dtype)
     lib, _ = rowdot.library()
-    kernel = lib.attend_f32 if q.dtype == torch.float32 else lib.attend_bf16
-    failed = kernel(q.data_ptr(), q.stride(0), keys.data_ptr(), values.data_ptr(), keys.stride(0), keys.stride(1),
-                    None if valid is None else valid.data_ptr(), 0 if valid is None or valid.shape[0] == 1 else s,
-                    out.data_ptr(), b, kv, h // kv, s, d, scale)
+    args = (q.data_ptr(), q.stride(0), keys.data_ptr(), values.data_ptr(), keys.stride(0), keys.stride(1),
+            None if valid is None else valid.data_ptr(), 0 if valid is None or valid.shape[0] == 1 else s,
+            out.data_ptr(), b, kv, h // kv, s, d, scale)
+    if q.dtype == torch.float32:
+        failed = lib.attend_f32(*args)
+    else:
+        failed = lib.attend_bf16(*args, int(bf16_dot() if dot is None else dot))
     if failed:
         raise MemoryError(f"decode_attention.attend: attend.c could not allocate its scratch for {s} keys of {d}")
     return out

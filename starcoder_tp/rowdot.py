@@ -93,10 +93,10 @@ def library() -> tuple[ctypes.CDLL | None, str]:
         fn.argtypes, fn.restype = [ctypes.c_void_p] * 4 + [ctypes.c_long] * 3 + [ctypes.c_int], None
     lib.panels_dtypes.restype = ctypes.c_int
     lib.panels_row_ahead.argtypes, lib.panels_row_ahead.restype = [ctypes.c_long], ctypes.c_long  # (row_ahead.py)
-    for fn in (lib.attend_f32, lib.attend_bf16):  # (decode_attention.py)
-        fn.argtypes = [ctypes.c_void_p, ctypes.c_long] + [ctypes.c_void_p] * 2 + [ctypes.c_long] * 2 + [
-            ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p] + [ctypes.c_long] * 5 + [ctypes.c_float]
-        fn.restype = ctypes.c_int
+    attend = [ctypes.c_void_p, ctypes.c_long] + [ctypes.c_void_p] * 2 + [ctypes.c_long] * 2 + [
+        ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p] + [ctypes.c_long] * 5 + [ctypes.c_float]
+    lib.attend_f32.argtypes, lib.attend_bf16.argtypes = attend, attend + [ctypes.c_int]  # (decode_attention.py; bf16: dot)
+    lib.attend_f32.restype = lib.attend_bf16.restype = ctypes.c_int
     lib.attend_supported.restype = ctypes.c_int
     for fn in (lib.causal_softmax_f32, lib.causal_softmax_bf16):  # (softmax.py) scores, groups, n, h, t1, t0, scale
         fn.argtypes, fn.restype = [ctypes.c_void_p] + [ctypes.c_long] * 5 + [ctypes.c_float], ctypes.c_int

@@ -61,20 +61,36 @@ SHAPES = [(16, 16, 1, 64, 144), (2, 24, 1, 64, 300), (3, 24, 2, 128, 37), (1, 36
 
 
 @needs_kernel
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("form", ["float32", "bfloat16 widened", "bfloat16 dot"])
 @pytest.mark.parametrize("masked", [False, True])
 @pytest.mark.parametrize("shape", SHAPES)
-def test_attend_gives_sdpas_values_and_never_reads_a_masked_key(shape, masked, dtype):
+def test_attend_gives_sdpas_values_and_never_reads_a_masked_key(shape, masked, form):
+    if form == "bfloat16 dot" and not decode_attention.bf16_dot():
+        pytest.skip("no AVX512_BF16 on this CPU: bf16 runs widened to fp32")
+    dtype = torch.float32 if form == "float32" else torch.bfloat16
     batch, heads, kv_heads, dim, keys_len = shape
     q, keys, values, mask = _step(batch, heads, kv_heads, dim, keys_len, dtype, masked)
     assert supports(q, keys, values, mask)
-    got = attend(q, keys, values, mask, 1 / math.sqrt(dim))
+    got = attend(q, keys, values, mask, 1 / math.sqrt(dim), dot=None if form == "float32" else form.endswith("dot"))
     assert got.shape == (batch, 1, heads * dim) and got.dtype == dtype and torch.isfinite(got).all()
     want = _sdpa(q, keys, values, mask, 1 / math.sqrt(dim))
-    if dtype == torch.float32:
+    err = (got.double() - want).abs()
+    if form == "float32":
         torch.testing.assert_close(got.double(), want, rtol=2e-6, atol=2e-6)
-    else:  # fp32 sums, rounded to bf16 once: within one bf16 rounding of the exact values
-        assert ((got.double() - want).abs() <= want.abs() * 2 ** -8 + 1e-6).all()
+    elif form == "bfloat16 widened":  # fp32 sums, rounded to bf16 once: within one bf16 rounding of the exact values
+        assert (err <= want.abs() * 2 ** -8 + 1e-6).all(), err.max()
+    else:  # the probabilities rounded to bf16 too (as SDPA's bf16 kernel takes them): each term p v within one
+        # rounding, so the error is bounded by sum(p |v|), which cancellation in the sum does not shrink
+        spread = _sdpa(q, keys, values.abs(), mask, 1 / math.sqrt(dim))
+        assert (err <= (want.abs() + spread) * 2 ** -8 + 1e-6).all(), (err / (want.abs() + spread)).max() * 2 ** 8
+
+
+@needs_kernel
+def test_the_bf16_dot_path_is_refused_where_the_cpu_lacks_it(monkeypatch):
+    q, keys, values, _ = _step(2, 16, 1, 64, 20, torch.bfloat16)
+    monkeypatch.setattr(decode_attention, "bf16_dot", lambda: False)
+    with pytest.raises(ValueError, match="dot=True, but this CPU"):
+        attend(q, keys, values, None, 0.125, dot=True)
 
 
 @needs_kernel
