@@ -9,7 +9,8 @@
  * each key and value is read once per 16 query heads. SDPA's flash kernel ran the same decode
  * step at 5-7x the time on the EPYC Zen 5 (RESULTS.md, "Decode attention of our own"). Scores,
  * softmax and sums are fp32; bf16 keys and values are widened into a buffer first and the output
- * rounded once. A masked key (padding, the sliding window, slots not written yet) is skipped:
+ * rounded once, or, on CPUs with AVX512_BF16, multiplied as bf16 pairs (attend_heads_dot). A masked
+ * key (padding, the sliding window, slots not written yet) is skipped: its score is not used and
  * its value is never read, whatever the cache holds there.
  *
  * In a model's step the cache comes from memory (the weights' stream evicts it between steps), and
@@ -114,22 +115,23 @@ AVX512 static void attend_heads(const float *q, int gn, const float *k, const fl
 }
 
 #define DOT_KEYS 8  /* vdpbf16ps's latency is longer than the FMA's: more independent sums */
+typedef uint32_t __attribute__((may_alias)) word;  /* a bf16 pair, read where bf16 elements lie */
 
 /* attend_heads for bf16 on CPUs with AVX512_BF16 (the "dot" path): each vdpbf16ps does two
  * multiply-adds of bf16 pairs into fp32 lanes, so the scores and the sums take half the
  * instructions, and the keys are read as they are, not widened. The scores are scaled in the
  * exponent, exp((s - max) * scale), the queries staying exact. The probabilities go into the
  * value sums rounded to bf16, as SDPA's and transformers' bf16 attention takes them; their sum
- * (the normaliser) is fp32's. q [gn][D], keys and values [S][D] bf16. Scratch, 64-byte aligned:
- * scores [S][16] fp32, qt [D/2][16] and pairs [ceil(S/2)][16] bf16 pairs, vt [ceil(S/2)][D] bf16
- * pairs (values s and s + 1 interleaved; zero for a masked key, whose row is never read). */
-AVX512BF16 static void attend_heads_dot(const uint16_t *q, int gn, const uint16_t *k, const uint16_t *v,
+ * (the normaliser) is fp32's; scale > 0. q [gn][D], keys [S][D] bf16, vt: the values as
+ * interleave_values lays them. Scratch, 64-byte aligned: scores [S][16] fp32, qt [D/2][16] and
+ * pairs [ceil(S/2)][16] bf16 pairs. */
+AVX512BF16 static void attend_heads_dot(const uint16_t *q, int gn, const uint16_t *k, const uint32_t *vt,
                                         const uint8_t *valid, long s_len, long d_len, float scale, float *scores,
-                                        uint32_t *qt, uint32_t *pairs, uint32_t *vt, float *out, const char *pk,
-                                        const char *pv, long row_bytes) {
+                                        uint32_t *qt, uint32_t *pairs, float *out, const char *pk, const char *pv,
+                                        long row_bytes) {
     __mmask16 lanes = (__mmask16)((1u << gn) - 1u);
     long half = d_len / 2, s_pairs = (s_len + 1) / 2;
-    const uint32_t *kw = (const uint32_t *)k;  /* a key's elements 2i, 2i + 1: word i of its row */
+    const word *kw = (const word *)k;  /* a key's elements 2i, 2i + 1: word i of its row */
     __m512i heads = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
                                        _mm512_set1_epi32((int)half));
     for (long i = 0; i < half; i++)
@@ -172,20 +174,6 @@ AVX512BF16 static void attend_heads_dot(const uint16_t *q, int gn, const uint16_
         }
         _mm512_store_si512(pairs + j * LANES, _mm512_or_si512(two[0], _mm512_slli_epi32(two[1], 16)));
     }
-    /* word m of a 32-word block: element m of row s (low half), element m of row s + 1 (high) */
-    __m512i first = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8,
-                                     39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
-    __m512i second = _mm512_add_epi16(first, _mm512_set1_epi16(16));
-    for (long j = 0; j < s_pairs; j++)
-        for (long c = 0; c < d_len; c += 32) {
-            __mmask32 cols = d_len - c < 32 ? (__mmask32)0xffff : (__mmask32)0xffffffffu;
-            long a = 2 * j, b = 2 * j + 1;
-            __m512i ra = _mm512_maskz_loadu_epi16((!valid || valid[a]) ? cols : 0, v + a * d_len + c);
-            __m512i rb = _mm512_maskz_loadu_epi16(b < s_len && (!valid || valid[b]) ? cols : 0, v + b * d_len + c);
-            _mm512_store_si512(vt + j * d_len + c, _mm512_permutex2var_epi16(ra, first, rb));
-            if (d_len - c >= 32)
-                _mm512_store_si512(vt + j * d_len + c + 16, _mm512_permutex2var_epi16(ra, second, rb));
-        }
     __m512 inv = _mm512_div_ps(_mm512_set1_ps(1.0f), total);
     float block[LANES * LANES] __attribute__((aligned(64)));  /* [16 elements of d][16 heads] */
     for (long d0 = 0; d0 < d_len; d0 += LANES) {
@@ -208,6 +196,24 @@ AVX512BF16 static void attend_heads_dot(const uint16_t *q, int gn, const uint16_
     }
 }
 
+/* The values [S][D] bf16 as attend_heads_dot sums them: vt [ceil(S/2)][D] words, word d of row j
+ * holding value 2j's element d (low half) and value 2j + 1's (high); zero for a masked key, whose
+ * row is never read, and past the last. Once per (sequence, K/V head), for all of its query heads. */
+AVX512 static void interleave_values(const uint16_t *v, const uint8_t *valid, long s_len, long d_len, uint32_t *vt) {
+    __m512i first = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8,
+                                     39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+    __m512i second = _mm512_add_epi16(first, _mm512_set1_epi16(16));  /* (columns 16-31 of the 32) */
+    for (long j = 0, a = 0, b = 1; a < s_len; j++, a += 2, b += 2)
+        for (long c = 0; c < d_len; c += 32) {
+            __mmask32 cols = d_len - c < 32 ? (__mmask32)0xffff : (__mmask32)0xffffffffu;  /* (D % 16 == 0) */
+            __m512i ra = _mm512_maskz_loadu_epi16((!valid || valid[a]) ? cols : 0, v + a * d_len + c);
+            __m512i rb = _mm512_maskz_loadu_epi16(b < s_len && (!valid || valid[b]) ? cols : 0, v + b * d_len + c);
+            _mm512_store_si512(vt + j * d_len + c, _mm512_permutex2var_epi16(ra, first, rb));
+            if (d_len - c >= 32)
+                _mm512_store_si512(vt + j * d_len + c + 16, _mm512_permutex2var_epi16(ra, second, rb));
+        }
+}
+
 AVX512 static void widen_rows(const uint16_t *src, long rows, long d_len, float *dst) {  /* bf16 -> fp32 */
     for (long i = 0; i < rows * d_len; i += LANES) {
         __m256i h = _mm256_loadu_si256((const __m256i *)(src + i));
@@ -215,11 +221,6 @@ AVX512 static void widen_rows(const uint16_t *src, long rows, long d_len, float 
     }
 }
 
-/* out [B][H][D] = softmax(q k^T * scale, masked) v for each sequence b and query head h = j G + g;
- * q [B][H][D] with batch stride q_b (heads D apart); keys and values [B][KV][S][D] with batch and
- * head strides kv_b, kv_h (keys D apart); mask: NULL or [B][S] bytes with batch stride mask_b
- * (0: broadcast). bf16: q, keys, values and out in bf16 (the uint16_t bits). D % 16 == 0.
- * Returns 0, or -1 where the scratch memory could not be had. */
 /* Whether attend_bf16 takes the dot path: AVX512_BF16 besides what AVX512 needs. */
 static int runs_bf16_dot(void) {
     static int known = -1;
@@ -228,11 +229,16 @@ static int runs_bf16_dot(void) {
     return known;
 }
 
+/* out [B][H][D] = softmax(q k^T * scale, masked) v for each sequence b and query head h = j G + g;
+ * q [B][H][D] with batch stride q_b (heads D apart); keys and values [B][KV][S][D] with batch and
+ * head strides kv_b, kv_h (keys D apart); mask: NULL or [B][S] bytes with batch stride mask_b
+ * (0: broadcast). bf16: q, keys, values and out in bf16 (the uint16_t bits), by dot products where
+ * `dot` and the CPU has them. D % 16 == 0. Returns 0, or -1 where the scratch memory could not be had. */
 AVX512 static int attend_all(const void *q, long q_b, const void *k, const void *v, long kv_b, long kv_h,
                              const uint8_t *mask, long mask_b, void *out, long b_len, long kv_len, long g_len,
                              long s_len, long d_len, float scale, int bf16, int dot) {
     dot = bf16 && dot && runs_bf16_dot();
-    long s_pairs = (s_len + 1) / 2;  /* dot: qt, pairs and vt as words, in the kf and vf slots */
+    long s_pairs = (s_len + 1) / 2;  /* dot: pairs and vt, as words, where the widened keys and values go */
     size_t kv_floats = dot ? (size_t)(s_pairs * (LANES + d_len)) : bf16 ? (size_t)(2 * s_len * d_len) : 0;
     float *scratch = aligned_alloc(64, ((size_t)s_len * LANES + kv_floats + (size_t)(LANES * d_len) * 3) * 4);
     if (!scratch)
@@ -249,7 +255,9 @@ AVX512 static int attend_all(const void *q, long q_b, const void *k, const void 
             long size = bf16 ? 2 : 4;  /* (the next (sequence, K/V head)'s rows: asked for by its first heads) */
             const char *pk = next_b < b_len ? (const char *)k + next_at * size : NULL;
             const char *pv = next_b < b_len ? (const char *)v + next_at * size : NULL;
-            if (bf16 && !dot) {
+            if (dot)
+                interleave_values((const uint16_t *)v + kv_at, valid, s_len, d_len, vt);
+            else if (bf16) {
                 widen_rows((const uint16_t *)k + kv_at, s_len, d_len, kf);
                 widen_rows((const uint16_t *)v + kv_at, s_len, d_len, vf);
                 kr = kf, vr = vf;
@@ -263,9 +271,8 @@ AVX512 static int attend_all(const void *q, long q_b, const void *k, const void 
                     continue;
                 }
                 if (dot)
-                    attend_heads_dot((const uint16_t *)q + q_at, gn, (const uint16_t *)k + kv_at,
-                                     (const uint16_t *)v + kv_at, valid, s_len, d_len, scale, scores, (uint32_t *)qt,
-                                     pairs, vt, of, g0 ? NULL : pk, pv, d_len * size);
+                    attend_heads_dot((const uint16_t *)q + q_at, gn, (const uint16_t *)k + kv_at, vt, valid, s_len,
+                                     d_len, scale, scores, (uint32_t *)qt, pairs, of, g0 ? NULL : pk, pv, d_len * size);
                 else {
                     widen_rows((const uint16_t *)q + q_at, gn, d_len, qf);
                     attend_heads(qf, gn, kr, vr, valid, s_len, d_len, scale, scores, qt, of, g0 ? NULL : pk, pv,

@@ -13,6 +13,8 @@ runs. It is built with rowdot.c into one library (rowdot.py).
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from . import rowdot
@@ -42,14 +44,16 @@ def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torc
            scale: float, dot: bool | None = None) -> torch.Tensor:
     """softmax(q k^T * scale, masked) v for one query token per sequence: q [B, 1, H, D]; keys,
     values [B, KV, S, D] (a view of the cache: rows contiguous); mask [B or 1, 1, 1, S] bool (True:
-    seen) or None. Returns [B, 1, H * D]. Only for what `supports` takes. `dot`: bf16 by AVX512_BF16's
-    dot products (the probabilities rounded to bf16, attend.c's header) or widened to fp32; None:
-    the dot products where the CPU has them (bf16_dot)."""
+    seen) or None; scale > 0. Returns [B, 1, H * D]. Only for what `supports` takes. `dot`: bf16 by
+    AVX512_BF16's dot products (the probabilities rounded to bf16, attend.c's header) or widened to
+    fp32; None: the dot products where the CPU has them (bf16_dot); fp32 ignores it."""
     if not supports(q, keys, values, mask):
         raise ValueError(f"decode_attention.attend: q {list(q.shape)} {q.dtype} (strides {q.stride()}), keys "
                          f"{list(keys.shape)} {keys.dtype} (strides {keys.stride()}), mask "
                          f"{None if mask is None else (list(mask.shape), mask.dtype)}: not what attend.c takes")
-    if dot and not bf16_dot():
+    if not (math.isfinite(scale) and scale > 0):  # (the dot path scales in the exponent: a max is a max)
+        raise ValueError(f"decode_attention.attend: scale {scale!r}, expected a finite scale > 0")
+    if dot and q.dtype == torch.bfloat16 and not bf16_dot():
         raise ValueError(f"decode_attention.attend: dot=True, but this CPU (or {rowdot.ENV}) runs no AVX512_BF16")
     return run(q, keys, values, mask, scale, dot)
 

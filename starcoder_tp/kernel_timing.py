@@ -50,7 +50,7 @@ DECODE_MIN_CALLS = 4
 # over 128 MB, 18.2 over 512 MB, and over 128 MB its plans chose as over 256 MB, in less than half
 # the time: making the copies is most of it (RESULTS.md, "Weights out of the file's mapping"). On
 # the EPYC Zen 4 (32 MiB L3) 64 MiB sets chose as 128 MiB ones, the one-row timings alike within
-# their noise, and the plan took 2-3 s less: a VM faults fresh huge pages in at ~1 GB/s (RESULTS.md,
+# their noise, and the plan took 1.2-3.2 s less: a VM faults fresh huge pages in at ~1 GB/s (RESULTS.md,
 # "Start-up: decode sets of two caches").
 DECODE_SET_BYTES = 256 << 20  # at most: it bounds the measurement's extra memory, up to three sets
 DECODE_SET_CACHES = 2  # else this many times the last-level cache,

@@ -11,9 +11,9 @@ take the slowest rank's time of each.
 A weight has one layout at a time (two would double the model's memory). Measured alone, the
 decode step, which runs once per generated token, chooses it; the prefill then takes the fastest
 of the kernels that layout can run. Given a request's shape (`weigh`: its prompt rows and decode
-steps), the layout is the one whose request costs least in all: one prefill plus the decode
-steps. A layout a little slower per step can win a short request by a faster prefill (MKL's packed
-sgemm against F.linear at batch 1, fp32: RESULTS.md, "MKL's packed sgemm").
+steps), the layout is the one whose request costs least in all (of near ties, the one least behind
+in its slower phase: `choose`). A layout a little slower per step can win a short request by a
+faster prefill (MKL's packed sgemm against F.linear at batch 1, fp32: RESULTS.md).
 
 - `plain`:  F.linear on the plain [N, K] weight (MKL sgemm in fp32; aten's own GEMM in bf16).
 - `onednn`: oneDNN's blocked layout, packed for the batch's rows; at prefill shapes it runs
@@ -22,12 +22,10 @@ sgemm against F.linear at batch 1, fp32: RESULTS.md, "MKL's packed sgemm").
             batches (for one row oneDNN lays a weight out otherwise); run as it is at every row
             count. On the EPYC Zen 5 it ran both the one-row decode and the prefill of fp32
             weights faster than the one-row layout and than gemv on the plain weight.
-- `mkl_packed`: fp32 only: MKL's own packed sgemm layout (cblas_sgemm_pack, through torch's
-            `mkl::_mkl_linear`), packed for the batch's rows and run as it is at every row count
-            (the packed buffer describes its own format). It cannot be read back: the plain weight
-            comes from the model's part on disk when the layout changes (Linear.plain_source),
-            so only weights with a source take it. MKL pads its packed buffers: the bench-size
-            model laid out so took 3% more memory than in oneDNN's layout (RESULTS.md).
+- `mkl_packed`: fp32 only: MKL's packed sgemm layout (cblas_sgemm_pack, via `mkl::_mkl_linear`),
+            packed for the batch's rows, run as it is at every row count. It cannot be read back:
+            the plain weight comes from the part on disk when the layout changes
+            (Linear.plain_source), so only weights with a source take it (3% more memory: RESULTS.md).
 - `fp32`:   bf16 weights computed in fp32, a block of rows at a time (linear.fp32_linear): for
             CPUs whose bf16 GEMM is slow. Prefill from the plain layout: `plain`, `fp32` or
             `onednn_plain` (oneDNN's GEMM given the plain weight: it lays each block out as it
@@ -47,9 +45,8 @@ Prefill kernels are timed at SHORT_ROWS and at PREFILL_ROWS rows: a short prompt
 can want different kernels (unpacking a weight costs the same for 2 rows as for 2000). Calls
 below SPLIT_ROWS rows take the short winner, larger ones the long one.
 
-How the candidates are timed: kernel_timing.py. Plans are cached on disk per machine (CPU model
-and ISA, cores), torch/oneDNN version, threads, world size, dtype, shapes, batch and the bytes a
-decode step reads, so that only the first run on a machine measures.
+How the candidates are timed: kernel_timing.py. Plans are cached on disk per machine and
+everything else they depend on (plan_key): only the first run on a machine measures.
 """
 from __future__ import annotations
 
@@ -85,7 +82,7 @@ SPLIT_ROWS = round(math.sqrt(SHORT_ROWS * PREFILL_ROWS))  # calls of fewer rows 
 # Requests whose costs are this close are not told apart: a candidate's timings differ by 3-6%
 # from one measured plan to the next (RESULTS.md, "Decode candidates timed from memory").
 TIE_FRACTION = 0.02
-PLAN_VERSION = 22  # part of the cache key: a change in what is measured invalidates old plans
+PLAN_VERSION = 23  # part of the cache key: a change in what is measured invalidates old plans
 # Every shape's timings travel across ranks in these fixed slots (inf: not a candidate there),
 # so that ranks on CPUs with different candidates still reduce tensors of one size.
 DECODE_SLOTS = ("plain", "onednn", "fp32", "mkl_packed", "gemv", "onednn_wide", "rowdot", "panels")
@@ -156,9 +153,10 @@ def choose(decode_ms: dict[str, float], prefill_ms: dict[str, float], short_ms: 
     With a request's `prompt_rows` and decode `steps`, the layout whose request costs least: its
     prefill (the short or the long timing, whichever that many rows take, scaled by rows) plus
     `steps` decode steps; of layouts within TIE_FRACTION of the least (totals that close are not
-    told apart), the one whose slower phase is least behind that phase's fastest layout: the first
-    token and the step are both waits a user sees, and a tie on the total can hide a step 20% slower
-    behind a prefill 1% faster (RESULTS.md, "The tie on a request broken by the phase further behind")."""
+    told apart), the one whose slower phase is least behind that phase's fastest tied layout (with no
+    steps, the prefill alone): the first token and the step are both waits a user sees, and a tie on
+    the total can hide a step 20% slower behind a prefill 2% faster (RESULTS.md, "The tie on a
+    request broken by the phase further behind")."""
     if not decode_ms:
         raise ValueError("choose: no decode timings")
     short_ms = prefill_ms if short_ms is None else short_ms
@@ -181,15 +179,15 @@ def choose(decode_ms: dict[str, float], prefill_ms: dict[str, float], short_ms: 
         if prompt_rows < 1 or steps < 0:
             raise ValueError(f"choose: a request of {prompt_rows} prompt rows and {steps} decode steps")
         least = min(request_ms(layout) for layout in decode_ms)
-        best_prefill = min(prefill_of(layout) for layout in decode_ms)
-        best_step = min(decode_ms.values())
+        tied = [layout for layout in decode_ms if request_ms(layout) <= least * (1 + TIE_FRACTION)]
+        phases = [prefill_of] + ([decode_ms.__getitem__] if steps else [])  # (no steps: the prefill alone)
+        bests = [min(phase(layout) for layout in tied) for phase in phases]
 
-        def behind(layout: str) -> tuple[float, float]:  # the phase further behind, then the total
-            ratios = [ms / best if best > 0 else float(ms > 0) for ms, best in ((prefill_of(layout), best_prefill),
-                                                                                 (decode_ms[layout], best_step))]
-            return max(ratios), request_ms(layout)  # (0 ms: a lone candidate, not timed)
+        def behind(layout: str) -> tuple[float, float]:  # the phase furthest behind the tied ones' best, the total
+            return max(phase(layout) / best if best > 0 else 1.0 if phase(layout) == 0 else math.inf
+                       for phase, best in zip(phases, bests)), request_ms(layout)  # (0 ms: a lone candidate)
 
-        decode = min((layout for layout in decode_ms if request_ms(layout) <= least * (1 + TIE_FRACTION)), key=behind)
+        decode = min(tied, key=behind)
     return Choice(decode, fastest(decode, prefill_ms), fastest(decode, short_ms), dict(decode_ms), dict(short_ms),
                   dict(prefill_ms))
 
@@ -211,9 +209,8 @@ def plan_key(weights: dict[str, torch.Tensor], rows: int, world_size: int,
             "world_size": world_size, "rows": rows, "shapes": sorted(weights),
             "activated": dict(sorted((activated or {}).items())),
             "decode_set_mib": round(min(step_bytes, decode_set_bytes()) / 2**20),
-            # The page size of torch's large blocks (malloc.enable_huge_pages): with 4 KiB pages the
-            # EPYC Zen 5 timed MKL's plain F.linear at 6.0 ms on a 1024x1024 weight at one row,
-            # with 2 MiB pages at 0.20 ms, and the plans chose otherwise (RESULTS.md).
+            # The page size of torch's large blocks (malloc.enable_huge_pages): the EPYC Zen 5 timed F.linear
+            # at 6.0 ms (4 KiB) and 0.20 ms (2 MiB) on a 1024x1024 weight at one row (RESULTS.md).
             "huge_pages": os.environ.get(THP_ENV, "") == "1",
             # Whether the split form runs, not from what size: at its crossover both forms cost
             # alike, and a size measured again from one process to the next is not a new plan.
@@ -221,7 +218,7 @@ def plan_key(weights: dict[str, torch.Tensor], rows: int, world_size: int,
             "rowdot": rowdot.path()}  # built or not, and the instruction set it runs
 
 
-def plan_path(key: dict):
+def plan_path(key: dict):  # (the cache file of a plan_key)
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
     return cache_dir("kernels", f"{digest}.json")
 
@@ -232,9 +229,8 @@ def load_plan(key: dict) -> dict[str, Choice] | None:
         stored = json.loads(plan_path(key).read_text())
     except (OSError, ValueError):
         return None
-    if not isinstance(stored, dict) or stored.get("key") != key or not isinstance(stored.get("plan"), dict):
-        return None
-    if sorted(stored["plan"]) != key["shapes"]:
+    if (not isinstance(stored, dict) or stored.get("key") != key or not isinstance(stored.get("plan"), dict)
+            or sorted(stored["plan"]) != key["shapes"]):
         return None
     try:
         return {shape: Choice(**choice) for shape, choice in stored["plan"].items()}

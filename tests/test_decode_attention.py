@@ -1,5 +1,5 @@
 """Decode attention by attend.c (decode_attention.py): SDPA's values for every head layout the
-models have, masked keys never read, taken only where the calibration measured it faster, by
+models have, masked keys' values never read, taken only where the calibration measured it faster, by
 every rank alike, and a model's tokens unchanged by it."""
 import math
 import types
@@ -30,7 +30,8 @@ def decode_form(monkeypatch):
 
 def _step(batch, heads, kv_heads, dim, keys_len, dtype, masked=False, seed=0):
     """q as a view of the fused q/k/v row, keys and values as a slice of a longer cache whose
-    unwritten slots (and, with `masked`, the masked ones) hold NaN, as attend.c must never read."""
+    unwritten slots (and, with `masked`, the masked ones) hold NaN: attend.c must never read those values
+    nor use those keys' scores."""
     gen = torch.Generator().manual_seed(seed)
     fused = torch.randn(batch, 1, (heads + 2 * kv_heads) * dim, generator=gen).to(dtype)
     q = fused[..., :heads * dim].view(batch, 1, heads, dim)
@@ -57,7 +58,8 @@ def _sdpa(q, keys, values, mask, scale):
 # (batch, heads, kv heads, head dim, keys): StarCoder's multi-query (heads in one vector, and more
 # than 16: two), StarCoder2's grouped (G = 12, 9), multi-head (G = 1), a key count off the 4-key step.
 SHAPES = [(16, 16, 1, 64, 144), (2, 24, 1, 64, 300), (3, 24, 2, 128, 37), (1, 36, 4, 128, 9), (4, 5, 5, 16, 1),
-          (2, 48, 1, 128, 70)]
+          (2, 48, 1, 128, 70), (2, 20, 1, 48, 11), (3, 4, 2, 16, 13)]  # (the last two: a head_dim of 16 and 48,
+# not a whole number of 32-element blocks, over an odd number of keys)
 
 
 @needs_kernel
@@ -86,11 +88,19 @@ def test_attend_gives_sdpas_values_and_never_reads_a_masked_key(shape, masked, f
 
 
 @needs_kernel
-def test_the_bf16_dot_path_is_refused_where_the_cpu_lacks_it(monkeypatch):
-    q, keys, values, _ = _step(2, 16, 1, 64, 20, torch.bfloat16)
+def test_the_bf16_dot_path_is_taken_where_asked_and_refused_where_the_cpu_lacks_it(monkeypatch):
+    q, keys, values, _ = _step(2, 16, 1, 64, 300, torch.bfloat16)
+    if decode_attention.bf16_dot():  # (the rounded probabilities: other bits than the widened path's)
+        assert not torch.equal(attend(q, keys, values, None, 0.125, dot=True),
+                               attend(q, keys, values, None, 0.125, dot=False)), "dot=True ran the widened path"
     monkeypatch.setattr(decode_attention, "bf16_dot", lambda: False)
     with pytest.raises(ValueError, match="dot=True, but this CPU"):
         attend(q, keys, values, None, 0.125, dot=True)
+    fp32 = [t.float() for t in (q, keys, values)]
+    assert attend(*fp32, None, 0.125, dot=True).dtype == torch.float32, "fp32 has no dot path to refuse"
+    for scale in (0.0, -0.125, float("nan")):
+        with pytest.raises(ValueError, match="expected a finite scale > 0"):
+            attend(q, keys, values, None, scale)
 
 
 @needs_kernel

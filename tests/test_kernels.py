@@ -402,8 +402,8 @@ def test_a_request_weighs_each_layouts_prefill_against_its_decode_steps():
     long = {"plain": 80.0, "fp32": 400.0, "mkl_packed": 78.0}  # ms at PREFILL_ROWS (512) rows
     assert choose(decode, long, short).decode == "plain", "no request: the decode step alone"
     # 64 prompt rows: mkl_packed's prefill is 4 ms shorter, its steps 0.1 ms longer: it costs less
-    # below 40 steps; up to 52 it costs at most 2% (TIE_FRACTION) more and keeps the faster
-    # prefill (6 + 57.2 <= 1.02 x (10 + 52)); from 53 steps, plain.
+    # below 40 steps; up to 52 it costs at most 2% (TIE_FRACTION) more, and its step is 10% behind
+    # where plain's prefill is 67% behind (6 + 57.2 <= 1.02 x (10 + 52)); from 53 steps, plain.
     assert kernels.TIE_FRACTION == 0.02
     assert choose(decode, long, short, prompt_rows=64, steps=39).decode == "mkl_packed"
     assert choose(decode, long, short, prompt_rows=64, steps=52).decode == "mkl_packed"
@@ -429,6 +429,14 @@ def test_a_request_weighs_each_layouts_prefill_against_its_decode_steps():
     zen4 = choose({"onednn": 0.221, "panels": 0.178}, {"onednn": 4.782, "panels": 4.923},
                   {"onednn": 0.605, "panels": 0.594}, prompt_rows=8192, steps=31)
     assert zen4.decode == "panels", zen4
+    # A layout outside the tie, its prefill far faster and its steps far slower, is no yardstick for
+    # the tied ones (measured against it, oneDNN's prefill would be 59% behind and panels' 64%).
+    third = choose({"onednn": 0.221, "panels": 0.178, "plain": 5.0}, {"onednn": 4.782, "panels": 4.923, "plain": 3.0},
+                   {"onednn": 0.605, "panels": 0.594, "plain": 0.4}, prompt_rows=8192, steps=31)
+    assert third.decode == "panels", third
+    # No steps: the prefill alone breaks the tie, however far behind the step.
+    assert choose({"onednn": 0.221, "panels": 0.178}, {"onednn": 4.782, "panels": 4.923},
+                  {"onednn": 0.605, "panels": 0.594}, prompt_rows=8192, steps=0).decode == "onednn"
     # A lone candidate (timed 0 ms, nothing to choose between) and 0 ms prefills divide by nothing.
     assert choose({"plain": 0.0}, {"plain": 0.0}, {"plain": 0.0}, prompt_rows=64, steps=3).decode == "plain"
     # The lm_head has no prefill timings: it runs its decode kernel on the prompts' last rows.
