@@ -19,9 +19,8 @@ faster prefill (MKL's packed sgemm against F.linear at batch 1, fp32: RESULTS.md
 - `onednn`: oneDNN's blocked layout, packed for the batch's rows; at prefill shapes it runs
             as it is (`onednn`) or is unpacked for the call (`unpack`: F.linear).
 - `onednn_wide`: oneDNN's blocked layout packed for layouts.WIDE_ROWS rows at smaller decode
-            batches (for one row oneDNN lays a weight out otherwise); run as it is at every row
-            count. On the EPYC Zen 5 it ran both the one-row decode and the prefill of fp32
-            weights faster than the one-row layout and than gemv on the plain weight.
+            batches (for one row oneDNN lays a weight out otherwise), run as it is at every row
+            count (on the EPYC Zen 5, fp32's fastest one-row decode and prefill at the time).
 - `mkl_packed`: fp32 only: MKL's packed sgemm layout (cblas_sgemm_pack, via `mkl::_mkl_linear`),
             packed for the batch's rows, run as it is at every row count. It cannot be read back:
             the plain weight comes from the part on disk when the layout changes
@@ -30,20 +29,16 @@ faster prefill (MKL's packed sgemm against F.linear at batch 1, fp32: RESULTS.md
             CPUs whose bf16 GEMM is slow. Prefill from the plain layout: `plain`, `fp32` or
             `onednn_plain` (oneDNN's GEMM given the plain weight: it lays each block out as it
             goes, and ran fp32 prefills at oneDNN's packed speed, twice MKL's, on the EPYC Zen 5).
-- `gemv`:   fp32, decode at one row only: the plain weight's product with the row by BLAS's
-            sgemv (gemv.py), where torch's one-row GEMMs fall short of the memory's speed. Prefill
-            from the plain layout (as `plain`).
-- `panels`: fp32 and bf16 where the CPU has AVX-512 (bf16: AVX512_BF16), every decode batch: the
-            weight in panels of 16 output columns, our own GEMM (panels.py), the same layout for
-            every batch. Prefill: itself.
-- `rowdot`: fp32 and bf16, decode at one row only: our own one-row kernel (rowdot.c, built at
-            first use by the machine's C compiler: rowdot.py) on the plain weight, summing eight
-            weight rows side by side; where no compiler builds it, not a candidate. Prefill from
-            the plain layout (as `plain`).
+- `gemv`:   fp32, decode at one row only: BLAS's sgemv on the plain weight (gemv.py), where
+            torch's one-row GEMMs fall short of the memory's speed. Prefill as `plain`.
+- `panels`: fp32 and bf16 where the CPU has AVX-512 (bf16: AVX512_BF16), every decode batch: our
+            own GEMM on the weight in panels of 16 output columns (panels.py). Prefill: itself.
+- `rowdot`: fp32 and bf16, decode at one row only: our one-row kernel on the plain weight
+            (rowdot.c, built at first use by the machine's C compiler: rowdot.py; where none
+            builds it, not a candidate). Prefill as `plain`.
 
-Prefill kernels are timed at SHORT_ROWS and at PREFILL_ROWS rows: a short prompt and a long one
-can want different kernels (unpacking a weight costs the same for 2 rows as for 2000). Calls
-below SPLIT_ROWS rows take the short winner, larger ones the long one.
+Prefill kernels are timed at SHORT_ROWS and PREFILL_ROWS rows (unpacking a weight costs the same
+for 2 rows as for 2000); calls below SPLIT_ROWS rows take the short winner, larger ones the long one.
 
 How the candidates are timed: kernel_timing.py. Plans are cached on disk per machine and
 everything else they depend on (plan_key): only the first run on a machine measures.
