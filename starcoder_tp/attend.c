@@ -38,6 +38,17 @@ AVX512 INLINE void ask_next(const char *pk, const char *pv, long s, long row_byt
     }
 }
 
+/* The value sums of elements d0..d0 + 15 (acc[i]: element d0 + i, the heads in its lanes), times
+ * inv, into out [gn][D]: a 16 x 16 transpose through memory. */
+AVX512 INLINE void store_block(const __m512 *acc, __m512 inv, int gn, long d_len, long d0, float *out) {
+    float block[LANES * LANES] __attribute__((aligned(64)));  /* [16 elements of d][16 heads] */
+    for (int i = 0; i < LANES; i++)
+        _mm512_store_ps(block + i * LANES, _mm512_mul_ps(acc[i], inv));
+    for (int g = 0; g < gn; g++)
+        for (int i = 0; i < LANES; i++)
+            out[g * d_len + d0 + i] = block[i * LANES + g];
+}
+
 /* One sequence, one K/V head, up to 16 query heads (gn): q [gn][D] at q (row stride D), keys and
  * values [S][D] fp32 at k, v, valid: NULL or a byte per key (0: masked). Scratch, 64-byte aligned:
  * scores [S][16], qt [D][16] (the queries transposed and scaled). Writes out [gn][D] (row stride D).
@@ -93,7 +104,6 @@ AVX512 static void attend_heads(const float *q, int gn, const float *k, const fl
         total = _mm512_add_ps(total, p);
     }
     __m512 inv = _mm512_div_ps(_mm512_set1_ps(1.0f), total);
-    float block[LANES * LANES] __attribute__((aligned(64)));  /* [16 elements of d][16 heads] */
     for (long d0 = 0; d0 < d_len; d0 += LANES) {
         __m512 acc[LANES];
         for (int i = 0; i < LANES; i++)
@@ -106,11 +116,7 @@ AVX512 static void attend_heads(const float *q, int gn, const float *k, const fl
             for (int i = 0; i < LANES; i++)
                 acc[i] = _mm512_fmadd_ps(p, _mm512_set1_ps(vs[i]), acc[i]);
         }
-        for (int i = 0; i < LANES; i++)
-            _mm512_store_ps(block + i * LANES, _mm512_mul_ps(acc[i], inv));
-        for (int g = 0; g < gn; g++)
-            for (int i = 0; i < LANES; i++)
-                out[g * d_len + d0 + i] = block[i * LANES + g];
+        store_block(acc, inv, gn, d_len, d0, out);
     }
 }
 
@@ -175,7 +181,6 @@ AVX512BF16 static void attend_heads_dot(const uint16_t *q, int gn, const uint16_
         _mm512_store_si512(pairs + j * LANES, _mm512_or_si512(two[0], _mm512_slli_epi32(two[1], 16)));
     }
     __m512 inv = _mm512_div_ps(_mm512_set1_ps(1.0f), total);
-    float block[LANES * LANES] __attribute__((aligned(64)));  /* [16 elements of d][16 heads] */
     for (long d0 = 0; d0 < d_len; d0 += LANES) {
         __m512 acc[LANES];
         for (int i = 0; i < LANES; i++)
@@ -188,11 +193,7 @@ AVX512BF16 static void attend_heads_dot(const uint16_t *q, int gn, const uint16_
             for (int i = 0; i < LANES; i++)
                 acc[i] = _mm512_dpbf16_ps(acc[i], p, (__m512bh)_mm512_set1_epi32((int)vs[i]));
         }
-        for (int i = 0; i < LANES; i++)
-            _mm512_store_ps(block + i * LANES, _mm512_mul_ps(acc[i], inv));
-        for (int g = 0; g < gn; g++)
-            for (int i = 0; i < LANES; i++)
-                out[g * d_len + d0 + i] = block[i * LANES + g];
+        store_block(acc, inv, gn, d_len, d0, out);
     }
 }
 

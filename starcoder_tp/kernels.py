@@ -20,7 +20,7 @@ faster prefill (MKL's packed sgemm against F.linear at batch 1, fp32: RESULTS.md
             as it is (`onednn`) or is unpacked for the call (`unpack`: F.linear).
 - `onednn_wide`: oneDNN's blocked layout packed for layouts.WIDE_ROWS rows at smaller decode
             batches (for one row oneDNN lays a weight out otherwise), run as it is at every row
-            count (on the EPYC Zen 5, fp32's fastest one-row decode and prefill at the time).
+            count (on the EPYC Zen 5 it ran fp32's one-row decode and prefill faster than gemv did).
 - `mkl_packed`: fp32 only: MKL's packed sgemm layout (cblas_sgemm_pack, via `mkl::_mkl_linear`),
             packed for the batch's rows, run as it is at every row count. It cannot be read back:
             the plain weight comes from the part on disk when the layout changes
