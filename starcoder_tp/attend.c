@@ -222,14 +222,6 @@ AVX512 static void widen_rows(const uint16_t *src, long rows, long d_len, float 
     }
 }
 
-/* Whether attend_bf16 takes the dot path: AVX512_BF16 besides what AVX512 needs. */
-static int runs_bf16_dot(void) {
-    static int known = -1;
-    if (known < 0)
-        known = runs_avx512() && __builtin_cpu_supports("avx512bf16");
-    return known;
-}
-
 /* out [B][H][D] = softmax(q k^T * scale, masked) v for each sequence b and query head h = j G + g;
  * q [B][H][D] with batch stride q_b (heads D apart); keys and values [B][KV][S][D] with batch and
  * head strides kv_b, kv_h (keys D apart); mask: NULL or [B][S] bytes with batch stride mask_b
@@ -238,7 +230,7 @@ static int runs_bf16_dot(void) {
 AVX512 static int attend_all(const void *q, long q_b, const void *k, const void *v, long kv_b, long kv_h,
                              const uint8_t *mask, long mask_b, void *out, long b_len, long kv_len, long g_len,
                              long s_len, long d_len, float scale, int bf16, int dot) {
-    dot = bf16 && dot && runs_bf16_dot();
+    dot = bf16 && dot && runs_avx512_bf16();
     long s_pairs = (s_len + 1) / 2;  /* dot: pairs and vt, as words, where the widened keys and values go */
     size_t kv_floats = dot ? (size_t)(s_pairs * (LANES + d_len)) : bf16 ? (size_t)(2 * s_len * d_len) : 0;
     float *scratch = aligned_alloc(64, ((size_t)s_len * LANES + kv_floats + (size_t)(LANES * d_len) * 3) * 4);

@@ -13,6 +13,7 @@ runs. It is built with rowdot.c into one library (rowdot.py).
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -58,6 +59,7 @@ def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torc
     return run(q, keys, values, mask, scale, dot)
 
 
+@functools.cache  # (per layer of every bf16 decode step; the library's path is fixed at its load)
 def bf16_dot() -> bool:
     """Whether bf16 runs attend.c's dot path here: the library's path is avx512bf16 (rowdot.ENV set
     narrower stands in for a CPU without it)."""

@@ -352,7 +352,7 @@ SHAPES(f32, AVX512, float, 1, F32_X, fma_f32, F32_BIAS, F32_STORE)
 /* Which dtypes this CPU runs: 1 fp32 (AVX-512), 2 bf16 (AVX512_BF16), summed; 0 none. */
 int panels_dtypes(void) {
 #if defined(__x86_64__) && defined(__GNUC__)
-    return runs_avx512() ? 1 + (__builtin_cpu_supports("avx512bf16") ? 2 : 0) : 0;
+    return runs_avx512() ? 1 + (runs_avx512_bf16() ? 2 : 0) : 0;
 #else
     return 0;
 #endif

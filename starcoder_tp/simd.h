@@ -15,6 +15,11 @@ static inline int runs_avx512(void) {
            __builtin_cpu_supports("avx512vl");
 }
 
+/* Whether this CPU runs what the AVX512BF16 attribute allows besides. */
+static inline int runs_avx512_bf16(void) {
+    return runs_avx512() && __builtin_cpu_supports("avx512bf16");
+}
+
 AVX512 INLINE __m512i round_bf16(__m512 v) {  /* to nearest even, NaN kept quiet: in each lane's low half */
     __m512i u = _mm512_castps_si512(v);
     __m512i rounded = _mm512_srli_epi32(
