@@ -70,7 +70,7 @@ def decode_flops(c: ModelConfig, case: Case) -> float:
     context = case.seq_in + case.seq_out // 2
     if c.sliding_window:
         context = min(context, c.sliding_window)
-    attention = 4 * case.batch * c.n_head * context * c.head_dim
+    attention = c.n_layer * 4 * case.batch * c.n_head * context * c.head_dim  # QK^T and PV, every layer
     return 2 * case.batch * (matmul_params(c) + c.vocab_size * c.n_embd) + attention
 
 
@@ -84,7 +84,7 @@ def decode_bound_ms(c: ModelConfig, case: Case, dtype: str, world_size: int, ban
 
 def prefill_flops(c: ModelConfig, case: Case) -> float:
     tokens = case.batch * case.seq_in
-    attention = 2 * case.batch * c.n_head * case.seq_in ** 2 * c.head_dim  # QK^T and PV, causal half
+    attention = c.n_layer * 2 * case.batch * c.n_head * case.seq_in ** 2 * c.head_dim  # QK^T and PV, causal half
     return 2 * tokens * matmul_params(c) + attention + 2 * case.batch * c.vocab_size * c.n_embd
 
 
