@@ -38,6 +38,7 @@ import torch
 from roofline import DTYPES, Limits, machine_limits
 from starcoder_tp.cpu import cpu_kind, cpuinfo
 from starcoder_tp.files import EMBEDDED_MODEL_DIR, write_atomic
+from starcoder_tp.options import bounded, positive_int
 from starcoder_tp.testing.build_models import build_bench, build_bench_starcoder2
 from starcoder_tp.config import ModelConfig
 from starcoder_tp.suite.perf import Case, CaseResult, PerfOptions, PerfRunner, make_prompts
@@ -45,6 +46,7 @@ from starcoder_tp.shard import ensure_shards
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 PEER_BENCH = Path(__file__).resolve().parents[2] / "shared" / "peers" / "peer_bench.py"  # beside the checkout
+non_negative_seconds = bounded(float, "a number of seconds", lambda v: v >= 0, "a finite number of seconds >= 0")
 
 
 def matmul_params(c: ModelConfig) -> int:
@@ -132,11 +134,13 @@ class TransformersRunner:
 def rounds_to_run(rounds: int, case_seconds: float, done: int, spent_s: float) -> bool:
     """Whether a case runs another round: at least `rounds`, then more while the projected time
     of the case's rounds stays within `case_seconds`. A first token is one figure per round,
-    and a median of two is the mean of two, which one slow round of the VM moved by 10-20 ms
+    and a median of two is the mean of two, which one slow round of the VM moved by 7-12 ms
     at batch 1; cheap cases can afford the rounds that make it a median."""
+    if rounds < 1:  # zero rounds would leave no median
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
     if done < rounds:
         return True
-    return done > 0 and spent_s * (done + 1) / done <= case_seconds
+    return spent_s * (done + 1) / done <= case_seconds
 
 
 def measure_side_by_side(model_dir: str, dtype: str, cases: list[Case], rounds: int, vocab: int,
@@ -186,7 +190,7 @@ def measure_side_by_side(model_dir: str, dtype: str, cases: list[Case], rounds: 
             for name, result in results.items():
                 timed = sum(result.first_token_ms_rounds) + sum(result.decode_steps)
                 timings[case][name] = Timing(result.first_token_ms, result.decode_ms_percentile(50), 1 - timed / wall[name],
-                                             done)
+                                             rounds=done)
             t = timings[case]
             print(f"  {dtype} {case.id}, {done} rounds: " + "  ".join(f"{k} {v.first_token_ms:.1f}/{v.decode_ms:.2f}" for k, v in t.items())
                   + " ms (first/decode); harness overhead " + ", ".join(f"{k} {v.overhead:.1%}" for k, v in t.items()
@@ -321,8 +325,8 @@ def main() -> None:
     parser.add_argument("--dtypes", default="float32,bfloat16", help="Default: %(default)r")
     parser.add_argument("--cases", default="1:128:32,16:128:32,1:512:32,16:512:32",
                         help="batch:seq_in:seq_out,... Default: %(default)r")
-    parser.add_argument("--rounds", type=int, default=2, help="The fewest rounds per case. Default: %(default)r")
-    parser.add_argument("--case-seconds", type=float, default=40.0,
+    parser.add_argument("--rounds", type=positive_int, default=2, help="The fewest rounds per case. Default: %(default)r")
+    parser.add_argument("--case-seconds", type=non_negative_seconds, default=40.0,
                         help="More rounds while a case's rounds (all runners) fit in this many seconds. "
                              "Default: %(default)r")
     parser.add_argument("--vllm-python", default="/tmp/venv-vllm/bin/python",

@@ -2,6 +2,8 @@
 projected time stays within --case-seconds: cheap batch-1 cases get a median of many rounds,
 dear ones are not lengthened), and its roofline's FLOP counts, against a count layer by layer
 and head by head."""
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -59,6 +61,21 @@ def test_dear_cases_run_the_fewest_rounds_asked_for_and_no_more():
     assert rounds_run(3, 40.0, 15.0) == 3
 
 
+def test_no_rounds_at_all_is_refused_by_value():
+    import pytest
+
+    with pytest.raises(ValueError, match="got 0"):
+        rounds_to_run(0, 40.0, 0, 0.0)
+
+
 def test_no_budget_means_exactly_the_rounds_asked_for():
     assert rounds_run(2, 0.0, 0.5) == 2
     assert rounds_run(1, 0.0, 0.5) == 1
+
+
+def test_no_rounds_and_a_negative_budget_are_refused_by_name_before_anything_is_measured():
+    repo = Path(__file__).resolve().parent.parent
+    for flag, value in (("--rounds", "0"), ("--case-seconds", "-1")):
+        out = subprocess.run([sys.executable, str(repo / "benchmarks" / "speed.py"), flag, value], capture_output=True,
+                             text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(repo)})
+        assert out.returncode == 2 and flag in out.stderr and value in out.stderr, out.stderr[-2000:]
