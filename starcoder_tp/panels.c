@@ -28,6 +28,14 @@ static long row_ahead_bytes = 0; /* 0: ONE_ROW asks for nothing ahead (panels_ro
 #ifndef CHUNK_STEPS
 #define CHUNK_STEPS 1024  /* K steps per pass over a block of panels, where K is longer (SHAPES) */
 #endif
+/* Where the interleaved rows' and the chunk sums' memory come from: tests/test_panels.py builds
+ * the library with either failing, to run the fallbacks a real call reaches only out of memory. */
+#ifndef PANELS_ALLOC_ROWS
+#define PANELS_ALLOC_ROWS malloc
+#endif
+#ifndef PANELS_ALLOC_SUMS
+#define PANELS_ALLOC_SUMS malloc
+#endif
 #define ACT_GELU_TANH 1
 #define ACT_RELU 2
 #define BETA 0.7978845608028654f /* sqrt(2 / pi) */
@@ -329,9 +337,9 @@ AVX512 static void interleave(const void *x, void *rows, long steps, long m) {
             return;                                                                                \
         }                                                                                          \
         const long most = m < ROW_CHUNK ? m : ROW_CHUNK;                                           \
-        E *rows = malloc((size_t)most * k * sizeof(E));                                            \
+        E *rows = PANELS_ALLOC_ROWS((size_t)most * k * sizeof(E));                                 \
         /* (where the sums' memory cannot be had: K whole) */                                      \
-        float *part = k / XS > CHUNK_STEPS ? malloc((size_t)most * NV * 16 * sizeof(float)) : NULL; \
+        float *part = k / XS > CHUNK_STEPS ? PANELS_ALLOC_SUMS((size_t)most * NV * 16 * sizeof(float)) : NULL; \
         for (long r = 0; r < m; r += most) {                                                       \
             long here = m - r < most ? m - r : most;                                               \
             if (rows) {                                                                            \

@@ -2,14 +2,16 @@
 ways, F.linear's result at every row count and panel count (fp32; bf16 within one rounding of the
 exact sum), the activation on the accumulator, a layout of its own in Linear and in the plans, and
 whole models keeping plain's tokens with it."""
+import ctypes
 import math
+import subprocess
 import weakref
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from starcoder_tp import kernel_timing, kernels, panels
+from starcoder_tp import kernel_timing, kernels, panels, rowdot
 from starcoder_tp.comm import TPGroup
 from starcoder_tp.device import Device
 from starcoder_tp.kernels import Choice
@@ -240,3 +242,31 @@ def test_a_model_in_panels_keeps_plains_tokens(tmp_path, embedded_dir, prompts, 
             torch.testing.assert_close(a.topk_logprobs, b.topk_logprobs, rtol=1e-4, atol=1e-4)
         else:
             torch.testing.assert_close(a.topk_logprobs[:, 0], b.topk_logprobs[:, 0], rtol=0, atol=0.1)
+
+
+@pytest.mark.parametrize("failing", ["PANELS_ALLOC_ROWS", "PANELS_ALLOC_SUMS"])
+def test_without_memory_for_the_rows_or_the_sums_a_call_falls_back_and_is_still_f_linear(tmp_path, failing):
+    # Out of memory, a call of many rows runs a row at a time (no interleaved rows) or K whole (no
+    # chunk sums): no real call gets there, so the library is built with that allocation failing.
+    dtypes = [d for d in DTYPES if runs(d)]
+    if not dtypes:
+        pytest.skip("panels need AVX-512 and a C compiler: this CPU or build does not run them")
+    library = tmp_path / "panels-failing.so"
+    built = subprocess.run([rowdot._compiler(), *rowdot.CFLAGS, f"-D{failing}(size)=NULL", "-o", str(library),
+                            *map(str, rowdot.SOURCES)], capture_output=True, text=True, timeout=rowdot.BUILD_TIMEOUT_S)
+    assert built.returncode == 0, built.stderr[-2000:]
+    lib = ctypes.CDLL(str(library))
+    torch.manual_seed(2)
+    k, rows = 4100, 70  # K in chunks where the sums' memory is had; rows past one block of 8
+    for dtype in dtypes:
+        kernel = lib.panels_f32 if dtype == torch.float32 else lib.panels_bf16
+        kernel.argtypes, kernel.restype = [ctypes.c_void_p] * 4 + [ctypes.c_long] * 3 + [ctypes.c_int], None
+        weight, b, x = torch.randn(112, k).to(dtype), torch.randn(112).to(dtype), torch.randn(rows, k).to(dtype)
+        packed, out = panels.pack(weight), torch.full((rows, 112), float("nan"), dtype=dtype)
+        kernel(packed.data_ptr(), x.data_ptr(), b.data_ptr(), out.data_ptr(), 112, k, rows,
+               panels.ACTIVATIONS[("gelu", "tanh")])
+        exact = F.gelu(F.linear(x.double(), weight.double(), b.double()), approximate="tanh")
+        if dtype == torch.float32:
+            torch.testing.assert_close(out.double(), exact, rtol=1e-5, atol=4e-6 * k ** 0.5)
+        else:
+            torch.testing.assert_close(out.double(), exact, rtol=2 ** -8, atol=1e-6 * k ** 0.5)
