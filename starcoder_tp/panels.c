@@ -338,8 +338,8 @@ AVX512 static void interleave(const void *x, void *rows, long steps, long m) {
         }                                                                                          \
         const long most = m < ROW_CHUNK ? m : ROW_CHUNK;                                           \
         E *rows = PANELS_ALLOC_ROWS((size_t)most * k * sizeof(E));                                 \
-        /* (where the sums' memory cannot be had: K whole) */                                      \
-        float *part = k / XS > CHUNK_STEPS ? PANELS_ALLOC_SUMS((size_t)most * NV * 16 * sizeof(float)) : NULL; \
+        /* (where the sums' memory cannot be had: K whole; none where the rows run one by one) */ \
+        float *part = rows && k / XS > CHUNK_STEPS ? PANELS_ALLOC_SUMS((size_t)most * NV * 16 * sizeof(float)) : NULL; \
         for (long r = 0; r < m; r += most) {                                                       \
             long here = m - r < most ? m - r : most;                                               \
             if (rows) {                                                                            \
