@@ -38,7 +38,7 @@ import torch
 from roofline import DTYPES, Limits, machine_limits
 from starcoder_tp.cpu import cpu_kind, cpuinfo
 from starcoder_tp.files import EMBEDDED_MODEL_DIR, write_atomic
-from starcoder_tp.options import bounded, positive_int
+from starcoder_tp.options import non_negative_seconds, positive_int
 from starcoder_tp.testing.build_models import build_bench, build_bench_starcoder2
 from starcoder_tp.config import ModelConfig
 from starcoder_tp.suite.perf import Case, CaseResult, PerfOptions, PerfRunner, make_prompts
@@ -46,7 +46,6 @@ from starcoder_tp.shard import ensure_shards
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 PEER_BENCH = Path(__file__).resolve().parents[2] / "shared" / "peers" / "peer_bench.py"  # beside the checkout
-non_negative_seconds = bounded(float, "a number of seconds", lambda v: v >= 0, "a finite number of seconds >= 0")
 
 
 def matmul_params(c: ModelConfig) -> int:

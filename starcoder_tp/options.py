@@ -48,6 +48,7 @@ def bounded(kind: type, what: str, holds: Callable[[Any], bool], bound: str) -> 
 positive_int = bounded(int, "a whole number", lambda v: v >= 1, ">= 1")
 non_negative_int = bounded(int, "a whole number", lambda v: v >= 0, ">= 0")
 positive_seconds = bounded(float, "a number of seconds", lambda v: v > 0, "a finite number of seconds > 0")
+non_negative_seconds = bounded(float, "a number of seconds", lambda v: v >= 0, "a finite number of seconds >= 0")
 non_negative_ms = bounded(float, "a number of milliseconds", lambda v: v >= 0, "a finite number of ms >= 0")
 
 
