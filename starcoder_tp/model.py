@@ -11,7 +11,6 @@ distributed argmax. The modules carry GPTBigCode's Hugging Face names, so a part
 from __future__ import annotations
 
 import functools
-import sys
 from pathlib import Path
 
 import torch
@@ -21,31 +20,12 @@ from torch import nn
 from .attention import Attention, attention_mask
 from .comm import TPGroup
 from .config import ModelConfig
-from . import argmax, kernels, layouts, malloc, row_ahead
+from . import argmax, fused_step, kernels, layouts, malloc, row_ahead
+from .compiled import compile_step, drop_compiled_code
 from .kernels import KERNEL_MODES, Choice
-from .linear import NATIVE_BF16_MATMUL, Linear, run_kernel
+from .linear import Linear, run_kernel
 from .shard import load_part, part_tensor_reader
 from .starcoder2 import inverse_frequencies, rotary_tables, runtime_state
-
-
-def _drop_compiled_code() -> None:
-    """Forget every graph compiled in this process, and free what they hold.
-
-    The compiled decode step guards on the identity of the KV caches (freezing makes them part of
-    the graph), so new caches always mean a new compile. Kept, the old graphs cost twice: past
-    dynamo's recompile limit (8) every later case ran eager, silently, and each held its own frozen
-    copy of the weights. Inductor keeps its generated modules, which hold those copies as constants,
-    in sys.modules; they go too. Other compiled code in the process recompiles when next called.
-    """
-    torch._dynamo.reset()
-    from torch._inductor.codecache import PyCodeCache
-    from torch._inductor.runtime.cache_dir_utils import cache_dir
-
-    PyCodeCache.cache_clear()
-    root = cache_dir()
-    for name, module in list(sys.modules.items()):
-        if (getattr(module, "__file__", None) or "").startswith(root):
-            del sys.modules[name]
 
 
 class MLP(nn.Module):
@@ -111,6 +91,7 @@ class TPCausalLM(nn.Module):
         self.kernel_plan_source = "fixed"  # "measured", "cached" or "fixed"
         self.progress_hooks: list = []  # called while kernels are measured and laid out (a rank's heartbeat)
         self.compiled_decode = None  # set by compile_decode: decode steps run the fixed-shape step compiled
+        self.fused: fused_step.FusedStep | None | bool = False  # the layers in one call (False: not decided yet)
         self.window = config.sliding_window
         self.inv_freq: torch.Tensor | None = None  # [D / 2] fp32, set by load_model for RoPE models
 
@@ -166,7 +147,7 @@ class TPCausalLM(nn.Module):
 
     def _lay_out(self, plan: dict[str, Choice], rows: int) -> int:
         """Lay every weight out for `plan` at `rows` decode rows; returns how many are packed."""
-        previous, self.kernel_plan, count = self.kernel_plan, plan, 0
+        previous, self.kernel_plan, count, self.fused = self.kernel_plan, plan, 0, False
         for linear in [m for m in self.modules() if isinstance(m, Linear)]:
             count += linear.use_kernels(plan[linear.shape_key()], rows)
             self._tick()  # re-packing a large model, and reading MKL's layouts back from disk, takes a while
@@ -200,32 +181,10 @@ class TPCausalLM(nn.Module):
                 f"{row_ahead.describe()}")
 
     def compile_decode(self, mode: str | None = None) -> None:
-        """Run decode steps through torch.compile (inductor) of the fixed-shape step (`forward`
-        with a tensor `start`). Compiling takes seconds to minutes per batch size and cache
-        length; what it buys depends on the machine (benchmarks/RESULTS.md). Not with
-        pre-packed weights: inductor packs the weights itself (freezing), and cannot take
-        oneDNN's opaque tensors."""
-        if any(m.decode_kernel != "plain" or m.short_kernel != "plain" or m.prefill_kernel != "plain"
-               for m in self.modules() if isinstance(m, Linear)) or self.lm_head_kernel != "plain":
-            # Packed weights are opaque to inductor; the fp32 path, traced, would be folded into fp32 copies.
-            raise ValueError("compile_decode: the model's linears run other kernels than plain F.linear "
-                             "(pre-packed or fp32); load it with kernels='plain'")
-        import torch._inductor.config as inductor_config
-
-        inductor_config.freezing = True  # weights as constants: inductor re-lays them out for its GEMMs
-        weight = self.transformer.ln_f.weight
-        if mode is None and weight.dtype == torch.bfloat16 and weight.device.type == "cpu" and not NATIVE_BF16_MATMUL:
-            # bf16 without bf16 arithmetic: linear.py's fp32 path, traced, would be folded into fp32 copies of
-            # the weights (twice the memory more). The linears stay bf16; inductor's GEMM converts in registers.
-            mode = "max-autotune-no-cudagraphs"
-            # Its tables of kernel timings (several per case) would bury the suite's own output.
-            inductor_config.autotune_num_choices_displayed = 0
-            inductor_config.max_autotune_report_choices_stats = False
-        if mode is None and weight.device.type == "cuda" and self.tp.world_size == 1:
-            # CUDA graphs (inductor's cudagraph trees): a decode step is hundreds of small kernels whose launches
-            # cost more than their work; a graph replays them as one. Not at world size > 1 until nccl is seen captured.
-            mode = "reduce-overhead"
-        self.compiled_decode = torch.compile(self.forward, mode=mode)
+        """Run decode steps through torch.compile (inductor) of the fixed-shape step (`forward` with a tensor
+        `start`): compiled.compile_step. Compiling takes seconds to minutes per batch size and cache length;
+        what it buys depends on the machine (benchmarks/RESULTS.md)."""
+        self.compiled_decode, self.fused = compile_step(self, mode), False
 
     def packed_weights(self):
         """The packed weights, oneDNN's or MKL's (empty when not pre-packed)."""
@@ -250,14 +209,14 @@ class TPCausalLM(nn.Module):
 
     def _allocate_cache(self, batch: int, max_seq_len: int) -> None:
         if self.compiled_decode is not None and self.cache_batch:
-            _drop_compiled_code()  # the compiled step of the old caches can never run again
+            drop_compiled_code()  # the compiled step of the old caches can never run again
         weight = self.transformer.ln_f.weight
         for block in self.transformer.h:
             attn = block.attn
             shape = (batch, attn.local_kv_heads, max_seq_len, attn.head_dim)
             attn.k_cache = torch.zeros(shape, dtype=weight.dtype, device=weight.device)
             attn.v_cache = torch.zeros(shape, dtype=weight.dtype, device=weight.device)
-        self.cache_batch, self.cache_len = batch, max_seq_len
+        self.cache_batch, self.cache_len, self.fused = batch, max_seq_len, False
         if weight.device.type == "cpu":  # the greedy pick's form at this batch (pick_greedy)
             argmax.calibrate(batch, self.local_vocab, weight.dtype)
 
@@ -300,9 +259,20 @@ class TPCausalLM(nn.Module):
         rotary = None
         if self.inv_freq is not None:
             rotary = rotary_tables(position_ids, self.inv_freq, x.dtype)
-        for block in self.transformer.h:
-            x = block(x, start, mask, rotary)
+        # (the int `start` first: a compiled step, whose `start` is a tensor, never reads self.fused)
+        if isinstance(start, int) and t == 1 and mask is None and rotary is None and self._fusing(x, start):
+            x = self.fused.run(x, start)
+        else:
+            for block in self.transformer.h:
+                x = block(x, start, mask, rotary)
         return self._logits(self.transformer.ln_f(x[:, -1]))
+
+    def _fusing(self, x: torch.Tensor, start: int) -> bool:
+        """Whether this decode step runs its layers in one call (fused_step.py): decided at the first of each
+        layout and cache."""
+        if self.fused is False:
+            self.fused = fused_step.FusedStep(self) if fused_step.why_not(self) is None else None
+        return self.fused is not None and self.fused.takes(x, start)
 
     def _logits(self, last: torch.Tensor) -> torch.Tensor:
         # last: [B, E] -> [B, V_local]

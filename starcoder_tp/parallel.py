@@ -107,7 +107,7 @@ def configure_threads(rank: int, spec: GroupSpec) -> int:
 
 class Heartbeat(StepHooks):
     """A rank's tick count in memory the parent reads: one tick per layer forward (a long
-    prefill still ticks) and one per step (a compiled step runs no layer hooks), so that a rank
+    prefill still ticks) and one per step (a compiled or fused step runs no layer hooks), so that a rank
     that stops computing is caught even where no peer waits on it (world size 1)."""
 
     def __init__(self, progress, rank: int):

@@ -35,10 +35,10 @@ import torch.nn.functional as F
 from .files import atomic_path, cache_dir
 
 # Our kernels, built into one library: rowdot.c's one-row products, panels.c's (panels.py),
-# attend.c's decode attention (decode_attention.py), argmax.c's greedy pick (argmax.py) and
-# softmax.c's causal softmax of the prefill's blocks (softmax.py).
+# attend.c's decode attention (decode_attention.py), argmax.c's greedy pick (argmax.py),
+# softmax.c's causal softmax of the prefill's blocks (softmax.py) and fused_step.c's decode layers.
 SOURCES = tuple(Path(__file__).with_name(name) for name in ("rowdot.c", "panels.c", "attend.c", "argmax.c",
-                                                           "softmax.c"))
+                                                           "softmax.c", "fused_step.c"))
 HEADERS = (Path(__file__).with_name("simd.h"),)  # (part of the build's digest: the sources include it)
 ENV = "STARCODER_TP_ROWDOT"  # "off": never build or offer the kernel; a name of PATHS: that path
 CFLAGS = ("-O3", "-shared", "-fPIC", "-std=c11")

@@ -1,0 +1,141 @@
+/* A decode step's transformer layers in one call (fused_step.py): GPTBigCode's LayerNorm, fused
+ * QKV, attention over the static cache and MLP, each linear by panels.c and the attention by
+ * attend.c, the same kernels and the same roundings as the model's layers run one op at a time.
+ *
+ * Why: at batch 1 a layer is four weight streams and ~20 small ops between them. Run from Python,
+ * those ops cost ~90 us a layer in the bench-size model (interpreter, dispatch, allocation), and
+ * they run with their caches just evicted by the weights (RESULTS.md, "Layers in one call").
+ *
+ * A layer is two segments, each ending in a row-parallel linear: attention (LayerNorm, QKV, K/V
+ * into the cache, attention, c_proj) and MLP (LayerNorm, c_fc with its activation, c_proj). At
+ * world size 1 a call runs any range of segments, each c_proj with its bias and added into the
+ * residual. Between ranks the sum of the c_proj partials is the caller's (an all-reduce), so a call
+ * runs at most one segment, writes its c_proj without bias to `partial`, and the next call first
+ * adds what came back, then its bias, into the residual: as Linear.row_parallel and Block do.
+ * Elements are rounded to the dtype where the model's ops round them (each op's output).
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+void panels_f32(const float *w, const float *x, const float *b, float *y, long n, long k, long m, int act);
+void panels_bf16(const uint16_t *w, const uint16_t *x, const uint16_t *b, uint16_t *y, long n, long k, long m,
+                 int act);
+int attend_f32(const float *q, long q_b, const float *k, const float *v, long kv_b, long kv_h, const uint8_t *mask,
+               long mask_b, float *out, long b_len, long kv_len, long g_len, long s_len, long d_len, float scale);
+int attend_bf16(const uint16_t *q, long q_b, const uint16_t *k, const uint16_t *v, long kv_b, long kv_h,
+                const uint8_t *mask, long mask_b, uint16_t *out, long b_len, long kv_len, long g_len, long s_len,
+                long d_len, float scale, int dot);
+
+/* A layer's tensors, in this order (fused_step.py's SLOTS); a bias may be NULL. */
+enum { LN1_W, LN1_B, QKV_W, QKV_B, K_CACHE, V_CACHE, PROJ_W, PROJ_B, LN2_W, LN2_B, FC_W, FC_B, FC2_W, FC2_B, SLOTS };
+/* dims[]: the step's shape (fused_step.py's DIMS). */
+enum { BATCH, EMBD, HEADS, KV_HEADS, HEAD_DIM, INNER, KV_B, KV_H, ACT, DOT, BF16, DIMS };
+
+static inline float get(const void *p, long i, int bf16) {
+    if (!bf16)
+        return ((const float *)p)[i];
+    uint32_t u = (uint32_t)((const uint16_t *)p)[i] << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+static inline void put(void *p, long i, float v, int bf16) {
+    if (!bf16) {
+        ((float *)p)[i] = v;
+        return;
+    }
+    uint32_t u;
+    memcpy(&u, &v, sizeof u);
+    /* to nearest even, NaN kept quiet: simd.h's round_bf16, one element */
+    ((uint16_t *)p)[i] = (u & 0x7fffffffu) > 0x7f800000u ? (uint16_t)((u >> 16) | 0x40)
+                                                        : (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+/* torch's CPU layer_norm: the moments, then (x * rstd + -mean * rstd) * w + b in fp32, rounded once. */
+static void layer_norm(const void *x, const void *w, const void *b, void *y, long rows, long n, float eps, int bf16) {
+    for (long r = 0; r < rows; r++) {
+        double sum = 0, squares = 0;
+        for (long i = 0; i < n; i++)
+            sum += get(x, r * n + i, bf16);
+        double mean = sum / n;
+        for (long i = 0; i < n; i++) {
+            double d = get(x, r * n + i, bf16) - mean;
+            squares += d * d;
+        }
+        float rstd = 1.0f / sqrtf((float)(squares / n) + eps), shift = -(float)mean * rstd;
+        for (long i = 0; i < n; i++) {
+            float v = (get(x, r * n + i, bf16) * rstd + shift) * get(w, i, bf16);
+            put(y, r * n + i, b ? v + get(b, i, bf16) : v, bf16);
+        }
+    }
+}
+
+/* x += (add + bias): the bias rounded in with the sum first, as `out + bias` then `x + out`. */
+static void residual(void *x, const void *add, const void *bias, long rows, long n, int bf16) {
+    for (long r = 0; r < rows; r++)
+        for (long i = 0; i < n; i++) {
+            float a = get(add, r * n + i, bf16);
+            if (bias) {
+                uint16_t rounded;
+                a += get(bias, i, bf16);
+                put(&rounded, 0, a, bf16);
+                a = bf16 ? get(&rounded, 0, 1) : a;
+            }
+            put(x, r * n + i, get(x, r * n + i, bf16) + a, bf16);
+        }
+}
+
+static void linear(const void *w, const void *x, const void *b, void *y, long n, long k, long m, int act, int bf16) {
+    if (bf16)
+        panels_bf16(w, x, b, y, n, k, m, act);
+    else
+        panels_f32(w, x, b, y, n, k, m, act);
+}
+
+/* Segments [from, to) of the layers (2 per layer) for the token at cache slot `pos`, on the residual
+ * `x` [B, E] in place. `incoming` (or NULL): the previous segment's c_proj summed over the ranks, added
+ * with `incoming_bias` (or NULL) first. `partial` NULL: world size 1, each c_proj into the residual;
+ * else at most one segment, whose c_proj (without its bias) goes there. `scratch`: B * (2E + QKV + HD +
+ * INNER) elements. Returns 0, -1 where attend.c could not allocate, -2 for a range it does not run. */
+int fused_step(void *const *layers, long from, long to, void *x, const void *incoming, const void *incoming_bias,
+               void *partial, void *scratch, const long *dims, long pos, float eps, float scale) {
+    const long B = dims[BATCH], E = dims[EMBD], H = dims[HEADS], KV = dims[KV_HEADS], D = dims[HEAD_DIM];
+    const long QKV = (H + 2 * KV) * D, bf16 = dims[BF16], size = bf16 ? 2 : 4;
+    if (from < 0 || to < from || (partial && to - from > 1))
+        return -2;
+    char *h = scratch, *qkv = h + B * E * size, *att = qkv + B * QKV * size, *o = att + B * H * D * size;
+    char *f = o + B * E * size;
+    if (incoming)
+        residual(x, incoming, incoming_bias, B, E, bf16);
+    for (long s = from; s < to; s++) {
+        void *const *L = layers + (s / 2) * SLOTS;
+        void *out = partial ? partial : o;
+        if (s % 2 == 0) {
+            layer_norm(x, L[LN1_W], L[LN1_B], h, B, E, eps, bf16);
+            linear(L[QKV_W], h, L[QKV_B], qkv, QKV, E, B, 0, bf16);
+            for (long b = 0; b < B; b++)  /* this token's keys and values into slot `pos` */
+                for (long j = 0; j < KV; j++) {
+                    long slot = (b * dims[KV_B] + j * dims[KV_H] + pos * D) * size;
+                    memcpy((char *)L[K_CACHE] + slot, qkv + (b * QKV + (H + j) * D) * size, D * size);
+                    memcpy((char *)L[V_CACHE] + slot, qkv + (b * QKV + (H + KV + j) * D) * size, D * size);
+                }
+            int failed = bf16 ? attend_bf16((const uint16_t *)qkv, QKV, L[K_CACHE], L[V_CACHE], dims[KV_B],
+                                            dims[KV_H], NULL, 0, (uint16_t *)att, B, KV, H / KV, pos + 1, D, scale,
+                                            (int)dims[DOT])
+                              : attend_f32((const float *)qkv, QKV, L[K_CACHE], L[V_CACHE], dims[KV_B], dims[KV_H],
+                                           NULL, 0, (float *)att, B, KV, H / KV, pos + 1, D, scale);
+            if (failed)
+                return -1;
+            linear(L[PROJ_W], att, partial ? NULL : L[PROJ_B], out, E, H * D, B, 0, bf16);
+        } else {
+            layer_norm(x, L[LN2_W], L[LN2_B], h, B, E, eps, bf16);
+            linear(L[FC_W], h, L[FC_B], f, dims[INNER], E, B, (int)dims[ACT], bf16);
+            linear(L[FC2_W], f, partial ? NULL : L[FC2_B], out, E, dims[INNER], B, 0, bf16);
+        }
+        if (!partial)
+            residual(x, o, NULL, B, E, bf16);
+    }
+    return 0;
+}
