@@ -65,10 +65,14 @@ def why_not(model) -> str | None:
         return f"panels.c does not apply {config.activation_function}"
     if not decode_attention.DECODE_FORM.ours:
         return "the decode attention runs SDPA"
+    if attn.head_dim % 16 or attn.local_heads % attn.local_kv_heads:
+        return f"attend.c does not take {attn.local_heads} heads of {attn.head_dim} over {attn.local_kv_heads} K/V heads"
     for block in model.transformer.h:
         for linear in (block.attn.c_attn, block.attn.c_proj, block.mlp.c_fc, block.mlp.c_proj):
-            if linear.decode_kernel != "panels" or linear.packed_kind != "panels":
+            if linear.decode_kernel != "panels":
                 return f"a linear's decode kernel is {linear.decode_kernel}, not panels"
+            if linear.packed_kind != "panels":
+                return "a linear's weight is not laid out in panels"
     if attn.k_cache is None or model.kernel_rows != model.cache_batch:
         return "no cache, or one laid out for another batch than the kernels"
     return None

@@ -98,6 +98,9 @@ def test_what_the_fused_step_does_not_take_runs_op_by_op(tmp_path, dtype, monkey
     monkeypatch.setattr(decode_attention.DECODE_FORM, "ours", False)
     assert fused_step.why_not(model) == "the decode attention runs SDPA"
     monkeypatch.setattr(decode_attention.DECODE_FORM, "ours", True)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(model.transformer.h[0].attn, "head_dim", 24)  # attend.c takes multiples of 16
+        assert fused_step.why_not(model) == "attend.c does not take 8 heads of 24 over 1 K/V heads"
     plain = tiny(tmp_path, dtype, kernels="plain")
     with torch.inference_mode():
         plain.setup_cache(2, 16)
