@@ -1,18 +1,22 @@
 /* A decode step's transformer layers in one call (fused_step.py): GPTBigCode's LayerNorm, fused
  * QKV, attention over the static cache and MLP, each linear by panels.c and the attention by
- * attend.c, the same kernels and the same roundings as the model's layers run one op at a time.
+ * attend.c: the same kernels, each output rounded to the dtype where the model's layers round it
+ * (only the LayerNorm's moments are summed otherwise: in double, two passes).
  *
  * Why: at batch 1 a layer is four weight streams and ~20 small ops between them. Run from Python,
- * those ops cost ~90 us a layer in the bench-size model (interpreter, dispatch, allocation), and
- * they run with their caches just evicted by the weights (RESULTS.md, "Layers in one call").
+ * those ops and the step's few others cost 0.7 ms a step in the bench-size model's 8 layers
+ * (interpreter, dispatch, allocation), more with their caches just evicted by the weights
+ * (RESULTS.md, "Layers in one call").
  *
- * A layer is two segments, each ending in a row-parallel linear: attention (LayerNorm, QKV, K/V
- * into the cache, attention, c_proj) and MLP (LayerNorm, c_fc with its activation, c_proj). At
- * world size 1 a call runs any range of segments, each c_proj with its bias and added into the
- * residual. Between ranks the sum of the c_proj partials is the caller's (an all-reduce), so a call
- * runs at most one segment, writes its c_proj without bias to `partial`, and the next call first
- * adds what came back, then its bias, into the residual: as Linear.row_parallel and Block do.
- * Elements are rounded to the dtype where the model's ops round them (each op's output).
+ * A layer is four phases: 0, LayerNorm, QKV and K/V into the cache; 1, the attention; 2, the
+ * attention's c_proj; 3, LayerNorm, c_fc with its activation and the MLP's c_proj. At world size 1 a
+ * call runs any range of phases, each c_proj with its bias and added into the residual. Between
+ * ranks the sum of the c_proj partials is the caller's (an all-reduce), so a call ends at a c_proj,
+ * writes it without bias to `partial`, and the next call first adds what came back, then its bias,
+ * into the residual: as Linear.row_parallel and Block do. Where the decode attention was measured
+ * faster with SDPA, the caller runs it between phases 0 and 2 (the queries and the attention's
+ * output in `scratch`, where phase 1 reads and writes them). Elements are rounded to the dtype where
+ * the model's ops round them (each op's output).
  */
 #include <math.h>
 #include <stdint.h>
@@ -27,10 +31,10 @@ int attend_bf16(const uint16_t *q, long q_b, const uint16_t *k, const uint16_t *
                 const uint8_t *mask, long mask_b, uint16_t *out, long b_len, long kv_len, long g_len, long s_len,
                 long d_len, float scale, int dot);
 
-/* A layer's tensors, in this order (fused_step.py's SLOTS); a bias may be NULL. */
+/* A layer's tensors, in this order (fused_step.py's _layer_tensors); a bias may be NULL. */
 enum { LN1_W, LN1_B, QKV_W, QKV_B, K_CACHE, V_CACHE, PROJ_W, PROJ_B, LN2_W, LN2_B, FC_W, FC_B, FC2_W, FC2_B, SLOTS };
 /* dims[]: the step's shape (fused_step.py's DIMS). */
-enum { BATCH, EMBD, HEADS, KV_HEADS, HEAD_DIM, INNER, KV_B, KV_H, ACT, DOT, BF16, DIMS };
+enum { LAYERS, BATCH, EMBD, HEADS, KV_HEADS, HEAD_DIM, INNER, KV_B, KV_H, ACT, DOT, BF16, DIMS };
 
 static inline float get(const void *p, long i, int bf16) {
     if (!bf16)
@@ -78,10 +82,12 @@ static void residual(void *x, const void *add, const void *bias, long rows, long
         for (long i = 0; i < n; i++) {
             float a = get(add, r * n + i, bf16);
             if (bias) {
-                uint16_t rounded;
                 a += get(bias, i, bf16);
-                put(&rounded, 0, a, bf16);
-                a = bf16 ? get(&rounded, 0, 1) : a;
+                if (bf16) {
+                    uint16_t rounded;
+                    put(&rounded, 0, a, 1);
+                    a = get(&rounded, 0, 1);
+                }
             }
             put(x, r * n + i, get(x, r * n + i, bf16) + a, bf16);
         }
@@ -94,25 +100,30 @@ static void linear(const void *w, const void *x, const void *b, void *y, long n,
         panels_f32(w, x, b, y, n, k, m, act);
 }
 
-/* Segments [from, to) of the layers (2 per layer) for the token at cache slot `pos`, on the residual
- * `x` [B, E] in place. `incoming` (or NULL): the previous segment's c_proj summed over the ranks, added
- * with `incoming_bias` (or NULL) first. `partial` NULL: world size 1, each c_proj into the residual;
- * else at most one segment, whose c_proj (without its bias) goes there. `scratch`: B * (2E + QKV + HD +
- * INNER) elements. Returns 0, -1 where attend.c could not allocate, -2 for a range it does not run. */
+/* Phases [from, to) of the layers (4 per layer) for the token at cache slot `pos`, on the residual
+ * `x` [B, E] in place. `incoming` (or NULL): the last c_proj summed over the ranks, added with
+ * `incoming_bias` (or NULL) first. `partial` NULL: world size 1, each c_proj into the residual; else
+ * the range holds one c_proj, its last phase, which goes there without its bias. `scratch`: B * (2E +
+ * QKV + HD + INNER) elements: the normalised rows, q/k/v, the attention's output, a c_proj's output,
+ * the MLP's hidden rows. Returns 0, -1 where attend.c could not allocate, -2 for a range it does not run. */
 int fused_step(void *const *layers, long from, long to, void *x, const void *incoming, const void *incoming_bias,
                void *partial, void *scratch, const long *dims, long pos, float eps, float scale) {
     const long B = dims[BATCH], E = dims[EMBD], H = dims[HEADS], KV = dims[KV_HEADS], D = dims[HEAD_DIM];
     const long QKV = (H + 2 * KV) * D, bf16 = dims[BF16], size = bf16 ? 2 : 4;
-    if (from < 0 || to < from || (partial && to - from > 1))
+    if (from < 0 || to < from || to > 4 * dims[LAYERS] || (partial && (to == from || (to - 1) % 4 < 2)))
         return -2;
+    for (long p = from; partial && p < to - 1; p++)  /* between ranks: one c_proj, the range's last phase */
+        if (p % 4 >= 2)
+            return -2;
     char *h = scratch, *qkv = h + B * E * size, *att = qkv + B * QKV * size, *o = att + B * H * D * size;
     char *f = o + B * E * size;
     if (incoming)
         residual(x, incoming, incoming_bias, B, E, bf16);
-    for (long s = from; s < to; s++) {
-        void *const *L = layers + (s / 2) * SLOTS;
+    for (long p = from; p < to; p++) {
+        void *const *L = layers + (p / 4) * SLOTS;
         void *out = partial ? partial : o;
-        if (s % 2 == 0) {
+        switch (p % 4) {
+        case 0:
             layer_norm(x, L[LN1_W], L[LN1_B], h, B, E, eps, bf16);
             linear(L[QKV_W], h, L[QKV_B], qkv, QKV, E, B, 0, bf16);
             for (long b = 0; b < B; b++)  /* this token's keys and values into slot `pos` */
@@ -121,6 +132,8 @@ int fused_step(void *const *layers, long from, long to, void *x, const void *inc
                     memcpy((char *)L[K_CACHE] + slot, qkv + (b * QKV + (H + j) * D) * size, D * size);
                     memcpy((char *)L[V_CACHE] + slot, qkv + (b * QKV + (H + KV + j) * D) * size, D * size);
                 }
+            continue;
+        case 1: {
             int failed = bf16 ? attend_bf16((const uint16_t *)qkv, QKV, L[K_CACHE], L[V_CACHE], dims[KV_B],
                                             dims[KV_H], NULL, 0, (uint16_t *)att, B, KV, H / KV, pos + 1, D, scale,
                                             (int)dims[DOT])
@@ -128,8 +141,12 @@ int fused_step(void *const *layers, long from, long to, void *x, const void *inc
                                            NULL, 0, (float *)att, B, KV, H / KV, pos + 1, D, scale);
             if (failed)
                 return -1;
+            continue;
+        }
+        case 2:
             linear(L[PROJ_W], att, partial ? NULL : L[PROJ_B], out, E, H * D, B, 0, bf16);
-        } else {
+            break;
+        default:
             layer_norm(x, L[LN2_W], L[LN2_B], h, B, E, eps, bf16);
             linear(L[FC_W], h, L[FC_B], f, dims[INNER], E, B, (int)dims[ACT], bf16);
             linear(L[FC2_W], f, partial ? NULL : L[FC2_B], out, E, dims[INNER], B, 0, bf16);

@@ -1,16 +1,19 @@
 """A decode step's layers by one call of our library (fused_step.c) where every piece of them runs
 our kernels already: the linears in panels (panels.py), the attention by attend.c
-(decode_attention.py). The same kernels, on the same inputs, with the same roundings as the layers
-run op by op; what goes is the Python between them (~90 us a layer at batch 1 in the bench-size
-model, more with its caches evicted by the weights' stream). At world size 1 one call runs every
+(decode_attention.py). The same kernels, on the same inputs, each output rounded where the layers
+run op by op round it (only the LayerNorm's moments are summed otherwise); what goes is the Python
+between them (0.7 ms of a batch-1 step in the bench-size model, more with its caches evicted by the
+weights' stream: RESULTS.md, "Layers in one call"). At world size 1 one call runs every
 layer; between ranks, one call per row-parallel linear, the all-reduce between them (comm.py).
+Where the decode attention was measured faster with SDPA (decode_attention.DECODE_FORM), or attend.c
+does not take the heads, the attention runs between two calls, as the layers run it (attention.attend).
 
 It takes GPTBigCode's layers as the model holds them: learned positions (no RoPE), fused q/k/v rows
 [q | k | v] (multi-query, or grouped), no sliding window, an activation panels.c applies, every
-linear laid out in panels for the decode batch, attend.c chosen for the decode attention, a
-decode step with no mask (no left padding) and an int slot. Anything else runs op by op, as does
-everything with STARCODER_TP_FUSED_STEP=0 (`why_not` says which). A fused step runs no layer
-hooks: the heartbeat ticks once per step (parallel.Heartbeat), as for a compiled step.
+linear laid out in panels for the decode batch, a decode step with no mask (no left padding) and an
+int slot. Anything else runs op by op, as does everything with STARCODER_TP_FUSED_STEP=0 (`why_not`
+says which). A fused step runs no layer hooks: the heartbeat ticks once per step
+(parallel.Heartbeat), as for a compiled step.
 """
 from __future__ import annotations
 
@@ -20,11 +23,13 @@ import os
 import torch
 
 from . import decode_attention, panels, rowdot
+from .attention import attend
 from .activations import ACTIVATIONS
+from .linear import Linear
 
-ENV = "STARCODER_TP_FUSED_STEP"  # "0": every step op by op (A/B timing, a suspected kernel)
+ENV = "STARCODER_TP_FUSED_STEP"  # "0": every step op by op (A/B timing, a suspected kernel); "1" (default): fuse
 DIMS = (  # fused_step.c's dims[], in order
-    "batch", "embd", "heads", "kv_heads", "head_dim", "inner", "kv_b", "kv_h", "act", "dot", "bf16")
+    "layers", "batch", "embd", "heads", "kv_heads", "head_dim", "inner", "kv_b", "kv_h", "act", "dot", "bf16")
 
 
 def _layer_tensors(block) -> tuple:
@@ -46,11 +51,32 @@ def _library():
     return lib
 
 
+def _calls(layers: int, attention_inside: bool, between_ranks: bool,
+           proj_biases: list[int | None]) -> list[tuple[int, int, str | None, int | None]]:
+    """fused_step.c's calls for a step: (first phase, end, then, bias) with `then` what the caller does
+    after it: "attend" (the attention, where it runs outside), "sum" (the all-reduce of a c_proj's
+    partial, whose bias the next call adds) or nothing. Phases: 4 a layer (fused_step.c)."""
+    calls, first = [], 0
+    for phase in range(4 * layers):
+        if phase % 4 == 1 and not attention_inside:
+            first = phase + 1  # (the caller's)
+        elif phase % 4 == 0 and not attention_inside:
+            calls.append((first, phase + 1, "attend", None))
+        elif phase % 4 >= 2 and between_ranks:
+            calls.append((first, phase + 1, "sum", proj_biases[2 * (phase // 4) + phase % 4 - 2]))
+            first = phase + 1
+    calls.append((first, 4 * layers, None, None))  # the rest; between ranks, the last sum folded in
+    return calls
+
+
 def why_not(model) -> str | None:
     """Why `model`'s decode steps at its present layout and cache run op by op; None where they fuse."""
     config, attn = model.config, model.transformer.h[0].attn
     dtype = model.transformer.ln_f.weight.dtype
-    if os.environ.get(ENV, "1") == "0":
+    wanted = os.environ.get(ENV, "1")
+    if wanted not in ("0", "1"):
+        raise ValueError(f"{ENV}={wanted!r}: expected 0 (every decode step op by op) or 1 (fuse where possible)")
+    if wanted == "0":
         return f"{ENV}=0"
     if model.transformer.ln_f.weight.device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16):
         return f"not a CPU fp32 or bf16 model ({model.transformer.ln_f.weight.device.type}, {dtype})"
@@ -63,19 +89,40 @@ def why_not(model) -> str | None:
     _, post_op, algorithm = ACTIVATIONS[config.activation_function]
     if not panels.fuses(post_op, algorithm):
         return f"panels.c does not apply {config.activation_function}"
-    if not decode_attention.DECODE_FORM.ours:
-        return "the decode attention runs SDPA"
-    if attn.head_dim % 16 or attn.local_heads % attn.local_kv_heads:
-        return f"attend.c does not take {attn.local_heads} heads of {attn.head_dim} over {attn.local_kv_heads} K/V heads"
-    for block in model.transformer.h:
-        for linear in (block.attn.c_attn, block.attn.c_proj, block.mlp.c_fc, block.mlp.c_proj):
-            if linear.decode_kernel != "panels":
-                return f"a linear's decode kernel is {linear.decode_kernel}, not panels"
-            if linear.packed_kind != "panels":
-                return "a linear's weight is not laid out in panels"
-    if attn.k_cache is None or model.kernel_rows != model.cache_batch:
-        return "no cache, or one laid out for another batch than the kernels"
+    for linear in _linears(model):
+        if linear.decode_kernel != "panels":
+            return f"a linear's decode kernel is {linear.decode_kernel}, not panels"
+        if linear.packed_kind != "panels":
+            return "a linear's weight is not laid out in panels"
+    if attn.k_cache is None or model.kernel_rows != model.cache_batch or any(
+            model.cache_batch * linear.in_features > linear.decode_numel for linear in _linears(model)):
+        return "no cache, or one for more rows than the linears are laid out for"
+    if any(t is not None and not (t.is_contiguous() and t.dtype == dtype)
+           for block in model.transformer.h for t in _layer_tensors(block)):
+        return f"a layer's tensor is not contiguous {dtype} (a LayerNorm kept in fp32?)"
     return None
+
+
+def _linears(model) -> list:
+    return [linear for block in model.transformer.h
+            for linear in (block.attn.c_attn, block.attn.c_proj, block.mlp.c_fc, block.mlp.c_proj)]
+
+
+def describe(model) -> str:
+    """'; layers fused' where `model`'s decode steps run their layers in calls of fused_step.c (',attention-between'
+    where the attention runs between two of them), '' where op by op: its place in the plan's line."""
+    if why_not(model) is not None:
+        return ""
+    return "; layers fused" + ("" if _attention_inside(model) else ",attention-between")
+
+
+def _attention_inside(model) -> bool:
+    """Whether fused_step.c runs the attention (attend.c) where the layers would: measured faster than SDPA,
+    and a step's queries and cache it takes (decode_attention.supports, on views shaped as the step's)."""
+    attn, b = model.transformer.h[0].attn, model.cache_batch
+    qkv = attn.k_cache.new_empty(b, 1, (attn.local_heads + 2 * attn.local_kv_heads) * attn.head_dim)
+    q = qkv[..., :attn.local_heads * attn.head_dim].view(b, 1, attn.local_heads, attn.head_dim)
+    return decode_attention.DECODE_FORM.ours and decode_attention.supports(q, attn.k_cache, attn.v_cache, None)
 
 
 class FusedStep:
@@ -88,13 +135,14 @@ class FusedStep:
         self.dtype = model.transformer.ln_f.weight.dtype
         self.batch, self.cache_len, self.tp, self.lib = model.cache_batch, model.cache_len, tp, _library()
         held = [t for block in blocks for t in _layer_tensors(block) if t is not None]
-        assert all(t.is_contiguous() and t.dtype == self.dtype for t in held), "fused_step: a tensor out of layout"
+        assert all(t.is_contiguous() and t.dtype == self.dtype for t in held), "why_not lets no other through"
+        self.layouts_made = Linear.layouts_made
         pointers = [None if t is None else t.data_ptr() for block in blocks for t in _layer_tensors(block)]
         self.held, self.layers = held, (ctypes.c_void_p * len(pointers))(*pointers)
         _, post_op, algorithm = ACTIVATIONS[config.activation_function]
         heads, kv_heads, head_dim = attn.local_heads, attn.local_kv_heads, attn.head_dim
         inner = blocks[0].mlp.c_fc.out_features
-        dims = dict(batch=self.batch, embd=config.n_embd, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
+        dims = dict(layers=len(blocks), batch=self.batch, embd=config.n_embd, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
                     inner=inner, kv_b=attn.k_cache.stride(0), kv_h=attn.k_cache.stride(1),
                     act=panels.ACTIVATIONS[(post_op, algorithm)],
                     dot=int(self.dtype == torch.bfloat16 and decode_attention.bf16_dot()),
@@ -103,34 +151,44 @@ class FusedStep:
         per_row = 2 * config.n_embd + (heads + 2 * kv_heads) * head_dim + heads * head_dim + inner
         self.scratch = torch.empty(self.batch * per_row, dtype=self.dtype)
         self.partial = torch.empty(self.batch, 1, config.n_embd, dtype=self.dtype)
-        self.proj_biases = [None if m.bias is None else m.bias.data_ptr()
-                            for block in blocks for m in (block.attn.c_proj, block.mlp.c_proj)]
-        self.segments = 2 * len(blocks)
+        self.decode_ours = decode_attention.DECODE_FORM.ours
+        start = config.n_embd * self.batch
+        qkv = self.scratch[start:start + self.batch * (heads + 2 * kv_heads) * head_dim].view(self.batch, 1, -1)
+        self.q = qkv[..., :heads * head_dim].view(self.batch, 1, heads, head_dim)  # [B, 1, H, D]
+        start += qkv.numel()
+        self.attended = self.scratch[start:start + self.batch * heads * head_dim].view(self.batch, 1, -1)
+        self.attentions = [block.attn for block in blocks]
+        self.calls = _calls(len(blocks), _attention_inside(model), tp.world_size > 1, [
+            None if m.bias is None else m.bias.data_ptr() for block in blocks for m in (block.attn.c_proj, block.mlp.c_proj)])
         self.eps, self.scale = config.layer_norm_epsilon, attn.scale
 
     def takes(self, x: torch.Tensor, start: int | torch.Tensor) -> bool:
         """Whether this step is one it runs: one token per sequence of the cache's batch, an int slot
         inside the cache (the caller has checked there is no mask and no rotary)."""
         return (isinstance(start, int) and x.shape[1] == 1 and x.shape[0] == self.batch and 0 <= start < self.cache_len
-                and x.dtype == self.dtype and decode_attention.DECODE_FORM.ours and not torch.compiler.is_compiling())
+                and x.dtype == self.dtype and not torch.compiler.is_compiling())
+
+    def stale(self) -> bool:
+        """Whether a weight was laid out again since it was made (Linear.use_kernels, whichever model's: a
+        count), or the decode attention's form changed: then it is made again before the next step."""
+        return Linear.layouts_made != self.layouts_made or decode_attention.DECODE_FORM.ours != self.decode_ours
 
     def run(self, x: torch.Tensor, start: int) -> torch.Tensor:
         """Every layer on x [B, 1, E] for the token at cache slot `start`; returns the residual after them."""
         x = x.clone(memory_format=torch.contiguous_format)  # the residual, written in place
-        call, scratch, dims = self.lib.fused_step, self.scratch.data_ptr(), self.dims
-        if self.tp.world_size == 1:
-            self._check(call(self.layers, 0, self.segments, x.data_ptr(), None, None, None, scratch, dims, start,
-                             self.eps, self.scale), start)
-            return x
+        call, scratch, dims, partial = self.lib.fused_step, self.scratch.data_ptr(), self.dims, self.partial
         incoming = bias = None
-        for segment in range(self.segments + 1):  # the last call adds the last segment's sum and no more
-            run = min(segment + 1, self.segments)
-            self._check(call(self.layers, segment, run, x.data_ptr(), incoming, bias,
-                             self.partial.data_ptr() if run > segment else None, scratch, dims, start,
-                             self.eps, self.scale), start)
-            if run > segment:
-                incoming = self.tp.all_reduce_(self.partial).data_ptr()
-                bias = self.proj_biases[segment]
+        for first, end, then, then_bias in self.calls:
+            code = call(self.layers, first, end, x.data_ptr(), incoming, bias, partial.data_ptr() if then == "sum" else None,
+                        scratch, dims, start, self.eps, self.scale)
+            self._check(code, start)
+            incoming = bias = None
+            if then == "sum":
+                incoming, bias = self.tp.all_reduce_(partial).data_ptr(), then_bias
+            elif then == "attend":
+                attn = self.attentions[end // 4]
+                self.attended.copy_(attend(self.q, attn.k_cache[:, :, :start + 1], attn.v_cache[:, :, :start + 1],
+                                           None, self.scale))
         return x
 
     def _check(self, code: int, start: int) -> None:

@@ -103,6 +103,7 @@ class Linear(nn.Linear):
     decode_numel = 0
     split_numel = 0
     panels_calls: dict[tuple, panels.Bound] | None = None  # (Linear._panels; a dict from use_kernels on)
+    layouts_made = 0  # use_kernels calls in this process, every Linear's (a class attribute)
 
     def _kernel(self, x: torch.Tensor) -> str:
         n = x.numel()
@@ -173,6 +174,7 @@ class Linear(nn.Linear):
         layout = choice.decode
         # Runs inside generation's inference mode; weights made there would be inference
         # tensors, which later calls that track autograd refuse.
+        Linear.layouts_made += 1  # (a fused step made before points to the old layout: fused_step.FusedStep.takes)
         with torch.inference_mode(False), torch.no_grad():
             same = layout == self.packed_kind and not relaid(layout, self.packed_rows, rows)
             packed = self.packed if same else None

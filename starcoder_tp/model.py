@@ -178,7 +178,7 @@ class TPCausalLM(nn.Module):
             f", weighed for {self.kernel_request[0]} prompt rows + {self.kernel_request[1]} steps")
         return (f"{self.kernel_mode} ({self.kernel_plan_source}, batch {self.kernel_rows}{weighed}): "
                 f"{kernels.describe(self.kernel_plan)}{argmax.describe(self.kernel_rows, self.local_vocab)}"
-                f"{row_ahead.describe()}")
+                f"{row_ahead.describe()}{fused_step.describe(self)}")
 
     def compile_decode(self, mode: str | None = None) -> None:
         """Run decode steps through torch.compile (inductor) of the fixed-shape step (`forward` with a tensor
@@ -204,19 +204,21 @@ class TPCausalLM(nn.Module):
                 self._lay_out(plan, batch)
         if batch != self.cache_batch or max_seq_len > self.cache_len:
             self._allocate_cache(batch, max_seq_len)
+        self.fused_layers()
         if self.transformer.ln_f.weight.device.type == "cpu":  # one-row panels' asks ahead, timed on the step
             row_ahead.settle(self, batch)
 
     def _allocate_cache(self, batch: int, max_seq_len: int) -> None:
         if self.compiled_decode is not None and self.cache_batch:
             drop_compiled_code()  # the compiled step of the old caches can never run again
+        self.fused = False  # (it holds the old caches: they go as the new ones come)
         weight = self.transformer.ln_f.weight
         for block in self.transformer.h:
             attn = block.attn
             shape = (batch, attn.local_kv_heads, max_seq_len, attn.head_dim)
             attn.k_cache = torch.zeros(shape, dtype=weight.dtype, device=weight.device)
             attn.v_cache = torch.zeros(shape, dtype=weight.dtype, device=weight.device)
-        self.cache_batch, self.cache_len, self.fused = batch, max_seq_len, False
+        self.cache_batch, self.cache_len = batch, max_seq_len
         if weight.device.type == "cpu":  # the greedy pick's form at this batch (pick_greedy)
             argmax.calibrate(batch, self.local_vocab, weight.dtype)
 
@@ -260,19 +262,20 @@ class TPCausalLM(nn.Module):
         if self.inv_freq is not None:
             rotary = rotary_tables(position_ids, self.inv_freq, x.dtype)
         # (the int `start` first: a compiled step, whose `start` is a tensor, never reads self.fused)
-        if isinstance(start, int) and t == 1 and mask is None and rotary is None and self._fusing(x, start):
-            x = self.fused.run(x, start)
+        if (isinstance(start, int) and t == 1 and mask is None and rotary is None
+                and (fused := self.fused_layers()) is not None and fused.takes(x, start)):
+            x = fused.run(x, start)
         else:
             for block in self.transformer.h:
                 x = block(x, start, mask, rotary)
         return self._logits(self.transformer.ln_f(x[:, -1]))
 
-    def _fusing(self, x: torch.Tensor, start: int) -> bool:
-        """Whether this decode step runs its layers in one call (fused_step.py): decided at the first of each
-        layout and cache."""
-        if self.fused is False:
+    def fused_layers(self) -> fused_step.FusedStep | None:
+        """The decode steps' layers in calls of fused_step.c, or None where they run op by op: decided for each
+        layout and cache (setup_cache, outside the timed steps), made again where it went stale."""
+        if self.fused is False or (self.fused is not None and self.fused.stale()):
             self.fused = fused_step.FusedStep(self) if fused_step.why_not(self) is None else None
-        return self.fused is not None and self.fused.takes(x, start)
+        return self.fused
 
     def _logits(self, last: torch.Tensor) -> torch.Tensor:
         # last: [B, E] -> [B, V_local]

@@ -108,7 +108,8 @@ def _key(model, plan: str) -> dict:
             "threads": torch.get_num_threads(), "world_size": model.tp.world_size,
             "kernels": rowdot.path(), "huge_pages": os.environ.get(THP_ENV, "") == "1", "plan": plan,
             "model": [config.model_type, config.n_layer, config.n_embd, config.n_head, config.n_inner,
-                      str(model.transformer.ln_f.weight.dtype)]}
+                      str(model.transformer.ln_f.weight.dtype)],
+            "fused": bool(getattr(model, "fused", None))}  # the step timed: its layers fused (fused_step.py) or not
 
 
 def settle(model, batch: int) -> None:

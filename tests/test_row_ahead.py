@@ -116,6 +116,12 @@ def _stub(**kwargs) -> _Stub:
     return _Stub(**kwargs)
 
 
+def test_a_step_with_its_layers_fused_is_another_step_to_time():
+    fused, op_by_op = _stub(), _stub()
+    fused.fused = object()  # a fused_step.FusedStep
+    assert row_ahead._key(fused, "p") != row_ahead._key(op_by_op, "p")
+
+
 def test_a_fixed_plan_another_batch_or_no_panels_ask_for_nothing(monkeypatch):
     monkeypatch.setattr(row_ahead, "_measured", lambda model: pytest.fail("nothing to measure"))
     for model, batch in ((_stub(mode="panels"), 1), (_stub(), 4), (_stub(decode="onednn"), 1)):
