@@ -14,7 +14,7 @@
  * ranks the sum of the c_proj partials is the caller's (an all-reduce), so a call ends at a c_proj,
  * writes it without bias to `partial`, and the next call first adds what came back, then its bias,
  * into the residual: as Linear.row_parallel and Block do. Where the decode attention was measured
- * faster with SDPA, the caller runs it between phases 0 and 2 (the queries and the attention's
+ * faster with SDPA, or attend.c does not take the heads, the caller runs it between phases 0 and 2 (the queries and the attention's
  * output in `scratch`, where phase 1 reads and writes them). Elements are rounded to the dtype where
  * the model's ops round them (each op's output).
  */

@@ -59,7 +59,7 @@ def _calls(layers: int, attention_inside: bool, between_ranks: bool,
     calls, first = [], 0
     for phase in range(4 * layers):
         if phase % 4 == 1 and not attention_inside:
-            first = phase + 1  # (the caller's)
+            first = phase + 1  # (phase 1: the caller runs the attention)
         elif phase % 4 == 0 and not attention_inside:
             calls.append((first, phase + 1, "attend", None))
         elif phase % 4 >= 2 and between_ranks:
@@ -96,7 +96,7 @@ def why_not(model) -> str | None:
             return "a linear's weight is not laid out in panels"
     if attn.k_cache is None or model.kernel_rows != model.cache_batch or any(
             model.cache_batch * linear.in_features > linear.decode_numel for linear in _linears(model)):
-        return "no cache, or one for more rows than the linears are laid out for"
+        return "no cache, or one whose batch the linears are not laid out for"
     if any(t is not None and not (t.is_contiguous() and t.dtype == dtype)
            for block in model.transformer.h for t in _layer_tensors(block)):
         return f"a layer's tensor is not contiguous {dtype} (a LayerNorm kept in fp32?)"
@@ -108,12 +108,12 @@ def _linears(model) -> list:
             for linear in (block.attn.c_attn, block.attn.c_proj, block.mlp.c_fc, block.mlp.c_proj)]
 
 
-def describe(model) -> str:
-    """'; layers fused' where `model`'s decode steps run their layers in calls of fused_step.c (',attention-between'
-    where the attention runs between two of them), '' where op by op: its place in the plan's line."""
-    if why_not(model) is not None:
+def describe(fused: "FusedStep | None") -> str:
+    """'; layers fused' for a model's fused step (',attention-between' where the attention runs between two
+    calls), '' for None (op by op): its place in the plan's line."""
+    if fused is None:
         return ""
-    return "; layers fused" + ("" if _attention_inside(model) else ",attention-between")
+    return "; layers fused" + ("" if fused.attention_inside else ",attention-between")
 
 
 def _attention_inside(model) -> bool:
@@ -142,7 +142,8 @@ class FusedStep:
         _, post_op, algorithm = ACTIVATIONS[config.activation_function]
         heads, kv_heads, head_dim = attn.local_heads, attn.local_kv_heads, attn.head_dim
         inner = blocks[0].mlp.c_fc.out_features
-        dims = dict(layers=len(blocks), batch=self.batch, embd=config.n_embd, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
+        dims = dict(layers=len(blocks), batch=self.batch, embd=config.n_embd, heads=heads, kv_heads=kv_heads,
+                    head_dim=head_dim,
                     inner=inner, kv_b=attn.k_cache.stride(0), kv_h=attn.k_cache.stride(1),
                     act=panels.ACTIVATIONS[(post_op, algorithm)],
                     dot=int(self.dtype == torch.bfloat16 and decode_attention.bf16_dot()),
@@ -158,8 +159,10 @@ class FusedStep:
         start += qkv.numel()
         self.attended = self.scratch[start:start + self.batch * heads * head_dim].view(self.batch, 1, -1)
         self.attentions = [block.attn for block in blocks]
-        self.calls = _calls(len(blocks), _attention_inside(model), tp.world_size > 1, [
-            None if m.bias is None else m.bias.data_ptr() for block in blocks for m in (block.attn.c_proj, block.mlp.c_proj)])
+        self.attention_inside = _attention_inside(model)
+        biases = [m.bias for block in blocks for m in (block.attn.c_proj, block.mlp.c_proj)]
+        self.calls = _calls(len(blocks), self.attention_inside, tp.world_size > 1,
+                            [None if b is None else b.data_ptr() for b in biases])
         self.eps, self.scale = config.layer_norm_epsilon, attn.scale
 
     def takes(self, x: torch.Tensor, start: int | torch.Tensor) -> bool:
@@ -170,7 +173,8 @@ class FusedStep:
 
     def stale(self) -> bool:
         """Whether a weight was laid out again since it was made (Linear.use_kernels, whichever model's: a
-        count), or the decode attention's form changed: then it is made again before the next step."""
+        count), or the decode attention's form changed: then it is made again before the next step. (A
+        request's setup_cache makes it again first, outside the timed steps.)"""
         return Linear.layouts_made != self.layouts_made or decode_attention.DECODE_FORM.ours != self.decode_ours
 
     def run(self, x: torch.Tensor, start: int) -> torch.Tensor:
@@ -179,8 +183,9 @@ class FusedStep:
         call, scratch, dims, partial = self.lib.fused_step, self.scratch.data_ptr(), self.dims, self.partial
         incoming = bias = None
         for first, end, then, then_bias in self.calls:
-            code = call(self.layers, first, end, x.data_ptr(), incoming, bias, partial.data_ptr() if then == "sum" else None,
-                        scratch, dims, start, self.eps, self.scale)
+            into = partial.data_ptr() if then == "sum" else None
+            code = call(self.layers, first, end, x.data_ptr(), incoming, bias, into, scratch, dims, start, self.eps,
+                        self.scale)
             self._check(code, start)
             incoming = bias = None
             if then == "sum":

@@ -174,7 +174,7 @@ class Linear(nn.Linear):
         layout = choice.decode
         # Runs inside generation's inference mode; weights made there would be inference
         # tensors, which later calls that track autograd refuse.
-        Linear.layouts_made += 1  # (a fused step made before points to the old layout: fused_step.FusedStep.takes)
+        Linear.layouts_made += 1  # (a fused step made before points to the old layout: FusedStep.stale)
         with torch.inference_mode(False), torch.no_grad():
             same = layout == self.packed_kind and not relaid(layout, self.packed_rows, rows)
             packed = self.packed if same else None

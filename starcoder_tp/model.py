@@ -178,7 +178,7 @@ class TPCausalLM(nn.Module):
             f", weighed for {self.kernel_request[0]} prompt rows + {self.kernel_request[1]} steps")
         return (f"{self.kernel_mode} ({self.kernel_plan_source}, batch {self.kernel_rows}{weighed}): "
                 f"{kernels.describe(self.kernel_plan)}{argmax.describe(self.kernel_rows, self.local_vocab)}"
-                f"{row_ahead.describe()}{fused_step.describe(self)}")
+                f"{row_ahead.describe()}{fused_step.describe(self.fused_layers())}")
 
     def compile_decode(self, mode: str | None = None) -> None:
         """Run decode steps through torch.compile (inductor) of the fixed-shape step (`forward` with a tensor
