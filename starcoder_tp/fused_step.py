@@ -134,17 +134,16 @@ class FusedStep:
         attn = blocks[0].attn
         self.dtype = model.transformer.ln_f.weight.dtype
         self.batch, self.cache_len, self.tp, self.lib = model.cache_batch, model.cache_len, tp, _library()
-        held = [t for block in blocks for t in _layer_tensors(block) if t is not None]
-        assert all(t.is_contiguous() and t.dtype == self.dtype for t in held), "why_not lets no other through"
+        tensors = [t for block in blocks for t in _layer_tensors(block)]
+        self.held = [t for t in tensors if t is not None]
+        assert all(t.is_contiguous() and t.dtype == self.dtype for t in self.held), "why_not lets no other through"
+        self.layers = (ctypes.c_void_p * len(tensors))(*[None if t is None else t.data_ptr() for t in tensors])
         self.layouts_made = Linear.layouts_made
-        pointers = [None if t is None else t.data_ptr() for block in blocks for t in _layer_tensors(block)]
-        self.held, self.layers = held, (ctypes.c_void_p * len(pointers))(*pointers)
         _, post_op, algorithm = ACTIVATIONS[config.activation_function]
         heads, kv_heads, head_dim = attn.local_heads, attn.local_kv_heads, attn.head_dim
         inner = blocks[0].mlp.c_fc.out_features
         dims = dict(layers=len(blocks), batch=self.batch, embd=config.n_embd, heads=heads, kv_heads=kv_heads,
-                    head_dim=head_dim,
-                    inner=inner, kv_b=attn.k_cache.stride(0), kv_h=attn.k_cache.stride(1),
+                    head_dim=head_dim, inner=inner, kv_b=attn.k_cache.stride(0), kv_h=attn.k_cache.stride(1),
                     act=panels.ACTIVATIONS[(post_op, algorithm)],
                     dot=int(self.dtype == torch.bfloat16 and decode_attention.bf16_dot()),
                     bf16=int(self.dtype == torch.bfloat16))
@@ -153,11 +152,12 @@ class FusedStep:
         self.scratch = torch.empty(self.batch * per_row, dtype=self.dtype)
         self.partial = torch.empty(self.batch, 1, config.n_embd, dtype=self.dtype)
         self.decode_ours = decode_attention.DECODE_FORM.ours
-        start = config.n_embd * self.batch
-        qkv = self.scratch[start:start + self.batch * (heads + 2 * kv_heads) * head_dim].view(self.batch, 1, -1)
+        # fused_step.c's scratch: [B, E] normalised rows, [B, QKV] q/k/v, [B, H * D] attention output, ...
+        offset = config.n_embd * self.batch
+        qkv = self.scratch[offset:offset + self.batch * (heads + 2 * kv_heads) * head_dim].view(self.batch, 1, -1)
         self.q = qkv[..., :heads * head_dim].view(self.batch, 1, heads, head_dim)  # [B, 1, H, D]
-        start += qkv.numel()
-        self.attended = self.scratch[start:start + self.batch * heads * head_dim].view(self.batch, 1, -1)
+        offset += qkv.numel()
+        self.attended = self.scratch[offset:offset + self.batch * heads * head_dim].view(self.batch, 1, -1)
         self.attentions = [block.attn for block in blocks]
         self.attention_inside = _attention_inside(model)
         biases = [m.bias for block in blocks for m in (block.attn.c_proj, block.mlp.c_proj)]
@@ -165,11 +165,10 @@ class FusedStep:
                             [None if b is None else b.data_ptr() for b in biases])
         self.eps, self.scale = config.layer_norm_epsilon, attn.scale
 
-    def takes(self, x: torch.Tensor, start: int | torch.Tensor) -> bool:
-        """Whether this step is one it runs: one token per sequence of the cache's batch, an int slot
-        inside the cache (the caller has checked there is no mask and no rotary)."""
-        return (isinstance(start, int) and x.shape[1] == 1 and x.shape[0] == self.batch and 0 <= start < self.cache_len
-                and x.dtype == self.dtype and not torch.compiler.is_compiling())
+    def takes(self, x: torch.Tensor, start: int) -> bool:
+        """Whether this decode step is one it runs: the cache's batch, a slot inside the cache (the caller has
+        checked it is one token a sequence at an int slot, eager, with no mask and no rotary)."""
+        return x.shape[0] == self.batch and 0 <= start < self.cache_len and x.dtype == self.dtype
 
     def stale(self) -> bool:
         """Whether a weight was laid out again since it was made (Linear.use_kernels, whichever model's: a
