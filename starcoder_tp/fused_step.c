@@ -1,5 +1,6 @@
-/* A decode step's transformer layers in one call (fused_step.py): GPTBigCode's LayerNorm, fused
- * QKV, attention over the static cache and MLP, each linear by panels.c and the attention by
+/* A decode step's transformer layers in one call (fused_step.py): GPTBigCode's and StarCoder2's
+ * LayerNorm, fused QKV (rotated, where the model's positions are rotary), attention over the static
+ * cache and MLP, each linear by panels.c and the attention by
  * attend.c: the same kernels, each output rounded to the dtype where the model's layers round it
  * (only the LayerNorm's moments are summed otherwise: in double, two passes).
  *
@@ -34,6 +35,7 @@ int attend_bf16(const uint16_t *q, long q_b, const uint16_t *k, const uint16_t *
 /* A layer's tensors, in this order (fused_step.py's _layer_tensors); a bias may be NULL. */
 enum { LN1_W, LN1_B, QKV_W, QKV_B, K_CACHE, V_CACHE, PROJ_W, PROJ_B, LN2_W, LN2_B, FC_W, FC_B, FC2_W, FC2_B, SLOTS };
 /* dims[]: the step's shape (fused_step.py's DIMS). */
+#define MAX_HEAD_DIM 1024 /* (rotate's copy of a head) */
 enum { LAYERS, BATCH, EMBD, HEADS, KV_HEADS, HEAD_DIM, INNER, KV_B, KV_H, ACT, DOT, BF16, DIMS };
 
 static inline float get(const void *p, long i, int bf16) {
@@ -55,6 +57,15 @@ static inline void put(void *p, long i, float v, int bf16) {
     /* to nearest even, NaN kept quiet: simd.h's round_bf16, one element */
     ((uint16_t *)p)[i] = (u & 0x7fffffffu) > 0x7f800000u ? (uint16_t)((u >> 16) | 0x40)
                                                         : (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+/* v as the dtype holds it (bf16: rounded to nearest even). */
+static inline float rounded(float v, int bf16) {
+    if (!bf16)
+        return v;
+    uint16_t held;
+    put(&held, 0, v, 1);
+    return get(&held, 0, 1);
 }
 
 /* torch's CPU layer_norm: the moments, then (x * rstd + -mean * rstd) * w + b in fp32, rounded once. */
@@ -81,15 +92,29 @@ static void residual(void *x, const void *add, const void *bias, long rows, long
     for (long r = 0; r < rows; r++)
         for (long i = 0; i < n; i++) {
             float a = get(add, r * n + i, bf16);
-            if (bias) {
-                a += get(bias, i, bf16);
-                if (bf16) {
-                    uint16_t rounded;
-                    put(&rounded, 0, a, 1);
-                    a = get(&rounded, 0, 1);
-                }
-            }
+            if (bias)
+                a = rounded(a + get(bias, i, bf16), bf16);
             put(x, r * n + i, get(x, r * n + i, bf16) + a, bf16);
+        }
+}
+
+/* Rotary positions on q and k in place, as starcoder2.apply_rotary: x * cos + rotated * sin, each half of a
+ * head's D against the other (rotated = [-x[D/2:], x[:D/2]]), each product and the sum rounded to the dtype as
+ * torch's three ops round them. cos, sin: [B][D], this step's position per row. */
+static void rotate(void *qkv, const void *cos, const void *sin, long rows, long row_len, long heads, long d_len,
+                   int bf16) {
+    float held[MAX_HEAD_DIM];
+    const long half = d_len / 2;
+    for (long b = 0; b < rows; b++)
+        for (long h = 0; h < heads; h++) {
+            const long at = b * row_len + h * d_len;
+            for (long i = 0; i < d_len; i++)
+                held[i] = get(qkv, at + i, bf16);
+            for (long i = 0; i < d_len; i++) {
+                float turned = i < half ? -held[i + half] : held[i - half];
+                float straight = rounded(held[i] * get(cos, b * d_len + i, bf16), bf16);
+                put(qkv, at + i, straight + rounded(turned * get(sin, b * d_len + i, bf16), bf16), bf16);
+            }
         }
 }
 
@@ -101,16 +126,18 @@ static void linear(const void *w, const void *x, const void *b, void *y, long n,
 }
 
 /* Phases [from, to) of the layers (4 per layer) for the token at cache slot `pos`, on the residual
- * `x` [B, E] in place. `incoming` (or NULL): the last c_proj summed over the ranks, added with
+ * `x` [B, E] in place; `cos` and `sin` ([B, D], the rows' positions) rotate q and k, or are NULL. `incoming` (or NULL): the last c_proj summed over the ranks, added with
  * `incoming_bias` (or NULL) first. `partial` NULL: world size 1, each c_proj into the residual; else
  * the range holds one c_proj, its last phase, which goes there without its bias. `scratch`: B * (2E +
  * QKV + HD + INNER) elements: the normalised rows, q/k/v, the attention's output, a c_proj's output,
  * the MLP's hidden rows. Returns 0, -1 where attend.c could not allocate, -2 for a range it does not run. */
 int fused_step(void *const *layers, long from, long to, void *x, const void *incoming, const void *incoming_bias,
-               void *partial, void *scratch, const long *dims, long pos, float eps, float scale) {
+               void *partial, void *scratch, const long *dims, long pos, float eps, float scale, const void *cos,
+               const void *sin) {
     const long B = dims[BATCH], E = dims[EMBD], H = dims[HEADS], KV = dims[KV_HEADS], D = dims[HEAD_DIM];
     const long QKV = (H + 2 * KV) * D, bf16 = dims[BF16], size = bf16 ? 2 : 4;
-    if (from < 0 || to < from || to > 4 * dims[LAYERS] || (partial && (to == from || (to - 1) % 4 < 2)))
+    if (from < 0 || to < from || to > 4 * dims[LAYERS] || (partial && (to == from || (to - 1) % 4 < 2)) ||
+        (cos && (!sin || D > MAX_HEAD_DIM || D % 2)))
         return -2;
     for (long p = from; partial && p < to - 1; p++)  /* between ranks: one c_proj, the range's last phase */
         if (p % 4 >= 2)
@@ -126,6 +153,8 @@ int fused_step(void *const *layers, long from, long to, void *x, const void *inc
         case 0:
             layer_norm(x, L[LN1_W], L[LN1_B], h, B, E, eps, bf16);
             linear(L[QKV_W], h, L[QKV_B], qkv, QKV, E, B, 0, bf16);
+            if (cos)  /* q's heads and k's, side by side in a row */
+                rotate(qkv, cos, sin, B, QKV, H + KV, D, bf16);
             for (long b = 0; b < B; b++)  /* this token's keys and values into slot `pos` */
                 for (long j = 0; j < KV; j++) {
                     long slot = (b * dims[KV_B] + j * dims[KV_H] + pos * D) * size;

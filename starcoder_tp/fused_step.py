@@ -8,8 +8,9 @@ layer; between ranks, one call per row-parallel linear, the all-reduce between t
 Where the decode attention was measured faster with SDPA (decode_attention.DECODE_FORM), or attend.c
 does not take the heads, the attention runs between two calls, as the layers run it (attention.attend).
 
-It takes GPTBigCode's layers as the model holds them: learned positions (no RoPE), fused q/k/v rows
-[q | k | v] (multi-query, or grouped), no sliding window, an activation panels.c applies, every
+It takes GPTBigCode's and StarCoder2's layers as the model holds them: learned or rotary positions (the
+step's cos and sin passed in), fused q/k/v rows [q | k | v] (multi-query, or grouped), a sliding window only
+where the cache fits inside it (no key ever falls out of it), an activation panels.c applies, every
 linear laid out in panels for the decode batch, a decode step with no mask (no left padding) and an
 int slot. Anything else runs op by op, as does everything with STARCODER_TP_FUSED_STEP=0 (`why_not`
 says which). A fused step runs no layer hooks: the heartbeat ticks once per step
@@ -46,7 +47,7 @@ def _library():
         return None
     if not getattr(lib.fused_step, "argtypes", None):
         lib.fused_step.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long] + [ctypes.c_void_p] * 6 + [
-            ctypes.c_long, ctypes.c_float, ctypes.c_float]
+            ctypes.c_long, ctypes.c_float, ctypes.c_float, ctypes.c_void_p, ctypes.c_void_p]
         lib.fused_step.restype = ctypes.c_int
     return lib
 
@@ -84,8 +85,10 @@ def why_not(model) -> str | None:
         return f"our kernels' library is not built ({rowdot.library()[1]})"
     if model.compiled_decode is not None:
         return "the decode step is compiled"
-    if model.inv_freq is not None or attn.interleaved or model.window is not None:
-        return "rotary positions, per-head interleaved q/k/v or a sliding window"
+    if attn.interleaved:
+        return "per-head interleaved q/k/v rows (multi-head GPTBigCode)"
+    if model.window is not None and model.cache_len > model.window:
+        return f"a sliding window ({model.window}) shorter than the cache ({model.cache_len} slots)"
     _, post_op, algorithm = ACTIVATIONS[config.activation_function]
     if not panels.fuses(post_op, algorithm):
         return f"panels.c does not apply {config.activation_function}"
@@ -163,11 +166,12 @@ class FusedStep:
         biases = [m.bias for block in blocks for m in (block.attn.c_proj, block.mlp.c_proj)]
         self.calls = _calls(len(blocks), self.attention_inside, tp.world_size > 1,
                             [None if b is None else b.data_ptr() for b in biases])
-        self.eps, self.scale = config.layer_norm_epsilon, attn.scale
+        self.eps, self.scale, self.head_dim = config.layer_norm_epsilon, attn.scale, head_dim
+        self.rotary = model.inv_freq is not None
 
     def takes(self, x: torch.Tensor, start: int) -> bool:
         """Whether this decode step is one it runs: the cache's batch, a slot inside the cache (the caller has
-        checked it is one token a sequence at an int slot, eager, with no mask and no rotary)."""
+        checked it is one token a sequence at an int slot, eager, with no mask)."""
         return x.shape[0] == self.batch and 0 <= start < self.cache_len and x.dtype == self.dtype
 
     def stale(self) -> bool:
@@ -176,15 +180,23 @@ class FusedStep:
         request's setup_cache makes it again first, outside the timed steps.)"""
         return Linear.layouts_made != self.layouts_made or decode_attention.DECODE_FORM.ours != self.decode_ours
 
-    def run(self, x: torch.Tensor, start: int) -> torch.Tensor:
-        """Every layer on x [B, 1, E] for the token at cache slot `start`; returns the residual after them."""
+    def run(self, x: torch.Tensor, start: int,
+            rotary: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """Every layer on x [B, 1, E] for the token at cache slot `start`, `rotary` the step's (cos, sin)
+        [B, 1, 1, D] where the model's positions are rotary; returns the residual after them."""
         x = x.clone(memory_format=torch.contiguous_format)  # the residual, written in place
+        cos = sin = None
+        if rotary is not None:  # (starcoder2.rotary_tables': the model's dtype, contiguous: no copy made here)
+            rotary = tuple(t.contiguous() for t in rotary)
+            assert all(t.dtype == self.dtype and t.numel() == self.batch * self.head_dim for t in rotary)
+            cos, sin = (t.data_ptr() for t in rotary)
+        assert (cos is not None) == self.rotary, "a model with rotary positions rotates every step"
         call, scratch, dims, partial = self.lib.fused_step, self.scratch.data_ptr(), self.dims, self.partial
         incoming = bias = None
         for first, end, then, then_bias in self.calls:
             into = partial.data_ptr() if then == "sum" else None
             code = call(self.layers, first, end, x.data_ptr(), incoming, bias, into, scratch, dims, start, self.eps,
-                        self.scale)
+                        self.scale, cos, sin)
             self._check(code, start)
             incoming = bias = None
             if then == "sum":

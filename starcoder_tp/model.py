@@ -262,9 +262,9 @@ class TPCausalLM(nn.Module):
         if self.inv_freq is not None:
             rotary = rotary_tables(position_ids, self.inv_freq, x.dtype)
         # (the int `start` first: a compiled step, whose `start` is a tensor, never reads self.fused)
-        if (isinstance(start, int) and t == 1 and mask is None and rotary is None
+        if (isinstance(start, int) and t == 1 and mask is None
                 and (fused := self.fused_layers()) is not None and fused.takes(x, start)):
-            x = fused.run(x, start)
+            x = fused.run(x, start, rotary)
         else:
             for block in self.transformer.h:
                 x = block(x, start, mask, rotary)

@@ -70,18 +70,20 @@ def decode_logits(model, batch: int, fused: bool, steps: int = 6, prompt: int = 
 @pytest.mark.parametrize("world_size", [1, 2])
 @pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("attention", ["attend.c", "sdpa"])
+@pytest.mark.parametrize("name", ["tiny-starcoder", "tiny-starcoder2"])  # multi-query; grouped, rotary
 def test_the_layers_in_one_call_give_the_logits_of_the_layers_op_by_op(tmp_path, dtype, world_size, batch, attention,
-                                                                        monkeypatch):
+                                                                        name, monkeypatch):
     """The same kernels and roundings; only the LayerNorm's moments are summed in another order, which
     moves a normalised element by an ulp now and then, and that moves the logits: by up to 1e-5 in fp32,
     and in bf16 by up to 0.035 here (a couple of ulps at the logits' ~4-7), within the 2^-6 of the largest
     allowed. Exact checks of the attention and of the summed partials' rounding are below."""
     monkeypatch.setattr(decode_attention.DECODE_FORM, "ours", attention == "attend.c")  # sdpa: between two calls
-    model = tiny(tmp_path, dtype, world_size)
+    model = tiny(tmp_path, dtype, world_size, name=name)
     calls = []
     run = fused_step.FusedStep.run
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(fused_step.FusedStep, "run", lambda self, x, start: calls.append(start) or run(self, x, start))
+        patch.setattr(fused_step.FusedStep, "run",
+                      lambda self, x, start, *rest: calls.append(start) or run(self, x, start, *rest))
         fused = decode_logits(model, batch, fused=True)
     op_by_op = decode_logits(model, batch, fused=False)
     assert calls == list(range(9, 15)), "every decode step ran fused"
@@ -106,13 +108,14 @@ def test_what_the_fused_step_does_not_take_runs_op_by_op(tmp_path, dtype, monkey
     with pytest.raises(ValueError, match=f"{fused_step.ENV}='off': expected 0"):
         fused_step.why_not(model)
     monkeypatch.delenv(fused_step.ENV)
-    for name, value, reason in [("window", 8, "rotary"), ("compiled_decode", object(), "the decode step is compiled")]:
+    for name, value, reason in [("window", 8, "a sliding window (8) shorter than the cache (16 slots)"),
+                                ("compiled_decode", object(), "the decode step is compiled")]:
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr(model, name, value)
             assert fused_step.why_not(model).startswith(reason), name
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(model.transformer.h[0].attn, "interleaved", True)  # multi-head GPTBigCode's q/k/v rows
-        assert fused_step.why_not(model).startswith("rotary positions, per-head interleaved")
+        assert fused_step.why_not(model) == "per-head interleaved q/k/v rows (multi-head GPTBigCode)"
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(model.transformer.h[1].mlp.c_proj, "decode_numel", 1024)  # laid out for one row, not two
         assert fused_step.why_not(model) == "no cache, or one whose batch the linears are not laid out for"
@@ -123,17 +126,20 @@ def test_what_the_fused_step_does_not_take_runs_op_by_op(tmp_path, dtype, monkey
     with torch.inference_mode():
         plain.setup_cache(2, 16)
     assert fused_step.why_not(plain) == "a linear's decode kernel is plain, not panels"
-    rotary = tiny(tmp_path, dtype, name="tiny-starcoder2")
+    rotary = tiny(tmp_path, dtype, name="tiny-starcoder2")  # its window, 512 slots, holds the cache
     with torch.inference_mode():
-        rotary.setup_cache(2, 16)
-    assert fused_step.why_not(rotary).startswith("rotary positions")
+        rotary.setup_cache(2, 512)
+        assert fused_step.why_not(rotary) is None
+        rotary.setup_cache(2, 513)
+        assert fused_step.why_not(rotary) == "a sliding window (512) shorter than the cache (513 slots)"
+        assert rotary.fused is None, "decided in setup_cache"
 
 
 @each([torch.float32])
 def test_a_step_with_a_mask_or_more_tokens_runs_op_by_op(tmp_path, dtype, monkeypatch):
     model = tiny(tmp_path, dtype)
     calls = []
-    monkeypatch.setattr(fused_step.FusedStep, "run", lambda self, x, start: calls.append(start) or x)
+    monkeypatch.setattr(fused_step.FusedStep, "run", lambda self, x, start, *rest: calls.append(start) or x)
     ids, positions = torch.tensor([[5, 6, 7], [8, 9, 10]]), torch.arange(3).expand(2, 3)
     valid = torch.ones(2, 16, dtype=torch.bool)
     valid[0, 0] = False  # left padding: a mask
@@ -183,7 +189,7 @@ def test_the_summed_partial_and_its_bias_are_rounded_as_the_ops_round_them(tmp_p
     expected = x + (incoming + bias)
     end = 4 * len(model.transformer.h)  # an empty range: the sum folded in, no layer run
     code = step.lib.fused_step(step.layers, end, end, x.data_ptr(), incoming.data_ptr(), bias.data_ptr(), None,
-                               step.scratch.data_ptr(), step.dims, 0, step.eps, step.scale)
+                               step.scratch.data_ptr(), step.dims, 0, step.eps, step.scale, None, None)
     assert code == 0 and torch.equal(x, expected), (x - expected).abs().max()
 
 
@@ -213,7 +219,7 @@ def test_the_attention_phase_gives_decode_attentions_bits(tmp_path, dtype, batch
         step, attn = model.fused, model.transformer.h[0].attn
         x = model.embed(ids[:, 5:], torch.full((batch, 1), 5)).contiguous()
         assert step.lib.fused_step(step.layers, 0, 2, x.data_ptr(), None, None, None, step.scratch.data_ptr(),
-                                   step.dims, 5, step.eps, step.scale) == 0
+                                   step.dims, 5, step.eps, step.scale, None, None) == 0
         expected = decode_attention.run(step.q, attn.k_cache[:, :, :6], attn.v_cache[:, :, :6], None, attn.scale)
     assert torch.equal(step.attended, expected.view(batch, 1, -1))
 
@@ -234,7 +240,45 @@ def test_a_range_between_ranks_must_end_at_its_one_c_proj():
         pytest.skip("the kernels' library is not built here (no C compiler)")
     dims = (ctypes.c_long * len(fused_step.DIMS))(*[1] * len(fused_step.DIMS))
     partial = torch.zeros(4)
-    assert lib.fused_step(None, 0, 5, None, None, None, None, None, dims, 0, 1e-5, 1.0) == -2, "past the one layer"
+    assert lib.fused_step(None, 0, 5, None, None, None, None, None, dims, 0, 1e-5, 1.0, None, None) == -2, \
+        "past the one layer"
     for first, end in [(0, 2), (0, 4), (2, 4), (0, 0), (-1, 0), (3, 2)]:  # no c_proj last, two, none, backwards
-        assert lib.fused_step(None, first, end, None, None, None, partial.data_ptr(), None, dims, 0, 1e-5, 1.0) == -2, \
-            (first, end)
+        assert lib.fused_step(None, first, end, None, None, None, partial.data_ptr(), None, dims, 0, 1e-5, 1.0,
+                              None, None) == -2, (first, end)
+    table = torch.zeros(2)
+    assert lib.fused_step(None, 0, 0, None, None, None, None, None, dims, 0, 1e-5, 1.0, table.data_ptr(),
+                          None) == -2, "a cos with no sin"
+    dims[fused_step.DIMS.index("head_dim")] = 3
+    assert lib.fused_step(None, 0, 0, None, None, None, None, None, dims, 0, 1e-5, 1.0, table.data_ptr(),
+                          table.data_ptr()) == -2, "an odd head_dim has no halves to rotate"
+
+
+@each()
+@pytest.mark.parametrize("batch", [1, 3])
+def test_rotary_positions_give_apply_rotarys_bits(tmp_path, dtype, batch):
+    """Phase 0 with the step's cos and sin: q and k as starcoder2.apply_rotary rotates them (each product
+    and the sum rounded as torch rounds them), k so into the cache. Against the same phase with cos 1 and
+    sin 0, which leaves q and k as the linear wrote them (x * 1 + y * 0: x)."""
+    from starcoder_tp.starcoder2 import apply_rotary, rotary_tables
+    model = tiny(tmp_path, dtype, name="tiny-starcoder2")
+    attn = model.transformer.h[0].attn
+    h, kv, d = attn.local_heads, attn.local_kv_heads, attn.head_dim
+    ids = torch.randint(0, 6000, (batch, 1), generator=torch.Generator().manual_seed(4))
+    positions = torch.tensor([[7], [300], [41]][:batch])
+    with torch.inference_mode():
+        model.setup_cache(batch, 16)
+        step = model.fused
+        x = model.embed(ids, positions).contiguous()
+        rows = {}
+        for label, (cos, sin) in {"plain": (torch.ones(batch, 1, 1, d, dtype=dtype), torch.zeros(batch, 1, 1, d, dtype=dtype)),
+                                  "rotated": rotary_tables(positions, model.inv_freq, dtype)}.items():
+            assert step.lib.fused_step(step.layers, 0, 1, x.data_ptr(), None, None, None, step.scratch.data_ptr(),
+                                       step.dims, 5, step.eps, step.scale, cos.data_ptr(), sin.data_ptr()) == 0
+            qkv = step.scratch[batch * model.config.n_embd:][:batch * (h + 2 * kv) * d].view(batch, 1, -1)
+            rows[label] = (qkv[..., :h * d].view(batch, 1, h, d).clone(), attn.k_cache[:, :, 5].clone())
+            if label == "rotated":
+                cos_sin = (cos, sin)
+    (q, k), (q_rotated, k_cached) = rows["plain"], rows["rotated"]
+    k = k.view(batch, 1, kv, d)
+    assert torch.equal(q_rotated, apply_rotary(q, *cos_sin)) and not torch.equal(q_rotated, q)
+    assert torch.equal(k_cached, apply_rotary(k, *cos_sin).view(batch, kv, d))
