@@ -1,8 +1,8 @@
 /* A decode step's transformer layers in one call (fused_step.py): GPTBigCode's and StarCoder2's
  * LayerNorm, fused QKV (rotated, where the model's positions are rotary), attention over the static
- * cache and MLP, each linear by panels.c and the attention by
- * attend.c: the same kernels, each output rounded to the dtype where the model's layers round it
- * (only the LayerNorm's moments are summed otherwise: in double, two passes).
+ * cache and MLP, each linear by panels.c and the attention by attend.c: the same kernels, each output
+ * rounded to the dtype where the model's layers round it (only the LayerNorm's moments are summed
+ * otherwise: in double, two passes).
  *
  * Why: at batch 1 a layer is four weight streams and ~20 small ops between them. Run from Python,
  * those ops and the step's few others cost 0.7 ms a step in the bench-size model's 8 layers
@@ -15,9 +15,9 @@
  * ranks the sum of the c_proj partials is the caller's (an all-reduce), so a call ends at a c_proj,
  * writes it without bias to `partial`, and the next call first adds what came back, then its bias,
  * into the residual: as Linear.row_parallel and Block do. Where the decode attention was measured
- * faster with SDPA, or attend.c does not take the heads, the caller runs it between phases 0 and 2 (the queries and the attention's
- * output in `scratch`, where phase 1 reads and writes them). Elements are rounded to the dtype where
- * the model's ops round them (each op's output).
+ * faster with SDPA, or attend.c does not take the heads, the caller runs it between phases 0 and 2
+ * (the queries and the attention's output in `scratch`, where phase 1 reads and writes them).
+ * Elements are rounded to the dtype where the model's ops round them (each op's output).
  */
 #include <math.h>
 #include <stdint.h>
@@ -35,7 +35,7 @@ int attend_bf16(const uint16_t *q, long q_b, const uint16_t *k, const uint16_t *
 /* A layer's tensors, in this order (fused_step.py's _layer_tensors); a bias may be NULL. */
 enum { LN1_W, LN1_B, QKV_W, QKV_B, K_CACHE, V_CACHE, PROJ_W, PROJ_B, LN2_W, LN2_B, FC_W, FC_B, FC2_W, FC2_B, SLOTS };
 /* dims[]: the step's shape (fused_step.py's DIMS). */
-#define MAX_HEAD_DIM 1024 /* (rotate's copy of a head) */
+#define MAX_HEAD_DIM 1024 /* rotate's copy of a head: each element reads the other half's, rotated in place */
 enum { LAYERS, BATCH, EMBD, HEADS, KV_HEADS, HEAD_DIM, INNER, KV_B, KV_H, ACT, DOT, BF16, DIMS };
 
 static inline float get(const void *p, long i, int bf16) {
@@ -100,7 +100,8 @@ static void residual(void *x, const void *add, const void *bias, long rows, long
 
 /* Rotary positions on q and k in place, as starcoder2.apply_rotary: x * cos + rotated * sin, each half of a
  * head's D against the other (rotated = [-x[D/2:], x[:D/2]]), each product and the sum rounded to the dtype as
- * torch's three ops round them. cos, sin: [B][D], this step's position per row. */
+ * torch's three ops round them. In fp32 that needs the products apart from the sum, not one fused
+ * multiply-add: rowdot.py builds with -ffp-contract=off. cos, sin: [B][D], this step's position per row. */
 static void rotate(void *qkv, const void *cos, const void *sin, long rows, long row_len, long heads, long d_len,
                    int bf16) {
     float held[MAX_HEAD_DIM];
@@ -126,11 +127,12 @@ static void linear(const void *w, const void *x, const void *b, void *y, long n,
 }
 
 /* Phases [from, to) of the layers (4 per layer) for the token at cache slot `pos`, on the residual
- * `x` [B, E] in place; `cos` and `sin` ([B, D], the rows' positions) rotate q and k, or are NULL. `incoming` (or NULL): the last c_proj summed over the ranks, added with
- * `incoming_bias` (or NULL) first. `partial` NULL: world size 1, each c_proj into the residual; else
- * the range holds one c_proj, its last phase, which goes there without its bias. `scratch`: B * (2E +
- * QKV + HD + INNER) elements: the normalised rows, q/k/v, the attention's output, a c_proj's output,
- * the MLP's hidden rows. Returns 0, -1 where attend.c could not allocate, -2 for a range it does not run. */
+ * `x` [B, E] in place; `cos` and `sin` ([B, D], the rows' positions) rotate q and k, or are NULL.
+ * `incoming` (or NULL): the last c_proj summed over the ranks, added with `incoming_bias` (or NULL)
+ * first. `partial` NULL: world size 1, each c_proj into the residual; else the range holds one c_proj,
+ * its last phase, which goes there without its bias. `scratch`: B * (2E + QKV + HD + INNER) elements:
+ * the normalised rows, q/k/v, the attention's output, a c_proj's output, the MLP's hidden rows.
+ * Returns 0, -1 where attend.c could not allocate, -2 for a range it does not run. */
 int fused_step(void *const *layers, long from, long to, void *x, const void *incoming, const void *incoming_bias,
                void *partial, void *scratch, const long *dims, long pos, float eps, float scale, const void *cos,
                const void *sin) {

@@ -41,7 +41,8 @@ SOURCES = tuple(Path(__file__).with_name(name) for name in ("rowdot.c", "panels.
                                                            "softmax.c", "fused_step.c"))
 HEADERS = (Path(__file__).with_name("simd.h"),)  # (part of the build's digest: the sources include it)
 ENV = "STARCODER_TP_ROWDOT"  # "off": never build or offer the kernel; a name of PATHS: that path
-CFLAGS = ("-O3", "-shared", "-fPIC", "-std=c11")
+# (no contraction of a * b + c into one rounding: the C code that reproduces torch's ops rounds each, as they do)
+CFLAGS = ("-O3", "-shared", "-fPIC", "-std=c11", "-ffp-contract=off")
 BUILD_TIMEOUT_S = 120
 _DTYPES = (torch.float32, torch.bfloat16)
 PATHS = ("scalar", "avx2", "avx512", "avx512bf16")  # rowdot.c's, narrowest first

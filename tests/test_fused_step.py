@@ -133,6 +133,12 @@ def test_what_the_fused_step_does_not_take_runs_op_by_op(tmp_path, dtype, monkey
         rotary.setup_cache(2, 513)
         assert fused_step.why_not(rotary) == "a sliding window (512) shorter than the cache (513 slots)"
         assert rotary.fused is None, "decided in setup_cache"
+        rotary.setup_cache(2, 16)
+        for head_dim in (30, fused_step.MAX_ROTARY_HEAD_DIM):
+            with pytest.MonkeyPatch.context() as patch:
+                patch.setattr(rotary.transformer.h[0].attn, "head_dim", head_dim + 1)  # the C refuses to rotate it
+                assert fused_step.why_not(rotary) == (f"rotary positions on a head_dim of {head_dim + 1} (fused_step.c "
+                                                      f"rotates even ones up to {fused_step.MAX_ROTARY_HEAD_DIM})")
 
 
 @each([torch.float32])
@@ -245,20 +251,24 @@ def test_a_range_between_ranks_must_end_at_its_one_c_proj():
     for first, end in [(0, 2), (0, 4), (2, 4), (0, 0), (-1, 0), (3, 2)]:  # no c_proj last, two, none, backwards
         assert lib.fused_step(None, first, end, None, None, None, partial.data_ptr(), None, dims, 0, 1e-5, 1.0,
                               None, None) == -2, (first, end)
-    table = torch.zeros(2)
-    assert lib.fused_step(None, 0, 0, None, None, None, None, None, dims, 0, 1e-5, 1.0, table.data_ptr(),
+    table, x = torch.zeros(2), torch.zeros(1)
+    dims[fused_step.DIMS.index("head_dim")] = 2
+    assert lib.fused_step(None, 0, 0, x.data_ptr(), None, None, None, None, dims, 0, 1e-5, 1.0, table.data_ptr(),
+                          table.data_ptr()) == 0, "an empty range, rotary tables given: nothing to refuse"
+    assert lib.fused_step(None, 0, 0, x.data_ptr(), None, None, None, None, dims, 0, 1e-5, 1.0, table.data_ptr(),
                           None) == -2, "a cos with no sin"
-    dims[fused_step.DIMS.index("head_dim")] = 3
-    assert lib.fused_step(None, 0, 0, None, None, None, None, None, dims, 0, 1e-5, 1.0, table.data_ptr(),
-                          table.data_ptr()) == -2, "an odd head_dim has no halves to rotate"
+    for head_dim, why in [(3, "an odd head_dim has no halves to rotate"), (1026, "past MAX_HEAD_DIM")]:
+        dims[fused_step.DIMS.index("head_dim")] = head_dim
+        assert lib.fused_step(None, 0, 0, x.data_ptr(), None, None, None, None, dims, 0, 1e-5, 1.0, table.data_ptr(),
+                              table.data_ptr()) == -2, why
 
 
 @each()
 @pytest.mark.parametrize("batch", [1, 3])
 def test_rotary_positions_give_apply_rotarys_bits(tmp_path, dtype, batch):
     """Phase 0 with the step's cos and sin: q and k as starcoder2.apply_rotary rotates them (each product
-    and the sum rounded as torch rounds them), k so into the cache. Against the same phase with cos 1 and
-    sin 0, which leaves q and k as the linear wrote them (x * 1 + y * 0: x)."""
+    and the sum rounded as torch rounds them), k so into the cache; against the same phase without the
+    tables, which leaves q and k as the linear wrote them."""
     from starcoder_tp.starcoder2 import apply_rotary, rotary_tables
     model = tiny(tmp_path, dtype, name="tiny-starcoder2")
     attn = model.transformer.h[0].attn
@@ -269,15 +279,12 @@ def test_rotary_positions_give_apply_rotarys_bits(tmp_path, dtype, batch):
         model.setup_cache(batch, 16)
         step = model.fused
         x = model.embed(ids, positions).contiguous()
-        rows = {}
-        for label, (cos, sin) in {"plain": (torch.ones(batch, 1, 1, d, dtype=dtype), torch.zeros(batch, 1, 1, d, dtype=dtype)),
-                                  "rotated": rotary_tables(positions, model.inv_freq, dtype)}.items():
+        rows, cos_sin = {}, rotary_tables(positions, model.inv_freq, dtype)
+        for label, tables in {"plain": (None, None), "rotated": [t.data_ptr() for t in cos_sin]}.items():
             assert step.lib.fused_step(step.layers, 0, 1, x.data_ptr(), None, None, None, step.scratch.data_ptr(),
-                                       step.dims, 5, step.eps, step.scale, cos.data_ptr(), sin.data_ptr()) == 0
+                                       step.dims, 5, step.eps, step.scale, *tables) == 0
             qkv = step.scratch[batch * model.config.n_embd:][:batch * (h + 2 * kv) * d].view(batch, 1, -1)
             rows[label] = (qkv[..., :h * d].view(batch, 1, h, d).clone(), attn.k_cache[:, :, 5].clone())
-            if label == "rotated":
-                cos_sin = (cos, sin)
     (q, k), (q_rotated, k_cached) = rows["plain"], rows["rotated"]
     k = k.view(batch, 1, kv, d)
     assert torch.equal(q_rotated, apply_rotary(q, *cos_sin)) and not torch.equal(q_rotated, q)
