@@ -48,16 +48,18 @@ def attention_mask(key_valid: torch.Tensor, query_slots: torch.Tensor, window: i
 
 
 class PrefillForm:
-    """How a plain causal prefill of multi-query heads runs on a CPU in the model's dtype
-    (`dtype`, the one calibrated): SDPA's flash kernel, or `causal_blocks` for prompts nearest (in
-    ratio) to the lengths in `blocks_at`, where calibrate_attention measured them faster on the
-    machine at hand. A set, not a threshold: on two threads of the AVX-512 Xeon the fp32 blocks
-    won at 512 tokens and lost at 256 and at 1024. `softmax`: the blocks' softmax, softmax.c's
-    ("ours") or torch's, the one whose blocks calibrate_attention measured faster."""
+    """How a plain causal prefill of K/V heads shared by several query heads (`kv_heads` of them a
+    rank, the count calibrated) runs on a CPU in the model's dtype (`dtype`, the one calibrated):
+    SDPA's flash kernel, or `causal_blocks` for prompts nearest (in ratio) to the lengths in
+    `blocks_at`, where calibrate_attention measured them faster on the machine at hand. A set, not a
+    threshold: on two threads of the AVX-512 Xeon the fp32 blocks won at 512 tokens and lost at 256
+    and at 1024. `softmax`: the blocks' softmax, softmax.c's ("ours") or torch's, the one whose
+    blocks calibrate_attention measured faster."""
 
     def __init__(self) -> None:
         self.blocks_at: frozenset[int] = frozenset()
         self.dtype = torch.float32
+        self.kv_heads = 1
         self.calibrated = ""
         self.softmax = "torch"  # causal_blocks' softmax: "ours" (softmax.c) where it measured faster
 
@@ -75,9 +77,11 @@ class PrefillForm:
             raise ValueError(f"prefill form: blocks at {sorted(blocks)!r}, softmax {softmax!r}")
         return blocks, softmax
 
-    def restore(self, parsed: tuple[frozenset[int], str], dtype: torch.dtype, calibrated: str) -> None:
+    def restore(self, parsed: tuple[frozenset[int], str], dtype: torch.dtype, calibrated: str,
+                kv_heads: int = 1) -> None:
         """`parse`'s result taken as this process's form (kernels.calibrate_forms)."""
         (self.blocks_at, self.softmax), self.dtype, self.calibrated = parsed, dtype, calibrated
+        self.kv_heads = kv_heads
 
     def describe(self) -> str:
         if not self.blocks_at:
@@ -100,40 +104,46 @@ SCORES_BYTES = 2 << 20  # causal_blocks' scores per call: of 1-16 MiB and all, 1
 
 def causal_blocks(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float,
                   block: int = BLOCK_ROWS, softmax: str | None = None) -> torch.Tensor:
-    """Plain causal attention with one K/V head (T == S) as two batched GEMMs per block of query tokens:
-    each sequence's block of queries of every head, [n * H, D], against its keys up to the block's last
-    token, the causal mask on the block's own keys only, so the keys after the block cost nothing.
-    SDPA's flash kernel broadcasts the one K/V head to every query head and runs per head; one GEMM
-    over all heads reuses each key H times from the cache. The sequences go in groups whose scores
-    fit SCORES_BYTES (a loop over them took 1.16-1.56x as long in bf16 at batch 16; all in one call,
-    1.15-1.8x as long in fp32 at 16 x 1024 and 16 x 128: RESULTS.md, "... the prefill's attention
-    batched"). `softmax`: "ours" (softmax.c: scale, mask and softmax in one call) or "torch"; None:
-    PREFILL_FORM's. q: [B, T, H, D]; keys, values: [B, 1, S, D]. Returns [B, T, H * D]."""
+    """Plain causal attention (T == S) whose K/V heads each serve G query heads (multi-query: one K/V
+    head for all; grouped), as two batched GEMMs per block of query tokens and K/V head: each
+    sequence's block of queries of the head's G query heads, [n * G, D], against its keys up to the
+    block's last token, the causal mask on the block's own keys only, so the keys after the block cost
+    nothing. SDPA's flash kernel runs per query head, the K/V head broadcast to its G query heads; one
+    GEMM over the G reuses each key G times from the cache (RESULTS.md, "The grouped prefill's
+    attention in blocks"). The sequences go in groups whose scores fit SCORES_BYTES (a loop over them
+    took 1.16-1.56x as long in bf16 at batch 16; all in one call, 1.15-1.8x as long in fp32 at 16 x
+    1024 and 16 x 128: RESULTS.md, "... the prefill's attention batched"). `softmax`: "ours"
+    (softmax.c: scale, mask and softmax in one call) or "torch"; None: PREFILL_FORM's.
+    q: [B, T, H, D]; keys, values: [B, KV, S, D]. Returns [B, T, H * D]."""
     b, t, h, d = q.shape
+    kv = keys.shape[1]
+    g = h // kv
     if softmax not in (None, "ours", "torch"):
         raise ValueError(f"causal_blocks: softmax {softmax!r}: expected 'ours', 'torch' or None")
     ours = (softmax or PREFILL_FORM.softmax) == "ours"
-    out = q.new_empty(b, t, h, d)
+    out = q.new_empty(kv, b, t, g, d)  # (one K/V head: the [B, T, H, D] result itself)
     after = None if ours else torch.full((block, block), float("-inf"), dtype=q.dtype, device=q.device).triu_(1)
-    k, v = keys[:, 0], values[:, 0]  # [B, S, D]
     for t0 in range(0, t, block):
         t1 = min(t, t0 + block)
         n = t1 - t0
-        group = max(1, SCORES_BYTES // (n * h * t1 * q.element_size()))
+        group = max(1, SCORES_BYTES // (n * g * t1 * q.element_size()))
         for i in range(0, b, group):
             j = min(b, i + group)
-            scores = torch.matmul(q[i:j, t0:t1].reshape(j - i, n * h, d), k[i:j, :t1].transpose(1, 2))
-            if ours:  # [G, n * H, t1]
-                probabilities = causal_softmax.causal_(scores, n, h, t0, scale)
-            else:
-                scores.mul_(scale).view(j - i, n, h, t1)[..., t0:].add_(after[:n, :n].unsqueeze(1))
-                probabilities = torch.softmax(scores, dim=-1)
-            torch.bmm(probabilities, v[i:j, :t1], out=out[i:j, t0:t1].view(j - i, n * h, d))
-    return out.view(b, t, h * d)
+            for head in range(kv):
+                queries = q[i:j, t0:t1, head * g:(head + 1) * g].reshape(j - i, n * g, d)
+                scores = torch.matmul(queries, keys[i:j, head, :t1].transpose(1, 2))  # [j - i, n * G, t1]
+                if ours:
+                    probabilities = causal_softmax.causal_(scores, n, g, t0, scale)
+                else:
+                    scores.mul_(scale).view(j - i, n, g, t1)[..., t0:].add_(after[:n, :n].unsqueeze(1))
+                    probabilities = torch.softmax(scores, dim=-1)
+                torch.bmm(probabilities, values[i:j, head, :t1], out=out[head, i:j, t0:t1].view(j - i, n * g, d))
+    return out.permute(1, 2, 0, 3, 4).reshape(b, t, h * d)
 
 
 def _blocks(q: torch.Tensor, kv: int, mask: torch.Tensor | None) -> bool:
-    return (mask is None and kv == 1 and PREFILL_FORM.takes_blocks(q.shape[1]) and q.dtype == PREFILL_FORM.dtype
+    return (mask is None and kv == PREFILL_FORM.kv_heads and PREFILL_FORM.takes_blocks(q.shape[1])
+            and q.dtype == PREFILL_FORM.dtype
             and q.device.type == "cpu" and not torch.compiler.is_compiling())
 
 
@@ -236,9 +246,10 @@ def describe_lengths(lengths: frozenset[int]) -> str:
 
 
 def calibrate_attention(heads: int, head_dim: int, slowest, dtype: torch.dtype = torch.float32,
-                        on_progress=lambda: None) -> str:
+                        on_progress=lambda: None, kv_heads: int = 1) -> str:
     """Time SDPA's flash kernel and causal_blocks, with torch's softmax and, where softmax.c runs,
-    with ours, on this rank's `heads` multi-query heads in `dtype` at CALIBRATION_TOKENS (once per
+    with ours, on this rank's `heads` query heads over `kv_heads` K/V heads in `dtype` at
+    CALIBRATION_TOKENS (once per
     process), and set PREFILL_FORM: the softmax whose blocks took less time over all lengths, and
     blocks_at with it; `slowest` reduces a float64 tensor to its maximum over the ranks, so that
     every rank takes the same form. Every rank must call it in step. Returns what it set."""
@@ -247,13 +258,13 @@ def calibrate_attention(heads: int, head_dim: int, slowest, dtype: torch.dtype =
     from .kernel_timing import time_across_ranks  # (kernel_timing reads linear.py, which this module uses)
 
     scale = 1 / math.sqrt(head_dim)
-    inputs = [(torch.randn(1, t, heads + 2, head_dim, dtype=dtype)[:, :, :heads],  # q: a view of the fused q/k/v
-               torch.randn(1, 1, t, head_dim, dtype=dtype), torch.randn(1, 1, t, head_dim, dtype=dtype))
+    inputs = [(torch.randn(1, t, heads + 2 * kv_heads, head_dim, dtype=dtype)[:, :, :heads],  # q: a view of the q/k/v
+               torch.randn(1, kv_heads, t, head_dim, dtype=dtype), torch.randn(1, kv_heads, t, head_dim, dtype=dtype))
               for t in CALIBRATION_TOKENS]
     # Ours is timed only where every rank runs it: the ranks reduce timings of one length.
     lacking = slowest(torch.tensor([0.0 if causal_softmax.available(dtype) else 1.0], dtype=torch.float64)).item()
     softmaxes = ("torch",) if lacking else ("torch", "ours")
-    PREFILL_FORM.dtype = dtype
+    PREFILL_FORM.dtype, PREFILL_FORM.kv_heads = dtype, kv_heads
     saved, PREFILL_FORM.blocks_at = PREFILL_FORM.blocks_at, frozenset()  # attend: SDPA while timed
     try:
         forms = [{"sdpa": lambda i=i: attend(*i, None, scale)} | {

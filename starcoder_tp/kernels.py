@@ -311,8 +311,8 @@ def calibrate_forms(weights: dict[str, torch.Tensor], activated: dict[str, str],
                     on_progress: Callable[[], None] = lambda: None) -> None:
     """The tanh GELU's form (activations.calibrate) where the model runs it in fp32; given the
     model's attention (an attention.Attention), the decode step's attention form in the model's
-    dtype (decode_attention.calibrate_decode: attend.c or SDPA) and, for multi-query heads, the
-    causal prefill's (attention.calibrate_attention): in every kernel mode, before a plan is measured
+    dtype (decode_attention.calibrate_decode: attend.c or SDPA) and, for K/V heads shared by query
+    heads, the causal prefill's (attention.calibrate_attention): in every kernel mode, before a plan is measured
     or looked up (the c_fc timings include the GELU); `on_progress` ticks between timed calls. Cached
     per machine like plans (measured per process, near-ties flipped the forms from one run to the
     next, and a latency gate named them as kernel changes). Every rank calls it in step."""
@@ -321,14 +321,13 @@ def calibrate_forms(weights: dict[str, torch.Tensor], activated: dict[str, str],
     fp32 = any(w.dtype == torch.float32 for w in weights.values())
     dtype = torch.float32 if fp32 or not weights else next(iter(weights.values())).dtype
     gelu = fp32 and any(ACTIVATIONS[a][0] is TANH_GELU for a in activated.values()) and not TANH_GELU.calibrated
-    mqa = attention is not None and attention.local_kv_heads == 1 and not PREFILL_FORM.calibrated
+    mqa = attention is not None and attention.local_heads > attention.local_kv_heads and not PREFILL_FORM.calibrated
     decode = attention is not None and not DECODE_FORM.calibrated
     if not (gelu or mqa or decode):
         return
     dtype_name = str(dtype).removeprefix("torch.")
     heads = [attention.local_heads, attention.local_kv_heads, attention.head_dim, dtype_name] if attention else None
-    key = {"version": PLAN_VERSION, "forms": {"tanh_gelu": gelu, "mqa": [attention.local_heads, attention.head_dim,
-                                                                         dtype_name] if mqa else None,
+    key = {"version": PLAN_VERSION, "forms": {"tanh_gelu": gelu, "mqa": heads if mqa else None,
                                               "decode": heads if decode else None},
            "cpu_model": cpu_model(), "cpu_isa": isa_flags(), "cores": cpu_cores(), "torch": torch.__version__,
            "threads": torch.get_num_threads(), "world_size": tp.world_size, "kernels": rowdot.path(),
@@ -348,7 +347,7 @@ def calibrate_forms(weights: dict[str, torch.Tensor], activated: dict[str, str],
         if gelu:
             TANH_GELU.split_from, TANH_GELU.calibrated = split, shown["tanh_gelu"]
         if mqa:
-            PREFILL_FORM.restore(prefill_form, dtype, shown["mqa"])
+            PREFILL_FORM.restore(prefill_form, dtype, shown["mqa"], attention.local_kv_heads)
         if decode:
             DECODE_FORM.ours, DECODE_FORM.calibrated = ours, shown["decode"]
         return
@@ -358,7 +357,8 @@ def calibrate_forms(weights: dict[str, torch.Tensor], activated: dict[str, str],
         measured.update(tanh_gelu=calibrate(tp.max_, on_progress), tanh_split_from=TANH_GELU.split_from)
     if mqa:
         measured.update(mqa=calibrate_attention(attention.local_heads, attention.head_dim, tp.max_, dtype,
-                                                on_progress), prefill_form=PREFILL_FORM.state())
+                                                on_progress, attention.local_kv_heads),
+                        prefill_form=PREFILL_FORM.state())
     if decode:
         measured.update(decode=calibrate_decode(*heads[:3], tp.max_, dtype, on_progress),
                         decode_ours=DECODE_FORM.ours)
@@ -387,7 +387,7 @@ def cached_or_measured(weights: dict[str, torch.Tensor], rows: int, tp, prefill:
 
 def describe(plan: dict[str, Choice]) -> str:
     """One line: each shape's kernels, decode/short prefill/long prefill, and the tanh GELU's and
-    the multi-query prefill's forms where this process measured them (calibrate_forms)."""
+    the causal prefill's forms where this process measured them (calibrate_forms)."""
     items = [f"{shape} {c.decode}/{c.short}/{c.prefill}" for shape, c in sorted(plan.items())]
     if TANH_GELU.calibrated:
         items.append(f"gelu:tanh {'fused' if TANH_GELU.split_from is None else f'split>={TANH_GELU.split_from}'}")
@@ -395,5 +395,5 @@ def describe(plan: dict[str, Choice]) -> str:
         items.append(f"attention:decode {'ours' if DECODE_FORM.ours else 'sdpa'}")
     from .attention import PREFILL_FORM
     if PREFILL_FORM.calibrated:
-        items.append(f"attention:mqa {PREFILL_FORM.describe()}")
+        items.append(f"attention:{'mqa' if PREFILL_FORM.kv_heads == 1 else 'gqa'} {PREFILL_FORM.describe()}")
     return "; ".join(items)

@@ -22,6 +22,7 @@ def form_state(monkeypatch):
     monkeypatch.setattr(PREFILL_FORM, "calibrated", "")
     monkeypatch.setattr(PREFILL_FORM, "dtype", torch.float32)
     monkeypatch.setattr(PREFILL_FORM, "softmax", "torch")
+    monkeypatch.setattr(PREFILL_FORM, "kv_heads", 1)
     return PREFILL_FORM
 
 
@@ -29,19 +30,21 @@ SOFTMAXES = ["torch", pytest.param("ours", marks=pytest.mark.skipif(
     not softmax.available(torch.float32), reason="softmax.c needs AVX-512 and a C compiler: not run here"))]
 
 
-def _mqa(batch: int, tokens: int, heads: int, dim: int = 64, dtype=torch.float32):
+def _qkv(batch: int, tokens: int, heads: int, dim: int = 64, dtype=torch.float32, kv: int = 1):
+    """q [B, T, H, D] (strided, as the model's view of its q/k/v rows), keys and values [B, KV, T, D]."""
     gen = torch.Generator().manual_seed(tokens)
-    q = torch.randn(batch, tokens, heads + 2, dim, generator=gen).to(dtype)[:, :, :heads]  # strided, as the model's
-    keys = torch.randn(batch, 1, tokens, dim, generator=gen).to(dtype)
-    values = torch.randn(batch, 1, tokens, dim, generator=gen).to(dtype)
+    q = torch.randn(batch, tokens, heads + 2 * kv, dim, generator=gen).to(dtype)[:, :, :heads]
+    keys = torch.randn(batch, kv, tokens, dim, generator=gen).to(dtype)
+    values = torch.randn(batch, kv, tokens, dim, generator=gen).to(dtype)
     return q, keys, values
 
 
-@pytest.mark.parametrize("batch, tokens, heads, block", [(1, 7, 4, 32), (2, 33, 16, 32), (1, 100, 8, 8),
-                                                         (3, 64, 2, 16)])
+@pytest.mark.parametrize("batch, tokens, heads, block, kv", [
+    (1, 7, 4, 32, 1), (2, 33, 16, 32, 1), (1, 100, 8, 8, 1), (3, 64, 2, 16, 1),  # multi-query
+    (2, 33, 8, 32, 2), (1, 70, 12, 16, 3), (2, 40, 4, 8, 4)])  # grouped (StarCoder2's), and no K/V head shared
 @pytest.mark.parametrize("softmax_form", SOFTMAXES)
-def test_causal_blocks_give_sdpa_values(batch, tokens, heads, block, softmax_form, form_state):
-    q, keys, values = _mqa(batch, tokens, heads)
+def test_causal_blocks_give_sdpa_values(batch, tokens, heads, block, kv, softmax_form, form_state):
+    q, keys, values = _qkv(batch, tokens, heads, kv=kv)
     sdpa = attend(q, keys, values, None, 0.125)  # uncalibrated: SDPA
     form_state.softmax = softmax_form
     blocks = causal_blocks(q, keys, values, 0.125, block)
@@ -54,18 +57,19 @@ def test_causal_blocks_give_sdpa_values(batch, tokens, heads, block, softmax_for
 def test_causal_blocks_in_bf16_are_as_close_to_the_exact_values_as_sdpas(form_state):
     """bf16 rounds the scores and the weights of each block: the error stays of bf16's size,
     (measured 3.1-3.6e-3 of the norm, SDPA's 1.9-2.0e-3, at 128-1024 tokens)."""
-    q, keys, values = _mqa(2, 200, 16, dtype=torch.bfloat16)
-    exact = attend(q.double(), keys.double(), values.double(), None, 0.125)
-    for out in (causal_blocks(q, keys, values, 0.125), attend(q, keys, values, None, 0.125)):
-        assert out.dtype == torch.bfloat16
-        assert ((out.double() - exact).norm() / exact.norm()).item() < 1e-2
+    for kv in (1, 2):
+        q, keys, values = _qkv(2, 200, 16, dtype=torch.bfloat16, kv=kv)
+        exact = attend(q.double(), keys.double(), values.double(), None, 0.125)
+        for out in (causal_blocks(q, keys, values, 0.125), attend(q, keys, values, None, 0.125)):
+            assert out.dtype == torch.bfloat16
+            assert ((out.double() - exact).norm() / exact.norm()).item() < 1e-2
 
 
 def test_attend_takes_the_blocks_only_where_calibrated(form_state, monkeypatch):
     taken = []
     real = attention.causal_blocks
     monkeypatch.setattr(attention, "causal_blocks", lambda *a, **k: taken.append(a[0].shape[1]) or real(*a, **k))
-    q, keys, values = _mqa(1, 40, 4)
+    q, keys, values = _qkv(1, 40, 4)
     attend(q, keys, values, None, 0.125)
     assert not taken, "uncalibrated: SDPA"
     form_state.blocks_at = frozenset({64, 512})
@@ -73,18 +77,25 @@ def test_attend_takes_the_blocks_only_where_calibrated(form_state, monkeypatch):
     assert taken == [40]
     torch.testing.assert_close(out, real(q, keys, values, 0.125))
     for tokens in (90, 91, 181, 362, 363, 724, 2000):  # nearest 64, 128, 128, 256, 512, 512, 1024
-        attend(*_mqa(1, tokens, 2), None, 0.125)
+        attend(*_qkv(1, tokens, 2), None, 0.125)
     assert taken == [40, 90, 363, 724], "the nearest length's form, by ratio"
     mask = torch.ones(1, 1, 40, 40, dtype=torch.bool).tril()
     attend(q, keys, values, mask, 0.125)  # padded batches keep SDPA with their mask
     grouped_keys, grouped_values = keys.expand(1, 2, 40, 64), values.expand(1, 2, 40, 64)
-    attend(q, grouped_keys.contiguous(), grouped_values.contiguous(), None, 0.125)  # grouped heads keep SDPA
-    attend(*_mqa(1, 40, 4, dtype=torch.bfloat16), None, 0.125)  # calibrated in fp32: bf16 keeps SDPA
+    attend(q, grouped_keys.contiguous(), grouped_values.contiguous(), None, 0.125)  # calibrated for one K/V head
+    attend(*_qkv(1, 40, 4, dtype=torch.bfloat16), None, 0.125)  # calibrated in fp32: bf16 keeps SDPA
     assert taken == [40, 90, 363, 724], "with a mask, with several K/V heads, in another dtype: SDPA"
+    form_state.kv_heads = 2  # a grouped model's calibration: its two K/V heads take the blocks, one does not
+    grouped = _qkv(1, 40, 4, kv=2)
+    out = attend(*grouped, None, 0.125)
+    attend(*_qkv(1, 90, 4), None, 0.125)  # (90 tokens: nearest 64 too)
+    assert taken == [40, 90, 363, 724, 40], "the grouped call, not the multi-query one"
+    torch.testing.assert_close(out, real(*grouped, 0.125))
+    form_state.kv_heads = 1
     form_state.dtype = torch.bfloat16  # a bf16 model's calibration
     dtypes = []
     monkeypatch.setattr(attention, "causal_blocks", lambda *a, **k: dtypes.append(a[0].dtype) or real(*a, **k))
-    attend(*_mqa(1, 40, 4, dtype=torch.bfloat16), None, 0.125)
+    attend(*_qkv(1, 40, 4, dtype=torch.bfloat16), None, 0.125)
     attend(q, keys, values, None, 0.125)
     assert dtypes == [torch.bfloat16], "the calibrated dtype only"
 
@@ -136,21 +147,24 @@ def test_calibrate_attention_takes_the_slowest_ranks_timings_once(form_state, mo
     assert form_state.dtype == torch.bfloat16 and len(seen) == 2
 
 
-def test_calibrate_forms_measures_attention_for_one_kv_head_in_the_models_dtype(form_state, monkeypatch):
+def test_calibrate_forms_measures_attention_where_query_heads_share_k_v_heads_in_the_models_dtype(form_state,
+                                                                                                monkeypatch):
     calls = []
     tick = lambda: None  # noqa: E731 - the rank's heartbeat, handed on to the calibration
-    monkeypatch.setattr(attention, "calibrate_attention",
-                        lambda h, d, slowest, dtype, on_progress: calls.append((h, d, dtype, on_progress)))
+    monkeypatch.setattr(attention, "calibrate_attention", lambda h, d, slowest, dtype, on_progress, kv:
+                        calls.append((h, kv, d, dtype, on_progress)))
     tp = types.SimpleNamespace(max_=lambda t: t, world_size=1)
     fp32, bf16 = {"8x8:float32": torch.ones(8, 8)}, {"8x8:bfloat16": torch.ones(8, 8, dtype=torch.bfloat16)}
     mqa = types.SimpleNamespace(local_heads=8, local_kv_heads=1, head_dim=32)
     gqa = types.SimpleNamespace(local_heads=8, local_kv_heads=2, head_dim=32)
-    kernels.calibrate_forms(fp32, {}, tp, gqa)
+    mha = types.SimpleNamespace(local_heads=8, local_kv_heads=8, head_dim=32)  # no K/V head shared: SDPA
+    kernels.calibrate_forms(fp32, {}, tp, mha)
     kernels.calibrate_forms(fp32, {}, tp, None)
     assert calls == []
     kernels.calibrate_forms(fp32, {}, tp, mqa, tick)
     kernels.calibrate_forms(bf16, {}, tp, mqa, tick)  # the fake measured nothing: calibrated again
-    assert calls == [(8, 32, torch.float32, tick), (8, 32, torch.bfloat16, tick)]
+    kernels.calibrate_forms(fp32, {}, tp, gqa, tick)
+    assert calls == [(8, 1, 32, torch.float32, tick), (8, 1, 32, torch.bfloat16, tick), (8, 2, 32, torch.float32, tick)]
 
 
 @pytest.mark.parametrize("softmax_form", SOFTMAXES)
@@ -199,7 +213,7 @@ def test_the_forms_are_measured_once_per_machine_then_read_from_the_cache(form_s
     monkeypatch.setenv("STARCODER_TP_CACHE", str(tmp_path / "cache"))
     calls = []
 
-    def measured(heads, dim, slowest, dtype, on_progress):
+    def measured(heads, dim, slowest, dtype, on_progress, kv_heads):
         calls.append((heads, dim))
         form_state.blocks_at, form_state.calibrated = frozenset({512}), "causal blocks at 512 tokens (...)"
         form_state.dtype, form_state.softmax = dtype, "ours"
@@ -225,6 +239,14 @@ def test_the_forms_are_measured_once_per_machine_then_read_from_the_cache(form_s
     form_state.blocks_at, form_state.calibrated, form_state.dtype = frozenset(), "", torch.float32
     kernels.calibrate_forms({"8x8:bfloat16": torch.ones(8, 8, dtype=torch.bfloat16)}, {}, tp, mqa)
     assert len(calls) == 3 and form_state.dtype == torch.bfloat16, "and cached as such"
+    gqa = types.SimpleNamespace(local_heads=8, local_kv_heads=2, head_dim=32)
+    form_state.blocks_at, form_state.calibrated, form_state.dtype = frozenset(), "", torch.float32
+    kernels.calibrate_forms({"8x8:float32": torch.ones(8, 8)}, {}, tp, gqa)
+    assert len(calls) == 4, "grouped heads: a form of their own"
+    form_state.blocks_at, form_state.calibrated, form_state.kv_heads = frozenset(), "", 1
+    kernels.calibrate_forms({"8x8:float32": torch.ones(8, 8)}, {}, tp, gqa)
+    assert len(calls) == 4 and form_state.kv_heads == 2, "and read back for two K/V heads"
+    assert kernels.describe({}).endswith("attention:gqa blocks@512 softmax:ours")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -252,7 +274,7 @@ def test_a_cached_prefill_form_that_is_not_one_is_measured_again(form_state, mon
     monkeypatch.setenv("STARCODER_TP_CACHE", str(tmp_path / "cache"))
     calls = []
 
-    def measured(heads, dim, slowest, dtype, on_progress):
+    def measured(heads, dim, slowest, dtype, on_progress, kv_heads):
         calls.append(heads)
         form_state.blocks_at, form_state.calibrated, form_state.softmax = frozenset({512}), "measured", "ours"
         return form_state.calibrated
