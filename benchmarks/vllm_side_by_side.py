@@ -11,7 +11,7 @@ With --repeats N, each (dtype, TP) pair of runs (ours, then vLLM) is made N time
 the median ratio is given with its range: on the 2-vCPU EPYC Zen 5 VM one sitting's ratio moved
 by up to 15% from one run to the next (RESULTS.md), so that a single pair cannot tell 1.06 from 1.0.
 
-Run: python benchmarks/vllm_side_by_side.py [--model bench|DIR] [--dtypes float32,bfloat16]
+Run: python benchmarks/vllm_side_by_side.py [--model bench|bench-starcoder2|DIR] [--dtypes float32,bfloat16]
      [--repeats N] [--vllm-python /tmp/venv-vllm/bin/python]   (after ../shared/peers/install_vllm_cpu.sh)
 """
 from __future__ import annotations
@@ -30,7 +30,7 @@ import numpy as np
 from starcoder_tp.cpu import cpu_kind, isa_flags
 from starcoder_tp.parallel import GroupSpec, WorkerGroup
 from starcoder_tp.shard import ensure_shards
-from starcoder_tp.testing.build_models import build_bench
+from starcoder_tp.testing.build_models import build_bench, build_bench_starcoder2
 
 PEER_BENCH = Path(__file__).resolve().parents[2] / "shared" / "peers" / "peer_bench.py"
 
@@ -105,7 +105,9 @@ def side_by_side(model_dir: str, dtype: str, tp: int, batches: list[int], new: i
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="bench")
+    parser.add_argument("--model", default="bench",
+                        help="bench, bench-starcoder2 (speed.py's names: built into the cache) or a checkpoint "
+                             "directory. Default: %(default)r")
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--batches", default="1,16")
     parser.add_argument("--new", type=int, default=32)
@@ -118,7 +120,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.repeats < 1:
         raise SystemExit(f"--repeats must be at least 1, not {args.repeats}")
-    model_dir = str(build_bench()) if args.model == "bench" else args.model
+    built = {"bench": build_bench, "bench-starcoder2": build_bench_starcoder2}.get(args.model)
+    model_dir = str(built()) if built else args.model
     batches = [int(b) for b in args.batches.split(",")]
     print(f"Machine: {cpu_kind()}; {isa_flags()}. Model: {model_dir}; {args.seq_in} prompt tokens, {args.new} new; "
           f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
