@@ -47,7 +47,7 @@ def op_rows(tokens: list[int], heads: int, threads: int) -> list[str]:
 
 def calibrate_on(model) -> str:
     attn = model.transformer.h[0].attn
-    return calibrate_attention(attn.local_heads, attn.head_dim, lambda t: t)
+    return calibrate_attention(attn.local_heads, attn.head_dim, lambda t: t, kv_heads=attn.local_kv_heads)
 
 
 def main() -> None:

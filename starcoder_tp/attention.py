@@ -142,8 +142,9 @@ def causal_blocks(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, sca
 
 
 def _blocks(q: torch.Tensor, kv: int, mask: torch.Tensor | None) -> bool:
-    return (mask is None and kv == PREFILL_FORM.kv_heads and PREFILL_FORM.takes_blocks(q.shape[1])
-            and q.dtype == PREFILL_FORM.dtype
+    # (the K/V head count calibrated; several query heads to a K/V head, or nothing to gain)
+    return (mask is None and kv == PREFILL_FORM.kv_heads and q.shape[2] > kv
+            and PREFILL_FORM.takes_blocks(q.shape[1]) and q.dtype == PREFILL_FORM.dtype
             and q.device.type == "cpu" and not torch.compiler.is_compiling())
 
 
@@ -246,13 +247,12 @@ def describe_lengths(lengths: frozenset[int]) -> str:
 
 
 def calibrate_attention(heads: int, head_dim: int, slowest, dtype: torch.dtype = torch.float32,
-                        on_progress=lambda: None, kv_heads: int = 1) -> str:
+                        on_progress=lambda: None, *, kv_heads: int) -> str:
     """Time SDPA's flash kernel and causal_blocks, with torch's softmax and, where softmax.c runs,
     with ours, on this rank's `heads` query heads over `kv_heads` K/V heads in `dtype` at
-    CALIBRATION_TOKENS (once per
-    process), and set PREFILL_FORM: the softmax whose blocks took less time over all lengths, and
-    blocks_at with it; `slowest` reduces a float64 tensor to its maximum over the ranks, so that
-    every rank takes the same form. Every rank must call it in step. Returns what it set."""
+    CALIBRATION_TOKENS (once per process), and set PREFILL_FORM: the softmax whose blocks took less
+    time over all lengths, and blocks_at with it; `slowest` reduces a float64 tensor to its maximum
+    over the ranks, so that every rank takes the same form. Every rank must call it in step. Returns what it set."""
     if PREFILL_FORM.calibrated:
         return PREFILL_FORM.calibrated
     from .kernel_timing import time_across_ranks  # (kernel_timing reads linear.py, which this module uses)

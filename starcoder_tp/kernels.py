@@ -357,7 +357,7 @@ def calibrate_forms(weights: dict[str, torch.Tensor], activated: dict[str, str],
         measured.update(tanh_gelu=calibrate(tp.max_, on_progress), tanh_split_from=TANH_GELU.split_from)
     if mqa:
         measured.update(mqa=calibrate_attention(attention.local_heads, attention.head_dim, tp.max_, dtype,
-                                                on_progress, attention.local_kv_heads),
+                                                on_progress, kv_heads=attention.local_kv_heads),
                         prefill_form=PREFILL_FORM.state())
     if decode:
         measured.update(decode=calibrate_decode(*heads[:3], tp.max_, dtype, on_progress),

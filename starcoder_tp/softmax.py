@@ -1,5 +1,5 @@
-"""The causal softmax of the multi-query prefill's blocks (attention.causal_blocks) by a kernel of
-our own, softmax.c, in fp32 and bf16.
+"""The causal softmax of the prefill's blocks (attention.causal_blocks: a K/V head's query heads) by a
+kernel of our own, softmax.c, in fp32 and bf16.
 
 causal_blocks scores a block of query tokens against the keys up to its last token, then scales
 the scores, masks the block's own later keys and takes the softmax: three torch operations and,

@@ -1,5 +1,6 @@
-"""The multi-query causal prefill's second form (attention.causal_blocks): SDPA's values, taken
-only where the calibration measured that it pays, by every rank alike, and named in the plan."""
+"""The causal prefill's second form (attention.causal_blocks), for one K/V head a rank and for grouped
+ones: SDPA's values, taken only where the calibration measured that it pays, for the K/V head count it
+measured, by every rank alike, and named in the plan."""
 import json
 import types
 
@@ -10,6 +11,7 @@ from starcoder_tp import attention, kernels, softmax
 from starcoder_tp.attention import PREFILL_FORM, attend, blocks_at, calibrate_attention, causal_blocks
 from starcoder_tp.comm import TPGroup
 from starcoder_tp.device import Device
+from starcoder_tp.files import EMBEDDED_MODEL_DIR, STARCODER2_MODEL_DIR
 from starcoder_tp.model import load_model
 from starcoder_tp.shard import shard_checkpoint
 from starcoder_tp.timing import timed_generate
@@ -91,6 +93,9 @@ def test_attend_takes_the_blocks_only_where_calibrated(form_state, monkeypatch):
     attend(*_qkv(1, 90, 4), None, 0.125)  # (90 tokens: nearest 64 too)
     assert taken == [40, 90, 363, 724, 40], "the grouped call, not the multi-query one"
     torch.testing.assert_close(out, real(*grouped, 0.125))
+    form_state.kv_heads = 4
+    attend(*_qkv(1, 40, 4, kv=4), None, 0.125)  # a K/V head per query head: nothing to share, SDPA
+    assert taken == [40, 90, 363, 724, 40]
     form_state.kv_heads = 1
     form_state.dtype = torch.bfloat16  # a bf16 model's calibration
     dtypes = []
@@ -131,7 +136,7 @@ def test_calibrate_attention_takes_the_slowest_ranks_timings_once(form_state, mo
 
     ticks = []
     expected = "256,512,1024" if ours_runs else "128,256,512"
-    assert calibrate_attention(4, 64, slowest, on_progress=lambda: ticks.append(1)).startswith(
+    assert calibrate_attention(4, 64, slowest, on_progress=lambda: ticks.append(1), kv_heads=1).startswith(
         f"causal blocks at {expected} tokens")
     slots_per_length = 3 if ours_runs else 2
     assert len(ticks) >= 5 * slots_per_length, "a rank's heartbeat ticks through the calibration (one per timed call)"
@@ -139,20 +144,25 @@ def test_calibrate_attention_takes_the_slowest_ranks_timings_once(form_state, mo
         "this rank's own timings"
     assert form_state.softmax == ("ours" if ours_runs else "torch")
     assert form_state.blocks_at == {int(t) for t in expected.split(",")}
-    assert calibrate_attention(4, 64, slowest) == form_state.calibrated and len(seen) == 1, "once per process"
+    assert calibrate_attention(4, 64, slowest, kv_heads=1) == form_state.calibrated and len(seen) == 1, \
+        "once per process"
     assert kernels.describe({}).endswith(f"attention:mqa blocks@{expected}" + (" softmax:ours" if ours_runs else ""))
     assert form_state.dtype == torch.float32
     form_state.calibrated = ""
-    calibrate_attention(4, 64, slowest, torch.bfloat16)
+    calibrate_attention(4, 64, slowest, torch.bfloat16, kv_heads=1)
     assert form_state.dtype == torch.bfloat16 and len(seen) == 2
+    form_state.calibrated = ""
+    calibrate_attention(4, 64, slowest, torch.float32, kv_heads=2)  # grouped: two K/V heads of two query heads
+    assert form_state.kv_heads == 2 and len(seen) == 3
+    assert kernels.describe({}).endswith(f"attention:gqa blocks@{expected}" + (" softmax:ours" if ours_runs else ""))
 
 
 def test_calibrate_forms_measures_attention_where_query_heads_share_k_v_heads_in_the_models_dtype(form_state,
                                                                                                 monkeypatch):
     calls = []
     tick = lambda: None  # noqa: E731 - the rank's heartbeat, handed on to the calibration
-    monkeypatch.setattr(attention, "calibrate_attention", lambda h, d, slowest, dtype, on_progress, kv:
-                        calls.append((h, kv, d, dtype, on_progress)))
+    monkeypatch.setattr(attention, "calibrate_attention", lambda h, d, slowest, dtype, on_progress, kv_heads:
+                        calls.append((h, kv_heads, d, dtype, on_progress)))
     tp = types.SimpleNamespace(max_=lambda t: t, world_size=1)
     fp32, bf16 = {"8x8:float32": torch.ones(8, 8)}, {"8x8:bfloat16": torch.ones(8, 8, dtype=torch.bfloat16)}
     mqa = types.SimpleNamespace(local_heads=8, local_kv_heads=1, head_dim=32)
@@ -168,15 +178,18 @@ def test_calibrate_forms_measures_attention_where_query_heads_share_k_v_heads_in
 
 
 @pytest.mark.parametrize("softmax_form", SOFTMAXES)
-def test_a_model_generates_the_same_tokens_with_either_form(tmp_path, embedded_dir, prompts, form_state, monkeypatch,
+@pytest.mark.parametrize("fixture", [EMBEDDED_MODEL_DIR, STARCODER2_MODEL_DIR], ids=["multi-query", "starcoder2"])
+def test_a_model_generates_the_same_tokens_with_either_form(tmp_path, fixture, prompts, form_state, monkeypatch,
                                                             softmax_form):
-    shard_checkpoint(embedded_dir, tmp_path / "s", 1)
+    shard_checkpoint(fixture, tmp_path / "s", 1)
     model = load_model(tmp_path / "s", TPGroup(0, 1), torch.device("cpu"), kernels="plain")
-    assert model.config.multi_query
+    kv_heads = model.transformer.h[0].attn.local_kv_heads
+    assert kv_heads == (1 if fixture == EMBEDDED_MODEL_DIR else 2), "one K/V head; StarCoder2's grouped two"
     monkeypatch.setattr(PREFILL_FORM, "calibrated", "set by the test")  # use_kernels measures nothing
     same_length = [(p * 20)[:45] for p in prompts[:2]]  # no padding: the plain causal prefill
     sdpa = timed_generate(model, Device("cpu"), same_length, 8, topk=5)
     form_state.blocks_at, form_state.softmax = frozenset(attention.CALIBRATION_TOKENS), softmax_form
+    form_state.kv_heads = kv_heads
     taken = []
     real = attention.causal_blocks
     monkeypatch.setattr(attention, "causal_blocks", lambda *a, **k: taken.append(1) or real(*a, **k))
@@ -213,10 +226,10 @@ def test_the_forms_are_measured_once_per_machine_then_read_from_the_cache(form_s
     monkeypatch.setenv("STARCODER_TP_CACHE", str(tmp_path / "cache"))
     calls = []
 
-    def measured(heads, dim, slowest, dtype, on_progress, kv_heads):
+    def measured(heads, dim, slowest, dtype, on_progress, *, kv_heads):
         calls.append((heads, dim))
         form_state.blocks_at, form_state.calibrated = frozenset({512}), "causal blocks at 512 tokens (...)"
-        form_state.dtype, form_state.softmax = dtype, "ours"
+        form_state.dtype, form_state.softmax, form_state.kv_heads = dtype, "ours", kv_heads
         return form_state.calibrated
 
     monkeypatch.setattr(attention, "calibrate_attention", measured)
@@ -242,7 +255,7 @@ def test_the_forms_are_measured_once_per_machine_then_read_from_the_cache(form_s
     gqa = types.SimpleNamespace(local_heads=8, local_kv_heads=2, head_dim=32)
     form_state.blocks_at, form_state.calibrated, form_state.dtype = frozenset(), "", torch.float32
     kernels.calibrate_forms({"8x8:float32": torch.ones(8, 8)}, {}, tp, gqa)
-    assert len(calls) == 4, "grouped heads: a form of their own"
+    assert len(calls) == 4 and form_state.kv_heads == 2, "grouped heads: a form of their own"
     form_state.blocks_at, form_state.calibrated, form_state.kv_heads = frozenset(), "", 1
     kernels.calibrate_forms({"8x8:float32": torch.ones(8, 8)}, {}, tp, gqa)
     assert len(calls) == 4 and form_state.kv_heads == 2, "and read back for two K/V heads"
@@ -251,15 +264,17 @@ def test_the_forms_are_measured_once_per_machine_then_read_from_the_cache(form_s
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("per_call", [None, 1, 2], ids=["all", "one", "two"])
-def test_causal_blocks_of_a_batch_are_each_sequences_own(dtype, per_call, monkeypatch):
+@pytest.mark.parametrize("kv", [1, 2])
+def test_causal_blocks_of_a_batch_are_each_sequences_own(dtype, per_call, kv, monkeypatch):
     """The sequences run in batched calls (all at once, or in groups within SCORES_BYTES, the last
     group shorter): each one's rows are what it gives alone, keys and values read from a cache
     longer than the prompt (as the model's are)."""
     if per_call is not None:  # the scores of `per_call` sequences at the largest block fit, no more
-        monkeypatch.setattr(attention, "SCORES_BYTES", per_call * 32 * 8 * 70 * (4 if dtype == torch.float32 else 2))
+        monkeypatch.setattr(attention, "SCORES_BYTES",
+                            per_call * 32 * (8 // kv) * 70 * (4 if dtype == torch.float32 else 2))
     torch.manual_seed(0)
     q = torch.randn(3, 70, 8, 64).to(dtype)
-    cache = torch.randn(2, 3, 1, 90, 64).to(dtype)
+    cache = torch.randn(2, 3, kv, 90, 64).to(dtype)
     keys, values = cache[0, :, :, :70], cache[1, :, :, :70]
     together = causal_blocks(q, keys, values, 0.125)
     for i in range(3):
@@ -274,7 +289,7 @@ def test_a_cached_prefill_form_that_is_not_one_is_measured_again(form_state, mon
     monkeypatch.setenv("STARCODER_TP_CACHE", str(tmp_path / "cache"))
     calls = []
 
-    def measured(heads, dim, slowest, dtype, on_progress, kv_heads):
+    def measured(heads, dim, slowest, dtype, on_progress, *, kv_heads):
         calls.append(heads)
         form_state.blocks_at, form_state.calibrated, form_state.softmax = frozenset({512}), "measured", "ours"
         return form_state.calibrated
@@ -308,6 +323,6 @@ def test_softmax_c_is_timed_only_where_no_rank_lacks_it(form_state, monkeypatch,
         timed.append(local.numel())
         return local
 
-    calibrate_attention(4, 64, slowest)
+    calibrate_attention(4, 64, slowest, kv_heads=1)
     assert timed == [15 if not lacking else 10], "sdpa and each softmax's blocks, at five lengths"
     assert form_state.softmax == "torch" or not lacking
