@@ -22,14 +22,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from form_pairs import model_table, parse_args, write_section  # noqa: E402
 
-from starcoder_tp.attention import (CALIBRATION_TOKENS, PREFILL_FORM, attend, calibrate_attention,  # noqa: E402
+from starcoder_tp.attention import (BLOCK_ROWS, CALIBRATION_TOKENS, PREFILL_FORM, attend, calibrate_attention,  # noqa: E402
                                     causal_blocks)
 from starcoder_tp.kernel_timing import time_ms  # noqa: E402
 
 
 def op_rows(tokens: list[int], heads: int, threads: int) -> list[str]:
     torch.set_num_threads(threads)
-    saved, PREFILL_FORM.blocks_at = PREFILL_FORM.blocks_at, frozenset()  # attend: SDPA
+    saved, PREFILL_FORM.blocks_at = PREFILL_FORM.blocks_at, {}  # attend: SDPA
     lines = []
     for t in tokens:
         gen = torch.Generator().manual_seed(t)
@@ -55,8 +55,8 @@ def main() -> None:
     started = time.perf_counter()
     ops = [line for threads in (1, 2) for heads in (16, 8) for line in op_rows(args.sizes, heads, threads)]
     model_dir, cases = args.model_dir, args.cases
-    models = model_table(model_dir, cases, args.rounds, ("sdpa", "blocks"), PREFILL_FORM, "blocks_at", frozenset(),
-                         lambda measured: frozenset(CALIBRATION_TOKENS), calibrate_on)
+    models = model_table(model_dir, cases, args.rounds, ("sdpa", "blocks"), PREFILL_FORM, "blocks_at", {},
+                         lambda measured: {t: measured.get(t, BLOCK_ROWS) for t in CALIBRATION_TOKENS}, calibrate_on)
     write_section("The multi-query prefill's attention", "prefill_attention.py", started, PREFILL_FORM.calibrated,
                   "One layer's causal attention, fp32, head dim 64, one K/V head; ms per call, median of alternating "
                   "rounds; diff = the largest difference between the forms.",

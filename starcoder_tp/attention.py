@@ -51,13 +51,14 @@ class PrefillForm:
     """How a plain causal prefill of K/V heads shared by several query heads (`kv_heads` of them a
     rank, the count calibrated) runs on a CPU in the model's dtype (`dtype`, the one calibrated):
     SDPA's flash kernel, or `causal_blocks` for prompts nearest (in ratio) to the lengths in
-    `blocks_at`, where calibrate_attention measured them faster on the machine at hand. A set, not a
-    threshold: on two threads of the AVX-512 Xeon the fp32 blocks won at 512 tokens and lost at 256
-    and at 1024. `softmax`: the blocks' softmax, softmax.c's ("ours") or torch's, the one whose
-    blocks calibrate_attention measured faster."""
+    `blocks_at`, where calibrate_attention measured them faster on the machine at hand, each with
+    the query tokens per block it measured fastest there. A set, not a threshold: on two threads of
+    the AVX-512 Xeon the fp32 blocks won at 512 tokens and lost at 256 and at 1024. `softmax`: the
+    blocks' softmax, softmax.c's ("ours") or torch's, the one whose blocks calibrate_attention
+    measured faster."""
 
     def __init__(self) -> None:
-        self.blocks_at: frozenset[int] = frozenset()
+        self.blocks_at: dict[int, int] = {}  # {prompt length: query tokens per block}
         self.dtype = torch.float32
         self.kv_heads = 1
         self.calibrated = ""
@@ -65,19 +66,20 @@ class PrefillForm:
 
     def state(self) -> dict:
         """What calibrate_attention measured, as kernels.py caches it."""
-        return {"blocks_at": sorted(self.blocks_at), "softmax": self.softmax}
+        return {"blocks_at": [[t, rows] for t, rows in sorted(self.blocks_at.items())], "softmax": self.softmax}
 
     @staticmethod
-    def parse(state: dict) -> tuple[frozenset[int], str]:
+    def parse(state: dict) -> tuple[dict[int, int], str]:
         """A cached `state`'s (blocks_at, softmax); ValueError (or KeyError, TypeError) where it is
         not one that `state` writes."""
-        blocks, softmax = frozenset(state["blocks_at"]), state["softmax"]
-        if not (all(type(t) is int for t in blocks) and blocks <= set(CALIBRATION_TOKENS)) or softmax not in (
-                "ours", "torch"):
-            raise ValueError(f"prefill form: blocks at {sorted(blocks)!r}, softmax {softmax!r}")
-        return blocks, softmax
+        pairs, softmax = state["blocks_at"], state["softmax"]
+        if not (isinstance(pairs, list) and all(isinstance(p, list) and len(p) == 2 and type(p[0]) is type(p[1]) is int
+                                                and p[0] in CALIBRATION_TOKENS and p[1] in BLOCK_CHOICES for p in pairs)
+                and len({p[0] for p in pairs}) == len(pairs) and softmax in ("ours", "torch")):
+            raise ValueError(f"prefill form: blocks at {pairs!r}, softmax {softmax!r}")
+        return {t: rows for t, rows in pairs}, softmax
 
-    def restore(self, parsed: tuple[frozenset[int], str], dtype: torch.dtype, calibrated: str,
+    def restore(self, parsed: tuple[dict[int, int], str], dtype: torch.dtype, calibrated: str,
                 kv_heads: int = 1) -> None:
         """`parse`'s result taken as this process's form (kernels.calibrate_forms)."""
         (self.blocks_at, self.softmax), self.dtype, self.calibrated = parsed, dtype, calibrated
@@ -88,17 +90,22 @@ class PrefillForm:
             return "sdpa"
         return f"blocks@{describe_lengths(self.blocks_at)}" + (" softmax:ours" if self.softmax == "ours" else "")
 
-    def takes_blocks(self, tokens: int) -> bool:
+    def block_rows(self, tokens: int) -> int:
+        """The query tokens per block of a prompt of `tokens` tokens; 0: SDPA."""
         if not self.blocks_at:
-            return False
+            return 0
         nearest = min(CALIBRATION_TOKENS, key=lambda length: (abs(math.log2(tokens / length)), length))
-        return nearest in self.blocks_at
+        return self.blocks_at.get(nearest, 0)
 
 
 # The prompt lengths calibrate_attention times both forms at.
 CALIBRATION_TOKENS = (64, 128, 256, 512, 1024)
 PREFILL_FORM = PrefillForm()
-BLOCK_ROWS = 32  # query tokens per block: of 32-256, the fastest at 128-1024 tokens on the AVX-512 Xeon
+BLOCK_ROWS = 32  # causal_blocks' query tokens per block where not given
+# The block sizes calibrate_attention times. The fastest is the one whose GEMMs have enough rows
+# (block x query heads per K/V head) to amortise a call: on the EPYC Zen 4 in bf16, 128 with 4 query
+# heads a K/V head, 64 with 16; in fp32, 32-64 (RESULTS.md, "Block sizes of the prefill's attention").
+BLOCK_CHOICES = (32, 64, 128)
 SCORES_BYTES = 2 << 20  # causal_blocks' scores per call: of 1-16 MiB and all, 1-4 MiB ran alike on the EPYC Zen 4
 
 
@@ -141,11 +148,13 @@ def causal_blocks(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, sca
     return out.permute(1, 2, 0, 3, 4).reshape(b, t, h * d)
 
 
-def _blocks(q: torch.Tensor, kv: int, mask: torch.Tensor | None) -> bool:
+def _block_rows(q: torch.Tensor, kv: int, mask: torch.Tensor | None) -> int:
+    """causal_blocks' query tokens per block for this prefill; 0: SDPA."""
     # (the K/V head count calibrated; several query heads to a K/V head, or nothing to gain)
-    return (mask is None and kv == PREFILL_FORM.kv_heads and q.shape[2] > kv
-            and PREFILL_FORM.takes_blocks(q.shape[1]) and q.dtype == PREFILL_FORM.dtype
-            and q.device.type == "cpu" and not torch.compiler.is_compiling())
+    if (mask is None and kv == PREFILL_FORM.kv_heads and q.shape[2] > kv and q.dtype == PREFILL_FORM.dtype
+            and q.device.type == "cpu" and not torch.compiler.is_compiling()):
+        return PREFILL_FORM.block_rows(q.shape[1])
+    return 0
 
 
 def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
@@ -162,8 +171,9 @@ def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torc
         # one product per K/V head serves all of them, and the mask [B, 1, 1, S] broadcasts.
         out = F.scaled_dot_product_attention(q.reshape(b, kv, h // kv, d), keys, values, attn_mask=mask, scale=scale)
         return out.reshape(b, 1, h * d)  # [B, KV, G, D] -> [B, 1, H * D]
-    if _blocks(q, kv, mask):
-        return causal_blocks(q, keys, values, scale)
+    rows = _block_rows(q, kv, mask)
+    if rows:
+        return causal_blocks(q, keys, values, scale, rows)
     grouped = {}
     if kv != h and q.device.type == "cpu":
         # SDPA maps the G query heads of each K/V head itself: no copy of the keys for GQA, and
@@ -234,24 +244,32 @@ class Attention(nn.Module):
         return self.c_proj.row_parallel(attend(q, keys, values, mask, self.scale), self.tp)
 
 
-def blocks_at(sdpa_ms: list[float], blocks_ms: list[float],
-              tokens: tuple[int, ...] = CALIBRATION_TOKENS) -> frozenset[int]:
-    """The lengths of `tokens` at which causal_blocks was faster, from each form's ms per call."""
+def blocks_at(sdpa_ms: list[float], blocks_ms: list[dict[int, float]],
+              tokens: tuple[int, ...] = CALIBRATION_TOKENS) -> dict[int, int]:
+    """{length: query tokens per block} for the lengths of `tokens` at which causal_blocks, with its
+    fastest block size there, was faster than SDPA, from each form's ms per call (`blocks_ms`: per
+    length, {block size: ms}; of equal times, the smaller block)."""
     if not len(sdpa_ms) == len(blocks_ms) == len(tokens):
         raise ValueError(f"calibration: {len(sdpa_ms)} and {len(blocks_ms)} timings at tokens {tokens}")
-    return frozenset(t for t, sdpa, blocks in zip(tokens, sdpa_ms, blocks_ms) if blocks < sdpa)
+    chosen = {}
+    for t, sdpa, by_rows in zip(tokens, sdpa_ms, blocks_ms):
+        rows = min(by_rows, key=lambda r: (by_rows[r], r))
+        if by_rows[rows] < sdpa:
+            chosen[t] = rows
+    return chosen
 
 
-def describe_lengths(lengths: frozenset[int]) -> str:
-    return ",".join(str(t) for t in sorted(lengths))
+def describe_lengths(blocks: dict[int, int]) -> str:
+    """"length:block" for each length that takes the blocks."""
+    return ",".join(f"{t}:{rows}" for t, rows in sorted(blocks.items()))
 
 
 def calibrate_attention(heads: int, head_dim: int, slowest, dtype: torch.dtype = torch.float32,
                         on_progress=lambda: None, *, kv_heads: int) -> str:
-    """Time SDPA's flash kernel and causal_blocks, with torch's softmax and, where softmax.c runs,
-    with ours, on this rank's `heads` query heads over `kv_heads` K/V heads in `dtype` at
-    CALIBRATION_TOKENS (once per process), and set PREFILL_FORM: the softmax whose blocks took less
-    time over all lengths, and blocks_at with it; `slowest` reduces a float64 tensor to its maximum
+    """Time SDPA's flash kernel and causal_blocks at each of BLOCK_CHOICES, with torch's softmax and,
+    where softmax.c runs, with ours, on this rank's `heads` query heads over `kv_heads` K/V heads in
+    `dtype` at CALIBRATION_TOKENS (once per process), and set PREFILL_FORM: the softmax whose blocks,
+    each length's fastest, took less time over all lengths, and blocks_at with it; `slowest` reduces a float64 tensor to its maximum
     over the ranks, so that every rank takes the same form. Every rank must call it in step. Returns what it set."""
     if PREFILL_FORM.calibrated:
         return PREFILL_FORM.calibrated
@@ -265,22 +283,26 @@ def calibrate_attention(heads: int, head_dim: int, slowest, dtype: torch.dtype =
     lacking = slowest(torch.tensor([0.0 if causal_softmax.available(dtype) else 1.0], dtype=torch.float64)).item()
     softmaxes = ("torch",) if lacking else ("torch", "ours")
     PREFILL_FORM.dtype, PREFILL_FORM.kv_heads = dtype, kv_heads
-    saved, PREFILL_FORM.blocks_at = PREFILL_FORM.blocks_at, frozenset()  # attend: SDPA while timed
+    saved, PREFILL_FORM.blocks_at = PREFILL_FORM.blocks_at, {}  # attend: SDPA while timed
+    names = [(name, rows) for name in softmaxes for rows in BLOCK_CHOICES]
     try:
         forms = [{"sdpa": lambda i=i: attend(*i, None, scale)} | {
-            f"blocks {name}": lambda i=i, name=name: causal_blocks(*i, scale, softmax=name) for name in softmaxes}
-            for i in inputs]
+            f"blocks {name} {rows}": lambda i=i, name=name, rows=rows: causal_blocks(*i, scale, rows, softmax=name)
+            for name, rows in names} for i in inputs]
         timings = time_across_ranks(forms, slowest, on_progress)
     finally:
         PREFILL_FORM.blocks_at = saved
-    PREFILL_FORM.softmax = min(softmaxes, key=lambda name: sum(ms[f"blocks {name}"] for ms in timings))
-    sdpa, blocks = [ms["sdpa"] for ms in timings], [ms[f"blocks {PREFILL_FORM.softmax}"] for ms in timings]
+    by_softmax = {name: [{rows: ms[f"blocks {name} {rows}"] for rows in BLOCK_CHOICES} for ms in timings]
+                  for name in softmaxes}
+    PREFILL_FORM.softmax = min(softmaxes, key=lambda name: sum(min(by_rows.values()) for by_rows in by_softmax[name]))
+    sdpa, blocks = [ms["sdpa"] for ms in timings], by_softmax[PREFILL_FORM.softmax]
     PREFILL_FORM.blocks_at = blocks_at(sdpa, blocks)
-    shown = ", ".join(f"{t}: {b:.2f} vs {s:.2f} ms" for t, s, b in zip(CALIBRATION_TOKENS, sdpa, blocks))
+    shown = ", ".join(f"{t}: {min(b.values()):.2f} ({min(b, key=lambda r: (b[r], r))} a block) vs {s:.2f} ms"
+                      for t, s, b in zip(CALIBRATION_TOKENS, sdpa, blocks))
     named = {"ours": "softmax.c's softmax", "torch": "torch's softmax"}
-    others = "".join(f"; blocks with {named[name]}: " + ", ".join(f"{ms[f'blocks {name}']:.2f}" for ms in timings)
+    others = "".join(f"; blocks with {named[name]}: " + ", ".join(f"{min(b.values()):.2f}" for b in by_softmax[name])
                      for name in softmaxes if name != PREFILL_FORM.softmax)
-    PREFILL_FORM.calibrated = (f"causal blocks at {describe_lengths(PREFILL_FORM.blocks_at)} tokens"
+    PREFILL_FORM.calibrated = (f"causal blocks at {describe_lengths(PREFILL_FORM.blocks_at)} (tokens:block)"
                                if PREFILL_FORM.blocks_at else "sdpa") + (
         f", {named[PREFILL_FORM.softmax]} (blocks vs sdpa: {shown}{others})")
     return PREFILL_FORM.calibrated

@@ -20,7 +20,7 @@ from starcoder_tp.timing import timed_generate
 @pytest.fixture
 def form_state(monkeypatch):
     """PREFILL_FORM as a fresh process has it; restored afterwards."""
-    monkeypatch.setattr(PREFILL_FORM, "blocks_at", frozenset())
+    monkeypatch.setattr(PREFILL_FORM, "blocks_at", {})
     monkeypatch.setattr(PREFILL_FORM, "calibrated", "")
     monkeypatch.setattr(PREFILL_FORM, "dtype", torch.float32)
     monkeypatch.setattr(PREFILL_FORM, "softmax", "torch")
@@ -74,10 +74,18 @@ def test_attend_takes_the_blocks_only_where_calibrated(form_state, monkeypatch):
     q, keys, values = _qkv(1, 40, 4)
     attend(q, keys, values, None, 0.125)
     assert not taken, "uncalibrated: SDPA"
-    form_state.blocks_at = frozenset({64, 512})
+    form_state.blocks_at = {64: 8, 512: 32}  # (a block size of the test's own)
+    sizes = []
+    monkeypatch.setattr(attention, "causal_blocks", lambda *a, **k: sizes.append(a[4]) or real(*a, **k))
     out = attend(q, keys, values, None, 0.125)  # 40 tokens: nearest to 64 of the lengths timed
+    assert sizes == [8], "the block size calibrated for 64 tokens"
+    attend(*_qkv(1, 400, 2), None, 0.125)  # nearest 512
+    assert sizes == [8, 32], "the block size calibrated for 512 tokens"
+    monkeypatch.setattr(attention, "causal_blocks", lambda *a, **k: taken.append(a[0].shape[1]) or real(*a, **k))
+    taken.clear()
+    out = attend(q, keys, values, None, 0.125)
     assert taken == [40]
-    torch.testing.assert_close(out, real(q, keys, values, 0.125))
+    torch.testing.assert_close(out, real(q, keys, values, 0.125, 8))
     for tokens in (90, 91, 181, 362, 363, 724, 2000):  # nearest 64, 128, 128, 256, 512, 512, 1024
         attend(*_qkv(1, tokens, 2), None, 0.125)
     assert taken == [40, 90, 363, 724], "the nearest length's form, by ratio"
@@ -106,9 +114,9 @@ def test_attend_takes_the_blocks_only_where_calibrated(form_state, monkeypatch):
 
 
 @pytest.mark.parametrize("sdpa, blocks, expected", [
-    ([1.0, 4.0, 20.0], [0.9, 3.0, 15.0], {64, 256, 1024}),
-    ([1.0, 4.0, 20.0], [1.0, 3.0, 21.0], {256}),  # a tie is not a gain
-    ([1.0, 4.0, 20.0], [1.1, 4.5, 25.0], set()),
+    ([1.0, 4.0, 20.0], [{32: 0.9, 64: 1.0}, {32: 3.0, 64: 2.5}, {32: 15.0, 64: 16.0}], {64: 32, 256: 64, 1024: 32}),
+    ([1.0, 4.0, 20.0], [{32: 1.0, 64: 1.2}, {32: 3.0, 64: 3.0}, {32: 21.0, 64: 22.0}], {256: 32}),  # ties: no gain;
+    ([1.0, 4.0, 20.0], [{32: 1.1, 64: 1.2}, {32: 4.5, 64: 4.1}, {32: 25.0, 64: 21.0}], {}),  # the smaller block
 ])
 def test_blocks_at_timings(sdpa, blocks, expected):
     assert blocks_at(sdpa, blocks, (64, 256, 1024)) == expected
@@ -116,34 +124,39 @@ def test_blocks_at_timings(sdpa, blocks, expected):
 
 def test_blocks_at_refuses_mismatched_timings():
     with pytest.raises(ValueError, match=r"2 and 3 timings"):
-        blocks_at([1.0, 2.0], [1.0, 2.0, 3.0], (64, 256, 1024))
+        blocks_at([1.0, 2.0], [{32: 1.0}, {32: 2.0}, {32: 3.0}], (64, 256, 1024))
 
 
 @pytest.mark.parametrize("ours_runs", [False, pytest.param(True, marks=SOFTMAXES[1].marks)])
 def test_calibrate_attention_takes_the_slowest_ranks_timings_once(form_state, monkeypatch, ours_runs):
     monkeypatch.setattr(attention.causal_softmax, "available", lambda dtype: ours_runs)  # (True: it runs here)
-    # Another rank's timings at 64..1024 tokens: with torch's softmax the blocks win at 128, 256 and
-    # 512 tokens; with ours, less time in all, at 256, 512 and 1024.
-    sdpa, with_torch, with_ours = [0.2, 0.6, 2.0, 8.0, 20.0], [0.3, 0.5, 1.5, 6.0, 21.0], [0.25, 0.7, 1.0, 5.0, 19.0]
-    slots = [[s, t, o] if ours_runs else [s, t] for s, t, o in zip(sdpa, with_torch, with_ours)]
+    # Another rank's timings at 64..1024 tokens, per block size of 32, 64 and 128 query tokens: with
+    # torch's softmax the blocks win at 128, 256 and 512 tokens; with ours, less time in all (each
+    # length's fastest block, though not at 32 alone), at 256, 512 and 1024.
+    sdpa = [0.2, 0.6, 2.0, 8.0, 20.0]
+    with_torch = {32: [0.3, 0.5, 1.5, 6.0, 21.0], 64: [0.35, 0.55, 1.4, 6.5, 22.0], 128: [0.4, 0.7, 1.6, 7.0, 23.0]}
+    with_ours = {32: [0.25, 0.7, 1.0, 7.0, 24.0], 64: [0.3, 0.8, 1.1, 4.0, 18.0], 128: [0.3, 0.9, 1.2, 4.5, 17.0]}
+    assert attention.BLOCK_CHOICES == (32, 64, 128)
+    slots = [[sdpa[i]] + [with_torch[rows][i] for rows in (32, 64, 128)]
+             + ([with_ours[rows][i] for rows in (32, 64, 128)] if ours_runs else []) for i in range(5)]
     seen = []
 
     def slowest(local: torch.Tensor) -> torch.Tensor:
         if local.numel() == 1:  # whether any rank lacks softmax.c: none does
             return local
         seen.append(local.clone())
-        return torch.tensor(sum(slots, []), dtype=torch.float64)  # per length: sdpa, blocks per softmax
+        return torch.tensor(sum(slots, []), dtype=torch.float64)  # per length: sdpa, blocks per softmax and size
 
     ticks = []
-    expected = "256,512,1024" if ours_runs else "128,256,512"
+    expected = "256:32,512:64,1024:128" if ours_runs else "128:32,256:64,512:32"
     assert calibrate_attention(4, 64, slowest, on_progress=lambda: ticks.append(1), kv_heads=1).startswith(
-        f"causal blocks at {expected} tokens")
-    slots_per_length = 3 if ours_runs else 2
+        f"causal blocks at {expected} (tokens:block)")
+    slots_per_length = 7 if ours_runs else 4
     assert len(ticks) >= 5 * slots_per_length, "a rank's heartbeat ticks through the calibration (one per timed call)"
     assert len(seen) == 1 and seen[0].shape == (5 * slots_per_length,) and bool((seen[0] > 0).all()), \
         "this rank's own timings"
     assert form_state.softmax == ("ours" if ours_runs else "torch")
-    assert form_state.blocks_at == {int(t) for t in expected.split(",")}
+    assert form_state.blocks_at == {int(t): int(rows) for t, rows in (p.split(":") for p in expected.split(","))}
     assert calibrate_attention(4, 64, slowest, kv_heads=1) == form_state.calibrated and len(seen) == 1, \
         "once per process"
     assert kernels.describe({}).endswith(f"attention:mqa blocks@{expected}" + (" softmax:ours" if ours_runs else ""))
@@ -188,7 +201,7 @@ def test_a_model_generates_the_same_tokens_with_either_form(tmp_path, fixture, p
     monkeypatch.setattr(PREFILL_FORM, "calibrated", "set by the test")  # use_kernels measures nothing
     same_length = [(p * 20)[:45] for p in prompts[:2]]  # no padding: the plain causal prefill
     sdpa = timed_generate(model, Device("cpu"), same_length, 8, topk=5)
-    form_state.blocks_at, form_state.softmax = frozenset(attention.CALIBRATION_TOKENS), softmax_form
+    form_state.blocks_at, form_state.softmax = dict.fromkeys(attention.CALIBRATION_TOKENS, 32), softmax_form
     form_state.kv_heads = kv_heads
     taken = []
     real = attention.causal_blocks
@@ -213,7 +226,7 @@ def test_a_bf16_model_keeps_the_top_5_rule_with_the_blocks(tmp_path, embedded_di
     real = attention.causal_blocks
     monkeypatch.setattr(attention, "causal_blocks", lambda *a, **k: taken.append(a[0].dtype) or real(*a, **k))
     runs = {}
-    for name, blocks in (("sdpa", frozenset()), ("blocks", frozenset(attention.CALIBRATION_TOKENS))):
+    for name, blocks in (("sdpa", {}), ("blocks", dict.fromkeys(attention.CALIBRATION_TOKENS, 32))):
         form_state.blocks_at, form_state.dtype, form_state.softmax = blocks, torch.bfloat16, softmax_form
         r = timed_generate(model, Device("cpu"), same_length, 16, topk=5)
         runs[name] = GreedyOutput(output_ids=r.output_ids.tolist(), topk_ids=r.topk_ids.tolist(),
@@ -228,7 +241,7 @@ def test_the_forms_are_measured_once_per_machine_then_read_from_the_cache(form_s
 
     def measured(heads, dim, slowest, dtype, on_progress, *, kv_heads):
         calls.append((heads, dim))
-        form_state.blocks_at, form_state.calibrated = frozenset({512}), "causal blocks at 512 tokens (...)"
+        form_state.blocks_at, form_state.calibrated = {512: 64}, "causal blocks at 512:64 (tokens:block) (...)"
         form_state.dtype, form_state.softmax, form_state.kv_heads = dtype, "ours", kv_heads
         return form_state.calibrated
 
@@ -237,29 +250,29 @@ def test_the_forms_are_measured_once_per_machine_then_read_from_the_cache(form_s
     mqa = types.SimpleNamespace(local_heads=8, local_kv_heads=1, head_dim=32)
     kernels.calibrate_forms({"8x8:float32": torch.ones(8, 8)}, {}, tp, mqa)
     assert calls == [(8, 32)] and len(list((tmp_path / "cache" / "forms").glob("*.json"))) == 1
-    form_state.blocks_at, form_state.calibrated, form_state.softmax = frozenset(), "", "torch"  # another process
+    form_state.blocks_at, form_state.calibrated, form_state.softmax = {}, "", "torch"  # another process
     kernels.calibrate_forms({"8x8:float32": torch.ones(8, 8)}, {}, tp, mqa)
     assert calls == [(8, 32)], "read from the cache, not measured again"
-    assert form_state.blocks_at == {512} and form_state.calibrated.startswith("cached: causal blocks at 512")
+    assert form_state.blocks_at == {512: 64} and form_state.calibrated.startswith("cached: causal blocks at 512:64")
     assert form_state.softmax == "ours"
-    form_state.blocks_at, form_state.calibrated = frozenset(), ""
+    form_state.blocks_at, form_state.calibrated = {}, ""
     missing = types.SimpleNamespace(max_=lambda t: torch.ones_like(t), world_size=1)  # another rank lacks them
     kernels.calibrate_forms({"8x8:float32": torch.ones(8, 8)}, {}, missing, mqa)
     assert len(calls) == 2, "measured again with the rank that lacks them"
-    form_state.blocks_at, form_state.calibrated = frozenset(), ""
+    form_state.blocks_at, form_state.calibrated = {}, ""
     kernels.calibrate_forms({"8x8:bfloat16": torch.ones(8, 8, dtype=torch.bfloat16)}, {}, tp, mqa)
     assert len(calls) == 3 and form_state.dtype == torch.bfloat16, "a bf16 model's form is its own"
-    form_state.blocks_at, form_state.calibrated, form_state.dtype = frozenset(), "", torch.float32
+    form_state.blocks_at, form_state.calibrated, form_state.dtype = {}, "", torch.float32
     kernels.calibrate_forms({"8x8:bfloat16": torch.ones(8, 8, dtype=torch.bfloat16)}, {}, tp, mqa)
     assert len(calls) == 3 and form_state.dtype == torch.bfloat16, "and cached as such"
     gqa = types.SimpleNamespace(local_heads=8, local_kv_heads=2, head_dim=32)
-    form_state.blocks_at, form_state.calibrated, form_state.dtype = frozenset(), "", torch.float32
+    form_state.blocks_at, form_state.calibrated, form_state.dtype = {}, "", torch.float32
     kernels.calibrate_forms({"8x8:float32": torch.ones(8, 8)}, {}, tp, gqa)
     assert len(calls) == 4 and form_state.kv_heads == 2, "grouped heads: a form of their own"
-    form_state.blocks_at, form_state.calibrated, form_state.kv_heads = frozenset(), "", 1
+    form_state.blocks_at, form_state.calibrated, form_state.kv_heads = {}, "", 1
     kernels.calibrate_forms({"8x8:float32": torch.ones(8, 8)}, {}, tp, gqa)
     assert len(calls) == 4 and form_state.kv_heads == 2, "and read back for two K/V heads"
-    assert kernels.describe({}).endswith("attention:gqa blocks@512 softmax:ours")
+    assert kernels.describe({}).endswith("attention:gqa blocks@512:64 softmax:ours")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -282,16 +295,19 @@ def test_causal_blocks_of_a_batch_are_each_sequences_own(dtype, per_call, kv, mo
         torch.testing.assert_close(together[i:i + 1], alone, msg=lambda m, i=i: f"sequence {i}: {m}")
 
 
-@pytest.mark.parametrize("stored", [{"blocks_at": [512], "softmax": "fast"}, {"blocks_at": [500], "softmax": "ours"},
-                                    {"blocks_at": [512.0], "softmax": "ours"},
-                                    {"blocks_at": 512, "softmax": "ours"}, {"softmax": "ours"}, None, "no 'mqa' line"])
+@pytest.mark.parametrize("stored", [
+    {"blocks_at": [[512, 64]], "softmax": "fast"}, {"blocks_at": [[500, 64]], "softmax": "ours"},
+    {"blocks_at": [[512.0, 64]], "softmax": "ours"}, {"blocks_at": [[512, 48]], "softmax": "ours"},
+    {"blocks_at": [[512, 64], [512, 32]], "softmax": "ours"}, {"blocks_at": [[512]], "softmax": "ours"},
+    {"blocks_at": [512], "softmax": "ours"},  # (the lengths alone, as before the block sizes were timed)
+    {"blocks_at": 512, "softmax": "ours"}, {"softmax": "ours"}, None, "no 'mqa' line"])
 def test_a_cached_prefill_form_that_is_not_one_is_measured_again(form_state, monkeypatch, tmp_path, stored):
     monkeypatch.setenv("STARCODER_TP_CACHE", str(tmp_path / "cache"))
     calls = []
 
     def measured(heads, dim, slowest, dtype, on_progress, *, kv_heads):
         calls.append(heads)
-        form_state.blocks_at, form_state.calibrated, form_state.softmax = frozenset({512}), "measured", "ours"
+        form_state.blocks_at, form_state.calibrated, form_state.softmax = {512: 64}, "measured", "ours"
         return form_state.calibrated
 
     monkeypatch.setattr(attention, "calibrate_attention", measured)
@@ -305,7 +321,7 @@ def test_a_cached_prefill_form_that_is_not_one_is_measured_again(form_state, mon
     else:
         cached["forms"]["prefill_form"] = stored
     path.write_text(json.dumps(cached))
-    form_state.blocks_at, form_state.calibrated, form_state.softmax = frozenset(), "", "torch"
+    form_state.blocks_at, form_state.calibrated, form_state.softmax = {}, "", "torch"
     kernels.calibrate_forms({"8x8:float32": torch.ones(8, 8)}, {}, tp, mqa)
     assert calls == [8, 8], f"a cached {stored!r} was taken"
     assert form_state.calibrated == "measured" and form_state.softmax == "ours"
@@ -324,5 +340,5 @@ def test_softmax_c_is_timed_only_where_no_rank_lacks_it(form_state, monkeypatch,
         return local
 
     calibrate_attention(4, 64, slowest, kv_heads=1)
-    assert timed == [15 if not lacking else 10], "sdpa and each softmax's blocks, at five lengths"
+    assert timed == [35 if not lacking else 20], "sdpa and each softmax's blocks of each size, at five lengths"
     assert form_state.softmax == "torch" or not lacking
