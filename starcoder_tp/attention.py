@@ -52,13 +52,16 @@ class PrefillForm:
     rank, the count calibrated) runs on a CPU in the model's dtype (`dtype`, the one calibrated):
     SDPA's flash kernel, or `causal_blocks` for prompts nearest (in ratio) to the lengths in
     `blocks_at`, where calibrate_attention measured them faster on the machine at hand, each with
-    the query tokens per block it measured fastest there. A set, not a threshold: on two threads of
+    the query tokens per block it measured fastest there for one sequence; a batch takes the block
+    size measured fastest at CALIBRATION_BATCH (`batched_rows`): its sequences share each call, and
+    the calls' cost no longer favours the larger blocks. A set, not a threshold: on two threads of
     the AVX-512 Xeon the fp32 blocks won at 512 tokens and lost at 256 and at 1024. `softmax`: the
     blocks' softmax, softmax.c's ("ours") or torch's, the one whose blocks calibrate_attention
     measured faster."""
 
     def __init__(self) -> None:
         self.blocks_at: dict[int, int] = {}  # {prompt length: query tokens per block}
+        self.batched_rows = BLOCK_ROWS  # query tokens per block for a batch of several sequences
         self.dtype = torch.float32
         self.kv_heads = 1
         self.calibrated = ""
@@ -66,46 +69,51 @@ class PrefillForm:
 
     def state(self) -> dict:
         """What calibrate_attention measured, as kernels.py caches it."""
-        return {"blocks_at": [[t, rows] for t, rows in sorted(self.blocks_at.items())], "softmax": self.softmax}
+        return {"blocks_at": [[t, rows] for t, rows in sorted(self.blocks_at.items())],
+                "batched_rows": self.batched_rows, "softmax": self.softmax}
 
     @staticmethod
-    def parse(state: dict) -> tuple[dict[int, int], str]:
-        """A cached `state`'s (blocks_at, softmax); ValueError (or KeyError, TypeError) where it is
-        not one that `state` writes."""
-        pairs, softmax = state["blocks_at"], state["softmax"]
+    def parse(state: dict) -> tuple[dict[int, int], int, str]:
+        """A cached `state`'s (blocks_at, batched_rows, softmax); ValueError (or KeyError, TypeError)
+        where it is not one that `state` writes."""
+        pairs, batched, softmax = state["blocks_at"], state["batched_rows"], state["softmax"]
         if not (isinstance(pairs, list) and all(isinstance(p, list) and len(p) == 2 and type(p[0]) is type(p[1]) is int
                                                 and p[0] in CALIBRATION_TOKENS and p[1] in BLOCK_CHOICES for p in pairs)
-                and len({p[0] for p in pairs}) == len(pairs) and softmax in ("ours", "torch")):
-            raise ValueError(f"prefill form: blocks at {pairs!r}, softmax {softmax!r}")
-        return {t: rows for t, rows in pairs}, softmax
+                and len({p[0] for p in pairs}) == len(pairs) and type(batched) is int and batched in BLOCK_CHOICES
+                and softmax in ("ours", "torch")):
+            raise ValueError(f"prefill form: blocks at {pairs!r}, batched {batched!r}, softmax {softmax!r}")
+        return {t: rows for t, rows in pairs}, batched, softmax
 
-    def restore(self, parsed: tuple[dict[int, int], str], dtype: torch.dtype, calibrated: str,
+    def restore(self, parsed: tuple[dict[int, int], int, str], dtype: torch.dtype, calibrated: str,
                 kv_heads: int = 1) -> None:
         """`parse`'s result taken as this process's form (kernels.calibrate_forms)."""
-        (self.blocks_at, self.softmax), self.dtype, self.calibrated = parsed, dtype, calibrated
+        (self.blocks_at, self.batched_rows, self.softmax), self.dtype, self.calibrated = parsed, dtype, calibrated
         self.kv_heads = kv_heads
 
     def describe(self) -> str:
         if not self.blocks_at:
             return "sdpa"
-        return f"blocks@{describe_lengths(self.blocks_at)}" + (" softmax:ours" if self.softmax == "ours" else "")
+        return (f"blocks@{describe_lengths(self.blocks_at)} batch:{self.batched_rows}"
+                + (" softmax:ours" if self.softmax == "ours" else ""))
 
-    def block_rows(self, tokens: int) -> int:
-        """The query tokens per block of a prompt of `tokens` tokens; 0: SDPA."""
+    def block_rows(self, tokens: int, batch: int = 1) -> int:
+        """The query tokens per block of `batch` prompts of `tokens` tokens; 0: SDPA."""
         if not self.blocks_at:
             return 0
         nearest = min(CALIBRATION_TOKENS, key=lambda length: (abs(math.log2(tokens / length)), length))
-        return self.blocks_at.get(nearest, 0)
+        rows = self.blocks_at.get(nearest, 0)
+        return self.batched_rows if rows and batch > 1 else rows
 
 
 # The prompt lengths calibrate_attention times both forms at.
 CALIBRATION_TOKENS = (64, 128, 256, 512, 1024)
-PREFILL_FORM = PrefillForm()
 BLOCK_ROWS = 32  # causal_blocks' query tokens per block where not given
+PREFILL_FORM = PrefillForm()
 # The block sizes calibrate_attention times. The fastest is the one whose GEMMs have enough rows
 # (block x query heads per K/V head) to amortise a call: on the EPYC Zen 4 in bf16, 128 with 4 query
 # heads a K/V head, 64 with 16; in fp32, 32-64 (RESULTS.md, "Block sizes of the prefill's attention").
 BLOCK_CHOICES = (32, 64, 128)
+CALIBRATION_BATCH = (16, 128)  # the sequences and tokens the block size for batches is timed at
 SCORES_BYTES = 2 << 20  # causal_blocks' scores per call: of 1-16 MiB and all, 1-4 MiB ran alike on the EPYC Zen 4
 
 
@@ -153,7 +161,7 @@ def _block_rows(q: torch.Tensor, kv: int, mask: torch.Tensor | None) -> int:
     # (the K/V head count calibrated; several query heads to a K/V head, or nothing to gain)
     if (mask is None and kv == PREFILL_FORM.kv_heads and q.shape[2] > kv and q.dtype == PREFILL_FORM.dtype
             and q.device.type == "cpu" and not torch.compiler.is_compiling()):
-        return PREFILL_FORM.block_rows(q.shape[1])
+        return PREFILL_FORM.block_rows(q.shape[1], q.shape[0])
     return 0
 
 
@@ -297,12 +305,21 @@ def calibrate_attention(heads: int, head_dim: int, slowest, dtype: torch.dtype =
     PREFILL_FORM.softmax = min(softmaxes, key=lambda name: sum(min(by_rows.values()) for by_rows in by_softmax[name]))
     sdpa, blocks = [ms["sdpa"] for ms in timings], by_softmax[PREFILL_FORM.softmax]
     PREFILL_FORM.blocks_at = blocks_at(sdpa, blocks)
+    batched = ""
+    if PREFILL_FORM.blocks_at:  # the block size for batches, with that softmax
+        b, t = CALIBRATION_BATCH
+        i = (torch.randn(b, t, heads + 2 * kv_heads, head_dim, dtype=dtype)[:, :, :heads],
+             torch.randn(b, kv_heads, t, head_dim, dtype=dtype), torch.randn(b, kv_heads, t, head_dim, dtype=dtype))
+        ms = time_across_ranks([{f"{rows}": lambda rows=rows: causal_blocks(*i, scale, rows, softmax=PREFILL_FORM.softmax)
+                                 for rows in BLOCK_CHOICES}], slowest, on_progress)[0]
+        PREFILL_FORM.batched_rows = min(BLOCK_CHOICES, key=lambda rows: (ms[f"{rows}"], rows))
+        batched = f"; {b} x {t} tokens: " + ", ".join(f"{ms[f'{rows}']:.2f} ({rows} a block)" for rows in BLOCK_CHOICES)
     shown = ", ".join(f"{t}: {min(b.values()):.2f} ({min(b, key=lambda r: (b[r], r))} a block) vs {s:.2f} ms"
                       for t, s, b in zip(CALIBRATION_TOKENS, sdpa, blocks))
     named = {"ours": "softmax.c's softmax", "torch": "torch's softmax"}
     others = "".join(f"; blocks with {named[name]}: " + ", ".join(f"{min(b.values()):.2f}" for b in by_softmax[name])
                      for name in softmaxes if name != PREFILL_FORM.softmax)
-    PREFILL_FORM.calibrated = (f"causal blocks at {describe_lengths(PREFILL_FORM.blocks_at)} (tokens:block)"
-                               if PREFILL_FORM.blocks_at else "sdpa") + (
-        f", {named[PREFILL_FORM.softmax]} (blocks vs sdpa: {shown}{others})")
+    PREFILL_FORM.calibrated = (f"causal blocks at {describe_lengths(PREFILL_FORM.blocks_at)} (tokens:block), "
+                               f"batches {PREFILL_FORM.batched_rows} a block" if PREFILL_FORM.blocks_at else "sdpa") + (
+        f", {named[PREFILL_FORM.softmax]} (blocks vs sdpa: {shown}{others}{batched})")
     return PREFILL_FORM.calibrated

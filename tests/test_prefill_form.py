@@ -21,6 +21,7 @@ from starcoder_tp.timing import timed_generate
 def form_state(monkeypatch):
     """PREFILL_FORM as a fresh process has it; restored afterwards."""
     monkeypatch.setattr(PREFILL_FORM, "blocks_at", {})
+    monkeypatch.setattr(PREFILL_FORM, "batched_rows", attention.BLOCK_ROWS)
     monkeypatch.setattr(PREFILL_FORM, "calibrated", "")
     monkeypatch.setattr(PREFILL_FORM, "dtype", torch.float32)
     monkeypatch.setattr(PREFILL_FORM, "softmax", "torch")
@@ -81,6 +82,9 @@ def test_attend_takes_the_blocks_only_where_calibrated(form_state, monkeypatch):
     assert sizes == [8], "the block size calibrated for 64 tokens"
     attend(*_qkv(1, 400, 2), None, 0.125)  # nearest 512
     assert sizes == [8, 32], "the block size calibrated for 512 tokens"
+    form_state.batched_rows = 16
+    attend(*_qkv(2, 40, 4), None, 0.125)
+    assert sizes == [8, 32, 16], "a batch: the block size calibrated for batches"
     monkeypatch.setattr(attention, "causal_blocks", lambda *a, **k: taken.append(a[0].shape[1]) or real(*a, **k))
     taken.clear()
     out = attend(q, keys, values, None, 0.125)
@@ -145,6 +149,8 @@ def test_calibrate_attention_takes_the_slowest_ranks_timings_once(form_state, mo
         if local.numel() == 1:  # whether any rank lacks softmax.c: none does
             return local
         seen.append(local.clone())
+        if local.numel() == 3:  # the block sizes at 16 x 128 tokens, with the softmax chosen
+            return torch.tensor([2.0, 1.0, 1.5], dtype=torch.float64)
         return torch.tensor(sum(slots, []), dtype=torch.float64)  # per length: sdpa, blocks per softmax and size
 
     ticks = []
@@ -153,21 +159,25 @@ def test_calibrate_attention_takes_the_slowest_ranks_timings_once(form_state, mo
         f"causal blocks at {expected} (tokens:block)")
     slots_per_length = 7 if ours_runs else 4
     assert len(ticks) >= 5 * slots_per_length, "a rank's heartbeat ticks through the calibration (one per timed call)"
-    assert len(seen) == 1 and seen[0].shape == (5 * slots_per_length,) and bool((seen[0] > 0).all()), \
+    assert len(seen) == 2 and seen[0].shape == (5 * slots_per_length,) and bool((seen[0] > 0).all()), \
         "this rank's own timings"
+    assert seen[1].shape == (3,) and bool((seen[1] > 0).all()), "then the batch's, at each block size"
+    assert form_state.batched_rows == 64
     assert form_state.softmax == ("ours" if ours_runs else "torch")
     assert form_state.blocks_at == {int(t): int(rows) for t, rows in (p.split(":") for p in expected.split(","))}
-    assert calibrate_attention(4, 64, slowest, kv_heads=1) == form_state.calibrated and len(seen) == 1, \
+    assert calibrate_attention(4, 64, slowest, kv_heads=1) == form_state.calibrated and len(seen) == 2, \
         "once per process"
-    assert kernels.describe({}).endswith(f"attention:mqa blocks@{expected}" + (" softmax:ours" if ours_runs else ""))
+    assert kernels.describe({}).endswith(f"attention:mqa blocks@{expected} batch:64" +
+                                         (" softmax:ours" if ours_runs else ""))
     assert form_state.dtype == torch.float32
     form_state.calibrated = ""
     calibrate_attention(4, 64, slowest, torch.bfloat16, kv_heads=1)
-    assert form_state.dtype == torch.bfloat16 and len(seen) == 2
+    assert form_state.dtype == torch.bfloat16 and len(seen) == 4
     form_state.calibrated = ""
     calibrate_attention(4, 64, slowest, torch.float32, kv_heads=2)  # grouped: two K/V heads of two query heads
-    assert form_state.kv_heads == 2 and len(seen) == 3
-    assert kernels.describe({}).endswith(f"attention:gqa blocks@{expected}" + (" softmax:ours" if ours_runs else ""))
+    assert form_state.kv_heads == 2 and len(seen) == 6
+    assert kernels.describe({}).endswith(f"attention:gqa blocks@{expected} batch:64" +
+                                         (" softmax:ours" if ours_runs else ""))
 
 
 def test_calibrate_forms_measures_attention_where_query_heads_share_k_v_heads_in_the_models_dtype(form_state,
@@ -242,6 +252,7 @@ def test_the_forms_are_measured_once_per_machine_then_read_from_the_cache(form_s
     def measured(heads, dim, slowest, dtype, on_progress, *, kv_heads):
         calls.append((heads, dim))
         form_state.blocks_at, form_state.calibrated = {512: 64}, "causal blocks at 512:64 (tokens:block) (...)"
+        form_state.batched_rows = 128
         form_state.dtype, form_state.softmax, form_state.kv_heads = dtype, "ours", kv_heads
         return form_state.calibrated
 
@@ -251,9 +262,11 @@ def test_the_forms_are_measured_once_per_machine_then_read_from_the_cache(form_s
     kernels.calibrate_forms({"8x8:float32": torch.ones(8, 8)}, {}, tp, mqa)
     assert calls == [(8, 32)] and len(list((tmp_path / "cache" / "forms").glob("*.json"))) == 1
     form_state.blocks_at, form_state.calibrated, form_state.softmax = {}, "", "torch"  # another process
+    form_state.batched_rows = 32
     kernels.calibrate_forms({"8x8:float32": torch.ones(8, 8)}, {}, tp, mqa)
     assert calls == [(8, 32)], "read from the cache, not measured again"
     assert form_state.blocks_at == {512: 64} and form_state.calibrated.startswith("cached: causal blocks at 512:64")
+    assert form_state.batched_rows == 128
     assert form_state.softmax == "ours"
     form_state.blocks_at, form_state.calibrated = {}, ""
     missing = types.SimpleNamespace(max_=lambda t: torch.ones_like(t), world_size=1)  # another rank lacks them
@@ -272,7 +285,7 @@ def test_the_forms_are_measured_once_per_machine_then_read_from_the_cache(form_s
     form_state.blocks_at, form_state.calibrated, form_state.kv_heads = {}, "", 1
     kernels.calibrate_forms({"8x8:float32": torch.ones(8, 8)}, {}, tp, gqa)
     assert len(calls) == 4 and form_state.kv_heads == 2, "and read back for two K/V heads"
-    assert kernels.describe({}).endswith("attention:gqa blocks@512:64 softmax:ours")
+    assert kernels.describe({}).endswith("attention:gqa blocks@512:64 batch:128 softmax:ours")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -296,9 +309,15 @@ def test_causal_blocks_of_a_batch_are_each_sequences_own(dtype, per_call, kv, mo
 
 
 @pytest.mark.parametrize("stored", [
-    {"blocks_at": [[512, 64]], "softmax": "fast"}, {"blocks_at": [[500, 64]], "softmax": "ours"},
-    {"blocks_at": [[512.0, 64]], "softmax": "ours"}, {"blocks_at": [[512, 48]], "softmax": "ours"},
-    {"blocks_at": [[512, 64], [512, 32]], "softmax": "ours"}, {"blocks_at": [[512]], "softmax": "ours"},
+    {"blocks_at": [[512, 64]], "batched_rows": 32, "softmax": "fast"},
+    {"blocks_at": [[500, 64]], "batched_rows": 32, "softmax": "ours"},
+    {"blocks_at": [[512.0, 64]], "batched_rows": 32, "softmax": "ours"},
+    {"blocks_at": [[512, 48]], "batched_rows": 32, "softmax": "ours"},
+    {"blocks_at": [[512, 64], [512, 32]], "batched_rows": 32, "softmax": "ours"},
+    {"blocks_at": [[512]], "batched_rows": 32, "softmax": "ours"},
+    {"blocks_at": [[512, 64]], "batched_rows": 48, "softmax": "ours"},
+    {"blocks_at": [[512, 64]], "batched_rows": 64.0, "softmax": "ours"},
+    {"blocks_at": [[512, 64]], "softmax": "ours"},  # (no block size for batches)
     {"blocks_at": [512], "softmax": "ours"},  # (the lengths alone, as before the block sizes were timed)
     {"blocks_at": 512, "softmax": "ours"}, {"softmax": "ours"}, None, "no 'mqa' line"])
 def test_a_cached_prefill_form_that_is_not_one_is_measured_again(form_state, monkeypatch, tmp_path, stored):
@@ -340,5 +359,6 @@ def test_softmax_c_is_timed_only_where_no_rank_lacks_it(form_state, monkeypatch,
         return local
 
     calibrate_attention(4, 64, slowest, kv_heads=1)
-    assert timed == [35 if not lacking else 20], "sdpa and each softmax's blocks of each size, at five lengths"
+    assert timed[0] == (35 if not lacking else 20), "sdpa and each softmax's blocks of each size, at five lengths"
+    assert timed[1:] == ([3] if form_state.blocks_at else []), "then each size for batches, where blocks are taken"
     assert form_state.softmax == "torch" or not lacking
