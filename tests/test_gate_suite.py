@@ -2,8 +2,9 @@
 
 The CI mode compares this checkout (side A) with its own HEAD (side B) in one session, rounds
 interleaved: an unchanged tree must pass, a +50% decode delay on side A must fail naming decode,
-a +50% prefill delay must fail naming first_token and not decode. The delays are sized from the
-step times the unchanged run measured. Thresholds are the defaults (10%); at 40 pairs an
+a +50% prefill delay must fail naming first_token and not decode. The delays are a fraction of each
+step's own forward time (`--inject-*-slowdown`): a delay of fixed ms sized from an earlier run was a
+smaller slowdown when the machine's load rose in between, and a +50% once read +8% in CI. Thresholds are the defaults (10%); at 40 pairs an
 unchanged run false-alarmed 0 times in 40 on this project's machines, and +25% was caught every
 time (benchmarks/gate_reliability.py, README). On a dirty tree side A is not HEAD's code, and the
 unchanged run then checks that the change did not slow the embedded model down by 10%.
@@ -13,7 +14,6 @@ The stored-baseline mode is checked for what only it does: refusing another mach
 import csv
 import os
 import re
-import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -48,12 +48,6 @@ def unchanged(tmp_path_factory):
     return results, run_perf(results, *PAIRS, "--perf-compare-ref", "HEAD")
 
 
-def medians(results: Path, side: str) -> tuple[float, float]:
-    row = next(r for r in rows(results) if r["side"] == side)
-    return (statistics.median(float(x) for x in row["first_token_ms_rounds"].split(";")),
-            statistics.median(float(x) for x in row["decode_ms_rounds"].split(";")))
-
-
 def test_an_unchanged_tree_passes_the_comparison_with_its_own_head(unchanged):
     results, proc = unchanged
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
@@ -69,10 +63,8 @@ def test_an_unchanged_tree_passes_the_comparison_with_its_own_head(unchanged):
     assert by_side["A"]["cpu_model"] and by_side["A"]["threads_per_rank"] == str(default_threads(2))
 
 
-def test_a_decode_slowdown_of_50_percent_fails_naming_decode(unchanged, tmp_path):
-    _, decode = medians(unchanged[0], "B")
-    proc = run_perf(tmp_path, *PAIRS, "--perf-compare-ref", "HEAD", "--inject-decode-delay-ms",
-                    f"{0.5 * decode:.4f}")
+def test_a_decode_slowdown_of_50_percent_fails_naming_decode(tmp_path):
+    proc = run_perf(tmp_path, *PAIRS, "--perf-compare-ref", "HEAD", "--inject-decode-slowdown", "50%")
     assert proc.returncode == 1, proc.stdout[-3000:]
     verdicts = compared(proc.stdout)
     assert verdicts["decode"] == "regression" and verdicts["first_token"] == "ok", proc.stdout[-3000:]
@@ -80,10 +72,8 @@ def test_a_decode_slowdown_of_50_percent_fails_naming_decode(unchanged, tmp_path
     assert (tmp_path / "perf_comparison_starcoder_0.png").is_file()
 
 
-def test_a_prefill_slowdown_of_50_percent_fails_naming_first_token_and_not_decode(unchanged, tmp_path):
-    first, _ = medians(unchanged[0], "B")
-    proc = run_perf(tmp_path, *PAIRS, "--perf-compare-ref", "HEAD", "--inject-prefill-delay-ms",
-                    f"{0.5 * first:.4f}")
+def test_a_prefill_slowdown_of_50_percent_fails_naming_first_token_and_not_decode(tmp_path):
+    proc = run_perf(tmp_path, *PAIRS, "--perf-compare-ref", "HEAD", "--inject-prefill-slowdown", "50%")
     assert proc.returncode == 1, proc.stdout[-3000:]
     assert compared(proc.stdout) == {"first_token": "regression", "decode": "ok"}, proc.stdout[-3000:]
 
@@ -92,10 +82,8 @@ def test_a_stored_baseline_gates_this_machine_only(tmp_path):
     proc = run_perf(tmp_path, "--perf-rounds", "10", "--perf-save-baseline", tmp_path / "baseline.csv")
     assert proc.returncode == 0, proc.stdout[-2000:]
     saved = list(csv.DictReader(open(tmp_path / "baseline.csv")))
-    decode = statistics.median(float(x) for x in saved[0]["decode_ms_rounds"].split(";"))
     proc = run_perf(tmp_path, "--perf-rounds", "10", "--perf-baseline", tmp_path / "baseline.csv",
-                    "--perf-max-regression", "first_token=500%,decode=25%",
-                    "--inject-decode-delay-ms", f"{2.0 * decode:.4f}")
+                    "--perf-max-regression", "first_token=500%,decode=25%", "--inject-decode-slowdown", "200%")
     assert proc.returncode == 1, proc.stdout[-3000:]
     assert re.search(r"bs1-in128-out32 decode: baseline .*: regression$", proc.stdout, re.MULTILINE), proc.stdout[-3000:]
     assert "(thresholds first_token 500%, decode 25%, alpha 0.05)" in proc.stdout, proc.stdout[-3000:]

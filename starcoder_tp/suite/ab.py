@@ -93,7 +93,8 @@ class ABRunner:
         self.options, self.comparison, self.log = options, comparison, log
         self.log_path = Path(log_path or Path(options.results_dir) / f"compare_ref_{comparison.ref.label}.log")
         ref = comparison.ref
-        b_options = dataclasses.replace(options, inject_prefill_ms=0.0, inject_decode_ms=0.0)
+        b_options = dataclasses.replace(options, inject_prefill_ms=0.0, inject_decode_ms=0.0, inject_prefill_fraction=0.0,
+                                        inject_decode_fraction=0.0)
         self.sides = {
             "A": PerfRunner(options, log, name="side A"),
             "B": PerfRunner(b_options, log, name=f"side B ({ref.describe()})",

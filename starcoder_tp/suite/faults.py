@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..generate import StepHooks
 
@@ -22,20 +22,33 @@ def spin(ms: float) -> None:
 @dataclass(frozen=True)
 class BusyWait(StepHooks):
     """A busy-wait in every step, before its last collective, so that every rank's step holds
-    it once (after it, a rank held up there was counted again in the next step of the others)."""
+    it once (after it, a rank held up there was counted again in the next step of the others):
+    `*_ms` milliseconds, plus `*_fraction` of the time the step's forward took on this rank. A
+    fraction is a slowdown whatever the machine's load: a fixed delay sized from an earlier run
+    was half as large a slowdown once the load doubled, and a gate test's +50% read +8%."""
 
     prefill_ms: float = 0.0
     decode_ms: float = 0.0
+    prefill_fraction: float = 0.0
+    decode_fraction: float = 0.0
+    _began: list = field(default_factory=list, compare=False, repr=False)  # the step's start, this rank's clock
 
     def __post_init__(self) -> None:
-        if not all(math.isfinite(ms) and ms >= 0 for ms in (self.prefill_ms, self.decode_ms)):
-            raise ValueError(f"injected delays must be finite and >= 0 ms, got {self.prefill_ms}, {self.decode_ms}")
+        amounts = (self.prefill_ms, self.decode_ms, self.prefill_fraction, self.decode_fraction)
+        if not all(math.isfinite(v) and v >= 0 for v in amounts):
+            raise ValueError(f"injected delays must be finite and >= 0, got {self.prefill_ms} ms, {self.decode_ms} ms, "
+                             f"fractions {self.prefill_fraction}, {self.decode_fraction}")
 
     def __bool__(self) -> bool:
-        return bool(self.prefill_ms or self.decode_ms)
+        return bool(self.prefill_ms or self.decode_ms or self.prefill_fraction or self.decode_fraction)
+
+    def step_begin(self, step: int) -> None:
+        self._began[:] = [time.perf_counter()]
 
     def before_pick(self, step: int) -> None:
-        ms = self.prefill_ms if step == 0 else self.decode_ms
+        ms, fraction = (self.prefill_ms, self.prefill_fraction) if step == 0 else (self.decode_ms, self.decode_fraction)
+        if fraction:
+            ms += fraction * (time.perf_counter() - self._began[0]) * 1e3
         if ms:
             spin(ms)
 

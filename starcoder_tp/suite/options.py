@@ -57,6 +57,18 @@ def thresholds(text: str) -> dict[str, float]:
     return out
 
 
+def slowdown(text: str) -> float:
+    """'50%' -> 0.5: an injected slowdown, a percentage of the step's own time (>= 0)."""
+    value = str(text).strip()
+    try:
+        number = float(value.removesuffix("%")) / 100 if value.endswith("%") else math.nan
+    except ValueError:
+        number = math.nan
+    if not (math.isfinite(number) and number >= 0):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a percentage >= 0% (e.g. 50%)")
+    return number
+
+
 open_fraction = bounded(float, "a number", lambda v: 0 < v < 1, "within (0, 1)")  # a significance level
 closed_fraction = bounded(float, "a number", lambda v: 0 <= v <= 1, "within [0, 1]")
 non_negative_float = bounded(float, "a number", lambda v: math.isfinite(v) and v >= 0, ">= 0")
@@ -123,6 +135,11 @@ INJECT = (
                 "Default: %(default)r"),
     option("--inject-prefill-delay-ms", type=non_negative_ms, default=0.0,
            help="test-only: a busy-wait of this long in the prefill (side A only). Default: %(default)r"),
+    option("--inject-decode-slowdown", type=slowdown, default=0.0,
+           help="test-only: a busy-wait in every decode step of this percentage of the step's own forward time "
+                "(e.g. 50%%; side A only): a slowdown whatever the machine's load. Default: none"),
+    option("--inject-prefill-slowdown", type=slowdown, default=0.0,
+           help="test-only: the same in the prefill (side A only). Default: none"),
 )
 ACCURACY = (
     option("--humaneval-limit", type=positive_int, default=None, help="the first N problems only. Default: all 164"),
@@ -174,4 +191,5 @@ def perf_options(ns, world_size: int | None = None) -> PerfOptions:
         rounds=ns.perf_rounds, warmup=ns.perf_warmup, results_dir=ns.results_dir, model_name=ns.model_name,
         threads_per_rank=ns.threads_per_rank, kernels=kernel_mode(ns), compile=ns.compile,
         timeout_s=ns.rank_timeout, inject_prefill_ms=ns.inject_prefill_delay_ms,
-        inject_decode_ms=ns.inject_decode_delay_ms)
+        inject_decode_ms=ns.inject_decode_delay_ms, inject_prefill_fraction=ns.inject_prefill_slowdown,
+        inject_decode_fraction=ns.inject_decode_slowdown)

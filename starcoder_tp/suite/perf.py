@@ -163,9 +163,11 @@ class PerfOptions:
     timeout_s: float = 60.0  # a rank waiting this long on another fails the case, naming it
     inject_prefill_ms: float = 0.0  # test-only (faults.BusyWait): proves that the gate catches a slowdown
     inject_decode_ms: float = 0.0
+    inject_prefill_fraction: float = 0.0  # test-only: a busy-wait of this fraction of the step's forward
+    inject_decode_fraction: float = 0.0
 
     def __post_init__(self) -> None:
-        BusyWait(self.inject_prefill_ms, self.inject_decode_ms)  # refuses a negative or non-finite delay
+        self.faults()  # refuses a negative or non-finite delay
         if self.dtype not in DTYPES:
             raise ValueError(f"--dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
         if self.rounds < 1:
@@ -174,6 +176,11 @@ class PerfOptions:
             raise ValueError(f"--perf-warmup must be >= 0, got {self.warmup}")
         Device(self.device, self.device_id)  # validates both
         ModelConfig.from_dir(self.model_dir).check_world_size(self.world_size)
+
+    def faults(self) -> BusyWait:
+        """The injected delays (test-only) as a hook; falsy where there are none."""
+        return BusyWait(self.inject_prefill_ms, self.inject_decode_ms, self.inject_prefill_fraction,
+                        self.inject_decode_fraction)
 
     @property
     def runtime_mode(self) -> str:
@@ -272,7 +279,7 @@ class PerfRunner:
         prompts = make_prompts(case, self.config.vocab_size)
         started = time.perf_counter()
         o = self.options
-        faults = BusyWait(o.inject_prefill_ms, o.inject_decode_ms)
+        faults = o.faults()
         generation, memory = self._generate(case, prompts, case.seq_out, ignore_eos=True, max_seq_len=o.max_seq_len,
                                             hooks=(faults,) if faults else ())
         wall_ms = (time.perf_counter() - started) * 1e3
