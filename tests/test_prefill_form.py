@@ -44,7 +44,8 @@ def _qkv(batch: int, tokens: int, heads: int, dim: int = 64, dtype=torch.float32
 
 @pytest.mark.parametrize("batch, tokens, heads, block, kv", [
     (1, 7, 4, 32, 1), (2, 33, 16, 32, 1), (1, 100, 8, 8, 1), (3, 64, 2, 16, 1),  # multi-query
-    (2, 33, 8, 32, 2), (1, 70, 12, 16, 3), (2, 40, 4, 8, 4)])  # grouped (StarCoder2's), and no K/V head shared
+    (2, 33, 8, 32, 2), (1, 70, 12, 16, 3), (2, 40, 4, 8, 4),  # grouped (StarCoder2's), and no K/V head shared
+    (2, 150, 4, 64, 1), (1, 300, 8, 128, 2)])  # the calibrated sizes, over a last block cut short
 @pytest.mark.parametrize("softmax_form", SOFTMAXES)
 def test_causal_blocks_give_sdpa_values(batch, tokens, heads, block, kv, softmax_form, form_state):
     q, keys, values = _qkv(batch, tokens, heads, kv=kv)
