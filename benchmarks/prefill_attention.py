@@ -3,10 +3,12 @@ causal_blocks (two GEMMs per block of query tokens over all heads), side by side
 
 - op: one layer's attention, [1, T, H, 64] queries against the one K/V head, H = 16 (the
   bench-size model and StarCoder at world size 1) and 8 (world size 2), 1 and 2 threads, median ms
-  over alternating rounds (kernel_timing.time_ms), and the largest difference between the forms.
+  over alternating rounds (kernel_timing.time_ms), and the largest difference between the forms;
+  the blocks at BLOCK_ROWS (32) query tokens, not the calibrated size.
 - model: the first token of the bench-size model at world size 1 on one thread, its weights laid
   out by the kernel plan weighed as for 32 new tokens (the same layout for both), the form switched
-  between interleaved rounds; the median ratio blocks/sdpa of the pairs.
+  between interleaved rounds; the median ratio blocks/sdpa of the pairs; the blocks at the block
+  size calibrated for each length (BLOCK_ROWS where SDPA won the calibration).
 
 Run: python benchmarks/prefill_attention.py [--model bench|embedded|DIR] [--cases 1:128,1:512,16:128] [--rounds 9]
 Writes its section of benchmarks/RESULTS.md.

@@ -53,8 +53,8 @@ class PrefillForm:
     SDPA's flash kernel, or `causal_blocks` for prompts nearest (in ratio) to the lengths in
     `blocks_at`, where calibrate_attention measured them faster on the machine at hand, each with
     the query tokens per block it measured fastest there for one sequence; a batch takes the block
-    size measured fastest at CALIBRATION_BATCH (`batched_rows`): its sequences share each call, and
-    the calls' cost no longer favours the larger blocks. A set, not a threshold: on two threads of
+    size that was fastest over CALIBRATION_BATCHES (`batched_rows`): its sequences share each call,
+    and a call's cost weighs less than for one sequence. Lengths, not a threshold: on two threads of
     the AVX-512 Xeon the fp32 blocks won at 512 tokens and lost at 256 and at 1024. `softmax`: the
     blocks' softmax, softmax.c's ("ours") or torch's, the one whose blocks calibrate_attention
     measured faster."""
@@ -107,13 +107,17 @@ class PrefillForm:
 
 # The prompt lengths calibrate_attention times both forms at.
 CALIBRATION_TOKENS = (64, 128, 256, 512, 1024)
-BLOCK_ROWS = 32  # causal_blocks' query tokens per block where not given
+BLOCK_ROWS = 32  # where none is given or measured: the one size before they were timed (8d63f9a)
 PREFILL_FORM = PrefillForm()
-# The block sizes calibrate_attention times. The fastest is the one whose GEMMs have enough rows
-# (block x query heads per K/V head) to amortise a call: on the EPYC Zen 4 in bf16, 128 with 4 query
-# heads a K/V head, 64 with 16; in fp32, 32-64 (RESULTS.md, "Block sizes of the prefill's attention").
+# The block sizes calibrate_attention times. Which is fastest depends on the dtype, the query
+# heads per K/V head and the batch (on the EPYC Zen 4, one sequence at 512 tokens: bf16 128 a block
+# with 4 query heads a K/V head, 32 in fp32 with 16; RESULTS.md, "Block sizes of the prefill's
+# attention"). BLOCK_ROWS is one of them, so that a cached form without blocks reads back.
 BLOCK_CHOICES = (32, 64, 128)
-CALIBRATION_BATCH = (16, 128)  # the sequences and tokens the block size for batches is timed at
+assert BLOCK_ROWS in BLOCK_CHOICES
+# (sequences, tokens) the block size for batches is timed at: the sizes ranked differently at
+# 16 x 128 (32 and 64 within 1%) and at 4 x 512 (128 and 64 within 1%, 32 17% slower) in bf16.
+CALIBRATION_BATCHES = ((16, 128), (4, 512))
 SCORES_BYTES = 2 << 20  # causal_blocks' scores per call: of 1-16 MiB and all, 1-4 MiB ran alike on the EPYC Zen 4
 
 
@@ -277,8 +281,11 @@ def calibrate_attention(heads: int, head_dim: int, slowest, dtype: torch.dtype =
     """Time SDPA's flash kernel and causal_blocks at each of BLOCK_CHOICES, with torch's softmax and,
     where softmax.c runs, with ours, on this rank's `heads` query heads over `kv_heads` K/V heads in
     `dtype` at CALIBRATION_TOKENS (once per process), and set PREFILL_FORM: the softmax whose blocks,
-    each length's fastest, took less time over all lengths, and blocks_at with it; `slowest` reduces a float64 tensor to its maximum
-    over the ranks, so that every rank takes the same form. Every rank must call it in step. Returns what it set."""
+    each length's fastest, took less time over all lengths, and blocks_at with it; where blocks are
+    taken, batched_rows from the block sizes timed with that softmax over CALIBRATION_BATCHES (the
+    least time relative to each shape's fastest, summed). `slowest` reduces a float64 tensor to its
+    maximum over the ranks, so that every rank takes the same form. Every rank must call it in
+    step. Returns what it set."""
     if PREFILL_FORM.calibrated:
         return PREFILL_FORM.calibrated
     from .kernel_timing import time_across_ranks  # (kernel_timing reads linear.py, which this module uses)
@@ -305,15 +312,20 @@ def calibrate_attention(heads: int, head_dim: int, slowest, dtype: torch.dtype =
     PREFILL_FORM.softmax = min(softmaxes, key=lambda name: sum(min(by_rows.values()) for by_rows in by_softmax[name]))
     sdpa, blocks = [ms["sdpa"] for ms in timings], by_softmax[PREFILL_FORM.softmax]
     PREFILL_FORM.blocks_at = blocks_at(sdpa, blocks)
-    batched = ""
+    PREFILL_FORM.batched_rows, batched = BLOCK_ROWS, ""
     if PREFILL_FORM.blocks_at:  # the block size for batches, with that softmax
-        b, t = CALIBRATION_BATCH
-        i = (torch.randn(b, t, heads + 2 * kv_heads, head_dim, dtype=dtype)[:, :, :heads],
-             torch.randn(b, kv_heads, t, head_dim, dtype=dtype), torch.randn(b, kv_heads, t, head_dim, dtype=dtype))
-        ms = time_across_ranks([{f"{rows}": lambda rows=rows: causal_blocks(*i, scale, rows, softmax=PREFILL_FORM.softmax)
-                                 for rows in BLOCK_CHOICES}], slowest, on_progress)[0]
-        PREFILL_FORM.batched_rows = min(BLOCK_CHOICES, key=lambda rows: (ms[f"{rows}"], rows))
-        batched = f"; {b} x {t} tokens: " + ", ".join(f"{ms[f'{rows}']:.2f} ({rows} a block)" for rows in BLOCK_CHOICES)
+        shapes = [(torch.randn(b, t, heads + 2 * kv_heads, head_dim, dtype=dtype)[:, :, :heads],
+                   torch.randn(b, kv_heads, t, head_dim, dtype=dtype), torch.randn(b, kv_heads, t, head_dim, dtype=dtype))
+                  for b, t in CALIBRATION_BATCHES]
+        per_shape = time_across_ranks([{f"{rows}": lambda i=i, rows=rows: causal_blocks(*i, scale, rows,
+                                                                                        softmax=PREFILL_FORM.softmax)
+                                        for rows in BLOCK_CHOICES} for i in shapes], slowest, on_progress)
+        relative = {rows: sum(ms[f"{rows}"] / (min(ms.values()) or 1.0) for ms in per_shape)
+                    for rows in BLOCK_CHOICES}
+        PREFILL_FORM.batched_rows = min(BLOCK_CHOICES, key=lambda rows: (relative[rows], rows))
+        batched = "".join(f"; {b} x {t} tokens: " + ", ".join(f"{ms[f'{rows}']:.2f} ({rows} a block)"
+                                                             for rows in BLOCK_CHOICES)
+                          for (b, t), ms in zip(CALIBRATION_BATCHES, per_shape))
     shown = ", ".join(f"{t}: {min(b.values()):.2f} ({min(b, key=lambda r: (b[r], r))} a block) vs {s:.2f} ms"
                       for t, s, b in zip(CALIBRATION_TOKENS, sdpa, blocks))
     named = {"ours": "softmax.c's softmax", "torch": "torch's softmax"}

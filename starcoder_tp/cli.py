@@ -146,8 +146,8 @@ def _faults(args):
     """The injected delays as a hook (test-only), or none."""
     from .suite.faults import BusyWait
 
-    faults = BusyWait(args.inject_prefill_delay_ms, args.inject_decode_delay_ms, args.inject_prefill_slowdown,
-                      args.inject_decode_slowdown)
+    faults = BusyWait(prefill_ms=args.inject_prefill_delay_ms, decode_ms=args.inject_decode_delay_ms,
+                      prefill_fraction=args.inject_prefill_slowdown, decode_fraction=args.inject_decode_slowdown)
     return (faults,) if faults else ()
 
 

@@ -7,11 +7,15 @@ import types
 
 import pytest
 
+from starcoder_tp.generate import StepHooks
+from starcoder_tp.options import add_options
+from starcoder_tp.parallel import GroupSpec
 from starcoder_tp.suite import faults
 from starcoder_tp.suite.ab import ABRunner
 from starcoder_tp.suite.faults import BusyWait
-from starcoder_tp.suite.options import slowdown
+from starcoder_tp.suite.options import BENCH_OPTIONS, perf_options, slowdown
 from starcoder_tp.suite.perf import PerfOptions
+from starcoder_tp.suite.serve import RemoteGroup
 
 
 @pytest.fixture
@@ -82,3 +86,28 @@ def test_the_suites_options_carry_the_fractions_to_side_a_only(embedded_dir, tmp
     runner = ABRunner(options, types.SimpleNamespace(ref=ref), log=lambda m: None, log_path=tmp_path / "log")
     assert runner.sides["A"].options.faults() == options.faults()
     assert not runner.sides["B"].options.faults(), "side B is the reference: never slowed"
+
+
+def test_side_bs_protocol_refuses_a_fraction_naming_it(tmp_path):
+    group = RemoteGroup(tmp_path, GroupSpec(str(tmp_path), 1), "ref", tmp_path / "log")  # (never started)
+    with pytest.raises(ValueError, match=r"side B \(ref\): .* not a slowdown fraction \(prefill 0.0, decode 0.5\)"):
+        group.generate([[5] * 4], 2, hooks=(BusyWait(decode_fraction=0.5),))
+    with pytest.raises(ValueError, match=r"carries no StepHooks hook"):
+        group.generate([[5] * 4], 2, hooks=(StepHooks(),))
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--inject-decode-slowdown", "50%"], BusyWait(decode_fraction=0.5)),
+    (["--inject-prefill-slowdown", "25%", "--inject-decode-delay-ms", "3"], BusyWait(prefill_fraction=0.25,
+                                                                                   decode_ms=3.0)),
+])
+def test_the_command_lines_options_reach_the_hook(args, expected, tmp_path):
+    parser = argparse.ArgumentParser()
+    add_options(parser.add_argument, BENCH_OPTIONS)
+    ns = parser.parse_args(["--results-dir", str(tmp_path), *args])
+    assert perf_options(ns).faults() == expected
+
+
+def test_a_fraction_without_the_steps_start_is_an_error_naming_the_step(clock):
+    with pytest.raises(RuntimeError, match="step 3 reached before_pick without step_begin"):
+        BusyWait(decode_fraction=0.5).before_pick(3)

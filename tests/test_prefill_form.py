@@ -86,6 +86,8 @@ def test_attend_takes_the_blocks_only_where_calibrated(form_state, monkeypatch):
     form_state.batched_rows = 16
     attend(*_qkv(2, 40, 4), None, 0.125)
     assert sizes == [8, 32, 16], "a batch: the block size calibrated for batches"
+    attend(*_qkv(2, 200, 4), None, 0.125)  # nearest 256: SDPA there, for a batch too
+    assert sizes == [8, 32, 16]
     monkeypatch.setattr(attention, "causal_blocks", lambda *a, **k: taken.append(a[0].shape[1]) or real(*a, **k))
     taken.clear()
     out = attend(q, keys, values, None, 0.125)
@@ -150,8 +152,9 @@ def test_calibrate_attention_takes_the_slowest_ranks_timings_once(form_state, mo
         if local.numel() == 1:  # whether any rank lacks softmax.c: none does
             return local
         seen.append(local.clone())
-        if local.numel() == 3:  # the block sizes at 16 x 128 tokens, with the softmax chosen
-            return torch.tensor([2.0, 1.0, 1.5], dtype=torch.float64)
+        if local.numel() == 6:  # the block sizes at 16 x 128 and 4 x 512 tokens, with the softmax chosen: 32
+            # the least time in all, 64 the least relative to each shape's fastest (2.1x against 32's 3x)
+            return torch.tensor([2.0, 1.0, 1.5, 40.0, 44.0, 41.0], dtype=torch.float64)
         return torch.tensor(sum(slots, []), dtype=torch.float64)  # per length: sdpa, blocks per softmax and size
 
     ticks = []
@@ -162,7 +165,7 @@ def test_calibrate_attention_takes_the_slowest_ranks_timings_once(form_state, mo
     assert len(ticks) >= 5 * slots_per_length, "a rank's heartbeat ticks through the calibration (one per timed call)"
     assert len(seen) == 2 and seen[0].shape == (5 * slots_per_length,) and bool((seen[0] > 0).all()), \
         "this rank's own timings"
-    assert seen[1].shape == (3,) and bool((seen[1] > 0).all()), "then the batch's, at each block size"
+    assert seen[1].shape == (6,) and bool((seen[1] > 0).all()), "then the batches', at each block size"
     assert form_state.batched_rows == 64
     assert form_state.softmax == ("ours" if ours_runs else "torch")
     assert form_state.blocks_at == {int(t): int(rows) for t, rows in (p.split(":") for p in expected.split(","))}
@@ -350,7 +353,7 @@ def test_a_cached_prefill_form_that_is_not_one_is_measured_again(form_state, mon
 @pytest.mark.parametrize("lacking", [0.0, 1.0])
 def test_softmax_c_is_timed_only_where_no_rank_lacks_it(form_state, monkeypatch, lacking):
     monkeypatch.setattr(attention.causal_softmax, "available", lambda dtype: True)
-    monkeypatch.setattr(attention, "causal_blocks", lambda *a, softmax=None, **k: attend(*a[:3], None, a[3]))
+    monkeypatch.setattr(attention, "causal_blocks", lambda *a, **k: None)  # (no time: the blocks win at every length)
     timed = []
 
     def slowest(local: torch.Tensor) -> torch.Tensor:
@@ -360,6 +363,21 @@ def test_softmax_c_is_timed_only_where_no_rank_lacks_it(form_state, monkeypatch,
         return local
 
     calibrate_attention(4, 64, slowest, kv_heads=1)
-    assert timed[0] == (35 if not lacking else 20), "sdpa and each softmax's blocks of each size, at five lengths"
-    assert timed[1:] == ([3] if form_state.blocks_at else []), "then each size for batches, where blocks are taken"
+    assert timed == [35 if not lacking else 20, 6], \
+        "sdpa and each softmax's blocks of each size, at five lengths; then each size at the two batches"
     assert form_state.softmax == "torch" or not lacking
+
+
+def test_a_calibration_without_blocks_keeps_no_batch_size_of_an_earlier_one(form_state, monkeypatch):
+    """SDPA at every length: the form is SDPA's, and what it caches reads back as the same."""
+    monkeypatch.setattr(attention.causal_softmax, "available", lambda dtype: False)
+    form_state.batched_rows = 128  # an earlier calibration's
+
+    def slowest(local: torch.Tensor) -> torch.Tensor:
+        if local.numel() == 1:
+            return local
+        return torch.tensor([0.1, 1.0, 1.0, 1.0] * 5, dtype=torch.float64)  # per length: sdpa, then the blocks
+
+    assert calibrate_attention(4, 64, slowest, kv_heads=1).startswith("sdpa")
+    assert form_state.blocks_at == {} and form_state.batched_rows == attention.BLOCK_ROWS
+    assert PREFILL_FORM.parse(form_state.state()) == ({}, attention.BLOCK_ROWS, "torch")

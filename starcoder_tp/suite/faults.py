@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import math
 import time
+
+import torch
 from dataclasses import dataclass, field
 
 from ..generate import StepHooks
@@ -24,14 +26,14 @@ class BusyWait(StepHooks):
     """A busy-wait in every step, before its last collective, so that every rank's step holds
     it once (after it, a rank held up there was counted again in the next step of the others):
     `*_ms` milliseconds, plus `*_fraction` of the time the step's forward took on this rank. A
-    fraction is a slowdown whatever the machine's load: a fixed delay sized from an earlier run
-    was half as large a slowdown once the load doubled, and a gate test's +50% read +8%."""
+    fraction is a slowdown whatever the machine's load: a fixed delay sized from an earlier run is
+    a smaller slowdown once the load rises (a gate test's "+50%" read +8.5% in CI)."""
 
     prefill_ms: float = 0.0
     decode_ms: float = 0.0
     prefill_fraction: float = 0.0
     decode_fraction: float = 0.0
-    _began: list = field(default_factory=list, compare=False, repr=False)  # the step's start, this rank's clock
+    _began: list = field(default_factory=list, init=False, compare=False, repr=False)  # [step start] on this rank
 
     def __post_init__(self) -> None:
         amounts = (self.prefill_ms, self.decode_ms, self.prefill_fraction, self.decode_fraction)
@@ -48,6 +50,10 @@ class BusyWait(StepHooks):
     def before_pick(self, step: int) -> None:
         ms, fraction = (self.prefill_ms, self.prefill_fraction) if step == 0 else (self.decode_ms, self.decode_fraction)
         if fraction:
+            if not self._began:
+                raise RuntimeError(f"BusyWait: step {step} reached before_pick without step_begin")
+            if torch.accelerator.is_available():  # (a device's forward ends when its queue does)
+                torch.accelerator.synchronize()
             ms += fraction * (time.perf_counter() - self._began[0]) * 1e3
         if ms:
             spin(ms)

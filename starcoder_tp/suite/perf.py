@@ -179,8 +179,8 @@ class PerfOptions:
 
     def faults(self) -> BusyWait:
         """The injected delays (test-only) as a hook; falsy where there are none."""
-        return BusyWait(self.inject_prefill_ms, self.inject_decode_ms, self.inject_prefill_fraction,
-                        self.inject_decode_fraction)
+        return BusyWait(prefill_ms=self.inject_prefill_ms, decode_ms=self.inject_decode_ms,
+                        prefill_fraction=self.inject_prefill_fraction, decode_fraction=self.inject_decode_fraction)
 
     @property
     def runtime_mode(self) -> str:

@@ -175,9 +175,11 @@ class RemoteGroup:
         request = {"prompts": prompts, "max_new_tokens": max_new_tokens, "ignore_eos": ignore_eos,
                    "max_seq_len": max_seq_len}
         for hook in hooks:
-            if not isinstance(hook, BusyWait) or hook.prefill_fraction or hook.decode_fraction:
-                raise ValueError(f"side B ({self.label}): the A/B protocol carries no {hook!r} hook "
-                                 "(only fixed delays; side B never gets any)")
+            if not isinstance(hook, BusyWait):
+                raise ValueError(f"side B ({self.label}): the A/B protocol carries no {type(hook).__name__} hook")
+            if hook.prefill_fraction or hook.decode_fraction:
+                raise ValueError(f"side B ({self.label}): the A/B protocol carries fixed delays only, not a slowdown "
+                                 f"fraction (prefill {hook.prefill_fraction}, decode {hook.decode_fraction})")
             request.update(inject_prefill_ms=hook.prefill_ms, inject_decode_ms=hook.decode_ms)
         assert set(request) <= set(REQUEST_FIELDS), request
         self._send({"command": "generate", "kwargs": request}, "generate")
