@@ -116,8 +116,14 @@ PREFILL_FORM = PrefillForm()
 BLOCK_CHOICES = (32, 64, 128)
 assert BLOCK_ROWS in BLOCK_CHOICES
 # (sequences, tokens) the block size for batches is timed at: the sizes ranked differently at
-# 16 x 128 (32 and 64 within 1%) and at 4 x 512 (128 and 64 within 1%, 32 17% slower) in bf16.
-CALIBRATION_BATCHES = ((16, 128), (4, 512))
+# 16 x 128 (32 and 64 within 1%) and at 4 x 512 (128 and 64 within 1%, 32 17% slower) in bf16;
+# 4 x 256 ranked them as 4 x 512 did, in a third of the time.
+CALIBRATION_BATCHES = ((16, 128), (4, 256))
+# The lengths the block sizes and softmaxes are timed at: one size was fastest at 128-1024 tokens,
+# or within a few percent of the fastest, and a sweep at two lengths keeps the calibration short
+# (every size at every length took the bench model's fp32 heads 3.9 s, against 1.2 s with one
+# size; RESULTS.md, "Block sizes of the prefill's attention").
+SWEEP_TOKENS = (128, 512)
 SCORES_BYTES = 2 << 20  # causal_blocks' scores per call: of 1-16 MiB and all, 1-4 MiB ran alike on the EPYC Zen 4
 
 
@@ -256,19 +262,21 @@ class Attention(nn.Module):
         return self.c_proj.row_parallel(attend(q, keys, values, mask, self.scale), self.tp)
 
 
-def blocks_at(sdpa_ms: list[float], blocks_ms: list[dict[int, float]],
+def blocks_at(sdpa_ms: list[float], blocks_ms: list[float], rows: int,
               tokens: tuple[int, ...] = CALIBRATION_TOKENS) -> dict[int, int]:
-    """{length: query tokens per block} for the lengths of `tokens` at which causal_blocks, with its
-    fastest block size there, was faster than SDPA, from each form's ms per call (`blocks_ms`: per
-    length, {block size: ms}; of equal times, the smaller block)."""
+    """{length: `rows`} for the lengths of `tokens` at which causal_blocks was faster than SDPA,
+    from each form's ms per call."""
     if not len(sdpa_ms) == len(blocks_ms) == len(tokens):
         raise ValueError(f"calibration: {len(sdpa_ms)} and {len(blocks_ms)} timings at tokens {tokens}")
-    chosen = {}
-    for t, sdpa, by_rows in zip(tokens, sdpa_ms, blocks_ms):
-        rows = min(by_rows, key=lambda r: (by_rows[r], r))
-        if by_rows[rows] < sdpa:
-            chosen[t] = rows
-    return chosen
+    return {t: rows for t, sdpa, blocks in zip(tokens, sdpa_ms, blocks_ms) if blocks < sdpa}
+
+
+def fastest(per_shape: list[dict[str, float]]) -> str:
+    """The name with the least time relative to each shape's fastest, summed over the shapes (of
+    equal sums, the first): one shape's long calls do not outweigh another's short ones."""
+    names = list(per_shape[0])
+    relative = {name: sum(ms[name] / (min(ms.values()) or 1.0) for ms in per_shape) for name in names}
+    return min(names, key=lambda name: (relative[name], names.index(name)))
 
 
 def describe_lengths(blocks: dict[int, int]) -> str:
@@ -276,62 +284,62 @@ def describe_lengths(blocks: dict[int, int]) -> str:
     return ",".join(f"{t}:{rows}" for t, rows in sorted(blocks.items()))
 
 
+def _inputs(batch: int, tokens: int, heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> tuple:
+    return (torch.randn(batch, tokens, heads + 2 * kv_heads, head_dim, dtype=dtype)[:, :, :heads],  # a view, as q is
+            torch.randn(batch, kv_heads, tokens, head_dim, dtype=dtype),
+            torch.randn(batch, kv_heads, tokens, head_dim, dtype=dtype))
+
+
 def calibrate_attention(heads: int, head_dim: int, slowest, dtype: torch.dtype = torch.float32,
                         on_progress=lambda: None, *, kv_heads: int) -> str:
-    """Time SDPA's flash kernel and causal_blocks at each of BLOCK_CHOICES, with torch's softmax and,
-    where softmax.c runs, with ours, on this rank's `heads` query heads over `kv_heads` K/V heads in
-    `dtype` at CALIBRATION_TOKENS (once per process), and set PREFILL_FORM: the softmax whose blocks,
-    each length's fastest, took less time over all lengths, and blocks_at with it; where blocks are
-    taken, batched_rows from the block sizes timed with that softmax over CALIBRATION_BATCHES (the
-    least time relative to each shape's fastest, summed). `slowest` reduces a float64 tensor to its
-    maximum over the ranks, so that every rank takes the same form. Every rank must call it in
-    step. Returns what it set."""
+    """Set PREFILL_FORM for this rank's `heads` query heads over `kv_heads` K/V heads in `dtype`
+    (once per process), in three timings: causal_blocks at each of BLOCK_CHOICES with torch's
+    softmax and, where softmax.c runs, with ours, at SWEEP_TOKENS (the pair with the least time
+    relative to each length's fastest: `softmax` and the block size); SDPA against those blocks at
+    each of CALIBRATION_TOKENS (`blocks_at`); where blocks are taken, the block sizes at
+    CALIBRATION_BATCHES (`batched_rows`). `slowest` reduces a float64 tensor to its maximum over
+    the ranks, so that every rank takes the same form. Every rank must call it in step. Returns
+    what it set."""
     if PREFILL_FORM.calibrated:
         return PREFILL_FORM.calibrated
     from .kernel_timing import time_across_ranks  # (kernel_timing reads linear.py, which this module uses)
 
     scale = 1 / math.sqrt(head_dim)
-    inputs = [(torch.randn(1, t, heads + 2 * kv_heads, head_dim, dtype=dtype)[:, :, :heads],  # q: a view of the q/k/v
-               torch.randn(1, kv_heads, t, head_dim, dtype=dtype), torch.randn(1, kv_heads, t, head_dim, dtype=dtype))
-              for t in CALIBRATION_TOKENS]
     # Ours is timed only where every rank runs it: the ranks reduce timings of one length.
     lacking = slowest(torch.tensor([0.0 if causal_softmax.available(dtype) else 1.0], dtype=torch.float64)).item()
     softmaxes = ("torch",) if lacking else ("torch", "ours")
     PREFILL_FORM.dtype, PREFILL_FORM.kv_heads = dtype, kv_heads
+
+    def blocks(i: tuple, name: str, rows: int):
+        return lambda: causal_blocks(*i, scale, rows, softmax=name)
+
+    sweep = time_across_ranks([{f"{name} {rows}": blocks(i, name, rows) for name in softmaxes for rows in BLOCK_CHOICES}
+                               for i in (_inputs(1, t, heads, kv_heads, head_dim, dtype) for t in SWEEP_TOKENS)],
+                              slowest, on_progress)
+    name, rows = fastest(sweep).split()
+    PREFILL_FORM.softmax, rows = name, int(rows)
     saved, PREFILL_FORM.blocks_at = PREFILL_FORM.blocks_at, {}  # attend: SDPA while timed
-    names = [(name, rows) for name in softmaxes for rows in BLOCK_CHOICES]
     try:
-        forms = [{"sdpa": lambda i=i: attend(*i, None, scale)} | {
-            f"blocks {name} {rows}": lambda i=i, name=name, rows=rows: causal_blocks(*i, scale, rows, softmax=name)
-            for name, rows in names} for i in inputs]
-        timings = time_across_ranks(forms, slowest, on_progress)
+        inputs = [_inputs(1, t, heads, kv_heads, head_dim, dtype) for t in CALIBRATION_TOKENS]
+        timings = time_across_ranks([{"sdpa": lambda i=i: attend(*i, None, scale), "blocks": blocks(i, name, rows)}
+                                     for i in inputs], slowest, on_progress)
     finally:
         PREFILL_FORM.blocks_at = saved
-    by_softmax = {name: [{rows: ms[f"blocks {name} {rows}"] for rows in BLOCK_CHOICES} for ms in timings]
-                  for name in softmaxes}
-    PREFILL_FORM.softmax = min(softmaxes, key=lambda name: sum(min(by_rows.values()) for by_rows in by_softmax[name]))
-    sdpa, blocks = [ms["sdpa"] for ms in timings], by_softmax[PREFILL_FORM.softmax]
-    PREFILL_FORM.blocks_at = blocks_at(sdpa, blocks)
-    PREFILL_FORM.batched_rows, batched = BLOCK_ROWS, ""
+    sdpa, ours = [ms["sdpa"] for ms in timings], [ms["blocks"] for ms in timings]
+    PREFILL_FORM.blocks_at = blocks_at(sdpa, ours, rows)
+    PREFILL_FORM.batched_rows, batched = BLOCK_ROWS, []
     if PREFILL_FORM.blocks_at:  # the block size for batches, with that softmax
-        shapes = [(torch.randn(b, t, heads + 2 * kv_heads, head_dim, dtype=dtype)[:, :, :heads],
-                   torch.randn(b, kv_heads, t, head_dim, dtype=dtype), torch.randn(b, kv_heads, t, head_dim, dtype=dtype))
-                  for b, t in CALIBRATION_BATCHES]
-        per_shape = time_across_ranks([{f"{rows}": lambda i=i, rows=rows: causal_blocks(*i, scale, rows,
-                                                                                        softmax=PREFILL_FORM.softmax)
-                                        for rows in BLOCK_CHOICES} for i in shapes], slowest, on_progress)
-        relative = {rows: sum(ms[f"{rows}"] / (min(ms.values()) or 1.0) for ms in per_shape)
-                    for rows in BLOCK_CHOICES}
-        PREFILL_FORM.batched_rows = min(BLOCK_CHOICES, key=lambda rows: (relative[rows], rows))
-        batched = "".join(f"; {b} x {t} tokens: " + ", ".join(f"{ms[f'{rows}']:.2f} ({rows} a block)"
-                                                             for rows in BLOCK_CHOICES)
-                          for (b, t), ms in zip(CALIBRATION_BATCHES, per_shape))
-    shown = ", ".join(f"{t}: {min(b.values()):.2f} ({min(b, key=lambda r: (b[r], r))} a block) vs {s:.2f} ms"
-                      for t, s, b in zip(CALIBRATION_TOKENS, sdpa, blocks))
+        batched = time_across_ranks([{f"{size}": blocks(_inputs(b, t, heads, kv_heads, head_dim, dtype), name, size)
+                                      for size in BLOCK_CHOICES} for b, t in CALIBRATION_BATCHES], slowest, on_progress)
+        PREFILL_FORM.batched_rows = int(fastest(batched))
     named = {"ours": "softmax.c's softmax", "torch": "torch's softmax"}
-    others = "".join(f"; blocks with {named[name]}: " + ", ".join(f"{min(b.values()):.2f}" for b in by_softmax[name])
-                     for name in softmaxes if name != PREFILL_FORM.softmax)
+    shown = "; ".join([f"{t} tokens: " + ", ".join(f"{key} {v:.2f}" for key, v in ms.items())
+                       for t, ms in zip(SWEEP_TOKENS, sweep)]
+                      + ["blocks vs sdpa: " + ", ".join(f"{t}: {b:.2f} vs {s:.2f}" for t, s, b in
+                                                        zip(CALIBRATION_TOKENS, sdpa, ours))]
+                      + [f"{b} x {t} tokens: " + ", ".join(f"{key} {v:.2f}" for key, v in ms.items())
+                         for (b, t), ms in zip(CALIBRATION_BATCHES, batched)])
     PREFILL_FORM.calibrated = (f"causal blocks at {describe_lengths(PREFILL_FORM.blocks_at)} (tokens:block), "
                                f"batches {PREFILL_FORM.batched_rows} a block" if PREFILL_FORM.blocks_at else "sdpa") + (
-        f", {named[PREFILL_FORM.softmax]} (blocks vs sdpa: {shown}{others}{batched})")
+        f", {named[name]} (ms: {shown})")
     return PREFILL_FORM.calibrated

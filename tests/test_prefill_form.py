@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from starcoder_tp import attention, kernels, softmax
-from starcoder_tp.attention import PREFILL_FORM, attend, blocks_at, calibrate_attention, causal_blocks
+from starcoder_tp.attention import PREFILL_FORM, attend, blocks_at, calibrate_attention, causal_blocks, fastest
 from starcoder_tp.comm import TPGroup
 from starcoder_tp.device import Device
 from starcoder_tp.files import EMBEDDED_MODEL_DIR, STARCODER2_MODEL_DIR
@@ -121,65 +121,79 @@ def test_attend_takes_the_blocks_only_where_calibrated(form_state, monkeypatch):
 
 
 @pytest.mark.parametrize("sdpa, blocks, expected", [
-    ([1.0, 4.0, 20.0], [{32: 0.9, 64: 1.0}, {32: 3.0, 64: 2.5}, {32: 15.0, 64: 16.0}], {64: 32, 256: 64, 1024: 32}),
-    ([1.0, 4.0, 20.0], [{32: 1.0, 64: 1.2}, {32: 3.0, 64: 3.0}, {32: 21.0, 64: 22.0}], {256: 32}),  # ties: no gain;
-    ([1.0, 4.0, 20.0], [{32: 1.1, 64: 1.2}, {32: 4.5, 64: 4.1}, {32: 25.0, 64: 21.0}], {}),  # the smaller block
+    ([1.0, 4.0, 20.0], [0.9, 3.0, 15.0], {64: 64, 256: 64, 1024: 64}),
+    ([1.0, 4.0, 20.0], [1.0, 3.0, 21.0], {256: 64}),  # a tie is not a gain
+    ([1.0, 4.0, 20.0], [1.1, 4.5, 25.0], {}),
 ])
 def test_blocks_at_timings(sdpa, blocks, expected):
-    assert blocks_at(sdpa, blocks, (64, 256, 1024)) == expected
+    assert blocks_at(sdpa, blocks, 64, (64, 256, 1024)) == expected
+
+
+@pytest.mark.parametrize("per_shape, expected", [
+    ([{"a": 1.0, "b": 2.0}, {"a": 10.0, "b": 9.0}], "a"),  # b: less time in all, but 2x at the first shape
+    ([{"a": 2.0, "b": 1.0}, {"a": 9.0, "b": 10.0}], "b"),
+    ([{"a": 1.0, "b": 1.0}], "a"),  # a tie: the first
+    ([{"a": 0.0, "b": 0.0}, {"a": 2.0, "b": 1.0}], "b"),  # (a shape timed at nothing does not divide by 0)
+])
+def test_fastest_weighs_each_shape_alike(per_shape, expected):
+    assert fastest(per_shape) == expected
 
 
 def test_blocks_at_refuses_mismatched_timings():
     with pytest.raises(ValueError, match=r"2 and 3 timings"):
-        blocks_at([1.0, 2.0], [{32: 1.0}, {32: 2.0}, {32: 3.0}], (64, 256, 1024))
+        blocks_at([1.0, 2.0], [1.0, 2.0, 3.0], 32, (64, 256, 1024))
 
 
 @pytest.mark.parametrize("ours_runs", [False, pytest.param(True, marks=SOFTMAXES[1].marks)])
 def test_calibrate_attention_takes_the_slowest_ranks_timings_once(form_state, monkeypatch, ours_runs):
     monkeypatch.setattr(attention.causal_softmax, "available", lambda dtype: ours_runs)  # (True: it runs here)
-    # Another rank's timings at 64..1024 tokens, per block size of 32, 64 and 128 query tokens: with
-    # torch's softmax the blocks win at 128, 256 and 512 tokens; with ours, less time in all (each
-    # length's fastest block, though not at 32 alone), at 256, 512 and 1024.
-    sdpa = [0.2, 0.6, 2.0, 8.0, 20.0]
-    with_torch = {32: [0.3, 0.5, 1.5, 6.0, 21.0], 64: [0.35, 0.55, 1.4, 6.5, 22.0], 128: [0.4, 0.7, 1.6, 7.0, 23.0]}
-    with_ours = {32: [0.25, 0.7, 1.0, 7.0, 24.0], 64: [0.3, 0.8, 1.1, 4.0, 18.0], 128: [0.3, 0.9, 1.2, 4.5, 17.0]}
-    assert attention.BLOCK_CHOICES == (32, 64, 128)
-    slots = [[sdpa[i]] + [with_torch[rows][i] for rows in (32, 64, 128)]
-             + ([with_ours[rows][i] for rows in (32, 64, 128)] if ours_runs else []) for i in range(5)]
+    assert attention.BLOCK_CHOICES == (32, 64, 128) and attention.SWEEP_TOKENS == (128, 512)
+    # Another rank's timings. The sweep, at 128 and 512 tokens, per softmax and block size: 64 a
+    # block the least time relative to each length's fastest (128 less time in all), ours 0.8x torch's.
+    sizes = {32: [0.8, 12.0], 64: [0.5, 10.0], 128: [1.0, 9.0]}
+    sweep = [[1.25 * sizes[rows][i] for rows in (32, 64, 128)] + ([sizes[rows][i] for rows in (32, 64, 128)]
+                                                                   if ours_runs else []) for i in range(2)]
+    # Then SDPA against those blocks at 64..1024 tokens: the blocks win at 128, 256 and 512.
+    lengths = [[0.2, 0.3], [0.6, 0.5], [2.0, 1.5], [8.0, 6.0], [20.0, 21.0]]
+    # Then each block size for batches, at 16 x 128 and 4 x 256 tokens: 32 the least time in all, 64
+    # the least relative to each shape's fastest (2.1x against 32's 3x).
+    batches = [2.0, 1.0, 1.5, 40.0, 44.0, 41.0]
+    answers = [sum(sweep, []), sum(lengths, []), batches]
     seen = []
 
     def slowest(local: torch.Tensor) -> torch.Tensor:
         if local.numel() == 1:  # whether any rank lacks softmax.c: none does
             return local
         seen.append(local.clone())
-        if local.numel() == 6:  # the block sizes at 16 x 128 and 4 x 512 tokens, with the softmax chosen: 32
-            # the least time in all, 64 the least relative to each shape's fastest (2.1x against 32's 3x)
-            return torch.tensor([2.0, 1.0, 1.5, 40.0, 44.0, 41.0], dtype=torch.float64)
-        return torch.tensor(sum(slots, []), dtype=torch.float64)  # per length: sdpa, blocks per softmax and size
+        return torch.tensor(answers[(len(seen) - 1) % 3], dtype=torch.float64)
 
-    ticks = []
-    expected = "256:32,512:64,1024:128" if ours_runs else "128:32,256:64,512:32"
+    ticks, calls = [], set()
+    real = attention.causal_blocks
+    monkeypatch.setattr(attention, "causal_blocks", lambda *a, **k: calls.add((*a[0].shape[:2], a[4])) or real(*a, **k))
+    expected = "128:64,256:64,512:64"
     assert calibrate_attention(4, 64, slowest, on_progress=lambda: ticks.append(1), kv_heads=1).startswith(
         f"causal blocks at {expected} (tokens:block)")
-    slots_per_length = 7 if ours_runs else 4
-    assert len(ticks) >= 5 * slots_per_length, "a rank's heartbeat ticks through the calibration (one per timed call)"
-    assert len(seen) == 2 and seen[0].shape == (5 * slots_per_length,) and bool((seen[0] > 0).all()), \
-        "this rank's own timings"
-    assert seen[1].shape == (6,) and bool((seen[1] > 0).all()), "then the batches', at each block size"
+    assert {rows for b, t, rows in calls if b == 1 and t in (64, 256, 1024)} == {64}, \
+        "the lengths are timed with the size the sweep chose"
+    assert {(b, t) for b, t, _ in calls} == {(1, t) for t in attention.CALIBRATION_TOKENS} | {(16, 128), (4, 256)}
+    sweep_slots = 6 if ours_runs else 3
+    assert [t.shape for t in seen] == [(2 * sweep_slots,), (10,), (6,)], "the sweep, the lengths, the batches"
+    assert all(bool((t > 0).all()) for t in seen), "this rank's own timings"
+    assert len(ticks) >= 2 * sweep_slots + 10 + 6, "a rank's heartbeat ticks through the calibration (each timed call)"
     assert form_state.batched_rows == 64
     assert form_state.softmax == ("ours" if ours_runs else "torch")
-    assert form_state.blocks_at == {int(t): int(rows) for t, rows in (p.split(":") for p in expected.split(","))}
-    assert calibrate_attention(4, 64, slowest, kv_heads=1) == form_state.calibrated and len(seen) == 2, \
+    assert form_state.blocks_at == {128: 64, 256: 64, 512: 64}
+    assert calibrate_attention(4, 64, slowest, kv_heads=1) == form_state.calibrated and len(seen) == 3, \
         "once per process"
     assert kernels.describe({}).endswith(f"attention:mqa blocks@{expected} batch:64" +
                                          (" softmax:ours" if ours_runs else ""))
     assert form_state.dtype == torch.float32
     form_state.calibrated = ""
     calibrate_attention(4, 64, slowest, torch.bfloat16, kv_heads=1)
-    assert form_state.dtype == torch.bfloat16 and len(seen) == 4
+    assert form_state.dtype == torch.bfloat16 and len(seen) == 6
     form_state.calibrated = ""
     calibrate_attention(4, 64, slowest, torch.float32, kv_heads=2)  # grouped: two K/V heads of two query heads
-    assert form_state.kv_heads == 2 and len(seen) == 6
+    assert form_state.kv_heads == 2 and len(seen) == 9
     assert kernels.describe({}).endswith(f"attention:gqa blocks@{expected} batch:64" +
                                          (" softmax:ours" if ours_runs else ""))
 
@@ -363,8 +377,8 @@ def test_softmax_c_is_timed_only_where_no_rank_lacks_it(form_state, monkeypatch,
         return local
 
     calibrate_attention(4, 64, slowest, kv_heads=1)
-    assert timed == [35 if not lacking else 20, 6], \
-        "sdpa and each softmax's blocks of each size, at five lengths; then each size at the two batches"
+    assert timed == [12 if not lacking else 6, 10, 6], \
+        "each softmax's blocks of each size at two lengths; sdpa and the blocks at five; each size at two batches"
     assert form_state.softmax == "torch" or not lacking
 
 
@@ -374,9 +388,9 @@ def test_a_calibration_without_blocks_keeps_no_batch_size_of_an_earlier_one(form
     form_state.batched_rows = 128  # an earlier calibration's
 
     def slowest(local: torch.Tensor) -> torch.Tensor:
-        if local.numel() == 1:
-            return local
-        return torch.tensor([0.1, 1.0, 1.0, 1.0] * 5, dtype=torch.float64)  # per length: sdpa, then the blocks
+        if local.numel() == 10:  # per length: sdpa, then the blocks
+            return torch.tensor([0.1, 1.0] * 5, dtype=torch.float64)
+        return local  # (the sweep)
 
     assert calibrate_attention(4, 64, slowest, kv_heads=1).startswith("sdpa")
     assert form_state.blocks_at == {} and form_state.batched_rows == attention.BLOCK_ROWS
