@@ -51,13 +51,12 @@ class PrefillForm:
     """How a plain causal prefill of K/V heads shared by several query heads (`kv_heads` of them a
     rank, the count calibrated) runs on a CPU in the model's dtype (`dtype`, the one calibrated):
     SDPA's flash kernel, or `causal_blocks` for prompts nearest (in ratio) to the lengths in
-    `blocks_at`, where calibrate_attention measured them faster on the machine at hand, each with
-    the query tokens per block it measured fastest there for one sequence; a batch takes the block
-    size that was fastest over CALIBRATION_BATCHES (`batched_rows`): its sequences share each call,
-    and a call's cost weighs less than for one sequence. Lengths, not a threshold: on two threads of
-    the AVX-512 Xeon the fp32 blocks won at 512 tokens and lost at 256 and at 1024. `softmax`: the
-    blocks' softmax, softmax.c's ("ours") or torch's, the one whose blocks calibrate_attention
-    measured faster."""
+    `blocks_at`, where calibrate_attention measured them faster on the machine at hand, with the
+    query tokens per block (`blocks_at`'s values) and the blocks' `softmax` (softmax.c's, "ours",
+    or torch's) it swept for one sequence; a batch takes the block size that was fastest over
+    CALIBRATION_BATCHES (`batched_rows`): its sequences share each call, and a call's cost weighs
+    less than for one sequence. Lengths, not a threshold: on two threads of the AVX-512 Xeon the
+    fp32 blocks won at 512 tokens and lost at 256 and at 1024."""
 
     def __init__(self) -> None:
         self.blocks_at: dict[int, int] = {}  # {prompt length: query tokens per block}
@@ -121,7 +120,7 @@ assert BLOCK_ROWS in BLOCK_CHOICES
 CALIBRATION_BATCHES = ((16, 128), (4, 256))
 # The lengths the block sizes and softmaxes are timed at: one size was fastest at 128-1024 tokens,
 # or within a few percent of the fastest, and a sweep at two lengths keeps the calibration short
-# (every size at every length took the bench model's fp32 heads 3.9 s, against 1.2 s with one
+# (every size at every length took the bench model's fp32 heads 3.9 s, against 1.1 s with one
 # size; RESULTS.md, "Block sizes of the prefill's attention").
 SWEEP_TOKENS = (128, 512)
 SCORES_BYTES = 2 << 20  # causal_blocks' scores per call: of 1-16 MiB and all, 1-4 MiB ran alike on the EPYC Zen 4
@@ -316,8 +315,8 @@ def calibrate_attention(heads: int, head_dim: int, slowest, dtype: torch.dtype =
     sweep = time_across_ranks([{f"{name} {rows}": blocks(i, name, rows) for name in softmaxes for rows in BLOCK_CHOICES}
                                for i in (_inputs(1, t, heads, kv_heads, head_dim, dtype) for t in SWEEP_TOKENS)],
                               slowest, on_progress)
-    name, rows = fastest(sweep).split()
-    PREFILL_FORM.softmax, rows = name, int(rows)
+    name, size = fastest(sweep).split()
+    rows = int(size)
     saved, PREFILL_FORM.blocks_at = PREFILL_FORM.blocks_at, {}  # attend: SDPA while timed
     try:
         inputs = [_inputs(1, t, heads, kv_heads, head_dim, dtype) for t in CALIBRATION_TOKENS]
@@ -325,21 +324,22 @@ def calibrate_attention(heads: int, head_dim: int, slowest, dtype: torch.dtype =
                                      for i in inputs], slowest, on_progress)
     finally:
         PREFILL_FORM.blocks_at = saved
-    sdpa, ours = [ms["sdpa"] for ms in timings], [ms["blocks"] for ms in timings]
-    PREFILL_FORM.blocks_at = blocks_at(sdpa, ours, rows)
+    sdpa, chosen = [ms["sdpa"] for ms in timings], [ms["blocks"] for ms in timings]
+    PREFILL_FORM.blocks_at, PREFILL_FORM.softmax = blocks_at(sdpa, chosen, rows), name
     PREFILL_FORM.batched_rows, batched = BLOCK_ROWS, []
     if PREFILL_FORM.blocks_at:  # the block size for batches, with that softmax
-        batched = time_across_ranks([{f"{size}": blocks(_inputs(b, t, heads, kv_heads, head_dim, dtype), name, size)
-                                      for size in BLOCK_CHOICES} for b, t in CALIBRATION_BATCHES], slowest, on_progress)
+        batched = time_across_ranks([{f"{size}": blocks(i, name, size) for size in BLOCK_CHOICES}
+                                     for i in (_inputs(b, t, heads, kv_heads, head_dim, dtype)
+                                               for b, t in CALIBRATION_BATCHES)], slowest, on_progress)
         PREFILL_FORM.batched_rows = int(fastest(batched))
     named = {"ours": "softmax.c's softmax", "torch": "torch's softmax"}
-    shown = "; ".join([f"{t} tokens: " + ", ".join(f"{key} {v:.2f}" for key, v in ms.items())
+    shown = "; ".join([f"{t} tokens: " + ", ".join(f"{key} a block {v:.2f}" for key, v in ms.items())
                        for t, ms in zip(SWEEP_TOKENS, sweep)]
-                      + ["blocks vs sdpa: " + ", ".join(f"{t}: {b:.2f} vs {s:.2f}" for t, s, b in
-                                                        zip(CALIBRATION_TOKENS, sdpa, ours))]
-                      + [f"{b} x {t} tokens: " + ", ".join(f"{key} {v:.2f}" for key, v in ms.items())
+                      + [f"blocks of {rows} vs sdpa: " + ", ".join(f"{t}: {b:.2f} vs {s:.2f}" for t, s, b in
+                                                                  zip(CALIBRATION_TOKENS, sdpa, chosen))]
+                      + [f"{b} x {t} tokens: " + ", ".join(f"{key} a block {v:.2f}" for key, v in ms.items())
                          for (b, t), ms in zip(CALIBRATION_BATCHES, batched)])
     PREFILL_FORM.calibrated = (f"causal blocks at {describe_lengths(PREFILL_FORM.blocks_at)} (tokens:block), "
-                               f"batches {PREFILL_FORM.batched_rows} a block" if PREFILL_FORM.blocks_at else "sdpa") + (
-        f", {named[name]} (ms: {shown})")
+                               f"batches {PREFILL_FORM.batched_rows} a block, {named[name]}"
+                               if PREFILL_FORM.blocks_at else "sdpa") + f" (ms: {shown})"
     return PREFILL_FORM.calibrated
