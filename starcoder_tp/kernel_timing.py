@@ -14,7 +14,8 @@ rows.
 Bounded: one warm call and one probe call per candidate, then candidates over PRUNE_FACTOR x
 the best probe's time, on that call and on a second one, are dropped; the probe calls are the first
 of ROUNDS rounds, the rest run ROUNDS - 1 more of at least ROUND_MIN_S and one call each (decode
-candidates: DECODE_MIN_CALLS calls). A shape suspect_shapes names is timed once more. On the
+candidates: DECODE_MIN_CALLS calls). A shape suspect_shapes names is timed once more. A weight
+larger than the decode set has its decode candidates timed on its first rows (decode_rows). On the
 bench-size model a plan takes 6-9 s per batch size in fp32 and 3-6 s in bf16 on one thread of
 the CPUs we measured (RESULTS.md): the prefill calls at 512 rows, then the decode copies (MKL packs
 at ~0.8 GB/s, a VM's first touch of memory slower). On StarCoder's shapes the prefill calls at 512
@@ -55,6 +56,17 @@ DECODE_MIN_CALLS = 4
 DECODE_SET_BYTES = 256 << 20  # at most: it bounds the measurement's extra memory, up to three sets
 DECODE_SET_CACHES = 2  # else this many times the last-level cache,
 DECODE_SET_MIN_BYTES = 64 << 20  # and at least this
+# A weight larger than the decode set has its decode candidates timed on its first rows (decode_rows),
+# each round as many calls as streams the whole's bytes, and the times scaled to the whole. Making
+# the whole's copy in each candidate's layout took 1.5-2.8 s for the bench-size lm_head on the EPYC
+# Zen 4 VM, and the start-up from scratch 2.1-2.5 s longer (means of three). On 16384 of that
+# lm_head's 49152 rows the candidates ran per row up to 17% faster than on the whole (the slice
+# partly from the L3, as the other shapes' sets of copies), in the same order but for one pair
+# within 5%; on 2688 of a [24576, 6144] weight's rows MKL's packed layout ran 11-56% slower than
+# on the whole, most others faster (RESULTS.md, "Start-up: a large weight's decode candidates on
+# its first rows").
+DECODE_SLICE_MIN_ROWS = 16384
+DECODE_SLICE_BLOCK = 64  # rows: whole panels (16) and oneDNN blocks
 # A candidate this much slower than the best on its probe call, and again on a second call, is
 # not timed further: the rounds tell apart candidates within a few percent (3-6% from one plan to
 # the next), and one twice as slow as the best on two calls is not among them. At 512 prefill rows
@@ -127,6 +139,14 @@ def decode_set_bytes() -> int:
     cache = last_level_cache_bytes()
     return DECODE_SET_BYTES if cache is None else min(DECODE_SET_BYTES, max(DECODE_SET_MIN_BYTES,
                                                                             DECODE_SET_CACHES * cache))
+
+
+def decode_rows(n: int, k: int, element_size: int) -> int:
+    """How many of an [N, K] weight's first rows its decode candidates are timed on: all of a weight
+    that fits in decode_set_bytes(), else as many whole blocks of DECODE_SLICE_BLOCK rows as fit,
+    but at least DECODE_SLICE_MIN_ROWS (kernels.measure scales the times to all N rows)."""
+    fit = decode_set_bytes() // (k * element_size) // DECODE_SLICE_BLOCK * DECODE_SLICE_BLOCK
+    return min(n, max(DECODE_SLICE_MIN_ROWS, fit))
 
 
 def decode_copies(weight_bytes: int, step_bytes: int) -> int:

@@ -33,15 +33,14 @@ faster prefill (MKL's packed sgemm against F.linear at batch 1, fp32: RESULTS.md
             torch's one-row GEMMs fall short of the memory's speed. Prefill as `plain`.
 - `panels`: fp32 and bf16 where the CPU has AVX-512 (bf16: AVX512_BF16), every decode batch: our
             own GEMM on the weight in panels of 16 output columns (panels.py). Prefill: itself.
-- `rowdot`: fp32 and bf16, decode at one row only: our one-row kernel on the plain weight
-            (rowdot.c, built at first use by the machine's C compiler: rowdot.py; where none
-            builds it, not a candidate). Prefill as `plain`.
+- `rowdot`: fp32 and bf16, decode at one row only: our one-row kernel on the plain weight (rowdot.c,
+            built at first use by the machine's C compiler, else not a candidate). Prefill as `plain`.
 
 Prefill kernels are timed at SHORT_ROWS and PREFILL_ROWS rows (unpacking a weight costs the same
 for 2 rows as for 2000); calls below SPLIT_ROWS rows take the short winner, larger ones the long one.
 
-How the candidates are timed: kernel_timing.py. Plans are cached on disk per machine and
-everything else they depend on (plan_key): only the first run on a machine measures.
+How the candidates are timed: kernel_timing.py. Plans are cached on disk per machine and what
+else they depend on (plan_key): only the first run on a machine measures.
 """
 from __future__ import annotations
 
@@ -60,8 +59,8 @@ from .activations import ACTIVATIONS, TANH_GELU, calibrate
 from .cpu import cpu_cores, cpu_model, isa_flags
 from .decode_attention import DECODE_FORM, calibrate_decode
 from .files import cache_dir, write_atomic
-from .kernel_timing import (DECODE_MIN_CALLS, decode_calls, decode_copies, decode_set_bytes, prefill_calls,
-                            suspect_shapes, time_ms)
+from .kernel_timing import (DECODE_MIN_CALLS, decode_calls, decode_copies, decode_rows, decode_set_bytes,
+                            prefill_calls, suspect_shapes, time_ms)
 from .layouts import WIDE_ROWS, pack, pack_mkl
 from .malloc import THP_ENV
 
@@ -77,7 +76,7 @@ SPLIT_ROWS = round(math.sqrt(SHORT_ROWS * PREFILL_ROWS))  # calls of fewer rows 
 # Requests whose costs are this close are not told apart: a candidate's timings differ by 3-6%
 # from one measured plan to the next (RESULTS.md, "Decode candidates timed from memory").
 TIE_FRACTION = 0.02
-PLAN_VERSION = 24  # part of the cache key: a change in what is measured invalidates old plans
+PLAN_VERSION = 25  # part of the cache key: a change in what is measured invalidates old plans
 # Every shape's timings travel across ranks in these fixed slots (inf: not a candidate there),
 # so that ranks on CPUs with different candidates still reduce tensors of one size.
 DECODE_SLOTS = ("plain", "onednn", "fp32", "mkl_packed", "gemv", "onednn_wide", "rowdot", "panels")
@@ -124,15 +123,12 @@ def decode_candidates(weight: torch.Tensor, rows: int = 1) -> tuple[str, ...]:
         kinds.append("mkl_packed")
     kinds += ["fp32"] if weight.dtype == torch.bfloat16 else []
     kinds += ["gemv"] if rows == 1 and gemv.supports(weight) else []
-    if rows == 1 and rowdot.supports(weight):
-        kinds.append("rowdot")
+    kinds += ["rowdot"] if rows == 1 and rowdot.supports(weight) else []
     # At one row its product is a stream through the weight like rowdot's, gemv's and onednn_wide's;
     # it brings its layout's prefill, the fastest at 128 and 512 rows on the EPYC Zen 5. The lm_head
     # (no prompt rows) too: on Zen 5 its one-row streams ran alike (38-39 GB/s), on Zen 4 panels read
     # it at 30 GB/s and oneDNN at 19 (RESULTS.md, "The lm_head at one row on Zen 4").
-    if panels.supports(weight):
-        kinds.append("panels")
-    return tuple(kinds)
+    return tuple(kinds + (["panels"] if panels.supports(weight) else []))
 
 
 def fixed_choice(mode: str, weight: torch.Tensor, rows: int = 1) -> Choice:
@@ -256,11 +252,10 @@ def measure(weights: dict[str, torch.Tensor], rows: int, slowest: Callable[[torc
     """Time every candidate of every weight, at prefill shapes too for those in `prefill`, with
     the activation `activated` names for a shape (the MLP's first linear; a shape it shares with
     another layer is timed with it), the decode candidates over as many copies as a decode step
-    reads `step_bytes` (decode_copies; 0: one copy); `slowest` reduces a float64 tensor to its
-    maximum over the ranks. Every rank must call this in step with the same shapes (checked
-    first: a mismatch would pair unrelated timings). A shape that suspect_shapes names (one of its
-    candidates far below its own speed on the other shapes) is timed once more, each candidate
-    keeping the faster of its two figures."""
+    reads `step_bytes` (decode_copies; 0: one copy), a large weight's on its first rows (decode_rows);
+    `slowest` reduces a float64 tensor to its maximum over the ranks. Every rank must call this in
+    step with the same shapes (checked first). A shape that suspect_shapes names (one of its candidates
+    far below its own speed on the other shapes) is timed again, each keeping its faster figure."""
     activated = activated or {}
     row_ahead.reset()  # the one-row candidates are timed alone, none asking ahead
     digest = int(hashlib.sha256(json.dumps([sorted(weights), sorted(prefill), sorted(activated.items())]
@@ -272,9 +267,12 @@ def measure(weights: dict[str, torch.Tensor], rows: int, slowest: Callable[[torc
     def shape_slots(shape: str) -> list[float]:  # decode, short and long prefill, in their slots
         weight, activation = weights[shape], activated.get(shape)
         kinds = decode_candidates(weight, rows)
-        copies = decode_copies(weight.numel() * weight.element_size(), step_bytes)
-        calls = decode_calls(weight, rows, kinds, activation, copies, on_progress)
-        values = _slots(time_ms(calls, on_progress, DECODE_MIN_CALLS), DECODE_SLOTS)
+        timed = weight[:decode_rows(*weight.shape, weight.element_size())]  # (a large weight's first rows)
+        scale = weight.shape[0] / timed.shape[0]
+        calls = decode_calls(timed, rows, kinds, activation,
+                             decode_copies(timed.numel() * timed.element_size(), step_bytes), on_progress)
+        ms = time_ms(calls, on_progress, math.ceil(DECODE_MIN_CALLS * scale))  # a round: the whole's bytes at least
+        values = _slots({kind: value * scale for kind, value in ms.items()}, DECODE_SLOTS)
         del calls  # (the calls, and the copies they hold, go before the next ones are made)
         for prefill_rows in (SHORT_ROWS, PREFILL_ROWS):
             if shape not in prefill:
