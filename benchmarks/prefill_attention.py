@@ -7,8 +7,8 @@ causal_blocks (two GEMMs per block of query tokens over all heads), side by side
   the blocks at BLOCK_ROWS (32) query tokens, not the calibrated size.
 - model: the first token of the bench-size model at world size 1 on one thread, its weights laid
   out by the kernel plan weighed as for 32 new tokens (the same layout for both), the form switched
-  between interleaved rounds; the median ratio blocks/sdpa of the pairs; the blocks at the block
-  size calibrated for each length (BLOCK_ROWS where SDPA won the calibration).
+  between interleaved rounds; the median ratio blocks/sdpa of the pairs; the blocks at every
+  length, with the block size calibrated (BLOCK_ROWS where SDPA won the calibration at every length).
 
 Run: python benchmarks/prefill_attention.py [--model bench|embedded|DIR] [--cases 1:128,1:512,16:128] [--rounds 9]
 Writes its section of benchmarks/RESULTS.md.
@@ -24,14 +24,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from form_pairs import model_table, parse_args, write_section  # noqa: E402
 
-from starcoder_tp.attention import (BLOCK_ROWS, CALIBRATION_TOKENS, PREFILL_FORM, attend, calibrate_attention,  # noqa: E402
+from starcoder_tp.attention import (CALIBRATION_TOKENS, PREFILL_FORM, attend, calibrate_attention,  # noqa: E402
                                     causal_blocks)
 from starcoder_tp.kernel_timing import time_ms  # noqa: E402
 
 
 def op_rows(tokens: list[int], heads: int, threads: int) -> list[str]:
     torch.set_num_threads(threads)
-    saved, PREFILL_FORM.blocks_at = PREFILL_FORM.blocks_at, {}  # attend: SDPA
+    saved, PREFILL_FORM.blocks_at = PREFILL_FORM.blocks_at, frozenset()  # attend: SDPA
     lines = []
     for t in tokens:
         gen = torch.Generator().manual_seed(t)
@@ -57,8 +57,8 @@ def main() -> None:
     started = time.perf_counter()
     ops = [line for threads in (1, 2) for heads in (16, 8) for line in op_rows(args.sizes, heads, threads)]
     model_dir, cases = args.model_dir, args.cases
-    models = model_table(model_dir, cases, args.rounds, ("sdpa", "blocks"), PREFILL_FORM, "blocks_at", {},
-                         lambda measured: {t: measured.get(t, BLOCK_ROWS) for t in CALIBRATION_TOKENS}, calibrate_on)
+    models = model_table(model_dir, cases, args.rounds, ("sdpa", "blocks"), PREFILL_FORM, "blocks_at", frozenset(),
+                         lambda measured: frozenset(CALIBRATION_TOKENS), calibrate_on)
     write_section("The multi-query prefill's attention", "prefill_attention.py", started, PREFILL_FORM.calibrated,
                   "One layer's causal attention, fp32, head dim 64, one K/V head; ms per call, median of alternating "
                   "rounds; diff = the largest difference between the forms.",

@@ -52,15 +52,16 @@ class PrefillForm:
     rank, the count calibrated) runs on a CPU in the model's dtype (`dtype`, the one calibrated):
     SDPA's flash kernel, or `causal_blocks` for prompts nearest (in ratio) to the lengths in
     `blocks_at`, where calibrate_attention measured them faster on the machine at hand, with the
-    query tokens per block (`blocks_at`'s values) and the blocks' `softmax` (softmax.c's, "ours",
-    or torch's) it swept for one sequence; a batch takes the block size that was fastest over
+    query tokens per block (`rows`) and the blocks' `softmax` (softmax.c's, "ours", or torch's)
+    it swept for one sequence; a batch takes the block size that was fastest over
     CALIBRATION_BATCHES (`batched_rows`): its sequences share each call, and a call's cost weighs
     less than for one sequence. Lengths, not a threshold: on two threads of the AVX-512 Xeon the
     fp32 blocks won at 512 tokens and lost at 256 and at 1024."""
 
     def __init__(self) -> None:
-        self.blocks_at: dict[int, int] = {}  # {prompt length: query tokens per block}
-        self.batched_rows = BLOCK_ROWS  # query tokens per block for a batch of several sequences
+        self.blocks_at: frozenset[int] = frozenset()  # the prompt lengths of CALIBRATION_TOKENS that take the blocks
+        self.rows = BLOCK_ROWS  # query tokens per block for one sequence
+        self.batched_rows = BLOCK_ROWS  # and for a batch of several
         self.dtype = torch.float32
         self.kv_heads = 1
         self.calibrated = ""
@@ -68,31 +69,31 @@ class PrefillForm:
 
     def state(self) -> dict:
         """What calibrate_attention measured, as kernels.py caches it."""
-        return {"blocks_at": [[t, rows] for t, rows in sorted(self.blocks_at.items())],
-                "batched_rows": self.batched_rows, "softmax": self.softmax}
+        return {"blocks_at": sorted(self.blocks_at), "rows": self.rows, "batched_rows": self.batched_rows,
+                "softmax": self.softmax}
 
     @staticmethod
-    def parse(state: dict) -> tuple[dict[int, int], int, str]:
-        """A cached `state`'s (blocks_at, batched_rows, softmax); ValueError (or KeyError, TypeError)
-        where it is not one that `state` writes."""
-        pairs, batched, softmax = state["blocks_at"], state["batched_rows"], state["softmax"]
-        if not (isinstance(pairs, list) and all(isinstance(p, list) and len(p) == 2 and type(p[0]) is type(p[1]) is int
-                                                and p[0] in CALIBRATION_TOKENS and p[1] in BLOCK_CHOICES for p in pairs)
-                and len({p[0] for p in pairs}) == len(pairs) and type(batched) is int and batched in BLOCK_CHOICES
-                and softmax in ("ours", "torch")):
-            raise ValueError(f"prefill form: blocks at {pairs!r}, batched {batched!r}, softmax {softmax!r}")
-        return {t: rows for t, rows in pairs}, batched, softmax
+    def parse(state: dict) -> tuple[frozenset[int], int, int, str]:
+        """A cached `state`'s (blocks_at, rows, batched_rows, softmax); ValueError (or KeyError,
+        TypeError) where it is not one that `state` writes."""
+        lengths, rows, batched, softmax = state["blocks_at"], state["rows"], state["batched_rows"], state["softmax"]
+        if not (isinstance(lengths, list) and all(type(t) is int and t in CALIBRATION_TOKENS for t in lengths)
+                and len(set(lengths)) == len(lengths) and softmax in ("ours", "torch")
+                and all(type(r) is int and r in BLOCK_CHOICES for r in (rows, batched))):
+            raise ValueError(f"prefill form: blocks at {lengths!r}, rows {rows!r}, batched {batched!r}, "
+                             f"softmax {softmax!r}")
+        return frozenset(lengths), rows, batched, softmax
 
-    def restore(self, parsed: tuple[dict[int, int], int, str], dtype: torch.dtype, calibrated: str,
+    def restore(self, parsed: tuple[frozenset[int], int, int, str], dtype: torch.dtype, calibrated: str,
                 kv_heads: int = 1) -> None:
         """`parse`'s result taken as this process's form (kernels.calibrate_forms)."""
-        (self.blocks_at, self.batched_rows, self.softmax), self.dtype, self.calibrated = parsed, dtype, calibrated
-        self.kv_heads = kv_heads
+        (self.blocks_at, self.rows, self.batched_rows, self.softmax), self.dtype = parsed, dtype
+        self.calibrated, self.kv_heads = calibrated, kv_heads
 
     def describe(self) -> str:
         if not self.blocks_at:
             return "sdpa"
-        return (f"blocks@{describe_lengths(self.blocks_at)} batch:{self.batched_rows}"
+        return (f"blocks@{_lengths(self.blocks_at)} rows:{self.rows} batch:{self.batched_rows}"
                 + (" softmax:ours" if self.softmax == "ours" else ""))
 
     def block_rows(self, tokens: int, batch: int = 1) -> int:
@@ -100,8 +101,9 @@ class PrefillForm:
         if not self.blocks_at:
             return 0
         nearest = min(CALIBRATION_TOKENS, key=lambda length: (abs(math.log2(tokens / length)), length))
-        rows = self.blocks_at.get(nearest, 0)
-        return self.batched_rows if rows and batch > 1 else rows
+        if nearest not in self.blocks_at:
+            return 0
+        return self.batched_rows if batch > 1 else self.rows
 
 
 # The prompt lengths calibrate_attention times both forms at.
@@ -261,13 +263,12 @@ class Attention(nn.Module):
         return self.c_proj.row_parallel(attend(q, keys, values, mask, self.scale), self.tp)
 
 
-def blocks_at(sdpa_ms: list[float], blocks_ms: list[float], rows: int,
-              tokens: tuple[int, ...] = CALIBRATION_TOKENS) -> dict[int, int]:
-    """{length: `rows`} for the lengths of `tokens` at which causal_blocks was faster than SDPA,
-    from each form's ms per call."""
+def blocks_at(sdpa_ms: list[float], blocks_ms: list[float], tokens: tuple[int, ...] = CALIBRATION_TOKENS
+              ) -> frozenset[int]:
+    """The lengths of `tokens` at which causal_blocks was faster than SDPA, from each form's ms per call."""
     if not len(sdpa_ms) == len(blocks_ms) == len(tokens):
         raise ValueError(f"calibration: {len(sdpa_ms)} and {len(blocks_ms)} timings at tokens {tokens}")
-    return {t: rows for t, sdpa, blocks in zip(tokens, sdpa_ms, blocks_ms) if blocks < sdpa}
+    return frozenset(t for t, sdpa, blocks in zip(tokens, sdpa_ms, blocks_ms) if blocks < sdpa)
 
 
 def fastest(per_shape: list[dict[str, float]]) -> str:
@@ -278,9 +279,8 @@ def fastest(per_shape: list[dict[str, float]]) -> str:
     return min(names, key=lambda name: (relative[name], names.index(name)))
 
 
-def describe_lengths(blocks: dict[int, int]) -> str:
-    """"length:block" for each length that takes the blocks."""
-    return ",".join(f"{t}:{rows}" for t, rows in sorted(blocks.items()))
+def _lengths(lengths: frozenset[int]) -> str:
+    return ",".join(str(t) for t in sorted(lengths))
 
 
 def _inputs(batch: int, tokens: int, heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> tuple:
@@ -317,7 +317,7 @@ def calibrate_attention(heads: int, head_dim: int, slowest, dtype: torch.dtype =
                               slowest, on_progress)
     name, size = fastest(sweep).split()
     rows = int(size)
-    saved, PREFILL_FORM.blocks_at = PREFILL_FORM.blocks_at, {}  # attend: SDPA while timed
+    saved, PREFILL_FORM.blocks_at = PREFILL_FORM.blocks_at, frozenset()  # attend: SDPA while timed
     try:
         inputs = [_inputs(1, t, heads, kv_heads, head_dim, dtype) for t in CALIBRATION_TOKENS]
         timings = time_across_ranks([{"sdpa": lambda i=i: attend(*i, None, scale), "blocks": blocks(i, name, rows)}
@@ -325,7 +325,8 @@ def calibrate_attention(heads: int, head_dim: int, slowest, dtype: torch.dtype =
     finally:
         PREFILL_FORM.blocks_at = saved
     sdpa, chosen = [ms["sdpa"] for ms in timings], [ms["blocks"] for ms in timings]
-    PREFILL_FORM.blocks_at, PREFILL_FORM.softmax = blocks_at(sdpa, chosen, rows), name
+    PREFILL_FORM.blocks_at, PREFILL_FORM.softmax = blocks_at(sdpa, chosen), name
+    PREFILL_FORM.rows = rows if PREFILL_FORM.blocks_at else BLOCK_ROWS  # (SDPA's form caches one state)
     PREFILL_FORM.batched_rows, batched = BLOCK_ROWS, []
     if PREFILL_FORM.blocks_at:  # the block size for batches, with that softmax
         batched = time_across_ranks([{f"{size}": blocks(i, name, size) for size in BLOCK_CHOICES}
@@ -339,7 +340,7 @@ def calibrate_attention(heads: int, head_dim: int, slowest, dtype: torch.dtype =
                                                                   zip(CALIBRATION_TOKENS, sdpa, chosen))]
                       + [f"{b} x {t} tokens: " + ", ".join(f"{key} a block {v:.2f}" for key, v in ms.items())
                          for (b, t), ms in zip(CALIBRATION_BATCHES, batched)])
-    PREFILL_FORM.calibrated = (f"causal blocks at {describe_lengths(PREFILL_FORM.blocks_at)} (tokens:block), "
+    PREFILL_FORM.calibrated = (f"causal blocks at {_lengths(PREFILL_FORM.blocks_at)} tokens, {rows} a block, "
                                f"batches {PREFILL_FORM.batched_rows} a block, {named[name]}"
                                if PREFILL_FORM.blocks_at else "sdpa") + f" (ms: {shown})"
     return PREFILL_FORM.calibrated

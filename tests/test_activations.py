@@ -22,7 +22,7 @@ def gelu_state(monkeypatch):
 
     monkeypatch.setattr(TANH_GELU, "split_from", None)
     monkeypatch.setattr(TANH_GELU, "calibrated", "")
-    monkeypatch.setattr(PREFILL_FORM, "blocks_at", {})
+    monkeypatch.setattr(PREFILL_FORM, "blocks_at", frozenset())
     monkeypatch.setattr(PREFILL_FORM, "calibrated", "")
     monkeypatch.setattr(PREFILL_FORM, "softmax", PREFILL_FORM.softmax)
     monkeypatch.setattr(DECODE_FORM, "calibrated", "")

@@ -20,7 +20,8 @@ from starcoder_tp.timing import timed_generate
 @pytest.fixture
 def form_state(monkeypatch):
     """PREFILL_FORM as a fresh process has it; restored afterwards."""
-    monkeypatch.setattr(PREFILL_FORM, "blocks_at", {})
+    monkeypatch.setattr(PREFILL_FORM, "blocks_at", frozenset())
+    monkeypatch.setattr(PREFILL_FORM, "rows", attention.BLOCK_ROWS)
     monkeypatch.setattr(PREFILL_FORM, "batched_rows", attention.BLOCK_ROWS)
     monkeypatch.setattr(PREFILL_FORM, "calibrated", "")
     monkeypatch.setattr(PREFILL_FORM, "dtype", torch.float32)
@@ -76,18 +77,18 @@ def test_attend_takes_the_blocks_only_where_calibrated(form_state, monkeypatch):
     q, keys, values = _qkv(1, 40, 4)
     attend(q, keys, values, None, 0.125)
     assert not taken, "uncalibrated: SDPA"
-    form_state.blocks_at = {64: 8, 512: 32}  # (a block size of the test's own)
+    form_state.blocks_at, form_state.rows = frozenset({64, 512}), 8  # (a block size of the test's own)
     sizes = []
     monkeypatch.setattr(attention, "causal_blocks", lambda *a, **k: sizes.append(a[4]) or real(*a, **k))
     out = attend(q, keys, values, None, 0.125)  # 40 tokens: nearest to 64 of the lengths timed
-    assert sizes == [8], "the block size calibrated for 64 tokens"
     attend(*_qkv(1, 400, 2), None, 0.125)  # nearest 512
-    assert sizes == [8, 32], "the block size calibrated for 512 tokens"
+    assert sizes == [8, 8], "the block size calibrated for one sequence, at 64 and 512 tokens"
     form_state.batched_rows = 16
     attend(*_qkv(2, 40, 4), None, 0.125)
-    assert sizes == [8, 32, 16], "a batch: the block size calibrated for batches"
+    assert sizes == [8, 8, 16], "a batch: the block size calibrated for batches"
     attend(*_qkv(2, 200, 4), None, 0.125)  # nearest 256: SDPA there, for a batch too
-    assert sizes == [8, 32, 16]
+    attend(*_qkv(1, 200, 4), None, 0.125)
+    assert sizes == [8, 8, 16]
     monkeypatch.setattr(attention, "causal_blocks", lambda *a, **k: taken.append(a[0].shape[1]) or real(*a, **k))
     taken.clear()
     out = attend(q, keys, values, None, 0.125)
@@ -121,12 +122,12 @@ def test_attend_takes_the_blocks_only_where_calibrated(form_state, monkeypatch):
 
 
 @pytest.mark.parametrize("sdpa, blocks, expected", [
-    ([1.0, 4.0, 20.0], [0.9, 3.0, 15.0], {64: 64, 256: 64, 1024: 64}),
-    ([1.0, 4.0, 20.0], [1.0, 3.0, 21.0], {256: 64}),  # a tie is not a gain
-    ([1.0, 4.0, 20.0], [1.1, 4.5, 25.0], {}),
+    ([1.0, 4.0, 20.0], [0.9, 3.0, 15.0], {64, 256, 1024}),
+    ([1.0, 4.0, 20.0], [1.0, 3.0, 21.0], {256}),  # a tie is not a gain
+    ([1.0, 4.0, 20.0], [1.1, 4.5, 25.0], set()),
 ])
 def test_blocks_at_timings(sdpa, blocks, expected):
-    assert blocks_at(sdpa, blocks, 64, (64, 256, 1024)) == expected
+    assert blocks_at(sdpa, blocks, (64, 256, 1024)) == frozenset(expected)
 
 
 @pytest.mark.parametrize("per_shape, expected", [
@@ -141,7 +142,7 @@ def test_fastest_weighs_each_shape_alike(per_shape, expected):
 
 def test_blocks_at_refuses_mismatched_timings():
     with pytest.raises(ValueError, match=r"2 and 3 timings"):
-        blocks_at([1.0, 2.0], [1.0, 2.0, 3.0], 32, (64, 256, 1024))
+        blocks_at([1.0, 2.0], [1.0, 2.0, 3.0], (64, 256, 1024))
 
 
 @pytest.mark.parametrize("ours_runs", [False, pytest.param(True, marks=SOFTMAXES[1].marks)])
@@ -171,9 +172,9 @@ def test_calibrate_attention_takes_the_slowest_ranks_timings_once(form_state, mo
     real = attention.causal_blocks
     monkeypatch.setattr(attention, "causal_blocks",
                         lambda *a, **k: calls.add((*a[0].shape[:2], a[4], k["softmax"])) or real(*a, **k))
-    expected = "128:64,256:64,512:64"
+    expected = "128,256,512"
     assert calibrate_attention(4, 64, slowest, on_progress=lambda: ticks.append(1), kv_heads=1).startswith(
-        f"causal blocks at {expected} (tokens:block)")
+        f"causal blocks at {expected} tokens, 64 a block, batches 128 a block")
     chosen = "ours" if ours_runs else "torch"
     assert {(rows, softmax) for b, t, rows, softmax in calls if b == 1 and t in (64, 256, 1024)} == {(64, chosen)}, \
         "the lengths are timed with the size and softmax the sweep chose"
@@ -185,10 +186,10 @@ def test_calibrate_attention_takes_the_slowest_ranks_timings_once(form_state, mo
     assert len(ticks) >= 2 * sweep_slots + 10 + 6, "a rank's heartbeat ticks through the calibration (each timed call)"
     assert form_state.batched_rows == 128, "the batches' own size, not the sweep's"
     assert form_state.softmax == chosen
-    assert form_state.blocks_at == {128: 64, 256: 64, 512: 64}
+    assert form_state.blocks_at == frozenset({128, 256, 512}) and form_state.rows == 64
     assert calibrate_attention(4, 64, slowest, kv_heads=1) == form_state.calibrated and len(seen) == 3, \
         "once per process"
-    assert kernels.describe({}).endswith(f"attention:mqa blocks@{expected} batch:128" +
+    assert kernels.describe({}).endswith(f"attention:mqa blocks@{expected} rows:64 batch:128" +
                                          (" softmax:ours" if ours_runs else ""))
     assert form_state.dtype == torch.float32
     form_state.calibrated = ""
@@ -197,7 +198,7 @@ def test_calibrate_attention_takes_the_slowest_ranks_timings_once(form_state, mo
     form_state.calibrated = ""
     calibrate_attention(4, 64, slowest, torch.float32, kv_heads=2)  # grouped: two K/V heads of two query heads
     assert form_state.kv_heads == 2 and len(seen) == 9
-    assert kernels.describe({}).endswith(f"attention:gqa blocks@{expected} batch:128" +
+    assert kernels.describe({}).endswith(f"attention:gqa blocks@{expected} rows:64 batch:128" +
                                          (" softmax:ours" if ours_runs else ""))
 
 
@@ -232,7 +233,7 @@ def test_a_model_generates_the_same_tokens_with_either_form(tmp_path, fixture, p
     monkeypatch.setattr(PREFILL_FORM, "calibrated", "set by the test")  # use_kernels measures nothing
     same_length = [(p * 20)[:45] for p in prompts[:2]]  # no padding: the plain causal prefill
     sdpa = timed_generate(model, Device("cpu"), same_length, 8, topk=5)
-    form_state.blocks_at, form_state.softmax = dict.fromkeys(attention.CALIBRATION_TOKENS, 32), softmax_form
+    form_state.blocks_at, form_state.softmax = frozenset(attention.CALIBRATION_TOKENS), softmax_form
     form_state.kv_heads = kv_heads
     taken = []
     real = attention.causal_blocks
@@ -257,7 +258,7 @@ def test_a_bf16_model_keeps_the_top_5_rule_with_the_blocks(tmp_path, embedded_di
     real = attention.causal_blocks
     monkeypatch.setattr(attention, "causal_blocks", lambda *a, **k: taken.append(a[0].dtype) or real(*a, **k))
     runs = {}
-    for name, blocks in (("sdpa", {}), ("blocks", dict.fromkeys(attention.CALIBRATION_TOKENS, 32))):
+    for name, blocks in (("sdpa", frozenset()), ("blocks", frozenset(attention.CALIBRATION_TOKENS))):
         form_state.blocks_at, form_state.dtype, form_state.softmax = blocks, torch.bfloat16, softmax_form
         r = timed_generate(model, Device("cpu"), same_length, 16, topk=5)
         runs[name] = GreedyOutput(output_ids=r.output_ids.tolist(), topk_ids=r.topk_ids.tolist(),
@@ -272,8 +273,8 @@ def test_the_forms_are_measured_once_per_machine_then_read_from_the_cache(form_s
 
     def measured(heads, dim, slowest, dtype, on_progress, *, kv_heads):
         calls.append((heads, dim))
-        form_state.blocks_at, form_state.calibrated = {512: 64}, "causal blocks at 512:64 (tokens:block) (...)"
-        form_state.batched_rows = 128
+        form_state.blocks_at, form_state.calibrated = frozenset({512}), "causal blocks at 512 tokens, 64 a block (...)"
+        form_state.rows, form_state.batched_rows = 64, 128
         form_state.dtype, form_state.softmax, form_state.kv_heads = dtype, "ours", kv_heads
         return form_state.calibrated
 
@@ -282,31 +283,32 @@ def test_the_forms_are_measured_once_per_machine_then_read_from_the_cache(form_s
     mqa = types.SimpleNamespace(local_heads=8, local_kv_heads=1, head_dim=32)
     kernels.calibrate_forms({"8x8:float32": torch.ones(8, 8)}, {}, tp, mqa)
     assert calls == [(8, 32)] and len(list((tmp_path / "cache" / "forms").glob("*.json"))) == 1
-    form_state.blocks_at, form_state.calibrated, form_state.softmax = {}, "", "torch"  # another process
-    form_state.batched_rows = 32
+    form_state.blocks_at, form_state.calibrated, form_state.softmax = frozenset(), "", "torch"  # another process
+    form_state.rows = form_state.batched_rows = 32
     kernels.calibrate_forms({"8x8:float32": torch.ones(8, 8)}, {}, tp, mqa)
     assert calls == [(8, 32)], "read from the cache, not measured again"
-    assert form_state.blocks_at == {512: 64} and form_state.calibrated.startswith("cached: causal blocks at 512:64")
-    assert form_state.batched_rows == 128
+    assert form_state.blocks_at == frozenset({512})
+    assert form_state.calibrated.startswith("cached: causal blocks at 512 tokens, 64 a block")
+    assert (form_state.rows, form_state.batched_rows) == (64, 128)
     assert form_state.softmax == "ours"
-    form_state.blocks_at, form_state.calibrated = {}, ""
+    form_state.blocks_at, form_state.calibrated = frozenset(), ""
     missing = types.SimpleNamespace(max_=lambda t: torch.ones_like(t), world_size=1)  # another rank lacks them
     kernels.calibrate_forms({"8x8:float32": torch.ones(8, 8)}, {}, missing, mqa)
     assert len(calls) == 2, "measured again with the rank that lacks them"
-    form_state.blocks_at, form_state.calibrated = {}, ""
+    form_state.blocks_at, form_state.calibrated = frozenset(), ""
     kernels.calibrate_forms({"8x8:bfloat16": torch.ones(8, 8, dtype=torch.bfloat16)}, {}, tp, mqa)
     assert len(calls) == 3 and form_state.dtype == torch.bfloat16, "a bf16 model's form is its own"
-    form_state.blocks_at, form_state.calibrated, form_state.dtype = {}, "", torch.float32
+    form_state.blocks_at, form_state.calibrated, form_state.dtype = frozenset(), "", torch.float32
     kernels.calibrate_forms({"8x8:bfloat16": torch.ones(8, 8, dtype=torch.bfloat16)}, {}, tp, mqa)
     assert len(calls) == 3 and form_state.dtype == torch.bfloat16, "and cached as such"
     gqa = types.SimpleNamespace(local_heads=8, local_kv_heads=2, head_dim=32)
-    form_state.blocks_at, form_state.calibrated, form_state.dtype = {}, "", torch.float32
+    form_state.blocks_at, form_state.calibrated, form_state.dtype = frozenset(), "", torch.float32
     kernels.calibrate_forms({"8x8:float32": torch.ones(8, 8)}, {}, tp, gqa)
     assert len(calls) == 4 and form_state.kv_heads == 2, "grouped heads: a form of their own"
-    form_state.blocks_at, form_state.calibrated, form_state.kv_heads = {}, "", 1
+    form_state.blocks_at, form_state.calibrated, form_state.kv_heads = frozenset(), "", 1
     kernels.calibrate_forms({"8x8:float32": torch.ones(8, 8)}, {}, tp, gqa)
     assert len(calls) == 4 and form_state.kv_heads == 2, "and read back for two K/V heads"
-    assert kernels.describe({}).endswith("attention:gqa blocks@512:64 batch:128 softmax:ours")
+    assert kernels.describe({}).endswith("attention:gqa blocks@512 rows:64 batch:128 softmax:ours")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -330,24 +332,28 @@ def test_causal_blocks_of_a_batch_are_each_sequences_own(dtype, per_call, kv, mo
 
 
 @pytest.mark.parametrize("stored", [
-    {"blocks_at": [[512, 64]], "batched_rows": 32, "softmax": "fast"},
-    {"blocks_at": [[500, 64]], "batched_rows": 32, "softmax": "ours"},
-    {"blocks_at": [[512.0, 64]], "batched_rows": 32, "softmax": "ours"},
-    {"blocks_at": [[512, 48]], "batched_rows": 32, "softmax": "ours"},
-    {"blocks_at": [[512, 64], [512, 32]], "batched_rows": 32, "softmax": "ours"},
-    {"blocks_at": [[512]], "batched_rows": 32, "softmax": "ours"},
-    {"blocks_at": [[512, 64]], "batched_rows": 48, "softmax": "ours"},
-    {"blocks_at": [[512, 64]], "batched_rows": 64.0, "softmax": "ours"},
-    {"blocks_at": [[512, 64]], "softmax": "ours"},  # (no block size for batches)
+    {"blocks_at": [512], "rows": 64, "batched_rows": 32, "softmax": "fast"},
+    {"blocks_at": [500], "rows": 64, "batched_rows": 32, "softmax": "ours"},
+    {"blocks_at": [512.0], "rows": 64, "batched_rows": 32, "softmax": "ours"},
+    {"blocks_at": [512, 512], "rows": 64, "batched_rows": 32, "softmax": "ours"},
+    {"blocks_at": [[512, 64]], "rows": 64, "batched_rows": 32, "softmax": "ours"},
+    {"blocks_at": [512], "rows": 48, "batched_rows": 32, "softmax": "ours"},
+    {"blocks_at": [512], "rows": 64.0, "batched_rows": 32, "softmax": "ours"},
+    {"blocks_at": [512], "rows": 64, "batched_rows": 48, "softmax": "ours"},
+    {"blocks_at": [512], "rows": 64, "batched_rows": 64.0, "softmax": "ours"},
+    {"blocks_at": 512, "rows": 64, "batched_rows": 32, "softmax": "ours"},
+    {"blocks_at": [[512, 64]], "batched_rows": 32, "softmax": "ours"},  # (a size per length, as 8c0c3e7 wrote)
+    {"blocks_at": [512], "batched_rows": 32, "softmax": "ours"},  # (no block size for one sequence)
+    {"blocks_at": [512], "rows": 64, "softmax": "ours"},  # (no block size for batches)
     {"blocks_at": [512], "softmax": "ours"},  # (the lengths alone, as before the block sizes were timed)
-    {"blocks_at": 512, "softmax": "ours"}, {"softmax": "ours"}, None, "no 'mqa' line"])
+    {"softmax": "ours"}, None, "no 'mqa' line"])
 def test_a_cached_prefill_form_that_is_not_one_is_measured_again(form_state, monkeypatch, tmp_path, stored):
     monkeypatch.setenv("STARCODER_TP_CACHE", str(tmp_path / "cache"))
     calls = []
 
     def measured(heads, dim, slowest, dtype, on_progress, *, kv_heads):
         calls.append(heads)
-        form_state.blocks_at, form_state.calibrated, form_state.softmax = {512: 64}, "measured", "ours"
+        form_state.blocks_at, form_state.calibrated, form_state.softmax = frozenset({512}), "measured", "ours"
         return form_state.calibrated
 
     monkeypatch.setattr(attention, "calibrate_attention", measured)
@@ -361,7 +367,7 @@ def test_a_cached_prefill_form_that_is_not_one_is_measured_again(form_state, mon
     else:
         cached["forms"]["prefill_form"] = stored
     path.write_text(json.dumps(cached))
-    form_state.blocks_at, form_state.calibrated, form_state.softmax = {}, "", "torch"
+    form_state.blocks_at, form_state.calibrated, form_state.softmax = frozenset(), "", "torch"
     kernels.calibrate_forms({"8x8:float32": torch.ones(8, 8)}, {}, tp, mqa)
     assert calls == [8, 8], f"a cached {stored!r} was taken"
     assert form_state.calibrated == "measured" and form_state.softmax == "ours"
@@ -388,7 +394,7 @@ def test_softmax_c_is_timed_only_where_no_rank_lacks_it(form_state, monkeypatch,
 def test_a_calibration_without_blocks_keeps_no_batch_size_of_an_earlier_one(form_state, monkeypatch):
     """SDPA at every length: the form is SDPA's, and what it caches reads back as the same."""
     monkeypatch.setattr(attention.causal_softmax, "available", lambda dtype: False)
-    form_state.batched_rows = 128  # an earlier calibration's
+    form_state.rows = form_state.batched_rows = 128  # an earlier calibration's
 
     def slowest(local: torch.Tensor) -> torch.Tensor:
         if local.numel() == 10:  # per length: sdpa, then the blocks
@@ -396,5 +402,5 @@ def test_a_calibration_without_blocks_keeps_no_batch_size_of_an_earlier_one(form
         return local  # (the sweep)
 
     assert calibrate_attention(4, 64, slowest, kv_heads=1).startswith("sdpa")
-    assert form_state.blocks_at == {} and form_state.batched_rows == attention.BLOCK_ROWS
-    assert PREFILL_FORM.parse(form_state.state()) == ({}, attention.BLOCK_ROWS, "torch")
+    assert form_state.blocks_at == frozenset() and form_state.rows == form_state.batched_rows == attention.BLOCK_ROWS
+    assert PREFILL_FORM.parse(form_state.state()) == (frozenset(), attention.BLOCK_ROWS, attention.BLOCK_ROWS, "torch")
