@@ -27,7 +27,7 @@ from .comm import TPGroup
 from .config import ModelConfig
 from .decode_attention import DECODE_FORM
 from .linear import Linear
-from .starcoder2 import apply_rotary
+from .rotary import rotate
 
 
 def attention_mask(key_valid: torch.Tensor, query_slots: torch.Tensor, window: int | None = None) -> torch.Tensor:
@@ -248,7 +248,7 @@ class Attention(nn.Module):
         (cos, sin) [B, T, 1, D] of the new tokens' positions, for models with RoPE."""
         q, k, v = self._qkv(x)
         if rotary is not None:
-            q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+            q, k = rotate(q, *rotary), rotate(k, *rotary)  # (in place where rotary.c runs)
         t = x.shape[1]
         if isinstance(start, int):
             end = start + t

@@ -36,9 +36,10 @@ from .files import atomic_path, cache_dir
 
 # Our kernels, built into one library: rowdot.c's one-row products, panels.c's (panels.py),
 # attend.c's decode attention (decode_attention.py), argmax.c's greedy pick (argmax.py),
-# softmax.c's causal softmax of the prefill's blocks (softmax.py) and fused_step.c's decode layers.
+# softmax.c's causal softmax of the prefill's blocks (softmax.py), fused_step.c's decode layers and
+# rotary.c's RoPE rotation (rotary.py).
 SOURCES = tuple(Path(__file__).with_name(name) for name in ("rowdot.c", "panels.c", "attend.c", "argmax.c",
-                                                           "softmax.c", "fused_step.c"))
+                                                           "softmax.c", "fused_step.c", "rotary.c"))
 HEADERS = (Path(__file__).with_name("simd.h"),)  # (part of the build's digest: the sources include it)
 ENV = "STARCODER_TP_ROWDOT"  # "off": never build or offer the kernel; a name of PATHS: that path
 # (no contraction of a * b + c into one rounding: the C code that reproduces torch's ops rounds each, as they do)
@@ -104,6 +105,9 @@ def library() -> tuple[ctypes.CDLL | None, str]:
     lib.causal_softmax_supported.restype = ctypes.c_int
     for fn in (lib.argmax_f32, lib.argmax_bf16):  # (argmax.py) x, row stride, rows, n, values, index
         fn.argtypes, fn.restype = [ctypes.c_void_p] + [ctypes.c_long] * 3 + [ctypes.c_void_p] * 2, ctypes.c_int
+    rotary = [ctypes.c_void_p] + [ctypes.c_long] * 7 + [ctypes.c_void_p] * 2  # (rotary.py) x, B, T, H, D, strides,
+    lib.rotary_f32.argtypes, lib.rotary_bf16.argtypes = rotary, rotary + [ctypes.c_int]  # cos, sin (bf16: its form)
+    lib.rotary_f32.restype = lib.rotary_bf16.restype = None
     taken = lib.rowdot_use(wanted.encode() if wanted else None)  # (None: the widest path this CPU runs)
     if taken is None:
         return None, f"{ENV}={wanted}: this CPU does not run that path"
