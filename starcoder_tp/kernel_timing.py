@@ -59,12 +59,12 @@ DECODE_SET_MIN_BYTES = 64 << 20  # and at least this
 # A weight larger than the decode set has its decode candidates timed on its first rows (decode_rows),
 # each round as many calls as streams the whole's bytes, and the times scaled to the whole. Making
 # the whole's copy in each candidate's layout took 1.5-2.8 s for the bench-size lm_head on the EPYC
-# Zen 4 VM, and the start-up from scratch 2.1-2.5 s longer (means of three). On 16384 of that
-# lm_head's 49152 rows the candidates ran per row up to 17% faster than on the whole (the slice
-# partly from the L3, as the other shapes' sets of copies), in the same order but for one pair
-# within 5%; on 2688 of a [24576, 6144] weight's rows MKL's packed layout ran 11-56% slower than
-# on the whole, most others faster (RESULTS.md, "Start-up: a large weight's decode candidates on
-# its first rows").
+# Zen 4 VM, and the GPTBigCode bench model's fp32 start-up from scratch about 2-2.5 s longer. On
+# 16384 of that lm_head's 49152 rows the candidates ran per row up to 17% faster than on the whole
+# (the slice partly from the L3, as the other shapes' sets of copies), in the same order but for one
+# pair within 5%; on 2688 of a [24576, 6144] weight's rows MKL's packed layout ran 11-56% slower
+# than on the whole, most others faster (RESULTS.md, "Start-up: a large weight's decode candidates
+# on its first rows"). The MLP's first linear is timed whole: its GELU's form depends on the size.
 DECODE_SLICE_MIN_ROWS = 16384
 DECODE_SLICE_BLOCK = 64  # rows: whole panels (16) and oneDNN blocks
 # A candidate this much slower than the best on its probe call, and again on a second call, is
@@ -145,6 +145,8 @@ def decode_rows(n: int, k: int, element_size: int) -> int:
     """How many of an [N, K] weight's first rows its decode candidates are timed on: all of a weight
     that fits in decode_set_bytes(), else as many whole blocks of DECODE_SLICE_BLOCK rows as fit,
     but at least DECODE_SLICE_MIN_ROWS (kernels.measure scales the times to all N rows)."""
+    if n * k * element_size <= decode_set_bytes():
+        return n
     fit = decode_set_bytes() // (k * element_size) // DECODE_SLICE_BLOCK * DECODE_SLICE_BLOCK
     return min(n, max(DECODE_SLICE_MIN_ROWS, fit))
 

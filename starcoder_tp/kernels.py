@@ -76,7 +76,7 @@ SPLIT_ROWS = round(math.sqrt(SHORT_ROWS * PREFILL_ROWS))  # calls of fewer rows 
 # Requests whose costs are this close are not told apart: a candidate's timings differ by 3-6%
 # from one measured plan to the next (RESULTS.md, "Decode candidates timed from memory").
 TIE_FRACTION = 0.02
-PLAN_VERSION = 25  # part of the cache key: a change in what is measured invalidates old plans
+PLAN_VERSION = 26  # part of the cache key: a change in what is measured invalidates old plans
 # Every shape's timings travel across ranks in these fixed slots (inf: not a candidate there),
 # so that ranks on CPUs with different candidates still reduce tensors of one size.
 DECODE_SLOTS = ("plain", "onednn", "fp32", "mkl_packed", "gemv", "onednn_wide", "rowdot", "panels")
@@ -267,7 +267,8 @@ def measure(weights: dict[str, torch.Tensor], rows: int, slowest: Callable[[torc
     def shape_slots(shape: str) -> list[float]:  # decode, short and long prefill, in their slots
         weight, activation = weights[shape], activated.get(shape)
         kinds = decode_candidates(weight, rows)
-        timed = weight[:decode_rows(*weight.shape, weight.element_size())]  # (a large weight's first rows)
+        # A large weight's first rows; the MLP's first linear whole: its GELU's form depends on the output's size
+        timed = weight if activation else weight[:decode_rows(*weight.shape, weight.element_size())]
         scale = weight.shape[0] / timed.shape[0]
         calls = decode_calls(timed, rows, kinds, activation,
                              decode_copies(timed.numel() * timed.element_size(), step_bytes), on_progress)

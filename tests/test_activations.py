@@ -23,6 +23,8 @@ def gelu_state(monkeypatch):
     monkeypatch.setattr(TANH_GELU, "split_from", None)
     monkeypatch.setattr(TANH_GELU, "calibrated", "")
     monkeypatch.setattr(PREFILL_FORM, "blocks_at", frozenset())
+    monkeypatch.setattr(PREFILL_FORM, "rows", PREFILL_FORM.rows)
+    monkeypatch.setattr(PREFILL_FORM, "batched_rows", PREFILL_FORM.batched_rows)
     monkeypatch.setattr(PREFILL_FORM, "calibrated", "")
     monkeypatch.setattr(PREFILL_FORM, "softmax", PREFILL_FORM.softmax)
     monkeypatch.setattr(DECODE_FORM, "calibrated", "")
@@ -129,7 +131,8 @@ def test_every_kernel_mode_calibrates_the_form_and_a_plan_is_keyed_on_it(tmp_pat
     not a linear's kernel), and under `auto` before the plan's key, which names it."""
     from starcoder_tp.attention import PREFILL_FORM
     monkeypatch.setattr(PREFILL_FORM, "calibrated", PREFILL_FORM.calibrated)  # (measured here too: restored)
-    monkeypatch.setattr(PREFILL_FORM, "blocks_at", PREFILL_FORM.blocks_at)
+    for name in ("blocks_at", "rows", "batched_rows", "softmax"):
+        monkeypatch.setattr(PREFILL_FORM, name, getattr(PREFILL_FORM, name))
     shard_checkpoint(embedded_dir, tmp_path / "s", 1)
     model = load_model(tmp_path / "s", TPGroup(0, 1), torch.device("cpu"), kernels="plain")
     model.use_kernels("onednn", 1)

@@ -29,17 +29,22 @@ def test_a_larger_weight_is_timed_on_whole_blocks_of_its_first_rows_that_fit(dec
     assert decode_rows(160, 4096, 4) == 128 and decode_rows(100, 4096, 4) == 100, "never more rows than it has"
 
 
-def test_the_floor_is_the_rows_at_which_the_bench_lm_heads_candidates_ran_as_on_the_whole():
-    # (RESULTS.md: on 16384 of its 49152 rows they ran as on all; on 2688 of a weight's, MKL's did not)
-    assert kernel_timing.DECODE_SLICE_MIN_ROWS == 16384 and kernel_timing.DECODE_SLICE_MIN_ROWS % 64 == 0
+def test_the_bench_lm_head_is_timed_on_what_fits_in_64_mib_and_a_15b_mlp_weight_on_the_floor(monkeypatch):
+    monkeypatch.setattr(kernel_timing, "decode_set_bytes", lambda: 64 << 20)  # (two 32 MiB L3s, as on Zen 4)
+    assert decode_rows(49152, 1024, 4) == 16384 and decode_rows(49152, 1024, 2) == 32768
+    # (RESULTS.md: on 16384 of the lm_head's rows the candidates ran as on all; on 2688 of this one's
+    # MKL's packed layout ran 11-56% slower per row)
+    assert decode_rows(24576, 6144, 4) == 16384, "not the 2688 rows that fit"
+    assert decode_rows(49155, 1024, 1) == 49155, "a weight that fits whole, whatever its rows"
 
 
 def test_a_large_weights_decode_times_come_from_its_first_rows_scaled_to_all(monkeypatch, decode_set):
-    timed_rows, min_calls = [], []
+    timed_rows, min_calls, starts = [], [], []
     real_calls = kernel_timing.decode_calls
 
     def decode_calls(weight, rows, kinds, *args, **kw):
         timed_rows.append(weight.shape[0])
+        starts.append(weight.data_ptr())
         return real_calls(weight, rows, kinds, *args, **kw)
 
     def time_ms(calls, on_progress=lambda: None, min_calls_=1):
@@ -55,9 +60,25 @@ def test_a_large_weights_decode_times_come_from_its_first_rows_scaled_to_all(mon
     plan = kernels.measure({"1024x16:float32": large, "64x16:float32": small}, 1, lambda t: t,
                            prefill={"1024x16:float32"})
     assert timed_rows == [192, 64], "the large weight's first 192 rows, the small one whole"
+    assert starts == [large.data_ptr(), small.data_ptr()], "its first rows"
     assert min_calls[0] == math.ceil(kernels.DECODE_MIN_CALLS * 1024 / 192), "a round streams the whole's bytes"
     assert min_calls[1:3] == [1, 1] and min_calls[3] == kernels.DECODE_MIN_CALLS, "prefill whole; the small one"
     scale = 1024 / 192
     assert plan["1024x16:float32"].decode_ms == pytest.approx({"plain": 1.0 * scale, "onednn": 2.0 * scale})
     assert plan["1024x16:float32"].prefill_ms == {"plain": 1.0, "onednn": 2.0, "unpack": 3.0, "onednn_plain": 4.0}
     assert plan["64x16:float32"].decode_ms == {"plain": 1.0, "onednn": 2.0}
+
+
+def test_the_mlps_first_linear_is_timed_whole(monkeypatch, decode_set):
+    """Its GELU's form (split or fused) depends on the output's size: a slice could time the other."""
+    timed_rows = []
+    real_calls = kernel_timing.decode_calls
+    monkeypatch.setattr(kernels, "decode_calls", lambda weight, *a, **k: timed_rows.append(weight.shape[0])
+                        or real_calls(weight, *a, **k))
+    monkeypatch.setattr(kernels, "time_ms", lambda calls, on_progress=lambda: None, min_calls=1:
+                        {name: 1.0 for name in calls})
+    monkeypatch.setattr(kernels, "decode_candidates", lambda w, rows=1: ("plain",))
+    weights = {"1024x16:float32": torch.randn(1024, 16)}
+    kernels.measure(weights, 1, lambda t: t, prefill=set(), activated={"1024x16:float32": "gelu_pytorch_tanh"})
+    kernels.measure(weights, 1, lambda t: t, prefill=set())
+    assert timed_rows == [1024, 192], "activated: whole; the same weight not activated: its first rows"

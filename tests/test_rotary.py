@@ -27,8 +27,10 @@ def test_the_rotation_is_torchs_to_the_bit_in_place_on_the_projections_views(dty
     cos, sin = tables(b, t, d, dtype, start=1000)
     want_q, want_k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
     v_before = qkv[..., (h + kv) * d:].clone()
+    taken = rotary.takes(q, cos, sin)  # (bf16: from the AVX2 path on)
+    assert taken == (dtype == torch.float32 or rowdot.runs_at_least("avx2")) and taken == rotary.takes(k, cos, sin)
     got_q, got_k = rotary.rotate(q, cos, sin), rotary.rotate(k, cos, sin)
-    assert got_q.data_ptr() == q.data_ptr() and got_k.data_ptr() == k.data_ptr(), "in place"
+    assert (got_q.data_ptr() == q.data_ptr() and got_k.data_ptr() == k.data_ptr()) == taken, "in place where taken"
     assert torch.equal(got_q, want_q) and torch.equal(got_k, want_k)
     assert torch.equal(qkv[..., (h + kv) * d:], v_before), "the values untouched"
 
@@ -42,8 +44,9 @@ def test_the_interleaved_heads_view_and_special_values_rotate_as_torchs(dtype):
     q = per_head[..., :16]
     cos, sin = tables(2, 9, 16, dtype)
     want = apply_rotary(q, cos, sin)
+    taken = rotary.takes(q, cos, sin)
     got = rotary.rotate(q, cos, sin)
-    assert got.data_ptr() == q.data_ptr()
+    assert (got.data_ptr() == q.data_ptr()) == taken == (dtype == torch.float32 or rowdot.runs_at_least("avx2"))
     assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.nan_to_num(), want.nan_to_num())
 
 
@@ -55,7 +58,10 @@ def test_what_rotary_c_does_not_take_runs_torchs_form(monkeypatch):
              "a strided last dimension": (torch.randn(1, 4, 2, 16)[..., ::2], cos, sin),
              "tables not contiguous": (x, cos.transpose(0, 1), sin.transpose(0, 1)),
              "tables of other positions": (x, *tables(1, 3, 8, torch.float32)),
-             "grad": (x.clone().requires_grad_(), cos, sin)}
+             "grad": (x.clone().requires_grad_(), cos, sin),
+             "heads sharing their values": (torch.randn(1, 4, 1, 8).expand(1, 4, 2, 8), cos, sin),
+             "rows overlapping": (torch.randn(40).as_strided((1, 4, 2, 8), (32, 4, 8, 1)), cos, sin),
+             "tokens before heads": (torch.randn(1, 2, 4, 8).transpose(1, 2), cos, sin)}
     for name, (a, c, s) in cases.items():
         assert not rotary.takes(a, c, s), name
         if name != "tables of other positions":
@@ -63,6 +69,20 @@ def test_what_rotary_c_does_not_take_runs_torchs_form(monkeypatch):
             assert out.data_ptr() != a.data_ptr() and torch.equal(out, apply_rotary(a, c, s)), name
     monkeypatch.setattr(rowdot, "library", lambda: (None, "not built"))
     assert not rotary.takes(x, cos, sin), "no library"
+    assert torch.equal(rotary.rotate(x, cos, sin), apply_rotary(x, cos, sin))
+
+
+def test_a_traced_call_runs_torchs_form_without_reaching_the_library(monkeypatch):
+    """Under torch.compile the rotation is torch's, and nothing of the library (a cached build, ctypes)
+    is traced: the check comes first."""
+    def reached(*_):
+        raise AssertionError("the library was reached while compiling")
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    monkeypatch.setattr(rowdot, "library", reached)
+    monkeypatch.setattr(rowdot, "runs_at_least", reached)
+    x = torch.randn(1, 4, 2, 8).bfloat16()
+    cos, sin = tables(1, 4, 8, torch.bfloat16)
+    assert not rotary.takes(x, cos, sin)
     assert torch.equal(rotary.rotate(x, cos, sin), apply_rotary(x, cos, sin))
 
 
