@@ -31,11 +31,14 @@ int attend_f32(const float *q, long q_b, const float *k, const float *v, long kv
 int attend_bf16(const uint16_t *q, long q_b, const uint16_t *k, const uint16_t *v, long kv_b, long kv_h,
                 const uint8_t *mask, long mask_b, uint16_t *out, long b_len, long kv_len, long g_len, long s_len,
                 long d_len, float scale, int dot);
+void rotary_f32(float *x, long b, long t, long h, long d, long sb, long st, long sh, const float *cos,
+                const float *sin);
+void rotary_bf16(uint16_t *x, long b, long t, long h, long d, long sb, long st, long sh, const uint16_t *cos,
+                 const uint16_t *sin, int wide);
 
 /* A layer's tensors, in this order (fused_step.py's _layer_tensors); a bias may be NULL. */
 enum { LN1_W, LN1_B, QKV_W, QKV_B, K_CACHE, V_CACHE, PROJ_W, PROJ_B, LN2_W, LN2_B, FC_W, FC_B, FC2_W, FC2_B, SLOTS };
 /* dims[]: the step's shape (fused_step.py's DIMS). */
-#define MAX_HEAD_DIM 1024 /* rotate's copy of a head: each element reads the other half's, rotated in place */
 enum { LAYERS, BATCH, EMBD, HEADS, KV_HEADS, HEAD_DIM, INNER, KV_B, KV_H, ACT, DOT, BF16, DIMS };
 
 static inline float get(const void *p, long i, int bf16) {
@@ -98,25 +101,14 @@ static void residual(void *x, const void *add, const void *bias, long rows, long
         }
 }
 
-/* Rotary positions on q and k in place, as starcoder2.apply_rotary: x * cos + rotated * sin, each half of a
- * head's D against the other (rotated = [-x[D/2:], x[:D/2]]), each product and the sum rounded to the dtype as
- * torch's three ops round them. In fp32 that needs the products apart from the sum, not one fused
- * multiply-add: rowdot.py builds with -ffp-contract=off. cos, sin: [B][D], this step's position per row. */
+/* Rotary positions on q and k in place, by rotary.c (torch's bits): rows of [q's heads | k's heads | v],
+ * one token each; cos, sin: [B][D], this step's position per row. */
 static void rotate(void *qkv, const void *cos, const void *sin, long rows, long row_len, long heads, long d_len,
                    int bf16) {
-    float held[MAX_HEAD_DIM];
-    const long half = d_len / 2;
-    for (long b = 0; b < rows; b++)
-        for (long h = 0; h < heads; h++) {
-            const long at = b * row_len + h * d_len;
-            for (long i = 0; i < d_len; i++)
-                held[i] = get(qkv, at + i, bf16);
-            for (long i = 0; i < d_len; i++) {
-                float turned = i < half ? -held[i + half] : held[i - half];
-                float straight = rounded(held[i] * get(cos, b * d_len + i, bf16), bf16);
-                put(qkv, at + i, straight + rounded(turned * get(sin, b * d_len + i, bf16), bf16), bf16);
-            }
-        }
+    if (bf16)
+        rotary_bf16(qkv, rows, 1, heads, d_len, row_len, 0, d_len, cos, sin, 2);  /* (the widest form this CPU runs) */
+    else
+        rotary_f32(qkv, rows, 1, heads, d_len, row_len, 0, d_len, cos, sin);
 }
 
 static void linear(const void *w, const void *x, const void *b, void *y, long n, long k, long m, int act, int bf16) {
@@ -139,7 +131,7 @@ int fused_step(void *const *layers, long from, long to, void *x, const void *inc
     const long B = dims[BATCH], E = dims[EMBD], H = dims[HEADS], KV = dims[KV_HEADS], D = dims[HEAD_DIM];
     const long QKV = (H + 2 * KV) * D, bf16 = dims[BF16], size = bf16 ? 2 : 4;
     if (from < 0 || to < from || to > 4 * dims[LAYERS] || (partial && (to == from || (to - 1) % 4 < 2)) ||
-        (cos && (!sin || D > MAX_HEAD_DIM || D % 2)))
+        (cos && (!sin || D % 2)))
         return -2;
     for (long p = from; partial && p < to - 1; p++)  /* between ranks: one c_proj, the range's last phase */
         if (p % 4 >= 2)

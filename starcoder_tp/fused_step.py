@@ -29,7 +29,6 @@ from .activations import ACTIVATIONS
 from .linear import Linear
 
 ENV = "STARCODER_TP_FUSED_STEP"  # "0": every step op by op (A/B timing, a suspected kernel); "1" (default): fuse
-MAX_ROTARY_HEAD_DIM = 1024  # fused_step.c's MAX_HEAD_DIM
 DIMS = (  # fused_step.c's dims[], in order
     "layers", "batch", "embd", "heads", "kv_heads", "head_dim", "inner", "kv_b", "kv_h", "act", "dot", "bf16")
 
@@ -88,9 +87,8 @@ def why_not(model) -> str | None:
         return "the decode step is compiled"
     if attn.interleaved:
         return "per-head interleaved q/k/v rows (multi-head GPTBigCode)"
-    if model.inv_freq is not None and (attn.head_dim % 2 or attn.head_dim > MAX_ROTARY_HEAD_DIM):
-        return (f"rotary positions on a head_dim of {attn.head_dim} (fused_step.c rotates even ones up to "
-                f"{MAX_ROTARY_HEAD_DIM})")
+    if model.inv_freq is not None and attn.head_dim % 2:
+        return f"rotary positions on a head_dim of {attn.head_dim} (fused_step.c rotates even ones)"
     if model.window is not None and model.cache_len > model.window:
         return f"a sliding window ({model.window}) shorter than the cache ({model.cache_len} slots)"
     _, post_op, algorithm = ACTIVATIONS[config.activation_function]

@@ -134,11 +134,14 @@ def test_what_the_fused_step_does_not_take_runs_op_by_op(tmp_path, dtype, monkey
         assert fused_step.why_not(rotary) == "a sliding window (512) shorter than the cache (513 slots)"
         assert rotary.fused is None, "decided in setup_cache"
         rotary.setup_cache(2, 16)
-        for head_dim in (30, fused_step.MAX_ROTARY_HEAD_DIM):
+        for head_dim in (30, 1024):
             with pytest.MonkeyPatch.context() as patch:
                 patch.setattr(rotary.transformer.h[0].attn, "head_dim", head_dim + 1)  # the C refuses to rotate it
                 assert fused_step.why_not(rotary) == (f"rotary positions on a head_dim of {head_dim + 1} (fused_step.c "
-                                                      f"rotates even ones up to {fused_step.MAX_ROTARY_HEAD_DIM})")
+                                                      f"rotates even ones)")
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(rotary.transformer.h[0].attn, "head_dim", 2048)  # (rotary.c has no bound on the head)
+            assert not (fused_step.why_not(rotary) or "").startswith("rotary positions")
 
 
 @each([torch.float32])
@@ -257,10 +260,10 @@ def test_a_range_between_ranks_must_end_at_its_one_c_proj():
                           table.data_ptr()) == 0, "an empty range, rotary tables given: nothing to refuse"
     assert lib.fused_step(None, 0, 0, x.data_ptr(), None, None, None, None, dims, 0, 1e-5, 1.0, table.data_ptr(),
                           None) == -2, "a cos with no sin"
-    for head_dim, why in [(3, "an odd head_dim has no halves to rotate"), (1026, "past MAX_HEAD_DIM")]:
+    for head_dim, refused in [(3, True), (2050, False)]:  # an odd head_dim has no halves to rotate; no bound else
         dims[fused_step.DIMS.index("head_dim")] = head_dim
         assert lib.fused_step(None, 0, 0, x.data_ptr(), None, None, None, None, dims, 0, 1e-5, 1.0, table.data_ptr(),
-                              table.data_ptr()) == -2, why
+                              table.data_ptr()) == (-2 if refused else 0), head_dim
 
 
 @each()
