@@ -4,7 +4,7 @@
  * two products, the sum), each into a new tensor; here one pass reads and writes each value once.
  * Each product and the sum are rounded as torch rounds them (fp32; bf16: to bf16 after each, as
  * its elementwise ops do), and the library is built with -ffp-contract=off (no fused multiply-add):
- * the same bits as torch's. Portable C, vectorised by the compiler.
+ * the same bits as torch's. Portable C, vectorised by the compiler. fused_step.c rotates its q and k by it too.
  */
 #include <stdint.h>
 #include <string.h>
