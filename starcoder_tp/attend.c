@@ -30,13 +30,14 @@
 #define LANES 16
 #define KEYS 4  /* keys scored at once: independent sums that hide the multiply-add's latency */
 
-/* Key s's rows of the next sequence's keys and values (row_bytes each, at pk and pv), asked for. */
-AVX512 INLINE void ask_next(const char *pk, const char *pv, long s, long row_bytes) {
-    for (long line = 0; line < row_bytes; line += 64) {
-        _mm_prefetch(pk + s * row_bytes + line, _MM_HINT_T0);
-        _mm_prefetch(pv + s * row_bytes + line, _MM_HINT_T0);
-    }
-}
+/* attend_few.c: up to `few_max` query heads per K/V head run there, the lanes along D. */
+void attend_few_f32(const float *q, int gn, const float *k, const float *v, const uint8_t *valid, long s_len,
+                    long d_len, float scale, float *scores, float *qs, float *out, const char *pk, const char *pv,
+                    long row_bytes);
+void attend_few_dot(const uint16_t *q, int gn, const uint16_t *k, const uint32_t *vt, const uint8_t *valid,
+                    long s_len, long d_len, float scale, float *scores, uint32_t *pairs, float *out,
+                    const char *pk, const char *pv, long row_bytes);
+static int few_max = 8;
 
 /* The value sums of elements d0..d0 + 15 (acc[i]: element d0 + i, the heads in its lanes), times
  * inv, into out [gn][D]: a 16 x 16 transpose through memory. */
@@ -258,18 +259,24 @@ AVX512 static int attend_all(const void *q, long q_b, const void *k, const void 
             for (long g0 = 0; g0 < g_len; g0 += LANES) {
                 int gn = g_len - g0 < LANES ? (int)(g_len - g0) : LANES;
                 long head = j * g_len + g0, q_at = b * q_b + head * d_len, out_at = (b * kv_len * g_len + head) * d_len;
+                const char *ask = g0 ? NULL : pk;
+                int few = gn <= few_max;
                 if (!bf16) {
-                    attend_heads((const float *)q + q_at, gn, kr, vr, valid, s_len, d_len, scale, scores, qt,
-                                 (float *)out + out_at, g0 ? NULL : pk, pv, d_len * size);
+                    (few ? attend_few_f32 : attend_heads)((const float *)q + q_at, gn, kr, vr, valid, s_len, d_len,
+                                                          scale, scores, qt, (float *)out + out_at, ask, pv,
+                                                          d_len * size);
                     continue;
                 }
-                if (dot)
+                if (dot && few)
+                    attend_few_dot((const uint16_t *)q + q_at, gn, (const uint16_t *)k + kv_at, vt, valid, s_len, d_len,
+                                   scale, scores, pairs, of, ask, pv, d_len * size);
+                else if (dot)
                     attend_heads_dot((const uint16_t *)q + q_at, gn, (const uint16_t *)k + kv_at, vt, valid, s_len,
-                                     d_len, scale, scores, (uint32_t *)qt, pairs, of, g0 ? NULL : pk, pv, d_len * size);
+                                     d_len, scale, scores, (uint32_t *)qt, pairs, of, ask, pv, d_len * size);
                 else {
                     widen_rows((const uint16_t *)q + q_at, gn, d_len, qf);
-                    attend_heads(qf, gn, kr, vr, valid, s_len, d_len, scale, scores, qt, of, g0 ? NULL : pk, pv,
-                                 d_len * size);
+                    (few ? attend_few_f32 : attend_heads)(qf, gn, kr, vr, valid, s_len, d_len, scale, scores, qt, of,
+                                                          ask, pv, d_len * size);
                 }
                 for (long i = 0; i < gn * d_len; i += LANES)
                     _mm256_storeu_si256((__m256i *)((uint16_t *)out + out_at + i),
@@ -280,6 +287,14 @@ AVX512 static int attend_all(const void *q, long q_b, const void *k, const void 
     return 0;
 }
 #endif
+
+/* The most query heads per K/V head that attend_few.c runs (0: none; more than 8: 8); returns the
+ * previous setting. For A/B timing and the tests of both forms. */
+int attend_few_heads(int most) {
+    int previous = few_max;
+    few_max = most < 0 ? 0 : most > 8 ? 8 : most;
+    return previous;
+}
 
 /* Whether this CPU runs attend_f32 / attend_bf16: AVX-512 (F, BW, VL). */
 int attend_supported(void) {

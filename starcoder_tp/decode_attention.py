@@ -59,6 +59,18 @@ def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torc
     return run(q, keys, values, mask, scale, dot)
 
 
+def few_heads(most: int) -> int:
+    """Set the most query heads per K/V head that attend_few.c runs, its lanes along the head's
+    elements (0: none, attend.c's vertical form for every head count; at most 8, the default);
+    returns the previous setting. For A/B timing and the tests of both forms."""
+    lib, why = rowdot.library()
+    if lib is None:
+        raise RuntimeError(f"decode_attention.few_heads: attend.c is not built here ({why})")
+    if not 0 <= most <= 8:
+        raise ValueError(f"decode_attention.few_heads: most={most!r}, expected 0 to 8")
+    return lib.attend_few_heads(most)
+
+
 @functools.cache  # (per layer of every bf16 decode step; the library's path is fixed at its load)
 def bf16_dot() -> bool:
     """Whether bf16 runs attend.c's dot path here: the library's path is avx512bf16 (rowdot.ENV set

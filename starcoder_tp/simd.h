@@ -1,4 +1,5 @@
-/* What panels.c and attend.c share: the AVX-512 function attributes, bf16 rounding and e^x.
+/* What panels.c and the attention's C share: the AVX-512 function attributes, bf16 rounding, e^x and
+ * the next sequence's cache rows asked for.
  * Included where __x86_64__ and GCC-compatible compilers are. */
 #ifndef STARCODER_TP_SIMD_H
 #define STARCODER_TP_SIMD_H
@@ -42,6 +43,14 @@ AVX512 INLINE __m512 exp_neg(__m512 x) {
     for (int i = 1; i < 6; i++)
         q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(c[i]));
     return _mm512_scalef_ps(_mm512_fmadd_ps(q, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f))), n);
+}
+
+/* Key s's rows of the next sequence's keys and values (row_bytes each, at pk and pv), asked for. */
+AVX512 INLINE void ask_next(const char *pk, const char *pv, long s, long row_bytes) {
+    for (long line = 0; line < row_bytes; line += 64) {
+        _mm_prefetch(pk + s * row_bytes + line, _MM_HINT_T1);
+        _mm_prefetch(pv + s * row_bytes + line, _MM_HINT_T1);
+    }
 }
 
 #endif

@@ -60,13 +60,27 @@ def _sdpa(q, keys, values, mask, scale):
 SHAPES = [(16, 16, 1, 64, 144), (2, 24, 1, 64, 300), (3, 24, 2, 128, 37), (1, 36, 4, 128, 9), (4, 5, 5, 16, 1),
           (2, 48, 1, 128, 70), (2, 20, 1, 48, 11), (3, 4, 2, 16, 13)]  # (the last two: a head_dim of 16 and 48,
 # not a whole number of 32-element blocks, over an odd number of keys)
+# attend_few.c's head counts (G <= 8): the StarCoder2 bench model's 4 of 128 (and one rank's of it), each other
+# G with head dims of 16 to 128, key counts on and off its 16 / G keys a block, odd and even.
+FEW_SHAPES = [(16, 8, 2, 128, 152), (2, 4, 1, 128, 33), (3, 24, 8, 48, 21), (2, 14, 2, 64, 40), (2, 40, 5, 16, 7),
+              (5, 12, 2, 32, 17), (2, 5, 1, 64, 6), (1, 16, 2, 16, 2)]
+
+
+@pytest.fixture(params=[0, 8], ids=["vertical", "few"])
+def few(request):
+    """attend.c's vertical form for every head count, or attend_few.c's up to 8 heads (the default)."""
+    if not decode_attention.available():
+        pytest.skip("attend.c not built or no AVX-512 on this CPU (SDPA runs instead)")
+    previous = decode_attention.few_heads(request.param)
+    yield request.param
+    decode_attention.few_heads(previous)
 
 
 @needs_kernel
 @pytest.mark.parametrize("form", ["float32", "bfloat16 widened", "bfloat16 dot"])
 @pytest.mark.parametrize("masked", [False, True])
-@pytest.mark.parametrize("shape", SHAPES)
-def test_attend_gives_sdpas_values_and_never_reads_a_masked_key(shape, masked, form):
+@pytest.mark.parametrize("shape", SHAPES + FEW_SHAPES)
+def test_attend_gives_sdpas_values_and_never_reads_a_masked_key(shape, masked, form, few):
     if form == "bfloat16 dot" and not decode_attention.bf16_dot():
         pytest.skip("no AVX512_BF16 on this CPU: bf16 runs widened to fp32")
     dtype = torch.float32 if form == "float32" else torch.bfloat16
@@ -101,6 +115,33 @@ def test_the_bf16_dot_path_is_taken_where_asked_and_refused_where_the_cpu_lacks_
     for scale in (0.0, -0.125, float("nan")):
         with pytest.raises(ValueError, match="expected a finite scale > 0"):
             attend(q, keys, values, None, scale)
+
+
+@needs_kernel
+def test_few_heads_run_attend_few_c_up_to_the_set_count_and_the_vertical_form_above():
+    """The two forms add in other orders: other bits for the same heads in fp32, which shows which one ran
+    (in bf16 the output's rounding hides the difference; there both forms are checked against SDPA above,
+    and the choice between them is the same line of attend.c)."""
+    def both(heads, kv_heads):
+        q, keys, values, mask = _step(4, heads, kv_heads, 64, 50, torch.float32, masked=True)
+        previous = decode_attention.few_heads(0)
+        try:
+            vertical = attend(q, keys, values, mask, 0.125)
+            decode_attention.few_heads(heads // kv_heads)
+            at_most = attend(q, keys, values, mask, 0.125)
+            decode_attention.few_heads(heads // kv_heads - 1)
+            below = attend(q, keys, values, mask, 0.125)
+        finally:
+            decode_attention.few_heads(previous)
+        return vertical, at_most, below
+    for heads, kv_heads in ((8, 2), (8, 1), (6, 3)):
+        vertical, few, below = both(heads, kv_heads)
+        assert not torch.equal(vertical, few), f"G={heads // kv_heads}: few_heads({heads // kv_heads}) ran the vertical form"
+        assert torch.equal(vertical, below), f"G={heads // kv_heads}: a count below G ran attend_few.c"
+    assert decode_attention.few_heads(8) == 8, "the default: up to 8 heads"
+    for bad in (-1, 9):
+        with pytest.raises(ValueError, match=f"most={bad}, expected 0 to 8"):
+            decode_attention.few_heads(bad)
 
 
 @needs_kernel

@@ -2,6 +2,8 @@
 set path this CPU runs (fp32, and bf16 within one bf16 rounding of the exact sum), F.linear itself
 otherwise, a candidate only at one row where it was built, a clear reason where it was not, and
 whole models decoding at batch 1 with it."""
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -201,6 +203,17 @@ def test_a_narrower_path_named_leaves_out_the_avx512_kernels_as_a_narrower_cpu_w
         monkeypatch.delenv(rowdot.ENV)
         rowdot.library.cache_clear()
     assert rowdot.runs_at_least(rowdot.path()) and rowdot.runs_at_least("scalar")
+
+
+def test_the_library_builds_wherever_its_code_is_meant_to():
+    # Every C kernel's test skips where the library is not built: an error in one source would
+    # otherwise show as skips, not as a failure, on the very machines the kernels are for.
+    import platform
+
+    off = os.environ.get(rowdot.ENV, "").lower() in ("off", "0", "no")
+    if platform.machine() not in ("x86_64", "AMD64") or rowdot._compiler() is None or off:
+        pytest.skip("not x86-64 with a C compiler, or the library turned off by the environment")
+    assert rowdot.unavailable() is None, rowdot.unavailable()
 
 
 def test_an_installed_package_carries_every_source_the_library_is_built_from():
