@@ -18,6 +18,9 @@
  * sequence's keys are scored, the next sequence's keys and values are asked for, a row of each
  * per key. From memory that took batch-16 steps to 0.50-0.63 of the time in fp32 and 0.69-0.79 in
  * bf16 (RESULTS.md, "Decode attention: the next sequence asked for").
+ *
+ * A K/V head of 8 query heads or fewer runs attend_few.c's form instead (attend_all), whose lanes run
+ * along the head's elements: here they would be half empty or more.
  */
 #include <stdint.h>
 #include <stdlib.h>

@@ -78,8 +78,8 @@ AVX512BF16 INLINE void score_dot(const uint16_t *q, const uint16_t *k, long s, l
         for (int i = 0; i < kb; i++) {
             __m512i kc = _mm512_maskz_loadu_epi16(cols, k + (s + i) * d_len + c);
             for (int g = 0; g < gn; g++)
-                acc[i * gn + g] = _mm512_dpbf16_ps(acc[i * gn + g], (__m512bh)_mm512_maskz_loadu_epi16(cols, q + g * d_len + c),
-                                                   (__m512bh)kc);
+                acc[i * gn + g] = _mm512_dpbf16_ps(
+                    acc[i * gn + g], (__m512bh)_mm512_maskz_loadu_epi16(cols, q + g * d_len + c), (__m512bh)kc);
         }
     }
     __m512 r = sum_lanes(acc);
@@ -137,7 +137,7 @@ AVX512 INLINE void numerators(float *scores, const uint8_t *valid, long s_len, i
         int n = s_len - s < kb ? (int)(s_len - s) : kb;
         __mmask16 keep = seen(valid, s, n, gn);
         __m512 x = _mm512_maskz_loadu_ps(keep, scores + s * gn);
-        __m512 p = dot ? exp_neg(_mm512_fmsub_ps(x, _mm512_set1_ps(scale), scaled_top)) : exp_neg(_mm512_sub_ps(x, top));
+        __m512 p = exp_neg(dot ? _mm512_fmsub_ps(x, _mm512_set1_ps(scale), scaled_top) : _mm512_sub_ps(x, top));
         p = _mm512_maskz_mov_ps(keep, p);
         _mm512_mask_storeu_ps(scores + s * gn, (__mmask16)((1u << (n * gn)) - 1u), p);
         sum = _mm512_add_ps(sum, p);
@@ -185,8 +185,8 @@ AVX512BF16 INLINE void values_dot(const uint32_t *pairs, const uint32_t *vt, con
         for (int i = 0; i < w; i++) {
             __m512i vc = _mm512_load_si512(vt + j * d_len + (c + i) * 16);
             for (int g = 0; g < gn; g++)
-                acc[g * w + i] = _mm512_dpbf16_ps(acc[g * w + i], (__m512bh)_mm512_set1_epi32((int)pairs[j * gn + g]),
-                                                  (__m512bh)vc);
+                acc[g * w + i] = _mm512_dpbf16_ps(
+                    acc[g * w + i], (__m512bh)_mm512_set1_epi32((int)pairs[j * gn + g]), (__m512bh)vc);
         }
     }
     for (int g = 0; g < gn; g++)
@@ -233,7 +233,8 @@ AVX512BF16 INLINE void few_dot(const uint16_t *q, const int gn, const uint16_t *
     uint16_t *rounded = (uint16_t *)(scores + s_len * ATTEND_FEW_MAX);  /* (past [S][gn]: attend.c's [S][16]) */
     for (long e = 0; e < s_len * gn; e += 16) {
         __mmask16 lanes = s_len * gn - e < 16 ? (__mmask16)((1u << (s_len * gn - e)) - 1u) : (__mmask16)0xffff;
-        _mm256_mask_storeu_epi16(rounded + e, lanes, (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(lanes, scores + e)));
+        __m512 p = _mm512_maskz_loadu_ps(lanes, scores + e);
+        _mm256_mask_storeu_epi16(rounded + e, lanes, (__m256i)_mm512_cvtneps_pbh(p));
     }
     for (int g = 0; g < gn * (s_len % 2); g++)
         rounded[s_len * gn + g] = 0;  /* (the pair of an odd last key) */
@@ -249,14 +250,16 @@ AVX512BF16 INLINE void few_dot(const uint16_t *q, const int gn, const uint16_t *
 AVX512 void attend_few_f32(const float *q, int gn, const float *k, const float *v, const uint8_t *valid, long s_len,
                            long d_len, float scale, float *scores, float *qs, float *out, const char *pk,
                            const char *pv, long row_bytes) {
-#define FEW_F32(n) case n: few_f32(q, n, k, v, valid, s_len, d_len, scale, scores, qs, out, pk, pv, row_bytes); break;
+#define FEW_F32(n) \
+    case n: few_f32(q, n, k, v, valid, s_len, d_len, scale, scores, qs, out, pk, pv, row_bytes); break;
     switch (gn) { FEW_F32(1) FEW_F32(2) FEW_F32(3) FEW_F32(4) FEW_F32(5) FEW_F32(6) FEW_F32(7) FEW_F32(8) }
 }
 
 AVX512BF16 void attend_few_dot(const uint16_t *q, int gn, const uint16_t *k, const uint32_t *vt, const uint8_t *valid,
                                long s_len, long d_len, float scale, float *scores, uint32_t *pairs, float *out,
                                const char *pk, const char *pv, long row_bytes) {
-#define FEW_DOT(n) case n: few_dot(q, n, k, vt, valid, s_len, d_len, scale, scores, pairs, out, pk, pv, row_bytes); break;
+#define FEW_DOT(n) \
+    case n: few_dot(q, n, k, vt, valid, s_len, d_len, scale, scores, pairs, out, pk, pv, row_bytes); break;
     switch (gn) { FEW_DOT(1) FEW_DOT(2) FEW_DOT(3) FEW_DOT(4) FEW_DOT(5) FEW_DOT(6) FEW_DOT(7) FEW_DOT(8) }
 }
 #endif

@@ -6,7 +6,9 @@ the arithmetic: in the bench-size model's bf16 batch-16 decode step on one threa
 Zen 5 (16 multi-query heads of 64, ~150 keys) it took 211 µs a layer, 13% of the step. attend.c
 puts the query heads in the lanes of a vector and runs the whole of it vertically (its header
 says how): 92 µs a layer there (RESULTS.md, "Decode attention of our own" and "Decode attention:
-the next sequence asked for").
+the next sequence asked for"). With 8 query heads a K/V head or fewer (StarCoder2's bench model: 4)
+that fills half the lanes or less, so attend_few.c runs those with the lanes along the head's elements
+(few_heads; RESULTS.md, "Decode attention for few query heads").
 Whether it is used is measured on the machine at hand, like the prefill's form (attention.py:
 DECODE_FORM, calibrate_decode); where the library is not built or the CPU lacks AVX-512, SDPA
 runs. It is built with rowdot.c into one library (rowdot.py).

@@ -38,8 +38,8 @@ from .files import atomic_path, cache_dir
 # attend.c's decode attention (decode_attention.py), argmax.c's greedy pick (argmax.py),
 # softmax.c's causal softmax of the prefill's blocks (softmax.py), fused_step.c's decode layers and
 # rotary.c's RoPE rotation (rotary.py).
-SOURCES = tuple(Path(__file__).with_name(name) for name in ("rowdot.c", "panels.c", "attend.c", "attend_few.c", "argmax.c",
-                                                           "softmax.c", "fused_step.c", "rotary.c"))
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("rowdot.c", "panels.c", "attend.c", "attend_few.c",
+                                                           "argmax.c", "softmax.c", "fused_step.c", "rotary.c"))
 HEADERS = (Path(__file__).with_name("simd.h"),)  # (part of the build's digest: the sources include it)
 ENV = "STARCODER_TP_ROWDOT"  # "off": never build or offer the kernel; a name of PATHS: that path
 # (no contraction of a * b + c into one rounding: the C code that reproduces torch's ops rounds each, as they do)

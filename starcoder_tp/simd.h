@@ -48,8 +48,8 @@ AVX512 INLINE __m512 exp_neg(__m512 x) {
 /* Key s's rows of the next sequence's keys and values (row_bytes each, at pk and pv), asked for. */
 AVX512 INLINE void ask_next(const char *pk, const char *pv, long s, long row_bytes) {
     for (long line = 0; line < row_bytes; line += 64) {
-        _mm_prefetch(pk + s * row_bytes + line, _MM_HINT_T1);
-        _mm_prefetch(pv + s * row_bytes + line, _MM_HINT_T1);
+        _mm_prefetch(pk + s * row_bytes + line, _MM_HINT_T0);
+        _mm_prefetch(pv + s * row_bytes + line, _MM_HINT_T0);
     }
 }
 

@@ -136,8 +136,9 @@ def test_few_heads_run_attend_few_c_up_to_the_set_count_and_the_vertical_form_ab
         return vertical, at_most, below
     for heads, kv_heads in ((8, 2), (8, 1), (6, 3)):
         vertical, few, below = both(heads, kv_heads)
-        assert not torch.equal(vertical, few), f"G={heads // kv_heads}: few_heads({heads // kv_heads}) ran the vertical form"
-        assert torch.equal(vertical, below), f"G={heads // kv_heads}: a count below G ran attend_few.c"
+        g = heads // kv_heads
+        assert not torch.equal(vertical, few), f"G={g}: few_heads({g}) ran the vertical form"
+        assert torch.equal(vertical, below), f"G={g}: a count below G ran attend_few.c"
     assert decode_attention.few_heads(8) == 8, "the default: up to 8 heads"
     for bad in (-1, 9):
         with pytest.raises(ValueError, match=f"most={bad}, expected 0 to 8"):
