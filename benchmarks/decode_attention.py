@@ -1,6 +1,6 @@
 """The decode step's attention alone, one thread: SDPA (as attention.attend runs it), attend.c's
-vertical form (decode_attention.few_heads(0)), attend_few.c (few_heads(8): up to 8 query heads a K/V
-head), and a plain read of the same keys and values (their sums) as the floor from memory.
+vertical form (decode_attention.few_heads(0)), attend_few.c (few_heads(FEW_HEADS): up to 8 query heads
+a K/V head), and a plain read of the same keys and values (their sums) as the floor from memory.
 
 Each call takes the next of 9 layers' caches, as a model's step does; "warm" repeats one layer's,
 "from memory" reads 96 MB between calls (the weights' stream between two layers' attention).
@@ -38,7 +38,7 @@ def _shape(text: str) -> tuple[int, ...]:
     return parts
 
 
-def median_us(call, layers, evict: torch.Tensor | None, warm: bool) -> float:
+def median_us(call, layers: list, evict: torch.Tensor | None, warm: bool) -> float:
     times = []
     for i in range(3 * LAYERS):
         if evict is not None:
@@ -56,21 +56,19 @@ def row(dtype: torch.dtype, shape: tuple[int, ...], evict: torch.Tensor) -> str:
     q = fused[..., :h * d].view(b, 1, h, d)
     layers = [tuple(torch.randn(b, kv, s + 36, d).to(dtype)[:, :, :s] for _ in range(2)) for _ in range(LAYERS)]
     scale = d ** -0.5
-
-    def ours(most: int):
-        def call(keys, values):
-            decode_attention.few_heads(most)
-            return decode_attention.attend(q, keys, values, None, scale)
-        return call
-    forms = {"sdpa": lambda k, v: sdpa_attend(q, k, v, None, scale), "vertical": ours(0), "few": ours(8),
-             "read": lambda k, v: (k.sum(), v.sum())}
+    ours = lambda k, v: decode_attention.attend(q, k, v, None, scale)  # noqa: E731
+    # (form, attend_few.c's head count while it is timed, the call)
+    forms = [("sdpa", 0, lambda k, v: sdpa_attend(q, k, v, None, scale)), ("vertical", 0, ours),
+             ("few", decode_attention.FEW_HEADS, ours), ("read", 0, lambda k, v: (k.sum(), v.sum()))]
     cells = []
-    for name, call in forms.items():
+    for _, most, call in forms:
+        decode_attention.few_heads(most)
         call(*layers[0])
         warm, cold = median_us(call, layers, None, True), median_us(call, layers, evict, False)
         cells.append(f"{warm:.0f} / {cold:.0f}")
-    decode_attention.few_heads(8)
-    return f"| {str(dtype).removeprefix('torch.')} | {', '.join(map(str, shape))} (G {h // kv}) | " + " | ".join(cells) + " |"
+    decode_attention.few_heads(decode_attention.FEW_HEADS)
+    name = str(dtype).removeprefix("torch.")
+    return f"| {name} | {', '.join(map(str, shape))} (G {h // kv}) | " + " | ".join(cells) + " |"
 
 
 def main() -> None:

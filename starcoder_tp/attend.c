@@ -27,20 +27,16 @@
 #include <string.h>
 #include <math.h>
 
+#include "attend_few.h"
+
+static int few_max = ATTEND_FEW_MAX;  /* up to this many query heads per K/V head: attend_few.c */
+
 #if defined(__x86_64__) && defined(__GNUC__)
 #include "simd.h"
 
 #define LANES 16
 #define KEYS 4  /* keys scored at once: independent sums that hide the multiply-add's latency */
 
-/* attend_few.c: up to `few_max` query heads per K/V head run there, the lanes along D. */
-void attend_few_f32(const float *q, int gn, const float *k, const float *v, const uint8_t *valid, long s_len,
-                    long d_len, float scale, float *scores, float *qs, float *out, const char *pk, const char *pv,
-                    long row_bytes);
-void attend_few_dot(const uint16_t *q, int gn, const uint16_t *k, const uint32_t *vt, const uint8_t *valid,
-                    long s_len, long d_len, float scale, float *scores, uint32_t *pairs, float *out,
-                    const char *pk, const char *pv, long row_bytes);
-static int few_max = 8;
 
 /* The value sums of elements d0..d0 + 15 (acc[i]: element d0 + i, the heads in its lanes), times
  * inv, into out [gn][D]: a 16 x 16 transpose through memory. */
@@ -291,11 +287,11 @@ AVX512 static int attend_all(const void *q, long q_b, const void *k, const void 
 }
 #endif
 
-/* The most query heads per K/V head that attend_few.c runs (0: none; more than 8: 8); returns the
- * previous setting. For A/B timing and the tests of both forms. */
+/* The most query heads per K/V head that attend_few.c runs (0: none; at most ATTEND_FEW_MAX); returns
+ * the previous setting. For A/B timing and the tests of both forms. */
 int attend_few_heads(int most) {
     int previous = few_max;
-    few_max = most < 0 ? 0 : most > 8 ? 8 : most;
+    few_max = most < 0 ? 0 : most > ATTEND_FEW_MAX ? ATTEND_FEW_MAX : most;
     return previous;
 }
 

@@ -1,9 +1,10 @@
 /* Decode attention for a K/V head shared by few query heads (G <= ATTEND_FEW_MAX), called by attend.c
  * for one sequence and one K/V head. AVX-512; one thread.
  *
- * attend.c puts the G query heads in a vector's 16 lanes: with StarCoder2's G of 4 (the bench model,
- * and any model at a world size that splits its heads) 12 of every 16 multiply-adds are wasted. Here
- * the lanes run along the head's D elements instead, so every multiply-add is used whatever G is:
+ * attend.c puts the G query heads in a vector's 16 lanes: with a G of 4 (the StarCoder2 bench model's
+ * grouped heads, at any world size) 12 of every 16 multiply-adds are wasted, with a multi-query model's
+ * 16 heads over two ranks (G 8) half of them. Here the lanes run along the head's D elements instead,
+ * so every multiply-add is used whatever G is:
  * - scores: for a block of 16 / G keys, each (key, head) pair sums q . k in a vector of its own
  *   (D / 16 multiply-adds), and one transpose-and-add tree (sum_lanes) turns the 16 vectors into the
  *   block's 16 scores, [key][head];
@@ -18,10 +19,18 @@
 #include <stdint.h>
 #include <math.h>
 
+#include "attend_few.h"
+
+static long runs = 0;  /* (sequence, K/V head) pairs run: attend_few_runs */
+
+/* How many (sequence, K/V head) pairs attend_few.c has run in this process: the tests' evidence that
+ * each of attend.c's forms (fp32, bf16 widened, bf16 dot) reaches it. */
+long attend_few_runs(void) {
+    return runs;
+}
+
 #if defined(__x86_64__) && defined(__GNUC__)
 #include "simd.h"
-
-#define ATTEND_FEW_MAX 8  /* the most query heads per K/V head (attend.c: the vertical form above it) */
 
 /* Lane j: the sum of v[j]'s lanes. Four levels each add two halves of every pair of vectors; the
  * result's lane 4L + e holds v[4e + L]'s sum, put back in order by one permutation. */
@@ -230,36 +239,39 @@ AVX512BF16 INLINE void few_dot(const uint16_t *q, const int gn, const uint16_t *
     numerators(scores, valid, s_len, gn, top, scale, 1, total);
     for (int g = 0; g < gn; g++)
         inv[g] = 1.0f / total[g];
-    uint16_t *rounded = (uint16_t *)(scores + s_len * ATTEND_FEW_MAX);  /* (past [S][gn]: attend.c's [S][16]) */
-    for (long e = 0; e < s_len * gn; e += 16) {
-        __mmask16 lanes = s_len * gn - e < 16 ? (__mmask16)((1u << (s_len * gn - e)) - 1u) : (__mmask16)0xffff;
-        __m512 p = _mm512_maskz_loadu_ps(lanes, scores + e);
-        _mm256_mask_storeu_epi16(rounded + e, lanes, (__m256i)_mm512_cvtneps_pbh(p));
+    __mmask16 heads = (__mmask16)((1u << gn) - 1u);
+    for (long j = 0; j < (s_len + 1) / 2; j++) {  /* keys 2j and 2j + 1's probabilities in bf16, side by side */
+        __m512 first = _mm512_maskz_loadu_ps(heads, scores + 2 * j * gn);
+        __m512 second = _mm512_maskz_loadu_ps(2 * j + 1 < s_len ? heads : 0, scores + (2 * j + 1) * gn);
+        __m512i low = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(first));
+        __m512i high = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(second));
+        _mm512_mask_storeu_epi32(pairs + j * gn, heads, _mm512_or_si512(low, _mm512_slli_epi32(high, 16)));
     }
-    for (int g = 0; g < gn * (s_len % 2); g++)
-        rounded[s_len * gn + g] = 0;  /* (the pair of an odd last key) */
-    for (long j = 0; j < (s_len + 1) / 2; j++)
-        for (int g = 0; g < gn; g++)
-            pairs[j * gn + g] = rounded[2 * j * gn + g] | (uint32_t)rounded[(2 * j + 1) * gn + g] << 16;
     all_values_dot(pairs, vt, valid, s_len, d_len, gn, inv, out);
 }
 
 /* attend.c's attend_heads / attend_heads_dot for gn <= ATTEND_FEW_MAX query heads (the caller checks):
  * the same arguments, and the same scratch (scores [S][16] fp32; qs [D][16] floats; pairs
- * [ceil(S/2)][16] words), used as [S][gn] ([S][gn] bf16 after [S][8] floats), [gn][D], [ceil(S/2)][gn]. */
+ * [ceil(S/2)][16] words), used as [S][gn], [gn][D], [ceil(S/2)][gn]. */
 AVX512 void attend_few_f32(const float *q, int gn, const float *k, const float *v, const uint8_t *valid, long s_len,
                            long d_len, float scale, float *scores, float *qs, float *out, const char *pk,
                            const char *pv, long row_bytes) {
+    runs++;
 #define FEW_F32(n) \
     case n: few_f32(q, n, k, v, valid, s_len, d_len, scale, scores, qs, out, pk, pv, row_bytes); break;
-    switch (gn) { FEW_F32(1) FEW_F32(2) FEW_F32(3) FEW_F32(4) FEW_F32(5) FEW_F32(6) FEW_F32(7) FEW_F32(8) }
+    switch (gn) {  /* (attend_all passes 1 <= gn <= few_max <= ATTEND_FEW_MAX) */
+        FEW_F32(1) FEW_F32(2) FEW_F32(3) FEW_F32(4) FEW_F32(5) FEW_F32(6) FEW_F32(7) FEW_F32(8)
+    }
 }
 
 AVX512BF16 void attend_few_dot(const uint16_t *q, int gn, const uint16_t *k, const uint32_t *vt, const uint8_t *valid,
                                long s_len, long d_len, float scale, float *scores, uint32_t *pairs, float *out,
                                const char *pk, const char *pv, long row_bytes) {
+    runs++;
 #define FEW_DOT(n) \
     case n: few_dot(q, n, k, vt, valid, s_len, d_len, scale, scores, pairs, out, pk, pv, row_bytes); break;
-    switch (gn) { FEW_DOT(1) FEW_DOT(2) FEW_DOT(3) FEW_DOT(4) FEW_DOT(5) FEW_DOT(6) FEW_DOT(7) FEW_DOT(8) }
+    switch (gn) {
+        FEW_DOT(1) FEW_DOT(2) FEW_DOT(3) FEW_DOT(4) FEW_DOT(5) FEW_DOT(6) FEW_DOT(7) FEW_DOT(8)
+    }
 }
 #endif

@@ -22,6 +22,7 @@ import torch
 
 from . import rowdot
 
+FEW_HEADS = 8  # attend_few.h's ATTEND_FEW_MAX: the most query heads per K/V head attend_few.c takes
 
 def available() -> bool:
     """Whether attend.c is built and runs on this CPU."""
@@ -63,14 +64,20 @@ def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torc
 
 def few_heads(most: int) -> int:
     """Set the most query heads per K/V head that attend_few.c runs, its lanes along the head's
-    elements (0: none, attend.c's vertical form for every head count; at most 8, the default);
+    elements (0: none, attend.c's vertical form for every head count; at most FEW_HEADS, the default);
     returns the previous setting. For A/B timing and the tests of both forms."""
+    if not isinstance(most, int) or not 0 <= most <= FEW_HEADS:
+        raise ValueError(f"decode_attention.few_heads: most={most!r}, expected an int from 0 to {FEW_HEADS}")
     lib, why = rowdot.library()
     if lib is None:
         raise RuntimeError(f"decode_attention.few_heads: attend.c is not built here ({why})")
-    if not 0 <= most <= 8:
-        raise ValueError(f"decode_attention.few_heads: most={most!r}, expected 0 to 8")
     return lib.attend_few_heads(most)
+
+
+def few_runs() -> int:
+    """How many (sequence, K/V head) pairs attend_few.c has run in this process (0 where not built)."""
+    lib, _ = rowdot.library()
+    return 0 if lib is None else lib.attend_few_runs()
 
 
 @functools.cache  # (per layer of every bf16 decode step; the library's path is fixed at its load)

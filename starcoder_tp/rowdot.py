@@ -40,7 +40,8 @@ from .files import atomic_path, cache_dir
 # rotary.c's RoPE rotation (rotary.py).
 SOURCES = tuple(Path(__file__).with_name(name) for name in ("rowdot.c", "panels.c", "attend.c", "attend_few.c",
                                                            "argmax.c", "softmax.c", "fused_step.c", "rotary.c"))
-HEADERS = (Path(__file__).with_name("simd.h"),)  # (part of the build's digest: the sources include it)
+# (part of the build's digest: the sources include them)
+HEADERS = tuple(Path(__file__).with_name(name) for name in ("simd.h", "attend_few.h"))
 ENV = "STARCODER_TP_ROWDOT"  # "off": never build or offer the kernel; a name of PATHS: that path
 # (no contraction of a * b + c into one rounding: the C code that reproduces torch's ops rounds each, as they do)
 CFLAGS = ("-O3", "-shared", "-fPIC", "-std=c11", "-ffp-contract=off")
@@ -99,6 +100,8 @@ def library() -> tuple[ctypes.CDLL | None, str]:
         ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p] + [ctypes.c_long] * 5 + [ctypes.c_float]
     lib.attend_f32.argtypes, lib.attend_bf16.argtypes = attend, attend + [ctypes.c_int]  # (decode_attention.py; bf16: dot)
     lib.attend_f32.restype = lib.attend_bf16.restype = ctypes.c_int
+    lib.attend_few_heads.argtypes, lib.attend_few_heads.restype = [ctypes.c_int], ctypes.c_int
+    lib.attend_few_runs.argtypes, lib.attend_few_runs.restype = [], ctypes.c_long
     lib.attend_supported.restype = ctypes.c_int
     for fn in (lib.causal_softmax_f32, lib.causal_softmax_bf16):  # (softmax.py) scores, groups, n, h, t1, t0, scale
         fn.argtypes, fn.restype = [ctypes.c_void_p] + [ctypes.c_long] * 5 + [ctypes.c_float], ctypes.c_int

@@ -63,7 +63,7 @@ SHAPES = [(16, 16, 1, 64, 144), (2, 24, 1, 64, 300), (3, 24, 2, 128, 37), (1, 36
 # attend_few.c's head counts (G <= 8): the StarCoder2 bench model's 4 of 128 (and one rank's of it), each other
 # G with head dims of 16 to 128, key counts on and off its 16 / G keys a block, odd and even.
 FEW_SHAPES = [(16, 8, 2, 128, 152), (2, 4, 1, 128, 33), (3, 24, 8, 48, 21), (2, 14, 2, 64, 40), (2, 40, 5, 16, 7),
-              (5, 12, 2, 32, 17), (2, 5, 1, 64, 6), (1, 16, 2, 16, 2)]
+              (5, 12, 2, 32, 17), (2, 5, 1, 64, 6), (1, 16, 2, 16, 2), (2, 4, 4, 64, 37)]
 
 
 @pytest.fixture(params=[0, 8], ids=["vertical", "few"])
@@ -120,8 +120,7 @@ def test_the_bf16_dot_path_is_taken_where_asked_and_refused_where_the_cpu_lacks_
 @needs_kernel
 def test_few_heads_run_attend_few_c_up_to_the_set_count_and_the_vertical_form_above():
     """The two forms add in other orders: other bits for the same heads in fp32, which shows which one ran
-    (in bf16 the output's rounding hides the difference; there both forms are checked against SDPA above,
-    and the choice between them is the same line of attend.c)."""
+    (in bf16 the output's rounding hides it: the next test counts attend_few.c's calls)."""
     def both(heads, kv_heads):
         q, keys, values, mask = _step(4, heads, kv_heads, 64, 50, torch.float32, masked=True)
         previous = decode_attention.few_heads(0)
@@ -139,10 +138,29 @@ def test_few_heads_run_attend_few_c_up_to_the_set_count_and_the_vertical_form_ab
         g = heads // kv_heads
         assert not torch.equal(vertical, few), f"G={g}: few_heads({g}) ran the vertical form"
         assert torch.equal(vertical, below), f"G={g}: a count below G ran attend_few.c"
-    assert decode_attention.few_heads(8) == 8, "the default: up to 8 heads"
-    for bad in (-1, 9):
-        with pytest.raises(ValueError, match=f"most={bad}, expected 0 to 8"):
+    assert decode_attention.few_heads(decode_attention.FEW_HEADS) == decode_attention.FEW_HEADS, "the default"
+    for bad in (-1, decode_attention.FEW_HEADS + 1, 2.0):
+        with pytest.raises(ValueError, match=f"most={bad!r}, expected an int from 0 to"):
             decode_attention.few_heads(bad)
+    lib, _ = decode_attention.rowdot.library()
+    lib.attend_few_heads(99)
+    assert lib.attend_few_heads(decode_attention.FEW_HEADS) == decode_attention.FEW_HEADS, \
+        "attend_few.h's ATTEND_FEW_MAX and decode_attention.FEW_HEADS differ"
+
+
+@needs_kernel
+@pytest.mark.parametrize("form", ["float32", "bfloat16 widened", "bfloat16 dot"])
+def test_every_form_runs_attend_few_c_for_a_few_heads_and_not_for_more(form):
+    """In bf16 the output's rounding hides which form ran; attend_few.c counts its calls."""
+    if form == "bfloat16 dot" and not decode_attention.bf16_dot():
+        pytest.skip("no AVX512_BF16 on this CPU: bf16 runs widened to fp32")
+    dtype = torch.float32 if form == "float32" else torch.bfloat16
+    dot = None if form == "float32" else form.endswith("dot")
+    for (batch, heads, kv_heads), runs in (((3, 8, 2), 6), ((2, 8, 1), 2), ((2, 16, 1), 0), ((2, 24, 2), 0)):
+        q, keys, values, mask = _step(batch, heads, kv_heads, 64, 20, dtype, masked=True)
+        before = decode_attention.few_runs()
+        attend(q, keys, values, mask, 0.125, dot=dot)
+        assert decode_attention.few_runs() - before == runs, f"{heads} heads over {kv_heads} K/V heads"
 
 
 @needs_kernel

@@ -216,6 +216,22 @@ def test_the_library_builds_wherever_its_code_is_meant_to():
     assert rowdot.unavailable() is None, rowdot.unavailable()
 
 
+def test_the_sources_build_for_a_cpu_without_the_x86_kernels(tmp_path):
+    # On aarch64 (Ascend hosts) only the portable code is compiled: the sources as such a machine
+    # reads them (every x86-64 block left out) must still build, or every kernel goes missing there.
+    import subprocess
+
+    compiler = rowdot._compiler()
+    if compiler is None:
+        pytest.skip("no C compiler")
+    for source in rowdot.SOURCES + rowdot.HEADERS:
+        (tmp_path / source.name).write_text(source.read_text().replace("defined(__x86_64__)", "0"))
+    done = subprocess.run([compiler, *rowdot.CFLAGS, "-o", str(tmp_path / "portable.so"),
+                           *(str(tmp_path / source.name) for source in rowdot.SOURCES)],
+                          capture_output=True, text=True, timeout=rowdot.BUILD_TIMEOUT_S)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
 def test_an_installed_package_carries_every_source_the_library_is_built_from():
     # The library is compiled at first use from files next to rowdot.py: a non-editable install
     # has only what pyproject's package-data names (argmax.c was once left out of it).
