@@ -37,7 +37,6 @@ static int few_max = ATTEND_FEW_MAX;  /* up to this many query heads per K/V hea
 #define LANES 16
 #define KEYS 4  /* keys scored at once: independent sums that hide the multiply-add's latency */
 
-
 /* The value sums of elements d0..d0 + 15 (acc[i]: element d0 + i, the heads in its lanes), times
  * inv, into out [gn][D]: a 16 x 16 transpose through memory. */
 AVX512 INLINE void store_block(const __m512 *acc, __m512 inv, int gn, long d_len, long d0, float *out) {

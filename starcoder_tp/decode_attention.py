@@ -24,6 +24,7 @@ from . import rowdot
 
 FEW_HEADS = 8  # attend_few.h's ATTEND_FEW_MAX: the most query heads per K/V head attend_few.c takes
 
+
 def available() -> bool:
     """Whether attend.c is built and runs on this CPU."""
     lib, _ = rowdot.library()
@@ -66,7 +67,7 @@ def few_heads(most: int) -> int:
     """Set the most query heads per K/V head that attend_few.c runs, its lanes along the head's
     elements (0: none, attend.c's vertical form for every head count; at most FEW_HEADS, the default);
     returns the previous setting. For A/B timing and the tests of both forms."""
-    if not isinstance(most, int) or not 0 <= most <= FEW_HEADS:
+    if not isinstance(most, int) or isinstance(most, bool) or not 0 <= most <= FEW_HEADS:
         raise ValueError(f"decode_attention.few_heads: most={most!r}, expected an int from 0 to {FEW_HEADS}")
     lib, why = rowdot.library()
     if lib is None:

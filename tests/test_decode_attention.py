@@ -139,7 +139,7 @@ def test_few_heads_run_attend_few_c_up_to_the_set_count_and_the_vertical_form_ab
         assert not torch.equal(vertical, few), f"G={g}: few_heads({g}) ran the vertical form"
         assert torch.equal(vertical, below), f"G={g}: a count below G ran attend_few.c"
     assert decode_attention.few_heads(decode_attention.FEW_HEADS) == decode_attention.FEW_HEADS, "the default"
-    for bad in (-1, decode_attention.FEW_HEADS + 1, 2.0):
+    for bad in (-1, decode_attention.FEW_HEADS + 1, 2.0, True):
         with pytest.raises(ValueError, match=f"most={bad!r}, expected an int from 0 to"):
             decode_attention.few_heads(bad)
     lib, _ = decode_attention.rowdot.library()
