@@ -205,14 +205,28 @@ def test_a_narrower_path_named_leaves_out_the_avx512_kernels_as_a_narrower_cpu_w
     assert rowdot.runs_at_least(rowdot.path()) and rowdot.runs_at_least("scalar")
 
 
-def test_the_library_builds_wherever_its_code_is_meant_to():
+PROBE = """#include <immintrin.h>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+__m512 probe(__m512 a, __m512i b) { return _mm512_dpbf16_ps(a, (__m512bh)b, (__m512bh)b); }
+"""
+
+
+def test_the_library_builds_wherever_its_code_is_meant_to(tmp_path):
     # Every C kernel's test skips where the library is not built: an error in one source would
-    # otherwise show as skips, not as a failure, on the very machines the kernels are for.
+    # otherwise show as skips, not as a failure, on the very machines the kernels are for. (A
+    # compiler too old for the AVX-512 BF16 intrinsics is a reason to skip, as the runtime falls back.)
     import platform
+    import subprocess
 
     off = os.environ.get(rowdot.ENV, "").lower() in ("off", "0", "no")
-    if platform.machine() not in ("x86_64", "AMD64") or rowdot._compiler() is None or off:
+    compiler = rowdot._compiler()
+    if platform.machine() not in ("x86_64", "AMD64") or compiler is None or off:
         pytest.skip("not x86-64 with a C compiler, or the library turned off by the environment")
+    (tmp_path / "probe.c").write_text(PROBE)
+    probe = subprocess.run([compiler, "-c", "-o", str(tmp_path / "probe.o"), str(tmp_path / "probe.c")],
+                           capture_output=True, text=True, timeout=60)
+    if probe.returncode != 0:
+        pytest.skip(f"{compiler} has no AVX-512 BF16 intrinsics: {probe.stderr.strip()[-200:]}")
     assert rowdot.unavailable() is None, rowdot.unavailable()
 
 
