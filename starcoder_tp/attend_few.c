@@ -59,6 +59,14 @@ INLINE __mmask16 seen(const uint8_t *valid, long s, int kb, int gn) {
     return (__mmask16)m;
 }
 
+/* The block's 16 (key, head) sums into scores [S][gn] from key s, and into *top where not masked. */
+AVX512 INLINE void keep_scores(const __m512 *acc, long s, int gn, int kb, const uint8_t *valid, float *scores,
+                               __m512 *top) {
+    __m512 r = sum_lanes(acc);
+    _mm512_mask_storeu_ps(scores + s * gn, (__mmask16)((1u << (kb * gn)) - 1u), r);
+    *top = _mm512_mask_max_ps(*top, seen(valid, s, kb, gn), *top, r);
+}
+
 /* scores[s + i][g] = q_g . k_{s+i} for i < kb (fp32: q scaled, at qs [gn][D]; dot: bf16 pairs), and
  * *top, lane-wise, the largest of the unmasked ones. */
 AVX512 INLINE void score_f32(const float *qs, const float *k, long s, long d_len, const int gn, const int kb,
@@ -72,9 +80,7 @@ AVX512 INLINE void score_f32(const float *qs, const float *k, long s, long d_len
             for (int g = 0; g < gn; g++)
                 acc[i * gn + g] = _mm512_fmadd_ps(_mm512_loadu_ps(qs + g * d_len + c), kc, acc[i * gn + g]);
         }
-    __m512 r = sum_lanes(acc);
-    _mm512_mask_storeu_ps(scores + s * gn, (__mmask16)((1u << (kb * gn)) - 1u), r);
-    *top = _mm512_mask_max_ps(*top, seen(valid, s, kb, gn), *top, r);
+    keep_scores(acc, s, gn, kb, valid, scores, top);
 }
 
 AVX512BF16 INLINE void score_dot(const uint16_t *q, const uint16_t *k, long s, long d_len, const int gn,
@@ -91,9 +97,7 @@ AVX512BF16 INLINE void score_dot(const uint16_t *q, const uint16_t *k, long s, l
                     acc[i * gn + g], (__m512bh)_mm512_maskz_loadu_epi16(cols, q + g * d_len + c), (__m512bh)kc);
         }
     }
-    __m512 r = sum_lanes(acc);
-    _mm512_mask_storeu_ps(scores + s * gn, (__mmask16)((1u << (kb * gn)) - 1u), r);
-    *top = _mm512_mask_max_ps(*top, seen(valid, s, kb, gn), *top, r);
+    keep_scores(acc, s, gn, kb, valid, scores, top);
 }
 
 /* Every key's scores, 16 / gn keys at a time, the next sequence's rows asked for; returns the top of
@@ -136,10 +140,10 @@ SCORES(scores_f32, score_f32, float, float, AVX512)
 SCORES(scores_dot, score_dot, uint16_t, uint16_t, AVX512BF16)
 
 /* Softmax's numerators in place over [S][gn] (exp(x - top), or on the dot path exp((x - top) * scale)
- * with x * scale - top * scale in one rounding, attend.c's); 0 for a masked key. Their sum over the
- * keys, per head, into total[g]. */
+ * with x * scale - top * scale in one rounding, attend.c's); 0 for a masked key. The reciprocal of
+ * their sum over the keys, per head, into inv[g]. */
 AVX512 INLINE void numerators(float *scores, const uint8_t *valid, long s_len, int gn, __m512 top, float scale,
-                              int dot, float *total) {
+                              int dot, float *inv) {
     const int kb = 16 / gn;
     __m512 sum = _mm512_setzero_ps(), scaled_top = _mm512_mul_ps(top, _mm512_set1_ps(scale));
     for (long s = 0; s < s_len; s += kb) {
@@ -154,10 +158,18 @@ AVX512 INLINE void numerators(float *scores, const uint8_t *valid, long s_len, i
     float lanes[16];
     _mm512_storeu_ps(lanes, sum);
     for (int g = 0; g < gn; g++) {
-        total[g] = 0.0f;
+        float total = 0.0f;
         for (int i = 0; i < kb; i++)
-            total[g] += lanes[i * gn + g];
+            total += lanes[i * gn + g];
+        inv[g] = 1.0f / total;
     }
+}
+
+/* out[g][(c + i) * 16 ..] = acc[g * w + i] * inv[g]: the value sums, normalised. */
+AVX512 INLINE void store_sums(const __m512 *acc, int gn, int w, long c, long d_len, const float *inv, float *out) {
+    for (int g = 0; g < gn; g++)
+        for (int i = 0; i < w; i++)
+            _mm512_storeu_ps(out + g * d_len + (c + i) * 16, _mm512_mul_ps(acc[g * w + i], _mm512_set1_ps(inv[g])));
 }
 
 /* out[g][c * 16 ..] for W chunks of 16 from chunk c: the value rows summed with the probabilities
@@ -176,9 +188,7 @@ AVX512 INLINE void values_f32(const float *p, const float *v, const uint8_t *val
                 acc[g * w + i] = _mm512_fmadd_ps(_mm512_set1_ps(p[s * gn + g]), vc, acc[g * w + i]);
         }
     }
-    for (int g = 0; g < gn; g++)
-        for (int i = 0; i < w; i++)
-            _mm512_storeu_ps(out + g * d_len + (c + i) * 16, _mm512_mul_ps(acc[g * w + i], _mm512_set1_ps(inv[g])));
+    store_sums(acc, gn, w, c, d_len, inv, out);
 }
 
 /* The dot path's: pairs [ceil(S/2)][gn] of bf16 probabilities (keys 2j and 2j + 1, attend.c's vt's
@@ -198,9 +208,7 @@ AVX512BF16 INLINE void values_dot(const uint32_t *pairs, const uint32_t *vt, con
                     acc[g * w + i], (__m512bh)_mm512_set1_epi32((int)pairs[j * gn + g]), (__m512bh)vc);
         }
     }
-    for (int g = 0; g < gn; g++)
-        for (int i = 0; i < w; i++)
-            _mm512_storeu_ps(out + g * d_len + (c + i) * 16, _mm512_mul_ps(acc[g * w + i], _mm512_set1_ps(inv[g])));
+    store_sums(acc, gn, w, c, d_len, inv, out);
 }
 
 /* The value chunks W at a time while W fit, then one at a time: gn x W sums kept in registers. */
@@ -224,10 +232,8 @@ AVX512 INLINE void few_f32(const float *q, const int gn, const float *k, const f
     for (long e = 0; e < gn * d_len; e += 16)
         _mm512_storeu_ps(qs + e, _mm512_mul_ps(_mm512_loadu_ps(q + e), _mm512_set1_ps(scale)));
     __m512 top = scores_f32(qs, k, s_len, d_len, gn, valid, scores, pk, pv, row_bytes);
-    float total[ATTEND_FEW_MAX], inv[ATTEND_FEW_MAX];
-    numerators(scores, valid, s_len, gn, top, 1.0f, 0, total);
-    for (int g = 0; g < gn; g++)
-        inv[g] = 1.0f / total[g];
+    float inv[ATTEND_FEW_MAX];
+    numerators(scores, valid, s_len, gn, top, 1.0f, 0, inv);
     all_values_f32(scores, v, valid, s_len, d_len, gn, inv, out);
 }
 
@@ -235,10 +241,8 @@ AVX512BF16 INLINE void few_dot(const uint16_t *q, const int gn, const uint16_t *
                                const uint8_t *valid, long s_len, long d_len, float scale, float *scores,
                                uint32_t *pairs, float *out, const char *pk, const char *pv, long row_bytes) {
     __m512 top = scores_dot(q, k, s_len, d_len, gn, valid, scores, pk, pv, row_bytes);
-    float total[ATTEND_FEW_MAX], inv[ATTEND_FEW_MAX];
-    numerators(scores, valid, s_len, gn, top, scale, 1, total);
-    for (int g = 0; g < gn; g++)
-        inv[g] = 1.0f / total[g];
+    float inv[ATTEND_FEW_MAX];
+    numerators(scores, valid, s_len, gn, top, scale, 1, inv);
     __mmask16 heads = (__mmask16)((1u << gn) - 1u);
     for (long j = 0; j < (s_len + 1) / 2; j++) {  /* keys 2j and 2j + 1's probabilities in bf16, side by side */
         __m512 first = _mm512_maskz_loadu_ps(heads, scores + 2 * j * gn);
