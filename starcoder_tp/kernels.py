@@ -54,7 +54,7 @@ from typing import Callable
 
 import torch
 
-from . import gemv, panels, row_ahead, rowdot
+from . import gemv, panel_asks, panels, rowdot
 from .activations import ACTIVATIONS, TANH_GELU, calibrate
 from .cpu import cpu_cores, cpu_model, isa_flags
 from .decode_attention import DECODE_FORM, calibrate_decode
@@ -257,7 +257,7 @@ def measure(weights: dict[str, torch.Tensor], rows: int, slowest: Callable[[torc
     step with the same shapes (checked first). A shape that suspect_shapes names (one of its candidates
     far below its own speed on the other shapes) is timed again, each keeping its faster figure."""
     activated = activated or {}
-    row_ahead.reset()  # the one-row candidates are timed alone, none asking ahead
+    panel_asks.reset()  # the candidates are timed alone, none asking ahead or into L2
     digest = int(hashlib.sha256(json.dumps([sorted(weights), sorted(prefill), sorted(activated.items())]
                                            ).encode()).hexdigest()[:8], 16)
     seen = slowest(torch.tensor([digest, -digest], dtype=torch.float64)).tolist()

@@ -20,7 +20,7 @@ from torch import nn
 from .attention import Attention, attention_mask
 from .comm import TPGroup
 from .config import ModelConfig
-from . import argmax, fused_step, kernels, layouts, malloc, row_ahead
+from . import argmax, fused_step, kernels, layouts, malloc, panel_asks
 from .compiled import compile_step, drop_compiled_code
 from .kernels import KERNEL_MODES, Choice
 from .linear import Linear, run_kernel
@@ -178,7 +178,7 @@ class TPCausalLM(nn.Module):
             f", weighed for {self.kernel_request[0]} prompt rows + {self.kernel_request[1]} steps")
         return (f"{self.kernel_mode} ({self.kernel_plan_source}, batch {self.kernel_rows}{weighed}): "
                 f"{kernels.describe(self.kernel_plan)}{argmax.describe(self.kernel_rows, self.local_vocab)}"
-                f"{row_ahead.describe()}{fused_step.describe(self.fused_layers())}")
+                f"{panel_asks.describe()}{fused_step.describe(self.fused_layers())}")
 
     def compile_decode(self, mode: str | None = None) -> None:
         """Run decode steps through torch.compile (inductor) of the fixed-shape step (`forward` with a tensor
@@ -196,7 +196,7 @@ class TPCausalLM(nn.Module):
         """Allocate the static KV cache once; later calls with a fitting shape reuse it. A pre-packed model is
         re-packed here (outside any timed region) for a new batch size, and with measured kernels for a `request`
         (prompt rows, decode steps) whose weighed layouts differ from those laid out (kernels.weigh; only those
-        weights). At batch 1 the one-row asks ahead are settled (row_ahead.settle: ~1 s once per machine)."""
+        weights). The panels' asks for this batch are settled (panel_asks.settle: ~1 s once per machine and batch)."""
         if self.kernel_mode != "plain" and self.kernel_rows != batch:
             self.use_kernels(self.kernel_mode, batch, request)
         elif self.kernel_mode == "auto" and request is not None and request != self.kernel_request:
@@ -205,8 +205,8 @@ class TPCausalLM(nn.Module):
         if batch != self.cache_batch or max_seq_len > self.cache_len:
             self._allocate_cache(batch, max_seq_len)
         self.fused_layers()
-        if self.transformer.ln_f.weight.device.type == "cpu":  # one-row panels' asks ahead, timed on the step
-            row_ahead.settle(self, batch)
+        if self.transformer.ln_f.weight.device.type == "cpu":  # the panels' asks, timed on the step
+            panel_asks.settle(self, batch)
 
     def _allocate_cache(self, batch: int, max_seq_len: int) -> None:
         if self.compiled_decode is not None and self.cache_batch:

@@ -16,6 +16,7 @@
 #include <string.h>
 
 static long row_ahead_bytes = 0; /* 0: ONE_ROW asks for nothing ahead (panels_row_ahead) */
+static int block_asks_l2 = 0;     /* 0: blocks of rows ask for the next block into L1, 1: into L2 (panels_block_asks) */
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include "simd.h"
@@ -60,11 +61,12 @@ AVX512 INLINE __m512 activate(__m512 v, int act) {
     return _mm512_maskz_mov_ps(kept, _mm512_mul_ps(v, r));
 }
 
-/* (BLOCK's) step s: the next block's lines of that step asked for; its products summed. */
+/* (BLOCK's) step s: the next block's lines of that step asked for into L1 or L2 (`l2`); its products summed. */
 #define PREFETCH_STEP(s, NB_)                                                                      \
     for (int v = 0; v < NB_; v++)                                                                  \
         if (v < ahead)                                                                             \
-            _mm_prefetch((const char *)(next + v * panel) + (s) * 64, _MM_HINT_T0)
+            l2 ? _mm_prefetch((const char *)(next + v * panel) + (s) * 64, _MM_HINT_T1)            \
+               : _mm_prefetch((const char *)(next + v * panel) + (s) * 64, _MM_HINT_T0)
 #define MULTIPLY_STEP(LOAD_X, OP, s, MB_, NB_)                                                     \
     do {                                                                                           \
         __m512i wv[NB_];                                                                           \
@@ -111,6 +113,7 @@ AVX512 INLINE __m512 activate(__m512 v, int act) {
             for (int v = 0; v < NB_; v++)                                                          \
                 acc[m][v] = _mm512_setzero_ps();                                                   \
         const long panel = k * 16, steps = STEPS, mb = MB_;                                        \
+        const int l2 = block_asks_l2;                                                              \
         K_LOOP(LOAD_X, OP, MB_, NB_)                                                               \
         for (int m = 0; m < MB_; m++)                                                              \
             for (int v = 0; v < NB_; v++) {                                                        \
@@ -130,6 +133,7 @@ AVX512 INLINE __m512 activate(__m512 v, int act) {
             for (int v = 0; v < NB_; v++)                                                          \
                 acc[m][v] = _mm512_loadu_ps(sums + (m * NV + v) * 16);                            \
         const long panel = k * 16, mb = MB_;                                                       \
+        const int l2 = block_asks_l2;                                                              \
         K_LOOP(LOAD_X, OP, MB_, NB_)                                                               \
         for (int m = 0; m < MB_; m++)                                                              \
             for (int v = 0; v < NB_; v++)                                                          \
@@ -332,7 +336,7 @@ AVX512 static void interleave(const void *x, void *rows, long steps, long m) {
      * against every panel (kind##_rows), so that a chunk's x stays in the caches while the panels \
      * pass. */                                                                                    \
     attr static void kind##_all(const E *w, const E *x, const E *b, E *y, long n, long k, long m, int act) { \
-        if (m == 1) { /* (asking ahead only where row_ahead.py measured that the step gains) */  \
+        if (m == 1) { /* (asking ahead only where panel_asks.py measured that the step gains) */  \
             kind##_row(w, x, b, y, n, k, act, row_ahead_bytes);                                    \
             return;                                                                                \
         }                                                                                          \
@@ -367,11 +371,17 @@ int panels_dtypes(void) {
 }
 
 /* How far ahead (bytes, a multiple of 64; 0: nothing) one-row calls ask for the weight, non-temporal:
- * a choice of the process, measured on its decode step (row_ahead.py). Returns the previous. */
+ * a choice of the process, measured on its decode step (panel_asks.py). Returns the previous. */
 long panels_row_ahead(long bytes) {
     long previous = row_ahead_bytes;
     row_ahead_bytes = bytes;
     return previous;
+}
+
+/* Where blocks of rows ask for the next block of panels (0: L1, 1: L2), as panels_row_ahead. */
+int panels_block_asks(int l2) {
+    int previous = block_asks_l2;
+    return block_asks_l2 = l2 != 0, previous;
 }
 
 /* y[m, n] = act(x[m, k] @ w^T + b), w in panels (n a multiple of 16; bf16: k even), b may be NULL;
