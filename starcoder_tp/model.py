@@ -196,7 +196,8 @@ class TPCausalLM(nn.Module):
         """Allocate the static KV cache once; later calls with a fitting shape reuse it. A pre-packed model is
         re-packed here (outside any timed region) for a new batch size, and with measured kernels for a `request`
         (prompt rows, decode steps) whose weighed layouts differ from those laid out (kernels.weigh; only those
-        weights). The panels' asks for this batch are settled (panel_asks.settle: 1-2 s once per machine, model and batch)."""
+        weights). The panels' asks for this batch are settled (panel_asks.settle: 1-2 s once per machine, model,
+        plan and batch)."""
         if self.kernel_mode != "plain" and self.kernel_rows != batch:
             self.use_kernels(self.kernel_mode, batch, request)
         elif self.kernel_mode == "auto" and request is not None and request != self.kernel_request:

@@ -11,8 +11,11 @@ and up to 6% slower asking 6 KiB ahead (RESULTS.md, "Non-temporal asks at one ro
 
 At batches of several rows each block of rows asks for the next block of panels as it runs
 (panels.c, PREFETCH_STEP), into L1 or into L2. On the Zen 4 asking into L2 made the bench-size
-models' batch-16 decode steps 6-9% faster, batch 4 2-7%; on the EPYC Zen 5 the same hint made the
-attention's asks slower (RESULTS.md, "Panels' block asks into L2, chosen on the step").
+models' batch-16 decode steps 6-8% shorter, batch 4 3-9% (neither interval clear of 1); panels were
+not measured so on the EPYC Zen 5, where the same hint made the decode attention's asks slower
+(RESULTS.md, "Panels' block asks into L2, chosen on the step"). The setting holds for every call of
+several rows until the next request settles it, the prefill's at that batch too (untimed: its panels
+are compute-bound, and on the Zen 4 its first tokens did not move).
 
 Either is a property of the CPU (its prefetchers, its miss buffers, its caches' ways) and shows in
 the step, not in the kernel: so it is timed on the step itself, the candidates in turn, every rank
@@ -38,6 +41,7 @@ from .cpu import cpu_cores, cpu_model, isa_flags
 from .files import cache_dir, write_atomic
 from .malloc import THP_ENV
 
+
 class Knob(NamedTuple):
     """One of the asks' settings: its name (in the plan's line and the cache file), its candidates
     (the first the default, the hardware alone: 0 in both), how a value reads in the plan's line."""
@@ -48,7 +52,6 @@ class Knob(NamedTuple):
 
 ROW = Knob("row-ahead", (0, 2048, 3072, 4096), str)  # batch 1: bytes ahead, non-temporal
 BLOCK = Knob("block-asks", (0, 1), lambda l2: "L2" if l2 else "L1")  # more rows: the next block into L1 or L2
-CANDIDATES = ROW.candidates
 ROUNDS = 4  # each candidate's steps, in turn with the others' (the machine's speed drifts)
 STEPS = 2  # timed steps a round, after one untimed (it inherits the previous candidate's caches)
 BUDGET_S = 1.0  # at most this long measuring: a model whose step is slower is dominated by its weights
@@ -204,6 +207,7 @@ def _measured(model, batch: int = 1) -> tuple[int, str]:
     """(the candidate of knob_for(batch) that `model`'s step at `batch` rows ran fastest with, how it was
     chosen)."""
     knob = knob_for(batch)
+    # (Unmasked, as a batch of equal prompts decodes: a padded batch's masked steps run op by op, untimed.)
     ids = torch.zeros((batch, 1), dtype=torch.long, device=model.transformer.ln_f.weight.device)
     slot = min(model.cache_len - 1, 128)  # a step some way into a sequence (what a request reads, it writes first)
     position = torch.full((batch, 1), slot, dtype=torch.long, device=ids.device)

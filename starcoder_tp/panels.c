@@ -16,7 +16,7 @@
 #include <string.h>
 
 static long row_ahead_bytes = 0; /* 0: ONE_ROW asks for nothing ahead (panels_row_ahead) */
-static int block_asks_l2 = 0;     /* 0: blocks of rows ask for the next block into L1, 1: into L2 (panels_block_asks) */
+static int block_asks_l2 = 0;     /* 0: blocks of rows ask for the next block into L1, 1: L2 (a branch: no cost) */
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include "simd.h"
@@ -61,7 +61,7 @@ AVX512 INLINE __m512 activate(__m512 v, int act) {
     return _mm512_maskz_mov_ps(kept, _mm512_mul_ps(v, r));
 }
 
-/* (BLOCK's) step s: the next block's lines of that step asked for into L1 or L2 (`l2`); its products summed. */
+/* (BLOCK's, CHUNK's) step s: the next block's lines asked for into L1 or L2 (`l2`); its products summed. */
 #define PREFETCH_STEP(s, NB_)                                                                      \
     for (int v = 0; v < NB_; v++)                                                                  \
         if (v < ahead)                                                                             \
@@ -370,18 +370,19 @@ int panels_dtypes(void) {
 #endif
 }
 
-/* How far ahead (bytes, a multiple of 64; 0: nothing) one-row calls ask for the weight, non-temporal:
- * a choice of the process, measured on its decode step (panel_asks.py). Returns the previous. */
+/* The process's choices, measured on its decode step (panel_asks.py), each returning the previous: how far ahead
+ * one-row calls ask for the weight, non-temporal (bytes, a multiple of 64; 0: nothing); where blocks of rows ask
+ * for the next block of panels (0: L1, 1: L2). */
 long panels_row_ahead(long bytes) {
     long previous = row_ahead_bytes;
     row_ahead_bytes = bytes;
     return previous;
 }
 
-/* Where blocks of rows ask for the next block of panels (0: L1, 1: L2), as panels_row_ahead. */
 int panels_block_asks(int l2) {
     int previous = block_asks_l2;
-    return block_asks_l2 = l2 != 0, previous;
+    block_asks_l2 = l2 != 0;
+    return previous;
 }
 
 /* y[m, n] = act(x[m, k] @ w^T + b), w in panels (n a multiple of 16; bf16: k even), b may be NULL;

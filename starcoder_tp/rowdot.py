@@ -96,7 +96,7 @@ def library() -> tuple[ctypes.CDLL | None, str]:
         fn.argtypes, fn.restype = [ctypes.c_void_p] * 4 + [ctypes.c_long] * 3 + [ctypes.c_int], None
     lib.panels_dtypes.restype = ctypes.c_int
     lib.panels_row_ahead.argtypes, lib.panels_row_ahead.restype = [ctypes.c_long], ctypes.c_long  # (panel_asks.py)
-    lib.panels_block_asks.argtypes, lib.panels_block_asks.restype = [ctypes.c_int], ctypes.c_int
+    lib.panels_block_asks.argtypes, lib.panels_block_asks.restype = [ctypes.c_int], ctypes.c_int  # (panel_asks.py)
     attend = [ctypes.c_void_p, ctypes.c_long] + [ctypes.c_void_p] * 2 + [ctypes.c_long] * 2 + [
         ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p] + [ctypes.c_long] * 5 + [ctypes.c_float]
     lib.attend_f32.argtypes, lib.attend_bf16.argtypes = attend, attend + [ctypes.c_int]  # (decode_attention.py; bf16: dot)

@@ -1,7 +1,8 @@
-"""panel_asks.py: one-row panels calls asking for their weight ahead, non-temporal (panels.c), at
-the distance the model's own decode step ran fastest with: the same bits at every distance, the
-choice's logic on faked step times, the timing's order and reduction, and when a model measures,
-reads the cache or leaves it off."""
+"""panel_asks.py: one-row panels calls asking for their weight ahead, non-temporal, at the distance
+the model's own decode step ran fastest with, and blocks of rows asking for the next block into L1 or
+L2 as the step at that batch ran fastest (panels.c): the same bits under every choice, the choice's
+logic on faked step times, the timing's order and reduction, and when a model measures, reads the
+cache or leaves it off."""
 import json
 import types
 
@@ -19,8 +20,8 @@ from test_panels import each
 
 @pytest.fixture(autouse=True)
 def fresh_choice(monkeypatch, tmp_path):
-    """The process's choice as a fresh process has it, and a cache of the test's own; the library
-    asking nothing ahead before and after."""
+    """The process's choices as a fresh process has them, and a cache of the test's own; the library
+    asking nothing ahead, and its blocks into L1, before and after."""
     monkeypatch.setattr(panel_asks, "ASKS", panel_asks.Asks())
     monkeypatch.setenv("STARCODER_TP_CACHE", str(tmp_path / "cache"))
     panel_asks.reset()
@@ -52,10 +53,10 @@ def test_the_library_holds_the_distance_it_was_given():
 
 
 @each()
-@pytest.mark.parametrize("n,k,rows", [(48, 1030, 2), (112, 4098, 17), (64, 96, 16), (80, 2050, 5)])
+@pytest.mark.parametrize("n,k,rows", [(112, 1030, 2), (112, 4098, 17), (64, 96, 16), (80, 2050, 5)])
 def test_blocks_asking_into_l2_change_no_bit(dtype, n, k, rows):
     """Block asks are hints too: the same sums into L1 or L2, K whole and in chunks (a K past 1024
-    steps), every row block shape."""
+    steps), every row block shape, each shape with a next block to ask for (more than 3 panels)."""
     torch.manual_seed(0)
     weight, b, x = torch.randn(n, k).to(dtype), torch.randn(n).to(dtype), torch.randn(rows, k).to(dtype)
     packed = panels.pack(weight)
@@ -112,7 +113,7 @@ def test_each_candidate_is_timed_after_one_untimed_step_in_turn_and_the_slowest_
     blocks = [seen[i:i + per] for i in range(0, len(seen), per)]
     assert all(len(set(block)) == 1 for block in blocks) and len(blocks) == 4 * len(cost)
     firsts = [blocks[r * len(cost)][0] for r in range(4)]
-    assert firsts == list(panel_asks.CANDIDATES), "each round starts one candidate further"
+    assert firsts == list(panel_asks.ROW.candidates), "each round starts one candidate further"
     assert len(ticks) == len(blocks) and panel_asks.ASKS.bytes == 0
 
 
@@ -155,19 +156,15 @@ class _Stub:
         self.transformer = types.SimpleNamespace(ln_f=types.SimpleNamespace(weight=torch.zeros(64)))
 
 
-def _stub(**kwargs) -> _Stub:
-    return _Stub(**kwargs)
-
-
 def test_a_step_with_its_layers_fused_is_another_step_to_time():
-    fused, op_by_op = _stub(), _stub()
+    fused, op_by_op = _Stub(), _Stub()
     fused.fused = object()  # a fused_step.FusedStep
     row = panel_asks.ROW
     assert panel_asks._key(fused, "p", row, 1) != panel_asks._key(op_by_op, "p", row, 1)
 
 
 def test_each_batch_and_knob_is_its_own_choice():
-    model, block = _stub(), panel_asks.BLOCK
+    model, block = _Stub(), panel_asks.BLOCK
     keys = [panel_asks._key(model, "p", panel_asks.ROW, 1), panel_asks._key(model, "p", block, 4),
             panel_asks._key(model, "p", block, 16)]
     assert len({json.dumps(k, sort_keys=True) for k in keys}) == 3
@@ -175,8 +172,8 @@ def test_each_batch_and_knob_is_its_own_choice():
 
 def test_a_fixed_plan_or_no_panels_ask_for_nothing(monkeypatch):
     monkeypatch.setattr(panel_asks, "_measured", lambda model, batch=1: pytest.fail("nothing to measure"))
-    for model, batch in ((_stub(mode="panels"), 1), (_stub(mode="panels"), 4), (_stub(decode="onednn"), 1),
-                         (_stub(decode="onednn"), 16)):
+    for model, batch in ((_Stub(mode="panels"), 1), (_Stub(mode="panels"), 4), (_Stub(decode="onednn"), 1),
+                         (_Stub(decode="onednn"), 16)):
         panel_asks.set_bytes(4096)
         panel_asks.set_l2(1)
         panel_asks.settle(model, batch)
@@ -186,19 +183,22 @@ def test_a_fixed_plan_or_no_panels_ask_for_nothing(monkeypatch):
         assert model.tp.calls == (model.kernel_mode == "auto")
 
 
-def test_one_rank_without_panels_makes_every_rank_ask_for_nothing(monkeypatch):
+@pytest.mark.parametrize("batch", [1, 4])
+def test_one_rank_without_panels_makes_every_rank_ask_for_nothing(batch, monkeypatch):
     monkeypatch.setattr(panel_asks, "_measured", lambda model, batch=1: pytest.fail("nothing to measure"))
     panel_asks.set_bytes(4096)
-    panel_asks.settle(_stub(tp=_Ranks(other=[0.0, 1.0])), 1)
-    assert panel_asks.ASKS.bytes == 0 and panel_asks.describe() == ""
+    panel_asks.set_l2(1)
+    panel_asks.settle(_Stub(tp=_Ranks(other=[0.0, 1.0])), batch)
+    assert (panel_asks.ASKS.bytes, panel_asks.ASKS.l2, panel_asks.describe()) == (0, 0, "")
 
 
 def test_measured_once_per_machine_then_read_back_and_kept_per_model(monkeypatch):
     if rowdot.library()[0] is None:
         pytest.skip("the kernels' library is not built here (no C compiler)")
     measured = []
-    monkeypatch.setattr(panel_asks, "_measured", lambda model, batch=1: measured.append(model) or (3072, "step ms faked"))
-    model = _stub()
+    monkeypatch.setattr(panel_asks, "_measured",
+                        lambda model, batch=1: measured.append(model) or (3072, "step ms faked"))
+    model = _Stub()
     panel_asks.settle(model, 1)
     assert measured == [model] and panel_asks.ASKS.bytes == 3072
     assert panel_asks.describe() == "; row-ahead 3072" and "measured" in panel_asks.ASKS.chosen
@@ -206,10 +206,10 @@ def test_measured_once_per_machine_then_read_back_and_kept_per_model(monkeypatch
     panel_asks.settle(model, 1)
     assert model.tp.calls == calls, "the same model and plan again: settled, no collective"
     panel_asks.set_bytes(0)
-    other = _stub()
+    other = _Stub()
     panel_asks.settle(other, 1)
     assert measured == [model] and panel_asks.ASKS.bytes == 3072 and "cached" in panel_asks.ASKS.chosen
-    lacking = _stub(tp=_Ranks(other=[1.0, 0.0]))
+    lacking = _Stub(tp=_Ranks(other=[1.0, 0.0]))
     panel_asks.settle(lacking, 1)
     assert measured == [model, lacking], "a rank without the cached choice makes every rank measure"
 
@@ -224,7 +224,7 @@ def test_several_rows_set_the_block_asks_per_batch_and_one_row_the_distance(monk
         return choices[batch], "step ms faked"
 
     monkeypatch.setattr(panel_asks, "_measured", faked)
-    model = _stub()
+    model = _Stub()
     panel_asks.settle(model, 4)
     assert (panel_asks.ASKS.l2, panel_asks.ASKS.bytes, panel_asks.describe()) == (1, 0, "; block-asks L2")
     panel_asks.settle(model, 1)
@@ -236,19 +236,23 @@ def test_several_rows_set_the_block_asks_per_batch_and_one_row_the_distance(monk
     assert (panel_asks.ASKS.l2, panel_asks.describe()) == (0, "; block-asks L1") and measured == [4, 1, 8]
 
 
-@pytest.mark.parametrize("stored", [100, -64, True, 4096.0, "4096"])
-def test_a_cached_value_not_of_the_candidates_is_measured_again(stored, monkeypatch):
+@pytest.mark.parametrize("batch,stored", [(1, 100), (1, -64), (1, True), (1, 4096.0), (1, "4096"), (4, 2),
+                                          (4, True), (4, 1.0), (4, "1"), (4, 2048)])
+def test_a_cached_value_not_of_the_candidates_is_measured_again(batch, stored, monkeypatch):
     if rowdot.library()[0] is None:
         pytest.skip("the kernels' library is not built here (no C compiler)")
-    monkeypatch.setattr(panel_asks, "_measured", lambda model, batch=1: (2048, "step ms faked"))
-    panel_asks.settle(_stub(), 1)
-    (path,) = (panel_asks.cache_dir("forms")).glob("row-ahead-*.json")
+    knob = panel_asks.knob_for(batch)
+    first, again = knob.candidates[1], knob.candidates[-1]
+    monkeypatch.setattr(panel_asks, "_measured", lambda model, batch=1: (first, "step ms faked"))
+    panel_asks.settle(_Stub(), batch)
+    (path,) = (panel_asks.cache_dir("forms")).glob(f"{knob.name}-*.json")
     path.write_text(json.dumps({**json.loads(path.read_text()), "value": stored}))
     panel_asks.reset()
     measured = []
-    monkeypatch.setattr(panel_asks, "_measured", lambda model, batch=1: measured.append(model) or (3072, "step ms faked"))
-    panel_asks.settle(_stub(), 1)
-    assert len(measured) == 1 and panel_asks.ASKS.bytes == 3072
+    monkeypatch.setattr(panel_asks, "_measured", lambda model, batch=1: measured.append(model) or (again, "faked"))
+    panel_asks.settle(_Stub(), batch)
+    value = panel_asks.ASKS.bytes if batch == 1 else panel_asks.ASKS.l2
+    assert len(measured) == 1 and value == again
 
 
 @pytest.mark.parametrize("batch", [1, 4])
@@ -285,23 +289,26 @@ def test_a_model_times_its_own_step_at_its_batch_and_shows_the_choice(batch, tmp
     assert bool((written > 0).all()), "every sequence's slot 128 was timed"
 
 
-def test_a_step_too_slow_for_two_rounds_in_the_budget_is_not_timed(monkeypatch):
-    """A model whose step is that slow is dominated by its weights: nothing ahead, said so, no rounds run."""
+@pytest.mark.parametrize("batch", [1, 4])
+def test_a_step_too_slow_for_two_rounds_in_the_budget_is_not_timed(batch, monkeypatch):
+    """A model whose step is that slow is dominated by its weights: the default, said so, no rounds run
+    (the budget counts the batch's knob's candidates)."""
     clock, slots = [0.0], []
     monkeypatch.setattr(panel_asks.time, "perf_counter", lambda: clock[0])
     monkeypatch.setattr(panel_asks, "measure", lambda *a, **k: pytest.fail("no rounds fit the budget"))
-    two_rounds = len(panel_asks.CANDIDATES) * (panel_asks.STEPS + 1) * 2  # steps
+    knob = panel_asks.knob_for(batch)
+    two_rounds = len(knob.candidates) * (panel_asks.STEPS + 1) * 2  # steps
 
     class Slow:
         tp, cache_len = _Ranks(), 64
-        transformer = _stub().transformer
+        transformer = _Stub().transformer
 
         def __call__(self, ids, position, slot):
             slots.append(slot)
             clock[0] += panel_asks.BUDGET_S / two_rounds * 1.1
 
-    ahead, how = panel_asks._measured(Slow())
-    assert ahead == 0 and how.startswith("not timed") and slots == [63, 63], \
+    value, how = panel_asks._measured(Slow(), batch)
+    assert value == 0 and how.startswith("not timed") and slots == [63, 63], \
         "a cold step, then one timed, at a slot the cache has"
 
     def fast(self, ids, position, slot):
@@ -311,12 +318,12 @@ def test_a_step_too_slow_for_two_rounds_in_the_budget_is_not_timed(monkeypatch):
 
     def measure(step, slowest, tick, rounds, knob):
         rounds_run.append(rounds)
-        return {a: 1.0 - 0.01 * i for i, a in enumerate(panel_asks.CANDIDATES)}
+        return {a: 1.0 - 0.05 * i for i, a in enumerate(knob.candidates)}
 
     Slow.__call__, Slow._tick = fast, lambda self: None
     monkeypatch.setattr(panel_asks, "measure", measure)
-    assert panel_asks._measured(Slow()) == (panel_asks.CANDIDATES[-1], "step ms " + ", ".join(
-        f"{a}: {1.0 - 0.01 * i:.2f}" for i, a in enumerate(panel_asks.CANDIDATES))) and rounds_run == [2], \
+    assert panel_asks._measured(Slow(), batch) == (knob.candidates[-1], "step ms " + ", ".join(
+        f"{knob.label(a)}: {1.0 - 0.05 * i:.2f}" for i, a in enumerate(knob.candidates))) and rounds_run == [2], \
         "two rounds fit: timed, two rounds"
 
 
