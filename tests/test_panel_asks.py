@@ -43,13 +43,15 @@ def test_asking_ahead_changes_no_bit(dtype, n, k):
         assert torch.equal(panels.linear(x, packed, b), expected), ahead
 
 
-def test_the_library_holds_the_distance_it_was_given():
+@pytest.mark.parametrize("setter,export,held,value", [("set_bytes", "panels_row_ahead", "bytes", 4096),
+                                                      ("set_l2", "panels_block_asks", "l2", 1)])
+def test_the_library_holds_the_choice_it_was_given(setter, export, held, value):
     lib, _ = rowdot.library()
     if lib is None:
         pytest.skip("the kernels' library is not built here (no C compiler)")
-    panel_asks.set_bytes(4096)
-    assert lib.panels_row_ahead(0) == 4096 and panel_asks.ASKS.bytes == 4096
-    assert lib.panels_row_ahead(0) == 0
+    getattr(panel_asks, setter)(value)
+    assert getattr(lib, export)(0) == value and getattr(panel_asks.ASKS, held) == value
+    assert getattr(lib, export)(0) == 0
 
 
 @each()
@@ -63,15 +65,6 @@ def test_blocks_asking_into_l2_change_no_bit(dtype, n, k, rows):
     expected = panels.linear(x, packed, b)
     panel_asks.set_l2(1)
     assert torch.equal(panels.linear(x, packed, b), expected)
-
-
-def test_the_library_holds_the_block_choice_it_was_given():
-    lib, _ = rowdot.library()
-    if lib is None:
-        pytest.skip("the kernels' library is not built here (no C compiler)")
-    panel_asks.set_l2(1)
-    assert lib.panels_block_asks(0) == 1 and panel_asks.ASKS.l2 == 1
-    assert lib.panels_block_asks(0) == 0
 
 
 @pytest.mark.parametrize("bad", [2, -1, True, 1.0, "1"])
