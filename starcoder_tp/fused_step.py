@@ -94,13 +94,13 @@ def why_not(model) -> str | None:
     _, post_op, algorithm = ACTIVATIONS[config.activation_function]
     if not panels.fuses(post_op, algorithm):
         return f"panels.c does not apply {config.activation_function}"
-    for linear in _linears(model):
+    for linear in linears(model):
         if linear.decode_kernel != "panels":
             return f"a linear's decode kernel is {linear.decode_kernel}, not panels"
         if linear.packed_kind != "panels":
             return "a linear's weight is not laid out in panels"
     if attn.k_cache is None or model.kernel_rows != model.cache_batch or any(
-            model.cache_batch * linear.in_features > linear.decode_numel for linear in _linears(model)):
+            model.cache_batch * linear.in_features > linear.decode_numel for linear in linears(model)):
         return "no cache, or one whose batch the linears are not laid out for"
     if any(t is not None and not (t.is_contiguous() and t.dtype == dtype)
            for block in model.transformer.h for t in _layer_tensors(block)):
@@ -108,7 +108,7 @@ def why_not(model) -> str | None:
     return None
 
 
-def _linears(model) -> list:
+def linears(model) -> list:
     return [linear for block in model.transformer.h
             for linear in (block.attn.c_attn, block.attn.c_proj, block.mlp.c_fc, block.mlp.c_proj)]
 

@@ -20,7 +20,7 @@ from torch import nn
 from .attention import Attention, attention_mask
 from .comm import TPGroup
 from .config import ModelConfig
-from . import argmax, fused_step, kernels, layouts, malloc, panel_asks
+from . import argmax, fused_step, fusion_choice, kernels, layouts, malloc, panel_asks
 from .compiled import compile_step, drop_compiled_code
 from .kernels import KERNEL_MODES, Choice
 from .linear import Linear, run_kernel
@@ -86,6 +86,7 @@ class TPCausalLM(nn.Module):
         self.kernel_mode = "plain"  # kernels.KERNEL_MODES; set by use_kernels
         self.kernel_rows: int | None = None  # the decode batch the kernels are laid out for
         self.kernel_plan: dict[str, Choice] = {}  # the kernels laid out
+        self.weighed_plan: dict[str, Choice] = {}  # the plan's own choice for the request (fusion_choice)
         self.kernel_timings: dict[str, Choice] = {}  # the plan as measured (or fixed), before weighing
         self.kernel_request: tuple[int, int] | None = None  # (prompt rows, decode steps) it was weighed for
         self.kernel_plan_source = "fixed"  # "measured", "cached" or "fixed"
@@ -137,15 +138,18 @@ class TPCausalLM(nn.Module):
             self.kernel_plan_source = "fixed"
         del weights  # unpacked copies of packed weights, made for the measurement
         self.kernel_mode = mode
-        return self._lay_out(self._weighed(request), rows)
+        return self.lay_out(self._weighed(request, rows), rows)
 
-    def _weighed(self, request: tuple[int, int] | None) -> dict[str, Choice]:
-        """The plan laid out for `request`: measured timings weighed for it (fixed modes: as they are)."""
+    def _weighed(self, request: tuple[int, int] | None, rows: int) -> dict[str, Choice]:
+        """The plan to lay out for `request` at `rows` decode rows: measured timings weighed for it (fixed
+        modes: as they are), kept as `weighed_plan`; then, where this process timed the step fused against
+        it, the faster way for the request (fusion_choice.applied)."""
         self.kernel_request = request if self.kernel_mode == "auto" else None
-        return {shape: kernels.weigh(choice, *request) if self.kernel_request else choice
-                for shape, choice in self.kernel_timings.items()}
+        self.weighed_plan = {shape: kernels.weigh(choice, *request) if self.kernel_request else choice
+                             for shape, choice in self.kernel_timings.items()}
+        return fusion_choice.applied(self, self.weighed_plan, rows, self.kernel_request)
 
-    def _lay_out(self, plan: dict[str, Choice], rows: int) -> int:
+    def lay_out(self, plan: dict[str, Choice], rows: int) -> int:
         """Lay every weight out for `plan` at `rows` decode rows; returns how many are packed."""
         previous, self.kernel_plan, count, self.fused = self.kernel_plan, plan, 0, False
         for linear in [m for m in self.modules() if isinstance(m, Linear)]:
@@ -178,7 +182,7 @@ class TPCausalLM(nn.Module):
             f", weighed for {self.kernel_request[0]} prompt rows + {self.kernel_request[1]} steps")
         return (f"{self.kernel_mode} ({self.kernel_plan_source}, batch {self.kernel_rows}{weighed}): "
                 f"{kernels.describe(self.kernel_plan)}{argmax.describe(self.kernel_rows, self.local_vocab)}"
-                f"{panel_asks.describe()}{fused_step.describe(self.fused_layers())}")
+                f"{fusion_choice.describe(self)}{panel_asks.describe()}{fused_step.describe(self.fused_layers())}")
 
     def compile_decode(self, mode: str | None = None) -> None:
         """Run decode steps through torch.compile (inductor) of the fixed-shape step (`forward` with a tensor
@@ -196,17 +200,19 @@ class TPCausalLM(nn.Module):
         """Allocate the static KV cache once; later calls with a fitting shape reuse it. A pre-packed model is
         re-packed here (outside any timed region) for a new batch size, and with measured kernels for a `request`
         (prompt rows, decode steps) whose weighed layouts differ from those laid out (kernels.weigh; only those
-        weights). The panels' asks for this batch are settled (panel_asks.settle: 1-2 s once per machine, model,
-        plan and batch)."""
+        weights). Where only some shapes' kernels keep the layers from fusing, the step is timed fused against the
+        plan, and the panels' asks for this batch are settled (fusion_choice.settle, panel_asks.settle: 1-2 s
+        each, once per machine, model, plan and batch)."""
         if self.kernel_mode != "plain" and self.kernel_rows != batch:
             self.use_kernels(self.kernel_mode, batch, request)
         elif self.kernel_mode == "auto" and request is not None and request != self.kernel_request:
-            if (plan := self._weighed(request)) != self.kernel_plan:
-                self._lay_out(plan, batch)
+            if (plan := self._weighed(request, batch)) != self.kernel_plan:
+                self.lay_out(plan, batch)
         if batch != self.cache_batch or max_seq_len > self.cache_len:
             self._allocate_cache(batch, max_seq_len)
         self.fused_layers()
-        if self.transformer.ln_f.weight.device.type == "cpu":  # the panels' asks, timed on the step
+        if self.transformer.ln_f.weight.device.type == "cpu":  # fusion against the plan, the panels' asks: timed
+            fusion_choice.settle(self, batch)
             panel_asks.settle(self, batch)
 
     def _allocate_cache(self, batch: int, max_seq_len: int) -> None:

@@ -144,15 +144,38 @@ def measure(step: Callable[[], object], slowest: Callable[[torch.Tensor], torch.
     return dict(zip(values, slowest(torch.tensor(local, dtype=torch.float64)).tolist()))
 
 
-def _key(model, plan: str, knob: Knob, batch: int) -> dict:
+def machine_key(model) -> dict:
+    """What a choice timed on `model`'s step holds for: this machine, torch, threads and ranks, our
+    kernels' build, the model's shape and dtype, and whether its layers ran fused (fused_step.py)."""
     config = model.config
-    return {"version": VERSION, "knob": knob.name, "candidates": list(knob.candidates), "margin": MARGIN,
-            "batch": batch, "cpu_model": cpu_model(), "cpu_isa": isa_flags(), "cores": cpu_cores(),
+    return {"cpu_model": cpu_model(), "cpu_isa": isa_flags(), "cores": cpu_cores(),
             "torch": torch.__version__, "threads": torch.get_num_threads(), "world_size": model.tp.world_size,
-            "kernels": rowdot.path(), "huge_pages": os.environ.get(THP_ENV, "") == "1", "plan": plan,
+            "kernels": rowdot.path(), "huge_pages": os.environ.get(THP_ENV, "") == "1",
             "model": [config.model_type, config.n_layer, config.n_embd, config.n_head, config.n_inner,
                       str(model.transformer.ln_f.weight.dtype)],
-            "fused": bool(getattr(model, "fused", None))}  # the step timed: its layers fused (fused_step.py) or not
+            "fused": bool(getattr(model, "fused", None))}
+
+
+def _key(model, plan: str, knob: Knob, batch: int) -> dict:
+    return {"version": VERSION, "knob": knob.name, "candidates": list(knob.candidates), "margin": MARGIN,
+            "batch": batch, "plan": plan, **machine_key(model)}
+
+
+def read_record(path, key: dict) -> dict | None:
+    """The record cached in `path` for exactly `key`, or None (none, another key's, unreadable)."""
+    try:
+        stored = json.loads(path.read_text())
+        return stored if isinstance(stored, dict) and stored.get("key") == key else None
+    except (OSError, ValueError):
+        return None
+
+
+def write_record(path, record: dict, who: str) -> None:
+    """Cache `record` (with its "key") in `path`, atomically; a failure is reported, not raised."""
+    try:
+        write_atomic(path, json.dumps(record, indent=1, sort_keys=True))
+    except OSError as err:
+        print(f"[{who}] could not cache the choice in {path}: {err}", file=sys.stderr)
 
 
 def settle(model, batch: int) -> None:
@@ -175,13 +198,10 @@ def settle(model, batch: int) -> None:
     key = _key(model, plan, knob, batch)
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
     path = cache_dir("forms", f"{knob.name}-{digest}.json")
-    try:
-        stored = json.loads(path.read_text())
-        cached = (stored["value"], str(stored["how"])) if stored.get("key") == key else None
-        if cached and (type(cached[0]) is not int or cached[0] not in knob.candidates):
-            cached = None  # (not a candidate of ours: measured again)
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        cached = None
+    stored = read_record(path, key)
+    cached = (stored.get("value"), str(stored.get("how"))) if stored else None
+    if cached and (type(cached[0]) is not int or cached[0] not in knob.candidates):
+        cached = None  # (not a candidate of ours: measured again)
     usable = bool(panels) and rowdot.library()[0] is not None
     # Every rank measures if any lacks it (the timings are reduced across ranks); none if one cannot ask.
     lacking, unusable = model.tp.max_(torch.tensor([cached is None, not usable], dtype=torch.float64)).tolist()
@@ -192,10 +212,7 @@ def settle(model, batch: int) -> None:
         with torch.inference_mode():
             value, how = _measured(model, batch)
         if how.startswith("step ms"):  # (not a step too slow to time once, perhaps cold: timed again next time)
-            try:
-                write_atomic(path, json.dumps({"key": key, "value": value, "how": how}, indent=1, sort_keys=True))
-            except OSError as err:
-                print(f"[panel_asks] could not cache the choice in {path}: {err}", file=sys.stderr)
+            write_record(path, {"key": key, "value": value, "how": how}, "panel_asks")
     else:
         value, how = cached
     _apply(knob, value)
@@ -203,22 +220,34 @@ def settle(model, batch: int) -> None:
     ASKS.settled_for = (weakref.ref(model), plan, torch.get_num_threads(), batch)
 
 
-def _measured(model, batch: int = 1) -> tuple[int, str]:
-    """(the candidate of knob_for(batch) that `model`'s step at `batch` rows ran fastest with, how it was
-    chosen)."""
-    knob = knob_for(batch)
-    # (Unmasked, as a batch of equal prompts decodes: a padded batch's masked steps run op by op, untimed.)
+def decode_step(model, batch: int) -> Callable[[], None]:
+    """One decode step of `model` at `batch` rows, to time: unmasked, as a batch of equal prompts decodes
+    (a padded batch's masked steps run op by op, untimed), some way into a sequence, one cache slot
+    written in each (what a request reads, it writes first)."""
     ids = torch.zeros((batch, 1), dtype=torch.long, device=model.transformer.ln_f.weight.device)
-    slot = min(model.cache_len - 1, 128)  # a step some way into a sequence (what a request reads, it writes first)
+    slot = min(model.cache_len - 1, 128)
     position = torch.full((batch, 1), slot, dtype=torch.long, device=ids.device)
 
     def step() -> None:
         model(ids, position, slot)
 
-    step()  # (the first after a layout or a new cache runs cold)
+    return step
+
+
+def first_step_s(model, step: Callable[[], None]) -> float:
+    """One warm `step`'s seconds, the slowest rank's (the first after a layout or a new cache runs cold)."""
+    step()
     start = time.perf_counter()
     step()
-    one = model.tp.max_(torch.tensor([time.perf_counter() - start], dtype=torch.float64)).item()
+    return model.tp.max_(torch.tensor([time.perf_counter() - start], dtype=torch.float64)).item()
+
+
+def _measured(model, batch: int = 1) -> tuple[int, str]:
+    """(the candidate of knob_for(batch) that `model`'s step at `batch` rows ran fastest with, how it was
+    chosen)."""
+    knob = knob_for(batch)
+    step = decode_step(model, batch)
+    one = first_step_s(model, step)
     rounds = min(ROUNDS, int(BUDGET_S / (one * len(knob.candidates) * (STEPS + 1))))
     if rounds < 2:  # (one round's step each: noise, not a choice)
         return 0, f"not timed, a step took {one * 1e3:.0f} ms"
