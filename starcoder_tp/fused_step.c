@@ -2,7 +2,7 @@
  * LayerNorm, fused QKV (rotated, where the model's positions are rotary), attention over the static
  * cache and MLP, each linear by panels.c and the attention by attend.c: the same kernels, each output
  * rounded to the dtype where the model's layers round it (only the LayerNorm's moments are summed
- * otherwise: in double, two passes).
+ * otherwise: in double, two passes, in 16 lanes where the CPU has AVX-512).
  *
  * Why: at batch 1 a layer is four weight streams and ~20 small ops between them. Run from Python,
  * those ops and the step's few others cost 0.7 ms a step in the bench-size model's 8 layers
@@ -101,6 +101,88 @@ static void residual(void *x, const void *add, const void *bias, long rows, long
         }
 }
 
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include "simd.h"
+
+/* 16 elements of p from i, in fp32. */
+AVX512 INLINE __m512 get16(const void *p, long i, int bf16) {
+    if (!bf16)
+        return _mm512_loadu_ps((const float *)p + i);
+    __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)p + i));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+AVX512 INLINE void put16(void *p, long i, __m512 v, int bf16) {
+    if (!bf16)
+        _mm512_storeu_ps((float *)p + i, v);
+    else
+        _mm256_storeu_si256((__m256i *)((uint16_t *)p + i), _mm512_cvtepi32_epi16(round_bf16(v)));
+}
+
+/* v as the dtype holds it (bf16: rounded to nearest even). */
+AVX512 INLINE __m512 rounded16(__m512 v, int bf16) {
+    return bf16 ? _mm512_castsi512_ps(_mm512_slli_epi32(round_bf16(v), 16)) : v;
+}
+
+/* layer_norm's and residual's elements, 16 at a time (n % 16 == 0): the same operations on each element, the
+ * moments summed in double in 16 lanes (another order again). At batch 16 the scalar forms took ~8% of a
+ * rank's bf16 decode step (RESULTS.md, "LayerNorm and the residual in vectors"). */
+AVX512 static void layer_norm16(const void *x, const void *w, const void *b, void *y, long rows, long n, float eps,
+                                int bf16) {
+    for (long r = 0; r < rows; r++) {
+        __m512d low = _mm512_setzero_pd(), high = _mm512_setzero_pd();
+        for (long i = 0; i < n; i += 16) {
+            __m512 v = get16(x, r * n + i, bf16);
+            low = _mm512_add_pd(low, _mm512_cvtps_pd(_mm512_castps512_ps256(v)));
+            high = _mm512_add_pd(high, _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1))));
+        }
+        double mean = _mm512_reduce_add_pd(_mm512_add_pd(low, high)) / n;
+        __m512d centre = _mm512_set1_pd(mean);
+        low = high = _mm512_setzero_pd();
+        for (long i = 0; i < n; i += 16) {
+            __m512 v = get16(x, r * n + i, bf16);
+            __m512d dl = _mm512_sub_pd(_mm512_cvtps_pd(_mm512_castps512_ps256(v)), centre);
+            __m512d dh = _mm512_sub_pd(
+                _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1))), centre);
+            low = _mm512_add_pd(low, _mm512_mul_pd(dl, dl));
+            high = _mm512_add_pd(high, _mm512_mul_pd(dh, dh));
+        }
+        double squares = _mm512_reduce_add_pd(_mm512_add_pd(low, high));
+        float rstd = 1.0f / sqrtf((float)(squares / n) + eps), shift = -(float)mean * rstd;
+        __m512 scale = _mm512_set1_ps(rstd), offset = _mm512_set1_ps(shift);
+        for (long i = 0; i < n; i += 16) {
+            __m512 v = _mm512_mul_ps(_mm512_add_ps(_mm512_mul_ps(get16(x, r * n + i, bf16), scale), offset),
+                                     get16(w, i, bf16));
+            put16(y, r * n + i, b ? _mm512_add_ps(v, get16(b, i, bf16)) : v, bf16);
+        }
+    }
+}
+
+AVX512 static void residual16(void *x, const void *add, const void *bias, long rows, long n, int bf16) {
+    for (long r = 0; r < rows; r++)
+        for (long i = 0; i < n; i += 16) {
+            __m512 a = get16(add, r * n + i, bf16);
+            if (bias)
+                a = rounded16(_mm512_add_ps(a, get16(bias, i, bf16)), bf16);
+            put16(x, r * n + i, _mm512_add_ps(get16(x, r * n + i, bf16), a), bf16);
+        }
+}
+
+static int vectors(long n) {
+    static int avx512 = -1;
+    if (avx512 < 0)
+        avx512 = runs_avx512();
+    return avx512 && n % 16 == 0;
+}
+#else
+static int vectors(long n) {
+    (void)n;
+    return 0;
+}
+#define layer_norm16 layer_norm
+#define residual16 residual
+#endif
+
 /* Rotary positions on q and k in place, by rotary.c (torch's bits): rows of [q's heads | k's heads | v],
  * one token each; cos, sin: [B][D], this step's position per row. */
 static void rotate(void *qkv, const void *cos, const void *sin, long rows, long row_len, long heads, long d_len,
@@ -138,14 +220,17 @@ int fused_step(void *const *layers, long from, long to, void *x, const void *inc
             return -2;
     char *h = scratch, *qkv = h + B * E * size, *att = qkv + B * QKV * size, *o = att + B * H * D * size;
     char *f = o + B * E * size;
+    void (*norm)(const void *, const void *, const void *, void *, long, long, float, int) =
+        vectors(E) ? layer_norm16 : layer_norm;
+    void (*add)(void *, const void *, const void *, long, long, int) = vectors(E) ? residual16 : residual;
     if (incoming)
-        residual(x, incoming, incoming_bias, B, E, bf16);
+        add(x, incoming, incoming_bias, B, E, bf16);
     for (long p = from; p < to; p++) {
         void *const *L = layers + (p / 4) * SLOTS;
         void *out = partial ? partial : o;
         switch (p % 4) {
         case 0:
-            layer_norm(x, L[LN1_W], L[LN1_B], h, B, E, eps, bf16);
+            norm(x, L[LN1_W], L[LN1_B], h, B, E, eps, bf16);
             linear(L[QKV_W], h, L[QKV_B], qkv, QKV, E, B, 0, bf16);
             if (cos)  /* q's heads and k's, side by side in a row */
                 rotate(qkv, cos, sin, B, QKV, H + KV, D, bf16);
@@ -170,12 +255,12 @@ int fused_step(void *const *layers, long from, long to, void *x, const void *inc
             linear(L[PROJ_W], att, partial ? NULL : L[PROJ_B], out, E, H * D, B, 0, bf16);
             break;
         default:
-            layer_norm(x, L[LN2_W], L[LN2_B], h, B, E, eps, bf16);
+            norm(x, L[LN2_W], L[LN2_B], h, B, E, eps, bf16);
             linear(L[FC_W], h, L[FC_B], f, dims[INNER], E, B, (int)dims[ACT], bf16);
             linear(L[FC2_W], f, partial ? NULL : L[FC2_B], out, E, dims[INNER], B, 0, bf16);
         }
         if (!partial)
-            residual(x, o, NULL, B, E, bf16);
+            add(x, o, NULL, B, E, bf16);
     }
     return 0;
 }
