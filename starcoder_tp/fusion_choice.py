@@ -6,34 +6,37 @@ saves, the interpreter and torch's dispatch between a step's few hundred ops, li
 So a shape whose own kernel timed a little faster than panels once, or whose panels' timing a disturbed
 moment slowed, left the whole step op by op: on the EPYC Zen 4 the GPTBigCode bench model's fp32 plan took
 rowdot for its 1024x4096 weights (0.58 ms against panels' 0.65 in that measurement, 0.47-0.53 in the
-other plans cached there), and its decode step ran 20.8 ms op by op against 17.7 ms fused (RESULTS.md,
-"The plan's kernels against a fused step").
+other plans cached there), and its batch-1 decode step ran 19.47 ms op by op against 17.33 ms fused
+(RESULTS.md, "The plan's kernels against a fused step").
 
 Where only such shapes stand in the way (each timed with panels too), the step is timed both ways, the
 plan as chosen and those shapes in panels, fused: in turn, every rank at once, the slowest rank's time,
 cached per machine, model, plan and batch like the panels' asks. A request then takes the way whose cost
 is least: its prefill's estimate from the plan's timings (those shapes' prefill kernels differ) plus its
-steps at the measured step time. A model whose step is too slow to time within BUDGET_S keeps its plan.
+steps at the measured step time. A model whose step is too slow to time within BUDGET_S keeps its plan:
+judged first from the plan's own timings of its weights, so that a large model runs no step to find out.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import statistics
 import time
 import weakref
 
 import torch
 
-from . import fused_step
+from . import fused_step, panel_asks
 from .files import cache_dir
-from .kernels import PREFILL_ROWS, SHORT_ROWS, SPLIT_ROWS, Choice, choose
+from .kernels import PREFILL_ROWS, SHORT_ROWS, SPLIT_ROWS, Choice, choose, shape_key
+from .linear import Linear
 from .panel_asks import decode_step, first_step_s, machine_key, read_record, write_record
 
 WAYS = ("plan", "fused")  # the plan as chosen, op by op; its blocking shapes in panels, the layers fused
 ORDER = ("plan", "fused", "fused", "plan")  # each way's rounds, in this order (the machine's speed drifts)
 STEPS = 2  # timed steps a round, after one untimed (it inherits the other way's caches)
-BUDGET_S = 2.0  # at most this long timing (two layouts of the blocking shapes come on top)
+BUDGET_S = 2.0  # at most this long in timed and warm-up steps (the blocking shapes' layouts come on top)
 VERSION = 1  # part of the cache key: a change in what is measured invalidates old timings
 
 # This process's step timings, per model, batch and plan: what `applied` weighs a request with.
@@ -65,7 +68,19 @@ def prefill_ms(choice: Choice, prompt_rows: int) -> float:
     short = prompt_rows < SPLIT_ROWS
     ms, rows, kernel = (choice.short_ms, SHORT_ROWS, choice.short) if short else (
         choice.prefill_ms, PREFILL_ROWS, choice.prefill)
-    return ms[kernel] * prompt_rows / rows if ms and kernel in ms else 0.0
+    if ms and kernel in ms:
+        return ms[kernel] * prompt_rows / rows
+    return choice.decode_ms[choice.decode] if choice.decode_ms and choice.decode in choice.decode_ms else 0.0
+
+
+def weights_s(model, plan: dict[str, Choice]) -> float:
+    """A decode step's linears by `plan`'s own timings (each weight its decode kernel's, from memory), in
+    seconds: the least a step takes, known without running one (0 for weights without timings)."""
+    keys = [module.shape_key() for module in model.modules() if isinstance(module, Linear)]
+    if model.config.tie_word_embeddings:
+        keys.append(shape_key(model.transformer.wte.weight))
+    chosen = [plan[key] for key in keys if key in plan]
+    return sum(c.decode_ms[c.decode] for c in chosen if c.decode_ms and c.decode in c.decode_ms) / 1e3
 
 
 def _memo_key(model, batch: int, plan: dict[str, Choice]) -> tuple:
@@ -111,16 +126,18 @@ def settle(model, batch: int) -> None:
     memo = _memo_key(model, batch, weighed)
     shapes = blocking(model, weighed)
     if memo not in _TIMED:
-        assert model.kernel_plan == weighed, "applied() lays out the plan itself until the step is timed"
+        if model.kernel_plan != weighed:  # (another thread count's choice: the same on every rank, as the plan is)
+            model.lay_out(weighed, batch)
         reason = fused_step.why_not(model)
-        candidate = bool(shapes) and reason is not None and reason.startswith("a linear's")
+        candidate = bool(shapes) and reason is not None and reason.startswith("a linear's decode kernel")
         key = {"version": VERSION, "batch": batch, "plan": _plan_key(weighed), "order": list(ORDER),
                "steps": STEPS, **machine_key(model)}
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
         path = cache_dir("forms", f"fusion-{digest}.json")
         stored = read_record(path, key) if candidate else None
         cached = stored.get("step_ms") if stored else None
-        if not (isinstance(cached, dict) and all(type(cached.get(way)) is float for way in WAYS)):
+        if not (isinstance(cached, dict) and all(type(cached.get(way)) is float and math.isfinite(cached[way])
+                                                 and cached[way] > 0 for way in WAYS)):
             cached = None
         # Every rank times if any lacks the timings (they are reduced across ranks); none if one has no candidate.
         lacking, unfit = model.tp.max_(torch.tensor([cached is None, not candidate], dtype=torch.float64)).tolist()
@@ -142,9 +159,13 @@ def settle(model, batch: int) -> None:
 def _measured(model, batch: int, plan: dict[str, Choice], shapes: list[str]) -> dict[str, float] | None:
     """The decode step's ms at `batch` rows each way (the median of its rounds, each the mean of STEPS steps,
     the slowest rank's), or None where a step is too slow to time each way twice within BUDGET_S or the
-    blocking shapes in panels do not fuse after all. Leaves `plan` laid out."""
+    blocking shapes in panels do not fuse after all. Leaves `plan` laid out, and the panels' asks at their
+    defaults (panel_asks.settle sets them again after)."""
     fused = {**plan, **{shape: in_panels(plan[shape], model.kernel_request) for shape in shapes}}
     layouts = {"plan": plan, "fused": fused}
+    panel_asks.reset()  # (both ways timed alike, whatever another batch or plan settled)
+    if weights_s(model, plan) * len(ORDER) * (STEPS + 1) > BUDGET_S:
+        return None  # (a large model: no step run to find out)
     step = decode_step(model, batch)
     if first_step_s(model, step) * len(ORDER) * (STEPS + 1) > BUDGET_S:
         return None

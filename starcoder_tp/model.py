@@ -210,9 +210,11 @@ class TPCausalLM(nn.Module):
                 self.lay_out(plan, batch)
         if batch != self.cache_batch or max_seq_len > self.cache_len:
             self._allocate_cache(batch, max_seq_len)
-        self.fused_layers()
-        if self.transformer.ln_f.weight.device.type == "cpu":  # fusion against the plan, the panels' asks: timed
+        cpu = self.transformer.ln_f.weight.device.type == "cpu"
+        if cpu:  # fusion against the plan, timed (it may lay some weights out again)
             fusion_choice.settle(self, batch)
+        self.fused_layers()  # (decided here, with the layout and the cache, before the timed steps)
+        if cpu:  # the panels' asks, timed on the step as it will run
             panel_asks.settle(self, batch)
 
     def _allocate_cache(self, batch: int, max_seq_len: int) -> None:

@@ -32,6 +32,7 @@ import statistics
 import sys
 import time
 import weakref
+from pathlib import Path
 from typing import Callable, NamedTuple
 
 import torch
@@ -161,7 +162,7 @@ def _key(model, plan: str, knob: Knob, batch: int) -> dict:
             "batch": batch, "plan": plan, **machine_key(model)}
 
 
-def read_record(path, key: dict) -> dict | None:
+def read_record(path: Path, key: dict) -> dict | None:
     """The record cached in `path` for exactly `key`, or None (none, another key's, unreadable)."""
     try:
         stored = json.loads(path.read_text())
@@ -170,7 +171,7 @@ def read_record(path, key: dict) -> dict | None:
         return None
 
 
-def write_record(path, record: dict, who: str) -> None:
+def write_record(path: Path, record: dict, who: str) -> None:
     """Cache `record` (with its "key") in `path`, atomically; a failure is reported, not raised."""
     try:
         write_atomic(path, json.dumps(record, indent=1, sort_keys=True))

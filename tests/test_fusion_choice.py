@@ -91,6 +91,7 @@ def test_the_faster_step_is_laid_out_and_shown(model, monkeypatch, ways, fused):
     with torch.inference_mode():
         model.setup_cache(1, 160, (8, 8))
     assert calls == [(1, [TARGET])]
+    assert model.fused is not False, "fused or not decided with the layout, before the first timed step"
     assert model.weighed_plan[TARGET].decode == "rowdot", "the plan's own choice is kept beside the layout"
     assert model.kernel_plan[TARGET].decode == ("panels" if fused else "rowdot")
     assert (model.fused_layers() is not None) == fused
@@ -153,7 +154,9 @@ def test_timed_once_per_machine_then_read_back_and_agreed_across_ranks(model, mo
     assert len(calls) == 2, "another rank without the timings makes every rank time"
 
 
-@pytest.mark.parametrize("stored", [{"plan": 2.0}, {"plan": "2.0", "fused": 1.0}, [2.0, 1.0], {"plan": 2, "fused": 1}])
+@pytest.mark.parametrize("stored", [{"plan": 2.0}, {"plan": "2.0", "fused": 1.0}, [2.0, 1.0], {"plan": 2, "fused": 1},
+                                    {"plan": float("nan"), "fused": 1.0}, {"plan": 2.0, "fused": float("inf")},
+                                    {"plan": 2.0, "fused": -1.0}])
 def test_cached_timings_not_of_both_ways_are_timed_again(model, monkeypatch, stored):
     calls = []
     monkeypatch.setattr(fusion_choice, "_measured", _faked({"plan": 2.0, "fused": 1.0}, calls))
@@ -174,6 +177,7 @@ def test_a_fixed_plan_or_one_kept_apart_by_more_than_kernels_is_not_timed(model,
         model.setup_cache(1, 160, (8, 8))
     assert model.kernel_plan[TARGET].decode == "rowdot" and fusion_choice.describe(model) == ""
     monkeypatch.delenv(fused_step.ENV)
+    fusion_choice._TIMED.clear()
     model.kernel_mode = "panels"
     monkeypatch.setattr(model.tp, "max_", lambda t: pytest.fail("a fixed mode: no collective"))
     fusion_choice.settle(model, 1)
@@ -203,7 +207,8 @@ def test_a_step_too_slow_to_time_in_the_budget_keeps_the_plan_untimed_and_uncach
     monkeypatch.setattr(fusion_choice, "BUDGET_S", 0.0)
     with torch.inference_mode():
         model.setup_cache(1, 160, (8, 8))
-    assert model.kernel_plan[TARGET].decode == "rowdot" and not list(fusion_choice.cache_dir("forms").glob("f*"))
+    assert model.kernel_plan[TARGET].decode == "rowdot"
+    assert not list(fusion_choice.cache_dir("forms").glob("fusion-*.json")), "not timed: timed again next time"
 
 
 def test_a_layout_that_still_does_not_fuse_is_not_timed_and_the_plan_goes_back(model, monkeypatch):
@@ -217,3 +222,53 @@ def test_a_layout_that_still_does_not_fuse_is_not_timed_and_the_plan_goes_back(m
         monkeypatch.setattr(model, "fused_layers", lambda: None)
         assert fusion_choice._measured(model, 1, plan, [TARGET]) is None
     assert model.kernel_plan == plan
+
+
+def test_another_rank_without_a_candidate_makes_no_rank_time(model, monkeypatch):
+    monkeypatch.setattr(fusion_choice, "_measured", lambda *a: pytest.fail("nothing to time"))
+    real = model.tp.max_
+    monkeypatch.setattr(model.tp, "max_", lambda t: torch.maximum(real(t), torch.tensor([0.0, 1.0][:t.numel()],
+                                                                                      dtype=t.dtype)))
+    with torch.inference_mode():
+        model.setup_cache(1, 160, (8, 8))
+    assert model.kernel_plan[TARGET].decode == "rowdot" and model.fused_layers() is None
+
+
+def test_a_request_whose_prefill_outweighs_its_steps_goes_back_to_the_plan_without_timing_again(model, monkeypatch):
+    calls = []
+    monkeypatch.setattr(fusion_choice, "_measured", _faked({"plan": 2.0, "fused": 1.0}, calls))
+    with torch.inference_mode():
+        model.setup_cache(1, 160, (8, 8))
+        assert model.fused_layers() is not None and fusion_choice.describe(model)
+        model.setup_cache(1, 160, (512 * 100, 1))  # 4 weights' prefill 800 ms slower in panels, 1 ms saved
+        assert model.kernel_plan[TARGET].decode == "rowdot" and model.fused_layers() is None
+        assert fusion_choice.describe(model) == "" and "layers fused" not in model.kernels_summary()
+        model.setup_cache(1, 160, (8, 8))
+    assert model.fused_layers() is not None and len(calls) == 1
+
+
+def test_another_thread_count_is_timed_again_from_the_plan(model, monkeypatch):
+    calls = []
+    monkeypatch.setattr(fusion_choice, "_measured", _faked({"plan": 2.0, "fused": 1.0}, calls))
+    with torch.inference_mode():
+        model.setup_cache(1, 160, (8, 8))
+        laid = []
+        real = model.lay_out
+        monkeypatch.setattr(model, "lay_out", lambda plan, rows: laid.append(plan[TARGET].decode) or real(plan, rows))
+        monkeypatch.setattr(fusion_choice.torch, "get_num_threads", lambda: 7)
+        fusion_choice.settle(model, 1)
+    assert len(calls) == 2 and laid == ["rowdot", "panels"], "the plan laid out, timed, then the faster way"
+
+
+def test_a_model_whose_weights_alone_exceed_the_budget_runs_no_step(model, monkeypatch):
+    """The plan's own timings (each weight's decode kernel) bound the step from below: past the budget, no
+    step is run to find out (a large model's would take seconds)."""
+    plan = _timed_plan(model)
+    linears = sum(isinstance(m, fusion_choice.Linear) for m in model.modules()) + 1  # (+ the tied lm_head)
+    assert fusion_choice.weights_s(model, plan) == pytest.approx((linears - 4 + 4 * 0.9) / 1e3), \
+        "1 ms a weight, 0.9 for TARGET's 4 (rowdot)"
+    monkeypatch.setattr(fusion_choice, "decode_step", lambda *a: pytest.fail("no step to run"))
+    steps = len(fusion_choice.ORDER) * (fusion_choice.STEPS + 1)
+    monkeypatch.setattr(fusion_choice, "BUDGET_S", fusion_choice.weights_s(model, plan) * steps * 0.99)
+    with torch.inference_mode():
+        assert fusion_choice._measured(model, 1, plan, [TARGET]) is None
