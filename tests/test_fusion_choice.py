@@ -29,6 +29,7 @@ def calibrated(tmp_path_factory, embedded_dir) -> Path:
         m.setenv("STARCODER_TP_CACHE", str(root / "cache"))
         shard_checkpoint(embedded_dir, root / "s", 1, dtype="float32")
         load_model(root / "s", TPGroup(0, 1), torch.device("cpu"), kernels="panels").use_kernels("panels", 1)
+    (root / "cache").mkdir(exist_ok=True)  # (forms this process calibrated before are not written again)
     return root
 
 

@@ -43,13 +43,19 @@ def test_bad_sampling_values_are_refused_naming_them():
         SequenceStreams([1, -1])
 
 
-def test_a_sequence_draws_the_same_tokens_in_any_batch(tp_runners, prompts):
+def test_a_sequence_draws_the_same_tokens_whatever_the_others_draw(tp_runners, prompts):
+    """Each sequence draws from its own seeded stream: other seeds for the other sequences, or another order,
+    change none of its tokens. Compared within one batch's shape: a batch of another size or padding may run
+    other kernels, or its layers fused (fused_step.c, whose LayerNorm sums its moments in another order than
+    torch's), and which runs is measured on the machine. Those logits agree to ~1e-5, not bit for bit, so a
+    token drawn at a boundary can flip, and a comparison across batch sizes would pass or fail with the
+    machine's speed (it failed 2 runs in 3 on the EPYC Zen 4 once fusion_choice.py fused batch 1 more often)."""
     runner = tp_runners(1)
     seeds = [11, 22, 33, 44]
     together = runner.generate_sampled(prompts, NEW, SAMPLING, seeds).output_ids
-    for row in (0, 2):
-        alone = runner.generate_sampled([prompts[row]], NEW, SAMPLING, [seeds[row]]).output_ids[0]
-        assert alone == together[row], (row, alone, together[row])
+    others = runner.generate_sampled(prompts, NEW, SAMPLING, [11, 99, 33, 77]).output_ids
+    assert (others[0], others[2]) == (together[0], together[2]), (others, together)
+    assert (others[1], others[3]) != (together[1], together[3]), "the other seeds draw otherwise"
     reordered = runner.generate_sampled(prompts[::-1], NEW, SAMPLING, seeds[::-1]).output_ids
     assert reordered[::-1] == together
 
