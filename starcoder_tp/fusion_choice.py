@@ -18,8 +18,6 @@ judged first from the plan's own timings of its weights, so that a large model r
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import statistics
 import time
@@ -28,10 +26,9 @@ import weakref
 import torch
 
 from . import fused_step, panel_asks
-from .files import cache_dir
 from .kernels import PREFILL_ROWS, SHORT_ROWS, SPLIT_ROWS, Choice, choose, shape_key
 from .linear import Linear
-from .panel_asks import decode_step, first_step_s, machine_key, read_record, write_record
+from .panel_asks import decode_step, first_step_s, machine_key, read_record, record_path, write_record
 
 WAYS = ("plan", "fused")  # the plan as chosen, op by op; its blocking shapes in panels, the layers fused
 ORDER = ("plan", "fused", "fused", "plan")  # each way's rounds, in this order (the machine's speed drifts)
@@ -91,8 +88,8 @@ def applied(model, plan: dict[str, Choice], batch: int, request: tuple[int, int]
     """`plan` as `model` lays it out at `batch` rows for `request`: with its blocking shapes in panels where
     this process timed the fused step faster, by the request's cost; else as it is."""
     timed = _TIMED.get(_memo_key(model, batch, plan))
-    shapes = blocking(model, plan)
-    if not timed or not shapes:
+    shapes = blocking(model, plan) if timed else []
+    if not shapes:
         return plan
     fused = {**plan, **{shape: in_panels(plan[shape], request) for shape in shapes}}
     return fused if _way(model, plan, fused, shapes, timed, request) == "fused" else plan
@@ -132,8 +129,7 @@ def settle(model, batch: int) -> None:
         candidate = bool(shapes) and reason is not None and reason.startswith("a linear's decode kernel")
         key = {"version": VERSION, "batch": batch, "plan": _plan_key(weighed), "order": list(ORDER),
                "steps": STEPS, **machine_key(model)}
-        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
-        path = cache_dir("forms", f"fusion-{digest}.json")
+        path = record_path("fusion", key)
         stored = read_record(path, key) if candidate else None
         cached = stored.get("step_ms") if stored else None
         if not (isinstance(cached, dict) and all(type(cached.get(way)) is float and math.isfinite(cached[way])

@@ -162,6 +162,12 @@ def _key(model, plan: str, knob: Knob, batch: int) -> dict:
             "batch": batch, "plan": plan, **machine_key(model)}
 
 
+def record_path(name: str, key: dict) -> Path:
+    """The cache file of a choice named `name` for exactly `key` (its digest in the name)."""
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+    return cache_dir("forms", f"{name}-{digest}.json")
+
+
 def read_record(path: Path, key: dict) -> dict | None:
     """The record cached in `path` for exactly `key`, or None (none, another key's, unreadable)."""
     try:
@@ -197,8 +203,7 @@ def settle(model, batch: int) -> None:
         return  # (setup_cache runs before every request)
     reset()  # (the other knob's choice does not carry over to this batch)
     key = _key(model, plan, knob, batch)
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
-    path = cache_dir("forms", f"{knob.name}-{digest}.json")
+    path = record_path(knob.name, key)
     stored = read_record(path, key)
     cached = (stored.get("value"), str(stored.get("how"))) if stored else None
     if cached and (type(cached[0]) is not int or cached[0] not in knob.candidates):

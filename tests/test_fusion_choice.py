@@ -11,6 +11,7 @@ import torch
 
 from starcoder_tp import fused_step, fusion_choice, panel_asks, panels, rowdot
 from starcoder_tp.comm import TPGroup
+from starcoder_tp.files import cache_dir
 from starcoder_tp.kernels import Choice
 from starcoder_tp.model import load_model
 from starcoder_tp.shard import shard_checkpoint
@@ -99,7 +100,7 @@ def test_the_faster_step_is_laid_out_and_shown(model, monkeypatch, ways, fused):
     summary = model.kernels_summary()
     assert (f"panels for fusion: {TARGET} (step ms fused 1.00, plan 2.00)" in summary) == fused
     assert ("layers fused" in summary) == fused
-    stored = list((fusion_choice.cache_dir("forms")).glob("fusion-*.json"))
+    stored = list((cache_dir("forms")).glob("fusion-*.json"))
     assert len(stored) == 1 and json.loads(stored[0].read_text())["step_ms"] == ways
 
 
@@ -163,7 +164,7 @@ def test_cached_timings_not_of_both_ways_are_timed_again(model, monkeypatch, sto
     monkeypatch.setattr(fusion_choice, "_measured", _faked({"plan": 2.0, "fused": 1.0}, calls))
     with torch.inference_mode():
         model.setup_cache(1, 160, (8, 8))
-        (path,) = fusion_choice.cache_dir("forms").glob("fusion-*.json")
+        (path,) = cache_dir("forms").glob("fusion-*.json")
         path.write_text(json.dumps({**json.loads(path.read_text()), "step_ms": stored}))
         fusion_choice._TIMED.clear()
         model.lay_out(model.weighed_plan, 1)
@@ -209,7 +210,7 @@ def test_a_step_too_slow_to_time_in_the_budget_keeps_the_plan_untimed_and_uncach
     with torch.inference_mode():
         model.setup_cache(1, 160, (8, 8))
     assert model.kernel_plan[TARGET].decode == "rowdot"
-    assert not list(fusion_choice.cache_dir("forms").glob("fusion-*.json")), "not timed: timed again next time"
+    assert not list(cache_dir("forms").glob("fusion-*.json")), "not timed: timed again next time"
 
 
 def test_a_layout_that_still_does_not_fuse_is_not_timed_and_the_plan_goes_back(model, monkeypatch):
