@@ -234,7 +234,8 @@ def decode_calls(weight: torch.Tensor, rows: int, kinds: Iterable[str], activati
     x = torch.randn(rows, weight.shape[1]).to(weight.dtype)
     sizes = weight.new_empty(1).expand(weight.shape)
     wants_plain = bool({"plain", "fp32", "gemv", "rowdot"} & set(kinds))
-    plains = [weight] + side_by_side(weight, copies - 1, on_progress) if wants_plain else []
+    # (the weight itself may be the part file's mapping: load_model leaves it there until its lay-out)
+    plains = side_by_side(weight, copies, on_progress) if wants_plain else []
     calls = {}
     for kind in kinds:
         if kind in ONEDNN_LAYOUTS:  # a clone copies oneDNN's packed bytes, faster than reordering the weight again
@@ -273,6 +274,7 @@ def prefill_calls(weight: torch.Tensor, rows: int, kinds: Iterable[str], prefill
     eager, post_op, algorithm = _activation(activation)
     linear = torch.nn.functional.linear
     x = torch.randn(max(rows + 1, prefill_rows), weight.shape[1]).to(weight.dtype)
+    plain = side_by_side(weight, 1)[0]  # placed, as a plain weight laid out (decode_calls)
     calls = {}
     for kind in kinds:
         if kind in ONEDNN_LAYOUTS:
@@ -284,11 +286,11 @@ def prefill_calls(weight: torch.Tensor, rows: int, kinds: Iterable[str], prefill
             packed, sizes = pack_mkl(weight, rows), weight.new_empty(1).expand(weight.shape)
             calls[kind] = lambda p=packed: eager(mkl_linear(x, p, sizes, None))
         elif kind == "fp32":
-            calls[kind] = lambda: eager(fp32_linear(x, weight, None))
+            calls[kind] = lambda: eager(fp32_linear(x, plain, None))
         elif kind == "panels":
             calls[kind] = _panels_call(panels.pack(weight, rows), x, activation)
         else:  # plain, gemv and rowdot (whose prefill is plain's)
-            calls["plain"] = lambda: eager(linear(x, weight))
+            calls["plain"] = lambda: eager(linear(x, plain))
             if pack(weight[:1], 1) is not None:  # oneDNN takes this dtype
-                calls["onednn_plain"] = lambda: packed_linear(x, weight, None, post_op, algorithm)
+                calls["onednn_plain"] = lambda: packed_linear(x, plain, None, post_op, algorithm)
     return calls

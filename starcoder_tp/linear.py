@@ -97,6 +97,9 @@ class Linear(nn.Linear):
     # Reads the plain weight back from where it was loaded (the model's part on disk); set by
     # load_model. The layouts that cannot be unpacked (MKL's) are taken only where it is set.
     plain_source: Callable[[], torch.Tensor] | None = None
+    # The plain weight is the part file's own mapping (load_model: it is laid out before it is read
+    # at every step); a layout that keeps it plain copies it out, placed.
+    in_file = False
     decode_kernel = "plain"  # for calls of at most decode_numel elements (the decode batch's rows)
     short_kernel = "plain"  # for larger calls of fewer than split_numel elements (short prefills)
     prefill_kernel = "plain"  # for the rest (long prefills)
@@ -167,6 +170,13 @@ class Linear(nn.Linear):
                                f"linear is {list(weight.shape)} {weight.dtype}: the model's part changed on disk?")
         return weight
 
+    def _owned(self, plain: torch.Tensor) -> torch.Tensor:
+        """`plain` as the kernels read it at every step: placed (malloc.placed), and never the part
+        file's mapping, even where it happens to start on a 2 MiB boundary there."""
+        owned = malloc.copy_of(plain) if self.in_file else malloc.placed(plain)
+        self.in_file = False
+        return owned
+
     def use_kernels(self, choice: Choice, rows: int) -> bool:
         """Lay the weight out for `choice` at decode batches of `rows` rows (re-packing if the
         rows changed); returns whether it is packed. A layout the library cannot take (or, for
@@ -185,14 +195,15 @@ class Linear(nn.Linear):
                 packed = PACKERS[layout](plain, rows) if reversible else None
                 if packed is None:
                     choice = Choice("plain", "plain")
-                    self.weight = nn.Parameter(malloc.placed(plain), requires_grad=False)
+                    self.weight = nn.Parameter(self._owned(plain), requires_grad=False)
                 else:
                     # The plain weight is no longer read; an empty tensor of the same dtype keeps
                     # the parameter in place (names, dtype) without holding its memory.
                     self.weight = nn.Parameter(plain.new_empty(0), requires_grad=False)
                     self.packed_sizes = plain.new_empty(1).expand(plain.shape)
-            elif layout not in PACKERS and self.packed is not None:
-                self.weight = nn.Parameter(malloc.placed(self.plain_weight()), requires_grad=False)
+                    self.in_file = False
+            elif layout not in PACKERS and (self.packed is not None or self.in_file):
+                self.weight = nn.Parameter(self._owned(self.plain_weight()), requires_grad=False)
         self.packed, self.packed_rows = packed, rows if packed is not None else 0
         self.panels_calls = {}  # (a bound call holds the weight it was made for: it goes with it)
         self.packed_kind = choice.decode if packed is not None else None

@@ -117,9 +117,11 @@ def owned_copies(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     mapping, page-cache pages of 4 KiB at the file's unaligned offsets, and the kernels that run
     on the plain weight (gemv, oneDNN on the plain weight) read them there at every step: on the
     EPYC Zen 5 the bench-size model's fp32 batch-1 decode step took 3-18% longer so, its first
-    token up to 5% (RESULTS.md, "Weights out of the file's mapping"). The copy costs about 0.15 s
-    per 550 MB at load; the file's pages stay in the page cache, free for the system to reclaim.
-    Large tensors are placed in whole huge pages (`empty`)."""
+    token up to 5% (RESULTS.md, "Weights out of the file's mapping"). The copy costs 0.15 s per
+    550 MB at load where the memory is at hand, 1-2 s on the EPYC Zen 4 VM, whose fresh pages fault
+    in at 0.3-0.5 GB/s: load_model leaves the linear weights it lays out later in the mapping. The
+    file's pages stay in the page cache, free for the system to reclaim. Large tensors are placed in
+    whole huge pages (`empty`)."""
     return {name: copy_of(tensor) for name, tensor in state.items()}
 
 

@@ -339,7 +339,8 @@ def load_model(shard_dir: str | Path, tp: TPGroup, device: torch.device, kernels
     assigned: the weights exist once in memory). `kernels` (kernels.KERNEL_MODES) chooses the linear
     weights' kernels and layouts at the first request and at each new batch size (setup_cache; every
     rank in step). With `compile`, decode steps run through torch.compile, which lays out the weights
-    itself: `kernels` must then be 'auto' or 'plain'."""
+    itself: `kernels` must then be 'auto' or 'plain'. On the CPU the weights are copied out of the part
+    file's mapping: the linear ones as setup_cache lays them out (with `compile` or 'plain', at load)."""
     if compile and kernels not in ("auto", "plain"):
         raise ValueError(f"kernels {kernels!r} cannot be combined with compile (inductor chooses its own GEMMs)")
     raw_config, state = load_part(shard_dir, tp.rank, tp.world_size, device="cpu" if device.type == "npu" else device)
@@ -357,10 +358,17 @@ def load_model(shard_dir: str | Path, tp: TPGroup, device: torch.device, kernels
         if tuple(state[name].shape) != tuple(ref.shape):
             raise ValueError(f"part {tp.rank} of {shard_dir}: tensor {name} has shape {list(state[name].shape)}, "
                              f"expected {list(ref.shape)} for rank {tp.rank} of {tp.world_size}")
+    laid_out: set[str] = set()
     if device.type == "npu":
         state = {name: t.to(device) for name, t in state.items()}
-    elif device.type == "cpu":
-        state = malloc.owned_copies(state)  # out of the file's mapping, where the kernels read them slower
+    elif device.type == "cpu":  # out of the file's mapping, where the kernels read them slower
+        # A linear weight that setup_cache will lay out stays there until then: a copy made at load
+        # would be one more fresh copy of most of the model, faulted in, dropped at the lay-out
+        # (RESULTS.md, "Start-up: the linear weights laid out from the part's mapping").
+        if not compile and kernels != "plain":
+            laid_out = {f"{name}.weight" for name, module in model.named_modules() if isinstance(module, Linear)}
+        state = {**malloc.owned_copies({k: v for k, v in state.items() if k not in laid_out}),
+                 **{k: v for k, v in state.items() if k in laid_out}}
     model.load_state_dict(state, assign=True, strict=True)
     del state
     if device.type == "cpu":  # for the packed layouts that cannot be unpacked (Linear.plain_source)
@@ -368,6 +376,7 @@ def load_model(shard_dir: str | Path, tp: TPGroup, device: torch.device, kernels
         for name, module in model.named_modules():
             if isinstance(module, Linear):
                 module.plain_source = functools.partial(read, f"{name}.weight")
+                module.in_file = f"{name}.weight" in laid_out
     if config.rope_theta is not None:
         model.inv_freq = inverse_frequencies(config).to(device)
     if kernels not in KERNEL_MODES:

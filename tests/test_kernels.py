@@ -370,7 +370,7 @@ def test_each_decode_call_runs_on_the_next_copy_in_turn(monkeypatch, dtype):
     ticks = []
     calls = kernel_timing.decode_calls(weight, 2, kinds, copies=3, on_progress=lambda: ticks.append(1))
     packed_layouts = len({"onednn", "onednn_wide", "mkl_packed", "panels"} & set(kinds))
-    assert len(ticks) == 2 + 3 * packed_layouts, "a heartbeat tick per copy made (the weight itself is the first plain one)"
+    assert len(ticks) == 3 + 3 * packed_layouts, "a heartbeat tick per copy made"
     want = torch.nn.functional.linear(torch.ones(2, 16).to(dtype), weight)
     for name, call in calls.items():
         seen.clear()
@@ -378,7 +378,29 @@ def test_each_decode_call_runs_on_the_next_copy_in_turn(monkeypatch, dtype):
         spied = {"onednn_wide": "onednn"}.get(name, name)  # (oneDNN's layouts run through one call)
         ptrs = seen["plain" if name == "fp32" and "fp32" not in seen else spied]
         assert len(set(ptrs[:3])) == 3 and ptrs[3:6] == ptrs[:3], f"{name}: {ptrs}"
+        # (the weight given may be the part file's mapping: load_model leaves it there until its lay-out)
+        assert weight.data_ptr() not in ptrs, f"{name}: timed on the weight given itself, not a copy"
         assert all(o.shape == want.shape for o in outs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_plain_prefill_kernels_run_on_a_copy_not_on_the_weight_given(monkeypatch, dtype):
+    """The weight given may be the part file's mapping (load_model leaves a linear weight there until
+    its lay-out): the plain kernels' prefills are timed on a copy placed as a laid-out plain weight."""
+    weight = torch.randn(48, 16).to(dtype)
+    seen = []
+    real = {"linear": torch.nn.functional.linear, "packed": kernels_linear.packed_linear,
+            "fp32": kernels_linear.fp32_linear}
+    monkeypatch.setattr(torch.nn.functional, "linear", lambda x, w, *a: seen.append(w.data_ptr()) or real["linear"](x, w, *a))
+    monkeypatch.setattr(kernels_linear, "packed_linear",
+                        lambda x, w, *a: seen.append(w.data_ptr() if w.layout == torch.strided else None)
+                        or real["packed"](x, w, *a))
+    monkeypatch.setattr(kernels_linear, "fp32_linear", lambda x, w, *a: seen.append(w.data_ptr()) or real["fp32"](x, w, *a))
+    calls = kernel_timing.prefill_calls(weight, 2, kernels.decode_candidates(weight, 2), 8)
+    for name in {"plain", "fp32", "onednn_plain"} & set(calls):
+        seen.clear()
+        assert calls[name]().shape == (8, 48)
+        assert seen and weight.data_ptr() not in seen, f"{name}: timed on the weight given itself"
 
 
 @pytest.mark.skipif(layouts.pack_mkl(torch.ones(2, 2), 1) is None, reason="torch has no MKL packed sgemm here")

@@ -13,6 +13,8 @@ from starcoder_tp.kernels import Choice
 from starcoder_tp.linear import Linear
 from starcoder_tp.malloc import HUGE_PAGE_BYTES, MALLOC_ENV, THP_ENV, THP_SETTING, malloc_choice
 from starcoder_tp.comm import TPGroup
+from starcoder_tp.device import Device
+from starcoder_tp.timing import timed_generate
 from starcoder_tp.model import load_model
 from starcoder_tp.parallel import GroupSpec
 from starcoder_tp.shard import load_part, shard_checkpoint
@@ -113,6 +115,37 @@ def test_a_cpu_model_holds_its_weights_in_its_own_memory_not_in_the_part_files_m
     assert not still, f"the part's files are still mapped after the load: {still}"
     tensors = list(model.state_dict().values())
     assert all(t.data_ptr() % 64 == 0 for t in tensors if t.numel()), "owned blocks are 64-byte aligned"
+
+
+def part_spans(part_files: set[str]) -> list[tuple[int, int]]:
+    return [(a, b) for a, b, path in file_mappings() if path in part_files]
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads the process's mappings from /proc/self/maps")
+@pytest.mark.parametrize("kernels", ["gemv", "onednn"])  # a layout that keeps the plain weight; a packed one
+def test_linear_weights_stay_in_the_parts_mapping_until_laid_out_and_nothing_after(tmp_path, embedded_dir, prompts,
+                                                                                    kernels):
+    if kernels == "onednn" and not torch.backends.mkldnn.is_available():
+        pytest.skip("oneDNN is not in this torch build")
+    shard_checkpoint(embedded_dir, tmp_path / "s", 1)
+    part_files = {str(p.resolve()) for p in (tmp_path / "s").rglob("*.safetensors")}
+    plain = load_model(tmp_path / "s", TPGroup(0, 1), torch.device("cpu"), kernels="plain")
+    assert not part_spans(part_files), "kernels 'plain' lays nothing out: every weight is copied at load"
+    model = load_model(tmp_path / "s", TPGroup(0, 1), torch.device("cpu"), kernels=kernels)
+    spans = part_spans(part_files)
+    linears = [m for m in model.modules() if isinstance(m, Linear)]
+    assert linears and all(any(a <= m.weight.data_ptr() < b for a, b in spans) and m.in_file for m in linears), \
+        "a linear weight is read from the part's mapping until its lay-out"
+    others = [t for name, t in model.state_dict().items() if not any(name == f"{n}.weight" for n, m in
+                                                                     model.named_modules() if isinstance(m, Linear))]
+    assert not any(a <= t.data_ptr() < b for t in others if t.numel() for a, b in spans), "the rest is copied at load"
+    out = timed_generate(model, Device("cpu"), prompts, 6, topk=3)
+    assert not part_spans(part_files), "laid out, no weight is read from the part's mapping: the file is unmapped"
+    assert not any(m.in_file for m in linears)
+    assert all(m.weight.numel() == 0 if kernels == "onednn" else m.weight.data_ptr() % 64 == 0 for m in linears)
+    ref = timed_generate(plain, Device("cpu"), prompts, 6, topk=3)
+    assert torch.equal(out.output_ids, ref.output_ids)
+    torch.testing.assert_close(out.topk_logprobs, ref.topk_logprobs, rtol=1e-4, atol=1e-4)
 
 
 # A weight placed where the rank asked for huge pages, in a process of its own (c10 reads its
