@@ -28,7 +28,7 @@ import torch
 from . import fused_step, panel_asks
 from .kernels import PREFILL_ROWS, SHORT_ROWS, SPLIT_ROWS, Choice, choose, shape_key
 from .linear import Linear
-from .panel_asks import decode_step, first_step_s, machine_key, read_record, record_path, write_record
+from .panel_asks import decode_step, first_step_s, machine_key, read_record, record_path, weights_s, write_record
 
 WAYS = ("plan", "fused")  # the plan as chosen, op by op; its blocking shapes in panels, the layers fused
 ORDER = ("plan", "fused", "fused", "plan")  # each way's rounds, in this order (the machine's speed drifts)
@@ -68,16 +68,6 @@ def prefill_ms(choice: Choice, prompt_rows: int) -> float:
     if ms and kernel in ms:
         return ms[kernel] * prompt_rows / rows
     return choice.decode_ms[choice.decode] if choice.decode_ms and choice.decode in choice.decode_ms else 0.0
-
-
-def weights_s(model, plan: dict[str, Choice]) -> float:
-    """A decode step's linears by `plan`'s own timings (each weight its decode kernel's, from memory), in
-    seconds: the least a step takes, known without running one (0 for weights without timings)."""
-    keys = [module.shape_key() for module in model.modules() if isinstance(module, Linear)]
-    if model.config.tie_word_embeddings:
-        keys.append(shape_key(model.transformer.wte.weight))
-    chosen = [plan[key] for key in keys if key in plan]
-    return sum(c.decode_ms[c.decode] for c in chosen if c.decode_ms and c.decode in c.decode_ms) / 1e3
 
 
 def _memo_key(model, batch: int, plan: dict[str, Choice]) -> tuple:

@@ -21,7 +21,8 @@ Either is a property of the CPU (its prefetchers, its miss buffers, its caches' 
 the step, not in the kernel: so it is timed on the step itself, the candidates in turn, every rank
 at once, the slowest rank's time taken, and cached per machine, model and batch like the kernel
 plan. A model whose step is too slow to time twice within BUDGET_S keeps the defaults (nothing
-ahead, into L1): its weights' time dwarfs what the choice moves.
+ahead, into L1): its weights' time dwarfs what the choice moves. Where the plan's own timings of its
+weights say so already, no step is run to find out (a large model's takes seconds, at every start).
 """
 from __future__ import annotations
 
@@ -248,10 +249,25 @@ def first_step_s(model, step: Callable[[], None]) -> float:
     return model.tp.max_(torch.tensor([time.perf_counter() - start], dtype=torch.float64)).item()
 
 
+def weights_s(model, plan: dict) -> float:
+    """A decode step's linears by `plan`'s own timings (each weight its decode kernel's, from memory), in
+    seconds: the least a step takes, known without running one (0 for weights without timings)."""
+    from .kernels import shape_key  # (kernels.py uses this module)
+    from .linear import Linear
+    keys = [module.shape_key() for module in model.modules() if isinstance(module, Linear)]
+    if model.config.tie_word_embeddings:
+        keys.append(shape_key(model.transformer.wte.weight))
+    chosen = [plan[key] for key in keys if key in plan]
+    return sum(c.decode_ms[c.decode] for c in chosen if c.decode_ms and c.decode in c.decode_ms) / 1e3
+
+
 def _measured(model, batch: int = 1) -> tuple[int, str]:
     """(the candidate of knob_for(batch) that `model`'s step at `batch` rows ran fastest with, how it was
     chosen)."""
     knob = knob_for(batch)
+    least = weights_s(model, model.kernel_plan)  # (a large model's step is not run to find out it is too slow)
+    if least * len(knob.candidates) * (STEPS + 1) * 2 > BUDGET_S:
+        return 0, f"not timed, the plan's weights take {least * 1e3:.0f} ms a step"
     step = decode_step(model, batch)
     one = first_step_s(model, step)
     rounds = min(ROUNDS, int(BUDGET_S / (one * len(knob.candidates) * (STEPS + 1))))

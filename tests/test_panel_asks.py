@@ -283,6 +283,26 @@ def test_a_model_times_its_own_step_at_its_batch_and_shows_the_choice(batch, tmp
 
 
 @pytest.mark.parametrize("batch", [1, 4])
+def test_a_model_whose_weights_alone_are_too_slow_for_two_rounds_runs_no_step(batch, monkeypatch):
+    """The plan's timings of its weights bound a step from below: past two rounds in the budget, no step
+    of a large model is run to find out, at every start (nothing is cached of a "not timed")."""
+    knob = panel_asks.knob_for(batch)
+    two_rounds = len(knob.candidates) * (panel_asks.STEPS + 1) * 2  # steps
+    model = _Stub()
+    monkeypatch.setattr(panel_asks, "decode_step", lambda *a: pytest.fail("no step to run"))
+    monkeypatch.setattr(panel_asks, "weights_s", lambda m, plan: plan is model.kernel_plan and
+                        panel_asks.BUDGET_S / two_rounds * 1.01)
+    value, how = panel_asks._measured(model, batch)
+    assert value == 0 and how == f"not timed, the plan's weights take {panel_asks.BUDGET_S / two_rounds * 1.01e3:.0f} ms a step"
+    ran = []
+    monkeypatch.setattr(panel_asks, "weights_s", lambda m, plan: panel_asks.BUDGET_S / two_rounds * 0.99)
+    monkeypatch.setattr(panel_asks, "decode_step", lambda *a: ran.append(1) or (lambda: None))
+    monkeypatch.setattr(panel_asks, "first_step_s", lambda m, step: 1e9)
+    assert panel_asks._measured(model, batch)[1].startswith("not timed, a step took") and ran, \
+        "within the budget by the weights: a step is run, and it decides"
+
+
+@pytest.mark.parametrize("batch", [1, 4])
 def test_a_step_too_slow_for_two_rounds_in_the_budget_is_not_timed(batch, monkeypatch):
     """A model whose step is that slow is dominated by its weights: the default, said so, no rounds run
     (the budget counts the batch's knob's candidates)."""
@@ -293,8 +313,12 @@ def test_a_step_too_slow_for_two_rounds_in_the_budget_is_not_timed(batch, monkey
     two_rounds = len(knob.candidates) * (panel_asks.STEPS + 1) * 2  # steps
 
     class Slow:
-        tp, cache_len = _Ranks(), 64
+        tp, cache_len, kernel_plan = _Ranks(), 64, {}
         transformer = _Stub().transformer
+        config = types.SimpleNamespace(tie_word_embeddings=False)
+
+        def modules(self):
+            return []
 
         def __call__(self, ids, position, slot):
             slots.append(slot)
