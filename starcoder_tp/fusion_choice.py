@@ -26,8 +26,7 @@ import weakref
 import torch
 
 from . import fused_step, panel_asks
-from .kernels import PREFILL_ROWS, SHORT_ROWS, SPLIT_ROWS, Choice, choose, shape_key
-from .linear import Linear
+from .kernels import PREFILL_ROWS, SHORT_ROWS, SPLIT_ROWS, Choice, choose
 from .panel_asks import decode_step, first_step_s, machine_key, read_record, record_path, weights_s, write_record
 
 WAYS = ("plan", "fused")  # the plan as chosen, op by op; its blocking shapes in panels, the layers fused
@@ -150,7 +149,7 @@ def _measured(model, batch: int, plan: dict[str, Choice], shapes: list[str]) -> 
     fused = {**plan, **{shape: in_panels(plan[shape], model.kernel_request) for shape in shapes}}
     layouts = {"plan": plan, "fused": fused}
     panel_asks.reset()  # (both ways timed alike, whatever another batch or plan settled)
-    if weights_s(model, plan) * len(ORDER) * (STEPS + 1) > BUDGET_S:
+    if weights_s(model, plan) * len(ORDER) * (STEPS + 1) > BUDGET_S:  # (the slowest rank's: all decide alike)
         return None  # (a large model: no step run to find out)
     step = decode_step(model, batch)
     if first_step_s(model, step) * len(ORDER) * (STEPS + 1) > BUDGET_S:

@@ -263,18 +263,20 @@ def decode_calls(weight: torch.Tensor, rows: int, kinds: Iterable[str], activati
 
 
 def prefill_calls(weight: torch.Tensor, rows: int, kinds: Iterable[str], prefill_rows: int,
-                  activation: str | None = None) -> dict[str, Callable[[], object]]:
+                  activation: str | None = None, plain: torch.Tensor | None = None) -> dict[str, Callable[[], object]]:
     """Callables running each prefill kernel the decode layouts `kinds` (packed for `rows` rows)
     can run, at `prefill_rows` rows (at least rows + 1: more than a decode step), with the
     activation as decode_calls. One copy: a prefill's GEMM reuses each weight block over its
-    rows, so where the weight comes from matters little."""
+    rows. The plain kernels run on `plain`, a copy of `weight` placed as a laid-out plain weight
+    (made here if not given), never on `weight` itself: it may be the part file's mapping, in pages
+    of 4 KiB (load_model leaves a linear weight there until its lay-out)."""
     from . import panels
     from .linear import fp32_linear, mkl_linear, packed_linear
 
     eager, post_op, algorithm = _activation(activation)
     linear = torch.nn.functional.linear
     x = torch.randn(max(rows + 1, prefill_rows), weight.shape[1]).to(weight.dtype)
-    plain = side_by_side(weight, 1)[0]  # placed, as a plain weight laid out (decode_calls)
+    plain = side_by_side(weight, 1)[0] if plain is None else plain
     calls = {}
     for kind in kinds:
         if kind in ONEDNN_LAYOUTS:

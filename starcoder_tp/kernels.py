@@ -5,7 +5,7 @@ the library versions, the threads and the rows: on an AVX2 EPYC, MKL's `F.linear
 prefill and oneDNN's packed layout the decode from batch 4; on AVX-512/AMX Xeons and Zen 5
 the figures differ by up to 2x the other way (benchmarks/RESULTS.md). So nothing here is a rule
 of the form "this ISA -> that kernel": for each distinct (N, K, dtype) and decode batch the
-candidates are timed on the weight itself, by every rank at once (as they run), and the ranks
+candidates are timed on copies of the weight, by every rank at once (as they run), and the ranks
 take the slowest rank's time of each.
 
 A weight has one layout at a time (two would double the model's memory). Measured alone, the
@@ -60,7 +60,7 @@ from .cpu import cpu_cores, cpu_model, isa_flags
 from .decode_attention import DECODE_FORM, calibrate_decode
 from .files import cache_dir, write_atomic
 from .kernel_timing import (DECODE_MIN_CALLS, decode_calls, decode_copies, decode_rows, decode_set_bytes,
-                            prefill_calls, suspect_shapes, time_ms)
+                            prefill_calls, side_by_side, suspect_shapes, time_ms)
 from .layouts import WIDE_ROWS, pack, pack_mkl
 from .malloc import THP_ENV
 
@@ -275,11 +275,12 @@ def measure(weights: dict[str, torch.Tensor], rows: int, slowest: Callable[[torc
         ms = time_ms(calls, on_progress, math.ceil(DECODE_MIN_CALLS * scale))  # a round: the whole's bytes at least
         values = _slots({kind: value * scale for kind, value in ms.items()}, DECODE_SLOTS)
         del calls  # (the calls, and the copies they hold, go before the next ones are made)
+        plain = side_by_side(weight, 1, on_progress)[0] if shape in prefill else None  # (one for both row counts)
         for prefill_rows in (SHORT_ROWS, PREFILL_ROWS):
             if shape not in prefill:
                 values += [math.inf] * len(PREFILL_SLOTS)
                 continue
-            calls = prefill_calls(weight, rows, kinds, prefill_rows, activation)
+            calls = prefill_calls(weight, rows, kinds, prefill_rows, activation, plain)
             values += _slots(time_ms(calls, on_progress), PREFILL_SLOTS)
             del calls
         return values

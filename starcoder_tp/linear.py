@@ -172,7 +172,8 @@ class Linear(nn.Linear):
 
     def _owned(self, plain: torch.Tensor) -> torch.Tensor:
         """`plain` as the kernels read it at every step: placed (malloc.placed), and never the part
-        file's mapping, even where it happens to start on a 2 MiB boundary there."""
+        file's mapping: `placed` returns a tensor as it is where it does not place it (a small one,
+        no huge pages asked for) or where it starts on a 2 MiB boundary, which a mapped one may."""
         owned = malloc.copy_of(plain) if self.in_file else malloc.placed(plain)
         self.in_file = False
         return owned

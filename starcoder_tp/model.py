@@ -345,6 +345,7 @@ def load_model(shard_dir: str | Path, tp: TPGroup, device: torch.device, kernels
         raise ValueError(f"kernels {kernels!r} cannot be combined with compile (inductor chooses its own GEMMs)")
     raw_config, state = load_part(shard_dir, tp.rank, tp.world_size, device="cpu" if device.type == "npu" else device)
     config = ModelConfig.from_hf_dict(raw_config, source=f"{shard_dir}/part_model/{tp.rank}/config.json")
+    loaded = list(state.values())  # the file's (runtime_state's joined tensors are not), held while compared
     if config.model_type == "starcoder2":
         state = runtime_state(state, config)
     with torch.device("meta"):
@@ -366,11 +367,12 @@ def load_model(shard_dir: str | Path, tp: TPGroup, device: torch.device, kernels
         # would be one more fresh copy of most of the model, faulted in, dropped at the lay-out
         # (RESULTS.md, "Start-up: the linear weights laid out from the part's mapping").
         if not compile and kernels != "plain":
-            laid_out = {f"{name}.weight" for name, module in model.named_modules() if isinstance(module, Linear)}
+            laid_out = {f"{name}.weight" for name, module in model.named_modules()
+                        if isinstance(module, Linear) and any(state[f"{name}.weight"] is t for t in loaded)}
         state = {**malloc.owned_copies({k: v for k, v in state.items() if k not in laid_out}),
                  **{k: v for k, v in state.items() if k in laid_out}}
     model.load_state_dict(state, assign=True, strict=True)
-    del state
+    del state, loaded
     if device.type == "cpu":  # for the packed layouts that cannot be unpacked (Linear.plain_source)
         read = part_tensor_reader(shard_dir, tp.rank, config.model_type)
         for name, module in model.named_modules():

@@ -34,7 +34,7 @@ import sys
 import time
 import weakref
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import TYPE_CHECKING, Callable, NamedTuple
 
 import torch
 
@@ -42,6 +42,9 @@ from . import rowdot
 from .cpu import cpu_cores, cpu_model, isa_flags
 from .files import cache_dir, write_atomic
 from .malloc import THP_ENV
+
+if TYPE_CHECKING:
+    from .kernels import Choice  # (kernels.py uses this module)
 
 
 class Knob(NamedTuple):
@@ -249,16 +252,19 @@ def first_step_s(model, step: Callable[[], None]) -> float:
     return model.tp.max_(torch.tensor([time.perf_counter() - start], dtype=torch.float64)).item()
 
 
-def weights_s(model, plan: dict) -> float:
+def weights_s(model, plan: dict[str, Choice]) -> float:
     """A decode step's linears by `plan`'s own timings (each weight its decode kernel's, from memory), in
-    seconds: the least a step takes, known without running one (0 for weights without timings)."""
+    seconds: the least a step takes, known without running one (0 for weights without timings); the
+    slowest rank's (ranks on other nodes may read plans measured apart), so that every rank decides alike.
+    Every rank calls it in step."""
     from .kernels import shape_key  # (kernels.py uses this module)
     from .linear import Linear
     keys = [module.shape_key() for module in model.modules() if isinstance(module, Linear)]
     if model.config.tie_word_embeddings:
         keys.append(shape_key(model.transformer.wte.weight))
     chosen = [plan[key] for key in keys if key in plan]
-    return sum(c.decode_ms[c.decode] for c in chosen if c.decode_ms and c.decode in c.decode_ms) / 1e3
+    local = sum(c.decode_ms[c.decode] for c in chosen if c.decode_ms and c.decode in c.decode_ms) / 1e3
+    return model.tp.max_(torch.tensor([local], dtype=torch.float64)).item()
 
 
 def _measured(model, batch: int = 1) -> tuple[int, str]:

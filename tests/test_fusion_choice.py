@@ -13,6 +13,7 @@ from starcoder_tp import fused_step, fusion_choice, panel_asks, panels, rowdot
 from starcoder_tp.comm import TPGroup
 from starcoder_tp.files import cache_dir
 from starcoder_tp.kernels import Choice
+from starcoder_tp.linear import Linear
 from starcoder_tp.model import load_model
 from starcoder_tp.shard import shard_checkpoint
 
@@ -266,7 +267,7 @@ def test_a_model_whose_weights_alone_exceed_the_budget_runs_no_step(model, monke
     """The plan's own timings (each weight's decode kernel) bound the step from below: past the budget, no
     step is run to find out (a large model's would take seconds)."""
     plan = _timed_plan(model)
-    linears = sum(isinstance(m, fusion_choice.Linear) for m in model.modules()) + 1  # (+ the tied lm_head)
+    linears = sum(isinstance(m, Linear) for m in model.modules()) + 1  # (+ the tied lm_head)
     assert fusion_choice.weights_s(model, plan) == pytest.approx((linears - 4 + 4 * 0.9) / 1e3), \
         "1 ms a weight, 0.9 for TARGET's 4 (rowdot)"
     monkeypatch.setattr(fusion_choice, "decode_step", lambda *a: pytest.fail("no step to run"))

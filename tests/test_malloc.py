@@ -13,6 +13,7 @@ from starcoder_tp.kernels import Choice
 from starcoder_tp.linear import Linear
 from starcoder_tp.malloc import HUGE_PAGE_BYTES, MALLOC_ENV, THP_ENV, THP_SETTING, malloc_choice
 from starcoder_tp.comm import TPGroup
+from starcoder_tp.files import STARCODER2_MODEL_DIR
 from starcoder_tp.device import Device
 from starcoder_tp.timing import timed_generate
 from starcoder_tp.model import load_model
@@ -102,7 +103,8 @@ def file_mappings() -> list[tuple[int, int, str]]:
 
 
 @pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads the process's mappings from /proc/self/maps")
-def test_a_cpu_model_holds_its_weights_in_its_own_memory_not_in_the_part_files_mapping(tmp_path, embedded_dir):
+def test_a_cpu_model_with_plain_kernels_holds_its_weights_in_its_own_memory_not_in_the_part_files_mapping(
+        tmp_path, embedded_dir):
     shard_checkpoint(embedded_dir, tmp_path / "s", 1)
     part_files = {str(p.resolve()) for p in (tmp_path / "s").rglob("*.safetensors")}
     assert part_files
@@ -146,6 +148,16 @@ def test_linear_weights_stay_in_the_parts_mapping_until_laid_out_and_nothing_aft
     ref = timed_generate(plain, Device("cpu"), prompts, 6, topk=3)
     assert torch.equal(out.output_ids, ref.output_ids)
     torch.testing.assert_close(out.topk_logprobs, ref.topk_logprobs, rtol=1e-4, atol=1e-4)
+
+
+def test_a_weight_the_load_joins_is_its_own_already_and_only_the_files_are_left_in_the_mapping(tmp_path):
+    """StarCoder2's q, k and v are joined into one c_attn at load (a tensor of the process's own): not
+    marked as the file's, so that a plain layout does not copy it again."""
+    shard_checkpoint(STARCODER2_MODEL_DIR, tmp_path / "s", 1)
+    model = load_model(tmp_path / "s", TPGroup(0, 1), torch.device("cpu"), kernels="gemv")
+    marks = {name.split(".", 3)[-1]: m.in_file for name, m in model.named_modules()
+             if isinstance(m, Linear) and name.startswith("transformer.h.0.")}
+    assert marks == {"attn.c_attn": False, "attn.c_proj": True, "mlp.c_fc": True, "mlp.c_proj": True}, marks
 
 
 # A weight placed where the rank asked for huge pages, in a process of its own (c10 reads its

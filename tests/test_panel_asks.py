@@ -294,6 +294,12 @@ def test_a_model_whose_weights_alone_are_too_slow_for_two_rounds_runs_no_step(ba
                         panel_asks.BUDGET_S / two_rounds * 1.01)
     value, how = panel_asks._measured(model, batch)
     assert value == 0 and how == f"not timed, the plan's weights take {panel_asks.BUDGET_S / two_rounds * 1.01e3:.0f} ms a step"
+    monkeypatch.undo()
+    monkeypatch.setattr(panel_asks, "decode_step", lambda *a: pytest.fail("no step to run"))
+    other = _Stub(tp=_Ranks(other=[panel_asks.BUDGET_S]))  # (no timings here; another rank's are slow)
+    other.modules, other.config.tie_word_embeddings = lambda: [], False
+    assert panel_asks._measured(other, batch)[1].startswith("not timed, the plan's weights take"), \
+        "the slowest rank's weights decide, on every rank alike"
     ran = []
     monkeypatch.setattr(panel_asks, "weights_s", lambda m, plan: panel_asks.BUDGET_S / two_rounds * 0.99)
     monkeypatch.setattr(panel_asks, "decode_step", lambda *a: ran.append(1) or (lambda: None))

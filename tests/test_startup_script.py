@@ -32,6 +32,5 @@ def test_a_start_up_from_scratch_measures_in_a_cache_of_its_own_and_leaves_the_u
     assert any(p.startswith("kernels/") for p in before) and any(p.startswith("forms/") for p in before)
     times = from_scratch(str(EMBEDDED_MODEL_DIR), "float32", 1, case)
     assert times["kernels"].startswith("auto (measured, batch 1"), f"the user's cached plan was used: {times}"
-    assert 0 < times["load_s"] < times["first_answer_s"], times
     assert files_under(tmp_path) == before, "the user's cache is as it was"
     assert os.environ[CACHE_ENV] == str(tmp_path), "the user's cache setting is put back"
