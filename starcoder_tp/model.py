@@ -345,7 +345,9 @@ def load_model(shard_dir: str | Path, tp: TPGroup, device: torch.device, kernels
         raise ValueError(f"kernels {kernels!r} cannot be combined with compile (inductor chooses its own GEMMs)")
     raw_config, state = load_part(shard_dir, tp.rank, tp.world_size, device="cpu" if device.type == "npu" else device)
     config = ModelConfig.from_hf_dict(raw_config, source=f"{shard_dir}/part_model/{tp.rank}/config.json")
-    loaded = list(state.values())  # the file's (runtime_state's joined tensors are not), held while compared
+    # The file's tensors, held while compared (runtime_state's joined ones are not); on the CPU only: there
+    # they are the file's mapping, elsewhere memory that runtime_state frees a layer at a time.
+    loaded = list(state.values()) if device.type == "cpu" else []
     if config.model_type == "starcoder2":
         state = runtime_state(state, config)
     with torch.device("meta"):
