@@ -23,7 +23,6 @@ Run: python benchmarks/kernel_plan.py [--model bench|embedded|DIR] [--dtypes flo
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import tempfile
 import time
@@ -34,7 +33,7 @@ from starcoder_tp import kernels
 from starcoder_tp.malloc import as_a_cpu_rank
 from starcoder_tp.comm import TPGroup
 from starcoder_tp.cpu import cpu_kind, isa_flags
-from starcoder_tp.files import CACHE_ENV, EMBEDDED_MODEL_DIR
+from starcoder_tp.files import EMBEDDED_MODEL_DIR, cache_at
 from starcoder_tp.generate import generate
 from starcoder_tp.linear import Linear
 from starcoder_tp.model import load_model
@@ -107,19 +106,11 @@ def main() -> None:
         shards = ensure_shards(model_dir, 1, dtype, log=lambda m: None)
         model = load_model(shards, TPGroup(0, 1), torch.device("cpu"), kernels="plain")
         for batch in (int(b) for b in args.batches.split(",")):
-            with tempfile.TemporaryDirectory() as empty_cache:
-                saved = os.environ.get(CACHE_ENV)
-                os.environ[CACHE_ENV] = empty_cache  # a first run on this machine: nothing cached
-                try:
-                    started = time.perf_counter()
-                    with torch.inference_mode():
-                        model.use_kernels("auto", batch)
-                    took = time.perf_counter() - started
-                finally:
-                    if saved is None:
-                        os.environ.pop(CACHE_ENV)
-                    else:
-                        os.environ[CACHE_ENV] = saved
+            with tempfile.TemporaryDirectory() as empty_cache, cache_at(empty_cache):  # a first run here
+                started = time.perf_counter()
+                with torch.inference_mode():
+                    model.use_kernels("auto", batch)
+                took = time.perf_counter() - started
             print(f"{dtype}, batch {batch}: plan measured in {took:.2f} s\n")
             print("| weight | decode ms (batch rows) | fastest decode GB/s | short prefill ms (64 rows) | "
                   f"long prefill ms (512 rows) | choice (decode / short / long) | weighed for in={seq_in}, "

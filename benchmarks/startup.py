@@ -17,12 +17,11 @@ Run: python benchmarks/startup.py [--model bench|bench-starcoder2|embedded|DIR] 
 from __future__ import annotations
 
 import argparse
-import os
 import tempfile
 import time
 from pathlib import Path
 
-from starcoder_tp.files import CACHE_ENV, EMBEDDED_MODEL_DIR, cache_dir
+from starcoder_tp.files import EMBEDDED_MODEL_DIR, cache_at, cache_dir
 from starcoder_tp.options import positive_int
 from starcoder_tp.shard import ensure_shards
 from starcoder_tp.suite.perf import Case, PerfOptions, PerfRunner
@@ -37,13 +36,11 @@ def from_scratch(model_dir: str, dtype: str, world_size: int, case: Case = CASE)
     {"load_s": start() (shard check, spawn, load), "first_answer_s": to the warm-up's end, "kernels":
     the kernels it chose, as the perf suite logs them ("auto (measured, ...")}."""
     ensure_shards(model_dir, world_size, dtype, log=lambda m: None)  # (in the real cache: a one-off)
-    previous = os.environ.get(CACHE_ENV)
     with tempfile.TemporaryDirectory(prefix="startup-") as scratch:
         for kept in KEPT:
             cache_dir(kept).mkdir(parents=True, exist_ok=True)
             (Path(scratch) / kept).symlink_to(cache_dir(kept), target_is_directory=True)
-        os.environ[CACHE_ENV] = scratch  # (the ranks inherit it)
-        try:
+        with cache_at(scratch):  # (the ranks inherit it)
             options = PerfOptions(model_dir=model_dir, world_size=world_size, dtype=dtype, batch_sizes=(case.batch,),
                                   seq_in=(case.seq_in,), seq_out=(case.seq_out,), rounds=1, threads_per_rank=1)
             started = time.perf_counter()
@@ -55,11 +52,6 @@ def from_scratch(model_dir: str, dtype: str, world_size: int, case: Case = CASE)
                 kernels = runner.kernels_logged
             finally:
                 runner.close()
-        finally:
-            if previous is None:
-                os.environ.pop(CACHE_ENV, None)
-            else:
-                os.environ[CACHE_ENV] = previous
     return {"load_s": loaded - started, "first_answer_s": answered - started, "kernels": kernels}
 
 

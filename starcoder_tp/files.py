@@ -18,6 +18,21 @@ def cache_dir(*parts: str) -> Path:
     return Path(os.environ.get(CACHE_ENV, Path.home() / ".cache" / "starcoder_tp"), *parts)
 
 
+@contextlib.contextmanager
+def cache_at(path: str | Path) -> Iterator[Path]:
+    """$STARCODER_TP_CACHE set to `path` while the block runs (processes spawned in it inherit it),
+    then put back as it was, unset included: a run as on a machine with nothing cached."""
+    previous = os.environ.get(CACHE_ENV)
+    os.environ[CACHE_ENV] = str(path)
+    try:
+        yield Path(path)
+    finally:
+        if previous is None:
+            os.environ.pop(CACHE_ENV, None)
+        else:
+            os.environ[CACHE_ENV] = previous
+
+
 def _fixtures_root() -> Path:
     # A wheel carries the fixtures inside the package (pyproject.toml maps fixtures/ there); a
     # source checkout, editable install included, has them beside the package.

@@ -4,11 +4,13 @@ import os
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
 from startup import from_scratch  # noqa: E402
 
-from starcoder_tp.files import CACHE_ENV, EMBEDDED_MODEL_DIR  # noqa: E402
+from starcoder_tp.files import CACHE_ENV, EMBEDDED_MODEL_DIR, cache_at  # noqa: E402
 from starcoder_tp.suite.perf import Case, PerfOptions, PerfRunner  # noqa: E402
 
 
@@ -34,3 +36,16 @@ def test_a_start_up_from_scratch_measures_in_a_cache_of_its_own_and_leaves_the_u
     assert times["kernels"].startswith("auto (measured, batch 1"), f"the user's cached plan was used: {times}"
     assert files_under(tmp_path) == before, "the user's cache is as it was"
     assert os.environ[CACHE_ENV] == str(tmp_path), "the user's cache setting is put back"
+
+
+@pytest.mark.parametrize("before", [None, "/somewhere/else"])
+def test_the_cache_is_put_back_as_it_was_even_after_an_error(tmp_path, monkeypatch, before):
+    if before is None:
+        monkeypatch.delenv(CACHE_ENV, raising=False)
+    else:
+        monkeypatch.setenv(CACHE_ENV, before)
+    with pytest.raises(RuntimeError, match="inside"):
+        with cache_at(tmp_path) as scratch:
+            assert os.environ[CACHE_ENV] == str(tmp_path) and scratch == tmp_path
+            raise RuntimeError("inside")
+    assert os.environ.get(CACHE_ENV) == before
