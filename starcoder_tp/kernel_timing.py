@@ -4,17 +4,19 @@ The MLP's first linear is timed with its activation, as the model runs it: fused
 as oneDNN's post-op on the packed layout, a separate pass after the other kernels (in bf16 that
 pass cost as much as the GEMM at 2048 rows on an AMX Xeon: RESULTS.md, "Fused activation").
 
-Decode candidates are timed over copies of the weight, one call per copy in turn, as many as a
-decode step of the model reads (up to decode_set_bytes()): a large model's step streams its weights
-from memory, and timed from the cache the ranking was not the same, and the timings summed to
-half to two thirds of the model's real step (decode_copies; RESULTS.md, "Decode candidates timed
-from memory"). Prefill candidates run on one copy: their GEMMs reuse each weight block over many
-rows.
+Decode candidates are timed over copies of the weight, so that between two calls on one copy as
+many bytes are read as a decode step of the model reads (up to decode_set_bytes()): a large
+model's step streams its weights from memory, and timed from the cache the ranking was not the
+same, and the timings summed to half to two thirds of the model's real step (decode_copies;
+RESULTS.md, "Decode candidates timed from memory"). The candidates' calls are interleaved, one of
+each in turn, over copies shared out among their layouts: one step's bytes of copies in all, not
+one for each layout (decode_calls, Rotation). Prefill candidates run on one copy: their GEMMs
+reuse each weight block over many rows.
 
 Bounded: one warm call and one probe call per candidate, then candidates over PRUNE_FACTOR x
 the best probe's time, on that call and on a second one, are dropped; the probe calls are the first
 of ROUNDS rounds, the rest run ROUNDS - 1 more of at least ROUND_MIN_S and one call each (decode
-candidates: DECODE_MIN_CALLS calls). A shape suspect_shapes names is timed once more. A weight
+candidates: DECODE_MIN_CALLS calls; interleaved, none dropped). A shape suspect_shapes names is timed once more. A weight
 larger than the decode set has its decode candidates timed on its first rows (decode_rows). On the
 bench-size model a plan takes 6-9 s per batch size in fp32 and 3-6 s in bf16 on one thread of
 the CPUs we measured (RESULTS.md): the prefill calls at 512 rows, then the decode copies (MKL packs
@@ -53,7 +55,7 @@ DECODE_MIN_CALLS = 4
 # the EPYC Zen 4 (32 MiB L3) 64 MiB sets chose as 128 MiB ones, the one-row timings alike within
 # their noise, and the plan took 1.2-3.2 s less: a VM faults fresh huge pages in at ~1 GB/s (RESULTS.md,
 # "Start-up: decode sets of two caches").
-DECODE_SET_BYTES = 256 << 20  # at most: it bounds the measurement's extra memory, up to three sets
+DECODE_SET_BYTES = 256 << 20  # at most: it bounds the measurement's extra memory, about one set in all
 DECODE_SET_CACHES = 2  # else this many times the last-level cache,
 DECODE_SET_MIN_BYTES = 64 << 20  # and at least this
 # A weight larger than the decode set has its decode candidates timed on its first rows (decode_rows),
@@ -90,9 +92,11 @@ def time_ms(calls: dict[str, Callable[[], object]], on_progress: Callable[[], No
     """Median milliseconds per call of each candidate, over ROUNDS rounds in alternating order: the
     probe calls, one each, then rounds of at least ROUND_MIN_S and `min_calls` calls each; a
     candidate over PRUNE_FACTOR times the best's time on its probe call and on a second one keeps
-    the faster of those two times."""
+    the faster of those two times. A Rotation's calls are interleaved instead (_interleaved_ms)."""
     if len(calls) == 1:  # nothing to choose between
         return {name: 0.0 for name in calls}
+    if isinstance(calls, Rotation):
+        return _interleaved_ms(calls, on_progress, min_calls)
     for call in calls.values():
         call()  # the first call allocates, and oneDNN builds its primitive
         on_progress()
@@ -114,6 +118,57 @@ def time_ms(calls: dict[str, Callable[[], object]], on_progress: Callable[[], No
                 spent, made = spent + elapsed, made + 1
                 on_progress()  # a rank's heartbeat: one call of a large shape can take seconds
     return {name: (statistics.median(samples[name]) if name in names else probes[name]) * 1e3 for name in calls}
+
+
+class Rotation(dict):
+    """Decode calls, each candidate's on `each` copies of its own, which only calls interleaved,
+    one of each candidate in turn, keep `copies` - 1 calls apart on one copy, a decode step's
+    bytes (decode_calls): time_ms times them so, never one candidate's calls in a row."""
+
+    def __init__(self, copies: int, each: int):
+        super().__init__()
+        self.copies, self.each = copies, each
+
+    def keeps_a_step(self, names: Iterable[str]) -> bool:
+        """Whether the calls of `names` alone, one of each in turn, still keep `copies` - 1 other
+        calls between two on one copy: each goes round its copies in `each` turns."""
+        return self.each * len(list(names)) >= self.copies
+
+
+def _interleaved_ms(calls: Rotation, on_progress: Callable[[], None], min_calls: int) -> dict[str, float]:
+    """time_ms's rounds for a Rotation: a warm call of each, a first round of one call each (two,
+    where one is over PRUNE_FACTOR times the best's time), then ROUNDS - 1 rounds, each going round
+    the candidates, one call of each in turn and always in the same order (a reversed one would
+    call the candidate at the turn twice in a row, on one copy where it has one), until every one
+    of them has run at least ROUND_MIN_S and `min_calls` calls in it. A candidate over PRUNE_FACTOR
+    times the best's time on both first calls is dropped, the slowest first, where the rest keep
+    a step's bytes between two calls on one copy (Rotation.keeps_a_step), and keeps the faster."""
+    names = list(calls)
+    for name in names:
+        calls[name]()  # the first call allocates, and oneDNN builds its primitive
+    on_progress()
+    samples: dict[str, list[float]] = {name: [] for name in names}
+
+    def turn(spent: dict[str, float], made: dict[str, int]) -> None:
+        for name in names:
+            elapsed = _timed(calls[name])
+            samples[name].append(elapsed)
+            spent[name], made[name] = spent[name] + elapsed, made[name] + 1
+        on_progress()  # a rank's heartbeat
+
+    for round_ in range(ROUNDS):
+        spent, made = dict.fromkeys(names, 0.0), dict.fromkeys(names, 0)
+        least_s, least_calls = (0.0, 1) if round_ == 0 else (ROUND_MIN_S, min_calls)
+        while any(spent[name] < least_s or made[name] < least_calls for name in names):
+            turn(spent, made)
+        if round_ == 0:
+            if max(samples[name][0] for name in names) > PRUNE_FACTOR * min(samples[name][0] for name in names):
+                turn(spent, made)  # (a call slowed once, by an interrupt, is not a verdict)
+            best = min(min(s) for s in samples.values())
+            for name in sorted(names, key=lambda n: -min(samples[n])):
+                if min(samples[name]) > PRUNE_FACTOR * best and calls.keeps_a_step(set(names) - {name}):
+                    names.remove(name)
+    return {name: (statistics.median(s) if name in names else min(s)) * 1e3 for name, s in samples.items()}
 
 
 def time_across_ranks(calls_by_size: list[dict[str, Callable[[], object]]],
@@ -152,9 +207,9 @@ def decode_rows(n: int, k: int, element_size: int) -> int:
 
 
 def decode_copies(weight_bytes: int, step_bytes: int) -> int:
-    """How many copies of a weight its decode candidates are timed over, one call per copy in turn:
-    enough that, between two calls on one copy, as many bytes are read as a decode step of the
-    model reads (`step_bytes`), up to decode_set_bytes(). A model larger than the cache streams
+    """How many calls on copies of a weight, each reading the whole, make as many bytes as a decode
+    step of the model reads (`step_bytes`), up to decode_set_bytes(): decode_calls keeps that many
+    less one between two calls on one copy (one: no copies to go round). A model larger than the cache streams
     its weights from memory at every step; timed on one weight, over and over, a candidate ran
     from the cache instead, and the ranking could differ (RESULTS.md, "Decode candidates timed
     from memory"). A model that fits in the cache is timed in it, as it runs."""
@@ -218,10 +273,15 @@ def side_by_side(tensor: torch.Tensor, count: int, on_progress: Callable[[], Non
 
 def decode_calls(weight: torch.Tensor, rows: int, kinds: Iterable[str], activation: str | None = None,
                  copies: int = 1, on_progress: Callable[[], None] = lambda: None) -> dict[str, Callable[[], object]]:
-    """Callables running each decode candidate at `rows` rows, each call on the next of `copies`
-    copies of the weight in its layout (decode_copies; `on_progress` after each copy made: a
-    rank's heartbeat, as MKL packs only ~0.8 GB/s). With an `activation` (the MLP's first
-    linear) each call includes it as the model runs it (Linear.forward_activated): oneDNN's
+    """Callables running each decode candidate at `rows` rows, each call on the next copy of the
+    weight in its layout, of the candidate's own. With `copies` (decode_copies) over one, a
+    Rotation, timed interleaved: each candidate has copies/(candidates - 1) copies, so that calls
+    of all, or of all but one, one of each in turn, keep about `copies` - 1 calls on other copies
+    between two on one, as when each candidate went round `copies` copies and ran its calls in a
+    row, with about a step's bytes of copies in all rather than for each layout (RESULTS.md,
+    "Start-up: the decode candidates interleaved over one rotation"). `on_progress` after each
+    copy made: a rank's heartbeat, as MKL packs only ~0.8 GB/s. With an `activation` (the MLP's
+    first linear) each call includes it as the model runs it (Linear.forward_activated): oneDNN's
     post-op on the packed weight, applied after the other kernels."""
     from . import gemv, panels, rowdot
     from .linear import fp32_linear, mkl_linear, packed_linear
@@ -230,35 +290,40 @@ def decode_calls(weight: torch.Tensor, rows: int, kinds: Iterable[str], activati
         on_progress()
         return copy
 
+    kinds = list(kinds)
+    plain_kinds = [kind for kind in kinds if kind in ("plain", "fp32", "gemv", "rowdot")]
+    # Each candidate's copies: so many that one turn of all but one keeps a step between two calls on
+    # one copy (time_ms may drop a slow candidate: Rotation.keeps_a_step).
+    each = max(1, math.ceil(copies / (len(kinds) - 1 if len(kinds) >= 3 else len(kinds))))
     eager, post_op, algorithm = _activation(activation)
     x = torch.randn(rows, weight.shape[1]).to(weight.dtype)
     sizes = weight.new_empty(1).expand(weight.shape)
-    wants_plain = bool({"plain", "fp32", "gemv", "rowdot"} & set(kinds))
     # (the weight itself may be the part file's mapping: load_model leaves it there until its lay-out)
-    plains = side_by_side(weight, copies, on_progress) if wants_plain else []
-    calls = {}
+    shared = copies == 1  # (no rotation: one plain copy for all the candidates running it)
+    plains = side_by_side(weight, min(len(plain_kinds), 1) if shared else each * len(plain_kinds), on_progress)
+    next_plain = {kind: itertools.cycle(plains if shared else plains[i * each:(i + 1) * each]).__next__
+                  for i, kind in enumerate(plain_kinds)}
+    calls = Rotation(copies, each) if copies > 1 else {}  # (else: time_ms's rounds, each candidate's calls in a row)
     for kind in kinds:
         if kind in ONEDNN_LAYOUTS:  # a clone copies oneDNN's packed bytes, faster than reordering the weight again
             first = made(PACKERS[kind](weight, rows))  # (never MKL's: its buffer is not what its tensor describes)
-            nxt = itertools.cycle([first] + [made(first.clone()) for _ in range(copies - 1)]).__next__
+            nxt = itertools.cycle([first] + [made(first.clone()) for _ in range(each - 1)]).__next__
             calls[kind] = lambda n=nxt: packed_linear(x, n(), None, post_op, algorithm)
         elif kind == "mkl_packed":
-            nxt = itertools.cycle([made(pack_mkl(weight, rows)) for _ in range(copies)]).__next__
+            nxt = itertools.cycle([made(pack_mkl(weight, rows)) for _ in range(each)]).__next__
             calls[kind] = lambda n=nxt: eager(mkl_linear(x, n(), sizes, None))
         elif kind == "panels":
             first = made(panels.pack(weight, rows))  # (a copy of it, not a permutation of the weight again)
             nxt = itertools.cycle([_panels_call(copy, x, activation)
-                                   for copy in [first] + side_by_side(first, copies - 1, on_progress)]).__next__
+                                   for copy in [first] + side_by_side(first, each - 1, on_progress)]).__next__
             calls[kind] = lambda n=nxt: n()()
         elif kind == "fp32":
-            nxt = itertools.cycle(plains).__next__
-            calls[kind] = lambda n=nxt: eager(fp32_linear(x, n(), None))
+            calls[kind] = lambda n=next_plain[kind]: eager(fp32_linear(x, n(), None))
         elif kind in ("gemv", "rowdot"):
-            nxt, one_row = itertools.cycle(plains).__next__, (gemv if kind == "gemv" else rowdot).linear
-            calls[kind] = lambda n=nxt, f=one_row: eager(f(x, n(), None))
+            one_row = (gemv if kind == "gemv" else rowdot).linear
+            calls[kind] = lambda n=next_plain[kind], f=one_row: eager(f(x, n(), None))
         else:
-            nxt = itertools.cycle(plains).__next__
-            calls[kind] = lambda n=nxt: eager(torch.nn.functional.linear(x, n()))
+            calls[kind] = lambda n=next_plain[kind]: eager(torch.nn.functional.linear(x, n()))
     return calls
 
 

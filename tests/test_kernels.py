@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from starcoder_tp import gemv, kernel_timing, kernels, layouts, panels, rowdot
+from starcoder_tp import kernel_timing, kernels, layouts, panels
 from starcoder_tp import linear as kernels_linear
 from starcoder_tp.kernel_timing import suspect_shapes
 from starcoder_tp.kernels import Choice, choose, fixed_choice, measure
@@ -341,46 +341,6 @@ def test_the_decode_set_is_two_last_level_caches_within_its_bounds(monkeypatch, 
         assert kernel_timing.decode_set_bytes() == expected
     finally:
         kernel_timing.decode_set_bytes.cache_clear()  # this machine's again for the tests after
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_each_decode_call_runs_on_the_next_copy_in_turn(monkeypatch, dtype):
-    """Each candidate's calls go round its copies (distinct storage), one call per copy, so a
-    timed call reads a weight the previous calls did not: from memory, as the model's step."""
-    weight = torch.randn(48, 16).to(dtype)
-    seen: dict[str, list[int]] = {}
-    real = {"linear": torch.nn.functional.linear, "packed": kernels_linear.packed_linear,
-            "mkl": kernels_linear.mkl_linear, "fp32": kernels_linear.fp32_linear, "gemv": gemv.linear,
-            "rowdot": rowdot.linear, "panels": panels.Bound.__call__}
-
-    def spy(name, fn, arg):
-        def wrapped(*args, **kw):
-            seen.setdefault(name, []).append(args[arg].data_ptr() if args[arg].layout == torch.strided else id(args[arg]))
-            return fn(*args, **kw)
-        return wrapped
-    monkeypatch.setattr(torch.nn.functional, "linear", spy("plain", real["linear"], 1))
-    monkeypatch.setattr(kernels_linear, "packed_linear", spy("onednn", real["packed"], 1))
-    monkeypatch.setattr(kernels_linear, "mkl_linear", spy("mkl_packed", real["mkl"], 1))
-    monkeypatch.setattr(kernels_linear, "fp32_linear", spy("fp32", real["fp32"], 1))
-    monkeypatch.setattr(gemv, "linear", spy("gemv", real["gemv"], 1))
-    monkeypatch.setattr(rowdot, "linear", spy("rowdot", real["rowdot"], 1))
-    monkeypatch.setattr(panels.Bound, "__call__", lambda self, x: seen.setdefault("panels", []).append(
-        self.packed.data_ptr()) or real["panels"](self, x))
-    kinds = kernels.decode_candidates(weight)
-    ticks = []
-    calls = kernel_timing.decode_calls(weight, 2, kinds, copies=3, on_progress=lambda: ticks.append(1))
-    packed_layouts = len({"onednn", "onednn_wide", "mkl_packed", "panels"} & set(kinds))
-    assert len(ticks) == 3 + 3 * packed_layouts, "a heartbeat tick per copy made"
-    want = torch.nn.functional.linear(torch.ones(2, 16).to(dtype), weight)
-    for name, call in calls.items():
-        seen.clear()
-        outs = [call() for _ in range(6)]
-        spied = {"onednn_wide": "onednn"}.get(name, name)  # (oneDNN's layouts run through one call)
-        ptrs = seen["plain" if name == "fp32" and "fp32" not in seen else spied]
-        assert len(set(ptrs[:3])) == 3 and ptrs[3:6] == ptrs[:3], f"{name}: {ptrs}"
-        # (the weight given may be the part file's mapping: load_model leaves it there until its lay-out)
-        assert weight.data_ptr() not in ptrs, f"{name}: timed on the weight given itself, not a copy"
-        assert all(o.shape == want.shape for o in outs)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
