@@ -9,14 +9,15 @@ many bytes are read as a decode step of the model reads (up to decode_set_bytes(
 model's step streams its weights from memory, and timed from the cache the ranking was not the
 same, and the timings summed to half to two thirds of the model's real step (decode_copies;
 RESULTS.md, "Decode candidates timed from memory"). The candidates' calls are interleaved, one of
-each in turn, over copies shared out among their layouts: one step's bytes of copies in all, not
-one for each layout (decode_calls, Rotation). Prefill candidates run on one copy: their GEMMs
-reuse each weight block over many rows.
+each in turn, each over copies of its own: K candidates' copies come to about K / (K - 1) steps'
+bytes in all, not a step's for each layout (decode_calls, Rotation). Prefill candidates run on one
+copy: their GEMMs reuse each weight block over many rows.
 
 Bounded: one warm call and one probe call per candidate, then candidates over PRUNE_FACTOR x
 the best probe's time, on that call and on a second one, are dropped; the probe calls are the first
 of ROUNDS rounds, the rest run ROUNDS - 1 more of at least ROUND_MIN_S and one call each (decode
-candidates: DECODE_MIN_CALLS calls; interleaved, none dropped). A shape suspect_shapes names is timed once more. A weight
+candidates: DECODE_MIN_CALLS calls; interleaved, a candidate dropped only where the rest keep a
+step between two calls on one copy: _interleaved_ms). A shape suspect_shapes names is timed once more. A weight
 larger than the decode set has its decode candidates timed on its first rows (decode_rows). On the
 bench-size model a plan takes 6-9 s per batch size in fp32 and 3-6 s in bf16 on one thread of
 the CPUs we measured (RESULTS.md): the prefill calls at 512 rows, then the decode copies (MKL packs
@@ -39,7 +40,8 @@ from . import malloc
 from .cpu import last_level_cache_bytes
 from .layouts import ONEDNN_LAYOUTS, PACKERS, pack, pack_mkl
 
-ROUNDS = 3  # alternating rounds per candidate (A B C, C B A, A B C): drift hits all alike; the probes are the first
+ROUNDS = 3  # alternating rounds per candidate (A B C, C B A, A B C; interleaved decode calls: A B C A B C ...): drift
+# hits all alike; the probes are the first
 ROUND_MIN_S = 0.004  # each candidate runs at least this long per round (and at least one call)
 # A decode candidate runs at least this many calls per round: with one call a round (the lm_head's
 # 10-13 ms), its median came from three calls each just after another candidate's, and ranked the
@@ -55,7 +57,7 @@ DECODE_MIN_CALLS = 4
 # the EPYC Zen 4 (32 MiB L3) 64 MiB sets chose as 128 MiB ones, the one-row timings alike within
 # their noise, and the plan took 1.2-3.2 s less: a VM faults fresh huge pages in at ~1 GB/s (RESULTS.md,
 # "Start-up: decode sets of two caches").
-DECODE_SET_BYTES = 256 << 20  # at most: it bounds the measurement's extra memory, about one set in all
+DECODE_SET_BYTES = 256 << 20  # at most: it bounds the measurement's extra memory (K candidates: ~K / (K - 1) sets)
 DECODE_SET_CACHES = 2  # else this many times the last-level cache,
 DECODE_SET_MIN_BYTES = 64 << 20  # and at least this
 # A weight larger than the decode set has its decode candidates timed on its first rows (decode_rows),
@@ -136,17 +138,21 @@ class Rotation(dict):
 
 
 def _interleaved_ms(calls: Rotation, on_progress: Callable[[], None], min_calls: int) -> dict[str, float]:
-    """time_ms's rounds for a Rotation: a warm call of each, a first round of one call each (two,
-    where one is over PRUNE_FACTOR times the best's time), then ROUNDS - 1 rounds, each going round
+    """time_ms's rounds for a Rotation: warm turns over every copy (the first call allocates, and
+    oneDNN builds its primitive; and no timed call finds its copy in the caches from its making,
+    each candidate's copies made one after the other), a first round of one call each (two, where
+    one is over PRUNE_FACTOR times the best's time), then ROUNDS - 1 rounds, each going round
     the candidates, one call of each in turn and always in the same order (a reversed one would
     call the candidate at the turn twice in a row, on one copy where it has one), until every one
     of them has run at least ROUND_MIN_S and `min_calls` calls in it. A candidate over PRUNE_FACTOR
     times the best's time on both first calls is dropped, the slowest first, where the rest keep
-    a step's bytes between two calls on one copy (Rotation.keeps_a_step), and keeps the faster."""
+    a step's bytes between two calls on one copy (Rotation.keeps_a_step; of two candidates, neither),
+    and keeps the faster."""
     names = list(calls)
-    for name in names:
-        calls[name]()  # the first call allocates, and oneDNN builds its primitive
-    on_progress()
+    for _ in range(calls.each):
+        for name in names:
+            calls[name]()
+        on_progress()
     samples: dict[str, list[float]] = {name: [] for name in names}
 
     def turn(spent: dict[str, float], made: dict[str, int]) -> None:
@@ -275,10 +281,11 @@ def decode_calls(weight: torch.Tensor, rows: int, kinds: Iterable[str], activati
                  copies: int = 1, on_progress: Callable[[], None] = lambda: None) -> dict[str, Callable[[], object]]:
     """Callables running each decode candidate at `rows` rows, each call on the next copy of the
     weight in its layout, of the candidate's own. With `copies` (decode_copies) over one, a
-    Rotation, timed interleaved: each candidate has copies/(candidates - 1) copies, so that calls
-    of all, or of all but one, one of each in turn, keep about `copies` - 1 calls on other copies
-    between two on one, as when each candidate went round `copies` copies and ran its calls in a
-    row, with about a step's bytes of copies in all rather than for each layout (RESULTS.md,
+    Rotation, timed interleaved: each of K candidates has ceil(copies / (K - 1)) copies (of two,
+    ceil(copies / 2)), so that calls of all, or of all but one, one of each in turn, keep at least
+    `copies` - 1 calls on other copies between two on one, as when each candidate went round
+    `copies` copies and ran its calls in a row, with about K / (K - 1) steps' bytes of copies in
+    all rather than a step's for each layout (RESULTS.md,
     "Start-up: the decode candidates interleaved over one rotation"). `on_progress` after each
     copy made: a rank's heartbeat, as MKL packs only ~0.8 GB/s. With an `activation` (the MLP's
     first linear) each call includes it as the model runs it (Linear.forward_activated): oneDNN's
