@@ -10,14 +10,15 @@ model's step streams its weights from memory, and timed from the cache the ranki
 same, and the timings summed to half to two thirds of the model's real step (decode_copies;
 RESULTS.md, "Decode candidates timed from memory"). The candidates' calls are interleaved, one of
 each in turn, each over copies of its own: K candidates' copies come to about K / (K - 1) steps'
-bytes in all, not a step's for each layout (decode_calls, Rotation). Prefill candidates run on one
-copy: their GEMMs reuse each weight block over many rows.
+bytes in all (two: one step's), not a step's for each layout (decode_calls, Rotation). Prefill
+candidates run on one copy: their GEMMs reuse each weight block over many rows.
 
-Bounded: one warm call and one probe call per candidate, then candidates over PRUNE_FACTOR x
-the best probe's time, on that call and on a second one, are dropped; the probe calls are the first
-of ROUNDS rounds, the rest run ROUNDS - 1 more of at least ROUND_MIN_S and one call each (decode
-candidates: DECODE_MIN_CALLS calls; interleaved, a candidate dropped only where the rest keep a
-step between two calls on one copy: _interleaved_ms). A shape suspect_shapes names is timed once more. A weight
+Bounded: one warm call (in a rotation, one on each copy) and one probe call per candidate, then
+candidates over PRUNE_FACTOR x the best probe's time, on that call and on a second one, are dropped;
+the probe calls are the first of ROUNDS rounds, the rest run ROUNDS - 1 more of at least ROUND_MIN_S
+and one call each (decode candidates: DECODE_MIN_CALLS calls; interleaved, a candidate dropped only
+where the rest keep a step between two calls on one copy: _interleaved_ms). A shape suspect_shapes
+names is timed once more. A weight
 larger than the decode set has its decode candidates timed on its first rows (decode_rows). On the
 bench-size model a plan takes 6-9 s per batch size in fp32 and 3-6 s in bf16 on one thread of
 the CPUs we measured (RESULTS.md): the prefill calls at 512 rows, then the decode copies (MKL packs
@@ -57,7 +58,7 @@ DECODE_MIN_CALLS = 4
 # the EPYC Zen 4 (32 MiB L3) 64 MiB sets chose as 128 MiB ones, the one-row timings alike within
 # their noise, and the plan took 1.2-3.2 s less: a VM faults fresh huge pages in at ~1 GB/s (RESULTS.md,
 # "Start-up: decode sets of two caches").
-DECODE_SET_BYTES = 256 << 20  # at most: it bounds the measurement's extra memory (K candidates: ~K / (K - 1) sets)
+DECODE_SET_BYTES = 256 << 20  # at most: it bounds the measurement's extra memory (K >= 3 candidates: ~K / (K - 1) sets)
 DECODE_SET_CACHES = 2  # else this many times the last-level cache,
 DECODE_SET_MIN_BYTES = 64 << 20  # and at least this
 # A weight larger than the decode set has its decode candidates timed on its first rows (decode_rows),
@@ -285,7 +286,7 @@ def decode_calls(weight: torch.Tensor, rows: int, kinds: Iterable[str], activati
     ceil(copies / 2)), so that calls of all, or of all but one, one of each in turn, keep at least
     `copies` - 1 calls on other copies between two on one, as when each candidate went round
     `copies` copies and ran its calls in a row, with about K / (K - 1) steps' bytes of copies in
-    all rather than a step's for each layout (RESULTS.md,
+    all (two: one step's) rather than a step's for each layout (RESULTS.md,
     "Start-up: the decode candidates interleaved over one rotation"). `on_progress` after each
     copy made: a rank's heartbeat, as MKL packs only ~0.8 GB/s. With an `activation` (the MLP's
     first linear) each call includes it as the model runs it (Linear.forward_activated): oneDNN's

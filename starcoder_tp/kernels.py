@@ -271,7 +271,8 @@ def measure(weights: dict[str, torch.Tensor], rows: int, slowest: Callable[[torc
         timed = weight if activation else weight[:decode_rows(*weight.shape, weight.element_size())]
         scale = weight.shape[0] / timed.shape[0]
         calls = decode_calls(timed, rows, kinds, activation,
-                             decode_copies(timed.numel() * timed.element_size(), step_bytes), on_progress)
+                             decode_copies(timed.numel() * timed.element_size(), step_bytes) if len(kinds) > 1 else 1,
+                             on_progress)  # (a lone candidate is not timed: no copies)
         ms = time_ms(calls, on_progress, math.ceil(DECODE_MIN_CALLS * scale))  # a round: the whole's bytes at least
         values = _slots({kind: value * scale for kind, value in ms.items()}, DECODE_SLOTS)
         del calls  # (the calls, and the copies they hold, go before the next ones are made)
