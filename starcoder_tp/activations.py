@@ -7,7 +7,7 @@ of the fused op ran 2M fp32 elements in 3.3 ms and `torch.tanh` alone in 0.6 (RE
 as eight elementwise passes over blocks of the output small enough to stay in the core's cache;
 it differs from the fused op by the tanh's last bit. Its passes cost a fixed few microseconds a
 call, so it pays only from some size on: `calibrate` times both forms on the machine at hand
-(once per machine: kernels.calibrate_forms caches the result), and sets the size from which the split form runs (`TANH_GELU.split_from`;
+(once per machine: forms.calibrate_forms caches the result), and sets the size from which the split form runs (`TANH_GELU.split_from`;
 None: never). Only in fp32 and on a CPU: in bf16 every pass would round to bf16 (another result,
 and slower, on that machine), and other devices have their own kernels.
 """

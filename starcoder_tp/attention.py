@@ -86,7 +86,7 @@ class PrefillForm:
 
     def restore(self, parsed: tuple[frozenset[int], int, int, str], dtype: torch.dtype, calibrated: str,
                 kv_heads: int = 1) -> None:
-        """`parse`'s result taken as this process's form (kernels.calibrate_forms)."""
+        """`parse`'s result taken as this process's form (forms.calibrate_forms)."""
         (self.blocks_at, self.rows, self.batched_rows, self.softmax), self.dtype = parsed, dtype
         self.calibrated, self.kv_heads = calibrated, kv_heads
 

@@ -111,7 +111,7 @@ def run(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.T
 
 class DecodeForm:
     """Whether the decode step's attention runs attend.c (`ours`) or SDPA: measured once per
-    machine (calibrate_decode, cached with the other forms by kernels.calibrate_forms)."""
+    machine (calibrate_decode, cached with the other forms by forms.calibrate_forms)."""
 
     def __init__(self) -> None:
         self.ours = False

@@ -20,7 +20,7 @@ from torch import nn
 from .attention import Attention, attention_mask
 from .comm import TPGroup
 from .config import ModelConfig
-from . import argmax, fused_step, fusion_choice, kernels, layouts, malloc, panel_asks
+from . import argmax, forms, fused_step, fusion_choice, kernels, layouts, malloc, panel_asks
 from .compiled import compile_step, drop_compiled_code
 from .kernels import KERNEL_MODES, Choice
 from .linear import Linear, run_kernel
@@ -129,7 +129,7 @@ class TPCausalLM(nn.Module):
         if self.transformer.ln_f.weight.device.type != "cpu":
             mode = "plain"  # the kernels chosen here are CPU ones
         else:
-            kernels.calibrate_forms(weights, activated, self.tp, self.transformer.h[0].attn, self._tick)
+            forms.calibrate_forms(weights, activated, self.tp, self.transformer.h[0].attn, self._tick)
         if mode == "auto":
             self.kernel_timings, self.kernel_plan_source = kernels.cached_or_measured(
                 weights, rows, self.tp, prefill, activated, self._tick, step_bytes)

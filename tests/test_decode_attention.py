@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from starcoder_tp import attention, decode_attention, kernel_timing, kernels
+from starcoder_tp import attention, decode_attention, forms, kernel_timing, kernels
 from starcoder_tp.comm import TPGroup
 from starcoder_tp.decode_attention import DECODE_FORM, attend, calibrate_decode, supports
 from starcoder_tp.device import Device
@@ -239,14 +239,14 @@ def test_calibrate_forms_measures_the_decode_form_in_the_models_dtype_and_caches
         calls.append((heads, kv_heads, dim, dtype))
         decode_form.ours, decode_form.calibrated = True, "ours (...)"
         return decode_form.calibrated
-    monkeypatch.setattr(kernels, "calibrate_decode", measured)
+    monkeypatch.setattr(forms, "calibrate_decode", measured)
     monkeypatch.setattr(attention.PREFILL_FORM, "calibrated", "set by the test")
     tp = types.SimpleNamespace(max_=lambda t: t, world_size=1)
     gqa = types.SimpleNamespace(local_heads=12, local_kv_heads=2, head_dim=128)
-    kernels.calibrate_forms({"8x8:bfloat16": torch.ones(8, 8, dtype=torch.bfloat16)}, {}, tp, gqa)
+    forms.calibrate_forms({"8x8:bfloat16": torch.ones(8, 8, dtype=torch.bfloat16)}, {}, tp, gqa)
     assert calls == [(12, 2, 128, torch.bfloat16)]
     decode_form.ours, decode_form.calibrated = False, ""  # another process on this machine
-    kernels.calibrate_forms({"8x8:bfloat16": torch.ones(8, 8, dtype=torch.bfloat16)}, {}, tp, gqa)
+    forms.calibrate_forms({"8x8:bfloat16": torch.ones(8, 8, dtype=torch.bfloat16)}, {}, tp, gqa)
     assert len(calls) == 1 and decode_form.ours and decode_form.calibrated == "cached: ours (...)"
     assert "attention:decode ours" in kernels.describe({}).split("; ")
 

@@ -7,7 +7,7 @@ import types
 import pytest
 import torch
 
-from starcoder_tp import attention, kernels, softmax
+from starcoder_tp import attention, forms, kernels, softmax
 from starcoder_tp.attention import PREFILL_FORM, attend, blocks_at, calibrate_attention, causal_blocks, fastest
 from starcoder_tp.comm import TPGroup
 from starcoder_tp.device import Device
@@ -213,12 +213,12 @@ def test_calibrate_forms_measures_attention_where_query_heads_share_k_v_heads_in
     mqa = types.SimpleNamespace(local_heads=8, local_kv_heads=1, head_dim=32)
     gqa = types.SimpleNamespace(local_heads=8, local_kv_heads=2, head_dim=32)
     mha = types.SimpleNamespace(local_heads=8, local_kv_heads=8, head_dim=32)  # no K/V head shared: SDPA
-    kernels.calibrate_forms(fp32, {}, tp, mha)
-    kernels.calibrate_forms(fp32, {}, tp, None)
+    forms.calibrate_forms(fp32, {}, tp, mha)
+    forms.calibrate_forms(fp32, {}, tp, None)
     assert calls == []
-    kernels.calibrate_forms(fp32, {}, tp, mqa, tick)
-    kernels.calibrate_forms(bf16, {}, tp, mqa, tick)  # the fake measured nothing: calibrated again
-    kernels.calibrate_forms(fp32, {}, tp, gqa, tick)
+    forms.calibrate_forms(fp32, {}, tp, mqa, tick)
+    forms.calibrate_forms(bf16, {}, tp, mqa, tick)  # the fake measured nothing: calibrated again
+    forms.calibrate_forms(fp32, {}, tp, gqa, tick)
     assert calls == [(8, 1, 32, torch.float32, tick), (8, 1, 32, torch.bfloat16, tick), (8, 2, 32, torch.float32, tick)]
 
 
@@ -281,11 +281,11 @@ def test_the_forms_are_measured_once_per_machine_then_read_from_the_cache(form_s
     monkeypatch.setattr(attention, "calibrate_attention", measured)
     tp = types.SimpleNamespace(max_=lambda t: t, world_size=1)
     mqa = types.SimpleNamespace(local_heads=8, local_kv_heads=1, head_dim=32)
-    kernels.calibrate_forms({"8x8:float32": torch.ones(8, 8)}, {}, tp, mqa)
+    forms.calibrate_forms({"8x8:float32": torch.ones(8, 8)}, {}, tp, mqa)
     assert calls == [(8, 32)] and len(list((tmp_path / "cache" / "forms").glob("*.json"))) == 1
     form_state.blocks_at, form_state.calibrated, form_state.softmax = frozenset(), "", "torch"  # another process
     form_state.rows = form_state.batched_rows = 32
-    kernels.calibrate_forms({"8x8:float32": torch.ones(8, 8)}, {}, tp, mqa)
+    forms.calibrate_forms({"8x8:float32": torch.ones(8, 8)}, {}, tp, mqa)
     assert calls == [(8, 32)], "read from the cache, not measured again"
     assert form_state.blocks_at == frozenset({512})
     assert form_state.calibrated.startswith("cached: causal blocks at 512 tokens, 64 a block")
@@ -293,20 +293,20 @@ def test_the_forms_are_measured_once_per_machine_then_read_from_the_cache(form_s
     assert form_state.softmax == "ours"
     form_state.blocks_at, form_state.calibrated = frozenset(), ""
     missing = types.SimpleNamespace(max_=lambda t: torch.ones_like(t), world_size=1)  # another rank lacks them
-    kernels.calibrate_forms({"8x8:float32": torch.ones(8, 8)}, {}, missing, mqa)
+    forms.calibrate_forms({"8x8:float32": torch.ones(8, 8)}, {}, missing, mqa)
     assert len(calls) == 2, "measured again with the rank that lacks them"
     form_state.blocks_at, form_state.calibrated = frozenset(), ""
-    kernels.calibrate_forms({"8x8:bfloat16": torch.ones(8, 8, dtype=torch.bfloat16)}, {}, tp, mqa)
+    forms.calibrate_forms({"8x8:bfloat16": torch.ones(8, 8, dtype=torch.bfloat16)}, {}, tp, mqa)
     assert len(calls) == 3 and form_state.dtype == torch.bfloat16, "a bf16 model's form is its own"
     form_state.blocks_at, form_state.calibrated, form_state.dtype = frozenset(), "", torch.float32
-    kernels.calibrate_forms({"8x8:bfloat16": torch.ones(8, 8, dtype=torch.bfloat16)}, {}, tp, mqa)
+    forms.calibrate_forms({"8x8:bfloat16": torch.ones(8, 8, dtype=torch.bfloat16)}, {}, tp, mqa)
     assert len(calls) == 3 and form_state.dtype == torch.bfloat16, "and cached as such"
     gqa = types.SimpleNamespace(local_heads=8, local_kv_heads=2, head_dim=32)
     form_state.blocks_at, form_state.calibrated, form_state.dtype = frozenset(), "", torch.float32
-    kernels.calibrate_forms({"8x8:float32": torch.ones(8, 8)}, {}, tp, gqa)
+    forms.calibrate_forms({"8x8:float32": torch.ones(8, 8)}, {}, tp, gqa)
     assert len(calls) == 4 and form_state.kv_heads == 2, "grouped heads: a form of their own"
     form_state.blocks_at, form_state.calibrated, form_state.kv_heads = frozenset(), "", 1
-    kernels.calibrate_forms({"8x8:float32": torch.ones(8, 8)}, {}, tp, gqa)
+    forms.calibrate_forms({"8x8:float32": torch.ones(8, 8)}, {}, tp, gqa)
     assert len(calls) == 4 and form_state.kv_heads == 2, "and read back for two K/V heads"
     assert kernels.describe({}).endswith("attention:gqa blocks@512 rows:64 batch:128 softmax:ours")
 
@@ -359,7 +359,7 @@ def test_a_cached_prefill_form_that_is_not_one_is_measured_again(form_state, mon
     monkeypatch.setattr(attention, "calibrate_attention", measured)
     tp = types.SimpleNamespace(max_=lambda t: t, world_size=1)
     mqa = types.SimpleNamespace(local_heads=8, local_kv_heads=1, head_dim=32)
-    kernels.calibrate_forms({"8x8:float32": torch.ones(8, 8)}, {}, tp, mqa)
+    forms.calibrate_forms({"8x8:float32": torch.ones(8, 8)}, {}, tp, mqa)
     path = next((tmp_path / "cache" / "forms").glob("*.json"))
     cached = json.loads(path.read_text())
     if stored == "no 'mqa' line":  # (the plan's line, read after the ranks agreed the cache is whole)
@@ -368,7 +368,7 @@ def test_a_cached_prefill_form_that_is_not_one_is_measured_again(form_state, mon
         cached["forms"]["prefill_form"] = stored
     path.write_text(json.dumps(cached))
     form_state.blocks_at, form_state.calibrated, form_state.softmax = frozenset(), "", "torch"
-    kernels.calibrate_forms({"8x8:float32": torch.ones(8, 8)}, {}, tp, mqa)
+    forms.calibrate_forms({"8x8:float32": torch.ones(8, 8)}, {}, tp, mqa)
     assert calls == [8, 8], f"a cached {stored!r} was taken"
     assert form_state.calibrated == "measured" and form_state.softmax == "ours"
 
