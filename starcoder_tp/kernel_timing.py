@@ -17,8 +17,8 @@ Bounded: one warm call (in a rotation, one on each copy) and one probe call per 
 candidates over PRUNE_FACTOR x the best probe's time, on that call and on a second one, are dropped;
 the probe calls are the first of ROUNDS rounds, the rest run ROUNDS - 1 more of at least ROUND_MIN_S
 and one call each (decode candidates: DECODE_MIN_CALLS calls; interleaved, a candidate dropped only
-where the rest keep a step between two calls on one copy: _interleaved_ms). A shape suspect_shapes
-names is timed once more. A weight
+where the rest keep a step between two calls on one copy: _interleaved_ms). Where suspect_shapes
+names a shape, that timing of it is taken once more. A weight
 larger than the decode set has its decode candidates timed on its first rows (decode_rows). On the
 bench-size model a plan takes 6-9 s per batch size in fp32 and 3-6 s in bf16 on one thread of
 the CPUs we measured (RESULTS.md): the prefill calls at 512 rows, then the decode copies (MKL packs
@@ -78,7 +78,7 @@ DECODE_SLICE_BLOCK = 64  # rows: whole panels (16) and oneDNN blocks
 # in fp32 the EPYC Zen 5 ran plain F.linear, MKL's packed layout and oneDNN's unpacked 2.2-2.4x the
 # best's time, and their rounds were ~0.9 s of a 10 s plan (RESULTS.md, "Panels at one row").
 PRUNE_FACTOR = 2.0
-# A shape's candidates are timed again (suspect_shapes) where one of them ran at under this
+# A shape's timing is taken again (suspect_shapes) where one of its candidates ran at under this
 # fraction of its own median speed over the plan's shapes.
 SUSPECT_FRACTION = 0.5
 
@@ -225,7 +225,8 @@ def decode_copies(weight_bytes: int, step_bytes: int) -> int:
     return max(1, math.ceil(min(step_bytes, decode_set_bytes()) / weight_bytes))
 
 
-def suspect_shapes(ms_by_shape: dict[str, dict[str, float]], weight_bytes: dict[str, int]) -> list[str]:
+def suspect_shapes(ms_by_shape: dict[str, dict[str, float]], weight_bytes: dict[str, int],
+                   groups: dict[str, list[tuple[str, ...]]] | None = None) -> list[str]:
     """The shapes to time again, from one kind of timing (decode, or prefill at one row count) of
     every shape: where a candidate ran at under SUSPECT_FRACTION of its own median speed (weight
     bytes per ms: at one row count a call's work is proportional to them) over the shapes it was
@@ -233,17 +234,27 @@ def suspect_shapes(ms_by_shape: dict[str, dict[str, float]], weight_bytes: dict[
     disturbance does not: in the seconds after a large process (vLLM) exited, on the EPYC Zen 5 VM,
     the first shape's candidates (the rest not) were timed 2-47x slow, and the plan cached for the
     machine chose MKL's packed layout there, whose prefill runs at half speed (RESULTS.md, "Weights
-    out of the file's mapping"). A candidate slow for a reason stays slow when timed again."""
+    out of the file's mapping"). A candidate slow for a reason stays slow when timed again.
+    `groups` (shape: kernels of which the fastest is one figure, a decode layout's prefill kernels)
+    counts a slow candidate only where, at the fastest it ran any shape, it would be a group's
+    fastest: timed again, one that loses even so cannot change the plan (unpacking oneDNN's layout of
+    1024x4096 into fresh memory on the EPYC Zen 4 VM, 5-10x its speed elsewhere: RESULTS.md)."""
     speeds: dict[str, dict[str, float]] = {}
     for shape, timings in ms_by_shape.items():
         for kind, ms in timings.items():
             if ms > 0:  # (0: a lone candidate, not timed)
                 speeds.setdefault(kind, {})[shape] = weight_bytes[shape] / ms
     suspect = set()
-    for by_shape in speeds.values():
+    for kind, by_shape in speeds.items():
         if len(by_shape) >= 3:
-            median = statistics.median(by_shape.values())
-            suspect |= {shape for shape, speed in by_shape.items() if speed < SUSPECT_FRACTION * median}
+            median, fastest = statistics.median(by_shape.values()), max(by_shape.values())
+            for shape, speed in by_shape.items():
+                ms, at_best = ms_by_shape[shape], weight_bytes[shape] / fastest
+                leads = groups is None or any(
+                    at_best < min((ms[k] for k in group if k != kind and k in ms), default=math.inf)
+                    for group in groups.get(shape, [(kind,)]) if kind in group)
+                if speed < SUSPECT_FRACTION * median and leads:
+                    suspect.add(shape)
     return sorted(suspect)
 
 

@@ -254,8 +254,8 @@ def measure(weights: dict[str, torch.Tensor], rows: int, slowest: Callable[[torc
     another layer is timed with it), the decode candidates over as many copies as a decode step
     reads `step_bytes` (decode_copies; 0: one copy), a large weight's on its first rows (decode_rows);
     `slowest` reduces a float64 tensor to its maximum over the ranks. Every rank must call this in
-    step with the same shapes (checked first). A shape that suspect_shapes names (one of its candidates
-    far below its own speed on the other shapes) is timed again, each keeping its faster figure."""
+    step with the same shapes (checked first). Where suspect_shapes names a shape (one of its candidates
+    far below its own speed on the other shapes), that part of it is timed again, each keeping its faster figure."""
     activated = activated or {}
     panel_asks.reset()  # the candidates are timed alone, none asking ahead or into L2
     digest = int(hashlib.sha256(json.dumps([sorted(weights), sorted(prefill), sorted(activated.items())]
@@ -264,21 +264,21 @@ def measure(weights: dict[str, torch.Tensor], rows: int, slowest: Callable[[torc
     if seen != [digest, -digest]:
         raise RuntimeError(f"kernel measurement: the ranks hold different weight shapes (this rank: {sorted(weights)})")
 
-    def shape_slots(shape: str) -> list[float]:  # decode, short and long prefill, in their slots
+    def shape_slots(shape: str, parts=(0, 1, 2)) -> list[float]:  # its parts (decode, short, long prefill) in slots
         weight, activation = weights[shape], activated.get(shape)
-        kinds = decode_candidates(weight, rows)
-        # A large weight's first rows; the MLP's first linear whole: its GELU's form depends on the output's size
-        timed = weight if activation else weight[:decode_rows(*weight.shape, weight.element_size())]
-        scale = weight.shape[0] / timed.shape[0]
-        calls = decode_calls(timed, rows, kinds, activation,
-                             decode_copies(timed.numel() * timed.element_size(), step_bytes) if len(kinds) > 1 else 1,
-                             on_progress)  # (a lone candidate is not timed: no copies)
-        ms = time_ms(calls, on_progress, math.ceil(DECODE_MIN_CALLS * scale))  # a round: the whole's bytes at least
-        values = _slots({kind: value * scale for kind, value in ms.items()}, DECODE_SLOTS)
-        del calls  # (the calls, and the copies they hold, go before the next ones are made)
-        plain = side_by_side(weight, 1, on_progress)[0] if shape in prefill else None  # (one for both row counts)
-        for prefill_rows in (SHORT_ROWS, PREFILL_ROWS):
-            if shape not in prefill:
+        kinds, values = decode_candidates(weight, rows), [math.inf] * len(DECODE_SLOTS)
+        if 0 in parts:  # a large weight's first rows; the MLP's first linear whole (its GELU's form: the output's size)
+            timed = weight if activation else weight[:decode_rows(*weight.shape, weight.element_size())]
+            scale, size = weight.shape[0] / timed.shape[0], timed.numel() * timed.element_size()
+            copies = decode_copies(size, step_bytes) if len(kinds) > 1 else 1  # (a lone candidate is not timed)
+            calls = decode_calls(timed, rows, kinds, activation, copies, on_progress)
+            ms = time_ms(calls, on_progress, math.ceil(DECODE_MIN_CALLS * scale))  # a round: the whole's bytes at least
+            values = _slots({kind: value * scale for kind, value in ms.items()}, DECODE_SLOTS)
+            del calls  # (the calls, and the copies they hold, go before the next ones are made)
+        prefilled = shape in prefill and not {1, 2}.isdisjoint(parts)
+        plain = side_by_side(weight, 1, on_progress)[0] if prefilled else None  # (one for both row counts)
+        for part, prefill_rows in ((1, SHORT_ROWS), (2, PREFILL_ROWS)):
+            if shape not in prefill or part not in parts:
                 values += [math.inf] * len(PREFILL_SLOTS)
                 continue
             calls = prefill_calls(weight, rows, kinds, prefill_rows, activation, plain)
@@ -296,12 +296,16 @@ def measure(weights: dict[str, torch.Tensor], rows: int, slowest: Callable[[torc
     timings = {shape: timings_of(flat[i * width:(i + 1) * width]) for i, shape in enumerate(shapes)}
     # The reduced timings: the same shapes on every rank, which time them again in step.
     sizes = {shape: w.numel() * w.element_size() for shape, w in weights.items()}
-    again = sorted({shape for part in range(3)
-                    for shape in suspect_shapes({s: t[part] for s, t in timings.items()}, sizes)})
+    # A prefill kernel counts where it could be its layout's figure; each decode candidate is one.
+    groups = {s: [PREFILL_KERNELS[layout] for layout in t[0]] for s, t in timings.items()}
+    again: dict[str, set[int]] = {}  # shape: the parts of it timed again (0 decode, 1 short, 2 long prefill)
+    for part in range(3):
+        for shape in suspect_shapes({s: t[part] for s, t in timings.items()}, sizes, groups if part else None):
+            again.setdefault(shape, set()).add(part)
     if again:
-        retimed = slowest(torch.tensor([v for shape in again for v in shape_slots(shape)],
+        retimed = slowest(torch.tensor([v for shape in sorted(again) for v in shape_slots(shape, again[shape])],
                                        dtype=torch.float64)).tolist()
-        for i, shape in enumerate(again):
+        for i, shape in enumerate(sorted(again)):
             seconds = timings_of(retimed[i * width:(i + 1) * width])
             timings[shape] = tuple({kind: min(ms, second.get(kind, ms)) for kind, ms in first.items()}
                                    for first, second in zip(timings[shape], seconds))
