@@ -76,7 +76,7 @@ def summed_against_real(model, batch: int, seq_in: int, seq_out: int) -> tuple[f
         plan = model.kernel_plan
         shapes = [m.shape_key() for m in model.modules() if isinstance(m, Linear)]
         if model.config.tie_word_embeddings:
-            shapes.append(kernels.shape_key(model.transformer.wte.weight))
+            shapes.append(model.transformer.wte.shape_key())
         summed = sum(plan[s].decode_ms[plan[s].decode] for s in shapes)
         steps = []
         for _ in range(3):

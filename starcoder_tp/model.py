@@ -14,12 +14,12 @@ import functools
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .attention import Attention, attention_mask
 from .comm import TPGroup
 from .config import ModelConfig
+from .embedding import Embedding
 from . import argmax, forms, fused_step, fusion_choice, kernels, layouts, malloc, panel_asks
 from .compiled import compile_step, drop_compiled_code
 from .kernels import KERNEL_MODES, Choice
@@ -59,8 +59,7 @@ class Transformer(nn.Module):
     def __init__(self, config: ModelConfig, tp: TPGroup):
         super().__init__()
         local_vocab = config.padded_vocab_size(tp.world_size) // tp.world_size
-        # Given a weight, nn.Embedding skips its normal_ fill (on meta, its first call imports torch._dynamo)
-        self.wte = nn.Embedding(local_vocab, config.n_embd, _weight=torch.empty(local_vocab, config.n_embd))  # (~1 s)
+        self.wte = Embedding(local_vocab, config.n_embd)
         if config.rope_theta is None:  # learned positions (GPTBigCode); StarCoder2's are rotary
             self.wpe = nn.Embedding(config.n_positions, config.n_embd, _weight=torch.empty(config.n_positions, config.n_embd))
         self.h = nn.ModuleList(Block(config, tp) for _ in range(config.n_layer))
@@ -112,8 +111,8 @@ class TPCausalLM(nn.Module):
                 if name.endswith("mlp.c_fc"):
                     activated[key] = self.config.activation_function
         if self.config.tie_word_embeddings:
-            wte = self.transformer.wte.weight
-            weights.setdefault(kernels.shape_key(wte), wte)
+            wte = self.transformer.wte.plain()
+            weights.setdefault(self.transformer.wte.shape_key(), wte)
             step_bytes += wte.numel() * wte.element_size()
         return weights, prefill, activated, step_bytes
 
@@ -156,12 +155,14 @@ class TPCausalLM(nn.Module):
             count += linear.use_kernels(plan[linear.shape_key()], rows)
             self._tick()  # re-packing a large model, and reading MKL's layouts back from disk, takes a while
         if self.config.tie_word_embeddings:
-            wte, key = self.transformer.wte.weight, kernels.shape_key(self.transformer.wte.weight)
+            wte, key = self.transformer.wte, self.transformer.wte.shape_key()
             decode = plan[key].decode
             if layouts.relaid(decode, self.kernel_rows, rows) or key not in previous or previous[key].decode != decode:
+                plain = wte.plain()  # (before the old copy goes: the embedding may read its rows there)
                 self.lm_head_packed = None  # the old copy goes before the new one is made
-                if decode in layouts.PACKERS:  # the embedding keeps the plain weight: no need to read it back
-                    self.lm_head_packed = layouts.PACKERS[decode](wte, rows)
+                if decode in layouts.PACKERS:
+                    self.lm_head_packed = layouts.PACKERS[decode](plain, rows)
+                wte.share(self.lm_head_packed if decode == "panels" else None, plain)
             self.lm_head_kernel = "plain" if decode in layouts.PACKERS and self.lm_head_packed is None else decode
             count += self.lm_head_packed is not None
         self.kernel_rows = rows
@@ -233,13 +234,13 @@ class TPCausalLM(nn.Module):
 
     def embed(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         # input_ids, position_ids: [B, T] -> [B, T, E]
-        wte = self.transformer.wte.weight
+        wte = self.transformer.wte
         if self.tp.world_size == 1:
-            tokens = F.embedding(input_ids, wte)
+            tokens = wte(input_ids)
         else:
             local = input_ids - self.vocab_start
             outside = (local < 0) | (local >= self.local_vocab)
-            tokens = F.embedding(local.masked_fill(outside, 0), wte)
+            tokens = wte(local.masked_fill(outside, 0))
             tokens.masked_fill_(outside.unsqueeze(-1), 0.0)
             self.tp.all_reduce_(tokens)
         return tokens if self.inv_freq is not None else tokens + self.transformer.wpe(position_ids)
@@ -340,7 +341,8 @@ def load_model(shard_dir: str | Path, tp: TPGroup, device: torch.device, kernels
     weights' kernels and layouts at the first request and at each new batch size (setup_cache; every
     rank in step). With `compile`, decode steps run through torch.compile, which lays out the weights
     itself: `kernels` must then be 'auto' or 'plain'. On the CPU the weights are copied out of the part
-    file's mapping: the linear ones as setup_cache lays them out (with `compile` or 'plain', at load)."""
+    file's mapping: the linear ones and a tied embedding as setup_cache lays them out (with `compile` or
+    'plain', at load)."""
     if compile and kernels not in ("auto", "plain"):
         raise ValueError(f"kernels {kernels!r} cannot be combined with compile (inductor chooses its own GEMMs)")
     raw_config, state = load_part(shard_dir, tp.rank, tp.world_size, device="cpu" if device.type == "npu" else device)
@@ -371,6 +373,8 @@ def load_model(shard_dir: str | Path, tp: TPGroup, device: torch.device, kernels
         if not compile and kernels != "plain":
             laid_out = {f"{name}.weight" for name, module in model.named_modules()
                         if isinstance(module, Linear) and any(state[f"{name}.weight"] is t for t in loaded)}
+            if config.tie_word_embeddings and any(state["transformer.wte.weight"] is t for t in loaded):
+                laid_out.add("transformer.wte.weight")  # (the tied lm_head's lay-out: embedding.py)
         state = {**malloc.owned_copies({k: v for k, v in state.items() if k not in laid_out}),
                  **{k: v for k, v in state.items() if k in laid_out}}
     model.load_state_dict(state, assign=True, strict=True)
@@ -381,6 +385,7 @@ def load_model(shard_dir: str | Path, tp: TPGroup, device: torch.device, kernels
             if isinstance(module, Linear):
                 module.plain_source = functools.partial(read, f"{name}.weight")
                 module.in_file = f"{name}.weight" in laid_out
+        model.transformer.wte.in_file = "transformer.wte.weight" in laid_out
     if config.rope_theta is not None:
         model.inv_freq = inverse_frequencies(config).to(device)
     if kernels not in KERNEL_MODES:

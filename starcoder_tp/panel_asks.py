@@ -257,11 +257,10 @@ def weights_s(model, plan: dict[str, Choice]) -> float:
     seconds: the least a step takes, known without running one (0 for weights without timings); the
     slowest rank's (ranks on other nodes may read plans measured apart), so that every rank decides alike.
     Every rank calls it in step."""
-    from .kernels import shape_key  # (kernels.py uses this module)
     from .linear import Linear
     keys = [module.shape_key() for module in model.modules() if isinstance(module, Linear)]
     if model.config.tie_word_embeddings:
-        keys.append(shape_key(model.transformer.wte.weight))
+        keys.append(model.transformer.wte.shape_key())
     chosen = [plan[key] for key in keys if key in plan]
     local = sum(c.decode_ms[c.decode] for c in chosen if c.decode_ms and c.decode in c.decode_ms) / 1e3
     return model.tp.max_(torch.tensor([local], dtype=torch.float64)).item()

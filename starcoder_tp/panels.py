@@ -67,6 +67,17 @@ def unpack(packed: torch.Tensor) -> torch.Tensor:
         return packed.permute(*order).reshape(n, k).contiguous()
 
 
+def rows(packed: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """The plain weight's rows `index` (any shape, each in [0, N)) of a packed one: [*index.shape, K]
+    (exact), gathered from their panels without unpacking the rest (a tied embedding's lookup)."""
+    # A row is one value (bf16: one K pair, as 32 bits) every 16 in its panel: 64 bytes apart, a cache
+    # line each, 4 KiB of values from 64 KiB; gathered at ~25-40 GB/s (RESULTS.md, "Start-up: the tied
+    # embedding read from the lm_head's panels").
+    words = packed.view(torch.int32).squeeze(-1) if packed.dim() == 4 else packed  # [N/16, K', 16]
+    gathered = words.permute(0, 2, 1)[index // COLUMNS, index % COLUMNS]  # [*, K']
+    return gathered.view(packed.dtype)
+
+
 def fuses(post_op: str, algorithm: str) -> bool:
     """Whether `linear` applies this activation (activations.ACTIVATIONS' post-op and algorithm)."""
     return (post_op, algorithm) in ACTIVATIONS

@@ -261,7 +261,7 @@ def test_a_model_measures_its_plan_once_per_machine_then_reads_it_from_the_cache
     assert first.kernels_summary() == "auto (chosen at the first request)", "no collective at load"
     assert timed_generate(first, Device("cpu"), prompts[:1], 2).kernels.startswith("auto (measured, batch 1, weighed for ")
     shapes = {m.shape_key() for m in first.modules() if isinstance(m, kernels_linear.Linear)}
-    shapes.add(kernels.shape_key(first.transformer.wte.weight))  # the lm_head, tied to the embedding
+    shapes.add(first.transformer.wte.shape_key())  # the lm_head, tied to the embedding
     assert set(first.kernel_plan) == shapes and all(c.decode_ms for c in first.kernel_plan.values())
     second = load_model(tmp_path / "s", TPGroup(0, 1), torch.device("cpu"))
     assert timed_generate(second, Device("cpu"), prompts[:1], 2).kernels.startswith("auto (cached, batch 1, weighed for ")
@@ -444,7 +444,7 @@ def test_a_model_lays_its_weights_out_again_when_a_request_weighs_otherwise(tmp_
                   {"plain": 512.0, "mkl_packed": 0.0})
     lm_head = Choice("onednn", "onednn", None, {"plain": 1.0, "onednn": 0.5}, {}, {})  # decode timings only
     monkeypatch.setattr(kernels, "measure", lambda weights, *a, **k: {
-        shape: lm_head if shape == kernels.shape_key(model.transformer.wte.weight) else fake for shape in weights})
+        shape: lm_head if shape == model.transformer.wte.shape_key() else fake for shape in weights})
     shard_checkpoint(embedded_dir, tmp_path / "s", 1)
     plain = load_model(tmp_path / "s", TPGroup(0, 1), torch.device("cpu"), kernels="plain")
     model = load_model(tmp_path / "s", TPGroup(0, 1), torch.device("cpu"))

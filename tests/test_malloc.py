@@ -124,11 +124,13 @@ def part_spans(part_files: set[str]) -> list[tuple[int, int]]:
 
 
 @pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads the process's mappings from /proc/self/maps")
-@pytest.mark.parametrize("kernels", ["gemv", "onednn"])  # a layout that keeps the plain weight; a packed one
+@pytest.mark.parametrize("kernels", ["gemv", "onednn", "panels"])  # layouts that keep the plain weight, or not
 def test_linear_weights_stay_in_the_parts_mapping_until_laid_out_and_nothing_after(tmp_path, embedded_dir, prompts,
                                                                                     kernels):
     if kernels == "onednn" and not torch.backends.mkldnn.is_available():
         pytest.skip("oneDNN is not in this torch build")
+    if kernels == "panels" and not panels.supports(torch.ones(16, 16)):
+        pytest.skip("panels need AVX-512 and the built library")
     shard_checkpoint(embedded_dir, tmp_path / "s", 1)
     part_files = {str(p.resolve()) for p in (tmp_path / "s").rglob("*.safetensors")}
     plain = load_model(tmp_path / "s", TPGroup(0, 1), torch.device("cpu"), kernels="plain")
@@ -136,15 +138,22 @@ def test_linear_weights_stay_in_the_parts_mapping_until_laid_out_and_nothing_aft
     model = load_model(tmp_path / "s", TPGroup(0, 1), torch.device("cpu"), kernels=kernels)
     spans = part_spans(part_files)
     linears = [m for m in model.modules() if isinstance(m, Linear)]
+    wte = model.transformer.wte
+    assert model.config.tie_word_embeddings, "the embedded model's lm_head is its embedding"
     assert linears and all(any(a <= m.weight.data_ptr() < b for a, b in spans) and m.in_file for m in linears), \
         "a linear weight is read from the part's mapping until its lay-out"
-    others = [t for name, t in model.state_dict().items() if not any(name == f"{n}.weight" for n, m in
-                                                                     model.named_modules() if isinstance(m, Linear))]
+    assert wte.in_file and any(a <= wte.weight.data_ptr() < b for a, b in spans), "the tied embedding too"
+    others = [t for name, t in model.state_dict().items() if name != "transformer.wte.weight" and not any(
+        name == f"{n}.weight" for n, m in model.named_modules() if isinstance(m, Linear))]
     assert not any(a <= t.data_ptr() < b for t in others if t.numel() for a, b in spans), "the rest is copied at load"
     out = timed_generate(model, Device("cpu"), prompts, 6, topk=3)
     assert not part_spans(part_files), "laid out, no weight is read from the part's mapping: the file is unmapped"
-    assert not any(m.in_file for m in linears)
-    assert all(m.weight.numel() == 0 if kernels == "onednn" else m.weight.data_ptr() % 64 == 0 for m in linears)
+    assert not any(m.in_file for m in linears) and not wte.in_file
+    assert all(m.weight.numel() == 0 if kernels != "gemv" else m.weight.data_ptr() % 64 == 0 for m in linears)
+    if kernels == "panels":  # the embedding reads its rows from the lm_head's panels: one copy of the weight
+        assert wte.weight.numel() == 0 and wte.panels is model.lm_head_packed is not None
+    else:
+        assert wte.panels is None and wte.weight.data_ptr() % 64 == 0, "the lm_head's and the embedding's weight, own"
     ref = timed_generate(plain, Device("cpu"), prompts, 6, topk=3)
     assert torch.equal(out.output_ids, ref.output_ids)
     torch.testing.assert_close(out.topk_logprobs, ref.topk_logprobs, rtol=1e-4, atol=1e-4)
