@@ -5,10 +5,11 @@ it at every step. The lm_head's kernel takes it in its own layout (kernels.py), 
 layout is panels, a permutation of the weight, the embedding reads its rows from there, and the
 plain weight is dropped: one copy in memory, not two (the bench-size model's is 192 MiB in fp32).
 Until the lm_head's layout is known (the first request, setup_cache) the weight is left in the part
-file's mapping, as the linear weights are: its copy out, at load, faulted in 192 MiB of fresh memory
-that the lay-out then dropped, 1.2-1.4 s of a start-up from scratch on the EPYC Zen 4 VM (RESULTS.md,
-"Start-up: the tied embedding read from the lm_head's panels"). Where the lm_head keeps another
-layout, the lay-out copies the plain weight out of the mapping, into the process's own memory.
+file's mapping, as the linear weights are: its copy out at load, 192 MiB of fresh memory, cost a
+start-up from scratch 1.2 s on the EPYC Zen 4 VM (RESULTS.md, "Start-up: the tied embedding read from
+the lm_head's panels"). A row read from panels costs more than a plain one (~10-30 us a decode step,
+0.2% of a prefill there). Where the lm_head keeps another layout, the lay-out copies the plain weight
+out of the mapping, into the process's own memory.
 """
 from __future__ import annotations
 
