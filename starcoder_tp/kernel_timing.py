@@ -238,7 +238,8 @@ def suspect_shapes(ms_by_shape: dict[str, dict[str, float]], weight_bytes: dict[
     `groups` (shape: kernels of which the fastest is one figure, a decode layout's prefill kernels)
     counts a slow candidate only where, at the fastest it ran any shape, it would be a group's
     fastest: timed again, one that loses even so cannot change the plan (unpacking oneDNN's layout of
-    1024x4096 into fresh memory on the EPYC Zen 4 VM, 5-10x its speed elsewhere: RESULTS.md)."""
+    1024x4096 into fresh memory on the EPYC Zen 4 VM, 5-10x its speed elsewhere: RESULTS.md). A kernel
+    disturbed on the one shape it runs fastest is not seen so: its figure there stays."""
     speeds: dict[str, dict[str, float]] = {}
     for shape, timings in ms_by_shape.items():
         for kind, ms in timings.items():

@@ -158,11 +158,11 @@ class TPCausalLM(nn.Module):
             wte, key = self.transformer.wte, self.transformer.wte.shape_key()
             decode = plan[key].decode
             if layouts.relaid(decode, self.kernel_rows, rows) or key not in previous or previous[key].decode != decode:
-                plain = wte.plain()  # (before the old copy goes: the embedding may read its rows there)
+                plain = wte.held_plain()  # (unpacked where the embedding read the old panels)
                 self.lm_head_packed = None  # the old copy goes before the new one is made
                 if decode in layouts.PACKERS:
                     self.lm_head_packed = layouts.PACKERS[decode](plain, rows)
-                wte.share(self.lm_head_packed if decode == "panels" else None, plain)
+                wte.share(self.lm_head_packed if decode == "panels" else None)
             self.lm_head_kernel = "plain" if decode in layouts.PACKERS and self.lm_head_packed is None else decode
             count += self.lm_head_packed is not None
         self.kernel_rows = rows

@@ -60,11 +60,13 @@ def shape_of(packed: torch.Tensor) -> tuple[int, int]:
 
 
 def unpack(packed: torch.Tensor) -> torch.Tensor:
-    """The plain [N, K] weight of a packed one (exact)."""
+    """The plain [N, K] weight of a packed one (exact), placed as the kernels read a weight (malloc.empty)."""
     n, k = shape_of(packed)
     order = (0, 2, 1, 3) if packed.dim() == 4 else (0, 2, 1)
     with torch.inference_mode(False), torch.no_grad():
-        return packed.permute(*order).reshape(n, k).contiguous()
+        plain, panels = malloc.empty((n, k), packed.dtype), packed.permute(*order)  # [N/16, 16, K(/2, 2)]
+        plain.view(panels.shape).copy_(panels)
+        return plain
 
 
 def rows(packed: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

@@ -36,21 +36,46 @@ def test_an_embedding_reads_its_rows_from_the_lm_heads_panels_and_holds_no_plain
     wte = embedding(weight.clone())
     key = wte.shape_key()
     assert key == "48x8:float32" and torch.equal(wte(ids), F.embedding(ids, weight))
-    packed = as_panels(weight)
-    wte.share(packed, wte.plain())
+    packed = as_panels(wte.held_plain())
+    wte.share(packed)
     assert wte.panels is packed and wte.weight.numel() == 0, "one copy of the weight: the lm_head's"
     assert torch.equal(wte(ids), F.embedding(ids, weight)) and wte.shape_key() == key
-    assert torch.equal(wte.plain(), weight), "unpacked for a plan's measurement or another layout"
-    wte.share(None, wte.plain())  # the lm_head laid out otherwise: the embedding holds the plain weight again
-    assert wte.panels is None and torch.equal(wte.weight, weight) and torch.equal(wte(ids), F.embedding(ids, weight))
+    assert torch.equal(wte.plain(), weight) and wte.panels is packed, "unpacked for a plan's measurement"
+    plain = wte.held_plain()  # the lm_head laid out otherwise: the embedding holds the plain weight again
+    assert wte.panels is None and wte.weight is plain and torch.equal(plain, weight), "the old panels let go"
+    wte.share(None)
+    assert wte.weight is plain and torch.equal(wte(ids), F.embedding(ids, weight))
 
 
 def test_an_embedding_left_in_the_files_mapping_is_copied_out_where_the_lm_head_keeps_no_panels():
     weight = torch.randn(48, 8)
     wte = embedding(weight)
     wte.in_file = True
-    wte.share(None, wte.plain())
+    wte.share(None)
     assert not wte.in_file and wte.weight.data_ptr() != weight.data_ptr() and torch.equal(wte.weight, weight)
     owned = wte.weight
-    wte.share(None, wte.plain())
+    wte.share(None)
     assert wte.weight is owned, "its own already: not copied again"
+
+
+@pytest.mark.skipif(not panels.supports(torch.ones(16, 16)), reason="panels need AVX-512 and the built library")
+def test_a_model_whose_lm_head_leaves_panels_at_another_batch_size_embeds_from_its_own_weight_again(
+        tmp_path, embedded_dir, prompts):
+    from starcoder_tp.comm import TPGroup
+    from starcoder_tp.device import Device
+    from starcoder_tp.model import load_model
+    from starcoder_tp.shard import shard_checkpoint
+    from starcoder_tp.timing import timed_generate
+
+    shard_checkpoint(embedded_dir, tmp_path / "s", 1)
+    plain = load_model(tmp_path / "s", TPGroup(0, 1), torch.device("cpu"), kernels="plain")
+    model = load_model(tmp_path / "s", TPGroup(0, 1), torch.device("cpu"), kernels="panels")
+    wte = model.transformer.wte
+    first = timed_generate(model, Device("cpu"), prompts[:1], 4)
+    assert wte.panels is model.lm_head_packed is not None and wte.weight.numel() == 0
+    model.use_kernels("gemv", 1)  # the lm_head's plain weight, read by the kernel too
+    assert wte.panels is None and model.lm_head_packed is None and model.lm_head_kernel == "gemv"
+    assert wte.weight.shape == (model.local_vocab, model.config.n_embd)
+    again = timed_generate(model, Device("cpu"), prompts[:1], 4)
+    reference = timed_generate(plain, Device("cpu"), prompts[:1], 4)
+    assert torch.equal(first.output_ids, reference.output_ids) and torch.equal(again.output_ids, reference.output_ids)
