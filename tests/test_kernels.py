@@ -522,6 +522,22 @@ def test_a_suspect_shapes_decode_candidates_are_timed_again_in_step_and_their_fa
     assert plan["64x16:float32"].decode_ms == {"plain": 6.0, "onednn": 4.0}
 
 
+def measured_with_prefills(monkeypatch, answers: list[dict[str, float]]) -> tuple[dict, list]:
+    """measure() of 16x16, 32x16 and 64x16 fp32 weights whose prefill timings are `answers`, taken in
+    call order (a lone decode candidate: not timed); (the plan, the decode timings' kinds in turn)."""
+    decodes = []
+
+    def time_ms(calls, on_progress=lambda: None, min_calls=1):
+        if min_calls == kernel_timing.DECODE_MIN_CALLS:
+            decodes.append(sorted(calls))
+            return {name: 0.0 for name in calls}  # (a lone candidate is not timed)
+        assert sorted(calls) == sorted(answers[0]), "the prefill kernels of the decode layout"
+        return answers.pop(0)
+    monkeypatch.setattr(kernels, "time_ms", time_ms)
+    weights = {kernels.shape_key(w): w for w in (torch.randn(16, 16), torch.randn(32, 16), torch.randn(64, 16))}
+    return measure(weights, 1, lambda t: t, prefill=set(weights)), decodes
+
+
 def test_a_shape_whose_prefill_kernel_ran_far_below_its_speed_elsewhere_is_timed_again_too(monkeypatch):
     monkeypatch.setattr(kernels, "decode_candidates", lambda w, rows=1: ("plain",))  # a lone decode candidate
     # Prefill timings in call order: the short and the long prefill of 16x16, 32x16, 64x16 (ms
@@ -530,17 +546,7 @@ def test_a_shape_whose_prefill_kernel_ran_far_below_its_speed_elsewhere_is_timed
                {"plain": 2.0, "onednn_plain": 1.0}, {"plain": 16.0, "onednn_plain": 8.0},
                {"plain": 4.0, "onednn_plain": 2.0}, {"plain": 32.0, "onednn_plain": 16.0},
                {"plain": 8.5, "onednn_plain": 4.0}]
-    decodes = []
-
-    def time_ms(calls, on_progress=lambda: None, min_calls=1):
-        if min_calls == kernel_timing.DECODE_MIN_CALLS:
-            decodes.append(sorted(calls))
-            return {name: 0.0 for name in calls}  # (a lone candidate is not timed)
-        assert sorted(calls) == ["onednn_plain", "plain"]
-        return answers.pop(0)
-    monkeypatch.setattr(kernels, "time_ms", time_ms)
-    weights = {kernels.shape_key(w): w for w in (torch.randn(16, 16), torch.randn(32, 16), torch.randn(64, 16))}
-    plan = measure(weights, 1, lambda t: t, prefill=set(weights))
+    plan, decodes = measured_with_prefills(monkeypatch, answers)
     assert not answers, "three shapes' short and long prefills, then 16x16's long one again (its short one not)"
     assert len(decodes) == 3, "nor its decode"
     assert plan["16x16:float32"].prefill == "onednn_plain", "not plain, which the disturbance made look faster"
@@ -555,14 +561,6 @@ def test_a_prefill_kernel_slow_where_it_loses_to_its_layouts_other_kernel_anyway
     answers = [{"onednn": 0.5, "unpack": 1.0}, {"onednn": 4.0, "unpack": 8.0},
                {"onednn": 1.0, "unpack": 16.0}, {"onednn": 8.0, "unpack": 16.0},
                {"onednn": 2.0, "unpack": 4.0}, {"onednn": 16.0, "unpack": 32.0}]
-
-    def time_ms(calls, on_progress=lambda: None, min_calls=1):
-        if min_calls == kernel_timing.DECODE_MIN_CALLS:
-            return {name: 0.0 for name in calls}
-        assert sorted(calls) == ["onednn", "unpack"]
-        return answers.pop(0)
-    monkeypatch.setattr(kernels, "time_ms", time_ms)
-    weights = {kernels.shape_key(w): w for w in (torch.randn(16, 16), torch.randn(32, 16), torch.randn(64, 16))}
-    plan = measure(weights, 1, lambda t: t, prefill=set(weights))
+    plan, _ = measured_with_prefills(monkeypatch, answers)
     assert not answers, "each shape timed once"
     assert plan["32x16:float32"].short == "onednn" and plan["32x16:float32"].short_ms["unpack"] == 16.0
