@@ -247,16 +247,19 @@ def suspect_shapes(ms_by_shape: dict[str, dict[str, float]], weight_bytes: dict[
                 speeds.setdefault(kind, {})[shape] = weight_bytes[shape] / ms
     suspect = set()
     for kind, by_shape in speeds.items():
-        if len(by_shape) >= 3:
-            median, fastest = statistics.median(by_shape.values()), max(by_shape.values())
-            for shape, speed in by_shape.items():
-                ms, at_best = ms_by_shape[shape], weight_bytes[shape] / fastest
-                leads = groups is None or any(
-                    at_best < min((ms[k] for k in group if k != kind and k in ms), default=math.inf)
-                    for group in groups.get(shape, [(kind,)]) if kind in group)
-                if speed < SUSPECT_FRACTION * median and leads:
-                    suspect.add(shape)
+        if len(by_shape) < 3:
+            continue
+        median, fastest = statistics.median(by_shape.values()), max(by_shape.values())
+        suspect |= {shape for shape, speed in by_shape.items() if speed < SUSPECT_FRACTION * median and (
+            groups is None or _could_lead(kind, weight_bytes[shape] / fastest, ms_by_shape[shape],
+                                          groups.get(shape, [(kind,)])))}
     return sorted(suspect)
+
+
+def _could_lead(kind: str, ms_at_best: float, ms: dict[str, float], groups: list[tuple[str, ...]]) -> bool:
+    """Whether `kind`, at `ms_at_best`, would be the fastest of a group it is in (the others at their `ms`)."""
+    return any(ms_at_best < min((ms[k] for k in group if k != kind and k in ms), default=math.inf)
+               for group in groups if kind in group)
 
 
 def _activation(activation: str | None) -> tuple[Callable, str, str]:
