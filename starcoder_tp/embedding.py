@@ -31,9 +31,12 @@ class Embedding(nn.Embedding):
         self.in_file = False  # the weight is the part file's mapping (load_model), until `share`
         self.panels: torch.Tensor | None = None  # the tied lm_head's panels, where the rows are read
 
-    def shape_key(self) -> str:  # (kernels.shape_key's, whether the plain weight is held or not)
-        dtype = (self.panels if self.panels is not None else self.weight).dtype
-        return f"{self.num_embeddings}x{self.embedding_dim}:{str(dtype).removeprefix('torch.')}"
+    @property
+    def weight_dtype(self) -> torch.dtype:  # (whether the plain weight is held or not)
+        return (self.panels if self.panels is not None else self.weight).dtype
+
+    def shape_key(self) -> str:  # (kernels.shape_key's)
+        return f"{self.num_embeddings}x{self.embedding_dim}:{str(self.weight_dtype).removeprefix('torch.')}"
 
     def plain(self) -> torch.Tensor:
         """The plain [V, E] weight: its own, or unpacked from the panels (a copy, exact)."""

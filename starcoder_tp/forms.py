@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import sys
+from collections.abc import Mapping
 from typing import Callable
 
 import torch
@@ -16,11 +17,11 @@ from .activations import ACTIVATIONS, TANH_GELU, calibrate
 from .cpu import cpu_cores, cpu_model, isa_flags
 from .decode_attention import DECODE_FORM, calibrate_decode
 from .files import cache_dir, write_atomic
-from .kernels import PLAN_VERSION
+from .kernels import PLAN_VERSION, key_dtype
 from .malloc import THP_ENV
 
 
-def calibrate_forms(weights: dict[str, torch.Tensor], activated: dict[str, str], tp, attention=None,
+def calibrate_forms(weights: Mapping[str, torch.Tensor], activated: dict[str, str], tp, attention=None,
                     on_progress: Callable[[], None] = lambda: None) -> None:
     """The tanh GELU's form (activations.calibrate) where the model runs it in fp32; given the
     model's attention (an attention.Attention), the decode step's attention form in the model's
@@ -28,11 +29,13 @@ def calibrate_forms(weights: dict[str, torch.Tensor], activated: dict[str, str],
     heads, the causal prefill's (attention.calibrate_attention): in every kernel mode, before a plan is measured
     or looked up (the c_fc timings include the GELU); `on_progress` ticks between timed calls. Cached
     per machine like plans (measured per process, near-ties flipped the forms from one run to the
-    next, and a latency gate named them as kernel changes). Every rank calls it in step."""
+    next, and a latency gate named them as kernel changes). Every rank calls it in step. Of `weights`
+    (shape key -> weight) only the keys are read."""
     from .attention import PREFILL_FORM, calibrate_attention  # (attention.py uses linear.py, which uses this module)
 
-    fp32 = any(w.dtype == torch.float32 for w in weights.values())
-    dtype = torch.float32 if fp32 or not weights else next(iter(weights.values())).dtype
+    dtypes = [key_dtype(key) for key in weights]  # (from the keys: no weight is read, none unpacked)
+    fp32 = torch.float32 in dtypes
+    dtype = torch.float32 if fp32 or not dtypes else dtypes[0]
     gelu = fp32 and any(ACTIVATIONS[a][0] is TANH_GELU for a in activated.values()) and not TANH_GELU.calibrated
     mqa = attention is not None and attention.local_heads > attention.local_kv_heads and not PREFILL_FORM.calibrated
     decode = attention is not None and not DECODE_FORM.calibrated

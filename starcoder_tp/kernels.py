@@ -49,6 +49,7 @@ import json
 import math
 import os
 import sys
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Callable
 
@@ -106,6 +107,11 @@ class Choice:
 def shape_key(weight: torch.Tensor) -> str:
     n, k = weight.shape
     return f"{n}x{k}:{str(weight.dtype).removeprefix('torch.')}"
+
+
+def key_dtype(key: str) -> torch.dtype:
+    """The dtype a shape_key names."""
+    return getattr(torch, key.rpartition(":")[2])
 
 
 def decode_candidates(weight: torch.Tensor, rows: int = 1) -> tuple[str, ...]:
@@ -246,7 +252,7 @@ def _unslot(values: list[float], slots: tuple[str, ...]) -> dict[str, float]:
     return {name: v for name, v in zip(slots, values) if math.isfinite(v)}
 
 
-def measure(weights: dict[str, torch.Tensor], rows: int, slowest: Callable[[torch.Tensor], torch.Tensor],
+def measure(weights: Mapping[str, torch.Tensor], rows: int, slowest: Callable[[torch.Tensor], torch.Tensor],
             prefill: set[str], on_progress: Callable[[], None] = lambda: None,
             activated: dict[str, str] | None = None, step_bytes: int = 0) -> dict[str, Choice]:
     """Time every candidate of every weight, at prefill shapes too for those in `prefill`, with
@@ -312,7 +318,7 @@ def measure(weights: dict[str, torch.Tensor], rows: int, slowest: Callable[[torc
     return {shape: choose(decode, long, short) for shape, (decode, short, long) in timings.items()}
 
 
-def cached_or_measured(weights: dict[str, torch.Tensor], rows: int, tp, prefill: set[str], activated: dict[str, str],
+def cached_or_measured(weights: Mapping[str, torch.Tensor], rows: int, tp, prefill: set[str], activated: dict[str, str],
                        on_progress: Callable[[], None] = lambda: None,
                        step_bytes: int = 0) -> tuple[dict[str, Choice], str]:
     """This machine's cached plan for exactly these weights, rows and decode step bytes ("cached"),

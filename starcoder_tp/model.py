@@ -20,7 +20,7 @@ from .attention import Attention, attention_mask
 from .comm import TPGroup
 from .config import ModelConfig
 from .embedding import Embedding
-from . import argmax, forms, fused_step, fusion_choice, kernels, layouts, malloc, panel_asks
+from . import argmax, forms, fused_step, fusion_choice, kernels, layouts, malloc, panel_asks, plan_weights
 from .compiled import compile_step, drop_compiled_code
 from .kernels import KERNEL_MODES, Choice
 from .linear import Linear, run_kernel
@@ -95,27 +95,6 @@ class TPCausalLM(nn.Module):
         self.window = config.sliding_window
         self.inv_freq: torch.Tensor | None = None  # [D / 2] fp32, set by load_model for RoPE models
 
-    def _weights_by_shape(self) -> tuple[dict[str, torch.Tensor], set[str], dict[str, str], int]:
-        """One weight of each distinct shape (plain), the shapes also run at prefill rows (all but the
-        lm_head's: one row per sequence), those run with the MLP's activation (its first linear,
-        Linear.forward_activated), and the bytes of all the weights a decode step reads."""
-        weights, prefill, activated, step_bytes = {}, set(), {}, 0
-        for name, module in self.named_modules():
-            if isinstance(module, Linear):
-                key = module.shape_key()
-                step_bytes += module.in_features * module.out_features * module.weight.element_size()
-                if key not in weights:
-                    weights[key] = module.plain_weight()
-                if name != "lm_head":
-                    prefill.add(key)
-                if name.endswith("mlp.c_fc"):
-                    activated[key] = self.config.activation_function
-        if self.config.tie_word_embeddings:
-            wte = self.transformer.wte.plain()
-            weights.setdefault(self.transformer.wte.shape_key(), wte)
-            step_bytes += wte.numel() * wte.element_size()
-        return weights, prefill, activated, step_bytes
-
     def use_kernels(self, mode: str = "auto", rows: int = 1, request: tuple[int, int] | None = None) -> int:
         """Choose every linear weight's kernels for decode batches of `rows` rows (kernels.py: `auto` measures,
         or takes this machine's cached plan; else one kernel for all) and lay the weights out for them; then
@@ -124,7 +103,8 @@ class TPCausalLM(nn.Module):
         weighs each layout's prefill against its steps (kernels.weigh). Returns how many are packed."""
         if mode not in kernels.KERNEL_MODES:
             raise ValueError(f"kernels mode {mode!r} is not one of {list(kernels.KERNEL_MODES)}")
-        weights, prefill, activated, step_bytes = self._weights_by_shape()
+        weights, prefill, activated, step_bytes = plan_weights.by_shape(
+            self, self.config.activation_function, self.transformer.wte if self.config.tie_word_embeddings else None)
         if self.transformer.ln_f.weight.device.type != "cpu":
             mode = "plain"  # the kernels chosen here are CPU ones
         else:
@@ -135,7 +115,7 @@ class TPCausalLM(nn.Module):
         else:
             self.kernel_timings = {s: kernels.fixed_choice(mode, w, rows) for s, w in weights.items()}
             self.kernel_plan_source = "fixed"
-        del weights  # unpacked copies of packed weights, made for the measurement
+        del weights  # the copies of packed weights unpacked for a measurement
         self.kernel_mode = mode
         return self.lay_out(self._weighed(request, rows), rows)
 

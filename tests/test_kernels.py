@@ -307,21 +307,6 @@ def test_candidates_of_the_mlps_first_linear_include_its_activation(dtype):
             assert got.min() >= -0.2 and got.shape[-1] == 48, f"{name}: no activation applied"
 
 
-def test_the_model_marks_its_mlps_first_linear_as_activated(tmp_path, embedded_dir):
-    from starcoder_tp.comm import TPGroup
-    from starcoder_tp.model import load_model
-    from starcoder_tp.shard import shard_checkpoint
-
-    shard_checkpoint(embedded_dir, tmp_path / "s", 1)
-    model = load_model(tmp_path / "s", TPGroup(0, 1), torch.device("cpu"), kernels="plain")
-    _, _, activated, step_bytes = model._weights_by_shape()
-    c_fc = model.transformer.h[0].mlp.c_fc.shape_key()
-    assert activated == {c_fc: model.config.activation_function}
-    linears = [m for m in model.modules() if isinstance(m, kernels_linear.Linear)]
-    tied = model.transformer.wte.weight.numel() if model.config.tie_word_embeddings else 0
-    assert step_bytes == 4 * (sum(m.weight.numel() for m in linears) + tied), "what a decode step reads, fp32"
-
-
 def test_decode_candidates_are_timed_over_as_many_copies_as_a_step_reads(monkeypatch):
     monkeypatch.setattr(kernel_timing, "decode_set_bytes", lambda: 256 << 20)
     assert kernel_timing.decode_copies(16 << 20, 541 << 20) == 16, "capped at the decode set (256 MiB)"
