@@ -197,7 +197,7 @@ def weigh(choice: Choice, prompt_rows: int, steps: int) -> Choice:
     return choose(choice.decode_ms, choice.prefill_ms or {}, choice.short_ms, prompt_rows, steps)
 
 
-def plan_key(weights: dict[str, torch.Tensor], rows: int, world_size: int,
+def plan_key(weights: Mapping[str, torch.Tensor], rows: int, world_size: int,
              activated: dict[str, str] | None = None, step_bytes: int = 0) -> dict:
     """What a measured plan depends on: it is reused only where all of it is the same."""
     onednn = torch.backends.mkldnn.version() if hasattr(torch.backends.mkldnn, "version") else None

@@ -115,7 +115,7 @@ class TPCausalLM(nn.Module):
         else:
             self.kernel_timings = {s: kernels.fixed_choice(mode, w, rows) for s, w in weights.items()}
             self.kernel_plan_source = "fixed"
-        del weights  # the copies of packed weights unpacked for a measurement
+        del weights  # the copies of packed weights read back for a measurement or a fixed mode's trial
         self.kernel_mode = mode
         return self.lay_out(self._weighed(request, rows), rows)
 

@@ -1,8 +1,9 @@
 """The model's weights as the kernel plan sees them (kernels.py): one weight per distinct shape key,
 read (unpacked, where a layout holds it) only when something asks for its data. Choosing the kernels
 at a new batch size needs the shapes and dtypes alone where the machine's plan is cached; reading
-every packed weight back there cost up to 1.2 s (benchmarks/RESULTS.md, "Start-up: the weights
-read back only for a measurement")."""
+every packed weight back there cost 67-630 ms a change of batch size (benchmarks/RESULTS.md,
+"Start-up: the weights read back only for a measurement"). A measurement reads every weight, and
+a fixed `--kernels` mode's trial (kernels.fixed_choice) one of each shape."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping

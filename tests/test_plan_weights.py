@@ -45,18 +45,25 @@ def test_by_shape_names_the_prefill_and_activated_shapes_and_the_steps_bytes(pla
     assert weights.read() == 0
 
 
-def test_by_shape_reads_packed_weights_back_as_they_were(plain_model):
+@pytest.mark.parametrize("mode", ["onednn", "panels"])
+def test_by_shape_reads_packed_weights_back_as_they_were(plain_model, mode):
+    """Under oneDNN's layouts (to_dense), and under panels, where the tied embedding's plain weight is
+    dropped and it is read from the lm_head's panels: the same weights, the same step bytes."""
     model = plain_model
+    tied = model.transformer.wte if model.config.tie_word_embeddings else None
+    *_, plain_step_bytes = plan_weights.by_shape(model, model.config.activation_function, tied)
     plain = {}  # the first weight of each shape, as by_shape reads
     for m in model.modules():
         if isinstance(m, Linear):
             plain.setdefault(m.shape_key(), m.weight.detach().clone())
-    if model.config.tie_word_embeddings:
-        plain.setdefault(model.transformer.wte.shape_key(), model.transformer.wte.weight.detach().clone())
-    if model.use_kernels("onednn", 1) == 0:
-        pytest.skip("oneDNN packs none of these weights on this machine")
-    tied = model.transformer.wte if model.config.tie_word_embeddings else None
-    weights, *_ = plan_weights.by_shape(model, model.config.activation_function, tied)
+    if tied is not None:
+        plain.setdefault(tied.shape_key(), tied.weight.detach().clone())
+    if model.use_kernels(mode, 1) == 0:
+        pytest.skip(f"{mode} packs none of these weights on this machine")
+    if mode == "panels" and tied is not None:
+        assert tied.panels is not None and tied.weight.numel() == 0, "the embedding reads the lm_head's panels"
+    weights, _, _, step_bytes = plan_weights.by_shape(model, model.config.activation_function, tied)
+    assert step_bytes == plain_step_bytes
     for key, weight in plain.items():
         assert torch.equal(weights[key], weight), key
 
