@@ -1,7 +1,7 @@
 """The model's weights as the kernel plan sees them (kernels.py): one weight per distinct shape key,
 read (unpacked, where a layout holds it) only when something asks for its data. Choosing the kernels
 at a new batch size needs the shapes and dtypes alone where the machine's plan is cached; reading
-every packed weight back there cost 67-630 ms a change of batch size (benchmarks/RESULTS.md,
+every packed weight back there cost up to 630 ms a change of batch size (benchmarks/RESULTS.md,
 "Start-up: the weights read back only for a measurement"). A measurement reads every weight, and
 a fixed `--kernels` mode's trial (kernels.fixed_choice) one of each shape."""
 from __future__ import annotations
