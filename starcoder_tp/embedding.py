@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import malloc, panels
+from .kernels import key_of
 
 
 class Embedding(nn.Embedding):
@@ -36,7 +37,7 @@ class Embedding(nn.Embedding):
         return (self.panels if self.panels is not None else self.weight).dtype
 
     def shape_key(self) -> str:  # (kernels.shape_key's)
-        return f"{self.num_embeddings}x{self.embedding_dim}:{str(self.weight_dtype).removeprefix('torch.')}"
+        return key_of(self.num_embeddings, self.embedding_dim, self.weight_dtype)
 
     def plain(self) -> torch.Tensor:
         """The plain [V, E] weight: its own, or unpacked from the panels (a copy, exact)."""

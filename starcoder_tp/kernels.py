@@ -104,13 +104,17 @@ class Choice:
                              f"runs {list(runnable)} at prefill shapes")
 
 
+def key_of(n: int, k: int, dtype: torch.dtype) -> str:
+    """A plan's key for an [N, K] weight of `dtype` ("NxK:dtype"), laid out or not."""
+    return f"{n}x{k}:{str(dtype).removeprefix('torch.')}"
+
+
 def shape_key(weight: torch.Tensor) -> str:
-    n, k = weight.shape
-    return f"{n}x{k}:{str(weight.dtype).removeprefix('torch.')}"
+    return key_of(*weight.shape, weight.dtype)
 
 
 def key_dtype(key: str) -> torch.dtype:
-    """The dtype a shape_key names."""
+    """The dtype a key_of names."""
     return getattr(torch, key.rpartition(":")[2])
 
 

@@ -21,7 +21,7 @@ from torch import nn
 
 from . import gemv, malloc, panels, rowdot
 from .activations import ACTIVATIONS
-from .kernels import SPLIT_ROWS, Choice
+from .kernels import SPLIT_ROWS, Choice, key_of
 from .layouts import ONEDNN_LAYOUTS, PACKERS, relaid
 
 UPCAST_BLOCK_ROWS = 1024  # weight rows converted to fp32 at a time
@@ -153,7 +153,7 @@ class Linear(nn.Linear):
 
     def shape_key(self) -> str:
         """kernels.shape_key of the weight, without unpacking it."""
-        return f"{self.out_features}x{self.in_features}:{str(self.weight.dtype).removeprefix('torch.')}"
+        return key_of(self.out_features, self.in_features, self.weight.dtype)
 
     def plain_weight(self) -> torch.Tensor:
         """The weight as [N, K]: unpacked from oneDNN's layout or our panels (exact), or read again
