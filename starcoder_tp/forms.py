@@ -15,7 +15,7 @@ import torch
 from . import rowdot
 from .activations import ACTIVATIONS, TANH_GELU, calibrate
 from .cpu import cpu_cores, cpu_model, isa_flags
-from .decode_attention import DECODE_FORM, calibrate_decode
+from .decode_attention import DECODE_FORM, REPEATS, calibrate_decode
 from .files import cache_dir, write_atomic
 from .kernels import PLAN_VERSION, key_dtype
 from .malloc import THP_ENV
@@ -44,7 +44,8 @@ def calibrate_forms(weights: Mapping[str, torch.Tensor], activated: dict[str, st
     dtype_name = str(dtype).removeprefix("torch.")
     heads = [attention.local_heads, attention.local_kv_heads, attention.head_dim, dtype_name] if attention else None
     key = {"version": PLAN_VERSION, "forms": {"tanh_gelu": gelu, "mqa": heads if mqa else None,
-                                              "decode": heads if decode else None},
+                                              "decode": heads if decode else None,
+                                              "decode_repeats": REPEATS if decode else None},
            "cpu_model": cpu_model(), "cpu_isa": isa_flags(), "cores": cpu_cores(), "torch": torch.__version__,
            "threads": torch.get_num_threads(), "world_size": tp.world_size, "kernels": rowdot.path(),
            "huge_pages": os.environ.get(THP_ENV, "") == "1"}  # as plan_key: timings depend on the page size
