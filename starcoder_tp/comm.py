@@ -51,6 +51,11 @@ class TPGroup:
         else:
             dist.all_reduce(t)
 
+    def describe(self) -> str:
+        """'; all-reduce probed' (or 'copied', 'streamed': ShmComm.use_stream_copy) where the ranks share
+        memory, else ''."""
+        return f"; all-reduce {self.shm.publishing}" if self.shm is not None else ""
+
     def all_gather(self, t: torch.Tensor) -> torch.Tensor:
         """[N, *t.shape]: every rank's `t`, in rank order."""
         if self.world_size == 1:

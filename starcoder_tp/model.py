@@ -163,7 +163,8 @@ class TPCausalLM(nn.Module):
             f", weighed for {self.kernel_request[0]} prompt rows + {self.kernel_request[1]} steps")
         return (f"{self.kernel_mode} ({self.kernel_plan_source}, batch {self.kernel_rows}{weighed}): "
                 f"{kernels.describe(self.kernel_plan)}{argmax.describe(self.kernel_rows, self.local_vocab)}"
-                f"{fusion_choice.describe(self)}{panel_asks.describe()}{fused_step.describe(self.fused_layers())}")
+                f"{fusion_choice.describe(self)}{panel_asks.describe()}{fused_step.describe(self.fused_layers())}"
+                f"{self.tp.describe()}")
 
     def compile_decode(self, mode: str | None = None) -> None:
         """Run decode steps through torch.compile (inductor) of the fixed-shape step (`forward` with a tensor

@@ -37,9 +37,10 @@ from .files import atomic_path, cache_dir
 # Our kernels, built into one library: rowdot.c's one-row products, panels.c's (panels.py),
 # attend.c's decode attention (decode_attention.py), argmax.c's greedy pick (argmax.py),
 # softmax.c's causal softmax of the prefill's blocks (softmax.py), fused_step.c's decode layers and
-# rotary.c's RoPE rotation (rotary.py).
+# rotary.c's RoPE rotation (rotary.py), stream_copy.c's publishing copy (shm_comm.py).
 SOURCES = tuple(Path(__file__).with_name(name) for name in ("rowdot.c", "panels.c", "attend.c", "attend_few.c",
-                                                           "argmax.c", "softmax.c", "fused_step.c", "rotary.c"))
+                                                           "argmax.c", "softmax.c", "fused_step.c", "rotary.c",
+                                                           "stream_copy.c"))
 # (part of the build's digest: the sources include them)
 HEADERS = tuple(Path(__file__).with_name(name) for name in ("simd.h", "attend_few.h"))
 ENV = "STARCODER_TP_ROWDOT"  # "off": never build or offer the kernel; a name of PATHS: that path
@@ -107,6 +108,8 @@ def library() -> tuple[ctypes.CDLL | None, str]:
     for fn in (lib.causal_softmax_f32, lib.causal_softmax_bf16):  # (softmax.py) scores, groups, n, h, t1, t0, scale
         fn.argtypes, fn.restype = [ctypes.c_void_p] + [ctypes.c_long] * 5 + [ctypes.c_float], ctypes.c_int
     lib.causal_softmax_supported.restype = ctypes.c_int
+    lib.stream_copy.argtypes, lib.stream_copy.restype = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long], None
+    lib.stream_copy_supported.restype = ctypes.c_int
     for fn in (lib.argmax_f32, lib.argmax_bf16):  # (argmax.py) x, row stride, rows, n, values, index
         fn.argtypes, fn.restype = [ctypes.c_void_p] + [ctypes.c_long] * 3 + [ctypes.c_void_p] * 2, ctypes.c_int
     rotary = [ctypes.c_void_p] + [ctypes.c_long] * 7 + [ctypes.c_void_p] * 2  # (rotary.py) x, B, T, H, D, strides,
@@ -170,3 +173,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     kernel = lib.rowdot_f32 if weight.dtype == torch.float32 else lib.rowdot_bf16
     kernel(weight.data_ptr(), row.data_ptr(), None if bias is None else bias.data_ptr(), out.data_ptr(), n, k)
     return out.view(*x.shape[:-1], n)
+
+
+def stream_copy():
+    """stream_copy.c's copy (dst, src, bytes) by non-temporal stores, fenced; None where the library is
+    not built or the CPU is not x86-64 (shm_comm.ShmComm.use_stream_copy)."""
+    lib, _ = library()
+    return lib.stream_copy if lib is not None and lib.stream_copy_supported() else None

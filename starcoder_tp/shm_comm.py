@@ -10,7 +10,16 @@ reading seq, so nobody overwrites a slot that is still being read.
 
 x86-64 only: its stores are seen by other cores in program order (TSO), so the flag is never
 seen before the data. Chunks are kept small, below glibc's threshold for non-temporal copies,
-which would be weakly ordered.
+which would be weakly ordered. An all-reduce of STREAM_MIN_BYTES or more may publish its chunks
+by stream_copy.c's non-temporal stores instead, fenced before the flag: the lines go to memory
+rather than staying modified in the writer's cache. Which is faster depends on where the ranks
+run: on the EPYC Zen 4 VM a 2 MiB all-reduce took 1.0 ms copied and 0.24 streamed while its two
+vCPUs read memory at twice one's rate (two cores), 0.16 copied and 0.31 streamed while they read
+at one's (one core's two threads, sharing its caches), and the VM moves between the two within
+seconds. So every PROBE_EVERY-th large all-reduce and the next are timed, one each way, and the
+faster way publishes until the next probe (Probes; RESULTS.md, "The all-reduce's slots written
+past the cache"). The way does not change the values. A rank's own part is summed from its
+chunk, still in its cache, not from its slot: the same values, in the same rank order.
 """
 from __future__ import annotations
 
@@ -24,6 +33,12 @@ import torch
 
 SLOT_BYTES = 512 << 10
 FLAG_STRIDE = 8  # int64 per flag line (64 bytes): no false sharing between ranks' flags
+# Below 64 KiB (a decode step's one row: 4 KiB in fp32) the two ways were within the noise of each
+# other on the EPYC Zen 4; from it (a batch-16 step's fp32 partial) streaming took 17 µs against 43,
+# or 19 against 20.
+STREAM_MIN_BYTES = 64 << 10
+PROBE_EVERY = 128  # large all-reduces from one probe to the next (~0.2 s of a batch-16 decode; a prefill's 18-36)
+STREAM_ENV = "STARCODER_TP_SHM_STREAM"  # auto (default): probed; 0: always copied; 1: always streamed
 
 
 def supported() -> bool:
@@ -39,6 +54,40 @@ def create_segment(world_size: int, slot_bytes: int = SLOT_BYTES) -> str:
     return path
 
 
+class Probes:
+    """Whether a large all-reduce publishes by streaming, from the last probe: at every PROBE_EVERY-th
+    large all-reduce, two of one size are timed, one each way (which goes first alternates), and
+    the way that took less time a byte kept. Every rank runs the same all-reduces in the same order,
+    so all probe the same ones; each decides for itself (no rank reads how another wrote)."""
+
+    def __init__(self) -> None:
+        self.streaming = False
+        self.calls = 0  # large all-reduces so far
+        self.won = {False: 0, True: 0}  # probes each way won
+        self._want: list[bool] = []  # the ways this probe has still to time
+        self._per_byte: dict[bool, float] = {}
+        self._size: int | None = None  # the probe's all-reduces' bytes
+
+    def next(self) -> tuple[bool, bool]:
+        """(stream this large all-reduce, time it for the probe)."""
+        self.calls += 1
+        if not self._want and self.calls % PROBE_EVERY == 1:  # (the first large all-reduce too)
+            first = (self.calls // PROBE_EVERY) % 2 == 1
+            self._want = [first, not first]
+        return (self._want[0], True) if self._want else (self.streaming, False)
+
+    def record(self, streamed: bool, seconds: float, nbytes: int) -> None:
+        """A probed all-reduce of `nbytes` took `seconds`: once both ways took one size, keep the faster."""
+        if nbytes != self._size:  # (another size: the probe starts again from this one)
+            self._per_byte, self._size = {}, nbytes
+        self._per_byte[streamed] = seconds / nbytes
+        self._want = [way for way in (False, True) if way not in self._per_byte]
+        if not self._want:
+            self.streaming = self._per_byte[True] < self._per_byte[False]
+            self.won[self.streaming] += 1
+            self._per_byte, self._size = {}, None
+
+
 class ShmComm:
     def __init__(self, path: str, rank: int, world_size: int, timeout_s: float, slot_bytes: int = SLOT_BYTES):
         self.rank, self.world_size, self.timeout_s, self.slot_bytes = rank, world_size, timeout_s, slot_bytes
@@ -52,6 +101,10 @@ class ShmComm:
         # (buffer, numel, dtype) -> (this rank's slot, every rank's slots), typed views: a decode
         # step exchanges the same few shapes thousands of times, and each view costs microseconds.
         self._views: dict[tuple[int, int, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._stream_copy = None  # stream_copy.c's, from use_stream_copy
+        self.publishing = "copied"  # how large all-reduces publish: copied, streamed or probed (the plan's line)
+        self.probes = Probes()
+        self.waited_s = 0.0  # a probed all-reduce's waits for the other ranks
 
     def _slots(self, parity: int, numel: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         key = (parity, numel, dtype)
@@ -68,13 +121,33 @@ class ShmComm:
                                             buffers[:, :nbytes].view(dtype))
         return views
 
-    def _exchange(self, chunk: torch.Tensor) -> torch.Tensor:
-        """Publish `chunk` (1-D, contiguous, <= slot) and return all ranks' chunks, [N, numel]."""
+    def use_stream_copy(self, stream_copy) -> str:
+        """Let large all-reduces publish by `stream_copy` (stream_copy.c's, or None where the library is
+        not built: always copied), as STREAM_ENV says; returns `publishing`."""
+        wanted = os.environ.get(STREAM_ENV, "auto")
+        if wanted not in ("auto", "0", "1"):
+            raise ValueError(f"{STREAM_ENV}={wanted!r}: expected auto (probed), 0 (copied) or 1 (streamed)")
+        self._stream_copy = stream_copy if wanted != "0" else None
+        self.publishing = "copied" if self._stream_copy is None else "streamed" if wanted == "1" else "probed"
+        self.probes.streaming = self.publishing == "streamed"
+        return self.publishing
+
+    def _exchange(self, chunk: torch.Tensor, streamed: bool = False, timed: bool = False) -> torch.Tensor:
+        """Publish `chunk` (1-D, contiguous, <= slot) and return all ranks' chunks, [N, numel]; `timed`:
+        add the time waited for the other ranks to `waited_s`."""
         self._seq += 1
         mine, every = self._slots(self._seq % 2, chunk.numel(), chunk.dtype)
-        mine.copy_(chunk)
+        if streamed:
+            self._stream_copy(mine.data_ptr(), chunk.data_ptr(), chunk.numel() * chunk.element_size())  # (fenced)
+        else:
+            mine.copy_(chunk)
         self._flags_np[self.rank] = self._seq  # a plain store, after the data's (x86 TSO)
-        self._wait(self._seq)
+        if timed:
+            started = time.perf_counter()
+            self._wait(self._seq)
+            self.waited_s += time.perf_counter() - started
+        else:
+            self._wait(self._seq)
         return every
 
     def _wait(self, seq: int) -> None:
@@ -103,12 +176,22 @@ class ShmComm:
     def all_reduce_(self, t: torch.Tensor) -> torch.Tensor:
         """Sum over ranks, in place, in rank order (identical bits on every rank)."""
         flat = t.view(-1) if t.is_contiguous() else t.contiguous().view(-1)
+        nbytes = flat.numel() * flat.element_size()
+        streamed = timed = False
+        if nbytes >= STREAM_MIN_BYTES and self.publishing != "copied":
+            streamed, timed = self.probes.next() if self.publishing == "probed" else (True, False)
+        # A probe times this rank's copies and sums, not its waits: those are the other ranks' lateness
+        # (a prefill's linears end up to milliseconds apart), which would outweigh the way it times.
+        started, self.waited_s = (time.perf_counter() if timed else 0.0), 0.0
         for chunk in self._chunks(flat):
-            parts = self._exchange(chunk)  # [N, n]
-            # Summed straight into the caller's tensor, in rank order: ((p0 + p1) + p2) + ...
-            torch.add(parts[0], parts[1], out=chunk)
+            parts = self._exchange(chunk, streamed, timed)  # [N, n]
+            # Summed straight into the caller's tensor, in rank order: ((p0 + p1) + p2) + ...; ranks 0
+            # and 1 read their own part from `chunk` (ranks past them: it holds the sum by their turn).
+            torch.add(chunk if self.rank == 0 else parts[0], chunk if self.rank == 1 else parts[1], out=chunk)
             for r in range(2, self.world_size):
                 chunk.add_(parts[r])
+        if timed:
+            self.probes.record(streamed, time.perf_counter() - started - self.waited_s, nbytes)
         if flat.data_ptr() != t.data_ptr():
             t.copy_(flat.view_as(t))
         return t

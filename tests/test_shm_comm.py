@@ -5,22 +5,25 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from starcoder_tp import shm_comm
+from starcoder_tp import rowdot, shm_comm
 
 pytestmark = pytest.mark.skipif(not shm_comm.supported(), reason="shared-memory collectives need x86-64 and /dev/shm")
 
 
-def _rank(rank, world_size, path, queue):
+def _rank(rank, world_size, path, queue, publishing="copied"):
     try:
-        _collectives(rank, world_size, path, queue)
+        _collectives(rank, world_size, path, queue, publishing)
     except Exception:
         import traceback
         queue.put((rank, {"error": traceback.format_exc()}))
         raise
 
 
-def _collectives(rank, world_size, path, queue):
+def _collectives(rank, world_size, path, queue, publishing):
     comm = shm_comm.ShmComm(path, rank, world_size, timeout_s=30, slot_bytes=4096)
+    if publishing != "copied":  # all-reduces of 64 bytes or more by stream_copy.c (a 7-float one copied),
+        shm_comm.STREAM_MIN_BYTES, shm_comm.PROBE_EVERY = 64, 2  # or the two ways in turn, probed
+        comm._stream_copy, comm.publishing = rowdot.stream_copy(), publishing
     out = {}
     for n, dtype in ((7, torch.float32), (3000, torch.float32), (2500, torch.bfloat16), (1, torch.float64)):
         gen = torch.Generator().manual_seed(1000 * rank + n)
@@ -45,13 +48,16 @@ def _collectives(rank, world_size, path, queue):
     queue.put((rank, {key: value.tolist() for key, value in out.items()}))
 
 
+@pytest.mark.parametrize("publishing", ["copied", "streamed", "probed"])
 @pytest.mark.parametrize("world_size", [2, 3])
-def test_all_reduce_and_all_gather_are_exact_and_identical_on_every_rank(world_size):
+def test_all_reduce_and_all_gather_are_exact_and_identical_on_every_rank(world_size, publishing):
+    if publishing != "copied" and rowdot.stream_copy() is None:
+        pytest.skip(f"stream_copy.c not built here ({rowdot.library()[1]})")
     path = shm_comm.create_segment(world_size, slot_bytes=4096)
     try:
         ctx = mp.get_context("spawn")
         queue = ctx.Queue()
-        procs = [ctx.Process(target=_rank, args=(r, world_size, path, queue)) for r in range(world_size)]
+        procs = [ctx.Process(target=_rank, args=(r, world_size, path, queue, publishing)) for r in range(world_size)]
         for p in procs:
             p.start()
         results = dict(queue.get(timeout=120) for _ in procs)
@@ -88,3 +94,66 @@ def test_a_missing_rank_is_named_after_the_timeout():
             comm.all_reduce_(torch.ones(4))
     finally:
         os.unlink(path)
+
+
+def _probed(probes, calls):
+    """Run `calls` ((bytes, {streamed: seconds})) through `probes`; the ways taken, and which were timed."""
+    taken = []
+    for nbytes, seconds in calls:
+        streamed, timed = probes.next()
+        taken.append((streamed, timed))
+        if timed:
+            probes.record(streamed, seconds[streamed], nbytes)
+    return taken
+
+
+def test_probes_time_both_ways_and_keep_the_faster_until_the_next_probe(monkeypatch):
+    monkeypatch.setattr(shm_comm, "PROBE_EVERY", 4)
+    probes = shm_comm.Probes()
+    fast_streamed = (2 << 20, {True: 250e-6, False: 1000e-6})
+    taken = _probed(probes, [fast_streamed] * 4)
+    assert taken == [(False, True), (True, True), (True, False), (True, False)], "copied first, then streamed; kept"
+    fast_copied = (2 << 20, {True: 300e-6, False: 150e-6})
+    taken = _probed(probes, [fast_copied] * 4)
+    assert taken == [(True, True), (False, True), (False, False), (False, False)], "this probe streamed first"
+    assert probes.won == {True: 1, False: 1} and probes.calls == 8
+
+
+def test_a_probe_compares_one_size_only(monkeypatch):
+    monkeypatch.setattr(shm_comm, "PROBE_EVERY", 8)
+    probes = shm_comm.Probes()
+    # copied on 2 MiB, then streamed on 64 KiB (faster a byte than copied 2 MiB, but another size): probed again
+    calls = [(2 << 20, {False: 1000e-6, True: 0}), (64 << 10, {True: 30e-6, False: 0}),
+             (64 << 10, {False: 20e-6, True: 0}), (64 << 10, {True: 0, False: 0})]
+    taken = _probed(probes, calls)
+    assert taken == [(False, True), (True, True), (False, True), (False, False)]
+    assert probes.won == {True: 0, False: 1} and probes.streaming is False
+
+
+@pytest.mark.parametrize("wanted, publishing", [("auto", "probed"), ("0", "copied"), ("1", "streamed")])
+def test_the_publishing_is_probed_unless_set(monkeypatch, wanted, publishing):
+    if rowdot.stream_copy() is None:
+        pytest.skip(f"stream_copy.c not built here ({rowdot.library()[1]})")
+    monkeypatch.setenv(shm_comm.STREAM_ENV, wanted)
+    path = shm_comm.create_segment(2)
+    try:
+        comm = shm_comm.ShmComm(path, 0, 2, timeout_s=1)
+        assert comm.use_stream_copy(rowdot.stream_copy()) == publishing == comm.publishing
+        assert comm.use_stream_copy(None) == "copied", "no library: copied whatever is asked"
+        monkeypatch.setenv(shm_comm.STREAM_ENV, "yes")
+        with pytest.raises(ValueError, match=r"STARCODER_TP_SHM_STREAM='yes': expected auto \(probed\), 0"):
+            comm.use_stream_copy(rowdot.stream_copy())
+    finally:
+        os.unlink(path)
+
+
+def test_stream_copy_copies_every_byte_at_any_alignment():
+    copy = rowdot.stream_copy()
+    if copy is None:
+        pytest.skip(f"stream_copy.c not built here ({rowdot.library()[1]})")
+    src = torch.randint(0, 256, (5000,), dtype=torch.uint8)
+    for dst_offset, src_offset, n in ((0, 0, 4096), (3, 5, 4000), (16, 1, 17), (7, 0, 9), (0, 0, 0), (1, 2, 4990)):
+        dst = torch.zeros(5000, dtype=torch.uint8)
+        copy(dst.data_ptr() + dst_offset, src.data_ptr() + src_offset, n)
+        assert torch.equal(dst[dst_offset:dst_offset + n], src[src_offset:src_offset + n]), (dst_offset, src_offset, n)
+        assert not dst[:dst_offset].any() and not dst[dst_offset + n:].any(), "nothing written outside"
