@@ -124,8 +124,8 @@ DECODE_FORM = DecodeForm()
 CALIBRATION_SHAPES = ((1, 128), (16, 1024))
 # The comparison is made this many times, and each shape's verdict is its median ratio. Once, at two ranks
 # timing at once, a few microseconds' short shape came out at a tie (0.011 ms each) where ours runs ~4.5%
-# faster alone, and the step ran SDPA: its attention between two calls of fused_step.c, 2-7% slower
-# (RESULTS.md, "The decode attention's form, compared five times").
+# faster alone, and the step ran SDPA: its attention between two calls of fused_step.c, the step 2-3%
+# slower (RESULTS.md, "The decode attention's form, compared five times").
 REPEATS = 5
 
 

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Callable, NamedTuple
 import torch
 
 from . import rowdot
+from .decode_attention import DECODE_FORM
 from .cpu import cpu_cores, cpu_model, isa_flags
 from .files import cache_dir, write_atomic
 from .malloc import THP_ENV
@@ -151,14 +152,16 @@ def measure(step: Callable[[], object], slowest: Callable[[torch.Tensor], torch.
 
 def machine_key(model) -> dict:
     """What a choice timed on `model`'s step holds for: this machine, torch, threads and ranks, our
-    kernels' build, the model's shape and dtype, and whether its layers ran fused (fused_step.py)."""
+    kernels' build, the model's shape and dtype, whether its layers ran fused (fused_step.py), and the
+    decode attention's form (decode_attention.DECODE_FORM)."""
     config = model.config
     return {"cpu_model": cpu_model(), "cpu_isa": isa_flags(), "cores": cpu_cores(),
             "torch": torch.__version__, "threads": torch.get_num_threads(), "world_size": model.tp.world_size,
             "kernels": rowdot.path(), "huge_pages": os.environ.get(THP_ENV, "") == "1",
             "model": [config.model_type, config.n_layer, config.n_embd, config.n_head, config.n_inner,
                       str(model.transformer.ln_f.weight.dtype)],
-            "fused": bool(getattr(model, "fused", None))}
+            "fused": bool(getattr(model, "fused", None)),
+            "decode_attention": "ours" if DECODE_FORM.ours else "sdpa"}  # (inside a fused step, or between its calls)
 
 
 def _key(model, plan: str, knob: Knob, batch: int) -> dict:

@@ -233,6 +233,8 @@ class WorkerGroup:
         if not Path(self.spec.shard_dir, "manifest.json").is_file():
             raise FileNotFoundError(f"{self.spec.shard_dir} has no manifest.json: not a complete shard set")
         self.spec.device.check_available(self.spec.world_size)
+        if self.spec.use_shm:
+            shm_comm.stream_setting()  # (a bad value named here, before any rank starts)
         self.config = ModelConfig.from_dir(Path(self.spec.shard_dir) / "part_model" / "0")
         started = time.perf_counter()
         port = 0

@@ -16,9 +16,9 @@ rather than staying modified in the writer's cache. Which is faster depends on w
 run: on the EPYC Zen 4 VM a 2 MiB all-reduce took 1.0 ms copied and 0.24 streamed while its two
 vCPUs read memory at twice one's rate (two cores), 0.16 copied and 0.31 streamed while they read
 at one's (one core's two threads, sharing its caches), and the VM moves between the two within
-seconds. So every PROBE_EVERY-th large all-reduce and the next are timed, one each way, and the
-faster way publishes until the next probe (Probes; RESULTS.md, "The all-reduce's slots written
-past the cache"). The way does not change the values. A rank's own part is summed from its
+seconds. So from every PROBE_EVERY-th large all-reduce on, four of one size are timed, each way
+twice, and the faster way publishes until the next probe (Probes; RESULTS.md, "The all-reduce's
+slots written past the cache"). The way does not change the values. A rank's own part is summed from its
 chunk, still in its cache, not from its slot: the same values, in the same rank order.
 """
 from __future__ import annotations
@@ -34,11 +34,23 @@ import torch
 SLOT_BYTES = 512 << 10
 FLAG_STRIDE = 8  # int64 per flag line (64 bytes): no false sharing between ranks' flags
 # Below 64 KiB (a decode step's one row: 4 KiB in fp32) the two ways were within the noise of each
-# other on the EPYC Zen 4; from it (a batch-16 step's fp32 partial) streaming took 17 µs against 43,
-# or 19 against 20.
+# other on the EPYC Zen 4; at it (a batch-16 step's fp32 partial) streaming took 27 µs against 60
+# copied while the VM ran its vCPUs on two cores, 30 against 32 while on one.
 STREAM_MIN_BYTES = 64 << 10
-PROBE_EVERY = 128  # large all-reduces from one probe to the next (~0.2 s of a batch-16 decode; a prefill's 18-36)
+# Large all-reduces from the start of one probe to the next: a batch-16 decode step of the bench-size
+# models has 16-18 (a probe every ~0.2 s), a prefill as many, one per row-parallel linear.
+PROBE_EVERY = 128
+PROBE_ORDER = (0, 1, 1, 0)  # a probe's all-reduces: each way twice (the first way alternates), each its least
+PROBE_MISSES = 4  # all-reduces of another size a probe passes over before it starts again at that size
 STREAM_ENV = "STARCODER_TP_SHM_STREAM"  # auto (default): probed; 0: always copied; 1: always streamed
+
+
+def stream_setting() -> str:
+    """STREAM_ENV's value, checked: the parent checks it before it starts any rank."""
+    wanted = os.environ.get(STREAM_ENV, "auto")
+    if wanted not in ("auto", "0", "1"):
+        raise ValueError(f"{STREAM_ENV}={wanted!r}: expected auto (probed), 0 (copied) or 1 (streamed)")
+    return wanted
 
 
 def supported() -> bool:
@@ -55,33 +67,40 @@ def create_segment(world_size: int, slot_bytes: int = SLOT_BYTES) -> str:
 
 
 class Probes:
-    """Whether a large all-reduce publishes by streaming, from the last probe: at every PROBE_EVERY-th
-    large all-reduce, two of one size are timed, one each way (which goes first alternates), and
-    the way that took less time a byte kept. Every rank runs the same all-reduces in the same order,
-    so all probe the same ones; each decides for itself (no rank reads how another wrote)."""
+    """Whether a large all-reduce publishes by streaming, from the last probe: from every PROBE_EVERY-th
+    large all-reduce on, four of one size are timed, each way twice (PROBE_ORDER; which way goes first
+    alternates), and the way whose least time a byte was less kept. Every rank runs the same
+    all-reduces in the same order, so all probe the same ones; each decides for itself (no rank reads
+    how another wrote)."""
 
     def __init__(self) -> None:
         self.streaming = False
         self.calls = 0  # large all-reduces so far
         self.won = {False: 0, True: 0}  # probes each way won
-        self._want: list[bool] = []  # the ways this probe has still to time
+        self._want: list[bool] = []  # the ways this probe has still to time, in turn
         self._per_byte: dict[bool, float] = {}
         self._size: int | None = None  # the probe's all-reduces' bytes
+        self._misses = 0  # all-reduces of another size during this probe
 
     def next(self) -> tuple[bool, bool]:
         """(stream this large all-reduce, time it for the probe)."""
         self.calls += 1
         if not self._want and self.calls % PROBE_EVERY == 1:  # (the first large all-reduce too)
             first = (self.calls // PROBE_EVERY) % 2 == 1
-            self._want = [first, not first]
+            self._want = [first != bool(turn) for turn in PROBE_ORDER]
         return (self._want[0], True) if self._want else (self.streaming, False)
 
     def record(self, streamed: bool, seconds: float, nbytes: int) -> None:
-        """A probed all-reduce of `nbytes` took `seconds`: once both ways took one size, keep the faster."""
-        if nbytes != self._size:  # (another size: the probe starts again from this one)
-            self._per_byte, self._size = {}, nbytes
-        self._per_byte[streamed] = seconds / nbytes
-        self._want = [way for way in (False, True) if way not in self._per_byte]
+        """A probed all-reduce of `nbytes` took `seconds`: once the probe's turns are timed, keep the faster."""
+        if self._size is not None and nbytes != self._size:
+            self._misses += 1
+            if self._misses <= PROBE_MISSES:
+                return  # (not this probe's size: its turn comes again at the next all-reduce)
+            self._want, self._size = [streamed != bool(turn) for turn in PROBE_ORDER], None  # (again, from this one)
+        if self._size is None:
+            self._per_byte, self._size, self._misses = {}, nbytes, 0
+        self._per_byte[streamed] = min(self._per_byte.get(streamed, float("inf")), seconds / nbytes)
+        self._want.pop(0)
         if not self._want:
             self.streaming = self._per_byte[True] < self._per_byte[False]
             self.won[self.streaming] += 1
@@ -97,6 +116,10 @@ class ShmComm:
         self._flags = self._raw[:flag_bytes].view(torch.int64).view(world_size, FLAG_STRIDE)
         self._flags_np = self._flags.numpy()[:, 0]  # the same memory, read without torch overhead
         self._data = self._raw[flag_bytes:].view(2, world_size, slot_bytes)
+        # Every slot's pages touched now (this rank's written, the others' read): a probe's first
+        # all-reduces would otherwise take their faults, the first way's more than the second's.
+        self._data[:, rank].zero_()
+        self._data.max()
         self._seq = 0
         # (buffer, numel, dtype) -> (this rank's slot, every rank's slots), typed views: a decode
         # step exchanges the same few shapes thousands of times, and each view costs microseconds.
@@ -124,9 +147,7 @@ class ShmComm:
     def use_stream_copy(self, stream_copy) -> str:
         """Let large all-reduces publish by `stream_copy` (stream_copy.c's, or None where the library is
         not built: always copied), as STREAM_ENV says; returns `publishing`."""
-        wanted = os.environ.get(STREAM_ENV, "auto")
-        if wanted not in ("auto", "0", "1"):
-            raise ValueError(f"{STREAM_ENV}={wanted!r}: expected auto (probed), 0 (copied) or 1 (streamed)")
+        wanted = stream_setting()
         self._stream_copy = stream_copy if wanted != "0" else None
         self.publishing = "copied" if self._stream_copy is None else "streamed" if wanted == "1" else "probed"
         self.probes.streaming = self.publishing == "streamed"
@@ -176,13 +197,14 @@ class ShmComm:
     def all_reduce_(self, t: torch.Tensor) -> torch.Tensor:
         """Sum over ranks, in place, in rank order (identical bits on every rank)."""
         flat = t.view(-1) if t.is_contiguous() else t.contiguous().view(-1)
-        nbytes = flat.numel() * flat.element_size()
+        nbytes = flat.nbytes
         streamed = timed = False
-        if nbytes >= STREAM_MIN_BYTES and self.publishing != "copied":
+        if self.publishing != "copied" and nbytes >= STREAM_MIN_BYTES:
             streamed, timed = self.probes.next() if self.publishing == "probed" else (True, False)
         # A probe times this rank's copies and sums, not its waits: those are the other ranks' lateness
         # (a prefill's linears end up to milliseconds apart), which would outweigh the way it times.
-        started, self.waited_s = (time.perf_counter() if timed else 0.0), 0.0
+        if timed:
+            started, self.waited_s = time.perf_counter(), 0.0
         for chunk in self._chunks(flat):
             parts = self._exchange(chunk, streamed, timed)  # [N, n]
             # Summed straight into the caller's tensor, in rank order: ((p0 + p1) + p2) + ...; ranks 0

@@ -21,10 +21,15 @@ def _rank(rank, world_size, path, queue, publishing="copied"):
 
 def _collectives(rank, world_size, path, queue, publishing):
     comm = shm_comm.ShmComm(path, rank, world_size, timeout_s=30, slot_bytes=4096)
+    streamed = [0]  # stream_copy.c's calls
     if publishing != "copied":  # all-reduces of 64 bytes or more by stream_copy.c (a 7-float one copied),
-        shm_comm.STREAM_MIN_BYTES, shm_comm.PROBE_EVERY = 64, 2  # or the two ways in turn, probed
-        comm._stream_copy, comm.publishing = rowdot.stream_copy(), publishing
+        shm_comm.STREAM_MIN_BYTES, shm_comm.PROBE_EVERY = 64, 8  # or both ways, probed
+        stream_copy = rowdot.stream_copy()
+        comm._stream_copy, comm.publishing = lambda *a: streamed.__setitem__(0, streamed[0] + 1) or stream_copy(*a), \
+            publishing
     out = {}
+    for i in range(10):  # one chunk each (4000 bytes): a probe's four turns, then its way
+        out[f"one_chunk_{i}"] = comm.all_reduce_(torch.full((1000,), float(rank + i)))
     for n, dtype in ((7, torch.float32), (3000, torch.float32), (2500, torch.bfloat16), (1, torch.float64)):
         gen = torch.Generator().manual_seed(1000 * rank + n)
         t = torch.randn(n, generator=gen).to(dtype)
@@ -45,7 +50,9 @@ def _collectives(rank, world_size, path, queue, publishing):
     # Larger than a slot (4096 bytes): [5, 300] float32 = 6000 bytes, gathered in two chunks (sampling's logits).
     out["big_gather"] = comm.all_gather(torch.arange(1500, dtype=torch.float32).view(5, 300) + 10000 * rank)
     # Plain lists: a torch tensor sent through a queue would need this process to stay alive.
-    queue.put((rank, {key: value.tolist() for key, value in out.items()}))
+    out = {key: value.tolist() for key, value in out.items()}
+    out["ways"] = [streamed[0], comm.probes.calls, comm.probes.won[False] + comm.probes.won[True]]
+    queue.put((rank, out))
 
 
 @pytest.mark.parametrize("publishing", ["copied", "streamed", "probed"])
@@ -84,6 +91,17 @@ def test_all_reduce_and_all_gather_are_exact_and_identical_on_every_rank(world_s
     assert all(results[r]["gather"] == gathered for r in range(world_size))
     big = torch.stack([torch.arange(1500, dtype=torch.float32).view(5, 300) + 10000 * r for r in range(world_size)])
     assert all(results[r]["big_gather"] == big.tolist() for r in range(world_size))
+    for i in range(10):
+        assert all(results[r][f"one_chunk_{i}"] == [float(ids_sum + world_size * i)] * 1000 for r in range(world_size))
+    # 12 large all-reduces (10 of one chunk, 3000 floats in 3, 2500 bf16 in 2): 15 chunks, copied or streamed
+    for r in range(world_size):
+        copies, calls, probes = results[r]["ways"]
+        if publishing == "copied":
+            assert (copies, calls, probes) == (0, 0, 0), r
+        elif publishing == "streamed":
+            assert (copies, calls, probes) == (15, 0, 0), r
+        else:  # probed: the first probe's four turns (two each way) over calls 1-4, decided; the second from 9
+            assert calls == 12 and probes == 1 and 2 <= copies <= 15 - 2, (r, copies, calls, probes)
 
 
 def test_a_missing_rank_is_named_after_the_timeout():
@@ -107,27 +125,64 @@ def _probed(probes, calls):
     return taken
 
 
-def test_probes_time_both_ways_and_keep_the_faster_until_the_next_probe(monkeypatch):
-    monkeypatch.setattr(shm_comm, "PROBE_EVERY", 4)
+def test_probes_time_both_ways_twice_and_keep_the_faster_until_the_next_probe(monkeypatch):
+    monkeypatch.setattr(shm_comm, "PROBE_EVERY", 6)
     probes = shm_comm.Probes()
     fast_streamed = (2 << 20, {True: 250e-6, False: 1000e-6})
-    taken = _probed(probes, [fast_streamed] * 4)
-    assert taken == [(False, True), (True, True), (True, False), (True, False)], "copied first, then streamed; kept"
+    taken = _probed(probes, [fast_streamed] * 6)
+    assert taken == [(False, True), (True, True), (True, True), (False, True), (True, False), (True, False)]
     fast_copied = (2 << 20, {True: 300e-6, False: 150e-6})
-    taken = _probed(probes, [fast_copied] * 4)
-    assert taken == [(True, True), (False, True), (False, False), (False, False)], "this probe streamed first"
-    assert probes.won == {True: 1, False: 1} and probes.calls == 8
+    taken = _probed(probes, [fast_copied] * 6)
+    assert taken[:4] == [(True, True), (False, True), (False, True), (True, True)], "this probe streams first"
+    assert taken[4:] == [(False, False)] * 2 and probes.won == {True: 1, False: 1} and probes.calls == 12
 
 
-def test_a_probe_compares_one_size_only(monkeypatch):
-    monkeypatch.setattr(shm_comm, "PROBE_EVERY", 8)
+def test_a_probe_keeps_each_ways_least_time():
     probes = shm_comm.Probes()
-    # copied on 2 MiB, then streamed on 64 KiB (faster a byte than copied 2 MiB, but another size): probed again
-    calls = [(2 << 20, {False: 1000e-6, True: 0}), (64 << 10, {True: 30e-6, False: 0}),
-             (64 << 10, {False: 20e-6, True: 0}), (64 << 10, {True: 0, False: 0})]
-    taken = _probed(probes, calls)
-    assert taken == [(False, True), (True, True), (False, True), (False, False)]
-    assert probes.won == {True: 0, False: 1} and probes.streaming is False
+    # copied 100 then (preempted) 900; streamed 200 twice: copied's least (100) is less
+    taken = []
+    for seconds in (100e-6, 200e-6, 200e-6, 900e-6):
+        streamed, timed = probes.next()
+        taken.append(streamed)
+        probes.record(streamed, seconds, 2 << 20)
+    assert taken == [False, True, True, False] and probes.streaming is False and probes.won[False] == 1
+
+
+def test_a_probe_passes_over_other_sizes_then_starts_again_at_one(monkeypatch):
+    monkeypatch.setattr(shm_comm, "PROBE_EVERY", 64)
+    probes = shm_comm.Probes()
+    a, b = (2 << 20, {False: 1000e-6, True: 250e-6}), (64 << 10, {False: 60e-6, True: 27e-6})
+    taken = _probed(probes, [a, b, a, b, a, b, a])  # A's turns interleaved with B's: A's four count
+    assert [t for t in taken] == [(False, True), (True, True), (True, True), (True, True), (True, True),
+                                  (False, True), (False, True)]
+    assert probes.won == {True: 1, False: 0} and probes._misses == 3
+    probes = shm_comm.Probes()  # the probe's size never again: after PROBE_MISSES others, it starts at theirs
+    taken = _probed(probes, [a] + [b] * (shm_comm.PROBE_MISSES + 5))
+    assert probes.won == {True: 1, False: 0} and taken[-1] == (True, False)
+    assert sum(timed for _, timed in taken) == 1 + shm_comm.PROBE_MISSES + 4
+
+
+def test_a_probe_times_a_ranks_copies_and_sums_not_its_waits(monkeypatch):
+    """The other rank arrives a second late at every chunk: the probe's time leaves that out."""
+    clock = [0.0]
+    monkeypatch.setattr(shm_comm.time, "perf_counter", lambda: clock[0])
+    path = shm_comm.create_segment(2, slot_bytes=4096)
+    try:
+        comm = shm_comm.ShmComm(path, 0, 2, timeout_s=5, slot_bytes=4096)
+        comm._stream_copy, comm.publishing = (lambda *a: None), "probed"
+        monkeypatch.setattr(shm_comm, "STREAM_MIN_BYTES", 64)
+
+        def late_rank_1(seq):
+            clock[0] += 1.0
+            comm._flags_np[1] = seq
+
+        monkeypatch.setattr(comm, "_wait", late_rank_1)
+        recorded = []
+        monkeypatch.setattr(comm.probes, "record", lambda *a: recorded.append(a))
+        comm.all_reduce_(torch.ones(3000))  # 3 chunks: 3 s waited
+        assert recorded == [(False, 0.0, 12000)], "the waits are not the way's"
+    finally:
+        os.unlink(path)
 
 
 @pytest.mark.parametrize("wanted, publishing", [("auto", "probed"), ("0", "copied"), ("1", "streamed")])
