@@ -18,8 +18,8 @@ vCPUs read memory at twice one's rate (two cores), 0.16 copied and 0.31 streamed
 at one's (one core's two threads, sharing its caches), and the VM moves between the two within
 seconds. So from every PROBE_EVERY-th large all-reduce on, four of one size are timed, each way
 twice, and the faster way publishes until the next probe (Probes; RESULTS.md, "The all-reduce's
-slots written past the cache"). The way does not change the values. A rank's own part is summed from its
-chunk, still in its cache, not from its slot: the same values, in the same rank order.
+slots written past the cache"). The way does not change the values. A rank's own part is summed
+from its chunk, still in its cache, not from its slot: the same values, in the same rank order.
 """
 from __future__ import annotations
 
