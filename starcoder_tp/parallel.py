@@ -69,6 +69,8 @@ class GroupSpec:
         if self.comm == "shm" and (self.device.kind != "cpu" or not shm_comm.supported()):
             raise ValueError(f"comm 'shm' needs --device cpu on x86-64 with /dev/shm, not {self.device.kind} "
                              f"on {platform.machine()}")
+        if self.use_shm:
+            shm_comm.stream_setting()  # a bad STARCODER_TP_SHM_STREAM stops here too
 
     @property
     def use_shm(self) -> bool:
@@ -233,8 +235,6 @@ class WorkerGroup:
         if not Path(self.spec.shard_dir, "manifest.json").is_file():
             raise FileNotFoundError(f"{self.spec.shard_dir} has no manifest.json: not a complete shard set")
         self.spec.device.check_available(self.spec.world_size)
-        if self.spec.use_shm:
-            shm_comm.stream_setting()  # (a bad value named here, before any rank starts)
         self.config = ModelConfig.from_dir(Path(self.spec.shard_dir) / "part_model" / "0")
         started = time.perf_counter()
         port = 0

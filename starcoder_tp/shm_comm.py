@@ -13,10 +13,10 @@ seen before the data. Chunks are kept small, below glibc's threshold for non-tem
 which would be weakly ordered. An all-reduce of STREAM_MIN_BYTES or more may publish its chunks
 by stream_copy.c's non-temporal stores instead, fenced before the flag: the lines go to memory
 rather than staying modified in the writer's cache. Which is faster depends on where the ranks
-run: on the EPYC Zen 4 VM a 2 MiB all-reduce took 1.0 ms copied and 0.24 streamed while its two
-vCPUs read memory at twice one's rate (two cores), 0.16 copied and 0.31 streamed while they read
-at one's (one core's two threads, sharing its caches), and the VM moves between the two within
-seconds. So from every PROBE_EVERY-th large all-reduce on, four of one size are timed, each way
+run: on the EPYC Zen 4 VM a 2 MiB all-reduce took 1.19 ms copied and 0.34 streamed while its two
+vCPUs read memory at twice one's rate (two cores, as we read it), 0.24 copied and 0.39 streamed
+while they read at one's (one core's two threads, sharing its caches), and the VM moves between
+the two within seconds. So from every PROBE_EVERY-th large all-reduce on, four of one size are timed, each way
 twice, and the faster way publishes until the next probe (Probes; RESULTS.md, "The all-reduce's
 slots written past the cache"). The way does not change the values. A rank's own part is summed
 from its chunk, still in its cache, not from its slot: the same values, in the same rank order.
@@ -42,6 +42,7 @@ STREAM_MIN_BYTES = 64 << 10
 PROBE_EVERY = 128
 PROBE_ORDER = (0, 1, 1, 0)  # a probe's all-reduces: each way twice (the first way alternates), each its least
 PROBE_MISSES = 4  # all-reduces of another size a probe passes over before it starts again at that size
+PROBE_MOST = len(PROBE_ORDER) + 2 * PROBE_MISSES  # timed all-reduces before a probe that has not ended is dropped
 STREAM_ENV = "STARCODER_TP_SHM_STREAM"  # auto (default): probed; 0: always copied; 1: always streamed
 
 
@@ -81,6 +82,7 @@ class Probes:
         self._per_byte: dict[bool, float] = {}
         self._size: int | None = None  # the probe's all-reduces' bytes
         self._misses = 0  # all-reduces of another size during this probe
+        self._timed = 0  # all-reduces this probe has timed (misses too)
 
     def next(self) -> tuple[bool, bool]:
         """(stream this large all-reduce, time it for the probe)."""
@@ -92,6 +94,10 @@ class Probes:
 
     def record(self, streamed: bool, seconds: float, nbytes: int) -> None:
         """A probed all-reduce of `nbytes` took `seconds`: once the probe's turns are timed, keep the faster."""
+        self._timed += 1
+        if self._timed > PROBE_MOST:  # (sizes taking turns too fast for one to finish: the way kept as it was)
+            self._end()
+            return
         if self._size is not None and nbytes != self._size:
             self._misses += 1
             if self._misses <= PROBE_MISSES:
@@ -104,7 +110,10 @@ class Probes:
         if not self._want:
             self.streaming = self._per_byte[True] < self._per_byte[False]
             self.won[self.streaming] += 1
-            self._per_byte, self._size = {}, None
+            self._end()
+
+    def _end(self) -> None:
+        self._want, self._per_byte, self._size, self._misses, self._timed = [], {}, None, 0, 0
 
 
 class ShmComm:

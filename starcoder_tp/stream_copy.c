@@ -1,9 +1,9 @@
 /* The shared-memory collectives' publishing copy (shm_comm.py): a rank's chunk into its slot by
  * non-temporal stores, which leave the lines in memory rather than modified in this core's caches.
  * Where the ranks run on cores of their own, the other rank then reads them from memory at its full
- * rate, where a plain copy's lines each had to cross from this core's cache: a 2 MiB fp32 all-reduce
- * of two ranks took 1.0 ms copied and 0.24 ms streamed on the EPYC Zen 4 VM so; where they share a
- * core, copying was faster (shm_comm.Probes times both; RESULTS.md, "The all-reduce's slots written
+ * rate, where a plain copy's lines had to come out of this core's cache (as we read it): a 2 MiB fp32 all-reduce
+ * of two ranks took 1.19 ms copied and 0.34 ms streamed on the EPYC Zen 4 VM so; where they share a
+ * core, copying was faster (0.24 against 0.39) (shm_comm.Probes times both; RESULTS.md, "The all-reduce's slots written
  * past the cache"). The stores are weakly ordered: the fence makes them visible before the flag the
  * caller stores next. SSE2 only, which every x86-64 CPU has; elsewhere a plain copy (and
  * stream_copy_supported says 0).

@@ -51,7 +51,8 @@ def _collectives(rank, world_size, path, queue, publishing):
     out["big_gather"] = comm.all_gather(torch.arange(1500, dtype=torch.float32).view(5, 300) + 10000 * rank)
     # Plain lists: a torch tensor sent through a queue would need this process to stay alive.
     out = {key: value.tolist() for key, value in out.items()}
-    out["ways"] = [streamed[0], comm.probes.calls, comm.probes.won[False] + comm.probes.won[True]]
+    out["ways"] = [streamed[0], comm.probes.calls, comm.probes.won[False] + comm.probes.won[True],
+                   comm.probes.won[True]]
     queue.put((rank, out))
 
 
@@ -95,13 +96,14 @@ def test_all_reduce_and_all_gather_are_exact_and_identical_on_every_rank(world_s
         assert all(results[r][f"one_chunk_{i}"] == [float(ids_sum + world_size * i)] * 1000 for r in range(world_size))
     # 12 large all-reduces (10 of one chunk, 3000 floats in 3, 2500 bf16 in 2): 15 chunks, copied or streamed
     for r in range(world_size):
-        copies, calls, probes = results[r]["ways"]
+        copies, calls, probes, streaming = results[r]["ways"]
         if publishing == "copied":
             assert (copies, calls, probes) == (0, 0, 0), r
         elif publishing == "streamed":
             assert (copies, calls, probes) == (15, 0, 0), r
-        else:  # probed: the first probe's four turns (two each way) over calls 1-4, decided; the second from 9
-            assert calls == 12 and probes == 1 and 2 <= copies <= 15 - 2, (r, copies, calls, probes)
+        else:  # probed: calls 1-4 the first probe (2 streamed), 5-8 its way (4 chunks, if streaming), 9 streamed
+            # (the second probe's first turn), 10 copied, 11-12 copied (the probe's turn, another size)
+            assert calls == 12 and probes == 1 and copies == 3 + 4 * streaming, (r, copies, calls, probes, streaming)
 
 
 def test_a_missing_rank_is_named_after_the_timeout():
@@ -155,11 +157,32 @@ def test_a_probe_passes_over_other_sizes_then_starts_again_at_one(monkeypatch):
     taken = _probed(probes, [a, b, a, b, a, b, a])  # A's turns interleaved with B's: A's four count
     assert [t for t in taken] == [(False, True), (True, True), (True, True), (True, True), (True, True),
                                   (False, True), (False, True)]
-    assert probes.won == {True: 1, False: 0} and probes._misses == 3
+    assert probes.won == {True: 1, False: 0}
     probes = shm_comm.Probes()  # the probe's size never again: after PROBE_MISSES others, it starts at theirs
     taken = _probed(probes, [a] + [b] * (shm_comm.PROBE_MISSES + 5))
     assert probes.won == {True: 1, False: 0} and taken[-1] == (True, False)
     assert sum(timed for _, timed in taken) == 1 + shm_comm.PROBE_MISSES + 4
+
+
+def test_a_probe_that_cannot_end_is_dropped_and_the_way_kept(monkeypatch):
+    monkeypatch.setattr(shm_comm, "PROBE_EVERY", 1000)
+    probes = shm_comm.Probes()
+    probes.streaming = True  # (as a probe before it left it)
+    a, b = (2 << 20, {False: 1000e-6, True: 250e-6}), (64 << 10, {False: 60e-6, True: 27e-6})
+    taken = _probed(probes, [a] + ([b] * 5 + [a] * 5) * 4)  # runs of 5: each restart cut short by the other size
+    timed = [t for _, t in taken]
+    assert timed[:shm_comm.PROBE_MOST + 1] == [True] * (shm_comm.PROBE_MOST + 1)
+    assert not any(timed[shm_comm.PROBE_MOST + 1:]), "no all-reduce timed past the bound"
+    assert probes.won == {True: 0, False: 0} and probes.streaming is True
+    assert all(way for way, t in taken if not t), "the way it had"
+
+
+def test_a_bad_stream_setting_is_refused_naming_it_before_any_rank_is_spawned(monkeypatch):
+    from starcoder_tp.parallel import GroupSpec
+    monkeypatch.setenv(shm_comm.STREAM_ENV, "on")
+    with pytest.raises(ValueError, match=r"STARCODER_TP_SHM_STREAM='on': expected auto \(probed\), 0"):
+        GroupSpec("unused", 2)
+    GroupSpec("unused", 1)  # (one rank: no shared memory, nothing to set)
 
 
 def test_a_probe_times_a_ranks_copies_and_sums_not_its_waits(monkeypatch):
