@@ -88,8 +88,7 @@ class Probes:
         """(stream this large all-reduce, time it for the probe)."""
         self.calls += 1
         if not self._want and self.calls % PROBE_EVERY == 1:  # (the first large all-reduce too)
-            first = (self.calls // PROBE_EVERY) % 2 == 1
-            self._want = [first != bool(turn) for turn in PROBE_ORDER]
+            self._want = self._turns(first=(self.calls // PROBE_EVERY) % 2 == 1)
         return (self._want[0], True) if self._want else (self.streaming, False)
 
     def record(self, streamed: bool, seconds: float, nbytes: int) -> None:
@@ -102,7 +101,7 @@ class Probes:
             self._misses += 1
             if self._misses <= PROBE_MISSES:
                 return  # (not this probe's size: its turn comes again at the next all-reduce)
-            self._want, self._size = [streamed != bool(turn) for turn in PROBE_ORDER], None  # (again, from this one)
+            self._want, self._size = self._turns(first=streamed), None  # (again, from this one)
         if self._size is None:
             self._per_byte, self._size, self._misses = {}, nbytes, 0
         self._per_byte[streamed] = min(self._per_byte.get(streamed, float("inf")), seconds / nbytes)
@@ -111,6 +110,11 @@ class Probes:
             self.streaming = self._per_byte[True] < self._per_byte[False]
             self.won[self.streaming] += 1
             self._end()
+
+    @staticmethod
+    def _turns(first: bool) -> list[bool]:
+        """A probe's ways in turn (PROBE_ORDER), `first` the way of its first turn."""
+        return [first != bool(turn) for turn in PROBE_ORDER]
 
     def _end(self) -> None:
         self._want, self._per_byte, self._size, self._misses, self._timed = [], {}, None, 0, 0
