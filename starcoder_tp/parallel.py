@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from . import rowdot, shm_comm, stacks
+from . import lifeline, rowdot, shm_comm, stacks
 from .comm import TPGroup
 from .config import ModelConfig
 from .device import Device
@@ -138,6 +138,7 @@ def _worker_main(rank: int, spec: GroupSpec, store_port: int, shm_path: str | No
     exit_code = 0
     try:
         started = time.perf_counter()
+        lifeline.exit_with_parent(f"starcoder_tp rank {rank}")  # a parent killed mid-request leaves no rank computing
         stacks.arm(stack_dir, rank)  # where it was, if the parent asks (the group failed)
         # Before the model loads: torch's first large block.
         allocator, pages = as_a_cpu_rank() if spec.device.kind == "cpu" else ("system", "")
@@ -380,10 +381,7 @@ class WorkerGroup:
 
     def _unlink_shm(self) -> None:
         if self._shm_path is not None:
-            try:
-                os.unlink(self._shm_path)
-            except FileNotFoundError:
-                pass
+            shm_comm.remove_segment(self._shm_path)
             self._shm_path = None
 
     def __enter__(self) -> "WorkerGroup":

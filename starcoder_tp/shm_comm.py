@@ -27,6 +27,7 @@ import os
 import platform
 import time
 import uuid
+from multiprocessing import shared_memory
 from pathlib import Path
 
 import torch
@@ -59,12 +60,23 @@ def supported() -> bool:
 
 
 def create_segment(world_size: int, slot_bytes: int = SLOT_BYTES) -> str:
-    """Create the zeroed segment file; the caller unlinks it once every rank has mapped it."""
-    path = f"/dev/shm/starcoder_tp-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+    """Create the zeroed segment and return its path; the caller removes it (remove_segment) once
+    every rank has mapped it. Until then multiprocessing's resource tracker holds its name: were
+    this process killed first, the tracker removes it when the last process sharing it is gone."""
     size = world_size * FLAG_STRIDE * 8 + 2 * world_size * slot_bytes
-    with open(path, "wb") as f:
-        f.truncate(size)
-    return path
+    segment = shared_memory.SharedMemory(f"starcoder_tp-{os.getpid()}-{uuid.uuid4().hex[:12]}", create=True, size=size)
+    segment.close()  # (the ranks map it by its path; this process has no use for a mapping)
+    return f"/dev/shm/{segment.name}"
+
+
+def remove_segment(path: str) -> None:
+    """Unlink a segment of create_segment, and take its name off the resource tracker's list."""
+    try:
+        segment = shared_memory.SharedMemory(Path(path).name)
+    except FileNotFoundError:
+        return
+    segment.close()
+    segment.unlink()
 
 
 class Probes:

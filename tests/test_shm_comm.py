@@ -1,5 +1,4 @@
 """The shared-memory collectives: exact sums in rank order, chunking, and a bounded wait."""
-import os
 
 import pytest
 import torch
@@ -72,7 +71,7 @@ def test_all_reduce_and_all_gather_are_exact_and_identical_on_every_rank(world_s
         for p in procs:
             p.join(30)
     finally:
-        os.unlink(path)
+        shm_comm.remove_segment(path)
     failed = {r: out["error"] for r, out in results.items() if "error" in out}
     assert not failed, failed
     for (n, dtype) in [(7, "torch.float32"), (3000, "torch.float32"), (2500, "torch.bfloat16"), (1, "torch.float64")]:
@@ -113,7 +112,7 @@ def test_a_missing_rank_is_named_after_the_timeout():
         with pytest.raises(RuntimeError, match=r"rank\(s\) \[1\] did not reach collective #1 within 0s"):
             comm.all_reduce_(torch.ones(4))
     finally:
-        os.unlink(path)
+        shm_comm.remove_segment(path)
 
 
 def _probed(probes, calls):
@@ -205,7 +204,7 @@ def test_a_probe_times_a_ranks_copies_and_sums_not_its_waits(monkeypatch):
         comm.all_reduce_(torch.ones(3000))  # 3 chunks: 3 s waited
         assert recorded == [(False, 0.0, 12000)], "the waits are not the way's"
     finally:
-        os.unlink(path)
+        shm_comm.remove_segment(path)
 
 
 @pytest.mark.parametrize("wanted, publishing", [("auto", "probed"), ("0", "copied"), ("1", "streamed")])
@@ -222,7 +221,7 @@ def test_the_publishing_is_probed_unless_set(monkeypatch, wanted, publishing):
         with pytest.raises(ValueError, match=r"STARCODER_TP_SHM_STREAM='yes': expected auto \(probed\), 0"):
             comm.use_stream_copy(rowdot.stream_copy())
     finally:
-        os.unlink(path)
+        shm_comm.remove_segment(path)
 
 
 def test_stream_copy_copies_every_byte_at_any_alignment():

@@ -84,6 +84,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fd-in", type=int, required=True)
     parser.add_argument("--fd-out", type=int, required=True)
     args = parser.parse_args(argv)
+    from ..lifeline import exit_on_hangup
+
+    exit_on_hangup(args.fd_in, "starcoder_tp.serve (side B)")  # a driver killed mid-request: stop its ranks now
     return _serve(Connection(args.fd_in, writable=False), Connection(args.fd_out, readable=False))
 
 

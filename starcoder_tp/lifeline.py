@@ -1,0 +1,44 @@
+"""A process that outlives the one driving it stops at once, instead of computing for no one.
+
+A rank killed with its parent would otherwise finish the request in hand (minutes, on a large
+case) before its reply failed, and the A/B harness's side-B server likewise. Each watches a pipe
+whose only writer is its driver: the writer's end closes when the driver dies, however it dies
+(SIGKILL included), and the watcher exits within milliseconds. The watch reads nothing from the
+pipe, so it can be the one that carries the driver's messages.
+"""
+from __future__ import annotations
+
+import multiprocessing
+import os
+import select
+import sys
+import threading
+
+EXIT_CODE = 3  # the driver is gone; no one reads it, but a process list shows why
+
+
+def exit_on_hangup(fd: int, who: str) -> threading.Thread:
+    """From now on, exit this process (os._exit) once every writer of the pipe `fd` has closed."""
+    poller = select.poll()
+    poller.register(fd, 0)  # (POLLHUP and POLLERR are always reported; pending data never is)
+
+    def watch() -> None:
+        while not poller.poll():
+            pass
+        try:
+            print(f"{who}: the process driving it is gone; exiting", file=sys.stderr, flush=True)
+        finally:
+            os._exit(EXIT_CODE)
+
+    thread = threading.Thread(target=watch, name="starcoder_tp-lifeline", daemon=True)
+    thread.start()
+    return thread
+
+
+def exit_with_parent(who: str) -> threading.Thread | None:
+    """In a process started by multiprocessing: exit once the parent process is gone. None in a
+    process that multiprocessing did not start (it has no parent's sentinel to watch)."""
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return None
+    return exit_on_hangup(parent.sentinel, who)
