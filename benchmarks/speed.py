@@ -37,6 +37,7 @@ from typing import Callable
 import torch
 
 from roofline import DTYPES, Limits, machine_limits
+from starcoder_tp import setup_phases
 from starcoder_tp.cpu import cpu_kind, cpuinfo
 from starcoder_tp.files import EMBEDDED_MODEL_DIR, write_atomic
 from starcoder_tp.options import non_negative_seconds, positive_int
@@ -364,8 +365,12 @@ def main() -> None:
                                                limits.sample, args.case_seconds)
         startup[dtype] = measured[dtype].pop("startup_s")
         print(f"  {dtype} start-up (cached shards): " + ", ".join(f"{k} {v:.1f}s" for k, v in startup[dtype].items()), flush=True)
-        scratch[dtype] = {f"ws{ws}": from_scratch(model_dir, dtype, ws)["first_answer_s"] for ws in (1, 2)}
-        print(f"  {dtype} start-up from scratch: " + ", ".join(f"{k} {v:.1f}s" for k, v in scratch[dtype].items()), flush=True)
+        scratch[dtype] = {}
+        for ws in (1, 2):
+            fresh = from_scratch(model_dir, dtype, ws)
+            scratch[dtype][f"ws{ws}"] = fresh["first_answer_s"]
+            print(f"  {dtype} ws{ws} start-up from scratch: {fresh['first_answer_s']:.1f}s (load {fresh['load_s']:.1f}s; "
+                  f"set-up {setup_phases.describe(fresh['setup_s'])})", flush=True)
     # The bounds once every sample is in: the best limits of the whole run.
     for dtype in dtypes:
         for case in cases:

@@ -21,6 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from starcoder_tp import setup_phases
 from starcoder_tp.files import EMBEDDED_MODEL_DIR, cache_at, cache_dir
 from starcoder_tp.options import positive_int
 from starcoder_tp.shard import ensure_shards
@@ -34,7 +35,8 @@ CASE = Case(1, 128, 2)
 def from_scratch(model_dir: str, dtype: str, world_size: int, case: Case = CASE) -> dict[str, float | str]:
     """A runner started on `model_dir` with nothing measured cached, to its first answer for `case`:
     {"load_s": start() (shard check, spawn, load), "first_answer_s": to the warm-up's end, "kernels":
-    the kernels it chose, as the perf suite logs them ("auto (measured, ...")}."""
+    the kernels it chose, as the perf suite logs them ("auto (measured, ..."), "setup_s": the
+    warm-up's set-up phases in seconds (setup_phases.py)}."""
     ensure_shards(model_dir, world_size, dtype, log=lambda m: None)  # (in the real cache: a one-off)
     with tempfile.TemporaryDirectory(prefix="startup-") as scratch:
         for kept in KEPT:
@@ -49,10 +51,10 @@ def from_scratch(model_dir: str, dtype: str, world_size: int, case: Case = CASE)
                 loaded = time.perf_counter()
                 runner.warm_up(case)
                 answered = time.perf_counter()
-                kernels = runner.kernels_logged
+                kernels, setup = runner.kernels_logged, runner.warm_up_setup_s
             finally:
                 runner.close()
-    return {"load_s": loaded - started, "first_answer_s": answered - started, "kernels": kernels}
+    return {"load_s": loaded - started, "first_answer_s": answered - started, "kernels": kernels, "setup_s": setup}
 
 
 def main() -> None:
@@ -71,7 +73,7 @@ def main() -> None:
             for world_size in args.world_sizes:
                 t = from_scratch(model_dir, dtype, world_size)
                 print(f"[startup] {args.model} {dtype} ws{world_size} {CASE.id}: first answer {t['first_answer_s']:.1f} s "
-                      f"from scratch (load {t['load_s']:.1f} s)", flush=True)
+                      f"from scratch (load {t['load_s']:.1f} s; set-up {setup_phases.describe(t['setup_s'])})", flush=True)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from . import log
 from .config import ModelConfig
 from .device import Device, DeviceUnavailable
 from .generate import check_request
+from .setup_phases import describe as describe_setup
 from .options import (DTYPE, MAX_SEQ_LEN, MODEL_DIR, RUNTIME_OPTIONS, WORLD_SIZE, add_options, kernel_mode, option,
                       positive_int)
 from .parallel import GroupSpec, RankFailure, WorkerGroup
@@ -162,6 +163,7 @@ def _report(args, result, tokenizer, eos, setup_s: float) -> None:
             "decode_ms": result.decode_ms,
             "new_tokens": int(result.output_ids.shape[1]),
             "setup_s": setup_s,
+            "request_setup_s": result.setup_s,
         }
         print(json.dumps(payload))
         return
@@ -169,7 +171,7 @@ def _report(args, result, tokenizer, eos, setup_s: float) -> None:
         print(f"--- completion {row} ---")
         print(texts[row] if texts else ids)
     log(f"[generate] first token {result.first_token_ms:.1f} ms, decode {result.decode_ms_per_token:.2f} ms/token "
-        f"({result.output_ids.shape[1]} new tokens)")
+        f"({result.output_ids.shape[1]} new tokens); the request's set-up, untimed: {describe_setup(result.setup_s)}")
 
 
 def cmd_generate(args) -> int:

@@ -21,6 +21,7 @@ from .comm import TPGroup
 from .config import ModelConfig
 from .embedding import Embedding
 from . import argmax, forms, fused_step, fusion_choice, kernels, layouts, malloc, panel_asks, plan_weights
+from .setup_phases import timed
 from .compiled import compile_step, drop_compiled_code
 from .kernels import KERNEL_MODES, Choice
 from .linear import Linear, run_kernel
@@ -83,6 +84,7 @@ class TPCausalLM(nn.Module):
         self.lm_head_packed: torch.Tensor | None = None  # the tied lm_head's packed copy (layouts.PACKERS)
         self.lm_head_kernel = "plain"
         self.kernel_mode = "plain"  # kernels.KERNEL_MODES; set by use_kernels
+        self.setup_s: dict[str, float] = {}  # the last setup_cache's phases, seconds (setup_phases.py)
         self.kernel_rows: int | None = None  # the decode batch the kernels are laid out for
         self.kernel_plan: dict[str, Choice] = {}  # the kernels laid out
         self.weighed_plan: dict[str, Choice] = {}  # the plan's own choice for the request (fusion_choice)
@@ -108,16 +110,19 @@ class TPCausalLM(nn.Module):
         if self.transformer.ln_f.weight.device.type != "cpu":
             mode = "plain"  # the kernels chosen here are CPU ones
         else:
-            forms.calibrate_forms(weights, activated, self.tp, self.transformer.h[0].attn, self._tick)
+            with timed(self.setup_s, "forms"):
+                forms.calibrate_forms(weights, activated, self.tp, self.transformer.h[0].attn, self._tick)
         if mode == "auto":
-            self.kernel_timings, self.kernel_plan_source = kernels.cached_or_measured(
-                weights, rows, self.tp, prefill, activated, self._tick, step_bytes)
+            with timed(self.setup_s, "kernel plan"):
+                self.kernel_timings, self.kernel_plan_source = kernels.cached_or_measured(
+                    weights, rows, self.tp, prefill, activated, self._tick, step_bytes)
         else:
             self.kernel_timings = {s: kernels.fixed_choice(mode, w, rows) for s, w in weights.items()}
             self.kernel_plan_source = "fixed"
         del weights  # the copies of packed weights read back for a measurement or a fixed mode's trial
         self.kernel_mode = mode
-        return self.lay_out(self._weighed(request, rows), rows)
+        with timed(self.setup_s, "lay-out"):
+            return self.lay_out(self._weighed(request, rows), rows)
 
     def _weighed(self, request: tuple[int, int] | None, rows: int) -> dict[str, Choice]:
         """The plan to lay out for `request` at `rows` decode rows: measured timings weighed for it (fixed
@@ -184,20 +189,25 @@ class TPCausalLM(nn.Module):
         (prompt rows, decode steps) whose weighed layouts differ from those laid out (kernels.weigh; only those
         weights). Where only some shapes' kernels keep the layers from fusing, the step is timed fused against the
         plan, and the panels' asks for this batch are settled (fusion_choice.settle, panel_asks.settle: 1-2 s
-        each, once per machine, model, plan and batch)."""
+        each, once per machine, model, plan and batch). Each phase's seconds go to `setup_s`."""
+        self.setup_s = {}
         if self.kernel_mode != "plain" and self.kernel_rows != batch:
             self.use_kernels(self.kernel_mode, batch, request)
         elif self.kernel_mode == "auto" and request is not None and request != self.kernel_request:
-            if (plan := self._weighed(request, batch)) != self.kernel_plan:
-                self.lay_out(plan, batch)
-        if batch != self.cache_batch or max_seq_len > self.cache_len:
-            self._allocate_cache(batch, max_seq_len)
+            with timed(self.setup_s, "lay-out"):
+                if (plan := self._weighed(request, batch)) != self.kernel_plan:
+                    self.lay_out(plan, batch)
+        with timed(self.setup_s, "cache"):
+            if batch != self.cache_batch or max_seq_len > self.cache_len:
+                self._allocate_cache(batch, max_seq_len)
         cpu = self.transformer.ln_f.weight.device.type == "cpu"
-        if cpu:  # fusion against the plan, timed (it may lay some weights out again)
-            fusion_choice.settle(self, batch)
-        self.fused_layers()  # (decided here, with the layout and the cache, before the timed steps)
+        with timed(self.setup_s, "fused step"):
+            if cpu:  # fusion against the plan, timed (it may lay some weights out again)
+                fusion_choice.settle(self, batch)
+            self.fused_layers()  # (decided here, with the layout and the cache, before the timed steps)
         if cpu:  # the panels' asks, timed on the step as it will run
-            panel_asks.settle(self, batch)
+            with timed(self.setup_s, "panels' asks"):
+                panel_asks.settle(self, batch)
 
     def _allocate_cache(self, batch: int, max_seq_len: int) -> None:
         if self.compiled_decode is not None and self.cache_batch:

@@ -30,6 +30,7 @@ class GenerationResult:
     topk_logprobs: torch.Tensor | None = None  # [B, new_tokens, k] when asked for
     topk_ids: torch.Tensor | None = None
     kernels: str = ""  # the model's kernel plan for this batch (TPCausalLM.kernels_summary)
+    setup_s: dict[str, float] = field(default_factory=dict)  # the set-up's phases, untimed (TPCausalLM.setup_s)
 
     @property
     def decode_ms_per_token(self) -> float:
@@ -81,4 +82,4 @@ def timed_generate(model: TPCausalLM, device: Device, prompts: list[list[int]], 
     steps, timed_ms = timer.slowest()
     return GenerationResult(output_ids=generation.output_ids, first_token_ms=steps[0], decode_ms=steps[1:],
                             timed_ms=timed_ms, topk_logprobs=generation.topk_logprobs, topk_ids=generation.topk_ids,
-                            kernels=model.kernels_summary())
+                            kernels=model.kernels_summary(), setup_s=dict(model.setup_s))

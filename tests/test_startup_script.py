@@ -23,6 +23,7 @@ def test_a_start_up_from_scratch_measures_in_a_cache_of_its_own_and_leaves_the_u
     case = Case(1, 16, 2)
     first = from_scratch(str(EMBEDDED_MODEL_DIR), "float32", 1, case)
     assert first["kernels"].startswith("auto (measured, batch 1"), first
+    assert {"forms", "kernel plan", "lay-out"} <= set(first["setup_s"]), first  # where its seconds went
     runner = PerfRunner(PerfOptions(model_dir=str(EMBEDDED_MODEL_DIR), batch_sizes=(1,), seq_in=(16,), seq_out=(2,),
                                     threads_per_rank=1), log=lambda m: None).start()
     try:

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from .. import log as default_log
+from .. import setup_phases
 from ..config import ModelConfig
 from ..device import Device
 from ..malloc import malloc_choice
@@ -28,6 +29,7 @@ from .faults import BusyWait
 
 DEFAULT_BATCH_SIZES = (1, 4, 8, 16, 32)
 DEFAULT_SEQ_LENS = (32, 64, 128, 256, 512, 1024)  # the Ascend guide's 2^5 .. 2^10
+LOGGED_SETUP_S = 0.5  # a warm-up whose set-up took this long says where it went
 FIRST_REGULAR_TOKEN = 19  # past StarCoder's special tokens, so that inputs are ordinary text ids
 
 
@@ -227,6 +229,7 @@ class PerfRunner:
         self.start_group = start_group or (lambda spec: WorkerGroup(spec).start())
         self.warmed: set[int] = set()
         self.kernels_logged = ""  # the last kernel plan logged: printed again when a case changes it
+        self.warm_up_setup_s: dict[str, float] = {}  # the last warm-up's set-up phases (setup_phases.py)
         self.setup_times: dict[str, float] = {}
 
     def start(self, shard_dir: Path | None = None) -> "PerfRunner":
@@ -261,16 +264,22 @@ class PerfRunner:
         token), and one such outlier in 5 baseline rounds is enough to blind the gate's test."""
         if self.options.warmup == 0:
             return
+        setups = []
         if case.batch not in self.warmed:
             seq_in = min(min(self.options.seq_in), 32)
             for _ in range(self.options.warmup):
-                self._generate(case, make_prompts(Case(case.batch, seq_in, 8), self.config.vocab_size, seed=99), 8)
+                warm, _ = self._generate(case, make_prompts(Case(case.batch, seq_in, 8), self.config.vocab_size, seed=99), 8)
+                setups.append(warm.setup_s)
             self.warmed.add(case.batch)
         # Compiled decode steps are compiled for the case's shape here, outside the timed rounds;
         # the cache sized for the whole case, measured kernels are laid out for it (kernels.weigh).
         generation, _ = self._generate(case, make_prompts(case, self.config.vocab_size, seed=98),
                                        min(3, case.seq_out) if self.options.compile else 1,
                                        max_seq_len=self.options.max_seq_len or case.seq_in + case.seq_out)
+        self.warm_up_setup_s = setup_phases.merged(*setups, generation.setup_s)
+        if sum(self.warm_up_setup_s.values()) >= LOGGED_SETUP_S:
+            self.log(f"[perf] {self.name + ': ' if self.name else ''}set-up for {case.id}: "
+                     f"{setup_phases.describe(self.warm_up_setup_s)}")
         if generation.kernels != self.kernels_logged:
             self.kernels_logged = generation.kernels
             self.log(f"[perf] {self.name + ': ' if self.name else ''}kernels for {case.id}: {generation.kernels}")

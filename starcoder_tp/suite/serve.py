@@ -72,7 +72,8 @@ def _serve(conn_in: Connection, conn_out: Connection) -> int:
                 return 1
             _send(conn_out, {"status": "ok", "peak_memory_bytes": memory, "result": {
                 "output_ids": result.output_ids.tolist(), "first_token_ms": result.first_token_ms,
-                "decode_ms": result.decode_ms, "timed_ms": result.timed_ms, "kernels": result.kernels}})
+                "decode_ms": result.decode_ms, "timed_ms": result.timed_ms, "kernels": result.kernels,
+                "setup_s": result.setup_s}})
     except (EOFError, BrokenPipeError, KeyboardInterrupt):
         return 0  # the driver went away (or Ctrl-C reached the whole process group)
     finally:
@@ -195,7 +196,8 @@ class RemoteGroup:
         result = GenerationResult(torch.tensor(r["output_ids"], dtype=torch.long), r["first_token_ms"], decode_ms,
                                   # 3624e8b, the first commit with serve.py, did not send it yet
                                   timed_ms=r.get("timed_ms", r["first_token_ms"] + sum(decode_ms)),
-                                  kernels=r.get("kernels", ""))  # nor this, before --kernels
+                                  kernels=r.get("kernels", ""),  # nor this, before --kernels
+                                  setup_s=r.get("setup_s", {}))  # nor this, before setup_phases.py
         return result, reply["peak_memory_bytes"]
 
     def _stall_timeout_s(self) -> float:
