@@ -20,6 +20,7 @@ import argparse
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from starcoder_tp import setup_phases
 from starcoder_tp.files import EMBEDDED_MODEL_DIR, cache_at, cache_dir
@@ -32,7 +33,7 @@ KEPT = ("shards", "native")  # the real cache's, linked: a cut and a build are o
 CASE = Case(1, 128, 2)
 
 
-def from_scratch(model_dir: str, dtype: str, world_size: int, case: Case = CASE) -> dict[str, float | str]:
+def from_scratch(model_dir: str, dtype: str, world_size: int, case: Case = CASE) -> dict[str, Any]:
     """A runner started on `model_dir` with nothing measured cached, to its first answer for `case`:
     {"load_s": start() (shard check, spawn, load), "first_answer_s": to the warm-up's end, "kernels":
     the kernels it chose, as the perf suite logs them ("auto (measured, ..."), "setup_s": the

@@ -157,7 +157,7 @@ def measure(dtype: str, batches: list[int], rounds: int, calls: int) -> dict:
             p.join(60)
             if p.is_alive():
                 p.kill()
-        os.unlink(path)
+        shm_comm.remove_segment(path)
 
 
 def rows(dtype: str, results: dict) -> list[str]:

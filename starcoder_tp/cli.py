@@ -17,10 +17,10 @@ from . import log
 from .config import ModelConfig
 from .device import Device, DeviceUnavailable
 from .generate import check_request
-from .setup_phases import describe as describe_setup
 from .options import (DTYPE, MAX_SEQ_LEN, MODEL_DIR, RUNTIME_OPTIONS, WORLD_SIZE, add_options, kernel_mode, option,
                       positive_int)
 from .parallel import GroupSpec, RankFailure, WorkerGroup
+from .setup_phases import describe as describe_setup
 from .shard import TOKENIZER_FILES, ensure_shards, read_manifest, shard_checkpoint
 
 # Subcommands whose code lives outside the runtime: module, what it is.

@@ -3,32 +3,44 @@
 A rank killed with its parent would otherwise finish the request in hand (minutes, on a large
 case) before its reply failed, and the A/B harness's side-B server likewise. Each watches a pipe
 whose only writer is its driver: the writer's end closes when the driver dies, however it dies
-(SIGKILL included), and the watcher exits within milliseconds. The watch reads nothing from the
-pipe, so it can be the one that carries the driver's messages.
+(SIGKILL included), and the watcher exits. The watch reads nothing from the pipe, so it can be
+the one that carries the driver's messages.
 """
 from __future__ import annotations
 
 import multiprocessing
 import os
 import select
-import sys
 import threading
 
 EXIT_CODE = 3  # the driver is gone; no one reads it, but a process list shows why
 
 
+def _say(message: str) -> None:
+    # os.write, not print: sys.stderr's lock may be held by the thread this one is about to end
+    try:
+        os.write(2, f"{message}\n".encode())
+    except OSError:
+        pass  # (stderr was the dead driver's pipe)
+
+
 def exit_on_hangup(fd: int, who: str) -> threading.Thread:
     """From now on, exit this process (os._exit) once every writer of the pipe `fd` has closed."""
+    try:
+        os.fstat(fd)
+    except OSError as error:
+        raise ValueError(f"{who}: cannot watch file descriptor {fd} for its driver's exit: {error}") from None
     poller = select.poll()
-    poller.register(fd, 0)  # (POLLHUP and POLLERR are always reported; pending data never is)
+    poller.register(fd, 0)  # (POLLHUP and POLLERR are always reported, POLLNVAL too; pending data never is)
 
     def watch() -> None:
-        while not poller.poll():
+        while not (events := poller.poll()):
             pass
-        try:
-            print(f"{who}: the process driving it is gone; exiting", file=sys.stderr, flush=True)
-        finally:
-            os._exit(EXIT_CODE)
+        if events[0][1] & select.POLLNVAL:  # (closed here before the first poll: no driver's end to watch)
+            _say(f"{who}: the watch on its driver stopped (file descriptor {fd} was closed here)")
+            return
+        _say(f"{who}: the process driving it is gone; exiting")
+        os._exit(EXIT_CODE)
 
     thread = threading.Thread(target=watch, name="starcoder_tp-lifeline", daemon=True)
     thread.start()

@@ -194,8 +194,8 @@ class TPCausalLM(nn.Module):
         if self.kernel_mode != "plain" and self.kernel_rows != batch:
             self.use_kernels(self.kernel_mode, batch, request)
         elif self.kernel_mode == "auto" and request is not None and request != self.kernel_request:
-            with timed(self.setup_s, "lay-out"):
-                if (plan := self._weighed(request, batch)) != self.kernel_plan:
+            if (plan := self._weighed(request, batch)) != self.kernel_plan:
+                with timed(self.setup_s, "lay-out"):
                     self.lay_out(plan, batch)
         with timed(self.setup_s, "cache"):
             if batch != self.cache_batch or max_seq_len > self.cache_len:

@@ -246,21 +246,25 @@ class WorkerGroup:
                                         wait_for_workers=False,
                                         timeout=datetime.timedelta(seconds=self.spec.timeout_s))
             port = self._store.port
-        if self.spec.use_shm:
-            self._shm_path = shm_comm.create_segment(self.spec.world_size)
-        self._stack_dir = tempfile.mkdtemp(prefix="starcoder_tp-stacks-")
-        weakref.finalize(self, shutil.rmtree, self._stack_dir, True)  # (a group never closed)
-        ctx = mp.get_context("spawn")
-        self._progress = ctx.Array("q", self.spec.world_size, lock=False)  # shared memory, one writer each
-        for rank in range(self.spec.world_size):
-            parent_end, child_end = ctx.Pipe()
-            proc = ctx.Process(target=_worker_main, args=(rank, self.spec, port, self._shm_path, child_end,
-                                                          self._progress, self._stack_dir),
-                               name=f"starcoder_tp-rank{rank}", daemon=True)
-            proc.start()
-            child_end.close()
-            self.procs.append(proc)
-            self.conns.append(parent_end)
+        try:  # (a rank that cannot be spawned, Ctrl-C: the ones started and the segment go again)
+            if self.spec.use_shm:
+                self._shm_path = shm_comm.create_segment(self.spec.world_size)
+            self._stack_dir = tempfile.mkdtemp(prefix="starcoder_tp-stacks-")
+            weakref.finalize(self, shutil.rmtree, self._stack_dir, True)  # (a group never closed)
+            ctx = mp.get_context("spawn")
+            self._progress = ctx.Array("q", self.spec.world_size, lock=False)  # shared memory, one writer each
+            for rank in range(self.spec.world_size):
+                parent_end, child_end = ctx.Pipe()
+                proc = ctx.Process(target=_worker_main, args=(rank, self.spec, port, self._shm_path, child_end,
+                                                              self._progress, self._stack_dir),
+                                   name=f"starcoder_tp-rank{rank}", daemon=True)
+                proc.start()
+                child_end.close()
+                self.procs.append(proc)
+                self.conns.append(parent_end)
+        except BaseException:
+            self.close(graceful=False)
+            raise
         self.ready_info = self._collect("start", self.start_timeout_s)
         self._unlink_shm()  # every rank has it mapped: nothing is left in /dev/shm, whatever happens
         self.start_s = time.perf_counter() - started

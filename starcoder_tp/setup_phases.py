@@ -6,19 +6,19 @@ from __future__ import annotations
 
 import time
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, Iterator
 
 SHOWN_FROM_S = 0.05  # phases shorter than this are left out of the line
 
 
 @contextmanager
-def timed(phases: dict[str, float], name: str) -> Iterator[None]:
+def timed(phases: dict[str, float], name: str, clock: Callable[[], float] = time.perf_counter) -> Iterator[None]:
     """Add the seconds of the block to `phases[name]`, however it ends."""
-    started = time.perf_counter()
+    started = clock()
     try:
         yield
     finally:
-        phases[name] = phases.get(name, 0.0) + time.perf_counter() - started
+        phases[name] = phases.get(name, 0.0) + clock() - started
 
 
 def merged(*all_phases: dict[str, float]) -> dict[str, float]:

@@ -27,7 +27,7 @@ import os
 import platform
 import time
 import uuid
-from multiprocessing import shared_memory
+from multiprocessing import resource_tracker, shared_memory
 from pathlib import Path
 
 import torch
@@ -73,7 +73,8 @@ def remove_segment(path: str) -> None:
     """Unlink a segment of create_segment, and take its name off the resource tracker's list."""
     try:
         segment = shared_memory.SharedMemory(Path(path).name)
-    except FileNotFoundError:
+    except FileNotFoundError:  # (unlinked by someone else: the name must still leave the tracker's list)
+        resource_tracker.unregister(f"/{Path(path).name}", "shared_memory")
         return
     segment.close()
     segment.unlink()

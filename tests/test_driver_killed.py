@@ -4,6 +4,7 @@ Each request here is held open by construction (>= 200 s of busy-waited decode s
 that only stops when its request ends fails the tests' deadline on any machine."""
 import glob
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -52,13 +53,14 @@ def _alive(p: psutil.Process) -> bool:
         return False
 
 
-def _until(condition, what: str, timeout: float = 120, driver: subprocess.Popen | None = None) -> None:
+def _until(condition, what: str, timeout: float = 120, driver: subprocess.Popen | None = None,
+           log: Path | None = None) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         assert time.monotonic() < deadline, f"{what} did not happen within {timeout}s"
         if driver is not None and driver.poll() is not None:
             raise AssertionError(f"the driver exited ({driver.returncode}) before {what}:\n"
-                                 f"{driver.communicate()[1] or ''}"[-3000:])
+                                 f"{log.read_text()[-3000:] if log else ''}")
         time.sleep(0.02)
 
 
@@ -91,32 +93,38 @@ def _assert_all_gone(procs: list[psutil.Process], segment_owner: int) -> None:
     print(f"all gone {time.monotonic() - started:.2f}s after the kill")
 
 
-def _generate_cli(shards: Path, reap) -> subprocess.Popen:
-    return reap(subprocess.Popen([sys.executable, "-m", "starcoder_tp", "generate", "--shards", str(shards),
-                                  "--prompt", "def f(", *HELD], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+def _generate_cli(shards: Path, log: Path, reap) -> subprocess.Popen:
+    """The CLI, its output (and its ranks' and resource tracker's) to `log`: a file, which no
+    writer can fill up and block on."""
+    with open(log, "wb") as out:
+        return reap(subprocess.Popen([sys.executable, "-m", "starcoder_tp", "generate", "--shards", str(shards),
+                                      "--prompt", "def f(", *HELD], cwd=REPO,
+                                     env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=out, stderr=out))
 
 
-def test_ranks_stop_at_once_when_their_parent_is_killed_mid_request(shards, reap, leftovers):
-    proc = _generate_cli(shards, reap)
+def test_ranks_stop_at_once_when_their_parent_is_killed_mid_request(shards, tmp_path, reap, leftovers):
+    log = tmp_path / "generate.log"
+    proc = _generate_cli(shards, log, reap)
     driver = psutil.Process(proc.pid)
-    _until(lambda: len(_spawned(driver, "spawn_main")) == 2, "the ranks' spawn", driver=proc)
+    _until(lambda: "rank(s) ready" in log.read_text(), "the ranks' start", driver=proc, log=log)
     ranks = _spawned(driver, "spawn_main")
+    assert len(ranks) == 2, [r.cmdline() for r in ranks]
     leftovers(ranks)
-    _computing(ranks)
+    _computing(ranks)  # (ready, they burn CPU only for the request)
     proc.kill()
     proc.wait(10)
     _assert_all_gone(ranks, proc.pid)
-    stderr = proc.stderr.read()
+    text = log.read_text()
     for rank in (0, 1):
-        assert f"starcoder_tp rank {rank}: the process driving it is gone; exiting" in stderr, stderr[-3000:]
+        assert f"starcoder_tp rank {rank}: the process driving it is gone; exiting" in text, text[-3000:]
 
 
-def test_a_parent_killed_before_its_ranks_are_ready_leaves_no_segment(shards, reap, leftovers):
+def test_a_parent_killed_before_its_ranks_are_ready_leaves_no_segment(shards, tmp_path, reap, leftovers):
     """The parent removes the segment once every rank has mapped it: killed before that, it
     cannot. Its ranks are stopped (SIGSTOP) as soon as they are spawned, so none is ready when
     the parent dies; resumed, they must exit, and the segment go with the last of them."""
-    proc = _generate_cli(shards, reap)
+    log = tmp_path / "generate.log"
+    proc = _generate_cli(shards, log, reap)
     driver = psutil.Process(proc.pid)
     stopped: set[int] = set()
 
@@ -127,7 +135,7 @@ def test_a_parent_killed_before_its_ranks_are_ready_leaves_no_segment(shards, re
                 stopped.add(rank.pid)
         return len(stopped) == 2
 
-    _until(stop_ranks, "the ranks' spawn", driver=proc)
+    _until(stop_ranks, "the ranks' spawn", driver=proc, log=log)
     ranks = [psutil.Process(pid) for pid in stopped]
     tracker = _spawned(driver, "resource_tracker")
     assert len(tracker) == 1, [p.cmdline() for p in driver.children(recursive=True)]
@@ -139,7 +147,7 @@ def test_a_parent_killed_before_its_ranks_are_ready_leaves_no_segment(shards, re
     for rank in ranks:
         rank.send_signal(signal.SIGCONT)
     _assert_all_gone(ranks + tracker, proc.pid)
-    assert "leaked shared_memory" in proc.stderr.read()  # the tracker says what it removed
+    assert "leaked shared_memory" in log.read_text()  # the tracker says what it removed
 
 
 DRIVER = textwrap.dedent("""
@@ -157,12 +165,12 @@ DRIVER = textwrap.dedent("""
 
 
 def test_a_killed_ab_driver_leaves_no_side_b_server_and_no_ranks(shards, tmp_path, reap, leftovers):
-    log = tmp_path / "side-b.log"
-    proc = reap(subprocess.Popen([sys.executable, "-c", DRIVER, str(REPO), str(shards), str(log)], cwd=REPO,
-                                 env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE, text=True))
-    line = proc.stdout.readline()
-    assert line.startswith("ready "), (line, log.read_text() if log.is_file() else "")
-    server = psutil.Process(int(line.split()[1]))
+    log, driver_log = tmp_path / "side-b.log", tmp_path / "driver.log"
+    with open(driver_log, "wb") as out:
+        proc = reap(subprocess.Popen([sys.executable, "-c", DRIVER, str(REPO), str(shards), str(log)], cwd=REPO,
+                                     env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=out, stderr=out))
+    _until(lambda: re.search(r"^ready \d+$", driver_log.read_text(), re.M), "side B's start", driver=proc, log=driver_log)
+    server = psutil.Process(int(re.search(r"^ready (\d+)$", driver_log.read_text(), re.M)[1]))
     ranks = _spawned(server, "spawn_main")
     assert len(ranks) == 2, [r.cmdline() for r in ranks]
     leftovers([server, *ranks])

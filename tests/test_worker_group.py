@@ -43,6 +43,35 @@ def test_killed_rank_is_named_with_its_signal(shards):
     assert_gone(pids)
 
 
+def test_a_rank_that_cannot_be_spawned_leaves_no_rank_and_no_segment(shards, monkeypatch):
+    """Rank 1's spawn fails after rank 0 started and the segment was made: the error reaches the
+    caller, and rank 0 and the segment are gone with it."""
+    import glob
+
+    from starcoder_tp import parallel
+
+    spawn, made = parallel.mp.get_context("spawn"), []
+
+    class FailingSecondSpawn:
+        def __getattr__(self, name):
+            return getattr(spawn, name)
+
+        def Process(self, *args, **kwargs):  # noqa: N802 - multiprocessing's name
+            proc = spawn.Process(*args, **kwargs)
+            if made:
+                proc.start = lambda: (_ for _ in ()).throw(OSError("cannot fork: out of processes"))
+            made.append(proc)
+            return proc
+
+    monkeypatch.setattr(parallel.mp, "get_context", lambda method: FailingSecondSpawn())
+    group = WorkerGroup(GroupSpec(str(shards), 2, timeout_s=60))
+    with pytest.raises(OSError, match="out of processes"):
+        group.start()
+    assert len(made) == 2 and made[0].exitcode is not None, made  # rank 0 was started, and is gone
+    assert not glob.glob(f"/dev/shm/starcoder_tp-{os.getpid()}-*")
+    assert group.procs == []
+
+
 def test_bad_request_is_refused_in_the_parent_and_the_group_keeps_serving(shards):
     with WorkerGroup(GroupSpec(str(shards), 2, timeout_s=60)) as group:
         with pytest.raises(ValueError, match="token id 99999 is outside the vocabulary"):

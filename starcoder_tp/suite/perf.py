@@ -262,6 +262,7 @@ class PerfRunner:
         case, one untimed prefill of its exact shape. Without the latter, a case's first round
         pays for kernel selection and allocations at the new shape (here 20-40% on the first
         token), and one such outlier in 5 baseline rounds is enough to blind the gate's test."""
+        self.warm_up_setup_s = {}
         if self.options.warmup == 0:
             return
         setups = []

@@ -20,6 +20,8 @@ import time
 from multiprocessing.connection import Connection
 from pathlib import Path
 
+from ..lifeline import exit_on_hangup
+
 PROTOCOL = 1
 START_MARGIN_S = 60.0  # beyond the group's own start timeout: the server's interpreter and imports
 
@@ -75,7 +77,9 @@ def _serve(conn_in: Connection, conn_out: Connection) -> int:
                 "decode_ms": result.decode_ms, "timed_ms": result.timed_ms, "kernels": result.kernels,
                 "setup_s": result.setup_s}})
     except (EOFError, BrokenPipeError, KeyboardInterrupt):
-        return 0  # the driver went away (or Ctrl-C reached the whole process group)
+        # Ctrl-C reached the whole process group, or the driver went away while the lifeline had not
+        # yet ended this process (it usually has: then its ranks follow by their own lifelines).
+        return 0
     finally:
         group.close()
 
@@ -85,8 +89,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fd-in", type=int, required=True)
     parser.add_argument("--fd-out", type=int, required=True)
     args = parser.parse_args(argv)
-    from ..lifeline import exit_on_hangup
-
     exit_on_hangup(args.fd_in, "starcoder_tp.serve (side B)")  # a driver killed mid-request: stop its ranks now
     return _serve(Connection(args.fd_in, writable=False), Connection(args.fd_out, readable=False))
 
