@@ -246,7 +246,7 @@ class WorkerGroup:
                                         wait_for_workers=False,
                                         timeout=datetime.timedelta(seconds=self.spec.timeout_s))
             port = self._store.port
-        try:  # (a rank that cannot be spawned, Ctrl-C: the ones started and the segment go again)
+        try:  # (a rank that cannot be spawned, Ctrl-C while they load: the ranks and the segment go again)
             if self.spec.use_shm:
                 self._shm_path = shm_comm.create_segment(self.spec.world_size)
             self._stack_dir = tempfile.mkdtemp(prefix="starcoder_tp-stacks-")
@@ -255,17 +255,19 @@ class WorkerGroup:
             self._progress = ctx.Array("q", self.spec.world_size, lock=False)  # shared memory, one writer each
             for rank in range(self.spec.world_size):
                 parent_end, child_end = ctx.Pipe()
+                self.conns.append(parent_end)  # (closed by close(), as the process may never start)
                 proc = ctx.Process(target=_worker_main, args=(rank, self.spec, port, self._shm_path, child_end,
                                                               self._progress, self._stack_dir),
                                    name=f"starcoder_tp-rank{rank}", daemon=True)
-                proc.start()
-                child_end.close()
+                try:
+                    proc.start()
+                finally:
+                    child_end.close()
                 self.procs.append(proc)
-                self.conns.append(parent_end)
+            self.ready_info = self._collect("start", self.start_timeout_s)
         except BaseException:
             self.close(graceful=False)
             raise
-        self.ready_info = self._collect("start", self.start_timeout_s)
         self._unlink_shm()  # every rank has it mapped: nothing is left in /dev/shm, whatever happens
         self.start_s = time.perf_counter() - started
         return self

@@ -72,6 +72,23 @@ def test_a_rank_that_cannot_be_spawned_leaves_no_rank_and_no_segment(shards, mon
     assert group.procs == []
 
 
+def test_an_interrupt_while_the_ranks_load_leaves_no_rank_and_no_segment(shards, monkeypatch):
+    import glob
+
+    spawned = []
+
+    def interrupted(self, what, timeout_s, watch_progress=False):
+        spawned.extend(self.procs)
+        raise KeyboardInterrupt  # (Ctrl-C in the parent while it waits for the ranks' "ready")
+
+    monkeypatch.setattr(WorkerGroup, "_collect", interrupted)
+    group = WorkerGroup(GroupSpec(str(shards), 2, timeout_s=60))
+    with pytest.raises(KeyboardInterrupt):
+        group.start()
+    assert len(spawned) == 2 and all(p.exitcode is not None for p in spawned), spawned
+    assert not glob.glob(f"/dev/shm/starcoder_tp-{os.getpid()}-*")
+
+
 def test_bad_request_is_refused_in_the_parent_and_the_group_keeps_serving(shards):
     with WorkerGroup(GroupSpec(str(shards), 2, timeout_s=60)) as group:
         with pytest.raises(ValueError, match="token id 99999 is outside the vocabulary"):
