@@ -17,6 +17,7 @@ import pytest
 
 from starcoder_tp import shm_comm
 from starcoder_tp.shard import shard_checkpoint
+from waiting import spawned, until
 
 REPO = Path(__file__).resolve().parent.parent
 HELD = ("--max-new-tokens", "2000", "--ignore-eos", "--inject-decode-delay-ms", "100")  # >= 200 s
@@ -53,43 +54,21 @@ def _alive(p: psutil.Process) -> bool:
         return False
 
 
-def _until(condition, what: str, timeout: float = 120, driver: subprocess.Popen | None = None,
-           log: Path | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"{what} did not happen within {timeout}s"
-        if driver is not None and driver.poll() is not None:
-            raise AssertionError(f"the driver exited ({driver.returncode}) before {what}:\n"
-                                 f"{log.read_text()[-3000:] if log else ''}")
-        time.sleep(0.02)
-
-
 def _segments_of(pid: int) -> list[str]:
     return glob.glob(f"/dev/shm/starcoder_tp-{pid}-*")
-
-
-def _spawned(proc: psutil.Process, kind: str) -> list[psutil.Process]:
-    found = []
-    for child in proc.children(recursive=True):
-        try:
-            if kind in " ".join(child.cmdline()):
-                found.append(child)
-        except psutil.NoSuchProcess:
-            pass
-    return found
 
 
 def _computing(ranks: list[psutil.Process]) -> None:
     """Until every rank has burnt 0.3 s of CPU: an idle rank waits on its pipe and burns none, so
     each is inside the held request."""
     start = [sum(r.cpu_times()[:2]) for r in ranks]
-    _until(lambda: all(sum(r.cpu_times()[:2]) - s > 0.3 for r, s in zip(ranks, start)), "the ranks' request")
+    until(lambda: all(sum(r.cpu_times()[:2]) - s > 0.3 for r, s in zip(ranks, start)), "the ranks' request")
 
 
 def _assert_all_gone(procs: list[psutil.Process], segment_owner: int) -> None:
     started = time.monotonic()
-    _until(lambda: not any(map(_alive, procs)), f"the exit of {[p.pid for p in procs if _alive(p)]}", GONE_WITHIN_S)
-    _until(lambda: not _segments_of(segment_owner), f"the removal of {_segments_of(segment_owner)}", GONE_WITHIN_S)
+    until(lambda: not any(map(_alive, procs)), f"the exit of {[p.pid for p in procs if _alive(p)]}", GONE_WITHIN_S)
+    until(lambda: not _segments_of(segment_owner), f"the removal of {_segments_of(segment_owner)}", GONE_WITHIN_S)
     print(f"all gone {time.monotonic() - started:.2f}s after the kill")
 
 
@@ -106,8 +85,8 @@ def test_ranks_stop_at_once_when_their_parent_is_killed_mid_request(shards, tmp_
     log = tmp_path / "generate.log"
     proc = _generate_cli(shards, log, reap)
     driver = psutil.Process(proc.pid)
-    _until(lambda: "rank(s) ready" in log.read_text(), "the ranks' start", driver=proc, log=log)
-    ranks = _spawned(driver, "spawn_main")
+    until(lambda: "rank(s) ready" in log.read_text(), "the ranks' start", driver=proc, log=log)
+    ranks = spawned(driver, "spawn_main")
     assert len(ranks) == 2, [r.cmdline() for r in ranks]
     leftovers(ranks)
     _computing(ranks)  # (ready, they burn CPU only for the request)
@@ -129,15 +108,15 @@ def test_a_parent_killed_before_its_ranks_are_ready_leaves_no_segment(shards, tm
     stopped: set[int] = set()
 
     def stop_ranks() -> bool:
-        for rank in _spawned(driver, "spawn_main"):
+        for rank in spawned(driver, "spawn_main"):
             if rank.pid not in stopped:
                 rank.send_signal(signal.SIGSTOP)
                 stopped.add(rank.pid)
         return len(stopped) == 2
 
-    _until(stop_ranks, "the ranks' spawn", driver=proc, log=log)
+    until(stop_ranks, "the ranks' spawn", driver=proc, log=log)
     ranks = [psutil.Process(pid) for pid in stopped]
-    tracker = _spawned(driver, "resource_tracker")
+    tracker = spawned(driver, "resource_tracker")
     assert len(tracker) == 1, [p.cmdline() for p in driver.children(recursive=True)]
     leftovers(ranks)
     assert _segments_of(proc.pid), "the segment should exist while no rank is ready"
@@ -169,9 +148,9 @@ def test_a_killed_ab_driver_leaves_no_side_b_server_and_no_ranks(shards, tmp_pat
     with open(driver_log, "wb") as out:
         proc = reap(subprocess.Popen([sys.executable, "-c", DRIVER, str(REPO), str(shards), str(log)], cwd=REPO,
                                      env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=out, stderr=out))
-    _until(lambda: re.search(r"^ready \d+$", driver_log.read_text(), re.M), "side B's start", driver=proc, log=driver_log)
+    until(lambda: re.search(r"^ready \d+$", driver_log.read_text(), re.M), "side B's start", driver=proc, log=driver_log)
     server = psutil.Process(int(re.search(r"^ready (\d+)$", driver_log.read_text(), re.M)[1]))
-    ranks = _spawned(server, "spawn_main")
+    ranks = spawned(server, "spawn_main")
     assert len(ranks) == 2, [r.cmdline() for r in ranks]
     leftovers([server, *ranks])
     _computing(ranks)

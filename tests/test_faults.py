@@ -17,6 +17,7 @@ import pytest
 from starcoder_tp.parallel import GroupSpec, RankFailure, WorkerGroup
 from starcoder_tp.shard import shard_checkpoint
 from starcoder_tp.suite.faults import BusyWait, HangOn
+from waiting import spawned, until
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -169,16 +170,8 @@ def _ranks_running(tag: str) -> set[int]:
     return found
 
 
-def _until(condition, what: str, timeout: float = 120) -> None:
-    """Poll `condition` (an event the test observes) with a deadline that only bounds a hang."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"{what} did not happen within {timeout}s"
-        time.sleep(0.05)
-
-
 def _no_ranks_of(tag: str) -> None:
-    _until(lambda: not _ranks_running(tag), "the ranks' exit", timeout=30)
+    until(lambda: not _ranks_running(tag), "the ranks' exit", timeout=30)
 
 
 # The long cases of the subprocess tests are held open the same way: 300 decode steps of >= 20 ms.
@@ -197,7 +190,7 @@ def test_perf_suite_survives_a_killed_rank(tmp_path, reap):
                                  cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO), "STARCODER_TP_TEST_TAG": tag},
                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     csv_file = tmp_path / "multibatch_performance_starcoder_0.csv"
-    _until(lambda: csv_file.is_file() and len(csv_file.read_text().splitlines()) >= 2, "the first row")
+    until(lambda: csv_file.is_file() and len(csv_file.read_text().splitlines()) >= 2, "the first row")
     workers = [p for p in psutil.Process(proc.pid).children(recursive=True) if "spawn_main" in " ".join(p.cmdline())]
     assert len(workers) == 2, [p.cmdline() for p in workers]
     assert _ranks_running(tag) == {w.pid for w in workers}  # the final check below can see our ranks
@@ -240,17 +233,6 @@ def _cli(reap, *args) -> tuple[subprocess.Popen, _Lines]:
     return proc, _Lines(proc)
 
 
-def _ranks_of(proc: subprocess.Popen) -> list[psutil.Process]:
-    ranks = []
-    for child in psutil.Process(proc.pid).children(recursive=True):
-        try:
-            if "spawn_main" in " ".join(child.cmdline()):
-                ranks.append(child)
-        except psutil.NoSuchProcess:
-            pass
-    return ranks
-
-
 def _assert_procs_gone(ranks: list[psutil.Process]) -> None:
     _, alive = psutil.wait_procs(ranks, timeout=15)
     alive = [p.pid for p in alive if p.status() != psutil.STATUS_ZOMBIE]
@@ -264,7 +246,7 @@ def test_generate_cli_exits_non_zero_naming_the_rank(shards, fault, reap):
     proc, out = _cli(reap, "generate", "--shards", shards, "--prompt", "def f(", "--max-new-tokens", 2000,
                      "--ignore-eos", "--rank-timeout", 4, "--inject-decode-delay-ms", 20)
     out.wait_for("rank(s) ready")
-    ranks = _ranks_of(proc)
+    ranks = spawned(psutil.Process(proc.pid))
     assert len(ranks) == 2
     started = time.monotonic()
     os.kill(ranks[1].pid, signal.SIGKILL if fault == "kill" else signal.SIGSTOP)
@@ -284,7 +266,7 @@ def test_bench_cli_survives_a_killed_rank_and_keeps_the_rows(tmp_path, reap):
     proc, out = _cli(reap, "bench", "--multicase", 1, "--batch-sizes", 1, "--seq-in", "16,32", "--seq-out", "8,300", *HELD,
                      "--results-dir", tmp_path)
     out.wait_for("[bench] 1/4 bs1-in16-out8")
-    ranks = _ranks_of(proc)
+    ranks = spawned(psutil.Process(proc.pid))
     assert len(ranks) == 2
     os.kill(ranks[1].pid, signal.SIGKILL)  # the second case (>= 6 s) is starting or running
     output = out.finish(timeout=600)
