@@ -17,7 +17,7 @@ import pytest
 from starcoder_tp.parallel import GroupSpec, RankFailure, WorkerGroup
 from starcoder_tp.shard import shard_checkpoint
 from starcoder_tp.suite.faults import BusyWait, HangOn
-from waiting import spawned, until
+from waiting import Lines, spawned, until
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -205,32 +205,11 @@ def test_perf_suite_survives_a_killed_rank(tmp_path, reap):
     _no_ranks_of(tag)
 
 
-class _Lines:
-    """A child's merged output, read on a thread, so that a test can wait for a line with a deadline."""
-
-    def __init__(self, proc: subprocess.Popen):
-        self.proc, self.lines = proc, []
-        self.thread = threading.Thread(target=lambda: self.lines.extend(iter(proc.stdout.readline, "")), daemon=True)
-        self.thread.start()
-
-    def wait_for(self, text: str, timeout: float = 120) -> None:
-        deadline = time.monotonic() + timeout
-        while not any(text in line for line in self.lines):
-            if time.monotonic() > deadline or self.proc.poll() is not None:
-                raise AssertionError(f"{text!r} never came:\n{''.join(self.lines)[-3000:]}")
-            time.sleep(0.05)
-
-    def finish(self, timeout: float) -> str:
-        self.proc.wait(timeout=timeout)
-        self.thread.join(timeout=10)
-        return "".join(self.lines)
-
-
-def _cli(reap, *args) -> tuple[subprocess.Popen, _Lines]:
+def _cli(reap, *args) -> tuple[subprocess.Popen, Lines]:
     proc = reap(subprocess.Popen([sys.executable, "-m", "starcoder_tp", *map(str, args)], cwd=REPO,
                                  env={**os.environ, "PYTHONPATH": str(REPO)},
                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    return proc, _Lines(proc)
+    return proc, Lines(proc)
 
 
 def _assert_procs_gone(ranks: list[psutil.Process]) -> None:

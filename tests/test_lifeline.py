@@ -8,6 +8,7 @@ import textwrap
 import pytest
 
 from starcoder_tp.lifeline import EXIT_CODE, exit_on_hangup
+from waiting import Lines
 
 # The watched process: it watches a pipe whose writer the test holds, says so, then echoes its stdin
 # line by line; its stdin stays open until it has exited, so only the lifeline can end it (with EXIT_CODE).
@@ -27,11 +28,12 @@ def test_the_process_exits_when_its_drivers_pipe_closes_and_not_for_its_data():
     proc = subprocess.Popen([sys.executable, "-c", WATCHED, str(read_end)], pass_fds=(read_end,),
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     os.close(read_end)
+    out = Lines(proc)
     try:
-        assert proc.stdout.readline() == "watching\n", proc.communicate(timeout=60)
-        for ping in ("ping 1\n", "ping 2\n"):  # (round trips made while the watch has the data in view)
-            proc.stdin.write(ping), proc.stdin.flush()
-            assert proc.stdout.readline() == ping
+        out.wait_for("watching")
+        for ping in ("ping 1", "ping 2"):  # (round trips made while the watch has the data in view)
+            proc.stdin.write(ping + "\n"), proc.stdin.flush()
+            out.wait_for(ping)
         assert proc.poll() is None
     finally:
         os.close(write_end)

@@ -3,6 +3,7 @@ bounds a hang (never a sleep that hopes the event came), and finding a process's
 from __future__ import annotations
 
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -32,3 +33,25 @@ def spawned(parent: psutil.Process, kind: str = "spawn_main") -> list[psutil.Pro
         except psutil.NoSuchProcess:
             pass
     return found
+
+
+class Lines:
+    """A child's stdout (with its stderr where merged into it), read on a thread, so that a test can wait
+    for a line with a deadline."""
+
+    def __init__(self, proc: subprocess.Popen):
+        self.proc, self.lines = proc, []
+        self.thread = threading.Thread(target=lambda: self.lines.extend(iter(proc.stdout.readline, "")), daemon=True)
+        self.thread.start()
+
+    def wait_for(self, text: str, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while not any(text in line for line in self.lines):
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                raise AssertionError(f"{text!r} never came:\n{''.join(self.lines)[-3000:]}")
+            time.sleep(0.05)
+
+    def finish(self, timeout: float) -> str:
+        self.proc.wait(timeout=timeout)
+        self.thread.join(timeout=10)
+        return "".join(self.lines)
