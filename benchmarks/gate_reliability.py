@@ -32,7 +32,7 @@ from starcoder_tp.suite.gate import compare_metric
 from starcoder_tp.suite.gitref import checkout_ref, working_tree
 from starcoder_tp.suite.machine import describe, machine_fingerprint
 from starcoder_tp.device import Device
-from starcoder_tp.parallel import default_threads
+from starcoder_tp.group_spec import default_threads
 from starcoder_tp.suite.perf import Case, CaseResult, PerfOptions, PerfRunner
 
 CONDITIONS = {"A/A": 0.0, "+25%": 0.25, "+10%": 0.10}

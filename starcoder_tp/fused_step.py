@@ -14,7 +14,7 @@ where the cache fits inside it (no key ever falls out of it), an activation pane
 linear laid out in panels for the decode batch, a decode step with no mask (no left padding) and an
 int slot. Anything else runs op by op, as does everything with STARCODER_TP_FUSED_STEP=0 (`why_not`
 says which). A fused step runs no layer hooks: the heartbeat ticks once per step
-(parallel.Heartbeat), as for a compiled step.
+(rank.Heartbeat), as for a compiled step.
 """
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """The local worker group: ranks that the runtime spawns itself on one host (torchrun's ranks:
-torchrun.py).
+torchrun.py), seen from the parent. What runs in each rank: rank.py.
 
 The group is persistent: ranks start once, load their parts, then serve requests over
 pipes until closed, so a test suite pays the start-up once. Every wait has a timeout, and a
@@ -10,189 +10,29 @@ from __future__ import annotations
 
 import datetime
 import multiprocessing as mp
-import os
 import re
-import platform
 import shutil
 import signal
-import sys
 import tempfile
 import time
-import traceback
 import weakref
-from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
 
-from . import lifeline, rowdot, shm_comm, stacks
-from .comm import TPGroup
+from . import shm_comm, stacks
 from .config import ModelConfig
-from .device import Device
 from .generate import StepHooks, check_request
-from .malloc import as_a_cpu_rank, malloc_choice
-from .model import load_model
+from .group_spec import COMPILE_ALLOWANCE_S, DEFAULT_START_TIMEOUT_S, GroupSpec
+from .rank import rank_main
 from .sampling import Sampling, SequenceStreams
-from .timing import GenerationResult, timed_generate
-
-DEFAULT_START_TIMEOUT_S = 300.0
-DEFAULT_CALL_TIMEOUT_S = 60.0  # how long a rank waits on another (collectives): a hung rank is named then
-DEFAULT_REQUEST_TIMEOUT_S = 3600.0  # one whole generation; long grids cases on a CPU take minutes
-COMPILE_ALLOWANCE_S = 600.0  # with --compile, a first step at a new shape compiles for up to this long, silently
+from .timing import GenerationResult
 
 
 class RankFailure(RuntimeError):
     """A rank died, hung or raised; the message says which and why."""
 
-
-@dataclass(frozen=True)
-class GroupSpec:
-    """Everything a rank needs to start."""
-
-    shard_dir: str
-    world_size: int
-    device: Device = Device("cpu")
-    threads_per_rank: int | None = None  # None: the machine's cores shared evenly
-    pin_cores: bool = True
-    timeout_s: float = DEFAULT_CALL_TIMEOUT_S
-    request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S
-    comm: str = "auto"  # "shm": shared-memory collectives; "dist": the backend's; "auto": shm on one CPU host
-    kernels: str = "auto"  # the linear kernels on CPU (kernels.KERNEL_MODES): 'auto' measures them
-    compile: bool = False  # decode steps through torch.compile (see TPCausalLM.compile_decode)
-
-    def __post_init__(self) -> None:
-        malloc_choice()  # a bad STARCODER_TP_MALLOC stops here, before any rank is spawned
-        if self.comm not in ("auto", "shm", "dist"):
-            raise ValueError(f"comm {self.comm!r} is not one of 'auto', 'shm', 'dist'")
-        if self.comm == "shm" and (self.device.kind != "cpu" or not shm_comm.supported()):
-            raise ValueError(f"comm 'shm' needs --device cpu on x86-64 with /dev/shm, not {self.device.kind} "
-                             f"on {platform.machine()}")
-        if self.use_shm:
-            shm_comm.stream_setting()  # a bad STARCODER_TP_SHM_STREAM stops here too
-
-    @property
-    def use_shm(self) -> bool:
-        if self.world_size == 1 or self.comm == "dist":
-            return False
-        return self.comm == "shm" or (self.device.kind == "cpu" and shm_comm.supported())
-
-
-def default_threads(world_size: int) -> int:
-    return max(1, (os.cpu_count() or 1) // world_size)
-
-
-def oversubscription(spec: GroupSpec) -> str:
-    """A warning when the ranks' threads outnumber the cores this process may use ('' if not):
-    ranks spin while they wait, so oversubscribed they slow each other down many times over."""
-    if spec.device.kind != "cpu":
-        return ""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    threads = spec.threads_per_rank or default_threads(spec.world_size)
-    if threads * spec.world_size <= cores:
-        return ""
-    return (f"{spec.world_size} rank(s) x {threads} thread(s) = {threads * spec.world_size} threads on {cores} usable "
-            f"core(s): the ranks slow each other down, so these figures are not this machine's "
-            f"(at most {max(1, cores // spec.world_size)} thread(s) per rank fit)")
-
-
-def configure_threads(rank: int, spec: GroupSpec) -> int:
-    """One slice of the cores per rank: oversubscribed ranks slow each other down badly."""
-    threads = spec.threads_per_rank or default_threads(spec.world_size)
-    torch.set_num_threads(threads)
-    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
-    if spec.pin_cores and spec.device.kind == "cpu" and len(cores) >= threads * spec.world_size:
-        os.sched_setaffinity(0, cores[rank * threads:(rank + 1) * threads])
-    return threads
-
-
-class Heartbeat(StepHooks):
-    """A rank's tick count in memory the parent reads: one tick per layer forward (a long
-    prefill still ticks) and one per step (a compiled or fused step runs no layer hooks), so that a rank
-    that stops computing is caught even where no peer waits on it (world size 1)."""
-
-    def __init__(self, progress, rank: int):
-        self.progress, self.rank = progress, rank
-
-    def tick(self, *_) -> None:
-        if not torch.compiler.is_compiling():  # traced into a compiled step: nothing to record
-            self.progress[self.rank] += 1
-
-    def step_end(self, step: int) -> None:
-        self.tick()
-
-
-def _release_shared_objects() -> None:
-    """Run multiprocessing's own finalizers, as an interpreter's normal exit would: a rank exits by
-    os._exit, and a semaphore made in it (tqdm's lock, in a rank that compiles) stayed registered
-    with the parent's resource tracker, which reported it leaked when the parent exited."""
-    import multiprocessing.util
-
-    multiprocessing.util._run_finalizers(0)  # (exit priority >= 0: the semaphores' unlink and unregister)
-
-
-def _worker_main(rank: int, spec: GroupSpec, store_port: int, shm_path: str | None, conn: Connection,
-                 progress, stack_dir: str) -> None:
-    """A rank of a local worker group: start, load, then serve requests until told to stop."""
-    exit_code = 0
-    try:
-        started = time.perf_counter()
-        lifeline.exit_with_parent(f"starcoder_tp rank {rank}")  # a parent killed mid-request leaves no rank computing
-        stacks.arm(stack_dir, rank)  # where it was, if the parent asks (the group failed)
-        # Before the model loads: torch's first large block.
-        allocator, pages = as_a_cpu_rank() if spec.device.kind == "cpu" else ("system", "")
-        configure_threads(rank, spec)
-        torch_device = spec.device.bind(rank)
-        if spec.world_size > 1:
-            store = dist.TCPStore("127.0.0.1", store_port, spec.world_size + 1, is_master=False,
-                                  timeout=datetime.timedelta(seconds=spec.timeout_s))
-            dist.init_process_group(spec.device.backend, store=store, rank=rank, world_size=spec.world_size,
-                                    timeout=datetime.timedelta(seconds=spec.timeout_s))
-        shm = shm_comm.ShmComm(shm_path, rank, spec.world_size, spec.timeout_s) if shm_path else None
-        if shm is not None:  # (our kernels' library built first: its stream_copy is a candidate)
-            shm.use_stream_copy(rowdot.stream_copy())
-        tp = TPGroup(rank, spec.world_size, shm)
-        model = load_model(spec.shard_dir, tp, torch_device, kernels=spec.kernels, compile=spec.compile)
-        if spec.device.kind == "cpu":
-            # Our kernels' library is built (seconds, once per machine) here, not in the first request,
-            # where the build held the heartbeat still long enough to be taken for a hang.
-            rowdot.library()
-        heartbeat = Heartbeat(progress, rank)
-        model.progress_hooks.append(heartbeat.tick)  # measuring and laying out the kernels of a new request
-        for block in model.transformer.h:
-            block.register_forward_pre_hook(heartbeat.tick)
-        conn.send(("ready", {"load_s": time.perf_counter() - started, "pid": os.getpid(),
-                             "packed_weights": sum(1 for _ in model.packed_weights()),
-                             "kernels": model.kernels_summary(), "allocator": allocator, "pages": pages,
-                             "compiled": model.compiled_decode is not None}))
-        while True:
-            command, kwargs = conn.recv()
-            if command == "stop":
-                break
-            if command != "generate":
-                raise ValueError(f"unknown command {command!r}")
-            spec.device.reset_peak_memory()
-            kwargs["hooks"] = (*kwargs.get("hooks", ()), heartbeat)
-            result = timed_generate(model, spec.device, **kwargs)
-            reply = {"peak_memory_bytes": spec.device.peak_memory_bytes()}
-            if rank == 0:
-                reply["result"] = result
-            conn.send(("ok", reply))
-    except (KeyboardInterrupt, EOFError, BrokenPipeError):
-        pass  # the parent went away or asked us to stop: nothing to report to
-    except BaseException:
-        exit_code = 1
-        try:
-            conn.send(("error", traceback.format_exc()))
-        except (BrokenPipeError, OSError):
-            traceback.print_exc()
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-        _release_shared_objects()
-        sys.stdout.flush(), sys.stderr.flush()
-        os._exit(exit_code)  # skip the interpreter's slow teardown of torch; nothing is left to flush
 
 
 def _describe_exit(proc: mp.Process) -> str:
@@ -256,7 +96,7 @@ class WorkerGroup:
             for rank in range(self.spec.world_size):
                 parent_end, child_end = ctx.Pipe()
                 self.conns.append(parent_end)  # (closed by close(), as the process may never start)
-                proc = ctx.Process(target=_worker_main, args=(rank, self.spec, port, self._shm_path, child_end,
+                proc = ctx.Process(target=rank_main, args=(rank, self.spec, port, self._shm_path, child_end,
                                                               self._progress, self._stack_dir),
                                    name=f"starcoder_tp-rank{rank}", daemon=True)
                 try:

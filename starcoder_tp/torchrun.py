@@ -19,7 +19,7 @@ from .device import Device
 from .generate import check_request
 from .model import TPCausalLM, load_model
 from .malloc import as_a_cpu_rank
-from .parallel import DEFAULT_CALL_TIMEOUT_S, GroupSpec, configure_threads
+from .group_spec import DEFAULT_CALL_TIMEOUT_S, GroupSpec, configure_threads
 from .timing import GenerationResult, timed_generate
 
 

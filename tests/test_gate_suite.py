@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from starcoder_tp.parallel import default_threads
+from starcoder_tp.group_spec import default_threads
 
 REPO = Path(__file__).resolve().parent.parent
 GRID = ["--batch-sizes", "1", "--seq-in", "128", "--seq-out", "32"]

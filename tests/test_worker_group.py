@@ -125,7 +125,7 @@ def test_missing_shard_set_is_refused_before_spawning(tmp_path):
 
 def test_threads_beyond_the_usable_cores_are_named_in_a_warning(monkeypatch):
     from starcoder_tp.device import Device
-    from starcoder_tp.parallel import GroupSpec, oversubscription
+    from starcoder_tp.group_spec import GroupSpec, oversubscription
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
@@ -140,12 +140,12 @@ def test_threads_beyond_the_usable_cores_are_named_in_a_warning(monkeypatch):
 
 _CHILD_WITH_A_SEMAPHORE = """
 import multiprocessing as mp, os, sys
-from starcoder_tp.parallel import _release_shared_objects
+from starcoder_tp.rank import release_shared_objects
 
 def child(release):
     lock = mp.get_context("spawn").RLock()  # registered with the parent's resource tracker
     if release:
-        _release_shared_objects()
+        release_shared_objects()
     os._exit(0)  # as a rank exits
 
 if __name__ == "__main__":
@@ -157,7 +157,7 @@ if __name__ == "__main__":
 
 
 def test_a_rank_exiting_by_os_exit_leaves_no_semaphore_to_the_parents_tracker(tmp_path):
-    """A rank exits by os._exit: without _release_shared_objects, a semaphore made in it (tqdm's
+    """A rank exits by os._exit: without release_shared_objects, a semaphore made in it (tqdm's
     lock in a compiling rank) was reported leaked by the parent's resource tracker at its exit."""
     script = tmp_path / "child.py"
     script.write_text(_CHILD_WITH_A_SEMAPHORE)

@@ -8,8 +8,9 @@ import time
 
 from .. import log
 from ..device import Device
+from ..group_spec import default_threads
 from ..options import add_options, positive_int
-from ..parallel import RankFailure, default_threads
+from ..parallel import RankFailure
 from ..shard import ensure_shards
 from ..torchrun import launched_by_torchrun, torchrun_rank, torchrun_world_size
 from . import ab

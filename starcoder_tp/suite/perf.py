@@ -21,8 +21,9 @@ from .. import log as default_log
 from .. import setup_phases
 from ..config import ModelConfig
 from ..device import Device
+from ..group_spec import GroupSpec, oversubscription
 from ..malloc import malloc_choice
-from ..parallel import GroupSpec, RankFailure, WorkerGroup, oversubscription
+from ..parallel import RankFailure, WorkerGroup
 from ..shard import DTYPES, ensure_shards
 from ..torchrun import launched_by_torchrun
 from .faults import BusyWait

@@ -14,7 +14,7 @@ import pytest
 from ..device import Device
 from ..files import ORACLE_MODEL_DIR
 from ..options import add_options
-from ..parallel import default_threads
+from ..group_spec import default_threads
 from . import ab
 from .accuracy import AccuracyOptions, AccuracyRun, require_tokenizer, run_accuracy, stored_reference_for
 from .accuracy import summary_lines as accuracy_summary_lines

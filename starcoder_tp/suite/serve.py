@@ -125,7 +125,7 @@ class RemoteGroup:
         self._ranks: list = []
 
     def start(self) -> "RemoteGroup":
-        from ..parallel import DEFAULT_START_TIMEOUT_S
+        from ..group_spec import DEFAULT_START_TIMEOUT_S
 
         to_child_r, to_child_w = os.pipe()
         from_child_r, from_child_w = os.pipe()
@@ -174,7 +174,7 @@ class RemoteGroup:
         """WorkerGroup.generate over the protocol; of the hooks, it carries the injected faults."""
         import torch
 
-        from ..parallel import COMPILE_ALLOWANCE_S
+        from ..group_spec import COMPILE_ALLOWANCE_S
         from ..timing import GenerationResult
         from .faults import BusyWait
 
@@ -203,7 +203,7 @@ class RemoteGroup:
         return result, reply["peak_memory_bytes"]
 
     def _stall_timeout_s(self) -> float:
-        from ..parallel import COMPILE_ALLOWANCE_S
+        from ..group_spec import COMPILE_ALLOWANCE_S
 
         return self.spec.timeout_s * 1.5 + (COMPILE_ALLOWANCE_S if self.spec.compile else 0.0)
 
