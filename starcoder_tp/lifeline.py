@@ -12,8 +12,10 @@ import multiprocessing
 import os
 import select
 import threading
+from typing import Callable
 
 EXIT_CODE = 3  # the driver is gone; no one reads it, but a process list shows why
+ON_EXIT_TIMEOUT_S = 2.0  # an on_exit that blocks (on a lock the killed thread holds) must not keep it alive
 
 
 def _say(message: str) -> None:
@@ -24,8 +26,23 @@ def _say(message: str) -> None:
         pass  # (stderr was the dead driver's pipe)
 
 
-def exit_on_hangup(fd: int, who: str) -> threading.Thread:
-    """From now on, exit this process (os._exit) once every writer of the pipe `fd` has closed."""
+def _run_bounded(on_exit: Callable[[], None], who: str) -> None:
+    def run() -> None:
+        try:
+            on_exit()
+        except BaseException as error:  # (it is exiting whatever happens: say so, and go)
+            _say(f"{who}: its clean-up on exit failed: {error!r}")
+
+    cleanup = threading.Thread(target=run, name="starcoder_tp-lifeline-exit", daemon=True)
+    cleanup.start()
+    cleanup.join(ON_EXIT_TIMEOUT_S)
+    if cleanup.is_alive():
+        _say(f"{who}: its clean-up on exit took over {ON_EXIT_TIMEOUT_S:.0f}s; exiting without it")
+
+
+def exit_on_hangup(fd: int, who: str, on_exit: Callable[[], None] | None = None) -> threading.Thread:
+    """From now on, exit this process (os._exit) once every writer of the pipe `fd` has closed, after
+    `on_exit` (what an os._exit skips) has run or had ON_EXIT_TIMEOUT_S."""
     try:
         os.fstat(fd)
     except OSError as error:
@@ -40,6 +57,8 @@ def exit_on_hangup(fd: int, who: str) -> threading.Thread:
             _say(f"{who}: the watch on its driver stopped (file descriptor {fd} was closed here)")
             return
         _say(f"{who}: the process driving it is gone; exiting")
+        if on_exit is not None:
+            _run_bounded(on_exit, who)
         os._exit(EXIT_CODE)
 
     thread = threading.Thread(target=watch, name="starcoder_tp-lifeline", daemon=True)
@@ -47,10 +66,10 @@ def exit_on_hangup(fd: int, who: str) -> threading.Thread:
     return thread
 
 
-def exit_with_parent(who: str) -> threading.Thread | None:
+def exit_with_parent(who: str, on_exit: Callable[[], None] | None = None) -> threading.Thread | None:
     """In a process started by multiprocessing: exit once the parent process is gone. None in a
     process that multiprocessing did not start (it has no parent's sentinel to watch)."""
     parent = multiprocessing.parent_process()
     if parent is None:
         return None
-    return exit_on_hangup(parent.sentinel, who)
+    return exit_on_hangup(parent.sentinel, who, on_exit)

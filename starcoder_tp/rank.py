@@ -52,7 +52,8 @@ def rank_main(rank: int, spec: GroupSpec, store_port: int, shm_path: str | None,
     exit_code = 0
     try:
         started = time.perf_counter()
-        lifeline.exit_with_parent(f"starcoder_tp rank {rank}")  # a parent killed mid-request leaves no rank computing
+        # A parent killed mid-request leaves no rank computing, nor a semaphore for its tracker to call leaked.
+        lifeline.exit_with_parent(f"starcoder_tp rank {rank}", on_exit=release_shared_objects)
         stacks.arm(stack_dir, rank)  # where it was, if the parent asks (the group failed)
         # Before the model loads: torch's first large block.
         allocator, pages = as_a_cpu_rank() if spec.device.kind == "cpu" else ("system", "")
