@@ -44,6 +44,7 @@ class GroupSpec:
                              f"on {platform.machine()}")
         if self.use_shm:
             shm_comm.stream_setting()  # a bad STARCODER_TP_SHM_STREAM stops here too
+            shm_comm.small_setting()  # and STARCODER_TP_SHM_SMALL
 
     @property
     def use_shm(self) -> bool:

@@ -65,8 +65,9 @@ def rank_main(rank: int, spec: GroupSpec, store_port: int, shm_path: str | None,
             dist.init_process_group(spec.device.backend, store=store, rank=rank, world_size=spec.world_size,
                                     timeout=datetime.timedelta(seconds=spec.timeout_s))
         shm = shm_comm.ShmComm(shm_path, rank, spec.world_size, spec.timeout_s) if shm_path else None
-        if shm is not None:  # (our kernels' library built first: its stream_copy is a candidate)
+        if shm is not None:  # (our kernels' library built first: its stream_copy and small all-reduce)
             shm.use_stream_copy(rowdot.stream_copy())
+            shm.use_small_reduce(rowdot.small_all_reduce())
         tp = TPGroup(rank, spec.world_size, shm)
         model = load_model(spec.shard_dir, tp, torch_device, kernels=spec.kernels, compile=spec.compile)
         if spec.device.kind == "cpu":

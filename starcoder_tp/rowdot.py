@@ -37,10 +37,11 @@ from .files import atomic_path, cache_dir
 # Our kernels, built into one library: rowdot.c's one-row products, panels.c's (panels.py),
 # attend.c's decode attention (decode_attention.py), argmax.c's greedy pick (argmax.py),
 # softmax.c's causal softmax of the prefill's blocks (softmax.py), fused_step.c's decode layers and
-# rotary.c's RoPE rotation (rotary.py), stream_copy.c's publishing copy (shm_comm.py).
+# rotary.c's RoPE rotation (rotary.py), stream_copy.c's publishing copy and shm_reduce.c's small
+# all-reduce (shm_comm.py).
 SOURCES = tuple(Path(__file__).with_name(name) for name in ("rowdot.c", "panels.c", "attend.c", "attend_few.c",
                                                            "argmax.c", "softmax.c", "fused_step.c", "rotary.c",
-                                                           "stream_copy.c"))
+                                                           "stream_copy.c", "shm_reduce.c"))
 # (part of the build's digest: the sources include them)
 HEADERS = tuple(Path(__file__).with_name(name) for name in ("simd.h", "attend_few.h"))
 ENV = "STARCODER_TP_ROWDOT"  # "off": never build or offer the kernel; a name of PATHS: that path
@@ -110,6 +111,10 @@ def library() -> tuple[ctypes.CDLL | None, str]:
     lib.causal_softmax_supported.restype = ctypes.c_int
     lib.stream_copy.argtypes, lib.stream_copy.restype = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long], None
     lib.stream_copy_supported.restype = ctypes.c_int
+    # (shm_comm.py) view, seq, buf, n, bf16, publish, wait_s -> the first rank missing, or -1: done
+    lib.shm_all_reduce_small.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_long, ctypes.c_int,
+                                         ctypes.c_int, ctypes.c_double]
+    lib.shm_all_reduce_small.restype = ctypes.c_long
     for fn in (lib.argmax_f32, lib.argmax_bf16):  # (argmax.py) x, row stride, rows, n, values, index
         fn.argtypes, fn.restype = [ctypes.c_void_p] + [ctypes.c_long] * 3 + [ctypes.c_void_p] * 2, ctypes.c_int
     rotary = [ctypes.c_void_p] + [ctypes.c_long] * 7 + [ctypes.c_void_p] * 2  # (rotary.py) x, B, T, H, D, strides,
@@ -180,3 +185,10 @@ def stream_copy():
     not built or the CPU is not x86-64 (shm_comm.ShmComm.use_stream_copy)."""
     lib, _ = library()
     return lib.stream_copy if lib is not None and lib.stream_copy_supported() else None
+
+
+def small_all_reduce():
+    """shm_reduce.c's all-reduce of a small tensor in one call, or None where the library is not built
+    (shm_comm.ShmComm.use_small_reduce)."""
+    lib, _ = library()
+    return lib.shm_all_reduce_small if lib is not None else None

@@ -23,6 +23,7 @@ from its chunk, still in its cache, not from its slot: the same values, in the s
 """
 from __future__ import annotations
 
+import ctypes
 import os
 import platform
 import time
@@ -45,6 +46,14 @@ PROBE_ORDER = (0, 1, 1, 0)  # a probe's all-reduces: each way twice (the first w
 PROBE_MISSES = 4  # all-reduces of another size a probe passes over before it starts again at that size
 PROBE_MOST = len(PROBE_ORDER) + 2 * PROBE_MISSES  # timed all-reduces before a probe that has not ended is dropped
 STREAM_ENV = "STARCODER_TP_SHM_STREAM"  # auto (default): probed; 0: always copied; 1: always streamed
+SMALL_ENV = "STARCODER_TP_SHM_SMALL"  # 1 (default): all-reduces below STREAM_MIN_BYTES by shm_reduce.c; 0: in Python
+SMALL_DTYPES = {torch.float32: 0, torch.bfloat16: 1}  # shm_reduce.c's `bf16` argument
+SMALL_WAIT_S = 0.05  # each call's wait at most: between calls the deadline is checked and Ctrl-C gets through
+
+
+class ShmView(ctypes.Structure):  # shm_reduce.c's struct shm_view
+    _fields_ = [("flags", ctypes.c_void_p), ("data", ctypes.c_void_p), ("flag_stride", ctypes.c_long),
+                ("slot_bytes", ctypes.c_long), ("rank", ctypes.c_long), ("world_size", ctypes.c_long)]
 
 
 def stream_setting() -> str:
@@ -53,6 +62,15 @@ def stream_setting() -> str:
     if wanted not in ("auto", "0", "1"):
         raise ValueError(f"{STREAM_ENV}={wanted!r}: expected auto (probed), 0 (copied) or 1 (streamed)")
     return wanted
+
+
+def small_setting() -> bool:
+    """SMALL_ENV's value, checked (the parent checks it before it starts any rank): whether small all-reduces
+    run in shm_reduce.c."""
+    wanted = os.environ.get(SMALL_ENV, "1")
+    if wanted not in ("0", "1"):
+        raise ValueError(f"{SMALL_ENV}={wanted!r}: expected 0 (in Python) or 1 (shm_reduce.c, the default)")
+    return wanted == "1"
 
 
 def supported() -> bool:
@@ -154,6 +172,9 @@ class ShmComm:
         self.publishing = "copied"  # how large all-reduces publish: copied, streamed or probed (the plan's line)
         self.probes = Probes()
         self.waited_s = 0.0  # a probed all-reduce's waits for the other ranks
+        self._small = None  # shm_reduce.c's, from use_small_reduce
+        self._view = ShmView(self._raw.data_ptr(), self._data.data_ptr(), FLAG_STRIDE, slot_bytes, rank, world_size)
+        self._view_ptr = ctypes.addressof(self._view)
 
     def _slots(self, parity: int, numel: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         key = (parity, numel, dtype)
@@ -178,6 +199,27 @@ class ShmComm:
         self.publishing = "copied" if self._stream_copy is None else "streamed" if wanted == "1" else "probed"
         self.probes.streaming = self.publishing == "streamed"
         return self.publishing
+
+    def use_small_reduce(self, small_all_reduce) -> bool:
+        """Let all-reduces below STREAM_MIN_BYTES run in one call of `small_all_reduce` (shm_reduce.c's, or None
+        where the library is not built: in Python), unless SMALL_ENV is 0; returns whether they do."""
+        self._small = small_all_reduce if small_setting() else None
+        return self._small is not None
+
+    def _all_reduce_small(self, flat: torch.Tensor, kind: int) -> None:
+        self._seq += 1
+        late = self._small(self._view_ptr, self._seq, flat.data_ptr(), flat.numel(), kind, 1, SMALL_WAIT_S)
+        if late < 0:
+            return
+        deadline = time.monotonic() - SMALL_WAIT_S + self.timeout_s  # (from the wait's start, as _wait's)
+        while late >= 0:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"rank(s) {self._late(self._seq)} did not reach collective #{self._seq} within "
+                                   f"{self.timeout_s:.0f}s (rank {self.rank} waited)")
+            late = self._small(self._view_ptr, self._seq, flat.data_ptr(), flat.numel(), kind, 0, SMALL_WAIT_S)
+
+    def _late(self, seq: int) -> list[int]:
+        return [r for r in range(self.world_size) if self._flags_np[r] < seq]
 
     def _exchange(self, chunk: torch.Tensor, streamed: bool = False, timed: bool = False) -> torch.Tensor:
         """Publish `chunk` (1-D, contiguous, <= slot) and return all ranks' chunks, [N, numel]; `timed`:
@@ -211,8 +253,7 @@ class ShmComm:
             if spins % 64 == 0:
                 os.sched_yield()  # several ranks per core must still make progress
                 if time.monotonic() > deadline:
-                    late = [r for r in range(self.world_size) if flags[r] < seq]
-                    raise RuntimeError(f"rank(s) {late} did not reach collective #{seq} within {self.timeout_s:.0f}s "
+                    raise RuntimeError(f"rank(s) {self._late(seq)} did not reach collective #{seq} within {self.timeout_s:.0f}s "
                                        f"(rank {self.rank} waited)")
 
     def _chunks(self, flat: torch.Tensor):
@@ -224,6 +265,16 @@ class ShmComm:
         """Sum over ranks, in place, in rank order (identical bits on every rank)."""
         flat = t.view(-1) if t.is_contiguous() else t.contiguous().view(-1)
         nbytes = flat.nbytes
+        if (self._small is not None and nbytes < min(STREAM_MIN_BYTES, self.slot_bytes + 1)
+                and (kind := SMALL_DTYPES.get(t.dtype)) is not None):
+            self._all_reduce_small(flat, kind)  # (a decode step's: one call instead of ~20 µs of torch's overhead)
+        else:
+            self._all_reduce_large(flat, nbytes)
+        if flat.data_ptr() != t.data_ptr():
+            t.copy_(flat.view_as(t))
+        return t
+
+    def _all_reduce_large(self, flat: torch.Tensor, nbytes: int) -> None:
         streamed = timed = False
         if self.publishing != "copied" and nbytes >= STREAM_MIN_BYTES:
             streamed, timed = self.probes.next() if self.publishing == "probed" else (True, False)
@@ -240,9 +291,6 @@ class ShmComm:
                 chunk.add_(parts[r])
         if timed:
             self.probes.record(streamed, time.perf_counter() - started - self.waited_s, nbytes)
-        if flat.data_ptr() != t.data_ptr():
-            t.copy_(flat.view_as(t))
-        return t
 
     def all_gather(self, t: torch.Tensor) -> torch.Tensor:
         """[N, *t.shape], every rank's `t` in rank order."""

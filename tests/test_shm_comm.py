@@ -9,17 +9,25 @@ from starcoder_tp import rowdot, shm_comm
 pytestmark = pytest.mark.skipif(not shm_comm.supported(), reason="shared-memory collectives need x86-64 and /dev/shm")
 
 
-def _rank(rank, world_size, path, queue, publishing="copied"):
+def _rank(rank, world_size, path, queue, publishing="copied", small="python"):
     try:
-        _collectives(rank, world_size, path, queue, publishing)
+        _collectives(rank, world_size, path, queue, publishing, small)
     except Exception:
         import traceback
         queue.put((rank, {"error": traceback.format_exc()}))
         raise
 
 
-def _collectives(rank, world_size, path, queue, publishing):
+def _collectives(rank, world_size, path, queue, publishing, small):
     comm = shm_comm.ShmComm(path, rank, world_size, timeout_s=30, slot_bytes=4096)
+    small_calls = [0]  # all-reduces by shm_reduce.c (its calls that publish: one that waits on calls it again)
+    if small == "C" or (small == "rank 0 in C" and rank == 0):  # (the others in Python: the protocol is one)
+        small_all_reduce = rowdot.small_all_reduce()
+
+        def counted(view, seq, buf, n, bf16, publish, wait_s):
+            small_calls[0] += publish
+            return small_all_reduce(view, seq, buf, n, bf16, publish, wait_s)
+        comm.use_small_reduce(counted)
     streamed = [0]  # stream_copy.c's calls
     if publishing != "copied":  # all-reduces of 64 bytes or more by stream_copy.c (a 7-float one copied),
         shm_comm.STREAM_MIN_BYTES, shm_comm.PROBE_EVERY = 64, 8  # or both ways, probed
@@ -29,7 +37,7 @@ def _collectives(rank, world_size, path, queue, publishing):
     out = {}
     for i in range(10):  # one chunk each (4000 bytes): a probe's four turns, then its way
         out[f"one_chunk_{i}"] = comm.all_reduce_(torch.full((1000,), float(rank + i)))
-    for n, dtype in ((7, torch.float32), (3000, torch.float32), (2500, torch.bfloat16), (1, torch.float64)):
+    for n, dtype in CASES:
         gen = torch.Generator().manual_seed(1000 * rank + n)
         t = torch.randn(n, generator=gen).to(dtype)
         out[(n, str(dtype))] = comm.all_reduce_(t.clone())
@@ -52,19 +60,33 @@ def _collectives(rank, world_size, path, queue, publishing):
     out = {key: value.tolist() for key, value in out.items()}
     out["ways"] = [streamed[0], comm.probes.calls, comm.probes.won[False] + comm.probes.won[True],
                    comm.probes.won[True]]
+    out["small_calls"] = small_calls[0]
     queue.put((rank, out))
 
 
-@pytest.mark.parametrize("publishing", ["copied", "streamed", "probed"])
+# (n, dtype) all-reduced from seeded random parts: sums whose rounding (bf16's at every step) shows the order.
+# With 4096-byte slots: 7 fp32 and 31 bf16 in one call of shm_reduce.c where it runs; 3000 fp32 and 2500 bf16 in
+# chunks, in Python; float64 in Python (shm_reduce.c takes fp32 and bf16).
+CASES = ((7, torch.float32), (31, torch.bfloat16), (3000, torch.float32), (2500, torch.bfloat16), (1, torch.float64))
+# Which all-reduces shm_reduce.c runs with 4096-byte slots: the ten of 4000 bytes, 7 fp32, 31 bf16, the
+# inference-mode four, the strided one; with STREAM_MIN_BYTES at 64 (streamed, probed) only those under 64 bytes.
+SMALL_CALLS = {"copied": 17, "streamed": 7, "probed": 7}
+
+
+@pytest.mark.parametrize("publishing, small", [("copied", "python"), ("streamed", "python"), ("probed", "python"),
+                                               ("copied", "C"), ("probed", "C"), ("copied", "rank 0 in C")])
 @pytest.mark.parametrize("world_size", [2, 3])
-def test_all_reduce_and_all_gather_are_exact_and_identical_on_every_rank(world_size, publishing):
+def test_all_reduce_and_all_gather_are_exact_and_identical_on_every_rank(world_size, publishing, small):
     if publishing != "copied" and rowdot.stream_copy() is None:
         pytest.skip(f"stream_copy.c not built here ({rowdot.library()[1]})")
+    if small != "python" and rowdot.small_all_reduce() is None:
+        pytest.skip(f"shm_reduce.c not built here ({rowdot.library()[1]})")
     path = shm_comm.create_segment(world_size, slot_bytes=4096)
     try:
         ctx = mp.get_context("spawn")
         queue = ctx.Queue()
-        procs = [ctx.Process(target=_rank, args=(r, world_size, path, queue, publishing)) for r in range(world_size)]
+        procs = [ctx.Process(target=_rank, args=(r, world_size, path, queue, publishing, small))
+                 for r in range(world_size)]
         for p in procs:
             p.start()
         results = dict(queue.get(timeout=120) for _ in procs)
@@ -74,14 +96,14 @@ def test_all_reduce_and_all_gather_are_exact_and_identical_on_every_rank(world_s
         shm_comm.remove_segment(path)
     failed = {r: out["error"] for r, out in results.items() if "error" in out}
     assert not failed, failed
-    for (n, dtype) in [(7, "torch.float32"), (3000, "torch.float32"), (2500, "torch.bfloat16"), (1, "torch.float64")]:
-        parts = [torch.randn(n, generator=torch.Generator().manual_seed(1000 * r + n)).to(getattr(torch, dtype[6:]))
+    for (n, dtype) in CASES:
+        parts = [torch.randn(n, generator=torch.Generator().manual_seed(1000 * r + n)).to(dtype)
                  for r in range(world_size)]
         expected = parts[0].clone()
         for p in parts[1:]:
             expected += p  # the same order as the ranks sum in
         for r in range(world_size):
-            assert results[r][(n, dtype)] == expected.tolist(), (n, dtype, r)
+            assert results[r][(n, str(dtype))] == expected.tolist(), (n, dtype, r)
     ranks_sum, ids_sum = world_size * (world_size + 1) / 2, world_size * (world_size - 1) / 2
     for key, size in (("in_then_out", 5), ("out_then_in", 6)):
         assert all(results[r][key] == [[ranks_sum] * size, [ids_sum] * size] * 2 for r in range(world_size)), key
@@ -103,12 +125,18 @@ def test_all_reduce_and_all_gather_are_exact_and_identical_on_every_rank(world_s
         else:  # probed: calls 1-4 the first probe (2 streamed), 5-8 its way (4 chunks, if streaming), 9 streamed
             # (the second probe's first turn), 10 copied, 11-12 copied (the probe's turn, another size)
             assert calls == 12 and probes == 1 and copies == 3 + 4 * streaming, (r, copies, calls, probes, streaming)
+        in_c = small == "C" or (small == "rank 0 in C" and r == 0)
+        assert results[r]["small_calls"] == (SMALL_CALLS[publishing] if in_c else 0), r
 
 
-def test_a_missing_rank_is_named_after_the_timeout():
+@pytest.mark.parametrize("small", ["python", "C"])
+def test_a_missing_rank_is_named_after_the_timeout(small):
+    if small == "C" and rowdot.small_all_reduce() is None:
+        pytest.skip(f"shm_reduce.c not built here ({rowdot.library()[1]})")
     path = shm_comm.create_segment(2, slot_bytes=4096)
     try:
         comm = shm_comm.ShmComm(path, 0, 2, timeout_s=0.5, slot_bytes=4096)
+        comm.use_small_reduce(rowdot.small_all_reduce() if small == "C" else None)
         with pytest.raises(RuntimeError, match=r"rank\(s\) \[1\] did not reach collective #1 within 0s"):
             comm.all_reduce_(torch.ones(4))
     finally:
@@ -184,6 +212,13 @@ def test_a_bad_stream_setting_is_refused_naming_it_before_any_rank_is_spawned(mo
     GroupSpec("unused", 1)  # (one rank: no shared memory, nothing to set)
 
 
+def test_a_bad_small_reduce_setting_is_refused_naming_it_before_any_rank_is_spawned(monkeypatch):
+    from starcoder_tp.parallel import GroupSpec
+    monkeypatch.setenv(shm_comm.SMALL_ENV, "yes")
+    with pytest.raises(ValueError, match=r"STARCODER_TP_SHM_SMALL='yes': expected 0 \(in Python\) or 1"):
+        GroupSpec("unused", 2)
+
+
 def test_a_probe_times_a_ranks_copies_and_sums_not_its_waits(monkeypatch):
     """The other rank arrives a second late at every chunk: the probe's time leaves that out."""
     clock = [0.0]
@@ -234,3 +269,72 @@ def test_stream_copy_copies_every_byte_at_any_alignment():
         copy(dst.data_ptr() + dst_offset, src.data_ptr() + src_offset, n)
         assert torch.equal(dst[dst_offset:dst_offset + n], src[src_offset:src_offset + n]), (dst_offset, src_offset, n)
         assert not dst[:dst_offset].any() and not dst[dst_offset + n:].any(), "nothing written outside"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_shm_reduce_c_sums_in_rank_order_rounding_each_sum_as_torch_add_does(dtype):
+    """Rank 0 of three by shm_reduce.c, the other two ranks' parts written into their slots here: every sum
+    rounded as torch.add rounds it (bf16: to nearest even at each step, ties included), in rank order."""
+    if rowdot.small_all_reduce() is None:
+        pytest.skip(f"shm_reduce.c not built here ({rowdot.library()[1]})")
+    gen = torch.Generator().manual_seed(7)
+    scales = 2.0 ** torch.randint(-20, 20, (3, 4000), generator=gen)
+    parts = (torch.randn(3, 4000, generator=gen) * scales).to(dtype)
+    # ties: 1 + 2^-8 is halfway between two bf16s (to even: 1), 1 + 3 * 2^-8 too (to even: 1 + 2^-6); inf, -0
+    parts[:, :6] = torch.tensor([[1.0, 1.0, float("inf"), -0.0, 3.0, 1.0], [2.0 ** -8, 3 * 2.0 ** -8, 1.0, -0.0, -3.0, 0],
+                                 [0, 0, 2.0, -0.0, 2.0 ** -30, 2.0 ** -8]]).to(dtype)
+    path = shm_comm.create_segment(3, slot_bytes=16384)
+    try:
+        comm = shm_comm.ShmComm(path, 0, 3, timeout_s=30, slot_bytes=16384)
+        comm.use_small_reduce(rowdot.small_all_reduce())
+        every = comm._slots(1, parts.shape[1], dtype)[1]  # collective #1's slots
+        every[1].copy_(parts[1]), every[2].copy_(parts[2])
+        comm._flags_np[1] = comm._flags_np[2] = 1
+        got = comm.all_reduce_(parts[0].clone())
+    finally:
+        shm_comm.remove_segment(path)
+    expected = torch.add(parts[0], parts[1]).add_(parts[2])
+    assert comm._seq == 1 and comm._flags_np[0] == 1
+    differ = (got.view(torch.int16 if dtype == torch.bfloat16 else torch.int32)
+              != expected.view(torch.int16 if dtype == torch.bfloat16 else torch.int32)).nonzero().flatten()
+    assert differ.numel() == 0, [(i.item(), parts[:, i].tolist(), got[i].item(), expected[i].item()) for i in differ[:5]]
+
+
+def test_ctrl_c_reaches_a_rank_waiting_in_shm_reduce_c(tmp_path):
+    """A rank waits in shm_reduce.c for a rank that never comes, with a collective timeout of 10 minutes; SIGINT,
+    sent once its flag shows it inside the call, ends it by KeyboardInterrupt, not at the timeout: the C
+    call waits SMALL_WAIT_S at most before Python gets control back."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import textwrap
+
+    from waiting import until
+
+    if rowdot.small_all_reduce() is None:
+        pytest.skip(f"shm_reduce.c not built here ({rowdot.library()[1]})")
+    path = shm_comm.create_segment(2, slot_bytes=4096)
+    script = textwrap.dedent(f"""
+        import torch
+        from starcoder_tp import rowdot, shm_comm
+        comm = shm_comm.ShmComm({path!r}, 0, 2, timeout_s=600, slot_bytes=4096)
+        comm.use_small_reduce(rowdot.small_all_reduce())
+        try:
+            comm.all_reduce_(torch.ones(16))
+        except KeyboardInterrupt:
+            print("interrupted", flush=True)
+    """)
+    try:
+        watcher = shm_comm.ShmComm(path, 1, 2, timeout_s=30, slot_bytes=4096)  # (rank 1's view: reads rank 0's flag)
+        proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            until(lambda: watcher._flags_np[0] == 1 or proc.poll() is not None, "rank 0's publishing", timeout=120)
+            assert proc.poll() is None, proc.communicate()
+            os.kill(proc.pid, signal.SIGINT)
+            out, err = proc.communicate(timeout=120)  # (bounds it: the timeout would be 600 s)
+        finally:
+            proc.kill()
+    finally:
+        shm_comm.remove_segment(path)
+    assert out == "interrupted\n", err
