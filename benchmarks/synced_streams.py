@@ -6,9 +6,9 @@ one stream's rate). A step is not one stream per rank: each rank reads its share
 weights, then meets the other at the all-reduce, twice a layer, and the greedy pick's gather
 ends the step. Here two processes, one a core as the ranks, read buffers of exactly the bytes each
 rank reads at each of those points (torch.sum on one thread, as the bandwidth sample reads),
-either back to back ("free": one meeting a step, the pick's) or meeting through the runtime's own
-shared-memory all-reduce after each piece ("synced": as a step meets). Beside them, in the
-same round, the real ws2 step and a two-stream bandwidth sample to say the phase.
+either back to back ("free": one meeting a step, the pick's) or meeting after each piece through
+the runtime's own shared-memory all-reduce, as the ranks do ("synced"; shm_reduce.c where built).
+Beside them, in the same round, the real ws2 step and a two-stream bandwidth sample to say the phase.
 
   synced / free: what the meetings cost on this machine with no kernel of ours involved;
   real / synced: what our kernels, attention and Python add on top of reading and meeting.
@@ -29,7 +29,7 @@ import torch
 from decode_bandwidth import CASE
 from roofline import _stream_buffer, read_bandwidth_gbs
 from speed import DTYPES, cpu_name, decode_bytes, write_table
-from starcoder_tp import shm_comm
+from starcoder_tp import rowdot, shm_comm
 from starcoder_tp.config import ModelConfig
 from starcoder_tp.options import positive_int
 from starcoder_tp.suite.perf import CaseResult, PerfOptions, PerfRunner
@@ -67,6 +67,7 @@ def reader(rank: int, shm_path: str, nbytes: list[int], hidden: int, conn) -> No
     os.sched_setaffinity(0, {cores[rank % len(cores)]})
     torch.set_num_threads(1)
     comm = shm_comm.ShmComm(shm_path, rank, WORLD_SIZE, MEET_TIMEOUT_S)
+    comm.use_small_reduce(rowdot.small_all_reduce())  # (as the ranks meet: shm_reduce.c where it is built)
     buffers = [_stream_buffer(n) for n in nbytes]
     partial = torch.zeros(hidden)  # what a row-parallel linear's all-reduce carries at batch 1
     conn.send("ready")
