@@ -37,13 +37,13 @@ def lockstep(rank: int, path: str, hidden: int, replies) -> None:
     comm = shm_comm.ShmComm(path, rank, 2, timeout_s=60)
     us = {}
     for dtype in (torch.float32, torch.bfloat16):
-        t = torch.ones(1, 1, hidden, dtype=dtype)
+        t = torch.zeros(1, 1, hidden, dtype=dtype)  # (its sum stays zero: nothing to reset between calls)
         for way in ("python", "C") * 3:
             comm.use_small_reduce(rowdot.small_all_reduce() if way == "C" else None)
-            comm.all_reduce_(t.fill_(1))
+            comm.all_reduce_(t)
             started = time.perf_counter()
             for _ in range(CALLS):
-                comm.all_reduce_(t.fill_(1))
+                comm.all_reduce_(t)
             key = f"{str(dtype)[6:]} {way}"
             us[key] = min(us.get(key, float("inf")), (time.perf_counter() - started) / CALLS * 1e6)
     replies.put((rank, us))
@@ -88,6 +88,8 @@ def main() -> None:
     parser.add_argument("--case", default="1:128:32", help="batch:seq_in:seq_out. Default: %(default)r")
     parser.add_argument("--pairs", type=positive_int, default=40, help="Default: %(default)r")
     args = parser.parse_args()
+    if len(os.sched_getaffinity(0)) < 2:
+        raise RuntimeError(f"this needs 2 usable cores, one a rank; this process has {len(os.sched_getaffinity(0))}")
     if rowdot.small_all_reduce() is None:
         raise RuntimeError(f"shm_reduce.c is not built here: {rowdot.library()[1]}")
     try:

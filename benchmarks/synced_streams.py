@@ -60,7 +60,7 @@ def pieces(c: ModelConfig, dtype: str, world_size: int = WORLD_SIZE) -> list[int
     return [-(-n * size // 4) * 4 for n in counts]
 
 
-def reader(rank: int, shm_path: str, nbytes: list[int], hidden: int, conn) -> None:
+def reader(rank: int, shm_path: str, nbytes: list[int], hidden: int, dtype: str, conn) -> None:
     """One 'rank': its pieces in memory of their own; on ("free"|"synced", steps) it reads them that many
     steps, timing each, and replies with the times."""
     cores = sorted(os.sched_getaffinity(0))
@@ -69,7 +69,7 @@ def reader(rank: int, shm_path: str, nbytes: list[int], hidden: int, conn) -> No
     comm = shm_comm.ShmComm(shm_path, rank, WORLD_SIZE, MEET_TIMEOUT_S)
     comm.use_small_reduce(rowdot.small_all_reduce())  # (as the ranks meet: shm_reduce.c where it is built)
     buffers = [_stream_buffer(n) for n in nbytes]
-    partial = torch.zeros(hidden)  # what a row-parallel linear's all-reduce carries at batch 1
+    partial = torch.zeros(hidden, dtype=DTYPES[dtype])  # what a row-parallel linear's all-reduce carries at batch 1
     conn.send("ready")
     while (command := conn.recv()) is not None:
         mode, steps = command
@@ -88,14 +88,14 @@ def reader(rank: int, shm_path: str, nbytes: list[int], hidden: int, conn) -> No
 
 
 class Readers:
-    def __init__(self, nbytes: list[int], hidden: int):
+    def __init__(self, nbytes: list[int], hidden: int, dtype: str):
         ctx = mp.get_context("spawn")
         self.path = shm_comm.create_segment(WORLD_SIZE)
         self.conns, self.procs = [], []
         try:
             for rank in range(WORLD_SIZE):
                 ours, theirs = ctx.Pipe()
-                proc = ctx.Process(target=reader, args=(rank, self.path, nbytes, hidden, theirs), daemon=True)
+                proc = ctx.Process(target=reader, args=(rank, self.path, nbytes, hidden, dtype, theirs), daemon=True)
                 proc.start()
                 theirs.close()
                 self.conns.append(ours), self.procs.append(proc)
@@ -157,7 +157,7 @@ def main() -> None:
                                         batch_sizes=(1,), seq_in=(CASE.seq_in,), seq_out=(CASE.seq_out,),
                                         rounds=1, threads_per_rank=1), log=lambda m: None).start()
         runner.warm_up(CASE)
-        readers = Readers(nbytes, config.n_embd)
+        readers = Readers(nbytes, config.n_embd, args.dtype)
         readers.step_ms("free"), readers.step_ms("synced")  # (warm-up: pages, caches)
         for i in range(args.rounds):
             gbs = read_bandwidth_gbs(WORLD_SIZE, repeats=3)  # the phase, right before the round

@@ -47,7 +47,7 @@ def release_shared_objects() -> None:
 
 
 def rank_main(rank: int, spec: GroupSpec, store_port: int, shm_path: str | None, conn: Connection,
-                 progress, stack_dir: str) -> None:
+              progress, stack_dir: str) -> None:
     """A rank of a local worker group: start, load, then serve requests until told to stop."""
     exit_code = 0
     try:

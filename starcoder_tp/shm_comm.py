@@ -265,7 +265,8 @@ class ShmComm:
         """Sum over ranks, in place, in rank order (identical bits on every rank)."""
         flat = t.view(-1) if t.is_contiguous() else t.contiguous().view(-1)
         nbytes = flat.nbytes
-        if (self._small is not None and nbytes < min(STREAM_MIN_BYTES, self.slot_bytes + 1)
+        # (an empty tensor never exchanges, on either path: ranks on the two paths keep the same sequence)
+        if (self._small is not None and 0 < nbytes < min(STREAM_MIN_BYTES, self.slot_bytes + 1)
                 and (kind := SMALL_DTYPES.get(t.dtype)) is not None):
             self._all_reduce_small(flat, kind)  # (a decode step's: one call instead of ~20 µs of torch's overhead)
         else:

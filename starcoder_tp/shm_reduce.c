@@ -6,17 +6,27 @@
  *
  * The protocol is shm_comm.py's, value for value: the same slots, flags and sequence numbers, the parts
  * summed as ((p0 + p1) + p2) + ... with each sum rounded to the dtype, as torch.add rounds it, so that a
- * rank calling this and one running the Python path agree bit for bit. This rank's part is read from its
- * own tensor (the values its slot holds). The wait is bounded: after `wait_s` without every flag it
- * returns the first rank still missing, and the caller (which keeps the deadline, and lets Ctrl-C
- * through between calls) calls again with publish = 0. It yields the core every 64 spins, as the Python
- * wait does, so that ranks sharing a core still progress.
+ * rank calling this and one running the Python path agree bit for bit (a NaN's payload aside: torch's
+ * scalar and vector code differ there themselves). This rank's part is read from its own tensor (the
+ * values its slot holds). The wait is bounded: after `wait_s` without every flag it returns the first
+ * rank still missing, and the caller (which keeps the deadline, and lets Ctrl-C through between calls)
+ * calls again with publish = 0. It spins with the CPU's pause hint, and yields the core every
+ * YIELD_EVERY_S of waiting (the Python wait: every 64 checks, ~0.1 ms), so that ranks sharing a core
+ * still progress without a syscall at every few loads.
  */
 #define _POSIX_C_SOURCE 200809L /* clock_gettime, sched_yield under -std=c11 */
 #include <stdint.h>
 #include <string.h>
 #include <time.h>
 #include <sched.h>
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define SPIN_HINT() _mm_pause()
+#else
+#define SPIN_HINT() ((void)0)
+#endif
+
+#define YIELD_EVERY_S 20e-6
 
 struct shm_view {      /* shm_comm.ShmComm's segment, as this rank sees it (ShmView there) */
     int64_t *flags;     /* rank r's flag at flags[r * flag_stride] */
@@ -90,12 +100,17 @@ long shm_all_reduce_small(const struct shm_view *v, int64_t seq, void *buf, long
     }
     long missing = first_missing(v, seq);
     if (missing >= 0) {
-        double deadline = now_s() + wait_s;
+        double yielded = now_s(), deadline = yielded + wait_s;
         for (long spins = 1; (missing = first_missing(v, seq)) >= 0; spins++) {
+            SPIN_HINT();
             if (spins % 64 == 0) {
-                sched_yield();
-                if (now_s() > deadline)
+                double t = now_s();
+                if (t > deadline)
                     return missing;
+                if (t - yielded >= YIELD_EVERY_S) {
+                    sched_yield();
+                    yielded = t;
+                }
             }
         }
     }

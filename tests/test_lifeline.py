@@ -111,10 +111,13 @@ def test_a_clean_up_that_blocks_or_raises_does_not_keep_the_process_alive(fault)
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     os.close(read_end)
     try:
-        Lines(proc).wait_for("watching")
+        try:
+            Lines(proc).wait_for("watching")
+        finally:
+            os.close(write_end)
+        proc.wait(timeout=60)  # (bounds a hang; the exit comes ON_EXIT_TIMEOUT_S after the hang-up at most)
     finally:
-        os.close(write_end)
-    proc.wait(timeout=60)  # (bounds a hang; the exit comes ON_EXIT_TIMEOUT_S after the hang-up at most)
+        proc.kill()  # (a no-op once it has exited)
     err = proc.stderr.read()
     assert proc.returncode == EXIT_CODE, err
     expected = {"blocks": f"watched: its clean-up on exit took over {ON_EXIT_TIMEOUT_S:.0f}s; exiting without it",

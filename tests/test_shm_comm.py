@@ -67,7 +67,8 @@ def _collectives(rank, world_size, path, queue, publishing, small):
 # (n, dtype) all-reduced from seeded random parts: sums whose rounding (bf16's at every step) shows the order.
 # With 4096-byte slots: 7 fp32 and 31 bf16 in one call of shm_reduce.c where it runs; 3000 fp32 and 2500 bf16 in
 # chunks, in Python; float64 in Python (shm_reduce.c takes fp32 and bf16).
-CASES = ((7, torch.float32), (31, torch.bfloat16), (3000, torch.float32), (2500, torch.bfloat16), (1, torch.float64))
+CASES = ((7, torch.float32), (31, torch.bfloat16), (3000, torch.float32), (2500, torch.bfloat16), (1, torch.float64),
+         (0, torch.float32))  # (an empty one: no exchange either way, so that ranks on either path stay in step)
 # Which all-reduces shm_reduce.c runs with 4096-byte slots: the ten of 4000 bytes, 7 fp32, 31 bf16, the
 # inference-mode four, the strided one; with STREAM_MIN_BYTES at 64 (streamed, probed) only those under 64 bytes.
 SMALL_CALLS = {"copied": 17, "streamed": 7, "probed": 7}
@@ -205,7 +206,7 @@ def test_a_probe_that_cannot_end_is_dropped_and_the_way_kept(monkeypatch):
 
 
 def test_a_bad_stream_setting_is_refused_naming_it_before_any_rank_is_spawned(monkeypatch):
-    from starcoder_tp.parallel import GroupSpec
+    from starcoder_tp.group_spec import GroupSpec
     monkeypatch.setenv(shm_comm.STREAM_ENV, "on")
     with pytest.raises(ValueError, match=r"STARCODER_TP_SHM_STREAM='on': expected auto \(probed\), 0"):
         GroupSpec("unused", 2)
@@ -213,7 +214,7 @@ def test_a_bad_stream_setting_is_refused_naming_it_before_any_rank_is_spawned(mo
 
 
 def test_a_bad_small_reduce_setting_is_refused_naming_it_before_any_rank_is_spawned(monkeypatch):
-    from starcoder_tp.parallel import GroupSpec
+    from starcoder_tp.group_spec import GroupSpec
     monkeypatch.setenv(shm_comm.SMALL_ENV, "yes")
     with pytest.raises(ValueError, match=r"STARCODER_TP_SHM_SMALL='yes': expected 0 \(in Python\) or 1"):
         GroupSpec("unused", 2)
