@@ -12,7 +12,6 @@ Writes its section of benchmarks/RESULTS.md.
 from __future__ import annotations
 
 import argparse
-import multiprocessing as mp
 import os
 import statistics
 import time
@@ -21,6 +20,7 @@ import torch
 
 from roofline import read_bandwidth_gbs
 from speed import DTYPES, write_table
+from two_ranks import run_on_segment
 from starcoder_tp import rowdot, shm_comm
 from starcoder_tp.config import ModelConfig
 from starcoder_tp.options import positive_int
@@ -51,20 +51,8 @@ def lockstep(rank: int, path: str, hidden: int, replies) -> None:
 
 def lockstep_us(hidden: int) -> dict[str, float]:
     """µs per all-reduce, the slower rank's, per dtype and way."""
-    path = shm_comm.create_segment(2)
-    ctx = mp.get_context("spawn")
-    replies = ctx.Queue()
-    procs = [ctx.Process(target=lockstep, args=(r, path, hidden, replies), daemon=True) for r in range(2)]
-    try:
-        for proc in procs:
-            proc.start()
-        got = dict(replies.get(timeout=300) for _ in procs)
-    finally:
-        for proc in procs:
-            proc.join(10)
-            if proc.is_alive():
-                proc.kill()
-        shm_comm.remove_segment(path)
+    got = dict(run_on_segment(lockstep, lambda rank, path, replies: (rank, path, hidden, replies), replies=2,
+                              timeout_s=300))
     return {key: max(got[0][key], got[1][key]) for key in got[0]}
 
 

@@ -31,13 +31,13 @@ import time
 from pathlib import Path
 
 import torch
-import torch.multiprocessing as mp
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from speed import write_results  # noqa: E402
+from two_ranks import run_on_segment  # noqa: E402
 
-from starcoder_tp import shm_comm  # noqa: E402
+from starcoder_tp import rowdot, shm_comm  # noqa: E402
 from starcoder_tp.malloc import as_a_cpu_rank  # noqa: E402
 from starcoder_tp.attention import attention_mask  # noqa: E402
 from starcoder_tp.comm import TPGroup  # noqa: E402
@@ -99,6 +99,7 @@ def _rank(rank: int, path: str, shard_dir: str, batches: list[int], rounds: int,
     torch.set_num_threads(1)
     os.sched_setaffinity(0, [rank % (os.cpu_count() or 1)])
     comm = shm_comm.ShmComm(path, rank, 2, timeout_s=300)
+    comm.use_small_reduce(rowdot.small_all_reduce())  # (as a rank's: the decode step's all-reduces in one call)
     model = load_model(shard_dir, TPGroup(rank, 2, comm), torch.device("cpu"), kernels="auto")
     c = model.config
     ticks = [0]
@@ -144,20 +145,8 @@ def _rank(rank: int, path: str, shard_dir: str, batches: list[int], rounds: int,
 
 def measure(dtype: str, batches: list[int], rounds: int, calls: int) -> dict:
     shard_dir = str(ensure_shards(str(build_bench()), 2, dtype, log=lambda m: None))
-    path = shm_comm.create_segment(2)
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=_rank, args=(r, path, shard_dir, batches, rounds, calls, queue)) for r in range(2)]
-    try:
-        for p in procs:
-            p.start()
-        return queue.get(timeout=1800)
-    finally:
-        for p in procs:
-            p.join(60)
-            if p.is_alive():
-                p.kill()
-        shm_comm.remove_segment(path)
+    return run_on_segment(_rank, lambda rank, path, queue: (rank, path, shard_dir, batches, rounds, calls, queue),
+                          replies=1, timeout_s=1800)[0]  # (rank 0 replies)
 
 
 def rows(dtype: str, results: dict) -> list[str]:

@@ -6,7 +6,7 @@
  *
  * The protocol is shm_comm.py's, value for value: the same slots, flags and sequence numbers, the parts
  * summed as ((p0 + p1) + p2) + ... with each sum rounded to the dtype, as torch.add rounds it, so that a
- * rank calling this and one running the Python path agree bit for bit (a NaN's payload aside: torch's
+ * rank calling this and one running the Python path agree bit for bit (a NaN's bits aside: torch's
  * scalar and vector code differ there themselves). This rank's part is read from its own tensor (the
  * values its slot holds). The wait is bounded: after `wait_s` without every flag it returns the first
  * rank still missing, and the caller (which keeps the deadline, and lets Ctrl-C through between calls)

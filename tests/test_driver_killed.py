@@ -132,7 +132,7 @@ def test_a_parent_killed_before_its_ranks_are_ready_leaves_no_segment(shards, tm
 DRIVER = textwrap.dedent("""
     import sys
     from pathlib import Path
-    from starcoder_tp.parallel import GroupSpec
+    from starcoder_tp.group_spec import GroupSpec
     from starcoder_tp.suite.faults import BusyWait
     from starcoder_tp.suite.serve import RemoteGroup
 

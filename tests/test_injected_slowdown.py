@@ -8,8 +8,8 @@ import types
 import pytest
 
 from starcoder_tp.generate import StepHooks
+from starcoder_tp.group_spec import GroupSpec
 from starcoder_tp.options import add_options
-from starcoder_tp.parallel import GroupSpec
 from starcoder_tp.suite import faults
 from starcoder_tp.suite.ab import ABRunner
 from starcoder_tp.suite.faults import BusyWait

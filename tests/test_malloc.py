@@ -17,7 +17,7 @@ from starcoder_tp.files import STARCODER2_MODEL_DIR
 from starcoder_tp.device import Device
 from starcoder_tp.timing import timed_generate
 from starcoder_tp.model import load_model
-from starcoder_tp.parallel import GroupSpec
+from starcoder_tp.group_spec import GroupSpec
 from starcoder_tp.shard import load_part, shard_checkpoint
 
 # Blocks of a prefill's sizes (9 to 48 MiB), allocated, touched and freed in turn, eight times;
