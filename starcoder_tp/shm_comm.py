@@ -20,6 +20,11 @@ the two within seconds. So from every PROBE_EVERY-th large all-reduce on, four o
 twice, and the faster way publishes until the next probe (Probes; RESULTS.md, "The all-reduce's
 slots written past the cache"). The way does not change the values. A rank's own part is summed
 from its chunk, still in its cache, not from its slot: the same values, in the same rank order.
+
+An all-reduce below STREAM_MIN_BYTES in fp32 or bf16 (a decode step's) runs the same protocol in one call
+of shm_reduce.c, where the library is built (use_small_reduce): in Python, the copy, flag and torch.add
+around a 4-KiB exchange cost ~10-20 µs an all-reduce, twice a layer (RESULTS.md, "The small all-reduce in
+one call"). Ranks on either path agree bit for bit.
 """
 from __future__ import annotations
 
@@ -253,8 +258,8 @@ class ShmComm:
             if spins % 64 == 0:
                 os.sched_yield()  # several ranks per core must still make progress
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"rank(s) {self._late(seq)} did not reach collective #{seq} within {self.timeout_s:.0f}s "
-                                       f"(rank {self.rank} waited)")
+                    raise RuntimeError(f"rank(s) {self._late(seq)} did not reach collective #{seq} within "
+                                       f"{self.timeout_s:.0f}s (rank {self.rank} waited)")
 
     def _chunks(self, flat: torch.Tensor):
         step = self.slot_bytes // flat.element_size()
