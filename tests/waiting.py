@@ -47,6 +47,10 @@ class Lines:
     def wait_for(self, text: str, timeout: float = 120) -> None:
         deadline = time.monotonic() + timeout
         while not any(text in line for line in self.lines):
+            if self.proc.poll() is not None:  # (its last lines may still be in the pipe: read to its end first)
+                self.thread.join(timeout=10)
+                if any(text in line for line in self.lines):
+                    return
             if time.monotonic() > deadline or self.proc.poll() is not None:
                 raise AssertionError(f"{text!r} never came:\n{''.join(self.lines)[-3000:]}")
             time.sleep(0.05)
