@@ -58,6 +58,15 @@ class Embedding(nn.Embedding):
             return panels.rows(self.panels, input_ids)
         return F.embedding(input_ids, self.weight)
 
+    def shard_rows(self, input_ids: torch.Tensor, first: int) -> torch.Tensor:
+        """[B, T, E]: the rows of the ids in this vocabulary shard, [first, first + num_embeddings), and zeros
+        for the other shards' ids (whose rows the all-reduce that follows adds)."""
+        if self.panels is not None:
+            return panels.rows(self.panels, input_ids, first)
+        local = input_ids - first
+        outside = (local < 0) | (local >= self.num_embeddings)
+        return F.embedding(local.masked_fill(outside, 0), self.weight).masked_fill_(outside.unsqueeze(-1), 0.0)
+
     def share(self, packed: torch.Tensor | None) -> None:
         """After the tied lm_head's lay-out (held_plain first): its `packed` weight where that is panels, the
         rows read there and the plain weight released; else None, the plain weight kept in this process's own

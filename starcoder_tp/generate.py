@@ -16,7 +16,7 @@ from .sampling import Sampling, SequenceStreams, sample_tokens
 class StepHooks:
     """What an observer of generation may do at each step (0 is the prefill, then 1, 2, ...
     for the decode steps); the default does nothing. `before_pick` runs after the step's forward
-    and before its last collective (the argmax's all-gather), so that whatever it does is held
+    and before its last collective (the greedy pick's), so that whatever it does is held
     once by every rank's step."""
 
     def step_begin(self, step: int) -> None:

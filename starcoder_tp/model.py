@@ -28,6 +28,8 @@ from .linear import Linear, run_kernel
 from .shard import load_part, part_tensor_reader
 from .starcoder2 import inverse_frequencies, rotary_tables, runtime_state
 
+EXACT_FLOAT32_IDS = 1 << 24  # token ids up to this are exact as fp32 (the greedy pick's board)
+
 
 class MLP(nn.Module):
     def __init__(self, config: ModelConfig, tp: TPGroup):
@@ -229,11 +231,7 @@ class TPCausalLM(nn.Module):
         if self.tp.world_size == 1:
             tokens = wte(input_ids)
         else:
-            local = input_ids - self.vocab_start
-            outside = (local < 0) | (local >= self.local_vocab)
-            tokens = wte(local.masked_fill(outside, 0))
-            tokens.masked_fill_(outside.unsqueeze(-1), 0.0)
-            self.tp.all_reduce_(tokens)
+            tokens = self.tp.all_reduce_(wte.shard_rows(input_ids, self.vocab_start))
         return tokens if self.inv_freq is not None else tokens + self.transformer.wpe(position_ids)
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, start: int | torch.Tensor,
@@ -254,8 +252,8 @@ class TPCausalLM(nn.Module):
             needs_mask = (t > 1 and start > 0) or (self.window is not None and end > self.window)
             if key_valid is None and needs_mask:
                 key_valid = torch.ones((b, end), dtype=torch.bool, device=input_ids.device)
-            query_slots = torch.arange(start, end, device=input_ids.device)
-            mask = None if key_valid is None else attention_mask(key_valid[:, :end], query_slots, self.window)
+            mask = None if key_valid is None else attention_mask(
+                key_valid[:, :end], torch.arange(start, end, device=input_ids.device), self.window)
         else:
             mask = attention_mask(key_valid, start + torch.arange(t, device=start.device), self.window)
         x = self.embed(input_ids, position_ids)
@@ -294,12 +292,21 @@ class TPCausalLM(nn.Module):
         Ties go to the lowest token id, as torch.argmax over the full logits does.
         """
         local_val, local_idx = argmax.row_max(logits)  # [B], [B]: max(dim=-1), by argmax.c where faster
-        if self.tp.world_size == 1:
+        world_size, rows = self.tp.world_size, logits.shape[0]
+        if world_size == 1:
             return local_idx
-        packed = torch.stack([local_val.double(), (local_idx + self.vocab_start).double()], dim=-1)  # [B, 2]
-        gathered = self.tp.all_gather(packed)  # [N, B, 2]
-        best_rank = gathered[..., 0].argmax(dim=0)  # [B]; first maximum = lowest rank = lowest id
-        return gathered[best_rank, torch.arange(logits.shape[0], device=logits.device), 1].long()
+        if world_size * logits.shape[1] <= EXACT_FLOAT32_IDS:
+            # Each rank's candidates in its own row of a zeroed board, summed: x + 0 is x exactly (-0 becomes +0,
+            # which compares equal), so one small all-reduce (shm_reduce.c) gathers them, in place of an
+            # all_gather's Python path.
+            board = torch.zeros(world_size, rows, 2, dtype=torch.float32, device=logits.device)  # [N, B, 2]
+            board[self.tp.rank, :, 0] = local_val
+            board[self.tp.rank, :, 1] = local_idx + self.vocab_start
+            self.tp.all_reduce_(board)
+        else:
+            board = self.tp.all_gather(torch.stack([local_val.double(), (local_idx + self.vocab_start).double()], -1))
+        best_rank = board[..., 0].argmax(dim=0)  # [B]; first maximum = lowest rank = lowest id
+        return board[best_rank, torch.arange(rows, device=logits.device), 1].long()
 
     def gather_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """[B, vocab_size]: the whole vocabulary's logits, the same bits on every rank (sampling)."""

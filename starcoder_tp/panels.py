@@ -69,15 +69,29 @@ def unpack(packed: torch.Tensor) -> torch.Tensor:
         return plain
 
 
-def rows(packed: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """The plain weight's rows `index` (any shape, each in [0, N)) of a packed one: [*index.shape, K]
-    (exact), gathered from their panels without unpacking the rest (a tied embedding's lookup)."""
+def rows(packed: torch.Tensor, index: torch.Tensor, first: int = 0) -> torch.Tensor:
+    """The plain weight's rows `index - first` (index: int64 ids of any shape) of a packed one, [*index.shape, K]
+    (exact), gathered from their panels without unpacking the rest (a tied embedding's lookup), and zeros
+    for an id outside [first, first + N) (another vocabulary shard's token: embedding.py). By panel_rows.c
+    where the library is built: one call where torch's indexing took a dozen ops."""
     # A row is one value (bf16: one K pair, as 32 bits) every 16 in its panel: 64 bytes apart, a cache
     # line each, 4 KiB of values from 64 KiB; gathered at ~25-40 GB/s (RESULTS.md, "Start-up: the tied
     # embedding read from the lm_head's panels").
+    n, k = shape_of(packed)
+    lib, _ = rowdot.library()
+    if (lib is not None and index.dtype == torch.int64 and packed.is_contiguous() and packed.device.type == "cpu"
+            and not torch.compiler.is_compiling()):  # (a compiled step traces torch's ops below)
+        index = index.contiguous()
+        out = torch.empty(*index.shape, k, dtype=packed.dtype)
+        lib.panels_gather_rows(packed.data_ptr(), n, packed.shape[1], index.data_ptr(), index.numel(), first,
+                               out.data_ptr())
+        return out
+    local = index - first
+    outside = (local < 0) | (local >= n)
+    local = local.masked_fill(outside, 0)
     words = packed.view(torch.int32).squeeze(-1) if packed.dim() == 4 else packed  # [N/16, K', 16]
-    gathered = words.permute(0, 2, 1)[index // COLUMNS, index % COLUMNS]  # [*, K']
-    return gathered.view(packed.dtype)
+    gathered = words.permute(0, 2, 1)[local // COLUMNS, local % COLUMNS]  # [*, K']
+    return gathered.view(packed.dtype).masked_fill_(outside.unsqueeze(-1), 0)
 
 
 def fuses(post_op: str, algorithm: str) -> bool:

@@ -41,7 +41,7 @@ from .files import atomic_path, cache_dir
 # all-reduce (shm_comm.py).
 SOURCES = tuple(Path(__file__).with_name(name) for name in ("rowdot.c", "panels.c", "attend.c", "attend_few.c",
                                                            "argmax.c", "softmax.c", "fused_step.c", "rotary.c",
-                                                           "stream_copy.c", "shm_reduce.c"))
+                                                           "stream_copy.c", "shm_reduce.c", "panel_rows.c"))
 # (part of the build's digest: the sources include them)
 HEADERS = tuple(Path(__file__).with_name(name) for name in ("simd.h", "attend_few.h"))
 ENV = "STARCODER_TP_ROWDOT"  # "off": never build or offer the kernel; a name of PATHS: that path
@@ -115,6 +115,10 @@ def library() -> tuple[ctypes.CDLL | None, str]:
     lib.shm_all_reduce_small.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_long, ctypes.c_int,
                                          ctypes.c_int, ctypes.c_double]
     lib.shm_all_reduce_small.restype = ctypes.c_long
+    # (panels.py) panels as 4-byte words, n, words a row, index, count, first, out
+    lib.panels_gather_rows.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_long,
+                                       ctypes.c_int64, ctypes.c_void_p]
+    lib.panels_gather_rows.restype = None
     for fn in (lib.argmax_f32, lib.argmax_bf16):  # (argmax.py) x, row stride, rows, n, values, index
         fn.argtypes, fn.restype = [ctypes.c_void_p] + [ctypes.c_long] * 3 + [ctypes.c_void_p] * 2, ctypes.c_int
     rotary = [ctypes.c_void_p] + [ctypes.c_long] * 7 + [ctypes.c_void_p] * 2  # (rotary.py) x, B, T, H, D, strides,

@@ -132,10 +132,10 @@ def test_compiled_step_of_a_deep_model_at_two_ranks_is_one_graph(tmp_path):
     prompts = random_prompts(model.config.vocab_size, 2, 8, seed=1)
     graphs, breaks = graphs_and_breaks(lambda: timed_generate(model, Device("cpu"), prompts, 5))
     assert (graphs, breaks) == (1, 0)
-    # Per step: the embedding's all-reduce and two per layer. The prefill (eager) does them
-    # once, then the 4 decode steps through the compiled step; plus the one barrier (a
-    # one-element all-reduce) before the first-token clock starts.
-    assert comm.all_reduces == 1 + 5 * (1 + 2 * 12)
+    # Per step: the embedding's all-reduce, two per layer and the greedy pick's (its board of
+    # candidates, eager). The prefill (eager) does them once, then the 4 decode steps through the
+    # compiled step; plus the one barrier (a one-element all-reduce) before the first-token clock starts.
+    assert comm.all_reduces == 1 + 5 * (1 + 2 * 12 + 1)
 
 
 def test_compiled_bf16_step_is_one_graph(embedded_dir, tmp_path):

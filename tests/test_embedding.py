@@ -15,14 +15,40 @@ def as_panels(weight: torch.Tensor) -> torch.Tensor:
     return weight.reshape(n // 16, 16, k).permute(0, 2, 1).contiguous()
 
 
+@pytest.fixture(params=["panel_rows.c", "torch"])
+def gathered_by(request, monkeypatch):
+    """panels.rows by the library's panel_rows.c (where it builds here), or by torch's indexing (without it)."""
+    if request.param == "torch":
+        monkeypatch.setattr(panels.rowdot, "library", lambda: (None, "off for this test"))
+    elif panels.rowdot.library()[0] is None:
+        pytest.skip(f"the kernels' library is not built: {panels.rowdot.library()[1]}")
+    return request.param
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_a_packed_weights_rows_are_the_plain_weights_rows_exactly(dtype):
+def test_a_packed_weights_rows_are_the_plain_weights_rows_exactly(dtype, gathered_by):
     weight = torch.randn(64, 10).to(dtype)
     packed = as_panels(weight)
     assert torch.equal(panels.unpack(packed), weight), "the premise: the layout as panels.py packs it"
     index = torch.tensor([[0, 17, 63], [15, 16, 40]])
     assert torch.equal(panels.rows(packed, index), weight[index])
     assert panels.rows(packed, index).shape == (2, 3, 10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_shards_rows_are_its_ids_rows_and_zeros_for_the_other_shards_ids(dtype, gathered_by):
+    weight = torch.randn(32, 6).to(dtype)  # ids [64, 96) of a vocabulary in shards of 32
+    packed = as_panels(weight)
+    index = torch.tensor([[63, 64, 95], [96, 0, 80]])
+    expected = torch.zeros(2, 3, 6, dtype=dtype)
+    expected[0, 1], expected[0, 2], expected[1, 2] = weight[0], weight[31], weight[16]
+    got = panels.rows(packed, index, first=64)
+    outside = torch.tensor([[True, False, False], [True, True, False]])
+    assert torch.equal(got, expected) and not got[outside].signbit().any(), (got, expected)  # (+0: masked_fill's)
+    wte = embedding(weight.clone())
+    assert torch.equal(wte.shard_rows(index, 64), expected), "the plain weight's shard alike"
+    wte.share(as_panels(wte.held_plain()))
+    assert torch.equal(wte.shard_rows(index, 64), expected), "and the lm_head's panels'"
 
 
 def embedding(weight: torch.Tensor) -> Embedding:

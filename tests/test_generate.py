@@ -92,39 +92,61 @@ def test_unpadded_fast_path_matches_the_masked_path(model):
 
 class _GatherFromShards:
     """A TPGroup stand-in for one rank of a simulated group: its all_gather returns every rank's
-    tensor, each computed by running the same method on that rank's shard of the logits."""
+    tensor, and its all_reduce_ their sum in rank order, each computed by running the same method on
+    that rank's shard of the logits (complete once every rank has run it: rank 0 runs last)."""
 
     def __init__(self, rank: int, world_size: int, gathered: list):
         self.rank, self.world_size, self.gathered = rank, world_size, gathered
+        self.calls = []
 
     def all_gather(self, t: torch.Tensor) -> torch.Tensor:
+        self.calls.append("all_gather")
         self.gathered[self.rank] = t
         return torch.stack(self.gathered) if all(g is not None for g in self.gathered) else t.unsqueeze(0)
 
+    def all_reduce_(self, t: torch.Tensor) -> torch.Tensor:
+        self.calls.append("all_reduce_")
+        self.gathered[self.rank] = t.clone()
+        if all(g is not None for g in self.gathered):
+            total = self.gathered[0].clone()
+            for other in self.gathered[1:]:
+                total += other
+            t.copy_(total)
+        return t
 
+
+@pytest.mark.parametrize("board", [True, False], ids=["fp32-board", "fp64-gather"])
 @pytest.mark.parametrize("form", ["torch", "argmax.c"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("world_size", [1, 2, 3])
-def test_pick_greedy_is_the_full_argmax_with_ties_to_the_lowest_id(dtype, world_size, form, monkeypatch):
-    from starcoder_tp import argmax
+def test_pick_greedy_is_the_full_argmax_with_ties_to_the_lowest_id(dtype, world_size, form, board, monkeypatch):
+    from starcoder_tp import argmax, model
     from starcoder_tp.model import TPCausalLM
 
     if form == "argmax.c" and not argmax.available():
         pytest.skip("argmax.c is not built or this CPU lacks AVX-512")
     monkeypatch.setattr(argmax, "PICK_FORM", {(64, 12, dtype): form == "argmax.c"})
+    if not board:  # ids past what fp32 holds exactly: the candidates gathered as doubles
+        monkeypatch.setattr(model, "EXACT_FLOAT32_IDS", 12 * world_size - 1)
 
     # Few distinct values, so that most rows have ties within a shard and across shards.
     gen = torch.Generator().manual_seed(0)
     full = torch.randint(0, 4, (64, 12 * world_size), generator=gen).to(dtype)
     full[3] = 2  # a row of one value: token 0 wins
     full[5, -1] = 9  # the maximum in the last shard only
+    full[7, 12 * world_size - 1] = float("nan")  # NaN wins, as in torch.argmax (with a finite max elsewhere)
+    full[7, 0] = 9
+    full[9] = -0.0  # -0 and +0 are equal: the first wins
+    full[9, 1:] = 0.0
+    full[11] = float("-inf")  # every logit -inf: token 0
     expected = full.argmax(dim=-1)
     local = full.shape[1] // world_size
     gathered = [None] * world_size
     picks = {}
-    # The last rank runs first here, so that rank 0's all_gather sees every rank's candidates.
+    # The last rank runs first here, so that rank 0's collective sees every rank's candidates.
     for rank in reversed(range(world_size)):
-        rank_model = type("RankModel", (), {"tp": _GatherFromShards(rank, world_size, gathered),
-                                            "vocab_start": rank * local})()
+        tp = _GatherFromShards(rank, world_size, gathered)
+        rank_model = type("RankModel", (), {"tp": tp, "vocab_start": rank * local})()
         picks[rank] = TPCausalLM.pick_greedy(rank_model, full[:, rank * local:(rank + 1) * local])
+        assert tp.calls == ([] if world_size == 1 else ["all_reduce_" if board else "all_gather"])
     assert torch.equal(picks[0], expected), (picks[0].tolist(), expected.tolist())
