@@ -9,6 +9,7 @@
  * pick of our own").
  */
 #include <stdint.h>
+#include <string.h>
 #include <math.h>
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -121,4 +122,49 @@ int argmax_f32(const float *x, long stride, long rows, long n, float *values, in
 
 int argmax_bf16(const uint16_t *x, long stride, long rows, long n, float *values, int64_t *index) {
     return argmax_rows(x, stride, rows, n, 1, values, index);
+}
+
+/* The greedy pick across ranks (argmax.py, pick). Each rank writes its rows' candidates, (maximum, its id + first)
+ * as fp32 pairs, in its own row of a [ranks][rows][2] board whose other rows it zeroes; an all-reduce then sums the
+ * boards, and x + 0 is x, so every rank's candidates arrive whole (ids exact in fp32: argmax.py checks). One call
+ * where torch's ops were a dozen, each paying for the caches the lm_head's weight had just swept. */
+static int argmax_board(const void *x, long stride, long rows, long n, int bf16, long rank, long ranks, int64_t first,
+                        float *board) {
+    memset(board, 0, (size_t)(ranks * rows * 2) * sizeof *board);
+    float *mine = board + rank * rows * 2;
+    for (long r = 0; r < rows; r++) {
+        float value;
+        int64_t index;
+        if (argmax_rows((const char *)x + r * stride * (bf16 ? 2 : 4), stride, 1, n, bf16, &value, &index))
+            return -1;
+        mine[2 * r] = value;
+        mine[2 * r + 1] = (float)(index + first);
+    }
+    return 0;
+}
+
+int argmax_board_f32(const float *x, long stride, long rows, long n, long rank, long ranks, int64_t first,
+                     float *board) {
+    return argmax_board(x, stride, rows, n, 0, rank, ranks, first, board);
+}
+
+int argmax_board_bf16(const uint16_t *x, long stride, long rows, long n, long rank, long ranks, int64_t first,
+                      float *board) {
+    return argmax_board(x, stride, rows, n, 1, rank, ranks, first, board);
+}
+
+/* ids[r]: the id of the summed board's first rank holding row r's largest value, a NaN the largest (the first
+ * NaN): as torch.argmax over the ranks picks it, and the lowest id among equal maxima (the shards are in order). */
+void argmax_board_pick(const float *board, long ranks, long rows, int64_t *ids) {
+    for (long r = 0; r < rows; r++) {
+        long best = 0;
+        for (long k = 1; k < ranks; k++) {
+            float value = board[(k * rows + r) * 2], top = board[(best * rows + r) * 2];
+            if (isnan(top))
+                break;
+            if (isnan(value) || value > top)
+                best = k;
+        }
+        ids[r] = (int64_t)board[(best * rows + r) * 2 + 1];
+    }
 }

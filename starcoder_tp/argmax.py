@@ -1,7 +1,7 @@
-"""The greedy pick's row maxima, each row's largest logit and its first index, by a kernel of our
-own (argmax.c) where it was measured faster than torch's max.
+"""The greedy pick: each row's largest logit and its first index, by a kernel of our own (argmax.c)
+where it was measured faster than torch's max, and the pick among the ranks' shards (`pick`).
 
-`TPCausalLM.pick_greedy` reduces each rank's vocabulary shard to its maximum and index, then
+`pick` (TPCausalLM.pick_greedy) reduces each rank's vocabulary shard to its maximum and index, then
 picks among the ranks. torch's max(dim=-1) runs that reduction at about two elements a nanosecond
 on one thread of the EPYC Zen 5: 0.4-0.5 ms of a bf16 batch-16 decode step of the bench-size
 model (49152 logits a row). It was already the fastest of torch's forms there: argmax and amax
@@ -24,6 +24,7 @@ _DTYPES = (torch.float32, torch.bfloat16)
 CALIBRATION_ROUNDS = 7  # timed calls of each form, alternated (the first of each is a warm-up)
 # (rows, columns, dtype) -> whether argmax.c runs there: set by calibrate, read by row_max.
 PICK_FORM: dict[tuple[int, int, torch.dtype], bool] = {}
+EXACT_FLOAT32_IDS = 1 << 24  # token ids up to this are exact as fp32 (pick's board)
 
 
 def available() -> bool:
@@ -65,6 +66,43 @@ def row_max(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if logits.dim() == 2 and PICK_FORM.get((*logits.shape, logits.dtype)) and supports(logits):
         return _run(logits)
     return logits.max(dim=-1)
+
+
+def pick(logits: torch.Tensor, tp, first: int) -> torch.Tensor:
+    """The greedy pick over the ranks' vocabulary shards, without gathering the logits: [B] ids. `logits`:
+    this rank's [B, V_local], its ids from `first` on; `tp` the group (comm.TPGroup). Ties go to the lowest
+    id, as torch.argmax over the whole vocabulary's logits does.
+
+    Each rank's candidates, (its maximum, that id), go in its own row of a zeroed fp32 board, summed by one
+    small all-reduce (shm_reduce.c on the CPU): x + 0 is x (-0 becomes +0, which compares equal), so every
+    rank's arrive whole. With argmax.c the board is filled and read in one call each. Ids past what fp32
+    holds exactly go as doubles through an all-gather instead."""
+    world_size, rows = tp.world_size, logits.shape[0]
+    ours_here = logits.dim() == 2 and PICK_FORM.get((*logits.shape, logits.dtype)) and supports(logits)
+    if world_size == 1:
+        return (_run(logits) if ours_here else logits.max(dim=-1))[1]
+    if world_size * logits.shape[1] > EXACT_FLOAT32_IDS:
+        values, index = row_max(logits)
+        board = tp.all_gather(torch.stack([values.double(), (index + first).double()], -1))  # [N, B, 2]
+    elif ours_here:
+        lib, _ = rowdot.library()
+        board = torch.empty(world_size, rows, 2)  # [N, B, 2]
+        fill = lib.argmax_board_f32 if logits.dtype == torch.float32 else lib.argmax_board_bf16
+        if fill(logits.data_ptr(), logits.stride(0), rows, logits.shape[1], tp.rank, world_size, first,
+                board.data_ptr()):
+            raise ValueError(f"argmax.pick: argmax.c does not take {logits.shape[1]} columns")
+        tp.all_reduce_(board)
+        ids = torch.empty(rows, dtype=torch.int64)
+        lib.argmax_board_pick(board.data_ptr(), world_size, rows, ids.data_ptr())
+        return ids
+    else:
+        values, index = logits.max(dim=-1)
+        board = torch.zeros(world_size, rows, 2, dtype=torch.float32, device=logits.device)  # [N, B, 2]
+        board[tp.rank, :, 0] = values
+        board[tp.rank, :, 1] = index + first
+        tp.all_reduce_(board)
+    best_rank = board[..., 0].argmax(dim=0)  # [B]; first maximum = lowest rank = lowest id
+    return board[best_rank, torch.arange(rows, device=logits.device), 1].long()
 
 
 def calibrate(rows: int, n: int, dtype: torch.dtype) -> str:

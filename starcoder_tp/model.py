@@ -28,8 +28,6 @@ from .linear import Linear, run_kernel
 from .shard import load_part, part_tensor_reader
 from .starcoder2 import inverse_frequencies, rotary_tables, runtime_state
 
-EXACT_FLOAT32_IDS = 1 << 24  # token ids up to this are exact as fp32 (the greedy pick's board)
-
 
 class MLP(nn.Module):
     def __init__(self, config: ModelConfig, tp: TPGroup):
@@ -287,26 +285,8 @@ class TPCausalLM(nn.Module):
         return logits
 
     def pick_greedy(self, logits: torch.Tensor) -> torch.Tensor:
-        """The global argmax over the vocabulary shards, without gathering the logits: [B].
-
-        Ties go to the lowest token id, as torch.argmax over the full logits does.
-        """
-        local_val, local_idx = argmax.row_max(logits)  # [B], [B]: max(dim=-1), by argmax.c where faster
-        world_size, rows = self.tp.world_size, logits.shape[0]
-        if world_size == 1:
-            return local_idx
-        if world_size * logits.shape[1] <= EXACT_FLOAT32_IDS:
-            # Each rank's candidates in its own row of a zeroed board, summed: x + 0 is x exactly (-0 becomes +0,
-            # which compares equal), so one small all-reduce (shm_reduce.c) gathers them, in place of an
-            # all_gather's Python path.
-            board = torch.zeros(world_size, rows, 2, dtype=torch.float32, device=logits.device)  # [N, B, 2]
-            board[self.tp.rank, :, 0] = local_val
-            board[self.tp.rank, :, 1] = local_idx + self.vocab_start
-            self.tp.all_reduce_(board)
-        else:
-            board = self.tp.all_gather(torch.stack([local_val.double(), (local_idx + self.vocab_start).double()], -1))
-        best_rank = board[..., 0].argmax(dim=0)  # [B]; first maximum = lowest rank = lowest id
-        return board[best_rank, torch.arange(rows, device=logits.device), 1].long()
+        """The global argmax over the vocabulary shards, without gathering the logits: [B] (argmax.pick)."""
+        return argmax.pick(logits, self.tp, self.vocab_start)
 
     def gather_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """[B, vocab_size]: the whole vocabulary's logits, the same bits on every rank (sampling)."""

@@ -120,14 +120,14 @@ class _GatherFromShards:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("world_size", [1, 2, 3])
 def test_pick_greedy_is_the_full_argmax_with_ties_to_the_lowest_id(dtype, world_size, form, board, monkeypatch):
-    from starcoder_tp import argmax, model
+    from starcoder_tp import argmax
     from starcoder_tp.model import TPCausalLM
 
     if form == "argmax.c" and not argmax.available():
         pytest.skip("argmax.c is not built or this CPU lacks AVX-512")
     monkeypatch.setattr(argmax, "PICK_FORM", {(64, 12, dtype): form == "argmax.c"})
     if not board:  # ids past what fp32 holds exactly: the candidates gathered as doubles
-        monkeypatch.setattr(model, "EXACT_FLOAT32_IDS", 12 * world_size - 1)
+        monkeypatch.setattr(argmax, "EXACT_FLOAT32_IDS", 12 * world_size - 1)
 
     # Few distinct values, so that most rows have ties within a shard and across shards.
     gen = torch.Generator().manual_seed(0)
@@ -139,6 +139,7 @@ def test_pick_greedy_is_the_full_argmax_with_ties_to_the_lowest_id(dtype, world_
     full[9] = -0.0  # -0 and +0 are equal: the first wins
     full[9, 1:] = 0.0
     full[11] = float("-inf")  # every logit -inf: token 0
+    full[13, 2] = full[13, -1] = float("nan")  # NaNs in the first and the last shard: the first NaN
     expected = full.argmax(dim=-1)
     local = full.shape[1] // world_size
     gathered = [None] * world_size
