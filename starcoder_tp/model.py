@@ -26,7 +26,7 @@ from .compiled import compile_step, drop_compiled_code
 from .kernels import KERNEL_MODES, Choice
 from .linear import Linear, run_kernel
 from .shard import load_part, part_tensor_reader
-from .starcoder2 import inverse_frequencies, rotary_tables, runtime_state
+from .starcoder2 import RotaryCache, inverse_frequencies, rotary_tables, runtime_state
 
 
 class MLP(nn.Module):
@@ -96,6 +96,7 @@ class TPCausalLM(nn.Module):
         self.fused: fused_step.FusedStep | None | bool = False  # the layers in one call (False: not decided yet)
         self.window = config.sliding_window
         self.inv_freq: torch.Tensor | None = None  # [D / 2] fp32, set by load_model for RoPE models
+        self.rotary_cache: RotaryCache | None = None  # their cos and sin at every cache slot, with the cache
 
     def use_kernels(self, mode: str = "auto", rows: int = 1, request: tuple[int, int] | None = None) -> int:
         """Choose every linear weight's kernels for decode batches of `rows` rows (kernels.py: `auto` measures,
@@ -220,6 +221,9 @@ class TPCausalLM(nn.Module):
             attn.k_cache = torch.zeros(shape, dtype=weight.dtype, device=weight.device)
             attn.v_cache = torch.zeros(shape, dtype=weight.dtype, device=weight.device)
         self.cache_batch, self.cache_len = batch, max_seq_len
+        if self.inv_freq is not None:
+            self.rotary_cache = None  # (the old tables go before the new ones come)
+            self.rotary_cache = RotaryCache(max_seq_len, self.inv_freq, weight.dtype)
         if weight.device.type == "cpu":  # the greedy pick's form at this batch (pick_greedy)
             argmax.calibrate(batch, self.local_vocab, weight.dtype)
 
@@ -257,7 +261,8 @@ class TPCausalLM(nn.Module):
         x = self.embed(input_ids, position_ids)
         rotary = None
         if self.inv_freq is not None:
-            rotary = rotary_tables(position_ids, self.inv_freq, x.dtype)
+            rotary = (self.rotary_cache(position_ids) if self.rotary_cache is not None
+                      else rotary_tables(position_ids, self.inv_freq, x.dtype))
         # (the int `start` first: a compiled step, whose `start` is a tensor, never reads self.fused)
         if (isinstance(start, int) and t == 1 and mask is None
                 and (fused := self.fused_layers()) is not None and fused.takes(x, start)):

@@ -79,6 +79,21 @@ def rotary_tables(position_ids: torch.Tensor, inv_freq: torch.Tensor,
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
+class RotaryCache:
+    """cos and sin at every slot of a cache, made with it (TPCausalLM._allocate_cache, untimed): a step's tables
+    are then two lookups where rotary_tables' ops were eight, each paying, between the decode step's weight
+    streams, for the caches those had just swept. The same bits as rotary_tables at each position: its ops
+    are elementwise (tests/test_rotary.py checks)."""
+
+    def __init__(self, length: int, inv_freq: torch.Tensor, dtype: torch.dtype):
+        cos, sin = rotary_tables(torch.arange(length, device=inv_freq.device)[None], inv_freq, dtype)
+        self.cos, self.sin = cos[0], sin[0]  # [L, 1, D]
+
+    def __call__(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """rotary_tables(position_ids, ...) for position_ids [B, T], each below the cache's length."""
+        return self.cos[position_ids], self.sin[position_ids]  # [B, T, 1, D]
+
+
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x: [B, T, H, D]; each half of the head dimension rotated against the other (neox)."""
     half = x.shape[-1] // 2

@@ -1,10 +1,11 @@
 """RoPE's rotation by rotary.c (rotary.rotate): torch's values to the bit, in place, on the strided
-views the model rotates, and torch's own form wherever rotary.c does not take the call."""
+views the model rotates, and torch's own form wherever rotary.c does not take the call; the cos and sin
+tables a cache holds (starcoder2.RotaryCache) to the bit."""
 import pytest
 import torch
 
 from starcoder_tp import rotary, rowdot
-from starcoder_tp.starcoder2 import apply_rotary, rotary_tables
+from starcoder_tp.starcoder2 import RotaryCache, apply_rotary, rotary_tables
 
 BUILT = rowdot.library()[0] is not None
 needs_library = pytest.mark.skipif(not BUILT, reason=f"our kernels' library is not built here: {rowdot.library()[1]}")
@@ -109,3 +110,17 @@ def test_bf16_takes_rotary_c_only_from_the_avx2_path_on(monkeypatch):
                             lambda name, path=path: rowdot.PATHS.index(name) <= rowdot.PATHS.index(path))
         taken[path] = (rotary.takes(x, cos, sin), rotary.takes(x.float(), cos.float(), sin.float()))
     assert taken == {"scalar": (False, True), "avx2": (True, True), "avx512": (True, True), "avx512bf16": (True, True)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("d", [32, 80, 128])
+def test_the_caches_tables_are_the_steps_own_to_the_bit(dtype, d):
+    """A step's cos and sin looked up in tables made with its cache (RotaryCache) are what rotary_tables
+    computes for its positions alone: in a decode step [B, 1], ragged rows included, and in a prefill."""
+    inv_freq = 1.0 / (100000.0 ** (torch.arange(0, d, 2, dtype=torch.float) / d))
+    cache = RotaryCache(2051, inv_freq, dtype)
+    for positions in (torch.tensor([[2050]]), torch.tensor([[7], [0], [1999]]), torch.arange(0, 2051, 3)[None],
+                      torch.tensor([[0, 0, 0, 1, 2], [0, 1, 2, 3, 4]])):
+        for looked_up, computed in zip(cache(positions), rotary_tables(positions, inv_freq, dtype)):
+            assert looked_up.shape == computed.shape and looked_up.dtype == dtype
+            assert torch.equal(looked_up, computed), (positions, (looked_up != computed).nonzero()[:5])
