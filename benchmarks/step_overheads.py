@@ -4,7 +4,8 @@ core each, the bench-size model), next to the whole step, and where it was chang
 code side by side in the same sitting.
 
 Mechanisms, per decode step:
-- pick: the greedy token, `TPCausalLM.pick_greedy` (local max, one all-gather, the winning rank);
+- pick: the greedy token, `TPCausalLM.pick_greedy` (local max, the ranks' candidates summed on one small
+  board, the winning rank: argmax.pick);
   before: the local `argmax` and a `gather` of its value.
 - all-reduce: `ShmComm.all_reduce_` of one [B, 1, E] activation, 2 per layer + 1 (the embedding);
   before: the shared slots' views made at every call, the flag written through torch, the sum
