@@ -3,8 +3,10 @@ torch.distributed (gloo, nccl, hccl), or through shared memory (shm_comm.ShmComm
 ranks share one CPU host. At world size 1 every collective is a no-op."""
 from __future__ import annotations
 
+import functools
 import itertools
 import weakref
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -50,6 +52,13 @@ class TPGroup:
             self.shm.all_reduce_(t)
         else:
             dist.all_reduce(t)
+
+    def bound_all_reduce_(self, t: torch.Tensor) -> Callable[[], None]:
+        """all_reduce_(t), eager, as a call made once: ShmComm's with its checks done where `t` takes its small
+        path (a fused decode step's partial, summed twice a layer), else all_reduce_ itself. The caller holds
+        `t`, contiguous, at the same address."""
+        bound = self.shm.bound_all_reduce_(t) if self.world_size > 1 and self.shm is not None else None
+        return bound if bound is not None else functools.partial(self.all_reduce_, t)
 
     def describe(self) -> str:
         """'; all-reduce probed' (or 'copied', 'streamed': ShmComm.use_stream_copy) where the ranks share

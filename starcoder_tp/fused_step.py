@@ -156,6 +156,7 @@ class FusedStep:
         per_row = 2 * config.n_embd + (heads + 2 * kv_heads) * head_dim + heads * head_dim + inner
         self.scratch = torch.empty(self.batch * per_row, dtype=self.dtype)
         self.partial = torch.empty(self.batch, 1, config.n_embd, dtype=self.dtype)
+        self.sum_partial = tp.bound_all_reduce_(self.partial)  # (its checks made once: 2 calls a layer)
         self.decode_ours = decode_attention.DECODE_FORM.ours
         # fused_step.c's scratch: [B, E] normalised rows, [B, QKV] q/k/v, [B, H * D] attention output, ...
         offset = config.n_embd * self.batch
@@ -193,16 +194,18 @@ class FusedStep:
             assert all(t.dtype == self.dtype and t.numel() == self.batch * self.head_dim for t in rotary)
             cos, sin = (t.data_ptr() for t in rotary)
         assert (cos is not None) == self.rotary, "a model with rotary positions rotates every step"
-        call, scratch, dims, partial = self.lib.fused_step, self.scratch.data_ptr(), self.dims, self.partial
+        call, scratch, dims, partial = self.lib.fused_step, self.scratch.data_ptr(), self.dims, self.partial.data_ptr()
+        residual = x.data_ptr()
         incoming = bias = None
         for first, end, then, then_bias in self.calls:
-            into = partial.data_ptr() if then == "sum" else None
-            code = call(self.layers, first, end, x.data_ptr(), incoming, bias, into, scratch, dims, start, self.eps,
+            into = partial if then == "sum" else None
+            code = call(self.layers, first, end, residual, incoming, bias, into, scratch, dims, start, self.eps,
                         self.scale, cos, sin)
             self._check(code, start)
             incoming = bias = None
             if then == "sum":
-                incoming, bias = self.tp.all_reduce_(partial).data_ptr(), then_bias
+                self.sum_partial()  # (in place)
+                incoming, bias = partial, then_bias
             elif then == "attend":
                 attn = self.attentions[end // 4]
                 self.attended.copy_(attend(self.q, attn.k_cache[:, :, :start + 1], attn.v_cache[:, :, :start + 1],

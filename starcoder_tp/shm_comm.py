@@ -29,12 +29,14 @@ one call"). Ranks on either path agree bit for bit.
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import platform
 import time
 import uuid
 from multiprocessing import resource_tracker, shared_memory
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -211,9 +213,19 @@ class ShmComm:
         self._small = small_all_reduce if small_setting() else None
         return self._small is not None
 
-    def _all_reduce_small(self, flat: torch.Tensor, kind: int) -> None:
+    def bound_all_reduce_(self, t: torch.Tensor) -> Callable[[], None] | None:
+        """all_reduce_(t) as a call with its checks made once, where `t` takes the small path (shm_reduce.c),
+        else None: a fused decode step sums the same partial twice a layer (fused_step.py). The caller holds
+        `t`, contiguous, at the same address."""
+        kind = SMALL_DTYPES.get(t.dtype)
+        if (self._small is None or kind is None or not t.is_contiguous()
+                or not 0 < t.nbytes < min(STREAM_MIN_BYTES, self.slot_bytes + 1)):
+            return None
+        return functools.partial(self._all_reduce_small, t.data_ptr(), t.numel(), kind)
+
+    def _all_reduce_small(self, data_ptr: int, numel: int, kind: int) -> None:
         self._seq += 1
-        late = self._small(self._view_ptr, self._seq, flat.data_ptr(), flat.numel(), kind, 1, SMALL_WAIT_S)
+        late = self._small(self._view_ptr, self._seq, data_ptr, numel, kind, 1, SMALL_WAIT_S)
         if late < 0:
             return
         deadline = time.monotonic() - SMALL_WAIT_S + self.timeout_s  # (from the wait's start, as _wait's)
@@ -221,7 +233,7 @@ class ShmComm:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"rank(s) {self._late(self._seq)} did not reach collective #{self._seq} within "
                                    f"{self.timeout_s:.0f}s (rank {self.rank} waited)")
-            late = self._small(self._view_ptr, self._seq, flat.data_ptr(), flat.numel(), kind, 0, SMALL_WAIT_S)
+            late = self._small(self._view_ptr, self._seq, data_ptr, numel, kind, 0, SMALL_WAIT_S)
 
     def _late(self, seq: int) -> list[int]:
         return [r for r in range(self.world_size) if self._flags_np[r] < seq]
@@ -273,7 +285,7 @@ class ShmComm:
         # (an empty tensor never exchanges, on either path: ranks on the two paths keep the same sequence)
         if (self._small is not None and 0 < nbytes < min(STREAM_MIN_BYTES, self.slot_bytes + 1)
                 and (kind := SMALL_DTYPES.get(t.dtype)) is not None):
-            self._all_reduce_small(flat, kind)  # (a decode step's: one call instead of ~20 µs of torch's overhead)
+            self._all_reduce_small(flat.data_ptr(), flat.numel(), kind)  # (one call, not ~20 µs of torch's ops)
         else:
             self._all_reduce_large(flat, nbytes)
         if flat.data_ptr() != t.data_ptr():

@@ -51,6 +51,15 @@ def _collectives(rank, world_size, path, queue, publishing, small):
                 sums.append(comm.all_reduce_(torch.full((size,), float(rank + 1))))
                 sums.append(comm.all_gather(torch.full((size,), float(rank))).sum(0))
         out[key] = torch.stack([s.clone() for s in sums])
+    # A bound all-reduce (a fused decode step's partial): the same sums, at each call what the tensor holds then;
+    # one by shm_reduce.c where this rank runs it, else none (the caller's all_reduce_ then).
+    held = torch.zeros(9)
+    bound = comm.bound_all_reduce_(held)
+    out["bound_made"] = torch.tensor([bound is not None])
+    for i in range(3):
+        held.fill_(float(rank + 2 * i))
+        (bound or (lambda: comm.all_reduce_(held)))()
+        out[f"bound_{i}"] = held.clone()
     strided = torch.arange(12, dtype=torch.float32).view(3, 4).t() * (rank + 1)  # non-contiguous
     out["strided"] = comm.all_reduce_(strided)
     out["gather"] = comm.all_gather(torch.tensor([rank, 10 * rank], dtype=torch.float64))
@@ -70,8 +79,9 @@ def _collectives(rank, world_size, path, queue, publishing, small):
 CASES = ((7, torch.float32), (31, torch.bfloat16), (3000, torch.float32), (2500, torch.bfloat16), (1, torch.float64),
          (0, torch.float32))  # (an empty one: no exchange either way, so that ranks on either path stay in step)
 # Which all-reduces shm_reduce.c runs with 4096-byte slots: the ten of 4000 bytes, 7 fp32, 31 bf16, the
-# inference-mode four, the strided one; with STREAM_MIN_BYTES at 64 (streamed, probed) only those under 64 bytes.
-SMALL_CALLS = {"copied": 17, "streamed": 7, "probed": 7}
+# inference-mode four, the three bound, the strided one; with STREAM_MIN_BYTES at 64 (streamed, probed) only those
+# under 64 bytes.
+SMALL_CALLS = {"copied": 20, "streamed": 10, "probed": 10}
 
 
 @pytest.mark.parametrize("publishing, small", [("copied", "python"), ("streamed", "python"), ("probed", "python"),
@@ -128,6 +138,9 @@ def test_all_reduce_and_all_gather_are_exact_and_identical_on_every_rank(world_s
             assert calls == 12 and probes == 1 and copies == 3 + 4 * streaming, (r, copies, calls, probes, streaming)
         in_c = small == "C" or (small == "rank 0 in C" and r == 0)
         assert results[r]["small_calls"] == (SMALL_CALLS[publishing] if in_c else 0), r
+        assert results[r]["bound_made"] == [in_c], r
+        for i in range(3):
+            assert results[r][f"bound_{i}"] == [ids_sum + 2 * i * world_size] * 9, (r, i)
 
 
 @pytest.mark.parametrize("small", ["python", "C"])
