@@ -15,14 +15,18 @@ from __future__ import annotations
 
 import statistics
 import time
+from typing import TYPE_CHECKING
 
 import torch
 
 from . import rowdot
 
+if TYPE_CHECKING:
+    from .comm import TPGroup
+
 _DTYPES = (torch.float32, torch.bfloat16)
 CALIBRATION_ROUNDS = 7  # timed calls of each form, alternated (the first of each is a warm-up)
-# (rows, columns, dtype) -> whether argmax.c runs there: set by calibrate, read by row_max.
+# (rows, columns, dtype) -> whether argmax.c runs there: set by calibrate, read by row_max and pick.
 PICK_FORM: dict[tuple[int, int, torch.dtype], bool] = {}
 EXACT_FLOAT32_IDS = 1 << 24  # token ids up to this are exact as fp32 (pick's board)
 
@@ -68,29 +72,32 @@ def row_max(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return logits.max(dim=-1)
 
 
-def pick(logits: torch.Tensor, tp, first: int) -> torch.Tensor:
+def pick(logits: torch.Tensor, tp: "TPGroup", first: int) -> torch.Tensor:
     """The greedy pick over the ranks' vocabulary shards, without gathering the logits: [B] ids. `logits`:
-    this rank's [B, V_local], its ids from `first` on; `tp` the group (comm.TPGroup). Ties go to the lowest
-    id, as torch.argmax over the whole vocabulary's logits does.
+    this rank's [B, V_local], its ids from `first` on; `tp` the group. Ties go to the lowest id, as
+    torch.argmax over the whole vocabulary's logits does.
 
-    Each rank's candidates, (its maximum, that id), go in its own row of a zeroed fp32 board, summed by one
-    small all-reduce (shm_reduce.c on the CPU): x + 0 is x (-0 becomes +0, which compares equal), so every
-    rank's arrive whole. With argmax.c the board is filled and read in one call each. Ids past what fp32
-    holds exactly go as doubles through an all-gather instead."""
+    Where the ranks share memory (tp.shm), each rank's candidates, (its maximum, that id), go in its own row
+    of a zeroed fp32 board, summed by one small all-reduce (shm_reduce.c): x + 0 is x in IEEE arithmetic
+    without flush-to-zero (-0 becomes +0, which compares equal), so every rank's arrive whole, NaN included.
+    With argmax.c the board is filled and read in one call each. Elsewhere (torch.distributed: an NPU's
+    saturating sums would not keep a NaN), and for ids past what fp32 holds exactly, the candidates go as
+    doubles through an all-gather."""
     world_size, rows = tp.world_size, logits.shape[0]
     ours_here = logits.dim() == 2 and PICK_FORM.get((*logits.shape, logits.dtype)) and supports(logits)
     if world_size == 1:
         return (_run(logits) if ours_here else logits.max(dim=-1))[1]
-    if world_size * logits.shape[1] > EXACT_FLOAT32_IDS:
+    # (the same choice on every rank: every rank has the group's shm or none, and the same shard width)
+    if tp.shm is None or world_size * logits.shape[1] > EXACT_FLOAT32_IDS:
         values, index = row_max(logits)
         board = tp.all_gather(torch.stack([values.double(), (index + first).double()], -1))  # [N, B, 2]
     elif ours_here:
         lib, _ = rowdot.library()
-        board = torch.empty(world_size, rows, 2)  # [N, B, 2]
+        board = torch.empty(world_size, rows, 2, dtype=torch.float32)  # [N, B, 2]
         fill = lib.argmax_board_f32 if logits.dtype == torch.float32 else lib.argmax_board_bf16
-        if fill(logits.data_ptr(), logits.stride(0), rows, logits.shape[1], tp.rank, world_size, first,
-                board.data_ptr()):
-            raise ValueError(f"argmax.pick: argmax.c does not take {logits.shape[1]} columns")
+        failed = fill(logits.data_ptr(), logits.stride(0), rows, logits.shape[1], tp.rank, world_size, first,
+                      board.data_ptr())
+        assert not failed, "argmax.c refuses only rows of 2^31 or more, and the board's are under 2^24"
         tp.all_reduce_(board)
         ids = torch.empty(rows, dtype=torch.int64)
         lib.argmax_board_pick(board.data_ptr(), world_size, rows, ids.data_ptr())

@@ -261,7 +261,9 @@ class TPCausalLM(nn.Module):
         x = self.embed(input_ids, position_ids)
         rotary = None
         if self.inv_freq is not None:
-            rotary = (self.rotary_cache(position_ids) if self.rotary_cache is not None
+            # (a compiled step, whose `start` is a tensor, computes them in its graph as before: the tables as its
+            # inputs could be copied at every CUDA graph replay)
+            rotary = (self.rotary_cache(position_ids) if self.rotary_cache is not None and isinstance(start, int)
                       else rotary_tables(position_ids, self.inv_freq, x.dtype))
         # (the int `start` first: a compiled step, whose `start` is a tensor, never reads self.fused)
         if (isinstance(start, int) and t == 1 and mask is None

@@ -124,7 +124,8 @@ def library() -> tuple[ctypes.CDLL | None, str]:
     for fn in (lib.argmax_board_f32, lib.argmax_board_bf16):  # x, row stride, rows, n, rank, ranks, first, board
         fn.argtypes = [ctypes.c_void_p] + [ctypes.c_long] * 5 + [ctypes.c_int64, ctypes.c_void_p]
         fn.restype = ctypes.c_int
-    lib.argmax_board_pick.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_void_p]  # board, ranks, rows, ids
+    # board, ranks, rows, ids
+    lib.argmax_board_pick.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_void_p]
     lib.argmax_board_pick.restype = None
     rotary = [ctypes.c_void_p] + [ctypes.c_long] * 7 + [ctypes.c_void_p] * 2  # (rotary.py) x, B, T, H, D, strides,
     lib.rotary_f32.argtypes, lib.rotary_bf16.argtypes = rotary, rotary + [ctypes.c_int]  # cos, sin (bf16: its form)

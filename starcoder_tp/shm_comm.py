@@ -221,11 +221,12 @@ class ShmComm:
         if (self._small is None or kind is None or not t.is_contiguous()
                 or not 0 < t.nbytes < min(STREAM_MIN_BYTES, self.slot_bytes + 1)):
             return None
-        return functools.partial(self._all_reduce_small, t.data_ptr(), t.numel(), kind)
+        return functools.partial(self._all_reduce_small, t.data_ptr(), t.numel(), kind, self._small)
 
-    def _all_reduce_small(self, data_ptr: int, numel: int, kind: int) -> None:
+    def _all_reduce_small(self, data_ptr: int, numel: int, kind: int, small=None) -> None:
+        small = small or self._small  # (a bound call keeps the function it was made with)
         self._seq += 1
-        late = self._small(self._view_ptr, self._seq, data_ptr, numel, kind, 1, SMALL_WAIT_S)
+        late = small(self._view_ptr, self._seq, data_ptr, numel, kind, 1, SMALL_WAIT_S)
         if late < 0:
             return
         deadline = time.monotonic() - SMALL_WAIT_S + self.timeout_s  # (from the wait's start, as _wait's)
@@ -233,7 +234,7 @@ class ShmComm:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"rank(s) {self._late(self._seq)} did not reach collective #{self._seq} within "
                                    f"{self.timeout_s:.0f}s (rank {self.rank} waited)")
-            late = self._small(self._view_ptr, self._seq, data_ptr, numel, kind, 0, SMALL_WAIT_S)
+            late = small(self._view_ptr, self._seq, data_ptr, numel, kind, 0, SMALL_WAIT_S)
 
     def _late(self, seq: int) -> list[int]:
         return [r for r in range(self.world_size) if self._flags_np[r] < seq]

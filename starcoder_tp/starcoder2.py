@@ -85,7 +85,7 @@ class RotaryCache:
     streams, for the caches those had just swept. The same bits as rotary_tables at each position: its ops
     are elementwise (tests/test_rotary.py checks)."""
 
-    def __init__(self, length: int, inv_freq: torch.Tensor, dtype: torch.dtype):
+    def __init__(self, length: int, inv_freq: torch.Tensor, dtype: torch.dtype) -> None:
         cos, sin = rotary_tables(torch.arange(length, device=inv_freq.device)[None], inv_freq, dtype)
         self.cos, self.sin = cos[0], sin[0]  # [L, 1, D]
 

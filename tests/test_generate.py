@@ -91,42 +91,40 @@ def test_unpadded_fast_path_matches_the_masked_path(model):
 
 
 class _GatherFromShards:
-    """A TPGroup stand-in for one rank of a simulated group: its all_gather returns every rank's
-    tensor, and its all_reduce_ their sum in rank order, each computed by running the same method on
-    that rank's shard of the logits (complete once every rank has run it: rank 0 runs last)."""
+    """A TPGroup stand-in for one rank of a simulated group: its all_gather returns every rank's tensor, and
+    its all_reduce_ their sum in rank order, from what each rank gave in its last call (so every rank's result
+    is whole on a second pass, once all have given theirs). `shm`: whether the ranks share memory."""
 
-    def __init__(self, rank: int, world_size: int, gathered: list):
-        self.rank, self.world_size, self.gathered = rank, world_size, gathered
+    def __init__(self, rank: int, world_size: int, given: list, shm: bool):
+        self.rank, self.world_size, self.given = rank, world_size, given
+        self.shm = object() if shm else None
         self.calls = []
 
     def all_gather(self, t: torch.Tensor) -> torch.Tensor:
         self.calls.append("all_gather")
-        self.gathered[self.rank] = t
-        return torch.stack(self.gathered) if all(g is not None for g in self.gathered) else t.unsqueeze(0)
+        self.given[self.rank] = t.clone()
+        return torch.stack([t if g is None else g for g in self.given])
 
     def all_reduce_(self, t: torch.Tensor) -> torch.Tensor:
         self.calls.append("all_reduce_")
-        self.gathered[self.rank] = t.clone()
-        if all(g is not None for g in self.gathered):
-            total = self.gathered[0].clone()
-            for other in self.gathered[1:]:
-                total += other
-            t.copy_(total)
-        return t
+        self.given[self.rank] = t.clone()
+        total = None
+        for other in self.given:  # (a rank yet to give: nothing, on the first pass)
+            total = other.clone() if total is None else total if other is None else total + other
+        return t.copy_(total)
 
 
-@pytest.mark.parametrize("board", [True, False], ids=["fp32-board", "fp64-gather"])
+@pytest.mark.parametrize("way", ["fp32-board", "fp64-gather", "fp64-gather-large-ids"])
 @pytest.mark.parametrize("form", ["torch", "argmax.c"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("world_size", [1, 2, 3])
-def test_pick_greedy_is_the_full_argmax_with_ties_to_the_lowest_id(dtype, world_size, form, board, monkeypatch):
+def test_pick_greedy_is_the_full_argmax_with_ties_to_the_lowest_id(dtype, world_size, form, way, monkeypatch):
     from starcoder_tp import argmax
     from starcoder_tp.model import TPCausalLM
 
     if form == "argmax.c" and not argmax.available():
         pytest.skip("argmax.c is not built or this CPU lacks AVX-512")
-    monkeypatch.setattr(argmax, "PICK_FORM", {(64, 12, dtype): form == "argmax.c"})
-    if not board:  # ids past what fp32 holds exactly: the candidates gathered as doubles
+    if way == "fp64-gather-large-ids":  # ids past what fp32 holds exactly: doubles, though memory is shared
         monkeypatch.setattr(argmax, "EXACT_FLOAT32_IDS", 12 * world_size - 1)
 
     # Few distinct values, so that most rows have ties within a shard and across shards.
@@ -142,12 +140,16 @@ def test_pick_greedy_is_the_full_argmax_with_ties_to_the_lowest_id(dtype, world_
     full[13, 2] = full[13, -1] = float("nan")  # NaNs in the first and the last shard: the first NaN
     expected = full.argmax(dim=-1)
     local = full.shape[1] // world_size
-    gathered = [None] * world_size
-    picks = {}
-    # The last rank runs first here, so that rank 0's collective sees every rank's candidates.
-    for rank in reversed(range(world_size)):
-        tp = _GatherFromShards(rank, world_size, gathered)
-        rank_model = type("RankModel", (), {"tp": tp, "vocab_start": rank * local})()
-        picks[rank] = TPCausalLM.pick_greedy(rank_model, full[:, rank * local:(rank + 1) * local])
-        assert tp.calls == ([] if world_size == 1 else ["all_reduce_" if board else "all_gather"])
-    assert torch.equal(picks[0], expected), (picks[0].tolist(), expected.tolist())
+    given = [None] * world_size
+    # Two passes, so that every rank's collective sees every rank's candidates on the second; ranks alternate
+    # between argmax.c and torch's form where both run (each process times its own: they may differ).
+    for second in (False, True):
+        for rank in range(world_size):
+            ours = (form == "argmax.c") != (rank % 2 == 1 and argmax.available())
+            monkeypatch.setattr(argmax, "PICK_FORM", {(64, 12, dtype): ours})
+            tp = _GatherFromShards(rank, world_size, given, shm=way != "fp64-gather")
+            rank_model = type("RankModel", (), {"tp": tp, "vocab_start": rank * local})()
+            pick = TPCausalLM.pick_greedy(rank_model, full[:, rank * local:(rank + 1) * local])
+            assert tp.calls == ([] if world_size == 1 else ["all_reduce_" if way == "fp32-board" else "all_gather"])
+            if second:
+                assert torch.equal(pick, expected), (rank, pick.tolist(), expected.tolist())
