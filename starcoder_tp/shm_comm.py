@@ -213,6 +213,11 @@ class ShmComm:
         self._small = small_all_reduce if small_setting() else None
         return self._small is not None
 
+    @property
+    def small_in_c(self) -> bool:
+        """Whether small all-reduces run in one call of shm_reduce.c (use_small_reduce)."""
+        return self._small is not None
+
     def bound_all_reduce_(self, t: torch.Tensor) -> Callable[[], None] | None:
         """all_reduce_(t) as a call with its checks made once, where `t` takes the small path (shm_reduce.c),
         else None: a fused decode step sums the same partial twice a layer (fused_step.py). The caller holds

@@ -352,3 +352,20 @@ def test_ctrl_c_reaches_a_rank_waiting_in_shm_reduce_c(tmp_path):
     finally:
         shm_comm.remove_segment(path)
     assert out == "interrupted\n", err
+
+
+def test_the_plan_line_says_how_the_ranks_all_reduce(monkeypatch):
+    from starcoder_tp.comm import TPGroup
+
+    monkeypatch.delenv(shm_comm.SMALL_ENV, raising=False)
+    path = shm_comm.create_segment(2, slot_bytes=4096)
+    try:
+        comm = shm_comm.ShmComm(path, 0, 2, timeout_s=30, slot_bytes=4096)
+        group = TPGroup(0, 2, shm=comm)
+        assert group.describe() == "; all-reduce copied"
+        comm.use_small_reduce(lambda *args: -1)  # (a stand-in: only whether one is in use is read)
+        assert group.describe() == "; all-reduce copied, small in C"
+        comm.use_small_reduce(None)
+        assert group.describe() == "; all-reduce copied" and TPGroup(0, 2).describe() == ""
+    finally:
+        shm_comm.remove_segment(path)
