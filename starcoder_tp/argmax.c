@@ -1,7 +1,7 @@
 /* The greedy pick (argmax.py): for each row of logits, fp32 or bf16, the largest value and the
  * index of its first occurrence, as torch.max(dim=-1) gives them; a NaN counts as the largest,
  * the first NaN's index. AVX-512, one thread. Then, between ranks, their candidates' board filled
- * and read (argmax_board, argmax_board_pick: plain C, at the end).
+ * and read (argmax_board_f32/_bf16, argmax_board_pick: plain C, at the end).
  *
  * Each lane of four vectors (CHAINS) keeps its own maximum and where it was, taking a value only
  * when it is strictly larger (so each lane keeps its first occurrence); the lanes are then reduced

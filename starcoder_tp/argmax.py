@@ -87,7 +87,8 @@ def pick(logits: torch.Tensor, tp: "TPGroup", first: int) -> torch.Tensor:
     ours_here = logits.dim() == 2 and PICK_FORM.get((*logits.shape, logits.dtype)) and supports(logits)
     if world_size == 1:
         return (_run(logits) if ours_here else logits.max(dim=-1))[1]
-    # (the same choice on every rank: every rank has the group's shm or none, and the same shard width)
+    # (the same collective on every rank: every rank has the group's shm or none, the same shard width, and
+    # either board form all-reduces the same fp32 [N, B, 2])
     if tp.shm is None or world_size * logits.shape[1] > EXACT_FLOAT32_IDS:
         values, index = row_max(logits)
         board = tp.all_gather(torch.stack([values.double(), (index + first).double()], -1))  # [N, B, 2]

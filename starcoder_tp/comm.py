@@ -61,11 +61,11 @@ class TPGroup:
         return bound if bound is not None else functools.partial(self.all_reduce_, t)
 
     def describe(self) -> str:
-        """'; all-reduce probed' (or 'copied', 'streamed': ShmComm.use_stream_copy; then ', small in C' where
+        """'; all-reduce probed' (or 'copied', 'streamed': ShmComm.use_stream_copy; then ',small-in-C' where
         small ones run in one call of shm_reduce.c) where the ranks share memory, else ''."""
         if self.shm is None:
             return ""
-        return f"; all-reduce {self.shm.publishing}" + (", small in C" if self.shm.small_in_c else "")
+        return f"; all-reduce {self.shm.publishing}" + (",small-in-C" if self.shm.small_in_c else "")
 
     def all_gather(self, t: torch.Tensor) -> torch.Tensor:
         """[N, *t.shape]: every rank's `t`, in rank order."""

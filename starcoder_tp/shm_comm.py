@@ -229,7 +229,7 @@ class ShmComm:
         return functools.partial(self._all_reduce_small, t.data_ptr(), t.numel(), kind, self._small)
 
     def _all_reduce_small(self, data_ptr: int, numel: int, kind: int, small=None) -> None:
-        small = small or self._small  # (a bound call keeps the function it was made with)
+        small = small if small is not None else self._small  # (a bound call keeps the function it was made with)
         self._seq += 1
         late = small(self._view_ptr, self._seq, data_ptr, numel, kind, 1, SMALL_WAIT_S)
         if late < 0:

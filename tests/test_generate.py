@@ -100,14 +100,18 @@ class _GatherFromShards:
         self.shm = object() if shm else None
         self.calls = []
 
+    def _give(self, t: torch.Tensor) -> None:
+        assert all(g is None or (g.dtype, g.shape) == (t.dtype, t.shape) for g in self.given), "ranks' tensors differ"
+        self.given[self.rank] = t.clone()
+
     def all_gather(self, t: torch.Tensor) -> torch.Tensor:
         self.calls.append("all_gather")
-        self.given[self.rank] = t.clone()
+        self._give(t)
         return torch.stack([t if g is None else g for g in self.given])
 
     def all_reduce_(self, t: torch.Tensor) -> torch.Tensor:
         self.calls.append("all_reduce_")
-        self.given[self.rank] = t.clone()
+        self._give(t)
         total = None
         for other in self.given:  # (a rank yet to give: nothing, on the first pass)
             total = other.clone() if total is None else total if other is None else total + other

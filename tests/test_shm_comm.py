@@ -364,7 +364,7 @@ def test_the_plan_line_says_how_the_ranks_all_reduce(monkeypatch):
         group = TPGroup(0, 2, shm=comm)
         assert group.describe() == "; all-reduce copied"
         comm.use_small_reduce(lambda *args: -1)  # (a stand-in: only whether one is in use is read)
-        assert group.describe() == "; all-reduce copied, small in C"
+        assert group.describe() == "; all-reduce copied,small-in-C"  # (one item: "name value", no space in the value)
         comm.use_small_reduce(None)
         assert group.describe() == "; all-reduce copied" and TPGroup(0, 2).describe() == ""
     finally:
