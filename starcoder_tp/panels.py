@@ -79,8 +79,9 @@ def rows(packed: torch.Tensor, index: torch.Tensor, first: int = 0) -> torch.Ten
     # embedding read from the lm_head's panels").
     n, k = shape_of(packed)
     lib, _ = rowdot.library()
+    # (a compiled step traces torch's ops below)
     if (lib is not None and index.dtype == torch.int64 and packed.is_contiguous()
-            and packed.device.type == index.device.type == "cpu" and not torch.compiler.is_compiling()):  # (a compiled step traces torch's ops below)
+            and packed.device.type == index.device.type == "cpu" and not torch.compiler.is_compiling()):
         index = index.contiguous()
         out = torch.empty(*index.shape, k, dtype=packed.dtype)
         lib.panels_gather_rows(packed.data_ptr(), n, packed.shape[1], index.data_ptr(), index.numel(), first,
