@@ -18,7 +18,7 @@ candidates over PRUNE_FACTOR x the best probe's time, on that call and on a seco
 the probe calls are the first of ROUNDS rounds, the rest run ROUNDS - 1 more of at least ROUND_MIN_S
 and one call each (decode candidates: DECODE_MIN_CALLS calls; interleaved, a candidate dropped only
 where the rest keep a step between two calls on one copy: _interleaved_ms). Where suspect_shapes
-names a shape, that timing of it is taken once more. A weight
+names a shape, or kernels.traded a prefill of it, that timing of it is taken once more. A weight
 larger than the decode set has its decode candidates timed on its first rows (decode_rows). On the
 bench-size model a plan takes 6-9 s per batch size in fp32 and 3-6 s in bf16 on one thread of
 the CPUs we measured (RESULTS.md): the prefill calls at 512 rows, then the decode copies (MKL packs

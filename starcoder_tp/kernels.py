@@ -77,7 +77,14 @@ SPLIT_ROWS = round(math.sqrt(SHORT_ROWS * PREFILL_ROWS))  # calls of fewer rows 
 # Requests whose costs are this close are not told apart: a candidate's timings differ by 3-6%
 # from one measured plan to the next (RESULTS.md, "Decode candidates timed from memory").
 TIE_FRACTION = 0.02
-PLAN_VERSION = 27  # part of the cache key: a change in what is measured invalidates old plans
+# A prefill timing is taken again (`traded`) where the layouts a weight could take run it more than this much
+# slower than its fastest kernel: the layout then trades its prefill against its step, and one timing decided
+# it. On the EPYC Zen 4, one plan of 2048x1024 fp32 (GPTBigCode's MLP at world size 2, batch 16) read panels'
+# 512-row prefill 10% behind oneDNN's, where the three other plans of that shape read it 1-4% ahead and 40
+# interleaved pairs 3-4%: its 16 x 512 requests took oneDNN's layout and ran op by op, the step 1.2x panels'
+# fused one (RESULTS.md, "A prefill timing that traded the step away"). Plans there differ by 3-6%.
+TRADE_FRACTION = 0.05
+PLAN_VERSION = 28  # part of the cache key: a change in what is measured invalidates old plans
 # Every shape's timings travel across ranks in these fixed slots (inf: not a candidate there),
 # so that ranks on CPUs with different candidates still reduce tensors of one size.
 DECODE_SLOTS = ("plain", "onednn", "fp32", "mkl_packed", "gemv", "onednn_wide", "rowdot", "panels")
@@ -193,6 +200,17 @@ def choose(decode_ms: dict[str, float], prefill_ms: dict[str, float], short_ms: 
                   dict(prefill_ms))
 
 
+def traded(decode_ms: dict[str, float], prefill_ms: dict[str, float]) -> bool:
+    """Whether a weight's prefill timing at one row count (`prefill_ms`) can trade its layout against its step:
+    the layouts it would take, its fastest decode's and panels' (the fused step's: fusion_choice), run that
+    prefill more than TRADE_FRACTION slower than its fastest kernel."""
+    if not decode_ms or not prefill_ms:
+        return False
+    layouts = {min(decode_ms, key=decode_ms.__getitem__)} | ({"panels"} & decode_ms.keys())
+    theirs = [prefill_ms[kernel] for layout in layouts for kernel in PREFILL_KERNELS[layout] if kernel in prefill_ms]
+    return bool(theirs) and min(theirs) > (1 + TRADE_FRACTION) * min(prefill_ms.values())
+
+
 def weigh(choice: Choice, prompt_rows: int, steps: int) -> Choice:
     """`choice` chosen again for a request of `prompt_rows` prompt rows (batch x prompt length)
     and `steps` decode steps, from its own timings (a choice without them stays as it is)."""
@@ -265,7 +283,8 @@ def measure(weights: Mapping[str, torch.Tensor], rows: int, slowest: Callable[[t
     reads `step_bytes` (decode_copies; 0: one copy), a large weight's on its first rows (decode_rows);
     `slowest` reduces a float64 tensor to its maximum over the ranks. Every rank must call this in
     step with the same shapes (checked first). Where suspect_shapes names a shape (one of its candidates
-    far below its own speed on the other shapes), that part of it is timed again, each keeping its faster figure."""
+    far below its own speed on the other shapes), or `traded` a prefill of it, that part of it is timed again,
+    each candidate keeping its faster figure."""
     activated = activated or {}
     panel_asks.reset()  # the candidates are timed alone, none asking ahead or into L2
     digest = int(hashlib.sha256(json.dumps([sorted(weights), sorted(prefill), sorted(activated.items())]
@@ -312,6 +331,10 @@ def measure(weights: Mapping[str, torch.Tensor], rows: int, slowest: Callable[[t
     for part in range(3):
         for shape in suspect_shapes({s: t[part] for s, t in timings.items()}, sizes, groups if part else None):
             again.setdefault(shape, set()).add(part)
+    for shape, (decode, *prefills) in timings.items():
+        for part, ms in enumerate(prefills, start=1):
+            if traded(decode, ms):
+                again.setdefault(shape, set()).add(part)
     if again:
         retimed = slowest(torch.tensor([v for shape in sorted(again) for v in shape_slots(shape, again[shape])],
                                        dtype=torch.float64)).tolist()
