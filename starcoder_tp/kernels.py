@@ -77,11 +77,11 @@ SPLIT_ROWS = round(math.sqrt(SHORT_ROWS * PREFILL_ROWS))  # calls of fewer rows 
 # Requests whose costs are this close are not told apart: a candidate's timings differ by 3-6%
 # from one measured plan to the next (RESULTS.md, "Decode candidates timed from memory").
 TIE_FRACTION = 0.02
-# A prefill timing is taken again (`traded`) where the layouts a weight could take run it more than this much
+# A prefill timing is taken again (`traded`) where the layouts a weight would take run it more than this much
 # slower than its fastest kernel: the layout then trades its prefill against its step, and one timing decided
 # it. On the EPYC Zen 4, one plan of 2048x1024 fp32 (GPTBigCode's MLP at world size 2, batch 16) read panels'
 # 512-row prefill 10% behind oneDNN's, where the three other plans of that shape read it 1-4% ahead and 40
-# interleaved pairs 3-4%: its 16 x 512 requests took oneDNN's layout and ran op by op, the step 1.2x panels'
+# interleaved pairs 3-4%: its 16 x 512 requests took oneDNN's layout and ran op by op, the step 1.2-1.3x panels'
 # fused one (RESULTS.md, "A prefill timing that traded the step away"). Plans there differ by 3-6%.
 TRADE_FRACTION = 0.05
 PLAN_VERSION = 28  # part of the cache key: a change in what is measured invalidates old plans
@@ -203,7 +203,8 @@ def choose(decode_ms: dict[str, float], prefill_ms: dict[str, float], short_ms: 
 def traded(decode_ms: dict[str, float], prefill_ms: dict[str, float]) -> bool:
     """Whether a weight's prefill timing at one row count (`prefill_ms`) can trade its layout against its step:
     the layouts it would take, its fastest decode's and panels' (the fused step's: fusion_choice), run that
-    prefill more than TRADE_FRACTION slower than its fastest kernel."""
+    prefill more than TRADE_FRACTION slower than its fastest kernel. The timings' keys are DECODE_SLOTS' and
+    PREFILL_SLOTS' names."""
     if not decode_ms or not prefill_ms:
         return False
     layouts = {min(decode_ms, key=decode_ms.__getitem__)} | ({"panels"} & decode_ms.keys())
@@ -331,7 +332,7 @@ def measure(weights: Mapping[str, torch.Tensor], rows: int, slowest: Callable[[t
     for part in range(3):
         for shape in suspect_shapes({s: t[part] for s, t in timings.items()}, sizes, groups if part else None):
             again.setdefault(shape, set()).add(part)
-    for shape, (decode, *prefills) in timings.items():
+    for shape, (decode, *prefills) in timings.items():  # (the first decode timings: a suspect's come after)
         for part, ms in enumerate(prefills, start=1):
             if traded(decode, ms):
                 again.setdefault(shape, set()).add(part)

@@ -143,18 +143,24 @@ def test_a_traded_prefill_is_timed_again_and_the_layout_weighed_from_each_kernel
         ms = {name: 10.0 * 2 ** min((len(prefills) - 1) // 2, 2) for name in calls}
         if len(prefills) == 2:  # 16x16's long prefill, disturbed: oneDNN's layout's kernels 15% behind plain's
             ms.update(onednn=11.5, unpack=11.6)
-        elif len(prefills) == 7:  # taken again: oneDNN's layout ahead
+        elif len(prefills) == 3:  # 32x16's short prefill, likewise
+            ms.update(onednn=23.0, unpack=23.2)
+        elif len(prefills) == 7:  # 16x16's long one taken again: oneDNN's layout ahead
             ms = {name: 10.0 for name in calls} | {"onednn": 9.5, "plain": 10.5}
+        elif len(prefills) == 8:  # 32x16's short one again: at one speed
+            ms = {name: 20.0 for name in calls}
         return ms
     monkeypatch.setattr(kernels, "time_ms", time_ms)
     reduced = []
     weights = {kernels.shape_key(w): w for w in (torch.randn(16, 16), torch.randn(32, 16), torch.randn(64, 16))}
     plan = measure(weights, 1, lambda t: reduced.append(len(t)) or t, prefill=set(weights))
     width = len(kernels.DECODE_SLOTS) + 2 * len(kernels.PREFILL_SLOTS)
-    assert len(prefills) == 3 * 2 + 1 and len(decodes) == 3, "16x16's long prefill again, nothing else"
-    assert reduced == [2, 3 * width, width]
+    assert len(prefills) == 3 * 2 + 2 and len(decodes) == 3, "16x16's long and 32x16's short prefill again, no more"
+    assert reduced == [2, 3 * width, 2 * width]
     first = {name: 10.0 for name in prefills[1]} | {"onednn": 11.5, "unpack": 11.6}
     assert plan["16x16:float32"].prefill_ms == {name: 10.0 for name in prefills[1]} | {"onednn": 9.5}
+    assert plan["16x16:float32"].short_ms == {name: 10.0 for name in prefills[0]}
+    assert plan["32x16:float32"].short_ms == {name: 20.0 for name in prefills[2]}, "its faster figures"
     assert plan["32x16:float32"].prefill_ms == {name: 20.0 for name in prefills[3]}
     # A 4096-row prompt and 3 steps: from the first timings alone the layout would have been plain's.
     first_choice = kernels.Choice("onednn", "onednn", None, {"plain": 2.0, "onednn": 1.0}, None, first)

@@ -117,7 +117,7 @@ def test_measure_times_every_candidate_of_every_shape_and_takes_the_slowest_rank
     progress = []
     plan = measure(weights, 4, slowest, prefill={"32x16:float32"}, on_progress=lambda: progress.append(1))
     # 32x16's prefills are timed again: they trade its layout (plain runs them twice as fast as onednn's kernels)
-    assert reduced == [2, 2 * width, width], "the shapes are checked, then one reduction for the whole plan"
+    assert reduced == [2, 2 * width, width], "the shapes are checked, the whole plan, then 32x16's traded prefills"
     assert set(plan) == set(weights) and progress
     assert plan["32x16:float32"] == Choice("onednn", "onednn", "onednn", {"plain": 5.0, "onednn": 2.0},
                                            {"plain": 1.0, "onednn": 2.0, "unpack": 3.0, "onednn_plain": 4.0},
