@@ -63,9 +63,8 @@ class Embedding(nn.Embedding):
         for the other shards' ids (whose rows the all-reduce that follows adds)."""
         if self.panels is not None:
             return panels.rows(self.panels, input_ids, first)
-        local = input_ids - first
-        outside = (local < 0) | (local >= self.num_embeddings)
-        return F.embedding(local.masked_fill(outside, 0), self.weight).masked_fill_(outside.unsqueeze(-1), 0.0)
+        local, outside = panels.shard_ids(input_ids, first, self.num_embeddings)
+        return F.embedding(local, self.weight).masked_fill_(outside.unsqueeze(-1), 0.0)
 
     def share(self, packed: torch.Tensor | None) -> None:
         """After the tied lm_head's lay-out (held_plain first): its `packed` weight where that is panels, the

@@ -87,12 +87,18 @@ def rows(packed: torch.Tensor, index: torch.Tensor, first: int = 0) -> torch.Ten
         lib.panels_gather_rows(packed.data_ptr(), n, packed.shape[1], index.data_ptr(), index.numel(), first,
                                out.data_ptr())
         return out
-    local = index - first
-    outside = (local < 0) | (local >= n)
-    local = local.masked_fill(outside, 0)
+    local, outside = shard_ids(index, first, n)
     words = packed.view(torch.int32).squeeze(-1) if packed.dim() == 4 else packed  # [N/16, K', 16]
     gathered = words.permute(0, 2, 1)[local // COLUMNS, local % COLUMNS]  # [*, K']
     return gathered.view(packed.dtype).masked_fill_(outside.unsqueeze(-1), 0)
+
+
+def shard_ids(index: torch.Tensor, first: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(`index - first` with ids outside [first, first + n) as 0, those ids' mask): a vocabulary shard's rows
+    looked up by torch's ops (rows' fallback, embedding.Embedding.shard_rows), the outside ones zeroed after."""
+    local = index - first
+    outside = (local < 0) | (local >= n)
+    return local.masked_fill(outside, 0), outside
 
 
 def fuses(post_op: str, algorithm: str) -> bool:

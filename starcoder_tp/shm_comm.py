@@ -222,11 +222,16 @@ class ShmComm:
         """all_reduce_(t) as a call with its checks made once, where `t` takes the small path (shm_reduce.c),
         else None: a fused decode step sums the same partial twice a layer (fused_step.py). The caller holds
         `t`, contiguous, at the same address."""
-        kind = SMALL_DTYPES.get(t.dtype)
-        if (self._small is None or kind is None or not t.is_contiguous()
-                or not 0 < t.nbytes < min(STREAM_MIN_BYTES, self.slot_bytes + 1)):
+        kind = self._small_kind(t.nbytes, t.dtype)
+        if kind is None or not t.is_contiguous():
             return None
         return functools.partial(self._all_reduce_small, t.data_ptr(), t.numel(), kind, self._small)
+
+    def _small_kind(self, nbytes: int, dtype: torch.dtype) -> int | None:
+        """shm_reduce.c's code for `dtype` where an all-reduce of `nbytes` takes the small path (one call), else None."""
+        if self._small is None or not 0 < nbytes < min(STREAM_MIN_BYTES, self.slot_bytes + 1):
+            return None
+        return SMALL_DTYPES.get(dtype)
 
     def _all_reduce_small(self, data_ptr: int, numel: int, kind: int, small=None) -> None:
         small = small if small is not None else self._small  # (a bound call keeps the function it was made with)
@@ -289,8 +294,7 @@ class ShmComm:
         flat = t.view(-1) if t.is_contiguous() else t.contiguous().view(-1)
         nbytes = flat.nbytes
         # (an empty tensor never exchanges, on either path: ranks on the two paths keep the same sequence)
-        if (self._small is not None and 0 < nbytes < min(STREAM_MIN_BYTES, self.slot_bytes + 1)
-                and (kind := SMALL_DTYPES.get(t.dtype)) is not None):
+        if (kind := self._small_kind(nbytes, t.dtype)) is not None:
             self._all_reduce_small(flat.data_ptr(), flat.numel(), kind)  # (one call, not ~20 µs of torch's ops)
         else:
             self._all_reduce_large(flat, nbytes)
