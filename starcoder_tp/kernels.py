@@ -31,8 +31,9 @@ faster prefill (MKL's packed sgemm against F.linear at batch 1, fp32: RESULTS.md
             goes, and ran fp32 prefills at oneDNN's packed speed, twice MKL's, on the EPYC Zen 5).
 - `gemv`:   fp32, decode at one row only: BLAS's sgemv on the plain weight (gemv.py), where
             torch's one-row GEMMs fall short of the memory's speed. Prefill as `plain`.
-- `panels`: fp32 and bf16 where the CPU has AVX-512 (bf16: AVX512_BF16), every decode batch: our
-            own GEMM on the weight in panels of 16 output columns (panels.py). Prefill: itself.
+- `panels`: fp32 and bf16 where the CPU has AVX2 and FMA (AVX-512's kernels where it has them),
+            every decode batch: our own GEMM on the weight in panels of 16 output columns
+            (panels.py). Prefill: itself.
 - `rowdot`: fp32 and bf16, decode at one row only: our one-row kernel on the plain weight (rowdot.c,
             built at first use by the machine's C compiler, else not a candidate). Prefill as `plain`.
 

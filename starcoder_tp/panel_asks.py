@@ -215,7 +215,9 @@ def settle(model, batch: int) -> None:
     cached = (stored.get("value"), str(stored.get("how"))) if stored else None
     if cached and (type(cached[0]) is not int or cached[0] not in knob.candidates):
         cached = None  # (not a candidate of ours: measured again)
-    usable = bool(panels) and rowdot.library()[0] is not None
+    # (the asks are AVX-512's kernels' own: panels_avx2.c's leave the stream to the hardware's prefetcher)
+    wide = "avx512bf16" if model.transformer.ln_f.weight.dtype == torch.bfloat16 else "avx512"
+    usable = bool(panels) and rowdot.library()[0] is not None and rowdot.runs_at_least(wide)
     # Every rank measures if any lacks it (the timings are reduced across ranks); none if one cannot ask.
     lacking, unusable = model.tp.max_(torch.tensor([cached is None, not usable], dtype=torch.float64)).tolist()
     if unusable:

@@ -361,14 +361,25 @@ SHAPES(bf16, AVX512BF16, uint16_t, 2, BF16_X, dot_bf16, BF16_BIAS, BF16_STORE)
 SHAPES(f32, AVX512, float, 1, F32_X, fma_f32, F32_BIAS, F32_STORE)
 #endif
 
-/* Which dtypes this CPU runs: 1 fp32 (AVX-512), 2 bf16 (AVX512_BF16), summed; 0 none. */
-int panels_dtypes(void) {
+/* Which kernels run (panels_use): AVX-512's for fp32 and for bf16 (AVX512_BF16), AVX2's (panels_avx2.c). */
+static int chosen = 0, wide_f32 = 0, wide_bf16 = 0, avx2 = 0;
+int panels_avx2_runs(void);
+void panels_avx2_f32(const float *, const float *, const float *, float *, long, long, long, int);
+void panels_avx2_bf16(const uint16_t *, const uint16_t *, const uint16_t *, uint16_t *, long, long, long, int);
+
+/* The widest kernels to run from now on (3: AVX512_BF16, 2: AVX-512, 1: AVX2, 0: none), narrowed to what this CPU runs
+ * (rowdot_use calls it with the path it takes); returns panels_dtypes(): 1 fp32, 2 bf16, summed; 0 none. */
+int panels_use(int level) {
 #if defined(__x86_64__) && defined(__GNUC__)
-    return runs_avx512() ? 1 + (runs_avx512_bf16() ? 2 : 0) : 0;
-#else
-    return 0;
+    wide_f32 = level >= 2 && runs_avx512();
+    wide_bf16 = level >= 3 && runs_avx512_bf16();
 #endif
+    avx2 = level >= 1 && panels_avx2_runs();
+    chosen = 1;
+    return 1 * (wide_f32 || avx2) + 2 * (wide_bf16 || avx2);
 }
+
+int panels_dtypes(void) { return chosen ? 1 * (wide_f32 || avx2) + 2 * (wide_bf16 || avx2) : panels_use(3); }
 
 /* The process's choices, measured on its decode step (panel_asks.py), each returning the previous: how far ahead
  * one-row calls ask for the weight, non-temporal (bytes, a multiple of 64; 0: nothing); where blocks of rows ask
@@ -386,16 +397,30 @@ int panels_block_asks(int l2) {
 }
 
 /* y[m, n] = act(x[m, k] @ w^T + b), w in panels (n a multiple of 16; bf16: k even), b may be NULL;
- * act: 0 none, 1 tanh GELU, 2 relu. Only for the dtypes panels_dtypes names. */
+ * act: 0 none, 1 tanh GELU, 2 relu. Only for the dtypes panels_dtypes names (after panels_use). */
 void panels_bf16(const uint16_t *w, const uint16_t *x, const uint16_t *b, uint16_t *y, long n, long k, long m,
                  int act) {
+    if (!chosen)
+        panels_use(3);
 #if defined(__x86_64__) && defined(__GNUC__)
-    bf16_all(w, x, b, y, n, k, m, act);
+    if (wide_bf16) {
+        bf16_all(w, x, b, y, n, k, m, act);
+        return;
+    }
 #endif
+    if (avx2)
+        panels_avx2_bf16(w, x, b, y, n, k, m, act);
 }
 
 void panels_f32(const float *w, const float *x, const float *b, float *y, long n, long k, long m, int act) {
+    if (!chosen)
+        panels_use(3);
 #if defined(__x86_64__) && defined(__GNUC__)
-    f32_all(w, x, b, y, n, k, m, act);
+    if (wide_f32) {
+        f32_all(w, x, b, y, n, k, m, act);
+        return;
+    }
 #endif
+    if (avx2)
+        panels_avx2_f32(w, x, b, y, n, k, m, act);
 }

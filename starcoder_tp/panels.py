@@ -9,10 +9,13 @@ weight's stream to its arithmetic there (RESULTS.md, "What limits the batch-16 d
 kernel runs the prefill's rows. Whether it pays is measured per weight like every layout
 (kernels.py).
 
-Packing and unpacking are a permutation of the weight (exact both ways). The kernel needs
-AVX-512 (bf16: AVX512_BF16), N a multiple of 16 and, in bf16, K even; it is built with rowdot.c
-(rowdot.py: the machine's C compiler, at first use), and where it is not built it is not a
-candidate. One thread, as rowdot.
+Packing and unpacking are a permutation of the weight (exact both ways). The kernel needs AVX2
+and FMA, N a multiple of 16 and, in bf16, K even: panels.c runs AVX-512's kernels where the CPU
+has AVX-512 (bf16: AVX512_BF16), and panels_avx2.c's otherwise (bf16 widened in registers, each
+pair summed as AVX512_BF16's dot product sums it: AVX-512's bits in every product tried on the
+EPYC Zen 4, fp32's too but for the tanh GELU's last bit). It is built with rowdot.c (rowdot.py:
+the machine's C compiler, at first use), and where it is not built it is not a candidate. One
+thread, as rowdot.
 """
 from __future__ import annotations
 
@@ -28,9 +31,9 @@ _DTYPE_BITS = {torch.float32: 1, torch.bfloat16: 2}  # panels_dtypes()'s
 
 
 def _runs(dtype: torch.dtype) -> bool:
+    # (panels_dtypes: what the path rowdot.c took at load, or a test's use_path since, lets panels.c run)
     lib, _ = rowdot.library()
-    return (lib is not None and bool(lib.panels_dtypes() & _DTYPE_BITS.get(dtype, 0))
-            and rowdot.runs_at_least("avx512bf16" if dtype == torch.bfloat16 else "avx512"))
+    return lib is not None and bool(lib.panels_dtypes() & _DTYPE_BITS.get(dtype, 0))
 
 
 def supports(weight: torch.Tensor) -> bool:

@@ -231,6 +231,14 @@ static bf16_fn bf16_path = bf16_scalar;
 
 /* Takes the path named (scalar, avx2, avx512, avx512bf16) if this CPU runs it, or, for NULL, the
  * widest one it runs; returns the name of the path taken, NULL where the CPU lacks the one named. */
+int panels_use(int level); /* (panels.c) */
+
+/* rowdot_use's choice, handed on to panels.c: a narrower path stands in for a narrower CPU there too. */
+static const char *taking(const char *name) {
+    panels_use(!strcmp(name, "avx512bf16") ? 3 : !strcmp(name, "avx512") ? 2 : !strcmp(name, "avx2") ? 1 : 0);
+    return name;
+}
+
 const char *rowdot_use(const char *name) {
     int x86 = 0, avx2 = 0, avx512 = 0, bf16 = 0;
 #ifdef X86
@@ -246,24 +254,24 @@ const char *rowdot_use(const char *name) {
     if (!strcmp(name, "scalar")) {
         f32_path = f32_scalar;
         bf16_path = bf16_scalar;
-        return "scalar";
+        return taking("scalar");
     }
     (void)x86;
 #ifdef X86
     if (!strcmp(name, "avx2") && avx2) {
         f32_path = f32_avx2;
         bf16_path = bf16_avx2;
-        return "avx2";
+        return taking("avx2");
     }
     if (!strcmp(name, "avx512") && avx512) {
         f32_path = f32_avx512;
         bf16_path = bf16_avx512;
-        return "avx512";
+        return taking("avx512");
     }
     if (!strcmp(name, "avx512bf16") && bf16) {
         f32_path = f32_avx512;
         bf16_path = bf16_avx512bf16;
-        return "avx512bf16";
+        return taking("avx512bf16");
     }
 #endif
     return NULL;

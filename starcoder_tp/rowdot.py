@@ -34,14 +34,15 @@ import torch.nn.functional as F
 
 from .files import atomic_path, cache_dir
 
-# Our kernels, built into one library: rowdot.c's one-row products, panels.c's (panels.py),
+# Our kernels, built into one library: rowdot.c's one-row products, panels.c's and, on CPUs without
+# AVX-512, panels_avx2.c's (panels.py),
 # attend.c's decode attention (decode_attention.py), argmax.c's greedy pick (argmax.py),
 # softmax.c's causal softmax of the prefill's blocks (softmax.py), fused_step.c's decode layers and
 # rotary.c's RoPE rotation (rotary.py), stream_copy.c's publishing copy and shm_reduce.c's small
 # all-reduce (shm_comm.py).
-SOURCES = tuple(Path(__file__).with_name(name) for name in ("rowdot.c", "panels.c", "attend.c", "attend_few.c",
-                                                           "argmax.c", "softmax.c", "fused_step.c", "rotary.c",
-                                                           "stream_copy.c", "shm_reduce.c", "panel_rows.c"))
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("rowdot.c", "panels.c", "panels_avx2.c", "attend.c",
+                                                           "attend_few.c", "argmax.c", "softmax.c", "fused_step.c",
+                                                           "rotary.c", "stream_copy.c", "shm_reduce.c", "panel_rows.c"))
 # (part of the build's digest: the sources include them)
 HEADERS = tuple(Path(__file__).with_name(name) for name in ("simd.h", "attend_few.h"))
 ENV = "STARCODER_TP_ROWDOT"  # "off": never build or offer the kernel; a name of PATHS: that path
@@ -150,8 +151,9 @@ def path() -> str | None:
 
 def runs_at_least(name: str) -> bool:
     """Whether the path the library took at load (the widest this CPU runs, or the one ENV names)
-    is `name` or wider: panels.c, attend.c and argmax.c need AVX-512, so that ENV set to a narrower
-    path stands in for a narrower CPU for all of them, not for rowdot.c alone."""
+    is `name` or wider: attend.c and argmax.c need AVX-512, so that ENV set to a narrower path stands
+    in for a narrower CPU for all of them, not for rowdot.c alone (panels.c is told the path itself,
+    rowdot_use: its AVX2 kernels where the path is AVX2, or bf16 without AVX512_BF16)."""
     taken = path()
     return taken is not None and PATHS.index(taken) >= PATHS.index(name)
 

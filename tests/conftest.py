@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from starcoder_tp import rowdot
 from starcoder_tp.files import EMBEDDED_MODEL_DIR
 from starcoder_tp.testing.runners import HFRunner, TPRunner
 from starcoder_tp.shard import shard_checkpoint
@@ -85,3 +86,16 @@ def reap():
             except psutil.NoSuchProcess:
                 pass
         psutil.wait_procs(tree, timeout=10)
+
+
+@pytest.fixture(params=["widest", "avx2"])
+def panels_kernel(request):
+    """The kernels panels.c runs: the widest this CPU runs (AVX-512 where it has it) and AVX2's
+    (panels_avx2.c), which rowdot's path "avx2" stands in for a CPU without AVX-512 with."""
+    widest = rowdot.path()
+    if widest is None:
+        pytest.skip(f"our kernels are not built here: {rowdot.unavailable()}")
+    if request.param == "avx2" and not rowdot.use_path("avx2"):
+        pytest.skip("this CPU does not run AVX2 and FMA")
+    yield request.param
+    rowdot.use_path(widest)

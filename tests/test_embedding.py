@@ -84,7 +84,7 @@ def test_an_embedding_left_in_the_files_mapping_is_copied_out_where_the_lm_head_
     assert wte.weight is owned, "its own already: not copied again"
 
 
-@pytest.mark.skipif(not panels.supports(torch.ones(16, 16)), reason="panels need AVX-512 and the built library")
+@pytest.mark.skipif(not panels.supports(torch.ones(16, 16)), reason="panels need AVX2 and the built library")
 def test_a_model_whose_lm_head_leaves_panels_at_another_batch_size_embeds_from_its_own_weight_again(
         tmp_path, embedded_dir, prompts):
     from starcoder_tp.comm import TPGroup

@@ -34,7 +34,8 @@ class Doubling(TPGroup):
 
 @pytest.fixture(autouse=True)
 def attend_c(monkeypatch):
-    """Decode attention by attend.c, whatever this machine measured faster (the fused step needs it)."""
+    """Decode attention by attend.c, whatever this machine measured faster (the tests here run it inside the
+    fused step and between two calls; a CPU without it fuses its steps with the attention between them)."""
     if not decode_attention.available():
         pytest.skip("attend.c needs AVX-512 and a C compiler: this CPU or build does not run it")
     monkeypatch.setattr(decode_attention.DECODE_FORM, "calibrated", "ours (test)")
@@ -72,11 +73,12 @@ def decode_logits(model, batch: int, fused: bool, steps: int = 6, prompt: int = 
 @pytest.mark.parametrize("attention", ["attend.c", "sdpa"])
 @pytest.mark.parametrize("name", ["tiny-starcoder", "tiny-starcoder2"])  # multi-query; grouped, rotary
 def test_the_layers_in_one_call_give_the_logits_of_the_layers_op_by_op(tmp_path, dtype, world_size, batch, attention,
-                                                                        name, monkeypatch):
+                                                                        name, monkeypatch, panels_kernel):
     """The same kernels and roundings; only the LayerNorm's moments are summed in another order, which
     moves a normalised element by an ulp now and then, and that moves the logits: by up to 1e-5 in fp32,
     and in bf16 by up to 0.035 here (a couple of ulps at the logits' ~4-7), within the 2^-6 of the largest
-    allowed. Exact checks of the attention and of the summed partials' rounding are below."""
+    allowed. Exact checks of the attention and of the summed partials' rounding are below. With the widest
+    panels kernels and AVX2's (panels_kernel: what a CPU without AVX-512 fuses its steps with)."""
     monkeypatch.setattr(decode_attention.DECODE_FORM, "ours", attention == "attend.c")  # sdpa: between two calls
     model = tiny(tmp_path, dtype, world_size, name=name)
     calls = []

@@ -25,7 +25,7 @@ def calibrated(tmp_path_factory, embedded_dir) -> Path:
     """A cache holding the embedded model's calibrated forms (GELU, attention: seconds to measure), and
     its shards."""
     if rowdot.library()[0] is None or not panels.supports(torch.empty(16, 2)):
-        pytest.skip("panels and fused steps need AVX-512 and a C compiler: this CPU or build does not run them")
+        pytest.skip("panels and fused steps need AVX2 and a C compiler: this CPU or build does not run them")
     root = tmp_path_factory.mktemp("calibrated")
     with pytest.MonkeyPatch.context() as m:
         m.setenv("STARCODER_TP_CACHE", str(root / "cache"))

@@ -176,6 +176,21 @@ def test_a_fixed_plan_or_no_panels_ask_for_nothing(monkeypatch):
         assert model.tp.calls == (model.kernel_mode == "auto")
 
 
+@pytest.mark.parametrize("path,dtype", [("avx2", torch.float32), ("avx2", torch.bfloat16), ("avx512", torch.bfloat16)])
+def test_panels_run_by_avx2s_kernels_ask_for_nothing(path, dtype, monkeypatch):
+    """The asks are AVX-512's kernels' (panels.c): where the path taken runs AVX2's (panels_avx2.c: a CPU
+    without AVX-512, or bf16 without AVX512_BF16), there is nothing to measure."""
+    if rowdot.library()[0] is None:
+        pytest.skip("the kernels' library is not built here (no C compiler)")
+    monkeypatch.setattr(rowdot, "path", lambda: path)
+    monkeypatch.setattr(panel_asks, "_measured", lambda model, batch=1: pytest.fail("nothing to measure"))
+    model = _Stub()
+    model.transformer.ln_f.weight = torch.zeros(64, dtype=dtype)
+    panel_asks.set_bytes(4096)
+    panel_asks.settle(model, 1)
+    assert (panel_asks.ASKS.bytes, panel_asks.ASKS.l2, panel_asks.describe()) == (0, 0, "")
+
+
 @pytest.mark.parametrize("batch", [1, 4])
 def test_one_rank_without_panels_makes_every_rank_ask_for_nothing(batch, monkeypatch):
     monkeypatch.setattr(panel_asks, "_measured", lambda model, batch=1: pytest.fail("nothing to measure"))
@@ -255,8 +270,8 @@ def test_a_model_times_its_own_step_at_its_batch_and_shows_the_choice(batch, tmp
     line and the cache, steps of the batch's rows, the timed slot written in every sequence."""
     if rowdot.library()[0] is None:
         pytest.skip("the kernels' library is not built here (no C compiler)")
-    if not panels.supports(torch.empty(16, 2)):
-        pytest.skip("panels need AVX-512 and a C compiler: this CPU or build does not run them")
+    if not panels.supports(torch.empty(16, 2)) or not rowdot.runs_at_least("avx512"):
+        pytest.skip("the asks are AVX-512's panels kernels': this CPU or build does not run them")
     shard_checkpoint(embedded_dir, tmp_path / "s", 1, dtype="float32")
     model = load_model(tmp_path / "s", TPGroup(0, 1), torch.device("cpu"), kernels="panels")
     monkeypatch.setattr(panel_asks, "BUDGET_S", 1e9)  # (a busy machine's step must not skip the timing)
@@ -355,7 +370,7 @@ def test_the_slot_the_timing_writes_changes_no_token(tmp_path, embedded_dir):
     request whose tokens reach past it writes it before reading it: the same tokens as on a fresh
     cache."""
     if not panels.supports(torch.empty(16, 2)):
-        pytest.skip("panels need AVX-512 and a C compiler: this CPU or build does not run them")
+        pytest.skip("panels need AVX2 and a C compiler: this CPU or build does not run them")
     from starcoder_tp.device import Device
     from starcoder_tp.timing import timed_generate
 

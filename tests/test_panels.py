@@ -1,7 +1,7 @@
-"""panels.py, our own GEMM on weights in panels of 16 output columns (panels.c): packing exact both
-ways, F.linear's result at every row count and panel count (fp32; bf16 within one rounding of the
-exact sum), the activation on the accumulator, a layout of its own in Linear and in the plans, and
-whole models keeping plain's tokens with it."""
+"""panels.py, our own GEMM on weights in panels of 16 output columns (panels.c; panels_avx2.c on CPUs
+without AVX-512): packing exact both ways, F.linear's result at every row count and panel count (fp32;
+bf16 within one rounding of the exact sum) on both kernels, the activation on the accumulator, a
+layout of its own in Linear and in the plans, and whole models keeping plain's tokens with it."""
 import ctypes
 import math
 import subprocess
@@ -28,7 +28,7 @@ def runs(dtype: torch.dtype) -> bool:
 
 
 def needs(dtype: torch.dtype):
-    return pytest.mark.skipif(not runs(dtype), reason=f"panels need AVX-512 (bf16: AVX512_BF16) and a C compiler: "
+    return pytest.mark.skipif(not runs(dtype), reason=f"panels need AVX2 and FMA and a C compiler: "
                                                       f"this CPU or build does not run them in {dtype}")
 
 
@@ -55,7 +55,7 @@ ROWS = [1, 2, 3, 7, 16, 17, 33]  # blocks of 8, 4, 2 and 1 rows of x in every co
 @pytest.mark.parametrize("n,k", SHAPES)
 @pytest.mark.parametrize("rows", ROWS)
 @pytest.mark.parametrize("bias", [False, True])
-def test_every_row_and_panel_count_is_f_linear(dtype, n, k, rows, bias):
+def test_every_row_and_panel_count_is_f_linear(panels_kernel, dtype, n, k, rows, bias):
     if dtype == torch.bfloat16 and k % 2:
         k += 1
     torch.manual_seed(0)
@@ -74,7 +74,7 @@ def test_every_row_and_panel_count_is_f_linear(dtype, n, k, rows, bias):
 
 @each()
 @pytest.mark.parametrize("rows", [16, 70])
-def test_k_in_chunks_carries_the_sums_and_finishes_them_once(dtype, rows):
+def test_k_in_chunks_carries_the_sums_and_finishes_them_once(panels_kernel, dtype, rows):
     torch.manual_seed(1)
     k = 4100  # fp32: 5 chunks of 820 steps; bf16: 3 chunks of 684, 684, 682 pairs
     weight, b, x = torch.randn(112, k).to(dtype), torch.randn(112).to(dtype), torch.randn(rows, k).to(dtype)
@@ -88,10 +88,11 @@ def test_k_in_chunks_carries_the_sums_and_finishes_them_once(dtype, rows):
 
 @each()
 @pytest.mark.parametrize("k", [64, 2050])  # (2050: K in chunks too)
-def test_rows_past_a_row_chunk_are_each_their_own_product(dtype, k):
+def test_rows_past_a_row_chunk_are_each_their_own_product(panels_kernel, dtype, k):
     # panels.c takes ROW_CHUNK (512) rows at a time, each chunk's rows interleaved on their own:
-    # 1100 rows are two whole chunks and one of 76 (blocks of 8 and one of 4). Each row's output
-    # must be its own row's product, so rows are told apart by a scale per row.
+    # 1100 rows are two whole chunks and one of 76 (blocks of 8 and one of 4); panels_avx2.c, 64
+    # (17 whole and one of 12). Each row's output must be its own row's product, so rows are told
+    # apart by a scale per row.
     torch.manual_seed(2)
     weight, b = torch.randn(48, k).to(dtype), torch.randn(48).to(dtype)
     x = (torch.randn(1100, k) * torch.linspace(0.5, 2.0, 1100)[:, None]).to(dtype)
@@ -106,7 +107,7 @@ def test_rows_past_a_row_chunk_are_each_their_own_product(dtype, k):
 @each()
 @pytest.mark.parametrize("rows", [1, 16])
 @pytest.mark.parametrize("activation", [("gelu", "tanh"), ("relu", "")])
-def test_the_activation_is_applied_to_the_accumulator(dtype, rows, activation):
+def test_the_activation_is_applied_to_the_accumulator(panels_kernel, dtype, rows, activation):
     torch.manual_seed(0)
     weight, b, x = (torch.randn(96, 64) * 0.3).to(dtype), torch.randn(96).to(dtype), torch.randn(rows, 64).to(dtype)
     out = panels.linear(x, panels.pack(weight), b, activation)
@@ -117,7 +118,7 @@ def test_the_activation_is_applied_to_the_accumulator(dtype, rows, activation):
 
 
 @each([torch.float32])
-def test_the_tanh_gelu_holds_over_the_whole_range(dtype):
+def test_the_tanh_gelu_holds_over_the_whole_range(panels_kernel, dtype):
     """Through exp's reduction and both tails: within a few fp32 steps of torch's fused op."""
     v = torch.linspace(-40, 40, 200_000)[:, None]
     weight = torch.zeros(16, 1)
@@ -128,7 +129,7 @@ def test_the_tanh_gelu_holds_over_the_whole_range(dtype):
 
 
 @each([torch.float32])
-def test_the_tanh_gelus_negative_tail_keeps_its_digits_and_non_finite_inputs_their_limits(dtype):
+def test_the_tanh_gelus_negative_tail_keeps_its_digits_and_non_finite_inputs_their_limits(panels_kernel, dtype):
     """In the negative tail 1 + tanh(u) cancels: the GELU there, tiny, is held to a relative bound
     against float64's v / (1 + e^(-2u)) (the same function, without the cancellation); past the
     tail it is 0, +-inf go to their limits (0 and inf) and NaN stays NaN."""
@@ -224,7 +225,7 @@ def test_timed_calls_run_the_panels_over_copies_with_the_activation(dtype, monke
 
 
 @each()
-def test_a_model_in_panels_keeps_plains_tokens(tmp_path, embedded_dir, prompts, dtype):
+def test_a_model_in_panels_keeps_plains_tokens(panels_kernel, tmp_path, embedded_dir, prompts, dtype):
     """fp32 keeps plain's tokens at batches of one prompt, two and all of them (the same panels at
     each batch: decode rows 1, 2 and 4 in blocks); bf16's top logprobs stay within bf16's resolution
     of plain bf16's, through the tied lm_head too."""
@@ -244,19 +245,46 @@ def test_a_model_in_panels_keeps_plains_tokens(tmp_path, embedded_dir, prompts, 
             torch.testing.assert_close(a.topk_logprobs[:, 0], b.topk_logprobs[:, 0], rtol=0, atol=0.1)
 
 
-@pytest.mark.parametrize("failing", ["PANELS_ALLOC_ROWS", "PANELS_ALLOC_SUMS"])
+@each()
+def test_the_avx2_path_runs_avx2s_kernels(dtype):
+    """rowdot's path "avx2" makes panels.c run panels_avx2.c's kernels (what a CPU without AVX-512
+    gets), not its own: the outputs are AVX2's bit for bit. Where the widest path is another, fp32's
+    tanh GELU tells them apart (AVX2 divides, AVX-512 takes a reciprocal and a Newton step: the
+    last bit of some outputs)."""
+    lib, widest = rowdot.library()
+    torch.manual_seed(3)
+    weight, x = torch.randn(64, 256).to(dtype), torch.randn(9, 256).to(dtype)
+    packed, gelu = panels.pack(weight), ("gelu", "tanh")
+    direct = lib.panels_avx2_f32 if dtype == torch.float32 else lib.panels_avx2_bf16
+    direct.argtypes, direct.restype = [ctypes.c_void_p] * 4 + [ctypes.c_long] * 3 + [ctypes.c_int], None
+    want = torch.empty(9, 64, dtype=dtype)
+    direct(packed.data_ptr(), x.data_ptr(), None, want.data_ptr(), 64, 256, 9, panels.ACTIVATIONS[gelu])
+    own = panels.linear(x, packed, None, gelu)
+    try:
+        assert rowdot.use_path("avx2")
+        assert torch.equal(panels.linear(x, packed, None, gelu), want)
+    finally:
+        rowdot.use_path(widest)
+    if widest != "avx2" and dtype == torch.float32:
+        assert not torch.equal(own, want), "the widest path ran AVX2's kernel too"
+
+
+@pytest.mark.parametrize("failing", ["PANELS_ALLOC_ROWS", "PANELS_ALLOC_SUMS", "PANELS_AVX2_ALLOC"])
 def test_without_memory_for_the_rows_or_the_sums_a_call_falls_back_and_is_still_f_linear(tmp_path, failing):
     # Out of memory, a call of many rows runs a row at a time (no interleaved rows) or K whole (no
     # chunk sums): no real call gets there, so the library is built with that allocation failing.
     dtypes = [d for d in DTYPES if runs(d)]
     if not dtypes:
-        pytest.skip("panels need AVX-512 and a C compiler: this CPU or build does not run them")
+        pytest.skip("panels need AVX2 and a C compiler: this CPU or build does not run them")
     library = tmp_path / "panels-failing.so"
-    panels_c = next(source for source in rowdot.SOURCES if source.name == "panels.c")  # (it stands alone)
+    sources = [str(source) for source in rowdot.SOURCES if source.name in ("panels.c", "panels_avx2.c")]  # (alone)
     built = subprocess.run([rowdot._compiler(), *rowdot.CFLAGS, f"-D{failing}(size)=NULL", "-o", str(library),
-                            str(panels_c)], capture_output=True, text=True, timeout=rowdot.BUILD_TIMEOUT_S)
+                            *sources], capture_output=True, text=True, timeout=rowdot.BUILD_TIMEOUT_S)
     assert built.returncode == 0, built.stderr[-2000:]
     lib = ctypes.CDLL(str(library))
+    lib.panels_use.argtypes, lib.panels_use.restype = [ctypes.c_int], ctypes.c_int
+    if failing == "PANELS_AVX2_ALLOC":  # (AVX2's kernels, as on a CPU without AVX-512)
+        lib.panels_use(1)
     torch.manual_seed(2)
     k, rows = 4100, 70  # K in chunks where the sums' memory is had; rows past one block of 8
     for dtype in dtypes:
