@@ -85,7 +85,7 @@ TIE_FRACTION = 0.02
 # interleaved pairs 3-4%: its 16 x 512 requests took oneDNN's layout and ran op by op, the step 1.2-1.3x panels'
 # fused one (RESULTS.md, "A prefill timing that traded the step away"). Plans there differ by 3-6%.
 TRADE_FRACTION = 0.05
-PLAN_VERSION = 28  # part of the cache key: a change in what is measured invalidates old plans
+PLAN_VERSION = 29  # part of the cache key: a change in what is measured invalidates old plans (29: panels on AVX2)
 # Every shape's timings travel across ranks in these fixed slots (inf: not a candidate there),
 # so that ranks on CPUs with different candidates still reduce tensors of one size.
 DECODE_SLOTS = ("plain", "onednn", "fp32", "mkl_packed", "gemv", "onednn_wide", "rowdot", "panels")
