@@ -3,12 +3,14 @@
  * 8-lane vectors. The same bias, activations and bf16 rounding; one thread. panels.c calls these where
  * the path the library took (rowdot_use) is narrower than its own.
  *
- * AVX2 has 16 vector registers: a block of MB rows keeps MB x 2 accumulators (MB = 4: 8 of them). x is
- * copied first, in chunks of CHUNK_ROWS rows, to fp32 with each block's rows interleaved step by step
- * (bf16: each K pair's two elements side by side, widened once instead of at every panel), so that a
- * step's broadcasts read one line and the chunk stays in the L2 cache while every panel passes. A
- * bf16 weight pair is widened in registers: its even element by a shift, its odd one by a mask, and
- * summed odd first, as AVX512_BF16's dot product does (each product is exact in fp32). One row runs
+ * AVX2 has 16 vector registers: a block of 6 rows keeps 12 accumulators (bf16: 4 rows, 8; its widened
+ * weight takes 4 registers), each a variable of its own (in an array, GCC kept them in memory from 5
+ * rows on). x is copied first, in chunks of CHUNK_ROWS rows, to fp32 with each block's rows interleaved
+ * step by step (bf16: each K pair's two elements side by side, widened once instead of at every
+ * panel), so that a step's broadcasts read one line and the chunk stays in the L2 cache while every
+ * panel passes; each panel's first block of rows asks for the next panel into L2 as it goes. A bf16
+ * weight pair is widened in registers: its even element by a shift, its odd one by a mask, and summed
+ * odd first, as AVX512_BF16's dot product does (each product is exact in fp32). One row runs
  * against the panels straight from x, with two sums of alternate K steps, as panels.c's ONE_ROW.
  */
 #include <stdint.h>
@@ -20,7 +22,8 @@
 
 #define AVX2 __attribute__((target("avx2,fma")))
 #define INLINE static inline __attribute__((always_inline))
-#define MB 4           /* rows of x per block */
+#define F32_ROWS 6     /* rows of x per block: 6 x 2 accumulators of AVX2's 16 registers */
+#define BF16_ROWS 4    /* (bf16: its widened weight takes 4 registers more) */
 #ifndef CHUNK_ROWS
 #define CHUNK_ROWS 64  /* rows interleaved and run against every panel at a time */
 #endif
@@ -95,64 +98,73 @@ AVX2 INLINE void out_bf16(uint16_t *y, const uint16_t *b, __m256 lo, __m256 hi, 
 }
 
 /* One block of R rows against one panel over all `steps` K steps; x interleaved ([steps][mr] fp32 units:
- * an element, or in bf16 a pair). Sums in acc[row][half]. */
+ * an element, or in bf16 a pair). Row r's sums in l<r> and h<r> (the panel's low and high 8 columns);
+ * `next`: the next panel, a line of it asked for each step (NULL: none). */
+#define F32_DECL(r) __m256 l##r = _mm256_setzero_ps(), h##r = _mm256_setzero_ps();
+#define F32_STEP(r) { __m256 xb = _mm256_broadcast_ss(x + s * mr + r); l##r = _mm256_fmadd_ps(lo, xb, l##r); h##r = _mm256_fmadd_ps(hi, xb, h##r); }
+#define F32_OUT(r) out_f32(y + r * n, b, l##r, h##r, act);
+#define ROWS_1(M) M(0)
+#define ROWS_2(M) M(0) M(1)
+#define ROWS_4(M) M(0) M(1) M(2) M(3)
+#define ROWS_6(M) M(0) M(1) M(2) M(3) M(4) M(5)
 #define BLOCK_F32(R)                                                                               \
     AVX2 static void block_f32_##R(const float *w, const float *x, long steps, int mr, float *y, long n,  \
                                    const float *b, int act, const char *next) {                   \
-        __m256 acc[R][2];                                                                          \
-        for (int r = 0; r < R; r++)                                                                \
-            acc[r][0] = acc[r][1] = _mm256_setzero_ps();                                           \
+        ROWS_##R(F32_DECL)                                                                         \
         for (long s = 0; s < steps; s++) {                                                         \
             if (next)                                                                              \
                 _mm_prefetch(next + s * 64, _MM_HINT_T1);                                          \
             __m256 lo = _mm256_loadu_ps(w + s * 16), hi = _mm256_loadu_ps(w + s * 16 + 8);         \
-            for (int r = 0; r < R; r++) {                                                          \
-                __m256 xb = _mm256_broadcast_ss(x + s * mr + r);                           \
-                acc[r][0] = _mm256_fmadd_ps(lo, xb, acc[r][0]);                                    \
-                acc[r][1] = _mm256_fmadd_ps(hi, xb, acc[r][1]);                                    \
-            }                                                                                      \
+            ROWS_##R(F32_STEP)                                                                     \
         }                                                                                          \
-        for (int r = 0; r < R; r++)                                                                \
-            out_f32(y + r * n, b, acc[r][0], acc[r][1], act);                                      \
+        ROWS_##R(F32_OUT)                                                                          \
     }
+#define BF16_STEP(r)                                                                               \
+    {                                                                                              \
+        const float *pair = x + 2 * (s * mr + r);                                                  \
+        __m256 xe = _mm256_broadcast_ss(pair), xo = _mm256_broadcast_ss(pair + 1);                 \
+        l##r = _mm256_fmadd_ps(lo_e, xe, _mm256_fmadd_ps(lo_o, xo, l##r));                        \
+        h##r = _mm256_fmadd_ps(hi_e, xe, _mm256_fmadd_ps(hi_o, xo, h##r));                         \
+    }
+#define BF16_OUT(r) out_bf16(y + r * n, b, l##r, h##r, act);
 #define BLOCK_BF16(R)                                                                              \
     AVX2 static void block_bf16_##R(const uint16_t *w, const float *x, long steps, int mr, uint16_t *y,  \
                                     long n, const uint16_t *b, int act, const char *next) {        \
-        __m256 acc[R][2];                                                                          \
-        for (int r = 0; r < R; r++)                                                                \
-            acc[r][0] = acc[r][1] = _mm256_setzero_ps();                                           \
+        ROWS_##R(F32_DECL)                                                                         \
         for (long s = 0; s < steps; s++) {                                                         \
             if (next)                                                                              \
                 _mm_prefetch(next + s * 64, _MM_HINT_T1);                                          \
             __m256i lo = _mm256_loadu_si256((const __m256i *)(w + s * 32));                        \
             __m256i hi = _mm256_loadu_si256((const __m256i *)(w + s * 32 + 16));                   \
             __m256 lo_e = even8(lo), lo_o = odd8(lo), hi_e = even8(hi), hi_o = odd8(hi);           \
-            for (int r = 0; r < R; r++) {                                                          \
-                const float *pair = x + 2 * (s * mr + r);                                  \
-                __m256 xe = _mm256_broadcast_ss(pair), xo = _mm256_broadcast_ss(pair + 1);         \
-                acc[r][0] = _mm256_fmadd_ps(lo_e, xe, _mm256_fmadd_ps(lo_o, xo, acc[r][0]));       \
-                acc[r][1] = _mm256_fmadd_ps(hi_e, xe, _mm256_fmadd_ps(hi_o, xo, acc[r][1]));       \
-            }                                                                                      \
+            ROWS_##R(BF16_STEP)                                                                    \
         }                                                                                          \
-        for (int r = 0; r < R; r++)                                                                \
-            out_bf16(y + r * n, b, acc[r][0], acc[r][1], act);                                     \
+        ROWS_##R(BF16_OUT)                                                                         \
     }
+BLOCK_F32(6)
 BLOCK_F32(4)
 BLOCK_F32(2)
 BLOCK_F32(1)
 BLOCK_BF16(4)
 BLOCK_BF16(2)
 BLOCK_BF16(1)
+typedef void (*f32_block)(const float *, const float *, long, int, float *, long, const float *, int, const char *);
+typedef void (*bf16_block)(const uint16_t *, const float *, long, int, uint16_t *, long, const uint16_t *, int,
+                           const char *);
+static const f32_block f32_blocks[F32_ROWS + 1] = {[1] = block_f32_1, [2] = block_f32_2, [4] = block_f32_4,
+                                                   [6] = block_f32_6};
+static const bf16_block bf16_blocks[BF16_ROWS + 1] = {[1] = block_bf16_1, [2] = block_bf16_2, [4] = block_bf16_4};
 
-static inline int block_rows(long left) { return left >= 4 ? 4 : left >= 2 ? 2 : 1; }
+/* The rows of x's next block, of `left` left: up to `most` (fp32 6, bf16 4: what AVX2's 16 registers hold). */
+static inline int block_rows(long left, int most) { return left >= most ? most : left >= 4 ? 4 : left >= 2 ? 2 : 1; }
 
-/* `m` rows of x (fp32, or bf16 widened) in blocks of 4, 2, 1 rows, each block's rows interleaved step
- * by step: [steps][mr] units of `unit` floats (1; bf16: 2, a K pair). */
+/* `m` rows of x (fp32, or bf16 widened) in blocks of 6 (bf16: 4), 4, 2, 1 rows, each block's rows interleaved
+ * step by step: [steps][mr] units of `unit` floats (1; bf16: 2, a K pair). */
 static void interleave(const void *x, int bf16, float *rows, long k, long m) {
     const int unit = bf16 ? 2 : 1;
     const long steps = k / unit;
     for (long r = 0; r < m;) {
-        int mr = block_rows(m - r);
+        int mr = block_rows(m - r, bf16 ? BF16_ROWS : F32_ROWS);
         for (int i = 0; i < mr; i++) {
             float *to = rows + (long)i * unit;
             if (bf16) {
@@ -220,31 +232,25 @@ AVX2 static void row_bf16(const uint16_t *w, const uint16_t *x, const uint16_t *
     }
 }
 
-/* Every panel against the interleaved rows of one chunk, in blocks of 4, 2, 1 rows. */
-#define CHUNK_RUN(kind, E)                                                                          \
+/* Every panel against the interleaved rows of one chunk, in blocks of MOST, 4, 2, 1 rows. */
+#define CHUNK_RUN(kind, E, MOST)                                                                    \
     AVX2 static void chunk_##kind(const E *w, const float *rows, const E *b, E *y, long n, long k, long m, \
                                   int act) {                                                        \
         const long steps = k / (sizeof(E) == 2 ? 2 : 1);                                            \
         for (long col = 0; col < n; col += 16, w += k * 16) {                                       \
             const float *x = rows;                                                                  \
             for (long r = 0; r < m;) {                                                              \
-                int mr = block_rows(m - r);                                                         \
-                const E *bias = b ? b + col : NULL;                                                 \
+                int mr = block_rows(m - r, MOST);                                                   \
                 /* (the first block asks for the next panel, a line a step: a panel is `steps` lines) */ \
                 const char *next = r == 0 && col + 16 < n ? (const char *)(w + k * 16) : NULL;      \
-                if (mr == 4)                                                                        \
-                    block_##kind##_4(w, x, steps, 4, y + r * n + col, n, bias, act, next);             \
-                else if (mr == 2)                                                                   \
-                    block_##kind##_2(w, x, steps, 2, y + r * n + col, n, bias, act, next);             \
-                else                                                                                \
-                    block_##kind##_1(w, x, steps, 1, y + r * n + col, n, bias, act, next);             \
+                kind##_blocks[mr](w, x, steps, mr, y + r * n + col, n, b ? b + col : NULL, act, next); \
                 x += mr * k;                                                                        \
                 r += mr;                                                                            \
             }                                                                                       \
         }                                                                                           \
     }
-CHUNK_RUN(f32, float)
-CHUNK_RUN(bf16, uint16_t)
+CHUNK_RUN(f32, float, F32_ROWS)
+CHUNK_RUN(bf16, uint16_t, BF16_ROWS)
 
 /* One row from x straight; more, CHUNK_ROWS at a time, interleaved; a row at a time where the
  * interleaved rows' memory cannot be had. */
