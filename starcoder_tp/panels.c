@@ -367,8 +367,9 @@ int panels_avx2_runs(void);
 void panels_avx2_f32(const float *, const float *, const float *, float *, long, long, long, int);
 void panels_avx2_bf16(const uint16_t *, const uint16_t *, const uint16_t *, uint16_t *, long, long, long, int);
 
-/* The widest kernels to run from now on (3: AVX512_BF16, 2: AVX-512, 1: AVX2, 0: none), narrowed to what this CPU runs
- * (rowdot_use calls it with the path it takes); returns panels_dtypes(): 1 fp32, 2 bf16, summed; 0 none. */
+/* The widest kernels to run from now on (3: AVX512_BF16, 2: AVX-512, 1: AVX2, 0: none), narrowed to what
+ * this CPU runs (rowdot_use calls it with the path it takes); returns panels_dtypes(): 1 fp32, 2 bf16,
+ * summed; 0 none. A call panels_dtypes does not name does nothing. */
 int panels_use(int level) {
 #if defined(__x86_64__) && defined(__GNUC__)
     wide_f32 = level >= 2 && runs_avx512();

@@ -45,7 +45,8 @@ AVX2 INLINE __m256 exp8(__m256 x) {
     __m256 q = _mm256_set1_ps(c[0]);
     for (int i = 1; i < 6; i++)
         q = _mm256_fmadd_ps(q, r, _mm256_set1_ps(c[i]));
-    __m256 two_n = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23));
+    __m256i biased = _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127));
+    __m256 two_n = _mm256_castsi256_ps(_mm256_slli_epi32(biased, 23));
     return _mm256_mul_ps(_mm256_fmadd_ps(q, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f))), two_n);
 }
 
@@ -56,8 +57,8 @@ AVX2 INLINE __m256 activate8(__m256 v, int act) {
         return _mm256_max_ps(v, _mm256_setzero_ps());
     if (act != ACT_GELU_TANH)
         return v;
-    __m256 minus_2u = _mm256_mul_ps(_mm256_set1_ps(-2.0f * 0.7978845608028654f),
-                                    _mm256_fmadd_ps(_mm256_mul_ps(_mm256_set1_ps(0.044715f), v), _mm256_mul_ps(v, v), v));
+    __m256 cubic = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_set1_ps(0.044715f), v), _mm256_mul_ps(v, v), v);
+    __m256 minus_2u = _mm256_mul_ps(_mm256_set1_ps(-2.0f * 0.7978845608028654f), cubic);
     __m256 kept = _mm256_cmp_ps(minus_2u, _mm256_set1_ps(80.0f), _CMP_NGE_UQ);  /* < 80, or NaN */
     __m256 held = _mm256_max_ps(_mm256_min_ps(minus_2u, _mm256_set1_ps(80.0f)), _mm256_set1_ps(-80.0f));
     __m256 d = _mm256_add_ps(_mm256_set1_ps(1.0f), exp8(held));
@@ -80,7 +81,9 @@ AVX2 INLINE __m256 from_bf16(const uint16_t *p) {  /* 8 bf16 widened */
 
 /* A pair of bf16 (32 bits: the even element low) as its two fp32 elements. */
 AVX2 INLINE __m256 even8(__m256i pairs) { return _mm256_castsi256_ps(_mm256_slli_epi32(pairs, 16)); }
-AVX2 INLINE __m256 odd8(__m256i pairs) { return _mm256_castsi256_ps(_mm256_and_si256(pairs, _mm256_set1_epi32(-65536))); }
+AVX2 INLINE __m256 odd8(__m256i pairs) {
+    return _mm256_castsi256_ps(_mm256_and_si256(pairs, _mm256_set1_epi32(-65536)));
+}
 
 /* The 16 outputs of one row: bias, activation, stored (bf16: rounded once). */
 AVX2 INLINE void out_f32(float *y, const float *b, __m256 lo, __m256 hi, int act) {
@@ -101,7 +104,12 @@ AVX2 INLINE void out_bf16(uint16_t *y, const uint16_t *b, __m256 lo, __m256 hi, 
  * an element, or in bf16 a pair). Row r's sums in l<r> and h<r> (the panel's low and high 8 columns);
  * `next`: the next panel, a line of it asked for each step (NULL: none). */
 #define F32_DECL(r) __m256 l##r = _mm256_setzero_ps(), h##r = _mm256_setzero_ps();
-#define F32_STEP(r) { __m256 xb = _mm256_broadcast_ss(x + s * mr + r); l##r = _mm256_fmadd_ps(lo, xb, l##r); h##r = _mm256_fmadd_ps(hi, xb, h##r); }
+#define F32_STEP(r)                                                                                \
+    {                                                                                              \
+        __m256 xb = _mm256_broadcast_ss(x + s * mr + r);                                           \
+        l##r = _mm256_fmadd_ps(lo, xb, l##r);                                                      \
+        h##r = _mm256_fmadd_ps(hi, xb, h##r);                                                      \
+    }
 #define F32_OUT(r) out_f32(y + r * n, b, l##r, h##r, act);
 #define ROWS_1(M) M(0)
 #define ROWS_2(M) M(0) M(1)
@@ -187,7 +195,8 @@ static void interleave(const void *x, int bf16, float *rows, long k, long m) {
 /* One row of raw x against every panel: two sums of alternate K steps, added at the end (panels.c's ONE_ROW). */
 AVX2 static void row_f32(const float *w, const float *x, const float *b, float *y, long n, long k, int act) {
     for (long col = 0; col < n; col += 16, w += k * 16) {
-        __m256 even[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()}, odd[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+        __m256 even[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+        __m256 odd[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
         long s = 0;
         for (; s + 2 <= k; s += 2) {
             __m256 x0 = _mm256_broadcast_ss(x + s), x1 = _mm256_broadcast_ss(x + s + 1);
@@ -220,7 +229,8 @@ AVX2 static void row_bf16(const uint16_t *w, const uint16_t *x, const uint16_t *
                           int act) {
     const long steps = k / 2;
     for (long col = 0; col < n; col += 16, w += k * 16) {
-        __m256 even[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()}, odd[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+        __m256 even[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+        __m256 odd[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
         long s = 0;
         for (; s + 2 <= steps; s += 2) {
             pair_step(w + s * 32, x + 2 * s, even);

@@ -229,8 +229,6 @@ typedef void (*bf16_fn)(const uint16_t *, const uint16_t *, const uint16_t *, ui
 static f32_fn f32_path = f32_scalar;
 static bf16_fn bf16_path = bf16_scalar;
 
-/* Takes the path named (scalar, avx2, avx512, avx512bf16) if this CPU runs it, or, for NULL, the
- * widest one it runs; returns the name of the path taken, NULL where the CPU lacks the one named. */
 int panels_use(int level); /* (panels.c) */
 
 /* rowdot_use's choice, handed on to panels.c: a narrower path stands in for a narrower CPU there too. */
@@ -239,6 +237,8 @@ static const char *taking(const char *name) {
     return name;
 }
 
+/* Takes the path named (scalar, avx2, avx512, avx512bf16) if this CPU runs it, or, for NULL, the
+ * widest one it runs; returns the name of the path taken, NULL where the CPU lacks the one named. */
 const char *rowdot_use(const char *name) {
     int x86 = 0, avx2 = 0, avx512 = 0, bf16 = 0;
 #ifdef X86

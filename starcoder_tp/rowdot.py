@@ -34,12 +34,11 @@ import torch.nn.functional as F
 
 from .files import atomic_path, cache_dir
 
-# Our kernels, built into one library: rowdot.c's one-row products, panels.c's and, on CPUs without
-# AVX-512, panels_avx2.c's (panels.py),
-# attend.c's decode attention (decode_attention.py), argmax.c's greedy pick (argmax.py),
-# softmax.c's causal softmax of the prefill's blocks (softmax.py), fused_step.c's decode layers and
-# rotary.c's RoPE rotation (rotary.py), stream_copy.c's publishing copy and shm_reduce.c's small
-# all-reduce (shm_comm.py).
+# Our kernels, built into one library: rowdot.c's one-row products, panels.c's (and on CPUs without
+# AVX-512 panels_avx2.c's: panels.py), attend.c's decode attention (decode_attention.py), argmax.c's
+# greedy pick (argmax.py), softmax.c's causal softmax of the prefill's blocks (softmax.py),
+# fused_step.c's decode layers and rotary.c's RoPE rotation (rotary.py), stream_copy.c's publishing
+# copy and shm_reduce.c's small all-reduce (shm_comm.py).
 SOURCES = tuple(Path(__file__).with_name(name) for name in ("rowdot.c", "panels.c", "panels_avx2.c", "attend.c",
                                                            "attend_few.c", "argmax.c", "softmax.c", "fused_step.c",
                                                            "rotary.c", "stream_copy.c", "shm_reduce.c", "panel_rows.c"))
