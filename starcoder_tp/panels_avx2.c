@@ -264,36 +264,24 @@ CHUNK_RUN(bf16, uint16_t, BF16_ROWS)
 
 /* One row from x straight; more, CHUNK_ROWS at a time, interleaved; a row at a time where the
  * interleaved rows' memory cannot be had. */
-void panels_avx2_f32(const float *w, const float *x, const float *b, float *y, long n, long k, long m, int act) {
-    float *rows = m > 1 ? PANELS_AVX2_ALLOC((size_t)(m < CHUNK_ROWS ? m : CHUNK_ROWS) * k * sizeof(float)) : NULL;
-    if (!rows) {
-        for (long i = 0; i < m; i++)
-            row_f32(w, x + i * k, b, y + i * n, n, k, act);
-        return;
+#define ALL(kind, E, BF16)                                                                          \
+    void panels_avx2_##kind(const E *w, const E *x, const E *b, E *y, long n, long k, long m, int act) { \
+        long most = m < CHUNK_ROWS ? m : CHUNK_ROWS;                                                \
+        float *rows = m > 1 ? PANELS_AVX2_ALLOC((size_t)most * k * sizeof(float)) : NULL;           \
+        if (!rows) {                                                                                \
+            for (long i = 0; i < m; i++)                                                            \
+                row_##kind(w, x + i * k, b, y + i * n, n, k, act);                                  \
+            return;                                                                                 \
+        }                                                                                           \
+        for (long r = 0; r < m; r += CHUNK_ROWS) {                                                  \
+            long here = m - r < CHUNK_ROWS ? m - r : CHUNK_ROWS;                                    \
+            interleave(x + r * k, BF16, rows, k, here);                                             \
+            chunk_##kind(w, rows, b, y + r * n, n, k, here, act);                                   \
+        }                                                                                           \
+        free(rows);                                                                                 \
     }
-    for (long r = 0; r < m; r += CHUNK_ROWS) {
-        long here = m - r < CHUNK_ROWS ? m - r : CHUNK_ROWS;
-        interleave(x + r * k, 0, rows, k, here);
-        chunk_f32(w, rows, b, y + r * n, n, k, here, act);
-    }
-    free(rows);
-}
-
-void panels_avx2_bf16(const uint16_t *w, const uint16_t *x, const uint16_t *b, uint16_t *y, long n, long k, long m,
-                      int act) {
-    float *rows = m > 1 ? PANELS_AVX2_ALLOC((size_t)(m < CHUNK_ROWS ? m : CHUNK_ROWS) * k * sizeof(float)) : NULL;
-    if (!rows) {
-        for (long i = 0; i < m; i++)
-            row_bf16(w, x + i * k, b, y + i * n, n, k, act);
-        return;
-    }
-    for (long r = 0; r < m; r += CHUNK_ROWS) {
-        long here = m - r < CHUNK_ROWS ? m - r : CHUNK_ROWS;
-        interleave(x + r * k, 1, rows, k, here);
-        chunk_bf16(w, rows, b, y + r * n, n, k, here, act);
-    }
-    free(rows);
-}
+ALL(f32, float, 0)
+ALL(bf16, uint16_t, 1)
 
 /* Whether this CPU runs these: AVX2 and FMA. */
 int panels_avx2_runs(void) {
