@@ -48,11 +48,8 @@ def kernels_of(dtype, n: int, k: int, rows: int):
     plain = [weight.clone() for _ in range(copies)]
     out = {}
     widest = rowdot.path()
-    for path in dict.fromkeys(("avx2", widest)):
-        def run(p, path=path):
-            rowdot.use_path(path)
-            panels.linear(x, p)
-        out[f"panels {path}"] = (run, [panels.pack(c) for c in plain])
+    for path in dict.fromkeys(("avx2", widest)):  # (measure switches the path before the kernel's timings)
+        out[f"panels {path}"] = (lambda p: panels.linear(x, p), [panels.pack(c) for c in plain])
     packed = [layouts.pack(c, rows) for c in plain]
     if packed[0] is not None:
         out["oneDNN"] = (lambda p: linear.packed_linear(x, p, None), packed)
@@ -66,10 +63,13 @@ def kernels_of(dtype, n: int, k: int, rows: int):
 
 def measure(dtype, n: int, k: int, rows: int, rounds: int) -> dict[str, list[float]]:
     """Per kernel, one timing a round (the median of a pass through its copies), kernels in turn."""
+    from starcoder_tp import rowdot
+
     kernels = kernels_of(dtype, n, k, rows)
     per_round = {name: [] for name in kernels}
     for r in range(rounds + 1):  # (round 0 warms up)
         for name, (call, args) in kernels.items():
+            rowdot.use_path(name.removeprefix("panels ") if name.startswith("panels ") else rowdot.path())
             times = [timed_ms(call, a) for a in args * (2 if len(args) == 1 else 1)]
             if r:
                 per_round[name].append(statistics.median(times))

@@ -127,8 +127,9 @@ AVX512 INLINE __m512 rounded16(__m512 v, int bf16) {
 /* layer_norm's and residual's elements, 16 at a time (n % 16 == 0): the same operations on each element, the
  * moments summed in double in 16 lanes (another order again). At batch 16 the scalar forms took 3.5-4.1% of a
  * rank's bf16 decode step (LayerNorm) and most of the body's 4.5-4.7% (RESULTS.md, "LayerNorm and the residual
- * in vectors"). The scalar forms stay as the portable build's: fused steps need panels, hence AVX-512, and a
- * width of heads x head_dim is a multiple of 16 (attend.c's D), so where layers fuse, these run. */
+ * in vectors"). The scalar forms run where the CPU lacks AVX-512 (fused steps need panels, which panels_avx2.c
+ * runs on AVX2), and as the portable build's; the CPU decides here, not rowdot's path, so a path narrowed to
+ * AVX2 on an AVX-512 CPU still runs these (a width of heads x head_dim is a multiple of 16). */
 AVX512 static void layer_norm16(const void *x, const void *w, const void *b, void *y, long rows, long n, float eps,
                                 int bf16) {
     for (long r = 0; r < rows; r++) {

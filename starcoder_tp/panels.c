@@ -1,6 +1,7 @@
 /* Products y[m, n] = act(x[m, k] @ w^T + b) with the weight laid out in panels of 16 output columns
  * (panels.py): bf16 [N/16][K/2][16][2] (each K pair of a column side by side, as AVX512_BF16's dot
- * product takes it), fp32 [N/16][K][16]. AVX-512; one thread.
+ * product takes it), fp32 [N/16][K][16]. AVX-512 (panels_avx2.c: the same on AVX2, chosen by panels_use); one
+ * thread.
  *
  * A block of MR rows of x and NV panels keeps MR x NV accumulators of 16 output columns in
  * registers: per K step (a pair in bf16) it loads NV panel vectors and broadcasts each x row's
@@ -12,6 +13,7 @@
  * applied (the MLP's first linear: one pass less over its output) and, in bf16, rounded once.
  */
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -369,7 +371,7 @@ void panels_avx2_bf16(const uint16_t *, const uint16_t *, const uint16_t *, uint
 
 /* The widest kernels to run from now on (3: AVX512_BF16, 2: AVX-512, 1: AVX2, 0: none), narrowed to what
  * this CPU runs (rowdot_use calls it with the path it takes); returns panels_dtypes(): 1 fp32, 2 bf16,
- * summed; 0 none. A call panels_dtypes does not name does nothing. */
+ * summed; 0 none. A call panels_dtypes does not name aborts (unrun). */
 int panels_use(int level) {
 #if defined(__x86_64__) && defined(__GNUC__)
     wide_f32 = level >= 2 && runs_avx512();
@@ -397,6 +399,13 @@ int panels_block_asks(int l2) {
     return previous;
 }
 
+/* A call of a dtype panels_dtypes does not name (a weight laid out before the path was narrowed): no output
+ * to leave unwritten. */
+static void unrun(const char *dtype) {
+    fprintf(stderr, "panels.c: a %s call, but no panels kernel of that dtype runs on this path (panels_use)\n", dtype);
+    abort();
+}
+
 /* y[m, n] = act(x[m, k] @ w^T + b), w in panels (n a multiple of 16; bf16: k even), b may be NULL;
  * act: 0 none, 1 tanh GELU, 2 relu. Only for the dtypes panels_dtypes names (after panels_use). */
 void panels_bf16(const uint16_t *w, const uint16_t *x, const uint16_t *b, uint16_t *y, long n, long k, long m,
@@ -409,8 +418,9 @@ void panels_bf16(const uint16_t *w, const uint16_t *x, const uint16_t *b, uint16
         return;
     }
 #endif
-    if (avx2)
-        panels_avx2_bf16(w, x, b, y, n, k, m, act);
+    if (!avx2)
+        unrun("bf16");
+    panels_avx2_bf16(w, x, b, y, n, k, m, act);
 }
 
 void panels_f32(const float *w, const float *x, const float *b, float *y, long n, long k, long m, int act) {
@@ -422,6 +432,7 @@ void panels_f32(const float *w, const float *x, const float *b, float *y, long n
         return;
     }
 #endif
-    if (avx2)
-        panels_avx2_f32(w, x, b, y, n, k, m, act);
+    if (!avx2)
+        unrun("fp32");
+    panels_avx2_f32(w, x, b, y, n, k, m, act);
 }

@@ -13,7 +13,8 @@ Packing and unpacking are a permutation of the weight (exact both ways). The ker
 and FMA, N a multiple of 16 and, in bf16, K even: panels.c runs AVX-512's kernels where the CPU
 has AVX-512 (bf16: AVX512_BF16), and panels_avx2.c's otherwise (bf16 widened in registers, each
 pair summed as AVX512_BF16's dot product sums it: AVX-512's bits in every product tried on the
-EPYC Zen 4, fp32's too but for the tanh GELU's last bit). It is built with rowdot.c (rowdot.py:
+EPYC Zen 4, fp32's too but for the tanh GELU's last bit; the dot product flushes denormals, AVX2
+keeps them). It is built with rowdot.c (rowdot.py:
 the machine's C compiler, at first use), and where it is not built it is not a candidate. One
 thread, as rowdot.
 """

@@ -7,7 +7,7 @@
  * weight takes 4 registers), each a variable of its own (in an array, GCC kept them in memory from 5
  * rows on). x is copied first, in chunks of CHUNK_ROWS rows, to fp32 with each block's rows interleaved
  * step by step (bf16: each K pair's two elements side by side, widened once instead of at every
- * panel), so that a step's broadcasts read one line and the chunk stays in the L2 cache while every
+ * panel), so that a step's broadcasts read one line and the chunk stays in the caches (L2 to K ~4000) while every
  * panel passes; each panel's first block of rows asks for the next panel into L2 as it goes. A bf16
  * weight pair is widened in registers: its even element by a shift, its odd one by a mask, and summed
  * odd first, as AVX512_BF16's dot product does (each product is exact in fp32). One row runs
@@ -167,7 +167,7 @@ static const bf16_block bf16_blocks[BF16_ROWS + 1] = {[1] = block_bf16_1, [2] = 
 static inline int block_rows(long left, int most) { return left >= most ? most : left >= 4 ? 4 : left >= 2 ? 2 : 1; }
 
 /* `m` rows of x (fp32, or bf16 widened) in blocks of 6 (bf16: 4), 4, 2, 1 rows, each block's rows interleaved
- * step by step: [steps][mr] units of `unit` floats (1; bf16: 2, a K pair). */
+ * step by step: [steps][mr] units of `unit` floats (1; bf16: 2, a K pair). bf16: k even (panels.supports). */
 static void interleave(const void *x, int bf16, float *rows, long k, long m) {
     const int unit = bf16 ? 2 : 1;
     const long steps = k / unit;
