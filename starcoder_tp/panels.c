@@ -365,6 +365,7 @@ SHAPES(f32, AVX512, float, 1, F32_X, fma_f32, F32_BIAS, F32_STORE)
 
 /* Which kernels run (panels_use): AVX-512's for fp32 and for bf16 (AVX512_BF16), AVX2's (panels_avx2.c). */
 static int chosen = 0, wide_f32 = 0, wide_bf16 = 0, avx2 = 0;
+int panels_dtypes(void);
 int panels_avx2_runs(void);
 void panels_avx2_f32(const float *, const float *, const float *, float *, long, long, long, int);
 void panels_avx2_bf16(const uint16_t *, const uint16_t *, const uint16_t *, uint16_t *, long, long, long, int);
@@ -379,10 +380,14 @@ int panels_use(int level) {
 #endif
     avx2 = level >= 1 && panels_avx2_runs();
     chosen = 1;
-    return 1 * (wide_f32 || avx2) + 2 * (wide_bf16 || avx2);
+    return panels_dtypes();
 }
 
-int panels_dtypes(void) { return chosen ? 1 * (wide_f32 || avx2) + 2 * (wide_bf16 || avx2) : panels_use(3); }
+int panels_dtypes(void) {
+    if (!chosen)
+        return panels_use(3);
+    return 1 * (wide_f32 || avx2) + 2 * (wide_bf16 || avx2);
+}
 
 /* The process's choices, measured on its decode step (panel_asks.py), each returning the previous: how far ahead
  * one-row calls ask for the weight, non-temporal (bytes, a multiple of 64; 0: nothing); where blocks of rows ask
