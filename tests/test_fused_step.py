@@ -34,13 +34,16 @@ class Doubling(TPGroup):
 
 @pytest.fixture(autouse=True)
 def attend_c(monkeypatch):
-    """Decode attention by attend.c, whatever this machine measured faster (the tests here run it inside the
-    fused step and between two calls; a CPU without it fuses its steps with the attention between them)."""
-    if not decode_attention.available():
-        pytest.skip("attend.c needs AVX-512 and a C compiler: this CPU or build does not run it")
+    """Decode attention by attend.c where it runs, whatever this machine measured faster. A CPU without it
+    (AVX2 only) fuses its steps with the attention between two calls (SDPA): every test here but those
+    marked `needs_attend_c` runs there too."""
     monkeypatch.setattr(decode_attention.DECODE_FORM, "calibrated", "ours (test)")
-    monkeypatch.setattr(decode_attention.DECODE_FORM, "ours", True)
+    monkeypatch.setattr(decode_attention.DECODE_FORM, "ours", decode_attention.available())
     monkeypatch.delenv(fused_step.ENV, raising=False)
+
+
+needs_attend_c = pytest.mark.skipif(not decode_attention.available(),
+                                    reason="attend.c needs AVX-512 and a C compiler: this CPU or build does not run it")
 
 
 def tiny(tmp_path, dtype: torch.dtype, world_size: int = 1, kernels: str = "panels", name: str = "tiny-starcoder"):
@@ -70,7 +73,7 @@ def decode_logits(model, batch: int, fused: bool, steps: int = 6, prompt: int = 
 @each()
 @pytest.mark.parametrize("world_size", [1, 2])
 @pytest.mark.parametrize("batch", [1, 3])
-@pytest.mark.parametrize("attention", ["attend.c", "sdpa"])
+@pytest.mark.parametrize("attention", [pytest.param("attend.c", marks=needs_attend_c), "sdpa"])
 @pytest.mark.parametrize("name", ["tiny-starcoder", "tiny-starcoder2"])  # multi-query; grouped, rotary
 def test_the_layers_in_one_call_give_the_logits_of_the_layers_op_by_op(tmp_path, dtype, world_size, batch, attention,
                                                                         name, monkeypatch, panels_kernel):
@@ -95,15 +98,23 @@ def test_the_layers_in_one_call_give_the_logits_of_the_layers_op_by_op(tmp_path,
         assert torch.equal(fused.argmax(-1), op_by_op.argmax(-1))
 
 
+@needs_attend_c
+@each([torch.float32])
+def test_a_new_attention_form_makes_the_step_again(tmp_path, dtype, monkeypatch):
+    model = tiny(tmp_path, dtype)
+    with torch.inference_mode():
+        model.setup_cache(2, 16)
+    assert model.kernels_summary().endswith("; layers fused")
+    monkeypatch.setattr(decode_attention.DECODE_FORM, "ours", False)
+    assert model.kernels_summary().endswith("; layers fused,attention-between")
+
+
 @each([torch.float32])
 def test_what_the_fused_step_does_not_take_runs_op_by_op(tmp_path, dtype, monkeypatch):
     model = tiny(tmp_path, dtype)
     with torch.inference_mode():
         model.setup_cache(2, 16)
-    assert fused_step.why_not(model) is None and model.kernels_summary().endswith("; layers fused")
-    monkeypatch.setattr(decode_attention.DECODE_FORM, "ours", False)
-    assert model.kernels_summary().endswith("; layers fused,attention-between"), "made again: the form changed"
-    monkeypatch.setattr(decode_attention.DECODE_FORM, "ours", True)
+    assert fused_step.why_not(model) is None
     monkeypatch.setenv(fused_step.ENV, "0")
     assert fused_step.why_not(model) == f"{fused_step.ENV}=0" and fused_step.describe(None) == ""
     monkeypatch.setenv(fused_step.ENV, "off")
@@ -217,6 +228,7 @@ def test_the_calls_stop_for_the_attention_outside_and_for_each_sum_between_ranks
         (7, 8, "sum", 13), (8, 8, None, None)]
 
 
+@needs_attend_c
 @each()
 @pytest.mark.parametrize("batch", [1, 3])
 def test_the_attention_phase_gives_decode_attentions_bits(tmp_path, dtype, batch):
@@ -235,6 +247,7 @@ def test_the_attention_phase_gives_decode_attentions_bits(tmp_path, dtype, batch
     assert torch.equal(step.attended, expected.view(batch, 1, -1))
 
 
+@needs_attend_c
 @each([torch.float32])
 def test_heads_attend_c_does_not_take_are_given_calls_that_stop_for_their_attention(tmp_path, dtype, monkeypatch):
     model = tiny(tmp_path, dtype)
