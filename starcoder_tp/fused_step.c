@@ -2,7 +2,7 @@
  * LayerNorm, fused QKV (rotated, where the model's positions are rotary), attention over the static
  * cache and MLP, each linear by panels.c and the attention by attend.c: the same kernels, each output
  * rounded to the dtype where the model's layers round it (only the LayerNorm's moments are summed
- * otherwise: in double, two passes, in 16 lanes where the CPU has AVX-512).
+ * otherwise: in double, two passes, in 16 lanes where the kernels' path has AVX2 or AVX-512).
  *
  * Why: at batch 1 a layer is four weight streams and ~20 small ops between them. Run from Python,
  * those ops and the step's few others cost 0.7 ms a step in the bench-size model's 8 layers
@@ -26,6 +26,7 @@
 void panels_f32(const float *w, const float *x, const float *b, float *y, long n, long k, long m, int act);
 void panels_bf16(const uint16_t *w, const uint16_t *x, const uint16_t *b, uint16_t *y, long n, long k, long m,
                  int act);
+int panels_width(void);
 int attend_f32(const float *q, long q_b, const float *k, const float *v, long kv_b, long kv_h, const uint8_t *mask,
                long mask_b, float *out, long b_len, long kv_len, long g_len, long s_len, long d_len, float scale);
 int attend_bf16(const uint16_t *q, long q_b, const uint16_t *k, const uint16_t *v, long kv_b, long kv_h,
@@ -103,6 +104,15 @@ static void residual(void *x, const void *add, const void *bias, long rows, long
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include "simd.h"
+#include "simd_avx2.h"
+
+/* The sum of 8 double lanes held as two halves (lanes 0-3, 4-7): the halves, then their halves, then the
+ * two; one order for both vector forms below (GCC's _mm512_reduce_add_pd's), so both give the same bits. */
+__attribute__((target("avx"))) INLINE double sum8(__m256d lo, __m256d hi) {
+    __m256d quarters = _mm256_add_pd(hi, lo);
+    __m128d pair = _mm_add_pd(_mm256_extractf128_pd(quarters, 1), _mm256_castpd256_pd128(quarters));
+    return _mm_cvtsd_f64(pair) + _mm_cvtsd_f64(_mm_unpackhi_pd(pair, pair));
+}
 
 /* 16 elements of p from i, in fp32. */
 AVX512 INLINE __m512 get16(const void *p, long i, int bf16) {
@@ -127,19 +137,20 @@ AVX512 INLINE __m512 rounded16(__m512 v, int bf16) {
 /* layer_norm's and residual's elements, 16 at a time (n % 16 == 0): the same operations on each element, the
  * moments summed in double in 16 lanes (another order again). At batch 16 the scalar forms took 3.5-4.1% of a
  * rank's bf16 decode step (LayerNorm) and most of the body's 4.5-4.7% (RESULTS.md, "LayerNorm and the residual
- * in vectors"). The scalar forms run where the CPU lacks AVX-512 (fused steps need panels, which panels_avx2.c
- * runs on AVX2), and as the portable build's; the CPU decides here, not rowdot's path, so a path narrowed to
- * AVX2 on an AVX-512 CPU still runs these (a width of heads x head_dim is a multiple of 16). */
+ * in vectors"). AVX-512's forms here, AVX2's below; which runs follows the kernels' path (panels_width), so
+ * a path narrowed to AVX2 stands in for an AVX2 CPU here too. The scalar forms are the portable build's
+ * (a width of heads x head_dim is a multiple of 16). */
 AVX512 static void layer_norm16(const void *x, const void *w, const void *b, void *y, long rows, long n, float eps,
                                 int bf16) {
     for (long r = 0; r < rows; r++) {
-        __m512d low = _mm512_setzero_pd(), high = _mm512_setzero_pd();
+        __m512d low = _mm512_setzero_pd(), high = _mm512_setzero_pd();  /* elements 0-7 of 16, 8-15 */
         for (long i = 0; i < n; i += 16) {
             __m512 v = get16(x, r * n + i, bf16);
             low = _mm512_add_pd(low, _mm512_cvtps_pd(_mm512_castps512_ps256(v)));
             high = _mm512_add_pd(high, _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1))));
         }
-        double mean = _mm512_reduce_add_pd(_mm512_add_pd(low, high)) / n;
+        __m512d both = _mm512_add_pd(low, high);
+        double mean = sum8(_mm512_castpd512_pd256(both), _mm512_extractf64x4_pd(both, 1)) / n;
         __m512d centre = _mm512_set1_pd(mean);
         low = high = _mm512_setzero_pd();
         for (long i = 0; i < n; i += 16) {
@@ -150,7 +161,8 @@ AVX512 static void layer_norm16(const void *x, const void *w, const void *b, voi
             low = _mm512_add_pd(low, _mm512_mul_pd(dl, dl));
             high = _mm512_add_pd(high, _mm512_mul_pd(dh, dh));
         }
-        double squares = _mm512_reduce_add_pd(_mm512_add_pd(low, high));
+        both = _mm512_add_pd(low, high);
+        double squares = sum8(_mm512_castpd512_pd256(both), _mm512_extractf64x4_pd(both, 1));
         float rstd = 1.0f / sqrtf((float)(squares / n) + eps), shift = -(float)mean * rstd;
         __m512 scale = _mm512_set1_ps(rstd), offset = _mm512_set1_ps(shift);
         for (long i = 0; i < n; i += 16) {
@@ -171,27 +183,84 @@ AVX512 static void residual16(void *x, const void *add, const void *bias, long r
         }
 }
 
-static int vectors(long n) {
-    static int avx512 = -1;
-    if (avx512 < 0)
-        avx512 = runs_avx512();
-    return avx512 && n % 16 == 0;
+AVX2 INLINE __m256 get8(const void *p, long i, int bf16) {
+    return bf16 ? widen8_bf16((const uint16_t *)p + i) : _mm256_loadu_ps((const float *)p + i);
+}
+
+AVX2 INLINE void put8(void *p, long i, __m256 v, int bf16) {
+    if (!bf16)
+        _mm256_storeu_ps((float *)p + i, v);
+    else
+        _mm_storeu_si128((__m128i *)((uint16_t *)p + i), round8_bf16(v));
+}
+
+AVX2 INLINE __m256 rounded8(__m256 v, int bf16) {
+    return bf16 ? _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(round8_bf16(v)), 16)) : v;
+}
+
+AVX2 INLINE __m256d low4(__m256 v) { return _mm256_cvtps_pd(_mm256_castps256_ps128(v)); }
+AVX2 INLINE __m256d high4(__m256 v) { return _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)); }
+
+/* layer_norm16 in AVX2's 8 lanes: 16 elements a step, its 16 double lanes as four vectors (elements 0-3,
+ * 4-7 | 8-11, 12-15 of each 16), summed and reduced in its order: its bits. */
+AVX2 static void layer_norm16_avx2(const void *x, const void *w, const void *b, void *y, long rows, long n,
+                                   float eps, int bf16) {
+    for (long r = 0; r < rows; r++) {
+        __m256d s0 = _mm256_setzero_pd(), s1 = s0, s2 = s0, s3 = s0;
+        for (long i = 0; i < n; i += 16) {
+            __m256 v = get8(x, r * n + i, bf16), u = get8(x, r * n + i + 8, bf16);
+            s0 = _mm256_add_pd(s0, low4(v)), s1 = _mm256_add_pd(s1, high4(v));
+            s2 = _mm256_add_pd(s2, low4(u)), s3 = _mm256_add_pd(s3, high4(u));
+        }
+        double mean = sum8(_mm256_add_pd(s0, s2), _mm256_add_pd(s1, s3)) / n;
+        __m256d centre = _mm256_set1_pd(mean);
+        s0 = s1 = s2 = s3 = _mm256_setzero_pd();
+        for (long i = 0; i < n; i += 16) {
+            __m256 v = get8(x, r * n + i, bf16), u = get8(x, r * n + i + 8, bf16);
+            __m256d d0 = _mm256_sub_pd(low4(v), centre), d1 = _mm256_sub_pd(high4(v), centre);
+            __m256d d2 = _mm256_sub_pd(low4(u), centre), d3 = _mm256_sub_pd(high4(u), centre);
+            s0 = _mm256_add_pd(s0, _mm256_mul_pd(d0, d0)), s1 = _mm256_add_pd(s1, _mm256_mul_pd(d1, d1));
+            s2 = _mm256_add_pd(s2, _mm256_mul_pd(d2, d2)), s3 = _mm256_add_pd(s3, _mm256_mul_pd(d3, d3));
+        }
+        double squares = sum8(_mm256_add_pd(s0, s2), _mm256_add_pd(s1, s3));
+        float rstd = 1.0f / sqrtf((float)(squares / n) + eps), shift = -(float)mean * rstd;
+        __m256 scale = _mm256_set1_ps(rstd), offset = _mm256_set1_ps(shift);
+        for (long i = 0; i < n; i += 8) {
+            __m256 v = _mm256_mul_ps(_mm256_add_ps(_mm256_mul_ps(get8(x, r * n + i, bf16), scale), offset),
+                                     get8(w, i, bf16));
+            put8(y, r * n + i, b ? _mm256_add_ps(v, get8(b, i, bf16)) : v, bf16);
+        }
+    }
+}
+
+AVX2 static void residual16_avx2(void *x, const void *add, const void *bias, long rows, long n, int bf16) {
+    for (long r = 0; r < rows; r++)
+        for (long i = 0; i < n; i += 8) {
+            __m256 a = get8(add, r * n + i, bf16);
+            if (bias)
+                a = rounded8(_mm256_add_ps(a, get8(bias, i, bf16)), bf16);
+            put8(x, r * n + i, _mm256_add_ps(get8(x, r * n + i, bf16), a), bf16);
+        }
 }
 #else
-static int vectors(long n) {
-    (void)n;
-    return 0;
-}
 #define layer_norm16 layer_norm
 #define residual16 residual
+#define layer_norm16_avx2 layer_norm
+#define residual16_avx2 residual
 #endif
+
+/* The vector forms for rows of n: 2 AVX-512's, 1 AVX2's, 0 the scalar ones (panels_width: the kernels'
+ * path, which holds no wider vectors than the CPU runs; 0 in the portable build). */
+static int width(long n) {
+    return n % 16 ? 0 : panels_width();
+}
 
 /* Rotary positions on q and k in place, by rotary.c (torch's bits): rows of [q's heads | k's heads | v],
  * one token each; cos, sin: [B][D], this step's position per row. */
 static void rotate(void *qkv, const void *cos, const void *sin, long rows, long row_len, long heads, long d_len,
                    int bf16) {
     if (bf16)
-        rotary_bf16(qkv, rows, 1, heads, d_len, row_len, 0, d_len, cos, sin, 2);  /* (the widest form this CPU runs) */
+        rotary_bf16(qkv, rows, 1, heads, d_len, row_len, 0, d_len, cos, sin, panels_width());  /* (the path's) */
     else
         rotary_f32(qkv, rows, 1, heads, d_len, row_len, 0, d_len, cos, sin);
 }
@@ -223,9 +292,11 @@ int fused_step(void *const *layers, long from, long to, void *x, const void *inc
             return -2;
     char *h = scratch, *qkv = h + B * E * size, *att = qkv + B * QKV * size, *o = att + B * H * D * size;
     char *f = o + B * E * size;
+    const int wide = width(E);
     void (*norm)(const void *, const void *, const void *, void *, long, long, float, int) =
-        vectors(E) ? layer_norm16 : layer_norm;
-    void (*add)(void *, const void *, const void *, long, long, int) = vectors(E) ? residual16 : residual;
+        wide == 2 ? layer_norm16 : wide == 1 ? layer_norm16_avx2 : layer_norm;
+    void (*add)(void *, const void *, const void *, long, long, int) =
+        wide == 2 ? residual16 : wide == 1 ? residual16_avx2 : residual;
     if (incoming)
         add(x, incoming, incoming_bias, B, E, bf16);
     for (long p = from; p < to; p++) {

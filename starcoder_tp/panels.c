@@ -389,6 +389,14 @@ int panels_dtypes(void) {
     return 1 * (wide_f32 || avx2) + 2 * (wide_bf16 || avx2);
 }
 
+/* The widest vectors the kernels run (2: AVX-512's, 1: AVX2's, 0: none): fused_step.c's and rotary.c's forms
+ * follow it, so that a narrowed path stands in for a narrower CPU in a whole fused step. */
+int panels_width(void) {
+    if (!chosen)
+        panels_use(3);
+    return wide_f32 ? 2 : avx2 ? 1 : 0;
+}
+
 /* The process's choices, measured on its decode step (panel_asks.py), each returning the previous: how far ahead
  * one-row calls ask for the weight, non-temporal (bytes, a multiple of 64; 0: nothing); where blocks of rows ask
  * for the next block of panels (0: L1, 1: L2). */

@@ -18,10 +18,8 @@
 #include <string.h>
 
 #if defined(__x86_64__) && defined(__GNUC__)
-#include <immintrin.h>
+#include "simd_avx2.h"
 
-#define AVX2 __attribute__((target("avx2,fma")))
-#define INLINE static inline __attribute__((always_inline))
 #define F32_ROWS 6     /* rows of x per block: 6 x 2 accumulators of AVX2's 16 registers */
 #define BF16_ROWS 4    /* (bf16: its widened weight takes 4 registers more) */
 #ifndef CHUNK_ROWS
@@ -65,20 +63,6 @@ AVX2 INLINE __m256 activate8(__m256 v, int act) {
     return _mm256_and_ps(kept, _mm256_div_ps(v, d));
 }
 
-/* 8 floats to bf16, to nearest even, NaN kept quiet (simd.h's round_bf16). */
-AVX2 INLINE __m128i to_bf16(__m256 v) {
-    __m256i u = _mm256_castps_si256(v);
-    __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7fff),
-        _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1)))), 16);
-    __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff)), _mm256_set1_epi32(0x7f800000));
-    rounded = _mm256_blendv_epi8(rounded, _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40)), nan);
-    return _mm256_castsi256_si128(_mm256_permute4x64_epi64(_mm256_packus_epi32(rounded, rounded), 0x08));
-}
-
-AVX2 INLINE __m256 from_bf16(const uint16_t *p) {  /* 8 bf16 widened */
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
-}
-
 /* A pair of bf16 (32 bits: the even element low) as its two fp32 elements. */
 AVX2 INLINE __m256 even8(__m256i pairs) { return _mm256_castsi256_ps(_mm256_slli_epi32(pairs, 16)); }
 AVX2 INLINE __m256 odd8(__m256i pairs) {
@@ -95,9 +79,9 @@ AVX2 INLINE void out_f32(float *y, const float *b, __m256 lo, __m256 hi, int act
 
 AVX2 INLINE void out_bf16(uint16_t *y, const uint16_t *b, __m256 lo, __m256 hi, int act) {
     if (b)
-        lo = _mm256_add_ps(lo, from_bf16(b)), hi = _mm256_add_ps(hi, from_bf16(b + 8));
-    _mm_storeu_si128((__m128i *)y, to_bf16(activate8(lo, act)));
-    _mm_storeu_si128((__m128i *)(y + 8), to_bf16(activate8(hi, act)));
+        lo = _mm256_add_ps(lo, widen8_bf16(b)), hi = _mm256_add_ps(hi, widen8_bf16(b + 8));
+    _mm_storeu_si128((__m128i *)y, round8_bf16(activate8(lo, act)));
+    _mm_storeu_si128((__m128i *)(y + 8), round8_bf16(activate8(hi, act)));
 }
 
 /* One block of R rows against one panel over all `steps` K steps; x interleaved ([steps][mr] fp32 units:
@@ -285,8 +269,7 @@ ALL(bf16, uint16_t, 1)
 
 /* Whether this CPU runs these: AVX2 and FMA. */
 int panels_avx2_runs(void) {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    return runs_avx2();
 }
 #else
 void panels_avx2_f32(const float *w, const float *x, const float *b, float *y, long n, long k, long m, int act) {}

@@ -43,7 +43,7 @@ SOURCES = tuple(Path(__file__).with_name(name) for name in ("rowdot.c", "panels.
                                                            "attend_few.c", "argmax.c", "softmax.c", "fused_step.c",
                                                            "rotary.c", "stream_copy.c", "shm_reduce.c", "panel_rows.c"))
 # (part of the build's digest: the sources include them)
-HEADERS = tuple(Path(__file__).with_name(name) for name in ("simd.h", "attend_few.h"))
+HEADERS = tuple(Path(__file__).with_name(name) for name in ("simd.h", "simd_avx2.h", "attend_few.h"))
 ENV = "STARCODER_TP_ROWDOT"  # "off": never build or offer the kernel; a name of PATHS: that path
 # (no contraction of a * b + c into one rounding: the C code that reproduces torch's ops rounds each, as they do)
 CFLAGS = ("-O3", "-shared", "-fPIC", "-std=c11", "-ffp-contract=off")

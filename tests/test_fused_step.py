@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from starcoder_tp import decode_attention, fused_step
 from starcoder_tp.comm import TPGroup
@@ -197,7 +198,7 @@ def test_a_new_cache_or_layout_decides_again_before_the_steps(tmp_path, dtype):
 
 
 @each()
-def test_the_summed_partial_and_its_bias_are_rounded_as_the_ops_round_them(tmp_path, dtype):
+def test_the_summed_partial_and_its_bias_are_rounded_as_the_ops_round_them(tmp_path, dtype, panels_kernel):
     """Between ranks a call begins with x + (sum + bias): the bias rounded into the sum first, as
     Linear.row_parallel's `out + bias` and then Block's `x + out` (bf16: two roundings, not one)."""
     model = tiny(tmp_path, dtype, world_size=2)
@@ -213,6 +214,56 @@ def test_the_summed_partial_and_its_bias_are_rounded_as_the_ops_round_them(tmp_p
     code = step.lib.fused_step(step.layers, end, end, x.data_ptr(), incoming.data_ptr(), bias.data_ptr(), None,
                                step.scratch.data_ptr(), step.dims, 0, step.eps, step.scale, None, None)
     assert code == 0 and torch.equal(x, expected), (x - expected).abs().max()
+
+
+def sixteen_lanes(values: torch.Tensor) -> float:
+    """fused_step.c's vector forms' sum of a row: 16 double lanes, each adding every 16th element in turn,
+    then lanes 0-7 and 8-15, then those halves, their halves, and the two."""
+    lanes = torch.zeros(16, dtype=torch.float64)
+    for chunk in values.double().view(-1, 16):
+        lanes = lanes + chunk
+    both = lanes[:8] + lanes[8:]
+    quarters = both[4:] + both[:4]
+    pair = quarters[2:] + quarters[:2]
+    return (pair[0] + pair[1]).item()
+
+
+def layer_norm_in_sixteen_lanes(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    """Each row as fused_step.c's vector forms normalise it: the moments in double (sixteen_lanes), rstd and
+    the shift in fp32, then (x * rstd + shift) * w + b in fp32, rounded once to the dtype."""
+    out = []
+    for row in x.float():
+        n = row.numel()
+        mean = sixteen_lanes(row) / n
+        squares = sixteen_lanes((row.double() - mean) ** 2)
+        f32 = lambda v: torch.tensor(v, dtype=torch.float32)  # noqa: E731
+        rstd = f32(1.0) / torch.sqrt(f32(squares / n) + f32(eps))
+        shift = -f32(mean) * rstd
+        out.append(((row * rstd + shift) * weight.float() + bias.float()).to(x.dtype))
+    return torch.stack(out)
+
+
+@each()
+@pytest.mark.parametrize("batch", [1, 3])
+def test_the_layer_norms_rows_are_the_sixteen_lanes_bits(tmp_path, dtype, batch, panels_kernel):
+    """Phase 0's normalised rows (the scratch's first B x E) from AVX-512's form and AVX2's (panels_kernel: the
+    path, which the forms follow): the same bits, those of layer_norm_in_sixteen_lanes' arithmetic (the fp32
+    steps are what tell forms apart: a double sum of fp32 values is exact but for a wide spread of exponents)."""
+    model = tiny(tmp_path, dtype)
+    ln = model.transformer.h[0].ln_1
+    generator = torch.Generator().manual_seed(5)
+    with torch.inference_mode():
+        model.setup_cache(batch, 16)
+        step = model.fused
+        x = (torch.randn(batch, 1, model.config.n_embd, generator=generator) * 3 + 1.5).to(dtype)
+        ln.bias.copy_(torch.randn(ln.bias.shape, generator=generator))
+        assert step.lib.fused_step(step.layers, 0, 1, x.data_ptr(), None, None, None, step.scratch.data_ptr(),
+                                   step.dims, 0, step.eps, step.scale, None, None) == 0
+        normalised = step.scratch[:batch * model.config.n_embd].view(batch, -1)
+        expected = layer_norm_in_sixteen_lanes(x.view(batch, -1), ln.weight, ln.bias, step.eps)
+        torch.testing.assert_close(expected, F.layer_norm(x.view(batch, -1), (model.config.n_embd,), ln.weight,
+                                                          ln.bias, step.eps), rtol=2 ** -7, atol=1e-5)
+    assert torch.equal(normalised, expected), (normalised - expected).abs().max()
 
 
 def test_the_calls_stop_for_the_attention_outside_and_for_each_sum_between_ranks():
