@@ -5,8 +5,9 @@ run op by op round it (only the LayerNorm's moments are summed otherwise); what 
 between them (0.7 ms of a batch-1 step in the bench-size model, more with its caches evicted by the
 weights' stream: RESULTS.md, "Layers in one call"). At world size 1 one call runs every
 layer; between ranks, one call per row-parallel linear, the all-reduce between them (comm.py).
-Where the decode attention was measured faster with SDPA (decode_attention.DECODE_FORM), or attend.c
-does not take the heads, the attention runs between two calls, as the layers run it (attention.attend).
+Where the decode attention was measured faster with SDPA (decode_attention.DECODE_FORM), attend.c does
+not run on this CPU (it needs AVX-512) or does not take the heads, the attention runs between two calls,
+as the layers run it (attention.attend).
 
 It takes GPTBigCode's and StarCoder2's layers as the model holds them: learned or rotary positions (the
 step's cos and sin passed in), fused q/k/v rows [q | k | v] (multi-query, or grouped), a sliding window only

@@ -1,5 +1,6 @@
 """fused_step.py: a decode step's layers in one call of fused_step.c, where every linear runs in
-panels and the attention by attend.c. The logits of the layers run op by op, step after step, at
+panels and the attention by attend.c (where it does not run, SDPA between two calls). The logits of
+the layers run op by op, step after step, at
 world size 1 and across two (stand-in) ranks; when a model fuses and when it runs op by op, and
 that a new layout or cache makes it decide again."""
 import ctypes
@@ -247,22 +248,24 @@ def layer_norm_in_sixteen_lanes(x: torch.Tensor, weight: torch.Tensor, bias: tor
 @pytest.mark.parametrize("batch", [1, 3])
 def test_the_layer_norms_rows_are_the_sixteen_lanes_bits(tmp_path, dtype, batch, panels_kernel):
     """Phase 0's normalised rows (the scratch's first B x E) from AVX-512's form and AVX2's (panels_kernel: the
-    path, which the forms follow): the same bits, those of layer_norm_in_sixteen_lanes' arithmetic (the fp32
-    steps are what tell forms apart: a double sum of fp32 values is exact but for a wide spread of exponents)."""
+    path, which the forms follow): the bits of layer_norm_in_sixteen_lanes' arithmetic. What it pins is the
+    fp32 steps. The moments' order does not reach the output: a double sum of fp32 values is exact unless
+    their exponents spread ~29 bits, and then the large values swamp the rest of the row (in random rows and
+    in rows with +-2^60, summing in turn gave these bits too)."""
     model = tiny(tmp_path, dtype)
-    ln = model.transformer.h[0].ln_1
+    ln, embd = model.transformer.h[0].ln_1, model.config.n_embd
     generator = torch.Generator().manual_seed(5)
     with torch.inference_mode():
         model.setup_cache(batch, 16)
         step = model.fused
-        x = (torch.randn(batch, 1, model.config.n_embd, generator=generator) * 3 + 1.5).to(dtype)
+        x = (torch.randn(batch, 1, embd, generator=generator) * 3 + 1.5).to(dtype)
         ln.bias.copy_(torch.randn(ln.bias.shape, generator=generator))
         assert step.lib.fused_step(step.layers, 0, 1, x.data_ptr(), None, None, None, step.scratch.data_ptr(),
                                    step.dims, 0, step.eps, step.scale, None, None) == 0
-        normalised = step.scratch[:batch * model.config.n_embd].view(batch, -1)
+        normalised = step.scratch[:batch * embd].view(batch, -1)
         expected = layer_norm_in_sixteen_lanes(x.view(batch, -1), ln.weight, ln.bias, step.eps)
-        torch.testing.assert_close(expected, F.layer_norm(x.view(batch, -1), (model.config.n_embd,), ln.weight,
-                                                          ln.bias, step.eps), rtol=2 ** -7, atol=1e-5)
+        torch.testing.assert_close(expected, F.layer_norm(x.view(batch, -1), (embd,), ln.weight, ln.bias, step.eps),
+                                   rtol=2 ** -7, atol=1e-5)
     assert torch.equal(normalised, expected), (normalised - expected).abs().max()
 
 
@@ -334,7 +337,7 @@ def test_a_range_between_ranks_must_end_at_its_one_c_proj():
 
 @each()
 @pytest.mark.parametrize("batch", [1, 3])
-def test_rotary_positions_give_apply_rotarys_bits(tmp_path, dtype, batch):
+def test_rotary_positions_give_apply_rotarys_bits(tmp_path, dtype, batch, panels_kernel):
     """Phase 0 with the step's cos and sin: q and k as starcoder2.apply_rotary rotates them (each product
     and the sum rounded as torch rounds them), k so into the cache; against the same phase without the
     tables, which leaves q and k as the linear wrote them."""
