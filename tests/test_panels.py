@@ -4,7 +4,9 @@ bf16 within one rounding of the exact sum) on both kernels, the activation on th
 layout of its own in Linear and in the plans, and whole models keeping plain's tokens with it."""
 import ctypes
 import math
+import signal
 import subprocess
+import sys
 import weakref
 
 import pytest
@@ -301,3 +303,17 @@ def test_without_memory_for_the_rows_or_the_sums_a_call_falls_back_and_is_still_
             torch.testing.assert_close(out.double(), exact, rtol=1e-5, atol=4e-6 * k ** 0.5)
         else:
             torch.testing.assert_close(out.double(), exact, rtol=2 ** -8, atol=1e-6 * k ** 0.5)
+
+
+@pytest.mark.parametrize("kernel,dtype", [("panels_f32", "fp32"), ("panels_bf16", "bf16")])
+def test_a_call_no_kernel_runs_aborts_naming_its_dtype(kernel, dtype):
+    """A weight laid out before the path was narrowed below every kernel (panels_use(0)): the call aborts
+    with a message, in a process of its own, rather than return with its output unwritten."""
+    lib, _ = rowdot.library()
+    if lib is None:
+        pytest.skip(f"our kernels are not built here: {rowdot.unavailable()}")
+    code = ("import ctypes, sys; lib = ctypes.CDLL(sys.argv[1]); lib.panels_use(0); "
+            f"lib.{kernel}(None, None, None, None, ctypes.c_long(16), ctypes.c_long(2), ctypes.c_long(1), 0)")
+    run = subprocess.run([sys.executable, "-c", code, lib._name], capture_output=True, text=True, timeout=120)
+    assert run.returncode == -signal.SIGABRT, (run.returncode, run.stderr[-2000:])
+    assert f"a {dtype} call, but no panels kernel of that dtype runs on this path" in run.stderr
