@@ -50,7 +50,7 @@ static int block_asks_l2 = 0;     /* 0: blocks of rows ask for the next block in
  * (v below about -9.4, -inf included) the GELU is 0 to within 1e-33: 0. NaN stays NaN. Or relu. */
 AVX512 INLINE __m512 activate(__m512 v, int act) {
     if (act == ACT_RELU)
-        return _mm512_max_ps(v, _mm512_setzero_ps());
+        return _mm512_max_ps(_mm512_setzero_ps(), v);  /* (NaN kept: maxps gives its second operand then) */
     if (act != ACT_GELU_TANH)
         return v;
     __m512 minus_2u = _mm512_mul_ps(_mm512_set1_ps(-2.0f * BETA),

@@ -52,7 +52,7 @@ AVX2 INLINE __m256 exp8(__m256 x) {
  * bits), 0 where -2u >= 80, NaN kept; or relu. */
 AVX2 INLINE __m256 activate8(__m256 v, int act) {
     if (act == ACT_RELU)
-        return _mm256_max_ps(v, _mm256_setzero_ps());
+        return _mm256_max_ps(_mm256_setzero_ps(), v);  /* (NaN kept: maxps gives its second operand then) */
     if (act != ACT_GELU_TANH)
         return v;
     __m256 cubic = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_set1_ps(0.044715f), v), _mm256_mul_ps(v, v), v);

@@ -146,6 +146,20 @@ def test_the_tanh_gelus_negative_tail_keeps_its_digits_and_non_finite_inputs_the
     assert out[-5:-1].tolist() == [0.0, 0.0, float("inf"), v[-2, 0].item()] and math.isnan(out[-1].item())
 
 
+@each()
+@pytest.mark.parametrize("rows", [1, 16])
+def test_relu_keeps_nan_and_infinities_as_torch_does(panels_kernel, dtype, rows):
+    """Each value into output column 0 alone (weight [1, 0] there; K = 2 for bf16's pairs), `rows` at a call."""
+    v = torch.tensor([float("nan"), -float("inf"), float("inf"), -1.5, 0.0, 2.5, -0.0, 1e30]).repeat(2)[:, None]
+    weight = torch.zeros(16, 2)
+    weight[0, 0] = 1.0
+    x = torch.cat([v, torch.zeros_like(v)], 1).to(dtype)
+    packed = panels.pack(weight.to(dtype))
+    out = torch.cat([panels.linear(x[r:r + rows], packed, None, ("relu", ""))[:, 0] for r in range(0, 16, rows)])
+    want = F.relu(v[:, 0].to(dtype))
+    assert torch.equal(out.isnan(), want.isnan()) and torch.equal(out.nan_to_num(), want.nan_to_num()), out
+
+
 def test_what_it_cannot_take_is_not_a_candidate():
     assert not panels.supports(torch.randn(24, 8)), "N not a multiple of 16"
     assert panels.pack(torch.randn(24, 8)) is None and "panels" not in kernels.decode_candidates(torch.randn(24, 8))
